@@ -1,0 +1,781 @@
+"""Rectified flow: 1-rectified flow (flow matching), reflow pairs, and 2-rectified flow++.
+
+Papers: Liu, Gong, Liu, "Flow Straight and Fast", arXiv 2209.03003 (1-RF, reflow);
+        Lee, Lin, Fanti, "Improving the Training of Rectified Flows", arXiv 2405.20320 (2-RF++).
+Spec:   ../shared/specs/rectified_flow.md (equation numbers (1)-(17) below refer to it).
+
+The method in a few lines. A velocity field v(x_t, t) is trained to carry noise z (t = 1) to data x (t = 0)
+along straight lines x_t = (1 - t) x + t z. Trained on independent (x, z) it is flow matching, the 1-RF: good
+with many ODE steps, poor at one step because its paths are curved. Reflow integrates that ODE once per noise
+to get a deterministic coupling (z, x) and trains a second flow on the straight lines between these fixed
+pairs: the 2-RF is nearly straight, so one or two Euler steps suffice. 2-RF++ initialises from the teacher,
+samples t from a U-shaped density and uses pseudo-Huber + LPIPS/t losses.
+
+Convention (written into every checkpoint): x_t = (1 - t) x + t z, v = z - x, t = 1 is noise, z ~ N(0, I).
+The network output is v itself; it is called with raw t in [0, 1] (time_scale = 1000 lives in the network).
+
+Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2rf/ckpt.pt) [-> ft (DIR/ft/)];
+`all` runs 1rf, pairs and 2rf in one process (default of the toy preset).
+
+    python rectified_flow.py                                   # toy: all stages on 8 Gaussians, ~1 min CPU
+    python rectified_flow.py --data points.npy --out runs/rf-mine
+    torchrun --nproc_per_node=8 rectified_flow.py --preset cifar10 --stage 1rf   # then pairs, 2rf, ft
+    python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
+    python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
+"""
+import dataclasses, json, math, os, time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
+METHOD = "rectified_flow"
+
+
+# =============================================================================================== config
+@dataclass
+class Config:
+    preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
+    stage: Literal["1rf", "pairs", "2rf", "ft", "all"] = "all"  # which stage to run
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    root: str = "data"  # data sets and FID reference statistics are cached here
+    out: str = "runs/rectified_flow-toy"  # run folder DIR (1rf in DIR, pairs in DIR/pairs, 2rf in DIR/2rf)
+    teacher: Optional[str] = None  # teacher checkpoint for pairs/2rf (default DIR/ckpt.pt)
+    pairs: Optional[str] = None  # pairs folder for 2rf (default DIR/pairs)
+    resume: Optional[bool] = None  # None: resume when the stage's ckpt.pt exists
+    seed: int = 0  # seeds model init, data order and noise
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: Optional[str] = None  # fp32, tf32, bf16, fp16 (default bf16 on CUDA, fp32 on CPU)
+    compile: bool = False  # torch.compile the network
+    # network (common.net_config)
+    net: str = "mlp"  # mlp, tiny, small, ddpmpp
+    dropout: float = 0.0  # 0.13 on CIFAR-10 (EDM's value, kept by rfpp)
+    cond: bool = False  # class-conditional 1-RF teacher (label_dim = number of classes)
+    # optimisation (per stage, see PRESETS)
+    iters: int = 2000  # optimiser steps
+    batch: int = 512  # global batch per optimiser step (split over ranks and accumulation rounds)
+    accum: int = 1  # gradient accumulation rounds
+    lr: float = 1e-3  # Adam learning rate, betas (0.9, 0.999), eps 1e-8
+    warmup: int = 0  # linear learning-rate warm-up steps from 0
+    clip: Optional[float] = None  # gradient-norm clipping
+    ema: Optional[float] = None  # EMA decay; None keeps the EMA equal to the raw weights
+    xflip: bool = False  # random horizontal flips (1rf only; never in 2rf, it breaks the pairs)
+    t_eps: float = 0.0  # training t range [t_eps, 1 - t_eps]; 1rf 0, 2rf 1e-5
+    noise_std: float = 1.0  # std of z (fixed by the convention; recorded for consumers)
+    # reflow pairs (4)
+    n_pairs: int = 10_000  # number of (z, x) pairs
+    pair_block: int = 5_000  # pairs per file block (blocks are sharded over ranks)
+    pair_batch: int = 1_000  # teacher batch while generating pairs
+    pair_seed: int = 10 ** 9  # z_i from seed pair_seed + i (disjoint from FID seeds)
+    pair_solver: Literal["euler", "heun", "rk4"] = "heun"  # deterministic teacher solver
+    pair_steps: int = 18  # solver steps K (Heun: 2K - 1 NFE)
+    pair_grid: Literal["uniform", "edm"] = "edm"  # time grid of the pair solver
+    noise_mode: Optional[Literal["seed", "stored"]] = None  # z regenerated or stored (default: seed for images)
+    # 2-RF++ (5)-(10)
+    t_dist: Literal["ushape", "uniform"] = "ushape"  # 2rf time density; 1rf is always uniform
+    a: float = 4.0  # U-shape parameter (rfpp README --a 4)
+    loss: Literal["lpips-huber-1/t", "lpips-huber", "huber", "l2"] = "huber"  # (9)
+    huber_c: Optional[float] = None  # pseudo-Huber c; None = 0.00054 d (rfpp)
+    lpips_weights: Literal["pretrained", "random"] = "pretrained"  # random: test-only stand-in
+    lpips_res: int = 224  # LPIPS input resolution (224 as rfpp; tests use 32)
+    # real-data fine-tune (stage ft)
+    ft_iters: int = 5_000  # fine-tune steps on inverted real pairs
+    ft_n: int = 50_000  # real images inverted
+    inv_steps: int = 8  # Euler steps of the inversion (17)
+    # sampling (11)-(14); "auto" picks the stage's default (spec §6)
+    solver: Literal["auto", "euler", "heun", "rk4"] = "auto"  # 1rf: heun for K >= 3; 2rf: euler
+    grid: Literal["auto", "uniform", "edm"] = "auto"  # 1rf heun/rk4: edm; else uniform
+    rule: Literal["auto", "default", "new"] = "auto"  # 2rf: new update rule (12); 1rf: default (11)
+    t_mid: float = 0.5  # middle time of the 2-step uniform grid
+    # logging and evaluation
+    log_every: int = 200  # steps between log lines
+    ckpt_every: int = 500  # steps between checkpoints (and at the end)
+    sample_every: int = 0  # steps between sample grids / straightness (0: end only)
+    eval_n: int = 4000  # evaluation noises (toy metrics, straightness)
+    eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # step counts plotted
+    straight_k: int = 100  # Euler steps of the straightness metric (15)
+    fid_every: int = 0  # steps between FID proxies (images; 0: never)
+    fid_n: int = 10_000  # samples of the in-training FID proxy
+    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+
+    def check(self):
+        if self.batch < 1 or self.iters < 0 or self.accum < 1:
+            raise ValueError("--batch and --accum must be positive and --iters non-negative.")
+        if not 0 <= self.t_eps < 0.5:
+            raise ValueError(f"--t_eps must lie in [0, 0.5), got {self.t_eps}.")
+        if not 0 < self.t_mid < 1:
+            raise ValueError(f"--t_mid must lie in (0, 1), got {self.t_mid}.")
+        if self.noise_std != 1.0:
+            raise ValueError("--noise_std is fixed at 1 by this file's convention.")
+        if not self.data:
+            raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+
+
+PRESETS = {  # flat fields, then per-stage parts (common.md §9)
+    "toy": dict(data="8gaussians", net="mlp", batch=512, ckpt_every=500, eval_n=4000, straight_k=100,
+                n_pairs=10_000, pair_block=5_000, pair_batch=5_000, pair_solver="heun", pair_steps=18,
+                huber_c=0.04,  # same per-element transition RMS as c = 0.00054 d on CIFAR (spec §5)
+                **{"1rf": dict(iters=2000, lr=1e-3), "2rf": dict(iters=1000, lr=3e-4, t_eps=1e-5)}),
+    "tiny": dict(data="", net="tiny", batch=8, log_every=2, ckpt_every=2, eval_n=16, straight_k=4, fid_n=16,
+                 n_pairs=32, pair_block=16, pair_batch=16, pair_steps=2, ft_iters=2, ft_n=16, inv_steps=2,
+                 lpips_res=32, eval_steps=[1, 2],
+                 **{"1rf": dict(iters=4, lr=1e-3, clip=1.0, ema=0.9),
+                    "2rf": dict(iters=4, lr=1e-3, ema=0.9, t_eps=1e-5), "ft": dict(lr=1e-3, ema=0.9, t_eps=1e-5)}),
+    "small": dict(data="cifar10", net="small", dropout=0.1, precision="bf16", batch=256, log_every=500,
+                  ckpt_every=5000, eval_n=256, straight_k=32, fid_n=10_000, eval_steps=[1, 2, 4],
+                  n_pairs=200_000, pair_block=50_000, pair_batch=2_000, pair_steps=12, pair_grid="edm",
+                  **{"1rf": dict(iters=60_000, lr=2e-4, warmup=1000, clip=1.0, ema=0.9995, xflip=True),
+                     "2rf": dict(iters=20_000, lr=2e-4, warmup=1000, ema=0.9995, loss="huber", t_eps=1e-5)}),
+    # cifar10: the paper's recipe. Sources: rfpp README / train.py / t_dist.py (2rf, pairs), EDM CIFAR config
+    # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip), spec §5.
+    "cifar10": dict(data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
+                    ckpt_every=50_000, fid_every=50_000, fid_n=10_000, eval_n=256, straight_k=32,
+                    n_pairs=1_000_000, pair_block=50_000, pair_batch=2_000, pair_steps=18, pair_grid="edm",
+                    **{"1rf": dict(iters=400_000, lr=2e-4, warmup=5000, clip=1.0, ema=0.9999, xflip=True),
+                       "2rf": dict(iters=800_000, lr=2e-4, warmup=5000, ema=0.9999, loss="lpips-huber-1/t",
+                                   t_eps=1e-5),
+                       "ft": dict(lr=2e-4, ema=0.9999, loss="lpips-huber-1/t", t_eps=1e-5, ft_iters=5000,
+                                  ft_n=50_000, inv_steps=8)}),
+}
+
+
+# =========================================================================== method: the maths (spec §3)
+def interpolate(x, z, t):
+    """(1) x_t = (1 - t) x + t z."""
+    t = t.reshape(-1, *[1] * (x.ndim - 1))
+    return (1 - t) * x + t * z
+
+
+def x_hat(x_t, t, v):
+    """Data estimate x^ = x_t - t v (exact for v = z - x)."""
+    return x_t - t.reshape(-1, *[1] * (x_t.ndim - 1)) * v
+
+
+def z_hat(x_t, t, v):
+    """Noise estimate z^ = x_t + (1 - t) v."""
+    return x_t + (1 - t.reshape(-1, *[1] * (x_t.ndim - 1))) * v
+
+
+def ushape_pdf(t, a=4.0):
+    """(5) p(t) = a cosh(a (t - 1/2)) / (2 sinh(a/2)) on [0, 1] (rfpp t_dist.py; the paper's printed formula is
+    monotone, pitfall 1)."""
+    return a * torch.cosh(a * (t - 0.5)) / (2 * math.sinh(a / 2))
+
+
+def ushape_cdf(t, a=4.0):
+    """(5) F(t) = [sinh(a (t - 1/2)) + sinh(a/2)] / (2 sinh(a/2))."""
+    return (torch.sinh(a * (t - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
+
+
+def sample_t_ushape(n, a=4.0, t_eps=1e-5, device="cpu", generator=None):
+    """(6) inverse CDF t = 1/2 + asinh((2u - 1) sinh(a/2)) / a, then mapped affinely into [t_eps, 1 - t_eps]."""
+    u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
+    t = 0.5 + torch.asinh((2 * u - 1) * math.sinh(a / 2)) / a
+    return (t_eps + (1 - 2 * t_eps) * t).float()
+
+
+def sample_t_mirrored_exp(n, a=4.0, generator=None):
+    """rfpp's draw of the same law (6): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
+    t = s or 1 - s with probability 1/2 has density a cosh(a (t - 1/2)) / (2 sinh(a/2))."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    s = torch.log1p(u * math.expm1(a)) / a
+    flip = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
+    return torch.where(flip, 1 - s, s).float()
+
+
+def sample_t(n, cfg, device):
+    if cfg.stage == "1rf" or cfg.t_dist == "uniform":  # uniform on [t_eps, 1 - t_eps] (1-RF: closed [0, 1])
+        return cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(n, device=device)
+    return sample_t_ushape(n, cfg.a, cfg.t_eps, device)
+
+
+def pseudo_huber(r, c):
+    """(7) H(r) = (sqrt(|r|^2 + c^2) - c) / d per sample, |.| the L2 norm over all d elements; fp32."""
+    r = r.float().flatten(1)
+    return (torch.sqrt(r.square().sum(1) + c * c) - c) / r.shape[1]
+
+
+class LPIPS(nn.Module):
+    """(8) LPIPS-VGG as rfpp uses it (piq LPIPS(replace_pooling=True)): VGG16 features up to relu5_3 with every
+    MaxPool replaced by 2x2 AvgPool, taps relu1_2..relu5_3, channel-unit-normalised, squared difference weighted
+    by the LPIPS v0.1 linear weights, summed over channels, averaged over space, summed over taps. Per sample, fp32.
+    A frozen object beside the model: not in its state dict, EMA, optimiser or DDP."""
+
+    TAPS, CH = (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
+    LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+    def __init__(self, weights="pretrained", res=224):
+        super().__init__()
+        import torchvision
+        if weights == "pretrained":  # 528 MB VGG16 + LPIPS v0.1 linear heads, cached by torch hub
+            vgg = torchvision.models.vgg16(weights="IMAGENET1K_V1").features
+            lin = self._linear_weights()
+        else:  # seeded random VGG and uniform weights: a test-only stand-in
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                vgg = torchvision.models.vgg16(weights=None).features
+            lin = [torch.full((c,), 1.0 / c) for c in self.CH]
+        self.features = nn.Sequential(*[nn.AvgPool2d(2, 2) if isinstance(m, nn.MaxPool2d) else m
+                                        for m in list(vgg)[:self.TAPS[-1] + 1]])
+        for i, w in enumerate(lin):
+            self.register_buffer(f"w{i}", w.reshape(1, -1, 1, 1).float())
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1))
+        self.res = res
+        self.requires_grad_(False).eval()
+
+    def _linear_weights(self):
+        try:
+            import lpips  # the package ships the weights
+            path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except ImportError:
+            sd = torch.hub.load_state_dict_from_url(self.LIN_URL, map_location="cpu", progress=False)
+        return [sd[f"lin{i}.model.1.weight"].flatten() for i in range(5)]
+
+    def taps(self, y):
+        y = y.float()
+        if y.shape[1] == 1:
+            y = y.repeat(1, 3, 1, 1)
+        y = F.interpolate(y, size=(self.res, self.res), mode="bilinear", align_corners=False)
+        h, out = ((y + 1) / 2 - self.mean) / self.std, []
+        for i, m in enumerate(self.features):
+            h = m(h)
+            if i in self.TAPS:
+                out.append(h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10))  # unit-normalise channels
+        return out
+
+    def forward(self, a, b):
+        """LP(a, b) per sample; the target b's features carry no gradient."""
+        with torch.autocast(a.device.type, enabled=False):  # never in bf16/fp16 (spec §3 precision)
+            with torch.no_grad():
+                fb = self.taps(b)
+            return sum((getattr(self, f"w{i}") * (fa - f).square()).sum(1).mean((1, 2))
+                       for i, (fa, f) in enumerate(zip(self.taps(a), fb)))
+
+
+def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
+    """(9) per-sample 2-RF++ losses; r = v - (z - x) (7), x^ = x_t - t v (8). All in fp32."""
+    v, t = v.float(), t.float()
+    r = v - (z - x)
+    if loss == "l2":  # vanilla reflow: squared error per element (rfpp's l2-squared)
+        return r.square().flatten(1).mean(1)
+    H = pseudo_huber(r, c)
+    if loss == "huber":  # rfpp's huber branch has no (1 - t) factor
+        return H
+    lp = lpips(x_hat(x_t, t, v), x)  # gradient flows through VGG into x^ (pitfall 4)
+    return (1 - t) * H + (lp / t if loss == "lpips-huber-1/t" else lp)
+
+
+def time_grid(K, kind="uniform", t_mid=0.5):
+    """Spec §6: t_0 = 1 > ... > t_K = 0. uniform: 1 - i/K (K = 2: [1, t_mid, 0]); edm: EDM's rho = 7 sigma grid
+    (Karras et al. arXiv 2206.00364 Eq. 5) mapped by t = sigma / (1 + sigma), with t_0 := 1 and t_K = 0."""
+    if kind == "uniform":
+        return [1.0, t_mid, 0.0] if K == 2 else [1 - i / K for i in range(K + 1)]
+    if K == 1:
+        return [1.0, 0.0]
+    a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    sig = [(a + i / (K - 1) * (b - a)) ** 7 for i in range(K)]
+    return [1.0] + [s / (1 + s) for s in sig[1:]] + [0.0]
+
+
+def _update(x, z, t, t2, d, rule):
+    if rule == "new":  # (12) x_t' = (1 - t') x^ + t' z with the initial noise z
+        return (1 - t2) * (x - t * d) + t2 * z
+    return x + (t2 - t) * d  # (11)
+
+
+def solve(v, z, grid, solver="euler", rule="default"):
+    """Integrate dx/dt = v(x, t) from x = z at t = grid[0] = 1 down the grid. Euler (11)/(12), Heun (13)
+    (last step to t = 0 is Euler), RK4 (14, default rule). v(x, t) takes t as a (B,) tensor."""
+    x = z
+    tt = lambda s: torch.full((z.shape[0],), s, device=z.device, dtype=z.dtype)
+    for t, t2 in zip(grid[:-1], grid[1:]):
+        d = v(x, tt(t))
+        if solver == "rk4":
+            h = t2 - t
+            k2 = v(x + h / 2 * d, tt(t + h / 2))
+            k3 = v(x + h / 2 * k2, tt(t + h / 2))
+            k4 = v(x + h * k3, tt(t2))
+            x = x + h * (d + 2 * k2 + 2 * k3 + k4) / 6
+        elif solver == "heun" and t2 > 0:
+            d2 = v(_update(x, z, t, t2, d, rule), tt(t2))
+            x = _update(x, z, t, t2, (d + d2) / 2, rule)
+        else:
+            x = _update(x, z, t, t2, d, rule)
+    return x
+
+
+def nfe(K, solver):
+    return {"euler": K, "heun": 2 * K - 1, "rk4": 4 * K}[solver]
+
+
+def straightness(v, z, K):
+    """(15) S = (1/K) sum_i mean ||K (x_{t_{i-1}} - x_{t_i}) - (z - x_{t_K})||^2 on a K-step uniform Euler path."""
+    xs, x, grid = [z], z, time_grid(K, "uniform") if K != 2 else [1.0, 0.5, 0.0]
+    for t, t2 in zip(grid[:-1], grid[1:]):
+        x = x + (t2 - t) * v(x, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype))
+        xs.append(x)
+    line = z - xs[-1]
+    return sum((K * (a - b) - line).square().mean() for a, b in zip(xs[:-1], xs[1:])).item() / K
+
+
+def edm_to_velocity(D, x_t, t):
+    """(16) EDM denoiser D(y; sigma) -> velocity: v = (x_t - D(x_t / (1 - t); t / (1 - t))) / t (rfpp EDMPrecondVel)."""
+    tb = t.reshape(-1, *[1] * (x_t.ndim - 1))
+    return (x_t - D(x_t / (1 - tb), t / (1 - t))) / tb
+
+
+def invert(v, x, eps, K):
+    """(17) ODE inversion data -> noise: Euler up the grid [1e-3, 1/K, ..., 1] from x_1e-3 = (1 - 1e-3) x + 1e-3 eps."""
+    grid = [1e-3] + [i / K for i in range(1, K + 1)]
+    y = (1 - grid[0]) * x + grid[0] * eps
+    for t, t2 in zip(grid[:-1], grid[1:]):
+        y = y + (t2 - t) * v(y, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
+    return y
+
+
+def sampler_for(cfg, K):
+    """Spec §6 defaults: 2rf/ft Euler, uniform grid, new rule; 1rf Heun on the edm grid for K >= 3, else Euler."""
+    reflow = cfg.stage in ("2rf", "ft")
+    solver = cfg.solver if cfg.solver != "auto" else ("euler" if reflow or K <= 2 else "heun")
+    grid = cfg.grid if cfg.grid != "auto" else ("edm" if solver == "rk4" or (solver == "heun" and not reflow)
+                                                else "uniform")
+    rule = cfg.rule if cfg.rule != "auto" else ("new" if reflow else "default")
+    return solver, grid, rule
+
+
+# ============================================================================ plumbing: nets, teacher, pairs
+def net_dict(cfg, data):
+    """Network constructor dict for the data: a U-Net for images, the MLP for points; v is the raw output."""
+    if data.kind == "images":
+        if cfg.net == "mlp":
+            raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
+        if cfg.cond and not data.num_classes:
+            raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
+        ch, res = data.shape[0], data.shape[1]
+        return C.net_config(cfg.net, img_resolution=res, in_channels=ch, time_scale=1000.0, dropout=cfg.dropout,
+                            label_dim=data.num_classes if cfg.cond else 0)
+    if cfg.net != "mlp":
+        raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    return C.net_config("mlp", time_scale=1000.0, dropout=cfg.dropout)
+
+
+def sample_shape(nd):
+    return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
+
+
+def load_teacher(path, env, weights="ema"):
+    """A rectified-flow checkpoint -> (network in eval mode with its EMA weights, checkpoint)."""
+    ck = C.load_checkpoint(path)
+    if ck["method"] != METHOD or ck["convention"] != CONVENTION:
+        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; "
+                          f"a {METHOD} teacher with '{CONVENTION}' is needed.")
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck[weights])
+    return net.to(env.device).eval().requires_grad_(False), ck
+
+
+def _save_npy(path, a):
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, a)
+    os.replace(path + ".tmp", path)
+
+
+def _fingerprint(z):
+    z = torch.as_tensor(z[:16]).double()
+    return [z.sum().item(), z.square().sum().item()]
+
+
+def write_pairs(folder, n, block, make, images, mode, env, meta):
+    """Blocks j of `block` indices, rank r writes j = r (mod world); complete blocks are skipped on restart.
+    make(idx) -> (x, z) on the device. x: uint8 NHWC (images) / float32; z stored only in mode 'stored'."""
+    os.makedirs(folder, exist_ok=True)
+    nblk = math.ceil(n / block)
+    for j in range(env.rank, nblk, env.world):
+        xp, zp = os.path.join(folder, f"x_{j:05d}.npy"), os.path.join(folder, f"z_{j:05d}.npy")
+        if os.path.exists(xp):
+            continue
+        x, z = make(torch.arange(j * block, min((j + 1) * block, n)))
+        if mode == "stored":  # z first: an x file implies a complete block
+            _save_npy(zp, z.cpu().half().numpy() if images else z.cpu().float().numpy())
+        _save_npy(xp, C.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().float().numpy())
+    C.barrier(env)
+    if env.is_main:
+        z16 = np.load(os.path.join(folder, "z_00000.npy"))[:16] if mode == "stored" else meta.pop("z16")
+        meta.update(n=n, block=block, noise_mode=mode, fingerprint=_fingerprint(z16), convention=CONVENTION,
+                    torch=torch.__version__)
+        meta.pop("z16", None)
+        with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
+    C.barrier(env)
+
+
+def pair_noise(idx, seed, shape, env):
+    """(4) z_i ~ N(0, I) from seed + i, drawn on the CPU (CPU and CUDA generators differ), then moved."""
+    return C.IndexRNG(idx.tolist(), seed, "cpu").randn(len(idx), *shape).to(env.device)
+
+
+def make_pairs(cfg, env):
+    """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
+    tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
+    teacher, tck = load_teacher(tpath, env)
+    if tck["net"]["label_dim"]:
+        raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
+    shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
+    images, grid = len(shape) == 3, time_grid(cfg.pair_steps, cfg.pair_grid)
+    mode = cfg.noise_mode or ("seed" if images else "stored")
+    t0 = time.time()
+
+    @torch.no_grad()
+    def make(idx):
+        xs, zs = [], []
+        for chunk in idx.split(cfg.pair_batch):
+            z = pair_noise(chunk, cfg.pair_seed, shape, env)
+            xs.append(solve(lambda x, t: teacher(x, t), z, grid, cfg.pair_solver))
+            zs.append(z)
+        return torch.cat(xs), torch.cat(zs)
+
+    meta = dict(shape=list(shape), x_dtype="uint8" if images else "float32", pair_seed=cfg.pair_seed,
+                solver=cfg.pair_solver, steps=cfg.pair_steps, grid=cfg.pair_grid,
+                nfe=nfe(cfg.pair_steps, cfg.pair_solver), teacher=tpath, teacher_step=tck["step"],
+                z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
+    write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
+    if env.is_main:
+        print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
+              f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
+
+
+def load_pairs(folder, env, seed):
+    """All pairs on the device: x as common.Data (index stream per epoch, no flips) and z indexed alongside."""
+    mp = os.path.join(folder, "meta.json")
+    if not os.path.exists(mp):
+        raise C.UserError(f"no pairs in '{folder}' (meta.json missing); run --stage pairs first.")
+    with open(mp) as f:
+        meta = json.load(f)
+    n, S, mode = meta["n"], meta["block"], meta["noise_mode"]
+    nblk = math.ceil(n / S)
+    missing = [j for j in range(nblk) if not os.path.exists(os.path.join(folder, f"x_{j:05d}.npy"))
+               or (mode == "stored" and not os.path.exists(os.path.join(folder, f"z_{j:05d}.npy")))]
+    if missing:
+        raise C.UserError(f"pairs in '{folder}' are incomplete: blocks {missing[:10]} are missing.")
+    x = torch.from_numpy(np.concatenate([np.load(os.path.join(folder, f"x_{j:05d}.npy")) for j in range(nblk)]))
+    images = x.dtype == torch.uint8
+    if mode == "stored":
+        z = torch.from_numpy(np.concatenate([np.load(os.path.join(folder, f"z_{j:05d}.npy")) for j in range(nblk)]))
+        z16 = z[:16]
+    else:  # regenerate per-index noise on the CPU; images keep it on the device as fp16
+        z = torch.cat([pair_noise(c, meta["pair_seed"], meta["shape"], env).cpu().to(
+            torch.float16 if images else torch.float32) for c in torch.arange(n).split(10_000)])
+        z16 = pair_noise(torch.arange(min(16, n)), meta["pair_seed"], meta["shape"], env).cpu()
+    if not np.allclose(_fingerprint(z16), meta["fingerprint"], rtol=1e-9, atol=1e-9):
+        raise C.UserError(f"the noise of '{folder}' does not match its fingerprint (another device or torch "
+                          f"version?); regenerate the pairs with --noise_mode stored.")
+    xs = x.permute(0, 3, 1, 2).contiguous() if images else x
+    data = C.Data("images" if images else "points", "pairs", x=xs.to(env.device),
+                  labels=torch.arange(n, device=env.device), seed=C.derive_seed(seed, "pairs"))
+    return data, z.to(env.device), meta
+
+
+def make_lpips(cfg, log):
+    """LPIPS for the lpips-* losses; offline it falls back to --loss huber in one sentence (spec §3)."""
+    if not cfg.loss.startswith("lpips"):
+        return None
+    try:
+        return LPIPS(cfg.lpips_weights, cfg.lpips_res)
+    except Exception as e:
+        log.info(f"LPIPS weights unavailable ({type(e).__name__}: {str(e)[:60]}); training with --loss huber")
+        cfg.loss = "huber"
+        return None
+
+
+# ====================================================================================== evaluation
+@torch.no_grad()
+def evaluate(net, cfg, data, env, out, step):
+    """Samples at several step counts next to the data (PNG), straightness (15) and, for points, the toy
+    metrics of common.md §9 (SWD, MMD^2, modes). Runs on rank 0 only; no collectives inside."""
+    nd, t0 = C.unwrap(net).config, time.time()
+    shape = sample_shape(nd)
+    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
+    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
+    z = torch.randn(cfg.eval_n, *shape, generator=g).to(env.device)
+    y = torch.randint(nd["label_dim"], (cfg.eval_n,), generator=g).to(env.device) if nd["label_dim"] else None
+    v = lambda x, t, yy=y: net(x, t, y=yy if yy is None else yy[:len(x)])
+    metrics, panels = dict(step=step), []
+    if len(shape) == 1:
+        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
+               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
+        m = min(n, len(ref))
+        panels.append(("data", ref))
+    for K in cfg.eval_steps + ([100] if cfg.stage == "1rf" and len(shape) == 1 else []):
+        solver, grid, rule = sampler_for(cfg, K) if K != 100 else ("euler", "uniform", "default")
+        xs = solve(lambda x, t: v(x, t, y[:len(x)] if y is not None else None), z[:n], time_grid(K, grid, cfg.t_mid),
+                   solver, rule).float().cpu()
+        label = f"{K} step{'s' * (K > 1)} ({solver}, {nfe(K, solver)} NFE)"
+        if len(shape) == 1:
+            metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
+            modes = C.toy_modes(data.key) if data.kind == "toy" else None
+            if modes:
+                metrics[f"modes_{K}"] = C.modes_covered(xs, *modes)
+                metrics[f"in_mode_{K}"] = C.in_mode(xs, *modes)
+            panels.append((label, xs))
+        else:
+            panels.append((label, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+    metrics["straightness"] = straightness(lambda x, t: v(x, t), z, cfg.straight_k)
+    metrics["eval_s"] = time.time() - t0
+    C.save_panels(os.path.join(out, "samples.png"), panels)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def sampler(net, cfg, shape, K, env):
+    """generate(rng, labels) for common.compute_fid and `sample`: per-index noise, the stage's default solver."""
+    solver, grid, rule = sampler_for(cfg, K)
+    tg = time_grid(K, grid, cfg.t_mid)
+
+    @torch.no_grad()
+    def generate(rng, labels):
+        with C.autocast(env):
+            return solve(lambda x, t: net(x, t, y=labels), rng.randn(len(rng.gens), *shape), tg, solver, rule).float()
+    return generate
+
+
+class FidHook:
+    """FID-10k proxy during training (images only); logs one line and carries on when no detector is at hand."""
+
+    def __init__(self, cfg, data, env, log):
+        self.cfg, self.data, self.env, self.log, self.state = cfg, data, env, log, None
+
+    def __call__(self, net, step):
+        if self.state is None:
+            try:
+                det = C.load_detector(self.cfg.fid_detector, self.env)
+                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
+            except C.UserError:
+                self.state = False
+                self.log.info("FID skipped: detector unavailable")
+        if self.state:
+            shape, K = sample_shape(C.unwrap(net).config), 1 if self.cfg.stage != "1rf" else 18
+            fid = C.compute_fid(sampler(net, self.cfg, shape, K, self.env), self.cfg.fid_n, self.state[1],
+                                self.state[0], self.env, 250, 0, C.unwrap(net).config["label_dim"])
+            self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({K} steps) {fid:.3f}")
+
+
+# ====================================================================================== training
+def stage_dir(cfg, stage):
+    return cfg.out if stage == "1rf" else os.path.join(cfg.out, stage)
+
+
+def train(cfg, given, env):
+    """One training stage (1rf, 2rf or ft): data, optimiser, EMA, logging, checkpoints, periodic samples."""
+    stage = cfg.stage
+    out = stage_dir(cfg, stage)
+    path = os.path.join(out, "ckpt.pt")
+    ck = None
+    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
+        ck = C.load_checkpoint(path)
+        if ck["method"] != METHOD or ck["config"].get("stage") != stage:
+            raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
+        base = {**ck["config"], "preset": cfg.preset}
+        cfg = C.merge_config(Config, base, {k: v for k, v in given.items() if k not in ("stage", "resume")},
+                             log=lambda m: env.is_main and print(m))
+    init = {}  # weights (and optimiser state) a fresh run starts from
+    if stage == "1rf":
+        data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+        nd = net_dict(cfg, data)
+    else:
+        src = cfg.teacher or os.path.join(cfg.out, "ckpt.pt") if stage == "2rf" else os.path.join(cfg.out, "2rf",
+                                                                                                 "ckpt.pt")
+        src_net, sck = load_teacher(src, env)
+        nd = sck["net"]
+        if any(k in given for k in ("net", "dropout", "cond")):
+            raise C.UserError(f"--stage {stage} takes its network from '{src}'; drop --net/--dropout/--cond.")
+        if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
+            init = dict(model=sck["ema"], ema=sck["ema"])
+            folder = cfg.pairs or os.path.join(cfg.out, "pairs")
+        else:  # ft: continue the 2-RF (model, EMA, Adam) on real images paired with their inverted noise
+            init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])
+            folder = os.path.join(out, "pairs")
+            invert_data(cfg, env, src_net, folder)
+        data, Z, _ = load_pairs(folder, env, cfg.seed)
+
+    raw = C.build_net(nd).to(env.device)
+    C.load_state_strict(raw, ck["model"] if ck else init.get("model", raw.state_dict()))
+    model = C.distribute(C.maybe_compile(raw, cfg.compile), env)
+    ema = C.EMA(raw, decay=cfg.ema if cfg.ema is not None else 0.0)
+    if ck or "ema" in init:
+        C.load_state_strict(ema.model, ck["ema"] if ck else init["ema"])
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    if ck or "opt" in init:
+        opt.load_state_dict(ck["opt"] if ck else init["opt"])
+    gens = [data.gen] if data.gen is not None else []
+    if ck:
+        C.restore_rng(ck, env, gens)
+    step = ck["step"] if ck else 0
+    iters = cfg.ft_iters if stage == "ft" else cfg.iters
+
+    per_rank = cfg.batch // (env.world * cfg.accum)
+    if per_rank * env.world * cfg.accum != cfg.batch:
+        raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    log = C.Logger(out, env, iters, cfg.batch, cfg)
+    lpips = make_lpips(cfg, log) if stage != "1rf" else None
+    if lpips is not None:
+        lpips = lpips.to(env.device)
+    d = math.prod(data.shape)
+    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (7) c = 0.00054 d (pitfall 2)
+    log.info(f"{METHOD} {stage} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} | "
+             f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
+             + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
+    fid = FidHook(cfg, C.load_data(cfg.data, cfg.root, env, cfg.seed, False) if cfg.fid_every and stage != "1rf"
+                  else data, env, log) if cfg.fid_every else None
+
+    def loss_fn(part):
+        # ---------------------------------------------------------------- the method: one loss evaluation
+        if stage == "1rf":
+            x, y = data.batch(per_rank, step, part, env.world * cfg.accum)
+            z = torch.randn_like(x)
+            t = sample_t(len(x), cfg, env.device)  # uniform on [0, 1] (spec §3)
+            with C.autocast(env):
+                v = model(interpolate(x, z, t), t, y=y)  # (1)
+            return (v.float() - (z - x)).square().mean()  # (3)
+        x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)  # fixed pairs, no flips (pitfall 8)
+        z = Z[idx].float()
+        t = sample_t(len(x), cfg, env.device)  # (6) U-shaped
+        x_t = interpolate(x, z, t)
+        with C.autocast(env):
+            v = model(x_t, t)
+        return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (9)-(10)
+        # ----------------------------------------------------------------------------------------------
+
+    def save():
+        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                                     convention=CONVENTION), env, gens)
+
+    scaler, ddp = C.make_scaler(env), isinstance(model, nn.parallel.DistributedDataParallel)
+    model.train()
+    while step < iters:
+        for grp in opt.param_groups:  # linear warm-up from 0, then constant
+            grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup and stage != "ft" else cfg.lr
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for r in range(cfg.accum):
+            sync = not ddp or r == cfg.accum - 1
+            with (model.no_sync() if not sync else torch.enable_grad()):
+                loss = loss_fn(r * env.world + env.rank) / cfg.accum
+                scaler.scale(loss).backward()
+            total = total + loss.detach()
+        scaler.unscale_(opt)
+        if cfg.clip:
+            nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
+        scaler.step(opt)
+        scaler.update()
+        ema.update(raw, step * cfg.batch, cfg.batch)
+        step += 1
+        if step % cfg.log_every == 0 or step == iters:
+            log.log(step, loss=total)
+        if step % cfg.ckpt_every == 0 or step == iters:
+            save()
+        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+            log.info(f"eval: {evaluate(ema.model, cfg, data if stage == '1rf' else _eval_data(cfg, env), env, out, step)}")
+        if fid and step % cfg.fid_every == 0:
+            fid(ema.model, step)
+    if ck is None and iters == 0:
+        save()
+    if env.is_main:
+        m = evaluate(ema.model, cfg, data if stage == "1rf" else _eval_data(cfg, env), env, out, step)
+        log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    C.barrier(env)
+    return cfg
+
+
+def _eval_data(cfg, env):
+    """The real data the teacher was trained on (2-RF metrics compare against data, not against pairs)."""
+    return C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
+
+
+def invert_data(cfg, env, net2, folder):
+    """Stage ft data: the first ft_n training images (unflipped) and their noise by ODE inversion (17) with the
+    frozen 2-RF EMA, written like a pairs folder with stored noise."""
+    data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
+    if data.kind != "images":
+        raise C.UserError("--stage ft fine-tunes on real images; it needs an image data set.")
+    n = min(cfg.ft_n, len(data.x))
+
+    @torch.no_grad()
+    def make(idx):
+        x = data.x[idx.to(data.x.device)].float() / 127.5 - 1
+        eps = pair_noise(idx, 2 * 10 ** 9, data.shape, env)  # per-index, disjoint from pair and FID seeds
+        return x, invert(lambda y, t: net2(y, t), x, eps, cfg.inv_steps)
+
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        write_pairs(folder, n, cfg.pair_block, make, True, "stored", env,
+                    dict(shape=list(data.shape), x_dtype="uint8", inv_steps=cfg.inv_steps, source=cfg.data))
+
+
+# ====================================================================================== commands
+def run(cfg, given):
+    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    stages = ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]
+    for s in stages:
+        scfg = cfg
+        if cfg.stage == "all":  # each stage re-resolves its own preset part (iterations, lr, EMA)
+            scfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": cfg.out}, stage=s)
+            scfg.preset = cfg.preset
+        if s == "pairs":
+            make_pairs(scfg, env)
+        else:
+            train(scfg, given, env)
+
+
+def sample_or_fid(cmd, opts, given):
+    env = C.setup(opts.device, opts.seed, opts.precision)
+    net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
+    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    shape, classes = sample_shape(ck["net"]), ck["net"]["label_dim"]
+    if cmd == "sample":
+        for K in opts.steps:
+            gen, xs = sampler(net, cfg, shape, K, env), []
+            for idx in torch.arange(opts.n).split(opts.batch):
+                rng = C.IndexRNG(idx.tolist(), opts.seed, env.device)
+                xs.append(gen(rng, rng.randint(classes) if classes else None).cpu())
+            x = torch.cat(xs)
+            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+            stem, ext = os.path.splitext(base)
+            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            if env.is_main:
+                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
+                print(f"wrote {path} ({opts.n} samples, {K} steps, {sampler_for(cfg, K)})")
+        return
+    if len(shape) == 1:
+        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    det = C.load_detector(opts.fid_detector, env)
+    data = C.load_data(cfg.data, opts.root, env, cfg.seed, False)
+    ref = C.reference_stats(data, det, env, opts.root, opts.fid_ref)
+    for K in opts.steps:
+        solver = sampler_for(cfg, K)[0]
+        fid = C.compute_fid(sampler(net, cfg, shape, K, env), opts.n, ref, det, env, opts.batch, opts.seed, classes)
+        if env.is_main:
+            rec = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, nfe=nfe(K, solver), n=opts.n, seed=opts.seed,
+                       detector=det.name, fid=fid, ema=opts.ema)
+            print(f"FID-{opts.n / 1000:g}k | {K} steps ({nfe(K, solver)} NFE) | {fid:.4f}")
+            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def main(argv=None):
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
+
+
+if __name__ == "__main__":
+    C.main_guard(main)
