@@ -23,7 +23,7 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
-import dataclasses, json, math, os, time
+import contextlib, dataclasses, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -507,7 +507,7 @@ def evaluate(net, cfg, data, env, out, step):
     n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
     z = torch.randn(cfg.eval_n, *shape, generator=g).to(env.device)
     y = torch.randint(nd["label_dim"], (cfg.eval_n,), generator=g).to(env.device) if nd["label_dim"] else None
-    v = lambda x, t, yy=y: net(x, t, y=yy if yy is None else yy[:len(x)])
+    v = lambda x, t: net(x, t, y=None if y is None else y[:len(x)])
     metrics, panels = dict(step=step), []
     if len(shape) == 1:
         ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
@@ -516,8 +516,7 @@ def evaluate(net, cfg, data, env, out, step):
         panels.append(("data", ref))
     for K in cfg.eval_steps + ([100] if cfg.stage == "1rf" and len(shape) == 1 else []):
         solver, grid, rule = sampler_for(cfg, K) if K != 100 else ("euler", "uniform", "default")
-        xs = solve(lambda x, t: v(x, t, y[:len(x)] if y is not None else None), z[:n], time_grid(K, grid, cfg.t_mid),
-                   solver, rule).float().cpu()
+        xs = solve(v, z[:n], time_grid(K, grid, cfg.t_mid), solver, rule).float().cpu()
         label = f"{K} step{'s' * (K > 1)} ({solver}, {nfe(K, solver)} NFE)"
         if len(shape) == 1:
             metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
@@ -528,7 +527,7 @@ def evaluate(net, cfg, data, env, out, step):
             panels.append((label, xs))
         else:
             panels.append((label, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["straightness"] = straightness(lambda x, t: v(x, t), z, cfg.straight_k)
+    metrics["straightness"] = straightness(v, z, cfg.straight_k)
     metrics["eval_s"] = time.time() - t0
     C.save_panels(os.path.join(out, "samples.png"), panels)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
@@ -592,8 +591,10 @@ def train(cfg, given, env):
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
         nd = net_dict(cfg, data)
     else:
-        src = cfg.teacher or os.path.join(cfg.out, "ckpt.pt") if stage == "2rf" else os.path.join(cfg.out, "2rf",
-                                                                                                 "ckpt.pt")
+        if stage == "2rf":
+            src = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
+        else:
+            src = os.path.join(cfg.out, "2rf", "ckpt.pt")
         src_net, sck = load_teacher(src, env)
         nd = sck["net"]
         if any(k in given for k in ("net", "dropout", "cond")):
@@ -670,7 +671,7 @@ def train(cfg, given, env):
         total = 0.0
         for r in range(cfg.accum):
             sync = not ddp or r == cfg.accum - 1
-            with (model.no_sync() if not sync else torch.enable_grad()):
+            with model.no_sync() if not sync else contextlib.nullcontext():
                 loss = loss_fn(r * env.world + env.rank) / cfg.accum
                 scaler.scale(loss).backward()
             total = total + loss.detach()
