@@ -5,7 +5,7 @@ image folders; uint8 on the device), EMA, FID (Inception TorchScript, float64 st
 mixed-precision setup, atomic checkpoints, config parsing, logging, pictures and the toy metrics.
 No method maths lives here: preconditioning, schedules, losses and samplers stay in the method files.
 """
-import copy, dataclasses, difflib, hashlib, inspect, json, math, os, re, sys, time, types, typing
+import contextlib, copy, dataclasses, difflib, hashlib, inspect, json, math, os, re, sys, time, types, typing
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ def _pe(c, n):  # (N6) PE_C(c) = [sin(c w_j), cos(c w_j)], w_j = 10^(-4 j / (C/2
     j = torch.arange(n // 2, dtype=c.dtype, device=c.device)
     a = c[:, None] * (10.0 ** (-4.0 * j / (n // 2 - 1)))[None]
     return torch.cat([a.sin(), a.cos()], 1)
+
+
+def _fp32(device):  # autocast off (the precision-critical paths); autocast knows no 'meta' device (shape runs)
+    return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
 
 
 def _pnorm(a):  # (N3) pixel-norm of the ADN scale/shift, in fp32 (fp64 for double modules)
@@ -72,7 +76,7 @@ class Block(nn.Module):
         if self.attn:  # (N5) one head, plain einsum + softmax in fp32 (forward-mode AD works)
             B, C = y.shape[:2]
             q, k, v = self.qkv(self.norm2(y)).reshape(B, 3, C, -1).unbind(1)
-            with torch.autocast(y.device.type, enabled=False):
+            with _fp32(y.device):
                 ft = torch.promote_types(q.dtype, torch.float32)
                 w = torch.einsum("bcn,bcm->bnm", q.to(ft), k.to(ft)).div(math.sqrt(C)).softmax(-1)
             o = torch.einsum("bnm,bcm->bcn", w.to(v.dtype), v).reshape(y.shape)
@@ -109,7 +113,7 @@ class _Net(nn.Module):
             raise UserError(f"this network takes {d['num_times']} time input(s); pass s exactly when num_times=2.")
         dt = torch.promote_types(self.map_layer0.weight.dtype, torch.float32)
         B, tau, C = x.shape[0], d["time_scale"], d["time_channels"]
-        with torch.autocast(x.device.type, enabled=False):  # embedding path in fp32 (fp64 for double)
+        with _fp32(x.device):  # embedding path in fp32 (fp64 for double)
             tt = torch.as_tensor(t, device=x.device).to(dt).reshape(-1).expand(B)
             e = self.map_layer1(F.silu(self.map_layer0(_pe(tau * tt, C))))
             if s is not None:
@@ -216,7 +220,7 @@ class WeightHead(nn.Module):
 
     def forward(self, t, s=None):
         dt = torch.promote_types(self.linear.weight.dtype, torch.float32)
-        with torch.autocast(t.device.type, enabled=False):
+        with _fp32(t.device):
             u = [_pe(self.time_scale * t.to(dt).reshape(-1), self.channels)]
             if s is not None:
                 u.append(_pe(self.time_scale * s.to(dt).reshape(-1), self.channels))
@@ -496,8 +500,10 @@ class Detector:
 def load_detector(spec, env):
     """'inception' (downloaded once into torch hub's cache), 'standin' (tests), or a TorchScript path."""
     if spec == "standin":  # fixed-seed random projection of 4x4-average-pooled pixels to 32 features
-        w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0)).to(env.device) / math.sqrt(48)
-        return Detector(lambda u8: F.adaptive_avg_pool2d(u8.float() / 127.5 - 1, 4).flatten(1) @ w, "standin", 32)
+        # float64, then rounded to fp32: the features do not depend on the batch size (BLAS blocking)
+        w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / math.sqrt(48)
+        w = w.to(env.device)
+        return Detector(lambda u8: F.adaptive_avg_pool2d(u8.double() / 127.5 - 1, 4).flatten(1) @ w, "standin", 32)
     path, why = spec, "file not found"
     if spec == "inception":
         path = os.path.join(torch.hub.get_dir(), "checkpoints", "inception-2015-12-05.pt")
@@ -825,7 +831,8 @@ def _help(Config, method, presets):
              "fields (type, default):"]
     for f in dataclasses.fields(Config):
         t = re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(hints[f.name]))
-        lines.append(f"  --{f.name:<16} {t:<14} {f.default!r:<14} {notes.get(f.name, '')}")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name:<16} {t:<14} {default!r:<14} {notes.get(f.name, '')}")
     lines.append("sample/fid options: " + " ".join(f"--{k}" for k in SAMPLE_OPTS) + " plus any field above.")
     return "\n".join(lines)
 

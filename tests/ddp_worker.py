@@ -1,0 +1,186 @@
+"""Two-process CPU DDP check of common.py (specs/common.md §10 item 18); run by tests/test_common.py as
+
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py PHASE OUT
+
+PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with Adam and EMA, 4 steps each, checking
+              after every step that rank 1's parameters and EMA equal rank 0's; a checkpoint before the last DDP
+              step (counting the files written); reference statistics and a sharded FID with the stand-in
+              detector. Rank 0 writes OUT/train.json; every rank writes its final state to OUT/final{rank}.pt.
+PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
+              OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
+OUT must hold data.npy (uint8 NHWC images), written by the test.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import common as C  # noqa: E402
+
+B, STEPS, CKPT_STEP = 4, 4, 3  # per-rank batch, optimiser steps, the checkpoint is taken before this step
+FID_N, FID_BATCH, FID_SEED = 37, 5, 3
+EMA_KW = dict(halflife_kimg=0.02, rampup=0.5)
+
+
+def fid_generate(seen=None):
+    """generate(rng, labels) for compute_fid: a pure function of the sample indices; records the indices seen."""
+    def generate(rng, labels):
+        if seen is not None:
+            seen.extend(g.initial_seed() - FID_SEED for g in rng.gens)
+        return torch.tanh(rng.randn(len(rng.gens), 3, 8, 8))
+    return generate
+
+
+def equal_on_ranks(tensors):
+    """True on every rank iff each tensor equals rank 0's copy exactly (torch.equal after a broadcast)."""
+    ok = True
+    for t in tensors:
+        r0 = t.detach().clone()
+        dist.broadcast(r0, 0)
+        ok = ok and torch.equal(r0, t.detach())
+    flag = torch.tensor(float(ok))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def state(model, ema, opt):
+    """Everything a resumed run must reproduce bitwise: weights, EMA (with buffers), Adam moments and steps."""
+    sd = {"model." + k: v for k, v in C.unwrap(model).state_dict().items()}
+    sd.update({"ema." + k: v for k, v in ema.model.state_dict().items()})
+    for i, st in opt.state_dict()["state"].items():
+        sd.update({f"opt.{i}.{k}": v for k, v in st.items()})
+    return sd
+
+
+def new_net(env, seed=0, skew_rank1=False):
+    torch.manual_seed(seed)
+    net = C.build_net(C.net_config("tiny", img_resolution=8, dropout=0.1))
+    with torch.no_grad():
+        net.out_conv.weight.normal_(0, 0.05)  # non-zero output, so every layer has a gradient from step 0
+        if skew_rank1 and env.rank == 1:  # distribute() must replace these by rank 0's weights
+            for p in net.parameters():
+                p.add_(1.0)
+    return net
+
+
+def train_step(model, ema, opt, gen, data, env, k, manual):
+    """One rectified-flow-like step. Manual mode returns whether the raw gradients agreed across ranks before
+    sync_grads and whether sync_grads left exactly their mean."""
+    x, _ = data.batch(B, k, part=env.rank, parts=env.world)
+    t = torch.rand(B, generator=gen)[:, None, None, None]
+    z = torch.randn_like(x)  # the global RNG is per rank after distribute()
+    loss = (model((1 - t) * x + t * z, t.flatten()) - (z - x)).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    raw_equal = is_mean = None
+    if manual:
+        params = list(C.unwrap(model).parameters())
+        raw_equal = equal_on_ranks([p.grad for p in params])
+        summed = [p.grad.clone() for p in params]
+        for g in summed:
+            dist.all_reduce(g)
+        C.sync_grads(C.unwrap(model), env)
+        is_mean = all(torch.equal(p.grad, g / env.world) for p, g in zip(params, summed))
+    opt.step()
+    ema.update(model, nimg=k * B * env.world, batch=B * env.world)
+    return raw_equal, is_mean
+
+
+def checkpoint_counted(path, ckpt, env, gens):
+    """save_checkpoint with torch.save spied on: returns the files this rank wrote."""
+    calls, orig = [], torch.save
+
+    def spy(obj, f, *a, **kw):
+        if isinstance(f, (str, os.PathLike)):  # all_gather_object pickles through torch.save into buffers
+            calls.append(os.path.basename(f))
+        return orig(obj, f, *a, **kw)
+    torch.save = spy
+    try:
+        C.save_checkpoint(path, ckpt, env, gens)
+    finally:
+        torch.save = orig
+    return calls
+
+
+def gather(obj, env):
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def phase_train(env, out):
+    data = C.load_data(os.path.join(out, "data.npy"), out, env, 0, True)
+    res = {"world": env.world}
+    for mode in ("ddp", "manual"):
+        manual = mode == "manual"
+        model = C.distribute(new_net(env, skew_rank1=True), env, manual=manual)
+        res[f"{mode}_is_ddp"] = gather(isinstance(model, torch.nn.parallel.DistributedDataParallel), env)
+        ema = C.EMA(model, **EMA_KW)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(C.derive_seed(0, "t", env.rank))
+        rows = [dict(step=-1, params=equal_on_ranks(list(C.unwrap(model).parameters())),
+                     ema=equal_on_ranks(list(ema.model.state_dict().values())))]
+        for k in range(STEPS):
+            if mode == "ddp" and k == CKPT_STEP:
+                m = C.unwrap(model)
+                ck = dict(model=m.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=k,
+                          config={"seed": 0}, net=m.config, method="ddp-test", convention="none")
+                res["ckpt_writes"] = gather(checkpoint_counted(os.path.join(out, "ckpt.pt"), ck, env, [gen]), env)
+                res["tmp_left"] = os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+            raw, is_mean = train_step(model, ema, opt, gen, data, env, k, manual)
+            rows.append(dict(step=k, raw_grads_equal=raw, grads_are_mean=is_mean,
+                             params=equal_on_ranks(list(C.unwrap(model).parameters())),
+                             ema=equal_on_ranks(list(ema.model.state_dict().values()))))
+        res[mode] = rows
+        res[f"{mode}_moved"] = not torch.equal(ema.model.out_conv.weight, new_net(env).out_conv.weight)
+        final = state(model, ema, opt)
+        if mode == "ddp":
+            torch.save(final, os.path.join(out, f"final{env.rank}.pt"))
+            ddp_final = final
+        else:  # same init, data and RNG streams: averaging by hand must reproduce DDP's trajectory
+            res["manual_equals_ddp"] = gather(all(torch.equal(final[k], ddp_final[k]) for k in final), env)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    res["ckpt_rng_world"] = ck["rng"]["world"]
+    res["ckpt_rng_ranks_differ"] = not torch.equal(ck["rng"]["ranks"][0]["cpu"], ck["rng"]["ranks"][1]["cpu"])
+    det = C.load_detector("standin", env)
+    ref = C.reference_stats(data, det, env, out)  # rank 0 writes the cache; the other rank waits and loads it
+    seen = []
+    fid = C.compute_fid(fid_generate(seen), FID_N, ref, det, env, FID_BATCH, seed=FID_SEED)
+    res["shards"] = gather(seen, env)
+    res["fid"] = gather(fid, env)
+    if env.is_main:
+        with open(os.path.join(out, "train.json"), "w") as f:
+            json.dump(res, f)
+
+
+def phase_resume(env, out):
+    data = C.load_data(os.path.join(out, "data.npy"), out, env, 0, True)
+    ck = C.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    torch.manual_seed(1234)  # a different initialisation and RNG: everything must come from the checkpoint
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["model"])
+    model = C.distribute(net, env)
+    ema = C.EMA(model, **EMA_KW)
+    C.load_state_strict(ema.model, ck["ema"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt.load_state_dict(ck["opt"])
+    gen = torch.Generator().manual_seed(999)
+    C.restore_rng(ck, env, [gen])
+    for k in range(ck["step"], STEPS):
+        train_step(model, ema, opt, gen, data, env, k, False)
+    want, got = torch.load(os.path.join(out, f"final{env.rank}.pt"), weights_only=True), state(model, ema, opt)
+    bad = sorted(set(want) ^ set(got)) + [k for k in want if k in got and not torch.equal(want[k], got[k])]
+    res = dict(start=ck["step"], mismatch=gather(bad[:10], env), n_compared=len(want))
+    if env.is_main:
+        with open(os.path.join(out, "resume.json"), "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    phase, out_dir = sys.argv[1], sys.argv[2]
+    env = C.setup("cpu", 0, "fp32")
+    assert env.world == 2 and dist.is_initialized() and dist.get_backend() == "gloo"
+    C.main_guard(lambda: {"train": phase_train, "resume": phase_resume}[phase](env, out_dir))

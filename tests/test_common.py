@@ -1,0 +1,1349 @@
+"""Tests of common.py: every item of specs/common.md §10 (numbered below), plus the runtime, CLI and toy-metric
+helpers. CPU only; item 18 launches a 2-process gloo job through torchrun (tests/ddp_worker.py)."""
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import typing
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common as C
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+FREEZE = ("conv0", "conv1", "proj")  # §3.6: freeze a parameter iff its module name is one of these
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the nets here are tiny, and spinning OpenMP threads on a busy 2-core machine cost
+    10x; restored afterwards so other test modules keep their setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def env1(precision="fp32"):
+    return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
+
+
+def meta_net(name, **kw):
+    with torch.device("meta"):
+        return C.build_net(C.net_config(name, **kw))
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def n_frozen(m):
+    return sum(p.numel() for k, p in m.named_parameters() if k.split(".")[-2] in FREEZE)
+
+
+def perturb(net, scale=0.1, seed=0):
+    """Random offsets on every weight, so the (exactly zero at init) output is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return net
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return C.build_net(C.net_config("tiny", **kw))
+
+
+def mlp(seed=0, **kw):
+    torch.manual_seed(seed)
+    return C.build_net(C.net_config("mlp", **kw))
+
+
+def image_data(n=24, c=3, r=8, seed=0, xflip=True, labels=False):
+    u8 = torch.randint(0, 256, (n, c, r, r), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    y = torch.arange(n) % 10 if labels else None
+    return C.Data("images", f"test{seed}", x=u8, labels=y, num_classes=10 if labels else 0, seed=seed, xflip=xflip)
+
+
+# ======================================================================== 1. parameter counts (§3.7)
+@pytest.mark.parametrize("name, kw, total", [
+    ("ddpmpp", {}, 55_732_739),
+    ("ddpmpp", dict(num_times=2), 56_061_443),
+    ("ddpmpp", dict(adn=True), 60_049_667),
+    ("ddpmpp", dict(label_dim=10), 55_732_739 + 5_120),
+    ("ddpmpp", dict(num_times=2, adn=True), 60_378_371),
+    ("small", {}, 8_797_187),
+    ("small", dict(adn=True), 9_482_627),
+    ("tiny", {}, 189_347),
+    ("tiny", dict(num_times=2), 194_595),
+    ("mlp", {}, 175_874),
+    ("mlp", dict(num_times=2), 200_706),
+])
+def test_param_counts_on_meta(name, kw, total):
+    net = meta_net(name, **kw)
+    assert all(p.device.type == "meta" for p in net.parameters())
+    assert n_params(net) == total
+
+
+def test_param_count_deltas_and_frozen_fractions():
+    base = n_params(meta_net("ddpmpp"))
+    assert n_params(meta_net("ddpmpp", num_times=2)) - base == 328_704
+    assert n_params(meta_net("ddpmpp", adn=True)) - base == 4_316_928
+    assert n_params(meta_net("ddpmpp", label_dim=10)) - base == 5_120
+    assert n_frozen(meta_net("ddpmpp")) == 47_597_568
+    for name, pct, nd in (("ddpmpp", 85.40, 2), ("small", 84.6, 1), ("tiny", 78.6, 1), ("mlp", 56.3, 1)):
+        net = meta_net(name)
+        assert round(100 * n_frozen(net) / n_params(net), nd) == pct, name
+
+
+def test_unet_layout_names():
+    """§3.1 names: stem, down blocks, in0 (attention always) / in1, up blocks, attention placement."""
+    net = meta_net("ddpmpp")
+    enc, dec = list(net.enc), list(net.dec)
+    assert enc == ["32x32_conv", *[f"32x32_block{i}" for i in range(4)], "16x16_down",
+                   *[f"16x16_block{i}" for i in range(4)], "8x8_down", *[f"8x8_block{i}" for i in range(4)]]
+    assert dec == ["8x8_in0", "8x8_in1", *[f"8x8_block{i}" for i in range(5)], "16x16_up",
+                   *[f"16x16_block{i}" for i in range(5)], "32x32_up", *[f"32x32_block{i}" for i in range(5)]]
+    attn = {f"{w}.{k}" for w in ("enc", "dec") for k, b in getattr(net, w).items() if getattr(b, "attn", False)}
+    assert attn == {*[f"enc.16x16_block{i}" for i in range(4)], "dec.8x8_in0", "dec.16x16_block4"}
+    assert len(net.dec["8x8_in0"].norm0.weight) == 256 and net.out_conv.out_channels == 3
+    no_attn = meta_net("ddpmpp", attn_res=[])
+    assert [k for k, b in no_attn.dec.items() if b.attn] == ["8x8_in0"]
+    assert not any(b.attn for b in no_attn.enc.values() if isinstance(b, C.Block))
+
+
+def _ref_block(blk, x, e):
+    """(N1)-(N5) written out from the spec, with the block's own weights (eval mode, no dropout)."""
+    F = nn.functional
+    gn = lambda norm, h: F.group_norm(h, norm.num_groups, norm.weight, norm.bias, 1e-6)  # noqa: E731
+    R = {"down": lambda h: F.avg_pool2d(h, 2), "up": lambda h: F.interpolate(h, scale_factor=2.0, mode="nearest"),
+         None: lambda h: h}[blk.resample]
+    h = blk.conv0(R(F.silu(gn(blk.norm0, x))))  # (N1)
+    a = blk.affine(e)[:, :, None, None]
+    if blk.adn:  # (N3)
+        pn = lambda v: v / (v.square().mean(1, keepdim=True) + 1e-8).sqrt()  # noqa: E731
+        sc, sh = a[:, :a.shape[1] // 2], a[:, a.shape[1] // 2:]
+        h = F.silu(gn(blk.norm1, h) * pn(sc) + pn(sh))
+    else:  # (N2) shift before the norm
+        h = F.silu(gn(blk.norm1, h + a))
+    h = blk.conv1(h)  # (N4)
+    y = (h + (blk.skip(R(x)) if blk.skip is not None else x)) / math.sqrt(2)
+    if blk.attn:  # (N5)
+        B, Co, H, W = y.shape
+        qkv = blk.qkv(gn(blk.norm2, y)).reshape(B, 3 * Co, H * W)
+        q, k, v = qkv[:, :Co], qkv[:, Co:2 * Co], qkv[:, 2 * Co:]
+        Wt = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(Co), dim=-1)  # (B, N queries, N keys)
+        y = (y + blk.proj((v @ Wt.transpose(1, 2)).reshape(B, Co, H, W))) / math.sqrt(2)
+    return y
+
+
+@pytest.mark.parametrize("cin, cout, resample, attn, adn", [
+    (16, 16, None, False, False), (16, 32, None, True, False), (32, 32, "down", False, True),
+    (48, 24, "up", True, True), (24, 24, None, True, True)])
+def test_block_matches_spec_equations(cin, cout, resample, attn, adn):
+    torch.manual_seed(0)
+    blk = perturb(C.Block(cin, cout, 20, resample=resample, attn=attn, adn=adn), scale=0.2).double().eval()
+    assert blk.norm1.num_groups == min(32, cout // 4) and blk.norm1.eps == 1e-6 and (blk.norm1.weight is None) == adn
+    x, e = torch.randn(2, cin, 8, 8, dtype=torch.float64), torch.randn(2, 20, dtype=torch.float64)
+    out, ref = blk(x, e), _ref_block(blk, x, e)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_group_norm_divisor_rule():
+    for c, g in ((16, 4), (48, 12), (256, 32), (384, 32), (200, 25), (36, 9), (4, 1)):
+        n = C._gn(c)
+        assert (n.num_groups, n.eps) == (g, 1e-6), c
+
+
+def test_embedding_matches_spec():
+    """(N6)-(N7): PE with sin first and frequencies 1 .. 1e-4, time_scale inside, maps, sqrt(K) one-hot labels."""
+    pe = C._pe(torch.tensor([0.7], dtype=torch.float64), 8)
+    w = torch.tensor([1.0, 10 ** (-4 / 3), 10 ** (-8 / 3), 1e-4], dtype=torch.float64)
+    assert torch.allclose(pe[0], torch.cat([(0.7 * w).sin(), (0.7 * w).cos()]), rtol=1e-14)
+    net = perturb(tiny(num_times=2, label_dim=10, time_scale=250.0)).double()
+    t, s, y = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64), torch.tensor([0, 3, 9])
+    F = nn.functional
+    Ct = net.config["time_channels"]
+    j = torch.arange(Ct // 2, dtype=torch.float64)
+    pe = lambda c: torch.cat([(c[:, None] * 10 ** (-4 * j / (Ct // 2 - 1))).sin(),  # noqa: E731
+                              (c[:, None] * 10 ** (-4 * j / (Ct // 2 - 1))).cos()], 1)
+    e = net.map_layer1(F.silu(net.map_layer0(pe(250 * t)))) + net.map_layer1_s(F.silu(net.map_layer0_s(pe(250 * s))))
+    e = F.silu(e + net.map_label(F.one_hot(y, 10).double() * math.sqrt(10)))
+    x = torch.zeros(3, 3, 16, 16, dtype=torch.float64)
+    assert torch.allclose(net.embed(x, t, s, y), e, rtol=1e-12, atol=1e-14)
+    unscaled = C.build_net({**net.config, "time_scale": 1.0}).double()
+    unscaled.load_state_dict(net.state_dict())
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    assert torch.allclose(net(x, t, s, y), unscaled(x, 250 * t, 250 * s, y), rtol=1e-12, atol=1e-14)
+
+
+# ======================================================================== 2. zero output at init
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_fresh_output_exactly_zero_then_not_after_sgd(kind):
+    net = tiny() if kind == "unet" else mlp()
+    x = torch.randn(3, 3, 16, 16) if kind == "unet" else torch.randn(3, 2)
+    t = torch.rand(3)
+    out = net(x, t)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.count_nonzero(out) == 0
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    (net(x, t) - torch.randn_like(x)).square().mean().backward()
+    opt.step()
+    assert torch.count_nonzero(net(x, t)) == out.numel()
+
+
+# ======================================================================== 3. JVP vs central differences
+def _jvp_rel_errors(net, args, seed_dropout=None):
+    """Relative error of torch.func.jvp against a central difference (h = 1e-5), per input and jointly."""
+    def f(*a):
+        if seed_dropout is not None:  # the same dropout mask in every evaluation
+            torch.manual_seed(seed_dropout)
+        return net(*a)
+    g = torch.Generator().manual_seed(1)
+    tangents = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a in args]
+    h, errs = 1e-5, []
+    for which in [*range(len(args)), None]:  # each input alone, then all together
+        tan = [v if which is None or i == which else torch.zeros_like(v) for i, v in enumerate(tangents)]
+        out, jv = torch.func.jvp(f, tuple(args), tuple(tan))
+        assert torch.equal(out, f(*args))  # the primal is the plain forward (same mask)
+        fd = (f(*[a + h * v for a, v in zip(args, tan)]) - f(*[a - h * v for a, v in zip(args, tan)])) / (2 * h)
+        assert jv.norm() > 1e-3 * out.norm() > 0  # every input really moves the output
+        errs.append(((jv - fd).norm() / jv.norm()).item())
+    return errs
+
+
+def test_jvp_unet_matches_finite_differences_fp64():
+    net = perturb(tiny(num_times=2, adn=True, dropout=0.0)).double().eval()
+    assert net.enc["16x16_block0"].attn is False and net.enc["8x8_block0"].attn and net.dec["8x8_in0"].attn
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t, s = torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    assert max(_jvp_rel_errors(net, [x, t, s])) < 1e-6
+
+
+def test_jvp_mlp_matches_finite_differences_fp64():
+    net = perturb(mlp(num_times=2, adn=True)).double().eval()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    t, s = torch.rand(16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    assert max(_jvp_rel_errors(net, [x, t, s])) < 1e-6
+    plain = perturb(mlp(num_times=1)).double().eval()  # plain (N2) conditioning, one time
+    assert max(_jvp_rel_errors(plain, [x, t])) < 1e-6
+
+
+def test_jvp_train_mode_with_dropout():
+    net = perturb(tiny(num_times=2, adn=True, dropout=0.3)).double().train()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t, s = torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    torch.manual_seed(5)
+    a = net(x, t, s)
+    torch.manual_seed(6)
+    assert not torch.equal(a, net(x, t, s))  # dropout is active
+    with torch.random.fork_rng():  # fork_rng reproduces the mask (§3.5)
+        torch.manual_seed(5)
+        assert torch.equal(a, net(x, t, s))
+    assert max(_jvp_rel_errors(net, [x, t, s], seed_dropout=7)) < 1e-6
+    m = perturb(mlp(num_times=2, dropout=0.3)).double().train()
+    xm, tm = torch.randn(8, 2, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    assert max(_jvp_rel_errors(m, [xm, tm, tm.flip(0)], seed_dropout=7)) < 1e-6
+
+
+# ======================================================================== 4. dtypes
+def test_double_module_runs_in_double():
+    for net, x in ((perturb(tiny(adn=True)).double(), torch.randn(2, 3, 16, 16, dtype=torch.float64)),
+                   (perturb(mlp()).double(), torch.randn(4, 2, dtype=torch.float64))):
+        seen = []
+        net.map_layer0.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+        out = net(x, torch.rand(len(x), dtype=torch.float64))
+        assert out.dtype == torch.float64 and seen == [(torch.float64, torch.float64)]
+
+
+def test_cpu_bf16_autocast_keeps_embedding_fp32():
+    net = perturb(tiny())
+    seen, inner = [], []
+    net.map_layer0.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    net.enc["16x16_block0"].conv0.register_forward_hook(lambda m, i, o: inner.append(o.dtype))
+    x = torch.randn(2, 3, 16, 16)
+    with C.autocast(env1("bf16")):
+        out = net(x, torch.rand(2))
+    assert out.dtype == torch.float32
+    assert seen == [(torch.float32, torch.float32)]
+    assert inner == [torch.bfloat16]  # autocast really was on for the blocks
+
+
+# ======================================================================== 5. channels_last
+@pytest.mark.parametrize("adn", [False, True])
+def test_channels_last_matches_contiguous(adn):
+    net = perturb(tiny(adn=adn, num_times=2), scale=0.05).eval()
+    x, t, s = torch.randn(2, 3, 16, 16), torch.rand(2), torch.rand(2)
+    ref = net(x, t, s)
+    cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert xc.is_contiguous(memory_format=torch.channels_last) and not xc.is_contiguous()
+    out = cl(xc, t, s)
+    assert ref.abs().max() > 1e-2
+    assert (out - ref).abs().max() < 1e-5
+
+
+# ======================================================================== 6. config rebuild, misuse, labels
+def test_build_net_rebuilds_same_keys_and_shapes():
+    for net in (tiny(num_times=2, adn=True, label_dim=10), mlp(num_times=2)):
+        d = json.loads(json.dumps(net.config))  # a plain JSON dict, as stored in checkpoints
+        again = C.build_net(d)
+        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    cfg = C.net_config("tiny")
+    assert cfg["attn_res"] == [8] and C.net_config("tiny", img_resolution=32)["attn_res"] == [16]
+    assert C.net_config("tiny", in_channels=1)["out_channels"] == 1
+
+
+def test_net_config_errors():
+    with pytest.raises(C.UserError, match="wdith"):
+        C.net_config("mlp", wdith=3)
+    with pytest.raises(C.UserError, match="huge"):
+        C.net_config("huge")
+    d = C.net_config("tiny")
+    with pytest.raises(C.UserError, match="extra"):
+        C.build_net({**d, "extra": 1})
+    with pytest.raises(C.UserError, match="adn"):
+        C.build_net({k: v for k, v in d.items() if k != "adn"})
+    with pytest.raises(C.UserError):
+        C.build_net({**d, "kind": "transformer"})
+    with pytest.raises(C.UserError, match="divisible"):
+        C.build_net({**d, "img_resolution": 15})
+
+
+def test_second_time_misuse_is_user_error():
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with pytest.raises(C.UserError):
+        tiny()(x, t, s=t)
+    with pytest.raises(C.UserError):
+        tiny(num_times=2)(x, t)
+    with pytest.raises(C.UserError):
+        mlp(num_times=2).encoder_features(torch.randn(2, 2), t)
+
+
+def test_labels_int_equal_one_hot_and_zero_row_is_no_label():
+    for net, x in ((perturb(tiny(label_dim=10)), torch.randn(3, 3, 16, 16)),
+                   (perturb(mlp(label_dim=10)), torch.randn(3, 2))):
+        t, y = torch.rand(3), torch.tensor([1, 4, 9])
+        a = net(x, t, y=y)
+        assert torch.equal(a, net(x, t, y=nn.functional.one_hot(y, 10).float()))
+        assert not torch.equal(a, net(x, t, y=torch.tensor([2, 4, 9])))  # labels matter
+        assert torch.equal(net(x, t, y=torch.zeros(3, 10)), net(x, t))  # null label = no label term
+        # scalar time broadcasts
+        assert torch.equal(net(x, 0.3), net(x, torch.full((3,), 0.3)))
+
+
+# ======================================================================== 7. encoder features, freezing
+def test_encoder_feature_shapes():
+    net = meta_net("ddpmpp")
+    feats = net.encoder_features(torch.empty(2, 3, 32, 32, device="meta"), torch.empty(2, device="meta"))
+    assert [tuple(f.shape) for f in feats] == [(2, 256, 32, 32), (2, 256, 16, 16), (2, 256, 8, 8)]
+    feats = tiny().encoder_features(torch.randn(2, 3, 16, 16), torch.rand(2))
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8)]
+    feats = mlp().encoder_features(torch.randn(5, 2), torch.rand(5))
+    assert [tuple(f.shape) for f in feats] == [(5, 128)] * 3
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_encoder_features_differentiable_wrt_x_with_frozen_weights(kind):
+    net = (tiny() if kind == "unet" else mlp()).requires_grad_(False)
+    x = (torch.randn(2, 3, 16, 16) if kind == "unet" else torch.randn(4, 2)).requires_grad_(True)
+    feats = net.encoder_features(x, torch.rand(len(x)))
+    sum(f.square().sum() for f in feats).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_freeze_rule_selects_block_convs_only():
+    net = meta_net("ddpmpp", num_times=2, adn=True, label_dim=10)
+    mods = dict(net.named_modules())
+    for k, _ in net.named_parameters():
+        parent, owner = k.rsplit(".", 2)[0], k.split(".")[-2]
+        if owner in FREEZE:
+            assert isinstance(mods[parent], C.Block), k
+        else:
+            assert re.search(r"(_conv|skip|qkv|affine|norm\d|out_norm|out_conv|map_\w+)$", owner), k
+
+
+# ======================================================================== 8. WeightHead
+@pytest.mark.parametrize("num_times", [1, 2])
+def test_weight_head(num_times):
+    head = C.WeightHead(num_times=num_times, channels=16, time_scale=10.0)
+    t, s = torch.rand(5), torch.rand(5)
+    out = head(t, s if num_times == 2 else None)
+    assert out.shape == (5,) and out.dtype == torch.float32 and torch.count_nonzero(out) == 0
+    (out * torch.randn(5)).sum().backward()
+    assert head.linear.weight.grad.abs().sum() > 0 and head.linear.bias.grad.abs().sum() > 0
+    with C.autocast(env1("bf16")):
+        assert head(t.double(), s.double() if num_times == 2 else None).dtype == torch.float32
+
+
+# ======================================================================== 9. toys
+@pytest.mark.parametrize("name", ["checkerboard", "moons", "8gaussians", "spirals"])
+def test_toy_moments_and_extent(name):
+    x = C.toy_sample(name, 1_000_000, torch.Generator().manual_seed(0)).double()
+    assert x.shape == (1_000_000, 2)
+    assert x.mean(0).abs().max() < 0.01
+    rms = x.var(0).mean().sqrt().item()
+    assert abs(rms - 0.5) < 0.005
+    assert x.abs().max() < 1.5
+    same = C.toy_sample(name, 10, torch.Generator().manual_seed(3))
+    assert same.dtype == torch.float32 and torch.equal(same, C.toy_sample(name, 10, torch.Generator().manual_seed(3)))
+
+
+def test_toy_errors_and_modes():
+    with pytest.raises(C.UserError, match="checkerboard"):
+        C.toy_sample("circles", 10)
+    centres, std = C.toy_modes("8gaussians")
+    x = C.toy_sample("8gaussians", 20_000, torch.Generator().manual_seed(0))
+    assert C.modes_covered(x, centres, std) == 8
+    assert C.in_mode(x, centres, std) > 0.98
+    assert C.toy_modes("moons") is None
+
+
+# ======================================================================== 10. uint8 round trip
+def test_to_uint8_round_trip():
+    u8 = torch.arange(256, dtype=torch.uint8)
+    x = u8.float() / 127.5 - 1
+    assert x[0] == -1 and x[255] == 1
+    assert torch.equal(C.to_uint8(x), u8)
+    assert torch.equal(C.to_uint8(torch.tensor([-5.0, 5.0])), torch.tensor([0, 255], dtype=torch.uint8))
+    assert torch.equal(C.to_uint8(torch.tensor([0.0])), torch.tensor([128], dtype=torch.uint8))  # 127.5 rounds up
+
+
+# ======================================================================== 11. data stream and loaders
+def _indexed_images(n):
+    """uint8 (n, 1, 4, 4): row 0 = [i // 256, i % 256, 0, 255], so index and flip can be read back."""
+    u8 = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    i = torch.arange(n)
+    u8[:, 0, 0, 0], u8[:, 0, 0, 1], u8[:, 0, 0, 3] = i // 256, i % 256, 255
+    u8[:, 0, 1:] = (i[:, None, None] * 7 % 251).to(torch.uint8)
+    return u8
+
+
+def _read_back(x):
+    u8 = C.to_uint8(x)
+    flipped = u8[:, 0, 0, 0] == 255
+    u8 = torch.where(flipped[:, None, None, None], u8.flip(-1), u8)
+    return u8[:, 0, 0, 0].long() * 256 + u8[:, 0, 0, 1].long(), flipped
+
+
+def test_stream_parts_concatenate_to_single_process_batch():
+    data = C.Data("images", "k", x=_indexed_images(10), labels=torch.arange(10) * 3, seed=4, xflip=True)
+    for step in range(6):  # N = 10 is not a multiple of the batch: batches straddle epochs
+        x1, y1 = data.batch(6, step)
+        parts = [data.batch(3, step, part=r, parts=2) for r in range(2)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y1)
+        quarter = [data.batch(2, step, part=r, parts=3) for r in range(3)]  # rounds x ranks
+        assert torch.equal(torch.cat([p[0] for p in quarter]), x1)
+    fresh = C.Data("images", "k", x=_indexed_images(10), seed=4, xflip=True)
+    assert torch.equal(fresh.batch(6, 5)[0], data.batch(6, 5)[0])  # a pure function of (seed, step)
+    other = C.Data("images", "k", x=_indexed_images(10), seed=5, xflip=True)
+    assert not torch.equal(other.batch(6, 0)[0], data.batch(6, 0)[0])
+
+
+def test_stream_each_index_once_per_epoch():
+    data = C.Data("images", "k", x=_indexed_images(10), seed=0, xflip=True)
+    idx = torch.cat([_read_back(data.batch(4, step)[0])[0] for step in range(5)])  # positions 0..19
+    e0, e1 = idx[:10], idx[10:]
+    assert sorted(e0.tolist()) == list(range(10)) and sorted(e1.tolist()) == list(range(10))
+    assert not torch.equal(e0, e1)  # a new permutation per epoch
+    x, y = data.batch(4, 0)
+    assert y is None and x.dtype == torch.float32 and x.shape == (4, 1, 4, 4)
+
+
+def test_stream_flips_are_exact_mirror_images_on_half():
+    u8 = _indexed_images(10_000)
+    data = C.Data("images", "k", x=u8, seed=1, xflip=True)
+    x, _ = data.batch(10_000, 0)
+    idx, flipped = _read_back(x)
+    assert sorted(idx.tolist()) == list(range(10_000))
+    orig = u8[idx].float() / 127.5 - 1
+    assert torch.equal(x, torch.where(flipped[:, None, None, None], orig.flip(-1), orig))
+    assert 0.48 < flipped.float().mean().item() < 0.52
+    data.xflip = False
+    assert not _read_back(data.batch(1000, 0)[0])[1].any()
+
+
+@pytest.mark.parametrize("name, cls", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_padding(monkeypatch, tmp_path, name, cls):
+    import torchvision
+    calls = []
+
+    class Fake:
+        def __init__(self, root, train=True, download=False):
+            calls.append((str(root), train, download))
+            self.data = torch.randint(1, 256, (6, 28, 28), generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.uint8)
+            self.targets = torch.tensor([3, 1, 4, 1, 5, 9])
+    monkeypatch.setattr(torchvision.datasets, cls, Fake)
+    data = C.load_data(name, str(tmp_path), env1(), 0, False)
+    assert calls and all(c[0] == str(tmp_path) and c[1] is True for c in calls)
+    assert data.kind == "images" and data.key == name and data.num_classes == 10
+    x = data.x
+    assert x.shape == (6, 1, 32, 32) and x.dtype == torch.uint8
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (x[:, :, border] == 0).all()
+    assert torch.equal(x[:, 0, 2:30, 2:30], Fake("", True, False).data)
+    assert torch.equal(data.labels, torch.tensor([3, 1, 4, 1, 5, 9])) and data.labels.dtype == torch.int64
+    xb, yb = data.batch(4, 0)
+    assert xb.shape == (4, 1, 32, 32) and yb.shape == (4,)
+
+
+@pytest.mark.parametrize("name, cls, archive", [("cifar10", "CIFAR10", "cifar-10-python.tar.gz"),
+                                                ("mnist", "MNIST", "train-images-idx3-ubyte.gz")])
+def test_offline_download_is_user_error_naming_folder(monkeypatch, tmp_path, name, cls, archive):
+    import torchvision
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("Error downloading: no network" if download else "Dataset not found")
+    monkeypatch.setattr(torchvision.datasets, cls, Offline)
+    root = str(tmp_path / "my data")
+    with pytest.raises(C.UserError) as e:
+        C.load_data(name, root, env1(), 0, False)
+    assert root in str(e.value) and archive in str(e.value) and name in str(e.value)
+
+
+def _fake_cifar(root, n=3):
+    """A real cifar-10-batches-py folder (pickled batches, small) and its train images/labels/MD5s."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, labels, md5 = [], [], {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        lab = [int(v) for v in rng.integers(0, 10, n)]
+        with open(base / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": d, "labels": lab, "filenames": [f"{i}.png" for i in range(n)]}, f)
+        if name != "test_batch":
+            rows.append(d), labels.extend(lab)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n, "num_vis": 3072}, f)
+    for name in os.listdir(base):
+        md5[name] = hashlib.md5((base / name).read_bytes()).hexdigest()
+    return np.concatenate(rows), labels, md5
+
+
+def test_cifar10_from_fabricated_archive_folder(monkeypatch, tmp_path):
+    import torchvision
+    from torchvision.datasets import cifar
+    rows, labels, md5 = _fake_cifar(tmp_path)
+    # torchvision checks the real MD5s of each file; point it at ours, so its own integrity check and loader run
+    monkeypatch.setattr(cifar.CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(cifar.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(cifar.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                                "md5": md5["batches.meta"]})
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download although the files are present")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    assert torchvision.datasets.CIFAR10 is cifar.CIFAR10
+    data = C.load_data("cifar10", str(tmp_path), env1(), 0, True)
+    assert data.kind == "images" and data.key == "cifar10" and data.num_classes == 10 and data.xflip
+    assert data.x.shape == (15, 3, 32, 32) and data.x.dtype == torch.uint8
+    assert torch.equal(data.x, torch.from_numpy(rows.reshape(-1, 3, 32, 32)))  # CHW planes as stored by CIFAR
+    assert data.labels.tolist() == labels
+    assert data.shape == (3, 32, 32)
+
+
+def test_npy_arrays_accepted_and_rejected(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    u8 = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)  # noqa: E731
+    ok = {"hw": u8(5, 8, 8), "hw1": u8(5, 8, 8, 1), "hw3": u8(5, 8, 8, 3)}
+    for k, a in ok.items():
+        p = str(tmp_path / f"{k}.npy")
+        np.save(p, a)
+        d = C.load_data(p, "data", env1(), 0, False)
+        want = torch.from_numpy(a if a.ndim == 4 else a[..., None]).permute(0, 3, 1, 2)
+        assert d.kind == "images" and d.key.startswith("user-") and torch.equal(d.x, want), k
+    pts = (rng.normal(size=(100, 2)) * 0.5).astype(np.float64)
+    np.save(tmp_path / "pts.npy", pts)
+    d = C.load_data(str(tmp_path / "pts.npy"), "data", env1(), 0, False)
+    assert d.kind == "points" and d.x.dtype == torch.float32 and torch.allclose(d.x.double(), torch.from_numpy(pts))
+    assert d.batch(7, 0)[0].shape == (7, 2)
+    np.save(tmp_path / "wide.npy", pts * 10)
+    C.load_data(str(tmp_path / "wide.npy"), "data", env1(), 0, False)
+    assert "WARNING" in capsys.readouterr().out
+    bad = {"float_images": rng.random((5, 8, 8, 3)).astype(np.float32), "nchw": u8(5, 3, 8, 8), "c2": u8(5, 8, 8, 2),
+           "nonsquare": u8(5, 8, 6, 3), "points3": rng.random((10, 3)).astype(np.float32)}
+    for k, a in bad.items():
+        np.save(tmp_path / f"{k}.npy", a)
+        with pytest.raises(C.UserError, match="uint8 NHWC"):
+            C.load_data(str(tmp_path / f"{k}.npy"), "data", env1(), 0, False)
+    with pytest.raises(C.UserError, match="nope.npy"):
+        C.load_data(str(tmp_path / "nope.npy"), "data", env1(), 0, False)
+
+
+def test_image_folder_round_trip_and_size_error(tmp_path):
+    from torchvision.io import write_png
+    g = torch.Generator().manual_seed(0)
+    imgs = {"b/2.png": torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8),
+            "a.png": torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8),
+            "b/1.png": torch.randint(0, 256, (1, 8, 8), generator=g, dtype=torch.uint8)}  # grey -> RGB
+    for k, v in imgs.items():
+        (tmp_path / "imgs" / os.path.dirname(k)).mkdir(parents=True, exist_ok=True)
+        write_png(v, str(tmp_path / "imgs" / k))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    d = C.load_data(str(tmp_path / "imgs"), "data", env1(), 0, False)
+    want = torch.stack([imgs[k].expand(3, 8, 8) for k in ("a.png", "b/1.png", "b/2.png")])  # sorted paths
+    assert d.kind == "images" and torch.equal(d.x, want)
+    write_png(torch.zeros(3, 6, 6, dtype=torch.uint8), str(tmp_path / "imgs" / "c.png"))
+    with pytest.raises(C.UserError, match="c.png"):
+        C.load_data(str(tmp_path / "imgs"), "data", env1(), 0, False)
+    (tmp_path / "wide").mkdir()
+    write_png(torch.zeros(3, 6, 8, dtype=torch.uint8), str(tmp_path / "wide" / "w.png"))
+    with pytest.raises(C.UserError, match="square"):
+        C.load_data(str(tmp_path / "wide"), "data", env1(), 0, False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.UserError):
+        C.load_data(str(tmp_path / "empty"), "data", env1(), 0, False)
+
+
+def test_toy_data_stream():
+    d = C.load_data("moons", "data", env1(), 3, False)
+    x, y = d.batch(64, 0)
+    assert d.kind == "toy" and x.shape == (64, 2) and y is None and d.shape == (2,)
+    assert not torch.equal(x, d.batch(64, 1)[0])  # fresh draws
+    with pytest.raises(C.UserError):
+        C.load_data("no_such_data", "data", env1(), 0, False)
+
+
+# ======================================================================== 12. EMA
+def _lin(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
+
+
+def test_ema_constant_decay_closed_form():
+    m = _lin()
+    ema = C.EMA(m, decay=0.9)
+    assert ema.model is not m and not ema.model.training
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    p0 = [p.detach().clone() for p in m.parameters()]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(2.0)
+    for _ in range(5):
+        ema.update(m, nimg=0, batch=10)
+    for pe, q in zip(ema.model.parameters(), p0):
+        assert torch.allclose(pe, 2.0 + 0.9 ** 5 * (q - 2.0), rtol=0, atol=1e-12)
+
+
+def test_ema_halflife_step_response():
+    m = _lin()
+    ema = C.EMA(m, halflife_kimg=0.5)  # h = 500 images
+    p0 = [p.detach().clone() for p in m.parameters()]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    k, B = 7, 50
+    for i in range(k):
+        ema.update(m, nimg=i * B, batch=B)
+    want = 1 - 0.5 ** (k * B / 500)
+    for pe, q in zip(ema.model.parameters(), p0):
+        assert torch.allclose(pe - q, torch.full_like(q, want), rtol=0, atol=1e-12)
+
+
+def test_ema_rampup_and_buffers():
+    m = _lin()
+    ema = C.EMA(m, halflife_kimg=10, rampup=0.05)
+    for nimg in (1, 100, 1000, 10**6):
+        assert ema.beta(nimg, 64) == pytest.approx(0.5 ** (64 / max(min(10_000, 0.05 * nimg), 1e-8)), rel=1e-12)
+    assert ema.beta(0, 64) == 0.0
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0).add_(1.0)
+    m.train()(torch.randn(16, 4, dtype=torch.float64))  # changes the BatchNorm running statistics
+    ema.update(m, nimg=0, batch=64)  # beta = 0: the EMA becomes a copy
+    for (k, a), b in zip(ema.model.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(C.UserError):
+        C.EMA(m)
+    with pytest.raises(C.UserError):
+        C.EMA(m, decay=0.9, halflife_kimg=1.0)
+
+
+def test_ema_skips_frozen_parameters_and_copies_buffers():
+    m = _lin()
+    m[0].weight.requires_grad_(False)
+    ema = C.EMA(m, decay=0.5)
+    w0 = ema.model[0].weight.clone()
+    with torch.no_grad():
+        m[0].weight.add_(1.0), m[0].bias.add_(1.0)
+    m.train()(torch.randn(16, 4, dtype=torch.float64))
+    ema.update(m, nimg=0, batch=8)
+    assert torch.equal(ema.model[0].weight, w0)  # bit-identical
+    assert not torch.equal(ema.model[0].bias, m[0].bias) and not torch.equal(ema.model[0].bias, m[0].bias - 1)
+    assert torch.equal(ema.model[1].running_mean, m[1].running_mean)
+    assert torch.equal(ema.model[1].num_batches_tracked, m[1].num_batches_tracked)
+
+
+# ======================================================================== 13. Fréchet distance
+def _spd(d, seed, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, rank or d, generator=g, dtype=torch.float64)
+    return A @ A.T / (rank or d)
+
+
+def test_frechet_identical_diagonal_symmetric_rotation():
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    s1, s2 = _spd(d, 1), _spd(d, 2)
+    assert abs(C.frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+    a, b = torch.rand(d, generator=g, dtype=torch.float64) * 3, torch.rand(d, generator=g, dtype=torch.float64)
+    want = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()
+    assert C.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(want.item(), rel=1e-9)
+    f12, f21 = C.frechet_distance(mu1, s1, mu2, s2), C.frechet_distance(mu2, s2, mu1, s1)
+    assert f12 > 1 and f12 == pytest.approx(f21, rel=1e-9)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    rot = C.frechet_distance(Q @ mu1, Q @ s1 @ Q.T, Q @ mu2, Q @ s2 @ Q.T)
+    assert rot == pytest.approx(f12, rel=1e-9)
+    # numpy inputs (as loaded from npz) work too
+    assert C.frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy()) == pytest.approx(f12, rel=1e-12)
+
+
+def test_frechet_rank_deficient_is_finite():
+    d = 16
+    s1, s2 = _spd(d, 3, rank=5), _spd(d, 4, rank=3)
+    mu = torch.zeros(d, dtype=torch.float64)
+    f = C.frechet_distance(mu, s1, mu + 0.1, s2)
+    assert math.isfinite(f) and f > 0
+    assert math.isfinite(C.frechet_distance(mu, s1, mu, s1)) and C.frechet_distance(mu, s1, mu, s1) < 1e-6
+    zero = torch.zeros(d, d, dtype=torch.float64)
+    assert C.frechet_distance(mu, zero, mu, zero) == 0
+
+
+def test_frechet_matches_scipy_sqrtm():
+    linalg = pytest.importorskip("scipy.linalg")
+    d = 20
+    g = torch.Generator().manual_seed(5)
+    mu1, mu2 = (torch.randn(d, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    s1, s2 = _spd(d, 6) * 2, _spd(d, 7) * 2
+    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy()).real
+    want = float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * np.trace(covmean))
+    assert want > 20
+    assert C.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
+
+
+# ======================================================================== 14. FID statistics and path
+class _Rows:
+    """A 'detector' returning fixed float64 feature rows for the indices it is given (counts its calls)."""
+
+    def __init__(self, F, name="rows"):
+        self.F, self.dim, self.name, self.calls = F, F.shape[1], name, 0
+
+    def __call__(self, idx):
+        self.calls += 1
+        return self.F[idx]
+
+
+class _Counting:
+    def __init__(self, det):
+        self.det, self.dim, self.name, self.calls = det, det.dim, det.name, 0
+
+    def __call__(self, u8):
+        self.calls += 1
+        return self.det(u8)
+
+
+def _index_of(rng, seed):
+    return torch.tensor([g.initial_seed() - seed for g in rng.gens])
+
+
+def test_streaming_stats_equal_numpy():
+    F = torch.from_numpy(np.random.default_rng(0).normal(3.0, 2.0, (101, 6)))
+    for batch in (7, 16, 500):
+        mu, sigma = C._feature_stats(lambda idx: idx, 101, _Rows(F), env1(), batch)
+        assert np.abs(mu.numpy() - np.mean(F.numpy(), 0)).max() < 1e-10
+        assert np.abs(sigma.numpy() - np.cov(F.numpy(), rowvar=False, ddof=1)).max() < 1e-10
+
+
+def test_standin_detector():
+    det = C.load_detector("standin", env1())
+    assert det.name == "standin" and det.dim == 32
+    u8 = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    f = det(u8)
+    assert f.shape == (5, 32) and f.dtype == torch.float32
+    assert torch.equal(f, det(u8.repeat(1, 3, 1, 1)))  # one channel repeated to three
+    assert torch.equal(f, C.load_detector("standin", env1())(u8))  # deterministic
+    assert not torch.equal(f[0], f[1])
+
+
+def test_fid_path_with_standin(tmp_path):
+    env, det = env1(), C.load_detector("standin", env1())
+    data = image_data(n=40, seed=1)
+    ref = C.reference_stats(data, det, env, str(tmp_path))
+    feats = det(data.x).double().numpy()  # all at once
+    assert np.abs(ref[0] - feats.mean(0)).max() < 1e-10
+    assert np.abs(ref[1] - np.cov(feats, rowvar=False, ddof=1)).max() < 1e-10
+    images = data.x.float() / 127.5 - 1
+    self_fid = C.compute_fid(lambda rng, y: images[_index_of(rng, 0)], 40, ref, det, env, batch=7)
+    assert self_fid < 1e-6
+    const = C.compute_fid(lambda rng, y: torch.zeros(len(rng.gens), 3, 8, 8), 40, ref, det, env, batch=16)
+    f0 = det(torch.full((1, 3, 8, 8), 128, dtype=torch.uint8)).double().numpy()[0]
+    assert const == pytest.approx(((f0 - ref[0]) ** 2).sum() + np.trace(ref[1]), rel=1e-6)
+    assert const > 0.5
+
+    def noise(rng, y):
+        return torch.tanh(rng.randn(len(rng.gens), 3, 8, 8))
+    f7 = C.compute_fid(noise, 50, ref, det, env, batch=7, seed=11)
+    f16 = C.compute_fid(noise, 50, ref, det, env, batch=16, seed=11)
+    assert f7 == pytest.approx(f16, rel=1e-9, abs=1e-9)
+    assert C.compute_fid(noise, 50, ref, det, env, batch=16, seed=12) != f16  # the seed matters
+
+
+def test_fid_per_index_seeds_and_labels():
+    seen = []
+
+    def gen(rng, labels):
+        seen.append((_index_of(rng, 5), labels))
+        return torch.zeros(len(rng.gens), 3, 8, 8)
+    det = C.load_detector("standin", env1())
+    ref = (np.zeros(32), np.eye(32))
+    C.compute_fid(gen, 23, ref, det, env1(), batch=6, seed=5, num_classes=10)
+    idx = torch.cat([s[0] for s in seen])
+    assert idx.tolist() == list(range(23)) and max(len(s[0]) for s in seen) <= 6
+    labels = torch.cat([s[1] for s in seen])
+    want = torch.stack([torch.randint(10, (), generator=torch.Generator().manual_seed(5 + i)) for i in range(23)])
+    assert torch.equal(labels, want)
+    rng = C.IndexRNG([3, 4], 10, "cpu")
+    z = rng.randn(2, 5)
+    assert torch.equal(z[1], torch.randn(5, generator=torch.Generator().manual_seed(14)))
+
+
+def test_reference_cache_hit_and_edm_npz(tmp_path):
+    env = env1()
+    det = _Counting(C.load_detector("standin", env))
+    data = image_data(n=30, seed=2)
+    mu, sigma = C.reference_stats(data, det, env, str(tmp_path), batch=8)
+    assert det.calls == 4
+    path = tmp_path / "fid_refs" / f"{data.key}-standin.npz"
+    z = np.load(path)
+    assert set(z.files) == {"mu", "sigma", "n"} and int(z["n"]) == 30
+    assert not os.path.exists(str(path) + ".tmp")
+    det.calls = 0
+    mu2, sigma2 = C.reference_stats(data, det, env, str(tmp_path))
+    assert det.calls == 0 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    edm = tmp_path / "edm.npz"
+    np.savez(edm, mu=np.arange(32.0), sigma=np.eye(32))  # EDM's layout: mu and sigma only
+    m, s = C.reference_stats(data, det, env, str(tmp_path), ref_path=str(edm))
+    assert det.calls == 0 and np.array_equal(m, np.arange(32.0)) and np.array_equal(s, np.eye(32))
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(2048), sigma=np.eye(3))
+    with pytest.raises(C.UserError, match="mu"):
+        C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / "wrong.npz"))
+    with pytest.raises(C.UserError, match="missing.npz"):
+        C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / "missing.npz"))
+
+
+class _TinyFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 5)
+
+    def forward(self, x, return_features: bool = False):
+        f = self.lin(x.float().mean(dim=(2, 3)) / 255.0)
+        if return_features:
+            return f
+        return f.sum(1)
+
+
+def test_torchscript_detector_from_path(tmp_path):
+    torch.manual_seed(0)
+    m = _TinyFeatures()
+    path = tmp_path / "feat.pt"
+    torch.jit.script(m).save(str(path))
+    det = C.load_detector(str(path), env1())
+    assert det.name == "feat" and det.dim == 5
+    u8 = torch.randint(0, 256, (4, 1, 12, 12), dtype=torch.uint8)
+    with torch.no_grad():
+        want = m(u8.repeat(1, 3, 1, 1), return_features=True)
+    assert torch.allclose(det(u8), want, rtol=0, atol=1e-6) and det(u8).dtype == torch.float32
+    data = image_data(n=12, seed=3)
+    ref = C.reference_stats(data, det, env1(), str(tmp_path))
+    assert ref[0].shape == (5,) and (tmp_path / "fid_refs" / f"{data.key}-feat.npz").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not torchscript")
+    with pytest.raises(C.UserError, match="junk.pt"):
+        C.load_detector(str(tmp_path / "junk.pt"), env1())
+    with pytest.raises(C.UserError, match="nothing.pt"):
+        C.load_detector(str(tmp_path / "nothing.pt"), env1())
+
+
+def test_detector_download_failure_is_user_error(monkeypatch, tmp_path):
+    def offline(url, dst, *a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(C.UserError) as e:
+        C.load_detector("inception", env1())
+    msg = str(e.value)
+    assert C.INCEPTION_URL in msg and str(tmp_path / "hub" / "checkpoints" / "inception-2015-12-05.pt") in msg
+    # the in-training hook catches exactly this error type and logs one skip line (method files)
+    assert isinstance(e.value, C.UserError)
+
+
+# ======================================================================== 15. config parsing
+@dataclasses.dataclass
+class Cfg:
+    mode: typing.Literal["fast", "slow"] = "fast"  # which variant to train
+    iters: int = 100  # training iterations
+    batch: int = 8  # global batch
+    lr: float = 1e-3  # learning rate
+    ema: bool = True  # keep an EMA
+    flag: bool = False  # a switch
+    steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # step counts to plot
+    names: list[str] = dataclasses.field(default_factory=list)  # some names
+    teacher: typing.Optional[str] = None  # teacher checkpoint
+    dropout: float = 0.0  # dropout probability
+    fid_n: int = 0  # samples of the FID proxy
+    out: str = ""  # output folder
+    seed: int = 0  # random seed
+
+    def check(self):
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive.")
+
+
+PRESETS = {"toy": {"iters": 10},
+           "cifar10": {"iters": 1000, "batch": 64, "fast": {"dropout": 0.1}, "slow": {"dropout": 0.2}}}
+
+
+def _cli(*argv, presets=PRESETS):
+    return C.parse_cli(Cfg, presets, "m", list(argv))
+
+
+def test_cli_presets_and_overrides():
+    cmd, cfg, given = _cli()
+    assert cmd == "train" and cfg.iters == 10 and cfg.batch == 8 and cfg.out == "runs/m-fast-toy" and given == {}
+    cmd, cfg, given = _cli("train", "--preset", "cifar10", "--mode", "slow", "--lr", "2e-4", "--batch", "32")
+    assert (cfg.iters, cfg.batch, cfg.dropout, cfg.lr, cfg.mode) == (1000, 32, 0.2, 2e-4, "slow")
+    assert cfg.out == "runs/m-slow-cifar10" and given == {"mode": "slow", "lr": 2e-4, "batch": 32}
+    assert _cli("--preset", "cifar10")[1].dropout == 0.1  # the nested part of the default mode
+    assert _cli("--preset", "cifar10", "--mode", "slow", "--dropout", "0.3")[1].dropout == 0.3  # command line wins
+    assert _cli("--out", "x", "--fid-n", "5")[1:] == (Cfg(iters=10, out="x", fid_n=5), {"out": "x", "fid_n": 5})
+    assert _cli("--lr=0.5")[1].lr == 0.5
+
+
+def test_cli_value_types():
+    assert _cli("--flag")[1].flag is True
+    for s, v in (("true", True), ("1", True), ("yes", True), ("YES", True), ("false", False), ("0", False),
+                 ("no", False)):
+        assert _cli("--ema", s)[1].ema is v and _cli(f"--flag={s}")[1].flag is v
+    assert _cli("--flag", "--iters", "3")[1].flag is True  # a bare flag before another option
+    assert _cli("--steps", "1,2,4")[1].steps == [1, 2, 4]
+    assert _cli("--names", "a,b")[1].names == ["a", "b"]
+    assert _cli("--iters", "1e4")[1].iters == 10_000 and isinstance(_cli("--iters", "1e4")[1].iters, int)
+    assert _cli("--teacher", "none")[1].teacher is None and _cli("--teacher", "t.pt")[1].teacher == "t.pt"
+    assert _cli("--mode", "slow")[1].mode == "slow"
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(C.UserError, match="--lr"):
+        _cli("--lrr", "1")
+    with pytest.raises(C.UserError) as e:
+        _cli("--lr", "abc")
+    assert "--lr" in str(e.value) and "float" in str(e.value) and "'abc'" in str(e.value)
+    for argv in (("--iters", "1.5"), ("--flag", "maybe"), ("--mode", "medium"), ("--steps", "1,x"), ("--iters",)):
+        with pytest.raises(C.UserError):
+            _cli(*argv)
+    with pytest.raises(C.UserError, match="fast, slow"):
+        _cli("--mode", "medium")
+    with pytest.raises(C.UserError) as e:
+        _cli("--preset", "huge")
+    assert "toy" in str(e.value) and "cifar10" in str(e.value)
+    with pytest.raises(C.UserError, match="itters"):
+        _cli(presets={**PRESETS, "bad": {"itters": 5}})
+    with pytest.raises(C.UserError, match="drop"):
+        _cli(presets={**PRESETS, "bad": {"slow": {"drop": 0.1}}})
+    with pytest.raises(C.UserError, match="positive"):
+        _cli("--lr", "-1")
+    with pytest.raises(C.UserError):
+        _cli("stray")
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for s in ("--iters", "int", "100", "training iterations", "--lr", "float", "0.001", "learning rate",
+              "--steps", "[1, 2]", "step counts to plot", "--teacher", "teacher checkpoint", "--mode", "toy",
+              "cifar10"):
+        assert s in out, s
+    assert "MISSING" not in out
+
+
+def test_cli_sample_and_fid_options():
+    cmd, o, given = _cli("sample", "--ckpt", "a.pt", "--steps", "1,4", "--n", "16", "--ema", "false",
+                         "--dropout", "0.5")
+    assert cmd == "sample" and o.ckpt == "a.pt" and o.steps == [1, 4] and o.n == 16 and o.ema is False
+    assert o.batch == 256 and o.fid_detector == "inception" and given == {"dropout": 0.5}
+    cmd, o, given = _cli("fid", "--ckpt", "a.pt", "--seed", "3", "--batch", "8")
+    assert cmd == "fid" and o.n == 50_000 and o.seed == 3 and o.batch == 8 and o.steps == [1, 2] and given == {}
+    assert _cli("sample", "--ckpt", "a.pt")[1].n == 64
+    with pytest.raises(C.UserError, match="--ckpt"):
+        _cli("fid")
+    with pytest.raises(C.UserError):
+        _cli("sample", "--ckpt", "a.pt", "--nope", "1")
+
+
+def test_merge_config():
+    logs = []
+    cfg = C.merge_config(Cfg, dataclasses.asdict(Cfg(iters=7)), {"lr": 0.5}, log=logs.append)
+    assert cfg.iters == 7 and cfg.lr == 0.5 and len(logs) == 1 and "lr" in logs[0]
+    with pytest.raises(C.UserError, match="old_field"):
+        C.merge_config(Cfg, {**dataclasses.asdict(Cfg()), "old_field": 1}, {})
+
+
+def test_main_guard(capsys):
+    def bad():
+        raise C.UserError("the file is missing.")
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(bad)
+    assert e.value.code == 2 and "error: the file is missing." in capsys.readouterr().err
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(interrupted)
+    assert e.value.code == 130
+    assert C.main_guard(lambda: None) is None
+    with pytest.raises(ZeroDivisionError):  # real bugs keep their traceback
+        C.main_guard(lambda: 1 / 0)
+
+
+# ======================================================================== 16. checkpoints
+def _ckpt(net, step=0, **extra):
+    return dict(model=net.state_dict(), ema=net.state_dict(), opt={}, step=step, config={"seed": 0},
+                net=net.config, method="test", convention="x_t=(1-t)x+t*z", **extra)
+
+
+def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
+    env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
+    net = mlp()
+    C.save_checkpoint(path, _ckpt(net, step=1), env)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["step"] == 1 and ck["rng"]["world"] == 1 and set(C._LAYOUT) <= set(ck)
+    before = open(path, "rb").read()
+
+    def crash(src, dst):
+        raise OSError("simulated crash before os.replace")
+    monkeypatch.setattr(C.os, "replace", crash)
+    with pytest.raises(OSError):
+        C.save_checkpoint(path, _ckpt(net, step=2), env)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and C.load_checkpoint(path)["step"] == 1
+    os.remove(path + ".tmp")
+    bad = mlp()
+    with torch.no_grad():
+        bad.inp.weight[0, 0] = float("nan")
+    with pytest.raises(C.UserError, match="non-finite"):
+        C.save_checkpoint(path, _ckpt(bad, step=3), env)
+    ck = _ckpt(net, step=3)
+    ck["ema"] = {k: v.clone() for k, v in ck["ema"].items()}
+    ck["ema"]["out_conv.bias"][0] = float("inf")
+    with pytest.raises(C.UserError):
+        C.save_checkpoint(path, ck, env)
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(C.UserError, match="nothing.pt"):
+        C.load_checkpoint(str(tmp_path / "nothing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(C.UserError, match="junk.pt"):
+        C.load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"model": {}, "step": 1}, tmp_path / "partial.pt")
+    with pytest.raises(C.UserError) as e:
+        C.load_checkpoint(str(tmp_path / "partial.pt"))
+    assert "ema" in str(e.value) and "rng" in str(e.value)
+    torch.save({**_ckpt(mlp()), "rng": np.zeros(3)}, tmp_path / "numpy.pt")  # not weights_only-safe (pitfall 8)
+    with pytest.raises(C.UserError):
+        C.load_checkpoint(str(tmp_path / "numpy.pt"))
+
+
+def test_load_state_strict_prefixes_and_mismatch():
+    src, dst = perturb(mlp(seed=1)), mlp(seed=2)
+    sd = src.state_dict()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        fresh = mlp(seed=2)
+        C.load_state_strict(fresh, {prefix + k: v for k, v in sd.items()})
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    bad = {k: v for k, v in sd.items() if k != "inp.bias"}
+    bad["blocks.9.conv0.weight"] = torch.zeros(1)
+    bad["out_conv.weight"] = torch.zeros(3, 128)
+    with pytest.raises(C.UserError) as e:
+        C.load_state_strict(dst, bad)
+    msg = str(e.value)
+    assert "inp.bias" in msg and "blocks.9.conv0.weight" in msg and "out_conv.weight" in msg and "(3, 128)" in msg
+    with pytest.raises(C.UserError):
+        C.load_state_strict(tiny(), sd)
+
+
+def test_compiled_model_saves_clean_keys(tmp_path):
+    net = perturb(mlp())
+    comp = torch.compile(net, backend="eager")
+    x, t = torch.randn(4, 2), torch.rand(4)
+    assert torch.equal(comp(x, t), net(x, t))
+    assert all(k.startswith("_orig_mod.") for k in comp.state_dict())
+    assert C.unwrap(comp) is net and C.maybe_compile(net, False) is net
+    path = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(path, _ckpt(C.unwrap(comp)), env1())
+    ck = C.load_checkpoint(path)
+    assert set(ck["model"]) == set(net.state_dict())
+    fresh = mlp(seed=9)
+    C.load_state_strict(fresh, comp.state_dict())  # prefixed keys are accepted too
+    assert torch.equal(fresh(x, t), net(x, t))
+
+
+class _Run:
+    """Tiny U-Net + Adam + EMA + data stream + a data generator: enough state to test bitwise resume."""
+
+    def __init__(self, seed):
+        torch.manual_seed(seed)
+        self.net = C.build_net(C.net_config("tiny", img_resolution=8, dropout=0.2))
+        with torch.no_grad():
+            self.net.out_conv.weight.normal_(0, 0.05)
+        self.ema = C.EMA(self.net, halflife_kimg=0.01, rampup=0.1)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.data = image_data(n=10, seed=0)
+
+    def step(self, k, b=4):
+        x, _ = self.data.batch(b, k)
+        t = torch.rand(b, generator=self.gen)[:, None, None, None]
+        z = torch.randn_like(x)  # global RNG, as is the dropout mask
+        loss = (self.net((1 - t) * x + t * z, t.flatten()) - (z - x)).square().mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.ema.update(self.net, nimg=k * b, batch=b)
+
+    def state(self):
+        sd = {"model." + k: v for k, v in self.net.state_dict().items()}
+        sd.update({"ema." + k: v for k, v in self.ema.model.state_dict().items()})
+        for i, st in self.opt.state_dict()["state"].items():
+            sd.update({f"opt.{i}.{k}": v for k, v in st.items()})
+        return sd
+
+    def ckpt(self, step):
+        return dict(model=self.net.state_dict(), ema=self.ema.model.state_dict(), opt=self.opt.state_dict(),
+                    step=step, config={"seed": 0}, net=self.net.config, method="test", convention="none")
+
+    def resume(self, ck, env, rng=True):
+        C.load_state_strict(self.net, ck["model"])
+        C.load_state_strict(self.ema.model, ck["ema"])
+        self.opt.load_state_dict(ck["opt"])
+        if rng:
+            C.restore_rng(ck, env, [self.gen])
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    env, path, total, cut = env1(), str(tmp_path / "ckpt.pt"), 5, 3
+    a = _Run(0)
+    for k in range(total):
+        a.step(k)
+    want = a.state()
+    b = _Run(0)
+    for k in range(cut):
+        b.step(k)
+    C.save_checkpoint(path, b.ckpt(cut), env, [b.gen])
+    for control in (False, True):
+        torch.manual_seed(12345)  # the resumed process starts from other weights and RNG states
+        c = _Run(7)
+        ck = C.load_checkpoint(path)
+        c.resume(ck, env, rng=not control)
+        for k in range(ck["step"], total):
+            c.step(k)
+        got = c.state()
+        assert set(got) == set(want)
+        same = all(torch.equal(got[k], want[k]) for k in want)
+        assert same is not control  # identical with the RNG restored; different without (the test has teeth)
+
+
+def test_restore_rng_other_world_size_reseeds(capsys):
+    ck = {"rng": {"world": 2, "ranks": [None, None]}, "config": {"seed": 3}, "step": 10}
+    g = torch.Generator()
+    C.restore_rng(ck, env1(), [g])
+    a, ga = torch.rand(3), torch.rand(3, generator=g)
+    assert "warning" in capsys.readouterr().out
+    C.restore_rng(ck, env1(), [g])
+    assert torch.equal(a, torch.rand(3)) and torch.equal(ga, torch.rand(3, generator=g))
+    C.restore_rng({**ck, "step": 11}, env1(), [g])
+    assert not torch.equal(a, torch.rand(3))
+
+
+# ======================================================================== 17. logger and pictures
+def test_logger_jsonl_and_nan(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    lg = C.Logger(out, env1(), total_steps=100, global_batch=32, config=Cfg(iters=100))
+    assert json.load(open(os.path.join(out, "config.json"))) == dataclasses.asdict(Cfg(iters=100))
+    lg.info("world size 1, global batch 32")
+    vals = [lg.log(step, loss=torch.tensor(0.25), other=2.0) for step in (10, 20)]
+    assert vals[-1] == {"loss": 0.25, "other": 2.0}
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in recs] == [10, 20]
+    for r in recs:
+        assert set(r) == {"step", "kimg", "time", "img_per_s", "eta_s", "loss", "other"}
+        assert r["kimg"] == r["step"] * 32 / 1000 and r["loss"] == 0.25
+    assert recs[1]["img_per_s"] > 0 and recs[1]["eta_s"] > 0
+    printed = capsys.readouterr().out
+    assert "world size 1, global batch 32" in printed
+    assert re.search(r"step 20/100 \| loss 0\.25 \| other 2 \| [\d,]+ img/s \| eta \d+m\d\ds", printed)
+    with pytest.raises(C.UserError, match="step 30"):
+        lg.log(30, loss=torch.tensor(float("nan")))
+    with pytest.raises(C.UserError):
+        lg.log(40, loss=float("inf"))
+
+
+def test_pictures_and_arrays(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(200, 2, generator=g) * 0.5
+    rgb = torch.randint(0, 256, (5, 8, 8, 3), generator=g, dtype=torch.uint8)
+    grey = torch.randint(0, 256, (4, 8, 8, 1), generator=g, dtype=torch.uint8).numpy()
+    p = tmp_path / "sub" / "panels.png"
+    C.save_panels(str(p), [("data", pts), ("1 step", rgb), ("grey", grey)])
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    im = matplotlib.image.imread(str(p))
+    assert im.shape[1] > 2 * im.shape[0] and im.std() > 0
+    grid = C._grid(rgb.numpy())
+    assert grid.shape == (2 * 10 + 2, 3 * 10 + 2, 3) and np.array_equal(grid[2:10, 2:10], rgb[0].numpy())
+    for name, arr, dtype in (("pts.npy", pts.double(), np.float32), ("imgs.npy", rgb, np.uint8)):
+        C.save_array(str(tmp_path / name), arr)
+        back = np.load(tmp_path / name)
+        assert back.dtype == dtype and np.allclose(back, np.asarray(arr, dtype=np.float64), atol=1e-6)
+    for name, arr in (("pts.png", pts), ("imgs.png", rgb)):
+        C.save_array(str(tmp_path / name), arr)
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(C.UserError, match=".jpg"):
+        C.save_array(str(tmp_path / "x.jpg"), pts)
+
+
+# ======================================================================== runtime (§7)
+def test_setup_single_process_and_precision_table(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        env = C.setup("cpu", 5, None)
+        assert (env.rank, env.world, env.is_main, env.precision, env.device) == (0, 1, True, "fp32", CPU)
+        assert torch.initial_seed() == 5 and not torch.backends.cuda.matmul.allow_tf32
+        assert C.setup("cpu", 0, "tf32").precision == "tf32" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+        C.setup("cpu", 0, "fp32")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        for bad in ("fp16", "fp64"):
+            with pytest.raises(C.UserError):
+                C.setup("cpu", 0, bad)
+        if not torch.cuda.is_available():
+            with pytest.raises(C.UserError, match="CUDA"):
+                C.setup("cuda", 0, None)
+            assert C.setup("auto", 0, None).device == CPU
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with C.autocast(env1("fp32")):
+        assert (a @ b).dtype == torch.float32
+    with C.autocast(env1("bf16")):
+        assert (a @ b).dtype == torch.bfloat16
+    assert not C.make_scaler(env1("fp32")).is_enabled() and not C.make_scaler(env1("bf16")).is_enabled()
+
+
+def test_single_process_collectives_are_identity():
+    env = env1()
+    net = mlp()
+    assert C.distribute(net, env) is net and C.distribute(net, env, manual=True) is net
+    assert torch.initial_seed() == C.derive_seed(0, "rank", 0)  # the per-rank stream after distribute
+    (net(torch.randn(3, 2), torch.rand(3)).square().sum() + sum(p.sum() for p in net.parameters())).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    C.sync_grads(net, env)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, net.parameters()))
+    assert C.all_mean(3.5, env).item() == 3.5 and C.all_mean(torch.tensor([1.0, 2.0]), env).tolist() == [1.0, 2.0]
+    C.barrier(env)
+
+
+def test_derive_seed():
+    want = int.from_bytes(hashlib.sha256(repr((0, "rank", 1)).encode()).digest()[:8], "big") % 2 ** 63
+    assert C.derive_seed(0, "rank", 1) == want
+    seeds = {C.derive_seed(s, p, i) for s in range(3) for p in ("rank", "data") for i in range(20)}
+    assert len(seeds) == 120 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+# ======================================================================== toy metrics (§9)
+def test_toy_metrics():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(600, 2, generator=g) * 0.5, torch.randn(600, 2, generator=g) * 0.5
+    assert C.swd(a, a) == 0 and C.mmd2(a, a) == pytest.approx(0, abs=1e-12)
+    shift = torch.tensor([0.3, -0.4])  # |v| = 0.5; mean |<d, v>| over unit directions = 2|v|/pi
+    assert C.swd(a, a + shift) == pytest.approx(2 * 0.5 / math.pi, rel=0.03)
+    assert C.swd(a, b) < 0.06 < C.swd(a, a + shift)
+    assert C.mmd2(a, b) < 0.02 < C.mmd2(a, a * 2)
+    assert C.mmd2(a, b) == pytest.approx(C.mmd2(b, a), rel=1e-9)
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    x = centres[torch.tensor([0, 1, 2] * 100)] + 0.01 * torch.randn(300, 2, generator=g)
+    assert C.modes_covered(x, centres, 0.01) == 3
+    x = torch.cat([x, centres[3:].expand(10, 2)])  # 10 of 310: under 25% of a fair share (77.5)
+    assert C.modes_covered(x, centres, 0.01) == 3
+    with pytest.raises(ValueError):
+        C.swd(a, a[:10])
+
+
+# ======================================================================== 18. DDP on CPU (torchrun, gloo)
+def test_ddp_two_processes(tmp_path):
+    import ddp_worker as W
+    out = tmp_path / "ddp"
+    out.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.save(out / "data.npy", images)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+    for phase in ("train", "resume"):  # the resume runs in fresh processes
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            worker, phase, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{phase} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    res = json.loads((out / "train.json").read_text())
+    assert res["world"] == 2
+    # weights and EMA equal on both ranks before training (rank 1 was skewed) and after every step
+    for mode in ("ddp", "manual"):
+        rows = res[mode]
+        assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3]
+        assert all(r["params"] and r["ema"] for r in rows), rows
+        assert res[f"{mode}_moved"]
+    assert res["ddp_is_ddp"] == [True, True] and res["manual_is_ddp"] == [False, False]
+    assert all(r["raw_grads_equal"] is False for r in res["manual"][1:])  # ranks saw different data: sync mattered
+    assert all(r["grads_are_mean"] is True for r in res["manual"][1:])  # sync_grads leaves the mean over ranks
+    assert res["manual_equals_ddp"] == [True, True]  # manual averaging reproduces DDP's trajectory bitwise
+    # the checkpoint was written once, by rank 0, atomically, with both ranks' RNG states
+    assert res["ckpt_writes"] == [["ckpt.pt.tmp"], []] and not res["tmp_left"]
+    assert res["ckpt_rng_world"] == 2 and res["ckpt_rng_ranks_differ"]
+    # FID shards partition range(n) evenly; the 2-process value equals the single-process one
+    shards = res["shards"]
+    assert sorted(shards[0] + shards[1]) == list(range(W.FID_N)) and abs(len(shards[0]) - len(shards[1])) <= W.FID_BATCH
+    assert res["fid"][0] == res["fid"][1]
+    e1 = env1()
+    data = C.load_data(str(out / "data.npy"), str(out), e1, 0, True)
+    det = C.load_detector("standin", e1)
+    ref = C.reference_stats(data, det, e1, str(tmp_path / "single"))
+    cached = np.load(out / "fid_refs" / f"{data.key}-standin.npz")
+    assert np.abs(cached["mu"] - ref[0]).max() < 1e-12 and np.abs(cached["sigma"] - ref[1]).max() < 1e-12
+    single = C.compute_fid(W.fid_generate(), W.FID_N, ref, det, e1, W.FID_BATCH, seed=W.FID_SEED)
+    assert single > 0.1 and abs(res["fid"][0] - single) <= 1e-9 * max(1.0, single)
+    # 2-process resume from the checkpoint plus one step equals the uninterrupted run, bitwise on each rank
+    rs = json.loads((out / "resume.json").read_text())
+    assert rs["start"] == W.CKPT_STEP and rs["n_compared"] > 100 and rs["mismatch"] == [[], []], rs
