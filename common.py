@@ -929,9 +929,9 @@ def main_guard(fn):
 class Logger:
     """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy)."""
 
-    def __init__(self, out, env, total_steps, global_batch, config=None):
+    def __init__(self, out, env, total_steps, global_batch, config=None, start_step=0):
         self.out, self.env, self.total, self.gb = out, env, total_steps, global_batch
-        self.t_last, self.s_last = time.time(), None
+        self.t_last, self.s_last = time.time(), start_step  # rates count from here (includes warm-up)
         if env.is_main:
             os.makedirs(out, exist_ok=True)
             if config is not None:
@@ -951,7 +951,7 @@ class Logger:
             if not math.isfinite(x):
                 raise UserError(f"{k} became NaN/inf at step {step}; last checkpoint kept.")
         now = time.time()
-        rate = (step - self.s_last) * self.gb / (now - self.t_last) if self.s_last is not None else 0.0
+        rate = (step - self.s_last) * self.gb / max(now - self.t_last, 1e-9)
         eta = (self.total - step) * self.gb / rate if rate else 0.0
         self.t_last, self.s_last = now, step
         if self.env.is_main:
