@@ -111,6 +111,11 @@ class Config:
             raise ValueError(f"--t_eps must lie in [0, 0.5), got {self.t_eps}.")
         if not 0 < self.t_mid < 1:
             raise ValueError(f"--t_mid must lie in (0, 1), got {self.t_mid}.")
+        if not self.lr > 0 or (self.ema is not None and not 0 <= self.ema < 1):
+            raise ValueError(f"--lr must be positive and --ema in [0, 1), got {self.lr} and {self.ema}.")
+        if min(self.n_pairs, self.pair_block, self.pair_batch, self.pair_steps, self.inv_steps) < 1 or not self.a > 0:
+            raise ValueError("--n_pairs, --pair_block, --pair_batch, --pair_steps, --inv_steps and --a must be "
+                             "positive.")
         if self.noise_std != 1.0:
             raise ValueError("--noise_std is fixed at 1 by this file's convention.")
         if not self.data:
@@ -240,7 +245,7 @@ class LPIPS(nn.Module):
         return [sd[f"lin{i}.model.1.weight"].flatten() for i in range(5)]
 
     def taps(self, y):
-        y = y.float()
+        y = y.to(self.mean.dtype)  # fp32 (float64 only when the module was cast with .double())
         if y.shape[1] == 1:
             y = y.repeat(1, 3, 1, 1)
         y = F.interpolate(y, size=(self.res, self.res), mode="bilinear", align_corners=False)

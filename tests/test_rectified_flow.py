@@ -1,0 +1,634 @@
+"""Invariants of rectified_flow.py (spec rectified_flow.md §7, items 1-12) plus the §6 sampler defaults.
+
+Every test compares against a closed form, a number printed in the spec, or a second independent route, so a
+wrong formula, a wrong constant, a detached gradient or a mis-sharded pairs folder makes it fail. CPU only.
+"""
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import rectified_flow as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RF = os.path.join(ROOT, "rectified_flow.py")
+F64 = torch.float64
+ENV = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # two OpenMP threads on a shared 2-core machine slow small ops down by an order of magnitude
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ 1. interpolant
+def test_interpolant_endpoints_and_estimates():
+    g = gen(0)
+    x, z = torch.randn(6, 3, 4, 4, generator=g, dtype=F64), torch.randn(6, 3, 4, 4, generator=g, dtype=F64)
+    zero, one = torch.zeros(6, dtype=F64), torch.ones(6, dtype=F64)
+    assert torch.equal(R.interpolate(x, z, zero), x)
+    assert torch.equal(R.interpolate(x, z, one), z)
+    t = torch.rand(6, generator=g, dtype=F64)
+    x_t = R.interpolate(x, z, t)
+    tb = t.reshape(-1, 1, 1, 1)
+    assert torch.allclose(x_t, (1 - tb) * x + tb * z, rtol=0, atol=1e-15)  # per-sample t broadcast, (1)
+    v = z - x
+    assert (R.x_hat(x_t, t, v) - x).abs().max() < 1e-12
+    assert (R.z_hat(x_t, t, v) - z).abs().max() < 1e-12
+    pts = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)  # 2-D points too
+    t2 = torch.rand(5, generator=g, dtype=F64)
+    xt2 = R.interpolate(*pts, t2)
+    assert (R.x_hat(xt2, t2, pts[1] - pts[0]) - pts[0]).abs().max() < 1e-12
+    assert (R.z_hat(xt2, t2, pts[1] - pts[0]) - pts[1]).abs().max() < 1e-12
+
+
+# ----------------------------------------------------------------------------------- 2. U-shaped density
+def _quantile(q, a=4.0):
+    lo, hi = torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64)
+    for _ in range(80):  # bisection on the CDF: independent of the sampler's closed-form inverse
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if R.ushape_cdf(mid, a) < q else (lo, mid)
+    return ((lo + hi) / 2).item()
+
+
+def test_ushape_density_and_cdf():
+    t = torch.linspace(0, 1, 200_001, dtype=F64)
+    p = R.ushape_pdf(t)
+    assert abs(torch.trapezoid(p, t).item() - 1) < 1e-6
+    assert torch.allclose(p, R.ushape_pdf(1 - t), rtol=1e-12, atol=0)  # symmetric
+    p0, ph = R.ushape_pdf(torch.tensor(0.0, dtype=F64)).item(), R.ushape_pdf(torch.tensor(0.5, dtype=F64)).item()
+    assert abs(p0 - 2.07463) < 1e-4 and abs(ph - 0.55144) < 1e-4 and abs(p0 / ph - 3.76220) < 1e-4
+    assert p[0] > p[50_000] > p[100_000]  # U-shaped (the paper's printed density is monotone, pitfall 1)
+    F = R.ushape_cdf(t)
+    assert abs(F[0].item()) < 1e-15 and abs(F[-1].item() - 1) < 1e-15
+    dF = (F[2:] - F[:-2]) / (t[2:] - t[:-2])  # F' = p
+    assert (dF - p[1:-1]).abs().max() < 1e-6
+    assert abs(_quantile(0.1) - 0.053294) < 1e-6 and abs(_quantile(0.25) - 0.160764) < 1e-6
+
+
+def _ks_one(x, cdf):
+    x = np.sort(np.asarray(x, np.float64))
+    n = len(x)
+    F = cdf(x)
+    i = np.arange(1, n + 1)
+    return max((i / n - F).max(), (F - (i - 1) / n).max())
+
+
+def _ks_two(a, b):
+    a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
+    allv = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, allv, "right") / len(a) - np.searchsorted(b, allv, "right") / len(b)).max()
+
+
+def test_ushape_sampler_statistics():
+    n = 200_000
+    t = R.sample_t_ushape(n, 4.0, 1e-5, generator=gen(1))
+    assert t.shape == (n,) and t.dtype == torch.float32
+    cdf = lambda s: R.ushape_cdf(torch.from_numpy(s)).numpy()
+    assert _ks_one(t.numpy(), cdf) < 0.006
+    td = t.double()
+    assert abs(td.mean().item() - 0.5) < 0.003
+    assert abs(td.var().item() - 0.11567) < 0.002  # uniform would give 0.0833
+    tails = ((td <= 0.1) | (td >= 0.9)).double().mean().item()
+    assert abs(tails - 0.3450) < 0.005
+    assert (t >= 1e-5).all() and (t <= 1 - 1e-5).all()
+    # rfpp's mirrored truncated exponential draws the same law
+    m = R.sample_t_mirrored_exp(n, 4.0, generator=gen(2))
+    assert _ks_one(m.numpy(), cdf) < 0.006
+    assert _ks_two(t.numpy(), m.numpy()) < 0.01
+    # sensitivity: uniform t is rejected by the same statistic
+    assert _ks_one(torch.rand(n, generator=gen(3)).numpy(), cdf) > 0.05
+
+
+def test_ushape_affine_t_eps_map():
+    t = R.sample_t_ushape(100_000, 4.0, 0.1, generator=gen(4))  # exaggerated t_eps: mapped, not clamped
+    assert t.min() >= 0.1 - 1e-7 and t.max() <= 0.9 + 1e-7
+    assert (t == 0.1).float().mean() < 1e-3 and (t == 0.9).float().mean() < 1e-3  # no pile-up at the ends
+    u = ((t.double() - 0.1) / 0.8).numpy()
+    assert _ks_one(u, lambda s: R.ushape_cdf(torch.from_numpy(s)).numpy()) < 0.01
+
+
+# ------------------------------------------------------------------------------------------ 3. pseudo-Huber
+def test_pseudo_huber_numbers_and_gradient():
+    d, c = 3072, 1.65888
+    assert abs(0.00054 * d - c) < 1e-12
+    r0 = torch.zeros(3, d)
+    assert torch.equal(R.pseudo_huber(r0, c), torch.zeros(3))
+    g = gen(5)
+    r = torch.randn(4, d, generator=g)
+    r = r / r.square().mean(1, keepdim=True).sqrt()  # per-element RMS exactly 1
+    rms3, rms1 = R.pseudo_huber(1e-3 * r, c), R.pseudo_huber(r, c)
+    assert rms3.shape == (4,)
+    assert ((rms3 - 3.0132e-7).abs() / 3.0132e-7).max() < 1e-3
+    assert abs(3.0132e-7 - d * 1e-6 / (2 * c * d)) / 3.0141e-7 < 1e-3  # quadratic limit |r|^2/(2cd)
+    assert ((rms1 - 1.75103e-2).abs() / 1.75103e-2).max() < 1e-3
+    assert abs((math.sqrt(d) - c) / d - 1.75022e-2) < 1e-6  # linear limit (|r| - c)/d
+    # the 1/d in front: H scales like 1/d at fixed |r| (2-D toys need huber_c, pitfall 2)
+    assert ((R.pseudo_huber(torch.randn(50, 2, generator=g) * 3, 0.04)) >= 0).all()
+    for scale in (1e-4, 1e-2, 1.0, 1e2, 1e4):
+        rr = (scale * torch.randn(3, d, generator=g)).requires_grad_(True)
+        H = R.pseudo_huber(rr, c)
+        assert (H >= 0).all()
+        H.sum().backward()
+        gn = rr.grad.norm(dim=1)
+        assert (gn <= (1 + 1e-5) / d).all()
+        expect = rr.detach().norm(dim=1) / (d * torch.sqrt(rr.detach().square().sum(1) + c * c))
+        assert torch.allclose(gn, expect, rtol=1e-4, atol=0)
+    assert gn.min() > 0.999 / d  # large residuals: gradient norm -> 1/d (linear regime)
+
+
+# ------------------------------------------------------------------------------------------------ 4. losses
+@pytest.fixture(scope="module")
+def lp32():
+    return R.LPIPS("random", res=32)
+
+
+def _dyadic(shape, g, bits=5):  # values k / 2^bits: (1 - t) x + t z - t (z - x) is exact in fp32 for dyadic t
+    return torch.randint(-2 ** bits, 2 ** bits + 1, shape, generator=g).float() / 2 ** bits
+
+
+def test_losses_zero_at_exact_velocity(lp32):
+    g = gen(6)
+    x, z = _dyadic((4, 3, 16, 16), g), _dyadic((4, 3, 16, 16), g) * 2
+    t = torch.tensor([1 / 16, 0.25, 0.5, 15 / 16])
+    x_t = R.interpolate(x, z, t)
+    v = z - x
+    assert torch.equal(R.x_hat(x_t, t, v), x)
+    for loss in ("lpips-huber-1/t", "lpips-huber", "huber", "l2"):
+        ell = R.per_sample_loss(v, x, z, x_t, t, loss, 0.00054 * 768, lp32)
+        assert ell.shape == (4,) and torch.equal(ell, torch.zeros(4)), loss
+    a = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    assert torch.equal(lp32(a, a), torch.zeros(3))  # LP(x, x) = 0 for these weights ...
+    other = copy.deepcopy(lp32)
+    with torch.no_grad():
+        for p in other.features.parameters():
+            p.normal_(generator=g)
+    assert torch.equal(other(a, a), torch.zeros(3))  # ... and for any other VGG weights
+
+
+def test_lpips_module_layout_and_taps(lp32):
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in lp32.modules())
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in lp32.modules()) == 4
+    assert len(lp32.features) == 30  # up to relu5_3 (torchvision index 29)
+    assert all(not p.requires_grad for p in lp32.parameters())
+    assert not lp32.training
+    for i, ch in enumerate((64, 128, 256, 512, 512)):
+        w = getattr(lp32, f"w{i}")
+        assert w.shape == (1, ch, 1, 1) and (w >= 0).all()
+    x = torch.rand(1, 3, 16, 16, generator=gen(7)) * 2 - 1
+    lp = copy.copy(lp32)  # shallow: same weights, own `res`
+    lp.res = 224
+    with torch.no_grad():
+        shapes = [tuple(f.shape) for f in lp.taps(x)]
+    assert shapes == [(1, 64, 224, 224), (1, 128, 112, 112), (1, 256, 56, 56), (1, 512, 28, 28), (1, 512, 14, 14)]
+    with torch.no_grad():
+        f = lp32.taps(x)
+    for ff in f:  # channel-unit-normalised taps
+        n = ff.square().sum(1)
+        assert ((n - 1).abs() < 1e-4).float().mean() > 0.5 and (n <= 1 + 1e-4).all()
+
+
+def test_lpips_nonnegative_symmetric_and_grey(lp32):
+    g = gen(8)
+    a, b = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1, torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    ab, ba = lp32(a, b), lp32(b, a)
+    assert ab.shape == (5,) and (ab > 0).all()
+    assert torch.allclose(ab, ba, rtol=1e-5, atol=0)
+    g1, g2 = a[:, :1], b[:, :1]  # one-channel images are repeated to three channels
+    assert torch.allclose(lp32(g1, g2), lp32(g1.repeat(1, 3, 1, 1), g2.repeat(1, 3, 1, 1)), rtol=1e-6, atol=0)
+
+
+def test_lpips_float64_quadratic_small_t(lp32):
+    lp = copy.deepcopy(lp32).double()
+    g = gen(9)
+    x = torch.rand(3, 3, 16, 16, generator=g, dtype=F64) * 1.6 - 0.8
+    r = torch.randn(3, 3, 16, 16, generator=g, dtype=F64)
+    with torch.no_grad():
+        assert all(f.dtype == F64 for f in lp.taps(x))
+        q = {t: lp(x - t * r, x) / t ** 2 for t in (1e-1, 1e-2, 1e-3, 1e-9)}
+    assert all(v.dtype == F64 for v in q.values())
+    ref = q[1e-3]
+    for t in (1e-1, 1e-2, 1e-9):  # LP = O(t^2 |r|^2): LP/t^2 stays within a factor 2
+        ratio = q[t] / ref
+        assert ((ratio > 0.5) & (ratio < 2)).all(), (t, ratio)
+    # t = 1e-9 is below fp32 resolution of x: it only holds if the module really computes in float64
+
+
+def test_lpips_gradient_reaches_network_output(lp32):
+    g = gen(10)
+    x, z = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, torch.randn(3, 3, 16, 16, generator=g)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t = R.interpolate(x, z, t)
+    c = 0.00054 * 768
+
+    def grad(loss, lpips=lp32):
+        v = (z - x + 0.1 * torch.randn(3, 3, 16, 16, generator=gen(11))).requires_grad_(True)
+        R.per_sample_loss(v, x, z, x_t, t, loss, c, lpips).sum().backward()
+        return v.grad
+
+    g_full, g_h = grad("lpips-huber-1/t"), grad("lpips-huber-1/t", lambda a, b: torch.zeros(len(a)))
+    assert (g_full - g_h).abs().max() > 1e-3 * g_full.abs().max()  # the LP/t term contributes a gradient
+    # float64 directional derivative of LP(x^(v), x) against a central difference
+    lp = copy.deepcopy(lp32).double()
+    xd, zd, td = x.double(), z.double(), t.double()
+    xtd = R.interpolate(xd, zd, td)
+    v0 = (zd - xd + 0.1 * torch.randn(3, 3, 16, 16, generator=gen(12), dtype=F64)).requires_grad_(True)
+    f = lambda v: lp(R.x_hat(xtd, td, v), xd).sum()
+    f(v0).backward()
+    u = torch.randn(v0.shape, generator=gen(13), dtype=F64)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (f(v0 + h * u) - f(v0 - h * u)) / (2 * h)
+    assert abs((v0.grad * u).sum().item() - fd.item()) < 1e-4 * abs(fd.item())
+
+
+def test_loss_formulas_and_per_sample_weights(lp32):
+    g = gen(14)
+    x, z = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, torch.randn(3, 3, 16, 16, generator=g)
+    t = torch.tensor([0.02, 0.5, 1 - 1e-5])
+    x_t = R.interpolate(x, z, t)
+    v = z - x + 0.3 * torch.randn(3, 3, 16, 16, generator=g)
+    r, c = v - (z - x), 0.4
+    H = R.pseudo_huber(r, c)
+    sq = lambda a, b: (a - b).flatten(1).square().sum(1)  # a transparent stand-in for LPIPS
+    one_m_t = 1 - t  # in fp32, as the loss computes it
+    f = R.per_sample_loss(v, x, z, x_t, t, "lpips-huber-1/t", c, sq)
+    assert torch.allclose(f, one_m_t * H + t * r.flatten(1).square().sum(1), rtol=1e-5)  # |x^ - x|^2 / t = t|r|^2
+    e = R.per_sample_loss(v, x, z, x_t, t, "lpips-huber", c, sq)
+    assert torch.allclose(e, one_m_t * H + t ** 2 * r.flatten(1).square().sum(1), rtol=1e-5)
+    assert torch.equal(R.per_sample_loss(v, x, z, x_t, t, "huber", c), H)  # no (1 - t) factor
+    assert torch.allclose(R.per_sample_loss(v, x, z, x_t, t, "l2", c), r.flatten(1).square().mean(1), rtol=1e-6)
+    # at t = 1 - 1e-5 the Huber part carries weight 1e-5
+    zero = lambda a, b: torch.zeros(len(a))
+    w = R.per_sample_loss(v, x, z, x_t, t, "lpips-huber-1/t", c, zero) / H
+    assert abs(w[2].item() - 1e-5) < 2e-3 * 1e-5 and torch.allclose(w, one_m_t, rtol=1e-6)
+    full = R.per_sample_loss(v, x, z, x_t, t, "lpips-huber-1/t", c, lp32)
+    with torch.no_grad():
+        lp_t = lp32(R.x_hat(x_t, t, v), x) / t
+    assert abs((full[2] - lp_t[2]).item() / H[2].item() - 1e-5) < 2e-3 * 1e-5
+
+
+def test_batch_loss_is_mean_of_single_sample_losses(lp32):
+    g = gen(15)
+    n = 4
+    x, z = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, torch.randn(n, 3, 16, 16, generator=g)
+    t = torch.tensor([0.01, 0.3, 0.7, 0.999])
+    x_t = R.interpolate(x, z, t)
+    v = z - x + torch.randn(n, 3, 16, 16, generator=g) * torch.tensor([0.5, 0.1, 0.3, 0.05]).reshape(-1, 1, 1, 1)
+    for loss in ("lpips-huber-1/t", "lpips-huber", "huber", "l2"):
+        batch = R.per_sample_loss(v, x, z, x_t, t, loss, 0.4, lp32)
+        single = torch.cat([R.per_sample_loss(v[i:i + 1], x[i:i + 1], z[i:i + 1], x_t[i:i + 1], t[i:i + 1], loss,
+                                              0.4, lp32) for i in range(n)])
+        assert batch.shape == (n,)
+        assert torch.allclose(batch, single, rtol=1e-4, atol=0), loss
+        assert abs(batch.mean().item() - single.mean().item()) < 1e-4 * single.mean().item()
+    with torch.no_grad():  # the wrong reduction mean(LP) * mean(1/t) is far away: the check has teeth
+        lp = lp32(R.x_hat(x_t, t, v), x)
+    right = R.per_sample_loss(v, x, z, x_t, t, "lpips-huber-1/t", 0.4, lp32).mean()
+    wrong = ((1 - t) * R.pseudo_huber(v - (z - x), 0.4)).mean() + lp.mean() * (1 / t).mean()
+    assert abs(wrong - right) > 0.1 * right
+
+
+def test_lpips_offline_fallback(monkeypatch):
+    def boom(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(R, "LPIPS", boom)
+    msgs = []
+    log = type("L", (), {"info": lambda self, m: msgs.append(m)})()
+    cfg = R.Config(loss="lpips-huber-1/t")
+    assert R.make_lpips(cfg, log) is None
+    assert cfg.loss == "huber" and len(msgs) == 1 and "--loss huber" in msgs[0] and "unavailable" in msgs[0]
+    assert R.make_lpips(R.Config(loss="huber"), log) is None and len(msgs) == 1
+
+
+# ------------------------------------------------------------------------------- 5. affine oracle (straight)
+def _affine_oracle(d=4, n=64, seed=16):
+    g = gen(seed)
+    B = torch.randn(d, d, generator=g, dtype=F64)
+    A = torch.eye(d, dtype=F64) + 0.5 * B @ B.T
+    b = torch.randn(d, generator=g, dtype=F64)
+    z = torch.randn(n, d, generator=g, dtype=F64)
+    x = z @ A.T + b
+
+    def v(y, t):
+        tb = t.reshape(-1, 1, 1)
+        M = (1 - tb) * A + tb * torch.eye(d, dtype=F64)
+        zh = torch.linalg.solve(M, (y - (1 - t)[:, None] * b).unsqueeze(-1)).squeeze(-1)
+        return zh - (zh @ A.T + b)
+    return v, z, x
+
+
+def test_affine_oracle_samplers_exact():
+    v, z, x = _affine_oracle()
+    for rule in ("default", "new"):
+        for K in (1, 2, 4):
+            for grid in ("uniform", "edm"):
+                out = R.solve(v, z, R.time_grid(K, grid), "euler", rule)
+                assert (out - x).abs().max() < 1e-12, (rule, K, grid)
+        for K in (1, 2, 3, 5):
+            out = R.solve(v, z, R.time_grid(K, "edm"), "heun", rule)
+            assert (out - x).abs().max() < 1e-12, ("heun", rule, K)
+    for K in (1, 2, 4):
+        assert (R.solve(v, z, R.time_grid(K, "uniform"), "rk4") - x).abs().max() < 1e-12
+    assert R.straightness(v, z, 100) < 1e-20
+    assert R.straightness(v, z, 2) < 1e-20
+    eps = z  # inversion (17) from the exact x_1e-3 = (1 - 1e-3) x + 1e-3 z returns z
+    for K in (1, 2, 8):
+        assert (R.invert(v, x, eps, K) - z).abs().max() < 1e-12
+
+
+def test_inversion_grid_and_sampler_roundtrip():
+    calls = []
+    v = lambda y, t: (calls.append(t[0].item()), torch.zeros_like(y))[1]
+    R.invert(v, torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64), 8)
+    assert calls == pytest.approx([1e-3] + [i / 8 for i in range(1, 8)], abs=1e-12)  # ascending [1e-3, 1/8, ...]
+
+
+# --------------------------------------------------------------------------------------- 6. update rules
+@pytest.fixture(scope="module")
+def mlp_field():
+    torch.manual_seed(17)
+    net = C.build_net(C.net_config("mlp", time_scale=1000.0)).double().eval()
+    with torch.no_grad():
+        for p in net.out_conv.parameters():  # a fresh net outputs exactly 0; make it a random field
+            p.normal_(0, 0.3)
+    return lambda x, t: net(x, t)
+
+
+def test_new_update_rule(mlp_field):
+    z = torch.randn(256, 2, generator=gen(18), dtype=F64)
+    with torch.no_grad():
+        for K in (1, 2):
+            for solver in ("euler", "heun"):
+                a = R.solve(mlp_field, z, R.time_grid(K, "uniform"), solver, "default")
+                b = R.solve(mlp_field, z, R.time_grid(K, "uniform"), solver, "new")
+                assert (a - b).abs().max() < 1e-12, (K, solver)
+        for solver in ("euler", "heun"):
+            a = R.solve(mlp_field, z, R.time_grid(3, "uniform"), solver, "default")
+            b = R.solve(mlp_field, z, R.time_grid(3, "uniform"), solver, "new")
+            assert (a - b).abs().max() > 1e-4, solver
+        # new rule by hand for K = 3: x^ = x - t v, x' = (1 - t') x^ + t' z
+        x = z
+        for t, t2 in zip([1, 2 / 3, 1 / 3], [2 / 3, 1 / 3, 0]):
+            d = mlp_field(x, torch.full((256,), float(t), dtype=F64))
+            x = (1 - t2) * (x - t * d) + t2 * z
+        assert (x - R.solve(mlp_field, z, R.time_grid(3, "uniform"), "euler", "new")).abs().max() < 1e-12
+
+
+# --------------------------------------------------------------------------- 7./8. Gaussian analytic field
+MU, S = torch.tensor([0.3, -0.5, 1.0, 0.0], dtype=F64), 0.5
+
+
+def _gauss_field(y, t):
+    tb = t.reshape(-1, 1)
+    V = (1 - tb) ** 2 * S ** 2 + tb ** 2
+    c = y - (1 - tb) * MU
+    return tb * c / V - (MU + (1 - tb) * S ** 2 * c / V)  # E[z | x_t] - E[x | x_t]
+
+
+def test_gaussian_field_solver_orders():
+    z = torch.randn(2000, 4, generator=gen(19), dtype=F64)
+    exact = MU + S * z
+    err = lambda K, solver: (R.solve(_gauss_field, z, R.time_grid(K, "uniform"), solver) - exact).abs().max().item()
+    assert err(8, "rk4") < 1e-5
+    e_ratio, h_ratio = err(16, "euler") / err(8, "euler"), err(16, "heun") / err(8, "heun")
+    assert 0.4 <= e_ratio <= 0.6, e_ratio  # first order
+    assert 0.15 <= h_ratio <= 0.35, h_ratio  # second order (last step Euler)
+    one = R.solve(_gauss_field, z, R.time_grid(1, "uniform"), "euler")
+    assert (one - MU).abs().max() < 1e-12  # 1-RF collapse: G(z) = z - v(z, 1) = E[x]
+
+
+def test_edm_teacher_conversion():
+    D = lambda y, sig: MU + S ** 2 * (y - MU) / (S ** 2 + sig.reshape(-1, 1) ** 2)
+    y = torch.randn(50, 4, generator=gen(20), dtype=F64)
+    for tv in (0.1, 0.37, 0.9):
+        t = torch.full((50,), tv, dtype=F64)
+        assert (R.edm_to_velocity(D, y, t) - _gauss_field(y, t)).abs().max() < 1e-12
+    t = torch.linspace(0.05, 0.95, 50, dtype=F64)  # per-sample t
+    assert (R.edm_to_velocity(D, y, t) - _gauss_field(y, t)).abs().max() < 1e-12
+
+
+# ------------------------------------------------------------------------------------------ 9. straightness
+def test_straightness_rotation_field():
+    z = torch.randn(4000, 2, generator=gen(21), dtype=F64)
+    for w in (1.0, 2.0):
+        Om = torch.tensor([[0.0, -w], [w, 0.0]], dtype=F64)
+        S_ = R.straightness(lambda x, t: x @ Om.T, z, 100)
+        expect = (w ** 2 - 4 * math.sin(w / 2) ** 2) * z.square().sum(1).mean().item() / 2
+        assert abs(S_ / expect - 1) < 0.02, (w, S_, expect)
+    assert abs(0.080605 - (1 - 4 * math.sin(0.5) ** 2)) < 1e-6
+    assert R.straightness(lambda x, t: torch.zeros_like(x), z, 100) == 0.0  # untrained net: perfectly straight
+
+
+def test_straightness_definition(mlp_field):
+    z = torch.randn(64, 2, generator=gen(23), dtype=F64)
+    for K in (2, 3, 5):  # (15) written out on a K-step uniform Euler path of a non-linear field
+        xs = [z]
+        for i in range(K):
+            t = 1 - i / K
+            xs.append(xs[-1] - mlp_field(xs[-1], torch.full((64,), t, dtype=F64)) / K)
+        line = z - xs[-1]
+        expect = sum((K * (a - b) - line).square().mean() for a, b in zip(xs, xs[1:])).item() / K
+        with torch.no_grad():
+            got = R.straightness(mlp_field, z, K)
+        assert abs(got - expect) < 1e-12 * max(expect, 1e-300) and expect > 1e-6, (K, got, expect)
+
+
+# ------------------------------------------------------------------------------------------ 10. grids, NFE
+GRIDS = {("uniform", 1): [1, 0], ("uniform", 2): [1, 0.5, 0], ("uniform", 4): [1, .75, .5, .25, 0],
+         ("uniform", 8): [1, .875, .75, .625, .5, .375, .25, .125, 0],
+         ("edm", 18): [1, .98293, .97607, .96596, .95087, .92811, .89363, .84165, .76508, .65793, .52111, .36922,
+                       .22866, .12243, .05656, .02242, .00747, .00200, 0],
+         ("edm", 8): [1, .97222, .93197, .82260, .56267, .21103, .03399, .00200, 0],
+         ("edm", 4): [1, .90674, .31972, .00200, 0]}
+
+
+def test_time_grids():
+    for (kind, K), ref in GRIDS.items():
+        g = R.time_grid(K, kind)
+        assert len(g) == K + 1 and np.abs(np.array(g) - ref).max() < 1e-5, (kind, K, g)
+        assert g[0] == 1.0 and g[-1] == 0.0 and all(a > b for a, b in zip(g, g[1:]))
+    assert R.time_grid(2, "uniform", 0.3) == [1.0, 0.3, 0.0]
+    assert R.time_grid(1, "edm") == [1.0, 0.0]
+
+
+def test_nfe_counts():
+    for K in (1, 2, 3, 4, 8):
+        for solver, expect in (("euler", K), ("heun", 2 * K - 1), ("rk4", 4 * K)):
+            n = [0]
+
+            def v(x, t):
+                n[0] += 1
+                assert t.shape == (x.shape[0],)
+                return -x
+            R.solve(v, torch.randn(3, 2), R.time_grid(K, "edm"), solver)
+            assert n[0] == expect == R.nfe(K, solver), (K, solver, n[0])
+
+
+def test_sampler_defaults():
+    rf2, rf1, ft = R.Config(stage="2rf"), R.Config(stage="1rf"), R.Config(stage="ft")
+    for K in (1, 2, 5):
+        assert R.sampler_for(rf2, K) == R.sampler_for(ft, K) == ("euler", "uniform", "new")
+    assert R.sampler_for(rf1, 1) == R.sampler_for(rf1, 2) == ("euler", "uniform", "default")
+    assert R.sampler_for(rf1, 18) == ("heun", "edm", "default")
+    assert R.sampler_for(R.Config(stage="1rf", solver="rk4"), 4) == ("rk4", "edm", "default")
+    assert R.sampler_for(R.Config(stage="2rf", solver="rk4"), 4)[1] == "edm"
+    assert R.sampler_for(R.Config(stage="2rf", grid="edm", rule="default"), 4) == ("euler", "edm", "default")
+
+
+# ------------------------------------------------------------------------------------------- 11./12. pairs
+PAIR_ARGS = ["--n_pairs", "40", "--pair_block", "16", "--pair_batch", "8"]  # 3 blocks, the last one partial
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny image teacher (4 steps with EMA 0.9, so raw weights != EMA) and its 1-rank pairs folder, with a
+    record of the noise the teacher integrated for each pair index."""
+    root = tmp_path_factory.mktemp("rf_tiny")
+    imgs = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    npy = str(root / "imgs.npy")
+    np.save(npy, imgs)
+    base = ["--preset", "tiny", "--data", npy, "--root", str(root / "data")]
+    R.main(["--stage", "1rf", "--out", str(root / "t"), *base])
+    teacher = str(root / "t" / "ckpt.pt")
+    used, orig = {}, R.pair_noise
+
+    def spy(idx, seed, shape, env):
+        z = orig(idx, seed, shape, env)
+        for i, zi in zip(idx.tolist(), z):
+            used.setdefault(i, zi.clone())
+        return z
+    R.pair_noise = spy
+    try:  # one thread (fixture one_thread), as each rank of the 2-rank run below
+        R.main(["--stage", "pairs", "--out", str(root / "p1"), "--teacher", teacher, *base, *PAIR_ARGS])
+    finally:
+        R.pair_noise = orig
+    return dict(root=root, base=base, teacher=teacher, pairs=str(root / "p1" / "pairs"), used=used)
+
+
+def test_pairs_world_size_invariance_and_noise(tiny):
+    root, base, teacher, used = tiny["root"], tiny["base"], tiny["teacher"], tiny["used"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", RF,
+                        "--stage", "pairs", "--out", str(root / "p2"), "--teacher", teacher, *base, *PAIR_ARGS],
+                       cwd=str(root), env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    f1, f2 = sorted(os.listdir(tiny["pairs"])), sorted(os.listdir(root / "p2" / "pairs"))
+    assert f1 == f2 == ["meta.json", "x_00000.npy", "x_00001.npy", "x_00002.npy"]  # images: noise_mode seed
+    for f in f1:
+        assert (root / "p1" / "pairs" / f).read_bytes() == (root / "p2" / "pairs" / f).read_bytes(), f
+    meta = json.loads((root / "p1" / "pairs" / "meta.json").read_text())
+    assert meta["n"] == 40 and meta["block"] == 16 and meta["noise_mode"] == "seed" and meta["nfe"] == 3
+    assert meta["convention"] == R.CONVENTION and meta["pair_seed"] == 10 ** 9
+    # the z regenerated at load time equals the z the teacher integrated, bit for bit
+    data, Z, _ = R.load_pairs(tiny["pairs"], ENV, 0)
+    assert sorted(used) == list(range(40))
+    z_gen = torch.stack([used[i] for i in range(40)])
+    assert Z.dtype == torch.float16 and torch.equal(Z, z_gen.half())  # images keep z as fp16 (spec §3)
+    assert torch.equal(R.pair_noise(torch.arange(40), 10 ** 9, (3, 16, 16), ENV), z_gen)  # any chunking
+    assert data.x.shape == (40, 3, 16, 16) and data.x.dtype == torch.uint8
+    # x_i is the teacher EMA's Heun solve of z_i (uint8-quantised)
+    net, _ = R.load_teacher(teacher, ENV)
+    with torch.no_grad():
+        xs = R.solve(lambda y, t: net(y, t), z_gen[:8], R.time_grid(2, "edm"), "heun")
+    assert torch.equal(C.to_uint8(xs), data.x[:8])
+
+
+def _copy_pairs(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_pairs_corruption_errors(tiny, tmp_path):
+    src = tiny["pairs"]
+    bad = _copy_pairs(src, str(tmp_path / "fp"))
+    meta = json.loads(open(os.path.join(bad, "meta.json")).read())
+    meta["fingerprint"][0] += 1e-3
+    open(os.path.join(bad, "meta.json"), "w").write(json.dumps(meta))
+    with pytest.raises(C.UserError, match="fingerprint"):
+        R.load_pairs(bad, ENV, 0)
+    seed = _copy_pairs(src, str(tmp_path / "seed"))  # noise that regenerates differently (other seed/device)
+    meta = json.loads(open(os.path.join(seed, "meta.json")).read())
+    meta["pair_seed"] += 1
+    open(os.path.join(seed, "meta.json"), "w").write(json.dumps(meta))
+    with pytest.raises(C.UserError, match="noise_mode stored"):
+        R.load_pairs(seed, ENV, 0)
+    gone = _copy_pairs(src, str(tmp_path / "gone"))
+    os.remove(os.path.join(gone, "x_00001.npy"))
+    with pytest.raises(C.UserError, match=r"\[1\]"):
+        R.load_pairs(gone, ENV, 0)
+    with pytest.raises(C.UserError, match="meta.json"):
+        R.load_pairs(str(tmp_path / "nothing"), ENV, 0)
+
+
+def test_write_load_pairs_roundtrip(tmp_path):
+    g = gen(22)
+    x = torch.rand(50, 3, 8, 8, generator=g) * 2 - 1
+    x[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 1 / 255])
+    z = torch.randn(50, 3, 8, 8, generator=g)
+    calls = []
+
+    def make(idx):
+        calls.append(idx.tolist())
+        return x[idx], z[idx]
+    folder = str(tmp_path / "pairs")
+    R.write_pairs(folder, 50, 16, make, True, "stored", ENV, dict(shape=[3, 8, 8], x_dtype="uint8"))
+    assert calls == [list(range(0, 16)), list(range(16, 32)), list(range(32, 48)), [48, 49]]
+    assert sorted(os.listdir(folder)) == ["meta.json"] + [f"{k}_{j:05d}.npy" for k in "xz" for j in range(4)]
+    assert np.load(os.path.join(folder, "x_00000.npy")).shape == (16, 8, 8, 3)  # uint8 NHWC
+    data, Z, meta = R.load_pairs(folder, ENV, 0)
+    err = (data.x.float() / 127.5 - 1 - x).abs().max().item()
+    assert err <= 1 / 255 + 1e-6
+    assert Z.dtype == torch.float16 and torch.equal(Z, z.half())  # stored fp16 for images
+    assert meta["n"] == 50 and meta["noise_mode"] == "stored"
+    R.write_pairs(folder, 50, 16, make, True, "stored", ENV, dict(shape=[3, 8, 8], x_dtype="uint8"))
+    assert len(calls) == 4  # complete blocks are skipped on restart
+    os.remove(os.path.join(folder, "z_00002.npy"))
+    with pytest.raises(C.UserError, match=r"\[2\]"):
+        R.load_pairs(folder, ENV, 0)
+    # points: float32 x and z, stored exactly
+    xp, zp = torch.randn(30, 2, generator=g), torch.randn(30, 2, generator=g)
+    pf = str(tmp_path / "pts")
+    R.write_pairs(pf, 30, 16, lambda i: (xp[i], zp[i]), False, "stored", ENV, dict(shape=[2], x_dtype="float32"))
+    d2, Z2, _ = R.load_pairs(pf, ENV, 0)
+    assert d2.kind == "points" and torch.equal(d2.x, xp) and torch.equal(Z2, zp)
+    assert torch.equal(d2.batch(30, 0)[0], xp[d2.batch(30, 0)[1]])  # batches return pair indices as labels
+
+
+def test_2rf_init_equals_teacher_ema(tiny, monkeypatch):
+    root, base, teacher = tiny["root"], tiny["base"], tiny["teacher"]
+    pairs = tiny["pairs"]
+    out = str(root / "init")
+    R.main(["--stage", "2rf", "--out", out, "--teacher", teacher, "--pairs", pairs, "--iters", "0", *base])
+    tck = torch.load(teacher, weights_only=True)
+    ck = torch.load(os.path.join(out, "2rf", "ckpt.pt"), weights_only=True)
+    assert any(not torch.equal(tck["model"][k], tck["ema"][k]) for k in tck["ema"])  # raw != EMA in the teacher
+    assert ck["step"] == 0 and ck["net"] == tck["net"] and ck["opt"]["state"] == {}
+    for k, w in tck["ema"].items():
+        assert torch.equal(ck["model"][k], w), k
+        assert torch.equal(ck["ema"][k], w), k
+    assert ck["method"] == R.METHOD and ck["convention"] == R.CONVENTION and ck["config"]["stage"] == "2rf"
+    assert ck["config"]["t_eps"] == 1e-5 and ck["config"]["noise_std"] == 1.0
+    # default pseudo-Huber c = 0.00054 d (d = 3 * 16 * 16): record what the training loss uses
+    seen = []
+    orig = R.pseudo_huber
+    monkeypatch.setattr(R, "pseudo_huber", lambda r, c: (seen.append(c), orig(r, c))[1])
+    R.main(["--stage", "2rf", "--out", str(root / "c"), "--teacher", teacher, "--pairs", pairs, "--iters", "1",
+            *base])
+    assert seen and all(abs(c - 0.00054 * 768) < 1e-12 for c in seen)
+    assert "huber_c" not in R.PRESETS["cifar10"] and R.Config().huber_c is None

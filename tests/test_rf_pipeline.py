@@ -1,0 +1,303 @@
+"""End-to-end tests of rectified_flow.py: toy convergence (spec §8) with must-fail controls, the 1-RF -> 2-RF
+gain on a user .npy point set, the `tiny` CLI smoke (all stages, ft, LPIPS, sample, fid, bad inputs, NaN),
+bitwise resume, and batch-size independence of `sample`.
+
+The toy budget is reduced from §8 (1rf 1,500 iterations, 5k pairs from Heun K = 12, 2rf 800 iterations;
+2,000 evaluation noises here, 1,000 in the stages' own metrics.jsonl) so the file runs in a few minutes on
+2 CPU cores; the thresholds are §8's (seeds 0-2 calibrated: 2-RF 1-step in-mode 0.63-0.69, MMD2 0.05-0.06).
+The in-process runs use one intra-op thread: on a shared 2-core machine two OpenMP threads per process slow
+small MLP steps down by an order of magnitude, and the maths does not depend on it.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import rectified_flow as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RF = os.path.join(ROOT, "rectified_flow.py")
+ENV = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def last_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+# ================================================================================ toy convergence (spec §8)
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """8 Gaussians saved as a user .npy file -> 1rf -> pairs -> 2rf, plus a 2rf on shuffled pairs (control c)."""
+    root = tmp_path_factory.mktemp("rf_toy")
+    npy = str(root / "points.npy")
+    np.save(npy, C.toy_sample("8gaussians", 20_000, torch.Generator().manual_seed(123)).numpy())
+    out = str(root / "run")
+    common = ["--data", npy, "--seed", "0", "--eval_n", "1000", "--eval_steps", "1,2", "--log_every", "200"]
+    R.main(["--stage", "1rf", "--out", out, "--iters", "1500", *common])
+    R.main(["--stage", "pairs", "--out", out, "--n_pairs", "5000", "--pair_block", "2500", "--pair_steps", "12",
+            *common])
+    R.main(["--stage", "2rf", "--out", out, "--iters", "800", *common])
+    # control (c): the same pairs with x shuffled relative to z (z is stored for points), i.e. independent again
+    shuf = str(root / "shuffled")
+    shutil.copytree(os.path.join(out, "pairs"), shuf)
+    xs = [np.load(os.path.join(shuf, f"x_{j:05d}.npy")) for j in range(2)]
+    perm = np.random.default_rng(0).permutation(5000)
+    allx = np.concatenate(xs)[perm]
+    for j in range(2):
+        np.save(os.path.join(shuf, f"x_{j:05d}.npy"), allx[j * 2500:(j + 1) * 2500])
+    ctl = str(root / "ctl")
+    R.main(["--stage", "2rf", "--out", ctl, "--teacher", os.path.join(out, "ckpt.pt"), "--pairs", shuf,
+            "--iters", "800", *common])
+    return dict(out=out, ctl=ctl, npy=npy)
+
+
+NOISE = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
+REF = C.toy_sample("8gaussians", 2000, torch.Generator().manual_seed(8))  # fresh data, not the training file
+CENTRES, STD = C.toy_modes("8gaussians")
+
+
+def samples(ckpt, K, solver=None):
+    """K-step samples of a checkpoint's EMA with the stage's default sampler (or 100 uniform Euler steps)."""
+    net, ck = R.load_teacher(ckpt, ENV)
+    s, g, r = R.sampler_for(R.Config(**ck["config"]), K) if solver is None else (solver, "uniform", "default")
+    with torch.no_grad():
+        return R.solve(lambda x, t: net(x, t), NOISE, R.time_grid(K, g), s, r)
+
+
+def quality(xs):
+    return dict(mmd=C.mmd2(xs, REF), in_mode=C.in_mode(xs, CENTRES, STD), modes=C.modes_covered(xs, CENTRES, STD))
+
+
+def passes(q, K):
+    """§8 pass criteria of the 2-RF at 1 and 2 steps."""
+    mmd, inm = {1: (0.15, 0.5), 2: (0.10, 0.55)}[K]
+    return q["mmd"] < mmd and q["in_mode"] >= inm and q["modes"] >= 7
+
+
+def test_toy_2rf_passes(toy):
+    out = toy["out"]
+    rf2, rf1 = os.path.join(out, "2rf", "ckpt.pt"), os.path.join(out, "ckpt.pt")
+    for K in (1, 2):
+        q = quality(samples(rf2, K))
+        assert passes(q, K), (K, q)
+    s1, s2 = last_metrics(out)["straightness"], last_metrics(os.path.join(out, "2rf"))["straightness"]
+    assert s2 < 0.1 * s1, (s1, s2)
+    m1, m2 = quality(samples(rf1, 100, "euler"))["mmd"], quality(samples(rf2, 100, "euler"))["mmd"]
+    assert m2 < 2 * m1 + 0.01, (m1, m2)  # reflow must not destroy the distribution
+    assert m1 < 0.1  # the teacher itself is a decent many-step sampler
+
+
+def test_toy_controls_fail(toy):
+    out, ctl = toy["out"], toy["ctl"]
+    for K in (1, 2):
+        untrained = quality(NOISE)  # (a) zero output: samples are the noise itself
+        teacher = quality(samples(os.path.join(out, "ckpt.pt"), K))  # (b) the 1-RF at 1 and 2 steps
+        shuffled = quality(samples(os.path.join(ctl, "2rf", "ckpt.pt"), K))  # (c) 2-RF on independent pairs
+        for name, q in (("untrained", untrained), ("teacher", teacher), ("shuffled", shuffled)):
+            assert not passes(q, K), (name, K, q)
+    # the untrained control goes through the real sampler too: a fresh network outputs exactly 0
+    net = C.build_net(C.net_config("mlp", time_scale=1000.0))
+    with torch.no_grad():
+        assert torch.equal(R.solve(lambda x, t: net(x, t), NOISE, R.time_grid(2, "uniform"), "euler", "new"), NOISE)
+    assert last_metrics(os.path.join(ctl, "2rf"))["straightness"] > 0.3 * last_metrics(out)["straightness"]
+
+
+def test_npy_points_2rf_gain(toy):
+    """A 2-D data set given as .npy: the 2-RF's 1-step samples are >= 5x closer in SWD than the 1-RF's, and its
+    paths >= 10x straighter (metrics written by the training stages themselves)."""
+    m1, m2 = last_metrics(toy["out"]), last_metrics(os.path.join(toy["out"], "2rf"))
+    assert m1["step"] == 1500 and m2["step"] == 800
+    assert m2["swd_1"] * 5 <= m1["swd_1"], (m1["swd_1"], m2["swd_1"])
+    assert m2["straightness"] * 10 <= m1["straightness"], (m1["straightness"], m2["straightness"])
+    assert m2["swd_2"] * 3 <= m1["swd_2"]
+    ck = torch.load(os.path.join(toy["out"], "2rf", "ckpt.pt"), weights_only=True)
+    assert ck["config"]["data"] == toy["npy"] and ck["net"]["kind"] == "mlp" and ck["config"]["huber_c"] == 0.04
+
+
+# ======================================================================================= CLI smoke (tiny)
+def cli(*args, cwd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, RF, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(p):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def assert_user_error(code, err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert sum(ln.startswith("error: ") for ln in lines) == 1, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`python rectified_flow.py --preset tiny --data imgs.npy` (1rf -> pairs -> 2rf) in a subprocess."""
+    root = tmp_path_factory.mktemp("rf_cli")
+    np.save(root / "imgs.npy", np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8))
+    p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "run", cwd=root)
+    assert_ok(p)
+    return root
+
+
+def test_cli_tiny_all_stages(tiny):
+    run = tiny / "run"
+    for d in (run, run / "2rf"):
+        for f in ("ckpt.pt", "log.jsonl", "config.json", "samples.png", "metrics.jsonl"):
+            assert (d / f).is_file(), d / f
+    meta = json.loads((run / "pairs" / "meta.json").read_text())
+    assert meta["n"] == 32 and meta["noise_mode"] == "seed" and meta["shape"] == [3, 16, 16]
+    assert sorted(os.listdir(run / "pairs")) == ["meta.json", "x_00000.npy", "x_00001.npy"]
+    ck1, ck2 = (torch.load(run / p, weights_only=True) for p in ("ckpt.pt", "2rf/ckpt.pt"))
+    assert ck1["step"] == ck2["step"] == 4 and ck1["config"]["stage"] == "1rf" and ck2["config"]["stage"] == "2rf"
+    assert ck1["net"]["time_scale"] == 1000.0 and ck1["net"]["kind"] == "unet" and ck1["convention"] == R.CONVENTION
+    assert ck1["config"]["clip"] == 1.0 and ck2["config"]["clip"] is None and ck2["config"]["t_eps"] == 1e-5
+    logs = [json.loads(ln) for ln in (run / "2rf" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [2, 4] and all(np.isfinite(r["loss"]) for r in logs)
+
+
+def test_cli_ft_lpips_sample_fid(tiny):
+    p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft", cwd=tiny)
+    assert_ok(p)
+    ft = tiny / "run" / "ft"
+    ck = torch.load(ft / "ckpt.pt", weights_only=True)
+    assert ck["config"]["stage"] == "ft" and ck["step"] == 2  # ft_iters of the tiny preset
+    adam_steps = {float(v["step"]) for v in ck["opt"]["state"].values()}
+    assert adam_steps == {4.0 + 2.0}  # Adam state continued from the 2-RF's 4 steps (spec §3 ft)
+    meta = json.loads((ft / "pairs" / "meta.json").read_text())
+    assert meta["n"] == 16 and meta["noise_mode"] == "stored" and meta["inv_steps"] == 2
+    # 2rf with the LPIPS loss (random stand-in weights, 32 px)
+    p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "lp", "--stage", "2rf", "--teacher", "run/ckpt.pt",
+            "--pairs", "run/pairs", "--loss", "lpips-huber-1/t", "--lpips_weights", "random", cwd=tiny)
+    assert_ok(p)
+    assert "unavailable" not in p.stdout
+    cfg = json.loads((tiny / "lp" / "2rf" / "config.json").read_text())
+    assert cfg["loss"] == "lpips-huber-1/t" and cfg["lpips_res"] == 32
+    logs = [json.loads(ln) for ln in (tiny / "lp" / "2rf" / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 4 and np.isfinite(logs[-1]["loss"]) and logs[-1]["loss"] > 0
+    # sample: .npy (uint8 NHWC) and .png; fid with the stand-in detector
+    p = cli("sample", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "10", "--out", "s.npy", cwd=tiny)
+    assert_ok(p)
+    for K in (1, 2):
+        a = np.load(tiny / f"s_{K}step.npy")
+        assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
+    p = cli("sample", "--ckpt", "run/ft/ckpt.pt", "--steps", "2", "--n", "9", "--out", "s.png", cwd=tiny)
+    assert_ok(p)
+    assert (tiny / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = cli("fid", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", "standin",
+            "--out", "fid.jsonl", cwd=tiny)
+    assert_ok(p)
+    recs = [json.loads(ln) for ln in (tiny / "fid.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in recs] == [1, 2] and [r["nfe"] for r in recs] == [1, 2]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["detector"] == "standin" for r in recs)
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_cli_bad_inputs(tiny, capsys):
+    np.save(tiny / "float_imgs.npy", np.random.default_rng(1).random((8, 16, 16, 3)).astype(np.float32))
+    before = {p: _digest(tiny / "run" / p) for p in ("ckpt.pt", "2rf/ckpt.pt")}
+    cases = [
+        ["--preset", "tiny", "--data", "missing.npy", "--out", "bad1"],
+        ["--preset", "tiny", "--data", "float_imgs.npy", "--out", "bad2"],
+        ["--preset", "nope"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--lr", "abc"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--lr", "-1", "--out", "bad3"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--pair_block", "0", "--out", "bad4"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--lrr", "1e-3"],
+        ["sample", "--ckpt", "missing.pt"],
+        ["sample", "--ckpt", "run/2rf/ckpt.pt", "--out", "s.jpg", "--n", "2"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--stage", "pairs", "--out", "empty"],
+        ["--preset", "tiny", "--data", "imgs.npy", "--stage", "2rf", "--out", "run", "--net", "small"],
+    ]
+    cwd = os.getcwd()
+    os.chdir(tiny)
+    try:
+        for argv in cases:
+            with pytest.raises(SystemExit) as e:
+                C.main_guard(lambda: R.main(list(argv)))
+            assert_user_error(e.value.code, capsys.readouterr().err)
+    finally:
+        os.chdir(cwd)
+    assert {p: _digest(tiny / "run" / p) for p in before} == before
+    for argv in (cases[0], cases[2], cases[7]):  # the real command line, end to end
+        p = cli(*argv, cwd=tiny)
+        assert_user_error(p.returncode, p.stderr)
+
+
+def test_cli_nan_loss_keeps_last_checkpoint(tiny):
+    shutil.copytree(tiny / "run", tiny / "nan", ignore=shutil.ignore_patterns("2rf", "pairs", "ft"))
+    before = _digest(tiny / "nan" / "ckpt.pt")
+    p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "nan", "--stage", "1rf", "--iters", "12",
+            "--lr", "1e30", cwd=tiny)
+    assert_user_error(p.returncode, p.stderr)
+    assert "NaN" in p.stderr or "non-finite" in p.stderr
+    assert _digest(tiny / "nan" / "ckpt.pt") == before
+    assert torch.load(tiny / "nan" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# ================================================================================================= resume
+def _equal_weights(a, b):
+    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert ca["step"] == cb["step"]
+    for k in ("model", "ema"):
+        assert ca[k].keys() == cb[k].keys()
+        for n in ca[k]:
+            assert torch.equal(ca[k][n], cb[k][n]), (k, n)
+    return ca
+
+
+def test_resume_toy_1rf_bitwise(tmp_path):
+    common = ["--stage", "1rf", "--batch", "64", "--ema", "0.9", "--eval_n", "64", "--straight_k", "4",
+              "--eval_steps", "1", "--log_every", "10", "--ckpt_every", "1000"]
+    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "20"])
+    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "40"])  # resumes from step 20
+    R.main([*common, "--out", str(tmp_path / "b"), "--iters", "40"])
+    ck = _equal_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
+    assert ck["step"] == 40
+    ck20 = tmp_path / "c"
+    R.main([*common, "--out", str(ck20), "--iters", "20"])
+    c20 = torch.load(ck20 / "ckpt.pt", weights_only=True)
+    assert any(not torch.equal(c20["model"][k], ck["model"][k]) for k in ck["model"])  # training moved on
+
+
+def test_resume_tiny_2rf_bitwise(tiny, tmp_path):
+    common = ["--preset", "tiny", "--data", str(tiny / "imgs.npy"), "--stage", "2rf", "--root", str(tmp_path),
+              "--teacher", str(tiny / "run" / "ckpt.pt"), "--pairs", str(tiny / "run" / "pairs"), "--ckpt_every", "100"]
+    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "3"])
+    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "6"])
+    R.main([*common, "--out", str(tmp_path / "b"), "--iters", "6"])
+    ck = _equal_weights(tmp_path / "a" / "2rf" / "ckpt.pt", tmp_path / "b" / "2rf" / "ckpt.pt")
+    assert ck["step"] == 6
+
+
+def test_sample_independent_of_batch(tiny, tmp_path):
+    for b in (3, 16):
+        R.main(["sample", "--ckpt", str(tiny / "run" / "2rf" / "ckpt.pt"), "--steps", "2", "--n", "10",
+                "--batch", str(b), "--out", str(tmp_path / f"b{b}.npy")])
+    a, b = np.load(tmp_path / "b3.npy"), np.load(tmp_path / "b16.npy")
+    assert a.shape == (10, 16, 16, 3) and np.array_equal(a, b)
+    R.main(["sample", "--ckpt", str(tiny / "run" / "2rf" / "ckpt.pt"), "--steps", "2", "--n", "10", "--seed", "1",
+            "--out", str(tmp_path / "s1.npy")])
+    assert not np.array_equal(a, np.load(tmp_path / "s1.npy"))  # the seed matters, the batch does not
