@@ -637,6 +637,10 @@ def setup(device="auto", seed=0, precision=None):
     if precision == "fp16" and not device.startswith("cuda"):
         raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
+        # half the cores per process: OpenMP spin-waits collapse (measured 20-50x slower) when threads outnumber
+        # free cores, e.g. beside one other job on a 2-core machine; small CPU models lose little with fewer threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     torch.manual_seed(seed)  # identical model initialisation on every rank
     return Env(rank, world, local, torch.device(device), rank == 0, precision, seed)
 
@@ -1015,7 +1019,8 @@ def swd(a, b, n_dir=1024):
         raise ValueError("swd needs equal-size sets")
     d = torch.randn(a.shape[1], n_dir, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     d = d / d.norm(dim=0, keepdim=True)
-    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
+    pa, pb = (d.T @ v.T for v in (a, b))  # (n_dir, N): sort along the contiguous dimension (8x faster)
+    return (pa.sort(1).values - pb.sort(1).values).abs().mean().item()
 
 
 def mmd2(a, b, hs=(0.02, 0.05, 0.1, 0.2, 0.5)):
