@@ -731,10 +731,10 @@ def test_18_initial_toy_loss_finite_and_order_one(seed):
 
 
 # ==================================================================================== toy convergence (spec §8)
-# The full `toy` preset (5,000 steps x 512, EMA 0.999) takes ~190 s on one thread here, too long for CI next to
+# The spec's §8 recipe (5,000 steps x 512, EMA 0.999) takes ~190 s on one thread here, too long for CI next to
 # the rest of the suite; run by hand it passes §8. CI runs (i) the spec's cheap variant: after 300 steps the
-# 2-step MMD^2 must drop >= 3x from the untrained network's, and (ii) the §8 recipe for 2,000 steps with the full
-# §8 pass criteria. Both shorten the EMA horizon with the budget (0.99 for 300 steps, 0.995 for 2,000; the
+# 2-step MMD^2 must drop >= 3x from the untrained network's, and (ii) the §8 recipe for 2,000 steps (the `toy`
+# preset's budget and EMA) with the full §8 pass criteria. Both shorten the EMA horizon with the budget (0.99 for 300 steps, 0.995 for 2,000; the
 # preset's 0.999 is a 1,000-step horizon, a fifth of 5,000): a constant-decay EMA still holds 0.999^2000 = 13.5 %
 # of the initial weights after 2,000 steps, and 0.999^300 = 74 % after 300.
 TOY_ARGS = ["--seed", "0", "--eval_n", "4000", "--log_every", "100"]
