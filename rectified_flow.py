@@ -641,8 +641,9 @@ def train(cfg, given, env):
              f"{cfg.accum} | device {env.device} | precision {env.precision} | "
              f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
-    fid = FidHook(cfg, C.load_data(cfg.data, cfg.root, env, cfg.seed, False) if cfg.fid_every and stage != "1rf"
-                  else data, env, log) if cfg.fid_every else None
+    # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
+    ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
+    fid = FidHook(cfg, ref, env, log) if cfg.fid_every else None
 
     def loss_fn(part):
         # ---------------------------------------------------------------- the method: one loss evaluation
@@ -692,21 +693,16 @@ def train(cfg, given, env):
         if step % cfg.ckpt_every == 0 or step == iters:
             save()
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-            log.info(f"eval: {evaluate(ema.model, cfg, data if stage == '1rf' else _eval_data(cfg, env), env, out, step)}")
+            log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
         if fid and step % cfg.fid_every == 0:
             fid(ema.model, step)
     if ck is None and iters == 0:
         save()
     if env.is_main:
-        m = evaluate(ema.model, cfg, data if stage == "1rf" else _eval_data(cfg, env), env, out, step)
+        m = evaluate(ema.model, cfg, ref, env, out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
     C.barrier(env)
     return cfg
-
-
-def _eval_data(cfg, env):
-    """The real data the teacher was trained on (2-RF metrics compare against data, not against pairs)."""
-    return C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
 
 
 def invert_data(cfg, env, net2, folder):
