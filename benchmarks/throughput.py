@@ -66,8 +66,34 @@ def euler_sample(net, z, steps):
     return x
 
 
+_ENV = {}  # the Env of the running measurement (imm.py's f_map applies autocast itself)
+
+
+def imm_step(net, x):
+    """IMM (imm.py, cifar10 preset maths): x_t and x_r from one noise, online pass with gradient, target pass
+    with the same weights under no_grad, grouped Laplace-kernel MMD (M = 4, k = 15)."""
+    import imm
+    cfg, env = imm.Config(k=15), _ENV["env"]
+    eps = cfg.sigma_d * torch.randn_like(x)
+    s, r, t = imm.sample_times(x.shape[0] // cfg.M, cfg.M, cfg, 0.0, x.device)
+    return imm.imm_loss(net, common.unwrap(net), x, eps, s, r, t, cfg, env)[0]
+
+
+def imm_sample(net, z, steps):
+    """IMM pushforward on the 1-step / 2-step (eta = 1.4) grids: one network evaluation per step."""
+    import imm
+    cfg, x = imm.Config(), 0.5 * z
+    grid = imm.time_steps(steps, cfg)
+    for t, t_prev in zip(grid[:-1], grid[1:]):
+        full = lambda v: torch.full((x.shape[0],), v, device=x.device)
+        x = imm.f_map(net, x, full(t_prev), full(t), cfg, _ENV["env"]).float()
+    return x
+
+
 METHODS = {
     "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0)),
+    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10)
+    "imm": Method(step=imm_step, sample=imm_sample, net=dict(num_times=2, time_scale=1000.0), fwd_per_step=4 / 3),
 }
 
 # Dense peak TFLOP/s by device-name fragment and precision (NVIDIA data sheets, without sparsity).
@@ -163,6 +189,7 @@ def measure(a):
     """Run one configuration; return its record (a flat JSON-able dict)."""
     env = common.setup(a.device, a.seed, a.precision)
     dev, meth = env.device, METHODS[a.method]
+    _ENV["env"] = env
     cfg = common.net_config(a.net, **meth.net)
     if cfg["kind"] != "unet":
         raise common.UserError(f"--net {a.net} is not an image network; use ddpmpp, small or tiny.")

@@ -4,6 +4,7 @@ Speed itself is never asserted here (DESIGN: speed targets live in benchmarks/, 
 """
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -91,3 +92,15 @@ def test_ddpmpp_forward_flops_match_spec():
     """common.md §3.7: DDPM++ forward = 42.37 GFLOP per 32x32 image (multiply-add = 2 FLOPs)."""
     fwd = _forward_flops("ddpmpp")
     assert abs(fwd / 42.37e9 - 1) < 0.03, fwd / 1e9
+
+
+def test_throughput_imm_step_counts_target_pass():
+    """IMM registers two time inputs and 4/3 of a forward+backward per step (online pass + no-grad target)."""
+    rec = tp.main(["--method", "imm", "--net", "tiny", "--batch", "8", "--sample_batch", "4", "--iters", "2",
+                   "--warmup", "1", "--device", "cpu", "--precision", "fp32"])
+    net = common.build_net(common.net_config("tiny", **tp.METHODS["imm"].net))
+    fwd = tp.forward_flops(net, (3, 16, 16), torch.device("cpu"), num_times=2)
+    assert fwd == rec["fwd_flops_per_img"] and fwd > _forward_flops("tiny")  # the second time branch costs FLOPs
+    assert rec["params"] == 194_595  # tiny with a second time input, spec §3.7
+    assert rec["fwd_flops_per_img"] == fwd and rec["train_flops_per_img"] == round(4 * fwd)
+    assert rec["train_img_per_s"] > 0 and math.isfinite(rec["final_loss"]) and rec["final_loss"] >= 0
