@@ -323,7 +323,7 @@ def nfe(K, solver):
 
 def straightness(v, z, K):
     """(15) S = (1/K) sum_i mean ||K (x_{t_{i-1}} - x_{t_i}) - (z - x_{t_K})||^2 on a K-step uniform Euler path."""
-    xs, x, grid = [z], z, time_grid(K, "uniform") if K != 2 else [1.0, 0.5, 0.0]
+    xs, x, grid = [z], z, time_grid(K, "uniform")  # K = 2: [1, 0.5, 0] (t_mid default)
     for t, t2 in zip(grid[:-1], grid[1:]):
         x = x + (t2 - t) * v(x, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype))
         xs.append(x)
@@ -413,10 +413,11 @@ def write_pairs(folder, n, block, make, images, mode, env, meta):
         _save_npy(xp, C.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().float().numpy())
     C.barrier(env)
     if env.is_main:
-        z16 = np.load(os.path.join(folder, "z_00000.npy"))[:16] if mode == "stored" else meta.pop("z16")
+        z16 = meta.pop("z16", None)  # seed mode: the regenerated noise; stored mode: what was written
+        if mode == "stored":
+            z16 = np.load(os.path.join(folder, "z_00000.npy"))[:16]
         meta.update(n=n, block=block, noise_mode=mode, fingerprint=_fingerprint(z16), convention=CONVENTION,
                     torch=torch.__version__)
-        meta.pop("z16", None)
         with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
@@ -631,7 +632,7 @@ def train(cfg, given, env):
     per_rank = cfg.batch // (env.world * cfg.accum)
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
-    log = C.Logger(out, env, iters, cfg.batch, cfg)
+    log = C.Logger(out, env, iters, cfg.batch, cfg, start_step=step)
     lpips = make_lpips(cfg, log) if stage != "1rf" else None
     if lpips is not None:
         lpips = lpips.to(env.device)
