@@ -1,0 +1,643 @@
+"""Flow maps: Lagrangian/Eulerian/progressive self-distillation, MeanFlow, direct FMM, and LMD/EMD distillation.
+
+Papers: Boffi, Albergo, Vanden-Eijnden, "Flow Map Matching", arXiv 2406.07507 (FMM, LMD/EMD);
+        Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: learning flow maps via
+        self-distillation", arXiv 2505.18825 (LSD, ESD, PSD);
+        Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
+Spec:   ../shared/specs/flow_map.md (equation numbers (F1)-(F18) below refer to it).
+
+The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE
+dx/dt = b_t(x) to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x), so that the
+tangent condition phi(t, t, .) = b_t makes one network learn two things: the velocity, by flow matching on the
+diagonal s = t (F5), and the jumps off the diagonal, from an identity the exact map satisfies: the Lagrangian
+equation dX/dt = b(X) (LSD (F6), LMD (F14), FMM (F12)), the Eulerian equation dX/ds + grad X . b = 0 (ESD (F8),
+MeanFlow (F10), EMD (F15)) or the semigroup X_{u,t} o X_{s,u} = X_{s,t} (PSD (F7)). A sample is N composed
+jumps on the uniform grid k/N from noise, N chosen at sampling time (F18); more steps never hurt the exact map.
+
+Convention (written into every checkpoint): the stochastic interpolant I_t = alpha_t x0 + beta_t x1 with
+x0 ~ N(0, sigma0^2 I) noise at t = 0 and x1 data at t = 1 (linear: alpha = 1 - t, beta = t); the network F gets
+(x / sigma0; s, t - s) and phi = sigma0 F. MeanFlow (data at t = 0) and the rectified-flow teacher (noise at
+t = 1) are converted into it by `meanflow_to_flow_map` (F11) and `rf_velocity` (F13).
+
+    python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
+    python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd
+    python flow_map.py --data points.npy --out runs/fm-mine
+    python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
+    torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow]
+    python flow_map.py sample --ckpt runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png
+    python flow_map.py fid --ckpt runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8
+"""
+import contextlib, dataclasses, json, math, os, time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
+import common as C
+
+METHOD = "flow_map"
+RF_METHOD, RF_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t=1 noise"  # the teacher's (DESIGN.md)
+MODES = ("lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd")
+
+
+def convention(interpolant, sigma0):
+    return (f"flow map: I_t=alpha_t*x0+beta_t*x1 ({interpolant}), x0~N(0,{sigma0:g}^2), t=0 noise, t=1 data; "
+            f"X(s,t,x)=x+(t-s)*phi(s,t-s,x)")
+
+
+# =============================================================================================== config
+@dataclass
+class Config:
+    preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
+    mode: Literal["lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd"] = "lsd"  # the objective (spec §1 table)
+    data: str = "checkerboard"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    root: str = "data"  # data sets and FID reference statistics are cached here
+    out: str = "runs/flow_map-lsd-toy"  # run folder
+    teacher: Optional[str] = None  # rectified_flow.py checkpoint (lmd, emd only)
+    resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
+    seed: int = 0  # seeds model init, data order and noise
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: Optional[str] = None  # fp32, tf32, bf16 (diagonal/PSD forwards only; JVP blocks stay fp32), fp16
+    compile: bool = False  # torch.compile the network for the diagonal forward (JVPs use the raw module)
+    # network (common.net_config, two times (s, t - s), time_scale 1: both reference codes feed raw times)
+    net: str = "mlp"  # mlp, tiny, small, ddpmpp
+    width: Optional[int] = None  # MLP width (None: common's 128)
+    depth: Optional[int] = None  # MLP depth (None: common's 3)
+    time_channels: Optional[int] = None  # U-Net time-embedding channels (None: the net's; 256 on CIFAR-10)
+    dropout: float = 0.0  # on in the diagonal term and MeanFlow, off in the other off-diagonal terms
+    # the method (spec §2-3)
+    interpolant: Literal["linear", "trig"] = "linear"  # (F1); trig only for lsd, psd, esd, fmm
+    sigma0: Optional[float] = None  # base std = preconditioner; None: teacher's / data RMS / 0.5 / 1.0 (spec §2)
+    diag_frac: Optional[float] = None  # share of diagonal rows; None: 0.75 (Boffi), 0.25 for lmd/emd (project)
+    pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (project) or both orders (Boffi)
+    psd_type: Literal["uniform", "midpoint"] = "uniform"  # (F7) h ~ U(0, 1) or h = 1/2
+    esd_stopgrad: Literal["full", "convex"] = "full"  # (F8) grad X . b under no_grad, or only b stopped
+    lambda_inv: float = 1.0  # (F12) invertibility term of the direct FMM loss (0: Boffi's JAX code)
+    time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler (spec §3.6; py-meanflow cifar10_v0/v1.sh)
+    learned_weight: bool = False  # (F16) l <- exp(-w(s,t)) l + w(s,t) with a zero-initialised WeightHead
+    adaptive_p: float = 0.75  # (F16) adaptive weighting l / sg(l + c)^p of meanflow and emd (py-meanflow)
+    adaptive_c: float = 1e-3  # (F16) c of the adaptive weighting
+    # optimisation
+    iters: int = 2000  # optimiser steps
+    batch: int = 1024  # global batch per optimiser step (split over ranks and accumulation rounds)
+    accum: int = 1  # gradient accumulation rounds
+    lr: float = 1e-3  # Adam learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
+    warmup: int = 0  # linear learning-rate warm-up steps from 0
+    lr_schedule: Literal["const", "sqrt"] = "const"  # sqrt: lr max(step / lr_ref, 1)^(-1/2) (Boffi)
+    lr_ref: int = 35_000  # reference step of the sqrt decay (Boffi)
+    clip: Optional[float] = None  # gradient-norm clipping (network and weight head)
+    ema: float = 0.999  # EMA decay (sampling only; the LSD teacher is the online network)
+    xflip: bool = False  # random horizontal flips
+    # sampling (F18)
+    sampler: Literal["map", "ode"] = "map"  # map: N jumps on k/N; ode: Euler on b = phi(t, t, .) (diagnostic)
+    # logging and evaluation
+    log_every: int = 200  # steps between log lines
+    ckpt_every: int = 1000  # steps between checkpoints (and at the end)
+    sample_every: int = 0  # steps between sample pictures (0: end only)
+    eval_n: int = 4000  # evaluation samples (toy metrics)
+    eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8])  # step counts plotted
+    fid_every: int = 0  # steps between FID proxies (images; 0: never)
+    fid_n: int = 10_000  # samples of the in-training FID proxy
+    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+
+    def check(self):
+        if self.mode in ("lmd", "emd") and not self.teacher:
+            raise ValueError(f"--mode {self.mode} distils a rectified_flow.py checkpoint; give it with --teacher PATH.")
+        if self.mode not in ("lmd", "emd") and self.teacher:
+            raise ValueError(f"--teacher is only used by --mode lmd or emd, not by {self.mode}.")
+        if self.interpolant == "trig" and self.mode in ("meanflow", "lmd", "emd"):
+            raise ValueError(f"--interpolant trig is not available with --mode {self.mode} (its conversion is linear).")
+        if self.learned_weight and self.mode in ("meanflow", "emd"):
+            raise ValueError(f"--mode {self.mode} uses the adaptive weighting; drop --learned_weight.")
+        if self.diag_frac is not None and not 0 <= self.diag_frac <= 1:
+            raise ValueError(f"--diag_frac must lie in [0, 1], got {self.diag_frac}.")
+        if self.sigma0 is not None and not self.sigma0 > 0:
+            raise ValueError(f"--sigma0 must be positive, got {self.sigma0}.")
+        if self.batch < 1 or self.accum < 1 or self.iters < 0 or not self.lr > 0 or not 0 <= self.ema < 1:
+            raise ValueError("--batch, --accum and --lr must be positive, --iters non-negative and --ema in [0, 1).")
+        if not self.data:
+            raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+
+
+_NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=False))
+PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
+    # toy: Boffi's 2-D setting (no weighting, clip 10) on the project's MLP; about a minute on one CPU thread
+    "toy": dict(data="checkerboard", net="mlp", width=256, depth=4, batch=1024, iters=2000, lr=1e-3, clip=10.0,
+                ema=0.999, log_every=200),
+    "tiny": dict(data="", net="tiny", dropout=0.1, batch=8, iters=3, lr=1e-3, clip=1.0, ema=0.9, learned_weight=True,
+                 log_every=1, ckpt_every=3, eval_n=16, eval_steps=[1, 2], fid_n=16, **_NO_LEARNED),
+    "small": dict(data="cifar10", net="small", dropout=0.1, precision="bf16", batch=256, iters=35_000, lr=3e-4,
+                  warmup=2000, clip=1.0, ema=0.9995, xflip=True, learned_weight=True, log_every=500,
+                  ckpt_every=5000, eval_n=64, fid_every=5000, fid_n=10_000, **_NO_LEARNED),
+    # cifar10: Boffi py/configs/cifar10.py for lsd/psd/esd/fmm (batch 512 x 400k, dropout 0.13, clip 1, learned
+    # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with a 10 Mimg warm-up from py-meanflow (spec §5:
+    # Boffi's RAdam 1e-2 needs EDM2's normalised weights); time_channels 256 = py-meanflow's noise mult 2.
+    "cifar10": dict(data="cifar10", net="ddpmpp", time_channels=256, dropout=0.13, batch=512, iters=400_000, lr=6e-4,
+                    warmup=19_531, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
+                    ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
+                    # MeanFlow: py-meanflow cifar10_v0.sh (batch 128 x 8 GPUs, 16,000 epochs = 781k steps, dropout
+                    # 0.2, 200 warm-up epochs = 10 Mimg, no clipping, adaptive p = 0.75, LN(-2, 2) times)
+                    meanflow=dict(dropout=0.2, batch=1024, iters=781_250, warmup=9_766, clip=None,
+                                  learned_weight=False, time_sampler="v0"),
+                    lmd=dict(iters=200_000), emd=dict(iters=200_000, learned_weight=False)),  # project, untested
+}
+
+
+# =========================================================================== method: the maths (spec §2-3)
+def bc(v, x):
+    """A per-sample vector (B,) broadcast against x (B, ...)."""
+    return v.reshape(-1, *[1] * (x.ndim - 1))
+
+
+def sumsq(r):
+    """Per-sample sum over coordinates/pixels (spec §3.1 reduction)."""
+    return r.square().flatten(1).sum(1)
+
+
+def coeffs(t, interpolant="linear"):
+    """(F1) alpha_t, beta_t and their time derivatives."""
+    if interpolant == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    a = 0.5 * math.pi * t
+    return a.cos(), a.sin(), -0.5 * math.pi * a.sin(), 0.5 * math.pi * a.cos()
+
+
+def interpolate(x0, x1, t, interpolant="linear"):
+    """(F1) I_t = alpha_t x0 + beta_t x1 and dI_t/dt = alpha'_t x0 + beta'_t x1."""
+    al, be, dal, dbe = (bc(c, x0) for c in coeffs(t, interpolant))
+    return al * x0 + be * x1, dal * x0 + dbe * x1
+
+
+def net_phi(net, sigma0):
+    """(F3) phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and Delta = t - s."""
+    return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s)
+
+
+def flow_map(phi, x, s, t):
+    """(F3) X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly; phi(t, t, .) = b_t is (F4)."""
+    return x + bc(t - s, x) * phi(x, s, t)
+
+
+def meanflow_to_flow_map(u):
+    """(F11) a MeanFlow average velocity u(z, r, t) (data at time 0, r <= t, z_r = z_t - (t - r) u) as this file's
+    phi(x, s, t) = -u(x, 1 - t, 1 - s): s = 1 - t_MF, t = 1 - r_MF."""
+    return lambda x, s, t: -u(x, 1 - t, 1 - s)
+
+
+def rf_velocity(v_T, t_eps=0.0):
+    """(F13) b_T(t, y) = -v_T(y, 1 - t): a rectified-flow velocity (x_tau = (1 - tau) x + tau z, v = z - x, tau = 1
+    noise) in this file's convention (same noise std, linear interpolant: I_t = x_{tau = 1 - t}). tau is clamped to
+    the teacher's training range [t_eps, 1 - t_eps]."""
+    return lambda t, y: -v_T(y, (1 - t).clamp(t_eps, 1 - t_eps))
+
+
+def jvp(f, primals, tangents):
+    """Forward-mode derivative with torch.func.jvp (never the double-VJP torch.autograd.functional.jvp)."""
+    return torch.func.jvp(f, primals, tangents)
+
+
+def diagonal_term(phi, I, target, t):
+    """(F5) l = |phi(t, t, I_t) - target|^2, target = dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
+    return sumsq(phi(I, t, t) - target)
+
+
+def lsd_term(phi, b, I, s, t):
+    """(F6)/(F14) Lagrangian: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with (X, dX/dt) from one jvp in t
+    (Delta = t - s recomputed inside). b: the online network's phi(t, t, .) (LSD) or the teacher (LMD)."""
+    X, dX = jvp(lambda tt: flow_map(phi, I, s, tt), (t,), (torch.ones_like(t),))
+    with torch.no_grad():
+        target = b(t, X.detach())
+    return sumsq(dX - target)
+
+
+def psd_term(phi, I, s, t, h):
+    """(F7) progressive: u = h s + (1 - h) t,
+    l = |phi(s, t, I_s) - sg[(1 - h) phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
+    u = h * s + (1 - h) * t
+    with torch.no_grad():
+        target = bc(1 - h, I) * phi(I, s, u) + bc(h, I) * phi(flow_map(phi, I, s, u), u, t)
+    return sumsq(phi(I, s, t) - target)
+
+
+def esd_term(phi, I, s, t, stopgrad="full"):
+    """(F8) Eulerian: R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg phi(s, s, I_s); l = |R|^2.
+    full: grad X . b^ under no_grad; convex: only b^ stopped."""
+    with torch.no_grad():
+        b_hat = phi(I, s, s)
+    _, dXds = jvp(lambda ss: flow_map(phi, I, ss, t), (s,), (torch.ones_like(s),))
+    with torch.no_grad() if stopgrad == "full" else contextlib.nullcontext():
+        _, dXb = jvp(lambda x: flow_map(phi, x, s, t), (I,), (b_hat,))
+    return sumsq(dXds + dXb)
+
+
+def meanflow_term(phi, I, s, t, v):
+    """(F10)/(F15) phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of (s', x') -> phi(s', t, x') with
+    tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds (MeanFlow) or sg b_T(s, I_s) (EMD)."""
+    ph, D = jvp(lambda ss, x: phi(x, ss, t), (s, I), (torch.ones_like(s), v))
+    target = (v + bc(t - s, I) * D).detach()
+    return sumsq(ph - target)
+
+
+def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
+    """(F12) direct FMM: y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one jvp in t at fixed y;
+    l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The gradient flows through y and the jvp."""
+    y = flow_map(phi, It, t, s)
+    X, dX = jvp(lambda tt: flow_map(phi, y, s, tt), (t,), (torch.ones_like(t),))
+    return sumsq(dX - dIt) + lambda_inv * sumsq(X - It)
+
+
+def adaptive_weight(l, p=0.75, c=1e-3):
+    """(F16) adaptive: l / sg(l + c)^p (MeanFlow)."""
+    return l / (l.detach() + c) ** p
+
+
+def learned_weight(l, w):
+    """(F16) learned: exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on the diagonal w(t, t))."""
+    return torch.exp(-w) * l + w
+
+
+def logit_normal(n, mu, sigma, device):
+    """LN(mu, sigma) = sigmoid(mu + sigma n), n ~ N(0, 1)."""
+    return torch.sigmoid(mu + sigma * torch.randn(n, device=device))
+
+
+def diag_rows(B, diag_frac):
+    """n_d = max(1, floor(diag_frac B)) diagonal rows first (Boffi loss_args.py)."""
+    return max(1, int(math.floor(diag_frac * B + 1e-9)))
+
+
+def sample_times(B, cfg, device):
+    """(s, t, n_d) for one local batch (spec §3.1, §3.6); fp32 vectors.
+    Flow-map modes: rows [0, n_d) have s = t = tau ~ U[0, 1]; the rest s, t i.i.d. U[0, 1], sorted to s <= t with
+    pair_order forward (fmm always keeps both orders). MeanFlow v0: a, b ~ LN(2, 2), s = min, t = max, t := s w.p.
+    0.25; v1: s ~ LN(0.6, 1.6), t ~ LN(4, 1.6), t := s w.p. 0.25, t := max(t, s). (n_d = 0: the whole batch.)"""
+    if cfg.mode == "meanflow":
+        if cfg.time_sampler == "v0":
+            a, b = logit_normal(B, 2.0, 2.0, device), logit_normal(B, 2.0, 2.0, device)
+            s, t = torch.minimum(a, b), torch.maximum(a, b)
+            t = torch.where(torch.rand(B, device=device) < 0.25, s, t)
+        else:
+            s, t = logit_normal(B, 0.6, 1.6, device), logit_normal(B, 4.0, 1.6, device)
+            t = torch.maximum(torch.where(torch.rand(B, device=device) < 0.25, s, t), s)
+        return s, t, 0
+    nd = diag_rows(B, cfg.diag_frac)
+    tau = torch.rand(nd, device=device)
+    a, b = torch.rand(B - nd, device=device), torch.rand(B - nd, device=device)
+    if cfg.pair_order == "forward" and cfg.mode != "fmm":
+        a, b = torch.minimum(a, b), torch.maximum(a, b)
+    return torch.cat([tau, a]), torch.cat([tau, b]), nd
+
+
+def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env):
+    """Per-sample weighted l_i (B,) and the unweighted l_i, of one local batch (spec §3). `net` is the raw module
+    (JVPs) and may be called as the compiled one for the diagonal; teacher_b: (F13) for lmd/emd."""
+    phi = net_phi(net, cfg.sigma0)
+    fp32 = torch.autocast(env.device.type, enabled=False)  # every block with a JVP (spec §3.9)
+    if cfg.mode == "meanflow":  # (F10) whole batch, dropout on, fp32
+        with fp32:
+            I, dI = interpolate(x0, x1, s, cfg.interpolant)
+            l = meanflow_term(phi, I, s, t, dI)
+    else:
+        parts = []
+        Id, dId = interpolate(x0[:nd], x1[:nd], t[:nd], cfg.interpolant)  # diagonal rows: s = t
+        if teacher_b is not None:
+            with torch.no_grad(), fp32:
+                dId = teacher_b(t[:nd], Id)  # lmd/emd: the teacher's velocity is the diagonal target
+        with C.autocast(env):  # (F5) bf16 allowed, dropout on
+            parts.append(diagonal_term(phi, Id, dId, t[:nd]).float())
+        if nd < len(x0):  # off-diagonal rows, dropout off (Boffi: train=True only in diagonal_term)
+            x0o, x1o, so, to = x0[nd:], x1[nd:], s[nd:], t[nd:]
+            Io, dIo = interpolate(x0o, x1o, so, cfg.interpolant)
+            was = net.training
+            net.eval()
+            try:
+                if cfg.mode == "psd":
+                    h = torch.rand_like(so) if cfg.psd_type == "uniform" else torch.full_like(so, 0.5)
+                    with C.autocast(env):
+                        parts.append(psd_term(phi, Io, so, to, h).float())
+                else:
+                    with fp32:
+                        if cfg.mode == "lsd":
+                            parts.append(lsd_term(phi, lambda tt, y: phi(y, tt, tt), Io, so, to))
+                        elif cfg.mode == "lmd":
+                            parts.append(lsd_term(phi, teacher_b, Io, so, to))
+                        elif cfg.mode == "esd":
+                            parts.append(esd_term(phi, Io, so, to, cfg.esd_stopgrad))
+                        elif cfg.mode == "emd":
+                            with torch.no_grad():
+                                bT = teacher_b(so, Io)
+                            parts.append(meanflow_term(phi, Io, so, to, bT))
+                        else:  # fmm
+                            It, dIt = interpolate(x0o, x1o, to, cfg.interpolant)
+                            parts.append(fmm_term(phi, It, dIt, so, to, cfg.lambda_inv))
+            finally:
+                net.train(was)
+        l = torch.cat(parts)
+    with fp32:
+        if cfg.mode in ("meanflow", "emd"):
+            return adaptive_weight(l, cfg.adaptive_p, cfg.adaptive_c), l.detach()
+        if head is not None:
+            return learned_weight(l, head(s, t)), l.detach()
+    return l, l.detach()
+
+
+def time_grid(N):
+    """(F18) uniform grid t_k = k / N, k = 0..N (0 noise, 1 data)."""
+    return [k / N for k in range(N + 1)]
+
+
+@torch.no_grad()
+def sample(net, rng, shape, N, cfg, env, clip=True):
+    """(F18) x_0 = sigma0 eps (per sample index), x_{k+1} = X(t_k, t_{k+1}, x_k) on t_k = k / N: exactly N calls.
+    sampler ode: Euler on b(t, x) = phi(t, t, x) instead (a diagnostic separating velocity and map errors)."""
+    phi = net_phi(net, cfg.sigma0)
+    x = cfg.sigma0 * rng.randn(len(rng.gens), *shape)
+    grid = time_grid(N)
+    full = lambda v: torch.full((x.shape[0],), v, device=x.device, dtype=torch.float32)
+    with C.autocast(env):
+        for k in range(N):
+            s, t = full(grid[k]), full(grid[k + 1])
+            if cfg.sampler == "map":
+                x = flow_map(phi, x, s, t).float()
+            else:
+                x = (x + (grid[k + 1] - grid[k]) * phi(x, s, s)).float()
+    return x.clamp(-1, 1) if clip and len(shape) == 3 else x
+
+
+# ====================================================================================== plumbing
+def net_dict(cfg, data):
+    """Two time inputs (s, then Delta = t - s), time_scale 1 (raw times), zero output (phi = 0 at start)."""
+    if data.kind == "images":
+        if cfg.net == "mlp":
+            raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
+        extra = {"time_channels": cfg.time_channels} if cfg.time_channels else {}
+        return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], num_times=2,
+                            time_scale=1.0, dropout=cfg.dropout, **extra)
+    if cfg.net != "mlp":
+        raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    extra = {k: v for k, v in (("width", cfg.width), ("depth", cfg.depth), ("time_channels", cfg.time_channels))
+             if v is not None}
+    return C.net_config("mlp", num_times=2, time_scale=1.0, dropout=cfg.dropout, **extra)
+
+
+def sample_shape(nd):
+    return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
+
+
+def load_teacher(path, env, shape):
+    """A rectified_flow.py checkpoint -> (b_T(t, y) of (F13), teacher noise std). Rebuilt from its `net` with its EMA
+    weights; a wrong method or convention, another data shape or a class-conditional teacher is a UserError."""
+    ck = C.load_checkpoint(path)
+    if ck["method"] != RF_METHOD or ck["convention"] != RF_CONVENTION:
+        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
+                          f"{RF_METHOD} teacher with '{RF_CONVENTION}' is needed.")
+    if tuple(sample_shape(ck["net"])) != tuple(shape):
+        raise C.UserError(f"the teacher '{path}' models data of shape {tuple(sample_shape(ck['net']))}, but the data "
+                          f"here has shape {tuple(shape)}.")
+    if ck["net"].get("label_dim"):
+        raise C.UserError(f"the teacher '{path}' is class-conditional; flow_map.py distils unconditional teachers.")
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema"])
+    net = net.to(env.device).eval().requires_grad_(False)
+    t_eps = float(ck["config"].get("t_eps", 0.0) or 0.0)
+    return rf_velocity(lambda y, tau: net(y, tau), t_eps), float(ck["config"].get("noise_std", 1.0))
+
+
+def choose_sigma0(cfg, data, teacher_std):
+    """Spec §2: the teacher's noise std (lmd/emd; a different --sigma0 is an error), the RMS of the per-coordinate
+    std of 2-D data, 0.5 for images (1.0 for meanflow)."""
+    if teacher_std is not None:
+        if cfg.sigma0 is not None and abs(cfg.sigma0 - teacher_std) > 1e-12:
+            raise C.UserError(f"--sigma0 {cfg.sigma0:g} differs from the teacher's noise std {teacher_std:g}; a "
+                              f"different base noise is a different flow (drop --sigma0).")
+        return teacher_std
+    if cfg.sigma0 is not None:
+        return cfg.sigma0
+    if data.kind == "toy":
+        return 0.5  # common.py toys have per-coordinate RMS std 0.5 exactly
+    if data.kind == "points":
+        return float(data.x.float().var(0).mean().sqrt())
+    return 1.0 if cfg.mode == "meanflow" else 0.5
+
+
+@torch.no_grad()
+def evaluate(net, cfg, data, env, out, step):
+    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the toy metrics of common.md §9."""
+    shape, t0 = sample_shape(C.unwrap(net).config), time.time()
+    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
+    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
+    metrics, panels = dict(step=step), []
+    if len(shape) == 1:
+        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
+               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
+        m = min(n, len(ref))
+        panels.append(("data", ref))
+    for N in cfg.eval_steps:
+        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
+        xs = sample(net, rng, shape, N, cfg, env).cpu()
+        if len(shape) == 1:
+            metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
+            modes = C.toy_modes(data.key) if data.kind == "toy" else None
+            if modes:
+                metrics[f"modes_{N}"], metrics[f"in_mode_{N}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            panels.append((f"{N} step{'s' * (N > 1)} ({cfg.mode})", xs))
+        else:
+            panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+    metrics["eval_s"] = time.time() - t0
+    C.save_panels(os.path.join(out, "samples.png"), panels)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def generator(net, cfg, shape, N, env):
+    return lambda rng, labels: sample(net, rng, shape, N, cfg, env)
+
+
+def resolve(cfg, data, teacher_std):
+    """Fill the mode-dependent defaults (sigma0, diag_frac) so that the checkpoint's config records them."""
+    cfg.sigma0 = choose_sigma0(cfg, data, teacher_std)
+    if cfg.diag_frac is None:
+        cfg.diag_frac = 0.25 if cfg.mode in ("lmd", "emd") else 0.75
+    return cfg
+
+
+def lr_at(cfg, step):
+    lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    return lr * max(step / cfg.lr_ref, 1.0) ** -0.5 if cfg.lr_schedule == "sqrt" else lr
+
+
+def train(cfg, given):
+    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    path = os.path.join(cfg.out, "ckpt.pt")
+    ck = None
+    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
+        ck = C.load_checkpoint(path)
+        if ck["method"] != METHOD:
+            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
+        if "mode" in given and given["mode"] != ck["config"]["mode"]:
+            raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
+        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
+                             {k: v for k, v in given.items() if k != "resume"}, log=lambda m: env.is_main and print(m))
+    data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+    teacher_b, teacher_std = None, None
+    if cfg.mode in ("lmd", "emd"):
+        if cfg.interpolant != "linear":
+            raise C.UserError("the rectified-flow teacher is converted for the linear interpolant only.")
+        teacher_b, teacher_std = load_teacher(cfg.teacher, env, data.shape)
+    cfg = resolve(cfg, data, teacher_std)
+    nd = net_dict(cfg, data)
+    raw = C.build_net(nd).to(env.device)
+    head = C.WeightHead(num_times=2, channels=128).to(env.device) if cfg.learned_weight else None
+    if ck:
+        C.load_state_strict(raw, ck["model"])
+        if head is not None:
+            C.load_state_strict(head, ck["weight_head"])
+    model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # jvp needs the bare module
+    if head is not None:
+        C.distribute(head, env, manual=True)
+    ema = C.EMA(raw, decay=cfg.ema)
+    params = [*raw.parameters(), *(head.parameters() if head is not None else [])]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    if ck:
+        C.load_state_strict(ema.model, ck["ema"])
+        opt.load_state_dict(ck["opt"])
+    gens = [data.gen] if data.gen is not None else []
+    if ck:
+        C.restore_rng(ck, env, gens)
+    step = ck["step"] if ck else 0
+
+    per_rank = cfg.batch // (env.world * cfg.accum)
+    if per_rank * env.world * cfg.accum != cfg.batch:
+        raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
+    n_diag = per_rank if cfg.mode == "meanflow" else diag_rows(per_rank, cfg.diag_frac)
+    log.info(f"{METHOD} {cfg.mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32) | params "
+             f"{sum(p.numel() for p in raw.parameters()):,} | sigma0 {cfg.sigma0:g} | "
+             + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
+             + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"
+             + f" | step {step}/{cfg.iters}")
+    fid = _FidHook(cfg, data, env, log) if cfg.fid_every else None
+    conv = convention(cfg.interpolant, cfg.sigma0)
+
+    def save():
+        extra = dict(weight_head=head.state_dict()) if head is not None else {}
+        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                                     convention=conv, **extra), env, gens)
+
+    scaler = C.make_scaler(env)
+    raw.train()
+    while step < cfg.iters:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        stats = torch.zeros(3, device=env.device)
+        for rnd in range(cfg.accum):
+            # ---------------------------------------------------------------- the method: one flow-map loss
+            x1, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)  # data at t = 1
+            x0 = cfg.sigma0 * torch.randn_like(x1)  # noise at t = 0
+            s, t, nd_rows = sample_times(per_rank, cfg, env.device)
+            l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env)
+            L = l_w.mean()  # (F17) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
+            scaler.scale(L / cfg.accum).backward()
+            # ------------------------------------------------------------------------------------------
+            diag = (s == t).float()
+            stats += torch.stack([L.detach(), (l * diag).sum() / diag.sum().clamp(min=1),
+                                  (l * (1 - diag)).sum() / (1 - diag).sum().clamp(min=1)]) / cfg.accum
+        C.sync_grads(raw, env)  # manual all-reduce (the jvp ran on the bare module), then clip, then step
+        if head is not None:
+            C.sync_grads(head, env)
+        scaler.unscale_(opt)
+        if cfg.clip:
+            nn.utils.clip_grad_norm_(params, cfg.clip)
+        scaler.step(opt)
+        scaler.update()
+        ema.update(raw, step * cfg.batch, cfg.batch)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            log.log(step, loss=stats[0], loss_diag=stats[1], loss_off=stats[2])
+        if step % cfg.ckpt_every == 0 or step == cfg.iters:
+            save()
+        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+            evaluate(ema.model, cfg, data, env, cfg.out, step)
+        if fid and step % cfg.fid_every == 0:
+            fid(ema.model, step)
+    if ck is None and cfg.iters == 0:
+        save()
+    if env.is_main:
+        m = evaluate(ema.model, cfg, data, env, cfg.out, step)
+        log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    C.barrier(env)
+
+
+class _FidHook:
+    """FID-10k proxy of EMA samples at every eval step count (images only); one line and carry on without a detector."""
+
+    def __init__(self, cfg, data, env, log):
+        self.cfg, self.data, self.env, self.log, self.state = cfg, data, env, log, None
+
+    def __call__(self, net, step):
+        if self.data.kind != "images":
+            return
+        if self.state is None:
+            try:
+                det = C.load_detector(self.cfg.fid_detector, self.env)
+                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
+            except C.UserError:
+                self.state = False
+                self.log.info("FID skipped: detector unavailable")
+        if self.state:
+            shape = sample_shape(C.unwrap(net).config)
+            for N in self.cfg.eval_steps:  # every step count from one checkpoint (pitfall 13)
+                fid = C.compute_fid(generator(net, self.cfg, shape, N, self.env), self.cfg.fid_n, self.state[1],
+                                    self.state[0], self.env, 250)
+                self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({N} steps) {fid:.3f}")
+
+
+def sample_or_fid(cmd, opts, given):
+    env = C.setup(opts.device, opts.seed, opts.precision)
+    ck = C.load_checkpoint(opts.ckpt)
+    if ck["method"] != METHOD:
+        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")
+    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
+        raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', which --interpolant/--sigma0 cannot "
+                          f"change at sampling time.")
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema" if opts.ema else "model"])
+    net = net.to(env.device).eval()
+    shape = sample_shape(ck["net"])
+    if cmd == "sample":
+        for N in opts.steps:
+            x = torch.cat([sample(net, C.IndexRNG(idx.tolist(), opts.seed, env.device), shape, N, cfg, env).cpu()
+                           for idx in torch.arange(opts.n).split(opts.batch)])
+            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+            stem, ext = os.path.splitext(base)
+            p = f"{stem}_{N}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            if env.is_main:
+                C.save_array(p, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
+                print(f"wrote {p} ({opts.n} samples, {N} steps, {cfg.sampler})")
+        return
+    if len(shape) == 1:
+        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    det = C.load_detector(opts.fid_detector, env)
+    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
+    for N in opts.steps:
+        fid = C.compute_fid(generator(net, cfg, shape, N, env), opts.n, ref, det, env, opts.batch, opts.seed)
+        if env.is_main:
+            print(f"FID-{opts.n / 1000:g}k | {N} steps ({cfg.sampler}, {N} NFE) | {fid:.4f}")
+            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
+                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], mode=cfg.mode, steps=N, sampler=cfg.sampler,
+                                        n=opts.n, seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)) + "\n")
+
+
+def main(argv=None):
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
+
+
+if __name__ == "__main__":
+    C.main_guard(main)
