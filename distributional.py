@@ -1,0 +1,868 @@
+"""GDD / GDD-I: a diffusion (flow) teacher made a one-step generator by a GAN loss alone.
+
+Paper: Zheng & Yang, "Diffusion Models Are Innate One-Step Generators", arXiv 2405.20750 (GDD, GDD-I); the ICML 2025
+version, arXiv 2506.09376, calls them D2O and D2O-F. Spec: ../shared/specs/distributional.md (equation numbers
+(0)-(12) below refer to it).
+
+The method in a few lines. A pretrained flow teacher's clean-data prediction at the pure-noise end is already a
+one-step generator, G(z) = z - v(z, t_g): at step 0 it is exactly the teacher (for a 1-RF teacher at t_g = 1, its
+one-step Euler sample, which has collapsed onto the data mean). G starts as a copy of the teacher's EMA weights and
+is trained *only* with a non-saturating GAN loss against real data (plus lazy R1 on the discriminator): no
+regression, no distillation, and the teacher is never queried again. GDD trains every weight; GDD-I freezes the two
+3x3 convolutions of every residual block and every attention output projection (~85% of a CIFAR U-Net) and trains
+norms, embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
+DiffAugment), `teacher` (default: trainable heads on a frozen copy of the teacher's encoder, offline) and `vgg` (the
+paper's Projected-GAN D on a frozen ImageNet VGG16-BN, weights downloaded by torchvision on first use).
+
+Convention: the teacher's, checked verbatim: x_t = (1 - t) x + t z, t = 0 data, t = 1 noise, v = z - x; the network
+gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher (1 for a 1-RF).
+
+    python rectified_flow.py && python distributional.py --teacher runs/rectified_flow-toy/ckpt.pt   # toy, CPU
+    python distributional.py                                  # toy with an in-file 1-RF teacher (Eq. 0)
+    python distributional.py --data points.npy --out runs/gdd-mine [--freeze gdd_i]
+    torchrun --nproc_per_node=8 distributional.py --preset cifar10 --teacher runs/rectified_flow-cifar10/ckpt.pt
+    python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
+    python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
+"""
+import copy, dataclasses, json, math, os, time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+import common as C
+
+METHOD = "distributional"
+CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise; G(z)=z-v(z,t_g)"
+TEACHER_METHOD, TEACHER_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
+
+
+# =============================================================================================== config
+@dataclass
+class Config:
+    preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    root: str = "data"  # data sets and FID reference statistics are cached here
+    out: str = "runs/distributional-toy"  # run folder
+    teacher: Optional[str] = None  # rectified_flow.py checkpoint; None: in-file 1-RF teacher (toy/tiny only)
+    resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
+    seed: int = 0  # seeds model init, data order and noise
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: Optional[str] = None  # G's autocast (bf16 on CUDA); D, logits, losses and R1 always fp32
+    compile: bool = False  # torch.compile the generator
+    # in-file teacher, Eq. (0) (toy/tiny only; project choice so that the file runs alone)
+    teacher_net: str = "mlp"  # network of the in-file teacher: mlp (points) or tiny/small/ddpmpp (images)
+    teacher_iters: int = 2000  # its flow-matching steps; 0: --teacher is required
+    teacher_batch: int = 512  # its batch
+    teacher_lr: float = 1e-3  # its Adam learning rate
+    # the method (spec §3)
+    freeze: Literal["none", "gdd_i"] = "none"  # none = GDD (all weights), gdd_i = GDD-I (Eq. 9 frozen)
+    disc: Literal["mlp", "scratch", "teacher", "vgg"] = "mlp"  # discriminator (§3.4)
+    cond: bool = False  # class-conditional G and D (fake labels = the real batch's labels)
+    loss: Literal["ns", "hinge"] = "ns"  # non-saturating (3)-(4) or hinge (12)
+    r1_gamma: Optional[float] = None  # R1 gamma in the batch-mean convention (11); None: the disc's default
+    r1_interval: int = 16  # lazy R1 every r steps with gain r (6)
+    d_t: float = 0.1  # instance-noise level of the `teacher` D: x~ = (1 - d_t) x + d_t eps
+    diffaug: str = ""  # DiffAugment policy inside D, e.g. "color,translation,cutout" (`scratch` default)
+    proj_seed: int = 0  # seed of the `vgg` D's fixed random projections (not --seed)
+    disc_effnet: bool = False  # `vgg` D: add timm's tf_efficientnet_lite0 as a 2nd backbone (needs timm)
+    vgg_weights: Literal["imagenet", "random"] = "imagenet"  # random: test stand-in, never for numbers
+    # optimisation (7)-(8)
+    iters: int = 2000  # G/D iterations
+    batch: int = 512  # global batch B per step (split over ranks)
+    lr_g: float = 1e-4  # G Adam lr, betas (0, 0.99), eps 1e-8
+    lr_d: float = 1e-4  # D Adam lr (x r/(r+1) for lazy R1), betas (0, 0.99^(r/(r+1)))
+    ema_halflife_img: float = 5e5  # EMA half-life H in images (8); 0: no EMA (a copy of G)
+    ema_rampup: Optional[float] = 0.05  # EMA ramp rho: h = min(H, rho n_img) (8)
+    # logging and evaluation
+    log_every: int = 200  # steps between log lines
+    ckpt_every: int = 1000  # steps between checkpoints (and at the end)
+    sample_every: int = 0  # steps between sample grids (0: step 0 and end only)
+    eval_n: int = 4000  # evaluation samples (toy metrics)
+    eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # step counts plotted (K = 1 is GDD)
+    fid_every: int = 0  # steps between FID proxies (images; 0: never); also at step 0
+    fid_n: int = 10_000  # samples of the in-training FID proxy
+    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+
+    def check(self):
+        if self.batch < 1 or self.iters < 0 or self.r1_interval < 1 or self.teacher_iters < 0:
+            raise ValueError("--batch and --r1_interval must be positive, --iters and --teacher_iters non-negative.")
+        if not (self.lr_g > 0 and self.lr_d > 0) or (self.r1_gamma is not None and self.r1_gamma < 0):
+            raise ValueError("--lr_g and --lr_d must be positive and --r1_gamma non-negative.")
+        if not 0 <= self.d_t < 1:
+            raise ValueError(f"--d_t must lie in [0, 1), got {self.d_t}.")
+        bad = set(filter(None, self.diffaug.split(","))) - set(AUGMENTS)
+        if bad:
+            raise ValueError(f"--diffaug knows {', '.join(AUGMENTS)}, not {', '.join(sorted(bad))}.")
+        if not self.data:
+            raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+
+
+R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013, vgg=0.013)  # (11), §3.3: gamma in the batch-mean convention
+
+PRESETS = {  # spec §5
+    # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher (0) 2,000 x 512, Adam 1e-3
+    "toy": dict(data="8gaussians", teacher_net="mlp", teacher_iters=2000, teacher_batch=512, teacher_lr=1e-3,
+                disc="mlp", freeze="none", batch=512, iters=2000, lr_g=1e-4, lr_d=1e-4, r1_interval=16,
+                ema_halflife_img=5e5, ema_rampup=0.05, log_every=200, ckpt_every=1000, eval_n=4000),
+    # tiny: CPU smoke on a uint8 (N, 16, 16, 3) .npy; `scratch` D with DiffAugment, R1 every 2 steps, no EMA
+    "tiny": dict(data="", teacher_net="tiny", teacher_iters=4, teacher_batch=8, teacher_lr=1e-3, disc="scratch",
+                 diffaug="color,translation,cutout", batch=8, iters=4, r1_interval=2, ema_halflife_img=0,
+                 log_every=1, ckpt_every=2, eval_n=16, fid_n=16, eval_steps=[1, 2]),
+    # small: one GPU-hour; teacher from `rectified_flow.py --preset small`; 1 Mimg, FID-10k every 0.25 Mimg
+    "small": dict(data="cifar10", teacher_iters=0, disc="teacher", freeze="gdd_i", batch=128, iters=7813,
+                  lr_g=1e-4, lr_d=1e-4, ema_halflife_img=1e5, ema_rampup=0.05, precision="bf16", log_every=100,
+                  ckpt_every=1954, fid_every=1954, fid_n=10_000, eval_n=64),
+    # cifar10: Zyriix/GDD train.sh: --batch=256 --lr=1e-4 --dlr=1e-4 --duration=5 (5 Mimg = 19,531 steps) --ema=0.5
+    # (Mimg, ramp 0.05) --loss-type=ns --dropout=0 --augment=0, bf16 G (--fp16), lazy R1 every 16, Adam (0, 0.99)
+    # (training_loop.py); GDD-I is the paper's CIFAR result. D: `teacher` (offline); `--disc vgg` = the paper's.
+    "cifar10": dict(data="cifar10", teacher_iters=0, disc="teacher", freeze="gdd_i", batch=256, iters=19_531,
+                    lr_g=1e-4, lr_d=1e-4, r1_interval=16, ema_halflife_img=5e5, ema_rampup=0.05, precision="bf16",
+                    log_every=100, ckpt_every=977, fid_every=977, fid_n=10_000, eval_n=64),
+}
+
+
+# =========================================================================== method: the maths (spec §3)
+def t_g_of(teacher_config):
+    """§2: the largest t the teacher was trained on: 1 - t_eps of its recorded range [t_eps, 1 - t_eps] (2-RF: 1e-5),
+    1 for a 1-RF (t ~ U[0, 1] closed)."""
+    return 1.0 - float(teacher_config.get("t_eps", 0.0) or 0.0)
+
+
+def G(net, z, t_g, y=None):
+    """(1) x_fake = G(z, y) = z - v(z, t_g 1, y): the teacher's clean prediction at the noise end, one call."""
+    return z - net(z, torch.full((z.shape[0],), t_g, device=z.device), y=y)
+
+
+def frozen(name):
+    """(9) GDD-I: a parameter is frozen iff the module just before its leaf is conv0, conv1 (the 3x3 convolutions of
+    every residual block; the MLP's hidden linears) or proj (attention output projections)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in ("conv0", "conv1", "proj")
+
+
+def d_loss(real, fake, kind="ns"):
+    """(3) L_D = mean softplus(-D(x)) + mean softplus(D(sg[G(z')])); (12) hinge: mean relu(1 - D(x)) + mean relu(1 + D).
+    Means over images and all K logits (batch-mean convention), in fp32."""
+    real, fake = real.float(), fake.float()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss(fake, kind="ns"):
+    """(4) L_G = mean softplus(-D(G(z))) (non-saturating); (12) hinge: -mean D(G(z))."""
+    fake = fake.float()
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+def r1_penalty(D, x, y, gamma):
+    """(5) R1 = (gamma/2) mean_i |grad_{x_i} Dbar(x_i, y_i)|^2, Dbar = mean_k D_k, on the raw real tensor (augmentation,
+    if any, happens inside D); create_graph for the double backward. fp32."""
+    x = x.detach().float().requires_grad_(True)
+    dbar = D(x, y).float().mean(1)
+    (g,) = torch.autograd.grad(dbar.sum(), x, create_graph=True)
+    return 0.5 * gamma * g.square().flatten(1).sum(1).mean()
+
+
+def gamma_mean(gamma_orig, K, B_gpu):
+    """(11) GDD's gamma (sum-over-samples losses, R1 of the sum of K logits) in the batch-mean convention."""
+    return gamma_orig * K ** 2 / (2 * B_gpu)
+
+
+def d_adam_hparams(lr_d, r):
+    """(7) lazy regularisation: D Adam lr c lr_D, beta2 0.99^c, c = r / (r + 1) (StyleGAN2 §3.1)."""
+    c = r / (r + 1)
+    return lr_d * c, (0.0, 0.99 ** c)
+
+
+def ema_beta(n_img, B, H, rho):
+    """(8) EDM ramp: h = min(H, rho n_img), beta = 0.5^(B / max(h, 1e-8)) (what common.EMA computes)."""
+    h = H if rho is None else min(H, rho * n_img)
+    return 0.5 ** (B / max(h, 1e-8))
+
+
+def time_grid(K, t_g):
+    """§6 (project extension): tau_k = t_g (1 - k/K), k = 0..K-1."""
+    return [t_g * (1 - k / K) for k in range(K)]
+
+
+@torch.no_grad()
+def sample(net, rng, shape, K, t_g, labels=None):
+    """K = 1 is the method: x = G(z). K > 1 (§6): re-noise the clean estimate to tau_k and predict again,
+    x_tau = (1 - tau) x + tau eps_k, x <- x_tau - tau v(x_tau, tau). Noise per sample index from rng (z, then eps_k)."""
+    x = G(net, rng.randn(len(rng.gens), *shape), t_g, labels).float()
+    for tau in time_grid(K, t_g)[1:]:
+        x_tau = (1 - tau) * x + tau * rng.randn(*x.shape)
+        x = (x_tau - tau * net(x_tau, torch.full((len(x),), tau, device=x.device), y=labels)).float()
+    return x.clamp(-1, 1) if len(shape) == 3 else x
+
+
+# ---- DiffAugment (arXiv 2006.10738), per sample, differentiable in x
+def _brightness(x):
+    return x + (torch.rand(len(x), 1, 1, 1, device=x.device) - 0.5)
+
+
+def _saturation(x):
+    m = x.mean(1, keepdim=True)
+    return (x - m) * (2 * torch.rand(len(x), 1, 1, 1, device=x.device)) + m
+
+
+def _contrast(x):
+    m = x.mean((1, 2, 3), keepdim=True)
+    return (x - m) * (torch.rand(len(x), 1, 1, 1, device=x.device) + 0.5) + m
+
+
+def _translation(x):  # integer shift <= H/8 per sample and axis, zero fill
+    B, _, H, W = x.shape
+    s = max(H // 8, 1)
+    dy, dx = (torch.randint(-s, s + 1, (B, 1), device=x.device) for _ in range(2))
+    iy = (torch.arange(H, device=x.device)[None] + dy + s)  # rows of the zero-padded image
+    ix = (torch.arange(W, device=x.device)[None] + dx + s)
+    xp = F.pad(x, (s, s, s, s))
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _cutout(x):  # one H/2 x W/2 square of zeros per sample, centre anywhere in the image
+    B, _, H, W = x.shape
+    cy, cx = (torch.randint(0, n, (B, 1, 1), device=x.device) for n in (H, W))
+    gy, gx = torch.arange(H, device=x.device)[None, :, None], torch.arange(W, device=x.device)[None, None, :]
+    keep = ((gy - cy).abs() >= H // 4) | ((gx - cx).abs() >= W // 4)
+    return x * keep[:, None].to(x.dtype)
+
+
+AUGMENTS = dict(color=(_brightness, _saturation, _contrast), translation=(_translation,), cutout=(_cutout,))
+
+
+def diff_augment(x, policy):
+    """Apply the comma-separated policy in order; the empty policy is the identity."""
+    for p in filter(None, policy.split(",")):
+        for f in AUGMENTS[p]:
+            x = f(x)
+    return x
+
+
+# ---- discriminators (§3.4): each returns [B, K] logits; conditional ones project onto e(y) (10)
+class Projection(nn.Module):
+    """(10) D_k(x, y) = <phi_k(x), e(y)> / sqrt(c_e), c_e = 64, e a learned Embedding(num_classes, 64) per head;
+    unconditional heads emit one channel, passed through."""
+
+    def __init__(self, num_classes, c_e=64):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, c_e) if num_classes else None
+
+    def forward(self, phi, y):  # phi: [B, c, *positions] -> [B, K]
+        if self.embed is None:
+            return phi.flatten(1)
+        e = self.embed(y).reshape(len(y), -1, *[1] * (phi.ndim - 2))
+        return (phi * e).sum(1).flatten(1) / math.sqrt(phi.shape[1])
+
+
+class MlpD(nn.Module):
+    """`mlp` D for 2-D points: 2 -> 128 -> 128 -> 128 -> 1 (64 with cond), LeakyReLU 0.2. K = 1."""
+
+    def __init__(self, dim=2, num_classes=0, width=128):
+        super().__init__()
+        c = 64 if num_classes else 1
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.LeakyReLU(0.2), nn.Linear(width, width), nn.LeakyReLU(0.2),
+                                 nn.Linear(width, width), nn.LeakyReLU(0.2), nn.Linear(width, c))
+        self.proj = Projection(num_classes)
+
+    def forward(self, x, y=None, amp=None):
+        return self.proj(self.net(x), y)
+
+
+class ScratchD(nn.Module):
+    """`scratch` D: 3x3 conv to 64, residual blocks [conv3, LReLU, conv3, LReLU, avg-pool 2] + 1x1 skip, channels
+    doubling to 256, down to 4x4, linear to 1 (64 with cond); no normalisation; DiffAugment inside forward. K = 1."""
+
+    def __init__(self, in_ch, res, num_classes=0, policy=""):
+        super().__init__()
+        self.policy = policy
+        self.stem, c, blocks = nn.Conv2d(in_ch, 64, 3, padding=1), 64, []
+        while res > 4:
+            co = min(2 * c, 256)
+            blocks.append(nn.ModuleDict(dict(conv_a=nn.Conv2d(c, co, 3, padding=1), conv_b=nn.Conv2d(co, co, 3, padding=1),
+                                             skip=nn.Conv2d(c, co, 1))))
+            c, res = co, res // 2
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(c * res * res, 64 if num_classes else 1)
+        self.proj = Projection(num_classes)
+
+    def forward(self, x, y=None, amp=None):
+        h = self.stem(diff_augment(x, self.policy))
+        for b in self.blocks:
+            r = F.leaky_relu(b["conv_b"](F.leaky_relu(b["conv_a"](h), 0.2)), 0.2)
+            h = (F.avg_pool2d(r, 2) + F.avg_pool2d(b["skip"](h), 2)) / math.sqrt(2)
+        return self.proj(self.head(h.flatten(1)), y)
+
+
+def _sn_head(cin, res, cout, mid=128):
+    """`teacher` D head: SN 1x1 conv to 128, LReLU, stride-2 4x4 SN convs + LReLU down to 4x4, SN 3x3 conv to cout."""
+    layers = [spectral_norm(nn.Conv2d(cin, mid, 1)), nn.LeakyReLU(0.2)]
+    while res > 4:
+        layers += [spectral_norm(nn.Conv2d(mid, mid, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        res //= 2
+    return nn.Sequential(*layers, spectral_norm(nn.Conv2d(mid, cout, 3, padding=1)))
+
+
+class TeacherD(nn.Module):
+    """`teacher` D: a frozen deep copy of the teacher (own storage, eval mode) run through its encoder only on
+    x~ = (1 - d_t) x + d_t eps at t = d_t (same labels); one trainable SN head per encoder resolution."""
+
+    def __init__(self, teacher, d_t, num_classes=0, policy=""):
+        super().__init__()
+        self.encoder = copy.deepcopy(teacher).eval().requires_grad_(False)
+        for p in self.encoder.parameters():  # own storage even if `teacher` shares tensors with something else
+            p.data = p.data.clone()
+        self.d_t, self.policy = d_t, policy
+        nd = teacher.config
+        if nd["kind"] != "unet":
+            raise C.UserError("--disc teacher needs an image teacher; 2-D points use --disc mlp.")
+        with torch.no_grad():
+            feats = self.encoder.encoder_features(torch.zeros(1, nd["in_channels"], nd["img_resolution"],
+                                                              nd["img_resolution"]), torch.zeros(1),
+                                                  y=torch.zeros(1, dtype=torch.long) if nd["label_dim"] else None)
+        self.shapes = [tuple(f.shape[1:]) for f in feats]
+        self.heads = nn.ModuleList(_sn_head(c, r, 64 if num_classes else 1) for c, r, _ in self.shapes)
+        self.projs = nn.ModuleList(Projection(num_classes) for _ in self.shapes)
+
+    def train(self, mode=True):  # the encoder copy stays in eval mode (no dropout)
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x, y=None, amp=None):
+        x = diff_augment(x, self.policy)
+        xt = (1 - self.d_t) * x + self.d_t * torch.randn_like(x)
+        t = torch.full((len(x),), self.d_t, device=x.device)
+        yt = y if self.encoder.config["label_dim"] else None
+        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+            feats = self.encoder.encoder_features(xt, t, y=yt)
+        return torch.cat([p(h(f.float()), y) for f, h, p in zip(feats, self.heads, self.projs)], 1)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def vgg_backbone(weights, env, log):
+    """torchvision vgg16_bn features cut after the 2nd-5th max-pool (128 ch at 56^2, 256 at 28^2, 512 at 14^2, 512 at
+    7^2); ImageNet weights downloaded on first use (rank 0 first). None when they cannot be had."""
+    import torchvision
+    if weights == "random":
+        return torchvision.models.vgg16_bn(weights=None).features
+    w = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1
+    err = None
+    if env.is_main:
+        try:
+            torchvision.models.vgg16_bn(weights=w)
+        except Exception as e:
+            err = e
+    C.barrier(env)
+    try:
+        if err is None:
+            return torchvision.models.vgg16_bn(weights=w).features
+    except Exception as e:
+        err = e
+    log.info(f"VGG16-BN ImageNet weights could not be had ({type(err).__name__}: {str(err)[:60]}); "
+             f"training with --disc teacher instead.")
+    return None
+
+
+def _effnet_backbone(log):
+    try:
+        import timm
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))
+        return net.eval().requires_grad_(False), net.feature_info.channels()
+    except Exception as e:
+        log.info(f"tf_efficientnet_lite0 unavailable ({type(e).__name__}; it needs timm and its weights); "
+                 f"continuing with VGG16-BN alone.")
+        return None, None
+
+
+class VggD(nn.Module):
+    """`vgg` D (Projected GAN, arXiv 2111.01007, as GDD): frozen VGG16-BN features at 4 scales, fixed random 1x1
+    projections c_k = W_k f_k (64, 128, 256, 512 channels) mixed top-down p_k = c_k + Up2(V_k p_{k+1}), and a
+    trainable mini-D per scale ([stride-2 4x4 SN conv, BatchNorm, LReLU] down to 7^2, 4x4 SN conv): K = 64."""
+
+    CUTS, CHANNELS = ((0, 14), (14, 24), (24, 34), (34, 44)), (128, 256, 512, 512)
+
+    def __init__(self, features, in_ch, num_classes=0, proj_seed=0, policy="", effnet=None):
+        super().__init__()
+        self.in_ch, self.policy = in_ch, policy
+        self.stages = nn.ModuleList(features[a:b] for a, b in self.CUTS)
+        self.backbones = [(self.stages, self.CHANNELS)] + ([effnet] if effnet and effnet[0] is not None else [])
+        self.effnet = effnet[0] if effnet and effnet[0] is not None else None
+        self.proj_c, self.proj_v, self.heads, self.projs = (nn.ModuleList() for _ in range(4))
+        g = torch.Generator().manual_seed(proj_seed)
+        for _, chans in self.backbones:
+            widths = [64 * 2 ** k for k in range(4)]
+            cs = nn.ModuleList(nn.Conv2d(ci, co, 1, bias=False) for ci, co in zip(chans, widths))
+            vs = nn.ModuleList(nn.Conv2d(widths[k + 1], widths[k], 1, bias=False) for k in range(3))
+            for m in [*cs, *vs]:  # fixed random projections from proj_seed (Kaiming-normal scale)
+                m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1])
+            self.proj_c.append(cs), self.proj_v.append(vs)
+            for k, w in enumerate(widths):
+                layers, c, res = [], w, 56 >> k
+                while res > 7:
+                    co = min(2 * c, 512)
+                    layers += [spectral_norm(nn.Conv2d(c, co, 4, stride=2, padding=1)), nn.BatchNorm2d(co),
+                               nn.LeakyReLU(0.2)]
+                    c, res = co, res // 2
+                self.heads.append(nn.Sequential(*layers, spectral_norm(nn.Conv2d(c, 64 if num_classes else 1, 4))))
+                self.projs.append(Projection(num_classes))
+        for m in [self.stages, self.proj_c, self.proj_v] + ([self.effnet] if self.effnet is not None else []):
+            m.requires_grad_(False)
+
+    def train(self, mode=True):  # backbones stay in eval mode (BatchNorm running stats); heads train
+        super().train(mode)
+        self.stages.eval()
+        if self.effnet is not None:
+            self.effnet.eval()
+        return self
+
+    def prepare(self, x):
+        """[-1, 1] -> ImageNet-normalised RGB at 224^2 (bilinear)."""
+        x = (x + 1) / 2
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        mean, std = (torch.tensor(v, device=x.device).reshape(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return F.interpolate((x - mean) / std, size=(224, 224), mode="bilinear", align_corners=False)
+
+    def features(self, x):
+        out, h = [], x
+        for st in self.stages:
+            h = st(h)
+            out.append(h)
+        feats = [out]
+        if self.effnet is not None:
+            feats.append(self.effnet(x))
+        return feats
+
+    def forward(self, x, y=None, amp=None):
+        x = self.prepare(diff_augment(x, self.policy))
+        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+            feats = self.features(x)
+        logits, i = [], 0
+        for fs, cs, vs in zip(feats, self.proj_c, self.proj_v):
+            c = [cm(f.float()) for cm, f in zip(cs, fs)]
+            p = [None] * 4
+            p[3] = c[3]
+            for k in (2, 1, 0):  # top-down mixing (a simplified CSM)
+                p[k] = c[k] + F.interpolate(vs[k](p[k + 1]), size=c[k].shape[-2:], mode="bilinear", align_corners=False)
+            for k in range(4):
+                logits.append(self.projs[i](self.heads[i](p[k]), y))
+                i += 1
+        return torch.cat(logits, 1)
+
+
+# ====================================================================================== plumbing: teacher
+def teacher_net_dict(cfg, data):
+    """The in-file teacher's network (Eq. 0), exactly as rectified_flow.py's net_dict builds it."""
+    if data.kind == "images":
+        if cfg.teacher_net == "mlp":
+            raise C.UserError("--teacher_net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
+        return C.net_config(cfg.teacher_net, img_resolution=data.shape[1], in_channels=data.shape[0], time_scale=1000.0,
+                            label_dim=data.num_classes if cfg.cond else 0)
+    if cfg.teacher_net != "mlp":
+        raise C.UserError(f"--teacher_net {cfg.teacher_net} is an image network; 2-D points need mlp.")
+    return C.net_config("mlp", time_scale=1000.0)
+
+
+def train_teacher(cfg, data, env, path, log):
+    """(0) in-file 1-RF teacher (toy/tiny only): L = E (1/d)|v(x_t, t) - (z - x)|^2, t ~ U[0, 1], x_t = (1 - t) x + t z.
+    Written in rectified_flow.py's checkpoint format (method, convention, net, a subset of its Config, EMA = raw)."""
+    nd = teacher_net_dict(cfg, data)
+    raw = C.build_net(nd).to(env.device)
+    net = C.distribute(raw, env)
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.999), eps=1e-8)
+    per_rank = cfg.teacher_batch // env.world
+    log.info(f"teacher (Eq. 0): 1-RF, {cfg.teacher_iters} x {cfg.teacher_batch}, Adam {cfg.teacher_lr:g} -> {path}")
+    for step in range(cfg.teacher_iters):
+        x, y = data.batch(per_rank, step, env.rank, env.world)
+        z, t = torch.randn_like(x), torch.rand(len(x), device=env.device)
+        tt = t.reshape(-1, *[1] * (x.ndim - 1))
+        with C.autocast(env):
+            v = net((1 - tt) * x + tt * z, t, y=y if cfg.cond else None)
+        L = (v.float() - (z - x)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        L.backward()
+        opt.step()
+        if (step + 1) % max(cfg.teacher_iters // 4, 1) == 0:
+            log.info(f"teacher step {step + 1}/{cfg.teacher_iters} | loss {C.all_mean(L.detach(), env).item():.4f}")
+    tcfg = dict(preset=cfg.preset, stage="1rf", data=cfg.data, root=cfg.root, out=os.path.dirname(path), seed=cfg.seed,
+                net=cfg.teacher_net, dropout=0.0, cond=cfg.cond, iters=cfg.teacher_iters, batch=cfg.teacher_batch,
+                lr=cfg.teacher_lr, ema=None, xflip=False, t_eps=0.0, noise_std=1.0, t_dist="uniform")
+    sd = raw.state_dict()
+    C.save_checkpoint(path, dict(model=sd, ema=sd, opt=opt.state_dict(), step=cfg.teacher_iters, config=tcfg, net=nd,
+                                 method=TEACHER_METHOD, convention=TEACHER_CONVENTION), env)
+
+
+def load_teacher(path, cfg, data, log):
+    """A rectified_flow.py checkpoint -> (network with its EMA weights, dropout 0 (2), checkpoint, t_g). Strict; the
+    convention and method are checked verbatim; cond must match the teacher's label embedding."""
+    ck = C.load_checkpoint(path)
+    if ck["method"] != TEACHER_METHOD or ck["convention"] != TEACHER_CONVENTION:
+        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
+                          f"{TEACHER_METHOD} teacher with '{TEACHER_CONVENTION}' is needed.")
+    tcfg, nd = ck["config"], dict(ck["net"])
+    t_g = t_g_of(tcfg)
+    if t_g < 0.99:
+        raise C.UserError(f"the teacher was trained only up to t = {t_g:g}; the generator needs t_g >= 0.99.")
+    if nd.get("num_times", 1) != 1:
+        raise C.UserError(f"'{path}' has a two-time network; a one-time velocity teacher is needed.")
+    has_labels = bool(nd.get("label_dim"))
+    if has_labels != cfg.cond:
+        raise C.UserError(f"--cond {cfg.cond} does not fit the teacher, which {'has' if has_labels else 'lacks'} the "
+                          f"label embedding map_label.weight; set --cond {str(has_labels).lower()}.")
+    if data is not None:
+        want = (data.kind == "images", data.shape if data.kind == "images" else (nd.get("dim"),))
+        got = (nd["kind"] == "unet", (nd.get("in_channels"), nd.get("img_resolution"), nd.get("img_resolution"))
+               if nd["kind"] == "unet" else (nd.get("dim"),))
+        if want != got:
+            raise C.UserError(f"the teacher's network ({nd['kind']}, shape {got[1]}) does not fit the data "
+                              f"'{cfg.data}' of shape {tuple(data.shape)}.")
+        if has_labels and nd["label_dim"] != data.num_classes:
+            raise C.UserError(f"the teacher has {nd['label_dim']} classes, the data {data.num_classes}.")
+    stage = tcfg.get("stage", "1rf")
+    density = "uniform" if stage == "1rf" else tcfg.get("t_dist", "uniform")
+    if density not in ("uniform", "ushape"):
+        log.info(f"warning: the teacher's time density '{density}' puts almost no mass near t_g = {t_g:g}, so its "
+                 f"step-0 generator is barely trained (spec §2); a uniform-t 1-RF teacher is the tested setting.")
+    if stage != "1rf":
+        log.info(f"note: '{path}' is a {stage} checkpoint, already a one-step model; this run is an ablation "
+                 f"outside the paper (its setting is a 1-RF teacher).")
+    nd["dropout"] = 0.0  # (2) the only allowed difference from the teacher's net dict
+    net = C.build_net(nd)
+    C.load_state_strict(net, ck["ema"])
+    return net, ck, t_g
+
+
+# ====================================================================================== plumbing: D, eval
+def build_disc(cfg, data, teacher, env, log):
+    """The discriminator named by cfg.disc for these data; the `vgg` D falls back to `teacher` without weights."""
+    k = data.num_classes if cfg.cond else 0
+    if data.kind != "images":
+        if cfg.disc != "mlp":
+            raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
+        return MlpD(data.shape[0], k)
+    if cfg.disc == "mlp":
+        raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or vgg.")
+    if cfg.disc == "scratch":
+        return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
+    if cfg.disc == "vgg":
+        with torch.random.fork_rng(devices=[]):  # the backbone (random stand-in) from proj_seed, not --seed
+            torch.manual_seed(C.derive_seed(cfg.proj_seed, "vgg"))
+            feats = vgg_backbone(cfg.vgg_weights, env, log)
+        if feats is not None:
+            eff = _effnet_backbone(log) if cfg.disc_effnet else None
+            return VggD(feats, data.shape[0], k, cfg.proj_seed, cfg.diffaug, eff)
+        cfg.disc = "teacher"
+    return TeacherD(teacher, cfg.d_t, k, cfg.diffaug)
+
+
+def disc_state(D):
+    """D's checkpoint entry: heads, fixed projections, the `teacher` D's encoder copy; never downloaded backbones."""
+    return {k: v for k, v in D.state_dict().items() if not k.startswith(("stages.", "effnet."))}
+
+
+def load_disc_state(D, sd):
+    own = disc_state(D)
+    if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
+        raise C.UserError(f"the checkpoint's discriminator does not fit --disc: missing {sorted(set(own) - set(sd))[:5]}, "
+                          f"unexpected {sorted(set(sd) - set(own))[:5]}.")
+    D.load_state_dict({**D.state_dict(), **sd})
+
+
+def sample_shape(nd):
+    return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
+
+
+@torch.no_grad()
+def euler(net, z, K, labels=None):
+    """The teacher's own K-step Euler ODE sample from t = 1 to 0 (a reference for the toy log only)."""
+    x = z
+    for i in range(K):
+        t, t_next = 1 - i / K, 1 - (i + 1) / K
+        x = x + (t_next - t) * net(x, torch.full((len(x),), t, device=x.device), y=labels)
+    return x.float()
+
+
+def _labels(rng, nd):
+    return rng.randint(nd["label_dim"]) if nd["label_dim"] else None
+
+
+@torch.no_grad()
+def evaluate(net, init, cfg, data, env, out, step, t_g):
+    """Rank 0: samples of the EMA generator at eval_steps beside the step-0 generator (`init`, the teacher) and the
+    data (PNG); for points the common toy metrics (SWD, MMD^2, modes, in-mode) per K and for step 0 ('init')."""
+    nd, t0 = C.unwrap(net).config, time.time()
+    shape = sample_shape(nd)
+    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
+    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
+    metrics, panels = dict(step=step), []
+    ref = None
+    if len(shape) == 1:
+        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
+               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
+        panels.append(("data", ref))
+    variant = "GDD-I" if cfg.freeze == "gdd_i" else "GDD"
+    if step == 0:  # `net` is the step-0 generator itself (= the teacher); for points also the teacher's 100 Euler steps
+        runs = [("init", net, 1, "step 0: teacher x-hat at t_g")] + ([("teacher100", net, 0, "teacher, 100 Euler steps")]
+                                                                     if len(shape) == 1 else [])
+    else:
+        runs = ([("init", init, 1, "step 0: teacher x-hat at t_g")] if init is not None else []) + \
+            [(str(K), net, K, f"{variant} step {step}, {K} step{'s' * (K > 1)}") for K in cfg.eval_steps]
+    for key, m, K, title in runs:
+        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
+        labels = _labels(C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval labels"), env.device), nd)
+        xs = (sample(m.eval(), rng, shape, K, t_g, labels) if K else euler(m, rng.randn(n, *shape), 100, labels)).cpu()
+        if ref is not None:
+            mm = min(n, len(ref))
+            metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:mm], ref[:mm]), C.mmd2(xs[:2000], ref[:2000])
+            modes = C.toy_modes(data.key) if data.kind == "toy" else None
+            if modes:
+                metrics[f"modes_{key}"], metrics[f"in_mode_{key}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            panels.append((title, xs))
+        else:
+            panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+    metrics["eval_s"] = time.time() - t0
+    C.save_panels(os.path.join(out, "samples.png" if step > 0 else "samples_step0.png"), panels)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+class FidHook:
+    """FID-10k proxy of the EMA generator (1 step, images only); one line and carry on without a detector."""
+
+    def __init__(self, cfg, data, env, log, t_g):
+        self.cfg, self.data, self.env, self.log, self.t_g, self.state = cfg, data, env, log, t_g, None
+
+    def __call__(self, net, step):
+        if self.state is None:
+            try:
+                det = C.load_detector(self.cfg.fid_detector, self.env)
+                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
+            except C.UserError:
+                self.state = False
+                self.log.info("FID skipped: detector unavailable")
+        if self.state:
+            nd = C.unwrap(net).config
+            gen = lambda rng, labels: sample(net, rng, sample_shape(nd), 1, self.t_g, labels)
+            fid = C.compute_fid(gen, self.cfg.fid_n, self.state[1], self.state[0], self.env, 250, 0, nd["label_dim"])
+            self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy (1 step) {fid:.3f}")
+            return fid
+
+
+# ====================================================================================== training
+def _sanitize(params):
+    """Non-finite gradient entries -> 0 / +-1e5 (as GDD and the StyleGAN code); NaN losses are caught by the log."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+def train(cfg, given):
+    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    path = os.path.join(cfg.out, "ckpt.pt")
+    ck = None
+    say = lambda m: env.is_main and print(m, flush=True)
+    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
+        ck = C.load_checkpoint(path)
+        if ck["method"] != METHOD:
+            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
+        for k in ("freeze", "disc", "cond"):
+            if k in given and given[k] != ck["config"][k]:
+                raise C.UserError(f"'{path}' was trained with --{k} {ck['config'][k]}; use another --out for "
+                                  f"--{k} {given[k]}.")
+        if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
+            raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
+        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
+                             {k: v for k, v in given.items() if k != "resume"}, log=say)
+    data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
+    if cfg.cond and not data.num_classes:
+        raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
+
+    # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF (0) for toy/tiny
+    tpath = ck["teacher"]["path"] if ck else cfg.teacher
+    if tpath is None:
+        if not cfg.teacher_iters:
+            raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
+                              f"--preset {cfg.preset} --stage 1rf`.")
+        tpath = os.path.join(cfg.out, "teacher.pt")
+        if not os.path.exists(tpath):
+            train_teacher(cfg, data, env, tpath, log)
+    teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
+    teacher = teacher.to(env.device).eval().requires_grad_(False)
+
+    # ---- generator (2): raw weights and EMA both start as the teacher's EMA; GDD-I freezes (9) once
+    nd = teacher.config
+    raw = copy.deepcopy(teacher).train().requires_grad_(True)
+    if ck:
+        C.load_state_strict(raw, ck["model"])
+    if cfg.freeze == "gdd_i":
+        for n, p in raw.named_parameters():
+            p.requires_grad_(not frozen(n))
+    n_all = sum(p.numel() for p in raw.parameters())
+    n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
+    D = build_disc(cfg, data, teacher, env, log).to(env.device).train()
+    gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style sync (§3.2)
+    C.distribute(D, env, manual=True)
+    ema = C.EMA(raw, decay=0.0) if not cfg.ema_halflife_img else \
+        C.EMA(raw, halflife_kimg=cfg.ema_halflife_img / 1000, rampup=cfg.ema_rampup)
+    g_params = [p for p in raw.parameters() if p.requires_grad]
+    d_params = [p for p in D.parameters() if p.requires_grad]  # the stored list toggled in the G step (§3.2)
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8)  # (7)
+    lr_d, betas_d = d_adam_hparams(cfg.lr_d, cfg.r1_interval)
+    opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8)
+    gens = [data.gen] if data.gen is not None else []
+    if ck:
+        C.load_state_strict(ema.model, ck["ema"])
+        load_disc_state(D, ck["disc"])
+        opt_g.load_state_dict(ck["opt"]["g"]), opt_d.load_state_dict(ck["opt"]["d"])
+        C.restore_rng(ck, env, gens)
+    step = ck["step"] if ck else 0
+    gamma = cfg.r1_gamma if cfg.r1_gamma is not None else R1_DEFAULT[cfg.disc]
+
+    per_rank = cfg.batch // env.world
+    if per_rank * env.world != cfg.batch:
+        raise C.UserError(f"--batch {cfg.batch} is not divisible by the world size {env.world}.")
+    with torch.no_grad(), torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        probe = torch.zeros(2, *data.shape, device=env.device)  # eval mode: no spectral-norm or BatchNorm update
+        K = D.eval()(probe, torch.zeros(2, dtype=torch.long, device=env.device) if cfg.cond else None).shape[1]
+        D.train()
+    variant = "GDD-I" if cfg.freeze == "gdd_i" else "GDD"
+    log.info(f"{METHOD} ({variant}) | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} | device "
+             f"{env.device} | precision {env.precision} (D fp32) | teacher {tpath} (step {tck['step']}, t_g {t_g:g}) | "
+             f"disc {cfg.disc} (K = {K} logits, {sum(p.numel() for p in d_params):,} trainable) | loss {cfg.loss} | "
+             f"gamma {gamma:g} every {cfg.r1_interval} | step {step}/{cfg.iters}")
+    log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
+    fid = FidHook(cfg, data, env, log, t_g) if cfg.fid_every and data.kind == "images" else None
+    if step == 0:  # the step-0 generator, before any update
+        if env.is_main:
+            m = evaluate(ema.model, None, cfg, data, env, cfg.out, 0, t_g)
+            log.info("step 0: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+        if fid:
+            fid(ema.model, 0)
+
+    def save():
+        if bool(bad):  # a NaN/inf loss since the last log line: keep the last good checkpoint
+            raise C.UserError(f"the loss became NaN/inf before step {step}; last checkpoint kept.")
+        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(),
+                                     opt=dict(g=opt_g.state_dict(), d=opt_d.state_dict()), step=step,
+                                     config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION,
+                                     disc=disc_state(D), t_g=t_g,
+                                     teacher=dict(path=tpath, step=tck["step"], method=tck["method"],
+                                                  convention=tck["convention"])), env, gens)
+
+    amp = lambda: C.autocast(env)
+    bad = torch.zeros((), dtype=torch.bool, device=env.device)
+    r1 = torch.zeros((), device=env.device)
+    while step < cfg.iters:
+        x, y = data.batch(per_rank, step, env.rank, env.world)
+        y = y if cfg.cond else None  # fake labels = the real batch's labels (pitfall 17)
+        # ---------------------------------------------------------------- the method: one G / D / R1 step
+        # G step (4): fresh z; D's trainable tensors flagged off, so L_G reaches G through D but updates no D tensor
+        for p in d_params:
+            p.requires_grad_(False)
+        z = torch.randn_like(x)
+        with amp():
+            fake = G(gen_model, z, t_g, y)
+        L_G = g_loss(D(fake.float(), y, amp()), cfg.loss)
+        opt_g.zero_grad(set_to_none=True)
+        L_G.backward()
+        for p in d_params:
+            p.requires_grad_(True)
+        _sanitize(g_params), C.sync_grads(raw, env)
+        opt_g.step()
+        # D step (3): fresh z', the fakes are constants; real and fake in separate passes
+        with torch.no_grad(), amp():
+            fake = G(gen_model, torch.randn_like(x), t_g, y).float()
+        real_logits, fake_logits = D(x, y, amp()), D(fake, y, amp())
+        L_D = d_loss(real_logits, fake_logits, cfg.loss)
+        opt_d.zero_grad(set_to_none=True)
+        L_D.backward()
+        _sanitize(d_params), C.sync_grads(D, env)
+        opt_d.step()
+        # lazy R1 (5)-(6) at steps r, 2r, ... (not 0): one extra D update on r * R1, on the same real batch
+        if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:
+            r1 = r1_penalty(D, x, y, gamma)
+            opt_d.zero_grad(set_to_none=True)
+            (cfg.r1_interval * r1).backward()
+            _sanitize(d_params), C.sync_grads(D, env)
+            opt_d.step()
+        ema.update(raw, step * cfg.batch, cfg.batch)  # (8)
+        # --------------------------------------------------------------------------------------------------
+        bad = bad | ~torch.isfinite(L_G.detach()) | ~torch.isfinite(L_D.detach()) | ~torch.isfinite(r1.detach())
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            log.log(step, L_D=L_D, L_G=L_G, R1=r1, D_real=torch.sigmoid(real_logits.detach().float()).mean(),
+                    D_fake=torch.sigmoid(fake_logits.detach().float()).mean(), bad=bad.float())
+        if step % cfg.ckpt_every == 0 or step == cfg.iters:
+            save()
+        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+            evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
+        if fid and step % cfg.fid_every == 0:
+            fid(ema.model, step)
+    if ck is None and cfg.iters == 0:
+        save()
+    if env.is_main and step > 0:
+        m = evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
+        log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    C.barrier(env)
+
+
+# ====================================================================================== commands
+def sample_or_fid(cmd, opts, given):
+    env = C.setup(opts.device, opts.seed, opts.precision)
+    ck = C.load_checkpoint(opts.ckpt)
+    if ck["method"] != METHOD or ck["convention"] != CONVENTION:
+        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
+    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema" if opts.ema else "model"])
+    net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]
+    if any(K > 1 for K in opts.steps) and env.is_main:
+        print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts (spec §6) and is "
+              "usually worse than K = 1.")
+    gen = lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g, labels))
+    if cmd == "sample":
+        for K in opts.steps:
+            xs = []
+            for idx in torch.arange(opts.n).split(opts.batch):
+                rng = C.IndexRNG(idx.tolist(), opts.seed, env.device)
+                xs.append(gen(K)(rng, _labels(rng, ck["net"])).cpu())
+            x = torch.cat(xs)
+            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+            stem, ext = os.path.splitext(base)
+            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            if env.is_main:
+                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
+                print(f"wrote {path} ({opts.n} samples, {K} step{'s' * (K > 1)}, t_g {t_g:g})")
+        return
+    if len(shape) == 1:
+        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    det = C.load_detector(opts.fid_detector, env)
+    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
+    for K in opts.steps:
+        fid = C.compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, ck["net"]["label_dim"])
+        if env.is_main:
+            print(f"FID-{opts.n / 1000:g}k | {K} step{'s' * (K > 1)} | {fid:.4f}")
+            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
+                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], steps=K, n=opts.n, seed=opts.seed,
+                                        detector=det.name, fid=fid, ema=opts.ema, freeze=cfg.freeze,
+                                        disc=cfg.disc)) + "\n")
+
+
+def main(argv=None):
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
+
+
+if __name__ == "__main__":
+    C.main_guard(main)
