@@ -1,0 +1,655 @@
+"""sCM: continuous-time consistency models with TrigFlow (TrigFlow diffusion, sCT and sCD).
+
+Paper: Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", arXiv 2410.11081
+       (ICLR 2025). Spec: ../shared/specs/scm.md; (S1)-(S14) below refer to the spec, "Eq. n" to the paper.
+
+The method in a few lines. TrigFlow puts data and noise on a circle, x_t = cos t x0 + sin t z (S1), and a network
+F predicts the PF-ODE velocity dx_t/dt = sigma_d F(x_t / sigma_d, t) (S3). A consistency model maps any x_t to
+the trajectory's clean end f(x_t, t) = cos t x_t - sin t sigma_d F (S6), so f(x, 0) = x. The continuous-time CM
+gradient needs only the derivative of f along the ODE path, df/dt, a Jacobian-vector product computed exactly with
+forward-mode AD (S10). sCT takes dx_t/dt from the data (the one-sample velocity); sCD from a TrigFlow diffusion
+teacher. Stability comes from TrigFlow, c_noise(t) = t, adaptive double normalisation in the U-Net, a warmed-up
+and normalised tangent (S11-S12), and a learned weight w(t) (S13). Samples take 1 or 2 network evaluations.
+
+Convention (written into every checkpoint): x_t = cos(t) x + sin(t) z, z ~ N(0, sigma_d^2 I), sigma_d = 0.5,
+t in [0, pi/2], t = pi/2 noise, dx/dt = sigma_d F(x / sigma_d, t). EDM view: sigma = sigma_d tan t.
+
+Modes (--mode): diffusion (TrigFlow teacher, Eq. 4) -> sct (Alg. 1, data velocity) | scd (Alg. 1, teacher velocity);
+`all` runs diffusion, then sCT and sCD initialised from it, in DIR/{diffusion,sct,scd} (default of the toy preset).
+
+    python scm.py                                                     # toy: diffusion -> sCT, sCD; CPU, minutes
+    python scm.py --mode sct                                          # sCT from scratch (not the paper's init)
+    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode diffusion
+    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode sct --teacher runs/scm-diffusion-cifar10/ckpt.pt
+    python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt --steps 1,2 --out s.png
+    python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2
+"""
+import contextlib, dataclasses, json, math, os, time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+import common as C
+
+# torch.func.jvp scripts its own decompositions on first use and warns about that; nothing to act on here
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+METHOD = "scm"
+CONVENTION = "x_t=cos(t)*x+sin(t)*z, z~N(0,sigma_d^2), t in [0,pi/2], t=pi/2 noise, dx/dt=sigma_d*F(x/sigma_d,t)"
+MODES = ("diffusion", "sct", "scd")
+
+
+# =============================================================================================== config
+@dataclass
+class Config:
+    preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
+    mode: Literal["diffusion", "sct", "scd", "all"] = "sct"  # what to train (spec §1); all = diffusion -> sct, scd
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    root: str = "data"  # data sets and FID reference statistics are cached here
+    out: str = "runs/scm-sct-toy"  # run folder
+    teacher: Optional[str] = None  # scm diffusion checkpoint: init of sct/scd (its EMA) and scd's velocity
+    resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
+    seed: int = 0  # seeds model init, data order and noise
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: Optional[str] = None  # grad pass precision (default bf16 on CUDA); JVP and loss are always fp32
+    compile: bool = False  # torch.compile the grad pass only (the JVP runs eagerly, pitfall 8)
+    # network (common.net_config, one time input, time_scale 1: c_noise(t) = t, spec §4)
+    net: str = "mlp"  # mlp, tiny, small, ddpmpp
+    width: int = 256  # MLP width (2-D data only)
+    depth: int = 4  # MLP residual blocks (2-D data only)
+    adn: bool = False  # adaptive double normalisation (Sec. 4.1); on for the U-Net presets
+    dropout: float = 0.0  # per mode in the presets: 0.13 / 0.20 / 0 on CIFAR-10 (G.1, G.2)
+    xflip: bool = False  # random horizontal flips (images)
+    # TrigFlow (spec §2-§3)
+    sigma_d: float = 0.5  # data std (Sec. 3)
+    P_mean: float = -1.0  # log-normal proposal of sigma = sigma_d tan t (S4); diffusion -1.2
+    P_std: float = 1.4  # (S4); diffusion 1.2
+    # sCT / sCD (S8)-(S13)
+    c: float = 0.1  # tangent normalisation constant (S12)
+    H: int = 10_000  # tangent warm-up iterations, r = min(1, step/H) (S11); 0 = no warm-up
+    tangent_norm: Literal["l2", "rms"] = "l2"  # per-sample L2 norm (paper) or RMS (FastGen) in (S12)
+    weighting: Literal["adaptive", "none"] = "adaptive"  # learned w_phi(t) (S13) or w = 0
+    diffusion_adaptive_weight: bool = False  # EDM2-style w_phi in the diffusion loss (S5); off in cifar10 (G.1)
+    # optimisation (per mode, see PRESETS)
+    iters: int = 3000  # optimiser steps
+    batch: int = 256  # global batch per optimiser step (split over ranks and accumulation rounds)
+    accum: int = 1  # gradient accumulation rounds
+    optim: Literal["adam", "radam"] = "radam"  # diffusion: Adam; CMs: RAdam (G.2)
+    lr: float = 3e-4  # learning rate
+    beta2: float = 0.99  # Adam/RAdam beta_2 (beta_1 = 0.9, eps 1e-8, no weight decay)
+    lr_ramp_kimg: float = 0.0  # linear learning-rate ramp over this many kimg (EDM; 10 Mimg for the teacher)
+    ema_halflife_kimg: float = 20.0  # EMA half-life (EDM/G.2: 500 kimg on CIFAR-10)
+    ema_rampup: Optional[float] = 0.05  # EMA half-life ramp-up ratio (EDM)
+    # sampling (spec §6)
+    sigma_max: float = 80.0  # t_max = arctan(sigma_max / sigma_d) (G.2)
+    t_mid: float = 1.1  # 2-step intermediate time (G.2); K > 2 uses t_k = t_mid (K - k)/(K - 1) (project's choice)
+    heun_steps: int = 18  # diffusion sampler: EDM Heun, 2K - 1 NFE (G.1)
+    # logging and evaluation
+    log_every: int = 250  # steps between log lines (loss, raw tangent norm, w(t), r, grad norm)
+    ckpt_every: int = 1000  # steps between checkpoints (and at the end)
+    sample_every: int = 0  # steps between sample plots (0: end only)
+    eval_n: int = 4096  # evaluation samples (toy metrics)
+    eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # CM step counts evaluated
+    fid_every: int = 0  # steps between FID proxies (images; 0: never)
+    fid_n: int = 10_000  # samples of the in-training FID proxy
+    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+
+    def check(self):
+        if self.batch < 1 or self.iters < 0 or self.accum < 1 or self.H < 0:
+            raise ValueError("--batch and --accum must be positive, --iters and --H non-negative.")
+        if not (self.lr > 0 and self.c > 0 and self.sigma_d > 0 and self.P_std > 0):
+            raise ValueError("--lr, --c, --sigma_d and --P_std must be positive.")
+        if not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
+            raise ValueError(f"--t_mid must lie in (0, t_max = {math.atan(self.sigma_max / self.sigma_d):.4f}).")
+        if not 0 <= self.dropout < 1 or not 0 < self.beta2 < 1 or self.heun_steps < 1:
+            raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
+        if not self.data:
+            raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+
+
+_DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1; spec §5)
+_CM = dict(optim="radam", beta2=0.99, P_mean=-1.0, P_std=1.4)  # CMs: RAdam, (-1.0, 1.4) (G.2)
+PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
+    "toy": dict(mode="all", data="8gaussians", net="mlp", width=256, depth=4, batch=256, iters=3000, H=500,
+                ema_halflife_kimg=20.0, eval_n=4096,
+                diffusion=dict(**_DIFF, lr=1e-3), sct=dict(**_CM, lr=3e-4), scd=dict(**_CM, lr=3e-4)),
+    "tiny": dict(data="", net="tiny", adn=True, batch=8, iters=3, H=2, ema_halflife_kimg=1.0, log_every=1,
+                 ckpt_every=3, eval_n=16, eval_steps=[1, 2], heun_steps=2, fid_n=16,
+                 diffusion=dict(**_DIFF, lr=1e-3, dropout=0.1), sct=dict(**_CM, lr=1e-4, dropout=0.1),
+                 scd=dict(**_CM, lr=1e-4, dropout=0.0)),
+    # small: GPU suggestion (spec §5), ~30 min diffusion + ~25 min CM at an *estimated* ~4k img/s; iteration
+    # counts to be re-derived from benchmarks/ once measured.
+    "small": dict(data="cifar10", net="small", adn=True, xflip=True, precision="bf16", batch=256, H=2000,
+                  ema_halflife_kimg=500.0, log_every=500, ckpt_every=5000, eval_n=256, fid_n=10_000,
+                  diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=2000.0, dropout=0.1, iters=28_000),
+                  sct=dict(**_CM, lr=1e-4, dropout=0.1, iters=14_000), scd=dict(**_CM, lr=1e-4, dropout=0.0,
+                                                                               iters=14_000)),
+    # cifar10: paper App. G.1 (teacher: DDPM++ + ADN + positional c_noise, dropout 0.13, Adam 1e-3, EDM lr ramp
+    # 10 Mimg, batch 512, 400k iters) and App. G.2 (CMs: RAdam 1e-4 betas (0.9, 0.99), eps 1e-8, no wd, constant lr,
+    # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
+    # init). CM iteration count is not given by the paper: 400k (spec §5, project's choice).
+    "cifar10": dict(data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="bf16", batch=512, iters=400_000,
+                    H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
+                    eval_n=256, fid_n=10_000,
+                    diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=10_000.0, dropout=0.13),
+                    sct=dict(**_CM, lr=1e-4, dropout=0.20), scd=dict(**_CM, lr=1e-4, dropout=0.0)),
+}
+
+
+# ================================================================== method: TrigFlow (spec §2-§3, Sec. 3)
+def _col(v, x):  # (B,) -> (B, 1, ...) broadcastable against x
+    return v.reshape(-1, *[1] * (x.ndim - 1))
+
+
+def interpolate(x0, z, t):
+    """(S1) x_t = cos t x0 + sin t z."""
+    return _col(torch.cos(t), x0) * x0 + _col(torch.sin(t), x0) * z
+
+
+def velocity(x0, z, t):
+    """(S2) v_t = dx_t/dt = cos t z - sin t x0 (Eq. 4)."""
+    return _col(torch.cos(t), x0) * z - _col(torch.sin(t), x0) * x0
+
+
+def sample_t(n, P_mean, P_std, sigma_d, device):
+    """(S4) tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): EDM sigma = e^tau is log-normal (Alg. 1)."""
+    return torch.atan(torch.exp(P_mean + P_std * torch.randn(n, device=device)) / sigma_d)
+
+
+def sigma_of(t, sigma_d=0.5):
+    """EDM noise level of TrigFlow time t: sigma = sigma_d tan t (spec §2)."""
+    return sigma_d * torch.tan(t)
+
+
+def t_of(sigma, sigma_d=0.5):
+    """TrigFlow time of an EDM noise level: t = atan2(sigma, sigma_d) (spec §2; t_of(inf) = pi/2)."""
+    return torch.atan2(sigma, torch.full_like(sigma, sigma_d))
+
+
+def to_edm(x_t, t):
+    """x^EDM = x_t / cos t = x0 + sigma z/sigma_d (spec §2)."""
+    return x_t / _col(torch.cos(t), x_t)
+
+
+def from_edm(x, t):
+    """x_t = cos t x^EDM (inverse of to_edm)."""
+    return x * _col(torch.cos(t), x)
+
+
+def F_net(net, x_t, t, sigma_d):
+    """F_theta(x_t / sigma_d, t): the raw network, c_in = 1/sigma_d, c_noise(t) = t (spec §2, §4)."""
+    return net(x_t / sigma_d, t)
+
+
+def consistency_fn(net, x_t, t, sigma_d):
+    """(S6) f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta(x_t / sigma_d, t) (Eq. 5); f(x, 0) = x exactly."""
+    return _col(torch.cos(t), x_t) * x_t - _col(torch.sin(t), x_t) * sigma_d * F_net(net, x_t, t, sigma_d).to(x_t.dtype)
+
+
+def ddim_step(net, x_t, t, s, sigma_d):
+    """TrigFlow DDIM (App. E.1): x_s = cos(t - s) x_t - sin(t - s) sigma_d F(x_t / sigma_d, t); s = 0 gives (S6)."""
+    F = F_net(net, x_t, t, sigma_d).to(x_t.dtype)
+    return _col(torch.cos(t - s), x_t) * x_t - _col(torch.sin(t - s), x_t) * sigma_d * F
+
+
+def diffusion_loss(F, v_t, sigma_d, w=None):
+    """(S5) L_diff = E[(1/D) ||sigma_d F - v_t||^2] (Eq. 4); with w_phi: E[e^w term - w] (EDM2 form). fp32."""
+    F = F.to(torch.promote_types(F.dtype, torch.float32))
+    term = (sigma_d * F - v_t.to(F.dtype)).square().flatten(1).mean(1)
+    return (term if w is None else torch.exp(w) * term - w).mean()
+
+
+# ========================================================== method: the continuous-time CM step (Sec. 4)
+def warmup_r(step, H):
+    """(S11) tangent warm-up r = min(1, step / H) (Alg. 1); H = 0: no warm-up."""
+    return 1.0 if H <= 0 else min(1.0, step / H)
+
+
+def jvp_F(net, x_t, t, dxdt, sigma_d):
+    """(S10) (F^-, J) with J = sigma_d cos t sin t dF^-/dt: torch.func.jvp of (u, s) -> F(u, s) at the primal
+    (x_t/sigma_d, t) with tangents (cos t sin t dx_t/dt, sigma_d cos t sin t). The u-tangent has no 1/sigma_d
+    (pitfall 1); the per-sample t-tangent has shape (B,); cos t sin t is applied before the forward-mode pass so
+    intermediate tangents stay O(1). On the *unwrapped, eager* network with the live weights (pitfalls 7, 8)."""
+    cs = torch.cos(t) * torch.sin(t)
+    return torch.func.jvp(lambda u, s: net(u, s), (x_t / sigma_d, t), (_col(cs, dxdt) * dxdt, sigma_d * cs))
+
+
+def tangent(net, x_t, t, dxdt, r, sigma_d):
+    """(S11) g_raw = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + J); at r = 1 it equals cos t df^-/dt
+    of (S8). Call under no_grad: returns (F^-, g_raw), both without grad_fn."""
+    cos, sin = torch.cos(t), torch.sin(t)
+    F_minus, J = jvp_F(net, x_t, t, dxdt, sigma_d)  # (S10)
+    g_raw = -_col(cos * cos, x_t) * (sigma_d * F_minus - dxdt) - r * (_col(cos * sin, x_t) * x_t + J)
+    return F_minus, g_raw
+
+
+def normalise(g_raw, c=0.1, kind="l2"):
+    """(S12) g = g_raw / (||g_raw|| + c), ||.|| the per-sample L2 norm over all D elements (pinned), or the RMS
+    norm ||g_raw|| / sqrt(D) with kind = "rms" (FastGen)."""
+    n = g_raw.flatten(1).norm(dim=1)
+    if kind == "rms":
+        n = n / math.sqrt(g_raw[0].numel())
+    return g_raw / (_col(n, g_raw) + c)
+
+
+def cm_loss(F, g, w):
+    """(S13) L = mean_batch[e^{w(t)}/D ||F_theta - sg(F_theta) - g||^2 - w(t)] (Eq. 8), in fp32. F is the grad
+    pass's output; sg(F) is the same tensor detached, so the residual is exactly -g in value and the gradient is
+    (S14) mean[-2 e^w / D g^T dF/dtheta]."""
+    F = F.to(torch.promote_types(F.dtype, torch.float32))  # fp32 at least (fp64 in the tests)
+    D = F[0].numel()
+    return (torch.exp(w) / D * (F - F.detach() - g).square().flatten(1).sum(1) - w).mean()
+
+
+def cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env):
+    """One sCT/sCD loss (Alg. 1, spec §3 'One sct/scd step'). model: the student (maybe DDP/compiled) returning
+    (F_theta, w_phi); net: the same network unwrapped (JVP pass); teacher: TrigFlow teacher for sCD, else None.
+    Returns (L, mean ||g_raw||)."""
+    sd = cfg.sigma_d
+    x_t = interpolate(x0, z, t)  # (S1)
+    devices = [env.device] if env.device.type == "cuda" else []
+    with torch.no_grad(), torch.autocast(env.device.type, enabled=False):  # JVP pass in fp32 (spec §3 precision)
+        if teacher is None:
+            dxdt = velocity(x0, z, t)  # (S9) sCT: the one-sample velocity
+        else:
+            dxdt = sd * F_net(teacher, x_t, t, sd).float()  # (S9) sCD: teacher's EMA, eval, fp32, no grad
+        with torch.random.fork_rng(devices=devices):  # the grad pass replays the same dropout mask (pitfall 4)
+            _, g_raw = tangent(net, x_t, t, dxdt, r, sd)  # (S10)-(S11)
+        g = normalise(g_raw, cfg.c, cfg.tangent_norm)  # (S12)
+    with C.autocast(env):
+        F, w = model(x_t / sd, t)  # grad pass (bf16 on CUDA), F_theta and w_phi(t)
+    return cm_loss(F, g, w), g_raw.flatten(1).norm(dim=1).mean()  # (S13)
+
+
+class Student(nn.Module):
+    """The trained modules: the network F_theta and the weight head w_phi(t) (common WeightHead, spec §4); one
+    DDP unit. forward(u, t) -> (F_theta(u, t), w_phi(t)); w = 0 when there is no head."""
+
+    def __init__(self, net, head=None):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, u, t):
+        F = self.net(u, t)
+        return F, self.head(t) if self.head is not None else torch.zeros_like(t, dtype=torch.float32)
+
+
+# =========================================================================== method: samplers (spec §6)
+def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle tests)
+    return next((p.dtype for p in [*net.parameters(), *net.buffers()] if p.is_floating_point()), torch.float32)
+
+
+def cm_times(K, cfg):
+    """Spec §6: t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1 (G.2); K > 2 uses
+    t_k = t_mid (K - k)/(K - 1), k = 1..K-1 (project's choice)."""
+    t_max = math.atan(cfg.sigma_max / cfg.sigma_d)
+    return [t_max] + [cfg.t_mid * (K - k) / (K - 1) for k in range(1, K)]
+
+
+@torch.no_grad()
+def cm_sample(net, rng, shape, K, cfg, env, clip=True):
+    """Multistep CM sampling (Song et al. 2023) in TrigFlow form: x = f(sigma_d e_0, t_0), then
+    x = f(cos t_k x + sin t_k sigma_d e_k, t_k) with *fresh* per-index noise e_k (pitfall 13)."""
+    B, sd, dt = len(rng.gens), cfg.sigma_d, _dtype(net)
+    full = lambda v: torch.full((B,), v, device=env.device, dtype=dt)
+    x = None
+    for k, tk in enumerate(cm_times(K, cfg)):
+        e = sd * rng.randn(B, *shape).to(dt)
+        x_t = e if k == 0 else math.cos(tk) * x + math.sin(tk) * e
+        with C.autocast(env):
+            x = consistency_fn(net, x_t, full(tk), sd).to(dt)
+    return x.clamp(-1, 1) if clip and len(shape) == 3 else x
+
+
+def edm_sigmas(K, sigma_max=80.0, sigma_min=0.002, rho=7.0):
+    """EDM grid sigma_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < K, then 0; K = 1: [s_max, 0]."""
+    if K == 1:
+        return [sigma_max, 0.0]
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (K - 1) * (b - a)) ** rho for i in range(K)] + [0.0]
+
+
+@torch.no_grad()
+def heun_sample(net, rng, shape, K, cfg, env, clip=True):
+    """Diffusion sampler (spec §6): EDM Heun in x^EDM = x_t / cos t with the denoiser D(x; sigma) = f_theta(cos t x, t),
+    t = atan2(sigma, sigma_d); the last step is Euler (2K - 1 NFE). K = 1 is the teacher used as a 1-step CM."""
+    B, sd = len(rng.gens), cfg.sigma_d
+    sig = edm_sigmas(K, cfg.sigma_max)
+    x = sig[0] * rng.randn(B, *shape).to(_dtype(net))
+
+    def D(x, s):
+        t = t_of(torch.full((B,), s, device=env.device, dtype=x.dtype), sd)
+        with C.autocast(env):
+            return consistency_fn(net, from_edm(x, t), t, sd).to(x.dtype)
+    for s_cur, s_next in zip(sig[:-1], sig[1:]):
+        d = (x - D(x, s_cur)) / s_cur
+        x_next = x + (s_next - s_cur) * d
+        if s_next > 0:
+            x_next = x + (s_next - s_cur) * 0.5 * (d + (x_next - D(x_next, s_next)) / s_next)
+        x = x_next
+    return x.clamp(-1, 1) if clip and len(shape) == 3 else x
+
+
+def sampler(net, cfg, mode, shape, K, env):
+    """rng -> samples: the CM sampler for sct/scd, Heun with K steps for a diffusion model (Sec. 6)."""
+    fn = heun_sample if mode == "diffusion" else cm_sample
+    return lambda rng, labels=None: fn(net, rng, shape, K, cfg, env)
+
+
+def nfe(mode, K):
+    return 2 * K - 1 if mode == "diffusion" else K
+
+
+# ====================================================================================== plumbing
+def net_dict(cfg, data):
+    """One time input, time_scale 1 (c_noise(t) = t through the positional embedding, spec §4), no labels."""
+    if data.kind == "images":
+        if cfg.net == "mlp":
+            raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
+        return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], adn=cfg.adn,
+                            dropout=cfg.dropout)
+    if cfg.net != "mlp":
+        raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    return C.net_config("mlp", width=cfg.width, depth=cfg.depth, adn=cfg.adn, dropout=cfg.dropout)
+
+
+def sample_shape(nd):
+    return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
+
+
+def check_scm(ck, path, mode=None, sigma_d=None):
+    """Refuse a checkpoint of another method, mode, sigma_d or convention in one sentence (spec §4, §7.15)."""
+    got = dict(method=ck["method"], mode=ck["config"].get("mode"), sigma_d=ck["config"].get("sigma_d"),
+               convention=ck["convention"])
+    want = dict(method=METHOD, mode=mode, sigma_d=sigma_d, convention=CONVENTION)
+    bad = [k for k, v in want.items() if v is not None and got[k] != v]
+    if bad:
+        raise C.UserError(f"'{path}' is not a usable scm {mode or ''} checkpoint: " + ", ".join(
+            f"{k} is {got[k]!r}, expected {want[k]!r}" for k in bad) + ".")
+
+
+def load_teacher(path, cfg):
+    """A TrigFlow diffusion checkpoint written by this file (EMA weights, eval, frozen) and its checkpoint dict."""
+    ck = C.load_checkpoint(path)
+    check_scm(ck, path, "diffusion", cfg.sigma_d)
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema"])  # G.2: the teacher's EMA (pitfall 9)
+    return net.eval().requires_grad_(False), ck
+
+
+@torch.no_grad()
+def evaluate(net, cfg, mode, data, env, out, step):
+    """Samples beside the data (PNG) and, for points, the toy metrics of common.md §9 (metrics.jsonl).
+    CMs at cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (control (a) of §8)."""
+    shape, t0 = sample_shape(C.unwrap(net).config), time.time()
+    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
+    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
+    metrics, panels = dict(step=step, mode=mode), []
+    if len(shape) == 1:
+        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
+               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
+        m = min(n, len(ref))
+        panels.append(("data", ref))
+    for K in ([cfg.heun_steps, 1] if mode == "diffusion" else cfg.eval_steps):
+        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
+        xs = sampler(net, cfg, mode, shape, K, env)(rng).cpu()
+        title = f"{mode} {K} step{'s' * (K > 1)}" + (" (Heun)" if mode == "diffusion" else "")
+        if len(shape) == 1:
+            metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
+            modes = C.toy_modes(data.key) if data.kind == "toy" else None
+            if modes:
+                metrics[f"modes_{K}"], metrics[f"in_mode_{K}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            panels.append((title, xs))
+        else:
+            panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+    metrics["eval_s"] = time.time() - t0
+    C.save_panels(os.path.join(out, "samples.png"), panels)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def train(cfg, given, env):
+    """One mode (diffusion, sct or scd): data, init, optimiser, EMA, logging, checkpoints, evaluation."""
+    mode, path = cfg.mode, os.path.join(cfg.out, "ckpt.pt")
+    ck = None
+    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
+        ck = C.load_checkpoint(path)
+        check_scm(ck, path, mode)
+        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
+                             {k: v for k, v in given.items() if k not in ("resume", "mode")},
+                             log=lambda m: env.is_main and print(m))
+    data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+    teacher, init = None, None
+    if mode == "scd" and not cfg.teacher:
+        raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")
+    if mode == "diffusion" and cfg.teacher:
+        raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
+    if cfg.teacher and mode != "diffusion":
+        teacher, tck = load_teacher(cfg.teacher, cfg)
+        if any(k in given for k in ("net", "width", "depth", "adn")):
+            raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
+        nd = {**tck["net"], "dropout": cfg.dropout}  # architecture from the teacher, dropout from the preset (§4)
+        if sample_shape(nd) != tuple(data.shape):
+            raise C.UserError(f"teacher '{cfg.teacher}' generates {sample_shape(nd)}, the data is {tuple(data.shape)}.")
+        init = tck["ema"]
+        teacher = teacher.to(env.device) if mode == "scd" else None
+    else:
+        nd = net_dict(cfg, data)
+    net = C.build_net(nd).to(env.device)
+    use_head = cfg.weighting == "adaptive" if mode != "diffusion" else cfg.diffusion_adaptive_weight
+    head = C.WeightHead(1, 128, 1.0).to(env.device) if use_head else None
+    if ck:
+        C.load_state_strict(net, ck["model"])
+        if head is not None:
+            C.load_state_strict(head, ck["weight_head"])
+    elif init is not None:
+        C.load_state_strict(net, init)  # G.2: online and EMA weights start at the teacher's EMA; head at zero
+    student = Student(net, head)
+    model = C.distribute(Student(C.maybe_compile(net, cfg.compile), head), env)
+    if cfg.compile and cfg.dropout > 0 and mode != "diffusion":
+        import torch._inductor.config as ic
+        ic.fallback_random = True  # compiled dropout must draw the eager JVP pass's masks (pitfall 4)
+    ema = C.EMA(net, halflife_kimg=cfg.ema_halflife_kimg, rampup=cfg.ema_rampup)
+    opt_cls = torch.optim.RAdam if cfg.optim == "radam" else torch.optim.Adam
+    opt = opt_cls(student.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
+    if ck:
+        C.load_state_strict(ema.model, ck["ema"])
+        opt.load_state_dict(ck["opt"])
+    gens = [data.gen] if data.gen is not None else []
+    if ck:
+        C.restore_rng(ck, env, gens)
+    step = ck["step"] if ck else 0
+
+    per_rank = cfg.batch // (env.world * cfg.accum)
+    if per_rank * env.world * cfg.accum != cfg.batch:
+        raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
+    if mode == "sct" and not cfg.teacher and not ck:
+        log.info("note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2), "
+                 "pass --teacher runs/scm-diffusion-<preset>/ckpt.pt for that.")
+    log.info(f"{METHOD} {mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP fp32) | "
+             f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
+             + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
+             + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
+    fid = _FidHook(cfg, mode, data, env, log) if cfg.fid_every else None
+    D, sd = math.prod(data.shape), cfg.sigma_d
+    probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
+
+    def save():
+        C.save_checkpoint(path, dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                                     convention=CONVENTION, sigma_d=sd,
+                                     weight_head=head.state_dict() if head is not None else None), env, gens)
+
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    scaler = C.make_scaler(env)
+    model.train()
+    while step < cfg.iters:
+        if cfg.lr_ramp_kimg > 0:  # EDM linear lr ramp (G.1), a host-side float: no sync
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * min(1.0, step * cfg.batch / (cfg.lr_ramp_kimg * 1000))
+        r = warmup_r(step, cfg.H)  # (S11), from this run's saved step: exact after a resume
+        opt.zero_grad(set_to_none=True)
+        stats = torch.zeros(2, device=env.device)
+        for rnd in range(cfg.accum):
+            with model.no_sync() if ddp and rnd < cfg.accum - 1 else contextlib.nullcontext():
+                # ------------------------------------------------------------ the method: one loss evaluation
+                x0, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)
+                z = sd * torch.randn_like(x0)  # z ~ N(0, sigma_d^2 I)
+                if mode == "diffusion":
+                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (S4)
+                    with C.autocast(env):
+                        F, w = model(interpolate(x0, z, t) / sd, t)  # (S1), (S3)
+                    L = diffusion_loss(F, velocity(x0, z, t), sd, w if head is not None else None)  # (S5)
+                    gn = torch.zeros((), device=env.device)
+                else:
+                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (S4)
+                    L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (S8)-(S13)
+                scaler.scale(L / cfg.accum).backward()
+                # ----------------------------------------------------------------------------------
+            stats += torch.stack([L.detach(), gn]) / cfg.accum
+        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.iters
+        if logging:
+            scaler.unscale_(opt)
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters()
+                                                              if p.grad is not None]))
+        scaler.step(opt)
+        scaler.update()
+        ema.update(net, step * cfg.batch, cfg.batch)
+        step += 1
+        if logging:
+            scalars = dict(loss=stats[0], grad_norm=grad_norm)
+            if mode != "diffusion":
+                scalars.update(g_raw_norm=stats[1], r=r)  # pitfall 11: judge by the raw tangent, not the loss
+            if head is not None:
+                with torch.no_grad():
+                    scalars.update({f"w_{v:g}": x for v, x in zip(probe_t.tolist(), head(probe_t))})
+            log.log(step, **scalars)
+        if step % cfg.ckpt_every == 0 or step == cfg.iters:
+            save()
+        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
+            evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
+        if fid and step % cfg.fid_every == 0:
+            fid(ema.model, step)
+    if ck is None and cfg.iters == 0:
+        save()
+    if env.is_main:
+        m = evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
+        log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("step", "mode")))
+    C.barrier(env)
+    return cfg
+
+
+class _FidHook:
+    """FID proxy of EMA samples at 1 and 2 steps (Heun 18 for diffusion); one line and carry on without a detector."""
+
+    def __init__(self, cfg, mode, data, env, log):
+        self.cfg, self.mode, self.data, self.env, self.log, self.state = cfg, mode, data, env, log, None
+
+    def __call__(self, net, step):
+        if self.state is None:
+            try:
+                det = C.load_detector(self.cfg.fid_detector, self.env)
+                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
+            except C.UserError:
+                self.state = False
+                self.log.info("FID skipped: detector unavailable")
+        if self.state:
+            shape = sample_shape(C.unwrap(net).config)
+            for K in ([self.cfg.heun_steps] if self.mode == "diffusion" else [1, 2]):
+                fid = C.compute_fid(sampler(net, self.cfg, self.mode, shape, K, self.env), self.cfg.fid_n,
+                                    self.state[1], self.state[0], self.env, 250)
+                self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({nfe(self.mode, K)} NFE) {fid:.3f}")
+
+
+# ====================================================================================== commands
+def run(cfg, given):
+    """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
+    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    if cfg.mode != "all":
+        return train(cfg, given, env)
+    for mode in MODES:
+        mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": os.path.join(cfg.out, mode)}, mode=mode)
+        mcfg.preset = cfg.preset
+        if mode != "diffusion":
+            mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")
+        train(mcfg, {**given, "mode": mode}, env)
+    if env.is_main:
+        compare(cfg, env)
+
+
+@torch.no_grad()
+def compare(cfg, env):
+    """DIR/samples.png: data | teacher (Heun) | teacher as a 1-step CM | sCT and sCD at 1 and 2 steps."""
+    rows = [json.loads(open(os.path.join(cfg.out, m, "metrics.jsonl")).read().splitlines()[-1]) for m in MODES]
+    panels = []
+    for mode in MODES:
+        ck = C.load_checkpoint(os.path.join(cfg.out, mode, "ckpt.pt"))
+        net = C.build_net(ck["net"])
+        C.load_state_strict(net, ck["ema"])
+        net = net.to(env.device).eval()
+        mcfg = C.merge_config(Config, ck["config"], {}, log=lambda m: None)
+        shape = sample_shape(ck["net"])
+        n = mcfg.eval_n if len(shape) == 1 else min(mcfg.eval_n, 64)
+        if mode == "diffusion" and len(shape) == 1:
+            g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
+            data = C.load_data(mcfg.data, mcfg.root, env, mcfg.seed, False)
+            panels.append(("data", C.toy_sample(data.key, n, g) if data.kind == "toy" else
+                           data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)].cpu()))
+        for K in ([mcfg.heun_steps, 1] if mode == "diffusion" else [1, 2]):
+            xs = sampler(net, mcfg, mode, shape, K, env)(C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"),
+                                                                    env.device)).cpu()
+            m = next(r for r in rows if r["mode"] == mode)
+            label = {"diffusion": "teacher"}.get(mode, mode) + f" {K} step{'s' * (K > 1)}"
+            label += f"\nSWD {m[f'swd_{K}']:.3f}" if f"swd_{K}" in m else ""
+            panels.append((label, xs if len(shape) == 1 else C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+    C.save_panels(os.path.join(cfg.out, "samples.png"), panels)
+    print(f"wrote {os.path.join(cfg.out, 'samples.png')}")
+
+
+def sample_or_fid(cmd, opts, given):
+    env = C.setup(opts.device, opts.seed, opts.precision)
+    ck = C.load_checkpoint(opts.ckpt)
+    check_scm(ck, opts.ckpt)
+    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema" if opts.ema else "model"])
+    net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
+    name = lambda K: f"{K} steps ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
+    if cmd == "sample":
+        for K in opts.steps:
+            x = torch.cat([sampler(net, cfg, mode, shape, K, env)(C.IndexRNG(idx.tolist(), opts.seed, env.device))
+                           .cpu() for idx in torch.arange(opts.n).split(opts.batch)])
+            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+            stem, ext = os.path.splitext(base)
+            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            if env.is_main:
+                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
+                print(f"wrote {path} ({opts.n} samples, {name(K)})")
+        return
+    if len(shape) == 1:
+        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    det = C.load_detector(opts.fid_detector, env)
+    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
+    for K in opts.steps:
+        fid = C.compute_fid(sampler(net, cfg, mode, shape, K, env), opts.n, ref, det, env, opts.batch, opts.seed)
+        if env.is_main:
+            print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
+            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
+                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], mode=mode, steps=K, nfe=nfe(mode, K),
+                                        n=opts.n, seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)) + "\n")
+
+
+def main(argv=None):
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
+
+
+if __name__ == "__main__":
+    C.main_guard(main)

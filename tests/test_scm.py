@@ -1,0 +1,434 @@
+"""scm.py: the invariants of ../shared/specs/scm.md §7 (maths, fp64 unless stated) and §8 (toy convergence with
+must-fail controls), plus the `tiny` CLI smoke (train every mode, sample, fid, resume, bad input)."""
+import contextlib, json, math, os, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common as C
+import scm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD = 0.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread (tiny nets, a busy 2-core machine); restored afterwards for other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg_of(**kw):
+    return scm.Config(**kw)
+
+
+def mlp(time_scale=1.0, dropout=0.0, adn=False, seed=0, width=32, depth=2):
+    torch.manual_seed(seed)
+    d = C.net_config("mlp", width=width, depth=depth, time_channels=16, time_scale=time_scale, dropout=dropout,
+                     adn=adn)
+    net = C.build_net(d).double()
+    with torch.no_grad():  # the zero output layer would make every derivative trivially 0
+        net.out_conv.weight.normal_(0, 0.5), net.out_conv.bias.normal_(0, 0.1)
+    return net
+
+
+def unet(time_scale=1.0, seed=0):
+    torch.manual_seed(seed)
+    d = C.net_config("tiny", img_resolution=8, adn=True, time_scale=time_scale)
+    net = C.build_net(d).double()
+    with torch.no_grad():
+        net.out_conv.weight.normal_(0, 0.5)
+        for n, p in net.named_parameters():  # lift the 1e-5-scaled conv1/proj so every path contributes
+            if n.endswith(("conv1.weight", "proj.weight")):
+                p.normal_(0, 0.1)
+    assert any(isinstance(b, C.Block) and b.attn for b in net.modules())  # attention on (spec §7.5)
+    return net
+
+
+class Dirac(nn.Module):
+    """Exact TrigFlow field for data = x* (spec §7.4): F* = (cos t z - sin t x*)/sigma_d, z = (x_t - cos t x*)/sin t."""
+
+    def __init__(self, xstar):
+        super().__init__()
+        self.register_buffer("xstar", xstar)
+
+    def forward(self, u, t):
+        t = t.reshape(-1, *[1] * (u.ndim - 1))
+        z = (SD * u - torch.cos(t) * self.xstar) / torch.sin(t)
+        return (torch.cos(t) * z - torch.sin(t) * self.xstar) / SD
+
+
+class GaussOracle(nn.Module):
+    """Exact CM field for x0 ~ N(0, sigma_d^2 I) (spec §7.12): F*(u, t) = -tan(t/2) u, so f(x_t, t) = x_t."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("one", torch.ones((), dtype=torch.float64))
+
+    def forward(self, u, t):
+        return -torch.tan(t / 2).reshape(-1, *[1] * (u.ndim - 1)) * u * self.one
+
+
+class Zero(nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.register_buffer("one", torch.ones((), dtype=dtype))
+
+    def forward(self, u, t):
+        return torch.zeros_like(u) * self.one
+
+
+# ============================================================================ §7.1-2 interpolant, proposal
+def test_interpolant_ends_and_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    assert torch.equal(scm.interpolate(x0, z, torch.zeros(5, dtype=torch.float64)), x0)
+    assert (scm.interpolate(x0, z, torch.full((5,), math.pi / 2, dtype=torch.float64)) - z).abs().max() < 1e-15
+    t, h = torch.tensor([0.1, 0.5, 0.9, 1.3, 1.5], dtype=torch.float64), 1e-6
+    fd = (scm.interpolate(x0, z, t + h) - scm.interpolate(x0, z, t - h)) / (2 * h)
+    v = scm.velocity(x0, z, t)
+    assert ((fd - v).norm() / v.norm()) < 1e-8
+
+
+def test_proposal_is_lognormal_in_sigma():
+    torch.manual_seed(0)
+    for pm, ps in [(-1.0, 1.4), (-1.2, 1.2)]:
+        t = scm.sample_t(100_000, pm, ps, SD, "cpu").double()
+        assert (t > 0).all() and (t < math.pi / 2).all()
+        ls = torch.log(SD * torch.tan(t))
+        assert abs(ls.mean() - pm) < 0.02 and abs(ls.std() - ps) < 0.02
+    t = scm.sample_t(200_000, -1.0, 1.4, SD, "cpu")  # spec §3 (S4): median ~0.63, P(t > 1.1) ~0.24
+    assert abs(t.median() - 0.63) < 0.01 and abs((t > 1.1).float().mean() - 0.24) < 0.01
+
+
+# ============================================================================ §7.3-4 boundary, Dirac oracle
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_boundary_is_exact(dtype):
+    net = mlp().to(dtype)
+    x = torch.randn(16, 2, dtype=dtype)
+    assert torch.equal(scm.consistency_fn(net, x, torch.zeros(16, dtype=dtype), SD), x)
+    assert not torch.equal(scm.consistency_fn(net, x, torch.full((16,), 1e-3, dtype=dtype), SD), x)  # control
+
+
+def test_dirac_oracle_consistency_ddim_heun():
+    g = torch.Generator().manual_seed(1)
+    xstar = torch.randn(1, 2, generator=g, dtype=torch.float64)
+    z = SD * torch.randn(64, 2, generator=g, dtype=torch.float64)
+    net = Dirac(xstar)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 1.5 + 0.05
+    x_t = scm.interpolate(xstar.expand(64, 2), z, t)
+    assert (scm.consistency_fn(net, x_t, t, SD) - xstar).abs().max() < 1e-12
+    s = t * torch.rand(64, generator=g, dtype=torch.float64)
+    want = scm.interpolate(xstar.expand(64, 2), z, s)
+    assert (scm.ddim_step(net, x_t, t, s, SD) - want).abs().max() < 1e-12
+    env = C.setup("cpu", 0, "fp32")
+    x = scm.heun_sample(net, C.IndexRNG(range(32), 0, "cpu"), (2,), 18, cfg_of(), env)
+    assert x.dtype == torch.float64 and (x - xstar).abs().max() < 1e-10
+    wrong = Dirac(xstar + 0.1)  # control: another point is not recovered
+    assert (scm.heun_sample(wrong, C.IndexRNG(range(32), 0, "cpu"), (2,), 18, cfg_of(), env) - xstar).abs().max() > 0.05
+
+
+# ============================================================================ §7.5 JVP convention
+def _fd_dF(net, x0, z, t, h=1e-6):
+    F = lambda s: net(scm.interpolate(x0, z, s) / SD, s)
+    return (F(t + h) - F(t - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("time_scale", [1.0, 10.0])
+def test_jvp_matches_central_difference(kind, time_scale):
+    net = mlp(time_scale) if kind == "mlp" else unet(time_scale)
+    shape = (2,) if kind == "mlp" else (3, 8, 8)
+    g = torch.Generator().manual_seed(2)
+    x0 = 0.5 * torch.randn(4, *shape, generator=g, dtype=torch.float64)
+    z = SD * torch.randn(4, *shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.6, 1.2, 1.55], dtype=torch.float64)
+    x_t, dxdt = scm.interpolate(x0, z, t), scm.velocity(x0, z, t)
+    with torch.no_grad():
+        F, J = scm.jvp_F(net, x_t, t, dxdt, SD)
+        fd = _fd_dF(net, x0, z, t)
+    cs = scm._col(torch.cos(t) * torch.sin(t), x0)
+    want = SD * cs * fd
+    for i in range(4):  # per sample: relative error < 1e-6
+        assert ((J[i] - want[i]).norm() / want[i].norm()) < 1e-6, (i, t[i])
+    assert torch.allclose(F, net(x_t / SD, t), rtol=0, atol=1e-14)
+    # the other convention (tangents divided by sigma_d) yields J / sigma_d: not the one (S11) expects
+    _, J2 = torch.func.jvp(lambda u, s: net(u, s), (x_t / SD, t), (cs * dxdt / SD, torch.cos(t) * torch.sin(t)))
+    assert torch.allclose(J2, J / SD, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(J2, J, rtol=1e-3)
+
+
+# ============================================================================ §7.6 assembly
+def _fd_f(net, path, t, h=1e-6):
+    f = lambda s: scm.consistency_fn(net, path(s), s, SD)
+    return (f(t + h) - f(t - h)) / (2 * h)
+
+
+def test_assembly_sct_equals_cos_t_df_dt():
+    net = mlp(seed=3)
+    g = torch.Generator().manual_seed(3)
+    x0, z = 0.5 * torch.randn(6, 2, generator=g, dtype=torch.float64), SD * torch.randn(6, 2, generator=g,
+                                                                                         dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.9, 1.2, 1.5], dtype=torch.float64)
+    with torch.no_grad():
+        _, g_raw = scm.tangent(net, scm.interpolate(x0, z, t), t, scm.velocity(x0, z, t), 1.0, SD)
+        want = scm._col(torch.cos(t), x0) * _fd_f(net, lambda s: scm.interpolate(x0, z, s), t)
+        _, g_half = scm.tangent(net, scm.interpolate(x0, z, t), t, scm.velocity(x0, z, t), 0.5, SD)
+    assert ((g_raw - want).norm() / want.norm()) < 1e-6
+    assert ((g_half - want).norm() / want.norm()) > 1e-2  # control: warm-up r < 1 is not the full tangent
+
+
+def test_assembly_scd_with_dirac_teacher():
+    net = mlp(seed=4)
+    g = torch.Generator().manual_seed(4)
+    xstar = torch.randn(1, 2, generator=g, dtype=torch.float64)
+    z = SD * torch.randn(5, 2, generator=g, dtype=torch.float64)
+    teacher = Dirac(xstar)
+    t = torch.tensor([0.1, 0.5, 0.8, 1.1, 1.4], dtype=torch.float64)
+    path = lambda s: scm.interpolate(xstar.expand(5, 2), z, s)  # the teacher's exact ODE path
+    x_t = path(t)
+    with torch.no_grad():
+        dxdt = SD * scm.F_net(teacher, x_t, t, SD)  # (S9) sCD velocity
+        assert torch.allclose(dxdt, scm.velocity(xstar.expand(5, 2), z, t), atol=1e-12)
+        _, g_raw = scm.tangent(net, x_t, t, dxdt, 1.0, SD)
+        want = scm._col(torch.cos(t), x_t) * _fd_f(net, path, t)
+    assert ((g_raw - want).norm() / want.norm()) < 1e-6
+
+
+# ============================================================================ §7.7-8 warm-up, normalisation
+def test_warmup_schedule_and_r0_ignores_jvp(monkeypatch):
+    assert [scm.warmup_r(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert scm.warmup_r(0, 0) == 1.0  # H = 0: no warm-up
+    net = mlp(seed=5)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    t, v = torch.rand(8, dtype=torch.float64) + 0.2, torch.randn(8, 2, dtype=torch.float64)
+    real = torch.func.jvp
+    with torch.no_grad():
+        base0, base1 = scm.tangent(net, x, t, v, 0.0, SD)[1], scm.tangent(net, x, t, v, 1.0, SD)[1]
+        monkeypatch.setattr(torch.func, "jvp", lambda *a: (lambda F, J: (F, J + 123.0))(*real(*a)))
+        pert0, pert1 = scm.tangent(net, x, t, v, 0.0, SD)[1], scm.tangent(net, x, t, v, 1.0, SD)[1]
+    assert torch.equal(base0, pert0)  # exactly: at r = 0 the JVP term is gone
+    assert not torch.allclose(base1, pert1)  # control: at r = 1 it is not
+
+
+def test_normalisation_bounds():
+    g = torch.Generator().manual_seed(6)
+    gr = torch.randn(32, 3, 4, 4, generator=g, dtype=torch.float64)
+    n = lambda a: a.flatten(1).norm(dim=1)
+    assert (n(scm.normalise(gr, 0.1)) < 1).all()
+    assert (n(scm.normalise(gr * 1e6, 0.1)) > 1 - 1e-6).all()
+    tiny = gr / n(gr)[:, None, None, None] * 1e-4
+    assert torch.allclose(scm.normalise(tiny, 0.1), tiny / 0.1, rtol=1e-3)
+    D = 48
+    want = gr / (n(gr)[:, None, None, None] / math.sqrt(D) + 0.1)
+    assert torch.allclose(scm.normalise(gr, 0.1, "rms"), want, rtol=1e-12)
+    assert not torch.allclose(scm.normalise(gr, 0.1, "l2"), want)  # the two norms differ (pitfall 12)
+
+
+# ============================================================================ §7.9-11 stop-gradient, weighting, dropout
+def test_gradient_is_S14_and_loss_value():
+    torch.manual_seed(7)
+    net = mlp(seed=7)
+    head = C.WeightHead(1, 128, 1.0).double()
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.3)
+    student = scm.Student(net, head)
+    x0 = 0.5 * torch.randn(16, 2, dtype=torch.float64)
+    z = SD * torch.randn(16, 2, dtype=torch.float64)
+    t = scm.sample_t(16, -1.0, 1.4, SD, "cpu").double()
+    x_t = scm.interpolate(x0, z, t)
+    with torch.no_grad():
+        F_minus, g_raw = scm.tangent(net, x_t, t, scm.velocity(x0, z, t), 1.0, SD)
+        g = scm.normalise(g_raw)
+    assert F_minus.grad_fn is None and g_raw.grad_fn is None
+    assert all(p.grad is None for p in net.parameters())  # the JVP pass touched no .grad
+    F, w = student(x_t / SD, t)
+    L = scm.cm_loss(F, g, w)
+    D = 2
+    assert abs(L.item() - (torch.exp(w) * g.square().sum(1) / D - w).mean().item()) < 1e-12
+    L.backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    F2 = net(x_t / SD, t)  # (S14): grad_theta = mean[-2 e^w / D g^T dF/dtheta]
+    surrogate = (-2 * torch.exp(w.detach()) / D * (g * F2).sum(1)).mean()
+    want = torch.autograd.grad(surrogate, list(net.parameters()))
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-10
+    # control: a target built from F without detach has zero gradient on theta's residual -> differs
+    net.zero_grad()
+    F3, w3 = student(x_t / SD, t)
+    L_bad = (torch.exp(w3) / D * (F3 - F3 - g).square().sum(1) - w3).mean()
+    L_bad.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in net.parameters())
+
+
+def test_teacher_gets_no_gradient():
+    env = C.setup("cpu", 0, "fp32")
+    net, teacher = mlp(seed=8).float(), mlp(seed=9).float().eval().requires_grad_(False)
+    student = scm.Student(net, C.WeightHead(1, 128, 1.0))
+    x0, z = 0.5 * torch.randn(8, 2), SD * torch.randn(8, 2)
+    t = scm.sample_t(8, -1.0, 1.4, SD, "cpu")
+    L, _ = scm.cm_step_loss(student, net, teacher, x0, z, t, 1.0, cfg_of(), env)
+    L.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_weighting_optimum_and_zero_init():
+    head = C.WeightHead(1, 128, 1.0)
+    assert torch.equal(head(torch.rand(5)), torch.zeros(5))
+    D, R = 3072, 0.7  # R = ||g||^2 for a fixed residual: L(w) = e^w R / D - w, so dL/dw = 0 at w = log(D/R)
+    for w0, sign in [(math.log(D / R), 0), (math.log(D / R) + 0.5, 1), (math.log(D / R) - 0.5, -1)]:
+        w = torch.tensor([w0], dtype=torch.float64, requires_grad=True)
+        g = torch.full((1, D), math.sqrt(R / D), dtype=torch.float64)
+        F = torch.zeros(1, D, dtype=torch.float64)
+        scm.cm_loss(F, g, w).backward()
+        assert (abs(w.grad.item()) < 1e-12) if sign == 0 else (math.copysign(1, w.grad.item()) == sign)
+
+
+class Recorder(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.out = net, None
+
+    def forward(self, u, t):
+        self.out = self.net(u, t)
+        return self.out, torch.zeros_like(t)
+
+
+def test_dropout_mask_shared_between_jvp_and_grad_pass(monkeypatch):
+    env = C.setup("cpu", 0, "fp32")
+    net = C.build_net(C.net_config("mlp", width=64, depth=2, time_channels=16, dropout=0.5)).train()
+    with torch.no_grad():
+        net.out_conv.weight.normal_(0, 0.5)
+    x0, z = 0.5 * torch.randn(32, 2), SD * torch.randn(32, 2)
+    t = scm.sample_t(32, -1.0, 1.4, SD, "cpu")
+    seen = {}
+    real = scm.tangent
+    monkeypatch.setattr(scm, "tangent", lambda *a: seen.setdefault("F", real(*a)))
+
+    def run():
+        rec = Recorder(net)
+        scm.cm_step_loss(rec, net, None, x0, z, t, 1.0, cfg_of(weighting="none"), env)
+        return seen.pop("F")[0], rec.out
+    F_jvp, F_grad = run()
+    assert torch.equal(F_jvp, F_grad.detach())  # bit for bit: the same mask in both passes
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **k: contextlib.nullcontext())  # control
+    F_jvp, F_grad = run()
+    assert not torch.equal(F_jvp, F_grad.detach())
+
+
+# ============================================================================ §7.12 Gaussian oracle
+def test_gaussian_oracle():
+    g = torch.Generator().manual_seed(10)
+    net = GaussOracle()
+    x0 = SD * torch.randn(1000, 2, generator=g, dtype=torch.float64)
+    z = SD * torch.randn(1000, 2, generator=g, dtype=torch.float64)
+    t = torch.rand(1000, generator=g, dtype=torch.float64) * 1.5 + 0.03
+    x_t = scm.interpolate(x0, z, t)
+    assert (scm.consistency_fn(net, x_t, t, SD) - x_t).abs().max() < 1e-12  # the exact CM is the identity
+    with torch.no_grad():  # sCD with the exact (zero) teacher velocity: no tangent at all
+        dxdt = SD * scm.F_net(Zero(), x_t, t, SD)
+        _, g_raw = scm.tangent(net, x_t, t, dxdt, 1.0, SD)
+    assert g_raw.abs().max() < 1e-12
+    with torch.no_grad():  # control: the one-sample velocity (sCT) is not zero per sample ...
+        _, g_sct = scm.tangent(net, x_t, t, scm.velocity(x0, z, t), 1.0, SD)
+    assert g_sct.abs().mean() > 0.1
+    N = 200_000  # ... but its normalised mean vanishes
+    x0 = SD * torch.randn(N, 2, generator=g, dtype=torch.float64)
+    z = SD * torch.randn(N, 2, generator=g, dtype=torch.float64)
+    t = scm.sample_t(N, -1.0, 1.4, SD, "cpu").double()
+    with torch.no_grad():
+        _, g_raw = scm.tangent(net, scm.interpolate(x0, z, t), t, scm.velocity(x0, z, t), 1.0, SD)
+    mean = scm.normalise(g_raw).mean(0)
+    assert (mean.abs() < 5 / math.sqrt(N)).all(), mean
+
+
+def test_gaussian_scd_regression_learns_minus_tan_half():
+    """Optional item of §7.12: a(t) u trained by sCD from the exact zero-velocity teacher approaches -tan(t/2)."""
+
+    class Lin(nn.Module):  # F(u, t) = a_phi(t) u with a small MLP in t
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1))
+
+        def forward(self, u, t):
+            return self.a(t.reshape(-1, 1)) * u
+
+    torch.manual_seed(11)
+    env = C.setup("cpu", 11, "fp32")
+    net, teacher = Lin(), Zero(torch.float32)
+    student = scm.Student(net, None)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    cfg = cfg_of(weighting="none")
+    for step in range(1500):
+        x0, z = SD * torch.randn(512, 2), SD * torch.randn(512, 2)
+        t = torch.rand(512) * 1.4 + 0.1
+        L, _ = scm.cm_step_loss(student, net, teacher, x0, z, t, 1.0, cfg, env)
+        opt.zero_grad()
+        L.backward()
+        opt.step()
+    tt = torch.linspace(0.2, 1.4, 13)
+    with torch.no_grad():
+        a = net.a(tt[:, None])[:, 0]
+    err = (a + torch.tan(tt / 2)).abs().max().item()
+    assert err < 0.05, err
+
+
+# ============================================================================ §7.13-14 sampler, conversions
+def test_cm_sampler_grids():
+    cfg = cfg_of()
+    t_max = math.atan(160.0)
+    assert abs(t_max - 1.564546) < 1e-6
+    assert scm.cm_times(1, cfg) == [t_max]
+    assert scm.cm_times(2, cfg) == [t_max, 1.1]
+    assert np.allclose(scm.cm_times(4, cfg), [t_max, 1.1, 0.733333, 0.366667], atol=1e-6)
+    assert np.allclose(scm.cm_times(8, cfg)[1:], [1.1, 0.942857, 0.785714, 0.628571, 0.471429, 0.314286, 0.157143],
+                       atol=1e-6)
+    sig = [0.5 * math.tan(t) for t in scm.cm_times(8, cfg)]
+    assert np.allclose(sig, [80, 0.982, 0.689, 0.500, 0.364, 0.255, 0.163, 0.079], atol=2e-3)
+    e = scm.edm_sigmas(18)
+    assert len(e) == 19 and e[-1] == 0 and abs(e[0] - 80) < 1e-9 and abs(e[-2] - 0.002) < 1e-12
+    assert scm.edm_sigmas(1) == [80.0, 0.0]
+    assert [scm.nfe("diffusion", 18), scm.nfe("sct", 2)] == [35, 2]
+
+
+def test_cm_sampler_with_zero_field_and_fresh_noise():
+    env, cfg = C.setup("cpu", 0, "fp32"), cfg_of()
+    t_max = math.atan(160.0)
+    x1 = scm.cm_sample(Zero(), C.IndexRNG(range(5), 3, "cpu"), (2,), 1, cfg, env)
+    x2 = scm.cm_sample(Zero(), C.IndexRNG(range(5), 3, "cpu"), (2,), 2, cfg, env)
+    rng = C.IndexRNG(range(5), 3, "cpu")
+    e0, e1 = rng.randn(5, 2).double(), rng.randn(5, 2).double()
+    assert torch.allclose(x1, math.cos(t_max) * SD * e0, atol=1e-12)
+    want = math.cos(1.1) * (math.cos(1.1) * math.cos(t_max) * SD * e0 + math.sin(1.1) * SD * e1)
+    assert torch.allclose(x2, want, atol=1e-12)
+    assert not torch.allclose(x2, math.cos(1.1) * (math.cos(1.1) * math.cos(t_max) * SD * e0
+                                                   + math.sin(1.1) * SD * e0), atol=1e-3)  # not the reused noise
+
+
+@pytest.mark.parametrize("sampler", ["cm", "heun"])
+def test_samplers_do_not_depend_on_batch_size(sampler):
+    env, cfg = C.setup("cpu", 0, "fp32"), cfg_of()
+    net = mlp(seed=12).float().eval()
+    fn = scm.cm_sample if sampler == "cm" else scm.heun_sample
+    a = fn(net, C.IndexRNG(range(8), 5, "cpu"), (2,), 2, cfg, env)
+    b = torch.cat([fn(net, C.IndexRNG(idx, 5, "cpu"), (2,), 2, cfg, env) for idx in ([0, 1, 2], [3, 4, 5], [6, 7])])
+    # up to BLAS blocking (fp32 matmuls of different row counts round differently): equal noise per index
+    assert (a - b).abs().max() < 1e-5
+    assert (a - fn(net, C.IndexRNG(range(8), 6, "cpu"), (2,), 2, cfg, env)).abs().max() > 1e-2  # the seed matters
+
+
+def test_conversions_round_trip():
+    t = torch.tensor([1e-3, 0.3, 0.9, 1.3, 1.56], dtype=torch.float64)
+    assert (scm.t_of(scm.sigma_of(t, SD), SD) - t).abs().max() < 1e-12
+    x = torch.randn(5, 2, dtype=torch.float64)
+    assert (scm.from_edm(scm.to_edm(x, t), t) - x).abs().max() < 1e-12
+    x0, z = torch.randn(5, 2, dtype=torch.float64), SD * torch.randn(5, 2, dtype=torch.float64)
+    edm = scm.to_edm(scm.interpolate(x0, z, t), t)  # x^EDM = x0 + sigma n with n = z / sigma_d
+    assert (edm - (x0 + scm._col(scm.sigma_of(t, SD), x0) * z / SD)).abs().max() < 1e-10
