@@ -432,3 +432,154 @@ def test_conversions_round_trip():
     x0, z = torch.randn(5, 2, dtype=torch.float64), SD * torch.randn(5, 2, dtype=torch.float64)
     edm = scm.to_edm(scm.interpolate(x0, z, t), t)  # x^EDM = x0 + sigma n with n = z / sigma_d
     assert (edm - (x0 + scm._col(scm.sigma_of(t, SD), x0) * z / SD)).abs().max() < 1e-10
+
+
+# ============================================================================ §7.15 teacher handling, CLI smoke (tiny)
+def main(*args):
+    """scm.main in-process through main_guard; returns the exit code (0, or 2 for a UserError)."""
+    try:
+        C.main_guard(lambda: scm.main([str(a) for a in args]))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def assert_user_error(code, err, *words):
+    """Exit status 2, no traceback, exactly one 'error: ...' line holding one sentence (and the given words)."""
+    assert code == 2 and "Traceback" not in err, err
+    errs = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errs) == 1, err
+    msg = errs[0][len("error: "):]
+    assert msg.endswith(".") and msg.rstrip(".").count(". ") == 0, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`--preset tiny` (tiny U-Net with ADN, 3 steps per mode) on a generated uint8 (64, 16, 16, 3) array:
+    diffusion, then sct and scd initialised from it."""
+    root = tmp_path_factory.mktemp("scm_cli")
+    np.save(root / "imgs.npy", np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8))
+    base = ["--preset", "tiny", "--data", root / "imgs.npy", "--root", root / "data"]
+    assert main(*base, "--mode", "diffusion", "--out", root / "diff") == 0
+    for m in ("sct", "scd"):
+        assert main(*base, "--mode", m, "--teacher", root / "diff" / "ckpt.pt", "--out", root / m) == 0
+    return root
+
+
+def test_cli_tiny_checkpoints(tiny):
+    t = load(tiny / "diff" / "ckpt.pt")
+    assert t["method"] == "scm" and t["config"]["mode"] == "diffusion" and t["sigma_d"] == 0.5
+    assert t["convention"] == scm.CONVENTION and t["weight_head"] is None  # no head without adaptive weighting
+    assert t["net"]["adn"] and t["net"]["time_scale"] == 1.0 and t["net"]["num_times"] == 1
+    for m, p in (("sct", 0.1), ("scd", 0.0)):
+        c = load(tiny / m / "ckpt.pt")
+        assert c["config"]["mode"] == m and c["step"] == 3 and c["net"]["dropout"] == p  # dropout from the preset
+        assert {k: v for k, v in c["net"].items() if k != "dropout"} == \
+            {k: v for k, v in t["net"].items() if k != "dropout"}  # architecture from the teacher
+        assert set(c["weight_head"]) == {"linear.weight", "linear.bias"}
+        assert any(not torch.equal(c["model"][k], t["ema"][k]) for k in t["ema"])  # it trained
+    for f in ("log.jsonl", "config.json", "samples.png", "metrics.jsonl"):
+        assert (tiny / "sct" / f).exists()
+    rec = [json.loads(l) for l in open(tiny / "sct" / "log.jsonl")]
+    assert {"loss", "g_raw_norm", "r", "grad_norm", "w_0.1", "w_0.6", "w_1.2"} <= set(rec[-1])
+    assert [r["r"] for r in rec] == [0.0, 0.5, 1.0]  # r = min(1, step/H) with H = 2, logged before each step
+
+
+def test_init_copies_teacher_ema_exactly(tiny, tmp_path):
+    t = load(tiny / "diff" / "ckpt.pt")
+    assert main("--preset", "tiny", "--data", tiny / "imgs.npy", "--mode", "sct", "--iters", "0",
+                "--teacher", tiny / "diff" / "ckpt.pt", "--out", tmp_path / "i") == 0
+    c = load(tmp_path / "i" / "ckpt.pt")
+    for k in t["ema"]:
+        assert torch.equal(c["model"][k], t["ema"][k]) and torch.equal(c["ema"][k], t["ema"][k])
+    assert any(not torch.equal(t["model"][k], t["ema"][k]) for k in t["ema"])  # the EMA, not the online weights
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in c["weight_head"].values())  # head starts at zero
+
+
+def test_cli_sample_and_fid(tiny, tmp_path, capsys):
+    assert main("sample", "--ckpt", tiny / "sct" / "ckpt.pt", "--steps", "1,2", "--n", "10",
+                "--out", tmp_path / "s.npy") == 0
+    for K in (1, 2):
+        a = np.load(tmp_path / f"s_{K}step.npy")
+        assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
+    assert "CM, 2 NFE" in capsys.readouterr().out
+    assert main("sample", "--ckpt", tiny / "diff" / "ckpt.pt", "--steps", "2", "--n", "4",
+                "--out", tmp_path / "h.png") == 0
+    assert "Heun, 3 NFE" in capsys.readouterr().out and (tmp_path / "h.png").exists()
+    assert main("fid", "--ckpt", tiny / "scd" / "ckpt.pt", "--steps", "1", "--n", "16", "--fid_detector", "standin",
+                "--root", tmp_path, "--out", tmp_path / "fid.jsonl") == 0
+    rec = json.loads(open(tmp_path / "fid.jsonl").read())
+    assert rec["mode"] == "scd" and rec["nfe"] == 1 and math.isfinite(rec["fid"]) and rec["fid"] > 0
+
+
+def test_cli_resume_bitwise(tiny, tmp_path):
+    """sct for 6 steps uninterrupted versus 3 steps, then a resume to 6: identical weights, EMA, head and Adam
+    (dropout masks, flips, t and z all come from the restored RNG state; r continues from the saved step)."""
+    base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tmp_path, "--mode", "sct",
+            "--teacher", tiny / "diff" / "ckpt.pt", "--eval_n", "4", "--H", "4"]
+    assert main(*base, "--out", tmp_path / "a", "--iters", "6") == 0
+    assert main(*base, "--out", tmp_path / "b", "--iters", "3") == 0
+    assert main(*base, "--out", tmp_path / "b", "--iters", "6") == 0
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "weight_head"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    ra = [json.loads(l)["r"] for l in open(tmp_path / "a" / "log.jsonl")]
+    rb = [json.loads(l)["r"] for l in open(tmp_path / "b" / "log.jsonl")]
+    assert ra == rb == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_bad_inputs(tiny, tmp_path, capsys):
+    data = ["--data", tiny / "imgs.npy", "--root", tmp_path]
+    cases = [
+        (["--preset", "nope"], ["unknown preset"]),
+        (["--preset", "tiny", *data, "--mode", "scd", "--out", tmp_path / "x"], ["--teacher"]),
+        (["--preset", "tiny", *data, "--mode", "diffusion", "--teacher", tiny / "diff" / "ckpt.pt",
+          "--out", tmp_path / "x"], ["drop --teacher"]),
+        (["--preset", "tiny", *data, "--mode", "scd", "--teacher", tiny / "sct" / "ckpt.pt", "--out", tmp_path / "x"],
+         ["mode is 'sct'"]),
+        (["--preset", "tiny", *data, "--mode", "sct", "--teacher", tiny / "diff" / "ckpt.pt", "--sigma_d", "0.6",
+          "--out", tmp_path / "x"], ["sigma_d"]),
+        (["--preset", "tiny", *data, "--mode", "sct", "--teacher", tmp_path / "none.pt", "--out", tmp_path / "x"],
+         ["does not exist"]),
+        (["--preset", "tiny", "--data", tmp_path / "none.npy", "--out", tmp_path / "x"], ["neither"]),
+        (["--preset", "tiny", *data, "--net", "mlp", "--out", tmp_path / "x"], ["2-D points"]),
+        (["--preset", "tiny", *data, "--t_mid", "2.0", "--out", tmp_path / "x"], ["t_mid"]),
+        (["--preset", "tiny", *data, "--mode", "sct", "--out", tiny / "scd"], ["mode is 'scd'"]),  # resume mismatch
+        (["sample", "--ckpt", tmp_path / "none.pt"], ["does not exist"]),
+    ]
+    for args, words in cases:
+        capsys.readouterr()
+        assert_user_error(main(*args), capsys.readouterr().err, *words)
+
+
+def test_wrong_method_teacher_is_refused(tmp_path, capsys):
+    ck = dict(model={}, ema={}, opt={}, step=0, config=dict(stage="1rf", sigma_d=None), net={},
+              method="rectified_flow", convention="x_t=(1-t)x+t*z, v=z-x, t=1 noise", rng=None)
+    torch.save(ck, tmp_path / "rf.pt")
+    with pytest.raises(C.UserError, match="method is 'rectified_flow'"):
+        scm.load_teacher(str(tmp_path / "rf.pt"), cfg_of())
+
+
+def test_sct_without_teacher_logs_the_deviation(tmp_path, capsys):
+    assert main("--mode", "sct", "--iters", "2", "--batch", "16", "--eval_n", "64", "--eval_steps", "1",
+                "--width", "16", "--depth", "1", "--out", tmp_path / "s") == 0
+    assert "the paper initialises sCT from a TrigFlow teacher" in capsys.readouterr().out
+
+
+def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tmp_path, "--mode", "sct",
+            "--teacher", tiny / "diff" / "ckpt.pt", "--out", tmp_path / "n"]
+    assert main(*base, "--iters", "3") == 0
+    before = open(tmp_path / "n" / "ckpt.pt", "rb").read()
+    orig = scm.cm_step_loss
+    monkeypatch.setattr(scm, "cm_step_loss", lambda *a: (lambda L, g: (L * float("nan"), g))(*orig(*a)))
+    capsys.readouterr()
+    assert_user_error(main(*base, "--iters", "6"), capsys.readouterr().err, "NaN")
+    assert open(tmp_path / "n" / "ckpt.pt", "rb").read() == before
