@@ -409,7 +409,12 @@ def sample_shape(nd):
 def load_teacher(path, env, shape):
     """A rectified_flow.py checkpoint -> (b_T(t, y) of (F13), teacher noise std). Rebuilt from its `net` with its EMA
     weights; a wrong method or convention, another data shape or a class-conditional teacher is a UserError."""
-    ck = C.load_checkpoint(path)
+    if not path or not os.path.isfile(path):
+        raise C.UserError(f"the teacher checkpoint '{path}' does not exist.")
+    try:
+        ck = C.load_checkpoint(path)
+    except C.UserError:  # common's message quotes torch's multi-sentence unpickling error; keep one sentence
+        raise C.UserError(f"the teacher '{path}' is not a readable checkpoint of this project.") from None
     if ck["method"] != RF_METHOD or ck["convention"] != RF_CONVENTION:
         raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
                           f"{RF_METHOD} teacher with '{RF_CONVENTION}' is needed.")

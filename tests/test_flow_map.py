@@ -552,7 +552,11 @@ def sha(path):
 
 def write_rf_checkpoint(path, net_cfg, **over):
     """A checkpoint in rectified_flow.py's format (its layout, method, convention, EMA key and config fields)."""
+    torch.manual_seed(0)
     net = C.build_net(net_cfg)
+    with torch.no_grad():  # a non-zero velocity (a fresh network returns exactly 0)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     sd = net.state_dict()
     ck = dict(model=sd, ema=sd, opt={}, step=0, config=dict(noise_std=1.0, t_eps=0.0, stage="1rf"), net=net_cfg,
               method="rectified_flow", convention="x_t=(1-t)x+t*z, v=z-x, t=1 noise", rng={"world": 1, "ranks": []})
