@@ -24,7 +24,7 @@ gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher 
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
     python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
 """
-import copy, dataclasses, json, math, os, time
+import contextlib, copy, dataclasses, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -83,6 +83,7 @@ class Config:
     sample_every: int = 0  # steps between sample grids (0: step 0 and end only)
     eval_n: int = 4000  # evaluation samples (toy metrics)
     eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # step counts plotted (K = 1 is GDD)
+    eval_teacher_steps: int = 100  # points: the teacher's own Euler sample at step 0, for reference (0: skip)
     fid_every: int = 0  # steps between FID proxies (images; 0: never); also at step 0
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
@@ -144,6 +145,16 @@ def frozen(name):
     return len(parts) >= 2 and parts[-2] in ("conv0", "conv1", "proj")
 
 
+def make_generator(teacher, freeze="none"):
+    """(2) G's weights = a copy of the teacher's EMA weights (own storage); GDD-I applies (9) once: frozen tensors get
+    requires_grad=False before any optimiser or DDP sees them, and nothing ever turns them back on."""
+    g = copy.deepcopy(teacher).train().requires_grad_(True)
+    if freeze == "gdd_i":
+        for n, p in g.named_parameters():
+            p.requires_grad_(not frozen(n))
+    return g
+
+
 def d_loss(real, fake, kind="ns"):
     """(3) L_D = mean softplus(-D(x)) + mean softplus(D(sg[G(z')])); (12) hinge: mean relu(1 - D(x)) + mean relu(1 + D).
     Means over images and all K logits (batch-mean convention), in fp32."""
@@ -164,7 +175,9 @@ def r1_penalty(D, x, y, gamma):
     if any, happens inside D); create_graph for the double backward. fp32."""
     x = x.detach().float().requires_grad_(True)
     dbar = D(x, y).float().mean(1)
-    (g,) = torch.autograd.grad(dbar.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(dbar.sum(), x, create_graph=True, allow_unused=True)
+    if g is None:  # a D that ignores its input has zero input gradient
+        return 0.0 * dbar.sum()
     return 0.5 * gamma * g.square().flatten(1).sum(1).mean()
 
 
@@ -231,7 +244,9 @@ def _cutout(x):  # one H/2 x W/2 square of zeros per sample, centre anywhere in 
     B, _, H, W = x.shape
     cy, cx = (torch.randint(0, n, (B, 1, 1), device=x.device) for n in (H, W))
     gy, gx = torch.arange(H, device=x.device)[None, :, None], torch.arange(W, device=x.device)[None, None, :]
-    keep = ((gy - cy).abs() >= H // 4) | ((gx - cx).abs() >= W // 4)
+    sy, sx = H // 2, W // 2
+    dy, dx = gy - cy + sy // 2, gx - cx + sx // 2  # position inside the square: covered when in [0, s)
+    keep = (dy < 0) | (dy >= sy) | (dx < 0) | (dx >= sx)
     return x * keep[:, None].to(x.dtype)
 
 
@@ -259,7 +274,7 @@ class Projection(nn.Module):
         if self.embed is None:
             return phi.flatten(1)
         e = self.embed(y).reshape(len(y), -1, *[1] * (phi.ndim - 2))
-        return (phi * e).sum(1).flatten(1) / math.sqrt(phi.shape[1])
+        return (phi * e).sum(1).reshape(len(y), -1) / math.sqrt(phi.shape[1])
 
 
 class MlpD(nn.Module):
@@ -317,16 +332,15 @@ class TeacherD(nn.Module):
     def __init__(self, teacher, d_t, num_classes=0, policy=""):
         super().__init__()
         self.encoder = copy.deepcopy(teacher).eval().requires_grad_(False)
-        for p in self.encoder.parameters():  # own storage even if `teacher` shares tensors with something else
-            p.data = p.data.clone()
         self.d_t, self.policy = d_t, policy
         nd = teacher.config
         if nd["kind"] != "unet":
             raise C.UserError("--disc teacher needs an image teacher; 2-D points use --disc mlp.")
+        dev = next(teacher.parameters()).device  # the meta device works too (shape-only tests)
         with torch.no_grad():
-            feats = self.encoder.encoder_features(torch.zeros(1, nd["in_channels"], nd["img_resolution"],
-                                                              nd["img_resolution"]), torch.zeros(1),
-                                                  y=torch.zeros(1, dtype=torch.long) if nd["label_dim"] else None)
+            feats = self.encoder.encoder_features(
+                torch.zeros(1, nd["in_channels"], nd["img_resolution"], nd["img_resolution"], device=dev),
+                torch.zeros(1, device=dev), y=torch.zeros(1, dtype=torch.long, device=dev) if nd["label_dim"] else None)
         self.shapes = [tuple(f.shape[1:]) for f in feats]
         self.heads = nn.ModuleList(_sn_head(c, r, 64 if num_classes else 1) for c, r, _ in self.shapes)
         self.projs = nn.ModuleList(Projection(num_classes) for _ in self.shapes)
@@ -341,7 +355,7 @@ class TeacherD(nn.Module):
         xt = (1 - self.d_t) * x + self.d_t * torch.randn_like(x)
         t = torch.full((len(x),), self.d_t, device=x.device)
         yt = y if self.encoder.config["label_dim"] else None
-        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+        with amp if amp is not None else contextlib.nullcontext():
             feats = self.encoder.encoder_features(xt, t, y=yt)
         return torch.cat([p(h(f.float()), y) for f, h, p in zip(feats, self.heads, self.projs)], 1)
 
@@ -444,7 +458,7 @@ class VggD(nn.Module):
 
     def forward(self, x, y=None, amp=None):
         x = self.prepare(diff_augment(x, self.policy))
-        with amp if amp is not None else torch.autocast(x.device.type, enabled=False):
+        with amp if amp is not None else contextlib.nullcontext():
             feats = self.features(x)
         logits, i = [], 0
         for fs, cs, vs in zip(feats, self.proj_c, self.proj_v):
@@ -611,15 +625,18 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
         panels.append(("data", ref))
     variant = "GDD-I" if cfg.freeze == "gdd_i" else "GDD"
     if step == 0:  # `net` is the step-0 generator itself (= the teacher); for points also the teacher's 100 Euler steps
-        runs = [("init", net, 1, "step 0: teacher x-hat at t_g")] + ([("teacher100", net, 0, "teacher, 100 Euler steps")]
-                                                                     if len(shape) == 1 else [])
+        runs = [("init", net, 1, "step 0: teacher x-hat at t_g")]
+        if len(shape) == 1 and cfg.eval_teacher_steps:
+            runs.append(("teacher", net, 0, f"teacher, {cfg.eval_teacher_steps} Euler steps"))
     else:
         runs = ([("init", init, 1, "step 0: teacher x-hat at t_g")] if init is not None else []) + \
             [(str(K), net, K, f"{variant} step {step}, {K} step{'s' * (K > 1)}") for K in cfg.eval_steps]
     for key, m, K, title in runs:
         rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
         labels = _labels(C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval labels"), env.device), nd)
-        xs = (sample(m.eval(), rng, shape, K, t_g, labels) if K else euler(m, rng.randn(n, *shape), 100, labels)).cpu()
+        xs = sample(m.eval(), rng, shape, K, t_g, labels) if K else \
+            euler(m, rng.randn(n, *shape), cfg.eval_teacher_steps, labels)
+        xs = xs.cpu()
         if ref is not None:
             mm = min(n, len(ref))
             metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:mm], ref[:mm]), C.mmd2(xs[:2000], ref[:2000])
@@ -666,6 +683,47 @@ def _sanitize(params):
             torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
+def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp):
+    """G step (1), (4): fresh z; D's trainable tensors flagged off (the stored list, so a frozen backbone stays frozen),
+    so L_G reaches G through D but updates no D tensor; gradients sanitised and averaged over ranks; Adam step."""
+    for p in d_params:
+        p.requires_grad_(False)
+    with amp():
+        fake = G(gen_model, torch.randn_like(x), t_g, y)
+    L_G = g_loss(D(fake.float(), y, amp()), loss)
+    opt_g.zero_grad(set_to_none=True)
+    L_G.backward()
+    for p in d_params:
+        p.requires_grad_(True)
+    _sanitize(g_params), C.sync_grads(C.unwrap(gen_model), env)
+    opt_g.step()
+    return L_G.detach()
+
+
+def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp):
+    """D step (3): fresh z', fakes made under no_grad (constants; pitfall 11); real and fake through D in separate
+    passes (pitfall 8); fake labels = the real batch's labels."""
+    with torch.no_grad(), amp():
+        fake = G(gen_model, torch.randn_like(x), t_g, y).float()
+    real_logits, fake_logits = D(x, y, amp()), D(fake, y, amp())
+    L_D = d_loss(real_logits, fake_logits, loss)
+    opt_d.zero_grad(set_to_none=True)
+    L_D.backward()
+    _sanitize(d_params), C.sync_grads(D, env)
+    opt_d.step()
+    return L_D.detach(), real_logits.detach(), fake_logits.detach()
+
+
+def r1_step(D, d_params, opt_d, x, y, gamma, r, env):
+    """Lazy R1 (5)-(6): one extra D update on r * R1 on the real batch (D only; G is not involved)."""
+    R1 = r1_penalty(D, x, y, gamma)
+    opt_d.zero_grad(set_to_none=True)
+    (r * R1).backward()
+    _sanitize(d_params), C.sync_grads(D, env)
+    opt_d.step()
+    return R1.detach()
+
+
 def train(cfg, given):
     env = C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -683,6 +741,9 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
                              {k: v for k, v in given.items() if k != "resume"}, log=say)
+    if not (ck or cfg.teacher or cfg.teacher_iters):
+        raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
+                          f"--preset {cfg.preset} --stage 1rf`.")
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
@@ -691,9 +752,6 @@ def train(cfg, given):
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF (0) for toy/tiny
     tpath = ck["teacher"]["path"] if ck else cfg.teacher
     if tpath is None:
-        if not cfg.teacher_iters:
-            raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
-                              f"--preset {cfg.preset} --stage 1rf`.")
         tpath = os.path.join(cfg.out, "teacher.pt")
         if not os.path.exists(tpath):
             train_teacher(cfg, data, env, tpath, log)
@@ -702,12 +760,9 @@ def train(cfg, given):
 
     # ---- generator (2): raw weights and EMA both start as the teacher's EMA; GDD-I freezes (9) once
     nd = teacher.config
-    raw = copy.deepcopy(teacher).train().requires_grad_(True)
+    raw = make_generator(teacher, cfg.freeze)
     if ck:
         C.load_state_strict(raw, ck["model"])
-    if cfg.freeze == "gdd_i":
-        for n, p in raw.named_parameters():
-            p.requires_grad_(not frozen(n))
     n_all = sum(p.numel() for p in raw.parameters())
     n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
     D = build_disc(cfg, data, teacher, env, log).to(env.device).train()
@@ -767,42 +822,17 @@ def train(cfg, given):
         x, y = data.batch(per_rank, step, env.rank, env.world)
         y = y if cfg.cond else None  # fake labels = the real batch's labels (pitfall 17)
         # ---------------------------------------------------------------- the method: one G / D / R1 step
-        # G step (4): fresh z; D's trainable tensors flagged off, so L_G reaches G through D but updates no D tensor
-        for p in d_params:
-            p.requires_grad_(False)
-        z = torch.randn_like(x)
-        with amp():
-            fake = G(gen_model, z, t_g, y)
-        L_G = g_loss(D(fake.float(), y, amp()), cfg.loss)
-        opt_g.zero_grad(set_to_none=True)
-        L_G.backward()
-        for p in d_params:
-            p.requires_grad_(True)
-        _sanitize(g_params), C.sync_grads(raw, env)
-        opt_g.step()
-        # D step (3): fresh z', the fakes are constants; real and fake in separate passes
-        with torch.no_grad(), amp():
-            fake = G(gen_model, torch.randn_like(x), t_g, y).float()
-        real_logits, fake_logits = D(x, y, amp()), D(fake, y, amp())
-        L_D = d_loss(real_logits, fake_logits, cfg.loss)
-        opt_d.zero_grad(set_to_none=True)
-        L_D.backward()
-        _sanitize(d_params), C.sync_grads(D, env)
-        opt_d.step()
-        # lazy R1 (5)-(6) at steps r, 2r, ... (not 0): one extra D update on r * R1, on the same real batch
-        if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:
-            r1 = r1_penalty(D, x, y, gamma)
-            opt_d.zero_grad(set_to_none=True)
-            (cfg.r1_interval * r1).backward()
-            _sanitize(d_params), C.sync_grads(D, env)
-            opt_d.step()
+        L_G = g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, cfg.loss, env, amp)
+        L_D, real_logits, fake_logits = d_step(gen_model, D, d_params, opt_d, x, y, t_g, cfg.loss, env, amp)
+        if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:  # lazy R1 (6) at steps r, 2r, ... (not 0)
+            r1 = r1_step(D, d_params, opt_d, x, y, gamma, cfg.r1_interval, env)
         ema.update(raw, step * cfg.batch, cfg.batch)  # (8)
         # --------------------------------------------------------------------------------------------------
-        bad = bad | ~torch.isfinite(L_G.detach()) | ~torch.isfinite(L_D.detach()) | ~torch.isfinite(r1.detach())
+        bad = bad | ~torch.isfinite(L_G) | ~torch.isfinite(L_D) | ~torch.isfinite(r1)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.iters:
-            log.log(step, L_D=L_D, L_G=L_G, R1=r1, D_real=torch.sigmoid(real_logits.detach().float()).mean(),
-                    D_fake=torch.sigmoid(fake_logits.detach().float()).mean(), bad=bad.float())
+            log.log(step, L_D=L_D, L_G=L_G, R1=r1, D_real=torch.sigmoid(real_logits.float()).mean(),
+                    D_fake=torch.sigmoid(fake_logits.float()).mean())
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             save()
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:

@@ -1,0 +1,710 @@
+"""Tests of distributional.py (GDD / GDD-I): the invariants of specs/distributional.md §7 (items 1-17, numbered in the
+test names), the toy convergence of §8 with the step-0 generator as the must-fail control, and the `tiny` CLI smoke
+(train with each image discriminator, sample, fid, resume, bad input).
+
+Every teacher is built here: small checkpoints written directly in rectified_flow.py's format (perturbed random
+networks, so that v is not zero), and for the toy convergence a 1-RF trained by the file's own in-file teacher (0)
+in a module-scoped fixture. Nothing depends on runs/. One intra-op thread throughout (a shared 2-core machine).
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common as C
+import distributional as D
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "distributional.py")
+CPU = torch.device("cpu")
+F64 = torch.float64
+RF = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_backend_flags():
+    """The training runs below call C.setup, which sets the TF32 flags; leave them as found for other modules."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def env1(precision="fp32"):
+    return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, m):
+        self.lines.append(m)
+
+
+def perturb(net, scale=0.1, seed=0):
+    g = gen(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return net
+
+
+def mlp_dict(**kw):
+    return C.net_config("mlp", time_scale=1000.0, **kw)
+
+
+def tiny_dict(res=8, **kw):
+    return C.net_config("tiny", img_resolution=res, time_scale=1000.0, **kw)
+
+
+def rf_ckpt(path, nd, method="rectified_flow", convention=RF, **cfg):
+    """A teacher checkpoint in rectified_flow.py's format; `model` and `ema` differ so that the EMA is what is used."""
+    torch.manual_seed(0)
+    ema = perturb(C.build_net(nd), 0.1, 1)
+    model = perturb(C.build_net(nd), 0.1, 2)
+    config = {**dict(stage="1rf", t_eps=0.0, t_dist="ushape", data="8gaussians", net="mlp", cond=False), **cfg}
+    C.save_checkpoint(str(path), dict(model=model.state_dict(), ema=ema.state_dict(), opt={}, step=7, config=config,
+                                      net=nd, method=method, convention=convention), env1())
+    return str(path), ema
+
+
+def toy_cfg(**kw):
+    return D.Config(**{**{k: v for k, v in D.PRESETS["toy"].items()}, **kw})
+
+
+# ============================================================================== 1-3: generator and teacher
+class Stub(nn.Module):
+    """v(x, t) = A x + b, recording the time input."""
+
+    def __init__(self, A, b):
+        super().__init__()
+        self.A, self.b, self.ts = A, b, []
+
+    def forward(self, x, t, y=None):
+        self.ts.append(t)
+        return x @ self.A.T + self.b
+
+
+def test_01_generator_formula_and_optimum():
+    g = gen(0)
+    A, b = torch.randn(3, 3, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)
+    z = torch.randn(50, 3, generator=g, dtype=F64)
+    stub = Stub(A, b)
+    out = D.G(stub, z, 1.0)
+    assert torch.allclose(out, z @ (torch.eye(3, dtype=F64) - A).T - b, atol=1e-12, rtol=0)
+    assert torch.all(stub.ts[0] == 1.0) and stub.ts[0].shape == (50,)
+    m = torch.randn(3, generator=g, dtype=F64)  # the exact 1-RF optimum at t = 1: v(z, 1) = z - m
+    assert torch.allclose(D.G(Stub(torch.eye(3, dtype=F64), -m), z, 1.0), m.expand(50, 3), atol=1e-12, rtol=0)
+
+
+def test_02_step0_generator_is_the_teacher(tmp_path):
+    """Both the raw weights and the EMA of a fresh run equal the teacher's EMA (not its raw weights); G(z) equals the
+    teacher's z - v(z, t_g) and its 1-step Euler sample bit for bit; t_g in every entry; deterministic."""
+    import rectified_flow as R
+    tpath, tema = rf_ckpt(tmp_path / "t.pt", mlp_dict())
+    D.main(["--teacher", tpath, "--iters", "0", "--out", str(tmp_path / "g"), "--eval_n", "200"])
+    ck = torch.load(tmp_path / "g" / "ckpt.pt", weights_only=True)
+    tsd, traw = tema.state_dict(), torch.load(tpath, weights_only=True)["model"]
+    assert ck["step"] == 0 and ck["t_g"] == 1.0 and ck["method"] == "distributional"
+    assert ck["teacher"] == dict(path=tpath, step=7, method="rectified_flow", convention=RF)
+    for k in tsd:
+        assert torch.equal(ck["model"][k], tsd[k]) and torch.equal(ck["ema"][k], tsd[k]), k
+    assert any(not torch.equal(traw[k], tsd[k]) for k in tsd)  # the test can tell EMA from raw
+    g = C.build_net(ck["net"])
+    g.load_state_dict(ck["ema"])
+    teacher, _ = R.load_teacher(tpath, env1())
+    z = torch.randn(64, 2, generator=gen(3))
+    x = D.G(g, z, 1.0)
+    assert x.shape == z.shape and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, z - teacher(z, torch.ones(64)))
+    assert torch.equal(x, R.solve(lambda a, t: teacher(a, t), z, R.time_grid(1, "uniform"), "euler"))
+    assert torch.equal(x, D.G(g, z, 1.0))  # deterministic
+    spy = Stub(torch.eye(2), torch.zeros(2))
+    D.G(spy, z, 1 - 1e-5)
+    assert torch.all(spy.ts[0] == torch.tensor(1 - 1e-5, dtype=torch.float32))
+    # images: a tiny U-Net teacher keeps the data shape
+    tnet = perturb(C.build_net(tiny_dict()), 0.05)
+    zi = torch.randn(3, 3, 8, 8, generator=gen(1))
+    assert torch.equal(D.G(D.make_generator(tnet), zi, 1.0), zi - tnet(zi, torch.ones(3)))
+
+
+def test_03_t_g_and_teacher_checks(tmp_path):
+    log = Log()
+    p, _ = rf_ckpt(tmp_path / "a.pt", mlp_dict())
+    assert D.load_teacher(p, toy_cfg(), None, log)[2] == 1.0
+    p, _ = rf_ckpt(tmp_path / "b.pt", mlp_dict(), stage="2rf")  # overrides below via a rewritten config
+    ck = torch.load(p, weights_only=True)
+    ck["config"]["t_eps"] = 1e-5
+    torch.save(ck, p)
+    net, _, t_g = D.load_teacher(p, toy_cfg(), None, log)
+    assert t_g == 1 - 1e-5 and any("ablation" in m for m in log.lines)
+    assert net.config["dropout"] == 0.0
+
+    def fails(path, *words, cfg=None):
+        with pytest.raises(C.UserError) as e:
+            D.load_teacher(path, cfg or toy_cfg(), None, Log())
+        for w in words:
+            assert w in str(e.value), str(e.value)
+
+    ck["config"]["t_eps"] = 0.02  # t_g = 0.98 < 0.99
+    torch.save(ck, p)
+    fails(p, "0.98")
+    fails(rf_ckpt(tmp_path / "c.pt", mlp_dict(), convention="x_t=(1-t)x+t*z")[0], "convention")
+    fails(rf_ckpt(tmp_path / "d.pt", mlp_dict(), method="imm")[0], "imm")
+    fails(rf_ckpt(tmp_path / "e.pt", mlp_dict())[0], "map_label", cfg=toy_cfg(cond=True))
+    fails(rf_ckpt(tmp_path / "f.pt", tiny_dict(label_dim=10))[0], "map_label")  # the reverse
+    ck = torch.load(rf_ckpt(tmp_path / "g.pt", mlp_dict(), stage="2rf")[0], weights_only=True)
+    ck["config"]["t_dist"] = "logit_normal"
+    torch.save(ck, tmp_path / "g.pt")
+    log = Log()
+    D.load_teacher(str(tmp_path / "g.pt"), toy_cfg(), None, log)
+    assert sum("warning" in m and "logit_normal" in m for m in log.lines) == 1
+    log = Log()
+    D.load_teacher(str(tmp_path / "a.pt"), toy_cfg(), None, log)
+    assert log.lines == []  # a uniform-t 1-RF: no warning, no note
+    ck = torch.load(tmp_path / "a.pt", weights_only=True)
+    ck["ema"]["out_conv.bias"] = torch.zeros(3)  # a wrong shape: strict load names the key
+    torch.save(ck, tmp_path / "h.pt")
+    fails(str(tmp_path / "h.pt"), "out_conv.bias")
+
+
+# ============================================================================== 4-5: GDD-I freezing
+def test_04_freeze_predicate_on_the_cifar10_net():
+    with torch.device("meta"):
+        net = C.build_net(C.net_config("ddpmpp", time_scale=1000.0))
+    mods = dict(net.named_modules())
+    total = sum(p.numel() for p in net.parameters())
+    fro = {n for n, _ in net.named_parameters() if D.frozen(n)}
+    assert fro == {n for n, _ in net.named_parameters() if n.split(".")[-2] in ("conv0", "conv1", "proj")}
+    for n in fro:
+        m = mods[n.rsplit(".", 1)[0]]
+        k = m.kernel_size
+        assert (n.split(".")[-2] == "proj" and k == (1, 1)) or (n.split(".")[-2] != "proj" and k == (3, 3)), n
+        assert n.startswith(("enc.", "dec.")) and "_conv." not in n
+    for n, _ in net.named_parameters():
+        if any(s in n for s in ("norm", "affine", "map_", "skip", "qkv", "out_", "32x32_conv")):
+            assert n not in fro, n
+    f = sum(p.numel() for n, p in net.named_parameters() if n in fro)
+    assert f == 47_597_568 and 0.78 <= f / total <= 0.87
+    for name in ("tiny", "small"):
+        with torch.device("meta"):
+            n2 = C.build_net(C.net_config(name, time_scale=1000.0))
+        frac = sum(p.numel() for k, p in n2.named_parameters() if D.frozen(k)) / sum(p.numel() for p in n2.parameters())
+        assert 0.72 <= frac <= 0.85, (name, frac)
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gdd_imgs")
+    np.save(root / "imgs.npy", np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8))
+    return root
+
+
+def test_05_freezing_holds_over_steps(imgs, tmp_path):
+    out = tmp_path / "gi"
+    D.main(["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", str(out), "--freeze", "gdd_i", "--iters", "3",
+            "--ema_halflife_img", "1000", "--ema_rampup", "none", "--root", str(tmp_path), "--ckpt_every", "3"])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    t = torch.load(out / "teacher.pt", weights_only=True)["ema"]
+    fro = [k for k in ck["model"] if D.frozen(k)]
+    trn = [k for k, _ in C.build_net(ck["net"]).named_parameters() if not D.frozen(k)]
+    assert fro and trn
+    for k in fro:
+        assert torch.equal(ck["model"][k], t[k]) and torch.equal(ck["ema"][k], t[k]), k
+    assert any(not torch.equal(ck["model"][k], t[k]) for k in trn)
+    assert any(not torch.equal(ck["ema"][k], t[k]) for k in trn)
+    groups = ck["opt"]["g"]["param_groups"]
+    assert sum(len(g["params"]) for g in groups) == len(trn) and len(ck["opt"]["g"]["state"]) == len(trn)
+    g = D.make_generator(C.build_net(ck["net"]), "gdd_i")
+    assert all(p.requires_grad == (not D.frozen(n)) for n, p in g.named_parameters())
+    # the EMA update skips frozen tensors even when the (EMA) copy and the weights differ there
+    ema = C.EMA(g, decay=0.5)
+    with torch.no_grad():
+        for n, p in ema.model.named_parameters():
+            p.add_(1.0)
+    before = {n: p.clone() for n, p in ema.model.named_parameters()}
+    ema.update(g, 0, 8)
+    for n, p in ema.model.named_parameters():
+        assert torch.equal(p, before[n]) == D.frozen(n), n
+
+
+# ============================================================================== 6-8: losses, R1 scale
+def test_06_loss_values_gradients_and_signs():
+    z = torch.zeros(4, 3)
+    assert abs(D.d_loss(z, z).item() - 2 * math.log(2)) < 1e-6 and abs(D.g_loss(z).item() - math.log(2)) < 1e-6
+    assert D.d_loss(z, z, "hinge").item() == 2.0 and D.g_loss(z, "hinge").item() == 0.0
+    B, K = 5, 4
+    fr, ff = torch.randn(B, K, generator=gen(0), dtype=F64), torch.randn(B, K, generator=gen(1), dtype=F64)
+    fr.requires_grad_(True), ff.requires_grad_(True)
+    gr, = torch.autograd.grad(D.g_loss(ff.double()), ff)
+    # the losses cast logits to fp32: compare at fp32 accuracy
+    assert torch.allclose(gr.double(), -torch.sigmoid(-ff) / (B * K), atol=1e-7) and (gr < 0).all()
+    a, b = torch.autograd.grad(D.d_loss(fr, ff), (fr, ff))
+    assert torch.allclose(a.double(), -torch.sigmoid(-fr) / (B * K), atol=1e-7)
+    assert torch.allclose(b.double(), torch.sigmoid(ff) / (B * K), atol=1e-7)
+    for kind in ("ns", "hinge"):
+        assert D.d_loss(fr, ff, kind) >= 0 and (kind == "hinge" or D.g_loss(ff, kind) >= 0)
+        assert D.d_loss(fr + 1, ff, kind) < D.d_loss(fr, ff, kind) and D.d_loss(fr, ff - 1, kind) < D.d_loss(fr, ff, kind)
+
+
+def test_07_batch_mean_reduction():
+    torch.manual_seed(0)
+    Dn = D.MlpD()
+    x, fake = torch.randn(6, 2, generator=gen(0)), torch.randn(6, 2, generator=gen(1))
+    x2, f2 = torch.cat([x, x]), torch.cat([fake, fake])
+
+    def terms(a, f):
+        Dn.zero_grad()
+        L = D.d_loss(Dn(a), Dn(f)) + D.g_loss(Dn(f)) + D.r1_penalty(Dn, a, None, 0.3)
+        L.backward()
+        return L.detach(), [p.grad.clone() for p in Dn.parameters()]
+
+    L1, g1 = terms(x, fake)
+    L2, g2 = terms(x2, f2)
+    assert abs(L1 - L2) < 1e-6 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    # logits averaged, not summed: K copies of the same logit give the same loss as one
+    f = torch.randn(4, 1, generator=gen(2))
+    assert torch.allclose(D.g_loss(f.repeat(1, 7)), D.g_loss(f)) and torch.allclose(D.d_loss(f.repeat(1, 7), f), D.d_loss(f, f))
+
+
+def test_08_gamma_conversion():
+    assert abs(D.gamma_mean(1e-4, 128, 64) - 0.0128) < 1e-12 and abs(D.gamma_mean(1e-4, 128, 32) - 0.0256) < 1e-12
+    assert D.R1_DEFAULT == dict(mlp=0.1, scratch=0.01, teacher=0.013, vgg=0.013)
+
+
+# ============================================================================== 9: gradient routing
+def _img_setup(freeze="none"):
+    torch.manual_seed(0)
+    teacher = perturb(C.build_net(tiny_dict()), 0.05).eval().requires_grad_(False)
+    g = D.make_generator(teacher, freeze)
+    Dn = D.TeacherD(teacher, 0.1)
+    d_params = [p for p in Dn.parameters() if p.requires_grad]
+    opt_g = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=1e-3, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(d_params, lr=1e-3, betas=(0.0, 0.99))
+    x = torch.rand(4, 3, 8, 8, generator=gen(5)) * 2 - 1
+    return teacher, g, Dn, d_params, opt_g, opt_d, x
+
+
+def snap(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_09_routing_between_G_and_D():
+    amp = lambda: C.autocast(env1())
+    teacher, g, Dn, d_params, opt_g, opt_d, x = _img_setup()
+    frozen_d = [p for p in Dn.parameters() if not p.requires_grad]
+    d0, g0 = snap(Dn), snap(g)
+    D.g_step(g, Dn, d_params, [p for p in g.parameters()], opt_g, x, None, 1.0, "ns", env1(), amp)
+    d1 = snap(Dn)
+    sn = lambda k: k.endswith(("_u", "_v"))  # spectral-norm power-iteration vectors (no gradient, updated per forward)
+    assert all(torch.equal(d0[k], d1[k]) for k in d0 if not sn(k))
+    assert len(opt_d.state) == 0 and all(p.grad is None for p in Dn.parameters())
+    assert all(p.requires_grad for p in d_params) and not any(p.requires_grad for p in frozen_d)
+    assert any(not torch.equal(g0[k], v) for k, v in g.state_dict().items())
+    for p in g.parameters():
+        p.grad = None
+    g1 = snap(g)
+    seen = []
+    fwd = Dn.forward
+    Dn.forward = lambda a, y=None, amp=None: (seen.append(a.requires_grad), fwd(a, y, amp))[1]
+    D.d_step(g, Dn, d_params, opt_d, x, None, 1.0, "ns", env1(), amp)
+    D.r1_step(Dn, d_params, opt_d, x, None, 0.1, 16, env1())
+    Dn.forward = fwd
+    assert seen[:2] == [False, False]  # real, then fakes: constants (no graph into G)
+    assert all(torch.equal(g1[k], v) for k, v in g.state_dict().items())
+    assert all(p.grad is None for p in g.parameters())
+    assert any(not torch.equal(d1[k], v) for k, v in Dn.state_dict().items() if "heads" in k and not sn(k))
+
+
+# ============================================================================== 10: R1
+class LinD(nn.Module):
+    def __init__(self, w, b):
+        super().__init__()
+        self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+
+    def forward(self, x, y=None, amp=None):
+        return (x.flatten(1) @ self.w)[:, None] + self.b[None]
+
+
+class QuadD(nn.Module):
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(A)
+
+    def forward(self, x, y=None, amp=None):
+        return (0.5 * ((x @ self.A) * x).sum(1))[:, None]
+
+
+def test_10_r1_closed_forms_and_properties():
+    g = gen(0)
+    w, b = torch.randn(6, generator=g), torch.randn(5, generator=g)
+    x = torch.randn(7, 6, generator=g)
+    assert abs(D.r1_penalty(LinD(w, b), x, None, 0.3).item() - 0.15 * w.square().sum().item()) < 1e-6
+    S = torch.randn(6, 6, generator=g)
+    A = S + S.T
+    want = 0.15 * (x @ A).square().sum(1).mean()
+    assert abs(D.r1_penalty(QuadD(A), x, None, 0.3).item() - want.item()) < 1e-6 * max(1, want.item())
+    const = LinD(torch.zeros(6), b)
+    const.forward = lambda a, y=None, amp=None: const.b[None].expand(len(a), -1)
+    assert D.r1_penalty(const, x, None, 0.3).item() == 0.0
+    torch.manual_seed(0)
+    for _ in range(3):
+        assert D.r1_penalty(D.MlpD(), torch.randn(8, 2), None, 1.0).item() >= 0
+    # DiffAugment on: the gradient is taken with respect to the raw real tensor, augmentation inside D
+    torch.manual_seed(1)
+    sd = D.ScratchD(3, 8, policy="color,translation,cutout")
+    xi = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        r1 = D.r1_penalty(sd, xi, None, 2.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        xr = xi.clone().requires_grad_(True)
+        gr, = torch.autograd.grad(sd(xr).mean(1).sum(), xr)
+    assert torch.allclose(r1, gr.square().flatten(1).sum(1).mean(), rtol=1e-6) and r1 > 0
+    # gain r: with SGD(lr 1) the R1 update is exactly -r grad(R1)
+    Dl = LinD(w.clone(), b.clone())
+    opt = torch.optim.SGD(Dl.parameters(), lr=1.0)
+    D.r1_step(Dl, list(Dl.parameters()), opt, x, None, 0.3, 16, env1())
+    assert torch.allclose(Dl.w.detach(), w - 16 * 0.3 * w, atol=1e-6) and torch.equal(Dl.b.detach(), b)
+    lr, betas = D.d_adam_hparams(1e-4, 16)
+    assert abs(lr - 1e-4 * 16 / 17) < 1e-12 and betas[0] == 0.0 and abs(betas[1] - 0.990585) < 1e-6
+    assert isinstance(betas[0], float)  # pitfall 13
+
+
+def test_10_r1_schedule_and_optimisers(tmp_path, monkeypatch):
+    steps, orig = [], D.r1_step
+    calls = {"g": 0}
+    og = D.g_step
+
+    def spy_g(*a):
+        calls["g"] += 1
+        return og(*a)
+
+    def spy_r1(*a):
+        steps.append((calls["g"] - 1, a[6]))  # (step index, gain)
+        return orig(*a)
+    monkeypatch.setattr(D, "r1_step", spy_r1)
+    monkeypatch.setattr(D, "g_step", spy_g)
+    tpath, _ = rf_ckpt(tmp_path / "t.pt", mlp_dict())
+    D.main(["--teacher", tpath, "--iters", "33", "--batch", "16", "--out", str(tmp_path / "r"), "--eval_n", "100",
+            "--log_every", "11"])
+    assert steps == [(16, 16), (32, 16)]
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    (gg,), (dg,) = ck["opt"]["g"]["param_groups"], ck["opt"]["d"]["param_groups"]
+    assert gg["betas"] == (0.0, 0.99) and gg["lr"] == 1e-4 and gg["eps"] == 1e-8 and gg["weight_decay"] == 0
+    assert abs(dg["lr"] - 1e-4 * 16 / 17) < 1e-15 and abs(dg["betas"][1] - 0.99 ** (16 / 17)) < 1e-15
+    logs = [json.loads(ln) for ln in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [11, 22, 33] and logs[0]["R1"] == 0 and logs[1]["R1"] > 0
+    assert all(0 < r["D_real"] < 1 and 0 < r["D_fake"] < 1 for r in logs)
+
+
+# ============================================================================== 11-12: EMA, conditioning
+def test_11_ema_ramp_values():
+    assert D.ema_beta(0, 256, 5e5, 0.05) == 0.0
+    assert abs(D.ema_beta(256, 256, 5e5, 0.05) - 0.5 ** 20) < 1e-12
+    assert abs(D.ema_beta(5e6, 256, 5e5, 0.05) - 0.999290) < 1e-6
+    ema = C.EMA(nn.Linear(2, 2), halflife_kimg=500, rampup=0.05)
+    for n in (0, 256, 1e6, 5e6):
+        assert ema.beta(n, 256) == D.ema_beta(n, 256, 5e5, 0.05)
+
+
+def test_12_conditional_projection_and_labels():
+    proj = D.Projection(10)
+    phi = torch.randn(3, 64, 2, 2, generator=gen(0))
+    y = torch.tensor([1, 4, 4])
+    e = proj.embed.weight.detach()
+    want = (phi * e[y][:, :, None, None]).sum(1).flatten(1) / 8
+    assert torch.allclose(proj(phi, y), want, atol=1e-6) and proj(phi, y).shape == (3, 4)
+    assert not torch.allclose(proj(phi, torch.tensor([2, 4, 4]))[0], want[0])
+    # fake labels = the real batch's labels in both steps
+    torch.manual_seed(0)
+    teacher = perturb(C.build_net(tiny_dict(label_dim=10)), 0.05).eval().requires_grad_(False)
+    g, Dn = D.make_generator(teacher), D.ScratchD(3, 8, 10)
+    seen = []
+    fwd = Dn.forward
+    Dn.forward = lambda a, y=None, amp=None: (seen.append(y), fwd(a, y, amp))[1]
+    x, yr = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([3, 1, 4, 1])
+    dp = list(Dn.parameters())
+    amp = lambda: C.autocast(env1())
+    D.g_step(g, Dn, dp, list(g.parameters()), torch.optim.Adam(g.parameters()), x, yr, 1.0, "ns", env1(), amp)
+    D.d_step(g, Dn, dp, torch.optim.Adam(dp), x, yr, 1.0, "ns", env1(), amp)
+    assert len(seen) == 3 and all(s is yr for s in seen)
+
+
+# ============================================================================== 13-14: discriminators
+def test_13_teacher_discriminator():
+    teacher, g, Dn, d_params, opt_g, opt_d, x = _img_setup()
+    enc = list(Dn.encoder.parameters())
+    ptrs = {p.data_ptr() for p in enc}
+    assert not ptrs & {p.data_ptr() for p in [*teacher.parameters(), *g.parameters()]}
+    assert not any(p.requires_grad for p in enc) and not Dn.train().encoder.training
+    assert not {id(p) for p in enc} & {id(p) for grp in opt_d.param_groups for p in grp["params"]}
+    assert Dn.shapes == [(16, 8, 8), (32, 4, 4)] and Dn(x).shape == (4, 32)
+    before = [p.clone() for p in enc]
+    amp = lambda: C.autocast(env1())
+    D.d_step(g, Dn, d_params, opt_d, x, None, 1.0, "ns", env1(), amp)
+    D.r1_step(Dn, d_params, opt_d, x, None, 0.1, 16, env1())
+    assert all(torch.equal(a, b) for a, b in zip(before, enc))
+    with torch.device("meta"):
+        big = C.build_net(C.net_config("ddpmpp", time_scale=1000.0))
+        Db = D.TeacherD(big, 0.1)
+        assert Db.shapes == [(256, 32, 32), (256, 16, 16), (256, 8, 8)]
+        assert Db(torch.zeros(2, 3, 32, 32)).shape == (2, 48)
+
+
+def test_14_vgg_discriminator_with_random_weights(monkeypatch):
+    log = Log()
+    cfg = D.Config(disc="vgg", vgg_weights="random", proj_seed=3)
+    data = C.Data("images", "x", x=torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    D1 = D.build_disc(copy.copy(cfg), data, None, env1(), log)
+    feats = nn.Sequential(*[m for st in D1.stages for m in st])  # reuse the backbone (building VGG16 is slow)
+    D2, D3 = (D.VggD(copy.deepcopy(feats), 3, 0, s) for s in (3, 4))
+    for a, b, c in zip([*D1.proj_c.parameters(), *D1.proj_v.parameters()], [*D2.proj_c.parameters(),
+                       *D2.proj_v.parameters()], [*D3.proj_c.parameters(), *D3.proj_v.parameters()]):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    # input: ((x + 1)/2 - mean)/std at 224^2
+    xc = torch.full((1, 3, 16, 16), 0.2)
+    p = D1.prepare(xc)
+    mean, std = torch.tensor(D.IMAGENET_MEAN), torch.tensor(D.IMAGENET_STD)
+    assert p.shape == (1, 3, 224, 224) and torch.allclose(p[0, :, 100, 7], (0.6 - mean) / std, atol=1e-6)
+    D1.train()
+    assert not D1.stages.training and all(not m.training for m in D1.stages.modules())
+    assert all(m.training for m in D1.heads.modules() if isinstance(m, nn.BatchNorm2d))
+    fixed = [*D1.stages.parameters(), *D1.proj_c.parameters(), *D1.proj_v.parameters()]
+    assert not any(p.requires_grad for p in fixed)
+    before = [p.clone() for p in fixed] + [b.clone() for b in D1.stages.buffers()]
+    d_params = [p for p in D1.parameters() if p.requires_grad]
+    assert not {id(p) for p in fixed} & {id(p) for p in d_params}
+    x = torch.rand(2, 3, 16, 16, generator=gen(0)) * 2 - 1
+    logits = D1(x)
+    assert logits.shape == (2, 64)
+    D.d_loss(logits, -logits).backward()
+    torch.optim.Adam(d_params, lr=1e-2).step()
+    assert all(torch.equal(a, b) for a, b in zip(before, [*fixed, *D1.stages.buffers()]))
+    assert set(D.disc_state(D1)) and not any(k.startswith("stages.") for k in D.disc_state(D1))
+    # no ImageNet weights: one sentence, and the run continues with the teacher D
+    import torchvision
+
+    def offline(weights=None, **kw):
+        if weights is not None:
+            raise OSError("no network")
+        return orig(weights=None)
+    orig = torchvision.models.vgg16_bn
+    monkeypatch.setattr(torchvision.models, "vgg16_bn", offline)
+    teacher = C.build_net(tiny_dict(res=16))
+    cfg2, log = D.Config(disc="vgg"), Log()
+    Dt = D.build_disc(cfg2, data, teacher, env1(), log)
+    assert isinstance(Dt, D.TeacherD) and cfg2.disc == "teacher"
+    assert len(log.lines) == 1 and "VGG16-BN" in log.lines[0] and "--disc teacher" in log.lines[0]
+
+
+# ============================================================================== 15-16: DiffAugment, sampler
+def test_15_diffaugment():
+    x = torch.rand(4, 3, 8, 8, generator=gen(0)) * 2 - 1
+    assert torch.equal(D.diff_augment(x, ""), x)
+    for pol in ("color", "translation", "cutout", "color,translation,cutout"):
+        xr = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = D.diff_augment(xr, pol)
+        assert y.shape == x.shape and not torch.equal(y, x)
+        g, = torch.autograd.grad(y.square().sum(), xr)
+        assert g.abs().sum() > 0
+    torch.manual_seed(2)
+    y = D._translation(x)
+    for i in range(4):  # a pure shift with zero fill: every output pixel is an input pixel or zero
+        vals = set(x[i].flatten().tolist()) | {0.0}
+        assert set(y[i].flatten().tolist()) <= vals
+    torch.manual_seed(3)
+    zeros = (D._cutout(torch.ones(64, 3, 8, 8)) == 0).flatten(1).sum(1)
+    assert zeros.max() == 3 * 16 and zeros.min() >= 3 * 4  # an H/2 x W/2 square, clipped at the border
+
+
+def test_16_sampler_grids_calls_and_batch_independence():
+    assert D.time_grid(1, 1.0) == [1.0] and D.time_grid(2, 1.0) == [1.0, 0.5]
+    assert max(abs(a - b) for a, b in zip(D.time_grid(4, 0.9), [0.9, 0.675, 0.45, 0.225])) < 1e-12
+    assert max(abs(a - b) for a, b in zip(D.time_grid(8, 1.0), [1 - k / 8 for k in range(8)])) < 1e-12
+    stub = Stub(0.3 * torch.eye(2), torch.zeros(2))
+    D.sample(stub, C.IndexRNG(range(5), 0, CPU), (2,), 1, 1.0)
+    assert len(stub.ts) == 1 and torch.all(stub.ts[0] == 1.0)
+    stub.ts.clear()
+    D.sample(stub, C.IndexRNG(range(5), 0, CPU), (2,), 4, 1.0)
+    assert [float(t[0]) for t in stub.ts] == [1.0, 0.75, 0.5, 0.25]
+    torch.manual_seed(0)
+    net = perturb(C.build_net(mlp_dict()), 0.1).eval()
+    for K in (1, 2):
+        a = torch.cat([D.sample(net, C.IndexRNG(i.tolist(), 0, CPU), (2,), K, 1.0) for i in torch.arange(64).split(7)])
+        b = D.sample(net, C.IndexRNG(range(64), 0, CPU), (2,), K, 1.0)
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+# ============================================================================== toy convergence (§8)
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """In-file 1-RF teacher (Eq. 0) on 8 Gaussians, then GDD at the spec's test budget (1,000 x 256, gamma 0.1).
+    The teacher gets 1,000 x 512 instead of the preset's 2,000 to save ~20 s: it is as good at 100 Euler steps
+    (MMD^2 0.026 against 0.032 measured), and GDD then reached MMD^2 0.025 / in-mode 0.77 (0.069 / 0.56 from the
+    2,000-step teacher: GAN runs of this length vary, so the spec's thresholds are kept, not tightened)."""
+    root = tmp_path_factory.mktemp("gdd_toy")
+    D.main(["--out", str(root / "gdd"), "--teacher_iters", "1000", "--iters", "1000", "--batch", "256", "--log_every", "250", "--eval_n", "4000",
+            "--ckpt_every", "1000"])
+    recs = [json.loads(ln) for ln in (root / "gdd" / "metrics.jsonl").read_text().splitlines()]
+    return dict(root=root, step0=recs[0], final=recs[-1])
+
+
+def passes(m, key):
+    return (m[f"mmd2_{key}"] < 0.08 and m[f"in_mode_{key}"] >= 0.55 and m[f"modes_{key}"] >= 7)
+
+
+@pytest.mark.slow
+def test_toy_gdd_covers_the_modes_and_step0_fails(toy):
+    s0, m = toy["step0"], toy["final"]
+    assert s0["step"] == 0 and m["step"] == 1000
+    print({k: round(v, 4) for k, v in {**s0, **m}.items() if k != "step"})
+    assert passes(m, "1") and m["mmd2_1"] <= 0.05 * s0["mmd2_init"], m
+    assert not passes(s0, "init")  # control: the step-0 generator (the teacher's collapsed 1-step map)
+    assert m["mmd2_init"] == s0["mmd2_init"]  # the final plot's step-0 panel is that same generator
+    assert s0["modes_teacher100"] >= 7  # the teacher itself was good at 100 Euler steps
+    for f in ("ckpt.pt", "teacher.pt", "log.jsonl", "config.json", "samples.png", "samples_step0.png", "metrics.jsonl"):
+        assert (toy["root"] / "gdd" / f).is_file(), f
+    import rectified_flow as R  # the in-file teacher is a valid rectified_flow.py checkpoint
+    net, tck = R.load_teacher(str(toy["root"] / "gdd" / "teacher.pt"), env1())
+    assert tck["config"]["stage"] == "1rf" and tck["step"] == 1000
+
+
+# ============================================================================== CLI smoke (tiny), resume, errors
+def cli(*args, cwd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(p):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def assert_user_error(code, err, *words):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    errs = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errs) == 1, err
+    for w in words:
+        assert w in errs[0], (w, errs[0])
+
+
+def sha(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_cli_tiny_train_sample_fid(imgs, capsys, monkeypatch):
+    p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--root", "data", cwd=imgs)
+    assert_ok(p)
+    assert "frozen 0 of 189,347" in p.stdout and "disc scratch (K = 1" in p.stdout
+    ck = torch.load(imgs / "run" / "ckpt.pt", weights_only=True)
+    assert set(ck) >= {"model", "ema", "opt", "step", "config", "net", "method", "convention", "rng", "disc", "t_g",
+                       "teacher"}
+    assert set(ck["opt"]) == {"g", "d"} and ck["step"] == 4 and ck["config"]["disc"] == "scratch"
+    assert ck["teacher"]["path"] == os.path.join("run", "teacher.pt") and ck["teacher"]["method"] == "rectified_flow"
+    ckpt = str(imgs / "run" / "ckpt.pt")
+    for b in (3, 16):  # in-process (a subprocess costs seconds of imports); per-index noise: batch-independent
+        D.main(["sample", "--ckpt", ckpt, "--steps", "1,2", "--n", "10", "--batch", str(b), "--out", str(imgs / f"s{b}.npy")])
+    assert "K > 1" in capsys.readouterr().out
+    for K in (1, 2):
+        a = np.load(imgs / f"s3_{K}step.npy")
+        assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
+        assert np.abs(a.astype(int) - np.load(imgs / f"s16_{K}step.npy").astype(int)).max() <= 1
+    monkeypatch.chdir(imgs)  # the checkpoint names its data relative to where it was trained
+    D.main(["fid", "--ckpt", ckpt, "--steps", "1", "--n", "32", "--fid_detector", "standin", "--root", str(imgs / "data")])
+    rec = json.loads((imgs / "run" / "fid.jsonl").read_text().splitlines()[-1])
+    assert rec["steps"] == 1 and rec["detector"] == "standin" and math.isfinite(rec["fid"])
+
+
+@pytest.mark.parametrize("extra", [["--disc", "teacher", "--freeze", "gdd_i"], ["--loss", "hinge", "--fid_every", "2",
+                                                                               "--fid_detector", "standin"]])
+def test_tiny_other_discriminators_and_hinge(imgs, tmp_path, extra, capsys):
+    D.main(["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", str(tmp_path / "r"), "--root", str(tmp_path),
+            *extra])
+    out = capsys.readouterr().out
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4
+    if "teacher" in extra:
+        assert "K = 32 logits" in out and "fraction 0.7860" in out and any(k.startswith("encoder.") for k in ck["disc"])
+    else:
+        assert out.count("FID-0k proxy") == 3  # steps 0, 2 and 4
+
+
+def test_resume_bitwise(imgs, tmp_path):
+    """6 steps uninterrupted vs 3 + a resumed 3 (R1 at steps 2 and 4, EMA on, teacher D with its noise)."""
+    base = ["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--root", str(tmp_path), "--ckpt_every", "3",
+            "--disc", "teacher", "--ema_halflife_img", "100", "--eval_n", "4"]
+    D.main([*base, "--out", str(tmp_path / "a"), "--iters", "6"])
+    D.main([*base, "--out", str(tmp_path / "b"), "--iters", "3"])
+    D.main([*base, "--out", str(tmp_path / "b"), "--iters", "6"])
+    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
+    assert ca["step"] == cb["step"] == 6
+    for k in ("model", "ema", "disc"):
+        for n in ca[k]:
+            assert torch.equal(ca[k][n], cb[k][n]), (k, n)
+    for o in ("g", "d"):
+        for i, st in ca["opt"][o]["state"].items():
+            for n, v in st.items():
+                assert torch.equal(v, cb["opt"][o]["state"][i][n]), (o, i, n)
+
+
+def test_nan_loss_keeps_last_checkpoint(imgs, tmp_path, monkeypatch, capsys):
+    args = ["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--root", str(tmp_path), "--out", str(tmp_path / "n"),
+            "--log_every", "1", "--ckpt_every", "2"]
+    D.main([*args, "--iters", "2"])
+    before = sha(tmp_path / "n" / "ckpt.pt")
+    monkeypatch.setattr(D, "g_loss", lambda f, kind="ns": f.float().mean() * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: D.main([*args, "--iters", "4"]))
+    assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
+    assert sha(tmp_path / "n" / "ckpt.pt") == before
+
+
+def test_cli_bad_inputs(imgs, tmp_path, capsys):
+    tpath, _ = rf_ckpt(tmp_path / "t.pt", mlp_dict())
+    ipath = str(imgs / "imgs.npy")
+    D.main(["--preset", "tiny", "--data", ipath, "--out", str(tmp_path / "ok"), "--root", str(tmp_path), "--iters", "1"])
+    before = sha(tmp_path / "ok" / "ckpt.pt")
+    cases = [
+        (["--preset", "small", "--out", str(tmp_path / "s")], ["rectified_flow.py"]),  # no teacher
+        (["--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m")], ["missing.pt"]),
+        (["--teacher", tpath, "--data", ipath, "--out", str(tmp_path / "x")], ["does not fit"]),  # MLP teacher, images
+        (["--teacher", tpath, "--disc", "scratch", "--out", str(tmp_path / "y")], ["--disc mlp"]),
+        (["--teacher", tpath, "--cond", "--out", str(tmp_path / "c")], ["--cond"]),
+        (["--preset", "tiny", "--data", ipath, "--out", str(tmp_path / "ok"), "--root", str(tmp_path), "--freeze",
+          "gdd_i"], ["another --out"]),
+        (["--preset", "nope"], []),
+        (["--diffaug", "zoom"], ["zoom"]),
+        (["sample", "--ckpt", tpath], ["rectified_flow"]),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: D.main(list(argv)))
+        assert_user_error(e.value.code, capsys.readouterr().err, *words)
+    assert sha(tmp_path / "ok" / "ckpt.pt") == before
+    p = cli("--teacher", "nowhere.pt", "--out", "z", cwd=tmp_path)
+    assert_user_error(p.returncode, p.stderr, "nowhere.pt")
