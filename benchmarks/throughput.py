@@ -90,10 +90,36 @@ def imm_sample(net, z, steps):
     return x
 
 
+def scm_step(net, x, distil=False):
+    """sCT / sCD (scm.py, cifar10 maths): fp32 JVP pass on the unwrapped network (dropout mask replayed), then the
+    bf16 gradient pass; sCD adds a frozen teacher forward (a copy of the initial weights stands in for it)."""
+    import copy, scm
+    cfg, env, raw = scm.Config(weighting="none"), _ENV["env"], common.unwrap(net)
+    teacher = _ENV.setdefault("teacher", copy.deepcopy(raw).eval().requires_grad_(False)) if distil else None
+    z = cfg.sigma_d * torch.randn_like(x)
+    t = scm.sample_t(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_d, x.device)
+    return scm.cm_step_loss(scm.Student(net), raw, teacher, x, z, t, 1.0, cfg, env)[0]
+
+
+def scm_sample(net, z, steps):
+    """sCM multistep sampler: f at t_max = arctan(80/0.5), then re-noised to t = 1.1 (2 steps)."""
+    import scm
+    cfg, x = scm.Config(), None
+    for k, tk in enumerate(scm.cm_times(steps, cfg)):
+        x_t = cfg.sigma_d * z if k == 0 else math.cos(tk) * x + math.sin(tk) * cfg.sigma_d * z
+        x = scm.consistency_fn(net, x_t, torch.full((z.shape[0],), tk, device=z.device), cfg.sigma_d).float()
+    return x
+
+
 METHODS = {
     "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0)),
     # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10)
     "imm": Method(step=imm_step, sample=imm_sample, net=dict(num_times=2, time_scale=1000.0), fwd_per_step=4 / 3),
+    # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
+    # forward (1/3). scm.md §10 expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
+    "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True), fwd_per_step=5 / 3),
+    "scd": Method(step=lambda net, x: scm_step(net, x, distil=True), sample=scm_sample, net=dict(adn=True),
+                  fwd_per_step=2.0),
 }
 
 # Dense peak TFLOP/s by device-name fragment and precision (NVIDIA data sheets, without sparsity).

@@ -104,3 +104,13 @@ def test_throughput_imm_step_counts_target_pass():
     assert rec["params"] == 194_595  # tiny with a second time input, spec §3.7
     assert rec["fwd_flops_per_img"] == fwd and rec["train_flops_per_img"] == round(4 * fwd)
     assert rec["train_img_per_s"] > 0 and math.isfinite(rec["final_loss"]) and rec["final_loss"] >= 0
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_throughput_scm_steps_run(method):
+    """The sCT/sCD benchmark step (JVP pass + gradient pass) trains the tiny ADN U-Net on the CPU."""
+    rec = tp.main(["--method", method, "--net", "tiny", "--batch", "4", "--sample_batch", "4", "--iters", "2",
+                   "--warmup", "1", "--device", "cpu", "--precision", "fp32"])
+    fwd = _forward_flops("tiny", **tp.METHODS[method].net)
+    assert rec["train_flops_per_img"] == round(3 * tp.METHODS[method].fwd_per_step * fwd)
+    assert math.isfinite(rec["final_loss"]) and rec["sample_img_per_s_2step"] > 0
