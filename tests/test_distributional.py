@@ -708,3 +708,47 @@ def test_cli_bad_inputs(imgs, tmp_path, capsys):
     assert sha(tmp_path / "ok" / "ckpt.pt") == before
     p = cli("--teacher", "nowhere.pt", "--out", "z", cwd=tmp_path)
     assert_user_error(p.returncode, p.stderr, "nowhere.pt")
+
+
+# ============================================================================== 18: two gloo ranks
+WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import common as C
+import distributional as D
+
+orig = C.save_checkpoint
+
+
+def spy(path, ck, env, gens=()):  # every rank keeps its own G, EMA and D next to the checkpoint
+    if ck.get("method") == "distributional":
+        torch.save({{k: ck[k] for k in ("model", "ema", "disc")}}, f"{{path}}.rank{{env.rank}}")
+    return orig(path, ck, env, gens)
+
+
+C.save_checkpoint = spy
+C.main_guard(lambda: D.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_18_two_ranks_stay_identical(imgs, tmp_path):
+    """torchrun, 2 gloo ranks, tiny preset with the `teacher` D (own init per rank before the broadcast, noise and
+    data per rank), GDD-I, EMA on, 3 steps with R1 at step 2: G, EMA and D equal on both ranks."""
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
+           "--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", "run", "--root", "data", "--disc", "teacher",
+           "--freeze", "gdd_i", "--iters", "3", "--ckpt_every", "3", "--ema_halflife_img", "100", "--eval_n", "4"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "world 2 | global batch 8 = 2 x 4" in p.stdout
+    r0, r1 = (torch.load(tmp_path / "run" / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+    t = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)["ema"]
+    for k in ("model", "ema", "disc"):
+        for n in r0[k]:
+            assert torch.equal(r0[k][n], r1[k][n]), (k, n)
+    assert any(not torch.equal(r0["model"][n], t[n]) for n in t)  # it trained
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["rng"]["world"] == 2
