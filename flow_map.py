@@ -122,9 +122,11 @@ class Config:
 
 _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=False))
 PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
-    # toy: Boffi's 2-D setting (no weighting, clip 10) on the project's MLP; about a minute on one CPU thread
-    "toy": dict(data="checkerboard", net="mlp", width=256, depth=4, batch=1024, iters=2000, lr=1e-3, clip=10.0,
-                ema=0.999, log_every=200),
+    # toy: Boffi's 2-D setting (no weighting, clip 10). The spec's 256x4 MLP at 2048 x 4000 takes ~15 min on one
+    # CPU thread here (measured ~4.5k img/s for 256x4, ~7.5k for 128x3), so the toy preset uses common's 128x3 MLP
+    # at 512 x 1000 (about a minute); the bigger recipe stays available by flags.
+    "toy": dict(data="checkerboard", net="mlp", width=128, depth=3, batch=512, iters=1000, lr=1e-3, clip=10.0,
+                ema=0.99, log_every=100),
     "tiny": dict(data="", net="tiny", dropout=0.1, batch=8, iters=3, lr=1e-3, clip=1.0, ema=0.9, learned_weight=True,
                  log_every=1, ckpt_every=3, eval_n=16, eval_steps=[1, 2], fid_n=16, **_NO_LEARNED),
     "small": dict(data="cifar10", net="small", dropout=0.1, precision="bf16", batch=256, iters=35_000, lr=3e-4,
