@@ -301,7 +301,8 @@ class ScratchD(nn.Module):
         self.stem, c, blocks = nn.Conv2d(in_ch, 64, 3, padding=1), 64, []
         while res > 4:
             co = min(2 * c, 256)
-            blocks.append(nn.ModuleDict(dict(conv_a=nn.Conv2d(c, co, 3, padding=1), conv_b=nn.Conv2d(co, co, 3, padding=1),
+            blocks.append(nn.ModuleDict(dict(conv_a=nn.Conv2d(c, co, 3, padding=1),
+                                             conv_b=nn.Conv2d(co, co, 3, padding=1),
                                              skip=nn.Conv2d(c, co, 1))))
             c, res = co, res // 2
         self.blocks = nn.ModuleList(blocks)
@@ -586,7 +587,8 @@ def disc_state(D):
 def load_disc_state(D, sd):
     own = disc_state(D)
     if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
-        raise C.UserError(f"the checkpoint's discriminator does not fit --disc: missing {sorted(set(own) - set(sd))[:5]}, "
+        raise C.UserError(f"the checkpoint's discriminator does not fit --disc: missing "
+                          f"{sorted(set(own) - set(sd))[:5]}, "
                           f"unexpected {sorted(set(sd) - set(own))[:5]}.")
     D.load_state_dict({**D.state_dict(), **sd})
 
@@ -837,7 +839,7 @@ def train(cfg, given):
             save()
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
-        if fid and step % cfg.fid_every == 0:
+        if fid and (step % cfg.fid_every == 0 or step == cfg.iters):  # FID-10k proxy every fid_every and at the end
             fid(ema.model, step)
     if ck is None and cfg.iters == 0:
         save()
