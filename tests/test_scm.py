@@ -583,3 +583,85 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert_user_error(main(*base, "--iters", "6"), capsys.readouterr().err, "NaN")
     assert open(tmp_path / "n" / "ckpt.pt", "rb").read() == before
+
+
+# ============================================================================ §8 toy convergence
+TOY = dict(width=128, depth=3, batch=256, eval_n=2048, eval_steps=[1, 2], log_every=100, H=150, seed=0)
+TOY_ITERS = dict(diffusion=1000, cm=600)
+
+
+def _train(out, mode, **kw):
+    cfg = C.resolve_config(scm.Config, scm.PRESETS, "toy", {**TOY, "out": str(out), **kw}, mode=mode)
+    scm.train(cfg, {}, C.setup("cpu", 0, "fp32"))
+    ck = load(os.path.join(out, "ckpt.pt"))
+    net = C.build_net(ck["net"])
+    C.load_state_strict(net, ck["ema"])
+    return net.eval(), [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def _score(net, mode, K):
+    """SWD to 2,048 fresh data points, in-mode fraction and modes covered of 2,048 samples (common.md §9)."""
+    env, cfg = C.setup("cpu", 0, "fp32"), scm.Config()
+    xs = scm.sampler(net, cfg, mode, (2,), K, env)(C.IndexRNG(range(2048), 123, "cpu"))
+    ref = C.toy_sample("8gaussians", 2048, torch.Generator().manual_seed(321))
+    centres, std = C.toy_modes("8gaussians")
+    return C.swd(xs, ref), C.in_mode(xs, centres, std), C.modes_covered(xs, centres, std)
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """diffusion (1,000 x 256), then sCT, sCD and the r = 0 sCD control (600 x 256 each) from its EMA."""
+    root = tmp_path_factory.mktemp("scm_toy")
+    runs = {"diffusion": _train(root / "d", "diffusion", iters=TOY_ITERS["diffusion"])}
+    teacher = str(root / "d" / "ckpt.pt")
+    for name, mode, kw in [("sct", "sct", {}), ("scd", "scd", {}), ("scd_r0", "scd", dict(H=10 ** 12))]:
+        runs[name] = _train(root / name, mode, iters=TOY_ITERS["cm"], teacher=teacher, **kw)
+    return runs
+
+
+@pytest.mark.slow
+def test_toy_teacher_initialised_cms_beat_the_controls(toy_runs):
+    teacher = toy_runs["diffusion"][0]
+    t_heun = _score(teacher, "diffusion", 18)
+    assert t_heun[0] < SWD_TEACHER_HEUN and t_heun[2] == 8  # the teacher itself is good with 35 NFE ...
+    controls = {"teacher as 1-step CM (a)": _score(teacher, "diffusion", 1),
+                "sCD with r = 0 (b)": _score(toy_runs["scd_r0"][0], "scd", 1),
+                "untrained (c)": _score(mlp_toy(), "sct", 1)}
+    for name, (swd, inm, modes) in controls.items():  # ... but every control collapses at one step
+        assert swd > SWD_1STEP and inm < IN_MODE, (name, swd, inm)
+    for name in ("sct", "scd"):
+        s1, s2 = _score(toy_runs[name][0], name, 1), _score(toy_runs[name][0], name, 2)
+        assert s1[0] < SWD_1STEP and s1[1] > IN_MODE and s1[2] == 8, (name, s1)
+        assert s2[0] < SWD_1STEP and s2[1] > IN_MODE and s2[2] == 8, (name, s2)
+        assert s2[0] < 1.25 * s1[0], (name, s1, s2)  # K = 2 no worse than K = 1 (up to sampling noise)
+
+
+def mlp_toy():
+    net = C.build_net(C.net_config("mlp", width=128, depth=3))
+    with torch.no_grad():  # a random output layer: the zero init would make the untrained model exactly f = cos t x
+        net.out_conv.weight.normal_(0, 0.3)
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_toy_runs_are_finite_and_tangent_is_logged(toy_runs):
+    for name in ("sct", "scd"):
+        rec = toy_runs[name][1]
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["g_raw_norm"]) for r in rec)
+        assert rec[0]["r"] < 1 and rec[-1]["r"] == 1  # warm-up ran and finished (H = 150)
+        g = [r["g_raw_norm"] for r in rec]
+        assert 0 < min(g) and max(g) < 10 * SD, g  # the raw tangent norm settles at O(sigma_d), no spikes
+        gn = [r["grad_norm"] for r in rec]
+        assert max(gn) < 20 * float(np.median(gn)), gn  # no gradient spike
+
+
+def test_all_mode_pipeline_with_network_flags(tmp_path):
+    """`--mode all` with network flags: diffusion gets them, sCT/sCD inherit the teacher's net; side-by-side plot."""
+    assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
+                "--heun_steps", "2", "--out", tmp_path / "all") == 0
+    for m in scm.MODES:
+        c = load(tmp_path / "all" / m / "ckpt.pt")
+        assert c["config"]["mode"] == m and c["net"]["width"] == 16 and c["step"] == 3
+    assert load(tmp_path / "all" / "sct" / "ckpt.pt")["config"]["teacher"] == str(tmp_path / "all" / "diffusion" /
+                                                                                  "ckpt.pt")
+    assert (tmp_path / "all" / "samples.png").read_bytes()[:4] == b"\x89PNG"
