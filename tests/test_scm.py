@@ -671,3 +671,45 @@ def test_all_mode_pipeline_with_network_flags(tmp_path):
     assert load(tmp_path / "all" / "sct" / "ckpt.pt")["config"]["teacher"] == str(tmp_path / "all" / "diffusion" /
                                                                                   "ckpt.pt")
     assert (tmp_path / "all" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ============================================================================ DDP: two gloo ranks
+WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import common as C
+import scm
+
+orig = C.save_checkpoint
+
+
+def spy(path, ck, env, gens=()):  # every rank keeps its own weights, EMA and weight head next to the checkpoint
+    torch.save({{k: ck[k] for k in ("model", "ema", "weight_head")}}, f"{{path}}.rank{{env.rank}}")
+    return orig(path, ck, env, gens)
+
+
+C.save_checkpoint = spy
+C.main_guard(lambda: scm.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_identical(tiny, tmp_path):
+    """torchrun, 2 gloo ranks, tiny sCT (dropout 0.1, x-flips, per-rank data, noise and masks; JVP on the unwrapped
+    module, gradient pass through DDP with the weight head): network, EMA and head equal on both ranks."""
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
+           "--preset", "tiny", "--mode", "sct", "--data", str(tiny / "imgs.npy"), "--out", "run", "--root", "data",
+           "--teacher", str(tiny / "diff" / "ckpt.pt"), "--iters", "3", "--xflip", "true", "--eval_n", "4"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "world 2 | global batch 8 = 2 x 4" in p.stdout
+    r0, r1 = (torch.load(tmp_path / "run" / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+    for k in ("model", "ema", "weight_head"):
+        for n in r0[k]:
+            assert torch.equal(r0[k][n], r1[k][n]), (k, n)
+    t = load(tiny / "diff" / "ckpt.pt")["ema"]
+    assert any(not torch.equal(r0["model"][n], t[n]) for n in t)  # it trained
+    assert any(not torch.equal(r0["weight_head"][n], torch.zeros_like(v)) for n, v in r0["weight_head"].items())
