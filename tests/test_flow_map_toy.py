@@ -76,7 +76,7 @@ def gaussian_metrics(net, cfg, n=20_000):
 # untrained mean 1.59, flow-matching-only cov 0.55 (N=2) and map 0.26 (N=2) / 0.51 (N=1)
 MEAN_MAX, COV_MAX, MAP_MAX = 0.2, 0.25, 0.12
 LMD_RF_MAP_MAX = 0.2  # a learned (imperfect) teacher: its own flow differs from X*
-NPY_ITERS = 600
+NPY_ITERS = 400
 
 
 def passes(m):
@@ -141,7 +141,7 @@ def test_lmd_from_a_trained_1rf_checkpoint(tmp_path):
     (EMA weights, convention check, (F13) conversion, sigma0 forced to its noise std), distilled by LMD."""
     import rectified_flow as R
     root, npy = tmp_path, gaussian_npy(tmp_path / "gauss.npy")
-    R.main(["--data", npy, "--out", str(root / "rf"), "--stage", "1rf", "--iters", "600", "--batch", "512",
+    R.main(["--data", npy, "--out", str(root / "rf"), "--stage", "1rf", "--iters", "400", "--batch", "512",
             "--seed", "0", "--eval_n", "500", "--eval_steps", "1", "--log_every", "300"])
     net, cfg, ck = run(root / "lmd_rf", npy, "--mode", "lmd", "--teacher", str(root / "rf" / "ckpt.pt"),
                        "--sigma0", "1")
