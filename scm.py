@@ -455,14 +455,14 @@ def train(cfg, given, env):
             C.load_state_strict(head, ck["weight_head"])
     elif init is not None:
         C.load_state_strict(net, init)  # G.2: online and EMA weights start at the teacher's EMA; head at zero
-    student = Student(net, head)
+    params = [*net.parameters(), *(head.parameters() if head is not None else [])]  # theta and phi
     model = C.distribute(Student(C.maybe_compile(net, cfg.compile), head), env)
     if cfg.compile and cfg.dropout > 0 and mode != "diffusion":
         import torch._inductor.config as ic
         ic.fallback_random = True  # compiled dropout must draw the eager JVP pass's masks (pitfall 4)
     ema = C.EMA(net, halflife_kimg=cfg.ema_halflife_kimg, rampup=cfg.ema_rampup)
     opt_cls = torch.optim.RAdam if cfg.optim == "radam" else torch.optim.Adam
-    opt = opt_cls(student.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
+    opt = opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -523,8 +523,7 @@ def train(cfg, given, env):
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.iters
         if logging:
             scaler.unscale_(opt)
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters()
-                                                              if p.grad is not None]))
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         scaler.step(opt)
         scaler.update()
         ema.update(net, step * cfg.batch, cfg.batch)
