@@ -577,6 +577,29 @@ def compute_fid(generate, n, ref, detector, env, batch, seed=0, num_classes=0):
     return frechet_distance(*_feature_stats(images_of, n, detector, env, batch), *ref)
 
 
+class FidHook:
+    """In-training FID proxy (images): the detector and the reference statistics are loaded on first use; without a
+    detector it logs one line and training carries on. hook(step, {label: generate(rng, labels)}) -> {label: fid}."""
+
+    def __init__(self, detector, data, env, root, n, log, num_classes=0):
+        self.spec, self.data, self.env, self.root, self.n, self.log = detector, data, env, root, n, log
+        self.num_classes, self.state = num_classes, None
+
+    def __call__(self, step, gens):
+        if self.state is None:
+            try:
+                det = load_detector(self.spec, self.env)
+                self.state = (det, reference_stats(self.data, det, self.env, self.root))
+            except UserError:
+                self.state = False
+                self.log.info("FID skipped: detector unavailable")
+        out = {}
+        for label, gen in (gens.items() if self.state else ()):
+            out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
+            self.log.info(f"step {step} | FID-{self.n // 1000}k proxy ({label}) {out[label]:.3f}")
+        return out
+
+
 def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     """(§6.4) training-set statistics: an explicit npz (mu, sigma) wins, else computed once and cached."""
     if ref_path:

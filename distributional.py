@@ -655,28 +655,6 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
     return metrics
 
 
-class FidHook:
-    """FID-10k proxy of the EMA generator (1 step, images only); one line and carry on without a detector."""
-
-    def __init__(self, cfg, data, env, log, t_g):
-        self.cfg, self.data, self.env, self.log, self.t_g, self.state = cfg, data, env, log, t_g, None
-
-    def __call__(self, net, step):
-        if self.state is None:
-            try:
-                det = C.load_detector(self.cfg.fid_detector, self.env)
-                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
-            except C.UserError:
-                self.state = False
-                self.log.info("FID skipped: detector unavailable")
-        if self.state:
-            nd = C.unwrap(net).config
-            gen = lambda rng, labels: sample(net, rng, sample_shape(nd), 1, self.t_g, labels)
-            fid = C.compute_fid(gen, self.cfg.fid_n, self.state[1], self.state[0], self.env, 250, 0, nd["label_dim"])
-            self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy (1 step) {fid:.3f}")
-            return fid
-
-
 # ====================================================================================== training
 def _sanitize(params):
     """Non-finite gradient entries -> 0 / +-1e5 (as GDD and the StyleGAN code); NaN losses are caught by the log."""
@@ -799,13 +777,16 @@ def train(cfg, given):
              f"disc {cfg.disc} (K = {K} logits, {sum(p.numel() for p in d_params):,} trainable) | loss {cfg.loss} | "
              f"gamma {gamma:g} every {cfg.r1_interval} | step {step}/{cfg.iters}")
     log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
-    fid = FidHook(cfg, data, env, log, t_g) if cfg.fid_every and data.kind == "images" else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"]) \
+        if cfg.fid_every and data.kind == "images" else None
+    shape = sample_shape(ema.model.config)
+    fid_gen = lambda: {"1 step": lambda rng, labels: sample(ema.model, rng, shape, 1, t_g, labels)}
     if step == 0:  # the step-0 generator, before any update
         if env.is_main:
             m = evaluate(ema.model, None, cfg, data, env, cfg.out, 0, t_g)
             log.info("step 0: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
         if fid:
-            fid(ema.model, 0)
+            fid(0, fid_gen())
 
     def save():
         if bool(bad):  # a NaN/inf loss since the last log line: keep the last good checkpoint
@@ -840,7 +821,7 @@ def train(cfg, given):
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         if fid and (step % cfg.fid_every == 0 or step == cfg.iters):  # FID-10k proxy every fid_every and at the end
-            fid(ema.model, step)
+            fid(step, fid_gen())
     if ck is None and cfg.iters == 0:
         save()
     if env.is_main and step > 0:

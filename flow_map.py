@@ -547,7 +547,8 @@ def train(cfg, given):
              + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
              + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"
              + f" | step {step}/{cfg.iters}")
-    fid = _FidHook(cfg, data, env, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
+        if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
 
     def save():
@@ -591,38 +592,15 @@ def train(cfg, given):
             save()
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
-        if fid and step % cfg.fid_every == 0:
-            fid(ema.model, step)
+        if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint (pitfall 13)
+            shape = sample_shape(ema.model.config)
+            fid(step, {f"{N} steps": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
     if ck is None and cfg.iters == 0:
         save()
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
     C.barrier(env)
-
-
-class _FidHook:
-    """FID-10k proxy of EMA samples at every eval step count (images only); one line and carry on without a detector."""
-
-    def __init__(self, cfg, data, env, log):
-        self.cfg, self.data, self.env, self.log, self.state = cfg, data, env, log, None
-
-    def __call__(self, net, step):
-        if self.data.kind != "images":
-            return
-        if self.state is None:
-            try:
-                det = C.load_detector(self.cfg.fid_detector, self.env)
-                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
-            except C.UserError:
-                self.state = False
-                self.log.info("FID skipped: detector unavailable")
-        if self.state:
-            shape = sample_shape(C.unwrap(net).config)
-            for N in self.cfg.eval_steps:  # every step count from one checkpoint (pitfall 13)
-                fid = C.compute_fid(generator(net, self.cfg, shape, N, self.env), self.cfg.fid_n, self.state[1],
-                                    self.state[0], self.env, 250)
-                self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({N} steps) {fid:.3f}")
 
 
 def sample_or_fid(cmd, opts, given):

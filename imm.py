@@ -359,7 +359,7 @@ def train(cfg, given):
              f"({per_rank // cfg.M} groups of M = {cfg.M} per micro-batch) | device {env.device} | precision "
              f"{env.precision} | params {sum(p.numel() for p in raw.parameters()):,} | k {cfg.k} "
              f"(delta eta {delta_eta(cfg):.4g}) | min_gap {min_gap:g} | step {step}/{cfg.iters}")
-    fid = _FidHook(cfg, data, env, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
 
     def save():
         C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
@@ -393,35 +393,13 @@ def train(cfg, given):
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:
-            fid(ema.model, step)
+            fid(step, {f"{N} steps": generator(ema.model, cfg, sample_shape(ema.model.config), N, env) for N in (1, 2)})
     if ck is None and cfg.iters == 0:
         save()
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
     C.barrier(env)
-
-
-class _FidHook:
-    """FID-10k proxy of EMA samples at 1 and 2 steps (images only); one line and carry on without a detector."""
-
-    def __init__(self, cfg, data, env, log):
-        self.cfg, self.data, self.env, self.log, self.state = cfg, data, env, log, None
-
-    def __call__(self, net, step):
-        if self.state is None:
-            try:
-                det = C.load_detector(self.cfg.fid_detector, self.env)
-                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
-            except C.UserError:
-                self.state = False
-                self.log.info("FID skipped: detector unavailable")
-        if self.state:
-            shape = sample_shape(C.unwrap(net).config)
-            for N in (1, 2):
-                fid = C.compute_fid(generator(net, self.cfg, shape, N, self.env), self.cfg.fid_n, self.state[1],
-                                    self.state[0], self.env, 250)
-                self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({N} steps) {fid:.3f}")
 
 
 def sample_or_fid(cmd, opts, given):

@@ -553,27 +553,6 @@ def sampler(net, cfg, shape, K, env):
     return generate
 
 
-class FidHook:
-    """FID-10k proxy during training (images only); logs one line and carries on when no detector is at hand."""
-
-    def __init__(self, cfg, data, env, log):
-        self.cfg, self.data, self.env, self.log, self.state = cfg, data, env, log, None
-
-    def __call__(self, net, step):
-        if self.state is None:
-            try:
-                det = C.load_detector(self.cfg.fid_detector, self.env)
-                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
-            except C.UserError:
-                self.state = False
-                self.log.info("FID skipped: detector unavailable")
-        if self.state:
-            shape, K = sample_shape(C.unwrap(net).config), 1 if self.cfg.stage != "1rf" else 18
-            fid = C.compute_fid(sampler(net, self.cfg, shape, K, self.env), self.cfg.fid_n, self.state[1],
-                                self.state[0], self.env, 250, 0, C.unwrap(net).config["label_dim"])
-            self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({K} steps) {fid:.3f}")
-
-
 # ====================================================================================== training
 def stage_dir(cfg, stage):
     return cfg.out if stage == "1rf" else os.path.join(cfg.out, stage)
@@ -644,7 +623,8 @@ def train(cfg, given, env):
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
     # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
     ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
-    fid = FidHook(cfg, ref, env, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"]) \
+        if cfg.fid_every else None
 
     def loss_fn(part):
         # ---------------------------------------------------------------- the method: one loss evaluation
@@ -696,7 +676,8 @@ def train(cfg, given, env):
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
         if fid and step % cfg.fid_every == 0:
-            fid(ema.model, step)
+            K = 1 if stage != "1rf" else 18
+            fid(step, {f"{K} steps": sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
     if ck is None and iters == 0:
         save()
     if env.is_main:

@@ -483,7 +483,7 @@ def train(cfg, given, env):
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
              + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
-    fid = _FidHook(cfg, mode, data, env, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     D, sd = math.prod(data.shape), cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
 
@@ -540,8 +540,9 @@ def train(cfg, given, env):
             save()
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
-        if fid and step % cfg.fid_every == 0:
-            fid(ema.model, step)
+        if fid and step % cfg.fid_every == 0:  # Heun 18 for the teacher, 1 and 2 steps for the CMs
+            fid(step, {f"{nfe(mode, K)} NFE": sampler(ema.model, cfg, mode, sample_shape(ema.model.config), K, env)
+                       for K in ([cfg.heun_steps] if mode == "diffusion" else [1, 2])})
     if ck is None and cfg.iters == 0:
         save()
     if env.is_main:
@@ -549,28 +550,6 @@ def train(cfg, given, env):
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("step", "mode")))
     C.barrier(env)
     return cfg
-
-
-class _FidHook:
-    """FID proxy of EMA samples at 1 and 2 steps (Heun 18 for diffusion); one line and carry on without a detector."""
-
-    def __init__(self, cfg, mode, data, env, log):
-        self.cfg, self.mode, self.data, self.env, self.log, self.state = cfg, mode, data, env, log, None
-
-    def __call__(self, net, step):
-        if self.state is None:
-            try:
-                det = C.load_detector(self.cfg.fid_detector, self.env)
-                self.state = (det, C.reference_stats(self.data, det, self.env, self.cfg.root))
-            except C.UserError:
-                self.state = False
-                self.log.info("FID skipped: detector unavailable")
-        if self.state:
-            shape = sample_shape(C.unwrap(net).config)
-            for K in ([self.cfg.heun_steps] if self.mode == "diffusion" else [1, 2]):
-                fid = C.compute_fid(sampler(net, self.cfg, self.mode, shape, K, self.env), self.cfg.fid_n,
-                                    self.state[1], self.state[0], self.env, 250)
-                self.log.info(f"step {step} | FID-{self.cfg.fid_n // 1000}k proxy ({nfe(self.mode, K)} NFE) {fid:.3f}")
 
 
 # ====================================================================================== commands

@@ -806,6 +806,26 @@ def test_fid_path_with_standin(tmp_path):
     assert C.compute_fid(noise, 50, ref, det, env, batch=16, seed=12) != f16  # the seed matters
 
 
+def test_fid_hook_in_training(tmp_path):
+    """C.FidHook: one FID per labelled generator, equal to compute_fid's, one log line each; without a detector a
+    single 'FID skipped' line, no FID, and training carries on (the detector is not looked up again)."""
+    env, data, lines = env1(), image_data(n=40, seed=1), []
+    log = type("L", (), {"info": lambda self, m: lines.append(m)})()
+    images = data.x.float() / 127.5 - 1
+    gens = {"copy": lambda rng, y: images[_index_of(rng, 0)],
+            "zeros": lambda rng, y: torch.zeros(len(rng.gens), 3, 8, 8)}
+    hook = C.FidHook("standin", data, env, str(tmp_path), 40, log)
+    got = hook(7, gens)
+    det = C.load_detector("standin", env)
+    ref = C.reference_stats(data, det, env, str(tmp_path))
+    assert got["copy"] < 1e-6 and got["zeros"] == C.compute_fid(gens["zeros"], 40, ref, det, env, 250)
+    assert lines == [f"step 7 | FID-0k proxy (copy) {got['copy']:.3f}",
+                     f"step 7 | FID-0k proxy (zeros) {got['zeros']:.3f}"]
+    lines.clear()
+    off = C.FidHook(str(tmp_path / "missing.pt"), data, env, str(tmp_path), 40, log)
+    assert off(1, gens) == {} and off(2, gens) == {} and lines == ["FID skipped: detector unavailable"]
+
+
 def test_fid_per_index_seeds_and_labels():
     seen = []
 
