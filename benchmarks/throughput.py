@@ -1,31 +1,58 @@
-"""Training and sampling throughput of a `common.py` network (DESIGN "Benchmarks"; common.md §13).
+"""Training and sampling throughput of each method on a `common.py` network (DESIGN "Benchmarks"; common.md §13).
 
 Measures, for one method's training step on one device:
-  * training images/s: one forward + backward + optimiser step per iteration on a batch already on the
-    device (no data loading), timed with CUDA events on GPU and wall clock on CPU, warm-up excluded;
+  * training images/s: one training step per iteration (the method's loss, backward and optimiser step) on a batch
+    already on the device (no data loading), timed with CUDA events on GPU and wall clock on CPU, warm-up excluded;
+  * its cost relative to a flow-matching step: the spec's prediction (`fwd_per_step`, "cost vs fm, spec") beside the
+    measured ratio fm img/s / method img/s ("cost vs fm, measured") when the results file holds an `fm` record of
+    the same device, torch, net, batch, precision and compile setting (`--save` recomputes it for every record);
   * model FLOPs: the forward FLOPs of one image counted with torch.utils.flop_counter.FlopCounterMode
-    (a multiply-add counts as 2 FLOPs; convolutions and matmuls only), training ~ 3x forward;
+    (a multiply-add counts as 2 FLOPs; convolutions and matmuls only), training ~ 3x forward x fwd_per_step;
     achieved TFLOP/s = train FLOPs/img x img/s, and its fraction of the device's dense peak;
-  * sampling images/s: forward passes under no_grad in eval mode for 1 and 2 Euler steps.
+  * sampling images/s: the method's own sampler under no_grad in eval mode at 1 and 2 network evaluations.
 
 Usage
     python benchmarks/throughput.py --quick                              # CPU smoke check, < 1 min
     python benchmarks/throughput.py --precision bf16 --compile --save   # one GPU record
-    python benchmarks/throughput.py --net tiny --batch 8 --iters 3 --warmup 1 --device cpu
+    python benchmarks/throughput.py --method lsd --precision paper --save
+    python benchmarks/throughput.py --net tiny --batch 8 --iters 3 --warmup 1 --device cpu --method gdd_i
 
 `--save` merges the record into benchmarks/results/throughput.json (one record per device, torch version,
-method, net, batch, precision and compile setting; a re-run replaces its old record) and rewrites
+method, net, batch, sampling batch, precision and compile setting; a re-run replaces its old record) and rewrites
 benchmarks/results/throughput.md. That folder holds real GPU measurements only, so `--save` refuses CPU
 and `--quick` runs unless `--results DIR` names another folder.
 
-Methods register in METHODS as a `Method(step, ...)`: `step(net, x)` returns the scalar training loss of
-one batch x (the harness does autocast, backward, the optimiser step and the timing), `sample(net, z, k)`
-turns noise into images with k network evaluations, `net` holds network overrides (e.g. num_times=2) and
-`fwd_per_step` the cost of one training step in plain forward+backward passes (a forward without backward
-counts 1/3), so FLOPs stay honest for methods with a teacher or several evaluations.
+Methods register in METHODS as a `Method(step, sample, ...)`: `step(net, x)` returns the scalar training loss of
+one batch x (the harness does backward, the optimiser step and the timing), `sample(net, z, k)` turns noise into
+images with k network evaluations, `net` holds the network overrides of the method's `cifar10` preset (what the
+file's net_dict builds: time inputs, time_scale, ADN, time channels, dropout), `fwd_per_step` the cost of one
+training step in flow-matching steps from the method's spec (a forward without backward counts 1/3), `precision`
+what `--precision paper` selects. Each step imports its method file and calls its own functions, so the timed code
+is the training loop's; teachers, discriminators and weight heads are built once by `prepare`. Left out for every
+method alike: data loading, EMA, gradient clipping, learning-rate schedules and DDP.
+
+  method     code path (the file's own functions)                      paper precision (--precision paper)
+  fm         1-RF flow-matching loss (rectified_flow.py cifar10 1rf)   tf32 (the rectified_flow.py cifar10 preset)
+  2rf        rectified_flow 2rf: sample_t (U-shaped), per_sample_loss  tf32 as rfpp; t, H and the loss fp32 in code
+             with the pseudo-Huber loss; the pair batch (z, x) is randn  (rectified_flow.md §3 "Precision")
+             and the batch (the teacher's pairs cost nothing per step)
+  2rf_lpips  as 2rf with the preset's LPIPS-Huber-1/t loss. LPIPS has   tf32; LPIPS never under autocast (spec §3)
+             seeded random VGG16 weights: the same layers at the same resolution (--lpips_res, 224 as rfpp), hence the
+             same cost as the pretrained network; the loss value means nothing
+  imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
+  sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   bf16 gradient pass (scm.py preset); JVP pass
+             sCD's teacher is a frozen copy of the initial weights      and loss fp32 in code (scm.md §3)
+  lsd, psd,  flow_map.sample_times + per_sample_loss on the bare        fp32 (Boffi trains fp32, py-meanflow turns
+  meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss: flow_map.md
+  lmd        --compile does not apply), learned weight head as the     §3.9); in code every JVP block is fp32 and only
+             preset; lmd's 1-RF teacher: a frozen net built like        the diagonal and PSD terms take the bf16
+             rectified_flow.py's cifar10 1rf net, through rf_velocity   autocast
+  gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (distributional.md §3);
+  gdd_i      step, as the loop) with the `teacher` D; G =               D, logits, losses and R1 fp32 in code (GDD also
+             make_generator(net, freeze), gdd_i freezing eq. (9)        turned TF32 off in D; bf16 here leaves it on)
 """
-import argparse, dataclasses, datetime, json, math, os, subprocess, sys, time
-from typing import Callable
+import argparse, contextlib, dataclasses, datetime, json, math, os, subprocess, sys, time, types
+from typing import Callable, Optional, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for common.py
@@ -41,12 +68,42 @@ RESULTS = os.path.join(HERE, "results")
 # ==================================================================================== methods
 @dataclasses.dataclass
 class Method:
-    step: Callable  # step(net, x) -> scalar loss (fp32); called under autocast
+    step: Callable  # step(net, x) -> scalar loss (fp32); under the harness's autocast unless autocast=False
     sample: Callable  # sample(net, z, steps) -> images; called under no_grad, eval mode, autocast
-    net: dict = dataclasses.field(default_factory=dict)  # net_config overrides
-    # training FLOPs = 3 * fwd_per_step * forward FLOPs: network forwards+backwards per step, a forward
-    # without backward (e.g. a frozen teacher's) counting 1/3
-    fwd_per_step: float = 1.0
+    net: dict = dataclasses.field(default_factory=dict)  # net_config overrides: the cifar10 preset's network
+    # training FLOPs = 3 * fwd_per_step * forward FLOPs: the cost of one step in flow-matching steps (network
+    # forward+backward passes, a forward without backward counting 1/3), from the method's spec. A callable
+    # fwd_per_step(fwd_flops, state) serves costs that depend on the network (an auxiliary net of fixed size).
+    fwd_per_step: Union[float, Callable] = 1.0
+    precision: str = "bf16"  # what `--precision paper` selects: the trained network's precision in the paper
+    autocast: bool = True  # False: the method's code sets each block's precision itself, as its training loop
+    prepare: Optional[Callable] = None  # prepare(net, env, args) -> state dict, before compile and optimiser:
+    # teachers, discriminators, weight heads, configs; "net" replaces the trained network, "params" joins Adam
+    own_update: bool = False  # True: step() runs its own backward passes and optimiser steps (GANs)
+
+
+_ENV = {}  # the running measurement: env (imm.py's f_map applies autocast itself), args, prepare()'s state
+
+
+class _Noise:
+    """The `rng` argument of the methods' own samplers (common.IndexRNG's interface): the harness's noise z on
+    the first draw, plain batched randn after it (re-noising). Per-index generators would time the noise
+    generation, not the network."""
+
+    def __init__(self, z):
+        self.z, self.device, self.gens = z, z.device, range(len(z))
+
+    def randn(self, *shape):
+        z, self.z = self.z, None
+        return z if z is not None and tuple(z.shape) == shape else torch.randn(shape, device=self.device)
+
+
+def _images(net=None):
+    """The fields of a common.load_data result that the methods' net_dict / resolve / build_disc read: unlabelled
+    images of the network's shape."""
+    c = net.config if net is not None else None
+    shape = (c["in_channels"], c["img_resolution"], c["img_resolution"]) if c else None
+    return types.SimpleNamespace(kind="images", shape=shape, num_classes=0)
 
 
 def fm_step(net, x):
@@ -66,9 +123,46 @@ def euler_sample(net, z, steps):
     return x
 
 
-_ENV = {}  # the Env of the running measurement (imm.py's f_map applies autocast itself)
+# ---------------------------------------------------------------------------------- rectified_flow.py: 2-RF++
+def rf2_prepare(loss):
+    """The `cifar10` preset's 2rf stage with `loss`; LPIPS with seeded random VGG16 weights (its cost is that of
+    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (spec (7))."""
+    def prepare(net, env, args):
+        import rectified_flow as RF
+        cfg = common.resolve_config(RF.Config, RF.PRESETS, "cifar10",
+                                    dict(loss=loss, lpips_weights="random", lpips_res=args.lpips_res), stage="2rf")
+        d = math.prod(_images(net=net).shape)
+        state = dict(cfg=cfg, c=cfg.huber_c if cfg.huber_c is not None else 0.00054 * d, lpips=None)
+        if loss.startswith("lpips"):
+            state["lpips"] = lp = RF.LPIPS(cfg.lpips_weights, cfg.lpips_res).to(env.device)
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                lp.taps(torch.zeros(1, *_images(net=net).shape, device=env.device))
+            state["lpips_flops"] = int(fc.get_total_flops())  # one VGG16 forward at lpips_res, one image
+        return state
+    return prepare
 
 
+def rf2_step(net, x):
+    """2-RF++ (rectified_flow.py loss_fn, 2rf stage): a pair batch (z, x) (the teacher's pairs cost nothing
+    per step; randn and the data batch stand in), U-shaped t (6), the U-Net under autocast, then the loss (9)
+    in fp32 (LPIPS never under autocast)."""
+    import rectified_flow as RF
+    st, env = _ENV["state"], _ENV["env"]
+    z = torch.randn_like(x)
+    t = RF.sample_t(len(x), st["cfg"], x.device)
+    x_t = RF.interpolate(x, z, t)
+    with common.autocast(env):
+        v = net(x_t, t)
+    return RF.per_sample_loss(v, x, z, x_t, t, st["cfg"].loss, st["c"], st["lpips"]).mean()
+
+
+def rf2_sample(net, z, steps):
+    """rectified_flow.sampler for the 2rf stage: Euler on the uniform grid with the new update rule (12)."""
+    import rectified_flow as RF
+    return RF.sampler(net, _ENV["state"]["cfg"], tuple(z.shape[1:]), steps, _ENV["env"])(_Noise(z), None)
+
+
+# ------------------------------------------------------------------------------------------------- imm.py
 def imm_step(net, x):
     """IMM (imm.py, cifar10 preset maths): x_t and x_r from one noise, online pass with gradient, target pass
     with the same weights under no_grad, grouped Laplace-kernel MMD (M = 4, k = 15)."""
@@ -90,6 +184,7 @@ def imm_sample(net, z, steps):
     return x
 
 
+# ------------------------------------------------------------------------------------------------- scm.py
 def scm_step(net, x, distil=False):
     """sCT / sCD (scm.py, cifar10 maths): fp32 JVP pass on the unwrapped network (dropout mask replayed), then the
     bf16 gradient pass; sCD adds a frozen teacher forward (a copy of the initial weights stands in for it)."""
@@ -111,15 +206,145 @@ def scm_sample(net, z, steps):
     return x
 
 
+# ------------------------------------------------------------------------------------------- flow_map.py
+def flow_map_prepare(mode):
+    """The `cifar10` preset of flow_map.py for `mode`, resolved by the module (sigma0 0.5, or 1 for meanflow and the
+    teacher's 1 for lmd; diagonal share 0.75, or 0.25 for lmd), the learned weight head where the preset has it,
+    and for lmd a frozen 1-RF teacher: a network built like rectified_flow.py's cifar10 1rf net (one time input,
+    time_scale 1000, eval mode) with this run's random weights, seen through flow_map.rf_velocity (F13)."""
+    def prepare(net, env, args):
+        import flow_map as FM
+        cfg = common.resolve_config(FM.Config, FM.PRESETS, "cifar10",
+                                    dict(mode=mode, **(dict(teacher="(stand-in)") if mode == "lmd" else {})))
+        state = dict(cfg=cfg, teacher_b=None, head=None, params=[])
+        teacher_std = None
+        if mode == "lmd":
+            import rectified_flow as RF
+            rf_cfg = common.resolve_config(RF.Config, RF.PRESETS, "cifar10", dict(net=args.net), stage="1rf")
+            teacher = common.build_net(RF.net_dict(rf_cfg, _images(net=net))).to(env.device)
+            teacher.eval().requires_grad_(False)
+            state["teacher_b"], teacher_std = FM.rf_velocity(lambda y, tau: teacher(y, tau)), rf_cfg.noise_std
+        FM.resolve(cfg, _images(), teacher_std)
+        FM.jvp_safe(net)  # as flow_map.train (a no-op for the U-Nets' GroupNorm)
+        if cfg.learned_weight:
+            state["head"] = common.WeightHead(num_times=2, channels=128).to(env.device)
+            state["params"] = list(state["head"].parameters())
+        return state
+    return prepare
+
+
+def flow_map_step(net, x):
+    """One flow_map.py loss (its training loop): data x1 at t = 1, noise x0 = sigma0 eps, (s, t) from sample_times,
+    per_sample_loss on the bare module (the loop passes the raw network, so --compile does not apply; the diagonal
+    term under autocast, every JVP block, the teacher and the weighting in fp32), L = mean."""
+    import flow_map as FM
+    st, env = _ENV["state"], _ENV["env"]
+    cfg = st["cfg"]
+    x0 = cfg.sigma0 * torch.randn_like(x)
+    s, t, nd = FM.sample_times(len(x), cfg, x.device)
+    return FM.per_sample_loss(common.unwrap(net), st["head"], st["teacher_b"], x0, x, s, t, nd, cfg, env)[0].mean()
+
+
+def flow_map_sample(net, z, steps):
+    """flow_map.sample (F18): x_0 = sigma0 z, `steps` jumps X(t_k, t_{k+1}) on t_k = k / steps."""
+    import flow_map as FM
+    return FM.sample(net, _Noise(z), tuple(z.shape[1:]), steps, _ENV["state"]["cfg"], _ENV["env"])
+
+
+# ---------------------------------------------------------------------------------------- distributional.py
+def gdd_prepare(freeze):
+    """The `cifar10` preset of distributional.py: the benchmark's network stands in for the 1-RF teacher's EMA
+    weights (dropout 0, as load_teacher builds it), G = make_generator(teacher, freeze) (gdd_i freezes eq. (9)),
+    the `teacher` discriminator from build_disc (frozen encoder copy + SN heads), and Adam for G and for D with
+    the lazy-R1 correction (7), as distributional.train builds them."""
+    def prepare(net, env, args):
+        import distributional as GD
+        cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze))
+        teacher = net.eval().requires_grad_(False)
+        gen = GD.make_generator(teacher, cfg.freeze).to(env.device)
+        D = GD.build_disc(cfg, _images(net=net), teacher, env, None).to(env.device).train()
+        g_params = [p for p in gen.parameters() if p.requires_grad]
+        d_params = [p for p in D.parameters() if p.requires_grad]
+        lr_d, betas_d = GD.d_adam_hparams(cfg.lr_d, cfg.r1_interval)
+        return dict(net=gen, cfg=cfg, D=D, g_params=g_params, d_params=d_params, t_g=GD.t_g_of({}),
+                    opt_g=torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8),
+                    opt_d=torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8),
+                    gamma=cfg.r1_gamma if cfg.r1_gamma is not None else GD.R1_DEFAULT[cfg.disc],
+                    # the loop's R1 runs at steps r, 2r, ...; counting from r puts the first one (and its cuDNN
+                    # autotuning) in the untimed warm-up, and every r-th timed step has one, as in training
+                    step=cfg.r1_interval)
+    return prepare
+
+
+def gdd_step(net, x):
+    """One iteration of distributional.train: g_step (G forward in autocast, D in fp32, G's Adam), d_step (a G
+    forward under no_grad, D on real and fake, D's Adam) and, every r = 16 steps, r1_step (the lazy R1 double
+    backward). Returns L_G + L_D (both must be finite); the EMA update is left out, as for every method here."""
+    import distributional as GD
+    st, env = _ENV["state"], _ENV["env"]
+    cfg, D, amp = st["cfg"], st["D"], lambda: common.autocast(env)
+    L_G = GD.g_step(net, D, st["d_params"], st["g_params"], st["opt_g"], x, None, st["t_g"], cfg.loss, env, amp)
+    L_D = GD.d_step(net, D, st["d_params"], st["opt_d"], x, None, st["t_g"], cfg.loss, env, amp)[0]
+    if st["step"] % cfg.r1_interval == 0 and st["step"] > 0 and st["gamma"] > 0:
+        GD.r1_step(D, st["d_params"], st["opt_d"], x, None, st["gamma"], cfg.r1_interval, env)
+    st["step"] += 1
+    return L_G + L_D
+
+
+def gdd_sample(net, z, steps):
+    """distributional.sample: K = 1 is G(z) = z - v(z, t_g); K = 2 re-noises the estimate and predicts again (§6)."""
+    import distributional as GD
+    return GD.sample(net, _Noise(z), tuple(z.shape[1:]), steps, _ENV["state"]["t_g"])
+
+
+# The network overrides are each file's net_dict for its `cifar10` preset (tests/test_benchmarks.py checks them).
+# Cost references: FM = one forward + one backward = 3 forward units (imm.md §10, scm.md §10, flow_map.md §10).
+_FLOW_MAP_NET = dict(num_times=2, time_scale=1.0, time_channels=256, dropout=0.13)
 METHODS = {
-    "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0)),
-    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10)
-    "imm": Method(step=imm_step, sample=imm_sample, net=dict(num_times=2, time_scale=1000.0), fwd_per_step=4 / 3),
+    # 1-RF / flow matching, rectified_flow.py cifar10 1rf: 1 by definition (rectified_flow.md §10 "Compute").
+    "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32"),
+    # 2-RF++ with the pseudo-Huber loss: the U-Net's forward+backward only, "1.0x with huber/l2" (rectified_flow.md
+    # §10 "Compute"). TF32 as rfpp (spec §5 table); t, H and LPIPS in fp32 whatever --precision says (spec §3).
+    "2rf": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32",
+                  autocast=False, prepare=rf2_prepare("huber")),
+    # 2-RF++ with LPIPS-Huber-1/t (the cifar10 preset's loss): per image 3 U-Net units plus VGG16 forward on the
+    # target and forward + backward-to-input on x^ = 3 VGG forwards (rectified_flow.md §10: 127 + 30.7 + 61.4 GFLOP
+    # ~ 1.7x on DDPM++), i.e. 1 + F_vgg / F_unet with F_vgg counted at --lpips_res.
+    "2rf_lpips": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13),
+                        fwd_per_step=lambda fwd, st: 1 + st["lpips_flops"] / fwd, precision="tf32", autocast=False,
+                        prepare=rf2_prepare("lpips-huber-1/t")),
+    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10).
+    # TF32 (imm.md §3 "Precision", App. I.6); the time path and kernel stay fp32 in imm.py.
+    "imm": Method(step=imm_step, sample=imm_sample, net=dict(num_times=2, time_scale=1000.0, dropout=0.2),
+                  fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
     # forward (1/3). scm.md §10 expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
-    "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True), fwd_per_step=5 / 3),
+    # bf16 gradient pass (scm.py cifar10 preset), JVP pass and loss in fp32 (scm.md §3 "Precision").
+    "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True, dropout=0.2), fwd_per_step=5 / 3),
     "scd": Method(step=lambda net, x: scm_step(net, x, distil=True), sample=scm_sample, net=dict(adn=True),
                   fwd_per_step=2.0),
+    # Flow maps, flow_map.md §10 "Cost per step vs plain flow matching" (per row: FM 3 units; LSD off-diagonal
+    # ~9 = JVP 2-3 + its backward 4-6 + target forward 1; PSD off-diagonal 5; MeanFlow 6 on every row):
+    # lsd (0.75 * 3 + 0.25 * 9) / 3 = 1.5; psd (0.75 * 3 + 0.25 * 5) / 3 ~ 1.2; meanflow 6 / 3 = 2.0; lmd "as lsd
+    # plus a teacher forward" with 75% off-diagonal rows ~ 2.5 (the table's values).
+    # Precision: Boffi trains in fp32 and py-meanflow turns autocast off around its JVP and loss (flow_map.md §3.9);
+    # flow_map.py runs every JVP block in fp32 whatever --precision says, bf16 only on the diagonal and PSD terms.
+    "lsd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.5, precision="fp32",
+                  autocast=False, prepare=flow_map_prepare("lsd")),
+    "psd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.2, precision="fp32",
+                  autocast=False, prepare=flow_map_prepare("psd")),
+    "meanflow": Method(step=flow_map_step, sample=flow_map_sample, net={**_FLOW_MAP_NET, "dropout": 0.2},
+                       fwd_per_step=2.0, precision="fp32", autocast=False, prepare=flow_map_prepare("meanflow")),
+    "lmd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=2.5, precision="fp32",
+                  autocast=False, prepare=flow_map_prepare("lmd")),
+    # GDD / GDD-I with the `teacher` D, distributional.md §10 "Compute" table (F = one generator forward; FM = 3F):
+    # G step 4F / 3.2F (GDD-I's frozen convs need no weight gradients) + D step ~1.4F (G forward under no_grad 1F,
+    # encoder ~0.32F per pass, lazy R1 amortised) = 5.4F / 4.6F, i.e. 1.8x / ~1.5x a flow-matching step.
+    # Precision: G in bf16 as GDD's --fp16 (spec §3); D, logits, losses and R1 in fp32 in distributional.py.
+    "gdd": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=5.4 / 3,
+                  autocast=False, prepare=gdd_prepare("none"), own_update=True),
+    "gdd_i": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=4.6 / 3,
+                    autocast=False, prepare=gdd_prepare("gdd_i"), own_update=True),
 }
 
 # Dense peak TFLOP/s by device-name fragment and precision (NVIDIA data sheets, without sparsity).
@@ -182,60 +407,72 @@ def _onoff(s):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="fm", choices=sorted(METHODS))
+    p.add_argument("--method", default="fm", metavar="|".join(METHODS), help="the training step to time (default fm)")
     p.add_argument("--net", default=None, help="common.net_config name (default ddpmpp; tiny with --quick)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 128; 8 with --quick)")
     p.add_argument("--sample_batch", type=int, default=None, help="sampling batch (default: --batch)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 50; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 10; 1 with --quick)")
-    p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16", "paper"],
+                   help="default: bf16 on CUDA, fp32 on CPU; paper: the method's paper precision (see the docstring)")
     p.add_argument("--compile", default=False, nargs="?", const=True, type=_onoff,
                    help="torch.compile the network (--compile, or --compile on|off)")
     p.add_argument("--device", default="auto")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak for the utilisation fraction (default: the device's dense peak, H100/H200 known)")
+    p.add_argument("--lpips_res", type=int, default=None,
+                   help="LPIPS input resolution of 2rf_lpips (default 224 as rfpp's cifar10; 32 with --quick)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="CPU-sized smoke check: tiny net, batch 8, 3 iterations")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized smoke check: tiny net, batch 8, 3 iterations, LPIPS at 32x32")
     p.add_argument("--save", action="store_true", help="merge the record into --results")
     p.add_argument("--results", default=None, help=f"results folder (default {os.path.relpath(RESULTS)})")
     a = p.parse_args(argv)
     q = a.quick
-    for k, full, quick in [("net", "ddpmpp", "tiny"), ("batch", 128, 8), ("iters", 50, 3), ("warmup", 10, 1)]:
+    for k, full, quick in [("net", "ddpmpp", "tiny"), ("batch", 128, 8), ("iters", 50, 3), ("warmup", 10, 1),
+                           ("lpips_res", 224, 32)]:
         if getattr(a, k) is None:
             setattr(a, k, quick if q else full)
     a.sample_batch = a.sample_batch or a.batch
-    if min(a.batch, a.sample_batch, a.iters) < 1 or a.warmup < 0:
-        raise common.UserError("--batch, --sample_batch and --iters must be >= 1 and --warmup >= 0.")
+    if a.method not in METHODS:
+        raise common.UserError(f"unknown --method '{a.method}'; choose one of {', '.join(METHODS)}.")
+    if min(a.batch, a.sample_batch, a.iters, a.lpips_res) < 1 or a.warmup < 0:
+        raise common.UserError("--batch, --sample_batch, --iters and --lpips_res must be >= 1 and --warmup >= 0.")
     return a
 
 
 def measure(a):
     """Run one configuration; return its record (a flat JSON-able dict)."""
-    env = common.setup(a.device, a.seed, a.precision)
-    dev, meth = env.device, METHODS[a.method]
-    _ENV["env"] = env
+    meth = METHODS[a.method]
+    env = common.setup(a.device, a.seed, meth.precision if a.precision == "paper" else a.precision)
+    dev = env.device
+    _ENV.clear()
+    _ENV.update(env=env, args=a, state={})
     cfg = common.net_config(a.net, **meth.net)
     if cfg["kind"] != "unet":
         raise common.UserError(f"--net {a.net} is not an image network; use ddpmpp, small or tiny.")
     R, C = cfg["img_resolution"], cfg["in_channels"]
     net = common.build_net(cfg).to(dev)
+    state = _ENV["state"] = meth.prepare(net, env, a) if meth.prepare else {}
+    net = state.get("net", net)
     n_params = sum(p.numel() for p in net.parameters())
     fwd = forward_flops(net, (C, R, R), dev, cfg["num_times"])
-    train_flops = int(round(3 * meth.fwd_per_step * fwd))  # forward + backward (~2x forward)
+    fwd_per_step = meth.fwd_per_step(fwd, state) if callable(meth.fwd_per_step) else meth.fwd_per_step
+    train_flops = int(round(3 * fwd_per_step * fwd))  # forward + backward (~2x forward)
 
     model = common.maybe_compile(net, a.compile)
-    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
+    opt = None if meth.own_update else torch.optim.Adam([*net.parameters(), *state.get("params", [])], lr=a.lr)
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     x = torch.rand(a.batch, C, R, R, device=dev, generator=gen) * 2 - 1  # data already on the device
 
     def train_step():
-        with common.autocast(env):
+        with common.autocast(env) if meth.autocast else contextlib.nullcontext():
             loss = meth.step(model, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     model.train()
@@ -264,8 +501,7 @@ def measure(a):
                     meth.sample(model, z, k)
             sample_ips[k] = a.iters * a.sample_batch / ts.seconds
 
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, " \
-        f"{torch.get_num_threads()} threads)"
+    name = device_name(dev)
     peak = a.peak_tflops if a.peak_tflops else default_peak(name, env.precision) if dev.type == "cuda" else None
     tflops = train_flops * train_ips / 1e12
     return dict(
@@ -273,13 +509,21 @@ def measure(a):
         device=dev.type, device_name=name, torch=torch.__version__, cuda=torch.version.cuda,
         commit=_git_commit(), method=a.method, net=a.net, params=n_params, resolution=R,
         batch=a.batch, sample_batch=a.sample_batch, precision=env.precision, compile=bool(a.compile),
-        iters=a.iters, warmup=a.warmup,
-        fwd_flops_per_img=fwd, train_flops_per_img=train_flops,
+        iters=a.iters, warmup=a.warmup, paper_precision=meth.precision,
+        lpips_res=a.lpips_res if state.get("lpips") is not None else None,
+        fwd_flops_per_img=fwd, train_flops_per_img=train_flops, fwd_per_step=fwd_per_step, vs_fm=None,
         train_img_per_s=train_ips, train_tflops=tflops, peak_tflops=peak,
         peak_fraction=tflops / peak if peak else None,
         sample_img_per_s_1step=sample_ips[1], sample_img_per_s_2step=sample_ips[2],
         warmup_s=tw.seconds, max_mem_gib=mem, final_loss=loss.item(),
     )
+
+
+def device_name(dev):
+    """The record's device name: the GPU's name, or the CPU with its core and thread counts."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def _git_commit():
@@ -296,12 +540,40 @@ KEY = ("device_name", "torch", "method", "net", "batch", "sample_batch", "precis
 COLUMNS = [  # (header, record key, format)
     ("device", "device_name", "{}"), ("torch", "torch", "{}"), ("method", "method", "{}"), ("net", "net", "{}"),
     ("batch", "batch", "{}"), ("precision", "precision", "{}"), ("compile", "compile", "{}"),
-    ("train img/s", "train_img_per_s", "{:,.0f}"), ("GFLOP/img fwd", "fwd_flops_per_img", "gflop"),
+    ("train img/s", "train_img_per_s", "{:,.0f}"),
+    ("cost vs fm, spec", "fwd_per_step", "{:.2f}"), ("cost vs fm, measured", "vs_fm", "{:.2f}"),
+    ("GFLOP/img fwd", "fwd_flops_per_img", "gflop"),
     ("TFLOP/s", "train_tflops", "{:.3g}"), ("of peak", "peak_fraction", "{:.1%}"),
     ("sample img/s 1 step", "sample_img_per_s_1step", "{:,.0f}"),
     ("sample img/s 2 steps", "sample_img_per_s_2step", "{:,.0f}"),
     ("mem GiB", "max_mem_gib", "{:.1f}"), ("date", "date", "{}"),
 ]
+
+
+# The flow-matching record a method's measured cost is divided by: same device, torch, net, batch, precision and
+# compile setting (the sampling batch does not enter the training time; the latest such record wins).
+REF_KEY = ("device_name", "torch", "net", "batch", "precision", "compile")
+
+
+def fm_reference(rec, recs):
+    """The latest `fm` record of `recs` with rec's REF_KEY, or None."""
+    same = [r for r in recs if r.get("method") == "fm" and all(r.get(k) == rec.get(k) for k in REF_KEY)]
+    return max(same, key=lambda r: r.get("date") or "") if same else None
+
+
+def cost_vs_fm(rec, recs):
+    """Measured cost of one training image relative to flow matching: fm img/s / this method's img/s (time per
+    image, so 2.0 = half the throughput), or None without a matching fm record. An fm record is its own 1.0."""
+    ref = rec if rec.get("method") == "fm" else fm_reference(rec, recs)
+    return ref["train_img_per_s"] / rec["train_img_per_s"] if ref and rec.get("train_img_per_s") else None
+
+
+def load_records(folder):
+    path = os.path.join(folder, "throughput.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 def _cell(rec, key, fmt):
@@ -320,14 +592,13 @@ def table_row(rec):
 
 
 def save(rec, folder):
-    """Merge `rec` into folder/throughput.json (same KEY replaces) and rewrite folder/throughput.md."""
+    """Merge `rec` into folder/throughput.json (same KEY replaces), recompute every record's measured cost vs fm,
+    and rewrite folder/throughput.md."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "throughput.json")
-    recs = []
-    if os.path.exists(path):
-        with open(path) as f:
-            recs = json.load(f)
-    recs = [r for r in recs if tuple(r.get(k) for k in KEY) != tuple(rec[k] for k in KEY)] + [rec]
+    recs = [r for r in load_records(folder) if tuple(r.get(k) for k in KEY) != tuple(rec[k] for k in KEY)] + [rec]
+    for r in recs:  # a new fm record changes the ratio of every record measured against it
+        r["vs_fm"] = cost_vs_fm(r, recs)
     recs.sort(key=lambda r: (r["device_name"], r["method"], r["net"], r["batch"], r["precision"], r["compile"]))
     for p, text in [(path, json.dumps(recs, indent=1) + "\n"), (os.path.join(folder, "throughput.md"), _markdown(recs))]:
         with open(p + ".tmp", "w") as f:
@@ -338,9 +609,13 @@ def save(rec, folder):
 
 def _markdown(recs):
     lines = ["# Throughput (generated by benchmarks/throughput.py --save; do not edit)", "",
-             "Training: one forward + backward + Adam step per iteration on a batch already on the device. "
-             "FLOPs: FlopCounterMode forward count of one image (multiply-add = 2), training = 3x forward. "
-             "Sampling: Euler under no_grad in eval mode at the sampling batch.", "", table_header()]
+             "Training: one step of the method's own loss code, backward and Adam per iteration on a batch already on "
+             "the device. "
+             "FLOPs: FlopCounterMode forward count of one image (multiply-add = 2), training = 3x forward x the "
+             "spec's cost of the method's step in flow-matching steps (`cost vs fm, spec`). `cost vs fm, measured` = "
+             "fm train img/s / the method's train img/s on the same device, torch, net, batch, precision and compile "
+             "setting. Sampling: the method's own sampler under no_grad in eval mode at the sampling batch.", "",
+             table_header()]
     lines += [table_row(r) for r in recs]
     return "\n".join(lines) + "\n"
 
@@ -354,10 +629,16 @@ def main(argv=None):
         raise common.UserError("benchmarks/results holds full GPU measurements only; pass --results DIR to save "
                                "a CPU or --quick run elsewhere.")
     rec = measure(a)
+    rec["vs_fm"] = cost_vs_fm(rec, load_records(folder))
     print(table_header())
     print(table_row(rec))
     print(f"{rec['device_name']}: {rec['params']:,} params, {rec['fwd_flops_per_img'] / 1e9:.3f} GFLOP/img forward, "
           f"{rec['train_flops_per_img'] / 1e9:.3f} GFLOP/img training, warm-up {rec['warmup_s']:.1f} s")
+    if rec["method"] != "fm":
+        print(f"cost vs a flow-matching step: spec {rec['fwd_per_step']:.2f}x, measured "
+              + (f"{rec['vs_fm']:.2f}x" if rec["vs_fm"] is not None else
+                 f"unknown (no fm record with the same device, torch, net, batch, precision and compile in "
+                 f"{os.path.relpath(os.path.join(folder, 'throughput.json'))}; run --method fm --save first)"))
     if rec["peak_fraction"] is None and rec["device"] == "cuda":
         print("peak fraction unknown for this GPU; pass --peak_tflops to set its dense peak.")
     if a.save:

@@ -6,7 +6,9 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -106,11 +108,109 @@ def test_throughput_imm_step_counts_target_pass():
     assert rec["train_img_per_s"] > 0 and math.isfinite(rec["final_loss"]) and rec["final_loss"] >= 0
 
 
-@pytest.mark.parametrize("method", ["sct", "scd"])
-def test_throughput_scm_steps_run(method):
-    """The sCT/sCD benchmark step (JVP pass + gradient pass) trains the tiny ADN U-Net on the CPU."""
-    rec = tp.main(["--method", method, "--net", "tiny", "--batch", "4", "--sample_batch", "4", "--iters", "2",
-                   "--warmup", "1", "--device", "cpu", "--precision", "fp32"])
-    fwd = _forward_flops("tiny", **tp.METHODS[method].net)
-    assert rec["train_flops_per_img"] == round(3 * tp.METHODS[method].fwd_per_step * fwd)
-    assert math.isfinite(rec["final_loss"]) and rec["sample_img_per_s_2step"] > 0
+def _tiny_run(method, tmp_path, *extra):
+    """One CPU measurement of `method` on the tiny net (batch 4, 1 + 2 iterations, fp32), reading and writing no
+    results except in tmp_path. LPIPS at 32^2 instead of 224^2 keeps 2rf_lpips at a second."""
+    return tp.main(["--method", method, "--net", "tiny", "--batch", "4", "--sample_batch", "4", "--iters", "2",
+                    "--warmup", "1", "--device", "cpu", "--precision", "fp32", "--lpips_res", "32",
+                    "--results", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("method", sorted(tp.METHODS))
+def test_every_method_trains_and_samples_on_cpu(method, tmp_path):
+    """Every registered step (the method's own code path) trains the tiny net on the CPU: finite positive img/s,
+    a finite loss, both samplers run, and the training FLOPs follow the registered cost."""
+    rec = _tiny_run(method, tmp_path)
+    for k in ("train_img_per_s", "sample_img_per_s_1step", "sample_img_per_s_2step", "train_tflops"):
+        assert math.isfinite(rec[k]) and rec[k] > 0, k
+    assert math.isfinite(rec["final_loss"])
+    cost = tp.METHODS[method].fwd_per_step
+    assert rec["fwd_per_step"] == (cost if not callable(cost) else rec["fwd_per_step"]) and rec["fwd_per_step"] >= 1
+    assert rec["train_flops_per_img"] == round(3 * rec["fwd_per_step"] * rec["fwd_flops_per_img"])
+    assert rec["vs_fm"] == (1.0 if method == "fm" else None)  # no fm record in tmp_path
+    assert rec["paper_precision"] == tp.METHODS[method].precision and rec["precision"] == "fp32"
+    assert json.loads(json.dumps(rec)) == rec
+    if method == "2rf_lpips":  # 1 + F_vgg / F_unet (rectified_flow.md §10), VGG16 at 32^2 >> the tiny U-Net
+        assert rec["lpips_res"] == 32 and rec["fwd_per_step"] > 2
+    if method == "gdd_i":  # GDD-I trains with the frozen convolutions of eq. (9)
+        assert any(not p.requires_grad for p in tp._ENV["state"]["net"].parameters())
+
+
+def _preset_net(method):
+    """The method file's own net_dict for its cifar10 preset, on a 3 x 16 x 16 data set with net tiny."""
+    import distributional, flow_map, imm, rectified_flow as rf, scm
+    data = types.SimpleNamespace(kind="images", shape=(3, 16, 16), num_classes=0)
+    res = lambda mod, given, **sel: common.resolve_config(mod.Config, mod.PRESETS, "cifar10", dict(net="tiny", **given),
+                                                          **sel)
+    if method in ("fm", "2rf", "2rf_lpips", "gdd", "gdd_i"):
+        nd = rf.net_dict(res(rf, {}, stage="1rf" if method in ("fm", "gdd", "gdd_i") else "2rf"), data)
+        return {**nd, "dropout": 0.0} if method.startswith("gdd") else nd  # distributional.load_teacher: dropout 0
+    if method == "imm":
+        return imm.net_dict(res(imm, {}), data)
+    if method in ("sct", "scd"):
+        return scm.net_dict(res(scm, {}, mode=method), data)
+    return flow_map.net_dict(res(flow_map, dict(teacher="t") if method == "lmd" else {}, mode=method), data)
+
+
+@pytest.mark.parametrize("method", sorted(tp.METHODS))
+def test_registered_net_is_the_cifar10_preset_net(method):
+    """METHODS[m].net reproduces the file's cifar10 network (time inputs, time_scale, ADN, time channels, dropout)."""
+    assert common.net_config("tiny", **tp.METHODS[method].net) == _preset_net(method)
+
+
+def test_paper_precision_runs_bf16_gan_step(tmp_path):
+    """--precision paper selects the method's precision: GDD's bf16 generator (its D stays fp32 inside)."""
+    rec = _tiny_run("gdd", tmp_path, "--precision", "paper")
+    assert rec["precision"] == "bf16" and math.isfinite(rec["final_loss"])
+
+
+def test_measured_cost_vs_fm_in_saved_records(tmp_path):
+    """The `cost vs fm, measured` column is fm img/s / method img/s of the record with the same device, torch, net,
+    batch, precision and compile, recomputed on every save (an fm record saved later fills it in)."""
+    base = dict(date="d", device="cuda", device_name="GPU X", torch="t", cuda=None, commit=None, method="imm",
+                net="ddpmpp", params=1, resolution=32, batch=128, sample_batch=128, precision="bf16", compile=False,
+                iters=1, warmup=0, fwd_flops_per_img=1, train_flops_per_img=4, fwd_per_step=4 / 3,
+                train_img_per_s=400.0, train_tflops=1.0, peak_tflops=None, peak_fraction=None,
+                sample_img_per_s_1step=1.0, sample_img_per_s_2step=1.0, warmup_s=1.0, max_mem_gib=1.0, final_loss=1.0)
+    recs = tp.save(base, str(tmp_path))
+    assert recs[0]["vs_fm"] is None  # no fm record yet
+    tp.save({**base, "method": "imm", "batch": 64, "train_img_per_s": 100.0}, str(tmp_path))  # other batch
+    old = {k: v for k, v in base.items() if k != "fwd_per_step"}  # a record written before the column existed
+    tp.save({**old, "method": "sct", "precision": "fp32", "train_img_per_s": 50.0}, str(tmp_path))
+    recs = tp.save({**base, "method": "fm", "train_img_per_s": 1000.0, "fwd_per_step": 1.0}, str(tmp_path))
+    by = {(r["method"], r["batch"], r["precision"]): r for r in recs}
+    assert by[("fm", 128, "bf16")]["vs_fm"] == 1.0
+    assert by[("imm", 128, "bf16")]["vs_fm"] == pytest.approx(2.5)  # 1000 / 400: time per image, not img/s
+    assert by[("imm", 64, "bf16")]["vs_fm"] is None and by[("sct", 128, "fp32")]["vs_fm"] is None
+    assert json.load(open(tmp_path / "throughput.json")) == recs
+    md = (tmp_path / "throughput.md").read_text()
+    assert "| cost vs fm, spec | cost vs fm, measured |" in md
+    assert "| imm | ddpmpp | 128 | bf16 | False | 400 | 1.33 | 2.50 |" in md
+    assert "| sct | ddpmpp | 128 | fp32 | False | 50 | – | – |" in md
+
+
+def test_main_reports_measured_cost_vs_fm(tmp_path, monkeypatch, capsys):
+    """A run reads the fm record of its own setting from --results and reports fm img/s / its img/s."""
+    monkeypatch.setattr(tp, "device_name", lambda dev: "CPU test")
+    fm = dict(method="fm", device_name="CPU test", torch=torch.__version__, net="tiny", batch=4, precision="fp32",
+              compile=False, train_img_per_s=1e6, date="d")
+    (tmp_path / "throughput.json").write_text(json.dumps([fm, {**fm, "batch": 8, "train_img_per_s": 1.0}]))
+    rec = _tiny_run("2rf", tmp_path)
+    assert rec["vs_fm"] == pytest.approx(1e6 / rec["train_img_per_s"]) and rec["vs_fm"] > 1
+    assert f"measured {rec['vs_fm']:.2f}x" in capsys.readouterr().out
+
+
+def test_unknown_method_is_one_sentence_and_exit_2():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--method", "nope",
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().startswith("error: unknown --method 'nope'; choose one of fm, ")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_is_a_user_error(monkeypatch, tmp_path):
+    nan_step = lambda net, x: net(x, torch.rand(len(x))).float().mean() * float("nan")
+    monkeypatch.setitem(tp.METHODS, "nan", tp.Method(step=nan_step, sample=tp.euler_sample))
+    with pytest.raises(common.UserError, match="the training loss became nan"):
+        _tiny_run("nan", tmp_path)
