@@ -1,0 +1,97 @@
+"""benchmarks/toy.py: the budget bookkeeping, the report and the verdict against the 1-RF (CPU, ~40 s).
+
+The benchmark's numbers themselves are produced by `python benchmarks/toy.py --quick` (benchmarks/results/toy.*);
+each method's convergence is tested in its own test file. Here: a tiny end-to-end run (two seeds, three methods,
+one of them distilled) checks that every method sees the same number of examples with the teacher's share
+counted, that the outputs exist and hold finite scores, and that the summary and the verdict are right on
+hand-made records, including the control where a method loses to the 1-RF and must be named.
+"""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("toy_benchmark", os.path.join(ROOT, "benchmarks", "toy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+toy = _load()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toybench")
+    argv = ["--datasets", "moons", "--seeds", "0,1", "--budget", "2048", "--batch", "256", "--n_eval", "256",
+            "--methods", "1-RF,LSD,GDD", "--jobs", "2", "--work", str(d / "work"), "--results", str(d / "res")]
+    summ = toy.main(argv)
+    return d / "res", summ
+
+
+def test_outputs_exist_and_scores_are_finite(tiny_run):
+    res, summ = tiny_run
+    for f in ("toy.json", "toy.md", "toy_samples.png", "toy_curves.png"):
+        assert (res / f).stat().st_size > 0, f
+    data = json.loads((res / "toy.json").read_text())
+    recs = data["records"]
+    by = {(r["method"], r["seed"]): r for r in recs}
+    assert set(by) == {(m, s) for m in ("data floor", "1-RF", "1-RF, 100 Euler steps", "LSD", "GDD") for s in (0, 1)}
+    for r in recs:
+        vals = [r["swd"], r["mmd"]] if r["method"] == "data floor" else \
+            [v for sc in r["steps"].values() for v in sc.values()]
+        assert all(math.isfinite(v) for v in vals), r["method"]
+    for s in (0, 1):  # the same budget: 8 x 256 from scratch; 4 x 256 teacher + 4 x 256 student for GDD
+        assert by[("1-RF", s)]["examples"] == by[("LSD", s)]["examples"] == 2048
+        assert by[("GDD", s)]["examples"] == 2048 and by[("GDD", s)]["teacher_examples"] == 1024
+        assert sorted(map(int, by[("LSD", s)]["steps"])) == [1, 2, 4, 8]
+        assert by[("GDD", s)]["wall_s"] > 0
+    md = (res / "toy.md").read_text()
+    assert "## moons" in md and "| LSD | 2k |" in md and "| GDD | 2k (1k) |" in md
+    assert summ["moons"]["LSD"]["seeds"] == 2
+
+
+def test_two_seeds_differ(tiny_run):
+    """Seeds are real repetitions: different seeds give different scores (else the spread would be fake)."""
+    res, _ = tiny_run
+    recs = json.loads((res / "toy.json").read_text())["records"]
+    lsd = [r["steps"]["1"]["swd"] for r in recs if r["method"] == "LSD"]
+    assert len(lsd) == 2 and lsd[0] != lsd[1]
+
+
+def _rec(method, seed, swd1, swd2):
+    return dict(dataset="d", seed=seed, method=method, examples=10, teacher_examples=0, wall_s=1.0,
+                steps={str(K): dict(swd=v, mmd=v / 10) for K, v in zip(toy.STEPS, (swd1, swd2, swd2, swd2))})
+
+
+def test_summary_mean_std_and_verdict_names_the_loser():
+    recs = [dict(dataset="d", seed=0, method="data floor", swd=0.01, mmd=0.001),
+            _rec("1-RF", 0, 0.30, 0.20), _rec("1-RF", 1, 0.32, 0.22),
+            _rec("good", 0, 0.05, 0.04), _rec("good", 1, 0.07, 0.06),
+            _rec("bad", 0, 0.40, 0.10), _rec("bad", 1, 0.36, 0.12)]  # loses at K = 1 only
+    summ = toy.summarise(recs)
+    m, s = summ["d"]["good"]["swd"][1]
+    assert m == pytest.approx(0.06) and s == pytest.approx(math.sqrt(2) * 0.01)
+    assert summ["d"]["bad"]["mmd"][2][0] == pytest.approx(0.011)
+    bad = toy.verdicts(summ)
+    assert bad == {"bad": [("d", [1])]}  # the control is named, with the data set and the step count
+    summ["d"]["bad"]["swd"][1] = (0.2, 0.0)
+    assert toy.verdicts(summ) == {}
+
+
+@pytest.mark.parametrize("argv, words", [(["--methods", "1-RF,DDPM"], "DDPM"),
+                                         (["--methods", "LSD"], "must include 1-RF"),
+                                         (["--datasets", "swiss"], "swiss"),
+                                         (["--budget", "10"], "at least two batches")])
+def test_bad_arguments_one_sentence_and_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy.main(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err
