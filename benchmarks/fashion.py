@@ -77,7 +77,7 @@ TEACHERS = {  # teacher key -> (file, argv, mode or stage of the preset); traine
 }
 STEPS = (1, 2)
 BUDGETS = {  # per device: network, batch, examples per method, FD samples, 1-RF reference Euler steps, jobs
-    "cpu": dict(net="tiny", batch=32, budget=9_600, n_fd=1_000, ref_steps=8, jobs=2),
+    "cpu": dict(net="tiny", batch=32, budget=9_600, n_fd=500, ref_steps=8, jobs=2),
     "cuda": dict(net="small", batch=128, budget=5_120_000, n_fd=10_000, ref_steps=32, jobs=1),
 }
 EMA_FRAC, WARM_FRAC, H_FRAC = 0.05, 0.05, 0.2  # of a stage's examples / iterations (module docstring)
@@ -310,7 +310,8 @@ def run_method(name, a, det_path, teachers):
         wall, pre = t["wall_s"], t["examples"]
         if name == "2-RF++":  # pairs from the 1-RF teacher, then 2-RF++ initialised from its EMA, both in `work`
             n_pairs = min(200_000, iters * a.batch // 8)
-            pair = ["--n_pairs", str(n_pairs), "--pair_block", str(n_pairs), "--pair_batch", str(min(n_pairs, 1000))]
+            pair = ["--n_pairs", str(n_pairs), "--pair_block", str(min(n_pairs, 50_000)), "--pair_batch",
+                    str(min(n_pairs, 1000))]
             wall += _cli(file, ["--stage", "pairs", *common_argv(a, iters, False), *pair, "--teacher", t["ckpt"],
                                 "--out", work], log)
             run += [*pair, "--teacher", t["ckpt"]]
@@ -439,9 +440,7 @@ def plot(path, rows, data_u8, work, n_grid):
                 strip(np.load(os.path.join(work, name, f"grid_{K}step.npy")))
             ax.imshow(img, cmap="gray", vmin=0, vmax=255), ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
-                ax.set_title("real images" if j == 0 else "", fontsize=8)
-            if i == 1:
-                ax.set_title(f"{K} step{'s' * (K > 1)}", fontsize=8)
+                ax.set_title(f"{K} step{'s' * (K > 1)} (real images in the first row)", fontsize=8)
             if j == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
@@ -457,7 +456,7 @@ def parse(argv):
     p.add_argument("--net", default=None, help="U-Net of every method: tiny or small (default: cpu tiny, cuda small)")
     p.add_argument("--budget", type=int, default=None, help="training examples per method (cpu 9,600; cuda 5.12M)")
     p.add_argument("--batch", type=int, default=None, help="batch of every stage (cpu 32, cuda 128)")
-    p.add_argument("--n_fd", type=int, default=None, help="samples per FD (cpu 1,000; cuda 10,000)")
+    p.add_argument("--n_fd", type=int, default=None, help="samples per FD (cpu 500; cuda 10,000)")
     p.add_argument("--ref_steps", type=int, default=None, help="Euler steps of the 1-RF reference (cpu 8, cuda 32)")
     p.add_argument("--jobs", type=int, default=None, help="tasks at once (cpu 2 processes of 1 thread; cuda 1)")
     p.add_argument("--n_grid", type=int, default=8, help="samples per method and step count in the figure")
@@ -517,9 +516,9 @@ def _main(a, argv):
     floor = fd_of_images(test_u8[pick].to(env.device), det, ref)
     print(f"FD-classifier floor ({a.n_fd} t10k images against the training set): {floor:.4f}")
 
-    base = [sys.executable, os.path.abspath(__file__), *[x for x in argv if x != "--task"]]
-    base += ["--net", a.net, "--budget", str(a.budget), "--batch", str(a.batch), "--n_fd", str(a.n_fd), "--ref_steps",
-             str(a.ref_steps), "--jobs", str(a.jobs), "--work", a.work, "--root", a.root, "--methods", ",".join(a.methods)]
+    base = [sys.executable, os.path.abspath(__file__), *argv,  # the workers' command, every default resolved
+            "--net", a.net, "--budget", str(a.budget), "--batch", str(a.batch), "--n_fd", str(a.n_fd), "--ref_steps",
+            str(a.ref_steps), "--jobs", str(a.jobs), "--work", a.work, "--root", a.root, "--methods", ",".join(a.methods)]
     recs = run_all(a, det_path, base)
     rows = [recs[m] for m in a.methods]
     net = C.build_net(C.net_config(a.net, img_resolution=32, in_channels=1))
