@@ -175,6 +175,8 @@ def summarise(recs):
             summ[ds][m] = dict(
                 swd={K: _ms([r["steps"][str(K) if str(K) in r["steps"] else K]["swd"] for r in rs]) for K in Ks},
                 mmd={K: _ms([r["steps"][str(K) if str(K) in r["steps"] else K]["mmd"] for r in rs]) for K in Ks},
+                swd_range={K: (min(v), max(v)) for K in Ks
+                           for v in [[r["steps"][str(K) if str(K) in r["steps"] else K]["swd"] for r in rs]]},
                 examples=rs[0]["examples"], teacher_examples=rs[0].get("teacher_examples", 0),
                 wall_s=_ms([r["wall_s"] for r in rs]), seeds=len(rs))
     return summ
@@ -257,16 +259,18 @@ def plot(results, summ, samples, methods):
     fig, axes = plt.subplots(1, len(dss), figsize=(4 * len(dss), 3.4), squeeze=False)
     for ax, ds in zip(axes[0], dss):
         by = summ[ds]
-        for i, m in enumerate(m for m in methods if m in by):
-            ms = [by[m]["swd"][K] for K in STEPS]
-            ax.errorbar(STEPS, [a for a, _ in ms], yerr=[b for _, b in ms], label=m, marker="o", ms=3,
-                        color=f"C{i % 10}", ls="--" if i >= 10 else "-", capsize=2)
+        for i, m in enumerate(m for m in methods if m in by):  # mean over seeds, bars from min to max
+            mean = [by[m]["swd"][K][0] for K in STEPS]
+            lo = [mu - by[m]["swd_range"][K][0] for mu, K in zip(mean, STEPS)]
+            hi = [by[m]["swd_range"][K][1] - mu for mu, K in zip(mean, STEPS)]
+            ax.errorbar(STEPS, mean, yerr=[lo, hi], label=m, marker="os^Dv<>ph*XP"[i % 12], ms=3,
+                        color=plt.cm.tab20(2 * i % 20 + (2 * i >= 20)), capsize=2)
         ax.axhline(by["data floor"]["swd"][0], color="k", ls=":", label="data floor")
         ref = [v for k, v in by.items() if "100" in k]
         if ref:
             ax.axhline(ref[0]["swd"][100][0], color="gray", ls="-.", label="1-RF, 100 steps")
         ax.set_xscale("log", base=2), ax.set_yscale("log"), ax.set_xticks(STEPS, [str(k) for k in STEPS])
-        ax.set_title(ds), ax.set_xlabel("steps K (= NFE)"), ax.set_ylabel("SWD to held-out data")
+        ax.set_title(ds), ax.set_xlabel("steps K (= NFE)"), ax.set_ylabel("SWD to held-out data (mean, min-max)")
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(results, "toy_curves.png"), dpi=80)
@@ -294,6 +298,7 @@ def parse(argv):
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (one process and thread each)")
     p.add_argument("--work", default=None, help="scratch folder for checkpoints (default /tmp/toy-benchmark)")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--replot", action="store_true", help="rewrite toy.md and the figures from DIR/toy.json")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: DATASET:SEED, writes --cell_out
     p.add_argument("--cell_out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -322,7 +327,11 @@ def main(argv=None):
         with open(a.cell_out, "w") as f:
             json.dump(recs, f)
         return recs
-    t0, load0 = time.time(), os.getloadavg()[0]  # recorded: other jobs on the machine inflate wall-clock
+    if a.replot:  # table and figures again from DIR/toy.json (and the scratch folder's samples if still there)
+        with open(os.path.join(a.results, "toy.json")) as f:
+            old = json.load(f)
+        return report(a.results, a.work, old["meta"], old["records"])
+    t0, load0, commit = time.time(), os.getloadavg()[0], _commit()  # load: other jobs inflate wall-clock
     cells = [(ds, s) for s in a.seeds for ds in a.datasets]
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.results, exist_ok=True)
@@ -347,32 +356,39 @@ def main(argv=None):
             with open(out) as f:
                 recs += json.load(f)
             print(f"[{time.time() - t0:6.0f} s] done  {ds} seed {s}", flush=True)
-    seed0 = min(a.seeds)
-    samples = {}
-    for ds in a.datasets:
-        w = os.path.join(a.work, f"{ds}-{seed0}")
-        g = torch.Generator().manual_seed(C.derive_seed(seed0, "toy-benchmark", ds))
-        samples[ds] = {"data": C.toy_sample(ds, a.n_eval, g).numpy()}
-        for m in a.methods:
-            samples[ds][m] = {K: np.load(os.path.join(w, f"{m}_{K}step.npy")) for K in STEPS}
-    summ = summarise(recs)
-    order = ["1-RF, 100 Euler steps", *a.methods]
-    summ = {ds: {m: summ[ds][m] for m in ["data floor", *order] if m in summ[ds]} for ds in a.datasets}
-    bad = verdicts(summ)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{a.jobs} cells at once, 1 thread each)",
                 command="python benchmarks/toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                commit=_commit(), torch=torch.__version__, budget=a.budget, batch=a.batch, seeds=a.seeds,
+                commit=commit, torch=torch.__version__, budget=a.budget, batch=a.batch, seeds=a.seeds,
                 n_eval=a.n_eval, datasets=a.datasets, methods=a.methods, total_wall_s=time.time() - t0,
                 load_average_1min=dict(start=load0, end=os.getloadavg()[0]))
-    with open(os.path.join(a.results, "toy.json"), "w") as f:
-        json.dump(dict(meta=meta, records=recs, not_better_than_1rf=bad), f, indent=1)
-    write_markdown(os.path.join(a.results, "toy.md"), meta, summ, bad)
-    plot(a.results, summ, samples, ["1-RF", *[m for m in a.methods if m != "1-RF"]])
+    summ = report(a.results, a.work, meta, recs)
     print(f"wrote {a.results}/toy.json, toy.md, toy_samples.png, toy_curves.png ({time.time() - t0:.0f} s)")
     return summ
 
+
+def report(results, work, meta, recs):
+    """toy.json, toy.md and the figures from the records (the sample figure from WORK's seed-0 .npy files)."""
+    seed0, samples = min(meta["seeds"]), {}
+    for ds in meta["datasets"]:
+        w = os.path.join(work, f"{ds}-{seed0}")
+        if not all(os.path.exists(os.path.join(w, f"{m}_{K}step.npy")) for m in meta["methods"] for K in STEPS):
+            samples = None  # --replot without the scratch folder: curves and table only
+            break
+        g = torch.Generator().manual_seed(C.derive_seed(seed0, "toy-benchmark", ds))
+        samples[ds] = {"data": C.toy_sample(ds, meta["n_eval"], g).numpy()}
+        for m in meta["methods"]:
+            samples[ds][m] = {K: np.load(os.path.join(w, f"{m}_{K}step.npy")) for K in STEPS}
+    summ = summarise(recs)
+    order = ["data floor", "1-RF, 100 Euler steps", *meta["methods"]]
+    summ = {ds: {m: summ[ds][m] for m in order if m in summ[ds]} for ds in meta["datasets"]}
+    bad = verdicts(summ)
+    with open(os.path.join(results, "toy.json"), "w") as f:
+        json.dump(dict(meta=meta, records=recs, not_better_than_1rf=bad), f, indent=1)
+    write_markdown(os.path.join(results, "toy.md"), meta, summ, bad)
+    plot(results, summ, samples, ["1-RF", *[m for m in meta["methods"] if m != "1-RF"]])
+    return summ
 
 if __name__ == "__main__":
     main()
