@@ -71,7 +71,7 @@ METHODS = {
     "GDD": ("distributional", "rf", ["--freeze", "none", "--teacher_iters", "0"]),
     "GDD-I": ("distributional", "rf", ["--freeze", "gdd_i", "--teacher_iters", "0"]),
 }
-TEACHERS = {  # teacher key -> (file, argv, mode or stage of the preset); trained once on half the budget
+TEACHERS = {  # teacher key -> (file, argv); trained once on half the budget
     "rf": ("rectified_flow", ["--stage", "1rf"]),
     "trig": ("scm", ["--mode", "diffusion"]),
 }
@@ -420,7 +420,8 @@ def write_markdown(path, meta, rows):
         L.append(f"| 1-RF, {K} Euler steps (reference) | | | {v:.3f} (K = {K}) | |")
     L.append(f"| real t10k images (floor) | | | {m['fd_floor']:.3f} | |")
     L += ["", "Wall seconds are training only (teacher, pair generation and student; not the scoring), measured with "
-          f"{m['jobs']} process(es) at once."]
+          f"{m['jobs']} process(es) at once; 1-minute load average {m['load_avg_1min']['start']:.1f} at the start and "
+          f"{m['load_avg_1min']['end']:.1f} at the end (a load above {m['jobs']} means other jobs shared the machine)."]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
@@ -503,7 +504,7 @@ def _main(a, argv):
     det_path = os.path.join(a.root, CLASSIFIER + ".pt")
     if a.task:  # a worker process: one teacher or one method
         return run_task(a.task, a, det_path)
-    t0 = time.time()
+    t0, commit, load0 = time.time(), _commit(), os.getloadavg()[0]
     raw = prepare_data(a.root, a.source)
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.results, exist_ok=True)
@@ -525,13 +526,13 @@ def _main(a, argv):
     meta = dict(date=_now(), device=f"{a.jobs}-process " + (
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per process)"
         if a.device == "cpu" else f"GPU ({torch.cuda.get_device_name()})"),
-        command="python benchmarks/fashion.py " + " ".join(argv), commit=_commit(), torch=torch.__version__,
+        command="python benchmarks/fashion.py " + " ".join(argv), commit=commit, torch=torch.__version__,
         net=a.net, net_params=sum(p.numel() for p in net.parameters()), budget=a.budget, batch=a.batch,
         seed=a.seed, fd_seed=a.fd_seed, n_fd=a.n_fd, ref_steps=a.ref_steps, jobs=a.jobs, methods=a.methods,
         overrides=dict(ema_halflife_frac=EMA_FRAC, warmup_frac=WARM_FRAC, sCM_H_frac=H_FRAC,
                        precision="fp32" if a.device == "cpu" else "preset"),
         classifier=cls, classifier_file=os.path.relpath(det_path, REPO) if det_path.startswith(REPO) else det_path,
-        fd_floor=floor, total_wall_s=time.time() - t0)
+        fd_floor=floor, total_wall_s=time.time() - t0, load_avg_1min=dict(start=load0, end=os.getloadavg()[0]))
     stem = os.path.join(a.results, f"fashion_{a.device}")
     rows = json.loads(json.dumps(rows))  # step counts as strings, as they are read back from the JSON
     with open(stem + ".json", "w") as f:
