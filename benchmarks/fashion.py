@@ -445,6 +445,7 @@ def plot(path, rows, data_u8, work, n_grid):
             if j == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
+    fig.subplots_adjust(left=max(fig.subplotpars.left, 0.1))  # room for the horizontal row labels
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
