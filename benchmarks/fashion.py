@@ -49,6 +49,7 @@ import argparse, contextlib, datetime, gzip, hashlib, importlib, io, json, os, p
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)  # benchmarks/toy.py
 
 import numpy as np
 import torch
@@ -57,24 +58,8 @@ import torch.nn.functional as F
 
 import common as C
 
-# name -> (file, teacher or None, argv of the student run); the same list and teacher scheme as benchmarks/toy.py
-METHODS = {
-    "1-RF": ("rectified_flow", None, ["--stage", "1rf"]),
-    "2-RF++": ("rectified_flow", "rf", ["--stage", "2rf"]),
-    "IMM": ("imm", None, []),
-    "sCT": ("scm", "trig", ["--mode", "sct"]),
-    "sCD": ("scm", "trig", ["--mode", "scd"]),
-    "LSD": ("flow_map", None, ["--mode", "lsd"]),
-    "PSD": ("flow_map", None, ["--mode", "psd"]),
-    "MeanFlow": ("flow_map", None, ["--mode", "meanflow"]),
-    "LMD": ("flow_map", "rf", ["--mode", "lmd"]),
-    "GDD": ("distributional", "rf", ["--freeze", "none", "--teacher_iters", "0"]),
-    "GDD-I": ("distributional", "rf", ["--freeze", "gdd_i", "--teacher_iters", "0"]),
-}
-TEACHERS = {  # teacher key -> (file, argv); trained once on half the budget
-    "rf": ("rectified_flow", ["--stage", "1rf"]),
-    "trig": ("scm", ["--mode", "diffusion"]),
-}
+from toy import METHODS, TEACHERS, _commit  # the same methods, teacher scheme and commit stamp as toy.py
+
 STEPS = (1, 2)
 BUDGETS = {  # per device: network, batch, examples per method, FD samples, 1-RF reference Euler steps, jobs
     "cpu": dict(net="tiny", batch=32, budget=9_600, n_fd=500, ref_steps=8, jobs=2),
@@ -389,14 +374,6 @@ def run_all(a, det_path, argv_base):
 # =============================================================================== report: JSON, table, figure
 def _now():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_markdown(path, meta, rows):

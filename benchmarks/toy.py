@@ -44,7 +44,7 @@ import common as C
 
 STEPS = (1, 2, 4, 8)
 DATASETS = ("8gaussians", "moons", "checkerboard", "spirals")
-# name -> (file, teacher or None, student share of the budget, argv for the student run)
+# name -> (file, teacher key or None, argv of the student run); a teacher takes half the budget
 METHODS = {
     "1-RF": ("rectified_flow", None, ["--stage", "1rf"]),
     "2-RF++": ("rectified_flow", "rf", ["--stage", "2rf"]),
