@@ -2,7 +2,6 @@
 
 Speed itself is never asserted here (DESIGN: speed targets live in benchmarks/, not in timed tests).
 """
-import importlib.util
 import json
 import math
 import os
@@ -19,14 +18,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 
-def _load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tp = _load_throughput()
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
+import throughput as tp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ distance (a set against itself ~ 0, a noised set clearly above a held-out real s
 Quality of the generative methods is never asserted here (DESIGN: targets live in benchmarks/, not in tests).
 """
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -21,14 +20,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 
-def _load_fashion():
-    spec = importlib.util.spec_from_file_location("fashion", os.path.join(ROOT, "benchmarks", "fashion.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fb = _load_fashion()
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
+import fashion as fb  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
