@@ -67,16 +67,12 @@ SAMPLE_EXTRA = {"rectified_flow": ["--solver", "euler"]}  # 1-RF: Euler, so K st
 
 
 # =============================================================================== one cell: data set x seed
-def _module(name):
-    return importlib.import_module(name)
-
-
 def _cli(module, argv, log):
     """Run `module.main(argv)` in this process, its prints into `log`; returns the wall-clock seconds."""
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         log.write(f"$ python {module}.py {' '.join(argv)}\n")
-        _module(module).main(argv)
+        importlib.import_module(module).main(argv)
     return time.perf_counter() - t0
 
 
