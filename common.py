@@ -711,6 +711,19 @@ def autocast(env):
     return torch.autocast(env.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+@contextlib.contextmanager
+def strict_fp32(device):
+    """Autocast off and TF32 off inside the block (the precision-critical blocks: JVPs, fp32 embeddings, GDD's
+    discriminator); the previous TF32 flags are restored on exit."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with _fp32(torch.device(device)):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def make_scaler(env):
     """A GradScaler for fp16; a disabled pass-through otherwise (same calling code)."""
     return torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
