@@ -155,3 +155,13 @@ def test_sampler_matches_official_batch_sample(N):
     env = C.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"), is_main=True, precision="fp32")
     x = fm.sample(BoffiMLP(torch.float32), StoredNoise(), (2,), N, fm.Config(sigma0=SIGMA0), env)
     assert (x.double() - torch.from_numpy(G[f"sample/N{N}"])).abs().max().item() < TOL32_SAMPLE
+
+
+def test_default_pair_order_is_the_official_one():
+    """The official off-diagonal pairs (loss_args._sample_triangle at this commit: min/max of two uniforms) all
+    have s <= t, as flow_map.py's default pair_order="forward" draws them (Keely-Ai forks comment the sort out)."""
+    ps, pt = G["pairs/s"], G["pairs/t"]
+    assert (ps < pt).all() and len(np.unique(ps)) == len(ps)
+    torch.manual_seed(0)
+    s, t, nd = fm.sample_times(64, fm.Config(mode="lsd", diag_frac=0.75), torch.device("cpu"))
+    assert (s[nd:] <= t[nd:]).all()

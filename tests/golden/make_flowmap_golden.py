@@ -34,7 +34,9 @@ What is stored (B = per-term batch, all arrays float64):
   `full/s`, `full/t`, `full/h` (n = 16): `full/<name>/loss` and `full/<name>/grad/...` for lsd, psd_uniform,
   psd_midpoint, esd_full, esd_convex (linear interpolant);
 - the batch split: `split/bs`, `split/diag_bs` from _get_diag_offdiag_bs at diag_fraction 0.75 and 0.5;
-- the sampler: batch_sample on `sample/x0` at N = 1, 2, 4 as `sample/N<k>`.
+- the sampler: batch_sample on `sample/x0` at N = 1, 2, 4 as `sample/N<k>`;
+- 64 off-diagonal time pairs from loss_args._sample_triangle as `pairs/s`, `pairs/t` (their order, s <= t or not);
+- `meta/*`: source repository, commit, git blob hashes of the official files used, jax/flax/numpy versions.
 """
 import argparse
 import hashlib
@@ -215,6 +217,10 @@ def main():
     for N in (1, 2, 4):
         out[f"sample/N{N}"] = np.asarray(FM.batch_sample(net.apply, params, J(sx0), N, jnp.zeros(B, dtype=jnp.int32)),
                                          dtype=np.float64)
+
+    # off-diagonal time pairs as the official training draws them (loss_args._sample_triangle, 64 pairs)
+    ps, pt = LA._sample_triangle(jax.random.PRNGKey(3), jax.random.PRNGKey(4), 64, 0.0, 1.0)
+    out["pairs/s"], out["pairs/t"] = np.asarray(ps, dtype=np.float64), np.asarray(pt, dtype=np.float64)
 
     out["meta/source"] = np.array(args.source)
     out["meta/commit"] = np.array(commit)
