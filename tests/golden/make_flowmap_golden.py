@@ -33,7 +33,8 @@ What is stored (B = per-term batch, all arrays float64):
 - the whole batch loss of setup_loss (diagonal rows first, diag_fraction 0.75) on inputs `full/x0`, `full/x1`,
   `full/s`, `full/t`, `full/h` (n = 16): `full/<name>/loss` and `full/<name>/grad/...` for lsd, psd_uniform,
   psd_midpoint, esd_full, esd_convex (linear interpolant);
-- the batch split: `split/bs`, `split/diag_bs` from _get_diag_offdiag_bs at diag_fraction 0.75 and 0.5;
+- the batch split: `split/bs`, `split/diag_bs_<100 frac>` from _get_diag_offdiag_bs at diag_fraction 0.75, 0.5,
+  0.29 and 0.35;
 - the sampler: batch_sample on `sample/x0` at N = 1, 2, 4 as `sample/N<k>`;
 - 64 off-diagonal time pairs from loss_args._sample_triangle as `pairs/s`, `pairs/t` (their order, s <= t or not);
 - `meta/*`: source repository, commit, git blob hashes of the official files used, jax/flax/numpy versions.
@@ -207,10 +208,10 @@ def main():
         print(f"full {name:13s} loss {float(val):.6f}")
 
     # ---------------------------------------------------------------- batch split and sampler
-    sizes = np.array([1, 2, 3, 4, 7, 8, 16, 33, 100, 128])
-    for frac in (0.75, 0.5):
+    sizes = np.array([1, 2, 3, 4, 7, 8, 16, 33, 100, 128, 180, 200])
+    for frac in (0.75, 0.5, 0.29, 0.35):  # 0.29 and 0.35 are not exact in binary: int() of the float product
         c = config_dict.ConfigDict(dict(optimization=dict(diag_fraction=frac)))
-        out[f"split/diag_bs_{int(frac * 100)}"] = np.array([LA._get_diag_offdiag_bs(c, int(n))[0] for n in sizes])
+        out[f"split/diag_bs_{round(frac * 100)}"] = np.array([LA._get_diag_offdiag_bs(c, int(n))[0] for n in sizes])
     out["split/bs"] = sizes
     sx0 = RESCALE * rng.normal(size=(B, DIM))
     out["sample/x0"] = sx0
