@@ -70,7 +70,7 @@ class Config:
     interpolant: Literal["linear", "trig"] = "linear"  # (F1); trig only for lsd, psd, esd, fmm
     sigma0: Optional[float] = None  # base std = preconditioner; None: teacher's / data RMS / 0.5 / 1.0 (spec §2)
     diag_frac: Optional[float] = None  # share of diagonal rows; None: 0.75 (Boffi), 0.25 for lmd/emd (project)
-    pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (project) or both orders (Boffi)
+    pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (Boffi _sample_triangle sorts) or both
     psd_type: Literal["uniform", "midpoint"] = "uniform"  # (F7) h ~ U(0, 1) or h = 1/2
     esd_stopgrad: Literal["full", "convex"] = "full"  # (F8) grad X . b under no_grad, or only b stopped
     lambda_inv: float = 1.0  # (F12) invertibility term of the direct FMM loss (0: Boffi's JAX code)
@@ -286,8 +286,9 @@ def logit_normal(n, mu, sigma, device):
 
 
 def diag_rows(B, diag_frac):
-    """n_d = max(1, floor(diag_frac B)) diagonal rows first (Boffi loss_args.py)."""
-    return max(1, int(math.floor(diag_frac * B + 1e-9)))
+    """n_d = max(1, int(B diag_frac)) diagonal rows first, the float product truncated as Boffi's
+    loss_args.py _get_diag_offdiag_bs does (0.29 x 100 -> 28 rows)."""
+    return max(1, int(B * diag_frac))
 
 
 def sample_times(B, cfg, device):

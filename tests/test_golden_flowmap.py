@@ -134,15 +134,7 @@ def test_batch_loss_matches_official_setup_loss(name, monkeypatch):
     assert err < TOL32_LOSS and err_g < TOL32_LOSS, (name, err, err_g)
 
 
-@pytest.mark.parametrize("frac", [
-    0.75, 0.5,
-    pytest.param(0.29, marks=pytest.mark.xfail(strict=True, reason=(
-        "official int(B * frac) truncates the float product (0.29 * 100 = 28.999999999999996 -> 28 diagonal rows); "
-        "flow_map.diag_rows takes floor(frac * B + 1e-9) = 29. Only fractions that are not exact in binary differ; "
-        "the defaults 0.75 and 0.25 agree."))),
-    pytest.param(0.35, marks=pytest.mark.xfail(strict=True, reason="as 0.29: 0.35 * 180 = 62.99999999999999 -> 62 "
-                                                                   "official rows, 63 here")),
-])
+@pytest.mark.parametrize("frac", [0.75, 0.5, 0.29, 0.35])  # 0.29 x 100 = 28.999... -> 28 rows, as official
 def test_diagonal_share_matches_official_split(frac):
     """diag_rows against loss_args._get_diag_offdiag_bs: max(1, int(B * diag_fraction)), 12 batch sizes."""
     ours = [fm.diag_rows(int(b), frac) for b in G["split/bs"]]
