@@ -69,7 +69,8 @@ class FixedRNG:
 
 @pytest.mark.parametrize("key", ["simple_edm/s", "simple_edm/t_minus_s", "euler_fm/s"])
 def test_f_map_matches_official_precond(gold, key):
-    """IMM Eq. 4/5 (preconds.py IMMPrecond.forward): f_{s,t}(x_t), the network input c_in(t) x_t and c_noise(t), c_noise(s)."""
+    """IMM Eq. 4/5 (preconds.py IMMPrecond.forward): f_{s,t}(x_t), the network input c_in(t) x_t and c_noise(t),
+    c_noise(s)."""
     param, second = key.split("/")
     cfg = imm.Config(param=param, second_time=second)
     net, ref = our_net(gold), gold["fmap"][key]

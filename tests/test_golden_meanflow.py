@@ -4,9 +4,9 @@ The fixture tests/golden/meanflow_golden.pt was written by tests/golden/make_mea
 sample_two_timesteps (v0, v1), MeanFlow.forward_with_loss (loss and parameter gradient) and MeanFlow.sample, with
 one shared tiny network F(x; s, d) (common.py's MLP, seeded random weights) in the U-Net's seat.
 
-Convention conversion (F11 in flow_map.py): py-meanflow has data at t = 0 and unit noise at t = 1, with u(z, t, r)
-for r <= t; flow_map.py has noise at 0 (sigma0 = 1 here, as py-meanflow) and data at 1, with phi(x, s, t), and
-u(z, t_MF, r_MF) = -phi(z, 1 - t_MF, 1 - r_MF). So the official side was given net(z, (t, h)) = -F(z; 1 - t, h),
+Convention conversion (flow_map.meanflow_to_flow_map): py-meanflow has data at t = 0 and unit noise at t = 1, with
+u(z, t, r) for r <= t; flow_map.py has noise at 0 (sigma0 = 1 here, as py-meanflow) and data at 1, with phi(x, s, t),
+and u(z, t_MF, r_MF) = -phi(z, 1 - t_MF, 1 - r_MF). So the official side was given net(z, (t, h)) = -F(z; 1 - t, h),
 and flow_map.py uses F directly; the noise e is our x0 and the data x our x1; our (s, t) = (1 - t_MF, 1 - r_MF).
 The official logit-normal LN(P_mean, P_std) on t_MF = sigmoid(P_mean + P_std n) is our LN(-P_mean, P_std) on
 s = 1 - t_MF = sigmoid(-P_mean + P_std (-n)): so our sampler is fed the official normals with their sign flipped

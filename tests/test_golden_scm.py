@@ -1,4 +1,5 @@
-"""Golden cross-check of scm.py's sCT / sCD step against NVlabs/FastGen's sCM (fastgen/methods/consistency_model/sCM.py).
+"""Golden cross-check of scm.py's sCT / sCD step against NVlabs/FastGen's sCM
+(fastgen/methods/consistency_model/sCM.py).
 
 The fixture tests/golden/scm_golden.pt was written by tests/golden/make_scm_golden.py, which ran FastGen's
 SCMModel._compute_scm_loss (its _jvp and _scm_pred_to_loss) and .mean().backward() with the shared tiny networks
@@ -9,7 +10,7 @@ starts from an EDM sigma and sets t = atan2(sigma, sigma_d), which is scm.t_of. 
 e^{-logvar}/D ||F - sg F - g||^2 + logvar with logvar = -w(t) (scm.py: e^{w}/D ||.||^2 - w); the script turned
 off FastGen's extra 1/sigma prior weight and second 1/D (prior_weighting_enabled, divide_x_0_spatial_dim: its
 defaults, not the paper's Eq. 8). FastGen's JVP output is dF/dt along the path times cos t sin t; scm.jvp_F's J
-carries one more sigma_d (its tangent convention, S10 in scm.py), so J / sigma_d is compared. The loss's value
+carries one more sigma_d (its tangent convention, scm.jvp_F), so J / sigma_d is compared. The loss's value
 is mean(e^w ||g||^2 / D - w) while its gradient is -2 e^w / (B D) g through F only (stop-gradients), so the
 gradient with respect to F, the parameter gradients of F and of the weight head are compared, not just values.
 """

@@ -89,11 +89,12 @@ def main():
     g = torch.Generator().manual_seed(2)
     # f_{s,t}: random (s <= t) pairs in [t_min, T] plus the extremes, s = t and the 2-step middle time
     t = torch.cat([torch.tensor([T_MAX, T_MAX, 7 / 12, 0.3]), T_MIN + (T_MAX - T_MIN) * torch.rand(B - 4, generator=g)])
-    s = torch.cat([torch.tensor([T_MIN, 7 / 12, 7 / 12, 0.3]), T_MIN + (t[4:] - T_MIN) * torch.rand(B - 4, generator=g)])
+    s = torch.cat([torch.tensor([T_MIN, 7 / 12, 7 / 12, 0.3]),
+                   T_MIN + (t[4:] - T_MIN) * torch.rand(B - 4, generator=g)])
     x = 0.8 * torch.randn(B, *SHAPE, generator=g)
     fmap = {}
-    for key, f_type, temb in [("simple_edm/s", "simple_edm", "identity"), ("simple_edm/t_minus_s", "simple_edm", "stride"),
-                              ("euler_fm/s", "euler_fm", "identity")]:
+    for key, f_type, temb in [("simple_edm/s", "simple_edm", "identity"),
+                              ("simple_edm/t_minus_s", "simple_edm", "stride"), ("euler_fm/s", "euler_fm", "identity")]:
         net = official_net(f_type, temb)
         adapter.calls.clear()
         with torch.no_grad():  # IMMPrecond.forward broadcasts the times against x itself: pass them as (B, 1, 1, 1)

@@ -11,10 +11,11 @@ MeanFlow.forward_with_loss (JVP target, adaptive weight p = 0.75, c = 1e-3) with
 MeanFlow.sample (1 step). The official U-Net is replaced by one shared tiny network, this project's common.py
 MLP (width 32, depth 2, raw times) on images flattened to 8 numbers, with seeded random weights F(x; s, d).
 py-meanflow has data at t = 0 and unit noise at t = 1 and calls net(z, (t, t - r)); flow_map.py has noise at
-t = 0 (sigma0 = 1) and calls F(x; s, t - s), and (F11) says u(z, t, r) = -phi(z, 1 - t, 1 - r). So the
-official code gets the adapter net(z, (t, h)) = -F(z; 1 - t, h): the same function seen from the other
-convention. The global-RNG draws of the official code (noise e, the two normals, the mask uniforms) are
-reproduced by re-seeding and stored, so the test can feed the same numbers to flow_map.py.
+t = 0 (sigma0 = 1) and calls F(x; s, t - s), and flow_map.meanflow_to_flow_map says
+u(z, t, r) = -phi(z, 1 - t, 1 - r). So the official code gets the adapter net(z, (t, h)) = -F(z; 1 - t, h): the
+same function seen from the other convention. The global-RNG draws of the official code (noise e, the two
+normals, the mask uniforms) are reproduced by re-seeding and stored, so the test can feed the same numbers to
+flow_map.py.
 This file contains no official code: it imports it from the path given on the command line.
 """
 import argparse
