@@ -404,6 +404,19 @@ def _image_dataset(name, root, env):
     return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), 10
 
 
+@contextlib.contextmanager
+def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing may precede an `error:` line
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _read_images(spec):
     if spec.endswith(".npy"):
         try:  # never unpickle: object arrays, pickles and text renamed .npy are refused
@@ -430,7 +443,7 @@ def _read_images(spec):
     imgs = []
     for f in files:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _silent_fd2():  # libpng prints to fd 2 before raising
                 warnings.simplefilter("ignore")
                 im = decode_image(read_file(f), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError, OSError) as e:
@@ -1165,7 +1178,10 @@ def resolve_config(Config, presets, preset, given, **select):
 
 class Given(dict):
     """The Config fields given on the command line; .preset is the --preset given explicitly (else None)."""
-    preset = None
+
+    def __init__(self, items=(), preset=None):
+        super().__init__(items)
+        self.preset = preset
 
 
 def parse_cli(Config, presets, method, argv=None):
@@ -1217,10 +1233,8 @@ def parse_cli(Config, presets, method, argv=None):
         check_device(opts["device"], opts["precision"])
         opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
         return cmd, types.SimpleNamespace(**opts), Given(raw)
-    preset = raw.pop("preset", None)
-    given = Given(raw)
-    given.preset = preset
-    preset = preset or "toy"
+    given = Given(raw, raw.pop("preset", None))
+    preset = given.preset or "toy"
     if "out" in hints and "out" not in given and "out" not in presets.get(preset, {}):
         mode = given.get("mode") or presets.get(preset, {}).get("mode") or \
             getattr(Config.__dataclass_fields__.get("mode"), "default", None)
@@ -1250,10 +1264,11 @@ def merge_config(Config, base, given, log=print):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
-def resume_config(Config, ck, cfg, given, path, fixed=(), log=print):
+def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
-    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused."""
+    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
+    fields that are not config changes (the mode/stage selector)."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
@@ -1263,7 +1278,7 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), log=print):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
-                                                                if k != "resume" and k not in here}, log=log)
+                                                                if k not in ("resume", *here, *drop)}, log=log)
     for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))

@@ -573,8 +573,7 @@ def train(cfg, given, env):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["config"].get("stage") != stage:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, {k: v for k, v in given.items() if k != "stage"}, path,
-                              log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",), log=lambda m: env.is_main and print(m))
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)

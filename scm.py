@@ -430,8 +430,8 @@ def train(cfg, given, env):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         check_scm(ck, path, mode)
-        cfg = C.resume_config(Config, ck, cfg, {k: v for k, v in given.items() if k != "mode"}, path,
-                              fixed=("weighting", "diffusion_adaptive_weight"), log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("weighting", "diffusion_adaptive_weight"),
+                              drop=("mode",), log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
@@ -566,10 +566,11 @@ def run(cfg, given):
     for mode in MODES:
         mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": os.path.join(cfg.out, mode)}, mode=mode)
         mcfg.preset = cfg.preset
-        mgiven = {**given, "mode": mode}
+        mgiven = C.Given({**given, "mode": mode}, getattr(given, "preset", None))
         if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
             mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")
-            mgiven = {k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")}
+            mgiven = C.Given({k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
+                             mgiven.preset)
         train(mcfg, mgiven, env)
     if env.is_main:
         compare(cfg, env)
