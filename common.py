@@ -675,6 +675,21 @@ def derive_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") % 2 ** 63
 
 
+def check_device(device, precision=None):
+    """auto, cpu, cuda or cuda:N that exists here, a known precision; fp16 only on CUDA."""
+    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device))
+    if not m or (m.group(2) and m.group(1) != "cuda"):
+        raise UserError(f"--device {device} is not one of auto, cpu, cuda, cuda:N.")
+    if m.group(1) == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but CUDA is not available here; use --device cpu.")
+    if m.group(2) and int(m.group(2)) >= torch.cuda.device_count():
+        raise UserError(f"--device {device} does not exist here ({torch.cuda.device_count()} CUDA device(s)).")
+    if precision is not None and precision not in ("fp32", "tf32", "bf16", "fp16"):
+        raise UserError(f"--precision must be one of fp32, tf32, bf16, fp16, got '{precision}'.")
+    if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+        raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
+
+
 def setup(device="auto", seed=0, precision=None):
     """Process group under torchrun (NCCL on CUDA, gloo on CPU), device, precision flags, model-init seed."""
     check_device(device or "auto", precision)
@@ -905,6 +920,7 @@ def restore_rng(ckpt, env, generators=()):
         g.manual_seed(derive_seed(s, i))
 
 
+# ======================================================================= non-finite steps, divergence
 class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
     where the loop syncs anyway (log lines, checkpoints).
@@ -995,32 +1011,14 @@ class Guard:
             self.pending = (step, snap)
 
 
-# ============================================================================ CLI and config (spec §9)
-SAMPLE_OPTS = dict(ckpt=(str, None), steps=(list[int], [1, 2]), n=(int, None), out=(str, None), batch=(int, 256),
-                   seed=(int, 0), device=(str, "auto"), precision=(typing.Optional[str], None), ema=(bool, True),
-                   fid_ref=(typing.Optional[str], None), fid_detector=(str, "inception"), root=(str, "data"))
-SAMPLE_HELP = dict(ckpt="checkpoint to sample from", steps="step counts, one output each", n="number of samples "
-                   "(sample 64, fid 50,000)", out="sample: .npy or .png path; fid: jsonl path", batch="samples per "
-                   "batch", seed="sample i draws from seed + i", device="auto, cpu, cuda, cuda:N", precision="fp32, "
-                   "tf32, bf16, fp16", ema="use the EMA weights", fid_ref="npz with mu and sigma (else computed once "
-                   "and cached under root)", fid_detector="inception, standin or a TorchScript path", root="data sets "
-                   "and FID reference statistics")
-# Ranges by field name, shared by every Config (and SAMPLE_OPTS); a method file adds its own in a RANGES dict next to
-# its Config. ">= 1", "> 0" or an interval "[0, 1)"; for a list the rule applies to each element. Besides these,
-# every float must be finite and every int non-negative.
+# ========================================================================================= config validation
+# Ranges by field name, shared by every Config and the sample/fid options; a method file adds its own in a RANGES dict
+# beside its Config. "> 0", ">= 1" or an interval "[0, 1)"; for a list the rule applies to each element. Beyond these,
+# every float must be finite and every int non-negative. check_config runs on every config a command builds (from
+# presets and the command line, or from a checkpoint); preflight checks paths before any work.
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
               log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
               clip="> 0", steps=">= 1", n=">= 1")
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-
-
-def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Union:
-        return _tname(next(a for a in args if a is not type(None))) + "|none"
-    if origin is typing.Literal:
-        return "{" + ",".join(map(str, args)) + "}"
-    return f"{_tname(args[0])},..." if origin is list else getattr(t, "__name__", str(t))
 
 
 def _in_range(v, rule):
@@ -1059,21 +1057,6 @@ def check_value(name, typ, v, rule=None, who="--"):
     return v
 
 
-def check_device(device, precision=None):
-    """auto, cpu, cuda or cuda:N that exists here; fp16 only on CUDA."""
-    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device))
-    if not m or (m.group(2) and m.group(1) != "cuda"):
-        raise UserError(f"--device {device} is not one of auto, cpu, cuda, cuda:N.")
-    if m.group(1) == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but CUDA is not available here; use --device cpu.")
-    if m.group(2) and int(m.group(2)) >= torch.cuda.device_count():
-        raise UserError(f"--device {device} does not exist here ({torch.cuda.device_count()} CUDA device(s)).")
-    if precision is not None and precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
-    if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
-
-
 def check_config(cfg, who=lambda name: "--", device=True):
     """Every field of a Config against its type, RANGES and the method file's RANGES, the device, then cfg.check()."""
     hints = typing.get_type_hints(type(cfg))
@@ -1090,6 +1073,63 @@ def check_config(cfg, who=lambda name: "--", device=True):
         except ValueError as e:
             raise UserError(str(e)) from None
     return cfg
+
+
+def _check_dir(d, what):
+    """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
+    d = os.path.abspath(d)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"{what} '{d}' is a file, not a folder.")
+    a = d
+    while not os.path.exists(a):
+        a = os.path.dirname(a)
+    if not os.path.isdir(a):
+        raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=a))
+    except OSError as e:
+        raise UserError(f"{what} '{d}' cannot be written ({e.strerror or type(e).__name__} in '{a}').") from None
+
+
+def preflight(cmd, cfg):
+    """Before any work: output folders and files writable, input files present (the kind is checked on reading)."""
+    if cmd == "train":
+        _check_dir(cfg.out, "--out")
+        if getattr(cfg, "teacher", None) and not os.path.isfile(cfg.teacher):
+            raise UserError(f"the teacher checkpoint '{cfg.teacher}' does not exist.")
+        return
+    if not os.path.isfile(cfg.ckpt):
+        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
+    out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
+    if cmd == "sample" and not out.endswith((".npy", ".png")):
+        raise UserError(f"--out must end in .npy or .png, got '{out}'.")
+    if os.path.isdir(out):
+        raise UserError(f"--out '{out}' is a folder; give a file path.")
+    _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
+    if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
+        raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
+    if cmd == "fid" and cfg.fid_detector not in ("inception", "standin") and not os.path.isfile(cfg.fid_detector):
+        raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
+
+
+# ================================================================= command line: argparse over the Config fields
+SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may follow (applied over the checkpoint's)
+    ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
+    n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, "sample: .npy/.png; fid: .jsonl"),
+    batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
+    device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
+    ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
+    fid_detector=(str, "inception", "inception, standin or a TorchScript path"),
+    root=(str, "data", "data sets and FID reference statistics"))
+
+
+def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return _tname(next(a for a in args if a is not type(None))) + "|none"
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    return f"{_tname(args[0])},..." if origin is list else getattr(t, "__name__", str(t))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1126,11 +1166,11 @@ def _converter(name, typ):
     return conv
 
 
-def _parser(prog, specs, epilog=None):
-    """specs: (name, type, default, comment). Every option has default SUPPRESS: the namespace holds what was given."""
+def _parser(prog, options, epilog=None):
+    """options: (name, type, default, comment). Every option has default SUPPRESS: the namespace holds what was given."""
     p = _Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
                 RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
-    for name, typ, default, note in specs:
+    for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]
         p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, type=_converter(name, typ),
                        metavar=_tname(typ), nargs="?" if bare else None, const=True if bare else None,
@@ -1153,7 +1193,7 @@ def _normalise(argv):
     return out
 
 
-def _specs(Config):
+def _field_options(Config):
     src, hints = inspect.getsource(Config), typing.get_type_hints(Config)
     notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
     return [(f.name, hints[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
@@ -1161,7 +1201,7 @@ def _specs(Config):
 
 
 def resolve_config(Config, presets, preset, given, **select):
-    """Preset flat part, then its part keyed by the selected mode/stage, then the command line (§9); validated."""
+    """Preset flat part, then its part keyed by the selected mode/stage, then the command line; validated."""
     if preset not in presets:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(presets)}.")
     p = presets[preset]
@@ -1196,18 +1236,18 @@ def parse_cli(Config, presets, method, argv=None):
                 if isinstance(v, dict) else []
             if bad:
                 raise UserError(f"preset '{name}' sets unknown field(s) {bad}.")
-    fields = [s for s in _specs(Config) if s[0] != "preset" or cmd != "train"]
+    fields = [s for s in _field_options(Config) if s[0] != "preset" or cmd != "train"]
     if cmd == "train":
-        specs = [("preset", str, "toy", "one of " + ", ".join(presets) + " (fills the defaults below)"), *fields]
+        options = [("preset", str, "toy", "one of " + ", ".join(presets) + " (fills the defaults below)"), *fields]
         epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any "
                   f"field above (applied over the checkpoint's config); `python {method}.py sample --help` lists them.")
     else:
-        specs = [(k, t, d, SAMPLE_HELP[k]) for k, (t, d) in SAMPLE_OPTS.items()] + \
+        options = [(k, *v) for k, v in SAMPLE_OPTS.items()] + \
                 [s for s in fields if s[0] not in SAMPLE_OPTS]
         epilog = None
     usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
                                             "--ckpt PATH ") + "[--field value ...]"
-    parser = _parser(f"{method}.py", specs, epilog)
+    parser = _parser(f"{method}.py", options, epilog)
     parser.usage = usage
     if "--help" in argv or "-h" in argv:
         print(parser.format_help())
@@ -1217,13 +1257,13 @@ def parse_cli(Config, presets, method, argv=None):
         key = extra[0].partition("=")[0]
         if not key.startswith("--"):
             raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value.")
-        close = difflib.get_close_matches(key[2:], [s[0] for s in specs], 3)
+        close = difflib.get_close_matches(key[2:], [s[0] for s in options], 3)
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
     if cmd != "train":
-        opts = {k: raw.pop(k, d) for k, (t, d) in SAMPLE_OPTS.items()}
-        for k, (t, d) in SAMPLE_OPTS.items():
+        opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
+        for k, (t, d, _) in SAMPLE_OPTS.items():
             if opts[k] is not None:
                 check_value(k, t, opts[k], RANGES.get(k) if k != "n" or cmd == "sample" else ">= 2")
         if not opts["ckpt"]:
@@ -1283,43 +1323,6 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))
     return new
-
-
-def _check_dir(d, what):
-    """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
-    d = os.path.abspath(d)
-    if os.path.exists(d) and not os.path.isdir(d):
-        raise UserError(f"{what} '{d}' is a file, not a folder.")
-    a = d
-    while not os.path.exists(a):
-        a = os.path.dirname(a)
-    if not os.path.isdir(a):
-        raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=a))
-    except OSError as e:
-        raise UserError(f"{what} '{d}' cannot be written ({e.strerror or type(e).__name__} in '{a}').") from None
-
-
-def preflight(cmd, cfg):
-    """Before any work: output folders and files writable, input files present (the kind is checked on reading)."""
-    if cmd == "train":
-        _check_dir(cfg.out, "--out")
-        if getattr(cfg, "teacher", None) and not os.path.isfile(cfg.teacher):
-            raise UserError(f"the teacher checkpoint '{cfg.teacher}' does not exist.")
-        return
-    if not os.path.isfile(cfg.ckpt):
-        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
-    out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
-    if cmd == "sample" and not out.endswith((".npy", ".png")):
-        raise UserError(f"--out must end in .npy or .png, got '{out}'.")
-    if os.path.isdir(out):
-        raise UserError(f"--out '{out}' is a folder; give a file path.")
-    _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
-    if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
-        raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
-    if cmd == "fid" and cfg.fid_detector not in ("inception", "standin") and not os.path.isfile(cfg.fid_detector):
-        raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
 
 
 def main_guard(fn):

@@ -719,7 +719,8 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond"), log=say)
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed", "teacher_net",
+                                                                 "teacher_iters", "teacher_batch", "teacher_lr"), log=say)
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")

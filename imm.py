@@ -329,7 +329,8 @@ def train(cfg, given):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"),
+                              log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     nd = net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)

@@ -430,7 +430,7 @@ def train(cfg, given, env):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         check_scm(ck, path, mode)
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("weighting", "diffusion_adaptive_weight"),
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight"),
                               drop=("mode",), log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher, init = None, None
