@@ -1003,12 +1003,11 @@ class Guard:
         withheld, self.since = self._withheld(step, bad > 0, final), step
         if withheld:
             return
-        snap = snapshot_checkpoint(make(), self.env, generators, copy_=not final)
         if final:
-            write_checkpoint(self.path, snap, self.env)
+            save_checkpoint(self.path, make(), self.env, generators)
             self.good = step
         else:
-            self.pending = (step, snap)
+            self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
 
 
 # ========================================================================================= config validation
@@ -1092,12 +1091,10 @@ def _check_dir(d, what):
 
 
 def preflight(cmd, cfg):
-    """Before any work: output folders and files writable, input files present (the kind is checked on reading)."""
+    """Before any work: output folders and files writable, sample/fid input files present (data and teacher files are
+    checked where they are read, before training)."""
     if cmd == "train":
-        _check_dir(cfg.out, "--out")
-        if getattr(cfg, "teacher", None) and not os.path.isfile(cfg.teacher):
-            raise UserError(f"the teacher checkpoint '{cfg.teacher}' does not exist.")
-        return
+        return _check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
@@ -1239,7 +1236,7 @@ def parse_cli(Config, presets, method, argv=None):
     fields = [s for s in _field_options(Config) if s[0] != "preset" or cmd != "train"]
     if cmd == "train":
         options = [("preset", str, "toy", "one of " + ", ".join(presets) + " (fills the defaults below)"), *fields]
-        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any "
+        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any\n"
                   f"field above (applied over the checkpoint's config); `python {method}.py sample --help` lists them.")
     else:
         options = [(k, *v) for k, v in SAMPLE_OPTS.items()] + \

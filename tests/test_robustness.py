@@ -6,7 +6,7 @@ Two refusals run as real subprocesses (no warning line may precede the error).
 Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
 
     category                                              imm  scm  flow_map  rectified_flow  distributional
-    train options: ranges, types, NaN/inf, unknown, stray  12   12     12          12              12
+    train options: ranges, types, NaN/inf, unknown, stray  13   13     13          13              13
     devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
     --out below a file, equal to a file, unwritable         3    3      3           3               3
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
@@ -20,7 +20,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       file-specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           40   42     43          41              42
+    bad-input cases, all one sentence and exit 2           41   43     44          42              43
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -120,6 +120,7 @@ def train_cases(name, d):
     cases = [
         (["--iters", "-5", *out], ["--iters", "non-negative"]), (["--batch", "0", *out], ["--batch"]),
         ([lr, "nan", *out], [lr, "finite"]), ([lr, "inf", *out], [lr]), ([lr, "0", *out], [lr, "positive"]),
+        ([lr, "-1e-3", *out], [lr, "positive", "-0.001"]),  # a value that starts with '-' is still the value
         ([drop, "1.5", *out], [drop]), (["--eval_steps", "0", *out], ["--eval_steps"]),
         (["--eval_steps", "2,-1", *out], ["--eval_steps"]), (["--ckpt_every", "0", *out], ["--ckpt_every"]),
         (["--max_skips", "0", *out], ["--max_skips"]), ([lr + "x", "1e-3"], [lr + "x", "did you mean " + lr]),
@@ -179,7 +180,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=40, scm=42, flow_map=43, rectified_flow=41, distributional=42), got
+    assert got == dict(imm=41, scm=43, flow_map=44, rectified_flow=42, distributional=43), got
 
 
 @pytest.mark.parametrize("argv, words", [
