@@ -947,10 +947,11 @@ class Guard:
         ps = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if not ps:
             return
-        if id(opt) not in self._ready:
+        if id(opt) not in self._ready:  # CUDA: Adam's step counts on the device, so that a skip needs no host sync
             for g in opt.param_groups:
                 if "capturable" in g:
                     g["capturable"] = ps[0].is_cuda
+            opt._warned_capturable_if_run_uncaptured = True  # torch's note that no CUDA graph is captured: none is
             _place_steps(opt)
             self._ready.add(id(opt))
         ok = self.finite(ps) if ok is None else ok
