@@ -5,13 +5,19 @@ image folders; uint8 on the device), EMA, FID (Inception TorchScript, float64 st
 mixed-precision setup, atomic checkpoints, config parsing, logging, pictures and the toy metrics.
 No method maths lives here: preconditioning, schedules, losses and samplers stay in the method files.
 """
-import contextlib, copy, dataclasses, difflib, hashlib, inspect, json, math, os, re, sys, time, types, typing
+import argparse, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, json, math, os, re, sys, tempfile
+import time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# torch 2.14 calls TorchScript deprecated: torch.func.jvp scripts its decompositions, the Inception detector is a
+# TorchScript file; nothing here for a user to act on, and a warning must not precede an `error:` line
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 
 class UserError(Exception):
@@ -398,10 +404,31 @@ def _image_dataset(name, root, env):
     return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), 10
 
 
+@contextlib.contextmanager
+def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing may precede an `error:` line
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _read_images(spec):
     if spec.endswith(".npy"):
-        a = np.load(spec)
+        try:  # never unpickle: object arrays, pickles and text renamed .npy are refused
+            a = np.load(spec, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{spec} is not a numeric .npy array ({type(e).__name__}: object arrays, pickles and "
+                            f"other files are refused).") from None
+        if a.dtype.kind not in "biuf":
+            raise UserError(f"{spec} holds {a.dtype} values, not numbers.")
         if a.dtype != np.uint8 and a.ndim == 2 and a.shape[1] == 2:
+            if not np.isfinite(a).all():
+                raise UserError(f"{spec} contains NaN or infinite points.")
             return torch.from_numpy(a.astype(np.float32)), None
         if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3)) \
                 or a.shape[1] != a.shape[2]:
@@ -415,7 +442,12 @@ def _read_images(spec):
         raise UserError(f"no images found in folder '{spec}'.")
     imgs = []
     for f in files:
-        im = decode_image(read_file(f), mode=ImageReadMode.RGB)
+        try:
+            with warnings.catch_warnings(), _silent_fd2():  # libpng prints to fd 2 before raising
+                warnings.simplefilter("ignore")
+                im = decode_image(read_file(f), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
         if imgs and im.shape != imgs[0].shape:
             raise UserError(f"{f} has size {tuple(im.shape[1:])}, unlike {tuple(imgs[0].shape[1:])} of {files[0]}.")
         imgs.append(im)
@@ -435,6 +467,8 @@ def load_data(spec, root, env, seed, xflip):
         key = spec
     elif os.path.exists(spec):
         x, y = _read_images(spec)
+        if len(x) < 2:
+            raise UserError(f"data '{spec}' holds {len(x)} sample(s); training needs at least 2.")
         k, key = 0, "user-" + hashlib.md5(x.numpy().tobytes()).hexdigest()[:12]
         if x.dtype == torch.float32:
             m, s = x.mean(0).tolist(), x.var(0).mean().sqrt().item()  # per-coordinate RMS std
@@ -641,12 +675,26 @@ def derive_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") % 2 ** 63
 
 
+def check_device(device, precision=None):
+    """auto, cpu, cuda or cuda:N that exists here, a known precision; fp16 only on CUDA."""
+    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device))
+    if not m or (m.group(2) and m.group(1) != "cuda"):
+        raise UserError(f"--device {device} is not one of auto, cpu, cuda, cuda:N.")
+    if m.group(1) == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but CUDA is not available here; use --device cpu.")
+    if m.group(2) and int(m.group(2)) >= torch.cuda.device_count():
+        raise UserError(f"--device {device} does not exist here ({torch.cuda.device_count()} CUDA device(s)).")
+    if precision is not None and precision not in ("fp32", "tf32", "bf16", "fp16"):
+        raise UserError(f"--precision must be one of fp32, tf32, bf16, fp16, got '{precision}'.")
+    if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+        raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
+
+
 def setup(device="auto", seed=0, precision=None):
     """Process group under torchrun (NCCL on CUDA, gloo on CPU), device, precision flags, model-init seed."""
+    check_device(device or "auto", precision)
     cuda_ok = torch.cuda.is_available()
     device = ("cuda" if cuda_ok else "cpu") if device in ("auto", None) else device
-    if device.startswith("cuda") and not cuda_ok:
-        raise UserError(f"--device {device} was asked for but CUDA is not available here; use --device cpu.")
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if device.startswith("cuda"):
         device = f"cuda:{local}" if "WORLD_SIZE" in os.environ else device
@@ -655,10 +703,6 @@ def setup(device="auto", seed=0, precision=None):
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
-    if precision not in ("fp32", "tf32", "bf16", "fp16"):
-        raise UserError(f"--precision must be one of fp32, tf32, bf16, fp16, got '{precision}'.")
-    if precision == "fp16" and not device.startswith("cuda"):
-        raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
         # half the cores per process: OpenMP spin-waits collapse (measured 20-50x slower) when threads outnumber
@@ -734,7 +778,8 @@ def maybe_compile(m, on):
 
 
 # ====================================================================== checkpoints (spec §8)
-_LAYOUT = ("model", "ema", "opt", "step", "config", "net", "method", "convention", "rng")
+_LAYOUT = dict(model=dict, ema=dict, opt=dict, step=int, config=dict, net=dict, method=str, convention=str,
+               rng=(dict, type(None)))
 
 
 def _rng_states(env, generators):
@@ -742,36 +787,83 @@ def _rng_states(env, generators):
     return {"cpu": torch.get_rng_state(), "cuda": cuda, "gens": [g.get_state() for g in generators]}
 
 
-def save_checkpoint(path, ckpt, env, generators=()):
-    """Called on every rank: gathers RNG states, refuses non-finite weights, rank 0 writes atomically."""
+def _to_cpu(x):  # a copy that later optimiser steps cannot change (a checkpoint written one step later)
+    if torch.is_tensor(x):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else copy.deepcopy(x)
+
+
+def snapshot_checkpoint(ckpt, env, generators=(), copy_=False):
+    """On every rank: refuses non-finite weights, gathers each rank's RNG states; `copy_`: detached CPU copies."""
     bad = any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
               for k in ("model", "ema") for v in (ckpt.get(k) or {}).values())
-    bad = all_mean(float(bad), env).item() > 0
-    if bad:
-        raise UserError(f"weights became non-finite; not writing {path}, the last good checkpoint is kept.")
+    if all_mean(float(bad), env).item() > 0:
+        raise UserError("weights became non-finite; not writing a checkpoint, the last good one is kept.")
     states = [None] * env.world
     if env.world > 1:
         dist.all_gather_object(states, _rng_states(env, generators))
     else:
         states = [_rng_states(env, generators)]
+    snap = {**ckpt, "rng": {"world": env.world, "ranks": states}}
+    return _to_cpu(snap) if copy_ and env.is_main else snap
+
+
+def write_checkpoint(path, snap, env):
+    """Rank 0 writes atomically (.tmp, then os.replace); a failed write (disk full) removes the .tmp and keeps the
+    previous file."""
+    err = None
     if env.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({**ckpt, "rng": {"world": env.world, "ranks": states}}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        try:
+            torch.save(snap, path + ".tmp")
+        except OSError as e:
+            err = e
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+        else:
+            os.replace(path + ".tmp", path)
+    if all_mean(float(err is not None), env).item() > 0:
+        raise UserError(f"could not write '{path}' ({getattr(err, 'strerror', None) or 'failed on rank 0'}); the "
+                        f"previous checkpoint is kept.")
     barrier(env)
 
 
+def save_checkpoint(path, ckpt, env, generators=()):
+    """Called on every rank: gathers RNG states, refuses non-finite weights, rank 0 writes atomically."""
+    write_checkpoint(path, snapshot_checkpoint(ckpt, env, generators), env)
+
+
 def load_checkpoint(path):
+    """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist.")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd files (pickle protocol, ...) would precede the error
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:80]}).") from None
+        raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
+                        f"({type(e).__name__}).") from None
     missing = [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
+    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
+             or (t is int and isinstance(ck[k], bool))]
+    if wrong:
+        raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
     return ck
+
+
+def check_resume_net(saved, built, path):
+    """A resumed run keeps its network: the one built from this command line must be the checkpoint's (dropout
+    aside); else one sentence naming the first difference."""
+    diff = [k for k in sorted({*saved, *built} - {"dropout"}) if saved.get(k) != built.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"'{path}' holds a network with {k} {saved.get(k)!r} where this command line builds "
+                        f"{built.get(k)!r}; a resumed run keeps its network and data shape (use another --out).")
 
 
 def load_state_strict(module, sd):
@@ -785,6 +877,28 @@ def load_state_strict(module, sd):
         raise UserError(f"state dict does not fit the network: missing {miss[:10]}, unexpected {extra[:10]}, "
                         f"shape mismatch {shape[:10]}.")
     module.load_state_dict(sd)
+
+
+def _place_steps(opt):  # Adam's step counts: on the parameter's device when capturable (CUDA, see Guard), else CPU
+    for g in opt.param_groups:
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(p.device if g.get("capturable") or g.get("fused") else "cpu")
+
+
+def load_optimizer(opt, state):
+    """An optimiser's moments and step counts from a checkpoint, with this run's hyperparameters (lr, betas, eps,
+    weight decay as built from the config): a changed --lr takes effect on resume instead of the saved one."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, IndexError) as e:
+        raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters "
+                        f"({type(e).__name__}).") from None
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+    _place_steps(opt)
 
 
 def restore_rng(ckpt, env, generators=()):
@@ -806,79 +920,286 @@ def restore_rng(ckpt, env, generators=()):
         g.manual_seed(derive_seed(s, i))
 
 
-# ============================================================================ CLI and config (spec §9)
-SAMPLE_OPTS = dict(ckpt=(str, None), steps=(list[int], [1, 2]), n=(int, None), out=(str, None), batch=(int, 256),
-                   seed=(int, 0), device=(str, "auto"), precision=(typing.Optional[str], None), ema=(bool, True),
-                   fid_ref=(typing.Optional[str], None), fid_detector=(str, "inception"), root=(str, "data"))
+# ======================================================================= non-finite steps, divergence
+class Guard:
+    """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
+    where the loop syncs anyway (log lines, checkpoints).
+
+    step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped: parameters, moments and
+    step counts are put back by torch.where on a device flag (Adam's step counts are moved onto the device on CUDA
+    for this). Skipped steps are logged (`skipped`, since the last line); `max_skips` in a row stop the run in one
+    sentence, checked at log lines and checkpoints. end_step(*losses), once per iteration: a non-finite loss since
+    the previous checkpoint, or in the step right after it (its loss at the checkpoint's weights), withholds that
+    checkpoint; training goes on and the next clean one is written, but a withheld final checkpoint ends the run."""
+
+    def __init__(self, env, max_skips, log, path, start_step=None):
+        self.env, self.max_skips, self.log, self.path = env, max_skips, log, path
+        z = lambda dt: torch.zeros((), dtype=dt, device=env.device)
+        self.now, self.bad, self.run, self.count = z(torch.bool), z(torch.bool), z(torch.int64), z(torch.int64)
+        self.pending, self.good, self.since, self._ready = None, start_step, start_step or 0, set()
+        log.guard = self
+
+    def finite(self, params):
+        """Device flag: all gradients of `params` finite."""
+        return torch.isfinite(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], math.inf))
+
+    def step(self, opt, scaler=None, ok=None):
+        ps = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not ps:
+            return
+        if id(opt) not in self._ready:  # CUDA: Adam's step counts on the device, so that a skip needs no host sync
+            for g in opt.param_groups:
+                if "capturable" in g:
+                    g["capturable"] = ps[0].is_cuda
+            opt._warned_capturable_if_run_uncaptured = True  # torch's note that no CUDA graph is captured: none is
+            _place_steps(opt)
+            self._ready.add(id(opt))
+        ok = self.finite(ps) if ok is None else ok
+        keep = [(t, t.detach().clone()) for p in ps for t in [p, *opt.state.get(p, {}).values()] if torch.is_tensor(t)]
+        known = {id(t) for t, _ in keep}
+        scaler.step(opt) if scaler is not None else opt.step()
+        with torch.no_grad():
+            for t, old in keep:
+                t.copy_(torch.where(ok.to(t.device), t, old))
+            for t in [v for p in ps for v in opt.state[p].values() if torch.is_tensor(v) and id(v) not in known]:
+                t.copy_(torch.where(ok.to(t.device), t, torch.zeros_like(t)))  # state created by this step
+        self.now |= ~ok
+
+    def end_step(self, *losses):
+        for L in losses:
+            self.bad |= ~torch.isfinite(torch.as_tensor(L, device=self.env.device)).all()
+        self.run = torch.where(self.now, self.run + 1, torch.zeros_like(self.run))
+        self.count += self.now
+        self.now.zero_()
+        if self.pending is not None:  # the loss right after the checkpoint is in: write it or withhold it
+            step, snap = self.pending
+            self.pending = None
+            if not self._withheld(step, all_mean(self.bad.float(), self.env).item() > 0, False, reset=False):
+                write_checkpoint(self.path, snap, self.env)
+                self.good = step
+
+    def check_run(self, step, run):
+        if run >= self.max_skips:
+            kept = f"the last good checkpoint (step {self.good}) is kept" if self.good is not None else \
+                "no checkpoint was written"
+            raise UserError(f"{int(run)} optimiser steps in a row had non-finite gradients (--max_skips "
+                            f"{self.max_skips}); stopping at step {step}, {kept}.")
+
+    def _withheld(self, step, bad, final, reset=True):
+        if reset:
+            self.bad.zero_()
+        if not bad:
+            return False
+        kept = f"the last good one (step {self.good}) is kept" if self.good is not None else "none was written"
+        if final:
+            raise UserError(f"the loss became NaN/inf after step {self.since}; not writing the final checkpoint, "
+                            f"{kept}.")
+        self.log.info(f"checkpoint of step {step} withheld: the loss became NaN/inf after step {self.since}; {kept}")
+        return True
+
+    def checkpoint(self, step, final, make, generators=()):
+        """At a checkpoint step: make() -> the checkpoint dict. Final: written now; else after the next step's loss."""
+        bad, run = all_mean(torch.stack([self.bad.float(), self.run.float()]), self.env).tolist()
+        self.check_run(step, run)
+        withheld, self.since = self._withheld(step, bad > 0, final), step
+        if withheld:
+            return
+        if final:
+            save_checkpoint(self.path, make(), self.env, generators)
+            self.good = step
+        else:
+            self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
 
 
-def _convert(name, typ, s):
-    """Parse a command-line string by the dataclass type hint."""
+# ========================================================================================= config validation
+# Ranges by field name, shared by every Config and the sample/fid options; a method file adds its own in a RANGES dict
+# beside its Config. "> 0", ">= 1" or an interval "[0, 1)"; for a list the rule applies to each element. Beyond these,
+# every float must be finite and every int non-negative. check_config runs on every config a command builds (from
+# presets and the command line, or from a checkpoint); preflight checks paths before any work.
+RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
+              log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
+              clip="> 0", steps=">= 1", n=">= 1")
+
+
+def _in_range(v, rule):
+    if rule[0] in "[(":
+        lo, hi = (float(s) for s in rule[1:-1].split(","))
+        return (lo <= v if rule[0] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+    op, x = rule.split()
+    return {">=": v >= float(x), ">": v > float(x), "<=": v <= float(x), "<": v < float(x)}[op]
+
+
+def check_value(name, typ, v, rule=None, who="--"):
+    """One value against its type hint and range rule: a UserError naming the field, else the value."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin is typing.Union:
-        if s.lower() == "none":
-            return None
-        typ = next(a for a in args if a is not type(None))
-        return _convert(name, typ, s)
+        return None if v is None else check_value(name, next(a for a in args if a is not type(None)), v, rule, who)
+    bad = lambda what: UserError(f"{who}{name} must be {what}, got {v!r}.")
     if origin is typing.Literal:
-        if s not in map(str, args):
-            raise UserError(f"--{name} expects one of {', '.join(map(str, args))}, got '{s}'.")
-        return next(a for a in args if str(a) == s)
-    if origin is list:
-        return [_convert(name, args[0], p) for p in s.split(",") if p != ""]
+        if v not in args:
+            raise bad("one of " + ", ".join(map(str, args)))
+    elif origin is list:
+        if not isinstance(v, (list, tuple)):
+            raise bad("a comma-separated list")
+        return [check_value(name, args[0], x, rule, who) for x in v]
+    elif typ is bool or typ is str:
+        if not isinstance(v, typ):
+            raise bad("true or false" if typ is bool else "a string")
+    elif typ in (int, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int):
+            raise bad("an integer" if typ is int else "a number")
+        if typ is float and not math.isfinite(v):
+            raise bad("a finite number")
+        if not _in_range(v, rule or (">= 0" if typ is int else "> -inf")):
+            rule = rule or ">= 0"
+            raise bad({"> 0": "positive", ">= 0": "non-negative"}.get(rule, f"in {rule}" if rule[0] in "[(" else
+                                                                     rule.replace(">=", "at least")))
+    return v
+
+
+def check_config(cfg, who=lambda name: "--", device=True):
+    """Every field of a Config against its type, RANGES and the method file's RANGES, the device, then cfg.check()."""
+    hints = typing.get_type_hints(type(cfg))
+    rules = {**RANGES, **getattr(sys.modules.get(type(cfg).__module__), "RANGES", {})}
+    for f in dataclasses.fields(cfg):
+        check_value(f.name, hints[f.name], getattr(cfg, f.name), rules.get(f.name), who(f.name))
+    if getattr(cfg, "fid_every", 0) and getattr(cfg, "fid_n", 2) < 2:
+        raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
+    if device and hasattr(cfg, "device"):
+        check_device(cfg.device, getattr(cfg, "precision", None))
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return cfg
+
+
+def _check_dir(d, what):
+    """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
+    d = os.path.abspath(d)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"{what} '{d}' is a file, not a folder.")
+    a = d
+    while not os.path.exists(a):
+        a = os.path.dirname(a)
+    if not os.path.isdir(a):
+        raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")
     try:
-        if typ is bool:
-            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-        if typ is int:
-            f = float(s)
-            if not f.is_integer():
-                raise ValueError
-            return int(s) if s.lstrip("-").isdigit() else int(f)
-        return typ(s)
-    except (KeyError, ValueError):
-        raise UserError(f"--{name} expects {getattr(typ, '__name__', typ)}, got '{s}'.") from None
+        os.rmdir(tempfile.mkdtemp(dir=a))
+    except OSError as e:
+        raise UserError(f"{what} '{d}' cannot be written ({e.strerror or type(e).__name__} in '{a}').") from None
 
 
-def _split_argv(argv):
-    raw, i = {}, 0
+def preflight(cmd, cfg):
+    """Before any work: output folders and files writable, sample/fid input files present (data and teacher files are
+    checked where they are read, before training)."""
+    if cmd == "train":
+        return _check_dir(cfg.out, "--out")
+    if not os.path.isfile(cfg.ckpt):
+        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
+    out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
+    if cmd == "sample" and not out.endswith((".npy", ".png")):
+        raise UserError(f"--out must end in .npy or .png, got '{out}'.")
+    if os.path.isdir(out):
+        raise UserError(f"--out '{out}' is a folder; give a file path.")
+    _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
+    if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
+        raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
+    if cmd == "fid" and cfg.fid_detector not in ("inception", "standin") and not os.path.isfile(cfg.fid_detector):
+        raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
+
+
+# ================================================================= command line: argparse over the Config fields
+SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may follow (applied over the checkpoint's)
+    ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
+    n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, "sample: .npy/.png; fid: .jsonl"),
+    batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
+    device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
+    ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
+    fid_detector=(str, "inception", "inception, standin or a TorchScript path"),
+    root=(str, "data", "data sets and FID reference statistics"))
+
+
+def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return _tname(next(a for a in args if a is not type(None))) + "|none"
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    return f"{_tname(args[0])},..." if origin is list else getattr(t, "__name__", str(t))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own messages as one sentence, no usage dump
+        raise UserError(re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1: ", message).rstrip(".") + ".")
+
+
+def _converter(name, typ):
+    """str -> value by the dataclass type hint (none, Literal choices, comma lists, bool words, 1e4 as int)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union:
+        inner = _converter(name, next(a for a in args if a is not type(None)))
+        return lambda s: None if s.lower() == "none" else inner(s)
+    if origin is typing.Literal:
+        def lit(s):
+            if s not in map(str, args):
+                raise UserError(f"--{name} expects one of {', '.join(map(str, args))}, got '{s}'.")
+            return next(a for a in args if str(a) == s)
+        return lit
+    if origin is list:
+        return lambda s: [_converter(name, args[0])(p) for p in s.split(",") if p != ""]
+
+    def conv(s):
+        try:
+            if typ is bool:
+                return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+            if typ is int:
+                if not float(s).is_integer():
+                    raise ValueError
+                return int(s) if s.lstrip("-").isdigit() else int(float(s))
+            return typ(s)
+        except (KeyError, ValueError, OverflowError):
+            raise UserError(f"--{name} expects {_tname(typ)}, got '{s}'.") from None
+    return conv
+
+
+def _parser(prog, options, epilog=None):
+    """options: (name, type, default, comment). Every option has default SUPPRESS: the namespace holds what was given."""
+    p = _Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
+                RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
+    for name, typ, default, note in options:
+        bare = typ is bool or typ == typing.Optional[bool]
+        p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, type=_converter(name, typ),
+                       metavar=_tname(typ), nargs="?" if bare else None, const=True if bare else None,
+                       help=f"{note} (default {default!r})".replace("%", "%%"))
+    return p
+
+
+def _normalise(argv):
+    """--a-b -> --a_b; '--key value' -> '--key=value' (values may start with '-', e.g. --lr -1e-3); bare flags stay."""
+    out, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if not a.startswith("--"):
-            raise UserError(f"unexpected argument '{a}'; options look like --field value.")
-        key, val = (a[2:].split("=", 1) + [None])[:2]
-        if val is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            val, i = argv[i + 1], i + 1
-        raw[key.replace("-", "_")], i = val, i + 1
-    return raw
+        if a.startswith("--"):
+            k, eq, v = a.partition("=")
+            a = k.replace("-", "_").replace("__", "--", 1) + eq + v
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                a, i = f"{a}={argv[i + 1]}", i + 1
+        out.append(a)
+        i += 1
+    return out
 
 
-def _typed(name, hints, val):
-    if name not in hints:
-        close = difflib.get_close_matches(name, hints, 3)
-        raise UserError(f"unknown option --{name}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
-                                                      if close else "."))
-    if val is None:
-        if hints[name] is not bool:
-            raise UserError(f"--{name} needs a value.")
-        return True
-    return _convert(name, hints[name], val)
-
-
-def _help(Config, method, presets):
+def _field_options(Config):
     src, hints = inspect.getsource(Config), typing.get_type_hints(Config)
     notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
-    lines = [f"usage: python {method}.py [train|sample|fid] [--preset {'|'.join(presets)}] [--field value ...]",
-             "fields (type, default):"]
-    for f in dataclasses.fields(Config):
-        t = re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(hints[f.name]))
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name:<16} {t:<14} {default!r:<14} {notes.get(f.name, '')}")
-    lines.append("sample/fid options: " + " ".join(f"--{k}" for k in SAMPLE_OPTS) + " plus any field above.")
-    return "\n".join(lines)
+    return [(f.name, hints[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
+             notes.get(f.name, "")) for f in dataclasses.fields(Config)]
 
 
 def resolve_config(Config, presets, preset, given, **select):
-    """Preset flat part, then its part keyed by the selected mode/stage, then the command line (§9)."""
+    """Preset flat part, then its part keyed by the selected mode/stage, then the command line; validated."""
     if preset not in presets:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(presets)}.")
     p = presets[preset]
@@ -890,18 +1211,20 @@ def resolve_config(Config, presets, preset, given, **select):
             values.update(p.get(val, {}))
             values[sel] = val
     values.update({k: v for k, v in given.items() if k not in select})
-    cfg = Config(**values)
-    if hasattr(cfg, "check"):
-        try:
-            cfg.check()
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    return cfg
+    return check_config(Config(**values))
+
+
+class Given(dict):
+    """The Config fields given on the command line; .preset is the --preset given explicitly (else None)."""
+
+    def __init__(self, items=(), preset=None):
+        super().__init__(items)
+        self.preset = preset
 
 
 def parse_cli(Config, presets, method, argv=None):
     """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and
-    `given` holds Config fields to apply over the checkpoint's config (merge_config)."""
+    `given` holds Config fields to apply over the checkpoint's config (merge_config). Bad input: UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
     hints = typing.get_type_hints(Config)
@@ -911,32 +1234,60 @@ def parse_cli(Config, presets, method, argv=None):
                 if isinstance(v, dict) else []
             if bad:
                 raise UserError(f"preset '{name}' sets unknown field(s) {bad}.")
+    fields = [s for s in _field_options(Config) if s[0] != "preset" or cmd != "train"]
+    if cmd == "train":
+        options = [("preset", str, "toy", "one of " + ", ".join(presets) + " (fills the defaults below)"), *fields]
+        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any\n"
+                  f"field above (applied over the checkpoint's config); `python {method}.py sample --help` lists them.")
+    else:
+        options = [(k, *v) for k, v in SAMPLE_OPTS.items()] + \
+                [s for s in fields if s[0] not in SAMPLE_OPTS]
+        epilog = None
+    usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
+                                            "--ckpt PATH ") + "[--field value ...]"
+    parser = _parser(f"{method}.py", options, epilog)
+    parser.usage = usage
     if "--help" in argv or "-h" in argv:
-        print(_help(Config, method, presets))
+        print(parser.format_help())
         sys.exit(0)
-    raw = _split_argv(argv)
+    ns, extra = parser.parse_known_args(_normalise(argv))
+    if extra:
+        key = extra[0].partition("=")[0]
+        if not key.startswith("--"):
+            raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value.")
+        close = difflib.get_close_matches(key[2:], [s[0] for s in options], 3)
+        raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
+                                                   if close else "."))
+    raw = vars(ns)
     if cmd != "train":
-        opts = {k: d for k, (t, d) in SAMPLE_OPTS.items()}
-        for k in [k for k in raw if k in SAMPLE_OPTS]:
-            opts[k] = _typed(k, {k: SAMPLE_OPTS[k][0]}, raw.pop(k))
+        opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
+        for k, (t, d, _) in SAMPLE_OPTS.items():
+            if opts[k] is not None:
+                check_value(k, t, opts[k], RANGES.get(k) if k != "n" or cmd == "sample" else ">= 2")
         if not opts["ckpt"]:
             raise UserError(f"{cmd} needs --ckpt PATH.")
+        if not opts["steps"]:
+            raise UserError("--steps needs at least one step count, e.g. --steps 1,2.")
+        check_device(opts["device"], opts["precision"])
         opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
-        return cmd, types.SimpleNamespace(**opts), {k: _typed(k, hints, v) for k, v in raw.items()}
-    preset = raw.pop("preset", None) or "toy"
-    given = {k: _typed(k, hints, v) for k, v in raw.items()}
+        return cmd, types.SimpleNamespace(**opts), Given(raw)
+    given = Given(raw, raw.pop("preset", None))
+    preset = given.preset or "toy"
     if "out" in hints and "out" not in given and "out" not in presets.get(preset, {}):
         mode = given.get("mode") or presets.get(preset, {}).get("mode") or \
             getattr(Config.__dataclass_fields__.get("mode"), "default", None)
-        given = {**given, "out": f"runs/{method}-{mode}-{preset}" if "mode" in hints else f"runs/{method}-{preset}"}
-    cfg = resolve_config(Config, presets, preset, given)
+        given_out = f"runs/{method}-{mode}-{preset}" if "mode" in hints else f"runs/{method}-{preset}"
+        cfg = resolve_config(Config, presets, preset, {**given, "out": given_out})
+    else:
+        cfg = resolve_config(Config, presets, preset, given)
     if "preset" in hints:
         cfg.preset = preset
-    return cmd, cfg, {k: v for k, v in given.items() if k in raw}
+    return cmd, cfg, given
 
 
 def merge_config(Config, base, given, log=print):
-    """Config from a checkpoint's `config` dict with the command-line fields `given` on top (resume, sample)."""
+    """Config from a checkpoint's `config` dict with the command-line fields `given` on top (resume, sample);
+    validated, a bad checkpoint value named as the checkpoint's."""
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = set(base) - names
     if unknown:
@@ -944,17 +1295,46 @@ def merge_config(Config, base, given, log=print):
     for k, v in given.items():
         if k in base and base[k] != v:
             log(f"config: {k} = {v!r} (checkpoint had {base[k]!r})")
-    return Config(**{**base, **given})
+    try:
+        cfg = Config(**{**base, **given})
+    except TypeError as e:
+        raise UserError(f"checkpoint config does not fit this file's Config ({e}).") from None
+    return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
+
+
+def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
+    """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
+    compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
+    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
+    fields that are not config changes (the mode/stage selector)."""
+    base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
+    if preset is not None and base.get("preset", preset) != preset:
+        raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
+                        f"single fields, or use another --out for --preset {preset}).")
+    for k in ("seed", *fixed):
+        if k in given and given[k] != base.get(k):
+            raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
+                            f"another --out for --{k} {given[k]}).")
+    new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
+                                                                if k not in ("resume", *here, *drop)}, log=log)
+    for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
+        if hasattr(cfg, k):
+            setattr(new, k, getattr(cfg, k))
+    return new
 
 
 def main_guard(fn):
-    """Run fn(); UserError -> 'error: ...' and exit 2, Ctrl-C -> 130; always tear the process group down."""
+    """Run fn(); UserError -> 'error: ...' and exit 2 (a full disk too), Ctrl-C -> 130; always tear the process
+    group down."""
     code = 0
     try:
         fn()
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            msg = str(e) if isinstance(e, UserError) else f"{e.strerror} while writing '{e.filename}'."
+            print(f"error: {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
@@ -967,10 +1347,12 @@ def main_guard(fn):
 
 # ================================================================================== logging (spec §9)
 class Logger:
-    """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy)."""
+    """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy). With a
+    Guard attached, each line also holds `skipped` (optimiser steps skipped since the previous line), a NaN loss is
+    logged as such, and the Guard decides when to stop; without one a non-finite value stops the run."""
 
     def __init__(self, out, env, total_steps, global_batch, config=None, start_step=0):
-        self.out, self.env, self.total, self.gb = out, env, total_steps, global_batch
+        self.out, self.env, self.total, self.gb, self.guard = out, env, total_steps, global_batch, None
         self.t_last, self.s_last = time.time(), start_step  # rates count from here (includes warm-up)
         if env.is_main:
             os.makedirs(out, exist_ok=True)
@@ -983,12 +1365,16 @@ class Logger:
             print(msg, flush=True)
 
     def log(self, step, **scalars):
+        g = self.guard
+        if g is not None:
+            scalars = {**scalars, "skipped": g.count, "_run": g.run}
         v = torch.stack([torch.as_tensor(x, device=self.env.device, dtype=torch.float32).detach().reshape(())
                          for x in scalars.values()])
         v = all_mean(v, self.env).tolist()  # the host transfer of this logging step
         vals = dict(zip(scalars, v))
+        run = vals.pop("_run", 0)
         for k, x in vals.items():
-            if not math.isfinite(x):
+            if not math.isfinite(x) and g is None:
                 raise UserError(f"{k} became NaN/inf at step {step}; last checkpoint kept.")
         now = time.time()
         rate = (step - self.s_last) * self.gb / max(now - self.t_last, 1e-9)
@@ -998,9 +1384,12 @@ class Logger:
             rec = dict(step=step, kimg=step * self.gb / 1000, time=now, img_per_s=rate, eta_s=eta, **vals)
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            body = " | ".join(f"{k} {x:.4g}" for k, x in vals.items())
+            body = " | ".join(f"{k} {x:.4g}" for k, x in vals.items() if k != "skipped" or x)
             print(f"step {step}/{self.total} | {body} | {rate:,.0f} img/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s",
                   flush=True)
+        if g is not None:
+            g.count.zero_()
+            g.check_run(step, run)
         return vals
 
 

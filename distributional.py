@@ -87,6 +87,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never); also at step 0
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    max_skips: int = 100  # stop after this many iterations in a row with a skipped (non-finite gradient) G/D step
 
     def check(self):
         if self.batch < 1 or self.iters < 0 or self.r1_interval < 1 or self.teacher_iters < 0:
@@ -101,6 +102,9 @@ class Config:
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
+
+RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0, 1)", lr_g="> 0", lr_d="> 0",
+              teacher_lr="> 0", ema_halflife_img=">= 0")  # beside common.RANGES
 
 R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013, vgg=0.013)  # (11), §3.3: gamma in the batch-mean convention
 
@@ -656,16 +660,16 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
 
 
 # ====================================================================================== training
-def _sanitize(params):
-    """Non-finite gradient entries -> 0 / +-1e5 (as GDD and the StyleGAN code); NaN losses are caught by the log."""
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+def _step(opt, guard):
+    """Adam step; with a common.Guard (training) a step with non-finite gradients is skipped and counted. GDD's code
+    (StyleGAN2-ADA training_loop.py) instead zeroes non-finite gradient entries (nan_to_num) and steps; the skip keeps
+    a NaN out of Adam's moments and is what the other files do."""
+    guard.step(opt) if guard is not None else opt.step()
 
 
-def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp):
+def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, guard=None):
     """G step (1), (4): fresh z; D's trainable tensors flagged off (the stored list, so a frozen backbone stays frozen),
-    so L_G reaches G through D but updates no D tensor; gradients sanitised and averaged over ranks; Adam step."""
+    so L_G reaches G through D but updates no D tensor; gradients averaged over ranks; Adam step (see _step)."""
     for p in d_params:
         p.requires_grad_(False)
     with amp():
@@ -675,12 +679,12 @@ def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp):
     L_G.backward()
     for p in d_params:
         p.requires_grad_(True)
-    _sanitize(g_params), C.sync_grads(C.unwrap(gen_model), env)
-    opt_g.step()
+    C.sync_grads(C.unwrap(gen_model), env)
+    _step(opt_g, guard)
     return L_G.detach()
 
 
-def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp):
+def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp, guard=None):
     """D step (3): fresh z', fakes made under no_grad (constants; pitfall 11); real and fake through D in separate
     passes (pitfall 8); fake labels = the real batch's labels."""
     with torch.no_grad(), amp():
@@ -689,18 +693,18 @@ def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp):
     L_D = d_loss(real_logits, fake_logits, loss)
     opt_d.zero_grad(set_to_none=True)
     L_D.backward()
-    _sanitize(d_params), C.sync_grads(D, env)
-    opt_d.step()
+    C.sync_grads(D, env)
+    _step(opt_d, guard)
     return L_D.detach(), real_logits.detach(), fake_logits.detach()
 
 
-def r1_step(D, d_params, opt_d, x, y, gamma, r, env):
+def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
     """Lazy R1 (5)-(6): one extra D update on r * R1 on the real batch (D only; G is not involved)."""
     R1 = r1_penalty(D, x, y, gamma)
     opt_d.zero_grad(set_to_none=True)
     (r * R1).backward()
-    _sanitize(d_params), C.sync_grads(D, env)
-    opt_d.step()
+    C.sync_grads(D, env)
+    _step(opt_d, guard)
     return R1.detach()
 
 
@@ -713,14 +717,10 @@ def train(cfg, given):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
-        for k in ("freeze", "disc", "cond"):
-            if k in given and given[k] != ck["config"][k]:
-                raise C.UserError(f"'{path}' was trained with --{k} {ck['config'][k]}; use another --out for "
-                                  f"--{k} {given[k]}.")
         if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
-        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
-                             {k: v for k, v in given.items() if k != "resume"}, log=say)
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed", "teacher_net",
+                                                                 "teacher_iters", "teacher_batch", "teacher_lr"), log=say)
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")
@@ -758,8 +758,8 @@ def train(cfg, given):
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
-        load_disc_state(D, ck["disc"])
-        opt_g.load_state_dict(ck["opt"]["g"]), opt_d.load_state_dict(ck["opt"]["d"])
+        load_disc_state(D, ck["disc"])  # Adam moments from the checkpoint, lr and betas from this run's config
+        C.load_optimizer(opt_g, ck["opt"]["g"]), C.load_optimizer(opt_d, ck["opt"]["d"])
         C.restore_rng(ck, env, gens)
     step = ck["step"] if ck else 0
     gamma = cfg.r1_gamma if cfg.r1_gamma is not None else R1_DEFAULT[cfg.disc]
@@ -788,42 +788,39 @@ def train(cfg, given):
         if fid:
             fid(0, fid_gen())
 
-    def save():
-        if bool(bad):  # a NaN/inf loss since the last log line: keep the last good checkpoint
-            raise C.UserError(f"the loss became NaN/inf before step {step}; last checkpoint kept.")
-        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(),
-                                     opt=dict(g=opt_g.state_dict(), d=opt_d.state_dict()), step=step,
-                                     config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION,
-                                     disc=disc_state(D), t_g=t_g,
-                                     teacher=dict(path=tpath, step=tck["step"], method=tck["method"],
-                                                  convention=tck["convention"])), env, gens)
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+
+    def state():
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(),
+                    opt=dict(g=opt_g.state_dict(), d=opt_d.state_dict()), step=step, config=dataclasses.asdict(cfg),
+                    net=nd, method=METHOD, convention=CONVENTION, disc=disc_state(D), t_g=t_g,
+                    teacher=dict(path=tpath, step=tck["step"], method=tck["method"], convention=tck["convention"]))
 
     amp = lambda: C.autocast(env)
-    bad = torch.zeros((), dtype=torch.bool, device=env.device)
     r1 = torch.zeros((), device=env.device)
     while step < cfg.iters:
         x, y = data.batch(per_rank, step, env.rank, env.world)
         y = y if cfg.cond else None  # fake labels = the real batch's labels (pitfall 17)
         # ---------------------------------------------------------------- the method: one G / D / R1 step
-        L_G = g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, cfg.loss, env, amp)
-        L_D, real_logits, fake_logits = d_step(gen_model, D, d_params, opt_d, x, y, t_g, cfg.loss, env, amp)
+        L_G = g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, cfg.loss, env, amp, guard)
+        L_D, real_logits, fake_logits = d_step(gen_model, D, d_params, opt_d, x, y, t_g, cfg.loss, env, amp, guard)
         if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:  # lazy R1 (6) at steps r, 2r, ... (not 0)
-            r1 = r1_step(D, d_params, opt_d, x, y, gamma, cfg.r1_interval, env)
+            r1 = r1_step(D, d_params, opt_d, x, y, gamma, cfg.r1_interval, env, guard)
         ema.update(raw, step * cfg.batch, cfg.batch)  # (8)
         # --------------------------------------------------------------------------------------------------
-        bad = bad | ~torch.isfinite(L_G) | ~torch.isfinite(L_D) | ~torch.isfinite(r1)
+        guard.end_step(L_G, L_D, r1)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.iters:
             log.log(step, L_D=L_D, L_G=L_G, R1=r1, D_real=torch.sigmoid(real_logits.float()).mean(),
                     D_fake=torch.sigmoid(fake_logits.float()).mean())
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            save()
+            guard.checkpoint(step, step == cfg.iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         if fid and (step % cfg.fid_every == 0 or step == cfg.iters):  # FID-10k proxy every fid_every and at the end
             fid(step, fid_gen())
     if ck is None and cfg.iters == 0:
-        save()
+        guard.checkpoint(step, True, state, gens)
     if env.is_main and step > 0:
         m = evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
@@ -874,6 +871,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

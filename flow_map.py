@@ -100,6 +100,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
         if self.mode in ("lmd", "emd") and not self.teacher:
@@ -119,6 +120,9 @@ class Config:
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
+
+RANGES = dict(width=">= 1", depth=">= 1", time_channels=">= 4", diag_frac="[0, 1]", sigma0="> 0",
+              adaptive_c="> 0", lr_ref=">= 1")  # beside common.RANGES
 
 _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=False))
 PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
@@ -507,8 +511,8 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
-        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
-                             {k: v for k, v in given.items() if k != "resume"}, log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"),
+                              log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher_b, teacher_std = None, None
     if cfg.mode in ("lmd", "emd"):
@@ -520,6 +524,7 @@ def train(cfg, given):
     raw = jvp_safe(C.build_net(nd)).to(env.device)
     head = C.WeightHead(num_times=2, channels=128).to(env.device) if cfg.learned_weight else None
     if ck:
+        C.check_resume_net(ck["net"], nd, path)
         C.load_state_strict(raw, ck["model"])
         if head is not None:
             C.load_state_strict(head, ck["weight_head"])
@@ -531,7 +536,7 @@ def train(cfg, given):
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr from this run's config
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.restore_rng(ck, env, gens)
@@ -551,12 +556,12 @@ def train(cfg, given):
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
         if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
-    def save():
+    def state():
         extra = dict(weight_head=head.state_dict()) if head is not None else {}
-        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
-                                     convention=conv, **extra), env, gens)
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=conv, **extra)
 
     scaler = C.make_scaler(env)
     raw.train()
@@ -581,23 +586,25 @@ def train(cfg, given):
         if head is not None:
             C.sync_grads(head, env)
         scaler.unscale_(opt)
+        ok = guard.finite(params)  # before clipping
         if cfg.clip:
             nn.utils.clip_grad_norm_(params, cfg.clip)
-        scaler.step(opt)
+        guard.step(opt, scaler, ok)  # skipped (weights and Adam state unchanged) if a gradient is not finite
         scaler.update()
         ema.update(raw, step * cfg.batch, cfg.batch)
+        guard.end_step(stats[0])
         step += 1
         if step % cfg.log_every == 0 or step == cfg.iters:
             log.log(step, loss=stats[0], loss_diag=stats[1], loss_off=stats[2])
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            save()
+            guard.checkpoint(step, step == cfg.iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint (pitfall 13)
             shape = sample_shape(ema.model.config)
             fid(step, {f"{N} steps": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
     if ck is None and cfg.iters == 0:
-        save()
+        guard.checkpoint(step, True, state, gens)
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
@@ -643,6 +650,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -81,6 +81,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
         if self.teacher:
@@ -94,6 +95,8 @@ class Config:
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
+
+RANGES = dict(M=">= 1", k=">= 1", min_gap="[0, 1)", eta_mid="> 0", sigma_d="> 0")  # beside common.RANGES
 
 PRESETS = {  # spec §5; cifar10 = IMM Table 5
     # toy: spec §8 recipe shortened to 2,000 steps with EMA 0.995 (a horizon matched to the budget) so that
@@ -326,12 +329,13 @@ def train(cfg, given):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
-        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
-                             {k: v for k, v in given.items() if k != "resume"}, log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"),
+                              log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     nd = net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
     if ck:
+        C.check_resume_net(ck["net"], nd, path)
         C.load_state_strict(raw, ck["model"])
     model = C.distribute(C.maybe_compile(raw, cfg.compile), env)
     ema = C.EMA(raw, decay=cfg.ema)
@@ -339,7 +343,7 @@ def train(cfg, given):
     opt = opt_cls(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr and betas from this run's config
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.restore_rng(ck, env, gens)
@@ -360,11 +364,11 @@ def train(cfg, given):
              f"{env.precision} | params {sum(p.numel() for p in raw.parameters()):,} | k {cfg.k} "
              f"(delta eta {delta_eta(cfg):.4g}) | min_gap {min_gap:g} | step {step}/{cfg.iters}")
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
-    def save():
-        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
-                                     convention=CONVENTION), env, gens)
+    def state():
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = C.make_scaler(env)
@@ -382,20 +386,22 @@ def train(cfg, given):
                 scaler.scale(L / cfg.accum).backward()
                 # ----------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), mmd, frac]) / cfg.accum
-        scaler.step(opt)
+        scaler.unscale_(opt)
+        guard.step(opt, scaler)  # skipped (weights and Adam state unchanged) if a gradient is not finite
         scaler.update()
         ema.update(raw, step * cfg.batch, cfg.batch)
+        guard.end_step(stats[0])
         step += 1
         if step % cfg.log_every == 0 or step == cfg.iters:
             log.log(step, loss=stats[0], mmd2=stats[1], r_eq_s=stats[2])
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            save()
+            guard.checkpoint(step, step == cfg.iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:
             fid(step, {f"{N} steps": generator(ema.model, cfg, sample_shape(ema.model.config), N, env) for N in (1, 2)})
     if ck is None and cfg.iters == 0:
-        save()
+        guard.checkpoint(step, True, state, gens)
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
@@ -438,6 +444,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -103,6 +103,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
         if self.batch < 1 or self.iters < 0 or self.accum < 1:
@@ -121,6 +122,10 @@ class Config:
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
+
+RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1", pair_batch=">= 1",
+              pair_steps=">= 1", a="> 0", huber_c="> 0", lpips_res=">= 16", ft_n=">= 1", inv_steps=">= 1",
+              straight_k=">= 1")  # beside common.RANGES
 
 PRESETS = {  # flat fields, then per-stage parts (common.md §9)
     "toy": dict(data="8gaussians", net="mlp", batch=512, ckpt_every=500, eval_n=4000, straight_k=100,
@@ -568,9 +573,7 @@ def train(cfg, given, env):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["config"].get("stage") != stage:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
-        base = {**ck["config"], "preset": cfg.preset}
-        cfg = C.merge_config(Config, base, {k: v for k, v in given.items() if k not in ("stage", "resume")},
-                             log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",), log=lambda m: env.is_main and print(m))
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
@@ -594,14 +597,16 @@ def train(cfg, given, env):
         data, Z, _ = load_pairs(folder, env, cfg.seed)
 
     raw = C.build_net(nd).to(env.device)
+    if ck:
+        C.check_resume_net(ck["net"], nd, path)
     C.load_state_strict(raw, ck["model"] if ck else init.get("model", raw.state_dict()))
     model = C.distribute(C.maybe_compile(raw, cfg.compile), env)
     ema = C.EMA(raw, decay=cfg.ema if cfg.ema is not None else 0.0)
     if ck or "ema" in init:
         C.load_state_strict(ema.model, ck["ema"] if ck else init["ema"])
     opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    if ck or "opt" in init:
-        opt.load_state_dict(ck["opt"] if ck else init["opt"])
+    if ck or "opt" in init:  # moments from the checkpoint, lr from this run's config
+        C.load_optimizer(opt, ck["opt"] if ck else init["opt"])
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.restore_rng(ck, env, gens)
@@ -644,10 +649,11 @@ def train(cfg, given, env):
         return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (9)-(10)
         # ----------------------------------------------------------------------------------------------
 
-    def save():
-        C.save_checkpoint(path, dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
-                                     convention=CONVENTION), env, gens)
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+
+    def state():
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION)
 
     scaler, ddp = C.make_scaler(env), isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()
@@ -663,23 +669,25 @@ def train(cfg, given, env):
                 scaler.scale(loss).backward()
             total = total + loss.detach()
         scaler.unscale_(opt)
+        ok = guard.finite(raw.parameters())  # before clipping
         if cfg.clip:
             nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
-        scaler.step(opt)
+        guard.step(opt, scaler, ok)  # skipped (weights and Adam state unchanged) if a gradient is not finite
         scaler.update()
         ema.update(raw, step * cfg.batch, cfg.batch)
+        guard.end_step(total)
         step += 1
         if step % cfg.log_every == 0 or step == iters:
             log.log(step, loss=total)
         if step % cfg.ckpt_every == 0 or step == iters:
-            save()
+            guard.checkpoint(step, step == iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
         if fid and step % cfg.fid_every == 0:
             K = 1 if stage != "1rf" else 18
             fid(step, {f"{K} steps": sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
     if ck is None and iters == 0:
-        save()
+        guard.checkpoint(step, True, state, gens)
     if env.is_main:
         m = evaluate(ema.model, cfg, ref, env, out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
@@ -758,6 +766,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    C.preflight(cmd, cfg)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -97,6 +97,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
         if self.batch < 1 or self.iters < 0 or self.accum < 1 or self.H < 0:
@@ -110,6 +111,9 @@ class Config:
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
+
+RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
+              heun_steps=">= 1")  # beside common.RANGES
 
 _DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1; spec §5)
 _CM = dict(optim="radam", beta2=0.99, P_mean=-1.0, P_std=1.4)  # CMs: RAdam, (-1.0, 1.4) (G.2)
@@ -426,9 +430,8 @@ def train(cfg, given, env):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         check_scm(ck, path, mode)
-        cfg = C.merge_config(Config, {**ck["config"], "preset": cfg.preset},
-                             {k: v for k, v in given.items() if k not in ("resume", "mode")},
-                             log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight"),
+                              drop=("mode",), log=lambda m: env.is_main and print(m))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
@@ -450,6 +453,7 @@ def train(cfg, given, env):
     use_head = cfg.weighting == "adaptive" if mode != "diffusion" else cfg.diffusion_adaptive_weight
     head = C.WeightHead(1, 128, 1.0).to(env.device) if use_head else None
     if ck:
+        C.check_resume_net(ck["net"], nd, path)
         C.load_state_strict(net, ck["model"])
         if head is not None:
             C.load_state_strict(head, ck["weight_head"])
@@ -465,7 +469,7 @@ def train(cfg, given, env):
     opt = opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr and betas from this run's config
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.restore_rng(ck, env, gens)
@@ -486,12 +490,12 @@ def train(cfg, given, env):
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     D, sd = math.prod(data.shape), cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
-    def save():
-        C.save_checkpoint(path, dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
-                                     convention=CONVENTION, sigma_d=sd,
-                                     weight_head=head.state_dict() if head is not None else None), env, gens)
+    def state():
+        return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION, sigma_d=sd,
+                    weight_head=head.state_dict() if head is not None else None)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = C.make_scaler(env)
@@ -521,12 +525,13 @@ def train(cfg, given, env):
                 # ----------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), gn]) / cfg.accum
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.iters
+        scaler.unscale_(opt)
         if logging:
-            scaler.unscale_(opt)
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        scaler.step(opt)
+        guard.step(opt, scaler)  # skipped (weights and optimiser state unchanged) if a gradient is not finite
         scaler.update()
         ema.update(net, step * cfg.batch, cfg.batch)
+        guard.end_step(stats[0])
         step += 1
         if logging:
             scalars = dict(loss=stats[0], grad_norm=grad_norm)
@@ -537,14 +542,14 @@ def train(cfg, given, env):
                     scalars.update({f"w_{v:g}": x for v, x in zip(probe_t.tolist(), head(probe_t))})
             log.log(step, **scalars)
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            save()
+            guard.checkpoint(step, step == cfg.iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:  # Heun 18 for the teacher, 1 and 2 steps for the CMs
             fid(step, {f"{nfe(mode, K)} NFE": sampler(ema.model, cfg, mode, sample_shape(ema.model.config), K, env)
                        for K in ([cfg.heun_steps] if mode == "diffusion" else [1, 2])})
     if ck is None and cfg.iters == 0:
-        save()
+        guard.checkpoint(step, True, state, gens)
     if env.is_main:
         m = evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("step", "mode")))
@@ -561,10 +566,11 @@ def run(cfg, given):
     for mode in MODES:
         mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": os.path.join(cfg.out, mode)}, mode=mode)
         mcfg.preset = cfg.preset
-        mgiven = {**given, "mode": mode}
+        mgiven = C.Given({**given, "mode": mode}, getattr(given, "preset", None))
         if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
             mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")
-            mgiven = {k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")}
+            mgiven = C.Given({k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
+                             mgiven.preset)
         train(mcfg, mgiven, env)
     if env.is_main:
         compare(cfg, env)
@@ -634,6 +640,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    C.preflight(cmd, cfg)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -1,0 +1,341 @@
+"""Bad input, resume and divergence, the same cases in all five method files (imm, scm, flow_map, rectified_flow,
+distributional). Tiny toy runs (MLP on 2-D points, a few steps); most refusals happen before any training and run
+in-process through common.main_guard: exit status 2 and exactly one `error:` line holding one sentence on stderr.
+Two refusals run as real subprocesses (no warning line may precede the error).
+
+Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
+
+    category                                              imm  scm  flow_map  rectified_flow  distributional
+    train options: ranges, types, NaN/inf, unknown, stray  13   13     13          13              13
+    devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
+    --out below a file, equal to a file, unwritable         3    3      3           3               3
+    --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
+      an undecodable image in a folder
+    --teacher missing, or its config of the wrong type      1    2      2           2               2
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        14   14     14          14              14
+      batch 0, .jpg, out below a file, ckpt missing /
+      text / pickle / malformed / other method, detector
+      missing, a Config override out of range)
+    resume: changed seed, explicit other preset,            2    3      4           2               3
+      file-specific fixed fields (network, weighting,
+      interpolant, freeze)
+    ----------------------------------------------------------------------------------------------------
+    bad-input cases, all one sentence and exit 2           41   43     44          42              43
+
+    behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
+    and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
+    untouched, `skipped` logged) and the run ends with its checkpoint; a NaN loss at every step stops after
+    --max_skips steps in a row, keeping the last good checkpoint. Plus: a 1e30 learning rate at --ckpt_every 1 never
+    overwrites the checkpoint (the step after a checkpoint must have a finite loss); a full disk during a save
+    removes the .tmp and keeps the previous checkpoint; every preset of every file passes the validation.
+"""
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import distributional
+import flow_map
+import imm
+import rectified_flow
+import scm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODS = dict(imm=imm, scm=scm, flow_map=flow_map, rectified_flow=rectified_flow, distributional=distributional)
+EVAL = ["--eval_n", "16", "--eval_steps", "1"]
+BASE = dict(  # a few toy steps, 2-D points, small MLPs
+    imm=["--batch", "16", *EVAL],
+    scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1", *EVAL],
+    flow_map=["--batch", "16", "--width", "16", "--depth", "1", *EVAL],
+    rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", *EVAL],
+    distributional=["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
+                    *EVAL])
+LR = dict(distributional="--lr_g")  # the learning-rate flag of each file (default --lr)
+DROP = dict(distributional="--d_t")  # a [0, 1) probability of each file (default --dropout)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(name, *argv):
+    """main() through main_guard -> (exit code, stderr lines); stdout is left to capsys."""
+    try:
+        C.main_guard(lambda: MODS[name].main([str(a) for a in argv]))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def one_sentence(code, err, *words):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    msg = lines[0][len("error: "):]
+    assert msg.endswith((".", "?")) and msg.rstrip(".?").count(". ") == 0, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad input files, and one finished 2-step toy run per method file (ckpt at step 2)."""
+    d = tmp_path_factory.mktemp("robust")
+    (d / "afile").write_text("a regular file\n")
+    np.save(d / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (d / "text.npy").write_text("1 2\n3 4\n")
+    with open(d / "pickle.npy", "wb") as f:
+        pickle.dump(np.zeros((8, 2), np.float32), f)
+    np.save(d / "empty.npy", np.zeros((0, 2), np.float32))
+    np.save(d / "one.npy", np.zeros((1, 2), np.float32))
+    os.makedirs(d / "imgs")
+    from torchvision.io import encode_png, write_file
+    for i in range(2):
+        write_file(str(d / "imgs" / f"ok{i}.png"), encode_png(torch.full((3, 8, 8), 40 * i, dtype=torch.uint8)))
+    (d / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with open(d / "plain.pt", "wb") as f:
+        pickle.dump({"model": {}}, f, protocol=5)  # torch.load would note the protocol: no such line may appear
+    for name in MODS:
+        assert run(name, *BASE[name], "--iters", "2", "--log_every", "1", "--out", d / name) == 0
+    ck = torch.load(d / "imm" / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "config": [1, 2]}, d / "badcfg.pt")  # right layout, config of the wrong type
+    return d
+
+
+def train_cases(name, d):
+    """(argv, words) of command lines that must be refused before any training."""
+    lr, drop, out = LR.get(name, "--lr"), DROP.get(name, "--dropout"), ["--out", d / "never"]
+    cases = [
+        (["--iters", "-5", *out], ["--iters", "non-negative"]), (["--batch", "0", *out], ["--batch"]),
+        ([lr, "nan", *out], [lr, "finite"]), ([lr, "inf", *out], [lr]), ([lr, "0", *out], [lr, "positive"]),
+        ([lr, "-1e-3", *out], [lr, "positive", "-0.001"]),  # a value that starts with '-' is still the value
+        ([drop, "1.5", *out], [drop]), (["--eval_steps", "0", *out], ["--eval_steps"]),
+        (["--eval_steps", "2,-1", *out], ["--eval_steps"]), (["--ckpt_every", "0", *out], ["--ckpt_every"]),
+        (["--max_skips", "0", *out], ["--max_skips"]), ([lr + "x", "1e-3"], [lr + "x", "did you mean " + lr]),
+        (["stray"], ["stray"]),
+        (["--device", "tpu"], ["tpu"]), (["--device", "cuda:7"], ["cuda:7"]),
+        (["--out", d / "afile" / "run"], ["afile", "is a file"]), (["--out", d / "afile"], ["is a file"]),
+        (["--out", "/proc/no/such/run"], ["cannot be written"]),
+    ]
+    for f, words in (("obj.npy", ["numeric"]), ("text.npy", ["numeric"]), ("pickle.npy", ["numeric"]),
+                     ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
+        cases.append((["--data", d / f, *out], words))
+    teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
+    if name == "imm":
+        cases.append((["--teacher", d / "badcfg.pt", *out], ["from scratch"]))
+    else:
+        t = teacher.get(name, [])
+        cases += [([*t, "--teacher", d / "missing.pt", *out], ["missing.pt"]),
+                  ([*t, "--teacher", d / "badcfg.pt", *out], ["badcfg.pt"])]
+    return cases
+
+
+def sample_cases(name, d):
+    ck, other = d / name / "ckpt.pt", d / ("scm" if name == "imm" else "imm") / "ckpt.pt"
+    s = lambda *a, cmd="sample", c=ck: [cmd, "--ckpt", c, *a]
+    return [
+        (s("--steps", "0"), ["--steps"]), (s("--steps", "-1"), ["--steps"]), (s("--n", "0"), ["--n"]),
+        (s("--n", "1", cmd="fid"), ["--n", "at least 2"]), (s("--batch", "0"), ["--batch"]),
+        (s("--out", d / "s.jpg"), [".jpg"]), (s("--out", d / "afile" / "s.png"), ["is a file"]),
+        (s(c=d / "missing.pt"), ["missing.pt"]), (s(c=d / "text.npy"), ["text.npy"]), (s(c=d / "plain.pt"), ["plain"]),
+        (s(c=d / "badcfg.pt"), ["malformed"]), (s(c=other), [str(other)]),
+        (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
+        (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "positive"]),
+    ]
+
+
+def resume_cases(name, d):
+    """Refused on resume of the fixture run (d / name, trained with seed 0, the toy preset)."""
+    at = [*BASE[name], "--out", d / name, "--iters", "4"]
+    extra = dict(scm=[(["--width", "32"], ["width"])],
+                 flow_map=[(["--width", "32"], ["width"]), (["--learned_weight", "true"], ["learned_weight"])],
+                 distributional=[(["--freeze", "gdd_i"], ["--freeze"])])
+    return [([*at, "--seed", "1"], ["--seed"]), ([*at, "--preset", "small"], ["--preset small"])] + \
+        [([*at, *a], w) for a, w in extra.get(name, [])]
+
+
+@pytest.mark.parametrize("name", MODS)
+def test_bad_input_is_one_sentence(name, files, capsys):
+    before = open(files / name / "ckpt.pt", "rb").read()
+    cases = train_cases(name, files) + sample_cases(name, files) + resume_cases(name, files)
+    for argv, words in cases:
+        capsys.readouterr()
+        one_sentence(run(name, *argv), capsys.readouterr().err, *words)
+    assert not os.path.exists(files / "never" / "ckpt.pt")
+    assert open(files / name / "ckpt.pt", "rb").read() == before  # no refusal touched the run
+
+
+def test_case_table(files):
+    """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
+    got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
+    assert got == dict(imm=41, scm=43, flow_map=44, rectified_flow=42, distributional=43), got
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["imm.py", "sample", "--ckpt", "plain.pt"], ["plain.pt"]),  # torch would note the pickle protocol
+    (["scm.py", "--data", "text.npy", "--out", "x"], ["text.npy"]),
+])
+def test_subprocess_prints_only_the_sentence(files, argv, words):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=files, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert p.stdout == ""
+    one_sentence(p.returncode, p.stderr, *words)
+    assert p.stderr.count("\n") == 1  # not even a blank line or a warning before it
+
+
+def test_every_preset_passes_validation():
+    for M in MODS.values():
+        for preset, p in M.PRESETS.items():
+            sels = [k for k, v in p.items() if isinstance(v, dict)] or [None]
+            key = "mode" if "mode" in M.Config.__dataclass_fields__ else "stage"
+            for sel in sels:
+                given = {**({} if p.get("data") else {"data": "8gaussians"}),
+                         **({"teacher": "t.pt"} if sel in ("lmd", "emd") else {})}
+                C.resolve_config(M.Config, M.PRESETS, preset, given, **({key: sel} if sel else {}))
+
+
+# ============================================================================================ resume
+@pytest.mark.parametrize("name", MODS)
+def test_resume_applies_a_changed_learning_rate(name, files, tmp_path, capsys):
+    """The optimiser state comes from the checkpoint, its learning rate from the command line (imm, scm and
+    distributional used to restore the old one); the saved config says what ran."""
+    import shutil
+    shutil.copytree(files / name, tmp_path / "r")
+    lr = LR.get(name, "--lr")
+    assert run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "3", lr, "3e-4") == 0
+    assert "(checkpoint had" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["config"][lr[2:]] == 3e-4
+    opt = ck["opt"]["g"] if name == "distributional" else ck["opt"]
+    assert [g["lr"] for g in opt["param_groups"]] == [3e-4]
+    assert {float(s["step"]) for s in opt["state"].values()} == {3.0}  # the moments continued
+    if name == "distributional":  # D's lr keeps the lazy-R1 factor of this run's r1_interval
+        assert ck["opt"]["d"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 16 / 17, rel=1e-12)
+
+
+# ================================================================================ non-finite gradients
+class NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def inject(name, monkeypatch, when):
+    """From the `when(call)`-th loss evaluation on: a NaN gradient (finite loss) or a NaN loss, per file."""
+    calls = []
+
+    def bad(x, loss_nan):
+        calls.append(1)
+        if not when(len(calls)):
+            return x
+        return x * float("nan") if loss_nan else NaNGrad.apply(x)
+
+    def patch(mod, fn, wrap):
+        orig = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, **k: wrap(orig(*a, **k)))
+
+    def go(loss_nan):
+        if name == "imm":
+            patch(imm, "imm_loss", lambda r: (bad(r[0], loss_nan), *r[1:]))
+        elif name == "scm":
+            patch(scm, "diffusion_loss", lambda r: bad(r, loss_nan))
+        elif name == "flow_map":
+            patch(flow_map, "per_sample_loss", lambda r: (bad(r[0], loss_nan), r[1]))
+        elif name == "distributional":
+            patch(distributional, "g_loss", lambda r: bad(r, loss_nan))
+        else:  # rectified_flow 1rf: the loss is inline; the network's training output carries the NaN instead
+            orig = C.build_net
+
+            def build(d):
+                net = orig(d)
+                net.register_forward_hook(lambda m, i, o: bad(o, loss_nan) if m.training and torch.is_grad_enabled()
+                                          else o)
+                return net
+            monkeypatch.setattr(C, "build_net", build)
+    return go
+
+
+@pytest.mark.parametrize("name", MODS)
+def test_a_non_finite_gradient_skips_that_step(name, files, tmp_path, monkeypatch, capsys):
+    """One step with NaN gradients (finite loss) in 4: skipped (the optimiser's step count says 3, all finite),
+    logged, and the run ends normally with its checkpoint at step 4."""
+    inject(name, monkeypatch, lambda k: k == 2)(loss_nan=False)
+    assert run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "4", "--log_every", "1", "--ckpt_every", "2") \
+        == 0
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    opt = ck["opt"]["g"] if name == "distributional" else ck["opt"]
+    assert ck["step"] == 4 and {float(s["step"]) for s in opt["state"].values()} == {3.0}
+    assert all(torch.isfinite(v).all() for v in [*ck["model"].values(), *ck["ema"].values()])
+    assert all(torch.isfinite(t).all() for s in opt["state"].values() for t in s.values())
+    logs = [json.loads(ln) for ln in open(tmp_path / "r" / "log.jsonl")]
+    assert [r["skipped"] for r in logs] == [0, 1, 0, 0]
+    assert "skipped 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", MODS)
+def test_nan_loss_every_step_stops_after_max_skips(name, files, tmp_path, monkeypatch, capsys):
+    """From step 3 on the loss is NaN at every step: each step is skipped, the run stops after --max_skips 2 in a
+    row with one sentence, and the checkpoint of step 2 is kept byte for byte."""
+    import shutil
+    shutil.copytree(files / name, tmp_path / "r")
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    inject(name, monkeypatch, lambda k: True)(loss_nan=True)
+    capsys.readouterr()
+    code = run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "9", "--log_every", "1", "--max_skips", "2")
+    one_sentence(code, capsys.readouterr().err, "2 optimiser steps in a row", "step 4", "(step 2) is kept")
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
+
+
+# ================================================================================ divergence, full disk
+@pytest.mark.parametrize("name", ["imm", "rectified_flow"])
+def test_exploding_weights_never_overwrite_the_checkpoint(name, files, tmp_path, capsys):
+    """--lr 1e30 at --ckpt_every 1: the first step leaves finite weights of ~1e30 (its loss, taken before the
+    update, is finite); the next step's loss at those weights is not, so that checkpoint is withheld, every later
+    step is skipped and the run stops after --max_skips 3, with the step-2 checkpoint intact."""
+    import shutil
+    shutil.copytree(files / name, tmp_path / "r")
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    capsys.readouterr()
+    code = run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "12", "--lr", "1e30", "--ckpt_every", "1",
+               "--log_every", "1", "--max_skips", "3")
+    io = capsys.readouterr()
+    one_sentence(code, io.err, "in a row", "(step 2) is kept")
+    assert "checkpoint of step 3 withheld" in io.out
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
+
+
+def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, capsys):
+    import shutil
+    shutil.copytree(files / "imm", tmp_path / "r")
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    orig = torch.save
+
+    def full(obj, path, *a, **k):  # half a file, then the disk is full
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    code = run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3")
+    one_sentence(code, capsys.readouterr().err, "No space left on device", "previous checkpoint is kept")
+    monkeypatch.setattr(torch, "save", orig)
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
+    assert not os.path.exists(tmp_path / "r" / "ckpt.pt.tmp")
