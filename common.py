@@ -44,7 +44,8 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, n, scale=16.0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(n // 2) * scale)
+        # drawn on the CPU, then moved to the default device (meta shape runs: no meta decompositions needed)
+        self.register_buffer("freqs", (torch.randn(n // 2, device="cpu") * scale).to(torch.empty(0).device))
 
     def forward(self, c):
         a = c[:, None] * (2 * math.pi * self.freqs).to(c.dtype)[None]
@@ -62,8 +63,8 @@ def _pnorm(a):  # (N3) pixel-norm of the ADN scale/shift, in fp32 (fp64 for doub
 
 def _fir(f):
     """EDM's resampling filter: outer(f, f) / sum(f)^2 (float32, 1 x 1 x k x k)."""
-    f = torch.as_tensor(f, dtype=torch.float32)
-    return (f.ger(f) / f.sum().square())[None, None]
+    f = torch.as_tensor(f, dtype=torch.float32, device="cpu")
+    return (f.ger(f) / f.sum().square())[None, None].to(torch.empty(0).device)
 
 
 def _resample(x, f, mode):
@@ -162,7 +163,7 @@ class _Net(nn.Module):
         if two and d["time_combine"] == "sum":  # second time branch, as lumalabs/imm training/unets.py
             self.map_layer0_s, self.map_layer1_s = nn.Linear(Ct, E), nn.Linear(E, E)
 
-    def _init_weights(self):  # (§3.4) EDM's init: Xavier-uniform, zero biases, 1e-5 output layers, sqrt(0.2) qkv
+    def _init_weights(self):  # (§3.4) EDM's init: Xavier-uniform, zero biases, x 1e-5 output layers, x sqrt(0.2) qkv
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight)
@@ -173,6 +174,8 @@ class _Net(nn.Module):
                     m.weight.data.mul_(1e-5)
                 elif last == "qkv":
                     m.weight.data.mul_(math.sqrt(0.2))
+        if isinstance(self, MLP):  # the 2-D MLP (ours, not EDM's) starts at exactly zero output
+            nn.init.zeros_(self.out_conv.weight)
 
     def _noise(self, c):
         return self.map_noise(c) if self.config["embedding"] == "fourier" else _pe(c, self.config["time_channels"])
@@ -1123,7 +1126,7 @@ def _edm_state_to_ours(sd, nd, where):
     R, f, out = nd["img_resolution"], _fir(nd["resample_filter"]), {}
     for k, v in sd.items():
         if k.endswith("resample_filter"):
-            if v.shape != f.shape or not torch.equal(v.float(), f):
+            if v.shape != f.shape or not torch.equal(v.float().cpu(), f.cpu()):
                 raise UserError(f"{where}: {k} is not the filter {nd['resample_filter']} its kwargs name.")
             continue
         out[re.sub(rf"^dec\.{R}x{R}_aux_(norm|conv)\.", r"out_\1.", k)] = v

@@ -73,8 +73,8 @@ def main():
             D = net(x, sigma, lab)
             D_aug = net(x, sigma, lab, augment_labels=aug)
         golden["cases"][case] = dict(pickle=f"edm_{case}.pkl.gz", F=F_raw, F_aug=F_aug, D=D, D_aug=D_aug,
-                                     sigma_min=torch.tensor(float(net.sigma_min)),
-                                     sigma_max=torch.tensor(float(net.sigma_max)))
+                                     sigma_min=torch.tensor(float(net.sigma_min), dtype=torch.float64),
+                                     sigma_max=torch.tensor(float(net.sigma_max), dtype=torch.float64))
         loss_fn = getattr(__import__("training.loss", fromlist=["x"]), cls.replace("Precond", "Loss"))()
         pipe = augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False).cpu(), loss_fn=loss_fn, augment_pipe=pipe,
