@@ -31,7 +31,7 @@ def _gn(c, affine=True, ln=False):
 
 
 def _pe(c, n):
-    """(N6) PE_C(c) = [sin(c w_j), cos(c w_j)], w_j = 10^(-4 j / (C/2 - 1)): EDM's PositionalEmbedding with
+    """PE_C(c) = [sin(c w_j), cos(c w_j)], w_j = 10^(-4 j / (C/2 - 1)): EDM's PositionalEmbedding with
     endpoint=True and its sin/cos swap (NVlabs/edm training/networks.py), frequencies computed the same way."""
     w = (1 / 10000) ** (torch.arange(n // 2, dtype=c.dtype, device=c.device) / (n // 2 - 1))
     a = c[:, None] * w[None]
@@ -146,7 +146,7 @@ class Block(nn.Module):
 
 
 class _Net(nn.Module):
-    """Shared conditioning (N7), EDM SongUNet's mapping: n = PE(tau t) [+ PE(tau s)] + W_y sqrt(K) onehot(y) + W_a a,
+    """Shared conditioning, EDM SongUNet's mapping: n = PE(tau t) [+ PE(tau s)] + W_y sqrt(K) onehot(y) + W_a a,
     e = SiLU(M_t(n)) (M = map_layer1(SiLU(map_layer0(.)))). A second time s either gets its own M_s added after
     map_layer1 (time_combine='sum', lumalabs/imm training/unets.py) or is concatenated to PE(tau t) before
     map_layer0 (time_combine='concat', py-meanflow's SongUNet); labels and augmentation labels then have the
@@ -163,7 +163,7 @@ class _Net(nn.Module):
         if two and d["time_combine"] == "sum":  # second time branch, as lumalabs/imm training/unets.py
             self.map_layer0_s, self.map_layer1_s = nn.Linear(Ct, E), nn.Linear(E, E)
 
-    def _init_weights(self):  # (§3.4) EDM's init: Xavier-uniform, zero biases, x 1e-5 output layers, x sqrt(0.2) qkv
+    def _init_weights(self):  # EDM's init: Xavier-uniform, zero biases, x 1e-5 output layers, x sqrt(0.2) qkv
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight)
@@ -321,7 +321,7 @@ class WeightHead(nn.Module):
             return self.linear(torch.cat(u, 1))[:, 0]
 
 
-# (§3.7) sizes. ddpmpp / ncsnpp are EDM's CIFAR-10 networks (NVlabs/edm train.py --arch ddpmpp / ncsnpp).
+# Sizes. ddpmpp / ncsnpp are EDM's CIFAR-10 networks (NVlabs/edm train.py --arch ddpmpp / ncsnpp).
 # UNet options beyond the sizes: encoder 'standard' | 'residual' (NCSN++), resample_filter [1,1] | [1,3,3,1],
 # num_heads, qkv_order 'interleaved' (EDM) | 'blocks' (py-meanflow). Options of both kinds (_NET_COMMON): the
 # time embedding 'positional' | 'fourier' (time_channels = EDM's model_channels x channel_mult_noise),
