@@ -1,12 +1,13 @@
 """common.py: the one module every method file shares (specs/common.md).
 
-Networks (DDPM++-style U-Net, 2-D MLP, weighting head), data (2-D toys, CIFAR-10, (Fashion-)MNIST, .npy,
-image folders; uint8 on the device), EMA, FID (Inception TorchScript, float64 statistics), distributed and
-mixed-precision setup, atomic checkpoints, config parsing, logging, pictures and the toy metrics.
-No method maths lives here: preconditioning, schedules, losses and samplers stay in the method files.
+Networks (EDM's DDPM++ / NCSN++ U-Net, 2-D MLP, weighting head), EDM's network pickles read safely (with EDM's
+preconditioning D(x; sigma) and Heun sampler, which teacher-based methods share), data (2-D toys, CIFAR-10,
+(Fashion-)MNIST, .npy, image folders; uint8 on the device), EMA, FID (Inception TorchScript, float64 statistics),
+distributed and mixed-precision setup, atomic checkpoints, config parsing, logging, pictures and the toy metrics.
+Otherwise no method maths lives here: schedules, losses and samplers stay in the method files.
 """
-import argparse, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, json, math, os, re, sys, tempfile
-import time, types, typing, warnings
+import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
+import pickle, re, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -28,16 +29,32 @@ class UserError(Exception):
 def _gn(c, affine=True, ln=False):
     if ln:  # the MLP's norm (§3.8)
         return nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
-    g = min(32, max(c // 4, 1))
+    g = min(32, max(c // 4, 1))  # EDM's GroupNorm: min(32, C // 4) groups (equal whenever that divides C)
     while c % g:  # nearest divisor of C (pitfall 1)
         g -= 1
     return nn.GroupNorm(g, c, eps=1e-6, affine=affine)
 
 
-def _pe(c, n):  # (N6) PE_C(c) = [sin(c w_j), cos(c w_j)], w_j = 10^(-4 j / (C/2 - 1))
-    j = torch.arange(n // 2, dtype=c.dtype, device=c.device)
-    a = c[:, None] * (10.0 ** (-4.0 * j / (n // 2 - 1)))[None]
+def _pe(c, n):
+    """PE_C(c) = [sin(c w_j), cos(c w_j)], w_j = 10^(-4 j / (C/2 - 1)): EDM's PositionalEmbedding with
+    endpoint=True and its sin/cos swap (NVlabs/edm training/networks.py), frequencies computed the same way."""
+    w = (1 / 10000) ** (torch.arange(n // 2, dtype=c.dtype, device=c.device) / (n // 2 - 1))
+    a = c[:, None] * w[None]
     return torch.cat([a.sin(), a.cos()], 1)
+
+
+class FourierEmbedding(nn.Module):
+    """NCSN++'s time embedding (EDM FourierEmbedding): [sin(2 pi f c), cos(2 pi f c)], f ~ N(0, 16^2) fixed (a
+    buffer, so it travels with the checkpoint)."""
+
+    def __init__(self, n, scale=16.0):
+        super().__init__()
+        # drawn on the CPU, then moved to the default device (meta shape runs: no meta decompositions needed)
+        self.register_buffer("freqs", (torch.randn(n // 2, device="cpu") * scale).to(torch.empty(0).device))
+
+    def forward(self, c):
+        a = c[:, None] * (2 * math.pi * self.freqs).to(c.dtype)[None]
+        return torch.cat([a.sin(), a.cos()], 1)
 
 
 def _fp32(device):  # autocast off (the precision-critical paths); autocast knows no 'meta' device (shape runs)
@@ -49,13 +66,54 @@ def _pnorm(a):  # (N3) pixel-norm of the ADN scale/shift, in fp32 (fp64 for doub
     return a / (a.square().mean(1, keepdim=True) + 1e-8).sqrt()
 
 
-class Block(nn.Module):
-    """Residual block (N1-N4) with optional attention (N5). 2-D (conv) or 1-D (linear, `mlp=True`)."""
+def _fir(f):
+    """EDM's resampling filter: outer(f, f) / sum(f)^2 (float32, 1 x 1 x k x k)."""
+    f = torch.as_tensor(f, dtype=torch.float32, device="cpu")
+    return (f.ger(f) / f.sum().square())[None, None].to(torch.empty(0).device)
 
-    def __init__(self, cin, cout, emb, resample=None, attn=False, dropout=0.0, adn=False, mlp=False):
+
+def _resample(x, f, mode):
+    """R: 2x down (depthwise filter f, stride 2) or 2x up (transposed, filter 4 f), as EDM's Conv2d does it
+    (NVlabs/edm training/networks.py); f = None is the [1,1] filter, i.e. 2x2 average pooling / nearest x2."""
+    if mode is None:
+        return x
+    if f is None:
+        return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
+    C, w = x.shape[1], f.to(x.dtype)
+    if mode == "down":
+        return F.conv2d(x, w.tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
+    return F.conv_transpose2d(x, w.mul(4).tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
+
+
+class AuxResidual(nn.Conv2d):
+    """NCSN++'s residual encoder path (EDM encoder_type='residual'): a 3x3 conv of the running input pyramid, then
+    the 2x down filter (EDM's fused_resample order: conv with padding 1 + filter pad, filter with stride 2), bias."""
+
+    def __init__(self, cin, cout, f):
+        super().__init__(cin, cout, 3)
+        self.register_buffer("resample_filter", _fir(f), persistent=False)
+
+    def forward(self, x):
+        f = self.resample_filter.to(x.dtype)
+        x = F.conv2d(x, self.weight, padding=1 + (f.shape[-1] - 1) // 2)
+        x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2)
+        return x + self.bias.to(x.dtype)[:, None, None]
+
+
+class Block(nn.Module):
+    """Residual block (N1-N4) with optional attention (N5). 2-D (conv) or 1-D (linear, `mlp=True`).
+    resample_filter: EDM's FIR filter for up/down ([1,1]: average pooling / nearest); attention with `num_heads`
+    heads and EDM's q/k/v channel order ('interleaved': qkv.reshape(B*heads, C/heads, 3, HW), NVlabs/edm UNetBlock)
+    or py-meanflow's ('blocks': qkv.chunk(3) into q | k | v, its QKVAttention)."""
+
+    def __init__(self, cin, cout, emb, resample=None, attn=False, dropout=0.0, adn=False, mlp=False,
+                 resample_filter=(1, 1), num_heads=1, qkv_order="interleaved"):
         super().__init__()
         lin = (lambda i, o, k: nn.Linear(i, o)) if mlp else (lambda i, o, k: nn.Conv2d(i, o, k, padding=k // 2))
         self.resample, self.dropout, self.adn, self.mlp = resample, dropout, adn, mlp
+        self.num_heads, self.qkv_order = num_heads, qkv_order
+        fir = resample and list(resample_filter) != [1, 1]
+        self.register_buffer("resample_filter", _fir(resample_filter) if fir else None, persistent=False)
         self.norm0, self.conv0 = _gn(cin, ln=mlp), lin(cin, cout, 3)
         self.affine = nn.Linear(emb, cout * (2 if adn else 1))
         self.norm1, self.conv1 = _gn(cout, affine=not adn, ln=mlp), lin(cout, cout, 3)
@@ -64,10 +122,8 @@ class Block(nn.Module):
         if attn:
             self.norm2, self.qkv, self.proj = _gn(cout), lin(cout, 3 * cout, 1), lin(cout, cout, 1)
 
-    def _r(self, x):  # R: 2x2 average pool (down), nearest x2 (up), identity
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest") if self.resample == "up" else x
+    def _r(self, x):  # R: down / up / identity
+        return _resample(x, self.resample_filter, self.resample)
 
     def forward(self, x, e):
         h = self.conv0(self._r(F.silu(self.norm0(x))))  # (N1)
@@ -79,61 +135,88 @@ class Block(nn.Module):
             h = F.silu(self.norm1(h + a))
         h = self.conv1(F.dropout(h, self.dropout, self.training))  # (N4)
         y = (h + (self.skip(self._r(x)) if self.skip is not None else x)) / math.sqrt(2)
-        if self.attn:  # (N5) one head, plain einsum + softmax in fp32 (forward-mode AD works)
-            B, C = y.shape[:2]
-            q, k, v = self.qkv(self.norm2(y)).reshape(B, 3, C, -1).unbind(1)
+        if self.attn:  # (N5) plain einsum + softmax in fp32 (forward-mode AD works)
+            B, C, nh = y.shape[0], y.shape[1], self.num_heads
+            qkv = self.qkv(self.norm2(y))
+            if self.qkv_order == "interleaved":
+                q, k, v = qkv.reshape(B * nh, C // nh, 3, -1).unbind(2)
+            else:
+                q, k, v = (u.reshape(B * nh, C // nh, -1) for u in qkv.chunk(3, dim=1))
             with _fp32(y.device):
                 ft = torch.promote_types(q.dtype, torch.float32)
-                w = torch.einsum("bcn,bcm->bnm", q.to(ft), k.to(ft)).div(math.sqrt(C)).softmax(-1)
+                w = torch.einsum("bcn,bcm->bnm", q.to(ft), k.to(ft)).div(math.sqrt(C // nh)).softmax(-1)
             o = torch.einsum("bnm,bcm->bcn", w.to(v.dtype), v).reshape(y.shape)
             y = (y + self.proj(o)) / math.sqrt(2)
         return y
 
 
 class _Net(nn.Module):
-    """Shared conditioning (N7): e = SiLU(M_t(PE(tau t)) + [M_s(PE(tau s))] + [W_y sqrt(K) onehot(y)])."""
+    """Shared conditioning, EDM SongUNet's mapping: n = PE(tau t) [+ PE(tau s)] + W_y sqrt(K) onehot(y) + W_a a,
+    e = SiLU(M_t(n)) (M = map_layer1(SiLU(map_layer0(.)))). A second time s either gets its own M_s added after
+    map_layer1 (time_combine='sum', lumalabs/imm training/unets.py) or is concatenated to PE(tau t) before
+    map_layer0 (time_combine='concat', py-meanflow's SongUNet); labels and augmentation labels then have the
+    concatenated width."""
 
     def _init_embedding(self, d, E):
-        Ct = d["time_channels"]
-        self.map_layer0, self.map_layer1 = nn.Linear(Ct, E), nn.Linear(E, E)
-        if d["num_times"] == 2:  # second time branch, as lumalabs/imm training/unets.py
+        Ct, two = d["time_channels"], d["num_times"] == 2
+        Cn = Ct * (2 if two and d["time_combine"] == "concat" else 1)
+        if d["embedding"] == "fourier":
+            self.map_noise = FourierEmbedding(Ct)
+        self.map_label = nn.Linear(d["label_dim"], Cn) if d["label_dim"] else None
+        self.map_augment = nn.Linear(d["augment_dim"], Cn, bias=False) if d["augment_dim"] else None
+        self.map_layer0, self.map_layer1 = nn.Linear(Cn, E), nn.Linear(E, E)
+        if two and d["time_combine"] == "sum":  # second time branch, as lumalabs/imm training/unets.py
             self.map_layer0_s, self.map_layer1_s = nn.Linear(Ct, E), nn.Linear(E, E)
-        self.map_label = nn.Linear(d["label_dim"], E, bias=False) if d["label_dim"] else None
 
-    def _init_weights(self):  # (§3.4) Xavier-uniform, EDM scales, exactly-zero output layer
+    def _init_weights(self):  # EDM's init: Xavier-uniform, zero biases, x 1e-5 output layers, x sqrt(0.2) qkv
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
                 last = name.rsplit(".", 1)[-1]
-                if last in ("conv1", "proj"):
+                if last in ("conv1", "proj", "out_conv"):
                     m.weight.data.mul_(1e-5)
                 elif last == "qkv":
                     m.weight.data.mul_(math.sqrt(0.2))
-        nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)
+        if isinstance(self, MLP):  # the 2-D MLP (ours, not EDM's) starts at exactly zero output
+            nn.init.zeros_(self.out_conv.weight)
 
-    def embed(self, x, t, s=None, y=None):
+    def _noise(self, c):
+        return self.map_noise(c) if self.config["embedding"] == "fourier" else _pe(c, self.config["time_channels"])
+
+    def embed(self, x, t, s=None, y=None, aug=None):
         d = self.config
         if (s is None) != (d["num_times"] == 1):
             raise UserError(f"this network takes {d['num_times']} time input(s); pass s exactly when num_times=2.")
         dt = torch.promote_types(self.map_layer0.weight.dtype, torch.float32)
-        B, tau, C = x.shape[0], d["time_scale"], d["time_channels"]
+        B, tau = x.shape[0], d["time_scale"]
         with _fp32(x.device):  # embedding path in fp32 (fp64 for double)
             tt = torch.as_tensor(t, device=x.device).to(dt).reshape(-1).expand(B)
-            e = self.map_layer1(F.silu(self.map_layer0(_pe(tau * tt, C))))
+            n = self._noise(tau * tt)
             if s is not None:
-                ss = torch.as_tensor(s, device=x.device).to(dt).reshape(-1).expand(B)
-                e = e + self.map_layer1_s(F.silu(self.map_layer0_s(_pe(tau * ss, C))))
-            if y is not None and self.map_label is not None:
+                ns = self._noise(tau * torch.as_tensor(s, device=x.device).to(dt).reshape(-1).expand(B))
+                n = torch.cat([n, ns], 1) if d["time_combine"] == "concat" else n
+            if self.map_label is not None:  # no labels = the zero vector (EDM's preconditioners do the same)
                 K = d["label_dim"]
-                oh = F.one_hot(y, K).to(dt) if not y.is_floating_point() else y.to(dt)
-                e = e + self.map_label(oh * math.sqrt(K))
+                oh = torch.zeros(B, K, dtype=dt, device=x.device) if y is None else \
+                    F.one_hot(y, K).to(dt) if not y.is_floating_point() else y.to(dt).reshape(-1, K).expand(B, K)
+                if self.training and d["label_dropout"]:
+                    oh = oh * (torch.rand([B, 1], device=x.device) >= d["label_dropout"]).to(dt)
+                n = n + self.map_label(oh * math.sqrt(K))
+            if self.map_augment is not None and aug is not None:
+                n = n + self.map_augment(aug.to(dt))
+            e = self.map_layer1(F.silu(self.map_layer0(n)))
+            if s is not None and d["time_combine"] == "sum":
+                e = e + self.map_layer1_s(F.silu(self.map_layer0_s(ns)))
             return F.silu(e)
 
 
 class UNet(_Net):
-    """DDPM++-style U-Net (EDM SongUNet layout re-derived, spec §3.1). forward(x, t, s=None, y=None)."""
+    """EDM's SongUNet (NVlabs/edm training/networks.py) re-derived: DDPM++ (positional embedding, standard encoder,
+    filter [1,1]) and NCSN++ (Fourier embedding, residual encoder, filter [1,3,3,1]); decoder 'standard'.
+    forward(x, t, s=None, y=None, aug=None): s the second time (num_times=2), y int labels or one-hot rows,
+    aug the augmentation labels (None = no augmentation term, as at sampling)."""
 
     def __init__(self, d):
         super().__init__()
@@ -141,21 +224,25 @@ class UNet(_Net):
         ch, mult, nb, R = d["ch"], d["mult"], d["nb"], d["img_resolution"]
         E = ch * d["emb_mult"]
         self._init_embedding(d, E)
-        kw = dict(emb=E, dropout=d["dropout"], adn=d["adn"])
+        kw = dict(emb=E, dropout=d["dropout"], adn=d["adn"], resample_filter=d["resample_filter"],
+                  num_heads=d["num_heads"], qkv_order=d["qkv_order"])
         self.enc, self.dec, skips, self.levels_end = nn.ModuleDict(), nn.ModuleDict(), [], []
-        cout = ch
+        cout, caux = ch, d["in_channels"]
         for lvl, m in enumerate(mult):
             r = R >> lvl
             if lvl == 0:
                 self.enc[f"{r}x{r}_conv"] = nn.Conv2d(d["in_channels"], ch, 3, padding=1)
             else:
                 self.enc[f"{r}x{r}_down"] = Block(cout, cout, resample="down", **kw)
+                if d["encoder"] == "residual":
+                    self.enc[f"{r}x{r}_aux_residual"] = AuxResidual(caux, cout, d["resample_filter"])
+                    caux = cout
             skips.append(cout)
             for i in range(nb):
                 self.enc[f"{r}x{r}_block{i}"] = Block(cout, ch * m, attn=r in d["attn_res"], **kw)
                 cout = ch * m
                 skips.append(cout)
-            self.levels_end.append(f"{r}x{r}_block{nb - 1}" if nb else list(self.enc)[-1])
+            self.levels_end.append(f"{r}x{r}_block{nb - 1}" if nb else [k for k in self.enc if "aux" not in k][-1])
         for lvl in reversed(range(len(mult))):
             r = R >> lvl
             if lvl == len(mult) - 1:
@@ -167,27 +254,33 @@ class UNet(_Net):
                 attn = i == nb and r in d["attn_res"]
                 self.dec[f"{r}x{r}_block{i}"] = Block(cout + skips.pop(), ch * mult[lvl], attn=attn, **kw)
                 cout = ch * mult[lvl]
+        # EDM names these dec['{R}x{R}_aux_norm'] / dec['{R}x{R}_aux_conv']; load_edm renames them
         self.out_norm, self.out_conv = _gn(cout), nn.Conv2d(cout, d["out_channels"], 3, padding=1)
         self._init_weights()
 
     def _encode(self, x, e):
-        h, hs = x, []
-        for blk in self.enc.values():
-            h = blk(h, e) if isinstance(blk, Block) else blk(h)
-            hs.append(h)
+        """Outputs of the non-aux encoder entries, by name; the residual path replaces the level's first output
+        (EDM: x = skips[-1] = aux = (x + aux_residual(aux)) / sqrt(2))."""
+        h, aux, hs = x, x, {}
+        for name, blk in self.enc.items():
+            if name.endswith("_aux_residual"):
+                h = aux = hs[last] = (h + blk(aux)) / math.sqrt(2)
+            else:
+                h = hs[name] = blk(h, e) if isinstance(blk, Block) else blk(h)
+                last = name
         return hs
 
-    def forward(self, x, t, s=None, y=None):
-        e = self.embed(x, t, s, y)
-        skips = self._encode(x, e)
+    def forward(self, x, t, s=None, y=None, aug=None):
+        e = self.embed(x, t, s, y, aug)
+        skips = list(self._encode(x, e).values())
         h = skips[-1]
         for name, blk in self.dec.items():
             h = blk(torch.cat([h, skips.pop()], 1) if "_block" in name else h, e)
         return self.out_conv(F.silu(self.out_norm(h))).to(x.dtype)
 
-    def encoder_features(self, x, t, s=None, y=None):
+    def encoder_features(self, x, t, s=None, y=None, aug=None):
         """(§3.6) output of the last encoder block of each level, high to low resolution."""
-        hs = dict(zip(self.enc.keys(), self._encode(x, self.embed(x, t, s, y))))
+        hs = self._encode(x, self.embed(x, t, s, y, aug))
         return [hs[k] for k in self.levels_end]
 
 
@@ -204,15 +297,15 @@ class MLP(_Net):
         self.out_norm, self.out_conv = _gn(W, ln=True), nn.Linear(W, d["dim"])
         self._init_weights()
 
-    def encoder_features(self, x, t, s=None, y=None):
-        e, h, out = self.embed(x, t, s, y), self.inp(x), []
+    def encoder_features(self, x, t, s=None, y=None, aug=None):
+        e, h, out = self.embed(x, t, s, y, aug), self.inp(x), []
         for b in self.blocks:
             h = b(h, e)
             out.append(h)
         return out
 
-    def forward(self, x, t, s=None, y=None):
-        return self.out_conv(F.silu(self.out_norm(self.encoder_features(x, t, s, y)[-1]))).to(x.dtype)
+    def forward(self, x, t, s=None, y=None, aug=None):
+        return self.out_conv(F.silu(self.out_norm(self.encoder_features(x, t, s, y, aug)[-1]))).to(x.dtype)
 
 
 class WeightHead(nn.Module):
@@ -233,23 +326,32 @@ class WeightHead(nn.Module):
             return self.linear(torch.cat(u, 1))[:, 0]
 
 
-_NETS = {  # (§3.7) sizes
-    "ddpmpp": dict(kind="unet", img_resolution=32, in_channels=3, out_channels=3, ch=128, mult=[2, 2, 2], nb=4,
-                   attn_res=[16], time_channels=128, emb_mult=4),
-    "small": dict(kind="unet", img_resolution=32, in_channels=3, out_channels=3, ch=64, mult=[2, 2, 2], nb=2,
-                  attn_res=[16], time_channels=64, emb_mult=4),
-    "tiny": dict(kind="unet", img_resolution=16, in_channels=3, out_channels=3, ch=16, mult=[1, 2], nb=1,
-                 attn_res=None, time_channels=16, emb_mult=4),
+# Sizes. ddpmpp / ncsnpp are EDM's CIFAR-10 networks (NVlabs/edm train.py --arch ddpmpp / ncsnpp).
+# UNet options beyond the sizes: encoder 'standard' | 'residual' (NCSN++), resample_filter [1,1] | [1,3,3,1],
+# num_heads, qkv_order 'interleaved' (EDM) | 'blocks' (py-meanflow). Options of both kinds (_NET_COMMON): the
+# time embedding 'positional' | 'fourier' (time_channels = EDM's model_channels x channel_mult_noise),
+# time_combine 'sum' | 'concat' for two times, augment_dim (EDM's map_augment), label_dropout (EDM's).
+_UNET = dict(kind="unet", img_resolution=32, in_channels=3, out_channels=3, encoder="standard",
+             resample_filter=[1, 1], num_heads=1, qkv_order="interleaved")
+_NETS = {
+    "ddpmpp": dict(_UNET, ch=128, mult=[2, 2, 2], nb=4, attn_res=[16], time_channels=128, emb_mult=4),
+    "ncsnpp": dict(_UNET, ch=128, mult=[2, 2, 2], nb=4, attn_res=[16], time_channels=256, emb_mult=4,
+                   encoder="residual", resample_filter=[1, 3, 3, 1], embedding="fourier"),
+    "small": dict(_UNET, ch=64, mult=[2, 2, 2], nb=2, attn_res=[16], time_channels=64, emb_mult=4),
+    "tiny": dict(_UNET, img_resolution=16, ch=16, mult=[1, 2], nb=1, attn_res=None, time_channels=16, emb_mult=4),
     "mlp": dict(kind="mlp", dim=2, width=128, depth=3, time_channels=64),
 }
-_NET_COMMON = dict(num_times=1, time_scale=1.0, label_dim=0, dropout=0.0, adn=False)
+_NET_COMMON = dict(num_times=1, time_scale=1.0, label_dim=0, dropout=0.0, adn=False, embedding="positional",
+                   time_combine="sum", augment_dim=0, label_dropout=0.0)
+_NET_CHOICES = dict(embedding=("positional", "fourier"), time_combine=("sum", "concat"),
+                    encoder=("standard", "residual"), qkv_order=("interleaved", "blocks"))
 
 
 def net_config(name, **overrides):
     """(§3.10) plain JSON dict of constructor arguments; unknown keys are a UserError."""
     if name not in _NETS:
         raise UserError(f"unknown network '{name}'; choose one of {', '.join(_NETS)}.")
-    d = {**_NETS[name], **_NET_COMMON}
+    d = {**_NET_COMMON, **_NETS[name]}
     bad = set(overrides) - set(d)
     if bad:
         raise UserError(f"unknown network option(s) {sorted(bad)} for '{name}'.")
@@ -270,8 +372,16 @@ def build_net(d):
     if set(d) != want:
         raise UserError(f"network config keys differ from a {kind}'s: missing {sorted(want - set(d))}, "
                         f"unknown {sorted(set(d) - want)}.")
-    if kind == "unet" and d["img_resolution"] % 2 ** (len(d["mult"]) - 1):
-        raise UserError(f"image resolution {d['img_resolution']} is not divisible by 2^{len(d['mult']) - 1}.")
+    for k, ok in _NET_CHOICES.items():
+        if k in d and d[k] not in ok:
+            raise UserError(f"network option {k}={d[k]!r} is not one of {', '.join(ok)}.")
+    if kind == "unet":
+        if d["img_resolution"] % 2 ** (len(d["mult"]) - 1):
+            raise UserError(f"image resolution {d['img_resolution']} is not divisible by 2^{len(d['mult']) - 1}.")
+        if not d["resample_filter"] or len(d["resample_filter"]) % 2:
+            raise UserError(f"resample_filter {d['resample_filter']} needs an even, non-zero length.")
+        if any(d["ch"] * m % d["num_heads"] for m in [1, *d["mult"]]):
+            raise UserError(f"num_heads {d['num_heads']} does not divide every level's channels.")
     return (UNet if kind == "unet" else MLP)(d)
 
 
@@ -1009,6 +1119,298 @@ class Guard:
             self.good = step
         else:
             self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
+
+
+# ==================================================================================== EDM checkpoints
+# NVlabs/edm's network pickles (edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl, network-snapshot-*.pkl) are a dict
+# {'ema': network, 'loss_fn', 'augment_pipe', 'dataset_kwargs'} (edm training/training_loop.py). EDM's
+# torch_utils/persistence.py writes every network object as the call _reconstruct_persistent_obj(meta), meta =
+# {type, version, module_src, class_name, state}, and a plain unpickle *executes* module_src. The unpickler here
+# never does: it rebuilds tensors, numbers and containers, keeps each persistent object as a record (class name +
+# its __dict__: _init_kwargs, _parameters, _buffers, _modules), and refuses every other global by name.
+class _Record:
+    """A pickled object kept as data: its class name and its state, never its class."""
+    name, state = "?", {}
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {"_state": state}
+
+
+def _record_class(name):  # torch.nn containers (ModuleDict, ...) are pickled by class: a record type in its place
+    return type("_Record_" + name.rsplit(".", 1)[-1], (_Record,), {"name": name, "state": {}})
+
+
+class _EasyDict(dict):  # dnnlib.util.EasyDict as a plain dict
+    pass
+
+
+def _unpickling(msg):
+    raise pickle.UnpicklingError(msg)
+
+
+def _persistent(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        _unpickling("a persistent object without a class record")
+    return _Record(str(meta.get("class_name")), meta["state"])  # meta['module_src'] is dropped unread
+
+
+def _tensor(storage, offset, size, stride, *_):  # requires_grad, backward hooks and metadata are dropped
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        _unpickling("a tensor without a storage")
+    return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, {})
+
+
+def _storage(b):  # torch's own pickling of a storage: a legacy torch.save stream, read with weights_only
+    if not isinstance(b, (bytes, bytearray)):
+        _unpickling("a storage without bytes")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation
+        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+def _np_scalar(dtype, data=None):  # numpy scalars (EDM's np.sqrt(0.5) skip scale) -> Python numbers
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        _unpickling("a numpy scalar that is not a plain number")
+    return np.frombuffer(data, dtype, 1)[0].item()
+
+
+def _reconstructor(cls, base, state=None):  # protocol 0/1 objects: only the record types above
+    if not (isinstance(cls, type) and issubclass(cls, _Record) and base is object and state is None):
+        _unpickling("an object of a class outside torch.nn")
+    return cls.__new__(cls)
+
+
+def _latin1(s, enc="latin1"):  # protocol 2 spelling of bytes
+    if not isinstance(s, str) or enc != "latin1":
+        _unpickling("an encoded string other than latin1 bytes")
+    return s.encode("latin1")
+
+
+_EDM_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
+    ("torch._utils", "_rebuild_tensor_v2"): _tensor,
+    ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
+    ("torch.storage", "_load_from_bytes"): _storage,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _np_scalar, ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _EDM_GLOBALS:
+            return _EDM_GLOBALS[module, name]
+        if module.startswith("torch.nn.modules.") and name.isidentifier():
+            return _record_class(f"{module}.{name}")
+        raise UserError(f"'{self.path}' names the global {module}.{name}, which an EDM network pickle never needs; "
+                        f"refusing to load it.")
+
+
+def read_edm_pickle(path):
+    """The pickle's content with tensors, numbers and containers rebuilt and every EDM/torch.nn object a _Record;
+    no code from the file runs. Any other global -> UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"EDM pickle '{path}' does not exist (download it first; these files are not fetched here).")
+    try:
+        with open(path, "rb") as f:
+            return _EDMUnpickler(f, path).load()
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable EDM pickle ({type(e).__name__}: {str(e)[:80]}).") from None
+
+
+def _edm_tensors(rec, where, prefix=""):
+    """state_dict of a module record: parameters, persistent buffers, submodules (None entries skipped)."""
+    st, out = rec.state, {}
+    skip = st.get("_non_persistent_buffers_set") or ()
+    items = [*(st.get("_parameters") or {}).items(), *((k, v) for k, v in (st.get("_buffers") or {}).items()
+                                                        if k not in skip)]
+    for k, v in items:
+        if v is not None and not torch.is_tensor(v):
+            raise UserError(f"{where}: {prefix}{k} is not a tensor.")
+        if v is not None:
+            out[prefix + k] = v
+    for k, m in (st.get("_modules") or {}).items():
+        if m is not None:
+            if not isinstance(m, _Record):
+                raise UserError(f"{where}: submodule {prefix}{k} is not a module record.")
+            out.update(_edm_tensors(m, where, f"{prefix}{k}."))
+    return out
+
+
+# SongUNet's and the preconditioners' defaults (NVlabs/edm training/networks.py), for kwargs a pickle leaves out
+_SONG_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4,
+                      num_blocks=4, attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type="positional",
+                      channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1])
+_EDM_PRECONDS = {"VPPrecond": ("vp", dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)),
+                 "VEPrecond": ("ve", dict(sigma_min=0.02, sigma_max=100.0)),
+                 "EDMPrecond": ("edm", dict(sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5))}
+
+
+def _vp_sigma(t, beta_d, beta_min):  # EDM VPPrecond.sigma, in float32 as there
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
+
+
+class EDMDenoiser(nn.Module):
+    """D(x; sigma, y) of EDM (Karras et al. 2022, Table 1; NVlabs/edm training/networks.py VPPrecond, VEPrecond,
+    EDMPrecond) around a UNet, computed in fp32 as there: D = c_skip x + c_out net(c_in x, c_noise, y[, aug]) with
+        vp:  c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2 + 1), c_noise (M - 1) t_VP(sigma),
+             t_VP(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d
+        ve:  c_skip 1, c_out sigma, c_in 1, c_noise log(sigma / 2)
+        edm: c_skip s^2/(sigma^2 + s^2), c_out sigma s/sqrt(sigma^2 + s^2), c_in 1/sqrt(sigma^2 + s^2),
+             c_noise log(sigma) / 4, s = sigma_data.
+    sigma: a number or a (B,) tensor; y: int labels, one-hot rows, or None (= the zero row, as EDM); aug: EDM's
+    augmentation labels (None at sampling). sigma_min / sigma_max are the network's supported range (EDM's
+    attributes; the Heun sampler clips its grid to them)."""
+
+    def __init__(self, net, precond, sigma_min=None, sigma_max=None, sigma_data=0.5, beta_d=19.9, beta_min=0.1,
+                 M=1000, epsilon_t=1e-5):
+        super().__init__()
+        if precond not in ("vp", "ve", "edm"):
+            raise UserError(f"EDM preconditioning must be vp, ve or edm, got {precond!r}.")
+        self.net, self.precond = net, precond
+        self.sigma_data, self.beta_d, self.beta_min, self.M, self.epsilon_t = sigma_data, beta_d, beta_min, M, epsilon_t
+        if precond == "vp":  # EDM: float(sigma(epsilon_t)), float(sigma(1))
+            sigma_min = float(_vp_sigma(epsilon_t, beta_d, beta_min)) if sigma_min is None else sigma_min
+            sigma_max = float(_vp_sigma(1, beta_d, beta_min)) if sigma_max is None else sigma_max
+        default = _EDM_PRECONDS["VEPrecond" if precond == "ve" else "EDMPrecond"][1]
+        self.sigma_min = float(default["sigma_min"] if sigma_min is None else sigma_min)
+        self.sigma_max = float(default["sigma_max"] if sigma_max is None else sigma_max)
+
+    def config(self):
+        """Plain dict that rebuilds this denoiser (untrained) with EDMDenoiser.from_config."""
+        return dict(precond=self.precond, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                    sigma_data=self.sigma_data, beta_d=self.beta_d, beta_min=self.beta_min, M=self.M,
+                    epsilon_t=self.epsilon_t, net=dict(self.net.config))
+
+    @classmethod
+    def from_config(cls, d):
+        d = dict(d)
+        return cls(build_net(d.pop("net")), **d)
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) for a float32 sigma tensor, as NVlabs/edm computes them."""
+        if self.precond == "vp":
+            c_noise = (self.M - 1) * (((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt()
+                                       - self.beta_min) / self.beta_d)
+            return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+        if self.precond == "ve":
+            return 1, sigma, 1, (0.5 * sigma).log()
+        s = self.sigma_data
+        return (s ** 2 / (sigma ** 2 + s ** 2), sigma * s / (sigma ** 2 + s ** 2).sqrt(),
+                1 / (s ** 2 + sigma ** 2).sqrt(), sigma.log() / 4)
+
+    def forward(self, x, sigma, y=None, aug=None):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.net(c_in * x, c_noise.flatten(), y=y, aug=aug)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+def _edm_state_to_ours(sd, nd, where):
+    """EDM SongUNet state_dict -> ours: EDM's resample_filter buffers are checked against the filter the kwargs
+    name and dropped (ours are fixed, not stored); dec.{R}x{R}_aux_norm / _aux_conv -> out_norm / out_conv."""
+    R, f, out = nd["img_resolution"], _fir(nd["resample_filter"]), {}
+    for k, v in sd.items():
+        if k.endswith("resample_filter"):
+            if v.shape != f.shape or not torch.equal(v.float().cpu(), f.cpu()):
+                raise UserError(f"{where}: {k} is not the filter {nd['resample_filter']} its kwargs name.")
+            continue
+        out[re.sub(rf"^dec\.{R}x{R}_aux_(norm|conv)\.", r"out_\1.", k)] = v
+    return out
+
+
+def load_edm(path, key="ema"):
+    """An EDM network pickle -> (EDMDenoiser in eval mode with the weights loaded strictly, info). Only EDM's
+    SongUNet (DDPM++ / NCSN++) under VPPrecond / VEPrecond / EDMPrecond loads; nothing in the file is executed.
+    info: precond ('vp' | 've' | 'edm'), sigma_min, sigma_max, sigma_data, label_dim, augment_dim, net (our
+    net_config), edm_kwargs (the pickled constructor kwargs), use_fp16 (EDM's flag; we run fp32), dataset_kwargs."""
+    raw = read_edm_pickle(path)
+    obj = raw.get(key) if isinstance(raw, dict) else raw
+    name = getattr(obj, "name", type(obj).__name__)
+    if not isinstance(obj, _Record) or name not in _EDM_PRECONDS:
+        raise UserError(f"'{path}' holds no EDM VPPrecond / VEPrecond / EDMPrecond network under '{key}' (found "
+                        f"{name}).")
+    precond, pdefaults = _EDM_PRECONDS[name]
+    kw = dict(obj.state.get("_init_kwargs") or {})
+    args = obj.state.get("_init_args") or ()
+    if args:
+        raise UserError(f"'{path}': {name} was built with positional arguments {args!r}; EDM passes keywords.")
+    model_type = kw.get("model_type", "DhariwalUNet" if precond == "edm" else "SongUNet")
+    if model_type != "SongUNet":
+        raise UserError(f"'{path}' holds a {model_type}; only EDM's SongUNet (DDPM++ / NCSN++) loads here.")
+    song = {**_SONG_DEFAULTS, **{k: v for k, v in kw.items() if k not in pdefaults and k not in
+                                 ("img_resolution", "img_channels", "use_fp16", "model_type")}}
+    unknown = sorted(set(song) - set(_SONG_DEFAULTS))
+    if unknown or song["decoder_type"] != "standard" or song["encoder_type"] not in ("standard", "residual"):
+        raise UserError(f"'{path}': SongUNet options {unknown or ''} encoder_type={song['encoder_type']!r} "
+                        f"decoder_type={song['decoder_type']!r} are not supported (standard/residual encoder, "
+                        f"standard decoder).")
+    ch = int(song["model_channels"])
+    nd = net_config("ddpmpp", img_resolution=int(kw["img_resolution"]), in_channels=int(kw["img_channels"]),
+                    out_channels=int(kw["img_channels"]), ch=ch, mult=[int(m) for m in song["channel_mult"]],
+                    nb=int(song["num_blocks"]), attn_res=[int(r) for r in song["attn_resolutions"]],
+                    time_channels=ch * int(song["channel_mult_noise"]), emb_mult=int(song["channel_mult_emb"]),
+                    label_dim=int(song["label_dim"]), augment_dim=int(song["augment_dim"]),
+                    dropout=float(song["dropout"]), label_dropout=float(song["label_dropout"]),
+                    embedding=song["embedding_type"], encoder=song["encoder_type"],
+                    resample_filter=[int(v) for v in song["resample_filter"]])
+    model = (obj.state.get("_modules") or {}).get("model")
+    if not isinstance(model, _Record):
+        raise UserError(f"'{path}': the {name} record has no 'model' submodule.")
+    net = build_net(nd)
+    load_state_strict(net, _edm_state_to_ours(_edm_tensors(model, path), nd, path))
+    p = {k: float(obj.state.get(k, kw.get(k, d))) for k, d in pdefaults.items()}
+    if precond == "vp":
+        p.update(M=int(p["M"]), sigma_min=obj.state.get("sigma_min"), sigma_max=obj.state.get("sigma_max"))
+    den = EDMDenoiser(net, precond, **p).eval().requires_grad_(False)
+    info = dict(precond=precond, sigma_min=den.sigma_min, sigma_max=den.sigma_max, sigma_data=den.sigma_data,
+                label_dim=nd["label_dim"], augment_dim=nd["augment_dim"], net=nd, edm_kwargs=kw,
+                use_fp16=bool(kw.get("use_fp16", False)),
+                dataset_kwargs=dict(raw.get("dataset_kwargs") or {}) if isinstance(raw, dict) else {})
+    return den, info
+
+
+@torch.no_grad()
+def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 2 with S_churn = 0; NVlabs/edm generate.py
+    edm_sampler): sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, sigma_N = 0, an Euler
+    step plus the trapezoidal correction except on the last step: 2N - 1 evaluations (35 for N = 18). The grid is
+    clipped to D's supported range (D.sigma_min / D.sigma_max when present: VE's 0.02). State in float64, D(x,
+    sigma, y) called with float64 x and a 0-dim float64 sigma (EDMDenoiser computes in fp32). latents ~ N(0, I)."""
+    sigma_min = max(sigma_min, getattr(D, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(D, "sigma_max", float("inf")))
+    i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros_like(t[:1])])
+    x = latents.to(torch.float64) * t[0]
+    for k in range(num_steps):
+        tc, tn = t[k], t[k + 1]
+        d = (x - D(x, tc, y).to(torch.float64)) / tc
+        xn = x + (tn - tc) * d
+        if k < num_steps - 1:
+            xn = x + (tn - tc) * (0.5 * d + 0.5 * (xn - D(xn, tn, y).to(torch.float64)) / tn)
+        x = xn
+    return x
+
+
 
 
 # ========================================================================================= config validation

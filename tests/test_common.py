@@ -81,7 +81,7 @@ def image_data(n=24, c=3, r=8, seed=0, xflip=True, labels=False):
     ("ddpmpp", {}, 55_732_739),
     ("ddpmpp", dict(num_times=2), 56_061_443),
     ("ddpmpp", dict(adn=True), 60_049_667),
-    ("ddpmpp", dict(label_dim=10), 55_732_739 + 5_120),
+    ("ddpmpp", dict(label_dim=10), 55_732_739 + 1_408),  # EDM's map_label: 10 -> 128 with bias
     ("ddpmpp", dict(num_times=2, adn=True), 60_378_371),
     ("small", {}, 8_797_187),
     ("small", dict(adn=True), 9_482_627),
@@ -100,7 +100,7 @@ def test_param_count_deltas_and_frozen_fractions():
     base = n_params(meta_net("ddpmpp"))
     assert n_params(meta_net("ddpmpp", num_times=2)) - base == 328_704
     assert n_params(meta_net("ddpmpp", adn=True)) - base == 4_316_928
-    assert n_params(meta_net("ddpmpp", label_dim=10)) - base == 5_120
+    assert n_params(meta_net("ddpmpp", label_dim=10)) - base == 1_408
     assert n_frozen(meta_net("ddpmpp")) == 47_597_568
     for name, pct, nd in (("ddpmpp", 85.40, 2), ("small", 84.6, 1), ("tiny", 78.6, 1), ("mlp", 56.3, 1)):
         net = meta_net(name)
@@ -141,8 +141,8 @@ def _ref_block(blk, x, e):
     y = (h + (blk.skip(R(x)) if blk.skip is not None else x)) / math.sqrt(2)
     if blk.attn:  # (N5)
         B, Co, H, W = y.shape
-        qkv = blk.qkv(gn(blk.norm2, y)).reshape(B, 3 * Co, H * W)
-        q, k, v = qkv[:, :Co], qkv[:, Co:2 * Co], qkv[:, 2 * Co:]
+        qkv = blk.qkv(gn(blk.norm2, y)).reshape(B, Co, 3, H * W)  # EDM's order: q, k, v interleaved per channel
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         Wt = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(Co), dim=-1)  # (B, N queries, N keys)
         y = (y + blk.proj((v @ Wt.transpose(1, 2)).reshape(B, Co, H, W))) / math.sqrt(2)
     return y
@@ -178,8 +178,9 @@ def test_embedding_matches_spec():
     j = torch.arange(Ct // 2, dtype=torch.float64)
     pe = lambda c: torch.cat([(c[:, None] * 10 ** (-4 * j / (Ct // 2 - 1))).sin(),  # noqa: E731
                               (c[:, None] * 10 ** (-4 * j / (Ct // 2 - 1))).cos()], 1)
-    e = net.map_layer1(F.silu(net.map_layer0(pe(250 * t)))) + net.map_layer1_s(F.silu(net.map_layer0_s(pe(250 * s))))
-    e = F.silu(e + net.map_label(F.one_hot(y, 10).double() * math.sqrt(10)))
+    n = pe(250 * t) + net.map_label(F.one_hot(y, 10).double() * math.sqrt(10))  # EDM: labels before map_layer0
+    e = net.map_layer1(F.silu(net.map_layer0(n))) + net.map_layer1_s(F.silu(net.map_layer0_s(pe(250 * s))))
+    e = F.silu(e)
     x = torch.zeros(3, 3, 16, 16, dtype=torch.float64)
     assert torch.allclose(net.embed(x, t, s, y), e, rtol=1e-12, atol=1e-14)
     unscaled = C.build_net({**net.config, "time_scale": 1.0}).double()
@@ -188,19 +189,23 @@ def test_embedding_matches_spec():
     assert torch.allclose(net(x, t, s, y), unscaled(x, 250 * t, 250 * s, y), rtol=1e-12, atol=1e-14)
 
 
-# ======================================================================== 2. zero output at init
+# ======================================================================== 2. near-zero output at init
 @pytest.mark.parametrize("kind", ["unet", "mlp"])
-def test_fresh_output_exactly_zero_then_not_after_sgd(kind):
+def test_fresh_output_near_zero_then_not_after_sgd(kind):
+    """U-Net: EDM's init, the output layer Xavier-uniform x 1e-5 with a zero bias; the 2-D MLP: exactly zero."""
     net = tiny() if kind == "unet" else mlp()
+    w = net.out_conv.weight
+    fan = w[0].numel() + w[:, 0].numel()
+    assert w.abs().max() <= 1e-5 * math.sqrt(6 / fan) and torch.count_nonzero(net.out_conv.bias) == 0
     x = torch.randn(3, 3, 16, 16) if kind == "unet" else torch.randn(3, 2)
     t = torch.rand(3)
     out = net(x, t)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.count_nonzero(out) == 0
+    assert (0 < out.abs().max() < 1e-4) if kind == "unet" else torch.count_nonzero(out) == 0
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     (net(x, t) - torch.randn_like(x)).square().mean().backward()
     opt.step()
-    assert torch.count_nonzero(net(x, t)) == out.numel()
+    assert torch.count_nonzero(net(x, t)) == out.numel() and net(x, t).abs().max() > 1e-3
 
 
 # ======================================================================== 3. JVP vs central differences
