@@ -593,6 +593,183 @@ def load_data(spec, root, env, seed, xflip):
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
 
 
+# ================================================================================== augmentation
+# EDM's non-leaky augmentation (Karras et al. 2022, App. F.2; NVlabs/edm training/augment.py, AugmentPipe: the
+# geometric part of ADA, Karras et al. 2020). Each transform is applied to an image with probability p times its
+# multiplier, and the network is told what was done through a label vector (EDM's `augment_labels`, fed to the
+# U-Net's `map_augment`); sampling passes zero labels ("not augmented"), so the augmentations do not leak.
+# EDM's CIFAR-10 setting (train.py): p = --augment 0.12 with the multipliers of EDM_AUGMENT and augment_dim 9;
+# xflip = 1e8 makes the x-flip happen with probability 1/2 whatever p is (the data set's own x-flip stays off).
+EDM_AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+_AUG_DIMS = dict(xflip=1, yflip=1, scale=1, rotate_frac=2, aniso=2, translate_frac=2)  # label entries, in order
+_AUG_RANGES = dict(scale_std=0.2, rotate_frac_max=1.0, aniso_std=0.2, aniso_rotate_prob=0.5,
+                   translate_frac_std=0.125)  # AugmentPipe's defaults, which EDM's train.py keeps
+# Daubechies' symlet-6 low-pass filter (PyWavelets 'sym6' dec_lo): the interpolation filter of the 2x resampling
+_SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+
+
+def _aug_options(probs):
+    bad = [k for k in probs if k not in _AUG_DIMS and k not in _AUG_RANGES]
+    if bad:
+        raise TypeError(f"unknown augmentation option(s) {bad}; known: {[*_AUG_DIMS, *_AUG_RANGES]}")
+    return {**dict.fromkeys(_AUG_DIMS, 0.0), **_AUG_RANGES, **{k: float(v) for k, v in probs.items()}}
+
+
+def augment_dim(**probs):
+    """Length of the augmentation labels for these multipliers: 1 per flip and for the isotropic scale, 2 for the
+    rotation, the anisotropic scale and the translation (9 for EDM_AUGMENT, EDM's CIFAR-10 augment_dim)."""
+    o = _aug_options(probs)
+    return sum(d for k, d in _AUG_DIMS.items() if o[k] > 0)
+
+
+def _affine(a, b, c, d, e, f):
+    """(n, 3, 3) homogeneous 2-D matrices [[a, b, c], [d, e, f], [0, 0, 1]] from (n,) tensors and numbers."""
+    ref = next(x for x in (a, b, c, d, e, f) if torch.is_tensor(x))
+    return torch.stack([x if torch.is_tensor(x) else torch.full_like(ref, x)
+                        for x in (a, b, c, d, e, f, 0.0, 0.0, 1.0)], -1).unflatten(-1, (3, 3))
+
+
+def _aug_draws(n, H, W, p, o, g):
+    """AugmentPipe's random draws, in its order, for n images -> (x-flip mask, y-flip mask, G, labels).
+    G (n, 3, 3) or None maps output pixel coordinates to input ones, both about the image centre: the inverse
+    transforms composed from the left in drawing order, as AugmentPipe builds G_inv."""
+    labels, flips, mats = [], [], []
+    for k in ("xflip", "yflip"):
+        if o[k] > 0:
+            w = torch.randint(2, (n, 1, 1, 1), **g)
+            w = torch.where(torch.rand(n, 1, 1, 1, **g) < o[k] * p, w, 0)
+            flips.append(w == 1), labels.append(w)
+        else:
+            flips.append(None)
+    if o["scale"] > 0:  # isotropic scale 2^(0.2 w), w ~ N(0, 1)
+        w = torch.randn(n, **g)
+        w = torch.where(torch.rand(n, **g) < o["scale"] * p, w, 0)
+        s = torch.exp2(w * o["scale_std"])
+        mats.append(_affine(1 / s, 0.0, 0.0, 0.0, 1 / s, 0.0))
+        labels.append(w)
+    if o["rotate_frac"] > 0:  # rotation by w ~ U(-pi, pi) (counter-clockwise in x right, y down)
+        w = (torch.rand(n, **g) * 2 - 1) * (math.pi * o["rotate_frac_max"])
+        w = torch.where(torch.rand(n, **g) < o["rotate_frac"] * p, w, 0)
+        c, s = torch.cos(w), torch.sin(w)
+        mats.append(_affine(c, -s, 0.0, s, c, 0.0))
+        labels += [c - 1, s]
+    if o["aniso"] > 0:  # scale 2^(0.2 w) along the axis at angle r (r = 0 half the time), 2^(-0.2 w) across it
+        w = torch.randn(n, **g)
+        r = (torch.rand(n, **g) * 2 - 1) * math.pi
+        w = torch.where(torch.rand(n, **g) < o["aniso"] * p, w, 0)
+        r = torch.where(torch.rand(n, **g) < o["aniso_rotate_prob"], r, 0)
+        s, c, sn = torch.exp2(w * o["aniso_std"]), torch.cos(r), torch.sin(r)
+        mats += [_affine(c, sn, 0.0, -sn, c, 0.0), _affine(1 / s, 0.0, 0.0, 0.0, 1 / (1 / s), 0.0),
+                 _affine(c, -sn, 0.0, sn, c, 0.0)]
+        labels += [w * c, w * sn]
+    if o["translate_frac"] > 0:  # shift by (W, H) * 0.125 * w pixels, w ~ N(0, I_2)
+        w = torch.randn(2, n, **g)
+        w = torch.where(torch.rand(1, n, **g) < o["translate_frac"] * p, w, 0)
+        mats.append(_affine(1.0, 0.0, -(w[0] * (W * o["translate_frac_std"])),
+                            0.0, 1.0, -(w[1] * (H * o["translate_frac_std"]))))
+        labels += [w[0], w[1]]
+    G = None
+    for M in mats:
+        G = M if G is None else G @ M
+    return flips[0], flips[1], G, labels
+
+
+def _const(rows, device, dtype=torch.float32):  # a small constant on the device without a blocking copy
+    return torch.tensor(rows, dtype=dtype).to(device, non_blocking=True)
+
+
+def _aug_margin(G, H, W):
+    """AugmentPipe's padding [left, top, right, bottom] (whole pixels, as floats on G's device) for the batch of
+    matrices G: how far the output corners' sources lie outside the image, plus 6 pixels for the filters,
+    clipped to [0, size - 1] (the most a reflection can pad)."""
+    dev, k = G.device, len(_SYM6) // 4
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    xy = (G @ _const([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], dev))[:, :2]
+    m = torch.cat([-xy, xy], 1).amax((0, 2))  # farthest source of a corner from the centre: [-x, -y, +x, +y]
+    m = (m + _const([2 * k - cx, 2 * k - cy] * 2, dev)).clamp(min=0).minimum(_const([W - 1, H - 1] * 2, dev))
+    return m.ceil()
+
+
+def _aug_warp(x, G, G_all):
+    """Resample x (N, C, H, W) at G's coordinates as AugmentPipe does: reflect-pad, 2x upsample with the sym6
+    filter, bilinear sampling (zeros outside), sym6 low-pass with 2x downsampling, crop. AugmentPipe pads by the
+    margin its batch's transforms need, read back to the host; here the pad is the largest it allows (H-1, W-1)
+    and whatever lies beyond that margin is zeroed (before and after upsampling), which gives its numbers without
+    a host sync. G_all: the matrices of the whole batch, over which the margin is taken."""
+    N, C, H, W = x.shape
+    dev, k = x.device, len(_SYM6) // 4  # k = 3: border (input pixels) sampled around the image, cropped at the end
+    f = _const(_SYM6, dev, x.dtype)
+    m = _aug_margin(G_all, H, W)
+
+    def keep(n, lo, hi, up):  # mask of the positions up*[lo, hi) on an axis of length n
+        i = torch.arange(n, device=dev)
+        return (i >= up * lo) & (i < up * hi)
+
+    Wc, Hc = 3 * W - 2, 3 * H - 2
+    lo_x, hi_x, lo_y, hi_y = W - 1 - m[0], 2 * W - 1 + m[2], H - 1 - m[1], 2 * H - 1 + m[3]
+    x = F.pad(x, (W - 1, W - 1, H - 1, H - 1), mode="reflect")
+    x = torch.where(keep(Hc, lo_y, hi_y, 1)[:, None] & keep(Wc, lo_x, hi_x, 1), x, 0)
+    # 2x upsampling: out[j] = sum_i x[i] f[j + 5 - 2i], i.e. input pixel i sits at upsampled coordinate 2i + 1/2
+    wx = f.view(1, 1, 1, -1).repeat(C, 1, 1, 1)
+    wy = wx.transpose(2, 3)
+    x = F.conv_transpose2d(x, wx, stride=(1, 2), padding=(0, 5), groups=C)
+    x = F.conv_transpose2d(x, wy, stride=(2, 1), padding=(5, 0), groups=C)
+    x = torch.where(keep(2 * Hc, lo_y, hi_y, 2)[:, None] & keep(2 * Wc, lo_x, hi_x, 2), x, 0)
+    # sampling grid: output pixel (upsampled, with a k-pixel border) -> grid_sample's normalised coordinates in
+    # the upsampled canvas; with align_corners=False a normalised output coordinate z is u = z Wo/4 + 1/4 input
+    # pixels from the centre, and an input point v from the centre is at (2 v - 1/2) / Wc in the canvas
+    Wo, Ho = 2 * (W + 2 * k), 2 * (H + 2 * k)
+    L = _const([[2 / Wc, 0, -0.5 / Wc], [0, 2 / Hc, -0.5 / Hc], [0, 0, 1]], dev)
+    R = _const([[Wo / 4, 0, 0.25], [0, Ho / 4, 0.25], [0, 0, 1]], dev)
+    theta = (L @ G @ R)[:, :2].to(x.dtype)
+    grid = F.affine_grid(theta, [N, C, Ho, Wo], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # low-pass and 2x downsampling: out[j] = sum_i x[i] f[i - 2j + 5], then crop the border
+    x = F.conv2d(x, wx, stride=(1, 2), padding=(0, 5), groups=C)[:, :, :, k:-k]
+    return F.conv2d(x, wy, stride=(2, 1), padding=(5, 0), groups=C)[:, :, k:-k, :]
+
+
+def augment(images, p, generator=None, part=0, parts=1, **probs):
+    """EDM's augmentation of float images (N, C, H, W) in [-1, 1] -> (images, labels (N, augment_dim)).
+
+    p: the overall probability (EDM's --augment); p = 0 returns the images unchanged with zero labels (EDM then
+    builds no pipe at all). probs: AugmentPipe's multipliers and ranges, all transforms off by default;
+    EDM_AUGMENT is EDM's CIFAR-10 setting. Labels: per enabled transform in the order xflip (0/1), yflip (0/1),
+    scale (w), rotate_frac (cos - 1, sin), aniso (w cos r, w sin r), translate_frac (wx, wy).
+    Randomness: `generator` (a torch.Generator on the images' device, an int seed, or None: the global RNG) is
+    drawn in AugmentPipe's order, so generator seed s gives EDM's outputs after torch.manual_seed(s) on the same
+    device. A run that must be a pure function of (seed, step) passes the same seed on every rank, e.g.
+    derive_seed(seed, "augment", step), and Data.batch's (part, parts): the draws are made for the step's
+    parts * N images, this call keeps the rows of `part`, and the padding margin is the whole step's, so the
+    result does not depend on how the step's batch is split over ranks and accumulation rounds.
+    Runs on any device with no Python loop over samples and no host sync (p and probs are Python numbers)."""
+    o = _aug_options(probs)
+    dim = augment_dim(**probs)
+    if images.ndim != 4:
+        raise ValueError(f"augment expects images (N, C, H, W), got shape {tuple(images.shape)}")
+    if not 0 <= p <= 1:
+        raise UserError(f"the augmentation probability must lie in [0, 1], got {p}.")
+    N, C, H, W = images.shape
+    if p == 0 or dim == 0:
+        return images, torch.zeros(N, dim, device=images.device)
+    dev = images.device
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = torch.Generator(dev).manual_seed(int(generator))
+    xf, yf, G, labels = _aug_draws(N * parts, H, W, p, o, dict(generator=generator, device=dev))
+    rows = slice(part * N, (part + 1) * N)
+    if xf is not None:
+        images = torch.where(xf[rows], images.flip(3), images)
+    if yf is not None:
+        images = torch.where(yf[rows], images.flip(2), images)
+    if G is not None:
+        low = images.dtype in (torch.float16, torch.bfloat16)
+        out = _aug_warp(images.float() if low else images, G[rows], G)
+        images = out.to(images.dtype) if low else out
+    return images, torch.cat([v[rows].reshape(N, -1).float() for v in labels], 1)
+
+
 # ========================================================================================= EMA (spec §5)
 class EMA:
     """p_ema <- p + beta (p_ema - p); beta = decay, or 0.5^(batch / (1000 halflife_kimg)) capped by rampup
