@@ -139,3 +139,16 @@ def test_golden_catches_mutations(monkeypatch, mutation):
     else:  # pad the maximum without zeroing what lies beyond EDM's margin
         monkeypatch.setattr(common, "_aug_margin", lambda G, H, W: torch.tensor([W - 1.0, H - 1.0] * 2))
     assert errors(CASES["all_p1" if mutation == "filter_tap" else "scale_wide"])[0] > 10 * IMG_TOL
+
+
+def test_traces_as_one_graph():
+    """No host sync: the whole pipe traces as one graph (a .item(), a tensor in an `if` or a size read back from
+    the device would break it); the global RNG here, as dynamo does not trace explicit generators."""
+    import torch._dynamo
+    f = torch.compile(lambda x: common.augment(x, 0.5, None, **common.EDM_AUGMENT), backend="eager",
+                      fullgraph=True)
+    try:
+        y, labels = f(CASES["all_p1"]["x"])
+    finally:
+        torch._dynamo.reset()
+    assert y.shape == CASES["all_p1"]["x"].shape and labels.shape == (6, 9)
