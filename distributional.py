@@ -11,8 +11,9 @@ is trained *only* with a non-saturating GAN loss against real data (plus lazy R1
 regression, no distillation, and the teacher is never queried again. GDD trains every weight; GDD-I freezes the two
 3x3 convolutions of every residual block and every attention output projection (~85% of a CIFAR U-Net) and trains
 norms, embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
-DiffAugment), `teacher` (default: trainable heads on a frozen copy of the teacher's encoder, offline) and `vgg` (the
-paper's Projected-GAN D on a frozen ImageNet VGG16-BN, weights downloaded by torchvision on first use).
+DiffAugment), `teacher` (this project's own offline D: trainable heads on a frozen copy of the teacher's encoder) and
+`projected` (GDD's: frozen ImageNet VGG16-BN and, with timm, EfficientNet-lite0, fixed random projections and
+multi-scale heads, K = 548 logits; the `cifar10` default).
 
 Convention: the teacher's, checked verbatim: x_t = (1 - t) x + t z, t = 0 data, t = 1 noise, v = z - x; the network
 gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher (1 for a 1-RF).
@@ -60,16 +61,19 @@ class Config:
     teacher_lr: float = 1e-3  # its Adam learning rate
     # the method (spec §3)
     freeze: Literal["none", "gdd_i"] = "none"  # none = GDD (all weights), gdd_i = GDD-I (Eq. 9 frozen)
-    disc: Literal["mlp", "scratch", "teacher", "vgg"] = "mlp"  # discriminator (§3.4)
+    disc: Literal["mlp", "scratch", "teacher", "projected"] = "mlp"  # discriminator; `projected` is GDD's own
     cond: bool = False  # class-conditional G and D (fake labels = the real batch's labels)
     loss: Literal["ns", "hinge"] = "ns"  # non-saturating (3)-(4) or hinge (12)
-    r1_gamma: Optional[float] = None  # R1 gamma in the batch-mean convention (11); None: the disc's default
+    r1_gamma: Optional[float] = None  # R1 gamma in this file's batch-mean convention (5); None: see r1_gamma_gdd
+    r1_gamma_gdd: Optional[float] = None  # R1 gamma in GDD's convention (its --r1-gamma), converted with the real K
+    #   (gamma_from_gdd); None: 1e-4 (train.sh) for `projected`, R1_DEFAULT (batch-mean) for the others
+    r1_gdd_batch: int = 0  # per-GPU batch at which r1_gamma_gdd is meant (GDD's CIFAR-10 run: 64); 0: this run's
     r1_interval: int = 16  # lazy R1 every r steps with gain r (6)
     d_t: float = 0.1  # instance-noise level of the `teacher` D: x~ = (1 - d_t) x + d_t eps
     diffaug: str = ""  # DiffAugment policy inside D, e.g. "color,translation,cutout" (`scratch` default)
-    proj_seed: int = 0  # seed of the `vgg` D's fixed random projections (not --seed)
-    disc_effnet: bool = False  # `vgg` D: add timm's tf_efficientnet_lite0 as a 2nd backbone (needs timm)
-    vgg_weights: Literal["imagenet", "random"] = "imagenet"  # random: test stand-in, never for numbers
+    proj_seed: int = 0  # seed of the `projected` D's fixed random projections (not --seed)
+    disc_backbones: str = "vgg,effnet"  # `projected` D: GDD's two (effnet needs timm); "vgg" = VGG16-BN alone
+    disc_weights: Literal["imagenet", "random"] = "imagenet"  # `projected` backbones; random: stand-in for tests
     # optimisation (7)-(8)
     iters: int = 2000  # G/D iterations
     batch: int = 512  # global batch B per step (split over ranks)
@@ -101,12 +105,19 @@ class Config:
             raise ValueError(f"--diffaug knows {', '.join(AUGMENTS)}, not {', '.join(sorted(bad))}.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+        bb = self.disc_backbones.split(",")
+        if not bb or set(bb) - set(BACKBONES) or len(set(bb)) != len(bb):
+            raise ValueError(f"--disc_backbones takes a comma-separated subset of {', '.join(BACKBONES)}, "
+                             f"not '{self.disc_backbones}'.")
+        if (self.r1_gamma_gdd is not None and self.r1_gamma_gdd < 0) or self.r1_gdd_batch < 0:
+            raise ValueError("--r1_gamma_gdd and --r1_gdd_batch must be non-negative.")
 
 
 RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0, 1)", lr_g="> 0", lr_d="> 0",
               teacher_lr="> 0", ema_halflife_img=">= 0")  # beside common.RANGES
 
-R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013, vgg=0.013)  # (11), §3.3: gamma in the batch-mean convention
+R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013)  # batch-mean gamma; `projected`: GDD's 1e-4, gamma_from_gdd
+R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
 
 PRESETS = {  # spec §5
     # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher (0) 2,000 x 512, Adam 1e-3
@@ -121,11 +132,22 @@ PRESETS = {  # spec §5
     "small": dict(data="cifar10", teacher_iters=0, disc="teacher", freeze="gdd_i", batch=128, iters=7813,
                   lr_g=1e-4, lr_d=1e-4, ema_halflife_img=1e5, ema_rampup=0.05, precision="bf16", log_every=100,
                   ckpt_every=1954, fid_every=1954, fid_n=10_000, eval_n=64),
-    # cifar10: Zyriix/GDD train.sh: --batch=256 --lr=1e-4 --dlr=1e-4 --duration=5 (5 Mimg = 19,531 steps) --ema=0.5
-    # (Mimg, ramp 0.05) --loss-type=ns --dropout=0 --augment=0, bf16 G (--fp16), lazy R1 every 16, Adam (0, 0.99)
-    # (training_loop.py); GDD-I is the paper's CIFAR result. D: `teacher` (offline); `--disc vgg` = the paper's.
-    "cifar10": dict(data="cifar10", teacher_iters=0, disc="teacher", freeze="gdd_i", batch=256, iters=19_531,
-                    lr_g=1e-4, lr_d=1e-4, r1_interval=16, ema_halflife_img=5e5, ema_rampup=0.05, precision="bf16",
+    # cifar10: GDD-I on CIFAR-10 as Zyriix/GDD train.sh runs it ("GDD-I / CIFAR-10 uncond" line): --freeze=1 (GDD-I)
+    # --backbone=1 (the projected D on VGG16-BN + EfficientNet-lite0, K = 548) --batch=256 --lr=1e-4 --dlr=1e-4
+    # --duration=5 (training_loop.py stops at the first step with >= 5 Mimg seen: 19,532 steps of 256) --ema=0.5
+    # (Mimg half-life; --ema-warmup 0.05 by default) --loss-type=ns --r1-gamma=1e-4 --dropout=0 --diffaug=False
+    # --fp16=True (bf16 U-Net; D in fp32 with TF32 off, training_loop.py); lazy R1 every 16 and Adam (0, 0.99) with
+    # D lr and beta2 x 16/17 (training_loop.py). No augmentation: that line omits --augment=0, but with --augment-p 0
+    # and no ADA target training_loop.py builds no augment pipe; no x-flips. R1: gamma 1e-4 in GDD's convention at
+    # GDD's per-GPU batch, 64 (--nproc_per_node=4 x 64), whatever this run's layout (gamma_from_gdd: 0.469 here).
+    # Snapshots / FID every 250 kimg (--snap=10 ticks of 25 kimg). Deviations: the teacher is a rectified_flow.py
+    # 1-RF, not EDM's checkpoint; the projections come from --proj_seed and are identical on all ranks (GDD draws
+    # them per rank); with fewer than 4 GPUs the heads' BatchNorm normalises over more than 64 images; conditional
+    # heads (--cond) use a learned label embedding, GDD a pretrained ImageNet one. `--disc teacher` is this project's
+    # offline discriminator (no ImageNet weights).
+    "cifar10": dict(data="cifar10", teacher_iters=0, disc="projected", disc_backbones="vgg,effnet",
+                    disc_weights="imagenet", r1_gdd_batch=64, freeze="gdd_i", batch=256, iters=19_532, lr_g=1e-4,
+                    lr_d=1e-4, r1_interval=16, ema_halflife_img=5e5, ema_rampup=0.05, precision="bf16",
                     log_every=100, ckpt_every=977, fid_every=977, fid_n=10_000, eval_n=64),
 }
 
@@ -159,24 +181,32 @@ def make_generator(teacher, freeze="none"):
     return g
 
 
-def d_loss(real, fake, kind="ns"):
+def _mean(v, groups=None):
+    """Mean over images and logits; with `groups` (logits per backbone, the `projected` D) the sum over backbones of
+    each backbone's mean, as GDD: its D returns a list of per-image, per-backbone logit rows and its losses sum their
+    means (training/loss.py), i.e. B_gpu times this."""
+    return v.mean() if not groups else sum(part.mean() for part in v.split(list(groups), dim=1))
+
+
+def d_loss(real, fake, kind="ns", groups=None):
     """(3) L_D = mean softplus(-D(x)) + mean softplus(D(sg[G(z')])); (12) hinge: mean relu(1 - D(x)) + mean relu(1 + D).
-    Means over images and all K logits (batch-mean convention), in fp32."""
+    Means over images and all K logits (batch-mean convention; per backbone, summed, with `groups`), in fp32."""
     real, fake = real.float(), fake.float()
     if kind == "hinge":
-        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
+        return _mean(F.relu(1 - real), groups) + _mean(F.relu(1 + fake), groups)
+    return _mean(F.softplus(-real), groups) + _mean(F.softplus(fake), groups)
 
 
-def g_loss(fake, kind="ns"):
-    """(4) L_G = mean softplus(-D(G(z))) (non-saturating); (12) hinge: -mean D(G(z))."""
+def g_loss(fake, kind="ns", groups=None):
+    """(4) L_G = mean softplus(-D(G(z))) (non-saturating); (12) hinge: -mean D(G(z)). `groups` as d_loss."""
     fake = fake.float()
-    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+    return -_mean(fake, groups) if kind == "hinge" else _mean(F.softplus(-fake), groups)
 
 
 def r1_penalty(D, x, y, gamma):
-    """(5) R1 = (gamma/2) mean_i |grad_{x_i} Dbar(x_i, y_i)|^2, Dbar = mean_k D_k, on the raw real tensor (augmentation,
-    if any, happens inside D); create_graph for the double backward. fp32."""
+    """(5) R1 = (gamma/2) mean_i |grad_{x_i} Dbar(x_i, y_i)|^2, Dbar = mean_k D_k over all K logits, on the raw real
+    tensor (augmentation, if any, happens inside D); create_graph for the double backward. fp32 (r1_step: TF32 off).
+    gamma in this batch-mean convention; GDD's gamma converts with gamma_from_gdd."""
     x = x.detach().float().requires_grad_(True)
     dbar = D(x, y).float().mean(1)
     (g,) = torch.autograd.grad(dbar.sum(), x, create_graph=True, allow_unused=True)
@@ -185,9 +215,41 @@ def r1_penalty(D, x, y, gamma):
     return 0.5 * gamma * g.square().flatten(1).sum(1).mean()
 
 
-def gamma_mean(gamma_orig, K, B_gpu):
-    """(11) GDD's gamma (sum-over-samples losses, R1 of the sum of K logits) in the batch-mean convention."""
-    return gamma_orig * K ** 2 / (2 * B_gpu)
+def gamma_from_gdd(gamma_gdd, K, B_gpu):
+    """GDD's R1 gamma in this file's batch-mean convention: gamma = gamma_GDD K^2 / B_gpu.
+
+    GDD's D objective on one GPU with B_gpu images (Zyriix/GDD training/loss.py, GDDLoss; its D returns a list of
+    per-image, per-backbone logit rows, pg_modules/discriminator.py): the D step minimises
+        sum_i sum_b mean_{k in b} [softplus(-D_k(x_i)) + softplus(D_k(G_i))]  =  B_gpu L_D        (L_D as d_loss, groups)
+    and the lazy R1 step (gain r) minimises r (gamma_GDD/2) mean_i |grad_{x_i} sum_k D_k|^2, the gradient of the *sum*
+    of all K logits (both backbones). sum_k D_k = K Dbar, so that term is r (gamma_GDD K^2 / 2) mean_i |grad Dbar|^2.
+    Dividing both steps by B_gpu (Adam, shared by the two steps, ignores one common factor up to its eps; DDP's
+    gradient average across GPUs is the same in both codes) leaves L_D and r (gamma/2) mean_i |grad Dbar|^2 with
+    gamma = gamma_GDD K^2 / B_gpu: r1_penalty with that gamma is GDD's R1 over B_gpu. B_gpu is GDD's per-GPU batch
+    (its CIFAR-10 run: 256 over 4 GPUs = 64), not a global one: the same gamma_GDD means a B_gpu-times weaker R1 per
+    image-mean loss on a larger per-GPU batch. CIFAR-10, K = 548, B_gpu = 64: 1e-4 -> 0.469225 (VGG alone, K = 484:
+    0.366025)."""
+    return gamma_gdd * K ** 2 / B_gpu
+
+
+def resolve_gamma(cfg, given, K, per_rank):
+    """The batch-mean R1 gamma of this run and a sentence saying where it comes from. --r1_gamma (batch-mean) and
+    --r1_gamma_gdd (GDD's convention) exclude each other on the command line; a command-line one beats a preset's."""
+    if "r1_gamma" in given and "r1_gamma_gdd" in given:
+        raise C.UserError("give R1's gamma once: --r1_gamma (batch-mean convention) or --r1_gamma_gdd (GDD's).")
+    g_mean, g_gdd = cfg.r1_gamma, cfg.r1_gamma_gdd
+    if "r1_gamma_gdd" in given:
+        g_mean = None
+    if g_mean is None and g_gdd is None:
+        if cfg.disc != "projected":
+            return R1_DEFAULT[cfg.disc], f"gamma {R1_DEFAULT[cfg.disc]:g} (batch-mean, the {cfg.disc} D's default)"
+        g_gdd = R1_GAMMA_GDD
+    if g_mean is not None:
+        return g_mean, f"gamma {g_mean:g} (batch-mean)"
+    b = cfg.r1_gdd_batch or per_rank
+    g = gamma_from_gdd(g_gdd, K, b)
+    return g, (f"gamma {g:.6g} (batch-mean) = GDD's {g_gdd:g} x K^2 / B_gpu with K = {K} logits, per-GPU batch "
+               f"B_gpu = {b}")
 
 
 def d_adam_hparams(lr_d, r):
@@ -365,117 +427,268 @@ class TeacherD(nn.Module):
         return torch.cat([p(h(f.float()), y) for f, h, p in zip(feats, self.heads, self.projs)], 1)
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# ---- GDD's projected discriminator: Projected GAN (arXiv 2111.01007) as Zyriix/GDD runs it on CIFAR-10
+# (train.sh --backbone=1; pg_modules/discriminator.py ProjectedDiscriminator, pg_modules/projector.py F_RandomProj,
+# feature_networks/pretrained_builder.py, pg_modules/blocks.py). Every logit of one image, in order:
+#   vgg16_bn (ImageNet mean/std)            4 heads x 11 x 11 = 484
+#   tf_efficientnet_lite0 (mean = std = 0.5) 4 heads x  4 x  4 =  64      K = 548
+# The input, in [-1, 1], goes to (x + 1)/2, is normalised per backbone and resized to 224^2 (bilinear). Each backbone
+# is frozen (eval mode) and cut into 4 stages; GDD cuts VGG16-BN *before* its 2nd-5th max-pool (128 ch at 112^2,
+# 256 at 56^2, 512 at 28^2, 512 at 14^2) and EfficientNet-lite0 after blocks 1, 2, 4, 6 (24 at 56^2, 40 at 28^2,
+# 112 at 14^2, 320 at 7^2). Fixed random 1x1 convolutions (with bias) mix channels to 64, 128, 256, 512; cross-scale
+# mixing from the coarsest scale up, m_3 = W_3 Up2(c_3), m_k = W_k Up2(m_{k+1} + c_k) (bilinear x2 with
+# align_corners=True, W_k 1x1 convolutions halving the channels, the finest keeping 64), gives 64, 64, 128, 256
+# channels at twice each stage's resolution. One trainable head per scale, sized by GDD for a 256-pixel input
+# (nominal 128, 64, 32, 16 for every backbone) but fed 224: [4x4 stride-2 spectral-norm conv, BatchNorm, LReLU 0.2]
+# down to nominal 8 (channels 64, 128, 256, 512 by nominal size), then a 4x4 spectral-norm conv without padding.
+PROJ_SIZE = 224  # GDD resizes every image below 224 px to 224 (interp224)
+PROJ_NOMINAL = (128, 64, 32, 16)  # head input sizes GDD assumes (im_res 256: 256/4 ... 256/32, doubled by the mixing)
+PROJ_WIDTH = {64: 64, 32: 128, 16: 256, 8: 512}  # head channels by nominal size (GDD SingleDisc's table)
+PROJ_MIX = (64, 128, 256, 512)  # channel-mixing widths; after cross-scale mixing 64, 64, 128, 256
+BACKBONES = {  # name -> GDD's name, input mean, std, channels of the 4 stages, stride of each stage
+    "vgg": ("vgg16_bn", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (128, 256, 512, 512), (2, 4, 8, 16)),
+    "effnet": ("tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3, (24, 40, 112, 320), (4, 8, 16, 32)),
+}
+VGG16_BN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG_CUTS = (13, 23, 33, 43)  # GDD's feature indices: stage k ends just before the max-pool at VGG_CUTS[k]
+EFFNET_STAGES = (("conv_stem", "bn1", "act1", "blocks.0", "blocks.1"), ("blocks.2",), ("blocks.3", "blocks.4"),
+                 ("blocks.5", "blocks.6"))  # GDD's _make_efficientnet cut (timm >= 0.9 folds act1 into bn1)
 
 
-def vgg_backbone(weights, env, log):
-    """torchvision vgg16_bn features cut after the 2nd-5th max-pool (128 ch at 56^2, 256 at 28^2, 512 at 14^2, 512 at
-    7^2); ImageNet weights downloaded on first use (rank 0 first). None when they cannot be had."""
-    import torchvision
-    if weights == "random":
-        return torchvision.models.vgg16_bn(weights=None).features
-    w = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1
-    err = None
-    if env.is_main:
-        try:
-            torchvision.models.vgg16_bn(weights=w)
-        except Exception as e:
-            err = e
-    C.barrier(env)
-    try:
-        if err is None:
-            return torchvision.models.vgg16_bn(weights=w).features
-    except Exception as e:
-        err = e
-    log.info(f"VGG16-BN ImageNet weights could not be had ({type(err).__name__}: {str(err)[:60]}); "
-             f"training with --disc teacher instead.")
-    return None
+def vgg16_bn_features():
+    """VGG16-BN's convolutional part, layer for layer (and index for index) torchvision's `vgg16_bn().features`, so
+    that torchvision's ImageNet state dict loads; without the 120 M-parameter classifier. Random init as torchvision's
+    (Kaiming-normal fan-out convolutions, zero biases, unit BatchNorm)."""
+    layers, c = [], 3
+    for v in VGG16_BN:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            continue
+        conv = nn.Conv2d(c, v, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+        c = v
+    return nn.Sequential(*layers)
 
 
-def _effnet_backbone(log):
-    try:
-        import timm
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))
-        return net.eval().requires_grad_(False), net.feature_info.channels()
-    except Exception as e:
-        log.info(f"tf_efficientnet_lite0 unavailable ({type(e).__name__}; it needs timm and its weights); "
-                 f"continuing with VGG16-BN alone.")
-        return None, None
+class FrozenBackbone(nn.Module):
+    """A frozen feature network cut into 4 stages; `net` keeps the source model's parameter names (torchvision's
+    `features.N` as `net.N`, timm's names as they are), `stages` lists the submodule paths each stage runs."""
 
-
-class VggD(nn.Module):
-    """`vgg` D (Projected GAN, arXiv 2111.01007, as GDD): frozen VGG16-BN features at 4 scales, fixed random 1x1
-    projections c_k = W_k f_k (64, 128, 256, 512 channels) mixed top-down p_k = c_k + Up2(V_k p_{k+1}), and a
-    trainable mini-D per scale ([stride-2 4x4 SN conv, BatchNorm, LReLU] down to 7^2, 4x4 SN conv): K = 64."""
-
-    CUTS, CHANNELS = ((0, 14), (14, 24), (24, 34), (34, 44)), (128, 256, 512, 512)
-
-    def __init__(self, features, in_ch, num_classes=0, proj_seed=0, policy="", effnet=None):
+    def __init__(self, name, net, stages):
         super().__init__()
-        self.in_ch, self.policy = in_ch, policy
-        self.stages = nn.ModuleList(features[a:b] for a, b in self.CUTS)
-        self.backbones = [(self.stages, self.CHANNELS)] + ([effnet] if effnet and effnet[0] is not None else [])
-        self.effnet = effnet[0] if effnet and effnet[0] is not None else None
-        self.proj_c, self.proj_v, self.heads, self.projs = (nn.ModuleList() for _ in range(4))
-        g = torch.Generator().manual_seed(proj_seed)
-        for _, chans in self.backbones:
-            widths = [64 * 2 ** k for k in range(4)]
-            cs = nn.ModuleList(nn.Conv2d(ci, co, 1, bias=False) for ci, co in zip(chans, widths))
-            vs = nn.ModuleList(nn.Conv2d(widths[k + 1], widths[k], 1, bias=False) for k in range(3))
-            for m in [*cs, *vs]:  # fixed random projections from proj_seed (Kaiming-normal scale)
-                m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / m.weight.shape[1])
-            self.proj_c.append(cs), self.proj_v.append(vs)
-            for k, w in enumerate(widths):
-                layers, c, res = [], w, 56 >> k
-                while res > 7:
-                    co = min(2 * c, 512)
-                    layers += [spectral_norm(nn.Conv2d(c, co, 4, stride=2, padding=1)), nn.BatchNorm2d(co),
-                               nn.LeakyReLU(0.2)]
-                    c, res = co, res // 2
-                self.heads.append(nn.Sequential(*layers, spectral_norm(nn.Conv2d(c, 64 if num_classes else 1, 4))))
-                self.projs.append(Projection(num_classes))
-        for m in [self.stages, self.proj_c, self.proj_v] + ([self.effnet] if self.effnet is not None else []):
-            m.requires_grad_(False)
+        self.name, self.net, self.stages = name, net, [[p for p in s if _has(net, p)] for s in stages]
+        self.gdd_name, mean, std, self.channels, self.strides = BACKBONES[name]
+        self.register_buffer("mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
 
-    def train(self, mode=True):  # backbones stay in eval mode (BatchNorm running stats); heads train
-        super().train(mode)
-        self.stages.eval()
-        if self.effnet is not None:
-            self.effnet.eval()
-        return self
+    def train(self, mode=True):  # always eval mode: BatchNorm uses the running statistics
+        return super().train(False)
 
-    def prepare(self, x):
-        """[-1, 1] -> ImageNet-normalised RGB at 224^2 (bilinear)."""
-        x = (x + 1) / 2
-        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-        mean, std = (torch.tensor(v, device=x.device).reshape(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        return F.interpolate((x - mean) / std, size=(224, 224), mode="bilinear", align_corners=False)
+    def forward(self, x):
+        out = []
+        for paths in self.stages:
+            for p in paths:
+                x = self.net.get_submodule(p)(x)
+            out.append(x)
+        return out
 
-    def features(self, x):
-        out, h = [], x
-        for st in self.stages:
-            h = st(h)
-            out.append(h)
-        feats = [out]
-        if self.effnet is not None:
-            feats.append(self.effnet(x))
-        return feats
+    @torch.no_grad()
+    def gdd_bn_update(self):
+        """GDD's builder measures the stages' channel counts by running one all-zero 256^2 image through them while the
+        freshly built model is still in training mode (feature_networks/pretrained_builder.py, calc_dims): every
+        BatchNorm's running statistics move 10 % (momentum 0.1) toward that image's. Its frozen features are those of
+        the updated statistics, so the same update is made here, once, right after the weights are loaded."""
+        nn.Module.train(self.net, True)
+        self(torch.zeros(1, 3, 256, 256, device=self.mean.device))
+        nn.Module.train(self.net, False)
 
-    def forward(self, x, y=None, amp=None):
-        x = self.prepare(diff_augment(x, self.policy))
-        with amp if amp is not None else contextlib.nullcontext():
-            feats = self.features(x)
-        logits, i = [], 0
-        for fs, cs, vs in zip(feats, self.proj_c, self.proj_v):
-            c = [cm(f.float()) for cm, f in zip(cs, fs)]
-            p = [None] * 4
-            p[3] = c[3]
-            for k in (2, 1, 0):  # top-down mixing (a simplified CSM)
-                p[k] = c[k] + F.interpolate(vs[k](p[k + 1]), size=c[k].shape[-2:], mode="bilinear", align_corners=False)
-            for k in range(4):
-                logits.append(self.projs[i](self.heads[i](p[k]), y))
-                i += 1
-        return torch.cat(logits, 1)
+
+def _has(net, path):
+    try:
+        net.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _hub_file(url):
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _rank0_first(env, fn):
+    """fn() on rank 0 first (a download lands once in the shared cache), then on the other ranks: (value, error)."""
+    out, err = None, None
+    for turn in (True, False):
+        if env.is_main == turn:
+            try:
+                out = fn()
+            except Exception as e:  # reported in one sentence by the caller
+                err = e
+        if turn:
+            C.barrier(env)
+    return out, err
+
+
+def make_backbone(name, weights, env, seed=0, log=None):
+    """One of GDD's frozen backbones with GDD's cut. weights: "imagenet" (torchvision's VGG16_BN_Weights.IMAGENET1K_V1
+    from the torch hub cache, downloaded into it when absent; timm's tf_efficientnet_lite0 ImageNet weights), "random"
+    (a fixed, seeded stand-in for tests and offline smoke runs, never for numbers) or a state dict in the source model's
+    names. Then GDD's BatchNorm update (FrozenBackbone.gdd_bn_update). Missing weights or timm: one sentence."""
+    with torch.random.fork_rng(devices=[]):  # seeded stand-in; the run's RNG stream is left untouched
+        torch.manual_seed(C.derive_seed(seed, "projected backbone", name))
+        if name == "vgg":
+            net = vgg16_bn_features()
+            if weights == "imagenet":
+                import torchvision
+                url = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url
+                sd, err = _rank0_first(env, lambda: torch.hub.load_state_dict_from_url(
+                    url, progress=False, check_hash=True, map_location="cpu"))
+                if err is not None:
+                    raise C.UserError(
+                        f"VGG16-BN's ImageNet weights are not in the torch hub cache and could not be downloaded "
+                        f"({type(err).__name__}); place {os.path.basename(url)} (torchvision's {url}) in "
+                        f"{os.path.dirname(_hub_file(url))}, or pass --disc_weights random (a fixed random stand-in, "
+                        f"not GDD's discriminator) or --disc teacher (this project's offline discriminator).")
+                weights = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+            stages = [[str(i) for i in range(a, b)] for a, b in zip((0,) + VGG_CUTS, VGG_CUTS)]
+        else:
+            try:
+                import timm
+            except ImportError:
+                raise C.UserError("GDD's discriminator has a second backbone, EfficientNet-lite0, which needs timm "
+                                  "(pip install timm); install it, or pass --disc_backbones vgg to train with VGG16-BN "
+                                  "alone (484 of GDD's 548 logits).") from None
+            full, err = (timm.create_model("tf_efficientnet_lite0", pretrained=False), None) if weights != "imagenet" \
+                else _rank0_first(env, lambda: timm.create_model("tf_efficientnet_lite0", pretrained=True))
+            if err is not None:
+                raise C.UserError(
+                    f"timm could not load tf_efficientnet_lite0's ImageNet weights ({type(err).__name__}); put them in "
+                    f"timm's cache (the Hugging Face hub entry timm/tf_efficientnet_lite0.in1k), or pass "
+                    f"--disc_backbones vgg (VGG16-BN alone) or --disc_weights random (a fixed random stand-in).")
+            net = nn.Module()
+            for k in ("conv_stem", "bn1", "act1", "blocks"):
+                if hasattr(full, k):
+                    setattr(net, k, getattr(full, k))
+            stages = EFFNET_STAGES
+        if isinstance(weights, dict):
+            C.load_state_strict(net, weights)
+    b = FrozenBackbone(name, net, stages)
+    b.gdd_bn_update()
+    return b
+
+
+class SNConv2d(nn.Conv2d):
+    """Conv2d with spectral normalisation as the original torch.nn.utils.spectral_norm that GDD's heads use
+    (pg_modules/blocks.py conv2d): weight / sigma, sigma = u^T W v (W the weight as out x rest); in training mode one
+    power iteration first, v <- W^T u / |W^T u|, then u <- W v / |W v| (buffers updated, no gradient)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        h, w = self.weight.shape[0], self.weight[0].numel()
+        self.register_buffer("u", F.normalize(torch.randn(h), dim=0, eps=1e-12))
+        self.register_buffer("v", F.normalize(torch.randn(w), dim=0, eps=1e-12))
+
+    def forward(self, x):
+        W, u, v = self.weight.flatten(1), self.u, self.v
+        if self.training:
+            with torch.no_grad():
+                v = F.normalize(W.t() @ u, dim=0, eps=1e-12)
+                u = F.normalize(W @ v, dim=0, eps=1e-12)
+                self.u.copy_(u), self.v.copy_(v)
+        return self._conv_forward(x, self.weight / torch.dot(u, W @ v), self.bias)
+
+
+class RandomProjector(nn.Module):
+    """GDD's fixed random projection of one backbone's 4 feature maps (channel mixing, then cross-scale mixing from the
+    coarsest scale up); weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Conv2d default, which GDD
+    keeps) drawn from `gen`, frozen."""
+
+    def __init__(self, channels, gen):
+        super().__init__()
+        outs = [PROJ_MIX[0]] + list(PROJ_MIX[:3])  # 64, 64, 128, 256
+        self.ccm = nn.ModuleList(nn.Conv2d(ci, co, 1) for ci, co in zip(channels, PROJ_MIX))
+        self.csm = nn.ModuleList(nn.Conv2d(ci, co, 1) for ci, co in zip(PROJ_MIX, outs))
+        for m in [*self.ccm, *self.csm]:
+            bound = 1 / math.sqrt(m.weight[0].numel())
+            for p in (m.weight, m.bias):
+                p.data = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
+        self.requires_grad_(False)
+        self.out_channels = tuple(outs)
+
+    def forward(self, feats):
+        c = [m(f) for m, f in zip(self.ccm, feats)]
+        up = lambda h: F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)
+        m = [None] * 4
+        m[3] = self.csm[3](up(c[3]))
+        for k in (2, 1, 0):
+            m[k] = self.csm[k](up(m[k + 1] + c[k]))
+        return m
+
+
+def projected_head(cin, nominal, cout):
+    """GDD's per-scale head (pg_modules/discriminator.py SingleDisc, DownBlock): [4x4 stride-2 SN conv with bias,
+    BatchNorm, LeakyReLU 0.2] while the nominal size exceeds 8, then a 4x4 SN conv without padding or bias."""
+    layers, c = [], cin
+    while nominal > 8:
+        nominal //= 2
+        co = PROJ_WIDTH[nominal]
+        layers += [SNConv2d(c, co, 4, 2, 1), nn.BatchNorm2d(co), nn.LeakyReLU(0.2)]
+        c = co
+    return nn.Sequential(*layers, SNConv2d(c, cout, 4, 1, 0, bias=False))
+
+
+def head_logits(size, stride, nominal):
+    """Logits of one head: the mixed map is 2 size / stride wide, halved once per down block (floor), then - 3."""
+    s = 2 * size // stride
+    while nominal > 8:
+        s, nominal = s // 2, nominal // 2
+    return max(s - 3, 0) ** 2
+
+
+class ProjectedD(nn.Module):
+    """`projected` D: GDD's CIFAR-10 discriminator (see the block comment above); logits of all heads of all
+    backbones, concatenated in GDD's order. `logit_groups` gives each backbone's count: GDD's loss is the sum over
+    backbones of the per-backbone logit mean (d_loss, g_loss). Runs in fp32 with TF32 off (common.strict_fp32), as
+    GDD (training_loop.py turns TF32 off). The same augmentation policy is drawn afresh for each backbone, as GDD."""
+
+    strict_fp32 = True
+
+    def __init__(self, backbones, num_classes=0, proj_seed=0, policy="", size=PROJ_SIZE):
+        super().__init__()
+        self.policy, self.size = policy, size
+        gen = torch.Generator().manual_seed(C.derive_seed(proj_seed, "projections"))
+        self.backbones = nn.ModuleDict((b.name, b) for b in backbones)
+        self.projectors = nn.ModuleDict((b.name, RandomProjector(b.channels, gen)) for b in backbones)
+        cout = 64 if num_classes else 1
+        self.heads = nn.ModuleDict((b.name, nn.ModuleList(
+            projected_head(c, n, cout) for c, n in zip(self.projectors[b.name].out_channels, PROJ_NOMINAL)))
+            for b in backbones)
+        self.projs = nn.ModuleDict((b.name, nn.ModuleList(Projection(num_classes) for _ in PROJ_NOMINAL))
+                                   for b in backbones)
+        self.head_sizes = {b.name: [head_logits(size, s, n) for s, n in zip(b.strides, PROJ_NOMINAL)]
+                           for b in backbones}
+        self.logit_groups = [sum(v) for v in self.head_sizes.values()]
+
+    def forward(self, x, y=None, amp=None):  # `amp` ignored: GDD's D is fp32
+        with C.strict_fp32(x.device):
+            x = x.float()
+            x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+            out = []
+            for name, b in self.backbones.items():
+                xb = (diff_augment(x, self.policy) + 1) / 2
+                xb = F.interpolate((xb - b.mean) / b.std, size=(self.size, self.size), mode="bilinear",
+                                   align_corners=False)
+                feats = self.projectors[name](b(xb))
+                out += [p(h(f), y) for f, h, p in zip(feats, self.heads[name], self.projs[name])]
+            return torch.cat(out, 1)
+
+    def describe(self):
+        parts = [f"{self.backbones[n].gdd_name} {len(s)} heads x {int(math.sqrt(s[0]))}^2 = {sum(s)}"
+                 for n, s in self.head_sizes.items()]
+        return f"{', '.join(parts)}; K = {sum(self.logit_groups)} logits"
 
 
 # ====================================================================================== plumbing: teacher
@@ -562,30 +775,35 @@ def load_teacher(path, cfg, data, log):
 
 # ====================================================================================== plumbing: D, eval
 def build_disc(cfg, data, teacher, env, log):
-    """The discriminator named by cfg.disc for these data; the `vgg` D falls back to `teacher` without weights."""
+    """The discriminator named by cfg.disc for these data. `projected` never falls back: missing ImageNet weights or
+    timm stop the run with one sentence naming the file and the flag that chooses the alternative."""
     k = data.num_classes if cfg.cond else 0
     if data.kind != "images":
         if cfg.disc != "mlp":
             raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
         return MlpD(data.shape[0], k)
     if cfg.disc == "mlp":
-        raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or vgg.")
+        raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
     if cfg.disc == "scratch":
         return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
-    if cfg.disc == "vgg":
-        with torch.random.fork_rng(devices=[]):  # the backbone (random stand-in) from proj_seed, not --seed
-            torch.manual_seed(C.derive_seed(cfg.proj_seed, "vgg"))
-            feats = vgg_backbone(cfg.vgg_weights, env, log)
-        if feats is not None:
-            eff = _effnet_backbone(log) if cfg.disc_effnet else None
-            return VggD(feats, data.shape[0], k, cfg.proj_seed, cfg.diffaug, eff)
-        cfg.disc = "teacher"
+    if cfg.disc == "projected":
+        names = cfg.disc_backbones.split(",")
+        bbs = [make_backbone(n, cfg.disc_weights, env, cfg.proj_seed, log) for n in names]
+        if log is not None:
+            if "effnet" not in names:
+                log.info("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
+                         "548 logits).")
+            if cfg.disc_weights == "random":
+                log.info("note: --disc_weights random: the backbones have fixed random weights (a stand-in for tests "
+                         "and offline smoke runs), not GDD's ImageNet features.")
+        return ProjectedD(bbs, k, cfg.proj_seed, cfg.diffaug)
     return TeacherD(teacher, cfg.d_t, k, cfg.diffaug)
 
 
 def disc_state(D):
-    """D's checkpoint entry: heads, fixed projections, the `teacher` D's encoder copy; never downloaded backbones."""
-    return {k: v for k, v in D.state_dict().items() if not k.startswith(("stages.", "effnet."))}
+    """D's checkpoint entry: heads, fixed projections, the `teacher` D's encoder copy; never the `projected` D's
+    backbones (rebuilt from their weights)."""
+    return {k: v for k, v in D.state_dict().items() if not k.startswith("backbones.")}
 
 
 def load_disc_state(D, sd):
@@ -667,6 +885,22 @@ def _step(opt, guard):
     guard.step(opt) if guard is not None else opt.step()
 
 
+def _d_fp32(D, env):
+    """The `projected` D runs in fp32 with TF32 off, as GDD (whose training_loop.py turns TF32 off for the whole run):
+    its forward does so itself; the backward passes through it are wrapped here. Other Ds leave the flags alone."""
+    return C.strict_fp32(env.device) if getattr(D, "strict_fp32", False) else contextlib.nullcontext()
+
+
+def d_precision(D, env):
+    """The D's precision, for the log."""
+    if getattr(D, "strict_fp32", False):
+        return "fp32, TF32 off"
+    tf32 = " (TF32 on)" if env.device.type == "cuda" and env.precision != "fp32" else ""
+    enc = f"encoder {env.precision} autocast, heads " if isinstance(D, TeacherD) and env.precision in ("bf16", "fp16") \
+        else ""
+    return f"{enc}fp32{tf32}"
+
+
 def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, guard=None):
     """G step (1), (4): fresh z; D's trainable tensors flagged off (the stored list, so a frozen backbone stays frozen),
     so L_G reaches G through D but updates no D tensor; gradients averaged over ranks; Adam step (see _step)."""
@@ -674,9 +908,10 @@ def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, g
         p.requires_grad_(False)
     with amp():
         fake = G(gen_model, torch.randn_like(x), t_g, y)
-    L_G = g_loss(D(fake.float(), y, amp()), loss)
+    L_G = g_loss(D(fake.float(), y, amp()), loss, getattr(D, "logit_groups", None))
     opt_g.zero_grad(set_to_none=True)
-    L_G.backward()
+    with _d_fp32(D, env):
+        L_G.backward()
     for p in d_params:
         p.requires_grad_(True)
     C.sync_grads(C.unwrap(gen_model), env)
@@ -685,24 +920,29 @@ def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, g
 
 
 def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp, guard=None):
-    """D step (3): fresh z', fakes made under no_grad (constants; pitfall 11); real and fake through D in separate
-    passes (pitfall 8); fake labels = the real batch's labels."""
+    """D step (3): fresh z', fakes made under no_grad (constants; pitfall 11); fake and real through D in separate
+    passes (pitfall 8), fake first as GDD (each training-mode pass advances the heads' spectral-norm power iteration);
+    fake labels = the real batch's labels."""
     with torch.no_grad(), amp():
         fake = G(gen_model, torch.randn_like(x), t_g, y).float()
-    real_logits, fake_logits = D(x, y, amp()), D(fake, y, amp())
-    L_D = d_loss(real_logits, fake_logits, loss)
+    fake_logits = D(fake, y, amp())
+    real_logits = D(x, y, amp())
+    L_D = d_loss(real_logits, fake_logits, loss, getattr(D, "logit_groups", None))
     opt_d.zero_grad(set_to_none=True)
-    L_D.backward()
+    with _d_fp32(D, env):
+        L_D.backward()
     C.sync_grads(D, env)
     _step(opt_d, guard)
     return L_D.detach(), real_logits.detach(), fake_logits.detach()
 
 
 def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
-    """Lazy R1 (5)-(6): one extra D update on r * R1 on the real batch (D only; G is not involved)."""
-    R1 = r1_penalty(D, x, y, gamma)
-    opt_d.zero_grad(set_to_none=True)
-    (r * R1).backward()
+    """Lazy R1 (5)-(6): one extra D update on r * R1 on the real batch (D only; G is not involved); fp32 with TF32 off
+    for every D (R1 and its double backward are precision-critical)."""
+    with C.strict_fp32(env.device):
+        R1 = r1_penalty(D, x, y, gamma)
+        opt_d.zero_grad(set_to_none=True)
+        (r * R1).backward()
     C.sync_grads(D, env)
     _step(opt_d, guard)
     return R1.detach()
@@ -762,20 +1002,24 @@ def train(cfg, given):
         C.load_optimizer(opt_g, ck["opt"]["g"]), C.load_optimizer(opt_d, ck["opt"]["d"])
         C.restore_rng(ck, env, gens)
     step = ck["step"] if ck else 0
-    gamma = cfg.r1_gamma if cfg.r1_gamma is not None else R1_DEFAULT[cfg.disc]
 
     per_rank = cfg.batch // env.world
     if per_rank * env.world != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by the world size {env.world}.")
     with torch.no_grad(), torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         probe = torch.zeros(2, *data.shape, device=env.device)  # eval mode: no spectral-norm or BatchNorm update
-        K = D.eval()(probe, torch.zeros(2, dtype=torch.long, device=env.device) if cfg.cond else None).shape[1]
+        K = sum(D.logit_groups) if hasattr(D, "logit_groups") else \
+            D.eval()(probe, torch.zeros(2, dtype=torch.long, device=env.device) if cfg.cond else None).shape[1]
         D.train()
+    gamma, gamma_note = resolve_gamma(cfg, given, K, per_rank)
     variant = "GDD-I" if cfg.freeze == "gdd_i" else "GDD"
     log.info(f"{METHOD} ({variant}) | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} | device "
-             f"{env.device} | precision {env.precision} (D fp32) | teacher {tpath} (step {tck['step']}, t_g {t_g:g}) | "
-             f"disc {cfg.disc} (K = {K} logits, {sum(p.numel() for p in d_params):,} trainable) | loss {cfg.loss} | "
-             f"gamma {gamma:g} every {cfg.r1_interval} | step {step}/{cfg.iters}")
+             f"{env.device} | precision: G {env.precision}, D {d_precision(D, env)}, R1 fp32 (TF32 off) | teacher "
+             f"{tpath} (step {tck['step']}, t_g {t_g:g}) | disc {cfg.disc} (K = {K} logits, "
+             f"{sum(p.numel() for p in d_params):,} trainable) | loss {cfg.loss} | R1 every {cfg.r1_interval}, "
+             f"{gamma_note} | step {step}/{cfg.iters}")
+    if hasattr(D, "describe"):
+        log.info(f"disc {cfg.disc}: {D.describe()}")
     log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"]) \
         if cfg.fid_every and data.kind == "images" else None

@@ -259,7 +259,7 @@ def gdd_prepare(freeze):
     the lazy-R1 correction (7), as distributional.train builds them."""
     def prepare(net, env, args):
         import distributional as GD
-        cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze))
+        cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze, disc="teacher"))
         teacher = net.eval().requires_grad_(False)
         gen = GD.make_generator(teacher, cfg.freeze).to(env.device)
         D = GD.build_disc(cfg, _images(net=net), teacher, env, None).to(env.device).train()

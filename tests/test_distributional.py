@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common as C
 import distributional as D
@@ -290,8 +291,59 @@ def test_07_batch_mean_reduction():
 
 
 def test_08_gamma_conversion():
-    assert abs(D.gamma_mean(1e-4, 128, 64) - 0.0128) < 1e-12 and abs(D.gamma_mean(1e-4, 128, 32) - 0.0256) < 1e-12
-    assert D.R1_DEFAULT == dict(mlp=0.1, scratch=0.01, teacher=0.013, vgg=0.013)
+    """gamma_from_gdd: GDD's R1 gamma in the batch-mean convention, gamma_GDD K^2 / B_gpu. Checked on a tiny D with
+    two logit groups against GDD's objective written out as its code computes it (training/loss.py GDDLoss with its
+    D's list of per-image, per-backbone rows): values, and every D parameter gradient, are B_gpu times ours."""
+    assert abs(D.gamma_from_gdd(1e-4, 548, 64) - 0.469225) < 1e-12
+    assert abs(D.gamma_from_gdd(1e-4, 484, 64) - 0.366025) < 1e-12
+    assert abs(D.gamma_from_gdd(1e-4, 548, 256) - 0.469225 / 4) < 1e-12
+    assert D.R1_DEFAULT == dict(mlp=0.1, scratch=0.01, teacher=0.013) and D.R1_GAMMA_GDD == 1e-4
+
+    class TwoGroups(nn.Module):  # backbone a: 3 logits, backbone b: 2 logits, with BatchNorm coupling the batch
+        logit_groups = [3, 2]
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(4, 3), nn.Linear(4, 2), nn.BatchNorm1d(4)
+
+        def forward(self, x, y=None, amp=None):
+            h = torch.tanh(self.bn(x.flatten(1)))
+            return torch.cat([self.a(h), self.b(h * h)], 1)
+
+    torch.manual_seed(0)
+    Dn, Bg, gamma = TwoGroups(), 5, 0.3  # fp32: r1_penalty works in fp32
+    real, fake = torch.randn(Bg, 1, 2, 2, generator=gen(1)), torch.randn(Bg, 1, 2, 2, generator=gen(2))
+    K = sum(Dn.logit_groups)
+
+    def gdd_rows(out):  # GDD's D returns a list: B rows of backbone a, then B rows of backbone b
+        return list(out[:, :3]) + list(out[:, 3:])
+
+    def gdd_objective():  # D step + R1 step (gain 1) as GDD writes them, on one GPU of Bg images
+        L = sum(F.softplus(r).mean() for r in gdd_rows(Dn(fake))) + \
+            sum(F.softplus(-r).mean() for r in gdd_rows(Dn(real)))
+        xr = real.clone().requires_grad_(True)
+        s = sum(r.sum() for r in gdd_rows(Dn(xr)))
+        g, = torch.autograd.grad(s, xr, create_graph=True)
+        return L, (g.square().sum((1, 2, 3)) * gamma / 2).mean()
+
+    def ours():
+        L = D.d_loss(Dn(real), Dn(fake), "ns", Dn.logit_groups)
+        return L, D.r1_penalty(Dn, real, None, D.gamma_from_gdd(gamma, K, Bg))
+
+    vals, grads = [], []
+    for f, scale in ((gdd_objective, 1.0), (ours, float(Bg))):
+        for i in range(2):  # the D-step loss, then R1
+            Dn.zero_grad()
+            v = f()[i] * scale
+            v.backward()
+            vals.append(v.item())
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in Dn.parameters()])
+    for i in range(2):
+        assert abs(vals[i] - vals[2 + i]) < 1e-5 * max(1, abs(vals[i])), (i, vals)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[i], grads[2 + i]))
+        assert max(g.abs().max() for g in grads[i]) > 1e-3  # not trivially zero
+    # the per-backbone reduction matters: one mean over all K logits is not GDD's loss over B_gpu
+    assert abs(D.d_loss(Dn(real), Dn(fake)).item() * Bg - vals[0]) > 1e-3
 
 
 # ============================================================================== 9: gradient routing
@@ -475,50 +527,140 @@ def test_13_teacher_discriminator():
         assert Db(torch.zeros(2, 3, 32, 32)).shape == (2, 48)
 
 
-def test_14_vgg_discriminator_with_random_weights(monkeypatch):
-    log = Log()
-    cfg = D.Config(disc="vgg", vgg_weights="random", proj_seed=3)
-    data = C.Data("images", "x", x=torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
-    D1 = D.build_disc(copy.copy(cfg), data, None, env1(), log)
-    feats = nn.Sequential(*[m for st in D1.stages for m in st])  # reuse the backbone (building VGG16 is slow)
-    D2, D3 = (D.VggD(copy.deepcopy(feats), 3, 0, s) for s in (3, 4))
-    for a, b, c in zip([*D1.proj_c.parameters(), *D1.proj_v.parameters()], [*D2.proj_c.parameters(),
-                       *D2.proj_v.parameters()], [*D3.proj_c.parameters(), *D3.proj_v.parameters()]):
-        assert torch.equal(a, b) and not torch.equal(a, c)
-    # input: ((x + 1)/2 - mean)/std at 224^2
-    xc = torch.full((1, 3, 16, 16), 0.2)
-    p = D1.prepare(xc)
-    mean, std = torch.tensor(D.IMAGENET_MEAN), torch.tensor(D.IMAGENET_STD)
-    assert p.shape == (1, 3, 224, 224) and torch.allclose(p[0, :, 100, 7], (0.6 - mean) / std, atol=1e-6)
-    D1.train()
-    assert not D1.stages.training and all(not m.training for m in D1.stages.modules())
-    assert all(m.training for m in D1.heads.modules() if isinstance(m, nn.BatchNorm2d))
-    fixed = [*D1.stages.parameters(), *D1.proj_c.parameters(), *D1.proj_v.parameters()]
-    assert not any(p.requires_grad for p in fixed)
-    before = [p.clone() for p in fixed] + [b.clone() for b in D1.stages.buffers()]
-    d_params = [p for p in D1.parameters() if p.requires_grad]
-    assert not {id(p) for p in fixed} & {id(p) for p in d_params}
-    x = torch.rand(2, 3, 16, 16, generator=gen(0)) * 2 - 1
-    logits = D1(x)
-    assert logits.shape == (2, 64)
-    D.d_loss(logits, -logits).backward()
-    torch.optim.Adam(d_params, lr=1e-2).step()
-    assert all(torch.equal(a, b) for a, b in zip(before, [*fixed, *D1.stages.buffers()]))
-    assert set(D.disc_state(D1)) and not any(k.startswith("stages.") for k in D.disc_state(D1))
-    # no ImageNet weights: one sentence, and the run continues with the teacher D
-    import torchvision
+GOLDEN = os.path.join(ROOT, "tests", "golden")
 
-    def offline(weights=None, **kw):
-        if weights is not None:
-            raise OSError("no network")
-        return orig(weights=None)
-    orig = torchvision.models.vgg16_bn
-    monkeypatch.setattr(torchvision.models, "vgg16_bn", offline)
-    teacher = C.build_net(tiny_dict(res=16))
-    cfg2, log = D.Config(disc="vgg"), Log()
-    Dt = D.build_disc(cfg2, data, teacher, env1(), log)
-    assert isinstance(Dt, D.TeacherD) and cfg2.disc == "teacher"
-    assert len(log.lines) == 1 and "VGG16-BN" in log.lines[0] and "--disc teacher" in log.lines[0]
+
+def _golden_module():
+    if GOLDEN not in sys.path:
+        sys.path.insert(0, GOLDEN)
+    import make_gdd_golden
+    return make_gdd_golden
+
+
+def _filled_projected(names):
+    """distributional's `projected` D with every tensor set by the golden script's fill_value (backbones before GDD's
+    BatchNorm update, as the script fills them before GDD's builder runs)."""
+    mk = _golden_module()
+    bbs = []
+    for n in names:
+        if n == "vgg":
+            with torch.device("meta"):  # names and shapes only
+                shapes = {k: tuple(t.shape) for k, t in D.vgg16_bn_features().state_dict().items()}
+        else:
+            import timm
+            full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+            shapes = {k: tuple(t.shape) for k, t in full.state_dict().items()
+                      if k.split(".")[0] in ("conv_stem", "bn1", "blocks")}
+        sd = {k: mk.fill_value(f"backbones.{n}.net.{k}", s) for k, s in shapes.items()}
+        sd = {k: torch.zeros((), dtype=torch.long) if v is None else v for k, v in sd.items()}
+        bbs.append(D.make_backbone(n, sd, env1()))
+    Dn = D.ProjectedD(bbs).train()
+    keys = mk.fill_(Dn, lambda k: None if k.startswith("backbones.") else k)
+    assert len(keys) == len([k for k in Dn.state_dict() if not k.startswith("backbones.")
+                             and not k.endswith("num_batches_tracked")])
+    return Dn
+
+
+def _check_golden(tag, names):
+    """Logits and R1 of our D at GDD's initial state equal GDD's (fixture from tests/golden/make_gdd_golden.py)."""
+    fx = torch.load(os.path.join(GOLDEN, "gdd_projected_d.pt"), weights_only=True)
+    ref = fx[tag]
+    Dn = _filled_projected(names)
+    assert Dn.logit_groups == ref["groups"] and sum(p.numel() for p in Dn.parameters() if p.requires_grad) == \
+        ref["trainable"]
+    B, K = fx["batch"], sum(ref["groups"])
+    gamma = D.gamma_from_gdd(fx["gamma_gdd"], K, B)
+    seen, flags = [], []
+
+    def spy(x, y=None):
+        seen.append(Dn(x, y))
+        return seen[-1]
+    hook = Dn.backbones["vgg"].net[0].register_forward_hook(lambda m, i, o: flags.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu"),
+         o.dtype)))
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # G's autocast around it: D must stay fp32 with TF32 off
+        r1 = D.r1_penalty(spy, fx["x"], None, gamma)
+    hook.remove()
+    assert flags == [(False, False, False, torch.float32)]
+    logits = seen[0].detach()
+    err = (logits - ref["r1_logits"][0]).abs().max().item()
+    assert logits.dtype == torch.float32 and logits.shape == (B, K) and err < 1e-4, err
+    # R1: ours with gamma_from_gdd(1e-4, K, B) is GDD's R1 loss (gain 1) over its per-GPU batch. Tolerance 2e-3
+    # relative: the squared input gradient through 13 VGG layers and batch-statistics BatchNorm carries fp32 rounding
+    # of that order (the same D in fp64 differs from our fp32 value by up to 7e-4 and from GDD's by up to 6e-4).
+    assert abs(r1.item() * B - ref["r1_loss"].item()) < 2e-3 * ref["r1_loss"].item(), (r1.item() * B, ref["r1_loss"])
+    return err
+
+
+def test_14_projected_d_matches_gdd_vgg_branch():
+    """VGG16-BN alone (no timm needed): logits to 1e-4 and R1 in GDD's convention; D/G losses of the two-backbone
+    D from GDD's own logits: ours times the per-GPU batch is GDD's (sum over backbones of per-backbone means)."""
+    _check_golden("vgg", ["vgg"])
+    fx = torch.load(os.path.join(GOLDEN, "gdd_projected_d.pt"), weights_only=True)
+    for tag in ("full", "vgg"):
+        ref, B = fx[tag], fx["batch"]
+        fake, real = ref["d_logits"]
+        assert abs(D.d_loss(real, fake, "ns", ref["groups"]).item() * B - ref["d_loss"].item()) < 1e-5
+        assert abs(D.g_loss(ref["g_logits"][0], "ns", ref["groups"]).item() * B - ref["g_loss"].item()) < 1e-5
+    ref = fx["full"]
+    fake, real = ref["d_logits"]
+    assert abs(D.d_loss(real, fake).item() * fx["batch"] - ref["d_loss"].item()) > 0.1  # one mean over all K: not GDD's
+
+
+def test_14_projected_d_matches_gdd_both_backbones():
+    """With timm (optional): EfficientNet-lite0 as the second backbone, all 548 logits and R1 to GDD's."""
+    pytest.importorskip("timm")
+    _check_golden("full", ["vgg", "effnet"])
+
+
+def test_14_projected_d_structure_and_missing_pieces(monkeypatch, tmp_path):
+    b = D.make_backbone("vgg", "random", env1(), seed=3)
+    net = b.net
+    # GDD's cut: each stage stops just before a max-pool; channels 128, 256, 512, 512
+    assert [type(net[i]).__name__ for i in D.VGG_CUTS] == ["MaxPool2d"] * 4
+    assert [s[-1] for s in b.stages] == [str(i - 1) for i in D.VGG_CUTS] and b.channels == (128, 256, 512, 512)
+    assert [net[int(s[-2])].num_features for s in b.stages] == [128, 256, 512, 512]
+    # GDD's BatchNorm update (one zero image in training mode) moved the running statistics
+    assert all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in net if
+               isinstance(m, nn.BatchNorm2d)) and all(m.num_batches_tracked == 1 for m in net
+                                                      if isinstance(m, nn.BatchNorm2d))
+    D1, D2, D3 = (D.ProjectedD([b], proj_seed=s, size=64) for s in (3, 3, 4))
+    assert D1.head_sizes == {"vgg": [1, 1, 1, 1]} and D.ProjectedD([b]).head_sizes == {"vgg": [121] * 4}
+    assert [D.head_logits(224, s, n) for s, n in zip(D.BACKBONES["effnet"][4], D.PROJ_NOMINAL)] == [16] * 4
+    for a, c, e in zip(D1.projectors.parameters(), D2.projectors.parameters(), D3.projectors.parameters()):
+        assert torch.equal(a, c) and not torch.equal(a, e)
+    D1.train()
+    assert not any(m.training for b in D1.backbones.values() for m in b.modules()) and all(
+        m.training for m in D1.heads.modules() if isinstance(m, nn.BatchNorm2d))
+    fixed = [*D1.backbones.parameters(), *D1.projectors.parameters()]
+    d_params = [p for p in D1.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in fixed) and len(d_params) == len(list(D1.heads.parameters()))
+    assert set(D.disc_state(D1)) and not any(k.startswith("backbones.") for k in D.disc_state(D1))
+    # one lazy-R1 step (double backward through the heads' spectral norm and BatchNorm): heads move, the rest not
+    before = [p.clone() for p in fixed] + [t.clone() for t in D1.backbones.buffers()]
+    heads = [p.clone() for p in d_params]
+    lr_d, betas = D.d_adam_hparams(1e-2, 16)
+    x = torch.rand(2, 3, 16, 16, generator=gen(0)) * 2 - 1
+    D.r1_step(D1, d_params, torch.optim.Adam(d_params, lr=lr_d, betas=betas), x, None, 10.0, 16, env1())
+    assert all(torch.equal(a, c) for a, c in zip(before, [*fixed, *D1.backbones.buffers()]))
+    assert any(not torch.equal(a, c) for a, c in zip(heads, d_params))
+    # missing timm: one sentence naming the flag; --disc_backbones vgg is the explicit way to go on without it
+    monkeypatch.setitem(sys.modules, "timm", None)
+    data = C.Data("images", "x", x=torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(C.UserError, match=r"needs timm .*--disc_backbones vgg"):
+        D.build_disc(D.Config(disc="projected", disc_weights="random"), data, None, env1(), Log())
+    # missing VGG weights: one sentence naming the file, where to put it and the flags; never a silent fallback
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*a, **kw):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(C.UserError) as e:
+        D.make_backbone("vgg", "imagenet", env1())
+    msg = str(e.value)
+    assert "vgg16_bn-6c64b313.pth" in msg and str(tmp_path / "checkpoints") in msg and "--disc_weights random" in msg \
+        and "--disc teacher" in msg and msg.count(". ") == 0
 
 
 # ============================================================================== 15-16: DiffAugment, sampler
