@@ -8,6 +8,7 @@ in a module-scoped fixture. Nothing depends on runs/. One intra-op thread throug
 """
 import copy
 import json
+import re
 import math
 import os
 import subprocess
@@ -800,6 +801,19 @@ def test_tiny_other_discriminators_and_hinge(imgs, tmp_path, extra, capsys):
         assert "K = 32 logits" in out and "fraction 0.7860" in out and any(k.startswith("encoder.") for k in ck["disc"])
     else:
         assert out.count("FID-0k proxy") == 3  # steps 0, 2 and 4
+
+
+def test_14_tiny_projected_d_end_to_end_names_precisions_and_k(imgs, tmp_path, capsys):
+    """`--preset tiny --disc projected` with fixed random VGG16-BN weights (no download) and VGG alone (explicit: timm
+    is an optional extra) trains, checkpoints and logs K and the precisions of G and D."""
+    D.main(["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", str(tmp_path / "p"), "--root", str(tmp_path),
+            "--disc", "projected", "--disc_weights", "random", "--disc_backbones", "vgg", "--iters", "1", "--batch", "2",
+            "--eval_n", "4"])
+    out = capsys.readouterr().out
+    ck = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1 and ck["disc"] and not any(k.startswith("backbones.") for k in ck["disc"])
+    assert "K = 484 logits" in out, out
+    assert "fp32, TF32 off" in out and re.search(r"\bG\b.*(fp32|bf16)", out), out
 
 
 def test_resume_bitwise(imgs, tmp_path):
