@@ -84,8 +84,10 @@ COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (m
 FLOW_MAP = ("lsd", "psd", "meanflow", "lmd")  # their training loop passes the raw module: --compile does not apply
 COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips")  # stretch: methods compiled, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
-QUICK_METHODS = ("fm", "2rf", "imm", "sct", "meanflow", "gdd_i")  # --quick: one method per file
+QUICK_METHODS = ("fm", "imm", "sct", "meanflow")  # --quick: one per sampler family (every method: test_benchmarks.py)
 FASHION = ("1-RF", "IMM", "sCT")
+FASHION_SAMPLER = {"1-RF": "fm", "IMM": "imm", "sCT": "sct"}  # throughput.py's one-step sampler of each
+SCORE_S = {"1-RF": 25, "IMM": 12, "sCT": 15}  # FD scoring and grid per method (5,000 samples per FD) + CLI start-ups
 
 
 # =============================================================================== sizes: full GPU run / --quick
@@ -165,9 +167,10 @@ def throughput_plan(sz, quick):
     lo = sz.lo
     plan = [("fm", lo, False, True), ("fm", "paper", False, True)]
     plan += [(m, lo, False, True) for m in methods]
-    plan += [("fm", lo, True, True)]
     if not quick:
         plan += [(m, "paper", False, True) for m in methods]
+    plan += [("fm", lo, True, True)]  # last of the core: it gets whatever the eager records left
+    if not quick:
         plan += [("fm", "paper", True, False)]
         plan += [(m, lo, True, False) for m in COMPILE_ORDER + FLOW_MAP]
     out, seen = [], set()
@@ -179,15 +182,29 @@ def throughput_plan(sz, quick):
     return out
 
 
+# Share of a method's step (in fm units) that its code runs with autocast off whatever --precision says (TF32
+# allowed unless fp32): LPIPS's VGG16; sCM's JVP pass (2/3 of 5/3) and sCD's teacher; the flow maps' JVP blocks
+# (LSD: 0.75 of 1.5 units, MeanFlow: all of them, LMD: most); GDD's discriminator (~1.4 of 5.4 / 4.6 F).
+# For the printed estimate only (from the cost notes in throughput.py's METHODS).
+AUTOCAST_OFF = dict(fm=0, imm=0, sct=0.4, scd=0.5, lsd=0.5, psd=0.1, meanflow=1.0, lmd=0.7, gdd=0.26, gdd_i=0.3,
+                    **{"2rf": 0, "2rf_lpips": 0.4})
+
+
+SETUP_EXTRA = {"2rf_lpips": 3, "lmd": 1, "gdd": 1, "gdd_i": 1}  # VGG16 / teacher / discriminator built on the host
+AUTOTUNE_S = 3  # cuDNN autotuning (cudnn.benchmark) in the first record of each precision
+
+
 def estimate_record_s(method, precision, compile, fwd_gflop=42.38, batch=128, peak=989.0):
     """The printed plan's model of one record's seconds (module docstring): set-up, warm-up, timing, sampling."""
-    peaks = dict(bf16=peak, tf32=peak / 2, fp32=peak * 67 / 989)
+    rate = {p: peak * f * UTIL[p] * 1e12 for p, f in (("bf16", 1), ("tf32", 0.5), ("fp32", 67 / 989))}
     cost = tp.METHODS[method].fwd_per_step
     cost = 1.7 if callable(cost) else cost  # 2-RF with LPIPS: 1 + VGG16 at 224 / DDPM++ (rectified_flow's cost note)
-    step = 3 * fwd_gflop * 1e9 * batch * cost / (peaks[precision] * UTIL[precision] * 1e12)
-    sample = step / 3 / cost
+    off = AUTOCAST_OFF[method]
+    unit = 3 * fwd_gflop * 1e9 * batch  # FLOPs of one fm step
+    step = unit * cost * ((1 - off) / rate[precision] + off / rate["fp32" if precision == "fp32" else "tf32"])
+    sample = unit / 3 / rate[precision]
     rec = 2 + 3 * step + max(1.5, 3 * step) + sum(3 * k * sample + max(0.5, 3 * k * sample) for k in (1, 2))
-    return rec + (COMPILE_S if compile else 0)
+    return rec + SETUP_EXTRA.get(method, 0) + (COMPILE_S if compile else 0)
 
 
 def run_child(spec, timeout, quick):
@@ -357,24 +374,25 @@ def check_scm_tangent(ctx):
                cos_mean=cos.mean().item(), rel_diff=_rel(g["tf32"], g["fp32"]), threshold=0.999,
                passed=bool(cos.min().item() > 0.999), net=sz.net, weights="stand-in (Xavier everywhere)",
                tf32_available=dev.type == "cuda")
-    # dropout replay (train mode, dropout 0.2 of the sct cifar10 net)
-    net.train()
+    # dropout replay (train mode, dropout 0.2 of the sct cifar10 net): F of the gradient pass (the run's precision)
+    # against F- of the fp32 JVP pass, with the RNG forked as cm_step_loss does and without (control: other masks);
+    # the precision noise alone is the same comparison in eval mode (no dropout). On CUDA the dropout kernel's
+    # random stream could depend on the tensor's dtype; the same mask leaves only the precision noise.
     _tf32(b.env.precision != "fp32")
     devices = [dev] if dev.type == "cuda" else []
     rel = {}
-    for fork in (True, False):
+    for case in ("noise", "replayed", "control"):
+        net.train(case != "noise")
         torch.manual_seed(2)
         with torch.autocast(dev.type, enabled=False):
-            if fork:
-                with torch.random.fork_rng(devices=devices):
-                    F_minus, _ = scm.jvp_F(net, x_t, t, dxdt, cfg.sigma_d)
-            else:
+            with torch.random.fork_rng(devices=devices) if case != "control" else contextlib.nullcontext():
                 F_minus, _ = scm.jvp_F(net, x_t, t, dxdt, cfg.sigma_d)
         with common.autocast(b.env):
             F = net(x_t / cfg.sigma_d, t)
-        rel["replayed" if fork else "control"] = _rel(F.float(), F_minus.float())
+        rel[case] = _rel(F.float(), F_minus.float())
     out.update(dropout_rel_diff_replayed=rel["replayed"], dropout_rel_diff_control=rel["control"],
-               dropout_pass_precision=b.env.precision, dropout_same_mask=bool(rel["replayed"] < 0.2 * rel["control"]))
+               dropout_rel_diff_noise=rel["noise"], dropout_pass_precision=b.env.precision,
+               dropout_same_mask=bool(rel["replayed"] <= 2 * rel["noise"] + 1e-3 < rel["control"]))
     return out
 
 
@@ -417,30 +435,34 @@ def check_imm_embedding(ctx):
 
 
 @torch.no_grad()
+def bf16_vs_fp32(sample, net, z, env):
+    """One-step samples sample(net, z, 1) (throughput.py's samplers) under bf16 autocast (TF32 allowed) against strict
+    fp32 (autocast and TF32 off): RMS and max difference in uint8 levels, the samples' RMS about mid-grey and the
+    share clipped by the uint8 conversion (a saturated sample would hide differences)."""
+    dev = z.device
+    tp._ENV["env"] = dataclasses.replace(env, precision="bf16")
+    _tf32(True)
+    with common.autocast(tp._ENV["env"]):
+        lo = sample(net, z, 1).float()
+    tp._ENV["env"] = dataclasses.replace(env, precision="fp32")
+    with common.strict_fp32(dev):
+        hi = sample(net, z, 1).float()
+    u_lo, u_hi = common.to_uint8(lo).float(), common.to_uint8(hi).float()
+    return dict(batch=len(z), rms_levels=(u_lo - u_hi).square().mean().sqrt().item(),
+                max_levels=(u_lo - u_hi).abs().max().item(),
+                sample_rms_levels=(u_hi - 127.5).square().mean().sqrt().item(),
+                clipped_fraction=((hi < -1) | (hi > 1)).float().mean().item())
+
+
 def check_bf16_samples(ctx):
-    """One-step samples of each sampler family in bf16 autocast against strict fp32 (TF32 off), same noise,
-    stand-in weights: RMS and max difference in uint8 levels, with the samples' own RMS about mid-grey and the
-    clipped share (a saturated sample would hide differences)."""
+    """bf16_vs_fp32 for each sampler family on the cifar10 networks with stand-in weights."""
     sz, dev, out = ctx.sz, ctx.dev, []
     for method in SAMPLERS:
         try:
             b = tp.build(_args(sz, ctx.device, method, "bf16"))
-            net = standin_weights(b.net).eval()
-            model = b.model
             z = torch.randn(sz.sample_check_batch, *b.shape, device=dev, generator=b.gen)
-            _tf32(True)
-            with common.autocast(b.env):
-                lo = b.meth.sample(model, z, 1).float()
-            tp._ENV["env"] = dataclasses.replace(b.env, precision="fp32")
-            with common.strict_fp32(dev):
-                hi = b.meth.sample(model, z, 1).float()
-            u_lo, u_hi = common.to_uint8(lo).float(), common.to_uint8(hi).float()
-            out.append(dict(method=method, batch=len(z), rms_levels=(u_lo - u_hi).square().mean().sqrt().item(),
-                            max_levels=(u_lo - u_hi).abs().max().item(),
-                            sample_rms_levels=(u_hi - 127.5).square().mean().sqrt().item(),
-                            clipped_fraction=((hi < -1) | (hi > 1)).float().mean().item(), status="ok",
-                            bf16_on_device=b.env.precision == "bf16"))
-            del net
+            out.append(dict(method=method, status="ok", net=sz.net,
+                            **bf16_vs_fp32(b.meth.sample, standin_weights(b.net).eval(), z, b.env)))
         except Exception as e:  # noqa: BLE001
             out.append(dict(method=method, status="error", error=_err(e)))
         _free()
@@ -515,10 +537,11 @@ def section_fashion(ctx):
     a = types.SimpleNamespace(work=work, budget=sz.f_budget, batch=sz.f_batch, root=root, seed=0,
                               device=ctx.device, net=sz.f_net, n_fd=sz.n_fd, fd_seed=10_000,
                               ref_steps=sz.ref_steps[-1], n_grid=sz.n_grid)
-    eff, score_s = 0.85, 15.0  # loop efficiency vs the bare step (corrected after each run); scoring seconds each
-    rows = []
+    # planned training seconds = the bare step's rate (calibrate) x eff, eff = the command line's share of useful
+    # step time (start-up, data, EMA, logging, final evaluation), assumed 0.75 and corrected after each run
+    eff, rows = 0.75, []
     for i, name in enumerate(FASHION):
-        left = clock.left("fashion") - score_s * (len(FASHION) - i) - 10 * (i == 0)
+        left = clock.left("fashion") - sum(SCORE_S[n] for n in FASHION[i:])
         share = left / (len(FASHION) - i)
         if share < (0 if ctx.quick else 10):
             sec["records"].append(dict(method=name, status="skipped", note=f"out of section time ({left:.0f} s)"))
@@ -543,6 +566,18 @@ def section_fashion(ctx):
                     rec["fd_reference"].update({int(r["steps"]): r["fid"] for r in map(json.loads, f)})
             rec = json.loads(json.dumps(rec))
             rec.update(status="ok", planned_train_s=train_s)
+            try:  # bf16 vs fp32 one-step samples of the trained network (its EMA weights)
+                ck = common.load_checkpoint(os.path.join(work, name, "ckpt.pt"))
+                net = common.build_net(ck["net"])
+                common.load_state_strict(net, ck["ema"])
+                shape = (ck["net"]["in_channels"], ck["net"]["img_resolution"], ck["net"]["img_resolution"])
+                z = torch.randn(sz.sample_check_batch, *shape, device=ctx.dev,
+                                generator=torch.Generator(ctx.dev).manual_seed(5))
+                tp._ENV.update(env=env, state={})
+                rec["bf16_vs_fp32"] = bf16_vs_fp32(tp.METHODS[FASHION_SAMPLER[name]].sample,
+                                                   net.to(ctx.dev).eval(), z, env)
+            except Exception as e:  # noqa: BLE001
+                rec["bf16_vs_fp32"] = dict(error=_err(e))
             if train_s and rec["wall_s"] > 0:
                 eff *= min(2.0, max(0.5, train_s / rec["wall_s"]))
             rows.append(rec)
@@ -579,22 +614,24 @@ def markdown(rep):
     if t.get("records"):
         L += ["", f"## 1. Training throughput ({t['records'][0].get('net', '')}, batch {t.get('batch', '')})", "",
               "One step of each method's own loss code, backward and optimiser step on a batch already on the device "
-              "(benchmarks/throughput.py's measure, the timed part ~1.5 s after 3 warm-up steps). Cost vs fm: the "
-              "cost model (`fwd_per_step`) and the measured fm img/s / method img/s at the same precision and "
-              "compile setting. Of peak: achieved training TFLOP/s over the dense peak of that precision.", "",
-              "| method | precision | compile | train img/s | TFLOP/s | of peak | cost vs fm, model | measured | "
-              "sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | note |",
-              "|" + "---|" * 13]
+              f"(benchmarks/throughput.py's measure: {t.get('warmup')} warm-up steps, then "
+              + (f"about {t['timed_s']:g} s of timed steps" if t.get("timed_s") else f"{t.get('iters_cap')} timed "
+                 "steps") + ", the sampler likewise). Cost vs fm: the cost model (`fwd_per_step`) and the measured fm "
+              "img/s / method img/s at the same precision and compile setting. Of peak: achieved training TFLOP/s "
+              "over the dense peak of that precision.", "",
+              "| method | precision | compile | train img/s | timed steps | TFLOP/s | of peak | cost vs fm, model | "
+              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | note |",
+              "|" + "---|" * 14]
         for r in t["records"]:
             if r.get("status") == "ok":
                 L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | {_fmt(r['train_img_per_s'], '{:,.0f}')}"
-                         f" | {_fmt(r['train_tflops'])} | {_fmt(r.get('peak_fraction'), '{:.1%}')} | "
+                         f" | {r['iters']} | {_fmt(r['train_tflops'])} | {_fmt(r.get('peak_fraction'), '{:.1%}')} | "
                          f"{_fmt(r['fwd_per_step'], '{:.2f}')} | {_fmt(r.get('vs_fm'), '{:.2f}')} | "
                          f"{_fmt(r['sample_img_per_s_1step'], '{:,.0f}')} | {_fmt(r['sample_img_per_s_2step'], '{:,.0f}')}"
                          f" | {_fmt(r.get('max_mem_gib'), '{:.1f}')} | {_fmt(r['warmup_s'], '{:.1f}')} | "
                          f"{r.get('compile_backend', '')} |")
             else:
-                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 10 +
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 11 +
                          f"{r['status']}: {r.get('error') or r.get('note', '')} |")
     s2 = S.get("sampling", {})
     if s2.get("records") or s2.get("one_step_50k"):
@@ -621,7 +658,8 @@ def markdown(rep):
                   + ("" if g["tf32_available"] else "; no TF32 on this device, so equal by construction") + ".",
                   f"- Dropout mask replay (train mode): F of the {g['dropout_pass_precision']} gradient pass against "
                   f"F- of the fp32 JVP pass, relative difference {g['dropout_rel_diff_replayed']:.3g} with the RNG "
-                  f"replayed, {g['dropout_rel_diff_control']:.3g} without (control) -> "
+                  f"replayed, {g['dropout_rel_diff_control']:.3g} without (control), "
+                  f"{g['dropout_rel_diff_noise']:.3g} without dropout (the precision alone) -> "
                   f"{'same mask' if g['dropout_same_mask'] else 'MASKS DIFFER'}."]
         elif g:
             L.append(f"- sCM tangent: {g.get('status')}: {g.get('error') or g.get('note')}")
@@ -660,15 +698,18 @@ def markdown(rep):
               f"of the cached classifier (t10k accuracy {f4['classifier'].get('test_accuracy', float('nan')):.4f}); "
               f"{f4['n_fd']:,} real t10k images score {f4['fd_floor']:.3f} (the floor).", "",
               "| method | iterations | examples (teacher) | wall s | FD 1 step | FD 2 steps | " +
-              " | ".join(f"FD {k} Euler steps" for k in refs) + " | note |", "|" + "---|" * (7 + len(refs))]
+              " | ".join(f"FD {k} Euler steps" for k in refs) + " | bf16 vs fp32 1 step, RMS levels | note |",
+              "|" + "---|" * (8 + len(refs))]
         for r in f4["records"]:
             if r.get("status") == "ok":
                 ex = f"{r['examples']:,}" + (f" ({r['teacher_examples']:,})" if r.get("teacher_examples") else "")
                 fr = r.get("fd_reference", {})
+                bf = r.get("bf16_vs_fp32", {})
                 L.append(f"| {r['method']} | {r['iters']:,} | {ex} | {r['wall_s']:.0f} | {_fmt(r['fd'].get('1'))} | "
-                         f"{_fmt(r['fd'].get('2'))} | " + " | ".join(_fmt(fr.get(str(k))) for k in refs) + " | |")
+                         f"{_fmt(r['fd'].get('2'))} | " + " | ".join(_fmt(fr.get(str(k))) for k in refs) +
+                         f" | {_fmt(bf.get('rms_levels'), '{:.3f}')} | {bf.get('error', '')} |")
             else:
-                L.append(f"| {r['method']} | " + "– | " * (5 + len(refs)) +
+                L.append(f"| {r['method']} | " + "– | " * (6 + len(refs)) +
                          f"{r['status']}: {r.get('error') or r.get('note', '')} |")
         if f4.get("figure"):
             L += ["", f"![samples]({f4['figure']})"]
@@ -847,7 +888,9 @@ def main(argv=None):
             e = estimate_record_s(m, p, c) if not (c and m in FLOW_MAP) else 0.0
             est += e if core else 0.0
             print(f"  {m:9s} {p:4s} {str(c):5s} {e:5.0f}{'' if core else ' *'}")
-        print(f"  core items: {est:.0f} s estimated of {plan['throughput']:g} s planned", flush=True)
+        est += AUTOTUNE_S * 3
+        print(f"  core items: {est:.0f} s estimated (+ {AUTOTUNE_S} s cuDNN autotuning per precision) of "
+              f"{plan['throughput']:g} s planned", flush=True)
     runners = dict(throughput=section_throughput, sampling=section_sampling, precision=section_precision,
                    fashion=section_fashion)
     for s in a.sections:
@@ -855,7 +898,8 @@ def main(argv=None):
         ctx.sec = rep["sections"][s] = dict(status="running", budget_s=plan[s], deadline_s=clock.ends[s],
                                             started_s=clock.now(), records=[])
         if s == "throughput":
-            ctx.sec.update(net=ctx.sz.net, batch=ctx.sz.batch)
+            ctx.sec.update(net=ctx.sz.net, batch=ctx.sz.batch, timed_s=ctx.sz.seconds, warmup=ctx.sz.warmup,
+                           iters_cap=ctx.sz.iters)
         print(f"[{clock.now():5.0f} s] section {s} (deadline {clock.ends[s]:.0f} s)", flush=True)
         if clock.left(s) <= 0:
             ctx.sec.update(status="skipped: no time left", wall_s=0.0)
