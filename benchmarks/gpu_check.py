@@ -39,28 +39,32 @@ Budget (seconds; printed at the start, `--budget` scales it). How it was estimat
   * start-up 10: CUDA initialisation and device query.
   * throughput 230: a DDPM++ training step at batch 128 is 3 x 42.4 GFLOP x 128 = 16.3 TFLOP per fm unit. Assumed
     utilisation of the dense peak (H100 SXM / H200: 989 bf16, 494 tf32, 67 fp32 TFLOP/s): 30 % bf16, 35 % tf32,
-    60 % fp32, i.e. ~55 ms, ~94 ms and ~0.4 s per fm unit, times each method's `fwd_per_step` (1 to 2.5; the CPU
-    ratios of benchmarks/throughput.py --quick agree within a factor of two). A record = ~2 s set-up (network,
-    prepare, FLOP count) + 3 warm-up steps + max(1.5 s, 3 steps) timed + 2 x (3 warm-up + max(0.5 s, 3 calls))
-    sampling calls at a third of a step each. 13 bf16 + 4 tf32 + 4 fp32 records: ~140 s (the table printed at
-    the start is this model); fm compiled in bf16: ~70 s (8 s child start, ~60 s inductor compile of the forward,
-    backward and eval graphs, a cold cache on 16 cores, assumed), leaving ~20 s margin. Stretch items run only
-    inside the section's deadline.
-  * sampling 35: 4 samplers x (2 s set-up + 2 x (3 warm-up + ~0.7 s timed)) ~ 20 s at batch 1000 (a third of an
-    fm unit per image and call), + 50k one-step samples: 50,000 x 42.4 GFLOP = 2.1 PFLOP at ~30 % of the bf16
-    peak ~ 7 s, ~15 s with the host copies.
-  * precision 20: 6 network builds (~2 s each) and a few batched forwards / JVPs.
-  * fashion 215 (the rest of 510): set-up and a step-time calibration ~15 s; 1-RF, IMM, sCT each ~50 s of
-    training (more when earlier sections finish early, at most 120 s); scoring ~40 s (5,000 samples per FD,
-    ~5 GFLOP per `small` forward: the 1-RF's 32-step FD is 0.8 PFLOP, ~5 s).
+    60 % fp32, i.e. ~55 ms, ~94 ms and ~0.4 s per fm unit, times each method's `fwd_per_step` (1 to 2.5), the
+    share its code runs with autocast off (AUTOCAST_OFF) at TF32 / fp32 speed. The CPU ratios of
+    benchmarks/throughput.py agree with these costs within a factor of two. A record = ~2 s set-up (network,
+    prepare, FLOP count; + 1-3 s for a VGG16, teacher or discriminator) + 3 warm-up steps + max(1.5 s, 3 steps)
+    timed + 2 x (3 warm-up + max(0.5 s, 3 calls)) sampler calls at a third of an fm unit per NFE. The 13 bf16 +
+    4 tf32 + 4 fp32 eager records: ~126 s, + 3 s cuDNN autotuning per precision; then the fm step compiled in bf16
+    (the last core item, so it gets what the eager records leave): ~75 s (8 s child start, ~60 s inductor compile
+    of the training and the inference graphs, cold cache, assumed). Core ~210 s, ~20 s margin; the table printed
+    at the start is this model. Stretch items (fm compiled in tf32, each method compiled) run only while the
+    section's deadline allows.
+  * sampling 35: 4 samplers x (2 s set-up + 3 warm-up calls + 0.75 s timed per NFE count) ~ 19 s at batch 1000
+    (one DDPM++ forward of 1000 images = 42 TFLOP, ~0.14 s at 30 % of the bf16 peak), + 50k one-step samples:
+    2.1 PFLOP ~ 7 s, ~8 s with the host copies.
+  * precision 20: 6 network builds (~2 s each) and a few batched forwards and JVPs at batch 64-256.
+  * fashion 215 (to the end of the 510 s): set-up ~5 s (unpack, classifier, reference statistics, the floor),
+    step-time calibration ~9 s, scoring and command-line start-ups SCORE_S = 52 s (5,000 samples per FD, 6.4 GFLOP
+    per `small` forward: the 1-RF's 1 + 2 + 8 + 32 steps are 1.4 PFLOP, ~7 s), leaving ~150 s of training: 1-RF,
+    IMM and sCT (teacher + student) ~50 s each, more when earlier sections finish early, at most 120 s.
   Total 510 s (8.5 min) of the 10-minute limit, leaving ~90 s for slower-than-assumed steps and the device's
   command overhead.
 
 The Fashion-MNIST files (Debian's `dataset-fashion-mnist`), the cached classifier and its reference statistics
-travel in benchmarks/.carry (git-ignored, ~31 MB), made by `--prepare`; the GPU machine has no network.
+travel in benchmarks/.carry (git-ignored, 30 MiB), made by `--prepare`; the GPU machine has no network. The exact
+device command (what to carry, the timeout, where the files come back) is in benchmarks/results/README.md.
 """
-import argparse, contextlib, copy, dataclasses, datetime, glob, json, math, os, re, shutil, subprocess, sys, time, \
-    types
+import argparse, contextlib, dataclasses, datetime, glob, json, math, os, re, shutil, subprocess, sys, time, types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -118,10 +122,6 @@ class Clock:
 
     def left(self, section):
         return self.ends[section] - self.now()
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _err(e):
@@ -425,7 +425,8 @@ def check_imm_embedding(ctx):
             a["fp32"] = blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             a["bf16"] = (blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])).float()
-        rows.append(dict(t=t_val, t_minus_r_fp32=(t - r).mean().item(), zero_gap_fraction=(t == r).float().mean().item(),
+        rows.append(dict(t=t_val, t_minus_r_fp32=(t - r).mean().item(),
+                         zero_gap_fraction=(t == r).float().mean().item(),
                          delta_over_e=(d["fp32"].norm(dim=1) / e["fp32"].norm(dim=1)).mean().item(),
                          tf32_rel_err=_rel(d["tf32"], d["fp32"]), tf32_cos_min=_cos(d["tf32"], d["fp32"]).min().item(),
                          bf16_affine_rel_err=_rel(a["bf16"], a["fp32"]),
@@ -624,10 +625,12 @@ def markdown(rep):
               "|" + "---|" * 14]
         for r in t["records"]:
             if r.get("status") == "ok":
-                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | {_fmt(r['train_img_per_s'], '{:,.0f}')}"
-                         f" | {r['iters']} | {_fmt(r['train_tflops'])} | {_fmt(r.get('peak_fraction'), '{:.1%}')} | "
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | "
+                         f"{_fmt(r['train_img_per_s'], '{:,.0f}')} | {r['iters']} | {_fmt(r['train_tflops'])} | "
+                         f"{_fmt(r.get('peak_fraction'), '{:.1%}')} | "
                          f"{_fmt(r['fwd_per_step'], '{:.2f}')} | {_fmt(r.get('vs_fm'), '{:.2f}')} | "
-                         f"{_fmt(r['sample_img_per_s_1step'], '{:,.0f}')} | {_fmt(r['sample_img_per_s_2step'], '{:,.0f}')}"
+                         f"{_fmt(r['sample_img_per_s_1step'], '{:,.0f}')} | "
+                         f"{_fmt(r['sample_img_per_s_2step'], '{:,.0f}')}"
                          f" | {_fmt(r.get('max_mem_gib'), '{:.1f}')} | {_fmt(r['warmup_s'], '{:.1f}')} | "
                          f"{r.get('compile_backend', '')} |")
             else:
@@ -638,8 +641,8 @@ def markdown(rep):
         L += ["", "## 2. Sampling", "", "The method's own sampler (throughput.py's) under no_grad in eval mode.", "",
               "| sampler | net | batch | precision | img/s 1 NFE | img/s 2 NFE | note |", "|" + "---|" * 7]
         for r in s2.get("records", []):
-            L.append(f"| {r['method']} | {r.get('net', '–')} | {r.get('batch', '–')} | {r.get('precision', '–')} | "
-                     f"{_fmt(r.get('img_per_s_1nfe'), '{:,.0f}')} | {_fmt(r.get('img_per_s_2nfe'), '{:,.0f}')} | "
+            L.append(f"| {r['method']} | {r.get('net', '–')} | {r.get('batch', '–')} | {r.get('precision', '–')} "
+                     f"| {_fmt(r.get('img_per_s_1nfe'), '{:,.0f}')} | {_fmt(r.get('img_per_s_2nfe'), '{:,.0f}')} | "
                      f"{'' if r['status'] == 'ok' else r['status'] + ': ' + (r.get('error') or r.get('note', ''))} |")
         o = s2.get("one_step_50k", {})
         if o.get("status") == "ok":
@@ -668,8 +671,8 @@ def markdown(rep):
             L += ["", f"IMM time embedding ({e['net']}, time_scale {e['time_scale']:g}, k = {e['k']}, batch "
                       f"{e['batch']}): Delta = e(t, s) - e(r, s); TF32 against strict fp32; the first block's affine "
                       "of Delta under bf16 autocast against fp32.", "",
-                  "| t | t - r (fp32) | share t = r | ‖Δ‖/‖e‖ | TF32 rel. err | TF32 cos min | bf16 affine rel. err "
-                  "| bf16 affine cos min |", "|" + "---|" * 8]
+                  "| t | t - r (fp32) | share t = r | ‖Δ‖/‖e‖ | TF32 rel. err | TF32 cos min | "
+                  "bf16 affine rel. err | bf16 affine cos min |", "|" + "---|" * 8]
             for r in e["rows"]:
                 L.append(f"| {r['t']:g} | {r['t_minus_r_fp32']:.3g} | {r['zero_gap_fraction']:.2f} | "
                          f"{r['delta_over_e']:.3g} | {r['tf32_rel_err']:.3g} | {_fmt(r['tf32_cos_min'], '{:.6f}')} | "
@@ -761,10 +764,15 @@ class Context:
         self.clock = None
 
     def save(self):
-        """Rewrite the JSON and the Markdown (atomically) after every measurement."""
+        """Rewrite the JSON, then the Markdown (each atomically) after every measurement; a Markdown that cannot
+        be made says why in its place, the JSON stands."""
         self.rep["meta"]["total_wall_s"] = self.clock.now()
-        for p, text in ((self.stem + ".json", json.dumps(self.rep, indent=1, default=float) + "\n"),
-                        (self.stem + ".md", markdown(self.rep))):
+        for p, text in ((self.stem + ".json", lambda: json.dumps(self.rep, indent=1, default=float) + "\n"),
+                        (self.stem + ".md", lambda: markdown(self.rep))):
+            try:
+                text = text()
+            except Exception as e:  # noqa: BLE001  (a report bug must not cost the measurements)
+                text = f"# GPU check\n\nThe tables could not be written ({_err(e)}); every number is in the JSON.\n"
             with open(p + ".tmp", "w") as f:
                 f.write(text)
             os.replace(p + ".tmp", p)
