@@ -484,8 +484,8 @@ def build(a):
 
 
 def timed(fn, iters, dev, seconds=None):
-    """-> (calls, seconds) of `iters` timed calls of fn. With `seconds`: about that long instead, at least 3 and
-    at most `iters` calls, the count set by 2 timed calls (counted in the result)."""
+    """-> (calls, seconds, the last call's result) of `iters` timed calls of fn. With `seconds`: about that long
+    instead, at least 3 and at most `iters` calls, the count set by 2 timed calls (counted in the result)."""
     if seconds is None:
         with Timer(dev) as t:
             for _ in range(iters):
@@ -506,7 +506,7 @@ def measure(a, seconds=None):
     phase (training; sampling at 1 and at 2 steps each take a third of it) instead of a.iters calls, a.iters
     being the cap (the record's iters is the count that ran)."""
     b = build(a)
-    meth, env, dev, model, state, x = b.meth, b.env, b.device, b.model, b.state, b.x
+    meth, env, dev, model, state = b.meth, b.env, b.device, b.model, b.state
     C, R, _ = b.shape
     fwd, fwd_per_step, train_flops = b.fwd, b.fwd_per_step, b.train_flops
 

@@ -108,6 +108,20 @@ def test_deadline_keeps_what_was_measured(tmp_path):
     assert "| fm | fp32 | False |" in (res / "gpu_cpu.md").read_text()
 
 
+def test_timed_fills_about_the_given_seconds():
+    """throughput.timed with `seconds`: the call count follows the first two calls' duration, at least 3 and at
+    most `iters`; without it, exactly `iters` calls."""
+    import time
+    import throughput as tp
+    calls = []
+    fn = lambda: (time.sleep(0.01), calls.append(1))[1] or len(calls)  # noqa: E731
+    n, sec, last = tp.timed(fn, 100, torch.device("cpu"), seconds=0.08)
+    assert 3 <= n <= 12 and len(calls) == n == last and sec >= 0.01 * n
+    assert tp.timed(fn, 4, torch.device("cpu"), seconds=10.0)[0] == 4  # capped by iters
+    assert tp.timed(fn, 2, torch.device("cpu"), seconds=1e-6)[0] == 3  # at least 3
+    assert tp.timed(fn, 5, torch.device("cpu"))[0] == 5
+
+
 def test_results_folder_takes_gpu_runs_only():
     with pytest.raises(common.UserError, match="full GPU runs only"):
         gc.parse(["--quick"])
