@@ -1,7 +1,8 @@
 """Every GPU measurement the project lacks, in one prepared run of at most 10 minutes (issue 17).
 
-    python benchmarks/gpu_check.py --prepare     # here, once (network access not needed): fills benchmarks/.carry
-    python benchmarks/gpu_check.py               # on the GPU machine (no network): ~8.5 min, then commit the files
+    python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
+    python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
+    python benchmarks/gpu_check.py --results DIR # the same into DIR (on the lent device machine: DIR = $OUT)
     python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~40 s)
 
 Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used
@@ -64,7 +65,7 @@ The Fashion-MNIST files (Debian's `dataset-fashion-mnist`), the cached classifie
 travel in benchmarks/.carry (git-ignored, 30 MiB), made by `--prepare`; the GPU machine has no network. The exact
 device command (what to carry, the timeout, where the files come back) is in benchmarks/results/README.md.
 """
-import argparse, contextlib, dataclasses, datetime, glob, json, math, os, re, shutil, subprocess, sys, time, types
+import argparse, contextlib, dataclasses, datetime, gc, glob, json, math, os, re, shutil, subprocess, sys, time, types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -131,6 +132,7 @@ def _err(e):
 
 def _free():
     tp._ENV.clear()
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -884,7 +886,9 @@ def main(argv=None):
         command="python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         quick=a.quick, sections_run=a.sections, plan_s=plan, startup_s=round(startup, 3),
         deadlines_s={s: round(v, 1) for s, v in clock.ends.items()}, planned_total_s=round(clock.total, 1),
-        peak_tflops=next((pk for frag, pk in tp.PEAKS if frag in name), None), utilisation_assumed=UTIL,
+        peak_tflops=next((pk for frag, pk in tp.PEAKS if frag in name), None),
+        estimate_model=dict(utilisation=UTIL, compile_s=COMPILE_S, autotune_s=AUTOTUNE_S, autocast_off=AUTOCAST_OFF,
+                            setup_extra_s=SETUP_EXTRA, fashion_score_s=SCORE_S),
         total_wall_s=0.0), sections={s: old[s] for s in SECTIONS if s in old and s not in a.sections})
     print(f"gpu_check on {name}: planned {clock.total:.0f} s "
           + " + ".join(f"{s} {plan[s]:g}" for s in a.sections) + f" (+ start-up {startup:g}); deadlines at "
