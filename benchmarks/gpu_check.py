@@ -518,8 +518,26 @@ def calibrate(ctx, sz):
     return rates
 
 
+@contextlib.contextmanager
+def smoke_evaluation(fb, quick):
+    """--quick: the methods' end-of-training evaluation on 2 samples instead of fashion.py's 16 (a later --eval_n
+    wins), restored on exit; the full run keeps fashion.py's command lines as they are."""
+    orig = fb.common_argv
+    if quick:
+        fb.common_argv = lambda a, iters, net: [*orig(a, iters, net), "--eval_n", "2"]
+    try:
+        yield
+    finally:
+        fb.common_argv = orig
+
+
 def section_fashion(ctx):
     import fashion as fb
+    with smoke_evaluation(fb, ctx.quick):
+        _section_fashion(ctx, fb)
+
+
+def _section_fashion(ctx, fb):
     sz, sec, clock = ctx.sz, ctx.sec, ctx.clock
     t0 = time.time()
     root, raw = fashion_root(ctx)
@@ -607,7 +625,9 @@ def markdown(rep):
     m, S = rep["meta"], rep["sections"]
     L = [f"# GPU check: {m['device_name']} ({m['date']})", "",
          f"Written by `{m['command']}` (do not edit; regenerated from the JSON) · commit `{m['commit']}` · torch "
-         f"{m['torch']} · CUDA {m['cuda']} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s.", "",
+         f"{m['torch']} · CUDA {m['cuda']} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s."
+         + (f" Kept from the run of {m['kept_sections']['date']} (commit `{m['kept_sections']['commit']}`): "
+            f"{', '.join(m['kept_sections']['sections'])}." if m.get("kept_sections") else ""), "",
          "| section | planned s (deadline) | used s | status |", "| --- | --- | --- | --- |"]
     for s in SECTIONS:
         sec = S.get(s, {})
@@ -876,10 +896,11 @@ def main(argv=None):
         torch.zeros(1, device=ctx.dev)
     name = tp.device_name(ctx.dev)
     ctx.stem = os.path.join(a.results, f"gpu_{device_slug(ctx.dev)}")
-    old = {}
+    old, old_meta = {}, {}
     if os.path.exists(ctx.stem + ".json") and set(a.sections) != set(SECTIONS):
-        with open(ctx.stem + ".json") as f:
-            old = json.load(f).get("sections", {})  # --sections reruns keep the other sections' results
+        with open(ctx.stem + ".json") as f:  # --sections reruns keep the other sections' results
+            prev = json.load(f)
+        old, old_meta = prev.get("sections", {}), prev.get("meta", {})
     ctx.rep = rep = dict(meta=dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
         torch=torch.__version__, cuda=torch.version.cuda, commit=tp._git_commit(),
@@ -890,6 +911,9 @@ def main(argv=None):
         estimate_model=dict(utilisation=UTIL, compile_s=COMPILE_S, autotune_s=AUTOTUNE_S, autocast_off=AUTOCAST_OFF,
                             setup_extra_s=SETUP_EXTRA, fashion_score_s=SCORE_S),
         total_wall_s=0.0), sections={s: old[s] for s in SECTIONS if s in old and s not in a.sections})
+    if rep["sections"]:  # a --sections rerun: where the kept sections come from
+        rep["meta"]["kept_sections"] = dict(sections=list(rep["sections"]), date=old_meta.get("date"),
+                                            commit=old_meta.get("commit"), torch=old_meta.get("torch"))
     print(f"gpu_check on {name}: planned {clock.total:.0f} s "
           + " + ".join(f"{s} {plan[s]:g}" for s in a.sections) + f" (+ start-up {startup:g}); deadlines at "
           + ", ".join(f"{s} {clock.ends[s]:.0f} s" for s in a.sections), flush=True)

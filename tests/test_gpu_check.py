@@ -96,7 +96,7 @@ def test_quick_run_writes_every_section(tmp_path):
 
 def test_deadline_keeps_what_was_measured(tmp_path):
     """A budget far too small: the first record runs, the others are skipped at the deadline, and the section after
-    it is skipped; the files are written all the same."""
+    it is skipped; the files are written all the same. Then a rerun of that section alone keeps the first's."""
     res = tmp_path / "res"
     gc.main(["--quick", "--results", str(res), "--sections", "throughput,sampling", "--budget", "0.5", "--work",
              str(tmp_path / "work")])
@@ -106,6 +106,12 @@ def test_deadline_keeps_what_was_measured(tmp_path):
     assert S["throughput"]["status"].startswith("partial")
     assert S["sampling"]["status"].startswith("skipped") and "fashion" not in S
     assert "| fm | fp32 | False |" in (res / "gpu_cpu.md").read_text()
+    # a rerun of one section keeps the others' results
+    gc.main(["--quick", "--results", str(res), "--sections", "sampling", "--work", str(tmp_path / "work")])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    assert rep["sections"]["throughput"] == S["throughput"] and rep["sections"]["sampling"]["status"] == "done"
+    assert rep["meta"]["kept_sections"]["sections"] == ["throughput"]
+    assert "Kept from the run of" in (res / "gpu_cpu.md").read_text()
 
 
 def test_timed_fills_about_the_given_seconds():
