@@ -215,7 +215,11 @@ def run_child(spec, timeout, quick):
     if os.path.exists(out):
         os.remove(out)
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps({**spec, "out": out})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if quick else dict(os.environ)
+    # the compilers' caches in the scratch folder: shared by the children, wiped after a kill (a half-written
+    # kernel file would fail the next compile)
+    caches = dict(TORCHINDUCTOR_CACHE_DIR=os.path.join(spec["work"], "inductor-cache"),
+                  TRITON_CACHE_DIR=os.path.join(spec["work"], "triton-cache"))
+    env = {**os.environ, **caches, **({"OMP_NUM_THREADS": "1"} if quick else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True)
     try:
@@ -223,6 +227,8 @@ def run_child(spec, timeout, quick):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.communicate()
+        for d in caches.values():
+            shutil.rmtree(d, ignore_errors=True)
         return dict(status="error", error=f"killed at the section deadline after {timeout:.0f} s (compile too slow)")
     if os.path.exists(out):
         with open(out) as f:
