@@ -132,8 +132,8 @@ def _err(e):
 
 def _free():
     tp._ENV.clear()
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the device memory of the last measurement back before the next one
+        gc.collect()
         torch.cuda.empty_cache()
 
 
