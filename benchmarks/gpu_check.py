@@ -209,16 +209,16 @@ def estimate_record_s(method, precision, compile, fwd_gflop=42.38, batch=128, pe
     return rec + SETUP_EXTRA.get(method, 0) + (COMPILE_S if compile else 0)
 
 
-def run_child(spec, timeout, quick):
+def run_child(job, timeout, quick):
     """One throughput record in a child process (the compiled ones), killed after `timeout` seconds."""
-    out = os.path.join(spec["work"], f"child-{spec['argv'][1]}-{spec['argv'][13]}.json")
+    out = os.path.join(job["work"], f"child-{job['argv'][1]}-{job['argv'][13]}.json")
     if os.path.exists(out):
         os.remove(out)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps({**spec, "out": out})]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps({**job, "out": out})]
     # the compilers' caches in the scratch folder: shared by the children, wiped after a kill (a half-written
     # kernel file would fail the next compile)
-    caches = dict(TORCHINDUCTOR_CACHE_DIR=os.path.join(spec["work"], "inductor-cache"),
-                  TRITON_CACHE_DIR=os.path.join(spec["work"], "triton-cache"))
+    caches = dict(TORCHINDUCTOR_CACHE_DIR=os.path.join(job["work"], "inductor-cache"),
+                  TRITON_CACHE_DIR=os.path.join(job["work"], "triton-cache"))
     env = {**os.environ, **caches, **({"OMP_NUM_THREADS": "1"} if quick else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True)
@@ -237,21 +237,21 @@ def run_child(spec, timeout, quick):
     return dict(status="error", error=f"child exited {proc.returncode}: {tail[-300:]}")
 
 
-def child_main(spec):
-    """--_child: measure one configuration, write its record (or the error) to spec['out']."""
-    argv = list(spec["argv"])
-    if spec.get("quick"):  # smoke size: the child process path only (a CPU compile takes minutes)
+def child_main(job):
+    """--_child: measure one configuration, write its record (or the error) to job['out']."""
+    argv = list(job["argv"])
+    if job.get("quick"):  # smoke size: the child process path only (a CPU compile takes minutes)
         argv[argv.index("--compile") + 1] = "off"
         torch.set_num_threads(1)
     try:
-        rec = dict(tp.measure(tp.parse(argv), spec.get("seconds")), status="ok")
-        if spec.get("quick"):
+        rec = dict(tp.measure(tp.parse(argv), job.get("seconds")), status="ok")
+        if job.get("quick"):
             rec["compile_backend"] = "not compiled (--quick: the child process only)"
     except BaseException as e:  # noqa: BLE001  (a failed compile is a result)
         rec = dict(status="error", error=_err(e))
-    with open(spec["out"] + ".tmp", "w") as f:
+    with open(job["out"] + ".tmp", "w") as f:
         json.dump(rec, f)
-    os.replace(spec["out"] + ".tmp", spec["out"])
+    os.replace(job["out"] + ".tmp", job["out"])
 
 
 def section_throughput(ctx):
