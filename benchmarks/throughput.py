@@ -442,8 +442,11 @@ def parse(argv=None):
     return a
 
 
-def measure(a):
-    """Run one configuration; return its record (a flat JSON-able dict)."""
+def build(a):
+    """One configuration ready to time (what measure() times; benchmarks/gpu_check.py reuses it): the precision
+    flags and seed (common.setup), the method's network with its `cifar10` overrides, prepare()'s state, the FLOP
+    counts, the network compiled when a.compile, the optimiser, a data batch already on the device and
+    train_step() (one loss, backward and optimiser step). The method's functions read _ENV, set here."""
     meth = METHODS[a.method]
     env = common.setup(a.device, a.seed, meth.precision if a.precision == "paper" else a.precision)
     dev = env.device
@@ -456,10 +459,8 @@ def measure(a):
     net = common.build_net(cfg).to(dev)
     state = _ENV["state"] = meth.prepare(net, env, a) if meth.prepare else {}
     net = state.get("net", net)
-    n_params = sum(p.numel() for p in net.parameters())
     fwd = forward_flops(net, (C, R, R), dev, cfg["num_times"])
     fwd_per_step = meth.fwd_per_step(fwd, state) if callable(meth.fwd_per_step) else meth.fwd_per_step
-    train_flops = int(round(3 * fwd_per_step * fwd))  # forward + backward (~2x forward)
 
     model = common.maybe_compile(net, a.compile)
     opt = None if meth.own_update else torch.optim.Adam([*net.parameters(), *state.get("params", [])], lr=a.lr)
@@ -475,31 +476,61 @@ def measure(a):
             opt.zero_grad(set_to_none=True)
         return loss
 
+    return types.SimpleNamespace(
+        meth=meth, env=env, device=dev, net=net, model=model, state=state, opt=opt, gen=gen, x=x,
+        shape=(C, R, R), n_params=sum(p.numel() for p in net.parameters()), fwd=fwd, fwd_per_step=fwd_per_step,
+        train_flops=int(round(3 * fwd_per_step * fwd)),  # forward + backward (~2x forward)
+        train_step=train_step)
+
+
+def timed(fn, iters, dev, seconds=None):
+    """-> (calls, seconds, the last call's result) of `iters` timed calls of fn. With `seconds`: about that long
+    instead, at least 3 and at most `iters` calls, the count set by 2 timed calls (counted in the result)."""
+    if seconds is None:
+        with Timer(dev) as t:
+            for _ in range(iters):
+                out = fn()
+        return iters, t.seconds, out
+    with Timer(dev) as t0:
+        for _ in range(2):
+            out = fn()
+    n = int(min(max(3, iters) - 2, max(1, round(seconds / (t0.seconds / 2)) - 2)))
+    with Timer(dev) as t1:
+        for _ in range(n):
+            out = fn()
+    return n + 2, t0.seconds + t1.seconds, out
+
+
+def measure(a, seconds=None):
+    """Run one configuration; return its record (a flat JSON-able dict). `seconds`: time about that long per
+    phase (training; sampling at 1 and at 2 steps each take a third of it) instead of a.iters calls, a.iters
+    being the cap (the record's iters is the count that ran)."""
+    b = build(a)
+    meth, env, dev, model, state = b.meth, b.env, b.device, b.model, b.state
+    C, R, _ = b.shape
+    fwd, fwd_per_step, train_flops = b.fwd, b.fwd_per_step, b.train_flops
+
     model.train()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with Timer(dev) as tw:
         for _ in range(a.warmup):
-            train_step()
-    with Timer(dev) as tt:
-        for _ in range(a.iters):
-            loss = train_step()
+            b.train_step()
+    iters, train_s, loss = timed(b.train_step, a.iters, dev, seconds)
     if not math.isfinite(loss.item()):
         raise common.UserError(f"the training loss became {loss.item()} during the benchmark.")
-    train_ips = a.iters * a.batch / tt.seconds
+    train_ips = iters * a.batch / train_s
     mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
 
     model.eval()
-    z = torch.randn(a.sample_batch, C, R, R, device=dev, generator=gen)
+    z = torch.randn(a.sample_batch, C, R, R, device=dev, generator=b.gen)
     sample_ips = {}
     with torch.no_grad(), common.autocast(env):
         for k in (1, 2):
             for _ in range(a.warmup):
                 meth.sample(model, z, k)
-            with Timer(dev) as ts:
-                for _ in range(a.iters):
-                    meth.sample(model, z, k)
-            sample_ips[k] = a.iters * a.sample_batch / ts.seconds
+            n, sec, _ = timed(lambda: meth.sample(model, z, k), a.iters, dev, seconds and seconds / 3)
+            sample_ips[k] = n * a.sample_batch / sec
 
     name = device_name(dev)
     peak = a.peak_tflops if a.peak_tflops else default_peak(name, env.precision) if dev.type == "cuda" else None
@@ -507,9 +538,9 @@ def measure(a):
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         device=dev.type, device_name=name, torch=torch.__version__, cuda=torch.version.cuda,
-        commit=_git_commit(), method=a.method, net=a.net, params=n_params, resolution=R,
+        commit=_git_commit(), method=a.method, net=a.net, params=b.n_params, resolution=R,
         batch=a.batch, sample_batch=a.sample_batch, precision=env.precision, compile=bool(a.compile),
-        iters=a.iters, warmup=a.warmup, paper_precision=meth.precision,
+        iters=iters, warmup=a.warmup, paper_precision=meth.precision,
         lpips_res=a.lpips_res if state.get("lpips") is not None else None,
         fwd_flops_per_img=fwd, train_flops_per_img=train_flops, fwd_per_step=fwd_per_step, vs_fm=None,
         train_img_per_s=train_ips, train_tflops=tflops, peak_tflops=peak,

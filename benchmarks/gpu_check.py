@@ -1,0 +1,975 @@
+"""Every GPU measurement the project lacks, in one prepared run of at most 10 minutes (issue 17).
+
+    python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
+    python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
+    python benchmarks/gpu_check.py --results DIR # the same into DIR (on the lent device machine: DIR = $OUT)
+    python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~35 s)
+
+Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used
+seconds), DIR/gpu_<device>.md (the tables, regenerated from the JSON), DIR/gpu_<device>_throughput.png and
+DIR/gpu_<device>_fashion.png; DIR = benchmarks/results, which takes full GPU runs only (--quick and CPU runs need
+--results). The files are rewritten after every measurement, so a run cut short keeps what it measured; at the end
+the tables are printed. `--sections` reruns some sections and keeps the others' results from the existing JSON.
+
+Sections, in order of value, each with a deadline (the planned seconds of the sections so far, counted from the
+start; time a section leaves unused passes to the next ones, and the last one runs to the end of the budget):
+
+ 1 throughput  training img/s, TFLOP/s, fraction of the dense peak and peak memory of the flow-matching step and of
+               every method at batch 128 on DDPM++ (benchmarks/throughput.py's measure(): each method's own loss
+               code with its `cifar10` preset's maths and network), in bf16 and in the method's cifar10 precision
+               (`--precision paper`), with the cost of each method relative to the fm step beside its cost model
+               (`fwd_per_step`); the fm step also with torch.compile (in a child process, killed at the deadline,
+               so a compile that hangs costs its share only). With time left: fm compiled in its paper precision,
+               then each method whose training step runs the compiled network (not the flow-map methods: their loop
+               passes the raw module); a compile that fails is recorded and the run goes on.
+ 2 sampling    the methods' own one-step samplers (1-RF Euler, IMM, sCM, MeanFlow) at a large batch, 1 and 2
+               network evaluations, bf16; and the wall-clock time of 50,000 one-step samples of the 1-RF (DDPM++,
+               uint8 on the host), measured in full.
+ 3 precision   sCM's normalised tangent g with TF32 allowed against strict fp32 (cosine similarity, pass > 0.999),
+               and the dropout mask of the bf16 gradient pass against the fp32 JVP pass's (RNG replay); IMM's time
+               embedding difference e(t, s) - e(r, s) near T under TF32 against fp32 (and the bf16 block affine);
+               bf16 against fp32 one-step samples (RMS difference in uint8 levels). Networks with stand-in
+               weights (Xavier-uniform everywhere: a fresh network's zero output layer would make every check
+               trivially pass).
+ 4 fashion     1-RF, IMM and sCT (after its TrigFlow teacher) trained through their own command lines on
+               Fashion-MNIST with the `small` U-Net for an equal share of the time left (at most 2 minutes each),
+               scored by benchmarks/fashion.py's Fréchet distance in the cached classifier's features at 1 and 2
+               steps and the 1-RF at 8 and 32 Euler steps; a sample grid.
+
+Budget (seconds; printed at the start, `--budget` scales it). How it was estimated:
+  * start-up 10: CUDA initialisation and device query.
+  * throughput 230: a DDPM++ training step at batch 128 is 3 x 42.4 GFLOP x 128 = 16.3 TFLOP per fm unit. Assumed
+    utilisation of the dense peak (H100 SXM / H200: 989 bf16, 494 tf32, 67 fp32 TFLOP/s): 30 % bf16, 35 % tf32,
+    60 % fp32, i.e. ~55 ms, ~94 ms and ~0.4 s per fm unit, times each method's `fwd_per_step` (1 to 2.5), the
+    share its code runs with autocast off (AUTOCAST_OFF) at TF32 / fp32 speed. The CPU ratios of
+    benchmarks/throughput.py agree with these costs within a factor of two. A record = ~2 s set-up (network,
+    prepare, FLOP count; + 1-3 s for a VGG16, teacher or discriminator) + 3 warm-up steps + max(1.5 s, 3 steps)
+    timed + 2 x (3 warm-up + max(0.5 s, 3 calls)) sampler calls at a third of an fm unit per NFE. The 13 bf16 +
+    4 tf32 + 4 fp32 eager records: ~126 s, + 3 s cuDNN autotuning per precision; then the fm step compiled in bf16
+    (the last core item, so it gets what the eager records leave): ~75 s (8 s child start, ~60 s inductor compile
+    of the training and the inference graphs, cold cache, assumed). Core ~210 s, ~20 s margin; the table printed
+    at the start is this model. Stretch items (fm compiled in tf32, each method compiled) run only while the
+    section's deadline allows.
+  * sampling 35: 4 samplers x (2 s set-up + 3 warm-up calls + 0.75 s timed per NFE count) ~ 19 s at batch 1000
+    (one DDPM++ forward of 1000 images = 42 TFLOP, ~0.14 s at 30 % of the bf16 peak), + 50k one-step samples:
+    2.1 PFLOP ~ 7 s, ~8 s with the host copies.
+  * precision 20: 6 network builds (~2 s each) and a few batched forwards and JVPs at batch 64-256.
+  * fashion 215 (to the end of the 510 s): set-up ~5 s (unpack, classifier, reference statistics, the floor),
+    step-time calibration ~9 s, scoring and command-line start-ups SCORE_S = 52 s (5,000 samples per FD, 6.4 GFLOP
+    per `small` forward: the 1-RF's 1 + 2 + 8 + 32 steps are 1.4 PFLOP, ~7 s), leaving ~150 s of training: 1-RF,
+    IMM and sCT (teacher + student) ~50 s each, more when earlier sections finish early, at most 120 s.
+  Total 510 s (8.5 min) of the 10-minute limit, leaving ~90 s for slower-than-assumed steps and the device's
+  command overhead.
+
+The Fashion-MNIST files (Debian's `dataset-fashion-mnist`), the cached classifier and its reference statistics
+travel in benchmarks/.carry (git-ignored, 30 MiB), made by `--prepare`; the GPU machine has no network. The exact
+device command (what to carry, the timeout, where the files come back) is in benchmarks/results/README.md.
+"""
+import argparse, contextlib, dataclasses, datetime, gc, glob, json, math, os, re, shutil, subprocess, sys, time, types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import torch
+import torch.nn as nn
+
+import common
+import throughput as tp
+
+RESULTS = os.path.join(HERE, "results")
+CARRY = os.path.join(HERE, ".carry")
+DEBIAN = "/usr/share/datasets/fashion-mnist"
+SECTIONS = ("throughput", "sampling", "precision", "fashion")
+STARTUP_S = 10
+PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215)  # + STARTUP_S = 510 s (module docstring)
+UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense peak, for the printed estimate only
+COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
+FLOW_MAP = ("lsd", "psd", "meanflow", "lmd")  # their training loop passes the raw module: --compile does not apply
+COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips")  # stretch: methods compiled, in order
+SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
+QUICK_METHODS = ("fm", "imm", "sct", "meanflow")  # --quick: one per sampler family (every method: test_benchmarks.py)
+FASHION = ("1-RF", "IMM", "sCT")
+FASHION_SAMPLER = {"1-RF": "fm", "IMM": "imm", "sCT": "sct"}  # throughput.py's one-step sampler of each
+SCORE_S = {"1-RF": 25, "IMM": 12, "sCT": 15}  # FD scoring and grid per method (5,000 samples per FD) + CLI start-ups
+
+
+# =============================================================================== sizes: full GPU run / --quick
+def sizes(quick):
+    if quick:
+        return types.SimpleNamespace(
+            net="tiny", batch=8, sample_batch=8, iters=2, warmup=1, seconds=None, lpips_res=32, lo="fp32",
+            big_batch=16, n_50k=32, tangent_batch=4, sample_check_batch=8,
+            f_net="tiny", f_batch=8, f_budget=32, n_fd=64, ref_steps=(2, 3), n_grid=2, f_max_s=None)
+    return types.SimpleNamespace(
+        net="ddpmpp", batch=128, sample_batch=128, iters=400, warmup=3, seconds=1.5, lpips_res=224, lo="bf16",
+        big_batch=1000, n_50k=50_000, tangent_batch=64, sample_check_batch=256,
+        f_net="small", f_batch=128, f_budget=None, n_fd=5_000, ref_steps=(8, 32), n_grid=8, f_max_s=120.0)
+
+
+class Clock:
+    """Wall clock from the start; each section's deadline is the cumulative plan (unused time passes on)."""
+
+    def __init__(self, plan, sections, startup):
+        self.t0, self.ends, acc = time.time(), {}, startup
+        for s in sections:
+            acc += plan[s]
+            self.ends[s] = acc
+        self.total = acc
+
+    def now(self):
+        return time.time() - self.t0
+
+    def left(self, section):
+        return self.ends[section] - self.now()
+
+
+def _err(e):
+    s = f"{type(e).__name__}: {e}".strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def _free():
+    tp._ENV.clear()
+    if torch.cuda.is_available():  # the device memory of the last measurement back before the next one
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _args(sz, device, method, precision, compile=False, net=None, batch=None):
+    """throughput.py's arguments for one configuration."""
+    return tp.parse(["--method", method, "--net", net or sz.net, "--batch", str(batch or sz.batch),
+                     "--sample_batch", str(sz.sample_batch), "--iters", str(sz.iters), "--warmup", str(sz.warmup),
+                     "--precision", precision, "--compile", "on" if compile else "off", "--device", device,
+                     "--lpips_res", str(sz.lpips_res)])
+
+
+def standin_weights(net, seed=0):
+    """Xavier-uniform for every convolution and linear weight (the zero output layer and the 1e-5-scaled residual
+    convolutions of a fresh network included), biases left at zero: O(1) outputs that depend on every layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = torch.empty(m.weight.shape)
+                nn.init.xavier_uniform_(w, generator=g)
+                m.weight.copy_(w)
+    return net
+
+
+def resolved(method, precision):
+    return tp.METHODS[method].precision if precision == "paper" else precision
+
+
+# =============================================================================== section 1: training throughput
+def throughput_plan(sz, quick):
+    """[(method, precision, compile, core)] in order of value; core items are inside the planned budget."""
+    methods = [m for m in tp.METHODS if m != "fm" and (not quick or m in QUICK_METHODS)]
+    lo = sz.lo
+    plan = [("fm", lo, False, True), ("fm", "paper", False, True)]
+    plan += [(m, lo, False, True) for m in methods]
+    if not quick:
+        plan += [(m, "paper", False, True) for m in methods]
+    plan += [("fm", lo, True, True)]  # last of the core: it gets whatever the eager records left
+    if not quick:
+        plan += [("fm", "paper", True, False)]
+        plan += [(m, lo, True, False) for m in COMPILE_ORDER + FLOW_MAP]
+    out, seen = [], set()
+    for m, p, c, core in plan:
+        key = (m, resolved(m, p), c)
+        if key not in seen:
+            seen.add(key)
+            out.append((m, resolved(m, p), c, core))
+    return out
+
+
+# Share of a method's step (in fm units) that its code runs with autocast off whatever --precision says (TF32
+# allowed unless fp32): LPIPS's VGG16; sCM's JVP pass (2/3 of 5/3) and sCD's teacher; the flow maps' JVP blocks
+# (LSD: 0.75 of 1.5 units, MeanFlow: all of them, LMD: most); GDD's discriminator (~1.4 of 5.4 / 4.6 F).
+# For the printed estimate only (from the cost notes in throughput.py's METHODS).
+AUTOCAST_OFF = dict(fm=0, imm=0, sct=0.4, scd=0.5, lsd=0.5, psd=0.1, meanflow=1.0, lmd=0.7, gdd=0.26, gdd_i=0.3,
+                    **{"2rf": 0, "2rf_lpips": 0.4})
+
+
+SETUP_EXTRA = {"2rf_lpips": 3, "lmd": 1, "gdd": 1, "gdd_i": 1}  # VGG16 / teacher / discriminator built on the host
+AUTOTUNE_S = 3  # cuDNN autotuning (cudnn.benchmark) in the first record of each precision
+
+
+def estimate_record_s(method, precision, compile, fwd_gflop=42.38, batch=128, peak=989.0):
+    """The printed plan's model of one record's seconds (module docstring): set-up, warm-up, timing, sampling."""
+    rate = {p: peak * f * UTIL[p] * 1e12 for p, f in (("bf16", 1), ("tf32", 0.5), ("fp32", 67 / 989))}
+    cost = tp.METHODS[method].fwd_per_step
+    cost = 1.7 if callable(cost) else cost  # 2-RF with LPIPS: 1 + VGG16 at 224 / DDPM++ (rectified_flow's cost note)
+    off = AUTOCAST_OFF[method]
+    unit = 3 * fwd_gflop * 1e9 * batch  # FLOPs of one fm step
+    step = unit * cost * ((1 - off) / rate[precision] + off / rate["fp32" if precision == "fp32" else "tf32"])
+    sample = unit / 3 / rate[precision]
+    rec = 2 + 3 * step + max(1.5, 3 * step) + sum(3 * k * sample + max(0.5, 3 * k * sample) for k in (1, 2))
+    return rec + SETUP_EXTRA.get(method, 0) + (COMPILE_S if compile else 0)
+
+
+def run_child(job, timeout, quick):
+    """One throughput record in a child process (the compiled ones), killed after `timeout` seconds."""
+    out = os.path.join(job["work"], f"child-{job['argv'][1]}-{job['argv'][13]}.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps({**job, "out": out})]
+    # the compilers' caches in the scratch folder: shared by the children, wiped after a kill (a half-written
+    # kernel file would fail the next compile)
+    caches = dict(TORCHINDUCTOR_CACHE_DIR=os.path.join(job["work"], "inductor-cache"),
+                  TRITON_CACHE_DIR=os.path.join(job["work"], "triton-cache"))
+    env = {**os.environ, **caches, **({"OMP_NUM_THREADS": "1"} if quick else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=None if timeout is None else max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        for d in caches.values():
+            shutil.rmtree(d, ignore_errors=True)
+        return dict(status="error", error=f"killed at the section deadline after {timeout:.0f} s (compile too slow)")
+    if os.path.exists(out):
+        with open(out) as f:
+            return json.load(f)
+    tail = " | ".join((log or "").strip().splitlines()[-3:])
+    return dict(status="error", error=f"child exited {proc.returncode}: {tail[-300:]}")
+
+
+def child_main(job):
+    """--_child: measure one configuration, write its record (or the error) to job['out']."""
+    argv = list(job["argv"])
+    if job.get("quick"):  # smoke size: the child process path only (a CPU compile takes minutes)
+        argv[argv.index("--compile") + 1] = "off"
+        torch.set_num_threads(1)
+    try:
+        rec = dict(tp.measure(tp.parse(argv), job.get("seconds")), status="ok")
+        if job.get("quick"):
+            rec["compile_backend"] = "not compiled (--quick: the child process only)"
+    except BaseException as e:  # noqa: BLE001  (a failed compile is a result)
+        rec = dict(status="error", error=_err(e))
+    with open(job["out"] + ".tmp", "w") as f:
+        json.dump(rec, f)
+    os.replace(job["out"] + ".tmp", job["out"])
+
+
+def section_throughput(ctx):
+    sz, clock, recs = ctx.sz, ctx.clock, ctx.sec["records"]
+    for method, precision, comp, core in throughput_plan(sz, ctx.quick):
+        label = dict(method=method, precision=precision, compile=comp, planned=core,
+                     est_s=round(estimate_record_s(method, precision, comp), 1))
+        left = clock.left("throughput")
+        if comp and method in FLOW_MAP:
+            recs.append(dict(label, status="unsupported", note="flow_map.py's loop passes the raw module: "
+                                                                  "--compile does not apply"))
+            continue
+        need = 0.0 if ctx.quick else min(label["est_s"], 60) if comp else label["est_s"]  # --quick: any time left
+        if left <= need:
+            recs.append(dict(label, status="skipped", note=f"out of section time ({left:.0f} s left)"))
+            continue
+        t0 = time.time()
+        argv = ["--method", method, "--net", sz.net, "--batch", str(sz.batch), "--sample_batch", str(sz.sample_batch),
+                "--iters", str(sz.iters), "--warmup", str(sz.warmup), "--precision", precision, "--compile",
+                "on" if comp else "off", "--device", ctx.device, "--lpips_res", str(sz.lpips_res)]
+        if comp:
+            _free()
+            rec = run_child(dict(argv=argv, seconds=sz.seconds, quick=ctx.quick, work=ctx.work),
+                            None if ctx.quick else left, ctx.quick)
+        else:
+            try:
+                rec = dict(tp.measure(tp.parse(argv), sz.seconds), status="ok")
+            except Exception as e:  # noqa: BLE001
+                rec = dict(status="error", error=_err(e))
+            _free()
+        rec = {**label, **rec, "wall_s": time.time() - t0}
+        recs.append(rec)
+        ok = [r for r in recs if r.get("status") == "ok"]
+        for r in ok:
+            r["vs_fm"] = tp.cost_vs_fm(r, ok)
+        print(f"  {method:9s} {precision:4s} compile {str(comp):5s} " + (
+            f"{rec['train_img_per_s']:9,.0f} img/s, cost vs fm {_fmt(rec.get('vs_fm'), '{:.2f}')} "
+            f"(model {rec['fwd_per_step']:.2f}), {rec['wall_s']:.0f} s" if rec["status"] == "ok" else
+            f"{rec['status']}: {rec.get('error', '')}"), flush=True)
+        ctx.save()
+
+
+# =============================================================================== section 2: sampling
+@torch.no_grad()
+def section_sampling(ctx):
+    sz, dev, recs = ctx.sz, ctx.dev, ctx.sec["records"]
+    for method in SAMPLERS:
+        if ctx.clock.left("sampling") <= (0 if ctx.quick else 5):
+            recs.append(dict(method=method, status="skipped", note="out of section time"))
+            continue
+        try:
+            b = tp.build(_args(ctx.sz, ctx.device, method, sz.lo))
+            b.model.eval()
+            z = torch.randn(sz.big_batch, *b.shape, device=dev, generator=b.gen)
+            rec = dict(method=method, net=sz.net, batch=sz.big_batch, precision=b.env.precision, status="ok")
+            with common.autocast(b.env):
+                for k in (1, 2):
+                    for _ in range(sz.warmup):
+                        b.meth.sample(b.model, z, k)
+                    n, sec, _ = tp.timed(lambda: b.meth.sample(b.model, z, k), sz.iters, dev,
+                                         sz.seconds and sz.seconds / 2)
+                    rec[f"img_per_s_{k}nfe"] = n * sz.big_batch / sec
+                    rec[f"calls_{k}nfe"] = n
+        except Exception as e:  # noqa: BLE001
+            rec = dict(method=method, status="error", error=_err(e))
+        recs.append(rec)
+        _free()
+        ctx.save()
+    # 50k one-step samples of the 1-RF (Euler, one DDPM++ forward each), uint8 on the host, as an FID run needs them
+    try:
+        b = tp.build(_args(ctx.sz, ctx.device, "fm", sz.lo))
+        b.model.eval()
+        n_done, parts = 0, []
+        with tp.Timer(dev) as t, common.autocast(b.env):
+            while n_done < sz.n_50k:
+                if ctx.clock.left("sampling") < 0:
+                    break
+                nb = min(sz.big_batch, sz.n_50k - n_done)
+                z = torch.randn(nb, *b.shape, device=dev, generator=b.gen)
+                parts.append(common.to_uint8(b.meth.sample(b.model, z, 1)).cpu())
+                n_done += nb
+        ctx.sec["one_step_50k"] = dict(method="fm", net=sz.net, batch=sz.big_batch, precision=b.env.precision,
+                                       n=n_done, target=sz.n_50k, seconds=t.seconds, complete=n_done == sz.n_50k,
+                                       img_per_s=n_done / t.seconds, status="ok")
+        del parts
+    except Exception as e:  # noqa: BLE001
+        ctx.sec["one_step_50k"] = dict(status="error", error=_err(e))
+    _free()
+    ctx.save()
+
+
+# =============================================================================== section 3: precision checks
+def _tf32(on):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
+def _cos(a, b):
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+@torch.no_grad()
+def check_scm_tangent(ctx):
+    """scm.tangent (the JVP pass of cm_step_loss) with TF32 allowed against strict fp32, eval mode; then in train
+    mode the dropout mask replay: F of the bf16 gradient pass against F- of the fp32 JVP pass with the RNG forked
+    as cm_step_loss does, and without the fork (a control whose masks differ)."""
+    import scm
+    sz, dev = ctx.sz, ctx.dev
+    b = tp.build(_args(sz, ctx.device, "sct", sz.lo))
+    net, cfg, B = standin_weights(b.net).eval(), scm.Config(), sz.tangent_batch
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x0 = torch.rand(B, *b.shape, device=dev, generator=gen) * 2 - 1
+    z = cfg.sigma_d * torch.randn(B, *b.shape, device=dev, generator=gen)
+    torch.manual_seed(1)
+    t = scm.sample_t(B, cfg.P_mean, cfg.P_std, cfg.sigma_d, dev)
+    x_t, dxdt = scm.interpolate(x0, z, t), scm.velocity(x0, z, t)
+    g = {}
+    for mode in ("tf32", "fp32"):  # as cm_step_loss: no_grad, autocast off; strict_fp32 also turns TF32 off
+        _tf32(True)
+        with common.strict_fp32(dev) if mode == "fp32" else torch.autocast(dev.type, enabled=False):
+            g[mode] = scm.normalise(scm.tangent(net, x_t, t, dxdt, 1.0, cfg.sigma_d)[1], cfg.c, cfg.tangent_norm)
+    cos = _cos(g["tf32"], g["fp32"])
+    out = dict(batch=B, t_min=t.min().item(), t_max=t.max().item(), cos_min=cos.min().item(),
+               cos_mean=cos.mean().item(), rel_diff=_rel(g["tf32"], g["fp32"]), threshold=0.999,
+               passed=bool(cos.min().item() > 0.999), net=sz.net, weights="stand-in (Xavier everywhere)",
+               tf32_available=dev.type == "cuda")
+    # dropout replay (train mode, dropout 0.2 of the sct cifar10 net): F of the gradient pass (the run's precision)
+    # against F- of the fp32 JVP pass, with the RNG forked as cm_step_loss does and without (control: other masks);
+    # the precision noise alone is the same comparison in eval mode (no dropout). On CUDA the dropout kernel's
+    # random stream could depend on the tensor's dtype; the same mask leaves only the precision noise.
+    _tf32(b.env.precision != "fp32")
+    devices = [dev] if dev.type == "cuda" else []
+    rel = {}
+    for case in ("noise", "replayed", "control"):
+        net.train(case != "noise")
+        torch.manual_seed(2)
+        with torch.autocast(dev.type, enabled=False):
+            with torch.random.fork_rng(devices=devices) if case != "control" else contextlib.nullcontext():
+                F_minus, _ = scm.jvp_F(net, x_t, t, dxdt, cfg.sigma_d)
+        with common.autocast(b.env):
+            F = net(x_t / cfg.sigma_d, t)
+        rel[case] = _rel(F.float(), F_minus.float())
+    out.update(dropout_rel_diff_replayed=rel["replayed"], dropout_rel_diff_control=rel["control"],
+               dropout_rel_diff_noise=rel["noise"], dropout_pass_precision=b.env.precision,
+               dropout_same_mask=bool(rel["replayed"] <= 2 * rel["noise"] + 1e-3 < rel["control"]))
+    return out
+
+
+@torch.no_grad()
+def check_imm_embedding(ctx):
+    """IMM's embedding e(t, s) and e(r, s) of the cifar10 net (time_scale 1000, two times), r = r_of(s, t) with
+    k = 15 as the training step draws it (float64, then fp32); Delta = e(t) - e(r) under TF32 against strict fp32,
+    and the first block's affine of Delta under bf16 autocast against fp32."""
+    import imm
+    sz, dev = ctx.sz, ctx.dev
+    b = tp.build(_args(sz, ctx.device, "imm", sz.lo))
+    net, cfg, B = b.net.eval(), imm.Config(k=15), sz.tangent_batch
+    x = torch.zeros(B, *b.shape, device=dev)
+    blk = next(m for m in net.modules() if isinstance(m, common.Block))
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(3)
+    for t_val in (cfg.T, 0.9, 0.5):
+        t64 = torch.full((B,), t_val, dtype=torch.float64, device=dev)
+        u = torch.rand(B, dtype=torch.float64, device=dev, generator=g)
+        s64 = torch.minimum(cfg.t_min + (t64 - cfg.t_min) * u, t64 - 1e-6)
+        r64 = imm.r_of(s64, t64, imm.delta_eta(cfg))
+        t, s, r = t64.float(), s64.float(), r64.float()
+        d, e, a = {}, {}, {}
+        for mode in ("tf32", "fp32"):
+            _tf32(True)
+            with common.strict_fp32(dev) if mode == "fp32" else torch.autocast(dev.type, enabled=False):
+                e[mode] = net.embed(x, t, s)
+                d[mode] = e[mode] - net.embed(x, r, s)
+        with common.strict_fp32(dev):
+            a["fp32"] = blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            a["bf16"] = (blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])).float()
+        rows.append(dict(t=t_val, t_minus_r_fp32=(t - r).mean().item(),
+                         zero_gap_fraction=(t == r).float().mean().item(),
+                         delta_over_e=(d["fp32"].norm(dim=1) / e["fp32"].norm(dim=1)).mean().item(),
+                         tf32_rel_err=_rel(d["tf32"], d["fp32"]), tf32_cos_min=_cos(d["tf32"], d["fp32"]).min().item(),
+                         bf16_affine_rel_err=_rel(a["bf16"], a["fp32"]),
+                         bf16_affine_cos_min=_cos(a["bf16"], a["fp32"]).min().item()))
+    return dict(batch=B, k=cfg.k, time_scale=net.config["time_scale"], rows=rows, net=sz.net,
+                weights="fresh (the embedding layers are Xavier-initialised)", tf32_available=dev.type == "cuda")
+
+
+@torch.no_grad()
+def bf16_vs_fp32(sample, net, z, env):
+    """One-step samples sample(net, z, 1) (throughput.py's samplers) under bf16 autocast (TF32 allowed) against strict
+    fp32 (autocast and TF32 off): RMS and max difference in uint8 levels, the samples' RMS about mid-grey and the
+    share clipped by the uint8 conversion (a saturated sample would hide differences)."""
+    dev = z.device
+    tp._ENV["env"] = dataclasses.replace(env, precision="bf16")
+    _tf32(True)
+    with common.autocast(tp._ENV["env"]):
+        lo = sample(net, z, 1).float()
+    tp._ENV["env"] = dataclasses.replace(env, precision="fp32")
+    with common.strict_fp32(dev):
+        hi = sample(net, z, 1).float()
+    u_lo, u_hi = common.to_uint8(lo).float(), common.to_uint8(hi).float()
+    return dict(batch=len(z), rms_levels=(u_lo - u_hi).square().mean().sqrt().item(),
+                max_levels=(u_lo - u_hi).abs().max().item(),
+                sample_rms_levels=(u_hi - 127.5).square().mean().sqrt().item(),
+                clipped_fraction=((hi < -1) | (hi > 1)).float().mean().item())
+
+
+def check_bf16_samples(ctx):
+    """bf16_vs_fp32 for each sampler family on the cifar10 networks with stand-in weights."""
+    sz, dev, out = ctx.sz, ctx.dev, []
+    for method in SAMPLERS:
+        try:
+            b = tp.build(_args(sz, ctx.device, method, "bf16"))
+            z = torch.randn(sz.sample_check_batch, *b.shape, device=dev, generator=b.gen)
+            out.append(dict(method=method, status="ok", net=sz.net,
+                            **bf16_vs_fp32(b.meth.sample, standin_weights(b.net).eval(), z, b.env)))
+        except Exception as e:  # noqa: BLE001
+            out.append(dict(method=method, status="error", error=_err(e)))
+        _free()
+    return out
+
+
+def section_precision(ctx):
+    for key, fn in (("scm_tangent", check_scm_tangent), ("imm_embedding", check_imm_embedding),
+                    ("bf16_samples", check_bf16_samples)):
+        if ctx.clock.left("precision") <= (0 if ctx.quick else 2):
+            ctx.sec[key] = dict(status="skipped", note="out of section time")
+            continue
+        try:
+            ctx.sec[key] = fn(ctx)
+        except Exception as e:  # noqa: BLE001
+            ctx.sec[key] = dict(status="error", error=_err(e))
+        _free()
+        ctx.save()
+
+
+# =============================================================================== section 4: Fashion-MNIST
+def fashion_root(ctx):
+    """A scratch data root holding the carried classifier and statistics, the Debian files unpacked into it."""
+    import fashion as fb
+    root = os.path.join(ctx.work, "fashion-root")
+    os.makedirs(root, exist_ok=True)
+    cached = os.path.join(ctx.carry, "data")
+    if os.path.isdir(cached):
+        shutil.copytree(cached, root, dirs_exist_ok=True)
+    src = os.path.join(ctx.carry, "fashion-mnist")
+    raw = fb.prepare_data(root, src if os.path.isdir(src) else ctx.source)
+    return root, raw
+
+
+def calibrate(ctx, sz):
+    """Steps per second of the 1-RF, IMM and sCT training steps on the `small` net at the fashion batch, in the
+    `small` presets' precision (throughput.build + timed; the loop's data, EMA and logging are not in it)."""
+    import imm, rectified_flow, scm
+    rates = {}
+    for key, method, mod in (("fm", "fm", rectified_flow), ("imm", "imm", imm), ("sct", "sct", scm)):
+        p = mod.PRESETS["small"].get("precision") or "bf16"
+        b = tp.build(_args(sz, ctx.device, method, p, net=sz.f_net, batch=sz.f_batch))
+        b.model.train()
+        for _ in range(3):
+            b.train_step()
+        n, sec, _ = tp.timed(b.train_step, 200, ctx.dev, 1.0)
+        rates[key] = n / sec
+        del b
+        _free()
+    return rates
+
+
+@contextlib.contextmanager
+def smoke_evaluation(fb, quick):
+    """--quick: the methods' end-of-training evaluation on 2 samples instead of fashion.py's 16 (a later --eval_n
+    wins), restored on exit; the full run keeps fashion.py's command lines as they are."""
+    orig = fb.common_argv
+    if quick:
+        fb.common_argv = lambda a, iters, net: [*orig(a, iters, net), "--eval_n", "2"]
+    try:
+        yield
+    finally:
+        fb.common_argv = orig
+
+
+def section_fashion(ctx):
+    import fashion as fb
+    with smoke_evaluation(fb, ctx.quick):
+        _section_fashion(ctx, fb)
+
+
+def _section_fashion(ctx, fb):
+    sz, sec, clock = ctx.sz, ctx.sec, ctx.clock
+    t0 = time.time()
+    root, raw = fashion_root(ctx)
+    det_path, cls = fb.classifier(root, raw, torch.device("cpu") if ctx.quick else ctx.dev)
+    env = common.setup(ctx.device, 0, "fp32")
+    det = common.load_detector(det_path, env)
+    ref = common.reference_stats(common.load_data("fashion_mnist", root, env, 0, False), det, env, root)
+    test_u8, _ = fb.load_split(raw, "t10k")
+    pick = torch.randperm(len(test_u8), generator=torch.Generator().manual_seed(0))[:sz.n_fd]
+    floor = fb.fd_of_images(test_u8[pick].to(env.device), det, ref)
+    sec.update(classifier=dict(cls, file=os.path.basename(det_path)), fd_floor=floor, n_fd=sz.n_fd, net=sz.f_net,
+               batch=sz.f_batch, ref_steps=list(sz.ref_steps), records=[], setup_s=time.time() - t0)
+    rates = None if ctx.quick else calibrate(ctx, sz)
+    sec["calibration_steps_per_s"] = rates
+    ctx.save()
+    work = os.path.join(ctx.work, "fashion")
+    os.makedirs(work, exist_ok=True)
+    a = types.SimpleNamespace(work=work, budget=sz.f_budget, batch=sz.f_batch, root=root, seed=0,
+                              device=ctx.device, net=sz.f_net, n_fd=sz.n_fd, fd_seed=10_000,
+                              ref_steps=sz.ref_steps[-1], n_grid=sz.n_grid)
+    # planned training seconds = the bare step's rate (calibrate) x eff, eff = the command line's share of useful
+    # step time (start-up, data, EMA, logging, final evaluation), assumed 0.75 and corrected after each run
+    eff, rows = 0.75, []
+    for i, name in enumerate(FASHION):
+        left = clock.left("fashion") - sum(SCORE_S[n] for n in FASHION[i:])
+        share = left / (len(FASHION) - i)
+        if share < (0 if ctx.quick else 10):
+            sec["records"].append(dict(method=name, status="skipped", note=f"out of section time ({left:.0f} s)"))
+            continue
+        train_s = None if ctx.quick else min(sz.f_max_s, share)
+        try:
+            if not ctx.quick:
+                per_step = {"1-RF": 1 / rates["fm"], "IMM": 1 / rates["imm"],
+                            "sCT": 0.5 / rates["fm"] + 0.5 / rates["sct"]}[name]  # teacher and student halves
+                a.budget = max(2, int(train_s * eff / per_step)) * sz.f_batch
+            teachers = {"trig": fb.run_teacher("trig", a)} if name == "sCT" else {}
+            rec = fb.run_method(name, a, det_path, teachers)
+            if name == "1-RF":
+                extra = os.path.join(work, name, "fd_more.jsonl")
+                with open(os.path.join(work, name, "log.txt"), "a") as log:
+                    fb._cli("rectified_flow", ["fid", "--ckpt", os.path.join(work, name, "ckpt.pt"), "--steps",
+                                               ",".join(map(str, sz.ref_steps[:-1])), "--n", str(sz.n_fd), "--batch",
+                                               str(min(sz.n_fd, 500)), "--seed", str(a.fd_seed), "--fid_detector",
+                                               det_path, "--root", root, "--device", ctx.device, "--out", extra,
+                                               "--solver", "euler"], log)
+                with open(extra) as f:
+                    rec["fd_reference"].update({int(r["steps"]): r["fid"] for r in map(json.loads, f)})
+            rec = json.loads(json.dumps(rec))
+            rec.update(status="ok", planned_train_s=train_s)
+            try:  # bf16 vs fp32 one-step samples of the trained network (its EMA weights)
+                ck = common.load_checkpoint(os.path.join(work, name, "ckpt.pt"))
+                net = common.build_net(ck["net"])
+                common.load_state_strict(net, ck["ema"])
+                shape = (ck["net"]["in_channels"], ck["net"]["img_resolution"], ck["net"]["img_resolution"])
+                z = torch.randn(sz.sample_check_batch, *shape, device=ctx.dev,
+                                generator=torch.Generator(ctx.dev).manual_seed(5))
+                tp._ENV.update(env=env, state={})
+                rec["bf16_vs_fp32"] = bf16_vs_fp32(tp.METHODS[FASHION_SAMPLER[name]].sample,
+                                                   net.to(ctx.dev).eval(), z, env)
+            except Exception as e:  # noqa: BLE001
+                rec["bf16_vs_fp32"] = dict(error=_err(e))
+            if train_s and rec["wall_s"] > 0:
+                eff *= min(2.0, max(0.5, train_s / rec["wall_s"]))
+            rows.append(rec)
+        except Exception as e:  # noqa: BLE001
+            rec = dict(method=name, status="error", error=_err(e))
+        sec["records"].append(rec)
+        _free()
+        ctx.save()
+    if rows:
+        try:
+            fb.plot(ctx.stem + "_fashion.png", rows, test_u8[pick[:sz.n_grid * len(fb.STEPS)]], work, sz.n_grid)
+            sec["figure"] = os.path.basename(ctx.stem) + "_fashion.png"
+        except Exception as e:  # noqa: BLE001
+            sec["figure_error"] = _err(e)
+    ctx.save()
+
+
+# =============================================================================== report
+def _fmt(v, f="{:.3g}"):
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f.format(v)
+
+
+def markdown(rep):
+    m, S = rep["meta"], rep["sections"]
+    L = [f"# GPU check: {m['device_name']} ({m['date']})", "",
+         f"Written by `{m['command']}` (do not edit; regenerated from the JSON) · commit `{m['commit']}` · torch "
+         f"{m['torch']} · CUDA {m['cuda']} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s."
+         + (f" Kept from the run of {m['kept_sections']['date']} (commit `{m['kept_sections']['commit']}`): "
+            f"{', '.join(m['kept_sections']['sections'])}." if m.get("kept_sections") else ""), "",
+         "| section | planned s (deadline) | used s | status |", "| --- | --- | --- | --- |"]
+    for s in SECTIONS:
+        sec = S.get(s, {})
+        L.append(f"| {s} | {m['plan_s'].get(s, '–')} ({m['deadlines_s'].get(s, '–')}) | "
+                 f"{_fmt(sec.get('wall_s'), '{:.0f}')} | {sec.get('status', 'not run')} |")
+    t = S.get("throughput", {})
+    if t.get("records"):
+        L += ["", f"## 1. Training throughput ({t['records'][0].get('net', '')}, batch {t.get('batch', '')})", "",
+              "One step of each method's own loss code, backward and optimiser step on a batch already on the device "
+              f"(benchmarks/throughput.py's measure: {t.get('warmup')} warm-up steps, then "
+              + (f"about {t['timed_s']:g} s of timed steps" if t.get("timed_s") else f"{t.get('iters_cap')} timed "
+                 "steps") + ", the sampler likewise). Cost vs fm: the cost model (`fwd_per_step`) and the measured fm "
+              "img/s / method img/s at the same precision and compile setting. Of peak: achieved training TFLOP/s "
+              "over the dense peak of that precision.", "",
+              "| method | precision | compile | train img/s | timed steps | TFLOP/s | of peak | cost vs fm, model | "
+              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | note |",
+              "|" + "---|" * 14]
+        for r in t["records"]:
+            if r.get("status") == "ok":
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | "
+                         f"{_fmt(r['train_img_per_s'], '{:,.0f}')} | {r['iters']} | {_fmt(r['train_tflops'])} | "
+                         f"{_fmt(r.get('peak_fraction'), '{:.1%}')} | "
+                         f"{_fmt(r['fwd_per_step'], '{:.2f}')} | {_fmt(r.get('vs_fm'), '{:.2f}')} | "
+                         f"{_fmt(r['sample_img_per_s_1step'], '{:,.0f}')} | "
+                         f"{_fmt(r['sample_img_per_s_2step'], '{:,.0f}')}"
+                         f" | {_fmt(r.get('max_mem_gib'), '{:.1f}')} | {_fmt(r['warmup_s'], '{:.1f}')} | "
+                         f"{r.get('compile_backend', '')} |")
+            else:
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 11 +
+                         f"{r['status']}: {r.get('error') or r.get('note', '')} |")
+    s2 = S.get("sampling", {})
+    if s2.get("records") or s2.get("one_step_50k"):
+        L += ["", "## 2. Sampling", "", "The method's own sampler (throughput.py's) under no_grad in eval mode.", "",
+              "| sampler | net | batch | precision | img/s 1 NFE | img/s 2 NFE | note |", "|" + "---|" * 7]
+        for r in s2.get("records", []):
+            L.append(f"| {r['method']} | {r.get('net', '–')} | {r.get('batch', '–')} | {r.get('precision', '–')} "
+                     f"| {_fmt(r.get('img_per_s_1nfe'), '{:,.0f}')} | {_fmt(r.get('img_per_s_2nfe'), '{:,.0f}')} | "
+                     f"{'' if r['status'] == 'ok' else r['status'] + ': ' + (r.get('error') or r.get('note', ''))} |")
+        o = s2.get("one_step_50k", {})
+        if o.get("status") == "ok":
+            L += ["", f"{o['n']:,} one-step samples of the 1-RF ({o['net']}, batch {o['batch']}, {o['precision']}, "
+                      f"uint8 on the host): {o['seconds']:.1f} s ({o['img_per_s']:,.0f} img/s)"
+                      + ("" if o["complete"] else f", stopped at the deadline before {o['target']:,}") + "."]
+    s3 = S.get("precision", {})
+    if any(k in s3 for k in ("scm_tangent", "imm_embedding", "bf16_samples")):
+        L += ["", "## 3. Precision checks", ""]
+        g = s3.get("scm_tangent", {})
+        if "cos_min" in g:
+            L += [f"- sCM tangent g (scm.tangent, {g['net']}, {g['weights']}, batch {g['batch']}, t in "
+                  f"[{g['t_min']:.3f}, {g['t_max']:.3f}]): TF32 against strict fp32, cosine similarity min "
+                  f"{g['cos_min']:.6f}, mean {g['cos_mean']:.6f}, relative difference {g['rel_diff']:.2e} -> "
+                  f"{'PASS' if g['passed'] else 'FAIL'} (> {g['threshold']})"
+                  + ("" if g["tf32_available"] else "; no TF32 on this device, so equal by construction") + ".",
+                  f"- Dropout mask replay (train mode): F of the {g['dropout_pass_precision']} gradient pass against "
+                  f"F- of the fp32 JVP pass, relative difference {g['dropout_rel_diff_replayed']:.3g} with the RNG "
+                  f"replayed, {g['dropout_rel_diff_control']:.3g} without (control), "
+                  f"{g['dropout_rel_diff_noise']:.3g} without dropout (the precision alone) -> "
+                  f"{'same mask' if g['dropout_same_mask'] else 'MASKS DIFFER'}."]
+        elif g:
+            L.append(f"- sCM tangent: {g.get('status')}: {g.get('error') or g.get('note')}")
+        e = s3.get("imm_embedding", {})
+        if "rows" in e:
+            L += ["", f"IMM time embedding ({e['net']}, time_scale {e['time_scale']:g}, k = {e['k']}, batch "
+                      f"{e['batch']}): Delta = e(t, s) - e(r, s); TF32 against strict fp32; the first block's affine "
+                      "of Delta under bf16 autocast against fp32.", "",
+                  "| t | t - r (fp32) | share t = r | ‖Δ‖/‖e‖ | TF32 rel. err | TF32 cos min | "
+                  "bf16 affine rel. err | bf16 affine cos min |", "|" + "---|" * 8]
+            for r in e["rows"]:
+                L.append(f"| {r['t']:g} | {r['t_minus_r_fp32']:.3g} | {r['zero_gap_fraction']:.2f} | "
+                         f"{r['delta_over_e']:.3g} | {r['tf32_rel_err']:.3g} | {_fmt(r['tf32_cos_min'], '{:.6f}')} | "
+                         f"{r['bf16_affine_rel_err']:.3g} | {_fmt(r['bf16_affine_cos_min'], '{:.6f}')} |")
+        elif e:
+            L.append(f"- IMM embedding: {e.get('status')}: {e.get('error') or e.get('note')}")
+        bs = s3.get("bf16_samples")
+        if isinstance(bs, list):
+            L += ["", "One-step samples, bf16 autocast against strict fp32 (same noise, stand-in weights):", "",
+                  "| sampler | batch | RMS diff (uint8 levels) | max diff | sample RMS about 127.5 | clipped | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+            for r in bs:
+                L.append(f"| {r['method']} | {r.get('batch', '–')} | {_fmt(r.get('rms_levels'), '{:.3f}')} | "
+                         f"{_fmt(r.get('max_levels'), '{:.0f}')} | {_fmt(r.get('sample_rms_levels'), '{:.1f}')} | "
+                         f"{_fmt(r.get('clipped_fraction'), '{:.1%}')} | "
+                         f"{'' if r['status'] == 'ok' else r['status'] + ': ' + r.get('error', '')} |")
+        elif bs:
+            L.append(f"- bf16 samples: {bs.get('status')}: {bs.get('error') or bs.get('note')}")
+    f4 = S.get("fashion", {})
+    if f4.get("records") is not None and "fd_floor" in f4:
+        refs = f4.get("ref_steps", [])
+        L += ["", f"## 4. Fashion-MNIST ({f4['net']} U-Net, batch {f4['batch']})", "",
+              f"Each method's own command line (`--preset small --data fashion_mnist`, benchmarks/fashion.py's "
+              f"overrides), training time as planned from a step-time calibration. FD-classifier: Fréchet distance of "
+              f"{f4['n_fd']:,} samples to the training set in the {f4['classifier'].get('features', 64)}-d features "
+              f"of the cached classifier (t10k accuracy {f4['classifier'].get('test_accuracy', float('nan')):.4f}); "
+              f"{f4['n_fd']:,} real t10k images score {f4['fd_floor']:.3f} (the floor).", "",
+              "| method | iterations | examples (teacher) | wall s | FD 1 step | FD 2 steps | " +
+              " | ".join(f"FD {k} Euler steps" for k in refs) + " | bf16 vs fp32 1 step, RMS levels | note |",
+              "|" + "---|" * (8 + len(refs))]
+        for r in f4["records"]:
+            if r.get("status") == "ok":
+                ex = f"{r['examples']:,}" + (f" ({r['teacher_examples']:,})" if r.get("teacher_examples") else "")
+                fr = r.get("fd_reference", {})
+                bf = r.get("bf16_vs_fp32", {})
+                L.append(f"| {r['method']} | {r['iters']:,} | {ex} | {r['wall_s']:.0f} | {_fmt(r['fd'].get('1'))} | "
+                         f"{_fmt(r['fd'].get('2'))} | " + " | ".join(_fmt(fr.get(str(k))) for k in refs) +
+                         f" | {_fmt(bf.get('rms_levels'), '{:.3f}')} | {bf.get('error', '')} |")
+            else:
+                L.append(f"| {r['method']} | " + "– | " * (6 + len(refs)) +
+                         f"{r['status']}: {r.get('error') or r.get('note', '')} |")
+        if f4.get("figure"):
+            L += ["", f"![samples]({f4['figure']})"]
+    return "\n".join(L) + "\n"
+
+
+def plot_throughput(path, recs):
+    """Bar chart: training img/s per method (eager, lowest precision and paper precision) with the measured and
+    modelled cost vs fm printed above the bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in recs if r.get("status") == "ok" and not r["compile"]]
+    if not ok:
+        return False
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    precs = list(dict.fromkeys(r["precision"] for r in ok))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(methods) + 2), 3.6))
+    w = 0.8 / len(precs)
+    for j, p in enumerate(precs):
+        labelled = False
+        for i, m in enumerate(methods):
+            r = next((r for r in ok if r["method"] == m and r["precision"] == p), None)
+            if r:
+                ax.bar(i + j * w, r["train_img_per_s"], w, color=f"C{j}", label=None if labelled else p)
+                labelled = True
+                ax.text(i + j * w, r["train_img_per_s"], f"{_fmt(r.get('vs_fm'), '{:.1f}')}/{r['fwd_per_step']:.1f}",
+                        ha="center", va="bottom", fontsize=6)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(methods))], methods, fontsize=8)
+    ax.set_ylabel("training img/s")
+    ax.set_title("training throughput (labels: cost vs fm, measured / model)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+class Context:
+    def __init__(self, a):
+        self.quick, self.device, self.carry, self.source = a.quick, a.device, a.carry, a.source
+        self.dev = torch.device(a.device)
+        self.sz = sizes(a.quick)
+        self.work = a.work
+        self.results = a.results
+        self.sec = None
+        self.rep = None
+        self.stem = None
+        self.clock = None
+
+    def save(self):
+        """Rewrite the JSON, then the Markdown (each atomically) after every measurement; a Markdown that cannot
+        be made says why in its place, the JSON stands."""
+        self.rep["meta"]["total_wall_s"] = self.clock.now()
+        for p, text in ((self.stem + ".json", lambda: json.dumps(self.rep, indent=1, default=float) + "\n"),
+                        (self.stem + ".md", lambda: markdown(self.rep))):
+            try:
+                text = text()
+            except Exception as e:  # noqa: BLE001  (a report bug must not cost the measurements)
+                text = f"# GPU check\n\nThe tables could not be written ({_err(e)}); every number is in the JSON.\n"
+            with open(p + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(p + ".tmp", p)
+
+
+def device_slug(dev):
+    if dev.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(dev).lower().replace("nvidia", "")
+    return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "gpu"
+
+
+# =============================================================================== --prepare
+def prepare(a):
+    """Fill the carry folder: the four Debian .gz files, the classifier and the reference statistics (CPU)."""
+    import fashion as fb
+    src = a.source
+    missing = [f for f in fb.RAW_FILES if not os.path.isfile(os.path.join(src, f + ".gz"))]
+    if missing:
+        raise common.UserError(f"Fashion-MNIST is not in {src} (missing {', '.join(f + '.gz' for f in missing)}); "
+                               f"install it with `apt-get install -y dataset-fashion-mnist` or pass --source DIR.")
+    dst = os.path.join(a.carry, "fashion-mnist")
+    os.makedirs(dst, exist_ok=True)
+    for f in fb.RAW_FILES:
+        shutil.copyfile(os.path.join(src, f + ".gz"), os.path.join(dst, f + ".gz"))
+    root = os.path.join(a.work, "prepare-root")
+    raw = fb.prepare_data(root, dst)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    det_path, cls = fb.classifier(root, raw, torch.device("cpu"))
+    env = common.setup("cpu", 0, "fp32")
+    det = common.load_detector(det_path, env)
+    common.reference_stats(common.load_data("fashion_mnist", root, env, 0, False), det, env, root)
+    data = os.path.join(a.carry, "data")
+    os.makedirs(os.path.join(data, "fid_refs"), exist_ok=True)
+    for f in (fb.CLASSIFIER + ".pt", fb.CLASSIFIER + ".json"):
+        shutil.copyfile(os.path.join(root, f), os.path.join(data, f))
+    for f in glob.glob(os.path.join(root, "fid_refs", f"fashion_mnist-{fb.CLASSIFIER}.npz")):
+        shutil.copyfile(f, os.path.join(data, "fid_refs", os.path.basename(f)))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.carry) for f in fs)
+    print(f"carry folder {os.path.relpath(a.carry, REPO)}: {size / 2 ** 20:.1f} MiB (classifier t10k accuracy "
+          f"{cls['test_accuracy']:.4f}); the device command names it in its carry list.")
+
+
+# =============================================================================== driver
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="every section at smoke size on the CPU (needs --results)")
+    p.add_argument("--results", default=None, help=f"output folder (default {os.path.relpath(RESULTS, REPO)})")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list, in the fixed order (default all)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"total planned seconds (default {STARTUP_S + sum(PLAN_S.values())}; sections scaled)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--carry", default=CARRY, help="folder made by --prepare (default benchmarks/.carry)")
+    p.add_argument("--source", default=DEBIAN, help="Debian's Fashion-MNIST folder (for --prepare)")
+    p.add_argument("--work", default=None, help="scratch folder (default /tmp/gpu_check)")
+    p.add_argument("--prepare", action="store_true", help="fill --carry here (CPU, ~5 min) and exit")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.sections = [s for s in a.sections.split(",") if s]
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad or not a.sections:
+        raise common.UserError(f"unknown --sections {bad}; choose from {', '.join(SECTIONS)}.")
+    a.sections = [s for s in SECTIONS if s in a.sections]
+    if a.budget is not None and not a.budget > 0:
+        raise common.UserError("--budget must be a positive number of seconds.")
+    a.work = os.path.abspath(a.work or os.path.join("/tmp", "gpu_check" + ("-quick" if a.quick else "")))
+    a.carry = os.path.abspath(a.carry)
+    cuda_ok = torch.cuda.is_available()
+    if a.device == "auto":
+        a.device = "cpu" if a.quick or not cuda_ok else "cuda"
+    if a.device.startswith("cuda") and not cuda_ok:
+        raise common.UserError(f"--device {a.device} was asked for but CUDA is not available here; use --quick.")
+    folder = os.path.abspath(a.results or RESULTS)
+    if not a.prepare and not a._child and (a.quick or not a.device.startswith("cuda")) and folder == RESULTS:
+        raise common.UserError("benchmarks/results holds full GPU runs only; pass --results DIR for --quick or a "
+                               "CPU run (a full run needs a GPU).")
+    a.results = folder
+    return a
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    if a._child:
+        return child_main(json.loads(a._child))
+    if a.prepare:
+        return prepare(a)
+    ctx = Context(a)
+    if a.quick:
+        torch.set_num_threads(1)
+    os.makedirs(a.work, exist_ok=True)
+    os.makedirs(a.results, exist_ok=True)
+    plan, startup = dict(PLAN_S), STARTUP_S
+    if a.budget:  # every share scaled, the start-up included
+        scale = a.budget / (STARTUP_S + sum(plan[s] for s in a.sections))
+        plan, startup = {s: round(v * scale, 3) for s, v in plan.items()}, STARTUP_S * scale
+    ctx.clock = clock = Clock(plan, a.sections, startup)
+    if ctx.dev.type == "cuda":
+        torch.cuda.init()
+        torch.zeros(1, device=ctx.dev)
+    name = tp.device_name(ctx.dev)
+    ctx.stem = os.path.join(a.results, f"gpu_{device_slug(ctx.dev)}")
+    old, old_meta = {}, {}
+    if os.path.exists(ctx.stem + ".json") and set(a.sections) != set(SECTIONS):
+        with open(ctx.stem + ".json") as f:  # --sections reruns keep the other sections' results
+            prev = json.load(f)
+        old, old_meta = prev.get("sections", {}), prev.get("meta", {})
+    ctx.rep = rep = dict(meta=dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
+        torch=torch.__version__, cuda=torch.version.cuda, commit=tp._git_commit(),
+        command="python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        quick=a.quick, sections_run=a.sections, plan_s=plan, startup_s=round(startup, 3),
+        deadlines_s={s: round(v, 1) for s, v in clock.ends.items()}, planned_total_s=round(clock.total, 1),
+        peak_tflops=next((pk for frag, pk in tp.PEAKS if frag in name), None),
+        estimate_model=dict(utilisation=UTIL, compile_s=COMPILE_S, autotune_s=AUTOTUNE_S, autocast_off=AUTOCAST_OFF,
+                            setup_extra_s=SETUP_EXTRA, fashion_score_s=SCORE_S),
+        total_wall_s=0.0), sections={s: old[s] for s in SECTIONS if s in old and s not in a.sections})
+    if rep["sections"]:  # a --sections rerun: where the kept sections come from
+        rep["meta"]["kept_sections"] = dict(sections=list(rep["sections"]), date=old_meta.get("date"),
+                                            commit=old_meta.get("commit"), torch=old_meta.get("torch"))
+    print(f"gpu_check on {name}: planned {clock.total:.0f} s "
+          + " + ".join(f"{s} {plan[s]:g}" for s in a.sections) + f" (+ start-up {startup:g}); deadlines at "
+          + ", ".join(f"{s} {clock.ends[s]:.0f} s" for s in a.sections), flush=True)
+    if "throughput" in a.sections:
+        print("throughput plan (method, precision, compile, estimated s; * = stretch, only inside the deadline):")
+        est = 0.0
+        for m, p, c, core in throughput_plan(ctx.sz, a.quick):
+            e = estimate_record_s(m, p, c) if not (c and m in FLOW_MAP) else 0.0
+            est += e if core else 0.0
+            print(f"  {m:9s} {p:4s} {str(c):5s} {e:5.0f}{'' if core else ' *'}")
+        est += AUTOTUNE_S * 3
+        print(f"  core items: {est:.0f} s estimated (+ {AUTOTUNE_S} s cuDNN autotuning per precision) of "
+              f"{plan['throughput']:g} s planned", flush=True)
+    runners = dict(throughput=section_throughput, sampling=section_sampling, precision=section_precision,
+                   fashion=section_fashion)
+    for s in a.sections:
+        t0 = time.time()
+        ctx.sec = rep["sections"][s] = dict(status="running", budget_s=plan[s], deadline_s=clock.ends[s],
+                                            started_s=clock.now(), records=[])
+        if s == "throughput":
+            ctx.sec.update(net=ctx.sz.net, batch=ctx.sz.batch, timed_s=ctx.sz.seconds, warmup=ctx.sz.warmup,
+                           iters_cap=ctx.sz.iters)
+        print(f"[{clock.now():5.0f} s] section {s} (deadline {clock.ends[s]:.0f} s)", flush=True)
+        if clock.left(s) <= 0:
+            ctx.sec.update(status="skipped: no time left", wall_s=0.0)
+            ctx.save()
+            continue
+        try:
+            runners[s](ctx)
+            recs = [r for r in ctx.sec.get("records", []) if isinstance(r, dict)]
+            skipped = sum(r.get("status") == "skipped" for r in recs)
+            failed = sum(r.get("status") == "error" for r in recs)
+            ctx.sec["status"] = ("done" if not skipped else f"partial: {skipped} item(s) skipped at the deadline") \
+                + (f", {failed} failed" if failed else "") + (" (past its deadline)" if clock.left(s) < 0 else "")
+        except Exception as e:  # noqa: BLE001  (the next sections still run)
+            ctx.sec["status"] = f"error: {_err(e)}"
+        ctx.sec["wall_s"] = time.time() - t0
+        _free()
+        if s == "throughput":
+            try:
+                if plot_throughput(ctx.stem + "_throughput.png", ctx.sec["records"]):
+                    ctx.sec["figure"] = os.path.basename(ctx.stem) + "_throughput.png"
+            except Exception as e:  # noqa: BLE001
+                ctx.sec["figure_error"] = _err(e)
+        ctx.save()
+    md = markdown(rep)
+    print("\n" + md)
+    print(f"wrote {ctx.stem}.json and .md ({clock.now():.0f} s)")
+    return rep
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

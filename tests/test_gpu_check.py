@@ -1,0 +1,135 @@
+"""benchmarks/gpu_check.py --quick on the CPU (one thread, a fabricated Fashion-MNIST, a temporary results folder):
+every section writes finite numbers into the JSON and the Markdown; a run past its deadline keeps what it measured
+and marks the rest skipped; benchmarks/results takes no CPU run.
+
+Speed itself is never asserted here (DESIGN: speed targets live in benchmarks/, not in timed tests).
+"""
+import gzip
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
+import gpu_check as gc  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _carry(d):
+    """A carry folder as --prepare lays it out, with 320 / 160 fabricated 28x28 images of 10 classes (a bright band
+    whose height is the class, over noise) in Debian's gzipped IDX files; no classifier (the run trains one)."""
+    src = d / "fashion-mnist"
+    src.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for split, n in (("train", 320), ("t10k", 160)):
+        y = g.integers(0, 10, n).astype(np.uint8)
+        x = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(y):
+            x[i, 2 + 2 * k:6 + 2 * k, 4:24] = 220
+        for kind, a in (("images-idx3", x), ("labels-idx1", y)):
+            header = bytes([0, 0, 8, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape)
+            with gzip.open(src / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + a.tobytes())
+    return d
+
+
+def _numbers(x):
+    if isinstance(x, dict):
+        return [v for y in x.values() for v in _numbers(y)]
+    if isinstance(x, list):
+        return [v for y in x for v in _numbers(y)]
+    return [x] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def test_quick_run_writes_every_section(tmp_path):
+    res = tmp_path / "res"
+    rep = gc.main(["--quick", "--results", str(res), "--carry", str(_carry(tmp_path / "carry")), "--work",
+                   str(tmp_path / "work")])
+    on_disk = json.loads((res / "gpu_cpu.json").read_text())
+    assert on_disk["sections"].keys() == set(gc.SECTIONS) and json.loads(json.dumps(rep)) == on_disk
+    assert all(math.isfinite(v) for v in _numbers(on_disk))  # no NaN or inf anywhere
+    S = on_disk["sections"]
+    assert all(S[s]["status"] == "done" for s in gc.SECTIONS), {s: S[s]["status"] for s in gc.SECTIONS}
+    thr = S["throughput"]["records"]
+    assert {r["method"] for r in thr} == set(gc.QUICK_METHODS)
+    for r in thr:
+        assert r["status"] == "ok" and r["train_img_per_s"] > 0 and r["sample_img_per_s_2step"] > 0, r
+        assert r["vs_fm"] > 0 and r["train_flops_per_img"] == round(3 * r["fwd_per_step"] * r["fwd_flops_per_img"])
+    assert any(r.get("compile_backend") for r in thr)  # the child-process record came back
+    assert all(r["status"] == "ok" and r["img_per_s_1nfe"] > r["img_per_s_2nfe"] > 0 for r in S["sampling"]["records"])
+    o = S["sampling"]["one_step_50k"]
+    assert o["complete"] and o["n"] == gc.sizes(True).n_50k and o["seconds"] > 0
+    P = S["precision"]
+    assert P["scm_tangent"]["passed"] and P["scm_tangent"]["dropout_same_mask"]  # no TF32 on a CPU: equal
+    assert P["scm_tangent"]["dropout_rel_diff_control"] > 0.1  # the control's masks differ
+    near_T = P["imm_embedding"]["rows"][0]
+    assert 0 < near_T["t_minus_r_fp32"] < 1e-6 and near_T["delta_over_e"] > 0  # k = 15: t - r ~ 1.8e-7
+    for r in P["bf16_samples"]:
+        assert r["status"] == "ok" and r["sample_rms_levels"] > 1 and r["rms_levels"] >= 0, r
+    F = S["fashion"]
+    assert [r["method"] for r in F["records"]] == list(gc.FASHION) and F["fd_floor"] >= 0
+    for r in F["records"]:
+        assert r["status"] == "ok" and all(r["fd"][k] >= 0 for k in ("1", "2")), r
+        assert r["bf16_vs_fp32"]["rms_levels"] >= 0 and r["bf16_vs_fp32"]["batch"] > 0, r
+    assert set(F["records"][0]["fd_reference"]) == {str(k) for k in gc.sizes(True).ref_steps}
+    md = (res / "gpu_cpu.md").read_text()
+    for head in ("## 1. Training throughput", "## 2. Sampling", "## 3. Precision checks", "## 4. Fashion-MNIST"):
+        assert head in md
+    assert (res / "gpu_cpu_throughput.png").stat().st_size > 0 and (res / "gpu_cpu_fashion.png").stat().st_size > 0
+
+
+def test_deadline_keeps_what_was_measured(tmp_path):
+    """A budget far too small: the first record runs, the others are skipped at the deadline, and the section after
+    it is skipped; the files are written all the same. Then a rerun of that section alone keeps the first's."""
+    res = tmp_path / "res"
+    gc.main(["--quick", "--results", str(res), "--sections", "throughput,sampling", "--budget", "0.5", "--work",
+             str(tmp_path / "work")])
+    S = json.loads((res / "gpu_cpu.json").read_text())["sections"]
+    st = [r["status"] for r in S["throughput"]["records"]]
+    assert st[0] == "ok" and st[-1] == "skipped" and set(st) == {"ok", "skipped"}, st
+    assert S["throughput"]["status"].startswith("partial")
+    assert S["sampling"]["status"].startswith("skipped") and "fashion" not in S
+    assert "| fm | fp32 | False |" in (res / "gpu_cpu.md").read_text()
+    # a rerun of one section keeps the others' results
+    gc.main(["--quick", "--results", str(res), "--sections", "sampling", "--work", str(tmp_path / "work")])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    assert rep["sections"]["throughput"] == S["throughput"] and rep["sections"]["sampling"]["status"] == "done"
+    assert rep["meta"]["kept_sections"]["sections"] == ["throughput"]
+    assert "Kept from the run of" in (res / "gpu_cpu.md").read_text()
+
+
+def test_timed_fills_about_the_given_seconds():
+    """throughput.timed with `seconds`: the call count follows the first two calls' duration, at least 3 and at
+    most `iters`; without it, exactly `iters` calls."""
+    import time
+    import throughput as tp
+    calls = []
+    fn = lambda: (time.sleep(0.01), calls.append(1))[1] or len(calls)  # noqa: E731
+    n, sec, last = tp.timed(fn, 100, torch.device("cpu"), seconds=0.08)
+    assert 3 <= n <= 12 and len(calls) == n == last and sec >= 0.01 * n
+    assert tp.timed(fn, 4, torch.device("cpu"), seconds=10.0)[0] == 4  # capped by iters
+    assert tp.timed(fn, 2, torch.device("cpu"), seconds=1e-6)[0] == 3  # at least 3
+    assert tp.timed(fn, 5, torch.device("cpu"))[0] == 5
+
+
+def test_results_folder_takes_gpu_runs_only():
+    with pytest.raises(common.UserError, match="full GPU runs only"):
+        gc.parse(["--quick"])
+    with pytest.raises(common.UserError, match="unknown --sections"):
+        gc.parse(["--quick", "--results", "/tmp/x", "--sections", "nope"])
