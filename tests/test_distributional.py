@@ -839,7 +839,7 @@ def test_nan_loss_keeps_last_checkpoint(imgs, tmp_path, monkeypatch, capsys):
             "--log_every", "1", "--ckpt_every", "2"]
     D.main([*args, "--iters", "2"])
     before = sha(tmp_path / "n" / "ckpt.pt")
-    monkeypatch.setattr(D, "g_loss", lambda f, kind="ns": f.float().mean() * float("nan"))
+    monkeypatch.setattr(D, "g_loss", lambda f, kind="ns", groups=None: f.float().mean() * float("nan"))
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: D.main([*args, "--iters", "4"]))
     assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
