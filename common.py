@@ -1061,7 +1061,15 @@ def make_scaler(env):
 
 
 def maybe_compile(m, on):
-    return torch.compile(m) if on else m
+    """torch.compile(m) when `on`. A network with dropout makes inductor draw its random numbers as eager PyTorch
+    does (`fallback_random`): a second pass replayed under the same RNG state (IMM's target pass, sCM's JVP pass,
+    both eager) then draws the compiled pass's dropout masks; inductor's own RNG would draw others."""
+    if not on:
+        return m
+    if any(isinstance(getattr(x, "dropout", None), float) and x.dropout > 0 for x in m.modules()):
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True
+    return torch.compile(m)
 
 
 # ====================================================================== checkpoints (spec §8)

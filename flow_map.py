@@ -317,10 +317,12 @@ def sample_times(B, cfg, device):
     return torch.cat([tau, a]), torch.cat([tau, b]), nd
 
 
-def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env):
+def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None):
     """Per-sample weighted l_i (B,) and the unweighted l_i, of one local batch (spec §3). `net` is the raw module
-    (JVPs) and may be called as the compiled one for the diagonal; teacher_b: (F13) for lmd/emd."""
+    (JVPs); `fast` (default `net`), e.g. the torch.compile'd network, runs the forwards without a JVP (diagonal,
+    PSD); teacher_b: (F13) for lmd/emd."""
     phi = net_phi(net, cfg.sigma0)
+    phi_fast = net_phi(fast if fast is not None else net, cfg.sigma0)
     fp32 = torch.autocast(env.device.type, enabled=False)  # every block with a JVP (spec §3.9)
     if cfg.mode == "meanflow":  # (F10) whole batch, dropout on, fp32
         with fp32:
@@ -333,7 +335,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env):
             with torch.no_grad(), fp32:
                 dId = teacher_b(t[:nd], Id)  # lmd/emd: the teacher's velocity is the diagonal target
         with C.autocast(env):  # (F5) bf16 allowed, dropout on
-            parts.append(diagonal_term(phi, Id, dId, t[:nd]).float())
+            parts.append(diagonal_term(phi_fast, Id, dId, t[:nd]).float())
         if nd < len(x0):  # off-diagonal rows, dropout off (Boffi: train=True only in diagonal_term)
             x0o, x1o, so, to = x0[nd:], x1[nd:], s[nd:], t[nd:]
             Io, dIo = interpolate(x0o, x1o, so, cfg.interpolant)
@@ -343,7 +345,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env):
                 if cfg.mode == "psd":
                     h = torch.rand_like(so) if cfg.psd_type == "uniform" else torch.full_like(so, 0.5)
                     with C.autocast(env):
-                        parts.append(psd_term(phi, Io, so, to, h).float())
+                        parts.append(psd_term(phi_fast, Io, so, to, h).float())
                 else:
                     with fp32:
                         if cfg.mode == "lsd":
@@ -575,7 +577,7 @@ def train(cfg, given):
             x1, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)  # data at t = 1
             x0 = cfg.sigma0 * torch.randn_like(x1)  # noise at t = 0
             s, t, nd_rows = sample_times(per_rank, cfg, env.device)
-            l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env)
+            l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model)
             L = l_w.mean()  # (F17) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
             scaler.scale(L / cfg.accum).backward()
             # ------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Config:
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: Optional[str] = None  # grad pass precision (default bf16 on CUDA); JVP and loss are always fp32
-    compile: bool = False  # torch.compile the grad pass only (the JVP runs eagerly, pitfall 8)
+    compile: bool = False  # torch.compile the grad pass only (the JVP pass runs eagerly on the same masks)
     # network (common.net_config, one time input, time_scale 1: c_noise(t) = t, spec §4)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
     width: int = 128  # MLP width (2-D data only; spec toy: 256)
@@ -461,9 +461,6 @@ def train(cfg, given, env):
         C.load_state_strict(net, init)  # G.2: online and EMA weights start at the teacher's EMA; head at zero
     params = [*net.parameters(), *(head.parameters() if head is not None else [])]  # theta and phi
     model = C.distribute(Student(C.maybe_compile(net, cfg.compile), head), env)
-    if cfg.compile and cfg.dropout > 0 and mode != "diffusion":
-        import torch._inductor.config as ic
-        ic.fallback_random = True  # compiled dropout must draw the eager JVP pass's masks (pitfall 4)
     ema = C.EMA(net, halflife_kimg=cfg.ema_halflife_kimg, rampup=cfg.ema_rampup)
     opt_cls = torch.optim.RAdam if cfg.optim == "radam" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
