@@ -191,7 +191,10 @@ class _Net(nn.Module):
             raise UserError(f"this network takes {d['num_times']} time input(s); pass s exactly when num_times=2.")
         dt = torch.promote_types(self.map_layer0.weight.dtype, torch.float32)
         B, tau = x.shape[0], d["time_scale"]
-        with _fp32(x.device):  # embedding path in fp32 (fp64 for double)
+        # embedding path in fp32 with TF32 off (nearby times, e.g. IMM's t and r, stay apart); under torch.compile
+        # the graph takes the run's TF32 setting (backend flags cannot change inside a graph), autocast stays off
+        fp32 = _fp32(x.device) if torch.compiler.is_compiling() or x.device.type == "meta" else strict_fp32(x.device)
+        with fp32:
             tt = torch.as_tensor(t, device=x.device).to(dt).reshape(-1).expand(B)
             n = self._noise(tau * tt)
             if s is not None:
@@ -916,7 +919,9 @@ class FidHook:
                 self.log.info("FID skipped: detector unavailable")
         out = {}
         for label, gen in (gens.items() if self.state else ()):
-            out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
+            with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
+                out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0,
+                                         self.num_classes)
             self.log.info(f"step {step} | FID-{self.n // 1000}k proxy ({label}) {out[label]:.3f}")
         return out
 
@@ -1038,20 +1043,28 @@ def barrier(env):
 
 
 def autocast(env):
+    """The run's autocast (bf16/fp16), off for fp32/tf32 and inside a strict_fp32 block."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision)
-    return torch.autocast(env.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    on = dtype is not None and not _STRICT[0]
+    return torch.autocast(env.device.type, dtype=dtype or torch.bfloat16, enabled=on)
+
+
+_STRICT = [0]  # depth of strict_fp32 blocks: autocast(env) inside one stays off
 
 
 @contextlib.contextmanager
 def strict_fp32(device):
-    """Autocast off and TF32 off inside the block (the precision-critical blocks: JVPs, fp32 embeddings, GDD's
-    discriminator); the previous TF32 flags are restored on exit."""
+    """Autocast off and TF32 off inside the block, also for `autocast(env)` contexts opened inside it (the
+    precision-critical blocks: JVP passes, time embeddings, GDD's discriminator, sampling and FID by default); the
+    previous TF32 flags are restored on exit."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    _STRICT[0] += 1
     try:
         with _fp32(torch.device(device)):
             yield
     finally:
+        _STRICT[0] -= 1
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 

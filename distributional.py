@@ -1073,7 +1073,7 @@ def train(cfg, given):
 
 # ====================================================================================== commands
 def sample_or_fid(cmd, opts, given):
-    env = C.setup(opts.device, opts.seed, opts.precision)
+    env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")

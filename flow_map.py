@@ -139,7 +139,10 @@ PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
     # cifar10: Boffi py/configs/cifar10.py for lsd/psd/esd/fmm (batch 512 x 400k, dropout 0.13, clip 1, learned
     # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with a 10 Mimg warm-up from py-meanflow (spec §5:
     # Boffi's RAdam 1e-2 needs EDM2's normalised weights); time_channels 256 = py-meanflow's noise mult 2.
+    # precision: fp32 with TF32 off (py-meanflow trains without autocast; NVlabs/FastGen's MeanFlow config sets
+    # trainer.tf32_enabled False, configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
     "cifar10": dict(data="cifar10", net="ddpmpp", time_channels=256, dropout=0.13, batch=512, iters=400_000, lr=6e-4,
+                    precision="fp32",
                     warmup=19_531, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
                     ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
                     # MeanFlow: py-meanflow cifar10_v0.sh (batch 128 x 8 GPUs, 16,000 epochs = 781k steps, dropout
@@ -323,16 +326,16 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None)
     PSD); teacher_b: (F13) for lmd/emd."""
     phi = net_phi(net, cfg.sigma0)
     phi_fast = net_phi(fast if fast is not None else net, cfg.sigma0)
-    fp32 = torch.autocast(env.device.type, enabled=False)  # every block with a JVP (spec §3.9)
+    fp32 = lambda: C.strict_fp32(env.device)  # every block with a JVP: fp32, TF32 off
     if cfg.mode == "meanflow":  # (F10) whole batch, dropout on, fp32
-        with fp32:
+        with fp32():
             I, dI = interpolate(x0, x1, s, cfg.interpolant)
             l = meanflow_term(phi, I, s, t, dI)
     else:
         parts = []
         Id, dId = interpolate(x0[:nd], x1[:nd], t[:nd], cfg.interpolant)  # diagonal rows: s = t
         if teacher_b is not None:
-            with torch.no_grad(), fp32:
+            with torch.no_grad(), fp32():
                 dId = teacher_b(t[:nd], Id)  # lmd/emd: the teacher's velocity is the diagonal target
         with C.autocast(env):  # (F5) bf16 allowed, dropout on
             parts.append(diagonal_term(phi_fast, Id, dId, t[:nd]).float())
@@ -347,7 +350,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None)
                     with C.autocast(env):
                         parts.append(psd_term(phi_fast, Io, so, to, h).float())
                 else:
-                    with fp32:
+                    with fp32():
                         if cfg.mode == "lsd":
                             parts.append(lsd_term(phi, lambda tt, y: phi(y, tt, tt), Io, so, to))
                         elif cfg.mode == "lmd":
@@ -364,7 +367,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None)
             finally:
                 net.train(was)
         l = torch.cat(parts)
-    with fp32:
+    with fp32():
         if cfg.mode in ("meanflow", "emd"):
             return adaptive_weight(l, cfg.adaptive_p, cfg.adaptive_c), l.detach()
         if head is not None:
@@ -550,7 +553,7 @@ def train(cfg, given):
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     n_diag = per_rank if cfg.mode == "meanflow" else diag_rows(per_rank, cfg.diag_frac)
     log.info(f"{METHOD} {cfg.mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
-             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32) | params "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32, TF32 off) | params "
              f"{sum(p.numel() for p in raw.parameters()):,} | sigma0 {cfg.sigma0:g} | "
              + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
              + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"
@@ -614,7 +617,7 @@ def train(cfg, given):
 
 
 def sample_or_fid(cmd, opts, given):
-    env = C.setup(opts.device, opts.seed, opts.precision)
+    env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")

@@ -144,6 +144,8 @@ PRESETS = {  # flat fields, then per-stage parts (common.md §9)
                      "2rf": dict(iters=20_000, lr=2e-4, warmup=1000, ema=0.9995, loss="huber", t_eps=1e-5)}),
     # cifar10: the paper's recipe. Sources: rfpp README / train.py / t_dist.py (2rf, pairs), EDM CIFAR config
     # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip), spec §5.
+    # precision: tf32 (rfpp's train.py runs EDMPrecondVel with use_fp16 False, no autocast: fp32 weights and
+    # activations with cuDNN's default TF32 convolutions); LPIPS always without autocast
     "cifar10": dict(data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
                     ckpt_every=50_000, fid_every=50_000, fid_n=10_000, eval_n=256, straight_k=32,
                     n_pairs=1_000_000, pair_block=50_000, pair_batch=2_000, pair_steps=18, pair_grid="edm",
@@ -730,7 +732,7 @@ def run(cfg, given):
 
 
 def sample_or_fid(cmd, opts, given):
-    env = C.setup(opts.device, opts.seed, opts.precision)
+    env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
     shape, classes = sample_shape(ck["net"]), ck["net"]["label_dim"]

@@ -142,7 +142,9 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
     # 10 Mimg, batch 512, 400k iters) and App. G.2 (CMs: RAdam 1e-4 betas (0.9, 0.99), eps 1e-8, no wd, constant lr,
     # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
     # init). CM iteration count is not given by the paper: 400k (spec §5, project's choice).
-    "cifar10": dict(data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="bf16", batch=512, iters=400_000,
+    # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
+    # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_s{c,d}t_cifar10.py)
+    "cifar10": dict(data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
                     H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
                     eval_n=256, fid_n=10_000,
                     diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=10_000.0, dropout=0.13),
@@ -262,7 +264,7 @@ def cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env):
     sd = cfg.sigma_d
     x_t = interpolate(x0, z, t)  # (S1)
     devices = [env.device] if env.device.type == "cuda" else []
-    with torch.no_grad(), torch.autocast(env.device.type, enabled=False):  # JVP pass in fp32 (spec §3 precision)
+    with torch.no_grad(), C.strict_fp32(env.device):  # the JVP pass in fp32 with TF32 off
         if teacher is None:
             dxdt = velocity(x0, z, t)  # (S9) sCT: the one-sample velocity
         else:
@@ -480,7 +482,7 @@ def train(cfg, given, env):
         log.info("note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2), "
                  "pass --teacher runs/scm-diffusion-<preset>/ckpt.pt for that.")
     log.info(f"{METHOD} {mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
-             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP fp32) | "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP fp32, TF32 off) | "
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
              + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
@@ -603,7 +605,7 @@ def compare(cfg, env):
 
 
 def sample_or_fid(cmd, opts, given):
-    env = C.setup(opts.device, opts.seed, opts.precision)
+    env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))

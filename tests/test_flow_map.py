@@ -681,7 +681,7 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     fm.main([*args, "--iters", "2"])
     before = sha(tmp_path / "n" / "ckpt.pt")
     orig = fm.per_sample_loss
-    monkeypatch.setattr(fm, "per_sample_loss", lambda *a: tuple(v * float("nan") for v in orig(*a)))
+    monkeypatch.setattr(fm, "per_sample_loss", lambda *a, **k: tuple(v * float("nan") for v in orig(*a, **k)))
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: fm.main([*args, "--iters", "4"]))
     assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
@@ -709,11 +709,11 @@ def test_resume_after_interruption_bitwise(tiny, tmp_path, monkeypatch, mode):
     fm.main([*base, "--out", str(tmp_path / "a")])
     calls, orig = [], fm.per_sample_loss
 
-    def crash(*a):
+    def crash(*a, **k):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return orig(*a)
+        return orig(*a, **k)
     monkeypatch.setattr(fm, "per_sample_loss", crash)
     with pytest.raises(KeyboardInterrupt):
         fm.main([*base, "--out", str(tmp_path / "b")])
