@@ -905,9 +905,15 @@ class FidHook:
     """In-training FID proxy (images): the detector and the reference statistics are loaded on first use; without a
     detector it logs one line and training carries on. hook(step, {label: generate(rng, labels)}) -> {label: fid}."""
 
-    def __init__(self, detector, data, env, root, n, log, num_classes=0):
+    def __init__(self, detector, data, env, root, n, log, num_classes=0, strict=False):
         self.spec, self.data, self.env, self.root, self.n, self.log = detector, data, env, root, n, log
         self.num_classes, self.state = num_classes, None
+        if strict:  # a reproduction preset: a missing detector stops the run now, not silently hours later
+            try:
+                load_detector(detector, env)
+            except UserError as e:
+                raise UserError(f"{str(e).rstrip('.')}; or pass --fid_every 0 to train without the in-training "
+                                f"FID (--fallback true skips it with a warning instead).") from None
 
     def __call__(self, step, gens):
         if self.state is None:

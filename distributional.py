@@ -91,6 +91,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never); also at step 0
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many iterations in a row with a skipped (non-finite gradient) G/D step
 
     def check(self):
@@ -145,7 +146,8 @@ PRESETS = {  # spec §5
     # them per rank); with fewer than 4 GPUs the heads' BatchNorm normalises over more than 64 images; conditional
     # heads (--cond) use a learned label embedding, GDD a pretrained ImageNet one. `--disc teacher` is this project's
     # offline discriminator (no ImageNet weights).
-    "cifar10": dict(data="cifar10", teacher_iters=0, disc="projected", disc_backbones="vgg,effnet",
+    "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
+                    data="cifar10", teacher_iters=0, disc="projected", disc_backbones="vgg,effnet",
                     disc_weights="imagenet", r1_gdd_batch=64, freeze="gdd_i", batch=256, iters=19_532, lr_g=1e-4,
                     lr_d=1e-4, r1_interval=16, ema_halflife_img=5e5, ema_rampup=0.05, precision="bf16",
                     log_every=100, ckpt_every=977, fid_every=977, fid_n=10_000, eval_n=64),
@@ -1021,7 +1023,8 @@ def train(cfg, given):
     if hasattr(D, "describe"):
         log.info(f"disc {cfg.disc}: {D.describe()}")
     log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"]) \
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"],
+                    strict=not cfg.fallback) \
         if cfg.fid_every and data.kind == "images" else None
     shape = sample_shape(ema.model.config)
     fid_gen = lambda: {"1 step": lambda rng, labels: sample(ema.model, rng, shape, 1, t_g, labels)}

@@ -100,6 +100,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
@@ -141,7 +142,8 @@ PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
     # Boffi's RAdam 1e-2 needs EDM2's normalised weights); time_channels 256 = py-meanflow's noise mult 2.
     # precision: fp32 with TF32 off (py-meanflow trains without autocast; NVlabs/FastGen's MeanFlow config sets
     # trainer.tf32_enabled False, configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
-    "cifar10": dict(data="cifar10", net="ddpmpp", time_channels=256, dropout=0.13, batch=512, iters=400_000, lr=6e-4,
+    "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
+                    data="cifar10", net="ddpmpp", time_channels=256, dropout=0.13, batch=512, iters=400_000, lr=6e-4,
                     precision="fp32",
                     warmup=19_531, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
                     ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
@@ -558,7 +560,8 @@ def train(cfg, given):
              + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
              + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"
              + f" | step {step}/{cfg.iters}")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
+                    strict=not cfg.fallback) \
         if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints

@@ -81,6 +81,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
@@ -111,7 +112,8 @@ PRESETS = {  # spec §5; cifar10 = IMM Table 5
     # IMM Table 5: DDPM++ 55M, dropout 0.2, B 4096, M 4, k 15, RAdam 1e-4, 400k iterations, EMA 0.9999, a 1, b 5,
     # x-flip; App. I.6: TF32. EDM augmentation is not implemented (a documented deviation, spec §5).
     # precision: TF32 as the paper trained (App. I.6); the time embedding runs with TF32 off (nearby t and r)
-    "cifar10": dict(data="cifar10", net="ddpmpp", dropout=0.2, batch=4096, M=4, k=15, iters=400_000,
+    "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
+                    data="cifar10", net="ddpmpp", dropout=0.2, batch=4096, M=4, k=15, iters=400_000,
                     optim="radam", lr=1e-4, ema=0.9999, xflip=True, precision="tf32", log_every=500,
                     ckpt_every=10_000, fid_every=20_000, fid_n=10_000, eval_n=64),
 }
@@ -364,7 +366,8 @@ def train(cfg, given):
              f"({per_rank // cfg.M} groups of M = {cfg.M} per micro-batch) | device {env.device} | precision "
              f"{env.precision} | params {sum(p.numel() for p in raw.parameters()):,} | k {cfg.k} "
              f"(delta eta {delta_eta(cfg):.4g}) | min_gap {min_gap:g} | step {step}/{cfg.iters}")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
+                    strict=not cfg.fallback) if cfg.fid_every else None
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
     def state():

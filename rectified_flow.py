@@ -103,6 +103,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
@@ -146,7 +147,8 @@ PRESETS = {  # flat fields, then per-stage parts (common.md §9)
     # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip), spec §5.
     # precision: tf32 (rfpp's train.py runs EDMPrecondVel with use_fp16 False, no autocast: fp32 weights and
     # activations with cuDNN's default TF32 convolutions); LPIPS always without autocast
-    "cifar10": dict(data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
+    "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
+                    data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
                     ckpt_every=50_000, fid_every=50_000, fid_n=10_000, eval_n=256, straight_k=32,
                     n_pairs=1_000_000, pair_block=50_000, pair_batch=2_000, pair_steps=18, pair_grid="edm",
                     **{"1rf": dict(iters=400_000, lr=2e-4, warmup=5000, clip=1.0, ema=0.9999, xflip=True),
@@ -498,13 +500,20 @@ def load_pairs(folder, env, seed):
 
 
 def make_lpips(cfg, log):
-    """LPIPS for the lpips-* losses; offline it falls back to --loss huber in one sentence (spec §3)."""
+    """LPIPS for the lpips-* losses. Offline, a reproduction preset (--fallback false) stops with one sentence naming
+    the files; the others fall back to --loss huber with one warning line."""
     if not cfg.loss.startswith("lpips"):
         return None
     try:
         return LPIPS(cfg.lpips_weights, cfg.lpips_res)
     except Exception as e:
-        log.info(f"LPIPS weights unavailable ({type(e).__name__}: {str(e)[:60]}); training with --loss huber")
+        why = f"{type(e).__name__}: {str(e)[:60]}"
+        if not cfg.fallback:
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise C.UserError(f"LPIPS weights unavailable ({why}); place torchvision's vgg16-397923af.pth and LPIPS "
+                              f"v0.1 vgg.pth ({LPIPS.LIN_URL}) in {hub}, or pass --loss huber to train without "
+                              f"LPIPS.") from None
+        log.info(f"warning: LPIPS weights unavailable ({why}); training with --loss huber")
         cfg.loss = "huber"
         return None
 
@@ -630,7 +639,8 @@ def train(cfg, given, env):
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
     # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
     ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
-    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"]) \
+    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"],
+                    strict=not cfg.fallback) \
         if cfg.fid_every else None
 
     def loss_fn(part):

@@ -97,6 +97,7 @@ class Config:
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
@@ -144,7 +145,8 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
     # init). CM iteration count is not given by the paper: 400k (spec §5, project's choice).
     # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
     # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_s{c,d}t_cifar10.py)
-    "cifar10": dict(data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
+    "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
+                    data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
                     H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
                     eval_n=256, fid_n=10_000,
                     diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=10_000.0, dropout=0.13),
@@ -486,7 +488,8 @@ def train(cfg, given, env):
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
              + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
+                    strict=not cfg.fallback) if cfg.fid_every else None
     D, sd = math.prod(data.shape), cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints

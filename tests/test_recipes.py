@@ -1,0 +1,119 @@
+"""The CIFAR-10 recipes: no silent fallback in a reproduction preset, precision as the reference code ran it.
+
+- A missing weights file (Inception for the in-training FID, LPIPS's VGG and linear heads) stops a `--fallback false`
+  run (every `cifar10` preset) with one sentence naming the file and the flag that chooses the fallback; with the
+  default `--fallback true` (toy, tiny, small) the run warns and goes on.
+- `sample` and `fid` run the network in fp32 with TF32 off unless `--precision` says otherwise; `strict_fp32` holds
+  the run's autocast off inside it (the FID hook, the JVP passes and the time embedding rely on it).
+- Each `cifar10` preset's precision is the reference implementation's (see README, "CIFAR-10 recipes").
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+import distributional  # noqa: E402
+import flow_map  # noqa: E402
+import imm  # noqa: E402
+import rectified_flow as RF  # noqa: E402
+import scm  # noqa: E402
+
+FILES = dict(imm=imm, rectified_flow=RF, scm=scm, flow_map=flow_map, distributional=distributional)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def imgs(tmp_path):
+    path = tmp_path / "imgs.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    return str(path)
+
+
+def one_error(capsys, fn):
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(fn)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_cifar10_presets_stop_instead_of_falling_back_and_name_their_precision():
+    want = dict(imm="tf32", rectified_flow="tf32", scm="fp32", flow_map="fp32", distributional="bf16")
+    for name, mod in FILES.items():
+        p = mod.PRESETS["cifar10"]
+        assert p["fallback"] is False and all(mod.PRESETS[k].get("fallback", True) for k in ("toy", "tiny", "small"))
+        assert p["precision"] == want[name], name
+        assert mod.Config().fallback is True
+
+
+@pytest.mark.parametrize("name", ["imm", "scm"])
+def test_missing_fid_detector_stops_a_strict_run_and_warns_otherwise(name, imgs, tmp_path, capsys):
+    mod = FILES[name]
+    base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--fid_every", "1", "--fid_n", "4",
+            "--fid_detector", str(tmp_path / "nowhere.pt"), "--root", str(tmp_path)]
+    if name == "scm":
+        base += ["--mode", "diffusion"]
+    err = one_error(capsys, lambda: mod.main([*base, "--out", str(tmp_path / "a"), "--fallback", "false"]))
+    assert "nowhere.pt" in err and "--fid_every 0" in err
+    assert not os.path.exists(tmp_path / "a" / "ckpt.pt")  # stopped before training
+    mod.main([*base, "--out", str(tmp_path / "b")])  # the default warns and trains
+    assert "FID skipped" in capsys.readouterr().out and os.path.exists(tmp_path / "b" / "ckpt.pt")
+
+
+def test_missing_lpips_stops_a_strict_run_and_falls_back_otherwise(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    cfg = RF.Config(loss="lpips-huber-1/t", fallback=False)
+    with pytest.raises(C.UserError) as e:
+        RF.make_lpips(cfg, None)
+    msg = str(e.value)
+    assert "vgg16-397923af.pth" in msg and "vgg.pth" in msg and "--loss huber" in msg and msg.count(". ") == 0
+
+    class Log:
+        lines = []
+
+        def info(self, m):
+            self.lines.append(m)
+    cfg, log = RF.Config(loss="lpips-huber-1/t"), Log()
+    assert RF.make_lpips(cfg, log) is None and cfg.loss == "huber" and log.lines[0].startswith("warning: LPIPS")
+
+
+@pytest.mark.parametrize("name", ["imm", "flow_map"])
+def test_sample_defaults_to_strict_fp32_and_precision_overrides(name, monkeypatch, tmp_path):
+    mod, seen = FILES[name], []
+    real = C.setup
+    mod.main(["--iters", "1", "--batch", "16", "--eval_n", "8", "--eval_steps", "1", "--out", str(tmp_path / "r")])
+    monkeypatch.setattr(C, "setup", lambda device, seed, precision: seen.append(precision) or real(device, seed,
+                                                                                                 precision))
+    ck = str(tmp_path / "r" / "ckpt.pt")
+    mod.main(["sample", "--ckpt", ck, "--steps", "1", "--n", "4", "--out", str(tmp_path / "s.npy")])
+    mod.main(["sample", "--ckpt", ck, "--steps", "1", "--n", "4", "--out", str(tmp_path / "t.npy"), "--precision",
+              "bf16"])
+    assert seen == ["fp32", "bf16"]
+    real("cpu", 0, "fp32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def test_strict_fp32_holds_the_runs_autocast_off():
+    env = C.Env(0, 1, 0, torch.device("cpu"), True, "bf16")
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with C.autocast(env):
+        assert lin(x).dtype == torch.bfloat16
+        with C.strict_fp32("cpu"), C.autocast(env):
+            assert lin(x).dtype == torch.float32
+        assert lin(x).dtype == torch.bfloat16
