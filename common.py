@@ -773,6 +773,15 @@ def augment(images, p, generator=None, part=0, parts=1, **probs):
     return images, torch.cat([v[rows].reshape(N, -1).float() for v in labels], 1)
 
 
+
+def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
+    """A training batch through `augment` -> (images, labels), or (x, None) with p = 0 (no labels: the network's
+    augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run stays
+    a pure function of (seed, step) for any rank layout and resumes exactly; `part`/`parts` as in Data.batch."""
+    if not p:
+        return x, None
+    return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
+
 # ========================================================================================= EMA (spec §5)
 class EMA:
     """p_ema <- p + beta (p_ema - p); beta = decay, or 0.5^(batch / (1000 halflife_kimg)) capped by rampup
@@ -1624,7 +1633,7 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
               log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
-              clip="> 0", steps=">= 1", n=">= 1")
+              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]")
 
 
 def _in_range(v, rule):

@@ -89,6 +89,8 @@ class Config:
     clip: Optional[float] = None  # gradient-norm clipping (network and weight head)
     ema: float = 0.999  # EMA decay (sampling only; the LSD teacher is the online network)
     xflip: bool = False  # random horizontal flips
+    augment: float = 0.0  # EDM's augmentation probability p as py-meanflow v0 runs it (mode meanflow; 0 off)
+    arch: Literal["edm", "py-meanflow"] = "edm"  # py-meanflow: its v0 SongUNet (concatenated times, [1,3,3,1], q|k|v)
     # sampling (F18)
     sampler: Literal["map", "ode"] = "map"  # map: N jumps on k/N; ode: Euler on b = phi(t, t, .) (diagnostic)
     # logging and evaluation
@@ -110,6 +112,8 @@ class Config:
             raise ValueError(f"--teacher is only used by --mode lmd or emd, not by {self.mode}.")
         if self.interpolant == "trig" and self.mode in ("meanflow", "lmd", "emd"):
             raise ValueError(f"--interpolant trig is not available with --mode {self.mode} (its conversion is linear).")
+        if self.augment and self.mode != "meanflow":
+            raise ValueError("--augment is wired for --mode meanflow (py-meanflow's v0 recipe) only.")
         if self.learned_weight and self.mode in ("meanflow", "emd"):
             raise ValueError(f"--mode {self.mode} uses the adaptive weighting; drop --learned_weight.")
         if self.diag_frac is not None and not 0 <= self.diag_frac <= 1:
@@ -124,6 +128,11 @@ class Config:
 
 RANGES = dict(width=">= 1", depth=">= 1", time_channels=">= 4", diag_frac="[0, 1]", sigma0="> 0",
               adaptive_c="> 0", lr_ref=">= 1")  # beside common.RANGES
+# py-meanflow v0 (models/model_configs.py, models/unet.py): its SongUNet concatenates the two time embeddings,
+# resamples with [1,3,3,1] and splits q|k|v in blocks; its augmentation (training/train_loop.py) is EDM's pipe
+# without y-flips and rotations (augment_dim 6)
+PY_MEANFLOW_NET = dict(time_combine="concat", resample_filter=[1, 3, 3, 1], qkv_order="blocks")
+MEANFLOW_AUGMENT = dict(xflip=1e8, scale=1, aniso=1, translate_frac=1)
 
 _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=False))
 PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
@@ -149,8 +158,11 @@ PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
                     ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
                     # MeanFlow: py-meanflow cifar10_v0.sh (batch 128 x 8 GPUs, 16,000 epochs = 781k steps, dropout
                     # 0.2, 200 warm-up epochs = 10 Mimg, no clipping, adaptive p = 0.75, LN(-2, 2) times)
+                    # and its network and data pipe: py-meanflow's SongUNet variant (arch), EDM's augmentation at
+                    # p = 0.12 without y-flips and rotations (training/train_loop.py; augment_dim 6), no data x-flip
                     meanflow=dict(dropout=0.2, batch=1024, iters=781_250, warmup=9_766, clip=None,
-                                  learned_weight=False, time_sampler="v0"),
+                                  learned_weight=False, time_sampler="v0", arch="py-meanflow", augment=0.12,
+                                  xflip=False),
                     lmd=dict(iters=200_000), emd=dict(iters=200_000, learned_weight=False)),  # project, untested
 }
 
@@ -180,9 +192,11 @@ def interpolate(x0, x1, t, interpolant="linear"):
     return al * x0 + be * x1, dal * x0 + dbe * x1
 
 
-def net_phi(net, sigma0):
-    """(F3) phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and Delta = t - s."""
-    return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s)
+def net_phi(net, sigma0, aug=None):
+    """(F3) phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and Delta = t - s; `aug`:
+    augmentation labels of the whole batch (mode meanflow only), None at sampling."""
+    kw = {} if aug is None else dict(aug=aug)
+    return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s, **kw)
 
 
 def flow_map(phi, x, s, t):
@@ -322,11 +336,11 @@ def sample_times(B, cfg, device):
     return torch.cat([tau, a]), torch.cat([tau, b]), nd
 
 
-def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None):
+def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None, aug=None):
     """Per-sample weighted l_i (B,) and the unweighted l_i, of one local batch (spec §3). `net` is the raw module
     (JVPs); `fast` (default `net`), e.g. the torch.compile'd network, runs the forwards without a JVP (diagonal,
-    PSD); teacher_b: (F13) for lmd/emd."""
-    phi = net_phi(net, cfg.sigma0)
+    PSD); teacher_b: (F13) for lmd/emd; aug: EDM's augmentation labels of the batch (mode meanflow)."""
+    phi = net_phi(net, cfg.sigma0, aug)
     phi_fast = net_phi(fast if fast is not None else net, cfg.sigma0)
     fp32 = lambda: C.strict_fp32(env.device)  # every block with a JVP: fp32, TF32 off
     if cfg.mode == "meanflow":  # (F10) whole batch, dropout on, fp32
@@ -407,10 +421,15 @@ def net_dict(cfg, data):
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
         extra = {"time_channels": cfg.time_channels} if cfg.time_channels else {}
+        if cfg.arch == "py-meanflow":
+            extra.update(PY_MEANFLOW_NET)
         return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], num_times=2,
-                            time_scale=1.0, dropout=cfg.dropout, **extra)
+                            time_scale=1.0, dropout=cfg.dropout, **extra,
+                            augment_dim=C.augment_dim(**MEANFLOW_AUGMENT) if cfg.augment else 0)
     if cfg.net != "mlp":
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    if cfg.augment:
+        raise C.UserError("--augment is EDM's image augmentation; 2-D points take --augment 0.")
     extra = {k: v for k, v in (("width", cfg.width), ("depth", cfg.depth), ("time_channels", cfg.time_channels))
              if v is not None}
     return C.net_config("mlp", num_times=2, time_scale=1.0, dropout=cfg.dropout, **extra)
@@ -580,10 +599,12 @@ def train(cfg, given):
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
             # ---------------------------------------------------------------- the method: one flow-map loss
-            x1, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)  # data at t = 1
+            part, parts = rnd * env.world + env.rank, env.world * cfg.accum
+            x1, _ = data.batch(per_rank, step, part, parts)  # data at t = 1
+            x1, aug = C.augment_batch(x1, cfg.augment, cfg.seed, step, part, parts, MEANFLOW_AUGMENT)
             x0 = cfg.sigma0 * torch.randn_like(x1)  # noise at t = 0
             s, t, nd_rows = sample_times(per_rank, cfg, env.device)
-            l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model)
+            l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model, aug=aug)
             L = l_w.mean()  # (F17) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
             scaler.scale(L / cfg.accum).backward()
             # ------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class Config:
     lr: float = 1e-3  # learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
     ema: float = 0.995  # EMA decay (evaluation only, never the target)
     xflip: bool = False  # random horizontal flips
+    augment: float = 0.0  # EDM's non-leaky augmentation probability p (common.augment_batch; 0 off), augment_dim 9
     # sampling (spec §6)
     sampler: Literal["pushforward", "restart"] = "pushforward"  # Alg. 2 / Alg. 5
     schedule: Literal["uniform", "edm"] = "uniform"  # time grid for N >= 4 (Eq. 117 / Eq. 118)
@@ -110,11 +111,11 @@ PRESETS = {  # spec §5; cifar10 = IMM Table 5
                   lr=2e-4, ema=0.9995, xflip=True, precision="tf32", log_every=500, ckpt_every=5000,
                   fid_every=5000, fid_n=10_000, eval_n=64),
     # IMM Table 5: DDPM++ 55M, dropout 0.2, B 4096, M 4, k 15, RAdam 1e-4, 400k iterations, EMA 0.9999, a 1, b 5,
-    # x-flip; App. I.6: TF32. EDM augmentation is not implemented (a documented deviation, spec §5).
+    # EDM's augmentation (p = 0.12 with EDM train.py's CIFAR-10 multipliers, its x-flip included; no data x-flip).
     # precision: TF32 as the paper trained (App. I.6); the time embedding runs with TF32 off (nearby t and r)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", dropout=0.2, batch=4096, M=4, k=15, iters=400_000,
-                    optim="radam", lr=1e-4, ema=0.9999, xflip=True, precision="tf32", log_every=500,
+                    optim="radam", lr=1e-4, ema=0.9999, augment=0.12, precision="tf32", log_every=500,
                     ckpt_every=10_000, fid_every=20_000, fid_n=10_000, eval_n=64),
 }
 
@@ -166,13 +167,13 @@ def coeffs(s, t, param="simple_edm", sigma_d=0.5):
     return c_skip, c_out, c_in
 
 
-def f_map(net, x_t, s, t, cfg, env):
+def f_map(net, x_t, s, t, cfg, env, aug=None):
     """(4) f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t), c_noise(s)); the second time
     is s, or t - s with second_time = "t_minus_s" (5). Coefficients in fp32, the network under autocast."""
     c_skip, c_out, c_in = coeffs(s, t, cfg.param, cfg.sigma_d)
     second = s if cfg.second_time == "s" else t - s
-    with C.autocast(env):
-        G = net(_col(c_in, x_t).to(x_t.dtype) * x_t, t, second)
+    with C.autocast(env):  # aug: EDM's augmentation labels of x_t's images (training only)
+        G = net(_col(c_in, x_t).to(x_t.dtype) * x_t, t, second, **({} if aug is None else dict(aug=aug)))
     return _col(c_skip, x_t) * x_t + _col(c_out, x_t) * G.to(c_out.dtype)
 
 
@@ -222,7 +223,7 @@ def weight(t, a=1.0, b=5.0):
     return torch.sigmoid(b - lam) * (1 - t) ** a / (t * (1 - t) * ((1 - t) ** 2 + t ** 2))
 
 
-def imm_loss(model, target, x, eps, s, r, t, cfg, env):
+def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
     """(8)-(14). model: the online network with gradient (maybe DDP/compiled); target: the same weights,
     unwrapped, evaluated under no_grad with the same dropout masks (RNG state replayed; pitfalls 5, 14).
     Returns (L, mean unweighted MMD^2, fraction of groups with r = s)."""
@@ -230,9 +231,9 @@ def imm_loss(model, target, x, eps, s, r, t, cfg, env):
     x_t, x_r = interpolate(x, eps, t), interpolate(x, eps, r)  # (8) the same eps on both
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the online pass's draws are replayed by the target pass
-        y_t = f_map(model, x_t, s, t, cfg, env)  # (9)
+        y_t = f_map(model, x_t, s, t, cfg, env, aug)  # (9)
     with torch.no_grad():
-        y_r = f_map(target, x_r, s, r, cfg, env)  # (10) stop-gradient, online weights (not the EMA)
+        y_r = f_map(target, x_r, s, r, cfg, env, aug)  # (10) stop-gradient, online weights (not the EMA)
     g = slice(None, None, M)  # one row per group
     w_tilde = 1 / coeffs(s[g], t[g], cfg.param, cfg.sigma_d)[1].abs()  # (11) 1 / |c_out(s,t)|
     ft = torch.promote_types(y_t.dtype, torch.float32)
@@ -280,9 +281,12 @@ def net_dict(cfg, data):
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
         return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], num_times=2,
-                            time_scale=1000.0, dropout=cfg.dropout)
+                            time_scale=1000.0, dropout=cfg.dropout,
+                            augment_dim=C.augment_dim(**C.EDM_AUGMENT) if cfg.augment else 0)
     if cfg.net != "mlp":
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    if cfg.augment:
+        raise C.UserError("--augment is EDM's image augmentation; 2-D points take --augment 0.")
     return C.net_config("mlp", num_times=2, time_scale=1000.0, dropout=cfg.dropout)
 
 
@@ -383,10 +387,12 @@ def train(cfg, given):
         for rnd in range(cfg.accum):
             with model.no_sync() if ddp and rnd < cfg.accum - 1 else contextlib.nullcontext():
                 # ------------------------------------------------------------ the method: one IMM loss
-                x, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)
+                part, parts = rnd * env.world + env.rank, env.world * cfg.accum
+                x, _ = data.batch(per_rank, step, part, parts)
+                x, aug = C.augment_batch(x, cfg.augment, cfg.seed, step, part, parts)  # EDM's pipe (Table 5)
                 eps = cfg.sigma_d * torch.randn_like(x)  # prior noise N(0, sigma_d^2 I), drawn before both passes
                 s, r, t = sample_times(per_rank // cfg.M, cfg.M, cfg, min_gap, env.device)
-                L, mmd, frac = imm_loss(model, raw, x, eps, s, r, t, cfg, env)
+                L, mmd, frac = imm_loss(model, raw, x, eps, s, r, t, cfg, env, aug)
                 scaler.scale(L / cfg.accum).backward()
                 # ----------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), mmd, frac]) / cfg.accum

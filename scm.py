@@ -64,6 +64,7 @@ class Config:
     adn: bool = False  # adaptive double normalisation (Sec. 4.1); on for the U-Net presets
     dropout: float = 0.0  # per mode in the presets: 0.13 / 0.20 / 0 on CIFAR-10 (G.1, G.2)
     xflip: bool = False  # random horizontal flips (images)
+    augment: float = 0.0  # EDM's non-leaky augmentation probability p (diffusion mode; 0 off), augment_dim 9
     # TrigFlow (spec §2-§3)
     sigma_d: float = 0.5  # data std (Sec. 3)
     P_mean: float = -1.0  # log-normal proposal of sigma = sigma_d tan t (S4); diffusion -1.2
@@ -149,7 +150,8 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
                     data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
                     H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
                     eval_n=256, fid_n=10_000,
-                    diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=10_000.0, dropout=0.13),
+                    # the teacher follows EDM's CIFAR-10 recipe: augmentation p = 0.12 (EDM train.py), no data x-flip
+                    diffusion=dict(**_DIFF, lr=1e-3, lr_ramp_kimg=10_000.0, dropout=0.13, augment=0.12, xflip=False),
                     sct=dict(**_CM, lr=1e-4, dropout=0.20), scd=dict(**_CM, lr=1e-4, dropout=0.0)),
 }
 
@@ -287,8 +289,8 @@ class Student(nn.Module):
         super().__init__()
         self.net, self.head = net, head
 
-    def forward(self, u, t):
-        F = self.net(u, t)
+    def forward(self, u, t, aug=None):
+        F = self.net(u, t, **({} if aug is None else dict(aug=aug)))  # aug: EDM's augmentation labels
         return F, self.head(t) if self.head is not None else torch.zeros_like(t, dtype=torch.float32)
 
 
@@ -365,9 +367,11 @@ def net_dict(cfg, data):
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
         return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], adn=cfg.adn,
-                            dropout=cfg.dropout)
+                            dropout=cfg.dropout, augment_dim=C.augment_dim(**C.EDM_AUGMENT) if cfg.augment else 0)
     if cfg.net != "mlp":
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
+    if cfg.augment:
+        raise C.UserError("--augment is EDM's image augmentation; 2-D points take --augment 0.")
     return C.net_config("mlp", width=cfg.width, depth=cfg.depth, adn=cfg.adn, dropout=cfg.dropout)
 
 
@@ -512,12 +516,14 @@ def train(cfg, given, env):
         for rnd in range(cfg.accum):
             with model.no_sync() if ddp and rnd < cfg.accum - 1 else contextlib.nullcontext():
                 # ------------------------------------------------------------ the method: one loss evaluation
-                x0, _ = data.batch(per_rank, step, rnd * env.world + env.rank, env.world * cfg.accum)
+                part, parts = rnd * env.world + env.rank, env.world * cfg.accum
+                x0, _ = data.batch(per_rank, step, part, parts)
                 z = sd * torch.randn_like(x0)  # z ~ N(0, sigma_d^2 I)
                 if mode == "diffusion":
+                    x0, aug = C.augment_batch(x0, cfg.augment, cfg.seed, step, part, parts)  # EDM's pipe
                     t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (S4)
                     with C.autocast(env):
-                        F, w = model(interpolate(x0, z, t) / sd, t)  # (S1), (S3)
+                        F, w = model(interpolate(x0, z, t) / sd, t, aug)  # (S1), (S3)
                     L = diffusion_loss(F, velocity(x0, z, t), sd, w if head is not None else None)  # (S5)
                     gn = torch.zeros((), device=env.device)
                 else:

@@ -117,3 +117,53 @@ def test_strict_fp32_holds_the_runs_autocast_off():
         with C.strict_fp32("cpu"), C.autocast(env):
             assert lin(x).dtype == torch.float32
         assert lin(x).dtype == torch.bfloat16
+
+
+def _images(res=32):
+    return C.Data("images", "x", x=torch.zeros(4, 3, res, res, dtype=torch.uint8))
+
+
+def test_cifar10_presets_augment_where_their_reference_did():
+    """EDM's pipe: IMM (Table 5) and sCM's diffusion teacher at p = 0.12 with EDM's multipliers (augment_dim 9);
+    MeanFlow as py-meanflow v0 (no y-flip, no rotation: augment_dim 6) on py-meanflow's network; no data x-flip."""
+    def cfg(mod, **sel):
+        return C.resolve_config(mod.Config, mod.PRESETS, "cifar10", {}, **sel)
+    for mod, c, dim in ((imm, cfg(imm), 9), (scm, cfg(scm, mode="diffusion"), 9),
+                        (flow_map, cfg(flow_map, mode="meanflow"), 6)):
+        assert c.augment == 0.12 and not c.xflip, mod.__name__
+        nd = mod.net_dict(c, _images())
+        assert nd["augment_dim"] == dim, mod.__name__
+    nd = flow_map.net_dict(cfg(flow_map, mode="meanflow"), _images())
+    assert (nd["time_combine"], nd["resample_filter"], nd["qkv_order"], nd["time_channels"]) == \
+        ("concat", [1, 3, 3, 1], "blocks", 256)
+    for mod, c in ((scm, cfg(scm, mode="sct")), (flow_map, cfg(flow_map, mode="lsd")), (RF, cfg(RF, stage="1rf"))):
+        assert not getattr(c, "augment", 0), mod.__name__  # their references did not augment
+    with pytest.raises(C.UserError, match="2-D points"):
+        imm.net_dict(imm.Config(augment=0.1), C.Data("points", "p", x=torch.zeros(4, 2)))
+
+
+def test_imm_both_passes_see_the_same_augmentation_labels(monkeypatch):
+    torch.manual_seed(0)
+    nd = C.net_config("tiny", img_resolution=8, num_times=2, time_scale=1000.0, augment_dim=9)
+    net = C.build_net(nd)
+    seen = []
+    real = net.forward
+    monkeypatch.setattr(net, "forward", lambda *a, **k: seen.append(k.get("aug")) or real(*a, **k))
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    xa, aug = C.augment_batch(x, 1.0, 0, 3)
+    assert aug.shape == (8, 9) and not torch.equal(xa, x)
+    s, r, t = (torch.full((8,), v) for v in (0.2, 0.5, 0.6))
+    imm.imm_loss(net, net, xa, 0.5 * torch.randn_like(xa), s, r, t, imm.Config(M=4), C.Env(0, 1, 0,
+                 torch.device("cpu"), True, "fp32"), aug)
+    assert len(seen) == 2 and seen[0] is aug and seen[1] is aug
+
+
+def test_augmented_run_resumes_exactly(imgs, tmp_path):
+    base = ["--preset", "tiny", "--data", imgs, "--augment", "0.5", "--root", str(tmp_path), "--ckpt_every", "2",
+            "--eval_n", "4", "--eval_steps", "1"]
+    imm.main([*base, "--out", str(tmp_path / "a"), "--iters", "4"])
+    imm.main([*base, "--out", str(tmp_path / "b"), "--iters", "2"])
+    imm.main([*base, "--out", str(tmp_path / "b"), "--iters", "4"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
+    assert a["net"]["augment_dim"] == 9 and a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
