@@ -19,7 +19,8 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
 
     python rectified_flow.py                                   # toy: all stages on 8 Gaussians, ~1 min CPU
     python rectified_flow.py --data points.npy --out runs/rf-mine
-    torchrun --nproc_per_node=8 rectified_flow.py --preset cifar10 --stage 1rf   # then pairs, 2rf, ft
+    wget https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl   # rfpp's teacher
+    torchrun --nproc_per_node=8 rectified_flow.py --preset cifar10 --stage pairs   # EDM Heun, 1M pairs; then 2rf
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
@@ -46,7 +47,7 @@ class Config:
     data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/rectified_flow-toy"  # run folder DIR (1rf in DIR, pairs in DIR/pairs, 2rf in DIR/2rf)
-    teacher: Optional[str] = None  # teacher checkpoint for pairs/2rf (default DIR/ckpt.pt)
+    teacher: Optional[str] = None  # teacher for pairs/2rf: a 1rf checkpoint (default DIR/ckpt.pt) or an EDM .pkl
     pairs: Optional[str] = None  # pairs folder for 2rf (default DIR/pairs)
     resume: Optional[bool] = None  # None: resume when the stage's ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
@@ -128,6 +129,7 @@ RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1
               pair_steps=">= 1", a="> 0", huber_c="> 0", lpips_res=">= 16", ft_n=">= 1", inv_steps=">= 1",
               straight_k=">= 1")  # beside common.RANGES
 
+EDM_CIFAR10 = "edm-cifar10-32x32-uncond-ve.pkl"  # EDM's unconditional NCSN++ (VE architecture, EDM preconditioning)
 PRESETS = {  # flat fields, then per-stage parts (common.md §9)
     "toy": dict(data="8gaussians", net="mlp", batch=512, ckpt_every=500, eval_n=4000, straight_k=100,
                 n_pairs=10_000, pair_block=5_000, pair_batch=5_000, pair_solver="heun", pair_steps=18,
@@ -151,9 +153,13 @@ PRESETS = {  # flat fields, then per-stage parts (common.md §9)
                     data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
                     ckpt_every=50_000, fid_every=50_000, fid_n=10_000, eval_n=256, straight_k=32,
                     n_pairs=1_000_000, pair_block=50_000, pair_batch=2_000, pair_steps=18, pair_grid="edm",
+                    # pairs and the 2-RF start from EDM's released NCSN++ checkpoint, as rfpp's README runs it
+                    # (generate_edm.py --ckpt edm_cifar_ve_uncond.pth --N 18; train.py --ckpt ... EDMPrecondVel);
+                    # the from-scratch path: --teacher runs/rectified_flow-cifar10/ckpt.pt (the 1rf stage)
                     **{"1rf": dict(iters=400_000, lr=2e-4, warmup=5000, clip=1.0, ema=0.9999, xflip=True),
+                       "pairs": dict(teacher=EDM_CIFAR10),
                        "2rf": dict(iters=800_000, lr=2e-4, warmup=5000, ema=0.9999, loss="lpips-huber-1/t",
-                                   t_eps=1e-5),
+                                   t_eps=1e-5, teacher=EDM_CIFAR10),
                        "ft": dict(lr=2e-4, ema=0.9999, loss="lpips-huber-1/t", t_eps=1e-5, ft_iters=5000,
                                   ft_n=50_000, inv_steps=8)}),
 }
@@ -341,9 +347,29 @@ def straightness(v, z, K):
 
 
 def edm_to_velocity(D, x_t, t):
-    """(16) EDM denoiser D(y; sigma) -> velocity: v = (x_t - D(x_t / (1 - t); t / (1 - t))) / t (rfpp EDMPrecondVel)."""
+    """EDM denoiser D(y; sigma) -> rectified-flow velocity (rfpp network_edm.py EDMPrecondVel; docs/rectified_flow.md,
+    "EDM denoiser to rectified-flow velocity"): x_t / (1 - t) = x + sigma z with sigma = t / (1 - t), so
+    v = z - x = (x_t - D(x_t / (1 - t); t / (1 - t))) / t."""
     tb = t.reshape(-1, *[1] * (x_t.ndim - 1))
     return (x_t - D(x_t / (1 - tb), t / (1 - t))) / tb
+
+
+class EDMVelocity(nn.Module):
+    """An EDM denoiser (common.EDMDenoiser, e.g. EDM's released CIFAR-10 network) as this file's velocity network
+    v(x_t, t[, y]), the way rfpp initialises its 2-RF. t is clamped to [T_EPS, 1 - T_EPS] (rfpp's range: sigma =
+    t / (1 - t) is infinite at t = 1, where the samplers start). config: the checkpoint's `net` dict."""
+
+    T_EPS = 1e-5
+
+    def __init__(self, den):
+        super().__init__()
+        self.den = den
+        self.config = dict(kind="edm_velocity", denoiser=den.config())
+
+    def forward(self, x, t, y=None):
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        t = t.clamp(self.T_EPS, 1 - self.T_EPS)
+        return edm_to_velocity(lambda u, sigma: self.den(u, sigma, y), x.float(), t).to(x.dtype)
 
 
 def invert(v, x, eps, K):
@@ -381,17 +407,43 @@ def net_dict(cfg, data):
     return C.net_config("mlp", time_scale=1000.0, dropout=cfg.dropout)
 
 
+def build(nd):
+    """A checkpoint's `net` dict -> the velocity network: common.build_net, or an EDM denoiser wrapped as a
+    velocity (kind 'edm_velocity', a 2-RF started from EDM's checkpoint)."""
+    return EDMVelocity(C.EDMDenoiser.from_config(nd["denoiser"])) if nd.get("kind") == "edm_velocity" \
+        else C.build_net(nd)
+
+
+def inner(nd):
+    """The U-Net's own config inside a `net` dict (the EDM denoiser's for kind 'edm_velocity')."""
+    return nd["denoiser"]["net"] if nd.get("kind") == "edm_velocity" else nd
+
+
 def sample_shape(nd):
+    nd = inner(nd)
     return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
 
 
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+
+
 def load_teacher(path, env, weights="ema"):
-    """A rectified-flow checkpoint -> (network in eval mode with its EMA weights, checkpoint)."""
+    """A rectified-flow checkpoint -> (network in eval mode with its EMA weights, checkpoint); an EDM network pickle
+    (.pkl) -> (EDMVelocity around it, a checkpoint-like dict: net, model = ema = its weights, step 0)."""
+    if path.endswith(".pkl"):
+        if not os.path.exists(path) and os.path.basename(path).startswith("edm-"):
+            raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and "
+                              f"place it there.")
+        den, info = C.load_edm(path)
+        net = EDMVelocity(den)
+        sd = net.state_dict()
+        ck = dict(net=net.config, model=sd, ema=sd, step=0, config={}, method="edm", edm=info["edm_kwargs"])
+        return net.to(env.device).eval().requires_grad_(False), ck
     ck = C.load_checkpoint(path)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; "
                           f"a {METHOD} teacher with '{CONVENTION}' is needed.")
-    net = C.build_net(ck["net"])
+    net = build(ck["net"])
     C.load_state_strict(net, ck[weights])
     return net.to(env.device).eval().requires_grad_(False), ck
 
@@ -442,7 +494,8 @@ def make_pairs(cfg, env):
     """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
     tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
     teacher, tck = load_teacher(tpath, env)
-    if tck["net"]["label_dim"]:
+    edm = isinstance(teacher, EDMVelocity)
+    if inner(tck["net"])["label_dim"]:
         raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
     shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
     images, grid = len(shape) == 3, time_grid(cfg.pair_steps, cfg.pair_grid)
@@ -454,13 +507,17 @@ def make_pairs(cfg, env):
         xs, zs = [], []
         for chunk in idx.split(cfg.pair_batch):
             z = pair_noise(chunk, cfg.pair_seed, shape, env)
-            xs.append(solve(lambda x, t: teacher(x, t), z, grid, cfg.pair_solver))
+            if edm:  # rfpp generate_edm.py: EDM's Heun sampler from sigma_max z (18 steps, 35 NFE, rho 7)
+                xs.append(C.edm_heun(teacher.den, z, num_steps=cfg.pair_steps).float())
+            else:
+                xs.append(solve(lambda x, t: teacher(x, t), z, grid, cfg.pair_solver))
             zs.append(z)
         return torch.cat(xs), torch.cat(zs)
 
     meta = dict(shape=list(shape), x_dtype="uint8" if images else "float32", pair_seed=cfg.pair_seed,
-                solver=cfg.pair_solver, steps=cfg.pair_steps, grid=cfg.pair_grid,
-                nfe=nfe(cfg.pair_steps, cfg.pair_solver), teacher=tpath, teacher_step=tck["step"],
+                solver="edm_heun" if edm else cfg.pair_solver, steps=cfg.pair_steps,
+                grid="edm_sigma" if edm else cfg.pair_grid, nfe=nfe(cfg.pair_steps, "heun" if edm else cfg.pair_solver),
+                teacher=tpath, teacher_step=tck["step"],
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
     if env.is_main:
@@ -528,7 +585,8 @@ def evaluate(net, cfg, data, env, out, step):
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
     n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
     z = torch.randn(cfg.eval_n, *shape, generator=g).to(env.device)
-    y = torch.randint(nd["label_dim"], (cfg.eval_n,), generator=g).to(env.device) if nd["label_dim"] else None
+    K = inner(nd)["label_dim"]
+    y = torch.randint(K, (cfg.eval_n,), generator=g).to(env.device) if K else None
     v = lambda x, t: net(x, t, y=None if y is None else y[:len(x)])
     metrics, panels = dict(step=step), []
     if len(shape) == 1:
@@ -607,7 +665,7 @@ def train(cfg, given, env):
             invert_data(cfg, env, src_net, folder)
         data, Z, _ = load_pairs(folder, env, cfg.seed)
 
-    raw = C.build_net(nd).to(env.device)
+    raw = build(nd).to(env.device)
     if ck:
         C.check_resume_net(ck["net"], nd, path)
     C.load_state_strict(raw, ck["model"] if ck else init.get("model", raw.state_dict()))
@@ -639,7 +697,7 @@ def train(cfg, given, env):
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
     # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
     ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
-    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"],
+    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"],
                     strict=not cfg.fallback) \
         if cfg.fid_every else None
 
@@ -745,7 +803,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
-    shape, classes = sample_shape(ck["net"]), ck["net"]["label_dim"]
+    shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     if cmd == "sample":
         for K in opts.steps:
             gen, xs = sampler(net, cfg, shape, K, env), []

@@ -1,0 +1,90 @@
+"""EDM's checkpoints as teachers, in each method's own convention (offline: the tiny EDM-written pickles of
+tests/golden/, made by NVlabs/edm's own persistence code; see tests/golden/README.md).
+
+- rectified_flow.py: `--stage pairs --teacher X.pkl` samples EDM's Heun (rfpp generate_edm.py) and `--stage 2rf`
+  starts from the EDM weights wrapped as rfpp's EDMPrecondVel: at step 0 the 2-RF is the teacher's velocity field;
+  its checkpoint rebuilds for `sample`.
+"""
+import gzip
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+import rectified_flow as RF  # noqa: E402
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def edm_pickle(tmp_path, name="edm_ve_ncsnpp_uncond"):
+    path = str(tmp_path / f"{name}.pkl")
+    with gzip.open(os.path.join(GOLDEN, f"{name}.pkl.gz")) as f, open(path, "wb") as o:
+        shutil.copyfileobj(f, o)
+    return path
+
+
+@pytest.fixture
+def imgs(tmp_path):
+    path = tmp_path / "imgs.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_edm_velocity_is_the_denoiser_in_rf_time():
+    """v(x_t, t) = (x_t - D(x_t / (1 - t); t / (1 - t))) / t; on x_t = (1 - t) x + t z with an exact denoiser
+    (D = x, known) it returns z - x."""
+    x, z = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    tb = t.reshape(-1, 1, 1, 1)
+    v = RF.edm_to_velocity(lambda u, sigma: x, (1 - tb) * x + tb * z, t)
+    assert (v - (z - x)).abs().max() < 1e-5
+
+
+def test_rf_pairs_and_2rf_from_an_edm_pickle(tmp_path, imgs):
+    pkl = edm_pickle(tmp_path)
+    den, info = C.load_edm(pkl)
+    out = str(tmp_path / "run")
+    base = ["--preset", "tiny", "--data", imgs, "--out", out, "--teacher", pkl, "--root", str(tmp_path)]
+    RF.main([*base, "--stage", "pairs", "--n_pairs", "6", "--pair_block", "6", "--pair_batch", "3"])
+    folder = os.path.join(out, "pairs")
+    data, Z, _ = RF.load_pairs(folder, C.Env(0, 1, 0, CPU, True, "fp32"), 0)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["solver"] == "edm_heun" and meta["nfe"] == 2 * meta["steps"] - 1
+    z = RF.pair_noise(torch.arange(6), meta["pair_seed"], (3, 8, 8), C.Env(0, 1, 0, CPU, True, "fp32"))
+    want = C.to_uint8(C.edm_heun(den, z, num_steps=meta["steps"]).float())
+    assert (data.x.int() - want.int()).abs().max() <= 1  # stored as uint8, as rfpp's pair images
+    RF.main([*base, "--stage", "2rf", "--iters", "0", "--loss", "huber"])
+    ck = torch.load(os.path.join(out, "2rf", "ckpt.pt"), weights_only=True)
+    assert ck["net"]["kind"] == "edm_velocity" and ck["net"]["denoiser"]["precond"] == info["precond"]
+    net = RF.build(ck["net"]).eval()
+    C.load_state_strict(net, ck["ema"])
+    xt, t = torch.randn(4, 3, 8, 8), torch.tensor([0.05, 0.3, 0.7, 0.98])
+    with torch.no_grad():
+        ref = RF.edm_to_velocity(lambda u, s: den(u, s), xt, t)
+        assert (net(xt, t) - ref).abs().max() < 1e-5  # step 0: the 2-RF is the teacher's velocity field
+    RF.main(["sample", "--ckpt", os.path.join(out, "2rf", "ckpt.pt"), "--steps", "1", "--n", "4",
+             "--out", str(tmp_path / "s.npy")])
+    assert np.load(tmp_path / "s.npy").shape == (4, 8, 8, 3)
+
+
+def test_missing_edm_checkpoint_names_the_download(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: RF.main(["--stage", "pairs", "--teacher", str(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl"),
+                                      "--out", str(tmp_path / "r")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl" in err
