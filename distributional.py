@@ -48,7 +48,7 @@ class Config:
     data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/distributional-toy"  # run folder
-    teacher: Optional[str] = None  # rectified_flow.py checkpoint; None: in-file 1-RF teacher (toy/tiny only)
+    teacher: Optional[str] = None  # rectified_flow.py checkpoint or EDM .pkl; None: in-file 1-RF (toy/tiny only)
     resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -141,13 +141,15 @@ PRESETS = {  # spec §5
     # D lr and beta2 x 16/17 (training_loop.py). No augmentation: that line omits --augment=0, but with --augment-p 0
     # and no ADA target training_loop.py builds no augment pipe; no x-flips. R1: gamma 1e-4 in GDD's convention at
     # GDD's per-GPU batch, 64 (--nproc_per_node=4 x 64), whatever this run's layout (gamma_from_gdd: 0.469 here).
-    # Snapshots / FID every 250 kimg (--snap=10 ticks of 25 kimg). Deviations: the teacher is a rectified_flow.py
-    # 1-RF, not EDM's checkpoint; the projections come from --proj_seed and are identical on all ranks (GDD draws
+    # Snapshots / FID every 250 kimg (--snap=10 ticks of 25 kimg). Teacher: EDM's unconditional NCSN++ (--arch=ncsnpp,
+    # edm-cifar10-32x32-uncond-ve.pkl), G(z) = D(80 z; 80). Deviations: the projections come from --proj_seed and
+    # are identical on all ranks (GDD draws
     # them per rank); with fewer than 4 GPUs the heads' BatchNorm normalises over more than 64 images; conditional
     # heads (--cond) use a learned label embedding, GDD a pretrained ImageNet one. `--disc teacher` is this project's
     # offline discriminator (no ImageNet weights).
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
-                    data="cifar10", teacher_iters=0, disc="projected", disc_backbones="vgg,effnet",
+                    data="cifar10", teacher="edm-cifar10-32x32-uncond-ve.pkl", teacher_iters=0, disc="projected",
+                    disc_backbones="vgg,effnet",
                     disc_weights="imagenet", r1_gdd_batch=64, freeze="gdd_i", batch=256, iters=19_532, lr_g=1e-4,
                     lr_d=1e-4, r1_interval=16, ema_halflife_img=5e5, ema_rampup=0.05, precision="bf16",
                     log_every=100, ckpt_every=977, fid_every=977, fid_n=10_000, eval_n=64),
@@ -166,11 +168,47 @@ def G(net, z, t_g, y=None):
     return z - net(z, torch.full((z.shape[0],), t_g, device=z.device), y=y)
 
 
+class EDMGenerator(nn.Module):
+    """An EDM denoiser D (common.EDMDenoiser, e.g. EDM's released CIFAR-10 network) called as this file's velocity
+    teacher, so that G(z) = z - v(z, 1) = D(sigma_max z; sigma_max), GDD's generator (Zyriix/GDD training/loss.py:
+    the generator is D at sigma = 80 on 80 z; docs/distributional.md, "An EDM teacher: G(z) = D(80 z; 80)").
+    For t < 1 it is rfpp's velocity v = (x_t - D(x_t / (1 - t); t / (1 - t))) / t (the K > 1 re-noising path); at
+    t = 1, where sigma = t / (1 - t) is infinite, the noise end is EDM's: x_1 = z is the sample sigma_max z."""
+
+    SIGMA_MAX = 80.0  # GDD's noise end (EDM's sampler starts there; a VE network's own sigma_max is 100)
+
+    def __init__(self, den):
+        super().__init__()
+        self.den = den
+        self.config = dict(kind="edm_generator", denoiser=den.config())
+
+    def forward(self, x, t, y=None):
+        x32 = x.float()
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        end = t >= 1
+        sigma = torch.where(end, torch.full_like(t, self.SIGMA_MAX), t / (1 - t).clamp(min=1e-12))
+        scale = torch.where(end, sigma, 1 / (1 - t).clamp(min=1e-12)).reshape(-1, *[1] * (x.ndim - 1))
+        x_hat = self.den(scale * x32, sigma, y)
+        return ((x32 - x_hat) / t.reshape(-1, *[1] * (x.ndim - 1))).to(x.dtype)
+
+
+def build(nd):
+    """A checkpoint's `net` dict -> the generator network (common.build_net, or EDMGenerator for an EDM teacher)."""
+    return EDMGenerator(C.EDMDenoiser.from_config(nd["denoiser"])) if nd.get("kind") == "edm_generator" \
+        else C.build_net(nd)
+
+
+def inner(nd):
+    """The U-Net's own config inside a `net` dict (the EDM denoiser's for kind 'edm_generator')."""
+    return nd["denoiser"]["net"] if nd.get("kind") == "edm_generator" else nd
+
+
 def frozen(name):
-    """(9) GDD-I: a parameter is frozen iff the module just before its leaf is conv0, conv1 (the 3x3 convolutions of
-    every residual block; the MLP's hidden linears) or proj (attention output projections)."""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] in ("conv0", "conv1", "proj")
+    """(9) GDD-I as Zyriix/GDD's code decides it (train.py --freeze=1: freeze_layer = ['conv', 'proj']; training/
+    loss.py: frozen iff the parameter's name holds 'block' or 'in' and one of those): the 3x3 convolutions and the
+    attention output projections of the residual blocks (enc/dec *_block*, the middle dec *_in0/_in1; the MLP's
+    blocks); the resampling blocks *_down/*_up, whose names hold neither, keep training, as in GDD's runs."""
+    return ("block" in name or "in" in name) and ("conv" in name or "proj" in name)
 
 
 def make_generator(teacher, freeze="none"):
@@ -403,6 +441,9 @@ class TeacherD(nn.Module):
         self.encoder = copy.deepcopy(teacher).eval().requires_grad_(False)
         self.d_t, self.policy = d_t, policy
         nd = teacher.config
+        if nd["kind"] == "edm_generator":
+            raise C.UserError("--disc teacher reads a rectified_flow.py teacher's encoder; with an EDM teacher use "
+                              "--disc projected (GDD's) or --disc scratch.")
         if nd["kind"] != "unet":
             raise C.UserError("--disc teacher needs an image teacher; 2-D points use --disc mlp.")
         dev = next(teacher.parameters()).device  # the meta device works too (shape-only tests)
@@ -738,6 +779,8 @@ def train_teacher(cfg, data, env, path, log):
 def load_teacher(path, cfg, data, log):
     """A rectified_flow.py checkpoint -> (network with its EMA weights, dropout 0 (2), checkpoint, t_g). Strict; the
     convention and method are checked verbatim; cond must match the teacher's label embedding."""
+    if path.endswith(".pkl"):
+        return _load_edm_teacher(path, cfg, data)
     ck = C.load_checkpoint(path)
     if ck["method"] != TEACHER_METHOD or ck["convention"] != TEACHER_CONVENTION:
         raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
@@ -773,6 +816,32 @@ def load_teacher(path, cfg, data, log):
     net = C.build_net(nd)
     C.load_state_strict(net, ck["ema"])
     return net, ck, t_g
+
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+
+
+def _load_edm_teacher(path, cfg, data):
+    """An EDM network pickle -> (EDMGenerator with dropout 0 (2), a checkpoint-like dict, t_g = 1)."""
+    if not os.path.exists(path) and os.path.basename(path).startswith("edm-"):
+        raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and place "
+                          f"it there.")
+    den, info = C.load_edm(path)
+    d = den.config()
+    d["net"]["dropout"] = 0.0  # GDD train.sh --dropout=0: the only change to the teacher
+    gen = EDMGenerator(C.EDMDenoiser.from_config(d))
+    C.load_state_strict(gen.den, den.state_dict())
+    nd = d["net"]
+    if bool(nd["label_dim"]) != cfg.cond:
+        raise C.UserError(f"--cond {cfg.cond} does not fit the EDM teacher ({nd['label_dim']} classes); set --cond "
+                          f"{str(bool(nd['label_dim'])).lower()}.")
+    if data is not None and (data.kind != "images" or tuple(data.shape) != (nd["in_channels"], nd["img_resolution"],
+                                                                           nd["img_resolution"])):
+        raise C.UserError(f"the EDM teacher makes {nd['in_channels']} x {nd['img_resolution']}^2 images; the data "
+                          f"'{cfg.data}' has shape {tuple(data.shape)}.")
+    sd = gen.state_dict()
+    return gen, dict(config={}, step=0, net=gen.config, ema=sd, model=sd, method="edm", edm=info["edm_kwargs"],
+                     convention=f"EDM {info['precond']} denoiser D(x; sigma); G(z) = D(80 z; 80)"), 1.0
 
 
 # ====================================================================================== plumbing: D, eval
@@ -818,6 +887,7 @@ def load_disc_state(D, sd):
 
 
 def sample_shape(nd):
+    nd = inner(nd)
     return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
 
 
@@ -832,6 +902,7 @@ def euler(net, z, K, labels=None):
 
 
 def _labels(rng, nd):
+    nd = inner(nd)
     return rng.randint(nd["label_dim"]) if nd["label_dim"] else None
 
 
@@ -1023,7 +1094,7 @@ def train(cfg, given):
     if hasattr(D, "describe"):
         log.info(f"disc {cfg.disc}: {D.describe()}")
     log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, ema.model.config["label_dim"],
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"],
                     strict=not cfg.fallback) \
         if cfg.fid_every and data.kind == "images" else None
     shape = sample_shape(ema.model.config)
@@ -1081,7 +1152,7 @@ def sample_or_fid(cmd, opts, given):
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
-    net = C.build_net(ck["net"])
+    net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]
     if any(K > 1 for K in opts.steps) and env.is_main:
@@ -1107,7 +1178,7 @@ def sample_or_fid(cmd, opts, given):
     det = C.load_detector(opts.fid_detector, env)
     ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
     for K in opts.steps:
-        fid = C.compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, ck["net"]["label_dim"])
+        fid = C.compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, inner(ck["net"])["label_dim"])
         if env.is_main:
             print(f"FID-{opts.n / 1000:g}k | {K} step{'s' * (K > 1)} | {fid:.4f}")
             with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:

@@ -7,6 +7,7 @@ tests/golden/, made by NVlabs/edm's own persistence code; see tests/golden/READM
 """
 import gzip
 import json
+import re
 import os
 import shutil
 import sys
@@ -88,3 +89,34 @@ def test_missing_edm_checkpoint_names_the_download(tmp_path, capsys):
                                       "--out", str(tmp_path / "r")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl" in err
+
+
+# ============================================================================ distributional.py (GDD)
+def test_gdd_generator_from_an_edm_pickle_is_d_at_sigma_max(tmp_path, imgs, capsys):
+    """G(z) = z - v(z, 1) = D(80 z; 80) exactly (GDD's generator), the step-0 generator of a run is the teacher's
+    one-step denoise, and the checkpoint rebuilds it for `sample`; K > 1 re-noises along rfpp's velocity."""
+    import distributional as GD
+    pkl = edm_pickle(tmp_path)
+    den, info = C.load_edm(pkl)
+    gen, tck, t_g = GD.load_teacher(pkl, GD.Config(data=imgs, cond=False), None, None)
+    z = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert t_g == 1.0 and (GD.G(gen, z, t_g) - den(80 * z, 80.0)).abs().max() < 1e-5
+        t = torch.tensor([0.3, 0.6, 0.9])
+        tb = t.reshape(-1, 1, 1, 1)
+        assert (gen(z, t) - (z - den(z / (1 - tb), t / (1 - t))) / tb).abs().max() < 1e-4
+    out = str(tmp_path / "g")
+    GD.main(["--preset", "tiny", "--data", imgs, "--teacher", pkl, "--disc", "scratch", "--iters", "0",
+             "--out", out, "--root", str(tmp_path), "--freeze", "gdd_i"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    g0 = GD.build(ck["net"]).eval()
+    C.load_state_strict(g0, ck["ema"])
+    with torch.no_grad():
+        assert (GD.G(g0, z, ck["t_g"]) - den(80 * z, 80.0)).abs().max() < 1e-5  # step 0 = the teacher
+    frac = float(re.search(r"\(fraction ([0-9.]+)\)", capsys.readouterr().out).group(1))
+    names = [n for n, _ in g0.named_parameters() if GD.frozen(n)]  # GDD-I's rule on the NCSN++ layout
+    assert 0.5 < frac < 0.9 and names and all(n.startswith("den.net.") for n in names)
+    assert any("_down." in n or "_up." in n for n, _ in g0.named_parameters() if not GD.frozen(n))
+    GD.main(["sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", "1,2", "--n", "4",
+             "--out", str(tmp_path / "s.npy")])
+    assert np.load(tmp_path / "s_1step.npy").shape == (4, 8, 8, 3)
