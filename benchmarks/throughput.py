@@ -315,7 +315,8 @@ METHODS = {
                         prepare=rf2_prepare("lpips-huber-1/t")),
     # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10).
     # TF32 (imm.md §3 "Precision", App. I.6); the time path and kernel stay fp32 in imm.py.
-    "imm": Method(step=imm_step, sample=imm_sample, net=dict(num_times=2, time_scale=1000.0, dropout=0.2),
+    "imm": Method(step=imm_step, sample=imm_sample,  # EDM's augmentation labels (augment_dim 9), IMM Table 5
+                  net=dict(num_times=2, time_scale=1000.0, dropout=0.2, augment_dim=9),
                   fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
     # forward (1/3). scm.md §10 expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
@@ -333,7 +334,9 @@ METHODS = {
                   autocast=False, prepare=flow_map_prepare("lsd")),
     "psd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.2, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("psd")),
-    "meanflow": Method(step=flow_map_step, sample=flow_map_sample, net={**_FLOW_MAP_NET, "dropout": 0.2},
+    "meanflow": Method(step=flow_map_step, sample=flow_map_sample,  # py-meanflow's v0 network, augment_dim 6
+                       net={**_FLOW_MAP_NET, "dropout": 0.2, "augment_dim": 6, "time_combine": "concat",
+                            "resample_filter": [1, 3, 3, 1], "qkv_order": "blocks"},
                        fwd_per_step=2.0, precision="fp32", autocast=False, prepare=flow_map_prepare("meanflow")),
     "lmd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=2.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lmd")),
