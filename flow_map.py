@@ -439,9 +439,36 @@ def sample_shape(nd):
     return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
 
 
+def edm_rf_velocity(D, tau_eps=1e-5):
+    """An EDM denoiser D(y; sigma) as a rectified-flow velocity v(y, tau) (x_tau = (1 - tau) x + tau z, unit z):
+    x_tau / (1 - tau) = x + sigma z with sigma = tau / (1 - tau), so v = (x_tau - D(x_tau / (1 - tau); sigma)) / tau
+    (rfpp network_edm.py EDMPrecondVel; docs/rectified_flow.md, "EDM denoiser to rectified-flow velocity")."""
+    def v(y, tau):
+        tau = tau.clamp(tau_eps, 1 - tau_eps)
+        tb = bc(tau, y)
+        return (y - D(y / (1 - tb), tau / (1 - tau)).to(y.dtype)) / tb
+    return v
+
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+
+
 def load_teacher(path, env, shape):
     """A rectified_flow.py checkpoint -> (b_T(t, y) of (F13), teacher noise std). Rebuilt from its `net` with its EMA
-    weights; a wrong method or convention, another data shape or a class-conditional teacher is a UserError."""
+    weights; a wrong method or convention, another data shape or a class-conditional teacher is a UserError. An EDM
+    network pickle (.pkl) -> its denoiser as a rectified-flow velocity (edm_rf_velocity), noise std 1."""
+    if path and path.endswith(".pkl") and (os.path.isfile(path) or os.path.basename(path).startswith("edm-")):
+        if not os.path.isfile(path):
+            raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and "
+                              f"place it there.")
+        den, info = C.load_edm(path)
+        nd = info["net"]
+        if (nd["in_channels"], nd["img_resolution"], nd["img_resolution"]) != tuple(shape) or info["label_dim"]:
+            raise C.UserError(f"the EDM teacher '{path}' models {'class-conditional ' if info['label_dim'] else ''}"
+                              f"data of shape {(nd['in_channels'], nd['img_resolution'], nd['img_resolution'])}; "
+                              f"flow_map.py distils an unconditional teacher of the data's shape {tuple(shape)}.")
+        den = den.to(env.device)
+        return rf_velocity(edm_rf_velocity(den), 1e-5), 1.0
     if not path or not os.path.isfile(path):
         raise C.UserError(f"the teacher checkpoint '{path}' does not exist.")
     try:

@@ -376,6 +376,7 @@ def net_dict(cfg, data):
 
 
 def sample_shape(nd):
+    nd = nd["denoiser"]["net"] if nd.get("kind") == "edm_trigflow" else nd
     return (nd["dim"],) if nd["kind"] == "mlp" else (nd["in_channels"], nd["img_resolution"], nd["img_resolution"])
 
 
@@ -390,11 +391,58 @@ def check_scm(ck, path, mode=None, sigma_d=None):
             f"{k} is {got[k]!r}, expected {want[k]!r}" for k in bad) + ".")
 
 
+class EDMTrigFlow(nn.Module):
+    """An EDM denoiser D (common.EDMDenoiser, e.g. EDM's released CIFAR-10 network) as this file's network:
+    F(x_t / sigma_d, t) = (cos t x_t - D(x_t / cos t; sigma_d tan t)) / (sigma_d sin t), the TrigFlow velocity of
+    EDM's x-prediction (sCM Sec. 3 with sigma = sigma_d tan t; docs/scm.md, "TrigFlow and EDM"), as NVlabs/FastGen's
+    TrigFlowPrecond wraps EDM networks. Used as an sCD teacher and, trained, as the student it initialises."""
+
+    def __init__(self, den, sigma_d=0.5):
+        super().__init__()
+        self.den, self.sigma_d = den, sigma_d
+        self.config = dict(kind="edm_trigflow", denoiser=den.config(), sigma_d=sigma_d)
+
+    def forward(self, u, t):
+        x_t = self.sigma_d * u.float()
+        t = torch.as_tensor(t, device=u.device, dtype=torch.float32).reshape(-1).expand(u.shape[0])
+        t = t.clamp(1e-4, math.pi / 2 - 1e-4)  # sin t > 0 and cos t > 0: D's sigma stays finite and non-zero
+        c, s = _col(t.cos(), x_t), _col(t.sin(), x_t)
+        x_hat = self.den(x_t / c, self.sigma_d * t.tan())
+        return ((c * x_t - x_hat) / (self.sigma_d * s)).to(u.dtype)
+
+
+def build(nd):
+    """A checkpoint's `net` dict -> the network (common.build_net, or EDMTrigFlow around an EDM denoiser)."""
+    if nd.get("kind") == "edm_trigflow":
+        return EDMTrigFlow(C.EDMDenoiser.from_config(nd["denoiser"]), nd["sigma_d"])
+    return C.build_net(nd)
+
+
+def with_dropout(nd, p):
+    """The net dict with dropout p (the EDM denoiser's own network for kind 'edm_trigflow')."""
+    if nd.get("kind") == "edm_trigflow":
+        return {**nd, "denoiser": {**nd["denoiser"], "net": {**nd["denoiser"]["net"], "dropout": p}}}
+    return {**nd, "dropout": p}
+
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+
+
 def load_teacher(path, cfg):
-    """A TrigFlow diffusion checkpoint written by this file (EMA weights, eval, frozen) and its checkpoint dict."""
+    """A TrigFlow diffusion checkpoint written by this file (EMA weights, eval, frozen) and its checkpoint dict; an EDM
+    network pickle (.pkl) -> EDMTrigFlow around it and a checkpoint-like dict (net, ema = its weights)."""
+    if path.endswith(".pkl"):
+        if not os.path.exists(path) and os.path.basename(path).startswith("edm-"):
+            raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and "
+                              f"place it there.")
+        den, info = C.load_edm(path)
+        if info["label_dim"]:
+            raise C.UserError(f"'{path}' is class-conditional; scm.py distils unconditional teachers.")
+        net = EDMTrigFlow(den, cfg.sigma_d)
+        return net.eval().requires_grad_(False), dict(net=net.config, ema=net.state_dict(), step=0, config={})
     ck = C.load_checkpoint(path)
     check_scm(ck, path, "diffusion", cfg.sigma_d)
-    net = C.build_net(ck["net"])
+    net = build(ck["net"])
     C.load_state_strict(net, ck["ema"])  # G.2: the teacher's EMA (pitfall 9)
     return net.eval().requires_grad_(False), ck
 
@@ -450,14 +498,14 @@ def train(cfg, given, env):
         teacher, tck = load_teacher(cfg.teacher, cfg)
         if any(k in given for k in ("net", "width", "depth", "adn")):
             raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
-        nd = {**tck["net"], "dropout": cfg.dropout}  # architecture from the teacher, dropout from the preset (§4)
+        nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (§4)
         if sample_shape(nd) != tuple(data.shape):
             raise C.UserError(f"teacher '{cfg.teacher}' generates {sample_shape(nd)}, the data is {tuple(data.shape)}.")
         init = tck["ema"]
         teacher = teacher.to(env.device) if mode == "scd" else None
     else:
         nd = net_dict(cfg, data)
-    net = C.build_net(nd).to(env.device)
+    net = build(nd).to(env.device)
     use_head = cfg.weighting == "adaptive" if mode != "diffusion" else cfg.diffusion_adaptive_weight
     head = C.WeightHead(1, 128, 1.0).to(env.device) if use_head else None
     if ck:
@@ -591,7 +639,7 @@ def compare(cfg, env):
     panels = []
     for mode in MODES:
         ck = C.load_checkpoint(os.path.join(cfg.out, mode, "ckpt.pt"))
-        net = C.build_net(ck["net"])
+        net = build(ck["net"])
         C.load_state_strict(net, ck["ema"])
         net = net.to(env.device).eval()
         mcfg = C.merge_config(Config, ck["config"], {}, log=lambda m: None)
@@ -618,7 +666,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
-    net = C.build_net(ck["net"])
+    net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
     name = lambda K: f"{K} steps ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"

@@ -10,6 +10,7 @@ import json
 import re
 import os
 import shutil
+import types
 import sys
 
 import numpy as np
@@ -120,3 +121,53 @@ def test_gdd_generator_from_an_edm_pickle_is_d_at_sigma_max(tmp_path, imgs, caps
     GD.main(["sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--steps", "1,2", "--n", "4",
              "--out", str(tmp_path / "s.npy")])
     assert np.load(tmp_path / "s_1step.npy").shape == (4, 8, 8, 3)
+
+
+# ============================================================================ flow_map.py (lmd, emd) and scm.py (scd)
+def test_flow_map_teacher_velocity_from_an_edm_pickle(tmp_path, imgs):
+    """b_T(t, y) = -v(y, 1 - t) with v the EDM denoiser's rectified-flow velocity: on the line of an exact
+    denoiser (D returns x) it is x - z, the data-ward velocity of flow_map.py's t = 0-noise convention."""
+    import flow_map as FM
+    x, z = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    I = FM.bc(1 - t, z) * z + FM.bc(t, x) * x  # flow_map's linear interpolant, noise at t = 0
+    b = FM.rf_velocity(FM.edm_rf_velocity(lambda u, sigma: x), 1e-5)(t, I)
+    assert (b - (x - z)).abs().max() < 1e-4
+    pkl = edm_pickle(tmp_path)
+    bT, std = FM.load_teacher(pkl, C.Env(0, 1, 0, CPU, True, "fp32"), (3, 8, 8))
+    den, _ = C.load_edm(pkl)
+    with torch.no_grad():
+        tau = 1 - t
+        ref = -(I - den(I / FM.bc(1 - tau, I), tau / (1 - tau))) / FM.bc(tau, I)
+        assert std == 1.0 and (bT(t, I) - ref).abs().max() < 1e-4
+    FM.main(["--preset", "tiny", "--data", imgs, "--mode", "lmd", "--teacher", pkl, "--iters", "1",
+             "--out", str(tmp_path / "l"), "--root", str(tmp_path)])
+    assert os.path.exists(tmp_path / "l" / "ckpt.pt")
+
+
+def test_scm_trigflow_teacher_from_an_edm_pickle(tmp_path, imgs):
+    """F = (cos t x_t - D(x_t / cos t; sigma_d tan t)) / (sigma_d sin t): with an exact denoiser on
+    x_t = cos t x + sin t z it is the TrigFlow velocity (cos t z - sin t x) / sigma_d; sCD from the pickle starts
+    its student at the teacher and trains."""
+    import scm
+    sd, x, z = 0.5, torch.randn(4, 3, 8, 8), 0.5 * torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.2, 0.6, 1.0, 1.4])
+    c, s = (v.reshape(-1, 1, 1, 1) for v in (t.cos(), t.sin()))
+    x_t = c * x + s * z
+
+    class Exact(torch.nn.Module):
+        def config(self):
+            return {}
+
+        def forward(self, u, sigma, y=None):
+            return x
+    F = scm.EDMTrigFlow.forward(types.SimpleNamespace(den=Exact(), sigma_d=sd), x_t / sd, t)
+    assert (F - (c * z - s * x) / sd).abs().max() < 1e-4
+    pkl = edm_pickle(tmp_path)
+    out = str(tmp_path / "d")
+    scm.main(["--preset", "tiny", "--data", imgs, "--mode", "scd", "--teacher", pkl, "--iters", "1", "--out", out,
+              "--root", str(tmp_path), "--eval_steps", "1"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["net"]["kind"] == "edm_trigflow" and ck["step"] == 1
+    net = scm.build(ck["net"])
+    C.load_state_strict(net, ck["ema"])
