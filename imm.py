@@ -66,6 +66,7 @@ class Config:
     accum: int = 1  # gradient accumulation rounds
     optim: Literal["adam", "radam"] = "adam"  # RAdam on CIFAR-10 (Table 5)
     lr: float = 1e-3  # learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     ema: float = 0.995  # EMA decay (evaluation only, never the target)
     xflip: bool = False  # random horizontal flips
     # sampling (spec §6)
@@ -301,9 +302,8 @@ def evaluate(net, cfg, data, env, out, step):
         xs = sample(net, rng, shape, N, cfg, env).cpu()
         if len(shape) == 1:
             metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{N}"], metrics[f"in_mode_{N}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{N}": v for k, v in C.toy_scores(xs, data.key).items()})
             panels.append((f"{N} step{'s' * (N > 1)} ({cfg.sampler})", xs))
         else:
             panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -319,7 +319,7 @@ def generator(net, cfg, shape, N, env):
 
 
 def train(cfg, given):
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -370,6 +370,9 @@ def train(cfg, given):
     scaler = C.make_scaler(env)
     model.train()
     while step < cfg.iters:
+        if cfg.lr_schedule == "cosine":
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
@@ -399,6 +402,7 @@ def train(cfg, given):
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
     C.barrier(env)
 
 

@@ -63,6 +63,7 @@ class Config:
     accum: int = 1  # gradient accumulation rounds
     lr: float = 1e-3  # Adam learning rate, betas (0.9, 0.999), eps 1e-8
     warmup: int = 0  # linear learning-rate warm-up steps from 0
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy presets)
     clip: Optional[float] = None  # gradient-norm clipping
     ema: Optional[float] = None  # EMA decay; None keeps the EMA equal to the raw weights
     xflip: bool = False  # random horizontal flips (1rf only; never in 2rf, it breaks the pairs)
@@ -526,10 +527,8 @@ def evaluate(net, cfg, data, env, out, step):
         label = f"{K} step{'s' * (K > 1)} ({solver}, {nfe(K, solver)} NFE)"
         if len(shape) == 1:
             metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{K}"] = C.modes_covered(xs, *modes)
-                metrics[f"in_mode_{K}"] = C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{K}": v for k, v in C.toy_scores(xs, data.key).items()})
             panels.append((label, xs))
         else:
             panels.append((label, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -652,8 +651,9 @@ def train(cfg, given, env):
     scaler, ddp = C.make_scaler(env), isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()
     while step < iters:
-        for grp in opt.param_groups:  # linear warm-up from 0, then constant
-            grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup and stage != "ft" else cfg.lr
+        for grp in opt.param_groups:  # linear warm-up from 0, then constant or a cosine decay to 0
+            grp["lr"] = (cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup and stage != "ft" else cfg.lr) * (
+                0.5 * (1 + math.cos(math.pi * step / iters)) if cfg.lr_schedule == "cosine" else 1.0)
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for r in range(cfg.accum):
@@ -708,7 +708,7 @@ def invert_data(cfg, env, net2, folder):
 
 # ====================================================================================== commands
 def run(cfg, given):
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     stages = ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]
     for s in stages:
         scfg = cfg
@@ -719,6 +719,8 @@ def run(cfg, given):
             make_pairs(scfg, env)
         else:
             train(scfg, given, env)
+    if env.is_main:
+        print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)", flush=True)
 
 
 def sample_or_fid(cmd, opts, given):
