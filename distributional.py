@@ -644,7 +644,7 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
             mm = min(n, len(ref))
             metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:mm], ref[:mm]), C.mmd2(xs[:2000], ref[:2000])
             if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{key}": v for k, v in C.toy_scores(xs, data.key).items()})
+                metrics.update({f"{k}_{key}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((title, xs))
         else:
             panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))

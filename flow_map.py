@@ -468,7 +468,7 @@ def evaluate(net, cfg, data, env, out, step):
         if len(shape) == 1:
             metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
             if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{N}": v for k, v in C.toy_scores(xs, data.key).items()})
+                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((f"{N} step{'s' * (N > 1)} ({cfg.mode})", xs))
         else:
             panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))

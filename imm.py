@@ -49,6 +49,7 @@ class Config:
     # network (common.net_config, two time inputs)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
     dropout: float = 0.0  # 0.2 on CIFAR-10 (Table 5)
+    width: Optional[int] = None  # MLP width (2-D data only; None: common's 128)
     # the method (spec §3)
     param: Literal["simple_edm", "euler_fm"] = "simple_edm"  # parameterisation (3)-(4) / (4')
     second_time: Literal["s", "t_minus_s"] = "s"  # second network time: s (Table 5) or t - s (App. I.6)
@@ -278,7 +279,8 @@ def net_dict(cfg, data):
                             time_scale=1000.0, dropout=cfg.dropout)
     if cfg.net != "mlp":
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
-    return C.net_config("mlp", num_times=2, time_scale=1000.0, dropout=cfg.dropout)
+    return C.net_config("mlp", num_times=2, time_scale=1000.0, dropout=cfg.dropout,
+                        **({"width": cfg.width} if cfg.width else {}))
 
 
 def sample_shape(nd):
@@ -303,7 +305,7 @@ def evaluate(net, cfg, data, env, out, step):
         if len(shape) == 1:
             metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
             if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{N}": v for k, v in C.toy_scores(xs, data.key).items()})
+                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((f"{N} step{'s' * (N > 1)} ({cfg.sampler})", xs))
         else:
             panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))

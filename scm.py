@@ -408,7 +408,7 @@ def evaluate(net, cfg, mode, data, env, out, step):
         if len(shape) == 1:
             metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
             if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{K}": v for k, v in C.toy_scores(xs, data.key).items()})
+                metrics.update({f"{k}_{K}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((title, xs))
         else:
             panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
