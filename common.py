@@ -2059,14 +2059,17 @@ def swd(a, b, n_dir=1024):
         raise ValueError("swd needs equal-size sets")
     d = torch.randn(a.shape[1], n_dir, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     d = d / d.norm(dim=0, keepdim=True)
-    pa, pb = (d.T @ v.T for v in (a, b))  # (n_dir, N): sort along the contiguous dimension (8x faster)
-    return (pa.sort(1).values - pb.sort(1).values).abs().mean().item()
+    pa, pb = (torch.from_numpy(np.sort((d.T @ v.T).numpy(), 1)) for v in (a, b))  # (n_dir, N), sorted along the
+    return (pa - pb).abs().mean().item()  # contiguous dimension by numpy (5x faster than torch.sort on a CPU)
 
 
 def mmd2(a, b, hs=(0.02, 0.05, 0.1, 0.2, 0.5)):
     """Biased (V-statistic) MMD^2 with a sum of RBF kernels exp(-|x-y|^2 / 2h^2)."""
     a, b = (torch.as_tensor(v).detach().cpu().double() for v in (a, b))
-    k = lambda x, y: sum(torch.exp(-torch.cdist(x, y).square() / (2 * h * h)) for h in hs).mean()
+
+    def k(x, y):  # one distance matrix per pair, reused by every bandwidth
+        d2 = torch.cdist(x, y).square()
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in hs).mean()
     return (k(a, a) + k(b, b) - 2 * k(a, b)).item()
 
 
@@ -2081,3 +2084,20 @@ def in_mode(x, centres, std):
     """Fraction of samples within 3 std of some mode centre."""
     d = torch.cdist(torch.as_tensor(x).detach().cpu().float(), torch.as_tensor(centres).float())
     return (d.min(1).values < 3 * std).float().mean().item()
+
+
+def in_square(x):
+    """Checkerboard: fraction of samples inside one of its 8 filled unit squares (the data itself gives 1.0).
+    In toy_sample's units a cell is 1/2 / RMS wide and cell (i, j) of [-2, 2)^2 is filled iff i + j is even."""
+    u = torch.as_tensor(x).detach().cpu().double() * (_TOY_RMS["checkerboard"] / 0.5)
+    inside = ((u >= -2) & (u < 2)).all(1) & (u.floor().sum(1) % 2 == 0)
+    return inside.double().mean().item()
+
+
+def toy_scores(x, name):
+    """The sharpness scores of a named toy, keyed for metrics.jsonl: 8 Gaussians -> modes, in_mode;
+    checkerboard -> in_square; other toys -> {}."""
+    if name == "checkerboard":
+        return dict(in_square=in_square(x))
+    modes = toy_modes(name)
+    return dict(modes=modes_covered(x, *modes), in_mode=in_mode(x, *modes)) if modes else {}

@@ -79,6 +79,7 @@ class Config:
     batch: int = 512  # global batch B per step (split over ranks)
     lr_g: float = 1e-4  # G Adam lr, betas (0, 0.99), eps 1e-8
     lr_d: float = 1e-4  # D Adam lr (x r/(r+1) for lazy R1), betas (0, 0.99^(r/(r+1)))
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: both lrs x (1 + cos(pi step / iters)) / 2 (toy)
     ema_halflife_img: float = 5e5  # EMA half-life H in images (8); 0: no EMA (a copy of G)
     ema_rampup: Optional[float] = 0.05  # EMA ramp rho: h = min(H, rho n_img) (8)
     # logging and evaluation
@@ -937,9 +938,8 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
         if ref is not None:
             mm = min(n, len(ref))
             metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:mm], ref[:mm]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{key}"], metrics[f"in_mode_{key}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{key}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((title, xs))
         else:
             panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -1022,7 +1022,7 @@ def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
 
 
 def train(cfg, given):
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     say = lambda m: env.is_main and print(m, flush=True)
@@ -1117,6 +1117,9 @@ def train(cfg, given):
     amp = lambda: C.autocast(env)
     r1 = torch.zeros((), device=env.device)
     while step < cfg.iters:
+        if cfg.lr_schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
+            opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"] = cfg.lr_g * decay, lr_d * decay
         x, y = data.batch(per_rank, step, env.rank, env.world)
         y = y if cfg.cond else None  # fake labels = the real batch's labels (pitfall 17)
         # ---------------------------------------------------------------- the method: one G / D / R1 step
@@ -1142,6 +1145,7 @@ def train(cfg, given):
     if env.is_main and step > 0:
         m = evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
     C.barrier(env)
 
 

@@ -84,7 +84,8 @@ class Config:
     accum: int = 1  # gradient accumulation rounds
     lr: float = 1e-3  # Adam learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
     warmup: int = 0  # linear learning-rate warm-up steps from 0
-    lr_schedule: Literal["const", "sqrt"] = "const"  # sqrt: lr max(step / lr_ref, 1)^(-1/2) (Boffi)
+    lr_schedule: Literal["const", "sqrt", "cosine"] = "const"  # sqrt: lr max(step / lr_ref, 1)^(-1/2) (Boffi);
+    # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     lr_ref: int = 35_000  # reference step of the sqrt decay (Boffi)
     clip: Optional[float] = None  # gradient-norm clipping (network and weight head)
     ema: float = 0.999  # EMA decay (sampling only; the LSD teacher is the online network)
@@ -524,9 +525,8 @@ def evaluate(net, cfg, data, env, out, step):
         xs = sample(net, rng, shape, N, cfg, env).cpu()
         if len(shape) == 1:
             metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{N}"], metrics[f"in_mode_{N}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((f"{N} step{'s' * (N > 1)} ({cfg.mode})", xs))
         else:
             panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -551,11 +551,13 @@ def resolve(cfg, data, teacher_std):
 
 def lr_at(cfg, step):
     lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    if cfg.lr_schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
     return lr * max(step / cfg.lr_ref, 1.0) ** -0.5 if cfg.lr_schedule == "sqrt" else lr
 
 
 def train(cfg, given):
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -664,6 +666,7 @@ def train(cfg, given):
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
     C.barrier(env)
 
 

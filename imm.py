@@ -49,6 +49,7 @@ class Config:
     # network (common.net_config, two time inputs)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
     dropout: float = 0.0  # 0.2 on CIFAR-10 (Table 5)
+    width: Optional[int] = None  # MLP width (2-D data only; None: common's 128)
     # the method (spec §3)
     param: Literal["simple_edm", "euler_fm"] = "simple_edm"  # parameterisation (3)-(4) / (4')
     second_time: Literal["s", "t_minus_s"] = "s"  # second network time: s (Table 5) or t - s (App. I.6)
@@ -66,6 +67,7 @@ class Config:
     accum: int = 1  # gradient accumulation rounds
     optim: Literal["adam", "radam"] = "adam"  # RAdam on CIFAR-10 (Table 5)
     lr: float = 1e-3  # learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     ema: float = 0.995  # EMA decay (evaluation only, never the target)
     xflip: bool = False  # random horizontal flips
     augment: float = 0.0  # EDM's non-leaky augmentation probability p (common.augment_batch; 0 off), augment_dim 9
@@ -287,7 +289,8 @@ def net_dict(cfg, data):
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")
     if cfg.augment:
         raise C.UserError("--augment is EDM's image augmentation; 2-D points take --augment 0.")
-    return C.net_config("mlp", num_times=2, time_scale=1000.0, dropout=cfg.dropout)
+    return C.net_config("mlp", num_times=2, time_scale=1000.0, dropout=cfg.dropout,
+                        **({"width": cfg.width} if cfg.width else {}))
 
 
 def sample_shape(nd):
@@ -311,9 +314,8 @@ def evaluate(net, cfg, data, env, out, step):
         xs = sample(net, rng, shape, N, cfg, env).cpu()
         if len(shape) == 1:
             metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{N}"], metrics[f"in_mode_{N}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((f"{N} step{'s' * (N > 1)} ({cfg.sampler})", xs))
         else:
             panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -329,7 +331,7 @@ def generator(net, cfg, shape, N, env):
 
 
 def train(cfg, given):
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -382,6 +384,9 @@ def train(cfg, given):
     scaler = C.make_scaler(env)
     model.train()
     while step < cfg.iters:
+        if cfg.lr_schedule == "cosine":
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
@@ -415,6 +420,7 @@ def train(cfg, given):
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
     C.barrier(env)
 
 

@@ -83,6 +83,7 @@ class Config:
     lr: float = 3e-4  # learning rate
     beta2: float = 0.99  # Adam/RAdam beta_2 (beta_1 = 0.9, eps 1e-8, no weight decay)
     lr_ramp_kimg: float = 0.0  # linear learning-rate ramp over this many kimg (EDM; 10 Mimg for the teacher)
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     ema_halflife_kimg: float = 20.0  # EMA half-life (EDM/G.2: 500 kimg on CIFAR-10)
     ema_rampup: Optional[float] = 0.05  # EMA half-life ramp-up ratio (EDM)
     # sampling (spec §6)
@@ -466,9 +467,8 @@ def evaluate(net, cfg, mode, data, env, out, step):
         title = f"{mode} {K} step{'s' * (K > 1)}" + (" (Heun)" if mode == "diffusion" else "")
         if len(shape) == 1:
             metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            modes = C.toy_modes(data.key) if data.kind == "toy" else None
-            if modes:
-                metrics[f"modes_{K}"], metrics[f"in_mode_{K}"] = C.modes_covered(xs, *modes), C.in_mode(xs, *modes)
+            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+                metrics.update({f"{k}_{K}": s for k, s in C.toy_scores(xs, data.key).items()})
             panels.append((title, xs))
         else:
             panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
@@ -555,9 +555,11 @@ def train(cfg, given, env):
     scaler = C.make_scaler(env)
     model.train()
     while step < cfg.iters:
-        if cfg.lr_ramp_kimg > 0:  # EDM linear lr ramp (G.1), a host-side float: no sync
+        if cfg.lr_ramp_kimg > 0 or cfg.lr_schedule == "cosine":  # host-side floats: no sync
+            ramp = min(1.0, step * cfg.batch / (cfg.lr_ramp_kimg * 1000)) if cfg.lr_ramp_kimg > 0 else 1.0  # EDM (G.1)
+            decay = 0.5 * (1 + math.cos(math.pi * step / cfg.iters)) if cfg.lr_schedule == "cosine" else 1.0
             for grp in opt.param_groups:
-                grp["lr"] = cfg.lr * min(1.0, step * cfg.batch / (cfg.lr_ramp_kimg * 1000))
+                grp["lr"] = cfg.lr * ramp * decay
         r = warmup_r(step, cfg.H)  # (S11), from this run's saved step: exact after a resume
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(2, device=env.device)
@@ -616,9 +618,12 @@ def train(cfg, given, env):
 # ====================================================================================== commands
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
-    env = C.setup(cfg.device, cfg.seed, cfg.precision)
+    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
+                                          flush=True)
     if cfg.mode != "all":
-        return train(cfg, given, env)
+        train(cfg, given, env)
+        return total()
     for mode in MODES:
         mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": os.path.join(cfg.out, mode)}, mode=mode)
         mcfg.preset = cfg.preset
@@ -630,6 +635,7 @@ def run(cfg, given):
         train(mcfg, mgiven, env)
     if env.is_main:
         compare(cfg, env)
+    total()
 
 
 @torch.no_grad()
