@@ -774,7 +774,7 @@ def toy(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(imm, "delta_eta", zero_delta_eta)
         runs["gap0"] = run_imm(root / "gap0", "--iters", "300", "--ema", "0.99", "--eval_steps", "1,2")
-    runs["mid"] = run_imm(root / "mid", "--iters", "2000", "--ema", "0.995")
+    runs["mid"] = run_imm(root / "mid", "--iters", "2000", "--ema", "0.995", "--k", "12", "--width", "128")
     return runs
 
 
