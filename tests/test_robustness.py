@@ -54,7 +54,7 @@ BASE = dict(  # a few toy steps, 2-D points, small MLPs
     imm=["--batch", "16", *EVAL],
     scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1", *EVAL],
     flow_map=["--batch", "16", "--width", "16", "--depth", "1", *EVAL],
-    rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", *EVAL],
+    rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", "--lr_schedule", "const", *EVAL],
     distributional=["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
                     *EVAL])
 LR = dict(distributional="--lr_g")  # the learning-rate flag of each file (default --lr)

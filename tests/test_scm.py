@@ -666,7 +666,7 @@ def test_toy_runs_are_finite_and_tangent_is_logged(toy_runs):
     for name in ("sct", "scd"):
         rec = toy_runs[name][1]
         assert all(math.isfinite(r["loss"]) and math.isfinite(r["g_raw_norm"]) for r in rec)
-        assert rec[0]["r"] < 1 and rec[-1]["r"] == 1  # warm-up ran and finished (H = 150)
+        assert rec[0]["r"] < 1 and rec[-1]["r"] == 1  # warm-up ran and finished (H = 100, TOY)
         g = [r["g_raw_norm"] for r in rec]
         assert 0 < min(g) and max(g) < 10 * SD, g  # the raw tangent norm settles at O(sigma_d), no spikes
         gn = [r["grad_norm"] for r in rec]
