@@ -1,7 +1,8 @@
 """Inductive Moment Matching (IMM): a one/few-step generator trained from scratch with an MMD loss.
 
 Paper: Zhou, Ermon, Song, "Inductive Moment Matching", arXiv 2503.07565 (ICML 2025).
-Spec:  ../shared/specs/imm.md (equation numbers (1)-(14) below refer to it; "IMM Eq. n" to the paper).
+Equations: "IMM Eq. n / Alg. n / App. X" are the paper's (arXiv 2503.07565 v2); derivations the code relies on are
+in docs/imm.md.
 
 The method in a few lines. The network defines a one-step map f_{s,t} that carries a noisy sample x_t at
 time t to time s <= t along the DDIM interpolant. For groups of M samples sharing (s, r, t), with r slightly
@@ -50,17 +51,17 @@ class Config:
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
     dropout: float = 0.0  # 0.2 on CIFAR-10 (Table 5)
     width: Optional[int] = None  # MLP width (2-D data only; None: common's 128)
-    # the method (spec §3)
-    param: Literal["simple_edm", "euler_fm"] = "simple_edm"  # parameterisation (3)-(4) / (4')
+    # the method
+    param: Literal["simple_edm", "euler_fm"] = "simple_edm"  # parameterisation (IMM App. C.5: Simple-EDM / Euler-FM)
     second_time: Literal["s", "t_minus_s"] = "s"  # second network time: s (Table 5) or t - s (App. I.6)
     sigma_d: float = 0.5  # data/prior std (IMM §4.1)
     T: float = 0.994  # largest time (App. I.1)
     t_min: float = 0.006  # smallest time (App. I.1)
     M: int = 4  # particles per group (Table 5)
     k: int = 12  # r(s,t) decrement 2^-k of the eta range (7); 15 for CIFAR-10 (Table 5)
-    a: float = 1.0  # weighting exponent of w(s,t) (13) (Table 5)
-    b: float = 5.0  # weighting shift of w(s,t) (13) (Table 5)
-    min_gap: Optional[float] = None  # minimum t - r (7'); None: 0, or 1e-4 under bf16/fp16
+    a: float = 1.0  # weighting exponent of w(s,t) (IMM Eq. 13, Table 5)
+    b: float = 5.0  # weighting shift of w(s,t) (IMM Eq. 13, Table 5)
+    min_gap: Optional[float] = None  # minimum t - r (IMM App. I.6); None: 0, or 1e-4 under bf16/fp16
     # optimisation
     iters: int = 2000  # optimiser steps
     batch: int = 512  # global batch B per step (split over ranks and accumulation rounds)
@@ -71,8 +72,8 @@ class Config:
     ema: float = 0.995  # EMA decay (evaluation only, never the target)
     xflip: bool = False  # random horizontal flips
     augment: float = 0.0  # EDM's non-leaky augmentation probability p (common.augment_batch; 0 off), augment_dim 9
-    # sampling (spec §6)
-    sampler: Literal["pushforward", "restart"] = "pushforward"  # Alg. 2 / Alg. 5
+    # sampling
+    sampler: Literal["pushforward", "restart"] = "pushforward"  # IMM Alg. 2 / Alg. 5
     schedule: Literal["uniform", "edm"] = "uniform"  # time grid for N >= 4 (Eq. 117 / Eq. 118)
     eta_mid: float = 1.4  # 2-step middle time t_1 = eta^-1(1.4) = 7/12 (App. I.2)
     # logging and evaluation
@@ -102,10 +103,7 @@ class Config:
 
 RANGES = dict(M=">= 1", k=">= 1", min_gap="[0, 1)", eta_mid="> 0", sigma_d="> 0")  # beside common.RANGES
 
-PRESETS = {  # spec §5; cifar10 = IMM Table 5
-    # toy: spec §8 recipe shortened to 2,000 steps with EMA 0.995 (a horizon matched to the budget) so that
-    # `python imm.py` takes about a minute; measured 2-step MMD^2 0.023 / in-mode 0.88, better than the spec's
-    # 5,000 steps with EMA 0.999 (0.043 / 0.94, 3 min; run it with --iters 5000 --ema 0.999).
+PRESETS = {  # cifar10 = IMM Table 5
     # toy: under a minute on one CPU thread; a 64-wide MLP takes more steps in the time (2,800), k = 10 and EMA 0.99
     # sharpen the 2-step samples (in_mode 0.92 against 0.88 for the 128-wide, 2,000-step k = 12 recipe)
     "toy": dict(data="8gaussians", net="mlp", width=64, batch=512, M=4, k=10, iters=2800, optim="adam", lr=1e-3,
@@ -125,7 +123,7 @@ PRESETS = {  # spec §5; cifar10 = IMM Table 5
 }
 
 
-# =========================================================================== method: the maths (spec §3)
+# =========================================================================== method: the maths
 def alpha(t):
     return 1 - t  # OT-FM line
 
@@ -148,24 +146,24 @@ def _col(v, x):
 
 
 def interpolate(x, eps, t):
-    """(1) x_t = alpha_t x + sigma_t eps (IMM §4.1)."""
+    """x_t = alpha_t x + sigma_t eps (IMM §4.1, App. C.1)."""
     return _col(alpha(t), x) * x + _col(sigma(t), x) * eps
 
 
 def ddim(x_t, x, t_src, t_dst):
-    """(2) DDIM(x_t, x; t_src -> t_dst) = (alpha_s - sigma_s alpha_t / sigma_t) x + (sigma_s / sigma_t) x_t
-    (IMM Eq. 11, keyword arguments because sources disagree on the order, pitfall 1)."""
+    """IMM Eq. 11: DDIM(x_t, x; t_src -> t_dst) = (alpha_s - sigma_s alpha_t / sigma_t) x + (sigma_s / sigma_t) x_t
+    (keyword arguments because sources disagree on the order of the times)."""
     t, s = _col(t_src, x), _col(t_dst, x)
     return (alpha(s) - sigma(s) * alpha(t) / sigma(t)) * x + (sigma(s) / sigma(t)) * x_t
 
 
 def coeffs(s, t, param="simple_edm", sigma_d=0.5):
-    """(3)-(4): c_skip(s,t), c_out(s,t) of f_{s,t} = DDIM(x_t, g; t -> s), and c_in(t) (appendix form
-    1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)), pitfall 12). In fp32 at least (fp64 for fp64 times)."""
+    """IMM App. C.5: c_skip(s,t), c_out(s,t) of f_{s,t} = DDIM(x_t, g; t -> s), and c_in(t) (appendix form 1 /
+    (sigma_d sqrt(alpha_t^2 + sigma_t^2)); docs/imm.md, "Input scaling c_in"). In fp32 at least (fp64 for fp64 times)."""
     s, t = (v.to(torch.promote_types(v.dtype, torch.float32)) for v in (s, t))
     nt = torch.sqrt(alpha(t) ** 2 + sigma(t) ** 2)
     c_in = 1 / (sigma_d * nt)
-    if param == "euler_fm":  # (4') f = x_t - (t - s) sigma_d G
+    if param == "euler_fm":  # IMM App. C.5, Euler-FM: f = x_t - (t - s) sigma_d G
         return torch.ones_like(t), -sigma_d * (t - s), c_in
     c_skip = (alpha(s) * alpha(t) + sigma(s) * sigma(t)) / nt ** 2
     c_out = -sigma_d * (alpha(s) * sigma(t) - sigma(s) * alpha(t)) / nt
@@ -173,8 +171,9 @@ def coeffs(s, t, param="simple_edm", sigma_d=0.5):
 
 
 def f_map(net, x_t, s, t, cfg, env, aug=None):
-    """(4) f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t), c_noise(s)); the second time
-    is s, or t - s with second_time = "t_minus_s" (5). Coefficients in fp32, the network under autocast."""
+    """The one-step map (IMM §4.2, App. C.5): f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t),
+    c_noise(s)); the second time is s, or t - s with second_time = "t_minus_s" (App. I.6); c_noise(t) = 1000 t (App.
+    C.6). Coefficients in fp32, the network under autocast."""
     c_skip, c_out, c_in = coeffs(s, t, cfg.param, cfg.sigma_d)
     second = s if cfg.second_time == "s" else t - s
     with C.autocast(env):  # aug: EDM's augmentation labels of x_t's images (training only)
@@ -183,13 +182,15 @@ def f_map(net, x_t, s, t, cfg, env, aug=None):
 
 
 def delta_eta(cfg):
-    """(7) Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k = 15)."""
+    """The decrement of r(s, t) (IMM §4.1, App. C.2): Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k =
+    15)."""
     return (eta(cfg.T) - eta(cfg.t_min)) / 2 ** cfg.k
 
 
 def r_of(s, t, d_eta, min_gap=0.0):
-    """(7)/(7') r = max(s, min(t - gap, eta^-1(max(eta_t - d_eta, 0)))); the inner clamp at 0 keeps r in
-    [s, t] for coarse k (project addition, pitfall 9). Float64 in, float64 out."""
+    """r(s, t) (IMM App. C.2; the gap: App. I.6) = max(s, min(t - gap, eta^-1(max(eta_t - d_eta, 0)))); the inner
+    clamp at 0 keeps r in [s, t] for coarse k (a project addition; docs/imm.md, "The decrement r(s, t) and its
+    clamp"). Float64 in, float64 out."""
     r = eta_inv(torch.clamp(eta(t) - d_eta, min=0))
     if min_gap:
         r = torch.minimum(t - min_gap, r)
@@ -197,8 +198,8 @@ def r_of(s, t, d_eta, min_gap=0.0):
 
 
 def sample_times(n_groups, M, cfg, min_gap, device):
-    """(6)-(7) per group: t ~ U(t_min, T), s ~ U(t_min, t) (s <= t - 1e-6, pitfall 10), r(s, t); drawn and
-    computed in float64, cast to fp32, repeated for the M members of each group."""
+    """Per group (IMM App. C.2): t ~ U(t_min, T), s ~ U(t_min, t) (s <= t - 1e-6 keeps c_out non-zero), r(s, t); drawn
+    and computed in float64, cast to fp32, repeated for the M members of each group."""
     u = torch.rand(2, n_groups, dtype=torch.float64, device=device)
     t = cfg.t_min + (cfg.T - cfg.t_min) * u[0]
     s = torch.minimum(cfg.t_min + (t - cfg.t_min) * u[1], t - 1e-6)
@@ -207,43 +208,45 @@ def sample_times(n_groups, M, cfg, min_gap, device):
 
 
 def laplace_kernel(a, b, w_tilde, D):
-    """(11) k(a, b) = exp(-w~ max(|a - b|, 1e-8) / D) for every pair of particles in each group.
-    a, b: (G, M, D); w_tilde: (G,). The squared distance is clamped before the square root (zero gradient on
-    the diagonal, not NaN; pitfall 3)."""
+    """The Laplace kernel of IMM §4.2, App. C.4/C.8: k(a, b) = exp(-w~ max(|a - b|, 1e-8) / D) for every pair of
+    particles in each group. a, b: (G, M, D); w_tilde: (G,). The squared distance is clamped before the square root
+    (zero gradient on the diagonal, not NaN)."""
     d2 = (a[:, :, None, :] - b[:, None, :, :]).square().sum(-1)
     return torch.exp(-w_tilde[:, None, None] * torch.sqrt(torch.clamp(d2, min=1e-16)) / D)
 
 
 def group_mmd2(y_t, y_r, w_tilde):
-    """(12) MMD^2 per group, V-statistic with the diagonal: mean k(y_t, y_t) + mean k(y_r, y_r) - 2 mean k(y_t, y_r)."""
+    """MMD^2 per group (the IMM objective, Eq. 12, estimated as App. C Eq. 67), V-statistic with the diagonal: mean
+    k(y_t, y_t) + mean k(y_r, y_r) - 2 mean k(y_t, y_r)."""
     D = y_t.shape[-1]
     k = lambda a, b: laplace_kernel(a, b, w_tilde, D).mean((1, 2))
     return k(y_t, y_t) + k(y_r, y_r) - 2 * k(y_t, y_r)
 
 
 def weight(t, a=1.0, b=5.0):
-    """(13) w(s,t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2), for OT-FM
+    """IMM Eq. 13: w(s,t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2), for OT-FM
     sigmoid(b - lambda_t) (1 - t)^a / (t (1 - t) ((1 - t)^2 + t^2)), lambda_t = 2 log((1 - t) / t) (IMM Eq. 13)."""
     lam = 2 * torch.log((1 - t) / t)
     return torch.sigmoid(b - lam) * (1 - t) ** a / (t * (1 - t) * ((1 - t) ** 2 + t ** 2))
 
 
 def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
-    """(8)-(14). model: the online network with gradient (maybe DDP/compiled); target: the same weights,
-    unwrapped, evaluated under no_grad with the same dropout masks (RNG state replayed; pitfalls 5, 14).
-    Returns (L, mean unweighted MMD^2, fraction of groups with r = s)."""
+    """The IMM loss (Eq. 12 with the weighting of Eq. 13, estimated as App. C Eq. 67; IMM Alg. 1). model: the online
+    network with gradient (maybe DDP/compiled); target: the same weights, unwrapped, evaluated under no_grad with the
+    same dropout masks (RNG state replayed; docs/imm.md, "Pitfalls we found"). Returns (L, mean unweighted MMD^2,
+    fraction of groups with r = s)."""
     B, M = x.shape[0], cfg.M
-    x_t, x_r = interpolate(x, eps, t), interpolate(x, eps, r)  # (8) the same eps on both
+    x_t, x_r = interpolate(x, eps, t), interpolate(x, eps, r)  # the same eps on both (App. C.2, re-using x_t)
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the online pass's draws are replayed by the target pass
-        y_t = f_map(model, x_t, s, t, cfg, env, aug)  # (9)
+        y_t = f_map(model, x_t, s, t, cfg, env, aug)  # with gradient
     with torch.no_grad():
-        y_r = f_map(target, x_r, s, r, cfg, env, aug)  # (10) stop-gradient, online weights (not the EMA)
+        y_r = f_map(target, x_r, s, r, cfg, env, aug)  # stop-gradient (App. C.4), online weights (not the EMA)
     g = slice(None, None, M)  # one row per group
-    w_tilde = 1 / coeffs(s[g], t[g], cfg.param, cfg.sigma_d)[1].abs()  # (11) 1 / |c_out(s,t)|
+    w_tilde = 1 / coeffs(s[g], t[g], cfg.param, cfg.sigma_d)[1].abs()  # kernel width 1 / |c_out(s,t)| (App. C.8)
     ft = torch.promote_types(y_t.dtype, torch.float32)
     mmd = group_mmd2(y_t.to(ft).reshape(B // M, M, -1), y_r.to(ft).reshape(B // M, M, -1), w_tilde.to(ft))
-    L = (weight(t[g].to(ft), cfg.a, cfg.b) * mmd).mean()  # (14) L = (M/B) sum_i w_i MMD^2_i
+    L = (weight(t[g].to(ft), cfg.a, cfg.b) * mmd).mean()  # App. C Eq. 67: L = (M/B) sum_i w_i MMD^2_i
     return L, mmd.mean().detach(), (r[g] == s[g]).float().mean()
 
 
@@ -263,7 +266,7 @@ def time_steps(N, cfg, schedule=None):
 
 @torch.no_grad()
 def sample(net, rng, shape, N, cfg, env, clip=True):
-    """Pushforward (Alg. 2): x_{t_{i-1}} = f_{t_{i-1}, t_i}(x_{t_i}) from x_T ~ N(0, sigma_d^2 I). Restart (Alg. 5):
+    """Pushforward (IMM Alg. 2): x_{t_{i-1}} = f_{t_{i-1}, t_i}(x_{t_i}) from x_T ~ N(0, sigma_d^2 I). Restart (Alg. 5):
     x~ = f_{t_0, t_i}(x_{t_i}), re-noised to t_{i-1} with fresh noise except at the last step. All noise comes from
     rng (per sample index: the prior first, then the restart noises in order)."""
     grid = time_steps(N, cfg)
