@@ -159,7 +159,8 @@ def ddim(x_t, x, t_src, t_dst):
 
 def coeffs(s, t, param="simple_edm", sigma_d=0.5):
     """IMM App. C.5: c_skip(s,t), c_out(s,t) of f_{s,t} = DDIM(x_t, g; t -> s), and c_in(t) (appendix form 1 /
-    (sigma_d sqrt(alpha_t^2 + sigma_t^2)); docs/imm.md, "Input scaling c_in"). In fp32 at least (fp64 for fp64 times)."""
+    (sigma_d sqrt(alpha_t^2 + sigma_t^2)); docs/imm.md, "Input scaling c_in"). In fp32 at least (fp64 for fp64
+    times)."""
     s, t = (v.to(torch.promote_types(v.dtype, torch.float32)) for v in (s, t))
     nt = torch.sqrt(alpha(t) ** 2 + sigma(t) ** 2)
     c_in = 1 / (sigma_d * nt)
