@@ -2,7 +2,7 @@
 
 Papers: Liu, Gong, Liu, "Flow Straight and Fast", arXiv 2209.03003 (1-RF, reflow);
         Lee, Lin, Fanti, "Improving the Training of Rectified Flows", arXiv 2405.20320 (2-RF++).
-Spec:   ../shared/specs/rectified_flow.md (equation numbers (1)-(17) below refer to it).
+Docs:   docs/rectified_flow.md (conventions, derivations, the CIFAR-10 recipe with a source per value).
 
 The method in a few lines. A velocity field v(x_t, t) is trained to carry noise z (t = 1) to data x (t = 0)
 along straight lines x_t = (1 - t) x + t z. Trained on independent (x, z) it is flow matching, the 1-RF: good
@@ -71,7 +71,7 @@ class Config:
     xflip: bool = False  # random horizontal flips (1rf only; never in 2rf, it breaks the pairs)
     t_eps: float = 0.0  # training t range [t_eps, 1 - t_eps]; 1rf 0, 2rf 1e-5
     noise_std: float = 1.0  # std of z (fixed by the convention; recorded for consumers)
-    # reflow pairs (4)
+    # reflow pairs (Liu et al. §2.2, reflow)
     n_pairs: int = 10_000  # number of (z, x) pairs
     pair_block: int = 5_000  # pairs per file block (blocks are sharded over ranks)
     pair_batch: int = 1_000  # teacher batch while generating pairs
@@ -80,21 +80,21 @@ class Config:
     pair_steps: int = 18  # solver steps K (Heun: 2K - 1 NFE)
     pair_grid: Literal["uniform", "edm"] = "edm"  # time grid of the pair solver
     noise_mode: Optional[Literal["seed", "stored"]] = None  # z regenerated or stored (default: seed for images)
-    # 2-RF++ (5)-(10)
+    # 2-RF++ (rfpp §4.1 to rfpp §4.2)
     t_dist: Literal["ushape", "uniform"] = "ushape"  # 2rf time density; 1rf is always uniform
     a: float = 4.0  # U-shape parameter (rfpp README --a 4)
-    loss: Literal["lpips-huber-1/t", "lpips-huber", "huber", "l2"] = "huber"  # (9)
+    loss: Literal["lpips-huber-1/t", "lpips-huber", "huber", "l2"] = "huber"  # (rfpp §4.2)
     huber_c: Optional[float] = None  # pseudo-Huber c; None = 0.00054 d (rfpp)
     lpips_weights: Literal["pretrained", "random"] = "pretrained"  # random: test-only stand-in
     lpips_res: int = 224  # LPIPS input resolution (224 as rfpp; tests use 32)
     # real-data fine-tune (stage ft)
     ft_iters: int = 5_000  # fine-tune steps on inverted real pairs
     ft_n: int = 50_000  # real images inverted
-    inv_steps: int = 8  # Euler steps of the inversion (17)
-    # sampling (11)-(14); "auto" picks the stage's default (spec §6)
+    inv_steps: int = 8  # Euler steps of the inversion (rfpp v2, inversion)
+    # sampling (Euler to RK4); "auto" picks the stage's default
     solver: Literal["auto", "euler", "heun", "rk4"] = "auto"  # 1rf: heun for K >= 3; 2rf: euler
     grid: Literal["auto", "uniform", "edm"] = "auto"  # 1rf heun/rk4: edm; else uniform
-    rule: Literal["auto", "default", "new"] = "auto"  # 2rf: new update rule (12); 1rf: default (11)
+    rule: Literal["auto", "default", "new"] = "auto"  # 2rf: rfpp's new update rule (Fig. 4); 1rf: plain Euler
     t_mid: float = 0.5  # middle time of the 2-step uniform grid
     # logging and evaluation
     log_every: int = 200  # steps between log lines
@@ -102,7 +102,7 @@ class Config:
     sample_every: int = 0  # steps between sample grids / straightness (0: end only)
     eval_n: int = 4000  # evaluation noises (toy metrics, straightness)
     eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # step counts plotted
-    straight_k: int = 100  # Euler steps of the straightness metric (15)
+    straight_k: int = 100  # Euler steps of the straightness metric (Liu et al. §2, straightness)
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
     fid_detector: str = "inception"  # inception, standin or a TorchScript path
@@ -132,15 +132,16 @@ RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1
               straight_k=">= 1")  # beside common.RANGES
 
 EDM_CIFAR10 = "edm-cifar10-32x32-uncond-ve.pkl"  # EDM's unconditional NCSN++ (VE architecture, EDM preconditioning)
-PRESETS = {  # flat fields, then per-stage parts (common.md §9)
+PRESETS = {  # flat fields, then per-stage parts
     # toy: `python rectified_flow.py` in under a minute on one CPU thread. The 1-RF decays its lr to 0 (cosine): its
     # samples sharpen far more than with more constant-lr steps. Heun runs on the uniform grid (grid, pair_grid): on
     # 8 Gaussians the EDM grid (rho = 7, built for images) spends its steps at t > 0.9 and t < 0.01 and is worse
     # at every K (README). 2rf: 600 iterations.
     "toy": dict(data="8gaussians", net="mlp", batch=512, ckpt_every=500, eval_n=4000, straight_k=100, grid="uniform",
                 n_pairs=10_000, pair_block=5_000, pair_batch=5_000, pair_solver="heun", pair_steps=18,
-                pair_grid="uniform", huber_c=0.04,  # same per-element transition RMS as c = 0.00054 d on CIFAR (spec §5)
-                **{"1rf": dict(iters=1500, lr=1e-3, lr_schedule="cosine"), "2rf": dict(iters=600, lr=3e-4, t_eps=1e-5)}),
+                pair_grid="uniform", huber_c=0.04,  # same per-element transition RMS as c = 0.00054 d on CIFAR
+                **{"1rf": dict(iters=1500, lr=1e-3, lr_schedule="cosine"),
+                   "2rf": dict(iters=600, lr=3e-4, t_eps=1e-5)}),
     "tiny": dict(data="", net="tiny", batch=8, log_every=2, ckpt_every=2, eval_n=16, straight_k=4, fid_n=16,
                  n_pairs=32, pair_block=16, pair_batch=16, pair_steps=2, ft_iters=2, ft_n=16, inv_steps=2,
                  lpips_res=32, eval_steps=[1, 2],
@@ -152,7 +153,7 @@ PRESETS = {  # flat fields, then per-stage parts (common.md §9)
                   **{"1rf": dict(iters=60_000, lr=2e-4, warmup=1000, clip=1.0, ema=0.9995, xflip=True),
                      "2rf": dict(iters=20_000, lr=2e-4, warmup=1000, ema=0.9995, loss="huber", t_eps=1e-5)}),
     # cifar10: the paper's recipe. Sources: rfpp README / train.py / t_dist.py (2rf, pairs), EDM CIFAR config
-    # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip), spec §5.
+    # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip).
     # precision: tf32 (rfpp's train.py runs EDMPrecondVel with use_fp16 False, no autocast: fp32 weights and
     # activations with cuDNN's default TF32 convolutions); LPIPS always without autocast
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
@@ -171,9 +172,9 @@ PRESETS = {  # flat fields, then per-stage parts (common.md §9)
 }
 
 
-# =========================================================================== method: the maths (spec §3)
+# =========================================================================== method: the maths
 def interpolate(x, z, t):
-    """(1) x_t = (1 - t) x + t z."""
+    """Liu et al. §2: x_t = (1 - t) x + t z."""
     t = t.reshape(-1, *[1] * (x.ndim - 1))
     return (1 - t) * x + t * z
 
@@ -189,25 +190,25 @@ def z_hat(x_t, t, v):
 
 
 def ushape_pdf(t, a=4.0):
-    """(5) p(t) = a cosh(a (t - 1/2)) / (2 sinh(a/2)) on [0, 1] (rfpp t_dist.py; the paper's printed formula is
-    monotone, pitfall 1)."""
+    """rfpp §4.1: p(t) = a cosh(a (t - 1/2)) / (2 sinh(a/2)) on [0, 1] (rfpp t_dist.py; the paper's printed formula is
+    monotone)."""
     return a * torch.cosh(a * (t - 0.5)) / (2 * math.sinh(a / 2))
 
 
 def ushape_cdf(t, a=4.0):
-    """(5) F(t) = [sinh(a (t - 1/2)) + sinh(a/2)] / (2 sinh(a/2))."""
+    """rfpp §4.1: F(t) = [sinh(a (t - 1/2)) + sinh(a/2)] / (2 sinh(a/2))."""
     return (torch.sinh(a * (t - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
 
 
 def sample_t_ushape(n, a=4.0, t_eps=1e-5, device="cpu", generator=None):
-    """(6) inverse CDF t = 1/2 + asinh((2u - 1) sinh(a/2)) / a, then mapped affinely into [t_eps, 1 - t_eps]."""
+    """rfpp §4.1: inverse CDF t = 1/2 + asinh((2u - 1) sinh(a/2)) / a, then mapped affinely into [t_eps, 1 - t_eps]."""
     u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
     t = 0.5 + torch.asinh((2 * u - 1) * math.sinh(a / 2)) / a
     return (t_eps + (1 - 2 * t_eps) * t).float()
 
 
 def sample_t_mirrored_exp(n, a=4.0, generator=None):
-    """rfpp's draw of the same law (6): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
+    """rfpp's draw of the same law (§4.1): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
     t = s or 1 - s with probability 1/2 has density a cosh(a (t - 1/2)) / (2 sinh(a/2))."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     s = torch.log1p(u * math.expm1(a)) / a
@@ -222,16 +223,16 @@ def sample_t(n, cfg, device):
 
 
 def pseudo_huber(r, c):
-    """(7) H(r) = (sqrt(|r|^2 + c^2) - c) / d per sample, |.| the L2 norm over all d elements; fp32."""
+    """rfpp §4.2: H(r) = (sqrt(|r|^2 + c^2) - c) / d per sample, |.| the L2 norm over all d elements; fp32."""
     r = r.float().flatten(1)
     return (torch.sqrt(r.square().sum(1) + c * c) - c) / r.shape[1]
 
 
 class LPIPS(nn.Module):
-    """(8) LPIPS-VGG as rfpp uses it (piq LPIPS(replace_pooling=True)): VGG16 features up to relu5_3 with every
-    MaxPool replaced by 2x2 AvgPool, taps relu1_2..relu5_3, channel-unit-normalised, squared difference weighted
-    by the LPIPS v0.1 linear weights, summed over channels, averaged over space, summed over taps. Per sample, fp32.
-    A frozen object beside the model: not in its state dict, EMA, optimiser or DDP."""
+    """rfpp §4.2, LPIPS: LPIPS-VGG as rfpp uses it (piq LPIPS(replace_pooling=True)): VGG16 features up to relu5_3
+    with every MaxPool replaced by 2x2 AvgPool, taps relu1_2..relu5_3, channel-unit-normalised, squared difference
+    weighted by the LPIPS v0.1 linear weights, summed over channels, averaged over space, summed over taps. Per
+    sample, fp32. A frozen object beside the model: not in its state dict, EMA, optimiser or DDP."""
 
     TAPS, CH = (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
     LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -279,7 +280,7 @@ class LPIPS(nn.Module):
 
     def forward(self, a, b):
         """LP(a, b) per sample; the target b's features carry no gradient."""
-        with torch.autocast(a.device.type, enabled=False):  # never in bf16/fp16 (spec §3 precision)
+        with torch.autocast(a.device.type, enabled=False):  # never in bf16/fp16
             with torch.no_grad():
                 fb = self.taps(b)
             return sum((getattr(self, f"w{i}") * (fa - f).square()).sum(1).mean((1, 2))
@@ -287,7 +288,8 @@ class LPIPS(nn.Module):
 
 
 def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
-    """(9) per-sample 2-RF++ losses; r = v - (z - x) (7), x^ = x_t - t v (8). All in fp32."""
+    """rfpp §4.2: per-sample 2-RF++ losses; r = v - (z - x) (rfpp §4.2), x^ = x_t - t v (rfpp §4.2, LPIPS). All in
+    fp32."""
     v, t = v.float(), t.float()
     r = v - (z - x)
     if loss == "l2":  # vanilla reflow: squared error per element (rfpp's l2-squared)
@@ -295,7 +297,7 @@ def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
     H = pseudo_huber(r, c)
     if loss == "huber":  # rfpp's huber branch has no (1 - t) factor
         return H
-    lp = lpips(x_hat(x_t, t, v), x)  # gradient flows through VGG into x^ (pitfall 4)
+    lp = lpips(x_hat(x_t, t, v), x)  # gradient flows through VGG into x^
     return (1 - t) * H + (lp / t if loss == "lpips-huber-1/t" else lp)
 
 
@@ -312,13 +314,13 @@ def time_grid(K, kind="uniform", t_mid=0.5):
 
 
 def _update(x, z, t, t2, d, rule):
-    if rule == "new":  # (12) x_t' = (1 - t') x^ + t' z with the initial noise z
+    if rule == "new":  # (rfpp Fig. 4, new update) x_t' = (1 - t') x^ + t' z with the initial noise z
         return (1 - t2) * (x - t * d) + t2 * z
-    return x + (t2 - t) * d  # (11)
+    return x + (t2 - t) * d  # (Euler)
 
 
 def solve(v, z, grid, solver="euler", rule="default"):
-    """Integrate dx/dt = v(x, t) from x = z at t = grid[0] = 1 down the grid. Euler (11)/(12), Heun (13)
+    """Integrate dx/dt = v(x, t) from x = z at t = grid[0] = 1 down the grid. Euler (Euler)/(12), Heun (Heun)
     (last step to t = 0 is Euler), RK4 (14, default rule). v(x, t) takes t as a (B,) tensor."""
     x = z
     tt = lambda s: torch.full((z.shape[0],), s, device=z.device, dtype=z.dtype)
@@ -343,8 +345,8 @@ def nfe(K, solver):
 
 
 def straightness(v, z, K, end=False):
-    """(15) S = (1/K) sum_i mean ||K (x_{t_{i-1}} - x_{t_i}) - (z - x_{t_K})||^2 on a K-step uniform Euler path;
-    end=True also returns the path's end x_{t_K} (the K-step Euler sample)."""
+    """Liu et al. §2, straightness: S = (1/K) sum_i mean ||K (x_{t_{i-1}} - x_{t_i}) - (z - x_{t_K})||^2 on a
+    K-step uniform Euler path; end=True also returns the path's end x_{t_K} (the K-step Euler sample)."""
     xs, x, grid = [z], z, time_grid(K, "uniform")  # K = 2: [1, 0.5, 0] (t_mid default)
     for t, t2 in zip(grid[:-1], grid[1:]):
         x = x + (t2 - t) * v(x, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype))
@@ -381,7 +383,8 @@ class EDMVelocity(nn.Module):
 
 
 def invert(v, x, eps, K):
-    """(17) ODE inversion data -> noise: Euler up the grid [1e-3, 1/K, ..., 1] from x_1e-3 = (1 - 1e-3) x + 1e-3 eps."""
+    """rfpp v2, inversion: ODE inversion data -> noise: Euler up the grid [1e-3, 1/K, ..., 1] from x_1e-3 = (1 -
+    1e-3) x + 1e-3 eps."""
     grid = [1e-3] + [i / K for i in range(1, K + 1)]
     y = (1 - grid[0]) * x + grid[0] * eps
     for t, t2 in zip(grid[:-1], grid[1:]):
@@ -494,7 +497,8 @@ def write_pairs(folder, n, block, make, images, mode, env, meta):
 
 
 def pair_noise(idx, seed, shape, env):
-    """(4) z_i ~ N(0, I) from seed + i, drawn on the CPU (CPU and CUDA generators differ), then moved."""
+    """Liu et al. §2.2, reflow: z_i ~ N(0, I) from seed + i, drawn on the CPU (CPU and CUDA generators differ),
+    then moved."""
     return C.IndexRNG(idx.tolist(), seed, "cpu").randn(len(idx), *shape).to(env.device)
 
 
@@ -586,8 +590,8 @@ def make_lpips(cfg, log):
 # ====================================================================================== evaluation
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
-    """Samples at several step counts next to the data (PNG), straightness (15) and, for points, the toy
-    metrics of common.md §9 (SWD, MMD^2, modes). Runs on rank 0 only; no collectives inside."""
+    """Samples at several step counts next to the data (PNG), straightness (Liu et al. §2, straightness) and, for
+    points, the toy metrics of docs/common.md (SWD, MMD^2, modes). Runs on rank 0 only; no collectives inside."""
     nd, t0 = C.unwrap(net).config, time.time()
     shape = sample_shape(nd)
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
@@ -609,7 +613,7 @@ def evaluate(net, cfg, data, env, out, step):
     S, x_end = straightness(v, z, cfg.straight_k, end=True)
     for K, solver, grid, rule, key in runs:
         if (K, solver, grid, rule) == (cfg.straight_k, "euler", "uniform", "default") and K != 2 and n == len(z):
-            xs = x_end.float().cpu()  # the straightness path (15) is this K-step Euler sample
+            xs = x_end.float().cpu()  # the straightness path (Liu et al. §2, straightness) is this K-step Euler sample
         else:
             xs = solve(v, z[:n], time_grid(K, grid, cfg.t_mid), solver, rule).float().cpu()
         label = f"{K} step{'s' * (K > 1)} ({solver}{', edm grid' if grid == 'edm' else ''}, {nfe(K, solver)} NFE)"
@@ -703,7 +707,7 @@ def train(cfg, given, env):
     if lpips is not None:
         lpips = lpips.to(env.device)
     d = math.prod(data.shape)
-    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (7) c = 0.00054 d (pitfall 2)
+    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (rfpp §4.2) c = 0.00054 d
     log.info(f"{METHOD} {stage} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
              f"{cfg.accum} | device {env.device} | precision {env.precision} | "
              f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
@@ -719,17 +723,17 @@ def train(cfg, given, env):
         if stage == "1rf":
             x, y = data.batch(per_rank, step, part, env.world * cfg.accum)
             z = torch.randn_like(x)
-            t = sample_t(len(x), cfg, env.device)  # uniform on [0, 1] (spec §3)
+            t = sample_t(len(x), cfg, env.device)  # uniform on [0, 1]
             with C.autocast(env):
-                v = model(interpolate(x, z, t), t, y=y)  # (1)
-            return (v.float() - (z - x)).square().mean()  # (3)
-        x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)  # fixed pairs, no flips (pitfall 8)
+                v = model(interpolate(x, z, t), t, y=y)  # (Liu et al. §2)
+            return (v.float() - (z - x)).square().mean()  # (Liu et al. §2, flow matching)
+        x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)  # fixed pairs, no flips
         z = Z[idx].float()
-        t = sample_t(len(x), cfg, env.device)  # (6) U-shaped
+        t = sample_t(len(x), cfg, env.device)  # (rfpp §4.1) U-shaped
         x_t = interpolate(x, z, t)
         with C.autocast(env):
             v = model(x_t, t)
-        return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (9)-(10)
+        return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (rfpp §4.2)
         # ----------------------------------------------------------------------------------------------
 
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
@@ -780,8 +784,8 @@ def train(cfg, given, env):
 
 
 def invert_data(cfg, env, net2, folder):
-    """Stage ft data: the first ft_n training images (unflipped) and their noise by ODE inversion (17) with the
-    frozen 2-RF EMA, written like a pairs folder with stored noise."""
+    """Stage ft data: the first ft_n training images (unflipped) and their noise by ODE inversion (rfpp v2,
+    inversion) with the frozen 2-RF EMA, written like a pairs folder with stored noise."""
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
     if data.kind != "images":
         raise C.UserError("--stage ft fine-tunes on real images; it needs an image data set.")
