@@ -1,29 +1,29 @@
 """sCM: continuous-time consistency models with TrigFlow (TrigFlow diffusion, sCT and sCD).
 
-Paper: Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", arXiv 2410.11081
-       (ICLR 2025). Spec: ../shared/specs/scm.md; (S1)-(S14) below refer to the spec, "Eq. n" to the paper.
+Paper: Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", arXiv 2410.11081 (ICLR
+2025). "sCM Eq. n / Alg. n / App. X" below are the paper's; derivations in docs/scm.md.
 
-The method in a few lines. TrigFlow puts data and noise on a circle, x_t = cos t x0 + sin t z (S1), and a network
-F predicts the PF-ODE velocity dx_t/dt = sigma_d F(x_t / sigma_d, t) (S3). A consistency model maps any x_t to
-the trajectory's clean end f(x_t, t) = cos t x_t - sin t sigma_d F (S6), so f(x, 0) = x. The continuous-time CM
-gradient needs only the derivative of f along the ODE path, df/dt, a Jacobian-vector product computed exactly with
-forward-mode AD (S10). sCT takes dx_t/dt from the data (the one-sample velocity); sCD from a TrigFlow diffusion
-teacher. Stability comes from TrigFlow, c_noise(t) = t, adaptive double normalisation in the U-Net, a warmed-up
-and normalised tangent (S11-S12), and a learned weight w(t) (S13). Samples take 1 or 2 network evaluations.
+The method in a few lines. TrigFlow puts data and noise on a circle, x_t = cos t x0 + sin t z (sCM Sec. 3), and a
+network F predicts the PF-ODE velocity dx_t/dt = sigma_d F(x_t / sigma_d, t) (sCM Eq. 3). A consistency model maps
+any x_t to the trajectory's clean end f(x_t, t) = cos t x_t - sin t sigma_d F (sCM Sec. 3, App. E.1), so f(x, 0) =
+x. The continuous-time CM gradient needs only the derivative of f along the ODE path, df/dt, a Jacobian-vector
+product computed exactly with forward-mode AD (sCM Sec. 5.1). sCT takes dx_t/dt from the data (the one-sample
+velocity); sCD from a TrigFlow diffusion teacher. Stability comes from TrigFlow, c_noise(t) = t, adaptive double
+normalisation in the U-Net, a warmed-up and normalised tangent (sCM Sec. 4.2, Alg. 1), and a learned weight w(t)
+(sCM Eq. 8). Samples take 1 or 2 network evaluations.
 
-Convention (written into every checkpoint): x_t = cos(t) x + sin(t) z, z ~ N(0, sigma_d^2 I), sigma_d = 0.5,
-t in [0, pi/2], t = pi/2 noise, dx/dt = sigma_d F(x / sigma_d, t). EDM view: sigma = sigma_d tan t.
+Convention (written into every checkpoint): x_t = cos(t) x + sin(t) z, z ~ N(0, sigma_d^2 I), sigma_d = 0.5, t in
+[0, pi/2], t = pi/2 noise, dx/dt = sigma_d F(x / sigma_d, t). EDM view: sigma = sigma_d tan t.
 
-Modes (--mode): diffusion (TrigFlow teacher, Eq. 4) -> sct (Alg. 1, data velocity) | scd (Alg. 1, teacher velocity);
-`all` runs diffusion, then sCT and sCD initialised from it, in DIR/{diffusion,sct,scd} (default of the toy preset).
+Modes (--mode): diffusion (TrigFlow teacher, Eq. 4) -> sct (Alg. 1, data velocity) | scd (Alg. 1, teacher
+velocity); `all` runs diffusion, then sCT and sCD initialised from it, in DIR/{diffusion,sct,scd} (default of the
+toy preset).
 
-    python scm.py                                                     # toy: diffusion -> sCT, sCD; CPU, minutes
-    python scm.py --mode sct                                          # sCT from scratch (not the paper's init)
-    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode diffusion
-    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode sct --teacher runs/scm-diffusion-cifar10/ckpt.pt
-    python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt --steps 1,2 --out s.png
-    python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2
-"""
+python scm.py                                                     # toy: diffusion -> sCT, sCD; CPU, minutes python
+scm.py --mode sct                                          # sCT from scratch (not the paper's init) torchrun
+--nproc_per_node=8 scm.py --preset cifar10 --mode diffusion torchrun --nproc_per_node=8 scm.py --preset cifar10
+--mode sct --teacher runs/scm-diffusion-cifar10/ckpt.pt python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt
+--steps 1,2 --out s.png python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2"""
 import contextlib, dataclasses, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -47,7 +47,7 @@ MODES = ("diffusion", "sct", "scd")
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
-    mode: Literal["diffusion", "sct", "scd", "all"] = "sct"  # what to train (spec §1); all = diffusion -> sct, scd
+    mode: Literal["diffusion", "sct", "scd", "all"] = "sct"  # what to train; all = diffusion -> sct, scd
     data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/scm-sct-toy"  # run folder
@@ -57,24 +57,24 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: Optional[str] = None  # grad pass precision (default bf16 on CUDA); JVP and loss are always fp32
     compile: bool = False  # torch.compile the grad pass only (the JVP pass runs eagerly on the same masks)
-    # network (common.net_config, one time input, time_scale 1: c_noise(t) = t, spec §4)
+    # network (common.net_config, one time input, time_scale 1: c_noise(t) = t)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
-    width: int = 128  # MLP width (2-D data only; spec toy: 256)
-    depth: int = 3  # MLP residual blocks (2-D data only; spec toy: 4)
+    width: int = 128  # MLP width (2-D data only)
+    depth: int = 3  # MLP residual blocks (2-D data only)
     adn: bool = False  # adaptive double normalisation (Sec. 4.1); on for the U-Net presets
     dropout: float = 0.0  # per mode in the presets: 0.13 / 0.20 / 0 on CIFAR-10 (G.1, G.2)
     xflip: bool = False  # random horizontal flips (images)
     augment: float = 0.0  # EDM's non-leaky augmentation probability p (diffusion mode; 0 off), augment_dim 9
-    # TrigFlow (spec §2-§3)
+    # TrigFlow
     sigma_d: float = 0.5  # data std (Sec. 3)
-    P_mean: float = -1.0  # log-normal proposal of sigma = sigma_d tan t (S4); diffusion -1.2
-    P_std: float = 1.4  # (S4); diffusion 1.2
-    # sCT / sCD (S8)-(S13)
-    c: float = 0.1  # tangent normalisation constant (S12)
-    H: int = 10_000  # tangent warm-up iterations, r = min(1, step/H) (S11); 0 = no warm-up
-    tangent_norm: Literal["l2", "rms"] = "l2"  # per-sample L2 norm (paper) or RMS (FastGen) in (S12)
-    weighting: Literal["adaptive", "none"] = "adaptive"  # learned w_phi(t) (S13) or w = 0
-    diffusion_adaptive_weight: bool = False  # EDM2-style w_phi in the diffusion loss (S5); off in cifar10 (G.1)
+    P_mean: float = -1.0  # log-normal proposal of sigma = sigma_d tan t (sCM Alg. 1); diffusion -1.2
+    P_std: float = 1.4  # (sCM Alg. 1); diffusion 1.2
+    # sCT / sCD (sCM Sec. 4 to sCM Eq. 8)
+    c: float = 0.1  # tangent normalisation constant (sCM Sec. 4.2, Alg. 1)
+    H: int = 10_000  # tangent warm-up iterations, r = min(1, step/H) (sCM Alg. 1, Sec. 4.2); 0 = no warm-up
+    tangent_norm: Literal["l2", "rms"] = "l2"  # per-sample L2 norm (paper) or RMS (FastGen) in (sCM Sec. 4.2, Alg. 1)
+    weighting: Literal["adaptive", "none"] = "adaptive"  # learned w_phi(t) (sCM Eq. 8) or w = 0
+    diffusion_adaptive_weight: bool = False  # EDM2-style w_phi in the diffusion loss (sCM Eq. 4); off in cifar10 (G.1)
     # optimisation (per mode, see PRESETS)
     iters: int = 3000  # optimiser steps
     batch: int = 256  # global batch per optimiser step (split over ranks and accumulation rounds)
@@ -86,7 +86,7 @@ class Config:
     lr_schedule: Literal["const", "cosine"] = "const"  # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     ema_halflife_kimg: float = 20.0  # EMA half-life (EDM/G.2: 500 kimg on CIFAR-10)
     ema_rampup: Optional[float] = 0.05  # EMA half-life ramp-up ratio (EDM)
-    # sampling (spec §6)
+    # sampling
     sigma_max: float = 80.0  # t_max = arctan(sigma_max / sigma_d) (G.2)
     t_mid: float = 1.1  # 2-step intermediate time (G.2); K > 2 uses t_k = t_mid (K - k)/(K - 1) (project's choice)
     heun_steps: int = 18  # diffusion sampler: EDM Heun, 2K - 1 NFE (G.1)
@@ -118,14 +118,14 @@ class Config:
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
               heun_steps=">= 1")  # beside common.RANGES
 
-_DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1; spec §5)
+_DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1)
 _CM = dict(optim="radam", beta2=0.99, P_mean=-1.0, P_std=1.4)  # CMs: RAdam, (-1.0, 1.4) (G.2)
-PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
-    # toy: spec §5 has an MLP 256 x 4 and 3,000 iterations per mode; on 2 CPU cores the JVP's per-op overhead made
-    # that ~10 min, so the preset is 128 x 3 with 2,000 / 1,500 / 1,500 iterations and H = 300 (a few minutes;
-    # the spec recipe: --width 256 --depth 4 --iters 3000 --H 500, README results table). CM lr 1e-4 (the paper's,
-    # G.2) instead of the spec's 3e-4: with adaptive weighting (e^w up to ~55 at large t) 3e-4 left sCD blurry
-    # (1-step SWD 0.059, 3 of 8 modes) where 1e-4 gives 0.014-0.019 and 8 modes (README).
+PRESETS = {  # flat fields, then per-mode parts
+    # toy: an MLP 256 x 4 with 3,000 iterations per mode takes ~10 min on 2 CPU cores (the JVP's per-op overhead),
+    # so the preset is 128 x 3 with 2,000 / 1,500 / 1,500 iterations and H = 300 (a few minutes; the larger recipe:
+    # --width 256 --depth 4 --iters 3000 --H 500, docs/scm.md). CM lr 1e-4 (the paper's, App. G.2) rather than 3e-4:
+    # with adaptive weighting (e^w up to ~55 at large t) 3e-4 left sCD blurry (1-step SWD 0.059, 3 of 8 modes)
+    # where 1e-4 gives 0.014-0.019 and 8 modes.
     "toy": dict(mode="all", data="8gaussians", net="mlp", width=128, depth=3, batch=256, H=300,
                 ema_halflife_kimg=20.0, eval_n=4096,
                 diffusion=dict(**_DIFF, lr=1e-3, iters=2000), sct=dict(**_CM, lr=1e-4, iters=1500),
@@ -134,7 +134,7 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
                  ckpt_every=3, eval_n=16, eval_steps=[1, 2], heun_steps=2, fid_n=16,
                  diffusion=dict(**_DIFF, lr=1e-3, dropout=0.1), sct=dict(**_CM, lr=1e-4, dropout=0.1),
                  scd=dict(**_CM, lr=1e-4, dropout=0.0)),
-    # small: GPU suggestion (spec §5), ~30 min diffusion + ~25 min CM at an *estimated* ~4k img/s; iteration
+    # small: GPU suggestion, ~30 min diffusion + ~25 min CM at an *estimated* ~4k img/s; iteration
     # counts to be re-derived from benchmarks/ once measured.
     "small": dict(data="cifar10", net="small", adn=True, xflip=True, precision="bf16", batch=256, H=2000,
                   ema_halflife_kimg=500.0, log_every=500, ckpt_every=5000, eval_n=256, fid_n=10_000,
@@ -144,7 +144,7 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
     # cifar10: paper App. G.1 (teacher: DDPM++ + ADN + positional c_noise, dropout 0.13, Adam 1e-3, EDM lr ramp
     # 10 Mimg, batch 512, 400k iters) and App. G.2 (CMs: RAdam 1e-4 betas (0.9, 0.99), eps 1e-8, no wd, constant lr,
     # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
-    # init). CM iteration count is not given by the paper: 400k (spec §5, project's choice).
+    # init). CM iteration count is not given by the paper: 400k.
     # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
     # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_s{c,d}t_cifar10.py)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
@@ -157,38 +157,38 @@ PRESETS = {  # flat fields, then per-mode parts (common.md §9); spec §5
 }
 
 
-# ================================================================== method: TrigFlow (spec §2-§3, Sec. 3)
+# ================================================================== method: TrigFlow
 def _col(v, x):  # (B,) -> (B, 1, ...) broadcastable against x
     return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
 def interpolate(x0, z, t):
-    """(S1) x_t = cos t x0 + sin t z."""
+    """(sCM Sec. 3) x_t = cos t x0 + sin t z."""
     return _col(torch.cos(t), x0) * x0 + _col(torch.sin(t), x0) * z
 
 
 def velocity(x0, z, t):
-    """(S2) v_t = dx_t/dt = cos t z - sin t x0 (Eq. 4)."""
+    """(sCM Eq. 4) v_t = dx_t/dt = cos t z - sin t x0 (Eq. 4)."""
     return _col(torch.cos(t), x0) * z - _col(torch.sin(t), x0) * x0
 
 
 def sample_t(n, P_mean, P_std, sigma_d, device):
-    """(S4) tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): EDM sigma = e^tau is log-normal (Alg. 1)."""
+    """(sCM Alg. 1) tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sigma_d): EDM sigma = e^tau is log-normal (Alg. 1)."""
     return torch.atan(torch.exp(P_mean + P_std * torch.randn(n, device=device)) / sigma_d)
 
 
 def sigma_of(t, sigma_d=0.5):
-    """EDM noise level of TrigFlow time t: sigma = sigma_d tan t (spec §2)."""
+    """EDM noise level of TrigFlow time t: sigma = sigma_d tan t."""
     return sigma_d * torch.tan(t)
 
 
 def t_of(sigma, sigma_d=0.5):
-    """TrigFlow time of an EDM noise level: t = atan2(sigma, sigma_d) (spec §2; t_of(inf) = pi/2)."""
+    """TrigFlow time of an EDM noise level: t = atan2(sigma, sigma_d) (t_of(inf) = pi/2)."""
     return torch.atan2(sigma, torch.full_like(sigma, sigma_d))
 
 
 def to_edm(x_t, t):
-    """x^EDM = x_t / cos t = x0 + sigma z/sigma_d (spec §2)."""
+    """x^EDM = x_t / cos t = x0 + sigma z/sigma_d."""
     return x_t / _col(torch.cos(t), x_t)
 
 
@@ -198,23 +198,25 @@ def from_edm(x, t):
 
 
 def F_net(net, x_t, t, sigma_d):
-    """F_theta(x_t / sigma_d, t): the raw network, c_in = 1/sigma_d, c_noise(t) = t (spec §2, §4)."""
+    """F_theta(x_t / sigma_d, t): the raw network, c_in = 1/sigma_d, c_noise(t) = t."""
     return net(x_t / sigma_d, t)
 
 
 def consistency_fn(net, x_t, t, sigma_d):
-    """(S6) f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta(x_t / sigma_d, t) (Eq. 5); f(x, 0) = x exactly."""
+    """(sCM Sec. 3, App. E.1) f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta(x_t / sigma_d, t) (Eq. 5); f(x,
+    0) = x exactly."""
     return _col(torch.cos(t), x_t) * x_t - _col(torch.sin(t), x_t) * sigma_d * F_net(net, x_t, t, sigma_d).to(x_t.dtype)
 
 
 def ddim_step(net, x_t, t, s, sigma_d):
-    """TrigFlow DDIM (App. E.1): x_s = cos(t - s) x_t - sin(t - s) sigma_d F(x_t / sigma_d, t); s = 0 gives (S6)."""
+    """TrigFlow DDIM (App. E.1): x_s = cos(t - s) x_t - sin(t - s) sigma_d F(x_t / sigma_d, t); s = 0 gives (sCM
+    Sec. 3, App. E.1)."""
     F = F_net(net, x_t, t, sigma_d).to(x_t.dtype)
     return _col(torch.cos(t - s), x_t) * x_t - _col(torch.sin(t - s), x_t) * sigma_d * F
 
 
 def diffusion_loss(F, v_t, sigma_d, w=None):
-    """(S5) L_diff = E[(1/D) ||sigma_d F - v_t||^2] (Eq. 4); with w_phi: E[e^w term - w] (EDM2 form). fp32."""
+    """(sCM Eq. 4) L_diff = E[(1/D) ||sigma_d F - v_t||^2] (Eq. 4); with w_phi: E[e^w term - w] (EDM2 form). fp32."""
     F = F.to(torch.promote_types(F.dtype, torch.float32))
     term = (sigma_d * F - v_t.to(F.dtype)).square().flatten(1).mean(1)
     return (term if w is None else torch.exp(w) * term - w).mean()
@@ -222,31 +224,31 @@ def diffusion_loss(F, v_t, sigma_d, w=None):
 
 # ========================================================== method: the continuous-time CM step (Sec. 4)
 def warmup_r(step, H):
-    """(S11) tangent warm-up r = min(1, step / H) (Alg. 1); H = 0: no warm-up."""
+    """(sCM Alg. 1, Sec. 4.2) tangent warm-up r = min(1, step / H) (Alg. 1); H = 0: no warm-up."""
     return 1.0 if H <= 0 else min(1.0, step / H)
 
 
 def jvp_F(net, x_t, t, dxdt, sigma_d):
-    """(S10) (F^-, J) with J = sigma_d cos t sin t dF^-/dt: torch.func.jvp of (u, s) -> F(u, s) at the primal
-    (x_t/sigma_d, t) with tangents (cos t sin t dx_t/dt, sigma_d cos t sin t). The u-tangent has no 1/sigma_d
-    (pitfall 1); the per-sample t-tangent has shape (B,); cos t sin t is applied before the forward-mode pass so
-    intermediate tangents stay O(1). On the *unwrapped, eager* network with the live weights (pitfalls 7, 8)."""
+    """(sCM Sec. 5.1) (F^-, J) with J = sigma_d cos t sin t dF^-/dt: torch.func.jvp of (u, s) -> F(u, s) at the
+    primal (x_t/sigma_d, t) with tangents (cos t sin t dx_t/dt, sigma_d cos t sin t). The u-tangent has no
+    1/sigma_d; the per-sample t-tangent has shape (B,); cos t sin t is applied before the forward-mode pass so
+    intermediate tangents stay O(1). On the *unwrapped, eager* network with the live weights."""
     cs = torch.cos(t) * torch.sin(t)
     return torch.func.jvp(lambda u, s: net(u, s), (x_t / sigma_d, t), (_col(cs, dxdt) * dxdt, sigma_d * cs))
 
 
 def tangent(net, x_t, t, dxdt, r, sigma_d):
-    """(S11) g_raw = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + J); at r = 1 it equals cos t df^-/dt
-    of (S8). Call under no_grad: returns (F^-, g_raw), both without grad_fn."""
+    """(sCM Alg. 1, Sec. 4.2) g_raw = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + J); at r = 1 it
+    equals cos t df^-/dt of (sCM Sec. 4). Call under no_grad: returns (F^-, g_raw), both without grad_fn."""
     cos, sin = torch.cos(t), torch.sin(t)
-    F_minus, J = jvp_F(net, x_t, t, dxdt, sigma_d)  # (S10)
+    F_minus, J = jvp_F(net, x_t, t, dxdt, sigma_d)  # (sCM Sec. 5.1)
     g_raw = -_col(cos * cos, x_t) * (sigma_d * F_minus - dxdt) - r * (_col(cos * sin, x_t) * x_t + J)
     return F_minus, g_raw
 
 
 def normalise(g_raw, c=0.1, kind="l2"):
-    """(S12) g = g_raw / (||g_raw|| + c), ||.|| the per-sample L2 norm over all D elements (pinned), or the RMS
-    norm ||g_raw|| / sqrt(D) with kind = "rms" (FastGen)."""
+    """(sCM Sec. 4.2, Alg. 1) g = g_raw / (||g_raw|| + c), ||.|| the per-sample L2 norm over all D elements
+    (pinned), or the RMS norm ||g_raw|| / sqrt(D) with kind = "rms" (FastGen)."""
     n = g_raw.flatten(1).norm(dim=1)
     if kind == "rms":
         n = n / math.sqrt(g_raw[0].numel())
@@ -254,36 +256,36 @@ def normalise(g_raw, c=0.1, kind="l2"):
 
 
 def cm_loss(F, g, w):
-    """(S13) L = mean_batch[e^{w(t)}/D ||F_theta - sg(F_theta) - g||^2 - w(t)] (Eq. 8), in fp32. F is the grad
+    """(sCM Eq. 8) L = mean_batch[e^{w(t)}/D ||F_theta - sg(F_theta) - g||^2 - w(t)] (Eq. 8), in fp32. F is the grad
     pass's output; sg(F) is the same tensor detached, so the residual is exactly -g in value and the gradient is
-    (S14) mean[-2 e^w / D g^T dF/dtheta]."""
+    (sCM Eq. 8) mean[-2 e^w / D g^T dF/dtheta]."""
     F = F.to(torch.promote_types(F.dtype, torch.float32))  # fp32 at least (fp64 in the tests)
     D = F[0].numel()
     return (torch.exp(w) / D * (F - F.detach() - g).square().flatten(1).sum(1) - w).mean()
 
 
 def cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env):
-    """One sCT/sCD loss (Alg. 1, spec §3 'One sct/scd step'). model: the student (maybe DDP/compiled) returning
+    """One sCT/sCD loss (sCM Alg. 1). model: the student (maybe DDP/compiled) returning
     (F_theta, w_phi); net: the same network unwrapped (JVP pass); teacher: TrigFlow teacher for sCD, else None.
     Returns (L, mean ||g_raw||)."""
     sd = cfg.sigma_d
-    x_t = interpolate(x0, z, t)  # (S1)
+    x_t = interpolate(x0, z, t)  # (sCM Sec. 3)
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.no_grad(), C.strict_fp32(env.device):  # the JVP pass in fp32 with TF32 off
         if teacher is None:
-            dxdt = velocity(x0, z, t)  # (S9) sCT: the one-sample velocity
+            dxdt = velocity(x0, z, t)  # (sCM Alg. 1) sCT: the one-sample velocity
         else:
-            dxdt = sd * F_net(teacher, x_t, t, sd).float()  # (S9) sCD: teacher's EMA, eval, fp32, no grad
-        with torch.random.fork_rng(devices=devices):  # the grad pass replays the same dropout mask (pitfall 4)
-            _, g_raw = tangent(net, x_t, t, dxdt, r, sd)  # (S10)-(S11)
-        g = normalise(g_raw, cfg.c, cfg.tangent_norm)  # (S12)
+            dxdt = sd * F_net(teacher, x_t, t, sd).float()  # (sCM Alg. 1) sCD: teacher's EMA, eval, fp32, no grad
+        with torch.random.fork_rng(devices=devices):  # the grad pass replays the same dropout mask
+            _, g_raw = tangent(net, x_t, t, dxdt, r, sd)  # (sCM Sec. 5.1 to sCM Alg. 1, Sec. 4.2)
+        g = normalise(g_raw, cfg.c, cfg.tangent_norm)  # (sCM Sec. 4.2, Alg. 1)
     with C.autocast(env):
         F, w = model(x_t / sd, t)  # grad pass (bf16 on CUDA), F_theta and w_phi(t)
-    return cm_loss(F, g, w), g_raw.flatten(1).norm(dim=1).mean()  # (S13)
+    return cm_loss(F, g, w), g_raw.flatten(1).norm(dim=1).mean()  # (sCM Eq. 8)
 
 
 class Student(nn.Module):
-    """The trained modules: the network F_theta and the weight head w_phi(t) (common WeightHead, spec §4); one
+    """The trained modules: the network F_theta and the weight head w_phi(t) (common WeightHead); one
     DDP unit. forward(u, t) -> (F_theta(u, t), w_phi(t)); w = 0 when there is no head."""
 
     def __init__(self, net, head=None):
@@ -295,7 +297,7 @@ class Student(nn.Module):
         return F, self.head(t) if self.head is not None else torch.zeros_like(t, dtype=torch.float32)
 
 
-# =========================================================================== method: samplers (spec §6)
+# =========================================================================== method: samplers
 def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle tests)
     return next((p.dtype for p in [*net.parameters(), *net.buffers()] if p.is_floating_point()), torch.float32)
 
@@ -310,7 +312,7 @@ def cm_times(K, cfg):
 @torch.no_grad()
 def cm_sample(net, rng, shape, K, cfg, env, clip=True):
     """Multistep CM sampling (Song et al. 2023) in TrigFlow form: x = f(sigma_d e_0, t_0), then
-    x = f(cos t_k x + sin t_k sigma_d e_k, t_k) with *fresh* per-index noise e_k (pitfall 13)."""
+    x = f(cos t_k x + sin t_k sigma_d e_k, t_k) with *fresh* per-index noise e_k."""
     B, sd, dt = len(rng.gens), cfg.sigma_d, _dtype(net)
     full = lambda v: torch.full((B,), v, device=env.device, dtype=dt)
     x = None
@@ -323,7 +325,8 @@ def cm_sample(net, rng, shape, K, cfg, env, clip=True):
 
 
 def edm_sigmas(K, sigma_max=80.0, sigma_min=0.002, rho=7.0):
-    """EDM grid sigma_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < K, then 0; K = 1: [s_max, 0]."""
+    """EDM grid sigma_i = (s_max^(1/rho) + i/(K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < K, then 0; K = 1:
+    [s_max, 0]."""
     if K == 1:
         return [sigma_max, 0.0]
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -332,7 +335,7 @@ def edm_sigmas(K, sigma_max=80.0, sigma_min=0.002, rho=7.0):
 
 @torch.no_grad()
 def heun_sample(net, rng, shape, K, cfg, env, clip=True):
-    """Diffusion sampler (spec §6): EDM Heun in x^EDM = x_t / cos t with the denoiser D(x; sigma) = f_theta(cos t x, t),
+    """Diffusion sampler: EDM Heun in x^EDM = x_t / cos t with the denoiser D(x; sigma) = f_theta(cos t x, t),
     t = atan2(sigma, sigma_d); the last step is Euler (2K - 1 NFE). K = 1 is the teacher used as a 1-step CM."""
     B, sd = len(rng.gens), cfg.sigma_d
     sig = edm_sigmas(K, cfg.sigma_max)
@@ -363,7 +366,7 @@ def nfe(mode, K):
 
 # ====================================================================================== plumbing
 def net_dict(cfg, data):
-    """One time input, time_scale 1 (c_noise(t) = t through the positional embedding, spec §4), no labels."""
+    """One time input, time_scale 1 (c_noise(t) = t through the positional embedding), no labels."""
     if data.kind == "images":
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
@@ -382,7 +385,7 @@ def sample_shape(nd):
 
 
 def check_scm(ck, path, mode=None, sigma_d=None):
-    """Refuse a checkpoint of another method, mode, sigma_d or convention in one sentence (spec §4, §7.15)."""
+    """Refuse a checkpoint of another method, mode, sigma_d or convention in one sentence."""
     got = dict(method=ck["method"], mode=ck["config"].get("mode"), sigma_d=ck["config"].get("sigma_d"),
                convention=ck["convention"])
     want = dict(method=METHOD, mode=mode, sigma_d=sigma_d, convention=CONVENTION)
@@ -444,13 +447,13 @@ def load_teacher(path, cfg):
     ck = C.load_checkpoint(path)
     check_scm(ck, path, "diffusion", cfg.sigma_d)
     net = build(ck["net"])
-    C.load_state_strict(net, ck["ema"])  # G.2: the teacher's EMA (pitfall 9)
+    C.load_state_strict(net, ck["ema"])  # G.2: the teacher's EMA
     return net.eval().requires_grad_(False), ck
 
 
 @torch.no_grad()
 def evaluate(net, cfg, mode, data, env, out, step):
-    """Samples beside the data (PNG) and, for points, the toy metrics of common.md §9 (metrics.jsonl).
+    """Samples beside the data (PNG) and, for points, the toy metrics of docs/common.md (metrics.jsonl).
     CMs at cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (control (a) of §8)."""
     shape, t0 = sample_shape(C.unwrap(net).config), time.time()
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
@@ -560,7 +563,7 @@ def train(cfg, given, env):
             decay = 0.5 * (1 + math.cos(math.pi * step / cfg.iters)) if cfg.lr_schedule == "cosine" else 1.0
             for grp in opt.param_groups:
                 grp["lr"] = cfg.lr * ramp * decay
-        r = warmup_r(step, cfg.H)  # (S11), from this run's saved step: exact after a resume
+        r = warmup_r(step, cfg.H)  # (sCM Alg. 1, Sec. 4.2), from this run's saved step: exact after a resume
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(2, device=env.device)
         for rnd in range(cfg.accum):
@@ -571,14 +574,14 @@ def train(cfg, given, env):
                 z = sd * torch.randn_like(x0)  # z ~ N(0, sigma_d^2 I)
                 if mode == "diffusion":
                     x0, aug = C.augment_batch(x0, cfg.augment, cfg.seed, step, part, parts)  # EDM's pipe
-                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (S4)
+                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (sCM Alg. 1)
                     with C.autocast(env):
-                        F, w = model(interpolate(x0, z, t) / sd, t, aug)  # (S1), (S3)
-                    L = diffusion_loss(F, velocity(x0, z, t), sd, w if head is not None else None)  # (S5)
+                        F, w = model(interpolate(x0, z, t) / sd, t, aug)  # (sCM Sec. 3), (sCM Eq. 3)
+                    L = diffusion_loss(F, velocity(x0, z, t), sd, w if head is not None else None)  # (sCM Eq. 4)
                     gn = torch.zeros((), device=env.device)
                 else:
-                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (S4)
-                    L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (S8)-(S13)
+                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (sCM Alg. 1)
+                    L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (sCM Sec. 4 to sCM Eq. 8)
                 scaler.scale(L / cfg.accum).backward()
                 # ----------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), gn]) / cfg.accum
@@ -594,7 +597,7 @@ def train(cfg, given, env):
         if logging:
             scalars = dict(loss=stats[0], grad_norm=grad_norm)
             if mode != "diffusion":
-                scalars.update(g_raw_norm=stats[1], r=r)  # pitfall 11: judge by the raw tangent, not the loss
+                scalars.update(g_raw_norm=stats[1], r=r)  # judge by the raw tangent, not the loss
             if head is not None:
                 with torch.no_grad():
                     scalars.update({f"w_{v:g}": x for v, x in zip(probe_t.tolist(), head(probe_t))})
