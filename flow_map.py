@@ -1,32 +1,32 @@
 """Flow maps: Lagrangian/Eulerian/progressive self-distillation, MeanFlow, direct FMM, and LMD/EMD distillation.
 
-Papers: Boffi, Albergo, Vanden-Eijnden, "Flow Map Matching", arXiv 2406.07507 (FMM, LMD/EMD);
-        Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: learning flow maps via
-        self-distillation", arXiv 2505.18825 (LSD, ESD, PSD);
-        Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
-Spec:   ../shared/specs/flow_map.md (equation numbers (F1)-(F18) below refer to it).
+Papers: Boffi, Albergo, Vanden-Eijnden, "Flow Map Matching", arXiv 2406.07507 (FMM, LMD/EMD); Boffi, Albergo,
+Vanden-Eijnden, "How to build a consistency model: learning flow maps via self-distillation", arXiv 2505.18825
+(LSD, ESD, PSD); Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
+Docs:   docs/flow_map.md (conventions, the objectives, derivations, the CIFAR-10 recipes with sources).
 
-The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE
-dx/dt = b_t(x) to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x), so that the
-tangent condition phi(t, t, .) = b_t makes one network learn two things: the velocity, by flow matching on the
-diagonal s = t (F5), and the jumps off the diagonal, from an identity the exact map satisfies: the Lagrangian
-equation dX/dt = b(X) (LSD (F6), LMD (F14), FMM (F12)), the Eulerian equation dX/ds + grad X . b = 0 (ESD (F8),
-MeanFlow (F10), EMD (F15)) or the semigroup X_{u,t} o X_{s,u} = X_{s,t} (PSD (F7)). A sample is N composed
-jumps on the uniform grid k/N from noise, N chosen at sampling time (F18); more steps never hurt the exact map.
+The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE dx/dt = b_t(x)
+to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x), so that the tangent condition phi(t,
+t, .) = b_t makes one network learn two things: the velocity, by flow matching on the diagonal s = t (the diagonal
+(flow-matching) term, Boffi losses.py diagonal_term), and the jumps off the diagonal, from an identity the exact
+map satisfies: the Lagrangian equation dX/dt = b(X) (LSD (LSD, Boffi losses.py lsd_term), LMD (LMD), FMM (FMM,
+Boffi et al. 2024)), the Eulerian equation dX/ds + grad X . b = 0 (ESD (ESD, Boffi losses.py esd_term), MeanFlow
+(MeanFlow Eq. 9 in this convention), EMD (EMD)) or the semigroup X_{u,t} o X_{s,u} = X_{s,t} (PSD (PSD, Boffi
+losses.py psd_term)). A sample is N composed jumps on the uniform grid k/N from noise, N chosen at sampling time
+(Boffi sample); more steps never hurt the exact map.
 
-Convention (written into every checkpoint): the stochastic interpolant I_t = alpha_t x0 + beta_t x1 with
-x0 ~ N(0, sigma0^2 I) noise at t = 0 and x1 data at t = 1 (linear: alpha = 1 - t, beta = t); the network F gets
-(x / sigma0; s, t - s) and phi = sigma0 F. MeanFlow (data at t = 0) and the rectified-flow teacher (noise at
-t = 1) are converted into it by `meanflow_to_flow_map` (F11) and `rf_velocity` (F13).
+Convention (written into every checkpoint): the stochastic interpolant I_t = alpha_t x0 + beta_t x1 with x0 ~ N(0,
+sigma0^2 I) noise at t = 0 and x1 data at t = 1 (linear: alpha = 1 - t, beta = t); the network F gets (x / sigma0;
+s, t - s) and phi = sigma0 F. MeanFlow (data at t = 0) and the rectified-flow teacher (noise at t = 1) are
+converted into it by `meanflow_to_flow_map` (docs/flow_map.md, "MeanFlow in the t = 0-noise convention") and
+`rf_velocity` (docs/flow_map.md, "A rectified-flow teacher as a flow-map velocity").
 
-    python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
-    python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd
-    python flow_map.py --data points.npy --out runs/fm-mine
-    python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
-    torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow]
-    python flow_map.py sample --ckpt runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png
-    python flow_map.py fid --ckpt runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8
-"""
+python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
+python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd python flow_map.py
+--data points.npy --out runs/fm-mine python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
+torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow] python flow_map.py sample --ckpt
+runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png python flow_map.py fid --ckpt
+runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8"""
 import contextlib, dataclasses, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -50,7 +50,7 @@ def convention(interpolant, sigma0):
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
-    mode: Literal["lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd"] = "lsd"  # the objective (spec §1 table)
+    mode: Literal["lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd"] = "lsd"  # the objective
     data: str = "checkerboard"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/flow_map-lsd-toy"  # run folder
@@ -66,18 +66,18 @@ class Config:
     depth: Optional[int] = None  # MLP depth (None: common's 3)
     time_channels: Optional[int] = None  # U-Net time-embedding channels (None: the net's; 256 on CIFAR-10)
     dropout: float = 0.0  # on in the diagonal term and MeanFlow, off in the other off-diagonal terms
-    # the method (spec §2-3)
-    interpolant: Literal["linear", "trig"] = "linear"  # (F1); trig only for lsd, psd, esd, fmm
-    sigma0: Optional[float] = None  # base std = preconditioner; None: teacher's / data RMS / 0.5 / 1.0 (spec §2)
+    # the method
+    interpolant: Literal["linear", "trig"] = "linear"  # Boffi et al. §2; trig only for lsd, psd, esd, fmm
+    sigma0: Optional[float] = None  # base std = preconditioner; None: teacher's / data RMS / 0.5 / 1.0
     diag_frac: Optional[float] = None  # share of diagonal rows; None: 0.75 (Boffi), 0.25 for lmd/emd (project)
     pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (Boffi _sample_triangle sorts) or both
-    psd_type: Literal["uniform", "midpoint"] = "uniform"  # (F7) h ~ U(0, 1) or h = 1/2
-    esd_stopgrad: Literal["full", "convex"] = "full"  # (F8) grad X . b under no_grad, or only b stopped
-    lambda_inv: float = 1.0  # (F12) invertibility term of the direct FMM loss (0: Boffi's JAX code)
-    time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler (spec §3.6; py-meanflow cifar10_v0/v1.sh)
-    learned_weight: bool = False  # (F16) l <- exp(-w(s,t)) l + w(s,t) with a zero-initialised WeightHead
-    adaptive_p: float = 0.75  # (F16) adaptive weighting l / sg(l + c)^p of meanflow and emd (py-meanflow)
-    adaptive_c: float = 1e-3  # (F16) c of the adaptive weighting
+    psd_type: Literal["uniform", "midpoint"] = "uniform"  # (PSD, Boffi losses.py psd_term) h ~ U(0, 1) or h = 1/2
+    esd_stopgrad: Literal["full", "convex"] = "full"  # ESD (esd_term): grad X . b under no_grad, or only b stopped
+    lambda_inv: float = 1.0  # (FMM, Boffi et al. 2024) invertibility term of the direct FMM loss (0: Boffi's JAX code)
+    time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler
+    learned_weight: bool = False  # Boffi losses.py: l <- exp(-w(s,t)) l + w(s,t), a zero-initialised WeightHead
+    adaptive_p: float = 0.75  # adaptive weighting l / sg(l + c)^p of meanflow and emd (MeanFlow §4)
+    adaptive_c: float = 1e-3  # (learned weight, Boffi losses.py) c of the adaptive weighting
     # optimisation
     iters: int = 2000  # optimiser steps
     batch: int = 1024  # global batch per optimiser step (split over ranks and accumulation rounds)
@@ -92,7 +92,7 @@ class Config:
     xflip: bool = False  # random horizontal flips
     augment: float = 0.0  # EDM's augmentation probability p as py-meanflow v0 runs it (mode meanflow; 0 off)
     arch: Literal["edm", "py-meanflow"] = "edm"  # py-meanflow: its v0 SongUNet (concatenated times, [1,3,3,1], q|k|v)
-    # sampling (F18)
+    # sampling (Boffi sample)
     sampler: Literal["map", "ode"] = "map"  # map: N jumps on k/N; ode: Euler on b = phi(t, t, .) (diagnostic)
     # logging and evaluation
     log_every: int = 200  # steps between log lines
@@ -136,8 +136,8 @@ PY_MEANFLOW_NET = dict(time_combine="concat", resample_filter=[1, 3, 3, 1], qkv_
 MEANFLOW_AUGMENT = dict(xflip=1e8, scale=1, aniso=1, translate_frac=1)
 
 _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=False))
-PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
-    # toy: Boffi's 2-D setting (no weighting, clip 10). The spec's 256x4 MLP at 2048 x 4000 takes ~15 min on one
+PRESETS = {  # nested dicts apply to one --mode
+    # toy: Boffi's 2-D setting (no weighting, clip 10). A 256x4 MLP at 2048 x 4000 takes ~15 min on one
     # CPU thread here (measured ~4.5k img/s for 256x4, ~7.5k for 128x3), so the toy preset uses common's 128x3 MLP
     # at 512 x 1000 (about a minute); the bigger recipe stays available by flags.
     "toy": dict(data="checkerboard", net="mlp", width=128, depth=3, batch=512, iters=1000, lr=1e-3, clip=10.0,
@@ -148,8 +148,8 @@ PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
                   warmup=2000, clip=1.0, ema=0.9995, xflip=True, learned_weight=True, log_every=500,
                   ckpt_every=5000, eval_n=64, fid_every=5000, fid_n=10_000, **_NO_LEARNED),
     # cifar10: Boffi py/configs/cifar10.py for lsd/psd/esd/fmm (batch 512 x 400k, dropout 0.13, clip 1, learned
-    # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with a 10 Mimg warm-up from py-meanflow (spec §5:
-    # Boffi's RAdam 1e-2 needs EDM2's normalised weights); time_channels 256 = py-meanflow's noise mult 2.
+    # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with a 10 Mimg warm-up from py-meanflow; time_channels
+    # 256 = py-meanflow's noise mult 2.
     # precision: fp32 with TF32 off (py-meanflow trains without autocast; NVlabs/FastGen's MeanFlow config sets
     # trainer.tf32_enabled False, configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
@@ -168,19 +168,19 @@ PRESETS = {  # spec §5; nested dicts apply to one --mode (common.md §9)
 }
 
 
-# =========================================================================== method: the maths (spec §2-3)
+# =========================================================================== method: the maths
 def bc(v, x):
     """A per-sample vector (B,) broadcast against x (B, ...)."""
     return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
 def sumsq(r):
-    """Per-sample sum over coordinates/pixels (spec §3.1 reduction)."""
+    """Per-sample sum over coordinates/pixels."""
     return r.square().flatten(1).sum(1)
 
 
 def coeffs(t, interpolant="linear"):
-    """(F1) alpha_t, beta_t and their time derivatives."""
+    """The stochastic interpolant, Boffi et al. §2: alpha_t, beta_t and their time derivatives."""
     if interpolant == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     a = 0.5 * math.pi * t
@@ -188,33 +188,37 @@ def coeffs(t, interpolant="linear"):
 
 
 def interpolate(x0, x1, t, interpolant="linear"):
-    """(F1) I_t = alpha_t x0 + beta_t x1 and dI_t/dt = alpha'_t x0 + beta'_t x1."""
+    """The stochastic interpolant, Boffi et al. §2: I_t = alpha_t x0 + beta_t x1 and dI_t/dt = alpha'_t x0 +
+    beta'_t x1."""
     al, be, dal, dbe = (bc(c, x0) for c in coeffs(t, interpolant))
     return al * x0 + be * x1, dal * x0 + dbe * x1
 
 
 def net_phi(net, sigma0, aug=None):
-    """(F3) phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and Delta = t - s; `aug`:
-    augmentation labels of the whole batch (mode meanflow only), None at sampling."""
+    """The map, Boffi et al. §3: phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and
+    Delta = t - s; `aug`: augmentation labels of the whole batch (mode meanflow only), None at sampling."""
     kw = {} if aug is None else dict(aug=aug)
     return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s, **kw)
 
 
 def flow_map(phi, x, s, t):
-    """(F3) X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly; phi(t, t, .) = b_t is (F4)."""
+    """The map, Boffi et al. §3: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly; phi(t, t, .) = b_t is
+    (b_t = phi(t, t, .))."""
     return x + bc(t - s, x) * phi(x, s, t)
 
 
 def meanflow_to_flow_map(u):
-    """(F11) a MeanFlow average velocity u(z, r, t) (data at time 0, r <= t, z_r = z_t - (t - r) u) as this file's
-    phi(x, s, t) = -u(x, 1 - t, 1 - s): s = 1 - t_MF, t = 1 - r_MF."""
+    """Docs/flow_map.md, "MeanFlow in the t = 0-noise convention": a MeanFlow average velocity u(z, r, t) (data at
+    time 0, r <= t, z_r = z_t - (t - r) u) as this file's phi(x, s, t) = -u(x, 1 - t, 1 - s): s = 1 - t_MF, t = 1 -
+    r_MF."""
     return lambda x, s, t: -u(x, 1 - t, 1 - s)
 
 
 def rf_velocity(v_T, t_eps=0.0):
-    """(F13) b_T(t, y) = -v_T(y, 1 - t): a rectified-flow velocity (x_tau = (1 - tau) x + tau z, v = z - x, tau = 1
-    noise) in this file's convention (same noise std, linear interpolant: I_t = x_{tau = 1 - t}). tau is clamped to
-    the teacher's training range [t_eps, 1 - t_eps]."""
+    """Docs/flow_map.md, "A rectified-flow teacher as a flow-map velocity": b_T(t, y) = -v_T(y, 1 - t): a
+    rectified-flow velocity (x_tau = (1 - tau) x + tau z, v = z - x, tau = 1 noise) in this file's convention (same
+    noise std, linear interpolant: I_t = x_{tau = 1 - t}). tau is clamped to the teacher's training range [t_eps, 1
+    - t_eps]."""
     return lambda t, y: -v_T(y, (1 - t).clamp(t_eps, 1 - t_eps))
 
 
@@ -245,13 +249,15 @@ def jvp_safe(net):
 
 
 def diagonal_term(phi, I, target, t):
-    """(F5) l = |phi(t, t, I_t) - target|^2, target = dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
+    """(the diagonal (flow-matching) term, Boffi losses.py diagonal_term) l = |phi(t, t, I_t) - target|^2, target =
+    dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
     return sumsq(phi(I, t, t) - target)
 
 
 def lsd_term(phi, b, I, s, t):
-    """(F6)/(F14) Lagrangian: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with (X, dX/dt) from one jvp in t
-    (Delta = t - s recomputed inside). b: the online network's phi(t, t, .) (LSD) or the teacher (LMD)."""
+    """(LSD, Boffi losses.py lsd_term)/(LMD) Lagrangian: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with
+    (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online network's phi(t, t, .) (LSD) or
+    the teacher (LMD)."""
     X, dX = jvp(lambda tt: flow_map(phi, I, s, tt), (t,), (torch.ones_like(t),))
     with torch.no_grad():
         target = b(t, X.detach())
@@ -259,7 +265,7 @@ def lsd_term(phi, b, I, s, t):
 
 
 def psd_term(phi, I, s, t, h):
-    """(F7) progressive: u = h s + (1 - h) t,
+    """PSD, Boffi losses.py psd_term: progressive: u = h s + (1 - h) t,
     l = |phi(s, t, I_s) - sg[(1 - h) phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
     u = h * s + (1 - h) * t
     with torch.no_grad():
@@ -268,8 +274,8 @@ def psd_term(phi, I, s, t, h):
 
 
 def esd_term(phi, I, s, t, stopgrad="full"):
-    """(F8) Eulerian: R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg phi(s, s, I_s); l = |R|^2.
-    full: grad X . b^ under no_grad; convex: only b^ stopped."""
+    """ESD, Boffi losses.py esd_term: Eulerian: R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg
+    phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad; convex: only b^ stopped."""
     with torch.no_grad():
         b_hat = phi(I, s, s)
     _, dXds = jvp(lambda ss: flow_map(phi, I, ss, t), (s,), (torch.ones_like(s),))
@@ -279,28 +285,31 @@ def esd_term(phi, I, s, t, stopgrad="full"):
 
 
 def meanflow_term(phi, I, s, t, v):
-    """(F10)/(F15) phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of (s', x') -> phi(s', t, x') with
-    tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds (MeanFlow) or sg b_T(s, I_s) (EMD)."""
+    """(MeanFlow Eq. 9 in this convention)/(EMD) phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of
+    (s', x') -> phi(s', t, x') with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds
+    (MeanFlow) or sg b_T(s, I_s) (EMD)."""
     ph, D = jvp(lambda ss, x: phi(x, ss, t), (s, I), (torch.ones_like(s), v))
     target = (v + bc(t - s, I) * D).detach()
     return sumsq(ph - target)
 
 
 def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
-    """(F12) direct FMM: y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one jvp in t at fixed y;
-    l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The gradient flows through y and the jvp."""
+    """FMM, Boffi et al. 2024: direct FMM: y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one
+    jvp in t at fixed y; l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The gradient flows
+    through y and the jvp."""
     y = flow_map(phi, It, t, s)
     X, dX = jvp(lambda tt: flow_map(phi, y, s, tt), (t,), (torch.ones_like(t),))
     return sumsq(dX - dIt) + lambda_inv * sumsq(X - It)
 
 
 def adaptive_weight(l, p=0.75, c=1e-3):
-    """(F16) adaptive: l / sg(l + c)^p (MeanFlow)."""
+    """Learned weight, Boffi losses.py: adaptive: l / sg(l + c)^p (MeanFlow)."""
     return l / (l.detach() + c) ** p
 
 
 def learned_weight(l, w):
-    """(F16) learned: exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on the diagonal w(t, t))."""
+    """Learned weight, Boffi losses.py: learned: exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on
+    the diagonal w(t, t))."""
     return torch.exp(-w) * l + w
 
 
@@ -316,7 +325,7 @@ def diag_rows(B, diag_frac):
 
 
 def sample_times(B, cfg, device):
-    """(s, t, n_d) for one local batch (spec §3.1, §3.6); fp32 vectors.
+    """S, t, n_d: for one local batch; fp32 vectors.
     Flow-map modes: rows [0, n_d) have s = t = tau ~ U[0, 1]; the rest s, t i.i.d. U[0, 1], sorted to s <= t with
     pair_order forward (fmm always keeps both orders). MeanFlow v0: a, b ~ LN(2, 2), s = min, t = max, t := s w.p.
     0.25; v1: s ~ LN(0.6, 1.6), t ~ LN(4, 1.6), t := s w.p. 0.25, t := max(t, s). (n_d = 0: the whole batch.)"""
@@ -338,13 +347,14 @@ def sample_times(B, cfg, device):
 
 
 def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None, aug=None):
-    """Per-sample weighted l_i (B,) and the unweighted l_i, of one local batch (spec §3). `net` is the raw module
-    (JVPs); `fast` (default `net`), e.g. the torch.compile'd network, runs the forwards without a JVP (diagonal,
-    PSD); teacher_b: (F13) for lmd/emd; aug: EDM's augmentation labels of the batch (mode meanflow)."""
+    """Per-sample weighted l_i (B,) and the unweighted l_i, of one local batch. `net` is the raw module (JVPs);
+    `fast` (default `net`), e.g. the torch.compile'd network, runs the forwards without a JVP (diagonal, PSD);
+    teacher_b: (docs/flow_map.md, "A rectified-flow teacher as a flow-map velocity") for lmd/emd; aug: EDM's
+    augmentation labels of the batch (mode meanflow)."""
     phi = net_phi(net, cfg.sigma0, aug)
     phi_fast = net_phi(fast if fast is not None else net, cfg.sigma0)
     fp32 = lambda: C.strict_fp32(env.device)  # every block with a JVP: fp32, TF32 off
-    if cfg.mode == "meanflow":  # (F10) whole batch, dropout on, fp32
+    if cfg.mode == "meanflow":  # (MeanFlow Eq. 9 in this convention) whole batch, dropout on, fp32
         with fp32():
             I, dI = interpolate(x0, x1, s, cfg.interpolant)
             l = meanflow_term(phi, I, s, t, dI)
@@ -354,7 +364,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None,
         if teacher_b is not None:
             with torch.no_grad(), fp32():
                 dId = teacher_b(t[:nd], Id)  # lmd/emd: the teacher's velocity is the diagonal target
-        with C.autocast(env):  # (F5) bf16 allowed, dropout on
+        with C.autocast(env):  # the diagonal term (Boffi losses.py diagonal_term): bf16 allowed, dropout on
             parts.append(diagonal_term(phi_fast, Id, dId, t[:nd]).float())
         if nd < len(x0):  # off-diagonal rows, dropout off (Boffi: train=True only in diagonal_term)
             x0o, x1o, so, to = x0[nd:], x1[nd:], s[nd:], t[nd:]
@@ -393,14 +403,14 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None,
 
 
 def time_grid(N):
-    """(F18) uniform grid t_k = k / N, k = 0..N (0 noise, 1 data)."""
+    """Boffi sample: uniform grid t_k = k / N, k = 0..N (0 noise, 1 data)."""
     return [k / N for k in range(N + 1)]
 
 
 @torch.no_grad()
 def sample(net, rng, shape, N, cfg, env, clip=True):
-    """(F18) x_0 = sigma0 eps (per sample index), x_{k+1} = X(t_k, t_{k+1}, x_k) on t_k = k / N: exactly N calls.
-    sampler ode: Euler on b(t, x) = phi(t, t, x) instead (a diagnostic separating velocity and map errors)."""
+    """Boffi sample: x_0 = sigma0 eps (per sample index), x_{k+1} = X(t_k, t_{k+1}, x_k) on t_k = k / N: exactly N
+    calls. sampler ode: Euler on b(t, x) = phi(t, t, x) instead (a diagnostic separating velocity and map errors)."""
     phi = net_phi(net, cfg.sigma0)
     x = cfg.sigma0 * rng.randn(len(rng.gens), *shape)
     grid = time_grid(N)
@@ -455,9 +465,10 @@ EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released n
 
 
 def load_teacher(path, env, shape):
-    """A rectified_flow.py checkpoint -> (b_T(t, y) of (F13), teacher noise std). Rebuilt from its `net` with its EMA
-    weights; a wrong method or convention, another data shape or a class-conditional teacher is a UserError. An EDM
-    network pickle (.pkl) -> its denoiser as a rectified-flow velocity (edm_rf_velocity), noise std 1."""
+    """A rectified_flow.py checkpoint -> (b_T(t, y) of (docs/flow_map.md, "A rectified-flow teacher as a flow-map
+    velocity"), teacher noise std). Rebuilt from its `net` with its EMA weights; a wrong method or convention,
+    another data shape or a class-conditional teacher is a UserError. An EDM network pickle (.pkl) -> its denoiser
+    as a rectified-flow velocity (edm_rf_velocity), noise std 1."""
     if path and path.endswith(".pkl") and (os.path.isfile(path) or os.path.basename(path).startswith("edm-")):
         if not os.path.isfile(path):
             raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and "
@@ -492,7 +503,7 @@ def load_teacher(path, env, shape):
 
 
 def choose_sigma0(cfg, data, teacher_std):
-    """Spec §2: the teacher's noise std (lmd/emd; a different --sigma0 is an error), the RMS of the per-coordinate
+    """The teacher's noise std (lmd/emd; a different --sigma0 is an error), the RMS of the per-coordinate
     std of 2-D data, 0.5 for images (1.0 for meanflow)."""
     if teacher_std is not None:
         if cfg.sigma0 is not None and abs(cfg.sigma0 - teacher_std) > 1e-12:
@@ -510,7 +521,7 @@ def choose_sigma0(cfg, data, teacher_std):
 
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
-    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the toy metrics of common.md §9."""
+    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the toy metrics of docs/common.md"""
     shape, t0 = sample_shape(C.unwrap(net).config), time.time()
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
     n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
@@ -634,7 +645,7 @@ def train(cfg, given):
             x0 = cfg.sigma0 * torch.randn_like(x1)  # noise at t = 0
             s, t, nd_rows = sample_times(per_rank, cfg, env.device)
             l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model, aug=aug)
-            L = l_w.mean()  # (F17) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
+            L = l_w.mean()  # (Boffi losses.py setup_loss) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
             scaler.scale(L / cfg.accum).backward()
             # ------------------------------------------------------------------------------------------
             diag = (s == t).float()
@@ -658,7 +669,7 @@ def train(cfg, given):
             guard.checkpoint(step, step == cfg.iters, state, gens)
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
-        if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint (pitfall 13)
+        if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint
             shape = sample_shape(ema.model.config)
             fid(step, {f"{N} steps": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
     if ck is None and cfg.iters == 0:
