@@ -1,8 +1,8 @@
 """GDD / GDD-I: a diffusion (flow) teacher made a one-step generator by a GAN loss alone.
 
 Paper: Zheng & Yang, "Diffusion Models Are Innate One-Step Generators", arXiv 2405.20750 (GDD, GDD-I); the ICML 2025
-version, arXiv 2506.09376, calls them D2O and D2O-F. Spec: ../shared/specs/distributional.md (equation numbers
-(0)-(12) below refer to it).
+version, arXiv 2506.09376, calls them D2O and D2O-F. Derivations and the CIFAR-10 recipe with sources:
+docs/distributional.md; "GDD §n" is the paper's, file names are Zyriix/GDD's.
 
 The method in a few lines. A pretrained flow teacher's clean-data prediction at the pure-noise end is already a
 one-step generator, G(z) = z - v(z, t_g): at step 0 it is exactly the teacher (for a 1-RF teacher at t_g = 1, its
@@ -54,34 +54,34 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: Optional[str] = None  # G's autocast (bf16 on CUDA); D, logits, losses and R1 always fp32
     compile: bool = False  # torch.compile the generator
-    # in-file teacher, Eq. (0) (toy/tiny only; project choice so that the file runs alone)
+    # in-file teacher (toy/tiny only; project choice so that the file runs alone)
     teacher_net: str = "mlp"  # network of the in-file teacher: mlp (points) or tiny/small/ddpmpp (images)
     teacher_iters: int = 2000  # its flow-matching steps; 0: --teacher is required
     teacher_batch: int = 512  # its batch
     teacher_lr: float = 1e-3  # its Adam learning rate
-    # the method (spec §3)
+    # the method
     freeze: Literal["none", "gdd_i"] = "none"  # none = GDD (all weights), gdd_i = GDD-I (Eq. 9 frozen)
     disc: Literal["mlp", "scratch", "teacher", "projected"] = "mlp"  # discriminator; `projected` is GDD's own
     cond: bool = False  # class-conditional G and D (fake labels = the real batch's labels)
-    loss: Literal["ns", "hinge"] = "ns"  # non-saturating (3)-(4) or hinge (12)
-    r1_gamma: Optional[float] = None  # R1 gamma in this file's batch-mean convention (5); None: see r1_gamma_gdd
+    loss: Literal["ns", "hinge"] = "ns"  # non-saturating (GDD §3 / training/loss.py) or hinge
+    r1_gamma: Optional[float] = None  # R1 gamma, batch-mean convention (Mescheder et al. 2018); None: r1_gamma_gdd
     r1_gamma_gdd: Optional[float] = None  # R1 gamma in GDD's convention (its --r1-gamma), converted with the real K
     #   (gamma_from_gdd); None: 1e-4 (train.sh) for `projected`, R1_DEFAULT (batch-mean) for the others
     r1_gdd_batch: int = 0  # per-GPU batch at which r1_gamma_gdd is meant (GDD's CIFAR-10 run: 64); 0: this run's
-    r1_interval: int = 16  # lazy R1 every r steps with gain r (6)
+    r1_interval: int = 16  # lazy R1 every r steps with gain r (lazy R1, StyleGAN2 §3.1)
     d_t: float = 0.1  # instance-noise level of the `teacher` D: x~ = (1 - d_t) x + d_t eps
     diffaug: str = ""  # DiffAugment policy inside D, e.g. "color,translation,cutout" (`scratch` default)
     proj_seed: int = 0  # seed of the `projected` D's fixed random projections (not --seed)
     disc_backbones: str = "vgg,effnet"  # `projected` D: GDD's two (effnet needs timm); "vgg" = VGG16-BN alone
     disc_weights: Literal["imagenet", "random"] = "imagenet"  # `projected` backbones; random: stand-in for tests
-    # optimisation (7)-(8)
+    # optimisation (StyleGAN2 §3.1, lazy regularisation; EDM's EMA ramp, training_loop.py)
     iters: int = 2000  # G/D iterations
     batch: int = 512  # global batch B per step (split over ranks)
     lr_g: float = 1e-4  # G Adam lr, betas (0, 0.99), eps 1e-8
     lr_d: float = 1e-4  # D Adam lr (x r/(r+1) for lazy R1), betas (0, 0.99^(r/(r+1)))
     lr_schedule: Literal["const", "cosine"] = "const"  # cosine: both lrs x (1 + cos(pi step / iters)) / 2 (toy)
-    ema_halflife_img: float = 5e5  # EMA half-life H in images (8); 0: no EMA (a copy of G)
-    ema_rampup: Optional[float] = 0.05  # EMA ramp rho: h = min(H, rho n_img) (8)
+    ema_halflife_img: float = 5e5  # EMA half-life H in images (EDM training_loop.py); 0: no EMA (a copy of G)
+    ema_rampup: Optional[float] = 0.05  # EMA ramp rho: h = min(H, rho n_img) (EDM's EMA ramp, training_loop.py)
     # logging and evaluation
     log_every: int = 200  # steps between log lines
     ckpt_every: int = 1000  # steps between checkpoints (and at the end)
@@ -121,8 +121,8 @@ RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0
 R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013)  # batch-mean gamma; `projected`: GDD's 1e-4, gamma_from_gdd
 R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
 
-PRESETS = {  # spec §5
-    # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher (0) 2,000 x 512, Adam 1e-3
+PRESETS = {
+    # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher 2,000 x 512, Adam 1e-3
     "toy": dict(data="8gaussians", teacher_net="mlp", teacher_iters=2000, teacher_batch=512, teacher_lr=1e-3,
                 disc="mlp", freeze="none", batch=512, iters=2000, lr_g=1e-4, lr_d=1e-4, r1_interval=16,
                 ema_halflife_img=5e5, ema_rampup=0.05, log_every=200, ckpt_every=1000, eval_n=4000),
@@ -157,15 +157,16 @@ PRESETS = {  # spec §5
 }
 
 
-# =========================================================================== method: the maths (spec §3)
+# =========================================================================== method: the maths
 def t_g_of(teacher_config):
-    """§2: the largest t the teacher was trained on: 1 - t_eps of its recorded range [t_eps, 1 - t_eps] (2-RF: 1e-5),
+    """The largest t the teacher was trained on: 1 - t_eps of its recorded range [t_eps, 1 - t_eps] (2-RF: 1e-5),
     1 for a 1-RF (t ~ U[0, 1] closed)."""
     return 1.0 - float(teacher_config.get("t_eps", 0.0) or 0.0)
 
 
 def G(net, z, t_g, y=None):
-    """(1) x_fake = G(z, y) = z - v(z, t_g 1, y): the teacher's clean prediction at the noise end, one call."""
+    """GDD §3, the generator: x_fake = G(z, y) = z - v(z, t_g 1, y): the teacher's clean prediction at the noise
+    end, one call."""
     return z - net(z, torch.full((z.shape[0],), t_g, device=z.device), y=y)
 
 
@@ -205,16 +206,18 @@ def inner(nd):
 
 
 def frozen(name):
-    """(9) GDD-I as Zyriix/GDD's code decides it (train.py --freeze=1: freeze_layer = ['conv', 'proj']; training/
-    loss.py: frozen iff the parameter's name holds 'block' or 'in' and one of those): the 3x3 convolutions and the
-    attention output projections of the residual blocks (enc/dec *_block*, the middle dec *_in0/_in1; the MLP's
-    blocks); the resampling blocks *_down/*_up, whose names hold neither, keep training, as in GDD's runs."""
+    """GDD-I as Zyriix/GDD's code decides it (train.py --freeze=1: freeze_layer = ['conv', 'proj']; training/loss.py:
+    frozen iff the parameter's name holds 'block' or 'in' and one of those):
+    the 3x3 convolutions and the attention output projections of the residual blocks (enc/dec *_block*, the middle
+    dec *_in0/_in1; the MLP's blocks); the resampling blocks *_down/*_up, whose names hold neither, keep training,
+    as in GDD's runs."""
     return ("block" in name or "in" in name) and ("conv" in name or "proj" in name)
 
 
 def make_generator(teacher, freeze="none"):
-    """(2) G's weights = a copy of the teacher's EMA weights (own storage); GDD-I applies (9) once: frozen tensors get
-    requires_grad=False before any optimiser or DDP sees them, and nothing ever turns them back on."""
+    """GDD §3, initialisation: G's weights = a copy of the teacher's EMA weights (own storage); GDD-I applies
+    `frozen` once: frozen tensors get requires_grad=False before any optimiser or DDP sees
+    them, and nothing ever turns them back on."""
     g = copy.deepcopy(teacher).train().requires_grad_(True)
     if freeze == "gdd_i":
         for n, p in g.named_parameters():
@@ -230,8 +233,9 @@ def _mean(v, groups=None):
 
 
 def d_loss(real, fake, kind="ns", groups=None):
-    """(3) L_D = mean softplus(-D(x)) + mean softplus(D(sg[G(z')])); (12) hinge: mean relu(1 - D(x)) + mean relu(1 + D).
-    Means over images and all K logits (batch-mean convention; per backbone, summed, with `groups`), in fp32."""
+    """GDD §3, the D loss: L_D = mean softplus(-D(x)) + mean softplus(D(sg[G(z')])); hinge: mean relu(1 - D(x)) +
+    mean relu(1 + D). Means over images and all K logits (batch-mean convention; per backbone, summed, with
+    `groups`), in fp32."""
     real, fake = real.float(), fake.float()
     if kind == "hinge":
         return _mean(F.relu(1 - real), groups) + _mean(F.relu(1 + fake), groups)
@@ -239,15 +243,16 @@ def d_loss(real, fake, kind="ns", groups=None):
 
 
 def g_loss(fake, kind="ns", groups=None):
-    """(4) L_G = mean softplus(-D(G(z))) (non-saturating); (12) hinge: -mean D(G(z)). `groups` as d_loss."""
+    """GDD §3, the G loss: L_G = mean softplus(-D(G(z))) (non-saturating); hinge: -mean D(G(z)). `groups` as d_loss."""
     fake = fake.float()
     return -_mean(fake, groups) if kind == "hinge" else _mean(F.softplus(-fake), groups)
 
 
 def r1_penalty(D, x, y, gamma):
-    """(5) R1 = (gamma/2) mean_i |grad_{x_i} Dbar(x_i, y_i)|^2, Dbar = mean_k D_k over all K logits, on the raw real
-    tensor (augmentation, if any, happens inside D); create_graph for the double backward. fp32 (r1_step: TF32 off).
-    gamma in this batch-mean convention; GDD's gamma converts with gamma_from_gdd."""
+    """R1 (Mescheder et al. 2018; GDD training/loss.py): R1 = (gamma/2) mean_i |grad_{x_i} Dbar(x_i, y_i)|^2, Dbar =
+    mean_k D_k over all K logits, on the raw real tensor (augmentation, if any, happens inside D); create_graph for
+    the double backward. fp32 (r1_step: TF32 off). gamma in this batch-mean convention; GDD's gamma converts with
+    gamma_from_gdd."""
     x = x.detach().float().requires_grad_(True)
     dbar = D(x, y).float().mean(1)
     (g,) = torch.autograd.grad(dbar.sum(), x, create_graph=True, allow_unused=True)
@@ -261,15 +266,15 @@ def gamma_from_gdd(gamma_gdd, K, B_gpu):
 
     GDD's D objective on one GPU with B_gpu images (Zyriix/GDD training/loss.py, GDDLoss; its D returns a list of
     per-image, per-backbone logit rows, pg_modules/discriminator.py): the D step minimises
-        sum_i sum_b mean_{k in b} [softplus(-D_k(x_i)) + softplus(D_k(G_i))]  =  B_gpu L_D        (L_D as d_loss, groups)
-    and the lazy R1 step (gain r) minimises r (gamma_GDD/2) mean_i |grad_{x_i} sum_k D_k|^2, the gradient of the *sum*
-    of all K logits (both backbones). sum_k D_k = K Dbar, so that term is r (gamma_GDD K^2 / 2) mean_i |grad Dbar|^2.
-    Dividing both steps by B_gpu (Adam, shared by the two steps, ignores one common factor up to its eps; DDP's
-    gradient average across GPUs is the same in both codes) leaves L_D and r (gamma/2) mean_i |grad Dbar|^2 with
-    gamma = gamma_GDD K^2 / B_gpu: r1_penalty with that gamma is GDD's R1 over B_gpu. B_gpu is GDD's per-GPU batch
-    (its CIFAR-10 run: 256 over 4 GPUs = 64), not a global one: the same gamma_GDD means a B_gpu-times weaker R1 per
-    image-mean loss on a larger per-GPU batch. CIFAR-10, K = 548, B_gpu = 64: 1e-4 -> 0.469225 (VGG alone, K = 484:
-    0.366025)."""
+        sum_i sum_b mean_{k in b} [softplus(-D_k(x_i)) + softplus(D_k(G_i))]  =  B_gpu L_D
+    (L_D as d_loss with groups), and the lazy R1 step (gain r) minimises r (gamma_GDD/2) mean_i |grad_{x_i} sum_k
+    D_k|^2, the gradient of the *sum* of all K logits (both backbones). sum_k D_k = K Dbar, so that term is
+    r (gamma_GDD K^2 / 2) mean_i |grad Dbar|^2. Dividing both steps by B_gpu (Adam, shared by the two steps, ignores
+    one common factor up to its eps; DDP's gradient average across GPUs is the same in both codes) leaves L_D and
+    r (gamma/2) mean_i |grad Dbar|^2 with gamma = gamma_GDD K^2 / B_gpu: r1_penalty with that gamma is GDD's R1 over
+    B_gpu. B_gpu is GDD's per-GPU batch (its CIFAR-10 run: 256 over 4 GPUs = 64), not a global one: the same
+    gamma_GDD means a B_gpu-times weaker R1 per image-mean loss on a larger per-GPU batch. CIFAR-10, K = 548,
+    B_gpu = 64: 1e-4 -> 0.469225 (VGG alone, K = 484: 0.366025)."""
     return gamma_gdd * K ** 2 / B_gpu
 
 
@@ -294,26 +299,28 @@ def resolve_gamma(cfg, given, K, per_rank):
 
 
 def d_adam_hparams(lr_d, r):
-    """(7) lazy regularisation: D Adam lr c lr_D, beta2 0.99^c, c = r / (r + 1) (StyleGAN2 §3.1)."""
+    """Lazy regularisation (StyleGAN2 §3.1): D Adam lr c lr_D, beta2 0.99^c, c = r / (r + 1)."""
     c = r / (r + 1)
     return lr_d * c, (0.0, 0.99 ** c)
 
 
 def ema_beta(n_img, B, H, rho):
-    """(8) EDM ramp: h = min(H, rho n_img), beta = 0.5^(B / max(h, 1e-8)) (what common.EMA computes)."""
+    """EDM's EMA ramp (training/training_loop.py): h = min(H, rho n_img), beta = 0.5^(B / max(h, 1e-8)) (what
+    common.EMA computes)."""
     h = H if rho is None else min(H, rho * n_img)
     return 0.5 ** (B / max(h, 1e-8))
 
 
 def time_grid(K, t_g):
-    """§6 (project extension): tau_k = t_g (1 - k/K), k = 0..K-1."""
+    """A project extension (GDD Sec. 6 discusses multi-step use): tau_k = t_g (1 - k/K), k = 0..K-1."""
     return [t_g * (1 - k / K) for k in range(K)]
 
 
 @torch.no_grad()
 def sample(net, rng, shape, K, t_g, labels=None):
-    """K = 1 is the method: x = G(z). K > 1 (§6): re-noise the clean estimate to tau_k and predict again,
-    x_tau = (1 - tau) x + tau eps_k, x <- x_tau - tau v(x_tau, tau). Noise per sample index from rng (z, then eps_k)."""
+    """K = 1 is the method: x = G(z). K > 1 (a project extension): re-noise the clean estimate to tau_k and predict
+    again, x_tau = (1 - tau) x + tau eps_k, x <- x_tau - tau v(x_tau, tau). Noise per sample index from rng (z,
+    then eps_k)."""
     x = G(net, rng.randn(len(rng.gens), *shape), t_g, labels).float()
     for tau in time_grid(K, t_g)[1:]:
         x_tau = (1 - tau) * x + tau * rng.randn(*x.shape)
@@ -368,10 +375,10 @@ def diff_augment(x, policy):
     return x
 
 
-# ---- discriminators (§3.4): each returns [B, K] logits; conditional ones project onto e(y) (10)
+# ---- discriminators: each returns [B, K] logits; conditional ones project onto e(y) (Miyato & Koyama 2018)
 class Projection(nn.Module):
-    """(10) D_k(x, y) = <phi_k(x), e(y)> / sqrt(c_e), c_e = 64, e a learned Embedding(num_classes, 64) per head;
-    unconditional heads emit one channel, passed through."""
+    """Projection D, Miyato & Koyama 2018: D_k(x, y) = <phi_k(x), e(y)> / sqrt(c_e), c_e = 64, e a learned
+    Embedding(num_classes, 64) per head; unconditional heads emit one channel, passed through."""
 
     def __init__(self, num_classes, c_e=64):
         super().__init__()
@@ -749,8 +756,9 @@ def teacher_net_dict(cfg, data):
 
 
 def train_teacher(cfg, data, env, path, log):
-    """(0) in-file 1-RF teacher (toy/tiny only): L = E (1/d)|v(x_t, t) - (z - x)|^2, t ~ U[0, 1], x_t = (1 - t) x + t z.
-    Written in rectified_flow.py's checkpoint format (method, convention, net, a subset of its Config, EMA = raw)."""
+    """The in-file 1-RF teacher (toy/tiny only): L = E (1/d)|v(x_t, t) - (z - x)|^2, t ~ U[0, 1],
+    x_t = (1 - t) x + t z. Written in rectified_flow.py's checkpoint format (method, convention, net, a subset of
+    its Config, EMA = raw)."""
     nd = teacher_net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
     net = C.distribute(raw, env)
@@ -778,8 +786,9 @@ def train_teacher(cfg, data, env, path, log):
 
 
 def load_teacher(path, cfg, data, log):
-    """A rectified_flow.py checkpoint -> (network with its EMA weights, dropout 0 (2), checkpoint, t_g). Strict; the
-    convention and method are checked verbatim; cond must match the teacher's label embedding."""
+    """A rectified_flow.py checkpoint -> (network with its EMA weights, dropout 0 (GDD §3, initialisation),
+    checkpoint, t_g). Strict; the convention and method are checked verbatim; cond must match the teacher's label
+    embedding."""
     if path.endswith(".pkl"):
         return _load_edm_teacher(path, cfg, data)
     ck = C.load_checkpoint(path)
@@ -809,11 +818,11 @@ def load_teacher(path, cfg, data, log):
     density = "uniform" if stage == "1rf" else tcfg.get("t_dist", "uniform")
     if density not in ("uniform", "ushape"):
         log.info(f"warning: the teacher's time density '{density}' puts almost no mass near t_g = {t_g:g}, so its "
-                 f"step-0 generator is barely trained (spec §2); a uniform-t 1-RF teacher is the tested setting.")
+                 f"step-0 generator is barely trained; a uniform-t 1-RF teacher is the tested setting.")
     if stage != "1rf":
         log.info(f"note: '{path}' is a {stage} checkpoint, already a one-step model; this run is an ablation "
                  f"outside the paper (its setting is a 1-RF teacher).")
-    nd["dropout"] = 0.0  # (2) the only allowed difference from the teacher's net dict
+    nd["dropout"] = 0.0  # (GDD §3, initialisation) the only allowed difference from the teacher's net dict
     net = C.build_net(nd)
     C.load_state_strict(net, ck["ema"])
     return net, ck, t_g
@@ -823,7 +832,8 @@ EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released n
 
 
 def _load_edm_teacher(path, cfg, data):
-    """An EDM network pickle -> (EDMGenerator with dropout 0 (2), a checkpoint-like dict, t_g = 1)."""
+    """An EDM network pickle -> (EDMGenerator with dropout 0 (GDD §3, initialisation), a checkpoint-like dict, t_g
+    = 1)."""
     if not os.path.exists(path) and os.path.basename(path).startswith("edm-"):
         raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and place "
                           f"it there.")
@@ -975,8 +985,9 @@ def d_precision(D, env):
 
 
 def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, guard=None):
-    """G step (1), (4): fresh z; D's trainable tensors flagged off (the stored list, so a frozen backbone stays frozen),
-    so L_G reaches G through D but updates no D tensor; gradients averaged over ranks; Adam step (see _step)."""
+    """G step (GDD §3, the generator and its loss): fresh z; D's trainable tensors flagged off (the stored list, so
+    a frozen backbone stays frozen), so L_G reaches G through D but updates no D tensor; gradients averaged over
+    ranks; Adam step (see _step)."""
     for p in d_params:
         p.requires_grad_(False)
     with amp():
@@ -993,8 +1004,8 @@ def g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, loss, env, amp, g
 
 
 def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp, guard=None):
-    """D step (3): fresh z', fakes made under no_grad (constants; pitfall 11); fake and real through D in separate
-    passes (pitfall 8), fake first as GDD (each training-mode pass advances the heads' spectral-norm power iteration);
+    """D step (GDD §3, the D loss): fresh z', fakes made under no_grad (constants); fake and real through D in separate
+    passes, fake first as GDD (each training-mode pass advances the heads' spectral-norm power iteration);
     fake labels = the real batch's labels."""
     with torch.no_grad(), amp():
         fake = G(gen_model, torch.randn_like(x), t_g, y).float()
@@ -1010,8 +1021,9 @@ def d_step(gen_model, D, d_params, opt_d, x, y, t_g, loss, env, amp, guard=None)
 
 
 def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
-    """Lazy R1 (5)-(6): one extra D update on r * R1 on the real batch (D only; G is not involved); fp32 with TF32 off
-    for every D (R1 and its double backward are precision-critical)."""
+    """Lazy R1 (Mescheder et al. 2018; StyleGAN2 §3.1; GDD training/loss.py): one extra D update on r * R1 on the
+    real batch (D only; G is not involved); fp32 with TF32 off for every D (R1 and its double backward
+    are precision-critical)."""
     with C.strict_fp32(env.device):
         R1 = r1_penalty(D, x, y, gamma)
         opt_d.zero_grad(set_to_none=True)
@@ -1032,8 +1044,8 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed", "teacher_net",
-                                                                 "teacher_iters", "teacher_batch", "teacher_lr"), log=say)
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
+                                "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"), log=say)
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")
@@ -1042,7 +1054,7 @@ def train(cfg, given):
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
-    # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF (0) for toy/tiny
+    # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny
     tpath = ck["teacher"]["path"] if ck else cfg.teacher
     if tpath is None:
         tpath = os.path.join(cfg.out, "teacher.pt")
@@ -1051,7 +1063,7 @@ def train(cfg, given):
     teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 
-    # ---- generator (2): raw weights and EMA both start as the teacher's EMA; GDD-I freezes (9) once
+    # ---- generator (GDD §3, initialisation): raw weights and EMA both start as the teacher's EMA; GDD-I freezes once
     nd = teacher.config
     raw = make_generator(teacher, cfg.freeze)
     if ck:
@@ -1059,13 +1071,13 @@ def train(cfg, given):
     n_all = sum(p.numel() for p in raw.parameters())
     n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
     D = build_disc(cfg, data, teacher, env, log).to(env.device).train()
-    gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style sync (§3.2)
+    gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style gradient sync
     C.distribute(D, env, manual=True)
     ema = C.EMA(raw, decay=0.0) if not cfg.ema_halflife_img else \
         C.EMA(raw, halflife_kimg=cfg.ema_halflife_img / 1000, rampup=cfg.ema_rampup)
     g_params = [p for p in raw.parameters() if p.requires_grad]
-    d_params = [p for p in D.parameters() if p.requires_grad]  # the stored list toggled in the G step (§3.2)
-    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8)  # (7)
+    d_params = [p for p in D.parameters() if p.requires_grad]  # the stored list toggled in the G step
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8)  # StyleGAN2 §3.1
     lr_d, betas_d = d_adam_hparams(cfg.lr_d, cfg.r1_interval)
     opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8)
     gens = [data.gen] if data.gen is not None else []
@@ -1121,13 +1133,13 @@ def train(cfg, given):
             decay = 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
             opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"] = cfg.lr_g * decay, lr_d * decay
         x, y = data.batch(per_rank, step, env.rank, env.world)
-        y = y if cfg.cond else None  # fake labels = the real batch's labels (pitfall 17)
+        y = y if cfg.cond else None  # fake labels = the real batch's labels
         # ---------------------------------------------------------------- the method: one G / D / R1 step
         L_G = g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, cfg.loss, env, amp, guard)
         L_D, real_logits, fake_logits = d_step(gen_model, D, d_params, opt_d, x, y, t_g, cfg.loss, env, amp, guard)
-        if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:  # lazy R1 (6) at steps r, 2r, ... (not 0)
+        if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:  # lazy R1 (StyleGAN2 §3.1): steps r, 2r, ...
             r1 = r1_step(D, d_params, opt_d, x, y, gamma, cfg.r1_interval, env, guard)
-        ema.update(raw, step * cfg.batch, cfg.batch)  # (8)
+        ema.update(raw, step * cfg.batch, cfg.batch)  # EDM's EMA ramp (ema_beta)
         # --------------------------------------------------------------------------------------------------
         guard.end_step(L_G, L_D, r1)
         step += 1
@@ -1160,7 +1172,7 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]
     if any(K > 1 for K in opts.steps) and env.is_main:
-        print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts (spec §6) and is "
+        print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is "
               "usually worse than K = 1.")
     gen = lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g, labels))
     if cmd == "sample":
