@@ -1,4 +1,4 @@
-"""common.py: the one module every method file shares (specs/common.md).
+"""common.py: the one module every method file shares (what each part does, for students: docs/common.md).
 
 Networks (EDM's DDPM++ / NCSN++ U-Net, 2-D MLP, weighting head), EDM's network pickles read safely (with EDM's
 preconditioning D(x; sigma) and Heun sampler, which teacher-based methods share), data (2-D toys, CIFAR-10,
@@ -25,12 +25,12 @@ class UserError(Exception):
     """Bad input: printed as one sentence by `main_guard`, exit status 2."""
 
 
-# ==================================================================================== networks (spec §3)
+# ==================================================================================== networks
 def _gn(c, affine=True, ln=False):
-    if ln:  # the MLP's norm (§3.8)
+    if ln:  # the MLP's norm
         return nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
     g = min(32, max(c // 4, 1))  # EDM's GroupNorm: min(32, C // 4) groups (equal whenever that divides C)
-    while c % g:  # nearest divisor of C (pitfall 1)
+    while c % g:  # nearest divisor of C (a channel count like 2 x 3 x 64 need not divide by 32)
         g -= 1
     return nn.GroupNorm(g, c, eps=1e-6, affine=affine)
 
@@ -61,7 +61,7 @@ def _fp32(device):  # autocast off (the precision-critical paths); autocast know
     return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
 
 
-def _pnorm(a):  # (N3) pixel-norm of the ADN scale/shift, in fp32 (fp64 for double modules)
+def _pnorm(a):  # sCM Sec. 4.1: pixel-norm of the ADN scale/shift, in fp32 (fp64 for double modules)
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     return a / (a.square().mean(1, keepdim=True) + 1e-8).sqrt()
 
@@ -101,7 +101,8 @@ class AuxResidual(nn.Conv2d):
 
 
 class Block(nn.Module):
-    """Residual block (N1-N4) with optional attention (N5). 2-D (conv) or 1-D (linear, `mlp=True`).
+    """EDM's residual block (NVlabs/edm training/networks.py, UNetBlock) with optional attention. 2-D (conv) or 1-D
+    (linear, `mlp=True`).
     resample_filter: EDM's FIR filter for up/down ([1,1]: average pooling / nearest); attention with `num_heads`
     heads and EDM's q/k/v channel order ('interleaved': qkv.reshape(B*heads, C/heads, 3, HW), NVlabs/edm UNetBlock)
     or py-meanflow's ('blocks': qkv.chunk(3) into q | k | v, its QKVAttention)."""
@@ -126,16 +127,16 @@ class Block(nn.Module):
         return _resample(x, self.resample_filter, self.resample)
 
     def forward(self, x, e):
-        h = self.conv0(self._r(F.silu(self.norm0(x))))  # (N1)
+        h = self.conv0(self._r(F.silu(self.norm0(x))))  # norm, SiLU, resample, 3x3 conv
         a = self.affine(e) if self.mlp else self.affine(e)[:, :, None, None]
-        if self.adn:  # (N3) sCM Sec. 4.1 adaptive double normalisation
+        if self.adn:  # sCM Sec. 4.1 adaptive double normalisation
             s, b = a.chunk(2, dim=1)
             h = F.silu(self.norm1(h) * _pnorm(s) + _pnorm(b))
-        else:  # (N2) shift added before the norm, EDM DDPM++
+        else:  # shift added before the norm, EDM DDPM++
             h = F.silu(self.norm1(h + a))
-        h = self.conv1(F.dropout(h, self.dropout, self.training))  # (N4)
+        h = self.conv1(F.dropout(h, self.dropout, self.training))  # dropout, 3x3 conv
         y = (h + (self.skip(self._r(x)) if self.skip is not None else x)) / math.sqrt(2)
-        if self.attn:  # (N5) plain einsum + softmax in fp32 (forward-mode AD works)
+        if self.attn:  # attention: plain einsum + softmax in fp32 (forward-mode AD works)
             B, C, nh = y.shape[0], y.shape[1], self.num_heads
             qkv = self.qkv(self.norm2(y))
             if self.qkv_order == "interleaved":
@@ -282,13 +283,13 @@ class UNet(_Net):
         return self.out_conv(F.silu(self.out_norm(h))).to(x.dtype)
 
     def encoder_features(self, x, t, s=None, y=None, aug=None):
-        """(§3.6) output of the last encoder block of each level, high to low resolution."""
+        """The output of the last encoder block of each level, high to low resolution."""
         hs = self._encode(x, self.embed(x, t, s, y, aug))
         return [hs[k] for k in self.levels_end]
 
 
 class MLP(_Net):
-    """2-D network (§3.8): same forward/embedding/options; linears named conv0/conv1 (1x1 convs)."""
+    """2-D network: same forward/embedding/options; linears named conv0/conv1 (1x1 convs)."""
 
     def __init__(self, d):
         super().__init__()
@@ -312,7 +313,8 @@ class MLP(_Net):
 
 
 class WeightHead(nn.Module):
-    """(§3.9) logvar(t[, s]) = Linear([PE(tau t), PE(tau s)]) -> (B,), fp32, zero-initialised."""
+    """Learned loss weight (sCM's adaptive weighting w_phi(t); Boffi et al.'s w(s, t)): logvar(t[, s]) =
+    Linear([PE(tau t), PE(tau s)]) -> (B,), fp32, zero-initialised."""
 
     def __init__(self, num_times=1, channels=128, time_scale=1.0):
         super().__init__()
@@ -351,7 +353,7 @@ _NET_CHOICES = dict(embedding=("positional", "fourier"), time_combine=("sum", "c
 
 
 def net_config(name, **overrides):
-    """(§3.10) plain JSON dict of constructor arguments; unknown keys are a UserError."""
+    """A plain JSON dict of constructor arguments; unknown keys are a UserError."""
     if name not in _NETS:
         raise UserError(f"unknown network '{name}'; choose one of {', '.join(_NETS)}.")
     d = {**_NET_COMMON, **_NETS[name]}
@@ -399,7 +401,7 @@ def unwrap(m):
             return m
 
 
-# ======================================================================================== data (spec §4)
+# ======================================================================================== data
 _TOY_RMS = {"checkerboard": math.sqrt(4 / 3), "8gaussians": math.sqrt(0.5 + 0.05 ** 2),
             "moons": math.sqrt(0.65625 - 1 / (2 * math.pi) + 0.05 ** 2),
             "spirals": math.sqrt(2.25 * math.pi ** 2 + 0.3 ** 2)}
@@ -410,7 +412,7 @@ _IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718
 
 
 def toy_sample(name, n, generator=None):
-    """(§4) a 2-D toy, centred by its exact mean and scaled to per-coordinate RMS std 0.5; float32 (n, 2)."""
+    """A 2-D toy, centred by its exact mean and scaled to per-coordinate RMS std 0.5; float32 (n, 2)."""
     g = dict(generator=generator)
     if name == "checkerboard":
         x1 = torch.rand(n, **g) * 4 - 2
@@ -443,7 +445,7 @@ def toy_modes(name):
 
 
 def to_uint8(x):
-    """[-1, 1] float -> uint8, rounding 127.5 x + 127.5 (§6.3)."""
+    """[-1, 1] float -> uint8, rounding 127.5 x + 127.5 (the rounding the Inception detector sees)."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -571,7 +573,7 @@ def _read_images(spec):
 
 
 def load_data(spec, root, env, seed, xflip):
-    """(§4) a toy name, an image data set name, a .npy file or an image folder -> Data on env.device."""
+    """A toy name, an image data set name, a .npy file or an image folder -> Data on env.device."""
     if spec in _TOY_RMS:
         g = torch.Generator().manual_seed(derive_seed(seed, "rank", env.rank))
         return Data("toy", spec, x=torch.empty(0, device=env.device), seed=seed, gen=g)
@@ -782,7 +784,7 @@ def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
         return x, None
     return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
 
-# ========================================================================================= EMA (spec §5)
+# ========================================================================================= EMA
 class EMA:
     """p_ema <- p + beta (p_ema - p); beta = decay, or 0.5^(batch / (1000 halflife_kimg)) capped by rampup
     (EDM training_loop.py). Frozen parameters (requires_grad=False) are skipped; buffers are copied."""
@@ -812,7 +814,7 @@ class EMA:
             be.copy_(bs)
 
 
-# ========================================================================================= FID (spec §6)
+# ========================================================================================= FID
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
 
@@ -876,7 +878,7 @@ class IndexRNG:
 
 
 def _feature_stats(images_of, n, detector, env, batch):
-    """(§6.2-6.3) float64 mean and unbiased covariance of detector features over indices 0..n-1, sharded."""
+    """Float64 mean and unbiased covariance of detector features over indices 0..n-1, sharded."""
     chunks = torch.arange(n).tensor_split(math.ceil(n / (batch * env.world)) * env.world)
     s1 = torch.zeros(detector.dim, dtype=torch.float64, device=env.device)
     s2 = torch.zeros(detector.dim, detector.dim, dtype=torch.float64, device=env.device)
@@ -891,7 +893,8 @@ def _feature_stats(images_of, n, detector, env, batch):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """(F1) ||mu1-mu2||^2 + tr S1 + tr S2 - 2 sum sqrt(eig(A S2 A)), A = S1^(1/2); float64, no scipy."""
+    """Frechet distance (Heusel et al. 2017): ||mu1-mu2||^2 + tr S1 + tr S2 - 2 sum sqrt(eig(A S2 A)), A = S1^(1/2);
+    float64, no scipy."""
     mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a.cpu() if torch.is_tensor(a) else a), dtype=torch.float64)
                         for a in (mu1, sigma1, mu2, sigma2))
     ev, U = torch.linalg.eigh(s1)
@@ -942,7 +945,7 @@ class FidHook:
 
 
 def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
-    """(§6.4) training-set statistics: an explicit npz (mu, sigma) wins, else computed once and cached."""
+    """Training-set statistics: an explicit npz (mu, sigma) wins, else computed once and cached."""
     if ref_path:
         if not os.path.isfile(ref_path):
             raise UserError(f"FID reference '{ref_path}' does not exist.")
@@ -965,7 +968,7 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     return z["mu"], z["sigma"]
 
 
-# ============================================================================ runtime (spec §7)
+# ============================================================================ runtime
 @dataclass
 class Env:
     rank: int
@@ -1100,7 +1103,7 @@ def maybe_compile(m, on):
     return torch.compile(m)
 
 
-# ====================================================================== checkpoints (spec §8)
+# ====================================================================== checkpoints
 _LAYOUT = dict(model=dict, ema=dict, opt=dict, step=int, config=dict, net=dict, method=str, convention=str,
                rng=(dict, type(None)))
 
@@ -1960,7 +1963,7 @@ def main_guard(fn):
         sys.exit(code)
 
 
-# ================================================================================== logging (spec §9)
+# ================================================================================== logging
 class Logger:
     """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy). With a
     Guard attached, each line also holds `skipped` (optimiser steps skipped since the previous line), a NaN loss is
@@ -2051,7 +2054,7 @@ def save_array(path, arr):
         raise UserError(f"--out must end in .npy or .png, got '{path}'.")
 
 
-# ================================================================== toy metrics (spec §9, one definition)
+# ================================================================== toy metrics (one definition)
 def swd(a, b, n_dir=1024):
     """Sliced Wasserstein-1: mean over 1024 fixed (seed 0) unit directions of the 1-D W1 of projections."""
     a, b = (torch.as_tensor(v).detach().cpu().double() for v in (a, b))

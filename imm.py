@@ -252,7 +252,7 @@ def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
 
 
 def time_steps(N, cfg, schedule=None):
-    """Spec §6 grid t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
+    """The sampling grid (docs/imm.md) t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
     t_i = T + (N - i)/N (t_min - T) (Eq. 117); edm: rho = 7 in eta (Eq. 118)."""
     schedule = schedule or cfg.schedule
     if N == 1:
@@ -306,7 +306,7 @@ def sample_shape(nd):
 
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
-    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the toy metrics of common.md §9."""
+    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the common toy metrics."""
     shape, t0 = sample_shape(C.unwrap(net).config), time.time()
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
     n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)

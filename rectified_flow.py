@@ -208,7 +208,7 @@ def sample_t_ushape(n, a=4.0, t_eps=1e-5, device="cpu", generator=None):
 
 
 def sample_t_mirrored_exp(n, a=4.0, generator=None):
-    """rfpp's draw of the same law (§4.1): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
+    """rfpp's draw of the same law (rfpp §4.1): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
     t = s or 1 - s with probability 1/2 has density a cosh(a (t - 1/2)) / (2 sinh(a/2))."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     s = torch.log1p(u * math.expm1(a)) / a
@@ -302,7 +302,7 @@ def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
 
 
 def time_grid(K, kind="uniform", t_mid=0.5):
-    """Spec §6: t_0 = 1 > ... > t_K = 0. uniform: 1 - i/K (K = 2: [1, t_mid, 0]); edm: EDM's rho = 7 sigma grid
+    """Sampling grids: t_0 = 1 > ... > t_K = 0. uniform: 1 - i/K (K = 2: [1, t_mid, 0]); edm: EDM's rho = 7 sigma grid
     (Karras et al. arXiv 2206.00364 Eq. 5) mapped by t = sigma / (1 + sigma), with t_0 := 1 and t_K = 0."""
     if kind == "uniform":
         return [1.0, t_mid, 0.0] if K == 2 else [1 - i / K for i in range(K + 1)]
@@ -393,7 +393,7 @@ def invert(v, x, eps, K):
 
 
 def sampler_for(cfg, K):
-    """Spec §6 defaults: 2rf/ft Euler, uniform grid, new rule; 1rf Heun on the edm grid for K >= 3, else Euler."""
+    """Sampler defaults: 2rf/ft Euler, uniform grid, new rule; 1rf Heun on the edm grid for K >= 3, else Euler."""
     reflow = cfg.stage in ("2rf", "ft")
     solver = cfg.solver if cfg.solver != "auto" else ("euler" if reflow or K <= 2 else "heun")
     grid = cfg.grid if cfg.grid != "auto" else ("edm" if solver == "rk4" or (solver == "heun" and not reflow)

@@ -303,7 +303,7 @@ def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle 
 
 
 def cm_times(K, cfg):
-    """Spec §6: t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1 (G.2); K > 2 uses
+    """Sampling times (sCM App. G.2): t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1 (G.2); K > 2 uses
     t_k = t_mid (K - k)/(K - 1), k = 1..K-1 (project's choice)."""
     t_max = math.atan(cfg.sigma_max / cfg.sigma_d)
     return [t_max] + [cfg.t_mid * (K - k) / (K - 1) for k in range(1, K)]
@@ -454,7 +454,7 @@ def load_teacher(path, cfg):
 @torch.no_grad()
 def evaluate(net, cfg, mode, data, env, out, step):
     """Samples beside the data (PNG) and, for points, the toy metrics of docs/common.md (metrics.jsonl).
-    CMs at cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (control (a) of §8)."""
+    CMs at cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (a must-fail control of the toy test)."""
     shape, t0 = sample_shape(C.unwrap(net).config), time.time()
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
     n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
@@ -501,7 +501,7 @@ def train(cfg, given, env):
         teacher, tck = load_teacher(cfg.teacher, cfg)
         if any(k in given for k in ("net", "width", "depth", "adn")):
             raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
-        nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (§4)
+        nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
         if sample_shape(nd) != tuple(data.shape):
             raise C.UserError(f"teacher '{cfg.teacher}' generates {sample_shape(nd)}, the data is {tuple(data.shape)}.")
         init = tck["ema"]

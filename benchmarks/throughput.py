@@ -1,4 +1,4 @@
-"""Training and sampling throughput of each method on a `common.py` network (DESIGN "Benchmarks"; common.md §13).
+"""Training and sampling throughput of each method on a `common.py` network .
 
 Measures, for one method's training step on one device:
   * training images/s: one training step per iteration (the method's loss, backward and optimiser step) on a batch
@@ -34,20 +34,20 @@ method alike: data loading, EMA, gradient clipping, learning-rate schedules and 
   method     code path (the file's own functions)                      paper precision (--precision paper)
   fm         1-RF flow-matching loss (rectified_flow.py cifar10 1rf)   tf32 (the rectified_flow.py cifar10 preset)
   2rf        rectified_flow 2rf: sample_t (U-shaped), per_sample_loss  tf32 as rfpp; t, H and the loss fp32 in code
-             with the pseudo-Huber loss; the pair batch (z, x) is randn  (rectified_flow.md §3 "Precision")
+             with the pseudo-Huber loss; the pair batch (z, x) is randn  (docs/rectified_flow.md)
              and the batch (the teacher's pairs cost nothing per step)
-  2rf_lpips  as 2rf with the preset's LPIPS-Huber-1/t loss. LPIPS has   tf32; LPIPS never under autocast (spec §3)
+  2rf_lpips  as 2rf with the preset's LPIPS-Huber-1/t loss. LPIPS has   tf32; LPIPS never under autocast (rfpp)
              seeded random VGG16 weights: the same layers at the same resolution (--lpips_res, 224 as rfpp), hence the
              same cost as the pretrained network; the loss value means nothing
   imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
   sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   bf16 gradient pass (scm.py preset); JVP pass
-             sCD's teacher is a frozen copy of the initial weights      and loss fp32 in code (scm.md §3)
+             sCD's teacher is a frozen copy of the initial weights      and loss fp32 in code (docs/scm.md)
   lsd, psd,  flow_map.sample_times + per_sample_loss on the bare        fp32 (Boffi trains fp32, py-meanflow turns
-  meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss: flow_map.md
-  lmd        --compile does not apply), learned weight head as the     §3.9); in code every JVP block is fp32 and only
+  meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss,
+  lmd        --compile does not apply), learned weight head as the     docs/flow_map.md); in code every JVP block is fp32 and only
              preset; lmd's 1-RF teacher: a frozen net built like        the diagonal and PSD terms take the bf16
              rectified_flow.py's cifar10 1rf net, through rf_velocity   autocast
-  gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (distributional.md §3);
+  gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md);
   gdd_i      step, as the loop) with the `teacher` D; G =               D, logits, losses and R1 fp32 in code (GDD also
              make_generator(net, freeze), gdd_i freezing eq. (9)        turned TF32 off in D; bf16 here leaves it on)
 """
@@ -211,7 +211,7 @@ def flow_map_prepare(mode):
     """The `cifar10` preset of flow_map.py for `mode`, resolved by the module (sigma0 0.5, or 1 for meanflow and the
     teacher's 1 for lmd; diagonal share 0.75, or 0.25 for lmd), the learned weight head where the preset has it,
     and for lmd a frozen 1-RF teacher: a network built like rectified_flow.py's cifar10 1rf net (one time input,
-    time_scale 1000, eval mode) with this run's random weights, seen through flow_map.rf_velocity (F13)."""
+    time_scale 1000, eval mode) with this run's random weights, seen through flow_map.rf_velocity."""
     def prepare(net, env, args):
         import flow_map as FM
         cfg = common.resolve_config(FM.Config, FM.PRESETS, "cifar10",
@@ -246,7 +246,7 @@ def flow_map_step(net, x):
 
 
 def flow_map_sample(net, z, steps):
-    """flow_map.sample (F18): x_0 = sigma0 z, `steps` jumps X(t_k, t_{k+1}) on t_k = k / steps."""
+    """flow_map.sample: x_0 = sigma0 z, `steps` jumps X(t_k, t_{k+1}) on t_k = k / steps."""
     import flow_map as FM
     return FM.sample(net, _Noise(z), tuple(z.shape[1:]), steps, _ENV["state"]["cfg"], _ENV["env"])
 
@@ -292,43 +292,43 @@ def gdd_step(net, x):
 
 
 def gdd_sample(net, z, steps):
-    """distributional.sample: K = 1 is G(z) = z - v(z, t_g); K = 2 re-noises the estimate and predicts again (§6)."""
+    """distributional.sample: K = 1 is G(z) = z - v(z, t_g); K = 2 re-noises the estimate and predicts again."""
     import distributional as GD
     return GD.sample(net, _Noise(z), tuple(z.shape[1:]), steps, _ENV["state"]["t_g"])
 
 
 # The network overrides are each file's net_dict for its `cifar10` preset (tests/test_benchmarks.py checks them).
-# Cost references: FM = one forward + one backward = 3 forward units (imm.md §10, scm.md §10, flow_map.md §10).
+# Cost references: FM = one forward + one backward = 3 forward units (docs/imm.md, docs/scm.md, docs/flow_map.md).
 _FLOW_MAP_NET = dict(num_times=2, time_scale=1.0, time_channels=256, dropout=0.13)
 METHODS = {
-    # 1-RF / flow matching, rectified_flow.py cifar10 1rf: 1 by definition (rectified_flow.md §10 "Compute").
+    # 1-RF / flow matching, rectified_flow.py cifar10 1rf: 1 by definition (docs/rectified_flow.md).
     "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32"),
     # 2-RF++ with the pseudo-Huber loss: the U-Net's forward+backward only, "1.0x with huber/l2" (rectified_flow.md
-    # §10 "Compute"). TF32 as rfpp (spec §5 table); t, H and LPIPS in fp32 whatever --precision says (spec §3).
+    # docs/rectified_flow.md). TF32 as rfpp (its train script); t, H and LPIPS in fp32 whatever --precision says (rfpp).
     "2rf": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32",
                   autocast=False, prepare=rf2_prepare("huber")),
     # 2-RF++ with LPIPS-Huber-1/t (the cifar10 preset's loss): per image 3 U-Net units plus VGG16 forward on the
-    # target and forward + backward-to-input on x^ = 3 VGG forwards (rectified_flow.md §10: 127 + 30.7 + 61.4 GFLOP
+    # target and forward + backward-to-input on x^ = 3 VGG forwards (docs/rectified_flow.md: 127 + 30.7 + 61.4 GFLOP
     # ~ 1.7x on DDPM++), i.e. 1 + F_vgg / F_unet with F_vgg counted at --lpips_res.
     "2rf_lpips": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13),
                         fwd_per_step=lambda fwd, st: 1 + st["lpips_flops"] / fwd, precision="tf32", autocast=False,
                         prepare=rf2_prepare("lpips-huber-1/t")),
-    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (imm.md §10).
-    # TF32 (imm.md §3 "Precision", App. I.6); the time path and kernel stay fp32 in imm.py.
+    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (docs/imm.md).
+    # TF32 (IMM App. I.6); the time path and kernel stay fp32 in imm.py.
     "imm": Method(step=imm_step, sample=imm_sample,  # EDM's augmentation labels (augment_dim 9), IMM Table 5
                   net=dict(num_times=2, time_scale=1000.0, dropout=0.2, augment_dim=9),
                   fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
-    # forward (1/3). scm.md §10 expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
-    # bf16 gradient pass (scm.py cifar10 preset), JVP pass and loss in fp32 (scm.md §3 "Precision").
+    # forward (1/3). docs/scm.md expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
+    # bf16 gradient pass (scm.py cifar10 preset), JVP pass and loss in fp32 (docs/scm.md).
     "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True, dropout=0.2), fwd_per_step=5 / 3),
     "scd": Method(step=lambda net, x: scm_step(net, x, distil=True), sample=scm_sample, net=dict(adn=True),
                   fwd_per_step=2.0),
-    # Flow maps, flow_map.md §10 "Cost per step vs plain flow matching" (per row: FM 3 units; LSD off-diagonal
+    # Flow maps, docs/flow_map.md, cost per step (per row: FM 3 units; LSD off-diagonal
     # ~9 = JVP 2-3 + its backward 4-6 + target forward 1; PSD off-diagonal 5; MeanFlow 6 on every row):
     # lsd (0.75 * 3 + 0.25 * 9) / 3 = 1.5; psd (0.75 * 3 + 0.25 * 5) / 3 ~ 1.2; meanflow 6 / 3 = 2.0; lmd "as lsd
     # plus a teacher forward" with 75% off-diagonal rows ~ 2.5 (the table's values).
-    # Precision: Boffi trains in fp32 and py-meanflow turns autocast off around its JVP and loss (flow_map.md §3.9);
+    # Precision: Boffi trains in fp32 and py-meanflow turns autocast off around its JVP and loss (docs/flow_map.md);
     # flow_map.py runs every JVP block in fp32 whatever --precision says, bf16 only on the diagonal and PSD terms.
     "lsd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lsd")),
@@ -340,10 +340,10 @@ METHODS = {
                        fwd_per_step=2.0, precision="fp32", autocast=False, prepare=flow_map_prepare("meanflow")),
     "lmd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=2.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lmd")),
-    # GDD / GDD-I with the `teacher` D, distributional.md §10 "Compute" table (F = one generator forward; FM = 3F):
+    # GDD / GDD-I with the `teacher` D, docs/distributional.md, cost (F = one generator forward; FM = 3F):
     # G step 4F / 3.2F (GDD-I's frozen convs need no weight gradients) + D step ~1.4F (G forward under no_grad 1F,
     # encoder ~0.32F per pass, lazy R1 amortised) = 5.4F / 4.6F, i.e. 1.8x / ~1.5x a flow-matching step.
-    # Precision: G in bf16 as GDD's --fp16 (spec §3); D, logits, losses and R1 in fp32 in distributional.py.
+    # Precision: G in bf16 as GDD's --fp16; D, logits, losses and R1 in fp32 in distributional.py.
     "gdd": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=5.4 / 3,
                   autocast=False, prepare=gdd_prepare("none"), own_update=True),
     "gdd_i": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=4.6 / 3,

@@ -1,4 +1,4 @@
-"""Two-process CPU DDP check of common.py (specs/common.md §10 item 18); run by tests/test_common.py as
+"""Two-process CPU DDP check of common.py (test_common.py item 18); run by tests/test_common.py as
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py PHASE OUT
 

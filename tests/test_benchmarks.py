@@ -57,7 +57,7 @@ def test_throughput_smoke_tiny_cpu(capsys):
     assert fwd > 0
     assert rec["fwd_flops_per_img"] == fwd
     assert rec["train_flops_per_img"] == 3 * fwd
-    assert rec["params"] == 189_347  # spec §3.7
+    assert rec["params"] == 189_347  # EDM DDPM++ at 32x32, 2-D variant: see test_common item 1
     assert rec["peak_fraction"] is None and rec["device"] == "cpu"  # no peak on the CPU
     assert json.loads(json.dumps(rec)) == rec  # a plain JSON record
     row = capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_save_merges_and_refuses_cpu_in_results(tmp_path):
 
 
 def test_ddpmpp_forward_flops_match_spec():
-    """common.md §3.7: DDPM++ forward = 42.37 GFLOP per 32x32 image (multiply-add = 2 FLOPs)."""
+    """DDPM++ forward = 42.37 GFLOP per 32x32 image (multiply-add = 2 FLOPs)."""
     fwd = _forward_flops("ddpmpp")
     assert abs(fwd / 42.37e9 - 1) < 0.03, fwd / 1e9
 
@@ -123,7 +123,7 @@ def test_every_method_trains_and_samples_on_cpu(method, tmp_path):
     assert rec["vs_fm"] == (1.0 if method == "fm" else None)  # no fm record in tmp_path
     assert rec["paper_precision"] == tp.METHODS[method].precision and rec["precision"] == "fp32"
     assert json.loads(json.dumps(rec)) == rec
-    if method == "2rf_lpips":  # 1 + F_vgg / F_unet (rectified_flow.md §10), VGG16 at 32^2 >> the tiny U-Net
+    if method == "2rf_lpips":  # 1 + F_vgg / F_unet (docs/rectified_flow.md, cost), VGG16 at 32^2 >> the tiny U-Net
         assert rec["lpips_res"] == 32 and rec["fwd_per_step"] > 2
     if method == "gdd_i":  # GDD-I trains with the frozen convolutions of eq. (9)
         assert any(not p.requires_grad for p in tp._ENV["state"]["net"].parameters())

@@ -1,4 +1,4 @@
-"""Tests of common.py: every item of specs/common.md §10 (numbered below), plus the runtime, CLI and toy-metric
+"""Tests of common.py: its invariants (numbered below), plus the runtime, CLI and toy-metric
 helpers. CPU only; item 18 launches a 2-process gloo job through torchrun (tests/ddp_worker.py)."""
 import copy
 import dataclasses
@@ -21,7 +21,7 @@ import common as C
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-FREEZE = ("conv0", "conv1", "proj")  # §3.6: freeze a parameter iff its module name is one of these
+FREEZE = ("conv0", "conv1", "proj")  # freeze a parameter iff its module name is one of these
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,7 +76,7 @@ def image_data(n=24, c=3, r=8, seed=0, xflip=True, labels=False):
     return C.Data("images", f"test{seed}", x=u8, labels=y, num_classes=10 if labels else 0, seed=seed, xflip=xflip)
 
 
-# ======================================================================== 1. parameter counts (§3.7)
+# ======================================================================== 1. parameter counts
 @pytest.mark.parametrize("name, kw, total", [
     ("ddpmpp", {}, 55_732_739),
     ("ddpmpp", dict(num_times=2), 56_061_443),
@@ -108,7 +108,7 @@ def test_param_count_deltas_and_frozen_fractions():
 
 
 def test_unet_layout_names():
-    """§3.1 names: stem, down blocks, in0 (attention always) / in1, up blocks, attention placement."""
+    """Module names: stem, down blocks, in0 (attention always) / in1, up blocks, attention placement."""
     net = meta_net("ddpmpp")
     enc, dec = list(net.enc), list(net.dec)
     assert enc == ["32x32_conv", *[f"32x32_block{i}" for i in range(4)], "16x16_down",
@@ -124,22 +124,23 @@ def test_unet_layout_names():
 
 
 def _ref_block(blk, x, e):
-    """(N1)-(N5) written out from the spec, with the block's own weights (eval mode, no dropout)."""
+    """EDM's UNetBlock (norm, SiLU, conv, conditioning, dropout, conv, skip, attention) written out by hand, with
+    the block's own weights (eval mode, no dropout)."""
     F = nn.functional
     gn = lambda norm, h: F.group_norm(h, norm.num_groups, norm.weight, norm.bias, 1e-6)  # noqa: E731
     R = {"down": lambda h: F.avg_pool2d(h, 2), "up": lambda h: F.interpolate(h, scale_factor=2.0, mode="nearest"),
          None: lambda h: h}[blk.resample]
-    h = blk.conv0(R(F.silu(gn(blk.norm0, x))))  # (N1)
+    h = blk.conv0(R(F.silu(gn(blk.norm0, x))))
     a = blk.affine(e)[:, :, None, None]
-    if blk.adn:  # (N3)
+    if blk.adn:  # sCM Sec. 4.1 ADN
         pn = lambda v: v / (v.square().mean(1, keepdim=True) + 1e-8).sqrt()  # noqa: E731
         sc, sh = a[:, :a.shape[1] // 2], a[:, a.shape[1] // 2:]
         h = F.silu(gn(blk.norm1, h) * pn(sc) + pn(sh))
-    else:  # (N2) shift before the norm
+    else:  # shift before the norm
         h = F.silu(gn(blk.norm1, h + a))
-    h = blk.conv1(h)  # (N4)
+    h = blk.conv1(h)
     y = (h + (blk.skip(R(x)) if blk.skip is not None else x)) / math.sqrt(2)
-    if blk.attn:  # (N5)
+    if blk.attn:
         B, Co, H, W = y.shape
         qkv = blk.qkv(gn(blk.norm2, y)).reshape(B, Co, 3, H * W)  # EDM's order: q, k, v interleaved per channel
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -167,7 +168,7 @@ def test_group_norm_divisor_rule():
 
 
 def test_embedding_matches_spec():
-    """(N6)-(N7): PE with sin first and frequencies 1 .. 1e-4, time_scale inside, maps, sqrt(K) one-hot labels."""
+    """Embedding: PE with sin first and frequencies 1 .. 1e-4, time_scale inside, maps, sqrt(K) one-hot labels."""
     pe = C._pe(torch.tensor([0.7], dtype=torch.float64), 8)
     w = torch.tensor([1.0, 10 ** (-4 / 3), 10 ** (-8 / 3), 1e-4], dtype=torch.float64)
     assert torch.allclose(pe[0], torch.cat([(0.7 * w).sin(), (0.7 * w).cos()]), rtol=1e-14)
@@ -241,7 +242,7 @@ def test_jvp_mlp_matches_finite_differences_fp64():
     x = torch.randn(16, 2, dtype=torch.float64)
     t, s = torch.rand(16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
     assert max(_jvp_rel_errors(net, [x, t, s])) < 1e-6
-    plain = perturb(mlp(num_times=1)).double().eval()  # plain (N2) conditioning, one time
+    plain = perturb(mlp(num_times=1)).double().eval()  # plain (shift) conditioning, one time
     assert max(_jvp_rel_errors(plain, [x, t])) < 1e-6
 
 
@@ -253,7 +254,7 @@ def test_jvp_train_mode_with_dropout():
     a = net(x, t, s)
     torch.manual_seed(6)
     assert not torch.equal(a, net(x, t, s))  # dropout is active
-    with torch.random.fork_rng():  # fork_rng reproduces the mask (§3.5)
+    with torch.random.fork_rng():  # fork_rng reproduces the mask 
         torch.manual_seed(5)
         assert torch.equal(a, net(x, t, s))
     assert max(_jvp_rel_errors(net, [x, t, s], seed_dropout=7)) < 1e-6
@@ -1095,7 +1096,7 @@ def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(C.UserError) as e:
         C.load_checkpoint(str(tmp_path / "partial.pt"))
     assert "ema" in str(e.value) and "rng" in str(e.value)
-    torch.save({**_ckpt(mlp()), "rng": np.zeros(3)}, tmp_path / "numpy.pt")  # not weights_only-safe (pitfall 8)
+    torch.save({**_ckpt(mlp()), "rng": np.zeros(3)}, tmp_path / "numpy.pt")  # a numpy array: not weights_only-safe
     with pytest.raises(C.UserError):
         C.load_checkpoint(str(tmp_path / "numpy.pt"))
 
@@ -1258,7 +1259,7 @@ def test_pictures_and_arrays(tmp_path):
         C.save_array(str(tmp_path / "x.jpg"), pts)
 
 
-# ======================================================================== runtime (§7)
+# ======================================================================== runtime
 def test_setup_single_process_and_precision_table(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -1308,7 +1309,7 @@ def test_derive_seed():
     assert len(seeds) == 120 and all(0 <= s < 2 ** 63 for s in seeds)
 
 
-# ======================================================================== toy metrics (§9)
+# ======================================================================== toy metrics
 def test_toy_metrics():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(600, 2, generator=g) * 0.5, torch.randn(600, 2, generator=g) * 0.5

@@ -1,5 +1,5 @@
-"""Tests of distributional.py (GDD / GDD-I): the invariants of specs/distributional.md §7 (items 1-17, numbered in the
-test names), the toy convergence of §8 with the step-0 generator as the must-fail control, and the `tiny` CLI smoke
+"""Tests of distributional.py (GDD / GDD-I): its invariants (numbered in the
+test names), the toy convergence with the step-0 generator as the must-fail control, and the `tiny` CLI smoke
 (train with each image discriminator, sample, fid, resume, bad input).
 
 Every teacher is built here: small checkpoints written directly in rectified_flow.py's format (perturbed random
@@ -447,7 +447,7 @@ def test_10_r1_closed_forms_and_properties():
     assert torch.allclose(Dl.w.detach(), w - 16 * 0.3 * w, atol=1e-6) and torch.equal(Dl.b.detach(), b)
     lr, betas = D.d_adam_hparams(1e-4, 16)
     assert abs(lr - 1e-4 * 16 / 17) < 1e-12 and betas[0] == 0.0 and abs(betas[1] - 0.990585) < 1e-6
-    assert isinstance(betas[0], float)  # pitfall 13
+    assert isinstance(betas[0], float)  # a float, not a tensor (Adam rejects tensor betas with a float lr)
 
 
 def test_10_r1_schedule_and_optimisers(tmp_path, monkeypatch):
@@ -706,7 +706,7 @@ def test_16_sampler_grids_calls_and_batch_independence():
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
-# ============================================================================== toy convergence (§8)
+# ============================================================================== toy convergence
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """In-file 1-RF teacher (Eq. 0) on 8 Gaussians, then GDD at the spec's test budget (1,000 x 256, gamma 0.1).

@@ -1,6 +1,6 @@
-"""Tests of flow_map.py: the invariants of specs/flow_map.md §7 (items 1-12, numbered in the test names) with the
+"""Tests of flow_map.py: its invariants (numbered in the test names) with the
 analytic Gaussian flow map as the oracle network, and the CLI (tiny U-Net in every mode, sample, fid, resume, bad
-input). The toy convergence of §8 (with its must-fail controls) and the end-to-end distillation from a trained
+input). The toy convergence (with its must-fail controls) and the end-to-end distillation from a trained
 1-RF checkpoint live in tests/test_flow_map_toy.py.
 
 Everything runs in-process with one intra-op thread (small MLPs on a busy 2-core machine), except one subprocess
@@ -40,7 +40,7 @@ def env1(precision="fp32"):
     return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
 
 
-# ============================================================================== the analytic oracle (spec §7)
+# ============================================================================== the analytic oracle
 MU = torch.tensor([1.5, -0.5], dtype=F64)
 A = torch.tensor([[0.8, 0.3], [0.0, 0.4]], dtype=F64)
 SIGMA = A @ A.T  # [[0.73, 0.12], [0.12, 0.16]]
@@ -48,8 +48,9 @@ X_TEST = torch.tensor([[0.3, -1.2]], dtype=F64)
 
 
 class Oracle:
-    """The exact flow map of x0 ~ N(0, sigma0^2 I) -> x1 ~ N(mu, Sigma) along (F1), in float64, batched over
-    per-sample times. C_t = alpha^2 sigma0^2 I + beta^2 Sigma shares Sigma's eigenbasis U (isotropic base)."""
+    """The exact flow map of x0 ~ N(0, sigma0^2 I) -> x1 ~ N(mu, Sigma) along the interpolant (Boffi et al. §2), in
+    float64, batched over per-sample times. C_t = alpha^2 sigma0^2 I + beta^2 Sigma shares Sigma's eigenbasis U
+    (isotropic base)."""
 
     def __init__(self, mu=MU, Sigma=SIGMA, sigma0=1.0, interpolant="linear"):
         self.mu, self.Sigma, self.s0, self.interp = mu, Sigma, sigma0, interpolant
@@ -72,12 +73,12 @@ class Oracle:
         k = dal * al * self.s0 ** 2 + dbe * be * self.lam
         return dbe * self.mu + (((x - be * self.mu) @ self.U) * k / self.c(t)) @ self.U.T
 
-    def phi(self, x, s, t):  # phi* = (X* - x) / (t - s), b_s on the diagonal (never divide there: pitfall 11)
+    def phi(self, x, s, t):  # phi* = (X* - x) / (t - s), b_s on the diagonal (never divide there)
         d = (t - s).reshape(-1, 1)
         diag = d == 0
         return torch.where(diag, self.b(s, x), (self.X(x, s, t) - x) / torch.where(diag, torch.ones_like(d), d))
 
-    def v_rf(self, y, tau):  # analytic rectified-flow velocity (spec §7 item 7), tau = 1 noise
+    def v_rf(self, y, tau):  # analytic rectified-flow velocity , tau = 1 noise
         tau = tau.to(F64).reshape(-1, 1)
         I2 = torch.eye(2, dtype=F64)
         out = []
@@ -127,7 +128,7 @@ def test_04_oracle_satisfies_lagrangian_eulerian_semigroup(interp):
     eul = central(lambda h: o.X(x, s + h, t)) + central(lambda h: o.X(x + h * o.b(s, x), s, t))  # dX/ds + grad X b
     assert lag.abs().max() < 1e-8 and eul.abs().max() < 1e-8, (lag, eul)
     assert (o.X(o.X(x, s, u), u, t) - o.X(x, s, t)).abs().max() < 1e-12  # semigroup
-    h = 0.3  # the PSD phi-identity (F7) at u = h s + (1 - h) t
+    h = 0.3  # the PSD phi-identity (Boffi et al. Prop. 3.6; docs/flow_map.md) at u = h s + (1 - h) t
     u = h * s + (1 - h) * t
     rhs = (1 - h) * o.phi(x, s, u) + h * o.phi(o.X(x, s, u), u, t)
     assert (o.phi(x, s, t) - rhs).abs().max() < 1e-12
@@ -195,7 +196,7 @@ def test_03_jvps_against_central_differences():
     _, b = fm.jvp(lambda sq: fm.flow_map(phi, x, sq, t), (s,), (one,))
     fd = central(lambda e: fm.flow_map(phi, x, s + e, t), h)
     assert rel(b, fd) < 1e-6
-    # ... and the mistake of passing Delta as a separate input with tangent 0 is caught (pitfall 2)
+    # ... and the mistake of passing Delta as a separate input with tangent 0 is caught
     d = t - s
     _, wrong = fm.jvp(lambda sq: x + fm.bc(t - sq, x) * 0.5 * net(x / 0.5, sq, d), (s,), (one,))
     assert rel(wrong, fd) > 1e-2, rel(wrong, fd)
@@ -254,7 +255,7 @@ def test_05_zero_residuals_at_the_oracle(interp):
 
 def test_05_lmd_zero_with_the_converted_rf_teacher():
     o = Oracle()
-    bT = fm.rf_velocity(o.v_rf)  # (F13): the analytic RF velocity, converted
+    bT = fm.rf_velocity(o.v_rf)  # the analytic RF velocity, converted
     assert fm.lsd_term(o.phi, bT, XS, S, T).max() < 1e-8
     bad = fm.rf_velocity(lambda y, tau: -o.v_rf(y, tau))  # a sign error in the conversion is caught
     assert fm.lsd_term(o.phi, bad, XS, S, T).min() > 1e-2
@@ -427,8 +428,8 @@ def test_10_weights():
 
 
 def test_10_per_sample_loss_assembles_the_terms():
-    """The training loss is the diagonal term (F5) on the first n_d rows and the mode's term on the rest, reduced
-    by the mean (F17); checked for lsd against the pure functions, and meanflow/emd are adaptively weighted."""
+    """The training loss is the diagonal term on the first n_d rows and the mode's term on the rest, reduced
+    by the mean; checked for lsd against the pure functions, and meanflow/emd are adaptively weighted."""
     net = mlp(dtype=torch.float32, dropout=0.0)
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)

@@ -1,9 +1,9 @@
-"""Toy convergence of flow_map.py (specs/flow_map.md §8) with its must-fail controls, the semigroup gap shrinking
+"""Toy convergence of flow_map.py with its must-fail controls, the semigroup gap shrinking
 with training, LMD end to end from a trained rectified_flow.py checkpoint, and (slow) LSD against the project's
 1-RF on a 2-D `.npy` data set.
 
-Target: the 2-D Gaussian N(mu, Sigma) of spec §7 written as a `.npy` file, sigma0 = 1, linear interpolant, the common
-MLP (width 128, depth 3), Adam 1e-3. Budgets are shortened from the spec's ~2,000 x 2,048 to fit the suite (see
+Target: the 2-D Gaussian N(mu, Sigma) of test_flow_map.py written as a `.npy` file, sigma0 = 1, linear
+interpolant, the common MLP (width 128, depth 3), Adam 1e-3. Budgets are shortened from the full ~2,000 x 2,048 to fit the suite (see
 STEPS; EMA 0.98 to match the horizon). Metrics at N = 1 and 2 from the EMA network on fresh noise: |mean - mu|,
 |cov - Sigma|_F and the relative map error E|X(0,1,x) - X*(x)| / E|X*(x) - x| against the analytic map.
 Thresholds sit between the trained runs and the controls (numbers measured on the shared 2-core CPU, seed 0, in
@@ -91,7 +91,7 @@ def toy(tmp_path_factory):
     res = dict(root=root, npy=npy)
     for mode in ("lsd", "psd", "meanflow"):
         res[mode] = gaussian_metrics(*run(root / mode, npy, "--mode", mode)[:2])
-    with pytest.MonkeyPatch.context() as mp:  # LMD: the analytic b as a fake RF teacher through (F13)
+    with pytest.MonkeyPatch.context() as mp:  # LMD: the analytic b as a fake RF teacher through rf_velocity
         v32 = lambda y, tau: o.v_rf(y.double(), tau.double()).float()
         mp.setattr(fm, "load_teacher", lambda path, env, shape: (fm.rf_velocity(v32), 1.0))
         res["lmd"] = gaussian_metrics(*run(root / "lmd", npy, "--mode", "lmd", "--teacher", "analytic")[:2])
@@ -116,7 +116,7 @@ def test_toy_controls_fail(toy):
 
 @pytest.mark.parametrize("mode", ["esd", "emd", "fmm"])
 def test_eulerian_and_fmm_train_without_nan(toy, mode, monkeypatch):
-    """Spec §8 (shortened to 200 steps of batch 128): no NaN, mean loss over the last 50 steps below the mean over the first 50."""
+    """Short run (200 steps of batch 128): no NaN, mean loss over the last 50 steps below the mean over the first 50."""
     o = Oracle()
     v32 = lambda y, tau: o.v_rf(y.double(), tau.double()).float()
     monkeypatch.setattr(fm, "load_teacher", lambda path, env, shape: (fm.rf_velocity(v32), 1.0))
@@ -138,7 +138,7 @@ def test_semigroup_gap_shrinks_with_training(toy):
 @pytest.mark.slow
 def test_lmd_from_a_trained_1rf_checkpoint(tmp_path):
     """End to end: a 1-RF teacher trained by rectified_flow.py on the .npy Gaussian, read by flow_map.load_teacher
-    (EMA weights, convention check, (F13) conversion, sigma0 forced to its noise std), distilled by LMD."""
+    (EMA weights, convention check, rf_velocity conversion, sigma0 forced to its noise std), distilled by LMD."""
     import rectified_flow as R
     root, npy = tmp_path, gaussian_npy(tmp_path / "gauss.npy")
     R.main(["--data", npy, "--out", str(root / "rf"), "--stage", "1rf", "--iters", "400", "--batch", "512",

@@ -1,11 +1,11 @@
-"""Tests of imm.py: every invariant of specs/imm.md §7 (items 1-18, numbered in the test names), the toy
-convergence of §8 with its two must-fail controls, IMM against the project's 1-RF on a user .npy point set at
+"""Tests of imm.py: its invariants (numbered in the test names), the toy
+convergence with its two must-fail controls, IMM against the project's 1-RF on a user .npy point set at
 an equal training budget, and the `tiny` CLI smoke (train, sample, fid, resume, bad input).
 
 Budgets, measured on the 2-core CPU machine (one thread, other jobs running): the 5,000 x 512 recipe takes
 ~190 s, too long for CI next to the rest, so CI runs a cheap 300-step variant plus the 128-wide, k = 12 recipe
-for 2,000 steps with the full criteria (the `toy` preset itself is now 2,800 steps of a 64-wide MLP, k = 10); the IMM-vs-1-RF comparison (1,000 x 512 examples each) is marked
-`slow` and still runs by default. The whole file takes ~4.5 minutes. Everything trains in-process with one
+for 2,000 steps with the full criteria (the `toy` preset itself is now 2,800 steps of a 64-wide MLP, k = 10);
+the IMM-vs-1-RF comparison (1,000 x 512 examples each) is marked `slow` and still runs by default. The whole file takes ~4.5 minutes. Everything trains in-process with one
 intra-op thread: on a shared 2-core machine two OpenMP threads per process slow the small MLP steps down by an
 order of magnitude, and the maths does not depend on it.
 """
@@ -730,12 +730,12 @@ def test_18_initial_toy_loss_finite_and_order_one(seed):
     assert torch.isfinite(L) and 0 < L.item() < 5
 
 
-# ==================================================================================== toy convergence (spec §8)
-# The spec's §8 recipe (5,000 steps x 512, EMA 0.999) takes ~190 s on one thread here, too long for CI next to
-# the rest of the suite; run by hand it passes §8. CI runs (i) the spec's cheap variant: after 300 steps the
-# 2-step MMD^2 must drop >= 3x from the untrained network's, and (ii) the §8 recipe for 2,000 steps (the `toy`
-# preset's budget and EMA) with the full §8 pass criteria. Both shorten the EMA horizon with the budget (0.99 for 300 steps, 0.995 for 2,000; the
-# preset's 0.999 is a 1,000-step horizon, a fifth of 5,000): a constant-decay EMA still holds 0.999^2000 = 13.5 %
+# ==================================================================================== toy convergence
+# The full toy recipe (5,000 steps x 512, EMA 0.999) takes ~190 s on one thread here, too long for CI next to
+# the rest of the suite; run by hand it passes the criteria below. CI runs (i) a cheap variant: after 300 steps the
+# 2-step MMD^2 must drop >= 3x from the untrained network's, and (ii) the recipe for 2,000 steps (the `toy`
+# preset's budget and EMA) with the full pass criteria. Both shorten the EMA horizon with the budget (0.99 for
+# 300 steps, 0.995 for 2,000; the preset's 0.999 is a 1,000-step horizon, a fifth of 5,000): a constant-decay EMA still holds 0.999^2000 = 13.5 %
 # of the initial weights after 2,000 steps, and 0.999^300 = 74 % after 300.
 TOY_ARGS = ["--seed", "0", "--eval_n", "4000", "--log_every", "100"]
 
@@ -751,12 +751,12 @@ def run_imm(out, *args):
 
 
 def cheap_pass(m, init):
-    """Spec §8 cheap variant: the 2-step MMD^2 dropped at least 3x from its value at initialisation."""
+    """Cheap variant: the 2-step MMD^2 dropped at least 3x from its value at initialisation."""
     return m["mmd2_2"] * 3 <= init["mmd2_2"]
 
 
 def full_pass(m):
-    """Spec §8 pass criteria at 2 steps (MMD^2 < 0.05, in-mode >= 0.85, >= 7/8 modes) and 1 step."""
+    """Pass criteria at 2 steps (MMD^2 < 0.05, in-mode >= 0.85, >= 7/8 modes) and 1 step."""
     return (m["mmd2_2"] < 0.05 and m["in_mode_2"] >= 0.85 and m["modes_2"] >= 7
             and m["mmd2_1"] < 0.15 and m["in_mode_1"] >= 0.6)
 

@@ -1,4 +1,4 @@
-"""Invariants of rectified_flow.py (spec rectified_flow.md §7, items 1-12) plus the §6 sampler defaults.
+"""Invariants of rectified_flow.py (numbered in the test names) plus the sampler defaults.
 
 Every test compares against a closed form, a number printed in the spec, or a second independent route, so a
 wrong formula, a wrong constant, a detached gradient or a mis-sharded pairs folder makes it fail. CPU only.
@@ -73,7 +73,7 @@ def test_ushape_density_and_cdf():
     assert torch.allclose(p, R.ushape_pdf(1 - t), rtol=1e-12, atol=0)  # symmetric
     p0, ph = R.ushape_pdf(torch.tensor(0.0, dtype=F64)).item(), R.ushape_pdf(torch.tensor(0.5, dtype=F64)).item()
     assert abs(p0 - 2.07463) < 1e-4 and abs(ph - 0.55144) < 1e-4 and abs(p0 / ph - 3.76220) < 1e-4
-    assert p[0] > p[50_000] > p[100_000]  # U-shaped (the paper's printed density is monotone, pitfall 1)
+    assert p[0] > p[50_000] > p[100_000]  # U-shaped (the paper's printed density is monotone, rfpp Fig. 3 / its code)
     F = R.ushape_cdf(t)
     assert abs(F[0].item()) < 1e-15 and abs(F[-1].item() - 1) < 1e-15
     dF = (F[2:] - F[:-2]) / (t[2:] - t[:-2])  # F' = p
@@ -138,7 +138,7 @@ def test_pseudo_huber_numbers_and_gradient():
     assert abs(3.0132e-7 - d * 1e-6 / (2 * c * d)) / 3.0141e-7 < 1e-3  # quadratic limit |r|^2/(2cd)
     assert ((rms1 - 1.75103e-2).abs() / 1.75103e-2).max() < 1e-3
     assert abs((math.sqrt(d) - c) / d - 1.75022e-2) < 1e-6  # linear limit (|r| - c)/d
-    # the 1/d in front: H scales like 1/d at fixed |r| (2-D toys need huber_c, pitfall 2)
+    # the 1/d in front: H scales like 1/d at fixed |r| (2-D toys need huber_c)
     assert ((R.pseudo_huber(torch.randn(50, 2, generator=g) * 3, 0.04)) >= 0).all()
     for scale in (1e-4, 1e-2, 1.0, 1e2, 1e4):
         rr = (scale * torch.randn(3, d, generator=g)).requires_grad_(True)
@@ -539,7 +539,7 @@ def test_pairs_world_size_invariance_and_noise(tiny):
     data, Z, _ = R.load_pairs(tiny["pairs"], ENV, 0)
     assert sorted(used) == list(range(40))
     z_gen = torch.stack([used[i] for i in range(40)])
-    assert Z.dtype == torch.float16 and torch.equal(Z, z_gen.half())  # images keep z as fp16 (spec §3)
+    assert Z.dtype == torch.float16 and torch.equal(Z, z_gen.half())  # images keep z as fp16 (as rfpp stores pairs)
     assert torch.equal(R.pair_noise(torch.arange(40), 10 ** 9, (3, 16, 16), ENV), z_gen)  # any chunking
     assert data.x.shape == (40, 3, 16, 16) and data.x.dtype == torch.uint8
     # x_i is the teacher EMA's Heun solve of z_i (uint8-quantised)

@@ -1,10 +1,10 @@
-"""End-to-end tests of rectified_flow.py: toy convergence (spec §8) with must-fail controls, the 1-RF -> 2-RF
+"""End-to-end tests of rectified_flow.py: toy convergence with must-fail controls, the 1-RF -> 2-RF
 gain on a user .npy point set, the `tiny` CLI smoke (all stages, ft, LPIPS, sample, fid, bad inputs, NaN),
 bitwise resume, and batch-size independence of `sample`.
 
-The toy budget is reduced from §8 (1rf 1,500 iterations, 5k pairs from Heun K = 12, 2rf 800 iterations;
+The toy budget is reduced from the full toy recipe (1rf 1,500 iterations, 5k pairs from Heun K = 12, 2rf 800 iterations;
 2,000 evaluation noises here, 1,000 in the stages' own metrics.jsonl) so the file runs in a few minutes on
-2 CPU cores; the thresholds are §8's (seeds 0-2 calibrated: 2-RF 1-step in-mode 0.63-0.69, MMD2 0.05-0.06).
+2 CPU cores; the thresholds are the full recipe's (seeds 0-2 calibrated: 2-RF 1-step in-mode 0.63-0.69, MMD2 0.05-0.06).
 The in-process runs use one intra-op thread: on a shared 2-core machine two OpenMP threads per process slow
 small MLP steps down by an order of magnitude, and the maths does not depend on it.
 """
@@ -40,7 +40,7 @@ def last_metrics(folder):
         return json.loads(f.read().splitlines()[-1])
 
 
-# ================================================================================ toy convergence (spec §8)
+# ================================================================================ toy convergence
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """8 Gaussians saved as a user .npy file -> 1rf -> pairs -> 2rf, plus a 2rf on shuffled pairs (control c)."""
@@ -87,7 +87,7 @@ def quality(xs):
 
 
 def passes(q, K):
-    """§8 pass criteria of the 2-RF at 1 and 2 steps."""
+    """Pass criteria of the 2-RF at 1 and 2 steps."""
     mmd, inm = {1: (0.15, 0.5), 2: (0.10, 0.55)}[K]
     return q["mmd"] < mmd and q["in_mode"] >= inm and q["modes"] >= 7
 
@@ -184,7 +184,7 @@ def test_cli_ft_lpips_sample_fid(tiny):
     ck = torch.load(ft / "ckpt.pt", weights_only=True)
     assert ck["config"]["stage"] == "ft" and ck["step"] == 2  # ft_iters of the tiny preset
     adam_steps = {float(v["step"]) for v in ck["opt"]["state"].values()}
-    assert adam_steps == {4.0 + 2.0}  # Adam state continued from the 2-RF's 4 steps (spec §3 ft)
+    assert adam_steps == {4.0 + 2.0}  # Adam state continued from the 2-RF's 4 steps (--stage ft)
     meta = json.loads((ft / "pairs" / "meta.json").read_text())
     assert meta["n"] == 16 and meta["noise_mode"] == "stored" and meta["inv_steps"] == 2
     # 2rf with the LPIPS loss (random stand-in weights, 32 px)

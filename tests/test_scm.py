@@ -1,4 +1,4 @@
-"""scm.py: the invariants of ../shared/specs/scm.md §7 (maths, fp64 unless stated) and §8 (toy convergence with
+"""scm.py: its invariants (maths, fp64 unless stated) and toy convergence (with
 must-fail controls), plus the `tiny` CLI smoke (train every mode, sample, fid, resume, bad input)."""
 import contextlib, json, math, os, subprocess, sys
 
@@ -46,12 +46,12 @@ def unet(time_scale=1.0, seed=0):
         for n, p in net.named_parameters():  # lift the 1e-5-scaled conv1/proj so every path contributes
             if n.endswith(("conv1.weight", "proj.weight")):
                 p.normal_(0, 0.1)
-    assert any(isinstance(b, C.Block) and b.attn for b in net.modules())  # attention on (spec §7.5)
+    assert any(isinstance(b, C.Block) and b.attn for b in net.modules())  # attention on 
     return net
 
 
 class Dirac(nn.Module):
-    """Exact TrigFlow field for data = x* (spec §7.4): F* = (cos t z - sin t x*)/sigma_d, z = (x_t - cos t x*)/sin t."""
+    """Exact TrigFlow field for data = x*: F* = (cos t z - sin t x*)/sigma_d, z = (x_t - cos t x*)/sin t."""
 
     def __init__(self, xstar):
         super().__init__()
@@ -64,7 +64,7 @@ class Dirac(nn.Module):
 
 
 class GaussOracle(nn.Module):
-    """Exact CM field for x0 ~ N(0, sigma_d^2 I) (spec §7.12): F*(u, t) = -tan(t/2) u, so f(x_t, t) = x_t."""
+    """Exact CM field for x0 ~ N(0, sigma_d^2 I): F*(u, t) = -tan(t/2) u, so f(x_t, t) = x_t."""
 
     def __init__(self):
         super().__init__()
@@ -83,7 +83,7 @@ class Zero(nn.Module):
         return torch.zeros_like(u) * self.one
 
 
-# ============================================================================ §7.1-2 interpolant, proposal
+# ============================================================================ interpolant, proposal
 def test_interpolant_ends_and_velocity():
     g = torch.Generator().manual_seed(0)
     x0, z = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
@@ -102,11 +102,11 @@ def test_proposal_is_lognormal_in_sigma():
         assert (t > 0).all() and (t < math.pi / 2).all()
         ls = torch.log(SD * torch.tan(t))
         assert abs(ls.mean() - pm) < 0.02 and abs(ls.std() - ps) < 0.02
-    t = scm.sample_t(200_000, -1.0, 1.4, SD, "cpu")  # spec §3 (S4): median ~0.63, P(t > 1.1) ~0.24
+    t = scm.sample_t(200_000, -1.0, 1.4, SD, "cpu")  # sCM Sec. 4 log-normal proposal: median ~0.63, P(t > 1.1) ~0.24
     assert abs(t.median() - 0.63) < 0.01 and abs((t > 1.1).float().mean() - 0.24) < 0.01
 
 
-# ============================================================================ §7.3-4 boundary, Dirac oracle
+# ============================================================================ boundary, Dirac oracle
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_boundary_is_exact(dtype):
     net = mlp().to(dtype)
@@ -133,7 +133,7 @@ def test_dirac_oracle_consistency_ddim_heun():
     assert (scm.heun_sample(wrong, C.IndexRNG(range(32), 0, "cpu"), (2,), 18, cfg_of(), env) - xstar).abs().max() > 0.05
 
 
-# ============================================================================ §7.5 JVP convention
+# ============================================================================ JVP convention
 def _fd_dF(net, x0, z, t, h=1e-6):
     F = lambda s: net(scm.interpolate(x0, z, s) / SD, s)
     return (F(t + h) - F(t - h)) / (2 * h)
@@ -157,13 +157,13 @@ def test_jvp_matches_central_difference(kind, time_scale):
     for i in range(4):  # per sample: relative error < 1e-6
         assert ((J[i] - want[i]).norm() / want[i].norm()) < 1e-6, (i, t[i])
     assert torch.allclose(F, net(x_t / SD, t), rtol=0, atol=1e-14)
-    # the other convention (tangents divided by sigma_d) yields J / sigma_d: not the one (S11) expects
+    # the other convention (tangents divided by sigma_d) yields J / sigma_d: not the one the sCM gradient (Eq. 8) expects
     _, J2 = torch.func.jvp(lambda u, s: net(u, s), (x_t / SD, t), (cs * dxdt / SD, torch.cos(t) * torch.sin(t)))
     assert torch.allclose(J2, J / SD, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(J2, J, rtol=1e-3)
 
 
-# ============================================================================ §7.6 assembly
+# ============================================================================ assembly
 def _fd_f(net, path, t, h=1e-6):
     f = lambda s: scm.consistency_fn(net, path(s), s, SD)
     return (f(t + h) - f(t - h)) / (2 * h)
@@ -193,14 +193,14 @@ def test_assembly_scd_with_dirac_teacher():
     path = lambda s: scm.interpolate(xstar.expand(5, 2), z, s)  # the teacher's exact ODE path
     x_t = path(t)
     with torch.no_grad():
-        dxdt = SD * scm.F_net(teacher, x_t, t, SD)  # (S9) sCD velocity
+        dxdt = SD * scm.F_net(teacher, x_t, t, SD)  # sCD velocity (sCM Sec. 3.2)
         assert torch.allclose(dxdt, scm.velocity(xstar.expand(5, 2), z, t), atol=1e-12)
         _, g_raw = scm.tangent(net, x_t, t, dxdt, 1.0, SD)
         want = scm._col(torch.cos(t), x_t) * _fd_f(net, path, t)
     assert ((g_raw - want).norm() / want.norm()) < 1e-6
 
 
-# ============================================================================ §7.7-8 warm-up, normalisation
+# ============================================================================ warm-up, normalisation
 def test_warmup_schedule_and_r0_ignores_jvp(monkeypatch):
     assert [scm.warmup_r(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
     assert scm.warmup_r(0, 0) == 1.0  # H = 0: no warm-up
@@ -227,11 +227,11 @@ def test_normalisation_bounds():
     D = 48
     want = gr / (n(gr)[:, None, None, None] / math.sqrt(D) + 0.1)
     assert torch.allclose(scm.normalise(gr, 0.1, "rms"), want, rtol=1e-12)
-    assert not torch.allclose(scm.normalise(gr, 0.1, "l2"), want)  # the two norms differ (pitfall 12)
+    assert not torch.allclose(scm.normalise(gr, 0.1, "l2"), want)  # the two norms differ 
 
 
-# ============================================================================ §7.9-11 stop-gradient, weighting, dropout
-def test_gradient_is_S14_and_loss_value():
+# ============================================================================ stop-gradient, weighting, dropout
+def test_gradient_is_app_e_form_and_loss_value():
     torch.manual_seed(7)
     net = mlp(seed=7)
     head = C.WeightHead(1, 128, 1.0).double()
@@ -254,7 +254,7 @@ def test_gradient_is_S14_and_loss_value():
     L.backward()
     got = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    F2 = net(x_t / SD, t)  # (S14): grad_theta = mean[-2 e^w / D g^T dF/dtheta]
+    F2 = net(x_t / SD, t)  # sCM App. E: grad_theta = mean[-2 e^w / D g^T dF/dtheta]
     surrogate = (-2 * torch.exp(w.detach()) / D * (g * F2).sum(1)).mean()
     want = torch.autograd.grad(surrogate, list(net.parameters()))
     for a, b in zip(got, want):
@@ -332,7 +332,7 @@ def test_dropout_mask_shared_between_jvp_and_grad_pass(monkeypatch, precision):
     assert not torch.equal(F_jvp, F_grad.detach()) and (precision == "fp32" or rel(F_jvp, F_grad) > 0.2)
 
 
-# ============================================================================ §7.12 Gaussian oracle
+# ============================================================================ Gaussian oracle
 def test_gaussian_oracle():
     g = torch.Generator().manual_seed(10)
     net = GaussOracle()
@@ -359,7 +359,7 @@ def test_gaussian_oracle():
 
 
 def test_gaussian_scd_regression_learns_minus_tan_half():
-    """Optional item of §7.12: a(t) u trained by sCD from the exact zero-velocity teacher approaches -tan(t/2)."""
+    """Optional Gaussian-oracle check: a(t) u trained by sCD from the exact zero-velocity teacher approaches -tan(t/2)."""
 
     class Lin(nn.Module):  # F(u, t) = a_phi(t) u with a small MLP in t
         def __init__(self):
@@ -389,7 +389,7 @@ def test_gaussian_scd_regression_learns_minus_tan_half():
     assert err < 0.05, err
 
 
-# ============================================================================ §7.13-14 sampler, conversions
+# ============================================================================ sampler, conversions
 def test_cm_sampler_grids():
     cfg = cfg_of()
     t_max = math.atan(160.0)
@@ -443,7 +443,7 @@ def test_conversions_round_trip():
     assert (edm - (x0 + scm._col(scm.sigma_of(t, SD), x0) * z / SD)).abs().max() < 1e-10
 
 
-# ============================================================================ §7.15 teacher handling, CLI smoke (tiny)
+# ============================================================================ teacher handling, CLI smoke (tiny)
 def main(*args):
     """scm.main in-process through main_guard; returns the exit code (0, or 2 for a UserError)."""
     try:
@@ -594,7 +594,7 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     assert open(tmp_path / "n" / "ckpt.pt", "rb").read() == before
 
 
-# ============================================================================ §8 toy convergence
+# ============================================================================ toy convergence
 TOY = dict(width=128, depth=3, batch=256, eval_n=2048, eval_steps=[1, 2], log_every=50, H=100, seed=0)
 TOY_ITERS = dict(diffusion=800, cm=400, control=150)
 # Calibrated on the 2-core CPU (seeds 0-1; 2,048 samples; budgets from this one to 1,500/1,000 iterations): trained
@@ -614,7 +614,7 @@ def _train(out, mode, **kw):
 
 
 def _score(net, mode, K):
-    """SWD to 2,048 fresh data points, in-mode fraction and modes covered of 2,048 samples (common.md §9)."""
+    """SWD to 2,048 fresh data points, in-mode fraction and modes covered of 2,048 samples (common.py toy metrics)."""
     env, cfg = C.setup("cpu", 0, "fp32"), scm.Config()
     xs = scm.sampler(net, cfg, mode, (2,), K, env)(C.IndexRNG(range(2048), 123, "cpu"))
     ref = C.toy_sample("8gaussians", 2048, torch.Generator().manual_seed(321))
