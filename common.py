@@ -1943,10 +1943,13 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
 
 def main_guard(fn):
     """Run fn(); UserError -> 'error: ...' and exit 2 (a full disk too), Ctrl-C -> 130; always tear the process
-    group down."""
+    group down. After a success every rank meets at a barrier first, so that no rank tears its connections down
+    while another still finishes (a gloo rank that did so was seen to abort on a loaded machine)."""
     code = 0
     try:
         fn()
+        if dist.is_initialized():
+            dist.barrier()
     except (UserError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -183,4 +183,9 @@ if __name__ == "__main__":
     phase, out_dir = sys.argv[1], sys.argv[2]
     env = C.setup("cpu", 0, "fp32")
     assert env.world == 2 and dist.is_initialized() and dist.get_backend() == "gloo"
-    C.main_guard(lambda: {"train": phase_train, "resume": phase_resume}[phase](env, out_dir))
+
+    def run():  # progress lines on stderr say where a failed run stopped
+        {"train": phase_train, "resume": phase_resume}[phase](env, out_dir)
+        print(f"rank {env.rank}: {phase} done", file=sys.stderr, flush=True)
+    C.main_guard(run)
+    print(f"rank {env.rank}: {phase} finished, process group destroyed", file=sys.stderr, flush=True)
