@@ -2057,6 +2057,78 @@ def save_array(path, arr):
         raise UserError(f"--out must end in .npy or .png, got '{path}'.")
 
 
+# ============================================================= evaluation sheets, the `sample` and `fid` commands
+class EvalSheet:
+    """One evaluation of a run (rank 0, no collectives): the reference points, one picture panel and (for points)
+    SWD, MMD^2 and the toy scores per sample set, appended to metrics.jsonl. `g` draws the reference points
+    (default: a generator seeded derive_seed(seed, "eval")); `extra` goes into the metrics row."""
+
+    def __init__(self, data, shape, eval_n, seed, step, g=None, **extra):
+        self.t0, self.data, self.seed = time.time(), data, seed
+        self.n = eval_n if len(shape) == 1 else min(eval_n, 64)
+        self.metrics, self.panels, self.ref = dict(step=step, **extra), [], None
+        if len(shape) == 1:
+            g = g or torch.Generator().manual_seed(derive_seed(seed, "eval"))
+            self.ref = (toy_sample(data.key, self.n, g) if data.kind == "toy" else
+                        data.x[torch.randperm(len(data.x), generator=g)[:self.n].to(data.x.device)]).cpu()
+            self.panels.append(("data", self.ref))
+
+    def rng(self, device, name="eval"):
+        """The evaluation noise: sample indices 0..n-1, the same at every evaluation of a run."""
+        return IndexRNG(range(self.n), derive_seed(self.seed, name), device)
+
+    def add(self, key, title, xs):
+        xs = xs.detach().float().cpu()
+        if self.ref is None:
+            self.panels.append((title, to_uint8(xs).permute(0, 2, 3, 1).numpy()))
+            return
+        m = min(len(xs), len(self.ref))
+        self.metrics[f"swd_{key}"] = swd(xs[:m], self.ref[:m])
+        self.metrics[f"mmd2_{key}"] = mmd2(xs[:2000], self.ref[:2000])
+        if self.data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
+            self.metrics.update({f"{k}_{key}": v for k, v in toy_scores(xs, self.data.key).items()})
+        self.panels.append((title, xs))
+
+    def write(self, out, name="samples.png"):
+        self.metrics["eval_s"] = time.time() - self.t0
+        save_panels(os.path.join(out, name), self.panels)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(self.metrics) + "\n")
+        return self.metrics
+
+
+def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, record=None):
+    """The `sample` and `fid` commands of every method file. gen(K) -> generate(rng, labels) for K steps; name(K)
+    describes the sampler in the printed line; record(K): extra fields of the fid.jsonl row. Labels (class-
+    conditional models) are drawn per sample index, as compute_fid draws them."""
+    if cmd == "sample":
+        for K in opts.steps:
+            xs = []
+            for idx in torch.arange(opts.n).split(opts.batch):
+                rng = IndexRNG(idx.tolist(), opts.seed, env.device)
+                xs.append(gen(K)(rng, rng.randint(num_classes) if num_classes else None).cpu())
+            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+            stem, ext = os.path.splitext(base)
+            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            if env.is_main:
+                x = torch.cat(xs)
+                save_array(path, x if len(shape) == 1 else to_uint8(x).permute(0, 2, 3, 1))
+                print(f"wrote {path} ({opts.n} samples, {name(K)})")
+        return
+    if len(shape) == 1:
+        raise UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    det = load_detector(opts.fid_detector, env)
+    ref = reference_stats(load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
+    for K in opts.steps:
+        fid = compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
+        if env.is_main:
+            print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
+            row = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, **(record(K) if record else {}), n=opts.n,
+                       seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)
+            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 # ================================================================== toy metrics (one definition)
 def swd(a, b, n_dir=1024):
     """Sliced Wasserstein-1: mean over 1024 fixed (seed 0) unit directions of the 1-D W1 of projections."""

@@ -25,7 +25,7 @@ gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher 
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
     python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
 """
-import contextlib, copy, dataclasses, json, math, os, time
+import contextlib, copy, dataclasses, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -921,16 +921,10 @@ def _labels(rng, nd):
 def evaluate(net, init, cfg, data, env, out, step, t_g):
     """Rank 0: samples of the EMA generator at eval_steps beside the step-0 generator (`init`, the teacher) and the
     data (PNG); for points the common toy metrics (SWD, MMD^2, modes, in-mode) per K and for step 0 ('init')."""
-    nd, t0 = C.unwrap(net).config, time.time()
+    nd = C.unwrap(net).config
     shape = sample_shape(nd)
-    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
-    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
-    metrics, panels = dict(step=step), []
-    ref = None
-    if len(shape) == 1:
-        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
-               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
-        panels.append(("data", ref))
+    sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
+    n = sheet.n
     variant = "GDD-I" if cfg.freeze == "gdd_i" else "GDD"
     if step == 0:  # `net` is the step-0 generator itself (= the teacher); for points also the teacher's 100 Euler steps
         runs = [("init", net, 1, "step 0: teacher x-hat at t_g")]
@@ -940,24 +934,10 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
         runs = ([("init", init, 1, "step 0: teacher x-hat at t_g")] if init is not None else []) + \
             [(str(K), net, K, f"{variant} step {step}, {K} step{'s' * (K > 1)}") for K in cfg.eval_steps]
     for key, m, K, title in runs:
-        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
-        labels = _labels(C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval labels"), env.device), nd)
-        xs = sample(m.eval(), rng, shape, K, t_g, labels) if K else \
-            euler(m, rng.randn(n, *shape), cfg.eval_teacher_steps, labels)
-        xs = xs.cpu()
-        if ref is not None:
-            mm = min(n, len(ref))
-            metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:mm], ref[:mm]), C.mmd2(xs[:2000], ref[:2000])
-            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{key}": s for k, s in C.toy_scores(xs, data.key).items()})
-            panels.append((title, xs))
-        else:
-            panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["eval_s"] = time.time() - t0
-    C.save_panels(os.path.join(out, "samples.png" if step > 0 else "samples_step0.png"), panels)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
+        rng, labels = sheet.rng(env.device), _labels(sheet.rng(env.device, "eval labels"), nd)
+        sheet.add(key, title, sample(m.eval(), rng, shape, K, t_g, labels) if K else
+                  euler(m, rng.randn(n, *shape), cfg.eval_teacher_steps, labels))
+    return sheet.write(out, "samples.png" if step > 0 else "samples_step0.png")
 
 
 # ====================================================================================== training
@@ -1174,33 +1154,9 @@ def sample_or_fid(cmd, opts, given):
     if any(K > 1 for K in opts.steps) and env.is_main:
         print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is "
               "usually worse than K = 1.")
-    gen = lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g, labels))
-    if cmd == "sample":
-        for K in opts.steps:
-            xs = []
-            for idx in torch.arange(opts.n).split(opts.batch):
-                rng = C.IndexRNG(idx.tolist(), opts.seed, env.device)
-                xs.append(gen(K)(rng, _labels(rng, ck["net"])).cpu())
-            x = torch.cat(xs)
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
-            if env.is_main:
-                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {path} ({opts.n} samples, {K} step{'s' * (K > 1)}, t_g {t_g:g})")
-        return
-    if len(shape) == 1:
-        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
-    det = C.load_detector(opts.fid_detector, env)
-    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
-    for K in opts.steps:
-        fid = C.compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, inner(ck["net"])["label_dim"])
-        if env.is_main:
-            print(f"FID-{opts.n / 1000:g}k | {K} step{'s' * (K > 1)} | {fid:.4f}")
-            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
-                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], steps=K, n=opts.n, seed=opts.seed,
-                                        detector=det.name, fid=fid, ema=opts.ema, freeze=cfg.freeze,
-                                        disc=cfg.disc)) + "\n")
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g,
+                    labels)), lambda K: f"{K} step{'s' * (K > 1)}, t_g {t_g:g}", inner(ck["net"])["label_dim"],
+                    record=lambda K: dict(freeze=cfg.freeze, disc=cfg.disc))
 
 
 def main(argv=None):

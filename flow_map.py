@@ -27,7 +27,7 @@ python flow_map.py --mode meanflow                        # other modes: psd, es
 torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow] python flow_map.py sample --ckpt
 runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png python flow_map.py fid --ckpt
 runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8"""
-import contextlib, dataclasses, json, math, os, time
+import contextlib, dataclasses, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -521,31 +521,13 @@ def choose_sigma0(cfg, data, teacher_std):
 
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
-    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the toy metrics of docs/common.md"""
-    shape, t0 = sample_shape(C.unwrap(net).config), time.time()
-    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
-    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
-    metrics, panels = dict(step=step), []
-    if len(shape) == 1:
-        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
-               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
-        m = min(n, len(ref))
-        panels.append(("data", ref))
+    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the common toy metrics."""
+    shape = sample_shape(C.unwrap(net).config)
+    sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
     for N in cfg.eval_steps:
-        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
-        xs = sample(net, rng, shape, N, cfg, env).cpu()
-        if len(shape) == 1:
-            metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
-            panels.append((f"{N} step{'s' * (N > 1)} ({cfg.mode})", xs))
-        else:
-            panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["eval_s"] = time.time() - t0
-    C.save_panels(os.path.join(out, "samples.png"), panels)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
+        sheet.add(N, f"{N} step{'s' * (N > 1)}" + (f" ({cfg.mode})" if len(shape) == 1 else ""),
+                  sample(net, sheet.rng(env.device), shape, N, cfg, env))
+    return sheet.write(out)
 
 
 def generator(net, cfg, shape, N, env):
@@ -692,30 +674,10 @@ def sample_or_fid(cmd, opts, given):
                           f"change at sampling time.")
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
-    net = net.to(env.device).eval()
-    shape = sample_shape(ck["net"])
-    if cmd == "sample":
-        for N in opts.steps:
-            x = torch.cat([sample(net, C.IndexRNG(idx.tolist(), opts.seed, env.device), shape, N, cfg, env).cpu()
-                           for idx in torch.arange(opts.n).split(opts.batch)])
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            p = f"{stem}_{N}step{ext}" if len(opts.steps) > 1 or not opts.out else base
-            if env.is_main:
-                C.save_array(p, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {p} ({opts.n} samples, {N} steps, {cfg.sampler})")
-        return
-    if len(shape) == 1:
-        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
-    det = C.load_detector(opts.fid_detector, env)
-    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
-    for N in opts.steps:
-        fid = C.compute_fid(generator(net, cfg, shape, N, env), opts.n, ref, det, env, opts.batch, opts.seed)
-        if env.is_main:
-            print(f"FID-{opts.n / 1000:g}k | {N} steps ({cfg.sampler}, {N} NFE) | {fid:.4f}")
-            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
-                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], mode=cfg.mode, steps=N, sampler=cfg.sampler,
-                                        n=opts.n, seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)) + "\n")
+    net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
+                    lambda N: f"{N} steps ({cfg.sampler}, {N} NFE)", record=lambda N: dict(mode=cfg.mode,
+                                                                                            sampler=cfg.sampler))
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ times (t, s) and multiplies them by its time_scale = 1000 (c_noise of Eq. 5).
     python imm.py sample --ckpt runs/imm-toy/ckpt.pt --steps 1,2,4,8 --sampler restart --out s.png
     python imm.py fid --ckpt runs/imm-cifar10/ckpt.pt --steps 1,2,4,8
 """
-import contextlib, dataclasses, json, math, os, time
+import contextlib, dataclasses, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -252,7 +252,7 @@ def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
 
 
 def time_steps(N, cfg, schedule=None):
-    """The sampling grid (docs/imm.md) t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
+    """The sampling grid t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
     t_i = T + (N - i)/N (t_min - T) (Eq. 117); edm: rho = 7 in eta (Eq. 118)."""
     schedule = schedule or cfg.schedule
     if N == 1:
@@ -307,30 +307,12 @@ def sample_shape(nd):
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
     """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the common toy metrics."""
-    shape, t0 = sample_shape(C.unwrap(net).config), time.time()
-    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
-    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
-    metrics, panels = dict(step=step), []
-    if len(shape) == 1:
-        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
-               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
-        m = min(n, len(ref))
-        panels.append(("data", ref))
+    shape = sample_shape(C.unwrap(net).config)
+    sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
     for N in cfg.eval_steps:
-        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
-        xs = sample(net, rng, shape, N, cfg, env).cpu()
-        if len(shape) == 1:
-            metrics[f"swd_{N}"], metrics[f"mmd2_{N}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{N}": s for k, s in C.toy_scores(xs, data.key).items()})
-            panels.append((f"{N} step{'s' * (N > 1)} ({cfg.sampler})", xs))
-        else:
-            panels.append((f"{N} step{'s' * (N > 1)}", C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["eval_s"] = time.time() - t0
-    C.save_panels(os.path.join(out, "samples.png"), panels)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
+        sheet.add(N, f"{N} step{'s' * (N > 1)}" + (f" ({cfg.sampler})" if len(shape) == 1 else ""),
+                  sample(net, sheet.rng(env.device), shape, N, cfg, env))
+    return sheet.write(out)
 
 
 def generator(net, cfg, shape, N, env):
@@ -439,30 +421,9 @@ def sample_or_fid(cmd, opts, given):
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
-    net = net.to(env.device).eval()
-    shape = sample_shape(ck["net"])
-    if cmd == "sample":
-        for N in opts.steps:
-            x = torch.cat([sample(net, C.IndexRNG(idx.tolist(), opts.seed, env.device), shape, N, cfg, env).cpu()
-                           for idx in torch.arange(opts.n).split(opts.batch)])
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            path = f"{stem}_{N}step{ext}" if len(opts.steps) > 1 or not opts.out else base
-            if env.is_main:
-                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {path} ({opts.n} samples, {N} steps, {cfg.sampler}, {cfg.schedule})")
-        return
-    if len(shape) == 1:
-        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
-    det = C.load_detector(opts.fid_detector, env)
-    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
-    for N in opts.steps:
-        fid = C.compute_fid(generator(net, cfg, shape, N, env), opts.n, ref, det, env, opts.batch, opts.seed)
-        if env.is_main:
-            print(f"FID-{opts.n / 1000:g}k | {N} steps ({cfg.sampler}, {cfg.schedule}) | {fid:.4f}")
-            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
-                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], steps=N, sampler=cfg.sampler, n=opts.n,
-                                        seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)) + "\n")
+    net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
+                    lambda N: f"{N} steps ({cfg.sampler}, {cfg.schedule})", record=lambda N: dict(sampler=cfg.sampler))
 
 
 def main(argv=None):

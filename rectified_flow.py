@@ -208,7 +208,7 @@ def sample_t_ushape(n, a=4.0, t_eps=1e-5, device="cpu", generator=None):
 
 
 def sample_t_mirrored_exp(n, a=4.0, generator=None):
-    """rfpp's draw of the same law (rfpp §4.1): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
+    """rfpp's draw of the same law (§4.1): s = ln(1 + u (e^a - 1)) / a has density a e^(a s) / (e^a - 1) on [0, 1];
     t = s or 1 - s with probability 1/2 has density a cosh(a (t - 1/2)) / (2 sinh(a/2))."""
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     s = torch.log1p(u * math.expm1(a)) / a
@@ -592,20 +592,15 @@ def make_lpips(cfg, log):
 def evaluate(net, cfg, data, env, out, step):
     """Samples at several step counts next to the data (PNG), straightness (Liu et al. §2, straightness) and, for
     points, the toy metrics of docs/common.md (SWD, MMD^2, modes). Runs on rank 0 only; no collectives inside."""
-    nd, t0 = C.unwrap(net).config, time.time()
+    nd = C.unwrap(net).config
     shape = sample_shape(nd)
     g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
-    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
     z = torch.randn(cfg.eval_n, *shape, generator=g).to(env.device)
     K = inner(nd)["label_dim"]
     y = torch.randint(K, (cfg.eval_n,), generator=g).to(env.device) if K else None
     v = lambda x, t: net(x, t, y=None if y is None else y[:len(x)])
-    metrics, panels = dict(step=step), []
-    if len(shape) == 1:
-        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
-               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
-        m = min(n, len(ref))
-        panels.append(("data", ref))
+    sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step, g=g)
+    n = sheet.n
     runs = [(K, *sampler_for(cfg, K), str(K)) for K in cfg.eval_steps]
     if cfg.stage == "1rf" and len(shape) == 1:  # the teacher with many steps: 100 Euler steps and the pairs' solver
         runs += [(100, "euler", "uniform", "default", "100"),
@@ -613,23 +608,13 @@ def evaluate(net, cfg, data, env, out, step):
     S, x_end = straightness(v, z, cfg.straight_k, end=True)
     for K, solver, grid, rule, key in runs:
         if (K, solver, grid, rule) == (cfg.straight_k, "euler", "uniform", "default") and K != 2 and n == len(z):
-            xs = x_end.float().cpu()  # the straightness path (Liu et al. §2, straightness) is this K-step Euler sample
+            xs = x_end  # the straightness path (Liu et al. §2, straightness) is this K-step Euler sample
         else:
-            xs = solve(v, z[:n], time_grid(K, grid, cfg.t_mid), solver, rule).float().cpu()
-        label = f"{K} step{'s' * (K > 1)} ({solver}{', edm grid' if grid == 'edm' else ''}, {nfe(K, solver)} NFE)"
-        if len(shape) == 1:
-            metrics[f"swd_{key}"], metrics[f"mmd2_{key}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{key}": s for k, s in C.toy_scores(xs, data.key).items()})
-            panels.append((label, xs))
-        else:
-            panels.append((label, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["straightness"] = S
-    metrics["eval_s"] = time.time() - t0
-    C.save_panels(os.path.join(out, "samples.png"), panels)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
+            xs = solve(v, z[:n], time_grid(K, grid, cfg.t_mid), solver, rule)
+        edm = ", edm grid" if grid == "edm" else ""
+        sheet.add(key, f"{K} step{'s' * (K > 1)} ({solver}{edm}, {nfe(K, solver)} NFE)", xs)
+    sheet.metrics["straightness"] = S
+    return sheet.write(out)
 
 
 def sampler(net, cfg, shape, K, env):
@@ -825,34 +810,10 @@ def sample_or_fid(cmd, opts, given):
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
     cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
-    if cmd == "sample":
-        for K in opts.steps:
-            gen, xs = sampler(net, cfg, shape, K, env), []
-            for idx in torch.arange(opts.n).split(opts.batch):
-                rng = C.IndexRNG(idx.tolist(), opts.seed, env.device)
-                xs.append(gen(rng, rng.randint(classes) if classes else None).cpu())
-            x = torch.cat(xs)
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
-            if env.is_main:
-                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {path} ({opts.n} samples, {K} steps, {sampler_for(cfg, K)})")
-        return
-    if len(shape) == 1:
-        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
-    det = C.load_detector(opts.fid_detector, env)
-    data = C.load_data(cfg.data, opts.root, env, cfg.seed, False)
-    ref = C.reference_stats(data, det, env, opts.root, opts.fid_ref)
-    for K in opts.steps:
-        solver = sampler_for(cfg, K)[0]
-        fid = C.compute_fid(sampler(net, cfg, shape, K, env), opts.n, ref, det, env, opts.batch, opts.seed, classes)
-        if env.is_main:
-            rec = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, nfe=nfe(K, solver), n=opts.n, seed=opts.seed,
-                       detector=det.name, fid=fid, ema=opts.ema)
-            print(f"FID-{opts.n / 1000:g}k | {K} steps ({nfe(K, solver)} NFE) | {fid:.4f}")
-            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    solver = lambda K: sampler_for(cfg, K)[0]
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),
+                    lambda K: f"{K} steps ({', '.join(sampler_for(cfg, K))}, {nfe(K, solver(K))} NFE)", classes,
+                    record=lambda K: dict(nfe=nfe(K, solver(K))))
 
 
 def main(argv=None):

@@ -303,7 +303,7 @@ def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle 
 
 
 def cm_times(K, cfg):
-    """Sampling times (sCM App. G.2): t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1 (G.2); K > 2 uses
+    """Sampling times (sCM App. G.2): t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1; K > 2 uses
     t_k = t_mid (K - k)/(K - 1), k = 1..K-1 (project's choice)."""
     t_max = math.atan(cfg.sigma_max / cfg.sigma_d)
     return [t_max] + [cfg.t_mid * (K - k) / (K - 1) for k in range(1, K)]
@@ -453,33 +453,15 @@ def load_teacher(path, cfg):
 
 @torch.no_grad()
 def evaluate(net, cfg, mode, data, env, out, step):
-    """Samples beside the data (PNG) and, for points, the toy metrics of docs/common.md (metrics.jsonl).
-    CMs at cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (a must-fail control of the toy test)."""
-    shape, t0 = sample_shape(C.unwrap(net).config), time.time()
-    g = torch.Generator().manual_seed(C.derive_seed(cfg.seed, "eval"))
-    n = cfg.eval_n if len(shape) == 1 else min(cfg.eval_n, 64)
-    metrics, panels = dict(step=step, mode=mode), []
-    if len(shape) == 1:
-        ref = (C.toy_sample(data.key, n, g) if data.kind == "toy" else
-               data.x[torch.randperm(len(data.x), generator=g)[:n].to(data.x.device)]).cpu()
-        m = min(n, len(ref))
-        panels.append(("data", ref))
+    """Samples beside the data (PNG) and, for points, the common toy metrics (metrics.jsonl). CMs at
+    cfg.eval_steps; a diffusion model with Heun (heun_steps) and as a 1-step CM (a must-fail control of the toy
+    test)."""
+    shape = sample_shape(C.unwrap(net).config)
+    sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step, mode=mode)
     for K in ([cfg.heun_steps, 1] if mode == "diffusion" else cfg.eval_steps):
-        rng = C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"), env.device)
-        xs = sampler(net, cfg, mode, shape, K, env)(rng).cpu()
         title = f"{mode} {K} step{'s' * (K > 1)}" + (" (Heun)" if mode == "diffusion" else "")
-        if len(shape) == 1:
-            metrics[f"swd_{K}"], metrics[f"mmd2_{K}"] = C.swd(xs[:m], ref[:m]), C.mmd2(xs[:2000], ref[:2000])
-            if data.kind == "toy":  # modes / in_mode (8 Gaussians), in_square (checkerboard)
-                metrics.update({f"{k}_{K}": s for k, s in C.toy_scores(xs, data.key).items()})
-            panels.append((title, xs))
-        else:
-            panels.append((title, C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
-    metrics["eval_s"] = time.time() - t0
-    C.save_panels(os.path.join(out, "samples.png"), panels)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return metrics
+        sheet.add(K, title, sampler(net, cfg, mode, shape, K, env)(sheet.rng(env.device)))
+    return sheet.write(out)
 
 
 def train(cfg, given, env):
@@ -545,7 +527,7 @@ def train(cfg, given, env):
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
                     strict=not cfg.fallback) if cfg.fid_every else None
-    D, sd = math.prod(data.shape), cfg.sigma_d
+    sd = cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
@@ -679,28 +661,8 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
     name = lambda K: f"{K} steps ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
-    if cmd == "sample":
-        for K in opts.steps:
-            x = torch.cat([sampler(net, cfg, mode, shape, K, env)(C.IndexRNG(idx.tolist(), opts.seed, env.device))
-                           .cpu() for idx in torch.arange(opts.n).split(opts.batch)])
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
-            if env.is_main:
-                C.save_array(path, x if len(shape) == 1 else C.to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {path} ({opts.n} samples, {name(K)})")
-        return
-    if len(shape) == 1:
-        raise C.UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
-    det = C.load_detector(opts.fid_detector, env)
-    ref = C.reference_stats(C.load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
-    for K in opts.steps:
-        fid = C.compute_fid(sampler(net, cfg, mode, shape, K, env), opts.n, ref, det, env, opts.batch, opts.seed)
-        if env.is_main:
-            print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
-            with open(opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl"), "a") as f:
-                f.write(json.dumps(dict(ckpt=opts.ckpt, step=ck["step"], mode=mode, steps=K, nfe=nfe(mode, K),
-                                        n=opts.n, seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)) + "\n")
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, mode, shape, K, env), name,
+                    record=lambda K: dict(mode=mode, nfe=nfe(mode, K)))
 
 
 def main(argv=None):
