@@ -1,10 +1,24 @@
 """common.py: the one module every method file shares (what each part does, for students: docs/common.md).
 
-Networks (EDM's DDPM++ / NCSN++ U-Net, 2-D MLP, weighting head), EDM's network pickles read safely (with EDM's
-preconditioning D(x; sigma) and Heun sampler, which teacher-based methods share), data (2-D toys, CIFAR-10,
-(Fashion-)MNIST, .npy, image folders; uint8 on the device), EMA, FID (Inception TorchScript, float64 statistics),
-distributed and mixed-precision setup, atomic checkpoints, config parsing, logging, pictures and the toy metrics.
-Otherwise no method maths lives here: schedules, losses and samplers stay in the method files.
+No method maths lives here: schedules, losses and samplers stay in the method files. Contents, in file order (each
+section starts at a line "# ==== <section>"):
+
+  networks           UNet (EDM's DDPM++ / NCSN++ SongUNet), MLP (2-D), Block, WeightHead, net_config, build_net
+  data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches)
+  augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
+  EMA                EMA (EDM's half-life ramp)
+  FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, reference_stats
+  runtime            setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32, maybe_compile
+  checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
+  non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint)
+  EDM checkpoints    read_edm_pickle / load_edm (no code executed), EDMDenoiser (VP, VE, EDM), edm_heun
+  config validation  check_config, preflight
+  command line       parse_cli (argparse over the Config fields), merge_config, resume_config, main_guard
+  logging            Logger
+  pictures           save_panels, save_array
+  evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and `fid`
+    commands         commands of every method file)
+  toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
 import pickle, re, sys, tempfile, time, types, typing, warnings
@@ -25,7 +39,7 @@ class UserError(Exception):
     """Bad input: printed as one sentence by `main_guard`, exit status 2."""
 
 
-# ==================================================================================== networks
+# ============================================================================================================= networks
 def _gn(c, affine=True, ln=False):
     if ln:  # the MLP's norm
         return nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
@@ -401,7 +415,7 @@ def unwrap(m):
             return m
 
 
-# ======================================================================================== data
+# ================================================================================================================= data
 _TOY_RMS = {"checkerboard": math.sqrt(4 / 3), "8gaussians": math.sqrt(0.5 + 0.05 ** 2),
             "moons": math.sqrt(0.65625 - 1 / (2 * math.pi) + 0.05 ** 2),
             "spirals": math.sqrt(2.25 * math.pi ** 2 + 0.3 ** 2)}
@@ -598,7 +612,7 @@ def load_data(spec, root, env, seed, xflip):
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
 
 
-# ================================================================================== augmentation
+# ========================================================================================================= augmentation
 # EDM's non-leaky augmentation (Karras et al. 2022, App. F.2; NVlabs/edm training/augment.py, AugmentPipe: the
 # geometric part of ADA, Karras et al. 2020). Each transform is applied to an image with probability p times its
 # multiplier, and the network is told what was done through a label vector (EDM's `augment_labels`, fed to the
@@ -784,7 +798,7 @@ def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
         return x, None
     return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
 
-# ========================================================================================= EMA
+# ================================================================================================================== EMA
 class EMA:
     """p_ema <- p + beta (p_ema - p); beta = decay, or 0.5^(batch / (1000 halflife_kimg)) capped by rampup
     (EDM training_loop.py). Frozen parameters (requires_grad=False) are skipped; buffers are copied."""
@@ -814,7 +828,7 @@ class EMA:
             be.copy_(bs)
 
 
-# ========================================================================================= FID
+# ================================================================================================================== FID
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
 
@@ -968,7 +982,7 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     return z["mu"], z["sigma"]
 
 
-# ============================================================================ runtime
+# ============================================================================================================== runtime
 @dataclass
 class Env:
     rank: int
@@ -1103,7 +1117,7 @@ def maybe_compile(m, on):
     return torch.compile(m)
 
 
-# ====================================================================== checkpoints
+# ========================================================================================================== checkpoints
 _LAYOUT = dict(model=dict, ema=dict, opt=dict, step=int, config=dict, net=dict, method=str, convention=str,
                rng=(dict, type(None)))
 
@@ -1246,7 +1260,7 @@ def restore_rng(ckpt, env, generators=()):
         g.manual_seed(derive_seed(s, i))
 
 
-# ======================================================================= non-finite steps, divergence
+# ===================================================================================================== non-finite steps
 class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
     where the loop syncs anyway (log lines, checkpoints).
@@ -1337,7 +1351,7 @@ class Guard:
             self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
 
 
-# ==================================================================================== EDM checkpoints
+# ====================================================================================================== EDM checkpoints
 # NVlabs/edm's network pickles (edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl, network-snapshot-*.pkl) are a dict
 # {'ema': network, 'loss_fn', 'augment_pipe', 'dataset_kwargs'} (edm training/training_loop.py). EDM's
 # torch_utils/persistence.py writes every network object as the call _reconstruct_persistent_obj(meta), meta =
@@ -1629,7 +1643,7 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 
 
 
-# ========================================================================================= config validation
+# ==================================================================================================== config validation
 # Ranges by field name, shared by every Config and the sample/fid options; a method file adds its own in a RANGES dict
 # beside its Config. "> 0", ">= 1" or an interval "[0, 1)"; for a list the rule applies to each element. Beyond these,
 # every float must be finite and every int non-negative. check_config runs on every config a command builds (from
@@ -1728,7 +1742,7 @@ def preflight(cmd, cfg):
         raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
 
 
-# ================================================================= command line: argparse over the Config fields
+# ========================================================================================================= command line
 SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may follow (applied over the checkpoint's)
     ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
     n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, "sample: .npy/.png; fid: .jsonl"),
@@ -1966,7 +1980,7 @@ def main_guard(fn):
         sys.exit(code)
 
 
-# ================================================================================== logging
+# ============================================================================================================== logging
 class Logger:
     """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy). With a
     Guard attached, each line also holds `skipped` (optimiser steps skipped since the previous line), a NaN loss is
@@ -2014,7 +2028,7 @@ class Logger:
         return vals
 
 
-# ================================================================================= pictures
+# ============================================================================================================= pictures
 def _grid(u8, pad=2):
     u8 = np.asarray(u8)
     N, H, W, C = u8.shape
@@ -2057,7 +2071,7 @@ def save_array(path, arr):
         raise UserError(f"--out must end in .npy or .png, got '{path}'.")
 
 
-# ============================================================= evaluation sheets, the `sample` and `fid` commands
+# ============================================================================================== evaluation and commands
 class EvalSheet:
     """One evaluation of a run (rank 0, no collectives): the reference points, one picture panel and (for points)
     SWD, MMD^2 and the toy scores per sample set, appended to metrics.jsonl. `g` draws the reference points
@@ -2129,7 +2143,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
                 f.write(json.dumps(row) + "\n")
 
 
-# ================================================================== toy metrics (one definition)
+# ========================================================================================================== toy metrics
 def swd(a, b, n_dir=1024):
     """Sliced Wasserstein-1: mean over 1024 fixed (seed 0) unit directions of the 1-D W1 of projections."""
     a, b = (torch.as_tensor(v).detach().cpu().double() for v in (a, b))

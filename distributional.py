@@ -41,7 +41,7 @@ CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise; G(z)=z-v(z,t_g)"
 TEACHER_METHOD, TEACHER_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 
 
-# =============================================================================================== config
+# =============================================================================================================== config
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
@@ -121,6 +121,7 @@ RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0
 R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013)  # batch-mean gamma; `projected`: GDD's 1e-4, gamma_from_gdd
 R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
 
+# ============================================================================================================== presets
 PRESETS = {
     # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher 2,000 x 512, Adam 1e-3
     "toy": dict(data="8gaussians", teacher_net="mlp", teacher_iters=2000, teacher_batch=512, teacher_lr=1e-3,
@@ -157,7 +158,7 @@ PRESETS = {
 }
 
 
-# =========================================================================== method: the maths
+# ==================================================================================================== method: the maths
 def t_g_of(teacher_config):
     """The largest t the teacher was trained on: 1 - t_eps of its recorded range [t_eps, 1 - t_eps] (2-RF: 1e-5),
     1 for a 1-RF (t ~ U[0, 1] closed)."""
@@ -309,23 +310,6 @@ def ema_beta(n_img, B, H, rho):
     common.EMA computes)."""
     h = H if rho is None else min(H, rho * n_img)
     return 0.5 ** (B / max(h, 1e-8))
-
-
-def time_grid(K, t_g):
-    """A project extension (GDD Sec. 6 discusses multi-step use): tau_k = t_g (1 - k/K), k = 0..K-1."""
-    return [t_g * (1 - k / K) for k in range(K)]
-
-
-@torch.no_grad()
-def sample(net, rng, shape, K, t_g, labels=None):
-    """K = 1 is the method: x = G(z). K > 1 (a project extension): re-noise the clean estimate to tau_k and predict
-    again, x_tau = (1 - tau) x + tau eps_k, x <- x_tau - tau v(x_tau, tau). Noise per sample index from rng (z,
-    then eps_k)."""
-    x = G(net, rng.randn(len(rng.gens), *shape), t_g, labels).float()
-    for tau in time_grid(K, t_g)[1:]:
-        x_tau = (1 - tau) * x + tau * rng.randn(*x.shape)
-        x = (x_tau - tau * net(x_tau, torch.full((len(x),), tau, device=x.device), y=labels)).float()
-    return x.clamp(-1, 1) if len(shape) == 3 else x
 
 
 # ---- DiffAugment (arXiv 2006.10738), per sample, differentiable in x
@@ -742,7 +726,25 @@ class ProjectedD(nn.Module):
         return f"{', '.join(parts)}; K = {sum(self.logit_groups)} logits"
 
 
-# ====================================================================================== plumbing: teacher
+# ============================================================================================================== sampler
+def time_grid(K, t_g):
+    """A project extension (GDD Sec. 6 discusses multi-step use): tau_k = t_g (1 - k/K), k = 0..K-1."""
+    return [t_g * (1 - k / K) for k in range(K)]
+
+
+@torch.no_grad()
+def sample(net, rng, shape, K, t_g, labels=None):
+    """K = 1 is the method: x = G(z). K > 1 (a project extension): re-noise the clean estimate to tau_k and predict
+    again, x_tau = (1 - tau) x + tau eps_k, x <- x_tau - tau v(x_tau, tau). Noise per sample index from rng (z,
+    then eps_k)."""
+    x = G(net, rng.randn(len(rng.gens), *shape), t_g, labels).float()
+    for tau in time_grid(K, t_g)[1:]:
+        x_tau = (1 - tau) * x + tau * rng.randn(*x.shape)
+        x = (x_tau - tau * net(x_tau, torch.full((len(x),), tau, device=x.device), y=labels)).float()
+    return x.clamp(-1, 1) if len(shape) == 3 else x
+
+
+# ============================================================================================================= plumbing
 def teacher_net_dict(cfg, data):
     """The in-file teacher's network (Eq. 0), exactly as rectified_flow.py's net_dict builds it."""
     if data.kind == "images":
@@ -855,7 +857,6 @@ def _load_edm_teacher(path, cfg, data):
                      convention=f"EDM {info['precond']} denoiser D(x; sigma); G(z) = D(80 z; 80)"), 1.0
 
 
-# ====================================================================================== plumbing: D, eval
 def build_disc(cfg, data, teacher, env, log):
     """The discriminator named by cfg.disc for these data. `projected` never falls back: missing ImageNet weights or
     timm stop the run with one sentence naming the file and the flag that chooses the alternative."""
@@ -940,7 +941,7 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
     return sheet.write(out, "samples.png" if step > 0 else "samples_step0.png")
 
 
-# ====================================================================================== training
+# ============================================================================================================= training
 def _step(opt, guard):
     """Adam step; with a common.Guard (training) a step with non-finite gradients is skipped and counted. GDD's code
     (StyleGAN2-ADA training_loop.py) instead zeroes non-finite gradient entries (nan_to_num) and steps; the skip keeps
@@ -1114,13 +1115,13 @@ def train(cfg, given):
             opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"] = cfg.lr_g * decay, lr_d * decay
         x, y = data.batch(per_rank, step, env.rank, env.world)
         y = y if cfg.cond else None  # fake labels = the real batch's labels
-        # ---------------------------------------------------------------- the method: one G / D / R1 step
+        # ---- ALGO LOGIC: one G / D / lazy-R1 step (GDD §3) -----------------------------------------------------------
         L_G = g_step(gen_model, D, d_params, g_params, opt_g, x, y, t_g, cfg.loss, env, amp, guard)
         L_D, real_logits, fake_logits = d_step(gen_model, D, d_params, opt_d, x, y, t_g, cfg.loss, env, amp, guard)
         if step % cfg.r1_interval == 0 and step > 0 and gamma > 0:  # lazy R1 (StyleGAN2 §3.1): steps r, 2r, ...
             r1 = r1_step(D, d_params, opt_d, x, y, gamma, cfg.r1_interval, env, guard)
         ema.update(raw, step * cfg.batch, cfg.batch)  # EDM's EMA ramp (ema_beta)
-        # --------------------------------------------------------------------------------------------------
+        # ---- end of ALGO LOGIC ---------------------------------------------------------------------------------------
         guard.end_step(L_G, L_D, r1)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.iters:
@@ -1141,7 +1142,7 @@ def train(cfg, given):
     C.barrier(env)
 
 
-# ====================================================================================== commands
+# ============================================================================================================= commands
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)

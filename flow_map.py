@@ -46,7 +46,7 @@ def convention(interpolant, sigma0):
             f"X(s,t,x)=x+(t-s)*phi(s,t-s,x)")
 
 
-# =============================================================================================== config
+# =============================================================================================================== config
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
@@ -132,6 +132,7 @@ RANGES = dict(width=">= 1", depth=">= 1", time_channels=">= 4", diag_frac="[0, 1
 # py-meanflow v0 (models/model_configs.py, models/unet.py): its SongUNet concatenates the two time embeddings,
 # resamples with [1,3,3,1] and splits q|k|v in blocks; its augmentation (training/train_loop.py) is EDM's pipe
 # without y-flips and rotations (augment_dim 6)
+# ============================================================================================================== presets
 PY_MEANFLOW_NET = dict(time_combine="concat", resample_filter=[1, 3, 3, 1], qkv_order="blocks")
 MEANFLOW_AUGMENT = dict(xflip=1e8, scale=1, aniso=1, translate_frac=1)
 
@@ -168,7 +169,7 @@ PRESETS = {  # nested dicts apply to one --mode
 }
 
 
-# =========================================================================== method: the maths
+# ==================================================================================================== method: the maths
 def bc(v, x):
     """A per-sample vector (B,) broadcast against x (B, ...)."""
     return v.reshape(-1, *[1] * (x.ndim - 1))
@@ -402,6 +403,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None,
     return l, l.detach()
 
 
+# ============================================================================================================== sampler
 def time_grid(N):
     """Boffi sample: uniform grid t_k = k / N, k = 0..N (0 noise, 1 data)."""
     return [k / N for k in range(N + 1)]
@@ -425,7 +427,7 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
     return x.clamp(-1, 1) if clip and len(shape) == 3 else x
 
 
-# ====================================================================================== plumbing
+# ============================================================================================================= plumbing
 def net_dict(cfg, data):
     """Two time inputs (s, then Delta = t - s), time_scale 1 (raw times), zero output (phi = 0 at start)."""
     if data.kind == "images":
@@ -542,6 +544,7 @@ def resolve(cfg, data, teacher_std):
     return cfg
 
 
+# ============================================================================================================= training
 def lr_at(cfg, step):
     lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
     if cfg.lr_schedule == "cosine":
@@ -620,7 +623,7 @@ def train(cfg, given):
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
-            # ---------------------------------------------------------------- the method: one flow-map loss
+            # ---- ALGO LOGIC: one flow-map loss (Boffi et al. Alg. 1-3; MeanFlow Alg. 1) ------------------------------
             part, parts = rnd * env.world + env.rank, env.world * cfg.accum
             x1, _ = data.batch(per_rank, step, part, parts)  # data at t = 1
             x1, aug = C.augment_batch(x1, cfg.augment, cfg.seed, step, part, parts, MEANFLOW_AUGMENT)
@@ -629,7 +632,7 @@ def train(cfg, given):
             l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model, aug=aug)
             L = l_w.mean()  # (Boffi losses.py setup_loss) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
             scaler.scale(L / cfg.accum).backward()
-            # ------------------------------------------------------------------------------------------
+            # ---- end of ALGO LOGIC -----------------------------------------------------------------------------------
             diag = (s == t).float()
             stats += torch.stack([L.detach(), (l * diag).sum() / diag.sum().clamp(min=1),
                                   (l * (1 - diag)).sum() / (1 - diag).sum().clamp(min=1)]) / cfg.accum
@@ -663,6 +666,7 @@ def train(cfg, given):
     C.barrier(env)
 
 
+# ============================================================================================================= commands
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)

@@ -34,7 +34,7 @@ METHOD = "imm"
 CONVENTION = "x_t=(1-t)x+t*e, e~N(0,0.5^2 I), t=1 noise; f_{s,t} maps t->s"
 
 
-# =============================================================================================== config
+# =============================================================================================================== config
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
@@ -103,6 +103,7 @@ class Config:
 
 RANGES = dict(M=">= 1", k=">= 1", min_gap="[0, 1)", eta_mid="> 0", sigma_d="> 0")  # beside common.RANGES
 
+# ============================================================================================================== presets
 PRESETS = {  # cifar10 = IMM Table 5
     # toy: under a minute on one CPU thread; a 64-wide MLP takes more steps in the time (2,800), k = 10 and EMA 0.99
     # sharpen the 2-step samples (in_mode 0.92 against 0.88 for the 128-wide, 2,000-step k = 12 recipe)
@@ -123,7 +124,7 @@ PRESETS = {  # cifar10 = IMM Table 5
 }
 
 
-# =========================================================================== method: the maths
+# ==================================================================================================== method: the maths
 def alpha(t):
     return 1 - t  # OT-FM line
 
@@ -251,6 +252,7 @@ def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
     return L, mmd.mean().detach(), (r[g] == s[g]).float().mean()
 
 
+# ============================================================================================================== sampler
 def time_steps(N, cfg, schedule=None):
     """The sampling grid t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
     t_i = T + (N - i)/N (t_min - T) (Eq. 117); edm: rho = 7 in eta (Eq. 118)."""
@@ -283,7 +285,7 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
     return x.clamp(-1, 1) if clip and len(shape) == 3 else x
 
 
-# ====================================================================================== plumbing
+# ============================================================================================================= plumbing
 def net_dict(cfg, data):
     """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, Eq. 5), no labels, zero output."""
     if data.kind == "images":
@@ -319,6 +321,7 @@ def generator(net, cfg, shape, N, env):
     return lambda rng, labels: sample(net, rng, shape, N, cfg, env)
 
 
+# ============================================================================================================= training
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -380,7 +383,7 @@ def train(cfg, given):
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
             with model.no_sync() if ddp and rnd < cfg.accum - 1 else contextlib.nullcontext():
-                # ------------------------------------------------------------ the method: one IMM loss
+                # ---- ALGO LOGIC: one IMM step (Alg. 1; loss Eq. 12) --------------------------------------------------
                 part, parts = rnd * env.world + env.rank, env.world * cfg.accum
                 x, _ = data.batch(per_rank, step, part, parts)
                 x, aug = C.augment_batch(x, cfg.augment, cfg.seed, step, part, parts)  # EDM's pipe (Table 5)
@@ -388,7 +391,7 @@ def train(cfg, given):
                 s, r, t = sample_times(per_rank // cfg.M, cfg.M, cfg, min_gap, env.device)
                 L, mmd, frac = imm_loss(model, raw, x, eps, s, r, t, cfg, env, aug)
                 scaler.scale(L / cfg.accum).backward()
-                # ----------------------------------------------------------------------------------
+                # ---- end of ALGO LOGIC -------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), mmd, frac]) / cfg.accum
         scaler.unscale_(opt)
         guard.step(opt, scaler)  # skipped (weights and Adam state unchanged) if a gradient is not finite
@@ -413,6 +416,7 @@ def train(cfg, given):
     C.barrier(env)
 
 
+# ============================================================================================================= commands
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)

@@ -39,7 +39,7 @@ CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 METHOD = "rectified_flow"
 
 
-# =============================================================================================== config
+# =============================================================================================================== config
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
@@ -132,6 +132,7 @@ RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1
               straight_k=">= 1")  # beside common.RANGES
 
 EDM_CIFAR10 = "edm-cifar10-32x32-uncond-ve.pkl"  # EDM's unconditional NCSN++ (VE architecture, EDM preconditioning)
+# ============================================================================================================== presets
 PRESETS = {  # flat fields, then per-stage parts
     # toy: `python rectified_flow.py` in under a minute on one CPU thread. The 1-RF decays its lr to 0 (cosine): its
     # samples sharpen far more than with more constant-lr steps. Heun runs on the uniform grid (grid, pair_grid): on
@@ -172,7 +173,7 @@ PRESETS = {  # flat fields, then per-stage parts
 }
 
 
-# =========================================================================== method: the maths
+# ==================================================================================================== method: the maths
 def interpolate(x, z, t):
     """Liu et al. §2: x_t = (1 - t) x + t z."""
     t = t.reshape(-1, *[1] * (x.ndim - 1))
@@ -301,6 +302,7 @@ def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
     return (1 - t) * H + (lp / t if loss == "lpips-huber-1/t" else lp)
 
 
+# ============================================================================================================== sampler
 def time_grid(K, kind="uniform", t_mid=0.5):
     """Sampling grids: t_0 = 1 > ... > t_K = 0. uniform: 1 - i/K (K = 2: [1, t_mid, 0]); edm: EDM's rho = 7 sigma grid
     (Karras et al. arXiv 2206.00364 Eq. 5) mapped by t = sigma / (1 + sigma), with t_0 := 1 and t_K = 0."""
@@ -402,7 +404,7 @@ def sampler_for(cfg, K):
     return solver, grid, rule
 
 
-# ============================================================================ plumbing: nets, teacher, pairs
+# ============================================================================================================= plumbing
 def net_dict(cfg, data):
     """Network constructor dict for the data: a U-Net for images, the MLP for points; v is the raw output."""
     if data.kind == "images":
@@ -587,7 +589,6 @@ def make_lpips(cfg, log):
         return None
 
 
-# ====================================================================================== evaluation
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
     """Samples at several step counts next to the data (PNG), straightness (Liu et al. §2, straightness) and, for
@@ -629,7 +630,7 @@ def sampler(net, cfg, shape, K, env):
     return generate
 
 
-# ====================================================================================== training
+# ============================================================================================================= training
 def stage_dir(cfg, stage):
     return cfg.out if stage == "1rf" else os.path.join(cfg.out, stage)
 
@@ -704,7 +705,7 @@ def train(cfg, given, env):
         if cfg.fid_every else None
 
     def loss_fn(part):
-        # ---------------------------------------------------------------- the method: one loss evaluation
+        # ---- ALGO LOGIC: one 1-RF / 2-RF++ loss (rfpp §4) ------------------------------------------------------------
         if stage == "1rf":
             x, y = data.batch(per_rank, step, part, env.world * cfg.accum)
             z = torch.randn_like(x)
@@ -719,7 +720,7 @@ def train(cfg, given, env):
         with C.autocast(env):
             v = model(x_t, t)
         return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (rfpp §4.2)
-        # ----------------------------------------------------------------------------------------------
+        # ---- end of ALGO LOGIC ---------------------------------------------------------------------------------------
 
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
@@ -787,7 +788,7 @@ def invert_data(cfg, env, net2, folder):
                     dict(shape=list(data.shape), x_dtype="uint8", inv_steps=cfg.inv_steps, source=cfg.data))
 
 
-# ====================================================================================== commands
+# ============================================================================================================= commands
 def run(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     stages = ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]

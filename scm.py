@@ -43,7 +43,7 @@ CONVENTION = "x_t=cos(t)*x+sin(t)*z, z~N(0,sigma_d^2), t in [0,pi/2], t=pi/2 noi
 MODES = ("diffusion", "sct", "scd")
 
 
-# =============================================================================================== config
+# =============================================================================================================== config
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
@@ -118,6 +118,7 @@ class Config:
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
               heun_steps=">= 1")  # beside common.RANGES
 
+# ============================================================================================================== presets
 _DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1)
 _CM = dict(optim="radam", beta2=0.99, P_mean=-1.0, P_std=1.4)  # CMs: RAdam, (-1.0, 1.4) (G.2)
 PRESETS = {  # flat fields, then per-mode parts
@@ -157,7 +158,7 @@ PRESETS = {  # flat fields, then per-mode parts
 }
 
 
-# ================================================================== method: TrigFlow
+# ===================================================================================================== method: TrigFlow
 def _col(v, x):  # (B,) -> (B, 1, ...) broadcastable against x
     return v.reshape(-1, *[1] * (x.ndim - 1))
 
@@ -222,7 +223,7 @@ def diffusion_loss(F, v_t, sigma_d, w=None):
     return (term if w is None else torch.exp(w) * term - w).mean()
 
 
-# ========================================================== method: the continuous-time CM step (Sec. 4)
+# ========================================================================= method: the continuous-time CM step (Sec. 4)
 def warmup_r(step, H):
     """(sCM Alg. 1, Sec. 4.2) tangent warm-up r = min(1, step / H) (Alg. 1); H = 0: no warm-up."""
     return 1.0 if H <= 0 else min(1.0, step / H)
@@ -297,7 +298,7 @@ class Student(nn.Module):
         return F, self.head(t) if self.head is not None else torch.zeros_like(t, dtype=torch.float32)
 
 
-# =========================================================================== method: samplers
+# ============================================================================================================== sampler
 def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle tests)
     return next((p.dtype for p in [*net.parameters(), *net.buffers()] if p.is_floating_point()), torch.float32)
 
@@ -364,7 +365,7 @@ def nfe(mode, K):
     return 2 * K - 1 if mode == "diffusion" else K
 
 
-# ====================================================================================== plumbing
+# ============================================================================================================= plumbing
 def net_dict(cfg, data):
     """One time input, time_scale 1 (c_noise(t) = t through the positional embedding), no labels."""
     if data.kind == "images":
@@ -464,6 +465,7 @@ def evaluate(net, cfg, mode, data, env, out, step):
     return sheet.write(out)
 
 
+# ============================================================================================================= training
 def train(cfg, given, env):
     """One mode (diffusion, sct or scd): data, init, optimiser, EMA, logging, checkpoints, evaluation."""
     mode, path = cfg.mode, os.path.join(cfg.out, "ckpt.pt")
@@ -550,7 +552,7 @@ def train(cfg, given, env):
         stats = torch.zeros(2, device=env.device)
         for rnd in range(cfg.accum):
             with model.no_sync() if ddp and rnd < cfg.accum - 1 else contextlib.nullcontext():
-                # ------------------------------------------------------------ the method: one loss evaluation
+                # ---- ALGO LOGIC: one sCT / sCD / diffusion loss (sCM Alg. 1) -----------------------------------------
                 part, parts = rnd * env.world + env.rank, env.world * cfg.accum
                 x0, _ = data.batch(per_rank, step, part, parts)
                 z = sd * torch.randn_like(x0)  # z ~ N(0, sigma_d^2 I)
@@ -565,7 +567,7 @@ def train(cfg, given, env):
                     t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (sCM Alg. 1)
                     L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (sCM Sec. 4 to sCM Eq. 8)
                 scaler.scale(L / cfg.accum).backward()
-                # ----------------------------------------------------------------------------------
+                # ---- end of ALGO LOGIC -------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), gn]) / cfg.accum
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.iters
         scaler.unscale_(opt)
@@ -600,7 +602,7 @@ def train(cfg, given, env):
     return cfg
 
 
-# ====================================================================================== commands
+# ============================================================================================================= commands
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)

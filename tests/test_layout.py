@@ -1,0 +1,59 @@
+"""The repository's shape, as a reader relies on it: every method file has the same section markers in the same
+order, one marked ALGO LOGIC block in its training loop short enough to read without scrolling, imports no other
+method file, and no file cites anything outside the repository."""
+import os
+import re
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["imm.py", "flow_map.py", "scm.py", "rectified_flow.py", "distributional.py"]
+SKELETON = ["config", "presets", "method", "sampler", "plumbing", "training", "commands"]
+MARKER = re.compile(r"^# =+ (.+)$")
+
+
+def sections(path):
+    with open(path) as f:
+        lines = f.read().split("\n")
+    return [(i, m.group(1)) for i, ln in enumerate(lines) if (m := MARKER.match(ln))], lines
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_file_skeleton(name):
+    found, lines = sections(os.path.join(ROOT, name))
+    kinds = []
+    for _, title in found:
+        kind = title.split(":")[0]
+        assert kind in SKELETON, f"{name}: unknown section '{title}'"
+        if not kinds or kinds[-1] != kind:  # several "method: ..." sections in a row count as one
+            kinds.append(kind)
+    assert kinds == SKELETON, f"{name}: sections {kinds}"
+    assert all(len(ln) == 120 for i, ln in enumerate(lines) if MARKER.match(ln))  # one width, so files diff cleanly
+    # exactly one ALGO LOGIC block, inside the training section, at most 20 lines between its two markers
+    starts = [i for i, ln in enumerate(lines) if "# ---- ALGO LOGIC:" in ln]
+    ends = [i for i, ln in enumerate(lines) if "# ---- end of ALGO LOGIC" in ln]
+    assert len(starts) == 1 and len(ends) == 1 and 0 < ends[0] - starts[0] <= 20, (name, starts, ends)
+    training = next(i for i, t in found if t == "training")
+    commands = next(i for i, t in found if t == "commands")
+    assert training < starts[0] < commands
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_method_file_imports_another(name):
+    with open(os.path.join(ROOT, name)) as f:
+        src = f.read()
+    others = [m[:-3] for m in METHODS if m != name]
+    bad = [o for o in others if re.search(rf"^\s*(import|from)\s+{o}\b", src, re.M)]
+    assert not bad, f"{name} imports {bad}"
+
+
+def test_nothing_cites_outside_the_repository():
+    """No file refers to the private design notes the project started from (users clone the repository alone)."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    pat = re.compile(r"shared/|specs/|spec §|Spec §|pitfall \d|\((?:F|S|N)(?:[1-9]|1\d)\)")  # (F1)-(F18) tags
+    hits = []
+    for rel in files:
+        with open(os.path.join(ROOT, rel), errors="replace") as f:
+            hits += [f"{rel}:{k + 1}" for k, ln in enumerate(f) if pat.search(ln)]
+    assert not hits, hits[:20]
