@@ -19,7 +19,7 @@ Convention: the teacher's, checked verbatim: x_t = (1 - t) x + t z, t = 0 data, 
 gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher (1 for a 1-RF).
 
     python rectified_flow.py && python distributional.py --teacher runs/rectified_flow-toy/ckpt.pt   # toy, CPU
-    python distributional.py                                  # toy with an in-file 1-RF teacher (Eq. 0)
+    python distributional.py                                  # toy with an in-file 1-RF teacher
     python distributional.py --data points.npy --out runs/gdd-mine [--freeze gdd_i]
     torchrun --nproc_per_node=8 distributional.py --preset cifar10 --teacher runs/rectified_flow-cifar10/ckpt.pt
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png

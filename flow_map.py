@@ -7,12 +7,12 @@ Docs:   docs/flow_map.md (conventions, the objectives, derivations, the CIFAR-10
 
 The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE dx/dt = b_t(x)
 to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x), so that the tangent condition phi(t,
-t, .) = b_t makes one network learn two things: the velocity, by flow matching on the diagonal s = t (the diagonal
-(flow-matching) term, Boffi losses.py diagonal_term), and the jumps off the diagonal, from an identity the exact
-map satisfies: the Lagrangian equation dX/dt = b(X) (LSD (LSD, Boffi losses.py lsd_term), LMD (LMD), FMM (FMM,
-Boffi et al. 2024)), the Eulerian equation dX/ds + grad X . b = 0 (ESD (ESD, Boffi losses.py esd_term), MeanFlow
-(MeanFlow Eq. 9 in this convention), EMD (EMD)) or the semigroup X_{u,t} o X_{s,u} = X_{s,t} (PSD (PSD, Boffi
-losses.py psd_term)). A sample is N composed jumps on the uniform grid k/N from noise, N chosen at sampling time
+t, .) = b_t makes one network learn two things: the velocity, by flow matching on the diagonal s = t (Boffi losses.py,
+diagonal_term), and the jumps off the diagonal, from an identity the exact map satisfies: the Lagrangian equation
+dX/dt = b(X) (LSD: losses.py lsd_term; LMD and FMM: Flow Map Matching, arXiv 2406.07507), the Eulerian equation
+dX/ds + grad X . b = 0 (ESD: losses.py esd_term; MeanFlow Eq. 9 in this convention; EMD) or the semigroup
+X_{u,t} o X_{s,u} = X_{s,t} (PSD: losses.py psd_term). "Boffi losses.py" is the official flow-maps code's
+file. A sample is N composed jumps on the uniform grid k/N from noise, N chosen at sampling time
 (Boffi sample); more steps never hurt the exact map.
 
 Convention (written into every checkpoint): the stochastic interpolant I_t = alpha_t x0 + beta_t x1 with x0 ~ N(0,
@@ -21,12 +21,14 @@ s, t - s) and phi = sigma0 F. MeanFlow (data at t = 0) and the rectified-flow te
 converted into it by `meanflow_to_flow_map` (docs/flow_map.md, "MeanFlow in the t = 0-noise convention") and
 `rf_velocity` (docs/flow_map.md, "A rectified-flow teacher as a flow-map velocity").
 
-python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
-python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd python flow_map.py
---data points.npy --out runs/fm-mine python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
-torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow] python flow_map.py sample --ckpt
-runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png python flow_map.py fid --ckpt
-runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8"""
+    python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
+    python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd
+    python flow_map.py --data points.npy --out runs/fm-mine
+    python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
+    torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow]
+    python flow_map.py sample --ckpt runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png
+    python flow_map.py fid --ckpt runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8
+"""
 import contextlib, dataclasses, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -71,13 +73,13 @@ class Config:
     sigma0: Optional[float] = None  # base std = preconditioner; None: teacher's / data RMS / 0.5 / 1.0
     diag_frac: Optional[float] = None  # share of diagonal rows; None: 0.75 (Boffi), 0.25 for lmd/emd (project)
     pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (Boffi _sample_triangle sorts) or both
-    psd_type: Literal["uniform", "midpoint"] = "uniform"  # (PSD, Boffi losses.py psd_term) h ~ U(0, 1) or h = 1/2
+    psd_type: Literal["uniform", "midpoint"] = "uniform"  # PSD (Boffi losses.py psd_term): h ~ U(0, 1) or h = 1/2
     esd_stopgrad: Literal["full", "convex"] = "full"  # ESD (esd_term): grad X . b under no_grad, or only b stopped
-    lambda_inv: float = 1.0  # (FMM, Boffi et al. 2024) invertibility term of the direct FMM loss (0: Boffi's JAX code)
+    lambda_inv: float = 1.0  # FMM (arXiv 2406.07507): invertibility term of the direct FMM loss (0: Boffi's JAX code)
     time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler
     learned_weight: bool = False  # Boffi losses.py: l <- exp(-w(s,t)) l + w(s,t), a zero-initialised WeightHead
     adaptive_p: float = 0.75  # adaptive weighting l / sg(l + c)^p of meanflow and emd (MeanFlow §4)
-    adaptive_c: float = 1e-3  # (learned weight, Boffi losses.py) c of the adaptive weighting
+    adaptive_c: float = 1e-3  # c of the adaptive weighting (MeanFlow §4)
     # optimisation
     iters: int = 2000  # optimiser steps
     batch: int = 1024  # global batch per optimiser step (split over ranks and accumulation rounds)
@@ -250,13 +252,13 @@ def jvp_safe(net):
 
 
 def diagonal_term(phi, I, target, t):
-    """(the diagonal (flow-matching) term, Boffi losses.py diagonal_term) l = |phi(t, t, I_t) - target|^2, target =
+    """The diagonal (flow-matching) term (Boffi losses.py, diagonal_term): l = |phi(t, t, I_t) - target|^2, target =
     dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
     return sumsq(phi(I, t, t) - target)
 
 
 def lsd_term(phi, b, I, s, t):
-    """(LSD, Boffi losses.py lsd_term)/(LMD) Lagrangian: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with
+    """Lagrangian term, LSD (Boffi losses.py, lsd_term) and LMD: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with
     (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online network's phi(t, t, .) (LSD) or
     the teacher (LMD)."""
     X, dX = jvp(lambda tt: flow_map(phi, I, s, tt), (t,), (torch.ones_like(t),))
@@ -266,7 +268,7 @@ def lsd_term(phi, b, I, s, t):
 
 
 def psd_term(phi, I, s, t, h):
-    """PSD, Boffi losses.py psd_term: progressive: u = h s + (1 - h) t,
+    """Progressive term, PSD (Boffi losses.py, psd_term): u = h s + (1 - h) t,
     l = |phi(s, t, I_s) - sg[(1 - h) phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
     u = h * s + (1 - h) * t
     with torch.no_grad():
@@ -275,7 +277,7 @@ def psd_term(phi, I, s, t, h):
 
 
 def esd_term(phi, I, s, t, stopgrad="full"):
-    """ESD, Boffi losses.py esd_term: Eulerian: R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg
+    """Eulerian term, ESD (Boffi losses.py, esd_term): R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg
     phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad; convex: only b^ stopped."""
     with torch.no_grad():
         b_hat = phi(I, s, s)
@@ -286,7 +288,7 @@ def esd_term(phi, I, s, t, stopgrad="full"):
 
 
 def meanflow_term(phi, I, s, t, v):
-    """(MeanFlow Eq. 9 in this convention)/(EMD) phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of
+    """MeanFlow (its Eq. 9, in this convention) and EMD: phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of
     (s', x') -> phi(s', t, x') with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds
     (MeanFlow) or sg b_T(s, I_s) (EMD)."""
     ph, D = jvp(lambda ss, x: phi(x, ss, t), (s, I), (torch.ones_like(s), v))
@@ -295,7 +297,7 @@ def meanflow_term(phi, I, s, t, v):
 
 
 def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
-    """FMM, Boffi et al. 2024: direct FMM: y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one
+    """Direct flow map matching (FMM, arXiv 2406.07507): y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one
     jvp in t at fixed y; l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The gradient flows
     through y and the jvp."""
     y = flow_map(phi, It, t, s)
@@ -304,12 +306,12 @@ def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
 
 
 def adaptive_weight(l, p=0.75, c=1e-3):
-    """Learned weight, Boffi losses.py: adaptive: l / sg(l + c)^p (MeanFlow)."""
+    """Adaptive weighting (MeanFlow §4): l / sg(l + c)^p."""
     return l / (l.detach() + c) ** p
 
 
 def learned_weight(l, w):
-    """Learned weight, Boffi losses.py: learned: exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on
+    """Learned weight (Boffi losses.py): exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on
     the diagonal w(t, t))."""
     return torch.exp(-w) * l + w
 

@@ -19,11 +19,14 @@ Modes (--mode): diffusion (TrigFlow teacher, Eq. 4) -> sct (Alg. 1, data velocit
 velocity); `all` runs diffusion, then sCT and sCD initialised from it, in DIR/{diffusion,sct,scd} (default of the
 toy preset).
 
-python scm.py                                                     # toy: diffusion -> sCT, sCD; CPU, minutes python
-scm.py --mode sct                                          # sCT from scratch (not the paper's init) torchrun
---nproc_per_node=8 scm.py --preset cifar10 --mode diffusion torchrun --nproc_per_node=8 scm.py --preset cifar10
---mode sct --teacher runs/scm-diffusion-cifar10/ckpt.pt python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt
---steps 1,2 --out s.png python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2"""
+    python scm.py                                                     # toy: diffusion -> sCT, sCD; CPU
+    python scm.py --mode sct                                          # sCT from scratch (not the paper's init)
+    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode diffusion
+    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode sct --teacher runs/scm-diffusion-cifar10/ckpt.pt
+    torchrun --nproc_per_node=8 scm.py --preset cifar10 --mode scd --teacher edm-cifar10-32x32-uncond-vp.pkl
+    python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt --steps 1,2 --out s.png
+    python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2
+"""
 import contextlib, dataclasses, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
