@@ -258,9 +258,9 @@ def diagonal_term(phi, I, target, t):
 
 
 def lsd_term(phi, b, I, s, t):
-    """Lagrangian term, LSD (Boffi losses.py, lsd_term) and LMD: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t, I_s))|^2, with
-    (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online network's phi(t, t, .) (LSD) or
-    the teacher (LMD)."""
+    """Lagrangian term, LSD (Boffi losses.py, lsd_term) and LMD: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t,
+    I_s))|^2, with (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online network's phi(t, t,
+    .) (LSD) or the teacher (LMD)."""
     X, dX = jvp(lambda tt: flow_map(phi, I, s, tt), (t,), (torch.ones_like(t),))
     with torch.no_grad():
         target = b(t, X.detach())
@@ -268,8 +268,8 @@ def lsd_term(phi, b, I, s, t):
 
 
 def psd_term(phi, I, s, t, h):
-    """Progressive term, PSD (Boffi losses.py, psd_term): u = h s + (1 - h) t,
-    l = |phi(s, t, I_s) - sg[(1 - h) phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
+    """Progressive term, PSD (Boffi losses.py, psd_term): u = h s + (1 - h) t, l = |phi(s, t, I_s) - sg[(1 - h)
+    phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
     u = h * s + (1 - h) * t
     with torch.no_grad():
         target = bc(1 - h, I) * phi(I, s, u) + bc(h, I) * phi(flow_map(phi, I, s, u), u, t)
@@ -277,8 +277,8 @@ def psd_term(phi, I, s, t, h):
 
 
 def esd_term(phi, I, s, t, stopgrad="full"):
-    """Eulerian term, ESD (Boffi losses.py, esd_term): R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^, b^ = sg
-    phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad; convex: only b^ stopped."""
+    """Eulerian term, ESD (Boffi losses.py, esd_term): R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^,
+    b^ = sg phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad; convex: only b^ stopped."""
     with torch.no_grad():
         b_hat = phi(I, s, s)
     _, dXds = jvp(lambda ss: flow_map(phi, I, ss, t), (s,), (torch.ones_like(s),))
@@ -288,8 +288,8 @@ def esd_term(phi, I, s, t, stopgrad="full"):
 
 
 def meanflow_term(phi, I, s, t, v):
-    """MeanFlow (its Eq. 9, in this convention) and EMD: phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of
-    (s', x') -> phi(s', t, x') with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds
+    """MeanFlow (its Eq. 9, in this convention) and EMD: phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one
+    jvp of (s', x') -> phi(s', t, x') with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds
     (MeanFlow) or sg b_T(s, I_s) (EMD)."""
     ph, D = jvp(lambda ss, x: phi(x, ss, t), (s, I), (torch.ones_like(s), v))
     target = (v + bc(t - s, I) * D).detach()
@@ -297,9 +297,9 @@ def meanflow_term(phi, I, s, t, v):
 
 
 def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
-    """Direct flow map matching (FMM, arXiv 2406.07507): y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t, y)) from one
-    jvp in t at fixed y; l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The gradient flows
-    through y and the jvp."""
+    """Direct flow map matching (FMM, arXiv 2406.07507): y = X(t, s, I_t) (map back), then (X(s, t, y), d/dt X(s, t,
+    y)) from one jvp in t at fixed y; l = |d/dt X(s, t, y) - dI_t/dt|^2 + lambda_inv |X(s, t, y) - I_t|^2. The
+    gradient flows through y and the jvp."""
     y = flow_map(phi, It, t, s)
     X, dX = jvp(lambda tt: flow_map(phi, y, s, tt), (t,), (torch.ones_like(t),))
     return sumsq(dX - dIt) + lambda_inv * sumsq(X - It)
