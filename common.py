@@ -3,7 +3,8 @@
 No method maths lives here: schedules, losses and samplers stay in the method files. Contents, in file order (each
 section starts at a line "# ==== <section>"):
 
-  networks           UNet (EDM's DDPM++ / NCSN++ SongUNet), MLP (2-D), Block, WeightHead, net_config, build_net
+  networks: U-Net    Block (EDM's UNetBlock), UNet (EDM's SongUNet: DDPM++ and NCSN++)
+  networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches)
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
@@ -11,13 +12,14 @@ section starts at a line "# ==== <section>"):
   runtime            setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint)
-  EDM checkpoints    read_edm_pickle / load_edm (no code executed), EDMDenoiser (VP, VE, EDM), edm_heun
+  EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
+  EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, preflight
   command line       parse_cli (argparse over the Config fields), merge_config, resume_config, main_guard
   logging            Logger
   pictures           save_panels, save_array
-  evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and `fid`
-    commands         commands of every method file)
+  evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
+    commands         `fid` commands of every method file)
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
@@ -39,7 +41,7 @@ class UserError(Exception):
     """Bad input: printed as one sentence by `main_guard`, exit status 2."""
 
 
-# ============================================================================================================= networks
+# ====================================================================================================== networks: U-Net
 def _gn(c, affine=True, ln=False):
     if ln:  # the MLP's norm
         return nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
@@ -302,6 +304,7 @@ class UNet(_Net):
         return [hs[k] for k in self.levels_end]
 
 
+# =============================================================================================== networks: MLP, configs
 class MLP(_Net):
     """2-D network: same forward/embedding/options; linears named conv0/conv1 (1x1 convs)."""
 
@@ -1351,7 +1354,7 @@ class Guard:
             self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
 
 
-# ====================================================================================================== EDM checkpoints
+# ========================================================================================================== EDM pickles
 # NVlabs/edm's network pickles (edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl, network-snapshot-*.pkl) are a dict
 # {'ema': network, 'loss_fn', 'augment_pipe', 'dataset_kwargs'} (edm training/training_loop.py). EDM's
 # torch_utils/persistence.py writes every network object as the call _reconstruct_persistent_obj(meta), meta =
@@ -1487,6 +1490,7 @@ def _edm_tensors(rec, where, prefix=""):
 _SONG_DEFAULTS = dict(label_dim=0, augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4,
                       num_blocks=4, attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type="positional",
                       channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1])
+# ========================================================================================================= EDM denoiser
 _EDM_PRECONDS = {"VPPrecond": ("vp", dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)),
                  "VEPrecond": ("ve", dict(sigma_min=0.02, sigma_max=100.0)),
                  "EDMPrecond": ("edm", dict(sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5))}

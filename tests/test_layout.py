@@ -59,3 +59,15 @@ def test_nothing_cites_outside_the_repository():
         with open(os.path.join(ROOT, rel), errors="replace") as f:
             hits += [f"{rel}:{k + 1}" for k, ln in enumerate(f) if pat.search(ln)]
     assert not hits, hits[:20]
+
+
+def test_common_table_of_contents_matches_its_sections():
+    """common.py's docstring lists its sections in file order, and no section runs past ~270 lines."""
+    found, lines = sections(os.path.join(ROOT, "common.py"))
+    titles = [t for _, t in found]
+    doc = lines[1:lines.index('"""', 1)]
+    labels = [ln[2:21].strip().rstrip(". ") for ln in doc if re.match(r"^  \S", ln)]  # "  label   contents"
+    assert len(labels) == len(titles) and all(t.startswith(lab) for t, lab in zip(titles, labels)), \
+        list(zip(titles, labels))
+    ends = [i for i, _ in found[1:]] + [len(lines)]
+    assert max(e - i for (i, _), e in zip(found, ends)) <= 270
