@@ -125,16 +125,23 @@ RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", b
 _DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1)
 _CM = dict(optim="radam", beta2=0.99, P_mean=-1.0, P_std=1.4)  # CMs: RAdam, (-1.0, 1.4) (G.2)
 PRESETS = {  # flat fields, then per-mode parts
-    # toy: the first minute. A CM step costs ~25 ms on one CPU thread whatever the batch (the JVP's per-op overhead),
-    # so the preset is a 64 x 3 MLP, batch 256, cosine learning-rate decay, 2,000 diffusion and 600 + 600 CM
-    # iterations, H = 150 (measured on the 2-core CPU machine: README table). CM lr 3e-4 with the cosine decay (a
-    # constant 3e-4 left sCD blurry; 1e-3 diverges with adaptive weighting). Longer CM training helps little at this
-    # size (sCD 1,000 iterations: 0.83 in-mode at 2 steps, 1,500 with 128 x 3: 0.82); the larger recipe:
-    # --width 256 --depth 4 --iters 3000 --H 500 (docs/scm.md).
-    "toy": dict(mode="all", data="8gaussians", net="mlp", width=64, depth=3, batch=256, H=150,
-                ema_halflife_kimg=20.0, eval_n=4096, lr_schedule="cosine",
-                diffusion=dict(**_DIFF, lr=1e-3, iters=2000), sct=dict(**_CM, lr=1e-3, iters=500),
-                scd=dict(**_CM, lr=3e-4, iters=500)),
+    # toy (`python scm.py` within a minute): MLP 64 x 4, batch 1,024, cosine lr decay to 0; diffusion 700 steps (Adam
+    # 2e-3), sCT 230 (RAdam 1.5e-3, H = 210, t_mid = 0.5), sCD 280 (RAdam 7e-4, H = 230, t_mid = 0.9). On 2 CPU cores a
+    # CM step costs ~30-40 ms almost independently of the batch (the JVP's per-op overhead), so the preset takes few
+    # large batches. A constant CM lr of 1e-3 collapses after the warm-up (sCD 2-step in-mode 0.76 at r = 1, 0.17 400
+    # steps later), hence the decay to 0 and an H over most of the run; width 128 was slower and no sharper (sCD 0.71).
+    # t_mid (2-step sampling only): sCT 0.84 at 0.5 against 0.66 at 1.1, sCD flat over 0.7-1.0.
+    # Measured on the 2-core CPU machine (another job running, seed 0, two runs): 54.3 / 54.6 s wall ("total" line;
+    # 57.6 / 58.6 s with the interpreter start); in-mode of 4,096 samples: teacher Heun 18 steps 0.956; sCT 1 / 2 / 4
+    # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
+    # (sCD with 400 steps: 0.87). The previous preset
+    # (MLP 128 x 3, batch 256, constant lr, diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1)
+    # took ~214 s for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2 steps.
+    "toy": dict(mode="all", data="8gaussians", net="mlp", width=64, depth=4, batch=1024, lr_schedule="cosine",
+                ema_halflife_kimg=20.0, eval_n=4096,
+                diffusion=dict(**_DIFF, lr=2e-3, iters=700),
+                sct=dict(**_CM, lr=1.5e-3, iters=230, H=210, t_mid=0.5),
+                scd=dict(**_CM, lr=7e-4, iters=280, H=230, t_mid=0.9)),
     "tiny": dict(data="", net="tiny", adn=True, batch=8, iters=3, H=2, ema_halflife_kimg=1.0, log_every=1,
                  ckpt_every=3, eval_n=16, eval_steps=[1, 2], heun_steps=2, fid_n=16,
                  diffusion=dict(**_DIFF, lr=1e-3, dropout=0.1), sct=dict(**_CM, lr=1e-4, dropout=0.1),

@@ -52,8 +52,9 @@ MODS = dict(imm=imm, scm=scm, flow_map=flow_map, rectified_flow=rectified_flow, 
 EVAL = ["--eval_n", "16", "--eval_steps", "1"]
 BASE = dict(  # a few toy steps, 2-D points, small MLPs
     imm=["--batch", "16", *EVAL],
-    scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1", *EVAL],
-    flow_map=["--batch", "16", "--width", "16", "--depth", "1", *EVAL],
+    scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1",
+         "--lr_schedule", "const", *EVAL],
+    flow_map=["--batch", "16", "--width", "16", "--depth", "1", "--lr_schedule", "const", *EVAL],
     rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", "--lr_schedule", "const", *EVAL],
     distributional=["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
                     *EVAL])
