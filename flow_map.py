@@ -39,7 +39,7 @@ import torch.nn as nn
 import common as C
 
 METHOD = "flow_map"
-RF_METHOD, RF_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t=1 noise"  # the teacher's (DESIGN.md)
+RF_METHOD, RF_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t=1 noise"  # rectified_flow.py's own
 MODES = ("lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd")
 
 

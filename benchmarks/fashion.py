@@ -1,5 +1,5 @@
 """Real-image benchmark without downloads: every method on Fashion-MNIST, scored by a Fréchet distance in the features
-of a small classifier trained once on the same data set (issue 7 follow-up; DESIGN "Benchmarks").
+of a small classifier trained once on the same data set.
 
 Every method trains common.py's U-Net of its file's `small` preset (`--preset small --data fashion_mnist`; the 28x28
 images are zero-padded to 32x32 by common.py, 1 channel) with the same number of training examples, exactly as a

@@ -1,4 +1,4 @@
-"""Every GPU measurement the project lacks, in one prepared run of at most 10 minutes (issue 17).
+"""Every GPU measurement the project lacks, in one prepared run of at most 10 minutes.
 
     python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
     python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results

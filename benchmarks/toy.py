@@ -1,10 +1,10 @@
-"""Side-by-side 2-D benchmark of every method on equal terms (issue 7; DESIGN "Benchmarks").
+"""Side-by-side 2-D benchmark of every method on equal terms.
 
 Every method trains the same network (common.py's MLP, width 128, 3 residual blocks, 64 time channels; IMM and
 the flow maps feed it a second time) on the same 2-D data sets with the same number of training examples seen.
 The distillation methods pay for their teacher out of that budget: the teacher sees half of it and the student
 the other half (teacher + student = the budget), and 2-RF++ additionally pays its teacher's pair generation in
-wall-clock time. Each method is run through its own command line (DESIGN's contract), exactly as a user would:
+wall-clock time. Each method is run through its own command line (README, "The command-line contract"), exactly as a user would:
 
     method     file                command (B = batch, E = examples budget)
     1-RF       rectified_flow.py   --stage 1rf, E examples (the baseline; Euler sampler, K NFE for K steps)

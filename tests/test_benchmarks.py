@@ -1,6 +1,6 @@
 """Smoke tests of benchmarks/throughput.py (CPU, a few seconds) and the FLOP count of the DDPM++ network.
 
-Speed itself is never asserted here (DESIGN: speed targets live in benchmarks/, not in timed tests).
+Speed itself is never asserted here (speed targets live in benchmarks/, not in timed tests).
 """
 import json
 import math

@@ -2,7 +2,7 @@
 budgets, the classifier (learns the class signal; shuffled labels stay at chance; cached and reused), the Fréchet
 distance (a set against itself ~ 0, a noised set clearly above a held-out real set) and the missing-data error.
 
-Quality of the generative methods is never asserted here (DESIGN: targets live in benchmarks/, not in tests).
+Quality of the generative methods is never asserted here (targets live in benchmarks/, not in tests).
 """
 import gzip
 import json

@@ -2,7 +2,7 @@
 every section writes finite numbers into the JSON and the Markdown; a run past its deadline keeps what it measured
 and marks the rest skipped; benchmarks/results takes no CPU run.
 
-Speed itself is never asserted here (DESIGN: speed targets live in benchmarks/, not in timed tests).
+Speed itself is never asserted here (speed targets live in benchmarks/, not in timed tests).
 """
 import gzip
 import json
