@@ -2121,10 +2121,10 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
     conditional models) are drawn per sample index, as compute_fid draws them."""
     if cmd == "sample":
         for K in opts.steps:
-            xs = []
+            generate, xs = gen(K), []
             for idx in torch.arange(opts.n).split(opts.batch):
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
-                xs.append(gen(K)(rng, rng.randint(num_classes) if num_classes else None).cpu())
+                xs.append(generate(rng, rng.randint(num_classes) if num_classes else None).cpu())
             base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
             stem, ext = os.path.splitext(base)
             path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
