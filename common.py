@@ -1268,15 +1268,18 @@ class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
     where the loop syncs anyway (log lines, checkpoints).
 
-    step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped: parameters, moments and
-    step counts are put back by torch.where on a device flag (Adam's step counts are moved onto the device on CUDA
-    for this). Skipped steps are logged (`skipped`, since the last line); `max_skips` in a row stop the run in one
-    sentence, checked at log lines and checkpoints. end_step(*losses), once per iteration: a non-finite loss since
-    the previous checkpoint, or in the step right after it (its loss at the checkpoint's weights), withholds that
-    checkpoint; training goes on and the next clean one is written, but a withheld final checkpoint ends the run."""
+    step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped. On CUDA (`sync_free`)
+    parameters, moments and step counts are put back by torch.where on a device flag (Adam's step counts are moved
+    onto the device for this); on the CPU, where reading the flag stalls no queue, the step is simply not taken
+    (the same result, ~5 ms less per step for a toy MLP's ~80 state tensors). Skipped steps are logged (`skipped`,
+    since the last line); `max_skips` in a row stop the run in one sentence, checked at log lines and checkpoints.
+    end_step(*losses), once per iteration: a non-finite loss since the previous checkpoint, or in the step right
+    after it (its loss at the checkpoint's weights), withholds that checkpoint; training goes on and the next clean
+    one is written, but a withheld final checkpoint ends the run."""
 
-    def __init__(self, env, max_skips, log, path, start_step=None):
+    def __init__(self, env, max_skips, log, path, start_step=None, sync_free=None):
         self.env, self.max_skips, self.log, self.path = env, max_skips, log, path
+        self.sync_free = env.device.type == "cuda" if sync_free is None else sync_free
         z = lambda dt: torch.zeros((), dtype=dt, device=env.device)
         self.now, self.bad, self.run, self.count = z(torch.bool), z(torch.bool), z(torch.int64), z(torch.int64)
         self.pending, self.good, self.since, self._ready = None, start_step, start_step or 0, set()
@@ -1298,6 +1301,11 @@ class Guard:
             _place_steps(opt)
             self._ready.add(id(opt))
         ok = self.finite(ps) if ok is None else ok
+        if not self.sync_free:
+            if ok:
+                scaler.step(opt) if scaler is not None else opt.step()
+            self.now |= ~ok
+            return
         keep = [(t, t.detach().clone()) for p in ps for t in [p, *opt.state.get(p, {}).values()] if torch.is_tensor(t)]
         known = {id(t) for t, _ in keep}
         scaler.step(opt) if scaler is not None else opt.step()
@@ -2034,15 +2042,10 @@ class Logger:
 
 # ============================================================================================================= pictures
 def _grid(u8, pad=2):
-    u8 = np.asarray(u8)
-    N, H, W, C = u8.shape
-    cols = math.ceil(math.sqrt(N))
-    rows = math.ceil(N / cols)
-    g = np.zeros((rows * (H + pad) + pad, cols * (W + pad) + pad, C), np.uint8)
-    for i in range(N):
-        r, c = divmod(i, cols)
-        g[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = u8[i]
-    return g[..., 0] if C == 1 else g
+    """uint8 NHWC -> one HWC picture (torchvision's make_grid): ceil(sqrt(N)) columns, `pad` black pixels between."""
+    import torchvision.utils
+    t = torch.as_tensor(np.asarray(u8)).permute(0, 3, 1, 2)
+    return torchvision.utils.make_grid(t, nrow=math.ceil(math.sqrt(len(t))), padding=pad).permute(1, 2, 0).numpy()
 
 
 def save_panels(path, panels):
@@ -2163,10 +2166,12 @@ def mmd2(a, b, hs=(0.02, 0.05, 0.1, 0.2, 0.5)):
     """Biased (V-statistic) MMD^2 with a sum of RBF kernels exp(-|x-y|^2 / 2h^2)."""
     a, b = (torch.as_tensor(v).detach().cpu().double() for v in (a, b))
 
-    def k(x, y):  # one distance matrix per pair, reused by every bandwidth
-        d2 = torch.cdist(x, y).square()
-        return sum(torch.exp(-d2 / (2 * h * h)) for h in hs).mean()
-    return (k(a, a) + k(b, b) - 2 * k(a, b)).item()
+    def k(d2):  # kernel sum over the given squared distances, every bandwidth
+        return sum(torch.exp(d2 * (-0.5 / (h * h))).sum() for h in hs)
+
+    def k_self(x):  # mean over all n^2 pairs: the pairs i < j twice (pdist, half the work) plus the diagonal
+        return (2 * k(torch.pdist(x).square()) + len(x) * len(hs)) / len(x) ** 2
+    return (k_self(a) + k_self(b) - 2 * k(torch.cdist(a, b).square()) / (len(a) * len(b))).item()
 
 
 def modes_covered(x, centres, std):

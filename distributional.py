@@ -766,7 +766,7 @@ def train_teacher(cfg, data, env, path, log):
     nd = teacher_net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
     net = C.distribute(raw, env)
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     per_rank = cfg.teacher_batch // env.world
     log.info(f"teacher (Eq. 0): 1-RF, {cfg.teacher_iters} x {cfg.teacher_batch}, Adam {cfg.teacher_lr:g} -> {path}")
     for step in range(cfg.teacher_iters):
@@ -1060,9 +1060,9 @@ def train(cfg, given):
         C.EMA(raw, halflife_kimg=cfg.ema_halflife_img / 1000, rampup=cfg.ema_rampup)
     g_params = [p for p in raw.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]  # the stored list toggled in the G step
-    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8)  # StyleGAN2 §3.1
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8, foreach=True)  # StyleGAN2 §3.1
     lr_d, betas_d = d_adam_hparams(cfg.lr_d, cfg.r1_interval)
-    opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8)
+    opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8, foreach=True)
     gens = [data.gen] if data.gen is not None else []
     if ck:
         C.load_state_strict(ema.model, ck["ema"])

@@ -587,7 +587,7 @@ def train(cfg, given):
         C.distribute(head, env, manual=True)
     ema = C.EMA(raw, decay=cfg.ema)
     params = [*raw.parameters(), *(head.parameters() if head is not None else [])]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr from this run's config

@@ -341,7 +341,7 @@ def train(cfg, given):
     model = C.distribute(C.maybe_compile(raw, cfg.compile), env)
     ema = C.EMA(raw, decay=cfg.ema)
     opt_cls = torch.optim.RAdam if cfg.optim == "radam" else torch.optim.Adam
-    opt = opt_cls(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = opt_cls(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr and betas from this run's config

@@ -676,7 +676,7 @@ def train(cfg, given, env):
     ema = C.EMA(raw, decay=cfg.ema if cfg.ema is not None else 0.0)
     if ck or "ema" in init:
         C.load_state_strict(ema.model, ck["ema"] if ck else init["ema"])
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     if ck or "opt" in init:  # moments from the checkpoint, lr from this run's config
         C.load_optimizer(opt, ck["opt"] if ck else init["opt"])
     gens = [data.gen] if data.gen is not None else []

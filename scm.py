@@ -517,7 +517,7 @@ def train(cfg, given, env):
     model = C.distribute(Student(C.maybe_compile(net, cfg.compile), head), env)
     ema = C.EMA(net, halflife_kimg=cfg.ema_halflife_kimg, rampup=cfg.ema_rampup)
     opt_cls = torch.optim.RAdam if cfg.optim == "radam" else torch.optim.Adam
-    opt = opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0)
+    opt = opt_cls(params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=0.0, foreach=True)
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         C.load_optimizer(opt, ck["opt"])  # moments from the checkpoint, lr and betas from this run's config

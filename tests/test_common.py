@@ -1057,6 +1057,38 @@ def _ckpt(net, step=0, **extra):
                 net=net.config, method="test", convention="x_t=(1-t)x+t*z", **extra)
 
 
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_guard_skip_paths_agree(tmp_path, bad_step):
+    """Guard's two ways of skipping a step with a non-finite gradient (torch.where on a device flag, as on CUDA; not
+    stepping, as on the CPU) leave the same weights and Adam state, bit for bit, also when the first step is the bad
+    one; without the Guard the same NaN reaches the weights."""
+    env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
+    log = type("Log", (), {"info": staticmethod(lambda m: None)})()
+
+    def train(guard_mode):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))
+        opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        g = C.Guard(env, 10, log, str(tmp_path / "c.pt"), sync_free=guard_mode) if guard_mode is not None else None
+        for k in range(5):
+            net.zero_grad()
+            loss = net(torch.randn(8, 3, generator=torch.Generator().manual_seed(k))).square().mean()
+            loss.backward()
+            if k == bad_step:
+                net[0].weight.grad[1, 2] = float("nan")
+            g.step(opt) if g is not None else opt.step()
+            if g is not None:
+                g.end_step(loss)
+        steps = {float(s["step"]) for s in opt.state_dict()["state"].values()}
+        return net.state_dict(), opt.state_dict()["state"], steps, g and int(g.count)
+
+    (w1, s1, n1, c1), (w2, s2, n2, c2) = train(True), train(False)
+    assert n1 == n2 == {4.0} and c1 == c2 == 1
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.isfinite(v).all() for v in w1.values())
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    assert not all(torch.isfinite(v).all() for v in train(None)[0].values())  # control: no Guard, NaN weights
+
+
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
     env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
     net = mlp()
@@ -1319,6 +1351,11 @@ def test_toy_metrics():
     assert C.swd(a, b) < 0.06 < C.swd(a, a + shift)
     assert C.mmd2(a, b) < 0.02 < C.mmd2(a, a * 2)
     assert C.mmd2(a, b) == pytest.approx(C.mmd2(b, a), rel=1e-9)
+    u, v = a[:7].double(), (b[:5] * 0.3).double()  # the V-statistic written out, every pair and bandwidth explicit
+    kern = lambda x, y: sum(math.exp(-float((p - q).square().sum()) / (2 * h * h)) for p in x for q in y
+                            for h in (0.02, 0.05, 0.1, 0.2, 0.5))
+    direct = kern(u, u) / 49 + kern(v, v) / 25 - 2 * kern(u, v) / 35
+    assert C.mmd2(u, v) == pytest.approx(direct, rel=1e-12)
     centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     x = centres[torch.tensor([0, 1, 2] * 100)] + 0.01 * torch.randn(300, 2, generator=g)
     assert C.modes_covered(x, centres, 0.01) == 3

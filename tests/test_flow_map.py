@@ -78,15 +78,12 @@ class Oracle:
         diag = d == 0
         return torch.where(diag, self.b(s, x), (self.X(x, s, t) - x) / torch.where(diag, torch.ones_like(d), d))
 
-    def v_rf(self, y, tau):  # analytic rectified-flow velocity , tau = 1 noise
-        tau = tau.to(F64).reshape(-1, 1)
+    def v_rf(self, y, tau):  # analytic rectified-flow velocity, tau = 1 noise (batched over samples)
+        ti = tau.to(F64).reshape(-1, 1, 1)
         I2 = torch.eye(2, dtype=F64)
-        out = []
-        for yi, ti in zip(y, tau[:, 0]):
-            M = (ti * self.s0 ** 2 * I2 - (1 - ti) * self.Sigma) @ torch.linalg.inv(
-                (1 - ti) ** 2 * self.Sigma + ti ** 2 * self.s0 ** 2 * I2)
-            out.append(-self.mu + M @ (yi - (1 - ti) * self.mu))
-        return torch.stack(out)
+        M = (ti * self.s0 ** 2 * I2 - (1 - ti) * self.Sigma) @ torch.linalg.inv(
+            (1 - ti) ** 2 * self.Sigma + ti ** 2 * self.s0 ** 2 * I2)
+        return -self.mu + (M @ (y - (1 - ti[:, 0]) * self.mu)[:, :, None])[:, :, 0]
 
     def irreducible(self, t):  # tr[Cov(dI) - K C^-1 K^T]
         al, be, dal, dbe = self.co(t)
