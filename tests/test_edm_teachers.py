@@ -100,12 +100,15 @@ def test_gdd_generator_from_an_edm_pickle_is_d_at_sigma_max(tmp_path, imgs, caps
     pkl = edm_pickle(tmp_path)
     den, info = C.load_edm(pkl)
     gen, tck, t_g = GD.load_teacher(pkl, GD.Config(data=imgs, cond=False), None, None)
-    z = torch.randn(3, 3, 8, 8)
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # relative to the outputs' scale (~100 at sigma = 80, where one fp32 ulp is ~1e-5): a few ulps; the max over 30
+    # seeds was 6e-8 and 2.5e-7
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     with torch.no_grad():
-        assert t_g == 1.0 and (GD.G(gen, z, t_g) - den(80 * z, 80.0)).abs().max() < 1e-5
+        assert t_g == 1.0 and rel(GD.G(gen, z, t_g), den(80 * z, 80.0)) < 1e-6
         t = torch.tensor([0.3, 0.6, 0.9])
         tb = t.reshape(-1, 1, 1, 1)
-        assert (gen(z, t) - (z - den(z / (1 - tb), t / (1 - t))) / tb).abs().max() < 1e-4
+        assert rel(gen(z, t), (z - den(z / (1 - tb), t / (1 - t))) / tb) < 2e-6
     out = str(tmp_path / "g")
     GD.main(["--preset", "tiny", "--data", imgs, "--teacher", pkl, "--disc", "scratch", "--iters", "0",
              "--out", out, "--root", str(tmp_path), "--freeze", "gdd_i"])
@@ -113,7 +116,7 @@ def test_gdd_generator_from_an_edm_pickle_is_d_at_sigma_max(tmp_path, imgs, caps
     g0 = GD.build(ck["net"]).eval()
     C.load_state_strict(g0, ck["ema"])
     with torch.no_grad():
-        assert (GD.G(g0, z, ck["t_g"]) - den(80 * z, 80.0)).abs().max() < 1e-5  # step 0 = the teacher
+        assert rel(GD.G(g0, z, ck["t_g"]), den(80 * z, 80.0)) < 1e-6  # step 0 = the teacher
     frac = float(re.search(r"\(fraction ([0-9.]+)\)", capsys.readouterr().out).group(1))
     names = [n for n, _ in g0.named_parameters() if GD.frozen(n)]  # GDD-I's rule on the NCSN++ layout
     assert 0.5 < frac < 0.9 and names and all(n.startswith("den.net.") for n in names)
