@@ -207,3 +207,63 @@ def test_non_finite_loss_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setitem(tp.METHODS, "nan", tp.Method(step=nan_step, sample=tp.euler_sample))
     with pytest.raises(common.UserError, match="the training loss became nan"):
         _tiny_run("nan", tmp_path)
+
+
+# ================================================================ cm_vs_ode.py (sCM against its teacher's ODE)
+import cm_vs_ode as cvo  # noqa: E402
+import scm  # noqa: E402
+
+S = 0.8  # data std of the Gaussian oracle (not sigma_d = 0.5: with S = sigma_d the exact CM is f(x_t, t) = x_t)
+
+
+class GaussianTrigFlow(torch.nn.Module):
+    """F(u, t) of the exact teacher (or, cm=True, the exact consistency model) for data N(0, S^2 I) in TrigFlow:
+    f(x_t, t) = cos t x_t - sin t sigma_d F. Teacher: f = D(x; sigma) = S^2 / (S^2 + sigma^2) x (the x0-prediction);
+    CM: f = the ODE's end point S / sqrt(S^2 + sigma^2) x; x = x_t / cos t, sigma = sigma_d tan t. shift moves f."""
+
+    def __init__(self, cm=False, shift=0.0):
+        super().__init__()
+        self.cm, self.shift = cm, shift
+
+    def forward(self, u, t):
+        x_t = 0.5 * u
+        c, s = t.cos()[:, None], t.sin()[:, None]
+        x, sig2 = x_t / c, (0.5 * t.tan()[:, None]) ** 2
+        f = (S / (S ** 2 + sig2).sqrt() if self.cm else S ** 2 / (S ** 2 + sig2)) * x + self.shift
+        return (c * x_t - f) / (0.5 * s)
+
+
+def test_teacher_ode_matches_the_gaussian_flow_map():
+    """From x_t at any t the exact Gaussian teacher's ODE ends at S / sqrt(S^2 + sigma^2) x_t / cos t, with Heun's
+    second-order convergence down to the sigma_min = 0.002 floor; the control (x^EDM passed as x_t) misses it."""
+    x_t = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    teacher = GaussianTrigFlow()
+    for t in (1.5, 0.9, 0.3):
+        sig = 0.5 * math.tan(t)
+        want = S / math.sqrt(S ** 2 + sig ** 2) * x_t / math.cos(t)
+        err = [((cvo.teacher_ode(teacher, x_t, t, K, 0.5) - want).abs().max() / want.abs().max()).item()
+               for K in (60, 240)]
+        assert err[0] < 5e-3 and (err[1] < err[0] / 8 or err[1] < 2e-5), (t, err)  # Heun: second order in 1/K
+        assert (cvo.teacher_ode(teacher, x_t / math.cos(t), t, 60, 0.5) - want).abs().max() > 0.01  # control
+
+
+def test_compare_measures_the_distance_to_the_ode():
+    """The exact CM is at distance ~0 from its teacher's ODE at every t; a CM shifted by (0.1, 0) at exactly 0.1."""
+    cms = dict(exact=GaussianTrigFlow(cm=True), shifted=GaussianTrigFlow(cm=True, shift=torch.tensor([0.1, 0.0])))
+    rows = cvo.compare(GaussianTrigFlow(), cms, "8gaussians", [1.56, 0.9, 0.2], 512, 240, 0)
+    for r in rows:
+        assert r["exact"]["mean"] < 1e-3 and abs(r["shifted"]["median"] - 0.1) < 1e-3, r
+        assert 0 <= r["ode"] <= 1 and 0 <= r["exact"]["score"] <= 1
+
+
+def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
+    """End to end on a 3-iteration `scm.py` run: one row per time and CM, the JSON written; bad input is one
+    sentence."""
+    run = str(tmp_path / "r")
+    scm.main(["--iters", "3", "--H", "2", "--eval_n", "64", "--out", run])
+    rows = cvo.main(["--run", run, "--n", "64", "--ode_steps", "4", "--times", "max,0.5", "--json", run + "/c.json"])
+    assert [round(r["t"], 4) for r in rows] == [round(math.atan(80 / 0.5), 4), 0.5]
+    assert set(rows[0]) == {"t", "ode", "sct", "scd"} and json.load(open(run + "/c.json"))["rows"] == rows
+    for argv in (["--run", str(tmp_path)], ["--run", run, "--times", "2.0"], ["--run", run, "--times", "x"]):
+        with pytest.raises(common.UserError):
+            cvo.main(argv)
