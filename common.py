@@ -1653,8 +1653,6 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
     return x
 
 
-
-
 # ==================================================================================================== config validation
 # Ranges by field name, shared by every Config and the sample/fid options; a method file adds its own in a RANGES dict
 # beside its Config. "> 0", ">= 1" or an interval "[0, 1)"; for a list the rule applies to each element. Beyond these,

@@ -26,23 +26,15 @@ import scm  # noqa: E402
 
 @torch.no_grad()
 def teacher_ode(teacher, x_t, t, steps, sigma_d):
-    """The teacher's probability-flow ODE from x_t at TrigFlow time t (a float) to t = 0: EDM Heun in
-    x^EDM = x_t / cos t with the denoiser D(x; sigma) = f(cos t' x, t'), t' = atan2(sigma, sigma_d), on EDM's
-    rho = 7 grid from sigma_d tan t to 0.002, last step Euler (scm.heun_sample started at x_t instead of noise)."""
-    B = len(x_t)
+    """The teacher's probability-flow ODE from x_t at TrigFlow time t (a float) to t = 0: EDM's Heun (common.edm_heun)
+    in x^EDM = x_t / cos t with the denoiser D(x; sigma) = f(cos t' x, t'), t' = atan2(sigma, sigma_d), on EDM's
+    rho = 7 grid from sigma_d tan t to 0.002, last step Euler; float64 state, the teacher in its own precision."""
+    dt, sig0 = x_t.dtype, sigma_d * math.tan(t)
 
-    def D(x, s):
-        tt = scm.t_of(torch.full((B,), s, dtype=x.dtype), sigma_d)
-        return scm.consistency_fn(teacher, scm.from_edm(x, tt), tt, sigma_d)
-    sig = scm.edm_sigmas(steps, sigma_max=sigma_d * math.tan(t))
-    x = x_t / math.cos(t)
-    for s_cur, s_next in zip(sig[:-1], sig[1:]):
-        d = (x - D(x, s_cur)) / s_cur
-        x_next = x + (s_next - s_cur) * d
-        if s_next > 0:
-            x_next = x + (s_next - s_cur) * 0.5 * (d + (x_next - D(x_next, s_next)) / s_next)
-        x = x_next
-    return x
+    def D(x, s, y=None):
+        tt = scm.t_of(torch.full((len(x),), float(s), dtype=dt), sigma_d)
+        return scm.consistency_fn(teacher, scm.from_edm(x.to(dt), tt), tt, sigma_d)
+    return C.edm_heun(D, x_t / math.cos(t) / sig0, num_steps=steps, sigma_max=sig0).to(dt)
 
 
 def compare(teacher, cms, toy, times, n, steps, seed, sigma_d=0.5):
