@@ -131,6 +131,8 @@ PRESETS = {  # flat fields, then per-mode parts
     # large batches. A constant CM lr of 1e-3 collapses after the warm-up (sCD 2-step in-mode 0.76 at r = 1, 0.17 400
     # steps later), hence the decay to 0 and an H over most of the run; width 128 was slower and no sharper (sCD 0.71).
     # t_mid (2-step sampling only): sCT 0.84 at 0.5 against 0.66 at 1.1, sCD flat over 0.7-1.0.
+    # sCD's lr 7e-4 is the best of 3e-4-7e-4 at 280 steps; longer runs want less (1,120 steps: 7e-4 0.85, 3e-4 0.88 at
+    # 2 steps; benchmarks/results/cm_vs_ode.md).
     # Measured on the 2-core CPU machine (another job running, seed 0, two runs): 54.3 / 54.6 s wall ("total" line;
     # 57.6 / 58.6 s with the interpreter start); in-mode of 4,096 samples: teacher Heun 18 steps 0.956; sCT 1 / 2 / 4
     # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
