@@ -71,3 +71,20 @@ def test_common_table_of_contents_matches_its_sections():
         list(zip(titles, labels))
     ends = [i for i, _ in found[1:]] + [len(lines)]
     assert max(e - i for (i, _), e in zip(found, ends)) <= 270
+
+
+def test_every_relative_link_in_the_documents_resolves():
+    """README, docs/ and benchmarks/results/ link pictures, pages and result files by relative path: each must exist in
+    the repository (a reader who clones it alone follows them)."""
+    files = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    missing = []
+    for rel in files:
+        with open(os.path.join(ROOT, rel)) as f:
+            for target in re.findall(r"\]\(([^)#\s]+)", f.read()):
+                if re.match(r"[a-z]+:", target):  # https:, mailto:
+                    continue
+                path = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+                if path not in tracked and not any(t.startswith(path + "/") for t in tracked):
+                    missing.append(f"{rel} -> {target}")
+    assert files and not missing, missing
