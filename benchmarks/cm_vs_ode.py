@@ -57,8 +57,9 @@ def compare(teacher, cms, toy, times, n, steps, seed, sigma_d=0.5):
     return rows
 
 
-def load(path):
+def load(path, mode):
     ck = C.load_checkpoint(path)
+    scm.check_scm(ck, path, mode)  # another method's or mode's checkpoint: one sentence
     net = scm.build(ck["net"])
     C.load_state_strict(net, ck["ema"])
     return net.float().eval().requires_grad_(False), ck
@@ -76,7 +77,7 @@ def main(argv=None):
     tpath = os.path.join(a.run, "diffusion", "ckpt.pt")
     if not os.path.isfile(tpath):
         raise C.UserError(f"'{tpath}' not found; --run takes the folder of a `python scm.py` run.")
-    teacher, tck = load(tpath)
+    teacher, tck = load(tpath, "diffusion")
     cfg = tck["config"]
     toy, sd = cfg["data"], cfg["sigma_d"]
     if toy not in ("8gaussians", "checkerboard"):
@@ -88,7 +89,7 @@ def main(argv=None):
         raise C.UserError(f"--times takes comma-separated numbers or 'max', got '{a.times}'.") from None
     if not all(0 < t <= t_max for t in times):
         raise C.UserError(f"--times must lie in (0, {t_max:.4f}].")
-    cms = {m: load(os.path.join(a.run, m, "ckpt.pt"))[0] for m in ("sct", "scd")
+    cms = {m: load(os.path.join(a.run, m, "ckpt.pt"), m)[0] for m in ("sct", "scd")
            if os.path.isfile(os.path.join(a.run, m, "ckpt.pt"))}
     rows = compare(teacher, cms, toy, times, a.n, a.ode_steps, a.seed, sd)
     metric = "in_square" if toy == "checkerboard" else "in_mode"

@@ -264,6 +264,10 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     rows = cvo.main(["--run", run, "--n", "64", "--ode_steps", "4", "--times", "max,0.5", "--json", run + "/c.json"])
     assert [round(r["t"], 4) for r in rows] == [round(math.atan(80 / 0.5), 4), 0.5]
     assert set(rows[0]) == {"t", "ode", "sct", "scd"} and json.load(open(run + "/c.json"))["rows"] == rows
-    for argv in (["--run", str(tmp_path)], ["--run", run, "--times", "2.0"], ["--run", run, "--times", "x"]):
+    wrong = tmp_path / "w"  # a CM checkpoint where the teacher should be
+    (wrong / "diffusion").mkdir(parents=True)
+    os.link(os.path.join(run, "sct", "ckpt.pt"), wrong / "diffusion" / "ckpt.pt")
+    for argv in (["--run", str(tmp_path)], ["--run", run, "--times", "2.0"], ["--run", run, "--times", "x"],
+                 ["--run", str(wrong)]):
         with pytest.raises(common.UserError):
             cvo.main(argv)
