@@ -23,6 +23,8 @@ sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 import scm  # noqa: E402
 
+METRIC = {"8gaussians": "in_mode", "checkerboard": "in_square"}  # the toys with a sharpness score (common.toy_scores)
+
 
 @torch.no_grad()
 def teacher_ode(teacher, x_t, t, steps, sigma_d):
@@ -40,7 +42,7 @@ def teacher_ode(teacher, x_t, t, steps, sigma_d):
 def compare(teacher, cms, toy, times, n, steps, seed, sigma_d=0.5):
     """Rows {t, ode: score, <cm>: {score, mean, median, p90}} for each t; x0 and z drawn per t from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    score = lambda x: C.toy_scores(x, toy)["in_square" if toy == "checkerboard" else "in_mode"]
+    score = lambda x: C.toy_scores(x, toy)[METRIC[toy]]
     rows = []
     for t in times:
         x0, z = C.toy_sample(toy, n, g), torch.randn(n, 2, generator=g)
@@ -80,8 +82,8 @@ def main(argv=None):
     teacher, tck = load(tpath, "diffusion")
     cfg = tck["config"]
     toy, sd = cfg["data"], cfg["sigma_d"]
-    if toy not in ("8gaussians", "checkerboard"):
-        raise C.UserError(f"the run's data is '{toy}'; this comparison scores 8gaussians or checkerboard runs.")
+    if toy not in METRIC:
+        raise C.UserError(f"the run's data is '{toy}'; this comparison scores {' or '.join(METRIC)} runs.")
     t_max = math.atan(cfg["sigma_max"] / sd)
     try:
         times = [t_max if s.strip() == "max" else float(s) for s in a.times.split(",")]
@@ -92,8 +94,8 @@ def main(argv=None):
     cms = {m: load(os.path.join(a.run, m, "ckpt.pt"), m)[0] for m in ("sct", "scd")
            if os.path.isfile(os.path.join(a.run, m, "ckpt.pt"))}
     rows = compare(teacher, cms, toy, times, a.n, a.ode_steps, a.seed, sd)
-    metric = "in_square" if toy == "checkerboard" else "in_mode"
-    print(f"{toy}, {a.n} points per t, teacher ODE = Heun {a.ode_steps}; {metric} and |f - ODE| mean / median / p90")
+    print(f"{toy}, {a.n} points per t, teacher ODE = Heun {a.ode_steps}; "
+          f"{METRIC[toy]} and |f - ODE| mean / median / p90")
     for r in rows:
         print(f"t {r['t']:.3f} | ODE {r['ode']:.3f}" + "".join(
             f" | {m} {r[m]['score']:.3f}, {r[m]['mean']:.4f} / {r[m]['median']:.4f} / {r[m]['p90']:.4f}" for m in cms))
