@@ -3,7 +3,8 @@
 No method maths lives here: schedules, losses and samplers stay in the method files. Contents, in file order (each
 section starts at a line "# ==== <section>"):
 
-  networks: U-Net    Block (EDM's UNetBlock), UNet (EDM's SongUNet: DDPM++ and NCSN++)
+  networks: blocks   FourierEmbedding, AuxResidual (NCSN++'s residual encoder path), Block (EDM's UNetBlock)
+  networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches)
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
@@ -41,7 +42,7 @@ class UserError(Exception):
     """Bad input: printed as one sentence by `main_guard`, exit status 2."""
 
 
-# ====================================================================================================== networks: U-Net
+# ===================================================================================================== networks: blocks
 def _gn(c, affine=True, ln=False):
     if ln:  # the MLP's norm
         return nn.LayerNorm(c, eps=1e-6, elementwise_affine=affine)
@@ -167,6 +168,7 @@ class Block(nn.Module):
         return y
 
 
+# ====================================================================================================== networks: U-Net
 class _Net(nn.Module):
     """Shared conditioning, EDM SongUNet's mapping: n = PE(tau t) [+ PE(tau s)] + W_y sqrt(K) onehot(y) + W_a a,
     e = SiLU(M_t(n)) (M = map_layer1(SiLU(map_layer0(.)))). A second time s either gets its own M_s added after
@@ -792,7 +794,6 @@ def augment(images, p, generator=None, part=0, parts=1, **probs):
     return images, torch.cat([v[rows].reshape(N, -1).float() for v in labels], 1)
 
 
-
 def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
     """A training batch through `augment` -> (images, labels), or (x, None) with p = 0 (no labels: the network's
     augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run stays
@@ -800,6 +801,7 @@ def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
     if not p:
         return x, None
     return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
+
 
 # ================================================================================================================== EMA
 class EMA:
@@ -850,12 +852,8 @@ class Detector:
 
 
 def load_detector(spec, env):
-    """'inception' (downloaded once into torch hub's cache), 'standin' (tests), or a TorchScript path."""
-    if spec == "standin":  # fixed-seed random projection of 4x4-average-pooled pixels to 32 features
-        # float64, then rounded to fp32: the features do not depend on the batch size (BLAS blocking)
-        w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / math.sqrt(48)
-        w = w.to(env.device)
-        return Detector(lambda u8: F.adaptive_avg_pool2d(u8.double() / 127.5 - 1, 4).flatten(1) @ w, "standin", 32)
+    """'inception' (downloaded once into torch hub's cache) or the path of a TorchScript feature network called as
+    net(uint8 images, return_features=True), as StyleGAN2-ADA's Inception file is; named after the file."""
     path, why = spec, "file not found"
     if spec == "inception":
         path = os.path.join(torch.hub.get_dir(), "checkpoints", "inception-2015-12-05.pt")
@@ -1748,7 +1746,7 @@ def preflight(cmd, cfg):
     _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
         raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
-    if cmd == "fid" and cfg.fid_detector not in ("inception", "standin") and not os.path.isfile(cfg.fid_detector):
+    if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
         raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
 
 
@@ -1759,7 +1757,7 @@ SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may
     batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
     device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
-    fid_detector=(str, "inception", "inception, standin or a TorchScript path"),
+    fid_detector=(str, "inception", "inception or a TorchScript path"),
     root=(str, "data", "data sets and FID reference statistics"))
 
 

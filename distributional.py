@@ -91,7 +91,7 @@ class Config:
     eval_teacher_steps: int = 100  # points: the teacher's own Euler sample at step 0, for reference (0: skip)
     fid_every: int = 0  # steps between FID proxies (images; 0: never); also at step 0
     fid_n: int = 10_000  # samples of the in-training FID proxy
-    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fid_detector: str = "inception"  # inception or a TorchScript path
     fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many iterations in a row with a skipped (non-finite gradient) G/D step
 

@@ -104,7 +104,7 @@ class Config:
     eval_steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8])  # step counts plotted
     fid_every: int = 0  # steps between FID proxies (images; 0: never)
     fid_n: int = 10_000  # samples of the in-training FID proxy
-    fid_detector: str = "inception"  # inception, standin or a TorchScript path
+    fid_detector: str = "inception"  # inception or a TorchScript path
     fallback: bool = True  # a missing weights file (Inception; LPIPS): warn and go on without it (False stops)
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import common as C  # noqa: E402
+from standin import standin_path  # noqa: E402
 
 B, STEPS, CKPT_STEP = 4, 4, 3  # per-rank batch, optimiser steps, the checkpoint is taken before this step
 FID_N, FID_BATCH, FID_SEED = 37, 5, 3
@@ -145,7 +146,7 @@ def phase_train(env, out):
     ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     res["ckpt_rng_world"] = ck["rng"]["world"]
     res["ckpt_rng_ranks_differ"] = not torch.equal(ck["rng"]["ranks"][0]["cpu"], ck["rng"]["ranks"][1]["cpu"])
-    det = C.load_detector("standin", env)
+    det = C.load_detector(standin_path(), env)
     ref = C.reference_stats(data, det, env, out)  # rank 0 writes the cache; the other rank waits and loads it
     seen = []
     fid = C.compute_fid(fid_generate(seen), FID_N, ref, det, env, FID_BATCH, seed=FID_SEED)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import common as C
+from standin import standin_path
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -779,18 +780,18 @@ def test_streaming_stats_equal_numpy():
 
 
 def test_standin_detector():
-    det = C.load_detector("standin", env1())
+    det = C.load_detector(standin_path(), env1())
     assert det.name == "standin" and det.dim == 32
     u8 = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
     f = det(u8)
     assert f.shape == (5, 32) and f.dtype == torch.float32
     assert torch.equal(f, det(u8.repeat(1, 3, 1, 1)))  # one channel repeated to three
-    assert torch.equal(f, C.load_detector("standin", env1())(u8))  # deterministic
+    assert torch.equal(f, C.load_detector(standin_path(), env1())(u8))  # deterministic
     assert not torch.equal(f[0], f[1])
 
 
 def test_fid_path_with_standin(tmp_path):
-    env, det = env1(), C.load_detector("standin", env1())
+    env, det = env1(), C.load_detector(standin_path(), env1())
     data = image_data(n=40, seed=1)
     ref = C.reference_stats(data, det, env, str(tmp_path))
     feats = det(data.x).double().numpy()  # all at once
@@ -820,9 +821,9 @@ def test_fid_hook_in_training(tmp_path):
     images = data.x.float() / 127.5 - 1
     gens = {"copy": lambda rng, y: images[_index_of(rng, 0)],
             "zeros": lambda rng, y: torch.zeros(len(rng.gens), 3, 8, 8)}
-    hook = C.FidHook("standin", data, env, str(tmp_path), 40, log)
+    hook = C.FidHook(standin_path(), data, env, str(tmp_path), 40, log)
     got = hook(7, gens)
-    det = C.load_detector("standin", env)
+    det = C.load_detector(standin_path(), env)
     ref = C.reference_stats(data, det, env, str(tmp_path))
     assert got["copy"] < 1e-6 and got["zeros"] == C.compute_fid(gens["zeros"], 40, ref, det, env, 250)
     assert lines == [f"step 7 | FID-0k proxy (copy) {got['copy']:.3f}",
@@ -838,7 +839,7 @@ def test_fid_per_index_seeds_and_labels():
     def gen(rng, labels):
         seen.append((_index_of(rng, 5), labels))
         return torch.zeros(len(rng.gens), 3, 8, 8)
-    det = C.load_detector("standin", env1())
+    det = C.load_detector(standin_path(), env1())
     ref = (np.zeros(32), np.eye(32))
     C.compute_fid(gen, 23, ref, det, env1(), batch=6, seed=5, num_classes=10)
     idx = torch.cat([s[0] for s in seen])
@@ -853,7 +854,7 @@ def test_fid_per_index_seeds_and_labels():
 
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
-    det = _Counting(C.load_detector("standin", env))
+    det = _Counting(C.load_detector(standin_path(), env))
     data = image_data(n=30, seed=2)
     mu, sigma = C.reference_stats(data, det, env, str(tmp_path), batch=8)
     assert det.calls == 4
@@ -1401,7 +1402,7 @@ def test_ddp_two_processes(tmp_path):
     assert res["fid"][0] == res["fid"][1]
     e1 = env1()
     data = C.load_data(str(out / "data.npy"), str(out), e1, 0, True)
-    det = C.load_detector("standin", e1)
+    det = C.load_detector(standin_path(), e1)
     ref = C.reference_stats(data, det, e1, str(tmp_path / "single"))
     cached = np.load(out / "fid_refs" / f"{data.key}-standin.npz")
     assert np.abs(cached["mu"] - ref[0]).max() < 1e-12 and np.abs(cached["sigma"] - ref[1]).max() < 1e-12

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import common as C
 import distributional as D
+from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "distributional.py")
@@ -786,14 +787,14 @@ def test_cli_tiny_train_sample_fid(imgs, capsys, monkeypatch):
         assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
         assert np.abs(a.astype(int) - np.load(imgs / f"s16_{K}step.npy").astype(int)).max() <= 1
     monkeypatch.chdir(imgs)  # the checkpoint names its data relative to where it was trained
-    D.main(["fid", "--ckpt", ckpt, "--steps", "1", "--n", "32", "--fid_detector", "standin",
+    D.main(["fid", "--ckpt", ckpt, "--steps", "1", "--n", "32", "--fid_detector", standin_path(),
             "--root", str(imgs / "data")])
     rec = json.loads((imgs / "run" / "fid.jsonl").read_text().splitlines()[-1])
     assert rec["steps"] == 1 and rec["detector"] == "standin" and math.isfinite(rec["fid"])
 
 
 @pytest.mark.parametrize("extra", [["--disc", "teacher", "--freeze", "gdd_i"], ["--loss", "hinge", "--fid_every", "2",
-                                                                               "--fid_detector", "standin"]])
+                                                                               "--fid_detector", standin_path()]])
 def test_tiny_other_discriminators_and_hinge(imgs, tmp_path, extra, capsys):
     D.main(["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", str(tmp_path / "r"), "--root", str(tmp_path),
             *extra])

@@ -19,6 +19,7 @@ import torch
 
 import common as C
 import flow_map as fm
+from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FM = os.path.join(ROOT, "flow_map.py")
@@ -625,7 +626,7 @@ def test_cli_tiny_sample_and_fid(tiny):
     for N in (1, 2, 4, 8):
         a = np.load(tiny / f"s_{N}step.npy")
         assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
-    p = cli("fid", "--ckpt", "run/ckpt.pt", "--steps", "1,2", "--n", "16", "--fid_detector", "standin",
+    p = cli("fid", "--ckpt", "run/ckpt.pt", "--steps", "1,2", "--n", "16", "--fid_detector", standin_path(),
             "--root", "data", cwd=tiny)
     assert_ok(p)
     recs = [json.loads(ln) for ln in (tiny / "run" / "fid.jsonl").read_text().splitlines()]

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import common as C
 import imm
+from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMM = os.path.join(ROOT, "imm.py")
@@ -926,7 +927,7 @@ def test_cli_tiny_sample_and_fid(tiny):
     assert_ok(q)
     assert np.load(tiny / "r.npy").shape == (9, 16, 16, 3)
     assert not np.array_equal(np.load(tiny / "r.npy"), np.load(tiny / "p.npy"))  # the options took effect
-    p = cli("fid", "--ckpt", "run/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", "standin",
+    p = cli("fid", "--ckpt", "run/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", standin_path(),
             "--root", "data", cwd=tiny)
     assert_ok(p)
     recs = [json.loads(ln) for ln in (tiny / "run" / "fid.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ import torch
 
 import common as C
 import rectified_flow as R
+from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RF = os.path.join(ROOT, "rectified_flow.py")
@@ -205,7 +206,7 @@ def test_cli_ft_lpips_sample_fid(tiny):
     p = cli("sample", "--ckpt", "run/ft/ckpt.pt", "--steps", "2", "--n", "9", "--out", "s.png", cwd=tiny)
     assert_ok(p)
     assert (tiny / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = cli("fid", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", "standin",
+    p = cli("fid", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", standin_path(),
             "--out", "fid.jsonl", cwd=tiny)
     assert_ok(p)
     recs = [json.loads(ln) for ln in (tiny / "fid.jsonl").read_text().splitlines()]

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import common as C
 import scm
+from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD = 0.5
@@ -521,7 +522,7 @@ def test_cli_sample_and_fid(tiny, tmp_path, capsys):
     assert main("sample", "--ckpt", tiny / "diff" / "ckpt.pt", "--steps", "2", "--n", "4",
                 "--out", tmp_path / "h.png") == 0
     assert "Heun, 3 NFE" in capsys.readouterr().out and (tmp_path / "h.png").exists()
-    assert main("fid", "--ckpt", tiny / "scd" / "ckpt.pt", "--steps", "1", "--n", "16", "--fid_detector", "standin",
+    assert main("fid", "--ckpt", tiny / "scd" / "ckpt.pt", "--steps", "1", "--n", "16", "--fid_detector", standin_path(),
                 "--root", tmp_path, "--out", tmp_path / "fid.jsonl") == 0
     rec = json.loads(open(tmp_path / "fid.jsonl").read())
     assert rec["mode"] == "scd" and rec["nfe"] == 1 and math.isfinite(rec["fid"]) and rec["fid"] > 0
