@@ -16,7 +16,8 @@ section starts at a line "# ==== <section>"):
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, preflight
-  command line       parse_cli (argparse over the Config fields), merge_config, resume_config, main_guard
+  command line       parse_cli (argparse over the Config fields; --help shows the preset's values)
+  resume and entry   merge_config, resume_config (what a resumed run may change), main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
@@ -1805,14 +1806,15 @@ def _converter(name, typ):
 
 
 def _parser(prog, options, epilog=None):
-    """options: (name, type, default, comment). Every option has default SUPPRESS: the namespace holds what was given."""
+    """options: (name, type, default as shown, comment). Every option has default SUPPRESS: the namespace holds what
+    was given."""
     p = _Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
                 RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
     for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]
         p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, type=_converter(name, typ),
                        metavar=_tname(typ), nargs="?" if bare else None, const=True if bare else None,
-                       help=f"{note} (default {default!r})".replace("%", "%%"))
+                       help=f"{note} (default {default})".replace("%", "%%"))
     return p
 
 
@@ -1836,6 +1838,30 @@ def _field_options(Config):
     notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
     return [(f.name, hints[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
              notes.get(f.name, "")) for f in dataclasses.fields(Config)]
+
+
+def _default_out(Config, presets, preset, given, method):
+    """The run folder when neither the command line nor the preset names one: runs/<method>[-<mode>]-<preset>."""
+    fields = Config.__dataclass_fields__
+    if "out" not in fields or "out" in given or "out" in presets.get(preset, {}):
+        return None
+    mode = given.get("mode") or presets.get(preset, {}).get("mode") or getattr(fields.get("mode"), "default", None)
+    return f"runs/{method}-{mode}-{preset}" if "mode" in fields else f"runs/{method}-{preset}"
+
+
+def _preset_defaults(fields, Config, presets, argv, method):
+    """The defaults `--help` shows: the preset's (the one --preset names, else toy), and a value its mode/stage parts
+    set differently, e.g. "230 (sct), 280 (scd)"."""
+    name = next((a.partition("=")[2] for a in _normalise(argv) if a.startswith("--preset=")), "toy")
+    if name not in presets:
+        raise UserError(f"unknown preset '{name}'; choose one of {', '.join(presets)}.")
+    p = {**presets[name]}
+    p["out"] = _default_out(Config, presets, name, {}, method) or p.get("out")
+    out = []
+    for field, typ, default, note in fields:
+        parts = ", ".join(f"{v[field]!r} ({k})" for k, v in p.items() if isinstance(v, dict) and field in v)
+        out.append((field, typ, f"{p.get(field, default)!r}" + (f"; {parts}" if parts else ""), note))
+    return name, out
 
 
 def resolve_config(Config, presets, preset, given, **select):
@@ -1876,12 +1902,14 @@ def parse_cli(Config, presets, method, argv=None):
                 raise UserError(f"preset '{name}' sets unknown field(s) {bad}.")
     fields = [s for s in _field_options(Config) if s[0] != "preset" or cmd != "train"]
     if cmd == "train":
-        options = [("preset", str, "toy", "one of " + ", ".join(presets) + " (fills the defaults below)"), *fields]
+        shown, fields = _preset_defaults(fields, Config, presets, argv, method)
+        options = [("preset", str, repr(shown), "one of " + ", ".join(presets) + f" (the defaults below are {shown}'s; "
+                    f"--preset NAME --help shows another's)"), *fields]
         epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any\n"
                   f"field above (applied over the checkpoint's config); `python {method}.py sample --help` lists them.")
     else:
-        options = [(k, *v) for k, v in SAMPLE_OPTS.items()] + \
-                [s for s in fields if s[0] not in SAMPLE_OPTS]
+        options = [(k, t, repr(d), note) for k, (t, d, note) in SAMPLE_OPTS.items()] + \
+                [(k, t, repr(d), note) for k, t, d, note in fields if k not in SAMPLE_OPTS]
         epilog = None
     usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
                                             "--ckpt PATH ") + "[--field value ...]"
@@ -1913,18 +1941,14 @@ def parse_cli(Config, presets, method, argv=None):
         return cmd, types.SimpleNamespace(**opts), Given(raw)
     given = Given(raw, raw.pop("preset", None))
     preset = given.preset or "toy"
-    if "out" in hints and "out" not in given and "out" not in presets.get(preset, {}):
-        mode = given.get("mode") or presets.get(preset, {}).get("mode") or \
-            getattr(Config.__dataclass_fields__.get("mode"), "default", None)
-        given_out = f"runs/{method}-{mode}-{preset}" if "mode" in hints else f"runs/{method}-{preset}"
-        cfg = resolve_config(Config, presets, preset, {**given, "out": given_out})
-    else:
-        cfg = resolve_config(Config, presets, preset, given)
+    out = _default_out(Config, presets, preset, given, method)
+    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given)
     if "preset" in hints:
         cfg.preset = preset
     return cmd, cfg, given
 
 
+# ===================================================================================================== resume and entry
 def merge_config(Config, base, given, log=print):
     """Config from a checkpoint's `config` dict with the command-line fields `given` on top (resume, sample);
     validated, a bad checkpoint value named as the checkpoint's."""
@@ -1972,6 +1996,9 @@ def main_guard(fn):
         fn()
         if dist.is_initialized():
             dist.barrier()
+    except BrokenPipeError:  # stdout closed early (`--help | head`): Python's documented recipe, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except (UserError, OSError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

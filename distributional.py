@@ -9,7 +9,8 @@ one-step generator, G(z) = z - v(z, t_g): at step 0 it is exactly the teacher (f
 one-step Euler sample, which has collapsed onto the data mean). G starts as a copy of the teacher's EMA weights and
 is trained *only* with a non-saturating GAN loss against real data (plus lazy R1 on the discriminator): no
 regression, no distillation, and the teacher is never queried again. GDD trains every weight; GDD-I freezes the two
-3x3 convolutions of every residual block and every attention output projection (~85% of a CIFAR U-Net) and trains
+3x3 convolutions of the residual blocks and their attention output projections (the paper says ~85%; by the
+official code's name rule, `frozen` below, 76% of the NCSN++ teacher: the resampling blocks train) and trains
 norms, embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
 DiffAugment), `teacher` (this project's own offline D: trainable heads on a frozen copy of the teacher's encoder) and
 `projected` (GDD's: frozen ImageNet VGG16-BN and, with timm, EfficientNet-lite0, fixed random projections and
@@ -21,7 +22,7 @@ gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher 
     python rectified_flow.py && python distributional.py --teacher runs/rectified_flow-toy/ckpt.pt   # toy, CPU
     python distributional.py                                  # toy with an in-file 1-RF teacher
     python distributional.py --data points.npy --out runs/gdd-mine [--freeze gdd_i]
-    torchrun --nproc_per_node=8 distributional.py --preset cifar10 --teacher runs/rectified_flow-cifar10/ckpt.pt
+    torchrun --nproc_per_node=8 distributional.py --preset cifar10   # EDM's edm-cifar10-32x32-uncond-ve.pkl here
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
     python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
 """
@@ -60,7 +61,7 @@ class Config:
     teacher_batch: int = 512  # its batch
     teacher_lr: float = 1e-3  # its Adam learning rate
     # the method
-    freeze: Literal["none", "gdd_i"] = "none"  # none = GDD (all weights), gdd_i = GDD-I (Eq. 9 frozen)
+    freeze: Literal["none", "gdd_i"] = "none"  # none = GDD (all weights), gdd_i = GDD-I (freezes what `frozen` names)
     disc: Literal["mlp", "scratch", "teacher", "projected"] = "mlp"  # discriminator; `projected` is GDD's own
     cond: bool = False  # class-conditional G and D (fake labels = the real batch's labels)
     loss: Literal["ns", "hinge"] = "ns"  # non-saturating (GDD §3 / training/loss.py) or hinge
@@ -748,7 +749,7 @@ def sample(net, rng, shape, K, t_g, labels=None):
 
 # ============================================================================================================= plumbing
 def teacher_net_dict(cfg, data):
-    """The in-file teacher's network (Eq. 0), exactly as rectified_flow.py's net_dict builds it."""
+    """The in-file 1-RF teacher's network, exactly as rectified_flow.py's net_dict builds it."""
     if data.kind == "images":
         if cfg.teacher_net == "mlp":
             raise C.UserError("--teacher_net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
@@ -768,7 +769,7 @@ def train_teacher(cfg, data, env, path, log):
     net = C.distribute(raw, env)
     opt = torch.optim.Adam(raw.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     per_rank = cfg.teacher_batch // env.world
-    log.info(f"teacher (Eq. 0): 1-RF, {cfg.teacher_iters} x {cfg.teacher_batch}, Adam {cfg.teacher_lr:g} -> {path}")
+    log.info(f"teacher: 1-RF, {cfg.teacher_iters} x {cfg.teacher_batch}, Adam {cfg.teacher_lr:g} -> {path}")
     for step in range(cfg.teacher_iters):
         x, y = data.batch(per_rank, step, env.rank, env.world)
         z, t = torch.randn_like(x), torch.rand(len(x), device=env.device)

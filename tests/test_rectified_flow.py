@@ -1,6 +1,6 @@
 """Invariants of rectified_flow.py (numbered in the test names) plus the sampler defaults.
 
-Every test compares against a closed form, a number printed in the spec, or a second independent route, so a
+Every test compares against a closed form, a number from the papers, or a second independent route, so a
 wrong formula, a wrong constant, a detached gradient or a mis-sharded pairs folder makes it fail. CPU only.
 """
 import copy

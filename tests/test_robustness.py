@@ -196,6 +196,31 @@ def test_subprocess_prints_only_the_sentence(files, argv, words):
     assert p.stderr.count("\n") == 1  # not even a blank line or a warning before it
 
 
+def test_help_shows_the_defaults_a_run_uses(capsys):
+    """`M.py --help` shows the toy preset's values (what `python M.py` runs), per mode/stage where those differ;
+    `--preset cifar10 --help` that preset's."""
+    for M in MODS.values():
+        for preset in ("toy", "cifar10"):
+            with pytest.raises(SystemExit) as e:
+                M.main(["--preset", preset, "--help"])
+            assert e.value.code == 0
+            text = " ".join(capsys.readouterr().out.split())
+            p = M.PRESETS[preset]
+            want = f"(default {p.get('iters', M.Config.iters)!r}" + "".join(
+                f"{', ' if i else '; '}{v['iters']!r} ({k})"
+                for i, (k, v) in enumerate((k, v) for k, v in p.items() if isinstance(v, dict) and "iters" in v))
+            assert f"{want})" in text, (M.__name__, preset, want)
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`python M.py --help | head -1`: the pipe closes before the help is written; no traceback follows."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "imm.py"), "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p.stdout.close()  # long before the child has imported torch
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and err == "", err
+
+
 def test_every_preset_passes_validation():
     for M in MODS.values():
         for preset, p in M.PRESETS.items():
