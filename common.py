@@ -904,6 +904,8 @@ def _feature_stats(images_of, n, detector, env, batch):
             s1, s2 = s1 + f.sum(0), s2 + f.T @ f
     if env.world > 1:
         dist.all_reduce(s1), dist.all_reduce(s2)
+    if not bool(torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+        raise UserError(f"the FID detector '{detector.name}' gave non-finite features.")
     mu = s1 / n
     return mu, (s2 - n * torch.outer(mu, mu)) / (n - 1)
 
@@ -965,10 +967,16 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     if ref_path:
         if not os.path.isfile(ref_path):
             raise UserError(f"FID reference '{ref_path}' does not exist.")
-        z = np.load(ref_path)
-        if "mu" not in z or "sigma" not in z or z["mu"].shape != (detector.dim,):
-            raise UserError(f"FID reference '{ref_path}' needs keys mu ({detector.dim},) and sigma.")
-        return z["mu"], z["sigma"]
+        try:  # never unpickle
+            z = np.load(ref_path, allow_pickle=False)
+            ok = isinstance(z, np.lib.npyio.NpzFile) and {"mu", "sigma"} <= set(z.files)
+            mu, sigma = (z["mu"], z["sigma"]) if ok else (None, None)
+        except Exception:
+            ok = False
+        if not ok or mu.shape != (detector.dim,) or sigma.shape != (detector.dim,) * 2:
+            raise UserError(f"FID reference '{ref_path}' is not an .npz with mu ({detector.dim},) and sigma "
+                            f"({detector.dim}, {detector.dim}).")
+        return mu, sigma
     path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.name}.npz")
     hit = os.path.exists(path)
     barrier(env)  # every rank has looked before rank 0 may write
@@ -1691,6 +1699,8 @@ def check_value(name, typ, v, rule=None, who="--"):
             raise bad("an integer" if typ is int else "a number")
         if typ is float and not math.isfinite(v):
             raise bad("a finite number")
+        if typ is int and abs(v) >= 2 ** 63:  # torch's seeds and sizes are 64-bit
+            raise bad("below 2^63")
         if not _in_range(v, rule or (">= 0" if typ is int else "> -inf")):
             rule = rule or ">= 0"
             raise bad({"> 0": "positive", ">= 0": "non-negative"}.get(rule, f"in {rule}" if rule[0] in "[(" else
@@ -1736,6 +1746,10 @@ def preflight(cmd, cfg):
     """Before any work: output folders and files writable, sample/fid input files present (data and teacher files are
     checked where they are read, before training)."""
     if cmd == "train":
+        if not cfg.out:
+            raise UserError("--out needs a folder name.")
+        if getattr(cfg, "root", None):
+            _check_dir(cfg.root, "--root")
         return _check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
@@ -1747,6 +1761,8 @@ def preflight(cmd, cfg):
     _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
         raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
+    if cmd == "fid" and not cfg.fid_ref:
+        _check_dir(cfg.root, "--root")
     if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
         raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
 

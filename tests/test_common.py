@@ -874,6 +874,20 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
         C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / "wrong.npz"))
     with pytest.raises(C.UserError, match="missing.npz"):
         C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / "missing.npz"))
+    # never unpickled, never a traceback: a text file, a pickled object array, a plain .npy, sigma of a wrong shape
+    (tmp_path / "text.txt").write_text("mu sigma\n")
+    np.save(tmp_path / "obj.npy", np.array([{"mu": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "plain.npy", np.zeros(32))
+    np.savez(tmp_path / "sig.npz", mu=np.zeros(32), sigma=np.eye(31))
+    for bad in ("text.txt", "obj.npy", "plain.npy", "sig.npz"):
+        with pytest.raises(C.UserError, match="is not an .npz with mu"):
+            C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / bad))
+
+
+def test_non_finite_detector_features_are_one_sentence(tmp_path):
+    nan_det = C.Detector(lambda u8: torch.full((len(u8), 4), float("nan")), "nandet", 4)
+    with pytest.raises(C.UserError, match="'nandet' gave non-finite features"):
+        C.reference_stats(image_data(n=10, seed=2), nan_det, env1(), str(tmp_path))
 
 
 class _TinyFeatures(nn.Module):

@@ -6,21 +6,24 @@ Two refusals run as real subprocesses (no warning line may precede the error).
 Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
 
     category                                              imm  scm  flow_map  rectified_flow  distributional
-    train options: ranges, types, NaN/inf, unknown, stray  13   13     13          13              13
+    train options: ranges, types, NaN/inf, unknown, stray,  14   14     14          14              14
+      a seed of 2^63 or more
     devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
-    --out below a file, equal to a file, unwritable         3    3      3           3               3
+    --out below a file, equal to a file, unwritable,        5    5      5           5               5
+      empty; --root a file
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
       an undecodable image in a folder
     --teacher missing, or its config of the wrong type      1    2      2           2               2
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        14   14     14          14              14
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        16   16     16          16              16
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
-      missing, a Config override out of range)
+      missing, a Config override out of range, seed 2^63,
+      fid --root a file)
     resume: changed seed, explicit other preset,            2    3      4           2               3
       file-specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           41   43     44          42              43
+    bad-input cases, all one sentence and exit 2           46   48     49          47              48
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -129,6 +132,8 @@ def train_cases(name, d):
         (["--device", "tpu"], ["tpu"]), (["--device", "cuda:7"], ["cuda:7"]),
         (["--out", d / "afile" / "run"], ["afile", "is a file"]), (["--out", d / "afile"], ["is a file"]),
         (["--out", "/proc/no/such/run"], ["cannot be written"]),
+        (["--seed", "99999999999999999999999", *out], ["--seed", "2^63"]), (["--out", ""], ["--out", "folder name"]),
+        (["--root", d / "afile", *out], ["--root", "is a file"]),
     ]
     for f, words in (("obj.npy", ["numeric"]), ("text.npy", ["numeric"]), ("pickle.npy", ["numeric"]),
                      ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
@@ -154,6 +159,7 @@ def sample_cases(name, d):
         (s(c=d / "badcfg.pt"), ["malformed"]), (s(c=other), [str(other)]),
         (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
         (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "positive"]),
+        (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
     ]
 
 
@@ -181,7 +187,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=41, scm=43, flow_map=44, rectified_flow=42, distributional=43), got
+    assert got == dict(imm=46, scm=48, flow_map=49, rectified_flow=47, distributional=48), got
 
 
 @pytest.mark.parametrize("argv, words", [
