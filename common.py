@@ -284,7 +284,7 @@ class UNet(_Net):
     def _encode(self, x, e):
         """Outputs of the non-aux encoder entries, by name; the residual path replaces the level's first output
         (EDM: x = skips[-1] = aux = (x + aux_residual(aux)) / sqrt(2))."""
-        h, aux, hs = x, x, {}
+        h, aux, hs, last = x, x, {}, None  # last: the level's previous entry (never an aux one)
         for name, blk in self.enc.items():
             if name.endswith("_aux_residual"):
                 h = aux = hs[last] = (h + blk(aux)) / math.sqrt(2)
