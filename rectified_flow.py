@@ -539,23 +539,50 @@ def make_pairs(cfg, env):
               f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
 
 
-def load_pairs(folder, env, seed):
-    """All pairs on the device: x as common.Data (index stream per epoch, no flips) and z indexed alongside."""
+def _pair_block(folder, kind, j, rows, shape):
+    """One stored block, read without unpickling and checked: `rows` rows of `shape`, finite numbers."""
+    p = os.path.join(folder, f"{kind}_{j:05d}.npy")
+    try:
+        a = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise C.UserError(f"the pairs block '{p}' is unreadable ({type(e).__name__}); regenerate the pairs.") from None
+    if a.shape != (rows, *shape) or a.dtype.kind not in "uf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+        raise C.UserError(f"the pairs block '{p}' holds {a.dtype} {a.shape}, not finite numbers of shape "
+                          f"{(rows, *shape)} as meta.json says; regenerate the pairs.")
+    return a
+
+
+def load_pairs(folder, env, seed, shape=None):
+    """All pairs on the device: x as common.Data (index stream per epoch, no flips) and z indexed alongside.
+    `shape`: the network's sample shape, which the pairs must have."""
     mp = os.path.join(folder, "meta.json")
     if not os.path.exists(mp):
         raise C.UserError(f"no pairs in '{folder}' (meta.json missing); run --stage pairs first.")
-    with open(mp) as f:
-        meta = json.load(f)
-    n, S, mode = meta["n"], meta["block"], meta["noise_mode"]
+    try:
+        with open(mp) as f:
+            meta = json.load(f)
+        n, S, mode, pshape = int(meta["n"]), int(meta["block"]), meta["noise_mode"], tuple(meta["shape"])
+        ok = n >= 1 and S >= 1 and mode in ("seed", "stored") and all(isinstance(d, int) for d in pshape) \
+            and isinstance(meta.get("fingerprint"), list) and isinstance(meta.get("pair_seed", 0), int)
+    except (OSError, ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise C.UserError(f"'{mp}' is not the meta.json of this file's pairs (n, block, noise_mode, shape, "
+                          f"fingerprint); regenerate the pairs.")
+    if shape is not None and pshape != tuple(shape):
+        raise C.UserError(f"the pairs in '{folder}' have shape {pshape} where the network makes {tuple(shape)}; "
+                          f"use the pairs of this teacher.")
     nblk = math.ceil(n / S)
     missing = [j for j in range(nblk) if not os.path.exists(os.path.join(folder, f"x_{j:05d}.npy"))
                or (mode == "stored" and not os.path.exists(os.path.join(folder, f"z_{j:05d}.npy")))]
     if missing:
         raise C.UserError(f"pairs in '{folder}' are incomplete: blocks {missing[:10]} are missing.")
-    x = torch.from_numpy(np.concatenate([np.load(os.path.join(folder, f"x_{j:05d}.npy")) for j in range(nblk)]))
+    rows = [min(S, n - j * S) for j in range(nblk)]
+    xshape = (*pshape[1:], pshape[0]) if len(pshape) == 3 else pshape  # images are stored NHWC
+    x = torch.from_numpy(np.concatenate([_pair_block(folder, "x", j, rows[j], xshape) for j in range(nblk)]))
     images = x.dtype == torch.uint8
     if mode == "stored":
-        z = torch.from_numpy(np.concatenate([np.load(os.path.join(folder, f"z_{j:05d}.npy")) for j in range(nblk)]))
+        z = torch.from_numpy(np.concatenate([_pair_block(folder, "z", j, rows[j], pshape) for j in range(nblk)]))
         z16 = z[:16]
     else:  # regenerate per-index noise on the CPU; images keep it on the device as fp16
         z = torch.cat([pair_noise(c, meta["pair_seed"], meta["shape"], env).cpu().to(
@@ -666,7 +693,7 @@ def train(cfg, given, env):
             init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])
             folder = os.path.join(out, "pairs")
             invert_data(cfg, env, src_net, folder)
-        data, Z, _ = load_pairs(folder, env, cfg.seed)
+        data, Z, _ = load_pairs(folder, env, cfg.seed, sample_shape(nd))
 
     raw = build(nd).to(env.device)
     if ck:

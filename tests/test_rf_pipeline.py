@@ -249,6 +249,35 @@ def test_cli_bad_inputs(tiny, capsys):
         assert_user_error(p.returncode, p.stderr)
 
 
+def test_damaged_pairs_folders_are_one_sentence(tiny, capsys):
+    """--stage 2rf on a pairs folder that is damaged or made for another network: one sentence, exit 2."""
+    src = tiny / "run" / "pairs"
+    meta = json.loads((src / "meta.json").read_text())
+    damage = {
+        "text_meta": ("meta.json", lambda p: p.write_text("not json"), "meta.json"),
+        "empty_meta": ("meta.json", lambda p: p.write_text("{}"), "meta.json"),
+        "text_block": ("x_00001.npy", lambda p: p.write_text("1 2 3"), "unreadable"),
+        "pickled_block": ("x_00001.npy", lambda p: np.save(p, np.array([None], dtype=object), allow_pickle=True),
+                          "unreadable"),
+        "short_block": ("x_00001.npy", lambda p: np.save(p, np.zeros((3, 16, 16, 3), np.uint8)), "holds"),
+        "points": ("meta.json", lambda p: p.write_text(json.dumps({**meta, "shape": [2]})), "have shape (2,)"),
+    }
+    cwd = os.getcwd()
+    os.chdir(tiny)
+    try:
+        for name, (f, spoil, words) in damage.items():
+            shutil.copytree(src, tiny / name)
+            spoil(tiny / name / f)
+            with pytest.raises(SystemExit) as e:
+                C.main_guard(lambda: R.main(["--preset", "tiny", "--data", "imgs.npy", "--stage", "2rf", "--pairs",
+                                             name, "--teacher", "run/ckpt.pt", "--out", f"out_{name}"]))
+            err = capsys.readouterr().err
+            assert_user_error(e.value.code, err)
+            assert words in err, (name, err)
+    finally:
+        os.chdir(cwd)
+
+
 def test_cli_nan_loss_keeps_last_checkpoint(tiny):
     shutil.copytree(tiny / "run", tiny / "nan", ignore=shutil.ignore_patterns("2rf", "pairs", "ft"))
     before = _digest(tiny / "nan" / "ckpt.pt")
