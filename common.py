@@ -1714,6 +1714,8 @@ def check_config(cfg, who=lambda name: "--", device=True):
     rules = {**RANGES, **getattr(sys.modules.get(type(cfg).__module__), "RANGES", {})}
     for f in dataclasses.fields(cfg):
         check_value(f.name, hints[f.name], getattr(cfg, f.name), rules.get(f.name), who(f.name))
+    if getattr(cfg, "eval_steps", None) == []:
+        raise UserError(f"{who('eval_steps')}eval_steps needs at least one step count (such as 1,2).")
     if getattr(cfg, "fid_every", 0) and getattr(cfg, "fid_n", 2) < 2:
         raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
     if device and hasattr(cfg, "device"):
@@ -1748,6 +1750,9 @@ def preflight(cmd, cfg):
     if cmd == "train":
         if not cfg.out:
             raise UserError("--out needs a folder name.")
+        det = getattr(cfg, "fid_detector", "inception")
+        if getattr(cfg, "fid_every", 0) and det != "inception" and not os.path.isfile(det):
+            raise UserError(f"FID detector '{det}' not found.")
         if getattr(cfg, "root", None):
             _check_dir(cfg.root, "--root")
         return _check_dir(cfg.out, "--out")
@@ -1965,9 +1970,23 @@ def parse_cli(Config, presets, method, argv=None):
 
 
 # ===================================================================================================== resume and entry
-def merge_config(Config, base, given, log=print):
+_NOTES = []  # merge_config's "config: ..." lines, printed by rank 0 with the command's first output (flush_notes)
+
+
+def flush_notes(env):
+    """Print the pending config-change lines (rank 0): called where a command first prints, after its checks, so
+    that nothing precedes a refusal's `error:` line."""
+    if env.is_main:
+        for m in _NOTES:
+            print(m, flush=True)
+    _NOTES.clear()
+
+
+def merge_config(Config, base, given, log=None):
     """Config from a checkpoint's `config` dict with the command-line fields `given` on top (resume, sample);
-    validated, a bad checkpoint value named as the checkpoint's."""
+    validated, a bad checkpoint value named as the checkpoint's. The changes are noted ("config: ..."; `log`, else
+    held back until flush_notes)."""
+    log = log or _NOTES.append
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = set(base) - names
     if unknown:
@@ -1982,7 +2001,7 @@ def merge_config(Config, base, given, log=print):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
-def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
+def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
     resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
@@ -1997,6 +2016,9 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=print):
                             f"another --out for --{k} {given[k]}).")
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
                                                                 if k not in ("resume", *here, *drop)}, log=log)
+    if "iters" in given and given["iters"] < ck["step"]:
+        raise UserError(f"'{path}' is at step {ck['step']}; --iters {given['iters']} would end before it (give at least "
+                        f"{ck['step']}, or use another --out).")
     for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))
@@ -2047,6 +2069,7 @@ class Logger:
                     json.dump(dataclasses.asdict(config), f, indent=1)
 
     def info(self, msg):
+        flush_notes(self.env)
         if self.env.is_main:
             print(msg, flush=True)
 
@@ -2070,6 +2093,7 @@ class Logger:
             rec = dict(step=step, kimg=step * self.gb / 1000, time=now, img_per_s=rate, eta_s=eta, **vals)
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            flush_notes(self.env)
             body = " | ".join(f"{k} {x:.4g}" for k, x in vals.items() if k != "skipped" or x)
             print(f"step {step}/{self.total} | {body} | {rate:,.0f} img/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s",
                   flush=True)
@@ -2170,6 +2194,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
             stem, ext = os.path.splitext(base)
             path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
+            flush_notes(env)
             if env.is_main:
                 x = torch.cat(xs)
                 save_array(path, x if len(shape) == 1 else to_uint8(x).permute(0, 2, 3, 1))
@@ -2181,6 +2206,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
     ref = reference_stats(load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
     for K in opts.steps:
         fid = compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
+        flush_notes(env)
         if env.is_main:
             print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
             row = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, **(record(K) if record else {}), n=opts.n,

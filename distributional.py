@@ -1021,7 +1021,6 @@ def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
-    say = lambda m: env.is_main and print(m, flush=True)
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
@@ -1029,7 +1028,7 @@ def train(cfg, given):
         if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
-                                "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"), log=say)
+                                "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")
@@ -1151,7 +1150,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
-    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]

@@ -566,8 +566,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"),
-                              log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher_b, teacher_std = None, None
     if cfg.mode in ("lmd", "emd"):
@@ -676,7 +675,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")
-    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    cfg = C.merge_config(Config, ck["config"], given)
     if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
         raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', which --interpolant/--sigma0 cannot "
                           f"change at sampling time.")

@@ -101,7 +101,8 @@ class Config:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
 
-RANGES = dict(M=">= 1", k=">= 1", min_gap="[0, 1)", eta_mid="> 0", sigma_d="> 0")  # beside common.RANGES
+# beside common.RANGES; k <= 24: a step 2^-k of the eta range beyond that rounds r to t in fp32 (a run without signal)
+RANGES = dict(M=">= 1", k="[1, 24]", min_gap="[0, 1)", eta_mid="> 0", sigma_d="> 0")
 
 # ============================================================================================================== presets
 PRESETS = {  # cifar10 = IMM Table 5
@@ -330,8 +331,7 @@ def train(cfg, given):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"),
-                              log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     nd = net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
@@ -422,7 +422,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; imm.py samples only imm checkpoints.")
-    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])

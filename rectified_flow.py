@@ -488,8 +488,9 @@ def write_pairs(folder, n, block, make, images, mode, env, meta):
     C.barrier(env)
     if env.is_main:
         z16 = meta.pop("z16", None)  # seed mode: the regenerated noise; stored mode: what was written
-        if mode == "stored":
-            z16 = np.load(os.path.join(folder, "z_00000.npy"))[:16]
+        if mode == "stored":  # the first 16 noises, across blocks (a block may hold fewer)
+            z16 = np.concatenate([np.load(os.path.join(folder, f"z_{j:05d}.npy"))
+                                  for j in range(min(nblk, math.ceil(16 / block)))])[:16]
         meta.update(n=n, block=block, noise_mode=mode, fingerprint=_fingerprint(z16), convention=CONVENTION,
                     torch=torch.__version__)
         with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
@@ -533,6 +534,15 @@ def make_pairs(cfg, env):
                 grid="edm_sigma" if edm else cfg.pair_grid, nfe=nfe(cfg.pair_steps, "heun" if edm else cfg.pair_solver),
                 teacher=tpath, teacher_step=tck["step"],
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
+    old = _read_meta(folder)
+    if old is not None:  # finished pairs are kept only when they are the pairs asked for
+        new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
+        diff = [k for k in ("shape", "pair_seed", "solver", "steps", "grid", "teacher_step", "n", "block", "noise_mode")
+                if old.get(k) != new[k]]  # not the teacher's path: a run folder may be moved
+        if diff:
+            k = diff[0]
+            raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that "
+                              f"folder or give --pairs another one.")
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
     if env.is_main:
         print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
@@ -550,6 +560,16 @@ def _pair_block(folder, kind, j, rows, shape):
         raise C.UserError(f"the pairs block '{p}' holds {a.dtype} {a.shape}, not finite numbers of shape "
                           f"{(rows, *shape)} as meta.json says; regenerate the pairs.")
     return a
+
+
+def _read_meta(folder):
+    """The pairs folder's meta.json as a dict, or None when there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def load_pairs(folder, env, seed, shape=None):
@@ -672,7 +692,7 @@ def train(cfg, given, env):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["config"].get("stage") != stage:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",), log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
@@ -836,7 +856,7 @@ def run(cfg, given):
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
-    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    cfg = C.merge_config(Config, ck["config"], given)
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),

@@ -486,8 +486,8 @@ def train(cfg, given, env):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         check_scm(ck, path, mode)
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight"),
-                              drop=("mode",), log=lambda m: env.is_main and print(m))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight",
+                                                                      "teacher"), drop=("mode",))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
@@ -671,7 +671,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
-    cfg = C.merge_config(Config, ck["config"], given, log=lambda m: env.is_main and print(m))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])

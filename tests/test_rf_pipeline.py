@@ -278,6 +278,28 @@ def test_damaged_pairs_folders_are_one_sentence(tiny, capsys):
         os.chdir(cwd)
 
 
+def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
+    """Stored-noise pairs in blocks of fewer than 16 rows load (their fingerprint spans blocks); asking the same
+    folder for pairs made otherwise is refused rather than training on stale pairs with a new meta.json."""
+    small = ["--batch", "8", "--iters", "2", "--n_pairs", "32", "--pair_block", "8", "--pair_batch", "8",
+             "--pair_steps", "2", "--eval_n", "16", "--eval_steps", "1", "--straight_k", "2", "--out", tmp_path / "r"]
+    small = [str(a) for a in small]
+    C.main_guard(lambda: R.main(small))
+    assert sorted(f for f in os.listdir(tmp_path / "r" / "pairs") if f.startswith("z_")) == \
+        [f"z_{j:05d}.npy" for j in range(4)]
+    assert (tmp_path / "r" / "2rf" / "ckpt.pt").is_file()
+    x0 = _digest(tmp_path / "r" / "pairs" / "x_00000.npy")
+    for change, words in ((["--pair_steps", "3"], "steps 2, not 3"), (["--pair_seed", "5"], "pair_seed")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: R.main(["--stage", "pairs", *small, *change]))
+        err = capsys.readouterr().err
+        assert_user_error(e.value.code, err)
+        assert words in err, err
+    assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
+    C.main_guard(lambda: R.main(["--stage", "pairs", *small]))  # the same settings: the pairs are kept
+
+
 def test_cli_nan_loss_keeps_last_checkpoint(tiny):
     shutil.copytree(tiny / "run", tiny / "nan", ignore=shutil.ignore_patterns("2rf", "pairs", "ft"))
     before = _digest(tiny / "nan" / "ckpt.pt")

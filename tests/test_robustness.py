@@ -6,8 +6,8 @@ Two refusals run as real subprocesses (no warning line may precede the error).
 Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
 
     category                                              imm  scm  flow_map  rectified_flow  distributional
-    train options: ranges, types, NaN/inf, unknown, stray,  14   14     14          14              14
-      a seed of 2^63 or more
+    train options: ranges, types, NaN/inf, unknown, stray,  15   15     15          15              15
+      a seed of 2^63 or more, no eval step
     devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
     --out below a file, equal to a file, unwritable,        5    5      5           5               5
       empty; --root a file
@@ -19,11 +19,13 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       text / pickle / malformed / other method, detector
       missing, a Config override out of range, seed 2^63,
       fid --root a file)
-    resume: changed seed, explicit other preset,            2    3      4           2               3
-      file-specific fixed fields (network, weighting,
+    resume (each with a changed lr, which must not be      3    4      5           3               4
+      noted before the refusal): changed seed, explicit
+      other preset, --iters below the saved step, file-
+      specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           46   48     49          47              48
+    bad-input cases, all one sentence and exit 2           48   50     51          49              50
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -133,7 +135,7 @@ def train_cases(name, d):
         (["--out", d / "afile" / "run"], ["afile", "is a file"]), (["--out", d / "afile"], ["is a file"]),
         (["--out", "/proc/no/such/run"], ["cannot be written"]),
         (["--seed", "99999999999999999999999", *out], ["--seed", "2^63"]), (["--out", ""], ["--out", "folder name"]),
-        (["--root", d / "afile", *out], ["--root", "is a file"]),
+        (["--root", d / "afile", *out], ["--root", "is a file"]), (["--eval_steps", ",", *out], ["--eval_steps"]),
     ]
     for f, words in (("obj.npy", ["numeric"]), ("text.npy", ["numeric"]), ("pickle.npy", ["numeric"]),
                      ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
@@ -165,11 +167,12 @@ def sample_cases(name, d):
 
 def resume_cases(name, d):
     """Refused on resume of the fixture run (d / name, trained with seed 0, the toy preset)."""
-    at = [*BASE[name], "--out", d / name, "--iters", "4"]
+    at = [*BASE[name], "--out", d / name, "--iters", "4", LR.get(name, "--lr"), "5e-4"]  # a change it would note
     extra = dict(scm=[(["--width", "32"], ["width"])],
                  flow_map=[(["--width", "32"], ["width"]), (["--learned_weight", "true"], ["learned_weight"])],
                  distributional=[(["--freeze", "gdd_i"], ["--freeze"])])
-    return [([*at, "--seed", "1"], ["--seed"]), ([*at, "--preset", "small"], ["--preset small"])] + \
+    return [([*at, "--seed", "1"], ["--seed"]), ([*at, "--preset", "small"], ["--preset small"]),
+            ([*at[:-4], "--iters", "1"], ["at step 2", "--iters 1"])] + \
         [([*at, *a], w) for a, w in extra.get(name, [])]
 
 
@@ -179,7 +182,10 @@ def test_bad_input_is_one_sentence(name, files, capsys):
     cases = train_cases(name, files) + sample_cases(name, files) + resume_cases(name, files)
     for argv, words in cases:
         capsys.readouterr()
-        one_sentence(run(name, *argv), capsys.readouterr().err, *words)
+        code = run(name, *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, *words)
+        assert out == "", (argv, out)  # nothing before the error, e.g. no "config: lr = ..." line of a refused resume
     assert not os.path.exists(files / "never" / "ckpt.pt")
     assert open(files / name / "ckpt.pt", "rb").read() == before  # no refusal touched the run
 
@@ -187,7 +193,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=46, scm=48, flow_map=49, rectified_flow=47, distributional=48), got
+    assert got == dict(imm=48, scm=50, flow_map=51, rectified_flow=49, distributional=50), got
 
 
 @pytest.mark.parametrize("argv, words", [
