@@ -545,6 +545,20 @@ def test_cli_resume_bitwise(tiny, tmp_path):
     assert ra == rb == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
+def test_resume_refuses_another_teacher(tiny, tmp_path, capsys):
+    """The teacher initialised the run (and is sCD's target): a resume naming another one is refused, not ignored."""
+    import shutil
+    shutil.copytree(tiny / "sct", tmp_path / "sct")
+    other = tmp_path / "other.pt"
+    shutil.copy(tiny / "diff" / "ckpt.pt", other)
+    capsys.readouterr()
+    code = main("--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tmp_path, "--mode", "sct", "--teacher",
+                other, "--iters", "6", "--out", tmp_path / "sct")
+    out, err = capsys.readouterr()
+    assert_user_error(code, err, "--teacher")
+    assert out == ""
+
+
 def test_bad_inputs(tiny, tmp_path, capsys):
     data = ["--data", tiny / "imgs.npy", "--root", tmp_path]
     cases = [
