@@ -76,6 +76,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default="", help="also write the rows to this file")
     a = p.parse_args(argv)
+    if a.n < 2 or a.ode_steps < 1:
+        raise C.UserError(f"--n must be at least 2 and --ode_steps at least 1, got {a.n} and {a.ode_steps}.")
+    if a.json:
+        if os.path.isdir(a.json):
+            raise C.UserError(f"--json '{a.json}' is a folder; give a file path.")
+        C._check_dir(os.path.dirname(os.path.abspath(a.json)), "the folder of --json")
     tpath = os.path.join(a.run, "diffusion", "ckpt.pt")
     if not os.path.isfile(tpath):
         raise C.UserError(f"'{tpath}' not found; --run takes the folder of a `python scm.py` run.")

@@ -44,7 +44,7 @@ Data: ROOT/FashionMNIST/raw/ (torchvision's layout, what common.py reads); when 
 Writes DIR/fashion_<device>.json (every number, settings, machine, date, commit), DIR/fashion_<device>.md (the table)
 and DIR/fashion_<device>.png (one row per method, 1 and 2 steps), DIR = benchmarks/results unless --results says so.
 """
-import argparse, contextlib, datetime, gzip, hashlib, importlib, io, json, os, platform, shutil, subprocess, sys, time, warnings
+import argparse, contextlib, datetime, gzip, hashlib, importlib, json, os, platform, shutil, subprocess, sys, time, warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -429,7 +429,7 @@ def plot(path, rows, data_u8, work, n_grid):
 
 # =============================================================================== driver
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = C._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--net", default=None, help="U-Net of every method: tiny or small (default: cpu tiny, cuda small)")
@@ -464,6 +464,8 @@ def parse(argv):
         p.error("--budget must be at least two batches, --jobs, --n_grid and --ref_steps positive, --n_fd >= 128.")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available here; use --device cpu.")
+    for d, what in ((a.root, "--root"), (a.work, "--work"), (a.results, "--results")):
+        C._check_dir(d, what)
     return a
 
 
@@ -475,7 +477,7 @@ def main(argv=None):
     try:
         return _main(a, argv)
     except Fail as e:
-        raise SystemExit(f"fashion benchmark: {e}") from None
+        raise C.UserError(str(e)) from None
 
 
 def _main(a, argv):
@@ -523,4 +525,4 @@ def _main(a, argv):
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

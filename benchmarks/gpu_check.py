@@ -846,7 +846,7 @@ def prepare(a):
 
 # =============================================================================== driver
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="every section at smoke size on the CPU (needs --results)")
     p.add_argument("--results", default=None, help=f"output folder (default {os.path.relpath(RESULTS, REPO)})")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma list, in the fixed order (default all)")
@@ -868,6 +868,7 @@ def parse(argv):
         raise common.UserError("--budget must be a positive number of seconds.")
     a.work = os.path.abspath(a.work or os.path.join("/tmp", "gpu_check" + ("-quick" if a.quick else "")))
     a.carry = os.path.abspath(a.carry)
+    common.check_device(a.device)
     cuda_ok = torch.cuda.is_available()
     if a.device == "auto":
         a.device = "cpu" if a.quick or not cuda_ok else "cuda"
@@ -878,6 +879,8 @@ def parse(argv):
         raise common.UserError("benchmarks/results holds full GPU runs only; pass --results DIR for --quick or a "
                                "CPU run (a full run needs a GPU).")
     a.results = folder
+    for d, what in ((a.results, "--results"), (a.work, "--work")) + (((a.carry, "--carry"),) if a.prepare else ()):
+        common._check_dir(d, what)
     return a
 
 

@@ -412,7 +412,7 @@ def _onoff(s):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--method", default="fm", metavar="|".join(METHODS), help="the training step to time (default fm)")
     p.add_argument("--net", default=None, help="common.net_config name (default ddpmpp; tiny with --quick)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 128; 8 with --quick)")
@@ -445,6 +445,12 @@ def parse(argv=None):
         raise common.UserError(f"unknown --method '{a.method}'; choose one of {', '.join(METHODS)}.")
     if min(a.batch, a.sample_batch, a.iters, a.lpips_res) < 1 or a.warmup < 0:
         raise common.UserError("--batch, --sample_batch, --iters and --lpips_res must be >= 1 and --warmup >= 0.")
+    if not (math.isfinite(a.lr) and a.lr > 0) or (a.peak_tflops is not None and not (math.isfinite(a.peak_tflops)
+                                                                                       and a.peak_tflops > 0)):
+        raise common.UserError("--lr and --peak_tflops must be positive, finite numbers.")
+    common.check_value("seed", int, a.seed)
+    if a.save:
+        common._check_dir(a.results or RESULTS, "--results")
     return a
 
 

@@ -283,7 +283,7 @@ def _commit():
 
 # =============================================================================== driver
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = C._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="3 data sets, 2 seeds, 300k examples (~20 min, 2 cores)")
     p.add_argument("--datasets", default=None, help="comma list (default all four; --quick without spirals)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -298,9 +298,12 @@ def parse(argv):
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: DATASET:SEED, writes --cell_out
     p.add_argument("--cell_out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.seeds = [int(s) for s in (a.seeds or ("0,1" if a.quick else "0,1,2")).split(",")]
-    a.budget = a.budget or (300_000 if a.quick else 600_000)
-    a.n_eval = a.n_eval or (2000 if a.quick else 4000)
+    try:
+        a.seeds = [int(s) for s in (a.seeds or ("0,1" if a.quick else "0,1,2")).split(",")]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got '{a.seeds}'")
+    a.budget = (300_000 if a.quick else 600_000) if a.budget is None else a.budget
+    a.n_eval = (2000 if a.quick else 4000) if a.n_eval is None else a.n_eval
     a.datasets = (a.datasets or ",".join(DATASETS[:3] if a.quick else DATASETS)).split(",")
     a.methods = a.methods.split(",")
     a.work = a.work or os.path.join("/tmp", "toy-benchmark")
@@ -310,8 +313,10 @@ def parse(argv):
                 f"methods: {', '.join(METHODS)}.")
     if "1-RF" not in a.methods:
         p.error("--methods must include 1-RF (the baseline every row is compared with).")
-    if a.budget < 2 * a.batch or a.jobs < 1 or a.n_eval < 10:
-        p.error("--budget must be at least two batches, --jobs and --n_eval positive.")
+    if a.batch < 1 or a.budget < 2 * a.batch or a.jobs < 1 or a.n_eval < 10:
+        p.error("--budget must be at least two batches, --batch and --jobs positive, --n_eval at least 10.")
+    for d, what in ((a.work, "--work"), (a.results, "--results")):
+        C._check_dir(d, what)
     return a
 
 
@@ -324,9 +329,14 @@ def main(argv=None):
             json.dump(recs, f)
         return recs
     if a.replot:  # table and figures again from DIR/toy.json (and the scratch folder's samples if still there)
-        with open(os.path.join(a.results, "toy.json")) as f:
-            old = json.load(f)
-        return report(a.results, a.work, old["meta"], old["records"])
+        path = os.path.join(a.results, "toy.json")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            meta, records = old["meta"], old["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise C.UserError(f"--replot needs '{path}' as this script writes it (meta, records).") from None
+        return report(a.results, a.work, meta, records)
     t0, load0, commit = time.time(), os.getloadavg()[0], _commit()  # load: other jobs inflate wall-clock
     cells = [(ds, s) for s in a.seeds for ds in a.datasets]
     os.makedirs(a.work, exist_ok=True)
@@ -387,4 +397,4 @@ def report(results, work, meta, recs):
     return summ
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

@@ -271,3 +271,25 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
                  ["--run", str(wrong)]):
         with pytest.raises(common.UserError):
             cvo.main(argv)
+
+
+# ================================================================ bad arguments of the benchmark scripts
+@pytest.mark.parametrize("script, argv, words", [
+    ("throughput", ["--lr", "nan"], "--lr"), ("throughput", ["--lr", "-1"], "--lr"),
+    ("throughput", ["--peak_tflops", "-1"], "--peak_tflops"), ("throughput", ["--iters", "a"], "--iters"),
+    ("throughput", ["--precision", "fp8"], "--precision"), ("throughput", ["--compile", "maybe"], "--compile"),
+    ("throughput", ["stray"], "stray"), ("throughput", ["--save", "--results", "/proc/x"], "--results"),
+    ("gpu_check", ["--quick", "--device", "gpu"], "--device gpu"), ("gpu_check", ["--budget", "a"], "--budget"),
+    ("gpu_check", ["--quick", "--results", "/proc/x"], "--results"), ("gpu_check", ["--foo"], "--foo"),
+    ("cm_vs_ode", ["--run", "x", "--n", "0"], "--n"), ("cm_vs_ode", ["--run", "x", "--ode_steps", "0"], "--ode_steps"),
+    ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
+])
+def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
+    """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common._Parser),
+    before any measurement."""
+    import importlib
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: mod.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err

@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
 import toy  # noqa: E402
+import common as C  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,12 @@ def test_summary_mean_std_and_verdict_names_the_loser():
 @pytest.mark.parametrize("argv, words", [(["--methods", "1-RF,DDPM"], "DDPM"),
                                          (["--methods", "LSD"], "must include 1-RF"),
                                          (["--datasets", "swiss"], "swiss"),
-                                         (["--budget", "10"], "at least two batches")])
+                                         (["--budget", "10"], "at least two batches"),
+                                         (["--seeds", "a"], "--seeds"), (["--batch", "0"], "--batch"),
+                                         (["--results", "/proc/x"], "--results"), (["--iters", "3"], "--iters"),
+                                         (["--replot", "--results", os.path.join(ROOT, "docs")], "toy.json")])
 def test_bad_arguments_one_sentence_and_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
-        toy.main(argv)
-    assert e.value.code == 2 and words in capsys.readouterr().err
+        C.main_guard(lambda: toy.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.startswith("error: ") and err.count("\n") == 1, err
