@@ -1203,6 +1203,11 @@ def load_checkpoint(path):
              or (t is int and isinstance(ck[k], bool))]
     if wrong:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
+    if ck["step"] < 0:
+        raise UserError(f"checkpoint '{path}' is malformed (step {ck['step']}); it was not written by this project.")
+    if any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+           for k in ("model", "ema") for v in ck[k].values()):  # save_checkpoint never writes such weights
+        raise UserError(f"checkpoint '{path}' holds non-finite weights; it was not written by this project.")
     return ck
 
 
@@ -1750,9 +1755,6 @@ def preflight(cmd, cfg):
     if cmd == "train":
         if not cfg.out:
             raise UserError("--out needs a folder name.")
-        det = getattr(cfg, "fid_detector", "inception")
-        if getattr(cfg, "fid_every", 0) and det != "inception" and not os.path.isfile(det):
-            raise UserError(f"FID detector '{det}' not found.")
         if getattr(cfg, "root", None):
             _check_dir(cfg.root, "--root")
         return _check_dir(cfg.out, "--out")

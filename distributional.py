@@ -860,16 +860,21 @@ def _load_edm_teacher(path, cfg, data):
                      convention=f"EDM {info['precond']} denoiser D(x; sigma); G(z) = D(80 z; 80)"), 1.0
 
 
+def check_disc(cfg, data):
+    """--disc fits the data: mlp for 2-D points, the others for images (checked before any work)."""
+    if data.kind != "images" and cfg.disc != "mlp":
+        raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
+    if data.kind == "images" and cfg.disc == "mlp":
+        raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
+
+
 def build_disc(cfg, data, teacher, env, log):
     """The discriminator named by cfg.disc for these data. `projected` never falls back: missing ImageNet weights or
     timm stop the run with one sentence naming the file and the flag that chooses the alternative."""
     k = data.num_classes if cfg.cond else 0
+    check_disc(cfg, data)
     if data.kind != "images":
-        if cfg.disc != "mlp":
-            raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
         return MlpD(data.shape[0], k)
-    if cfg.disc == "mlp":
-        raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
     if cfg.disc == "scratch":
         return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
     if cfg.disc == "projected":
@@ -1035,6 +1040,7 @@ def train(cfg, given):
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
+    check_disc(cfg, data)  # before the in-file teacher's training
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny

@@ -1163,6 +1163,19 @@ def test_checkpoint_load_errors(tmp_path):
     torch.save({**_ckpt(mlp()), "rng": np.zeros(3)}, tmp_path / "numpy.pt")  # a numpy array: not weights_only-safe
     with pytest.raises(C.UserError):
         C.load_checkpoint(str(tmp_path / "numpy.pt"))
+    # hand-edited files that save_checkpoint never writes: a negative step, non-finite weights (model or EMA)
+    good = _ckpt(mlp(), step=2, rng=None)
+    torch.save(good, tmp_path / "good.pt")
+    assert C.load_checkpoint(str(tmp_path / "good.pt"))["step"] == 2
+    torch.save({**good, "step": -5}, tmp_path / "neg.pt")
+    with pytest.raises(C.UserError, match="step -5"):
+        C.load_checkpoint(str(tmp_path / "neg.pt"))
+    for key in ("model", "ema"):
+        sd = {k: v.clone() for k, v in good[key].items()}
+        sd["out_conv.bias"][0] = float("nan")
+        torch.save({**good, key: sd}, tmp_path / f"nan_{key}.pt")
+        with pytest.raises(C.UserError, match="non-finite weights"):
+            C.load_checkpoint(str(tmp_path / f"nan_{key}.pt"))
 
 
 def test_load_state_strict_prefixes_and_mismatch():

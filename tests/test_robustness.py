@@ -13,7 +13,8 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       empty; --root a file
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
       an undecodable image in a folder
-    --teacher missing, or its config of the wrong type      1    2      2           2               2
+    --teacher missing, or its config of the wrong type;     1    2      2           2               3
+      (distributional) a --disc that does not fit the data
     sample/fid options (steps 0 / -1, n 0, fid n 1,        16   16     16          16              16
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
@@ -25,7 +26,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           48   50     51          49              50
+    bad-input cases, all one sentence and exit 2           48   50     51          49              51
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -141,6 +142,8 @@ def train_cases(name, d):
                      ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
         cases.append((["--data", d / f, *out], words))
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
+    if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
+        cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
     if name == "imm":
         cases.append((["--teacher", d / "badcfg.pt", *out], ["from scratch"]))
     else:
@@ -193,7 +196,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=48, scm=50, flow_map=51, rectified_flow=49, distributional=50), got
+    assert got == dict(imm=48, scm=50, flow_map=51, rectified_flow=49, distributional=51), got
 
 
 @pytest.mark.parametrize("argv, words", [
