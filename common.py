@@ -2003,6 +2003,17 @@ def merge_config(Config, base, given, log=None):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
+def sample_config(Config, ck, given, path, fixed):
+    """The config of `sample` / `fid`: the checkpoint's, with the command line's fields on top (the sampler's); the
+    fields in `fixed` (the network, the method's time convention) are the checkpoint's and a different value is
+    refused rather than silently ignored."""
+    for k in fixed:
+        if k in given and given[k] != ck["config"].get(k):
+            raise UserError(f"'{path}' was trained with --{k} {ck['config'].get(k)!r}; sampling cannot change it "
+                            f"(got {given[k]!r}).")
+    return merge_config(Config, ck["config"], given)
+
+
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
@@ -2019,8 +2030,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
                                                                 if k not in ("resume", *here, *drop)}, log=log)
     if "iters" in given and given["iters"] < ck["step"]:
-        raise UserError(f"'{path}' is at step {ck['step']}; --iters {given['iters']} would end before it (give at least "
-                        f"{ck['step']}, or use another --out).")
+        raise UserError(f"'{path}' is at step {ck['step']}; --iters {given['iters']} would end before it (give at "
+                        f"least {ck['step']}, or use another --out).")
     for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))

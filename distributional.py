@@ -1156,7 +1156,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
-    cfg = C.merge_config(Config, ck["config"], given)
+    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("teacher_net", "freeze", "cond"))
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]

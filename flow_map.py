@@ -675,7 +675,8 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")
-    cfg = C.merge_config(Config, ck["config"], given)
+    cfg = C.sample_config(Config, ck, given, opts.ckpt,
+                          fixed=("mode", "net", "width", "depth", "time_channels", "arch"))
     if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
         raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', which --interpolant/--sigma0 cannot "
                           f"change at sampling time.")

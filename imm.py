@@ -422,7 +422,7 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; imm.py samples only imm checkpoints.")
-    cfg = C.merge_config(Config, ck["config"], given)
+    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("net", "width", "param", "second_time", "sigma_d"))
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])

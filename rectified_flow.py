@@ -856,7 +856,7 @@ def run(cfg, given):
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
-    cfg = C.merge_config(Config, ck["config"], given)
+    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("net", "width", "cond"))
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),

@@ -671,7 +671,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
-    cfg = C.merge_config(Config, ck["config"], given)
+    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("mode", "net", "width", "depth", "adn", "sigma_d"))
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])

@@ -859,7 +859,8 @@ def test_cli_bad_inputs(imgs, tmp_path, capsys):
     cases = [
         (["--preset", "small", "--out", str(tmp_path / "s")], ["rectified_flow.py"]),  # no teacher
         (["--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m")], ["missing.pt"]),
-        (["--teacher", tpath, "--data", ipath, "--out", str(tmp_path / "x")], ["does not fit"]),  # MLP teacher, images
+        # an MLP teacher on images (with an image discriminator, so that the teacher is what does not fit)
+        (["--teacher", tpath, "--data", ipath, "--disc", "scratch", "--out", str(tmp_path / "x")], ["does not fit"]),
         (["--teacher", tpath, "--disc", "scratch", "--out", str(tmp_path / "y")], ["--disc mlp"]),
         (["--teacher", tpath, "--cond", "--out", str(tmp_path / "c")], ["--cond"]),
         (["--preset", "tiny", "--data", ipath, "--out", str(tmp_path / "ok"), "--root", str(tmp_path), "--freeze",

@@ -15,18 +15,18 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       an undecodable image in a folder
     --teacher missing, or its config of the wrong type;     1    2      2           2               3
       (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        16   16     16          16              16
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        17   17     17          17              17
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, a Config override out of range, seed 2^63,
-      fid --root a file)
+      fid --root a file, a network field of the checkpoint)
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           48   50     51          49              51
+    bad-input cases, all one sentence and exit 2           49   51     52          50              52
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -66,6 +66,8 @@ BASE = dict(  # a few toy steps, 2-D points, small MLPs
                     *EVAL])
 LR = dict(distributional="--lr_g")  # the learning-rate flag of each file (default --lr)
 DROP = dict(distributional="--d_t")  # a [0, 1) probability of each file (default --dropout)
+FIXED = dict(imm=["--width", "32"], scm=["--width", "32"], flow_map=["--width", "32"],  # the network: sampling
+             rectified_flow=["--width", "32"], distributional=["--cond", "true"])  # cannot change it
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,6 +167,7 @@ def sample_cases(name, d):
         (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
         (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "positive"]),
         (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
+        (s(*FIXED[name]), [FIXED[name][0], "sampling cannot change it"]),
     ]
 
 
@@ -196,7 +199,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=48, scm=50, flow_map=51, rectified_flow=49, distributional=51), got
+    assert got == dict(imm=49, scm=51, flow_map=52, rectified_flow=50, distributional=52), got
 
 
 @pytest.mark.parametrize("argv, words", [
