@@ -17,7 +17,7 @@ section starts at a line "# ==== <section>"):
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, preflight
   command line       parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   merge_config, resume_config (what a resumed run may change), main_guard
+  resume and entry   merge_config, sample_config, resume_config (what a resumed run may change), main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
