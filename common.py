@@ -1672,7 +1672,7 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
               log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
-              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]")
+              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1")
 
 
 def _in_range(v, rule):

@@ -407,11 +407,11 @@ def sampler_for(cfg, K):
 # ============================================================================================================= plumbing
 def net_dict(cfg, data):
     """Network constructor dict for the data: a U-Net for images, the MLP for points; v is the raw output."""
+    if cfg.cond and not data.num_classes:
+        raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
     if data.kind == "images":
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
-        if cfg.cond and not data.num_classes:
-            raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
         ch, res = data.shape[0], data.shape[1]
         return C.net_config(cfg.net, img_resolution=res, in_channels=ch, time_scale=1000.0, dropout=cfg.dropout,
                             label_dim=data.num_classes if cfg.cond else 0)

@@ -13,7 +13,8 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       empty; --root a file
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
       an undecodable image in a folder
-    --teacher missing, or its config of the wrong type;     1    2      2           2               3
+    --teacher missing, or its config of the wrong type;     2    3      3           4               3
+      --width 0; (rectified_flow) --cond on a toy;
       (distributional) a --disc that does not fit the data
     sample/fid options (steps 0 / -1, n 0, fid n 1,        17   17     17          17              17
       batch 0, .jpg, out below a file, ckpt missing /
@@ -26,7 +27,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           49   51     52          50              52
+    bad-input cases, all one sentence and exit 2           50   52     53          52              52
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -144,6 +145,10 @@ def train_cases(name, d):
                      ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
         cases.append((["--data", d / f, *out], words))
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
+    if name != "distributional":  # the MLP's width: 0 is not "the default"
+        cases.append((["--width", "0", *out], ["--width", "at least 1"]))
+    if name == "rectified_flow":  # a toy has no labels
+        cases.append((["--cond", "true", *out], ["--cond", "no labels"]))
     if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
     if name == "imm":
@@ -199,7 +204,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=49, scm=51, flow_map=52, rectified_flow=50, distributional=52), got
+    assert got == dict(imm=50, scm=52, flow_map=53, rectified_flow=52, distributional=52), got
 
 
 @pytest.mark.parametrize("argv, words", [
