@@ -967,13 +967,12 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     if ref_path:
         if not os.path.isfile(ref_path):
             raise UserError(f"FID reference '{ref_path}' does not exist.")
-        try:  # never unpickle
-            z = np.load(ref_path, allow_pickle=False)
-            ok = isinstance(z, np.lib.npyio.NpzFile) and {"mu", "sigma"} <= set(z.files)
-            mu, sigma = (z["mu"], z["sigma"]) if ok else (None, None)
+        try:  # never unpickle; a .npy array, a text file or missing keys all fail here
+            with np.load(ref_path, allow_pickle=False) as z:
+                mu, sigma = z["mu"], z["sigma"]
         except Exception:
-            ok = False
-        if not ok or mu.shape != (detector.dim,) or sigma.shape != (detector.dim,) * 2:
+            mu = sigma = None
+        if mu is None or mu.shape != (detector.dim,) or sigma.shape != (detector.dim,) * 2:
             raise UserError(f"FID reference '{ref_path}' is not an .npz with mu ({detector.dim},) and sigma "
                             f"({detector.dim}, {detector.dim}).")
         return mu, sigma
@@ -1145,11 +1144,15 @@ def _to_cpu(x):  # a copy that later optimiser steps cannot change (a checkpoint
     return [_to_cpu(v) for v in x] if isinstance(x, (list, tuple)) else copy.deepcopy(x)
 
 
+def _non_finite_weights(ckpt):
+    """Whether a floating tensor of the checkpoint's model or EMA weights holds NaN or inf."""
+    return any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+               for k in ("model", "ema") for v in (ckpt.get(k) or {}).values())
+
+
 def snapshot_checkpoint(ckpt, env, generators=(), copy_=False):
     """On every rank: refuses non-finite weights, gathers each rank's RNG states; `copy_`: detached CPU copies."""
-    bad = any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-              for k in ("model", "ema") for v in (ckpt.get(k) or {}).values())
-    if all_mean(float(bad), env).item() > 0:
+    if all_mean(float(_non_finite_weights(ckpt)), env).item() > 0:
         raise UserError("weights became non-finite; not writing a checkpoint, the last good one is kept.")
     states = [None] * env.world
     if env.world > 1:
@@ -1205,8 +1208,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
     if ck["step"] < 0:
         raise UserError(f"checkpoint '{path}' is malformed (step {ck['step']}); it was not written by this project.")
-    if any(torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-           for k in ("model", "ema") for v in ck[k].values()):  # save_checkpoint never writes such weights
+    if _non_finite_weights(ck):  # save_checkpoint never writes such weights
         raise UserError(f"checkpoint '{path}' holds non-finite weights; it was not written by this project.")
     return ck
 

@@ -578,13 +578,12 @@ def load_pairs(folder, env, seed, shape=None):
     mp = os.path.join(folder, "meta.json")
     if not os.path.exists(mp):
         raise C.UserError(f"no pairs in '{folder}' (meta.json missing); run --stage pairs first.")
+    meta = _read_meta(folder)
     try:
-        with open(mp) as f:
-            meta = json.load(f)
         n, S, mode, pshape = int(meta["n"]), int(meta["block"]), meta["noise_mode"], tuple(meta["shape"])
         ok = n >= 1 and S >= 1 and mode in ("seed", "stored") and all(isinstance(d, int) for d in pshape) \
             and isinstance(meta.get("fingerprint"), list) and isinstance(meta.get("pair_seed", 0), int)
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError):  # TypeError also for meta None (unreadable)
         ok = False
     if not ok:
         raise C.UserError(f"'{mp}' is not the meta.json of this file's pairs (n, block, noise_mode, shape, "
