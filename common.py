@@ -9,7 +9,8 @@ section starts at a line "# ==== <section>"):
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches)
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
-  FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, reference_stats
+  FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
+                     reference_stats
   runtime            setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint)
@@ -935,15 +936,9 @@ class FidHook:
     """In-training FID proxy (images): the detector and the reference statistics are loaded on first use; without a
     detector it logs one line and training carries on. hook(step, {label: generate(rng, labels)}) -> {label: fid}."""
 
-    def __init__(self, detector, data, env, root, n, log, num_classes=0, strict=False):
+    def __init__(self, detector, data, env, root, n, log, num_classes=0):
         self.spec, self.data, self.env, self.root, self.n, self.log = detector, data, env, root, n, log
         self.num_classes, self.state = num_classes, None
-        if strict:  # a reproduction preset: a missing detector stops the run now, not silently hours later
-            try:
-                load_detector(detector, env)
-            except UserError as e:
-                raise UserError(f"{str(e).rstrip('.')}; or pass --fid_every 0 to train without the in-training "
-                                f"FID (--fallback true skips it with a warning instead).") from None
 
     def __call__(self, step, gens):
         if self.state is None:
@@ -960,6 +955,18 @@ class FidHook:
                                          self.num_classes)
             self.log.info(f"step {step} | FID-{self.n // 1000}k proxy ({label}) {out[label]:.3f}")
         return out
+
+
+def require_detector(cfg, env):
+    """A run with the in-training FID and --fallback false (every cifar10 preset) loads its detector right after
+    setup, so that a missing file stops it in one sentence before any output or work, not hours later (toy data
+    has no FID)."""
+    if getattr(cfg, "fid_every", 0) and not getattr(cfg, "fallback", True) and cfg.data not in _TOY_RMS:
+        try:
+            load_detector(cfg.fid_detector, env)
+        except UserError as e:
+            raise UserError(f"{str(e).rstrip('.')}; or pass --fid_every 0 to train without the in-training FID "
+                            f"(--fallback true skips it with a warning instead).") from None
 
 
 def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):

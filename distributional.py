@@ -1024,6 +1024,7 @@ def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
 
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -1095,8 +1096,7 @@ def train(cfg, given):
     if hasattr(D, "describe"):
         log.info(f"disc {cfg.disc}: {D.describe()}")
     log.info(f"frozen {n_frozen:,} of {n_all:,} generator parameters (fraction {n_frozen / n_all:.4f})")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"],
-                    strict=not cfg.fallback) \
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"]) \
         if cfg.fid_every and data.kind == "images" else None
     shape = sample_shape(ema.model.config)
     fid_gen = lambda: {"1 step": lambda rng, labels: sample(ema.model, rng, shape, 1, t_g, labels)}

@@ -558,6 +558,7 @@ def lr_at(cfg, step):
 
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -607,8 +608,7 @@ def train(cfg, given):
              + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
              + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"
              + f" | step {step}/{cfg.iters}")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
-                    strict=not cfg.fallback) \
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
         if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints

@@ -326,6 +326,7 @@ def generator(net, cfg, shape, N, env):
 # ============================================================================================================= training
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -365,8 +366,7 @@ def train(cfg, given):
              f"({per_rank // cfg.M} groups of M = {cfg.M} per micro-batch) | device {env.device} | precision "
              f"{env.precision} | params {sum(p.numel() for p in raw.parameters()):,} | k {cfg.k} "
              f"(delta eta {delta_eta(cfg):.4g}) | min_gap {min_gap:g} | step {step}/{cfg.iters}")
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
-                    strict=not cfg.fallback) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
 
     def state():

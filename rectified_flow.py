@@ -746,8 +746,7 @@ def train(cfg, given, env):
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
     # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
     ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
-    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"],
-                    strict=not cfg.fallback) \
+    fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"]) \
         if cfg.fid_every else None
 
     def loss_fn(part):
@@ -837,12 +836,18 @@ def invert_data(cfg, env, net2, folder):
 # ============================================================================================================= commands
 def run(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    stages = ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]
-    for s in stages:
+    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
+    plan = []
+    for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):
         scfg = cfg
         if cfg.stage == "all":  # each stage re-resolves its own preset part (iterations, lr, EMA)
             scfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": cfg.out}, stage=s)
             scfg.preset = cfg.preset
+        plan.append((s, scfg))
+    for s, scfg in plan:  # a reproduction preset's missing LPIPS weights stop it now, not after the 1-RF and pairs
+        if s in ("2rf", "ft") and not scfg.fallback:
+            make_lpips(scfg, None)
+    for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)
         else:  # with `all`, the network flags shape the 1-RF; the 2-RF takes its network from it

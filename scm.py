@@ -540,8 +540,7 @@ def train(cfg, given, env):
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
              + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
-    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log,
-                    strict=not cfg.fallback) if cfg.fid_every else None
+    fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     sd = cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
@@ -619,6 +618,7 @@ def train(cfg, given, env):
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
                                           flush=True)
     if cfg.mode != "all":

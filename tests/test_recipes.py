@@ -43,8 +43,9 @@ def imgs(tmp_path):
 def one_error(capsys, fn):
     with pytest.raises(SystemExit) as e:
         C.main_guard(fn)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert out == "", out  # nothing before the error line
     return err
 
 
@@ -69,6 +70,30 @@ def test_missing_fid_detector_stops_a_strict_run_and_warns_otherwise(name, imgs,
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt")  # stopped before training
     mod.main([*base, "--out", str(tmp_path / "b")])  # the default warns and trains
     assert "FID skipped" in capsys.readouterr().out and os.path.exists(tmp_path / "b" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path, monkeypatch, capsys):
+    """The missing detector is found right after setup: nothing printed (no start line, no in-file teacher's
+    training), no file written; for rectified_flow `--stage all`, missing LPIPS weights stop the run before the
+    1-RF trains (they were first needed at the 2-RF, after the pairs)."""
+    out = tmp_path / "a"
+    base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--fallback", "false", "--out", str(out),
+            "--root", str(tmp_path)]
+    err = one_error(capsys, lambda: FILES[name].main([*base, "--fid_every", "1", "--fid_n", "4", "--fid_detector",
+                                                      str(tmp_path / "nowhere.pt")]))
+    assert "nowhere.pt" in err and "--fid_every 0" in err
+    assert not os.path.exists(out)
+    if name == "rectified_flow":
+        import torchvision
+
+        def offline(*a, **k):
+            raise OSError("no network")
+        monkeypatch.setattr(torchvision.models, "vgg16", offline)
+        err = one_error(capsys, lambda: RF.main([*base, "--stage", "all", "--fid_every", "0", "--loss",
+                                                 "lpips-huber-1/t"]))
+        assert "LPIPS weights unavailable" in err and "--loss huber" in err
+        assert not os.path.exists(out)
 
 
 def test_missing_lpips_stops_a_strict_run_and_falls_back_otherwise(tmp_path, monkeypatch, capsys):
