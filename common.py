@@ -1821,7 +1821,11 @@ def _converter(name, typ):
             return next(a for a in args if str(a) == s)
         return lit
     if origin is list:
-        return lambda s: [_converter(name, args[0])(p) for p in s.split(",") if p != ""]
+        def items(s):
+            if s and "" in s.split(","):  # '1,,2' or '1,2,': a lost value, not a shorter list
+                raise UserError(f"--{name} has an empty entry in '{s}'; separate the values by single commas.")
+            return [_converter(name, args[0])(p) for p in s.split(",") if p != ""]
+        return items
 
     def conv(s):
         try:
@@ -1950,7 +1954,7 @@ def parse_cli(Config, presets, method, argv=None):
     if "--help" in argv or "-h" in argv:
         print(parser.format_help())
         sys.exit(0)
-    ns, extra = parser.parse_known_args(_normalise(argv))
+    ns, extra = parser.parse_known_args(_normalise(argv))  # a repeated option: the last one wins (wrappers rely on it)
     if extra:
         key = extra[0].partition("=")[0]
         if not key.startswith("--"):

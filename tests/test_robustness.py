@@ -6,8 +6,9 @@ Two refusals run as real subprocesses (no warning line may precede the error).
 Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
 
     category                                              imm  scm  flow_map  rectified_flow  distributional
-    train options: ranges, types, NaN/inf, unknown, stray,  15   15     15          15              15
-      a seed of 2^63 or more, no eval step
+    train options: ranges, types, NaN/inf, unknown, stray,  16   16     16          16              16
+      a seed of 2^63 or more, no eval step, an empty list
+      entry (1,,2)
     devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
     --out below a file, equal to a file, unwritable,        5    5      5           5               5
       empty; --root a file
@@ -16,18 +17,19 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     --teacher missing, or its config of the wrong type;     2    3      3           4               3
       --width 0; (rectified_flow) --cond on a toy;
       (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        17   17     17          17              17
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        18   18     18          18              18
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, a Config override out of range, seed 2^63,
-      fid --root a file, a network field of the checkpoint)
+      fid --root a file, a network field of the checkpoint,
+      steps 1,2, (an empty entry))
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           50   52     53          52              52
+    bad-input cases, all one sentence and exit 2           52   54     55          54              54
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -140,6 +142,7 @@ def train_cases(name, d):
         (["--out", "/proc/no/such/run"], ["cannot be written"]),
         (["--seed", "99999999999999999999999", *out], ["--seed", "2^63"]), (["--out", ""], ["--out", "folder name"]),
         (["--root", d / "afile", *out], ["--root", "is a file"]), (["--eval_steps", ",", *out], ["--eval_steps"]),
+        (["--eval_steps", "1,,2", *out], ["--eval_steps", "empty entry", "'1,,2'"]),  # not read as 1,2
     ]
     for f, words in (("obj.npy", ["numeric"]), ("text.npy", ["numeric"]), ("pickle.npy", ["numeric"]),
                      ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
@@ -173,6 +176,7 @@ def sample_cases(name, d):
         (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "positive"]),
         (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
         (s(*FIXED[name]), [FIXED[name][0], "sampling cannot change it"]),
+        (s("--steps", "1,2,"), ["--steps", "empty entry"]),
     ]
 
 
@@ -204,7 +208,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=50, scm=52, flow_map=53, rectified_flow=52, distributional=52), got
+    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=54, distributional=54), got
 
 
 @pytest.mark.parametrize("argv, words", [
