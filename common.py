@@ -6,7 +6,8 @@ section starts at a line "# ==== <section>"):
   networks: blocks   FourierEmbedding, AuxResidual (NCSN++'s residual encoder path), Block (EDM's UNetBlock)
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
-  data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches)
+  data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches),
+                     refuse_unused
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
@@ -608,15 +609,23 @@ def load_data(spec, root, env, seed, xflip):
         k, key = 0, "user-" + hashlib.md5(x.numpy().tobytes()).hexdigest()[:12]
         if x.dtype == torch.float32:
             m, s = x.mean(0).tolist(), x.var(0).mean().sqrt().item()  # per-coordinate RMS std
-            if env.is_main:
-                print(f"data {spec}: {len(x)} points, mean ({m[0]:.3f}, {m[1]:.3f}), RMS std {s:.3f}"
-                      + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
-            return Data("points", key, x=x.to(env.device), seed=seed)
+            _NOTES.append(f"data {spec}: {len(x)} points, mean ({m[0]:.3f}, {m[1]:.3f}), RMS std {s:.3f}"  # printed
+                          + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
+            return Data("points", key, x=x.to(env.device), seed=seed)  # with the run's first line (flush_notes)
     else:
         raise UserError(f"data '{spec}' is neither a known data set ({', '.join([*_TOY_RMS, *_IMAGE_SETS])}) "
                         f"nor an existing .npy file or image folder.")
     return Data("images", key, x=x.permute(0, 3, 1, 2).contiguous().to(env.device),
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
+
+
+def refuse_unused(given, data, points=(), images=()):
+    """An option given on the command line that this data kind never reads (`points`: read for 2-D points only,
+    `images`: for images only) is refused in one sentence instead of ignored; a preset's value is not one given."""
+    k = next((k for k in (points if data.kind == "images" else images) if k in given), None)
+    if k:
+        kind, other = ("images", "2-D points") if data.kind == "images" else ("2-D points", "images")
+        raise UserError(f"--{k} applies to {other} only and this run trains on {kind}; drop it.")
 
 
 # ========================================================================================================= augmentation
@@ -1928,6 +1937,7 @@ def parse_cli(Config, presets, method, argv=None):
     """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and
     `given` holds Config fields to apply over the checkpoint's config (merge_config). Bad input: UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _NOTES.clear()  # a refused command's notes never reach the next command of the same process (tests, notebooks)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
     hints = typing.get_type_hints(Config)
     for name, p in presets.items():  # unknown preset keys are found at start, for every preset
@@ -1985,7 +1995,8 @@ def parse_cli(Config, presets, method, argv=None):
 
 
 # ===================================================================================================== resume and entry
-_NOTES = []  # merge_config's "config: ..." lines, printed by rank 0 with the command's first output (flush_notes)
+_NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's
+#              first output (flush_notes), so that nothing precedes a refusal's `error:` line
 
 
 def flush_notes(env):

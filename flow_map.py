@@ -569,6 +569,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+    C.refuse_unused(given, data, points=("width", "depth"), images=("xflip", "arch"))
     teacher_b, teacher_std = None, None
     if cfg.mode in ("lmd", "emd"):
         if cfg.interpolant != "linear":

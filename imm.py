@@ -335,6 +335,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+    C.refuse_unused(given, data, points=("width",), images=("xflip",))
     nd = net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
     if ck:

@@ -695,6 +695,7 @@ def train(cfg, given, env):
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+        C.refuse_unused(given, data, points=("width",), images=("xflip",))
         nd = net_dict(cfg, data)
     else:
         if stage == "2rf":

@@ -489,6 +489,7 @@ def train(cfg, given, env):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight",
                                                                       "teacher"), drop=("mode",))
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
+    C.refuse_unused(given, data, points=("width", "depth"), images=("xflip",))
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
         raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")

@@ -211,6 +211,33 @@ def test_case_table(files):
     assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=54, distributional=54), got
 
 
+@pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
+def test_an_option_the_data_kind_never_reads_is_refused(name, tmp_path, capsys):
+    """--width/--depth (the MLP) on images and --xflip/--arch on 2-D points were ignored without a word; now one
+    sentence, with nothing before it, not even load_data's line about a points file (it waits for the run's first
+    line). The preset's own values for the other kind (the cifar10 presets' xflip) are not refused."""
+    np.save(tmp_path / "imgs.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(0, 0.5, (64, 2)).astype(np.float32))
+    mode = dict(scm=["--mode", "diffusion"], rectified_flow=["--stage", "1rf"]).get(name, [])
+    out = ["--out", tmp_path / "never", *mode]
+    cases = [(["--data", tmp_path / "imgs.npy", "--net", "tiny", "--width", "8", *out], "--width applies to 2-D"),
+             (["--data", tmp_path / "pts.npy", "--xflip", "true", *out], "--xflip applies to images")]
+    if name in ("scm", "flow_map"):
+        cases.append((["--data", tmp_path / "imgs.npy", "--net", "tiny", "--depth", "2", *out], "--depth"))
+    if name == "flow_map":
+        cases.append((["--arch", "py-meanflow", *out], "--arch applies to images"))
+    for argv, words in cases:
+        capsys.readouterr()
+        code = run(name, *argv)
+        out_, err = capsys.readouterr()
+        one_sentence(code, err, words)
+        assert out_ == "", (argv, out_)
+    assert not os.path.exists(tmp_path / "never" / "ckpt.pt")
+    # a points file's data line is printed with the run's first line, not lost
+    assert run(name, *BASE[name], "--data", tmp_path / "pts.npy", "--iters", "1", "--out", tmp_path / "ok") == 0
+    assert capsys.readouterr().out.startswith(f"data {tmp_path / 'pts.npy'}: 64 points")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["imm.py", "sample", "--ckpt", "plain.pt"], ["plain.pt"]),  # torch would note the pickle protocol
     (["scm.py", "--data", "text.npy", "--out", "x"], ["text.npy"]),
