@@ -618,6 +618,14 @@ def train(cfg, given, env):
 # ============================================================================================================= commands
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
+    parts = [m for m in MODES if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
+    single = os.path.exists(os.path.join(cfg.out, "ckpt.pt"))
+    if cfg.mode != "all" and parts and not single:  # else a new run would start beside the one the folder holds
+        raise C.UserError(f"'{cfg.out}' holds a --mode all run (its {', '.join(parts)} in subfolders); continue one "
+                          f"mode with --out {os.path.join(cfg.out, cfg.mode)}, or use another --out.")
+    if cfg.mode == "all" and single:
+        raise C.UserError(f"'{cfg.out}' holds a single-mode run (its ckpt.pt); --mode all puts its three runs in "
+                          f"subfolders, so use another --out.")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",

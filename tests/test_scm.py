@@ -692,8 +692,9 @@ def test_toy_runs_are_finite_and_tangent_is_logged(toy_runs):
         assert max(gn) < 20 * float(np.median(gn)), gn  # no gradient spike
 
 
-def test_all_mode_pipeline_with_network_flags(tmp_path):
-    """`--mode all` with network flags: diffusion gets them, sCT/sCD inherit the teacher's net; side-by-side plot."""
+def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
+    """`--mode all` with network flags: diffusion gets them, sCT/sCD inherit the teacher's net; side-by-side plot.
+    A single mode aimed at the `all` folder (or `all` at a single-mode folder) is refused, not started beside it."""
     assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
                 "--heun_steps", "2", "--out", tmp_path / "all") == 0
     for m in scm.MODES:
@@ -702,6 +703,12 @@ def test_all_mode_pipeline_with_network_flags(tmp_path):
     assert load(tmp_path / "all" / "sct" / "ckpt.pt")["config"]["teacher"] == str(tmp_path / "all" / "diffusion" /
                                                                                   "ckpt.pt")
     assert (tmp_path / "all" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert_user_error(main("--mode", "sct", "--iters", "4", "--out", tmp_path / "all"), capsys.readouterr().err,
+                      "holds a --mode all run", f"--out {tmp_path / 'all' / 'sct'}")
+    assert not (tmp_path / "all" / "ckpt.pt").exists()
+    assert_user_error(main("--mode", "all", "--iters", "4", "--out", tmp_path / "all" / "sct"),
+                      capsys.readouterr().err, "holds a single-mode run")
 
 
 # ============================================================================ DDP: two gloo ranks
