@@ -1024,7 +1024,6 @@ def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
 
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -1035,6 +1034,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
+    C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")

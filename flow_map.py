@@ -558,7 +558,6 @@ def lr_at(cfg, step):
 
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -568,6 +567,7 @@ def train(cfg, given):
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
+    C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data, points=("width", "depth"), images=("xflip", "arch"))
     teacher_b, teacher_std = None, None

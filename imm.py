@@ -326,7 +326,6 @@ def generator(net, cfg, shape, N, env):
 # ============================================================================================================= training
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -334,6 +333,7 @@ def train(cfg, given):
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"))
+    C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data, points=("width",), images=("xflip",))
     nd = net_dict(cfg, data)

@@ -692,6 +692,7 @@ def train(cfg, given, env):
         if ck["method"] != METHOD or ck["config"].get("stage") != stage:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
+    C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
@@ -706,6 +707,8 @@ def train(cfg, given, env):
         nd = sck["net"]
         if any(k in given for k in ("net", "dropout", "cond", "width")):
             raise C.UserError(f"--stage {stage} takes its network from '{src}'; drop --net/--dropout/--cond/--width.")
+        if "xflip" in given:
+            raise C.UserError(f"--xflip is for the 1-RF; --stage {stage} trains on stored pairs, never flipped.")
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
@@ -837,7 +840,6 @@ def invert_data(cfg, env, net2, folder):
 # ============================================================================================================= commands
 def run(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):
         scfg = cfg
@@ -845,15 +847,15 @@ def run(cfg, given):
             scfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": cfg.out}, stage=s)
             scfg.preset = cfg.preset
         plan.append((s, scfg))
-    for s, scfg in plan:  # a reproduction preset's missing LPIPS weights stop it now, not after the 1-RF and pairs
-        if s in ("2rf", "ft") and not scfg.fallback:
-            make_lpips(scfg, None)
+    for s, scfg in plan:  # a fresh stage's missing LPIPS weights (--fallback false) stop the run before the 1-RF
+        if s in ("2rf", "ft") and not scfg.fallback and not os.path.exists(os.path.join(stage_dir(scfg, s), "ckpt.pt")):
+            make_lpips(scfg, None)  # (a resumed stage checks its own config's loss when it starts)
     for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)
         else:  # with `all`, the network flags shape the 1-RF; the 2-RF takes its network from it
             train(scfg, given if s == "1rf" or cfg.stage != "all" else
-                  {k: v for k, v in given.items() if k not in ("net", "dropout", "cond", "width")}, env)
+                  {k: v for k, v in given.items() if k not in ("net", "dropout", "cond", "width", "xflip")}, env)
     if env.is_main:
         print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)", flush=True)
 

@@ -488,6 +488,7 @@ def train(cfg, given, env):
         check_scm(ck, path, mode)
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight",
                                                                       "teacher"), drop=("mode",))
+    C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data, points=("width", "depth"), images=("xflip",))
     teacher, init = None, None
@@ -618,16 +619,15 @@ def train(cfg, given, env):
 # ============================================================================================================= commands
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
-    parts = [m for m in MODES if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
-    single = os.path.exists(os.path.join(cfg.out, "ckpt.pt"))
+    began = lambda d: any(os.path.exists(os.path.join(d, f)) for f in ("ckpt.pt", "config.json"))  # a run's files
+    parts, single = [m for m in MODES if began(os.path.join(cfg.out, m))], began(cfg.out)
     if cfg.mode != "all" and parts and not single:  # else a new run would start beside the one the folder holds
         raise C.UserError(f"'{cfg.out}' holds a --mode all run (its {', '.join(parts)} in subfolders); continue one "
                           f"mode with --out {os.path.join(cfg.out, cfg.mode)}, or use another --out.")
     if cfg.mode == "all" and single:
-        raise C.UserError(f"'{cfg.out}' holds a single-mode run (its ckpt.pt); --mode all puts its three runs in "
+        raise C.UserError(f"'{cfg.out}' holds a single-mode run; --mode all puts its three runs in "
                           f"subfolders, so use another --out.")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    C.require_detector(cfg, env)  # a reproduction preset's missing FID detector: one sentence, now
     total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
                                           flush=True)
     if cfg.mode != "all":

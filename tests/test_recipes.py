@@ -96,6 +96,19 @@ def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path,
         assert not os.path.exists(out)
 
 
+def test_a_resumed_run_checks_the_detector_with_its_own_config(imgs, tmp_path, capsys):
+    """The check runs on the resumed config: --fallback false saved in the checkpoint and --fid_every given now
+    is refused; a run saved with --fid_every 0 and resumed without it needs no detector."""
+    base = ["--preset", "tiny", "--data", imgs, "--root", str(tmp_path), "--out", str(tmp_path / "r")]
+    imm.main([*base, "--iters", "1", "--fallback", "false", "--fid_every", "0"])
+    capsys.readouterr()
+    err = one_error(capsys, lambda: imm.main([*base, "--iters", "2", "--fid_every", "1", "--fid_n", "4",
+                                              "--fid_detector", str(tmp_path / "nowhere.pt")]))
+    assert "nowhere.pt" in err
+    imm.main([*base, "--iters", "2", "--fid_detector", str(tmp_path / "nowhere.pt")])
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_missing_lpips_stops_a_strict_run_and_falls_back_otherwise(tmp_path, monkeypatch, capsys):
     import torchvision
 

@@ -14,8 +14,9 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       empty; --root a file
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
       an undecodable image in a folder
-    --teacher missing, or its config of the wrong type;     2    3      3           4               3
-      --width 0; (rectified_flow) --cond on a toy;
+    --teacher missing, or its config of the wrong type;     2    3      3           5               3
+      --width 0; (rectified_flow) --cond on a toy, --xflip
+      on the 2-RF;
       (distributional) a --disc that does not fit the data
     sample/fid options (steps 0 / -1, n 0, fid n 1,        18   18     18          18              18
       batch 0, .jpg, out below a file, ckpt missing /
@@ -29,7 +30,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           52   54     55          54              54
+    bad-input cases, all one sentence and exit 2           52   54     55          55              54
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -150,8 +151,10 @@ def train_cases(name, d):
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
     if name != "distributional":  # the MLP's width: 0 is not "the default"
         cases.append((["--width", "0", *out], ["--width", "at least 1"]))
-    if name == "rectified_flow":  # a toy has no labels
+    if name == "rectified_flow":  # a toy has no labels; the 2-RF's stored pairs are never flipped
         cases.append((["--cond", "true", *out], ["--cond", "no labels"]))
+        cases.append((["--stage", "2rf", "--teacher", d / name / "ckpt.pt", "--xflip", "true", *out],
+                      ["--xflip", "never flipped"]))
     if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
     if name == "imm":
@@ -208,7 +211,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=54, distributional=54), got
+    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=55, distributional=54), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -233,9 +236,13 @@ def test_an_option_the_data_kind_never_reads_is_refused(name, tmp_path, capsys):
         one_sentence(code, err, words)
         assert out_ == "", (argv, out_)
     assert not os.path.exists(tmp_path / "never" / "ckpt.pt")
-    # a points file's data line is printed with the run's first line, not lost
+    # a points file's data line is printed once, with the run's first line, not lost
     assert run(name, *BASE[name], "--data", tmp_path / "pts.npy", "--iters", "1", "--out", tmp_path / "ok") == 0
-    assert capsys.readouterr().out.startswith(f"data {tmp_path / 'pts.npy'}: 64 points")
+    out_ = capsys.readouterr().out
+    assert out_.startswith(f"data {tmp_path / 'pts.npy'}: 64 points") and out_.count("data ") == 1, out_
+    # control: the toy preset's own MLP sizes (and the cifar10-style xflip of a preset) are not options given
+    assert run(name, *mode, "--data", tmp_path / "imgs.npy", "--net", "tiny", "--iters", "0", "--eval_n", "4",
+               "--out", tmp_path / "img") == 0
 
 
 @pytest.mark.parametrize("argv, words", [
