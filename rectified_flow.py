@@ -318,12 +318,13 @@ def time_grid(K, kind="uniform", t_mid=0.5):
 def _update(x, z, t, t2, d, rule):
     if rule == "new":  # (rfpp Fig. 4, new update) x_t' = (1 - t') x^ + t' z with the initial noise z
         return (1 - t2) * (x - t * d) + t2 * z
-    return x + (t2 - t) * d  # (Euler)
+    return x + (t2 - t) * d  # Euler step
 
 
 def solve(v, z, grid, solver="euler", rule="default"):
-    """Integrate dx/dt = v(x, t) from x = z at t = grid[0] = 1 down the grid. Euler (Euler)/(12), Heun (Heun)
-    (last step to t = 0 is Euler), RK4 (14, default rule). v(x, t) takes t as a (B,) tensor."""
+    """Integrate dx/dt = v(x, t) from x = z at t = grid[0] = 1 down the grid. Euler (the plain step, or rfpp's new
+    update rule of Fig. 4), Heun (its last step, to t = 0, is Euler), classical RK4 (plain steps only). v(x, t) takes
+    t as a (B,) tensor."""
     x = z
     tt = lambda s: torch.full((z.shape[0],), s, device=z.device, dtype=z.dtype)
     for t, t2 in zip(grid[:-1], grid[1:]):

@@ -50,7 +50,7 @@ Left out for every method alike: data loading, EMA, gradient clipping, learning-
              rectified_flow.py's cifar10 1rf net, through rf_velocity   autocast
   gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md);
   gdd_i      step, as the loop) with the `teacher` D; G =               D, logits, losses and R1 fp32 in code (GDD also
-             make_generator(net, freeze), gdd_i freezing eq. (9)        turned TF32 off in D; bf16 here leaves it on)
+             make_generator(net, freeze), gdd_i freezing as `frozen`    turned TF32 off in D; bf16 here leaves it on)
 """
 import argparse, contextlib, dataclasses, datetime, json, math, os, subprocess, sys, time, types
 from typing import Callable, Optional, Union
@@ -145,8 +145,8 @@ def rf2_prepare(loss):
 
 def rf2_step(net, x):
     """2-RF++ (rectified_flow.py loss_fn, 2rf stage): a pair batch (z, x) (the teacher's pairs cost nothing
-    per step; randn and the data batch stand in), U-shaped t (6), the U-Net under autocast, then the loss (9)
-    in fp32 (LPIPS never under autocast)."""
+    per step; randn and the data batch stand in), U-shaped t (rfpp §4.1), the U-Net under autocast, then the loss
+    (rfpp §4.2) in fp32 (LPIPS never under autocast)."""
     import rectified_flow as RF
     st, env = _ENV["state"], _ENV["env"]
     z = torch.randn_like(x)
@@ -158,7 +158,7 @@ def rf2_step(net, x):
 
 
 def rf2_sample(net, z, steps):
-    """rectified_flow.sampler for the 2rf stage: Euler on the uniform grid with the new update rule (12)."""
+    """rectified_flow.sampler for the 2rf stage: Euler on the uniform grid with rfpp's new update rule (Fig. 4)."""
     import rectified_flow as RF
     return RF.sampler(net, _ENV["state"]["cfg"], tuple(z.shape[1:]), steps, _ENV["env"])(_Noise(z), None)
 
@@ -255,9 +255,9 @@ def flow_map_sample(net, z, steps):
 # ---------------------------------------------------------------------------------------- distributional.py
 def gdd_prepare(freeze):
     """The `cifar10` preset of distributional.py: the benchmark's network stands in for the 1-RF teacher's EMA
-    weights (dropout 0, as load_teacher builds it), G = make_generator(teacher, freeze) (gdd_i freezes eq. (9)),
+    weights (dropout 0, as load_teacher builds it), G = make_generator(teacher, freeze) (gdd_i freezes what `frozen` names),
     the `teacher` discriminator from build_disc (frozen encoder copy + SN heads), and Adam for G and for D with
-    the lazy-R1 correction (7), as distributional.train builds them."""
+    the lazy-R1 correction (StyleGAN2 §3.1, d_adam_hparams), as distributional.train builds them."""
     def prepare(net, env, args):
         import distributional as GD
         cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze, disc="teacher"))

@@ -125,13 +125,13 @@ def test_every_method_trains_and_samples_on_cpu(method, tmp_path):
     assert json.loads(json.dumps(rec)) == rec
     if method == "2rf_lpips":  # 1 + F_vgg / F_unet (docs/rectified_flow.md, cost), VGG16 at 32^2 >> the tiny U-Net
         assert rec["lpips_res"] == 32 and rec["fwd_per_step"] > 2
-    if method == "gdd_i":  # GDD-I trains with the frozen convolutions of eq. (9)
+    if method == "gdd_i":  # GDD-I trains with its convolutions frozen (distributional.frozen, Zyriix/GDD's name rule)
         assert any(not p.requires_grad for p in tp._ENV["state"]["net"].parameters())
 
 
 def _preset_net(method):
     """The method file's own net_dict for its cifar10 preset, on a 3 x 16 x 16 data set with net tiny."""
-    import distributional, flow_map, imm, rectified_flow as rf, scm
+    import flow_map, imm, rectified_flow as rf, scm
     data = types.SimpleNamespace(kind="images", shape=(3, 16, 16), num_classes=0)
     res = lambda mod, given, **sel: common.resolve_config(mod.Config, mod.PRESETS, "cifar10", dict(net="tiny", **given),
                                                           **sel)

@@ -3,10 +3,10 @@ test names), the toy convergence with the step-0 generator as the must-fail cont
 (train with each image discriminator, sample, fid, resume, bad input).
 
 Every teacher is built here: small checkpoints written directly in rectified_flow.py's format (perturbed random
-networks, so that v is not zero), and for the toy convergence a 1-RF trained by the file's own in-file teacher (0)
-in a module-scoped fixture. Nothing depends on runs/. One intra-op thread throughout (a shared 2-core machine).
+networks, so that v is not zero), and for the toy convergence a 1-RF trained by the file's own in-file teacher
+(distributional.train_teacher) in a module-scoped fixture. Nothing depends on runs/. One intra-op thread throughout
+(a shared 2-core machine).
 """
-import copy
 import json
 import re
 import math

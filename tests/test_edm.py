@@ -2,7 +2,7 @@
 (golden fixtures written by tests/golden/make_edm_golden.py, including pickles EDM itself wrote), the safe pickle
 reader (fake pickles in EDM's layout, embedded source never run, foreign globals refused), and the network options
 that express EDM's and py-meanflow's CIFAR-10 networks."""
-import collections, copy, copyreg, gzip, math, os, pickle, shutil, sys, types
+import collections, copyreg, gzip, math, os, pickle, shutil, sys, types
 
 import numpy as np
 import pytest

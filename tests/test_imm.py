@@ -86,7 +86,8 @@ def unet(seed=0, dtype=torch.float32, dropout=0.0, scale=0.05, res=8):
 
 
 def group_times(n_groups, M, seed=0, dtype=F64, k=12):
-    """Per-group (s, r, t) drawn as Eq. (6)-(7) in float64, repeated M times (the test's own draw)."""
+    """Per-group (s, r, t) drawn as IMM App. C.2 does (t, s uniform, r = r(s, t)) in float64, repeated M times (the
+    test's own draw)."""
     u = torch.rand(2, n_groups, generator=gen(seed), dtype=F64)
     t = T_MIN + (T_MAX - T_MIN) * u[0]
     s = T_MIN + (t - T_MIN) * u[1]
@@ -130,7 +131,8 @@ def weight_(t, a=1.0, b=5.0):
 
 
 def ref_loss(net, x, eps, s, r, t, M, param="simple_edm", second="s", a=1.0, b=5.0, target_grad=False):
-    """Eq. (8)-(14) written out group by group with explicit loops (V-statistic, Laplace kernel over D)."""
+    """The IMM loss (Eq. 12 weighted by Eq. 13, estimated as App. C Eq. 67; Alg. 1) written out group by group with
+    explicit loops (V-statistic, Laplace kernel over D)."""
     B, D = x.shape[0], x[0].numel()
     total, mmds = 0.0, []
     for i in range(B // M):
@@ -138,7 +140,7 @@ def ref_loss(net, x, eps, s, r, t, M, param="simple_edm", second="s", a=1.0, b=5
         si, ri, ti = s[i * M], r[i * M], t[i * M]
         xi, ei = x[rows], eps[rows]
 
-        def f(src, xs):  # f_{s,src}(x_src) of Eq. (4)
+        def f(src, xs):  # f_{s,src}(x_src) of IMM App. C.5
             sec = si if second == "s" else src - si
             G = net(c_in_(src) * xs, src.expand(M), sec.expand(M))
             return c_skip_(si, src, param) * xs + c_out_(si, src, param) * G
@@ -206,9 +208,9 @@ def test_03_ddim_forms_composition_and_line(shape):
     s, r, t = (T_MIN + (T_MAX - T_MIN) * v for v in u)  # s <= r <= t per row, all different
     col = lambda v: v.reshape(-1, *[1] * (len(shape) - 1))
     x_t = imm.interpolate(x, eps, t)
-    torch.testing.assert_close(x_t, (1 - col(t)) * x + col(t) * eps, rtol=0, atol=1e-15)  # (1)
+    torch.testing.assert_close(x_t, (1 - col(t)) * x + col(t) * eps, rtol=0, atol=1e-15)  # IMM App. C.1
     d_ts = imm.ddim(x_t, x, t_src=t, t_dst=s)
-    torch.testing.assert_close(d_ts, (1 - col(s) / col(t)) * x + col(s) / col(t) * x_t, rtol=0, atol=1e-12)  # (2) OT
+    torch.testing.assert_close(d_ts, (1 - col(s) / col(t)) * x + col(s) / col(t) * x_t, rtol=0, atol=1e-12)  # Eq. 11, OT
     a_s, s_s, a_t, s_t = 1 - col(s), col(s), 1 - col(t), col(t)
     torch.testing.assert_close(d_ts, (a_s - s_s * a_t / s_t) * x + (s_s / s_t) * x_t, rtol=0, atol=1e-12)  # general
     via_r = imm.ddim(imm.ddim(x_t, x, t_src=t, t_dst=r), x, t_src=r, t_dst=s)
@@ -300,7 +302,7 @@ def test_07_r_between_s_and_t_and_one_decrement_below_t(k):
     s, t = st_grid()
     d = imm.delta_eta(imm.Config(k=k))
     r = imm.r_of(s, t, d)
-    assert r.dtype == F64 and (s <= r).all() and (r <= t).all()  # coarse k: the clamp of Eq. (7)
+    assert r.dtype == F64 and (s <= r).all() and (r <= t).all()  # coarse k: r(s, t)'s clamp at 0
     at_s = imm.eta(t) - d <= imm.eta(s)
     assert torch.equal(r == s, at_s)
     err = (imm.eta(t) - imm.eta(r) - d).abs()[~at_s]
@@ -376,7 +378,7 @@ def test_08_batch_not_multiple_of_M_is_one_sentence():
     ("simple_edm", "s", 4, 1.0, 5.0), ("simple_edm", "t_minus_s", 4, 2.0, 5.0), ("euler_fm", "s", 2, 1.0, 3.0),
     ("simple_edm", "s", 8, 1.0, 5.0)])
 def test_08_loss_equals_equations_with_consecutive_groups(param, second, M, a, b):
-    """imm_loss (groups of M consecutive rows) equals Eq. (8)-(14) written out group by group, for both
+    """imm_loss (groups of M consecutive rows) equals the IMM loss written out group by group (ref_loss), for both
     parameterisations, both second-time inputs (s; t - s online and r - s in the target pass) and (a, b)."""
     B = 16
     net = mlp(dtype=F64, scale=0.3)
@@ -452,7 +454,7 @@ def test_10_mmd_v_statistic_properties():
     w = 0.1 + 20 * torch.rand(G, generator=g, dtype=F64)
     m = imm.group_mmd2(y_t, y_r, w)
     assert m.shape == (G,) and (m >= -1e-6).all()
-    # Eq. (12) written out (diagonal included) on a few groups
+    # the MMD^2 estimate of App. C Eq. 67 written out (diagonal included) on a few groups
     for i in range(5):
         k = lambda a, b: torch.exp(-w[i] * torch.clamp((a - b).norm(), min=1e-8) / D)
         want = sum(k(y_t[i, j], y_t[i, l]) + k(y_r[i, j], y_r[i, l]) - 2 * k(y_t[i, j], y_r[i, l])
@@ -492,7 +494,7 @@ def test_12_weight_closed_form_generic_and_values():
     want = torch.tensor([0.90724, 7.88933, 3.97323, 1.35490, 1.01818], dtype=F64)
     assert ((imm.weight(t, 1.0, 5.0) / want - 1).abs() < 1e-4).all()
     assert abs(imm.weight(torch.tensor(0.5, dtype=F64), 2.0, 5.0).item() / 1.98661 - 1) < 1e-4
-    # generic Eq. (13): 1/2 sigmoid(b - lambda) (-d lambda / dt) alpha^a / (alpha^2 + sigma^2), d lambda by autograd
+    # generic IMM Eq. 13: 1/2 sigmoid(b - lambda) (-d lambda / dt) alpha^a / (alpha^2 + sigma^2), d lambda by autograd
     tg = torch.linspace(T_MIN, T_MAX, 200, dtype=F64, requires_grad=True)
     lam = 2 * torch.log((1 - tg) / tg)
     dlam, = torch.autograd.grad(lam.sum(), tg)

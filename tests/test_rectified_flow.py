@@ -46,7 +46,7 @@ def test_interpolant_endpoints_and_estimates():
     t = torch.rand(6, generator=g, dtype=F64)
     x_t = R.interpolate(x, z, t)
     tb = t.reshape(-1, 1, 1, 1)
-    assert torch.allclose(x_t, (1 - tb) * x + tb * z, rtol=0, atol=1e-15)  # per-sample t broadcast, (1)
+    assert torch.allclose(x_t, (1 - tb) * x + tb * z, rtol=0, atol=1e-15)  # per-sample t broadcast, Liu et al. §2
     v = z - x
     assert (R.x_hat(x_t, t, v) - x).abs().max() < 1e-12
     assert (R.z_hat(x_t, t, v) - z).abs().max() < 1e-12
@@ -347,7 +347,7 @@ def test_affine_oracle_samplers_exact():
         assert (R.solve(v, z, R.time_grid(K, "uniform"), "rk4") - x).abs().max() < 1e-12
     assert R.straightness(v, z, 100) < 1e-20
     assert R.straightness(v, z, 2) < 1e-20
-    eps = z  # inversion (17) from the exact x_1e-3 = (1 - 1e-3) x + 1e-3 z returns z
+    eps = z  # the inversion (rfpp v2) from the exact x_1e-3 = (1 - 1e-3) x + 1e-3 z returns z
     for K in (1, 2, 8):
         assert (R.invert(v, x, eps, K) - z).abs().max() < 1e-12
 
@@ -437,7 +437,7 @@ def test_straightness_rotation_field():
 
 def test_straightness_definition(mlp_field):
     z = torch.randn(64, 2, generator=gen(23), dtype=F64)
-    for K in (2, 3, 5):  # (15) written out on a K-step uniform Euler path of a non-linear field
+    for K in (2, 3, 5):  # straightness (Liu et al. §2) written out on a K-step uniform Euler path of a non-linear field
         xs = [z]
         for i in range(K):
             t = 1 - i / K
