@@ -61,6 +61,14 @@ def test_nothing_cites_outside_the_repository():
         with open(os.path.join(ROOT, rel), errors="replace") as f:
             hits += [f"{rel}:{k + 1}" for k, ln in enumerate(f) if pat.search(ln)]
     assert not hits, hits[:20]
+    # the notes' bare equation tags (a one- or two-digit number in parentheses) in the Python files; a paper's
+    # equation is written "Eq. 6"
+    bare = re.compile(r"(?:^|[\s,;:])\(\d{1,2}\)(?=[\s,.;:)\-\u2013]|$)")
+    hits = []
+    for rel in (f for f in files if f.endswith(".py")):
+        with open(os.path.join(ROOT, rel), errors="replace") as f:
+            hits += [f"{rel}:{k + 1}" for k, ln in enumerate(f) if bare.search(ln)]
+    assert not hits, hits[:20]
 
 
 def test_common_table_of_contents_matches_its_sections():
