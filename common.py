@@ -967,9 +967,9 @@ class FidHook:
 
 
 def require_detector(cfg, env):
-    """A run with the in-training FID and --fallback false (every cifar10 preset) loads its detector right after
-    setup, so that a missing file stops it in one sentence before any output or work, not hours later (toy data
-    has no FID)."""
+    """A run with the in-training FID and --fallback false (every cifar10 preset) loads its detector when a training
+    stage starts (on the resumed config), so that a missing file stops it in one sentence before any output or work,
+    not hours later (toy data has no FID)."""
     if getattr(cfg, "fid_every", 0) and not getattr(cfg, "fallback", True) and cfg.data not in _TOY_RMS:
         try:
             load_detector(cfg.fid_detector, env)
@@ -1830,10 +1830,11 @@ def _converter(name, typ):
             return next(a for a in args if str(a) == s)
         return lit
     if origin is list:
-        def items(s):
-            if s and "" in s.split(","):  # '1,,2' or '1,2,': a lost value, not a shorter list
+        def items(s):  # '' is the empty list; '1,,2' or '1,2,' lost a value, not a shorter list
+            parts = s.split(",") if s else []
+            if "" in parts:
                 raise UserError(f"--{name} has an empty entry in '{s}'; separate the values by single commas.")
-            return [_converter(name, args[0])(p) for p in s.split(",") if p != ""]
+            return [_converter(name, args[0])(p) for p in parts]
         return items
 
     def conv(s):
@@ -2000,8 +2001,8 @@ _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: ra
 
 
 def flush_notes(env):
-    """Print the pending config-change lines (rank 0): called where a command first prints, after its checks, so
-    that nothing precedes a refusal's `error:` line."""
+    """Print the pending notes (config changes, the data line; rank 0): called where a command first prints, after
+    its checks, so that nothing precedes a refusal's `error:` line."""
     if env.is_main:
         for m in _NOTES:
             print(m, flush=True)

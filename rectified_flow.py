@@ -37,6 +37,9 @@ import common as C
 
 CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 METHOD = "rectified_flow"
+# options of the 1-RF alone: the 2-RF and ft take their network from the stage before and train on stored pairs,
+# never flipped (refused there; `--stage all` gives them to its 1-RF only)
+ONE_RF_ONLY = ("net", "dropout", "cond", "width", "xflip")
 
 
 # =============================================================================================================== config
@@ -706,10 +709,10 @@ def train(cfg, given, env):
             src = os.path.join(cfg.out, "2rf", "ckpt.pt")
         src_net, sck = load_teacher(src, env)
         nd = sck["net"]
-        if any(k in given for k in ("net", "dropout", "cond", "width")):
-            raise C.UserError(f"--stage {stage} takes its network from '{src}'; drop --net/--dropout/--cond/--width.")
-        if "xflip" in given:
-            raise C.UserError(f"--xflip is for the 1-RF; --stage {stage} trains on stored pairs, never flipped.")
+        k = next((k for k in ONE_RF_ONLY if k in given), None)
+        if k:
+            raise C.UserError(f"--stage {stage} takes its network from '{src}' and trains on stored pairs, never "
+                              f"flipped, so --{k} (a 1-RF option) does not apply; drop it.")
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
@@ -856,7 +859,7 @@ def run(cfg, given):
             make_pairs(scfg, env)
         else:  # with `all`, the network flags shape the 1-RF; the 2-RF takes its network from it
             train(scfg, given if s == "1rf" or cfg.stage != "all" else
-                  {k: v for k, v in given.items() if k not in ("net", "dropout", "cond", "width", "xflip")}, env)
+                  {k: v for k, v in given.items() if k not in ONE_RF_ONLY}, env)
     if env.is_main:
         print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)", flush=True)
 

@@ -14,9 +14,9 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       empty; --root a file
     --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
       an undecodable image in a folder
-    --teacher missing, or its config of the wrong type;     2    3      3           5               3
+    --teacher missing, or its config of the wrong type;     2    3      3           6               3
       --width 0; (rectified_flow) --cond on a toy, --xflip
-      on the 2-RF;
+      and --width on the 2-RF;
       (distributional) a --disc that does not fit the data
     sample/fid options (steps 0 / -1, n 0, fid n 1,        18   18     18          18              18
       batch 0, .jpg, out below a file, ckpt missing /
@@ -30,7 +30,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           52   54     55          55              54
+    bad-input cases, all one sentence and exit 2           52   54     55          56              54
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -153,8 +153,8 @@ def train_cases(name, d):
         cases.append((["--width", "0", *out], ["--width", "at least 1"]))
     if name == "rectified_flow":  # a toy has no labels; the 2-RF's stored pairs are never flipped
         cases.append((["--cond", "true", *out], ["--cond", "no labels"]))
-        cases.append((["--stage", "2rf", "--teacher", d / name / "ckpt.pt", "--xflip", "true", *out],
-                      ["--xflip", "never flipped"]))
+        cases += [(["--stage", "2rf", "--teacher", d / name / "ckpt.pt", f, v, *out], [f"--{f[2:]}", "never flipped"])
+                  for f, v in (("--xflip", "true"), ("--width", "32"))]
     if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
     if name == "imm":
@@ -211,7 +211,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=55, distributional=54), got
+    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=56, distributional=54), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
