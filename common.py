@@ -17,8 +17,8 @@ section starts at a line "# ==== <section>"):
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint)
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
-  config validation  check_config, preflight
-  command line       parse_cli (argparse over the Config fields; --help shows the preset's values)
+  config validation  check_config, check_dir (a writable folder), preflight
+  command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
   resume and entry   merge_config, sample_config, resume_config (what a resumed run may change), main_guard
   logging            Logger
   pictures           save_panels, save_array
@@ -1751,7 +1751,7 @@ def check_config(cfg, who=lambda name: "--", device=True):
     return cfg
 
 
-def _check_dir(d, what):
+def check_dir(d, what):
     """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
     d = os.path.abspath(d)
     if os.path.exists(d) and not os.path.isdir(d):
@@ -1774,8 +1774,8 @@ def preflight(cmd, cfg):
         if not cfg.out:
             raise UserError("--out needs a folder name.")
         if getattr(cfg, "root", None):
-            _check_dir(cfg.root, "--root")
-        return _check_dir(cfg.out, "--out")
+            check_dir(cfg.root, "--root")
+        return check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
@@ -1783,11 +1783,11 @@ def preflight(cmd, cfg):
         raise UserError(f"--out must end in .npy or .png, got '{out}'.")
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give a file path.")
-    _check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
+    check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
         raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
     if cmd == "fid" and not cfg.fid_ref:
-        _check_dir(cfg.root, "--root")
+        check_dir(cfg.root, "--root")
     if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
         raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
 
@@ -1812,7 +1812,9 @@ def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
     return f"{_tname(args[0])},..." if origin is list else getattr(t, "__name__", str(t))
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as UserError (one sentence, exit 2); the benchmark scripts parse with it too."""
+
     def error(self, message):  # argparse's own messages as one sentence, no usage dump
         raise UserError(re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1: ", message).rstrip(".") + ".")
 
@@ -1854,7 +1856,7 @@ def _converter(name, typ):
 def _parser(prog, options, epilog=None):
     """options: (name, type, default as shown, comment). Every option has default SUPPRESS: the namespace holds what
     was given."""
-    p = _Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
+    p = Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
                 RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
     for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]

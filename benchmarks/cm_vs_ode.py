@@ -68,7 +68,7 @@ def load(path, mode):
 
 
 def main(argv=None):
-    p = C._Parser(description=__doc__.split("\n\n")[0])
+    p = C.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a `python scm.py` run folder (DIR/diffusion/ckpt.pt, DIR/scd, ...)")
     p.add_argument("--times", default="max,1.3,0.9,0.5,0.2", help="TrigFlow times; 'max' = arctan(sigma_max / sigma_d)")
     p.add_argument("--n", type=int, default=4096, help="points per time")
@@ -81,7 +81,7 @@ def main(argv=None):
     if a.json:
         if os.path.isdir(a.json):
             raise C.UserError(f"--json '{a.json}' is a folder; give a file path.")
-        C._check_dir(os.path.dirname(os.path.abspath(a.json)), "the folder of --json")
+        C.check_dir(os.path.dirname(os.path.abspath(a.json)), "the folder of --json")
     tpath = os.path.join(a.run, "diffusion", "ckpt.pt")
     if not os.path.isfile(tpath):
         raise C.UserError(f"'{tpath}' not found; --run takes the folder of a `python scm.py` run.")

@@ -429,7 +429,7 @@ def plot(path, rows, data_u8, work, n_grid):
 
 # =============================================================================== driver
 def parse(argv):
-    p = C._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
+    p = C.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--net", default=None, help="U-Net of every method: tiny or small (default: cpu tiny, cuda small)")
@@ -465,7 +465,7 @@ def parse(argv):
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available here; use --device cpu.")
     for d, what in ((a.root, "--root"), (a.work, "--work"), (a.results, "--results")):
-        C._check_dir(d, what)
+        C.check_dir(d, what)
     return a
 
 

@@ -846,7 +846,7 @@ def prepare(a):
 
 # =============================================================================== driver
 def parse(argv):
-    p = common._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
+    p = common.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="every section at smoke size on the CPU (needs --results)")
     p.add_argument("--results", default=None, help=f"output folder (default {os.path.relpath(RESULTS, REPO)})")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma list, in the fixed order (default all)")
@@ -880,7 +880,7 @@ def parse(argv):
                                "CPU run (a full run needs a GPU).")
     a.results = folder
     for d, what in ((a.results, "--results"), (a.work, "--work")) + (((a.carry, "--carry"),) if a.prepare else ()):
-        common._check_dir(d, what)
+        common.check_dir(d, what)
     return a
 
 

@@ -412,7 +412,7 @@ def _onoff(s):
 
 
 def parse(argv=None):
-    p = common._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
+    p = common.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--method", default="fm", metavar="|".join(METHODS), help="the training step to time (default fm)")
     p.add_argument("--net", default=None, help="common.net_config name (default ddpmpp; tiny with --quick)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 128; 8 with --quick)")
@@ -450,7 +450,7 @@ def parse(argv=None):
         raise common.UserError("--lr and --peak_tflops must be positive, finite numbers.")
     common.check_value("seed", int, a.seed)
     if a.save:
-        common._check_dir(a.results or RESULTS, "--results")
+        common.check_dir(a.results or RESULTS, "--results")
     return a
 
 

@@ -283,7 +283,7 @@ def _commit():
 
 # =============================================================================== driver
 def parse(argv):
-    p = C._Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
+    p = C.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="3 data sets, 2 seeds, 300k examples (~20 min, 2 cores)")
     p.add_argument("--datasets", default=None, help="comma list (default all four; --quick without spirals)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -316,7 +316,7 @@ def parse(argv):
     if a.batch < 1 or a.budget < 2 * a.batch or a.jobs < 1 or a.n_eval < 10:
         p.error("--budget must be at least two batches, --batch and --jobs positive, --n_eval at least 10.")
     for d, what in ((a.work, "--work"), (a.results, "--results")):
-        C._check_dir(d, what)
+        C.check_dir(d, what)
     return a
 
 

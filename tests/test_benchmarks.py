@@ -285,7 +285,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
-    """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common._Parser),
+    """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common.Parser),
     before any measurement."""
     import importlib
     mod = importlib.import_module(script)
