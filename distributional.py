@@ -868,9 +868,14 @@ def check_disc(cfg, data):
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
 
 
-def build_disc(cfg, data, teacher, env, log):
-    """The discriminator named by cfg.disc for these data. `projected` never falls back: missing ImageNet weights or
-    timm stop the run with one sentence naming the file and the flag that chooses the alternative."""
+def projected_backbones(cfg, env, log=None):
+    """The `projected` D's frozen backbones (--disc_backbones). Never a fallback: missing ImageNet weights or timm stop
+    the run with one sentence naming the file and the flag that chooses the alternative."""
+    return [make_backbone(n, cfg.disc_weights, env, cfg.proj_seed, log) for n in cfg.disc_backbones.split(",")]
+
+
+def build_disc(cfg, data, teacher, env, log, backbones=None):
+    """The discriminator named by cfg.disc for these data; `backbones`: the `projected` D's, if already built."""
     k = data.num_classes if cfg.cond else 0
     check_disc(cfg, data)
     if data.kind != "images":
@@ -878,8 +883,7 @@ def build_disc(cfg, data, teacher, env, log):
     if cfg.disc == "scratch":
         return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
     if cfg.disc == "projected":
-        names = cfg.disc_backbones.split(",")
-        bbs = [make_backbone(n, cfg.disc_weights, env, cfg.proj_seed, log) for n in names]
+        names, bbs = cfg.disc_backbones.split(","), backbones or projected_backbones(cfg, env, log)
         if log is not None:
             if "effnet" not in names:
                 log.info("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
@@ -1041,7 +1045,8 @@ def train(cfg, given):
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
-    check_disc(cfg, data)  # before the in-file teacher's training
+    check_disc(cfg, data)  # before the in-file teacher's training, as the `projected` D's backbones (their weights):
+    bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # missing ones stop the run now
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny
@@ -1060,7 +1065,7 @@ def train(cfg, given):
         C.load_state_strict(raw, ck["model"])
     n_all = sum(p.numel() for p in raw.parameters())
     n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
-    D = build_disc(cfg, data, teacher, env, log).to(env.device).train()
+    D = build_disc(cfg, data, teacher, env, log, bbs).to(env.device).train()
     gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style gradient sync
     C.distribute(D, env, manual=True)
     ema = C.EMA(raw, decay=0.0) if not cfg.ema_halflife_img else \

@@ -96,6 +96,25 @@ def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path,
         assert not os.path.exists(out)
 
 
+def test_missing_projected_d_weights_stop_gdd_before_the_in_file_teacher_trains(imgs, tmp_path, monkeypatch, capsys):
+    """GDD's `projected` D needs ImageNet weights; offline they are missing. The run stops in one sentence before the
+    in-file teacher's training (it was found after it, when the D was built), nothing printed or written; the same
+    run with the random stand-in trains (the control)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    out = tmp_path / "g"
+    base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--teacher_iters", "2", "--out", str(out),
+            "--root", str(tmp_path), "--disc", "projected", "--disc_backbones", "vgg", "--disc_weights"]
+    err = one_error(capsys, lambda: distributional.main([*base, "imagenet"]))
+    assert "vgg16_bn" in err and "--disc_weights random" in err
+    assert not os.path.exists(out)
+    distributional.main([*base, "random"])
+    assert os.path.exists(out / "teacher.pt") and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
 def test_a_resumed_run_checks_the_detector_with_its_own_config(imgs, tmp_path, capsys):
     """The check runs on the resumed config: --fallback false saved in the checkpoint and --fid_every given now
     is refused; a run saved with --fid_every 0 and resumed without it needs no detector."""
