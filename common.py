@@ -7,7 +7,7 @@ section starts at a line "# ==== <section>"):
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches),
-                     refuse_unused
+                     FID_OPTIONS, refuse_unused
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
@@ -619,12 +619,17 @@ def load_data(spec, root, env, seed, xflip):
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
 
 
-def refuse_unused(given, data, points=(), images=()):
-    """An option given on the command line that this data kind never reads (`points`: read for 2-D points only,
-    `images`: for images only) is refused in one sentence instead of ignored; a preset's value is not one given."""
-    k = next((k for k in (points if data.kind == "images" else images) if k in given), None)
+FID_OPTIONS = ("fid_every", "fid_n", "fid_detector")  # the in-training FID: images only, in every method file
+
+
+def refuse_unused(given, kind, points=(), images=()):
+    """An option given on the command line that this data kind (Data.kind) never reads (`points`: read for 2-D points only,
+    `images`: for images only; FID_OPTIONS always, but --fid_every 0, "no FID", fits any data) is refused in one
+    sentence instead of ignored; a preset's value is not one given."""
+    unused = points if kind == "images" else (*images, *FID_OPTIONS)
+    k = next((k for k in unused if k in given and (k, given[k]) != ("fid_every", 0)), None)
     if k:
-        kind, other = ("images", "2-D points") if data.kind == "images" else ("2-D points", "images")
+        kind, other = ("images", "2-D points") if kind == "images" else ("2-D points", "images")
         raise UserError(f"--{k} applies to {other} only and this run trains on {kind}; drop it.")
 
 
@@ -950,6 +955,8 @@ class FidHook:
         self.num_classes, self.state = num_classes, None
 
     def __call__(self, step, gens):
+        if self.data.kind != "images":  # a preset's --fid_every on 2-D points (one given is refused: refuse_unused)
+            return {}
         if self.state is None:
             try:
                 det = load_detector(self.spec, self.env)

@@ -1045,6 +1045,7 @@ def train(cfg, given):
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
+    C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
     check_disc(cfg, data)  # before the in-file teacher's training, as the `projected` D's backbones (their weights):
     bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # missing ones stop the run now
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)

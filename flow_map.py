@@ -569,7 +569,7 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
-    C.refuse_unused(given, data, points=("width", "depth"), images=("xflip", "arch"))
+    C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))
     teacher_b, teacher_std = None, None
     if cfg.mode in ("lmd", "emd"):
         if cfg.interpolant != "linear":

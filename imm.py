@@ -335,7 +335,7 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
-    C.refuse_unused(given, data, points=("width",), images=("xflip",))
+    C.refuse_unused(given, data.kind, points=("width",), images=("xflip",))
     nd = net_dict(cfg, data)
     raw = C.build_net(nd).to(env.device)
     if ck:

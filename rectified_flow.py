@@ -700,7 +700,7 @@ def train(cfg, given, env):
     init = {}  # weights (and optimiser state) a fresh run starts from
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
-        C.refuse_unused(given, data, points=("width",), images=("xflip",))
+        C.refuse_unused(given, data.kind, points=("width",), images=("xflip",))
         nd = net_dict(cfg, data)
     else:
         if stage == "2rf":
@@ -713,6 +713,7 @@ def train(cfg, given, env):
         if k:
             raise C.UserError(f"--stage {stage} takes its network from '{src}' and trains on stored pairs, never "
                               f"flipped, so --{k} (a 1-RF option) does not apply; drop it.")
+        C.refuse_unused(given, "points" if inner(nd)["kind"] == "mlp" else "images")  # --fid_every etc. on 2-D points
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")

@@ -490,7 +490,7 @@ def train(cfg, given, env):
                                                                       "teacher"), drop=("mode",))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
-    C.refuse_unused(given, data, points=("width", "depth"), images=("xflip",))
+    C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip",))
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
         raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")

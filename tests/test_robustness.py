@@ -245,6 +245,33 @@ def test_an_option_the_data_kind_never_reads_is_refused(name, tmp_path, capsys):
                "--out", tmp_path / "img") == 0
 
 
+@pytest.mark.parametrize("name", sorted(MODS))
+def test_the_in_training_fid_options_are_refused_on_2d_points(name, files, tmp_path, capsys):
+    """--fid_every on a toy or a points file crashed imm, scm and rectified_flow with a traceback once a detector was
+    found (the FID hook fed 2-D points to it; flow_map and GDD ignored it without a word): one sentence now, as for
+    --fid_n and --fid_detector, also on rectified_flow's 2-RF of a 2-D teacher. --fid_every 0 ("no FID") runs."""
+    from standin import standin_path
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(0, 0.5, (64, 2)).astype(np.float32))
+    fid, out = ["--fid_every", "1", "--fid_n", "4", "--fid_detector", standin_path()], ["--out", tmp_path / "never"]
+    cases = [([*fid, *out], "--fid_every applies to images"),
+             (["--data", tmp_path / "pts.npy", *fid, *out], "--fid_every applies to images"),
+             (["--fid_n", "8", *out], "--fid_n applies to images"),
+             (["--fid_detector", standin_path(), *out], "--fid_detector applies to images")]
+    if name == "rectified_flow":
+        cases.append((["--stage", "2rf", "--teacher", files / name / "ckpt.pt", *fid, *out], "--fid_every"))
+    for argv, words in cases:
+        capsys.readouterr()
+        code = run(name, *BASE[name], "--iters", "1", *argv)
+        out_, err = capsys.readouterr()
+        one_sentence(code, err, words)
+        assert out_ == "", (argv, out_)
+    assert not os.path.exists(tmp_path / "never")
+    assert run(name, *BASE[name], "--iters", "1", "--fid_every", "0", "--out", tmp_path / "ok") == 0  # control
+    # a preset's --fid_every on 2-D points (not given, so not refused) is skipped by the hook, no detector loaded
+    data = C.load_data(str(tmp_path / "pts.npy"), str(tmp_path), C.setup("cpu", 0, None), 0, False)
+    assert C.FidHook(str(tmp_path / "nowhere.pt"), data, None, str(tmp_path), 4, None)(1, {"x": None}) == {}
+
+
 @pytest.mark.parametrize("argv, words", [
     (["imm.py", "sample", "--ckpt", "plain.pt"], ["plain.pt"]),  # torch would note the pickle protocol
     (["scm.py", "--data", "text.npy", "--out", "x"], ["text.npy"]),
