@@ -7,7 +7,7 @@ section starts at a line "# ==== <section>"):
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches),
-                     FID_OPTIONS, refuse_unused
+                     held_output (a download's lines), FID_OPTIONS, refuse_unused
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
@@ -539,6 +539,16 @@ def _image_dataset(name, root, env):
     if x.ndim == 3:  # MNIST-type 28x28 -> zero-pad 2 px per side to 32x32, 1 channel
         x = F.pad(x, (2, 2, 2, 2))[..., None]
     return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), 10
+
+
+@contextlib.contextmanager
+def held_output():
+    """What Python code prints inside the block (torch hub's "Downloading: ..." line for a weights file) is held back:
+    written after the block if it succeeds, dropped if it raises, so that nothing precedes an `error:` line."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+    sys.stdout.write(out.getvalue()), sys.stderr.write(err.getvalue())
 
 
 @contextlib.contextmanager

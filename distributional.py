@@ -562,7 +562,8 @@ def _rank0_first(env, fn):
     for turn in (True, False):
         if env.is_main == turn:
             try:
-                out = fn()
+                with C.held_output():  # torch hub's "Downloading: ..." line must not precede the error
+                    out = fn()
             except Exception as e:  # reported in one sentence by the caller
                 err = e
         if turn:

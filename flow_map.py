@@ -56,7 +56,7 @@ class Config:
     data: str = "checkerboard"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/flow_map-lsd-toy"  # run folder
-    teacher: Optional[str] = None  # rectified_flow.py checkpoint (lmd, emd only)
+    teacher: Optional[str] = None  # rectified_flow.py checkpoint or EDM .pkl (lmd, emd only)
     resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -110,9 +110,10 @@ PRESETS = {  # cifar10 = IMM Table 5
     # toy: under a minute on one CPU thread; a 64-wide MLP takes more steps in the time (2,800), k = 10 and EMA 0.99
     # sharpen the 2-step samples (in_mode 0.92 against 0.88 for the 128-wide, 2,000-step k = 12 recipe)
     "toy": dict(data="8gaussians", net="mlp", width=64, batch=512, M=4, k=10, iters=2800, optim="adam", lr=1e-3,
-                ema=0.99),
+                ema=0.99, precision="fp32"),  # fp32 on a GPU too (its default, bf16, is outside IMM's settings)
     "tiny": dict(data="", net="tiny", dropout=0.1, batch=16, M=4, k=12, iters=20, optim="adam", lr=2e-4,
-                 ema=0.99, xflip=True, log_every=5, ckpt_every=10, eval_n=16, eval_steps=[1, 2], fid_n=16),
+                 ema=0.99, precision="fp32", xflip=True, log_every=5, ckpt_every=10, eval_n=16, eval_steps=[1, 2],
+                 fid_n=16),
     "small": dict(data="cifar10", net="small", dropout=0.1, batch=256, M=4, k=12, iters=30_000, optim="radam",
                   lr=2e-4, ema=0.9995, xflip=True, precision="tf32", log_every=500, ckpt_every=5000,
                   fid_every=5000, fid_n=10_000, eval_n=64),

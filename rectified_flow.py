@@ -626,7 +626,8 @@ def make_lpips(cfg, log):
     if not cfg.loss.startswith("lpips"):
         return None
     try:
-        return LPIPS(cfg.lpips_weights, cfg.lpips_res)
+        with C.held_output():  # torch hub's "Downloading: ..." line must not precede the error or the warning
+            return LPIPS(cfg.lpips_weights, cfg.lpips_res)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:60]}"
         if not cfg.fallback:

@@ -23,7 +23,7 @@ with the same noise seed for every method, K in {1, 2, 4, 8}; the scores are the
 statistics between two independent held-out draws, and the 1-RF with 100 Euler steps as the many-step
 reference. Each (data set, seed) cell runs in its own process (`--jobs` at a time, one thread each).
 
-    python benchmarks/toy.py --quick          # 2 CPU cores, ~20 min: 3 data sets x 2 seeds, 300k examples
+    python benchmarks/toy.py --quick          # 2 CPU cores, ~12 min: 3 data sets x 2 seeds, 300k examples
     python benchmarks/toy.py                  # full: 4 data sets x 3 seeds, 600k examples (about 1.5 h on 2 cores)
     python benchmarks/toy.py --datasets moons --seeds 0 --budget 100000 --methods 1-RF,LSD --results /tmp/r
 
@@ -284,7 +284,7 @@ def _commit():
 # =============================================================================== driver
 def parse(argv):
     p = C.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
-    p.add_argument("--quick", action="store_true", help="3 data sets, 2 seeds, 300k examples (~20 min, 2 cores)")
+    p.add_argument("--quick", action="store_true", help="3 data sets, 2 seeds, 300k examples (~12 min, 2 cores)")
     p.add_argument("--datasets", default=None, help="comma list (default all four; --quick without spirals)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2; --quick 0,1)")
