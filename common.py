@@ -14,7 +14,7 @@ section starts at a line "# ==== <section>"):
                      reference_stats
   runtime            setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
-  non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint)
+  non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, check_dir (a writable folder), preflight
@@ -633,9 +633,9 @@ FID_OPTIONS = ("fid_every", "fid_n", "fid_detector")  # the in-training FID: ima
 
 
 def refuse_unused(given, kind, points=(), images=()):
-    """An option given on the command line that this data kind (Data.kind) never reads (`points`: read for 2-D points only,
-    `images`: for images only; FID_OPTIONS always, but --fid_every 0, "no FID", fits any data) is refused in one
-    sentence instead of ignored; a preset's value is not one given."""
+    """An option given on the command line that this data kind (Data.kind) never reads (`points`: read for 2-D
+    points only, `images`: for images only; FID_OPTIONS always, but --fid_every 0, "no FID", fits any data) is
+    refused in one sentence instead of ignored; a preset's value is not one given."""
     unused = points if kind == "images" else (*images, *FID_OPTIONS)
     k = next((k for k in unused if k in given and (k, given[k]) != ("fid_every", 0)), None)
     if k:
@@ -1204,15 +1204,15 @@ def write_checkpoint(path, snap, env):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
             torch.save(snap, path + ".tmp")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on a full disk
             err = e
             with contextlib.suppress(OSError):
                 os.remove(path + ".tmp")
         else:
             os.replace(path + ".tmp", path)
     if all_mean(float(err is not None), env).item() > 0:
-        raise UserError(f"could not write '{path}' ({getattr(err, 'strerror', None) or 'failed on rank 0'}); the "
-                        f"previous checkpoint is kept.")
+        why = getattr(err, "strerror", None) or ("the write failed: is the disk full" if err else "failed on rank 0")
+        raise UserError(f"could not write '{path}' ({why}); the previous checkpoint is kept.")
     barrier(env)
 
 
@@ -1322,14 +1322,17 @@ class Guard:
     since the last line); `max_skips` in a row stop the run in one sentence, checked at log lines and checkpoints.
     end_step(*losses), once per iteration: a non-finite loss since the previous checkpoint, or in the step right
     after it (its loss at the checkpoint's weights), withholds that checkpoint; training goes on and the next clean
-    one is written, but a withheld final checkpoint ends the run."""
+    one is written, but a withheld final checkpoint ends the run. The final checkpoint has no step after it: there
+    `probe()` (sample_probe: samples of the final weights) stands in for that loss, and non-finite samples withhold
+    it too (a last step that blows the weights up to 1e29 has a finite loss before its update)."""
 
-    def __init__(self, env, max_skips, log, path, start_step=None, sync_free=None):
-        self.env, self.max_skips, self.log, self.path = env, max_skips, log, path
+    def __init__(self, env, max_skips, log, path, start_step=None, sync_free=None, probe=None):
+        self.env, self.max_skips, self.log, self.path, self.probe = env, max_skips, log, path, probe
         self.sync_free = env.device.type == "cuda" if sync_free is None else sync_free
         z = lambda dt: torch.zeros((), dtype=dt, device=env.device)
         self.now, self.bad, self.run, self.count = z(torch.bool), z(torch.bool), z(torch.int64), z(torch.int64)
         self.pending, self.good, self.since, self._ready = None, start_step, start_step or 0, set()
+        self.bad_samples = False
         log.guard = self
 
     def finite(self, params):
@@ -1390,13 +1393,18 @@ class Guard:
             return False
         kept = f"the last good one (step {self.good}) is kept" if self.good is not None else "none was written"
         if final:
-            raise UserError(f"the loss became NaN/inf after step {self.since}; not writing the final checkpoint, "
-                            f"{kept}.")
+            what = "the final weights' samples are NaN/inf" if self.bad_samples else "the loss became NaN/inf"
+            raise UserError(f"{what} after step {self.since}; not writing the final checkpoint, {kept}.")
         self.log.info(f"checkpoint of step {step} withheld: the loss became NaN/inf after step {self.since}; {kept}")
         return True
 
     def checkpoint(self, step, final, make, generators=()):
         """At a checkpoint step: make() -> the checkpoint dict. Final: written now; else after the next step's loss."""
+        if final and self.probe is not None:  # the final weights' samples, without touching the run's RNG streams
+            cuda = [self.env.device] if self.env.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                self.bad_samples = ~torch.stack([torch.isfinite(x).all() for x in self.probe()]).all()
+            self.bad |= self.bad_samples
         bad, run = all_mean(torch.stack([self.bad.float(), self.run.float()]), self.env).tolist()
         self.check_run(step, run)
         withheld, self.since = self._withheld(step, bad > 0, final), step
@@ -1407,6 +1415,16 @@ class Guard:
             self.good = step
         else:
             self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
+
+
+def sample_probe(generate_of, nets, env, num_classes=0, n=2):
+    """Guard's probe: n one-step samples of each net (the weights and the EMA) by the method's own sampler,
+    generate_of(net) -> generate(rng, labels), with noise of its own (IndexRNG)."""
+    def probe():
+        rng = IndexRNG(range(n), 0, env.device)
+        y = rng.randint(num_classes) if num_classes else None
+        return [generate_of(net)(rng, y) for net in nets]
+    return probe
 
 
 # ========================================================================================================== EDM pickles

@@ -612,7 +612,8 @@ def train(cfg, given):
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
         if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
-    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
+                    probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env))
 
     def state():
         extra = dict(weight_head=head.state_dict()) if head is not None else {}

@@ -777,7 +777,9 @@ def train(cfg, given, env):
         return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (rfpp §4.2)
         # ---- end of ALGO LOGIC ---------------------------------------------------------------------------------------
 
-    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
+                    probe=C.sample_probe(lambda n: sampler(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env,
+                                         inner(nd)["label_dim"]))
 
     def state():
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,

@@ -545,7 +545,9 @@ def train(cfg, given, env):
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     sd = cfg.sigma_d
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
-    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
+                    probe=C.sample_probe(lambda n: sampler(n, cfg, mode, sample_shape(nd), 1, env), (net, ema.model),
+                                         env))
 
     def state():
         return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,

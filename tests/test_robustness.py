@@ -436,6 +436,37 @@ def test_exploding_weights_never_overwrite_the_checkpoint(name, files, tmp_path,
     assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
 
 
+@pytest.mark.parametrize("name", sorted(MODS))
+def test_a_diverged_last_step_never_overwrites_the_checkpoint(name, files, tmp_path, capsys):
+    """--lr 1e30 on the run's last step: its loss, taken before the update, is finite and no step follows to show
+    the blown-up weights, so the final checkpoint was written (weights ~1e29, samples NaN). The final weights'
+    samples (Guard's probe) now withhold it: one sentence, the step-2 checkpoint intact. Control: the same last
+    step at the preset's lr writes step 3."""
+    import shutil
+    shutil.copytree(files / name, tmp_path / "r")
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    capsys.readouterr()
+    code = run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "3", LR.get(name, "--lr"), "1e30")
+    one_sentence(code, capsys.readouterr().err, "not writing the final checkpoint", "(step 2) is kept")
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
+    assert run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "3") == 0
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
+    """torch.save onto a full disk raises torch's RuntimeError (its zip writer), not OSError: it ended in a
+    traceback. Here the .tmp file is Linux's /dev/full, which accepts no byte."""
+    import shutil
+    shutil.copytree(files / "imm", tmp_path / "r")
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    os.symlink("/dev/full", tmp_path / "r" / "ckpt.pt.tmp")
+    capsys.readouterr()
+    code = run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3")
+    one_sentence(code, capsys.readouterr().err, "could not write", "previous checkpoint is kept")
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
+    assert not os.path.lexists(tmp_path / "r" / "ckpt.pt.tmp")
+
+
 def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, capsys):
     import shutil
     shutil.copytree(files / "imm", tmp_path / "r")
