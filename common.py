@@ -12,7 +12,8 @@ section starts at a line "# ==== <section>"):
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
                      reference_stats
-  runtime            setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32, maybe_compile
+  runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
+                     maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
@@ -1056,12 +1057,33 @@ def check_device(device, precision=None):
         raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
 
 
+def _env_int(name, default):
+    v = os.environ.get(name, str(default)).strip()
+    return int(v) if re.fullmatch(r"\d+", v) else None
+
+
+def check_launch():
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): all or none of
+    the first two, whole numbers, a rank below the world size. -> (rank, world, local_rank)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world, local, lw = (_env_int(k, d) for k, d in (("RANK", -1), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0),
+                                                          ("LOCAL_WORLD_SIZE", 1)))
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing or None in (rank, world, local, lw) or not (0 <= rank < world and lw >= 1):
+        why = f"{', '.join(missing)} unset" if missing else ", ".join(
+            f"{k}={os.environ[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ)
+        raise UserError(f"WORLD_SIZE is set but torchrun's variables are not usable ({why}); start a distributed run "
+                        f"with torchrun, or unset WORLD_SIZE for a single process.")
+    return rank, world, local
+
+
 def setup(device="auto", seed=0, precision=None):
     """Process group under torchrun (NCCL on CUDA, gloo on CPU), device, precision flags, model-init seed."""
     check_device(device or "auto", precision)
     cuda_ok = torch.cuda.is_available()
     device = ("cuda" if cuda_ok else "cpu") if device in ("auto", None) else device
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world, local = check_launch()
     if device.startswith("cuda"):
         device = f"cuda:{local}" if "WORLD_SIZE" in os.environ else device
         torch.cuda.set_device(torch.device(device))
@@ -1073,7 +1095,7 @@ def setup(device="auto", seed=0, precision=None):
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
         # half the cores per process: OpenMP spin-waits collapse (measured 20-50x slower) when threads outnumber
         # free cores, e.g. beside one other job on a 2-core machine; small CPU models lose little with fewer threads
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * (_env_int("LOCAL_WORLD_SIZE", 1) or 1))))
     torch.manual_seed(seed)  # identical model initialisation on every rank
     return Env(rank, world, local, torch.device(device), rank == 0, precision, seed)
 
@@ -2100,6 +2122,14 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     return new
 
 
+def _speaks():
+    """Under torchrun rank 0 alone prints the error line; everywhere when the launch itself is malformed."""
+    try:
+        return check_launch()[0] == 0
+    except UserError:
+        return True
+
+
 def main_guard(fn):
     """Run fn(); UserError -> 'error: ...' and exit 2 (a full disk too), Ctrl-C -> 130; always tear the process
     group down. After a success every rank meets at a barrier first, so that no rank tears its connections down
@@ -2112,11 +2142,14 @@ def main_guard(fn):
     except BrokenPipeError:  # stdout closed early (`--help | head`): Python's documented recipe, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
-    except (UserError, OSError) as e:
-        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (UserError, OSError, MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) \
+                and not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        if int(os.environ.get("RANK", 0)) == 0:
-            msg = str(e) if isinstance(e, UserError) else f"{e.strerror} while writing '{e.filename}'."
+        if _speaks():
+            msg = str(e) if isinstance(e, UserError) else f"{e.strerror}" + (
+                f" while writing '{e.filename}'." if e.filename else ".") if isinstance(e, OSError) else \
+                "out of memory; lower --batch, --n, --eval_n or the network's size."
             print(f"error: {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -467,6 +467,49 @@ def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
     assert not os.path.lexists(tmp_path / "r" / "ckpt.pt.tmp")
 
 
+@pytest.mark.parametrize("env, words", [
+    (dict(WORLD_SIZE="2"), ["RANK, MASTER_ADDR, MASTER_PORT unset", "torchrun"]),
+    (dict(WORLD_SIZE="abc", RANK="0", MASTER_ADDR="x", MASTER_PORT="1"), ["WORLD_SIZE='abc'"]),
+    (dict(WORLD_SIZE="2", RANK="3", MASTER_ADDR="x", MASTER_PORT="1"), ["RANK='3', WORLD_SIZE='2'"]),  # rank 3 speaks
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="x", MASTER_PORT="1", LOCAL_WORLD_SIZE="0"), ["LOCAL_WORLD_SIZE='0'"]),
+])
+def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, capsys):
+    """torchrun's variables without torchrun (or malformed) ended in tracebacks from int() or init_process_group, and
+    a RANK other than 0 silenced the error line; outside torchrun (no WORLD_SIZE) stray RANK/LOCAL_WORLD_SIZE values
+    are ignored (the control)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    code = run("imm", *BASE["imm"], "--iters", "1", "--out", tmp_path / "never")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, *words)
+    assert out == "" and not os.path.exists(tmp_path / "never")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "abc")
+    assert run("imm", *BASE["imm"], "--iters", "1", "--out", tmp_path / "ok") == 0
+
+
+@pytest.mark.parametrize("exc, words", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8000000000000 bytes."), ["out of memory", "--batch"]),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"), ["out of memory"]),
+    (MemoryError(), ["out of memory"]),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), [os.strerror(errno.ENOSPC)]),  # no file named: no 'None'
+])
+def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
+    """`sample --n 1e12` or `--eval_n 1e18` ran out of memory with a traceback; an ENOSPC without a file name read
+    "while writing 'None'". Any other RuntimeError stays a traceback (a bug to report, not bad input)."""
+    def boom():
+        raise exc
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(boom)
+    assert e.value.code == 2
+    msg = one_sentence(2, capsys.readouterr().err, *words)
+    assert "None" not in msg
+    with pytest.raises(RuntimeError, match="a bug"):
+        C.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
 def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, capsys):
     import shutil
     shutil.copytree(files / "imm", tmp_path / "r")
