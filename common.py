@@ -14,7 +14,8 @@ section starts at a line "# ==== <section>"):
                      reference_stats
   runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
                      maybe_compile
-  checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, load_state_strict
+  checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, fingerprint,
+                     load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
@@ -1276,6 +1277,16 @@ def check_resume_net(saved, built, path):
         k = diff[0]
         raise UserError(f"'{path}' holds a network with {k} {saved.get(k)!r} where this command line builds "
                         f"{built.get(k)!r}; a resumed run keeps its network and data shape (use another --out).")
+
+
+def fingerprint(sd):
+    """A short hash of a state dict's names and exact bytes: which weights made a stored result (a moved file keeps
+    it, a retrained one changes it)."""
+    h = hashlib.sha1()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode()), h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_state_strict(module, sd):

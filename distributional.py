@@ -1027,6 +1027,23 @@ def r1_step(D, d_params, opt_d, x, y, gamma, r, env, guard=None):
     return R1.detach()
 
 
+def check_in_file_teacher(cfg, given, ck):
+    """--teacher_* shape the in-file teacher only; a fresh run beside an in-file teacher.pt already trained reuses it
+    only if it is the one these settings ask for."""
+    own = os.path.join(cfg.out, "teacher.pt")  # cfg.teacher is None for an in-file teacher, resumed runs too
+    k = next((k for k in ("teacher_net", "teacher_iters", "teacher_batch", "teacher_lr") if k in given), None)
+    if k and cfg.teacher is not None:
+        raise C.UserError(f"--{k} shapes the in-file teacher, and this run's teacher is '{cfg.teacher}'; drop it.")
+    if cfg.teacher is None and not ck and os.path.exists(own):
+        was = C.load_checkpoint(own)["config"]
+        now = dict(data=cfg.data, seed=cfg.seed, net=cfg.teacher_net, cond=cfg.cond, iters=cfg.teacher_iters,
+                   batch=cfg.teacher_batch, lr=cfg.teacher_lr)
+        k = next((k for k in now if was.get(k) != now[k]), None)
+        if k:
+            raise C.UserError(f"'{own}' is an in-file teacher trained with {k} {was.get(k)!r}, not {now[k]!r}; "
+                              f"remove it to train the teacher anew, or use another --out.")
+
+
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
@@ -1047,6 +1064,7 @@ def train(cfg, given):
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
     C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
+    check_in_file_teacher(cfg, given, ck)
     check_disc(cfg, data)  # before the in-file teacher's training, as the `projected` D's backbones (their weights):
     bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # missing ones stop the run now
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)

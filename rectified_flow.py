@@ -536,13 +536,17 @@ def make_pairs(cfg, env):
     meta = dict(shape=list(shape), x_dtype="uint8" if images else "float32", pair_seed=cfg.pair_seed,
                 solver="edm_heun" if edm else cfg.pair_solver, steps=cfg.pair_steps,
                 grid="edm_sigma" if edm else cfg.pair_grid, nfe=nfe(cfg.pair_steps, "heun" if edm else cfg.pair_solver),
-                teacher=tpath, teacher_step=tck["step"],
+                teacher=tpath, teacher_step=tck["step"], teacher_id=C.fingerprint(tck["ema"]),
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
     old = _read_meta(folder)
     if old is not None:  # finished pairs are kept only when they are the pairs asked for
         new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
-        diff = [k for k in ("shape", "pair_seed", "solver", "steps", "grid", "teacher_step", "n", "block", "noise_mode")
-                if old.get(k) != new[k]]  # not the teacher's path: a run folder may be moved
+        diff = [k for k in ("teacher_id", "shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")
+                if old.get(k) != new[k]]  # the teacher by its weights, not its path: a run folder may be moved
+        if diff and diff[0] == "teacher_id":
+            raise C.UserError(f"'{folder}' holds pairs made by another teacher ('{old.get('teacher')}' at step "
+                              f"{old.get('teacher_step')}), not by '{tpath}' at step {tck['step']}; remove that folder "
+                              f"or give --pairs another one.")
         if diff:
             k = diff[0]
             raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that "
@@ -696,6 +700,13 @@ def train(cfg, given, env):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["config"].get("stage") != stage:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
+        if stage == "2rf":  # the teacher and the pairs only started the run: another one is another run
+            then = dict(teacher=ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt"),
+                        pairs=ck["config"].get("pairs") or os.path.join(cfg.out, "pairs"))
+            k = next((k for k in then if given.get(k) and os.path.abspath(given[k]) != os.path.abspath(then[k])), None)
+            if k:
+                raise C.UserError(f"'{path}' was started from the {k} '{then[k]}'; a resumed 2-RF cannot change it "
+                                  f"(use another --out for --{k} {given[k]}).")
         cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     init = {}  # weights (and optimiser state) a fresh run starts from
@@ -847,6 +858,12 @@ def invert_data(cfg, env, net2, folder):
 
 # ============================================================================================================= commands
 def run(cfg, given):
+    k = next((k for k in ("teacher", "pairs") if given.get(k)), None)
+    if cfg.stage in ("1rf", "ft") and k or cfg.stage == "all" and "teacher" in given:
+        raise C.UserError(f"--stage {cfg.stage} does not read --{k or 'teacher'} (" + (
+            "the 1-RF trains on the data" if cfg.stage == "1rf" else "the fine-tuning continues DIR/2rf" if
+            cfg.stage == "ft" else "its pairs come from the 1-RF it trains") + "; --stage pairs and 2rf read it); "
+            "drop it.")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):

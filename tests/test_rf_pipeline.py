@@ -298,6 +298,19 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
         assert words in err, err
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
     C.main_guard(lambda: R.main(["--stage", "pairs", *small]))  # the same settings: the pairs are kept
+    # another teacher's pairs for the same folder (a retrained 1-RF): refused; the same weights moved: kept
+    other = [*small[:-2], "--out", str(tmp_path / "o"), "--seed", "1"]
+    C.main_guard(lambda: R.main(["--stage", "1rf", *other]))
+    shutil.copy(tmp_path / "r" / "ckpt.pt", tmp_path / "moved.pt")
+    pairs = ["--stage", "pairs", *other, "--pairs", str(tmp_path / "r" / "pairs"), "--seed", "0"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main(pairs))
+    err = capsys.readouterr().err
+    assert_user_error(e.value.code, err)
+    assert "another teacher" in err and "o/ckpt.pt" in err, err
+    C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
+    assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
 
 
 def test_cli_nan_loss_keeps_last_checkpoint(tiny):

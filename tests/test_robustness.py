@@ -272,6 +272,45 @@ def test_the_in_training_fid_options_are_refused_on_2d_points(name, files, tmp_p
     assert C.FidHook(str(tmp_path / "nowhere.pt"), data, None, str(tmp_path), 4, None)(1, {"x": None}) == {}
 
 
+def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
+    """A teacher option a stage never reads was ignored (rectified_flow --stage 1rf/all --teacher, ft --pairs; GDD's
+    --teacher_* beside --teacher); a changed teacher on resume was recorded but not used (the 2-RF's) or used from
+    then on (flow_map lmd); a fresh GDD run reused an in-file teacher.pt trained with other settings. All refused."""
+    import shutil
+    rf, P = files / "rectified_flow" / "ckpt.pt", ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16",
+                                                   "--pair_steps", "2"]
+    shutil.copy(rf, tmp_path / "moved.pt")
+    shutil.copytree(files / "distributional", tmp_path / "g")
+    os.remove(tmp_path / "g" / "ckpt.pt")
+    run("rectified_flow", *BASE["rectified_flow"], "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
+    for name, argv in (("rectified_flow", ["--stage", "2rf", *P, "--teacher", rf, "--iters", "1"]),
+                       ("flow_map", ["--mode", "lmd", "--teacher", rf, "--iters", "1"])):
+        assert run(name, *BASE[name], *argv, "--out", tmp_path / "r") == 0
+    cases = [
+        ("rectified_flow", ["--stage", "1rf", "--teacher", rf, "--out", tmp_path / "n"], "1rf does not read --teacher"),
+        ("rectified_flow", ["--stage", "all", "--teacher", rf, "--out", tmp_path / "n"], "all does not read --teacher"),
+        ("rectified_flow", ["--stage", "ft", "--pairs", tmp_path, "--out", tmp_path / "n"], "ft does not read --pairs"),
+        ("distributional", ["--teacher", rf, "--out", tmp_path / "n"], "--teacher_iters shapes the in-file teacher"),
+        ("rectified_flow", ["--stage", "2rf", *P, "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out",
+                            tmp_path / "r"], "was started from the teacher"),
+        ("flow_map", ["--mode", "lmd", "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out", tmp_path / "r"],
+         "--teacher"),
+        ("distributional", ["--teacher_iters", "3", "--iters", "1", "--out", tmp_path / "g"], "with iters 2, not 3"),
+    ]
+    for name, argv, words in cases:
+        capsys.readouterr()
+        code = run(name, *BASE[name], *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, words)
+        assert out == "", (argv, out)
+    assert not os.path.exists(tmp_path / "n")
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 1
+    # controls: the same teacher resumes; the in-file teacher asked for is reused
+    assert run("rectified_flow", *BASE["rectified_flow"], "--stage", "2rf", *P, "--teacher", rf, "--iters", "2",
+               "--out", tmp_path / "r") == 0
+    assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
+
+
 @pytest.mark.parametrize("argv, words", [
     (["imm.py", "sample", "--ckpt", "plain.pt"], ["plain.pt"]),  # torch would note the pickle protocol
     (["scm.py", "--data", "text.npy", "--out", "x"], ["text.npy"]),
