@@ -1002,15 +1002,7 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     if ref_path:
         if not os.path.isfile(ref_path):
             raise UserError(f"FID reference '{ref_path}' does not exist.")
-        try:  # never unpickle; a .npy array, a text file or missing keys all fail here
-            with np.load(ref_path, allow_pickle=False) as z:
-                mu, sigma = z["mu"], z["sigma"]
-        except Exception:
-            mu = sigma = None
-        if mu is None or mu.shape != (detector.dim,) or sigma.shape != (detector.dim,) * 2:
-            raise UserError(f"FID reference '{ref_path}' is not an .npz with mu ({detector.dim},) and sigma "
-                            f"({detector.dim}, {detector.dim}).")
-        return mu, sigma
+        return _read_stats(ref_path, detector, "FID reference", "")
     path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.name}.npz")
     hit = os.path.exists(path)
     barrier(env)  # every rank has looked before rank 0 may write
@@ -1022,8 +1014,21 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
                 np.savez(f, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=len(data.x))
             os.replace(path + ".tmp", path)
         barrier(env)
-    z = np.load(path)
-    return z["mu"], z["sigma"]
+    return _read_stats(path, detector, "cached FID statistics", "; remove it to recompute them")
+
+
+def _read_stats(path, detector, what, fix):
+    """An .npz with finite float mu (dim,) and sigma (dim, dim), read without unpickling, else one sentence."""
+    try:  # a .npy array, a text file, a folder or missing keys all fail here
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = z["mu"], z["sigma"]
+    except Exception:
+        mu = sigma = np.zeros(0)
+    if mu.shape != (detector.dim,) or sigma.shape != (detector.dim,) * 2 or mu.dtype.kind != "f" \
+            or sigma.dtype.kind != "f" or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{what} '{path}' is not an .npz with finite float mu ({detector.dim},) and sigma "
+                        f"({detector.dim}, {detector.dim}){fix}.")
+    return mu, sigma
 
 
 # ============================================================================================================== runtime
@@ -1758,7 +1763,8 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
               log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
-              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1")
+              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1",
+              ema_halflife_kimg=">= 0", lr_ramp_kimg=">= 0")
 
 
 def _in_range(v, rule):
@@ -1846,9 +1852,13 @@ def preflight(cmd, cfg):
         return check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
+    if cfg.out == "":
+        raise UserError("--out needs a file name (or leave it out for the checkpoint's folder).")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
     if cmd == "sample" and not out.endswith((".npy", ".png")):
         raise UserError(f"--out must end in .npy or .png, got '{out}'.")
+    if cmd == "fid" and not out.endswith(".jsonl"):
+        raise UserError(f"fid appends one JSON line per step count: --out must end in .jsonl, got '{out}'.")
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give a file path.")
     check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
@@ -1968,7 +1978,7 @@ def _default_out(Config, presets, preset, given, method):
 def _preset_defaults(fields, Config, presets, argv, method):
     """The defaults `--help` shows: the preset's (the one --preset names, else toy), and a value its mode/stage parts
     set differently, e.g. "230 (sct), 280 (scd)"."""
-    name = next((a.partition("=")[2] for a in _normalise(argv) if a.startswith("--preset=")), "toy")
+    name = ([a.partition("=")[2] for a in _normalise(argv) if a.startswith("--preset=")] or ["toy"])[-1]  # the last
     if name not in presets:
         raise UserError(f"unknown preset '{name}'; choose one of {', '.join(presets)}.")
     p = {**presets[name]}
@@ -2173,6 +2183,22 @@ def main_guard(fn):
 
 
 # ============================================================================================================== logging
+def _trim_jsonl(path, step):
+    """Keep the rows of a .jsonl log with "step" <= step (none when step is 0: a fresh run), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = f.readlines()
+    keep = []
+    for r in rows if step else ():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            if json.loads(r).get("step", step + 1) <= step:
+                keep.append(r)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class Logger:
     """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy). With a
     Guard attached, each line also holds `skipped` (optimiser steps skipped since the previous line), a NaN loss is
@@ -2186,6 +2212,8 @@ class Logger:
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)
+            for name in ("log.jsonl", "metrics.jsonl"):  # this run's history only: a resumed run's up to its step
+                _trim_jsonl(os.path.join(out, name), start_step)  # (lines of a killed run past it go), a fresh one's
 
     def info(self, msg):
         flush_notes(self.env)

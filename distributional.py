@@ -1031,7 +1031,8 @@ def check_in_file_teacher(cfg, given, ck):
     """--teacher_* shape the in-file teacher only; a fresh run beside an in-file teacher.pt already trained reuses it
     only if it is the one these settings ask for."""
     own = os.path.join(cfg.out, "teacher.pt")  # cfg.teacher is None for an in-file teacher, resumed runs too
-    k = next((k for k in ("teacher_net", "teacher_iters", "teacher_batch", "teacher_lr") if k in given), None)
+    k = next((k for k in ("teacher_net", "teacher_iters", "teacher_batch", "teacher_lr")  # (--teacher_iters 0: none)
+              if k in given and (k, given[k]) != ("teacher_iters", 0)), None)
     if k and cfg.teacher is not None:
         raise C.UserError(f"--{k} shapes the in-file teacher, and this run's teacher is '{cfg.teacher}'; drop it.")
     if cfg.teacher is None and not ck and os.path.exists(own):

@@ -116,6 +116,9 @@ class Config:
             raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
+        if self.augment and self.mode in ("sct", "scd"):
+            raise ValueError("--augment (EDM's augmentation) is read by --mode diffusion only; the consistency models "
+                             "train without it.")
 
 
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
@@ -635,10 +638,11 @@ def run(cfg, given):
     if cfg.mode != "all":
         train(cfg, given, env)
         return total()
-    for mode in MODES:
-        mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": os.path.join(cfg.out, mode)}, mode=mode)
+    for mode in MODES:  # --augment (EDM's pipe) is the teacher's, as in the cifar10 preset: the CMs train without it
+        mg = {k: v for k, v in given.items() if mode == "diffusion" or k != "augment"}
+        mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**mg, "out": os.path.join(cfg.out, mode)}, mode=mode)
         mcfg.preset = cfg.preset
-        mgiven = C.Given({**given, "mode": mode}, getattr(given, "preset", None))
+        mgiven = C.Given({**mg, "mode": mode}, getattr(given, "preset", None))
         if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
             mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")
             mgiven = C.Given({k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},

@@ -882,9 +882,21 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"mu": 1}], dtype=object), allow_pickle=True)
     np.save(tmp_path / "plain.npy", np.zeros(32))
     np.savez(tmp_path / "sig.npz", mu=np.zeros(32), sigma=np.eye(31))
-    for bad in ("text.txt", "obj.npy", "plain.npy", "sig.npz"):
-        with pytest.raises(C.UserError, match="is not an .npz with mu"):
+    np.savez(tmp_path / "nan.npz", mu=np.full(32, np.nan), sigma=np.eye(32))  # FID nan, written as NaN
+    np.savez(tmp_path / "inf.npz", mu=np.zeros(32), sigma=np.full((32, 32), np.inf))  # eigh's LinAlgError
+    np.savez(tmp_path / "str.npz", mu=np.array(["a"] * 32), sigma=np.eye(32))  # a TypeError
+    for bad in ("text.txt", "obj.npy", "plain.npy", "sig.npz", "nan.npz", "inf.npz", "str.npz"):
+        with pytest.raises(C.UserError, match="is not an .npz with finite float mu"):
             C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / bad))
+    # a damaged cache file (or a folder in its place) names itself and the fix; it was a BadZipFile/KeyError
+    cache = tmp_path / "fid_refs" / f"{data.key}-{det.name}.npz"
+    cache.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(C.UserError, match="cached FID statistics .* remove it to recompute"):
+        C.reference_stats(data, det, env, str(tmp_path))
+    cache.unlink()
+    cache.mkdir()
+    with pytest.raises(C.UserError, match="cached FID statistics"):
+        C.reference_stats(data, det, env, str(tmp_path))
 
 
 def test_non_finite_detector_features_are_one_sentence(tmp_path):

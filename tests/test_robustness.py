@@ -18,26 +18,28 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF;
       (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        18   18     18          18              18
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        20   20     20          20              20
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, a Config override out of range, seed 2^63,
       fid --root a file, a network field of the checkpoint,
-      steps 1,2, (an empty entry))
+      steps 1,2, (an empty entry), --out '', fid --out
+      not .jsonl)
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           52   54     55          56              54
+    bad-input cases, all one sentence and exit 2           54   56     57          58              56
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
     untouched, `skipped` logged) and the run ends with its checkpoint; a NaN loss at every step stops after
     --max_skips steps in a row, keeping the last good checkpoint. Plus: a 1e30 learning rate at --ckpt_every 1 never
-    overwrites the checkpoint (the step after a checkpoint must have a finite loss); a full disk during a save
-    removes the .tmp and keeps the previous checkpoint; every preset of every file passes the validation.
+    overwrites the checkpoint (the step after a checkpoint must have a finite loss), nor does a diverged last step
+    (its weights' samples must be finite); a full disk during a save (also a real one, /dev/full) removes the .tmp
+    and keeps the previous checkpoint; every preset of every file passes the validation.
 """
 import errno
 import json
@@ -180,6 +182,8 @@ def sample_cases(name, d):
         (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
         (s(*FIXED[name]), [FIXED[name][0], "sampling cannot change it"]),
         (s("--steps", "1,2,"), ["--steps", "empty entry"]),
+        (s("--out", ""), ["--out", "file name"]),  # it fell back to the checkpoint's folder
+        (s("--out", d / "x.png", cmd="fid"), [".jsonl", "x.png"]),  # fid appended JSON to any file, a ckpt.pt too
     ]
 
 
@@ -211,7 +215,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=52, scm=54, flow_map=55, rectified_flow=56, distributional=54), got
+    assert got == dict(imm=54, scm=56, flow_map=57, rectified_flow=58, distributional=56), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -270,6 +274,38 @@ def test_the_in_training_fid_options_are_refused_on_2d_points(name, files, tmp_p
     # a preset's --fid_every on 2-D points (not given, so not refused) is skipped by the hook, no detector loaded
     data = C.load_data(str(tmp_path / "pts.npy"), str(tmp_path), C.setup("cpu", 0, None), 0, False)
     assert C.FidHook(str(tmp_path / "nowhere.pt"), data, None, str(tmp_path), 4, None)(1, {"x": None}) == {}
+
+
+def test_scm_values_it_read_as_something_else_are_refused(tmp_path, capsys):
+    """--augment in a CM mode was ignored (only the diffusion teacher reads it); a negative EMA half-life or lr
+    ramp ran as "none". One sentence each; the diffusion mode's --augment is checked by the data (points: 0)."""
+    for argv, words in ((["--mode", "sct", "--augment", "0.5"], "--mode diffusion only"),
+                        (["--mode", "scd", "--augment", "0.5"], "--mode diffusion only"),
+                        (["--ema_halflife_kimg", "-1"], "--ema_halflife_kimg must be non-negative"),
+                        (["--lr_ramp_kimg", "-1"], "--lr_ramp_kimg must be non-negative")):
+        capsys.readouterr()
+        code = run("scm", *BASE["scm"], *argv, "--out", tmp_path / "never")
+        out, err = capsys.readouterr()
+        one_sentence(code, err, words)
+        assert out == ""
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_the_logs_hold_this_runs_history_only(files, tmp_path):
+    """A resumed run appended to log.jsonl after the lines a killed run had written past its checkpoint, and a fresh
+    run in a folder without a checkpoint appended to the old run's log: now the logs keep the steps up to the
+    checkpoint's (a fresh run: none), so each step appears once."""
+    import shutil
+    shutil.copytree(files / "imm", tmp_path / "r")
+    steps = lambda f: [json.loads(r)["step"] for r in open(tmp_path / "r" / f)]
+    assert steps("log.jsonl") == [1, 2]
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a killed run's lines past its step-2 checkpoint
+        f.write(json.dumps(dict(step=3, loss=1.0)) + "\n" + json.dumps(dict(step=4, loss=1.0)) + "\n")
+    assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3", "--log_every", "1") == 0
+    assert steps("log.jsonl") == [1, 2, 3] and steps("metrics.jsonl")[-1] == 3
+    os.remove(tmp_path / "r" / "ckpt.pt")  # a fresh run in the same folder
+    assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "1", "--log_every", "1") == 0
+    assert steps("log.jsonl") == [1] and steps("metrics.jsonl") == [1]
 
 
 def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
