@@ -1077,8 +1077,8 @@ def check_launch():
                                                           ("LOCAL_WORLD_SIZE", 1)))
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing or None in (rank, world, local, lw) or not (0 <= rank < world and lw >= 1):
-        why = f"{', '.join(missing)} unset" if missing else ", ".join(
-            f"{k}={os.environ[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ)
+        why = f"{', '.join(missing)} unset" if missing else ", ".join(f"{k}={os.environ[k]!r}" for k in (
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ)
         raise UserError(f"WORLD_SIZE is set but torchrun's variables are not usable ({why}); start a distributed run "
                         f"with torchrun, or unset WORLD_SIZE for a single process.")
     return rank, world, local
@@ -1249,6 +1249,12 @@ def save_checkpoint(path, ckpt, env, generators=()):
     write_checkpoint(path, snapshot_checkpoint(ckpt, env, generators), env)
 
 
+def _optimiser_state(o):
+    """An optimiser's state dict, a dict of them (GDD's G and D), or empty (a teacher's)."""
+    return not o or isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list) or \
+        all(isinstance(v, dict) and v and _optimiser_state(v) for v in o.values())
+
+
 def load_checkpoint(path):
     """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked."""
     if not os.path.isfile(path):
@@ -1267,8 +1273,15 @@ def load_checkpoint(path):
              or (t is int and isinstance(ck[k], bool))]
     if wrong:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
-    if ck["step"] < 0:
-        raise UserError(f"checkpoint '{path}' is malformed (step {ck['step']}); it was not written by this project.")
+    wrong = [k for k in ("model", "ema") if not all(isinstance(n, str) and torch.is_tensor(v)
+                                                    for n, v in ck[k].items())]
+    opt, rng = ck["opt"], ck["rng"]
+    wrong += [] if _optimiser_state(opt) else ["opt"]
+    wrong += [] if rng is None or isinstance(rng.get("world"), int) and isinstance(rng.get("ranks"), list) and all(
+        isinstance(r, dict) and {"cpu", "cuda", "gens"} <= set(r) for r in rng["ranks"]) else ["rng"]
+    if ck["step"] < 0 or wrong:
+        raise UserError(f"checkpoint '{path}' is malformed (" + (", ".join(f"its {k} entry" for k in wrong) or
+                        f"step {ck['step']}") + "); it was not written by this project.")
     if _non_finite_weights(ck):  # save_checkpoint never writes such weights
         raise UserError(f"checkpoint '{path}' holds non-finite weights; it was not written by this project.")
     return ck
@@ -1321,7 +1334,7 @@ def load_optimizer(opt, state):
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(state)
-    except (ValueError, KeyError, IndexError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
         raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters "
                         f"({type(e).__name__}).") from None
     for g, h in zip(opt.param_groups, hyper):
@@ -1333,12 +1346,16 @@ def restore_rng(ckpt, env, generators=()):
     """Each rank's RNG states when the world size matches, else reseed from (seed, rank, step)."""
     rng = ckpt.get("rng")
     if rng and rng["world"] == env.world:
-        st = rng["ranks"][env.rank]
-        torch.set_rng_state(st["cpu"])
-        if st["cuda"] is not None and env.device.type == "cuda":
-            torch.cuda.set_rng_state(st["cuda"], env.device)
-        for g, s in zip(generators, st["gens"]):
-            g.set_state(s)
+        try:
+            st = rng["ranks"][env.rank]
+            torch.set_rng_state(st["cpu"])
+            if st["cuda"] is not None and env.device.type == "cuda":
+                torch.cuda.set_rng_state(st["cuda"], env.device)
+            for g, s in zip(generators, st["gens"]):
+                g.set_state(s)
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"the checkpoint's RNG state is malformed ({type(e).__name__}); it was not written by "
+                            f"this project.") from None
         return
     s = derive_seed(ckpt["config"].get("seed", 0), "rank", env.rank, ckpt["step"])
     if env.is_main:
@@ -2108,10 +2125,17 @@ def merge_config(Config, base, given, log=None):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
+TRAIN_ONLY = ("preset", "iters", "resume", "compile", "accum", "log_every", "ckpt_every", "max_skips", "fid_every",
+              "fid_n", "fallback")  # Config fields that `sample` and `fid` never read
+
+
 def sample_config(Config, ck, given, path, fixed):
     """The config of `sample` / `fid`: the checkpoint's, with the command line's fields on top (the sampler's); the
     fields in `fixed` (the network, the method's time convention) are the checkpoint's and a different value is
-    refused rather than silently ignored."""
+    refused rather than silently ignored, as is a field of TRAIN_ONLY."""
+    k = next((k for k in TRAIN_ONLY if k in given), None)
+    if k:
+        raise UserError(f"--{k} is a training option; sample and fid take the checkpoint's run as it is, so drop it.")
     for k in fixed:
         if k in given and given[k] != ck["config"].get(k):
             raise UserError(f"'{path}' was trained with --{k} {ck['config'].get(k)!r}; sampling cannot change it "

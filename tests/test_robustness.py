@@ -18,20 +18,20 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF;
       (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        20   20     20          20              20
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        22   22     22          22              22
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, a Config override out of range, seed 2^63,
       fid --root a file, a network field of the checkpoint,
       steps 1,2, (an empty entry), --out '', fid --out
-      not .jsonl)
+      not .jsonl, a training option: --iters, --preset)
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           54   56     57          58              56
+    bad-input cases, all one sentence and exit 2           56   58     59          60              58
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -184,6 +184,7 @@ def sample_cases(name, d):
         (s("--steps", "1,2,"), ["--steps", "empty entry"]),
         (s("--out", ""), ["--out", "file name"]),  # it fell back to the checkpoint's folder
         (s("--out", d / "x.png", cmd="fid"), [".jsonl", "x.png"]),  # fid appended JSON to any file, a ckpt.pt too
+        (s("--iters", "5"), ["--iters", "training option"]), (s("--preset", "cifar10"), ["--preset", "training"]),
     ]
 
 
@@ -215,7 +216,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=54, scm=56, flow_map=57, rectified_flow=58, distributional=56), got
+    assert got == dict(imm=56, scm=58, flow_map=59, rectified_flow=60, distributional=58), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -289,6 +290,24 @@ def test_scm_values_it_read_as_something_else_are_refused(tmp_path, capsys):
         one_sentence(code, err, words)
         assert out == ""
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_an_edited_checkpoint_is_one_sentence(files, tmp_path, capsys):
+    """Entries of the right top-level type but wrong inside (the RNG state, the optimiser state, the weights) ended in
+    KeyError/TypeError/AttributeError/RuntimeError tracebacks on resume."""
+    ck = torch.load(files / "imm" / "ckpt.pt", weights_only=True)
+    bad = dict(rng_ranks={"world": 1, "ranks": [{}]}, rng_keys={"foo": 1},
+               rng_state={"world": 1, "ranks": [{"cpu": torch.zeros(3, dtype=torch.uint8), "cuda": None, "gens": []}]},
+               opt={"state": {}, "param_groups": "x"}, model={k: "x" for k in ck["model"]})
+    for name, value in bad.items():
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({**ck, name.split("_")[0]: value}, d / "ckpt.pt")
+        capsys.readouterr()
+        code = run("imm", *BASE["imm"], "--out", d, "--iters", "3")
+        out, err = capsys.readouterr()
+        one_sentence(code, err, "malformed")
+        assert out == "", (name, out)
 
 
 def test_the_logs_hold_this_runs_history_only(files, tmp_path):
