@@ -2189,12 +2189,13 @@ def main_guard(fn):
         code = 1
     except (UserError, OSError, MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) \
-                and not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                and not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e) \
+                and "Storage size calculation overflowed" not in str(e):
             raise
         if _speaks():
             msg = str(e) if isinstance(e, UserError) else f"{e.strerror}" + (
                 f" while writing '{e.filename}'." if e.filename else ".") if isinstance(e, OSError) else \
-                "out of memory; lower --batch, --n, --eval_n or the network's size."
+                "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
             print(f"error: {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

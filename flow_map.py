@@ -566,7 +566,8 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0", "teacher"))
+        cfg = C.resume_config(Config, ck, cfg, given, path,
+                              fixed=("learned_weight", "interpolant", "sigma0", "teacher"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))
