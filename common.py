@@ -1858,6 +1858,9 @@ def check_dir(d, what):
         raise UserError(f"{what} '{d}' cannot be written ({e.strerror or type(e).__name__} in '{a}').") from None
 
 
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.jsonl", "samples.png")  # in DIR
+
+
 def preflight(cmd, cfg):
     """Before any work: output folders and files writable, sample/fid input files present (data and teacher files are
     checked where they are read, before training)."""
@@ -1866,6 +1869,10 @@ def preflight(cmd, cfg):
             raise UserError("--out needs a folder name.")
         if getattr(cfg, "root", None):
             check_dir(cfg.root, "--root")
+        f = next((f for f in RUN_FILES if os.path.isdir(os.path.join(cfg.out, f))), None)
+        if f:
+            raise UserError(f"'{os.path.join(cfg.out, f)}' is a folder where the run writes its {f}; remove it or use "
+                            f"another --out.")
         return check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
@@ -2175,6 +2182,24 @@ def _speaks():
         return True
 
 
+def _sentence(e):
+    """The error line of an exception that is the user's or the machine's situation, not a bug (else None): bad input,
+    a full disk, out of memory, a torch.compile that cannot build its kernels here (no working C++ compiler, ...)."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        return None if e.errno not in (errno.ENOSPC, errno.EDQUOT) else \
+            e.strerror + (f" while writing '{e.filename}'." if e.filename else ".")
+    m = str(e)
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
+            or "Storage size calculation overflowed" in m:
+        return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
+    if type(e).__name__ in ("InductorError", "BackendCompilerFailed"):
+        first = next((ln.strip() for ln in m.splitlines() if ln.strip()), type(e).__name__)[:160].rstrip(".")
+        return f"--compile failed on this machine ({first}); run without --compile."
+    return None
+
+
 def main_guard(fn):
     """Run fn(); UserError -> 'error: ...' and exit 2 (a full disk too), Ctrl-C -> 130; always tear the process
     group down. After a success every rank meets at a barrier first, so that no rank tears its connections down
@@ -2187,15 +2212,11 @@ def main_guard(fn):
     except BrokenPipeError:  # stdout closed early (`--help | head`): Python's documented recipe, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
-    except (UserError, OSError, MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
-        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) \
-                and not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e) \
-                and "Storage size calculation overflowed" not in str(e):
+    except (UserError, OSError, MemoryError, RuntimeError) as e:
+        msg = _sentence(e)
+        if msg is None:  # a bug: the traceback is the report
             raise
         if _speaks():
-            msg = str(e) if isinstance(e, UserError) else f"{e.strerror}" + (
-                f" while writing '{e.filename}'." if e.filename else ".") if isinstance(e, OSError) else \
-                "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
             print(f"error: {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
@@ -2358,14 +2379,17 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
     describes the sampler in the printed line; record(K): extra fields of the fid.jsonl row. Labels (class-
     conditional models) are drawn per sample index, as compute_fid draws them."""
     if cmd == "sample":
+        base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
+        stem, ext = os.path.splitext(base)
+        paths = {K: f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base for K in opts.steps}
+        d = next((p for p in paths.values() if os.path.isdir(p)), None)
+        if d:
+            raise UserError(f"'{d}' is a folder where sample would write its samples; remove it or give another --out.")
         for K in opts.steps:
-            generate, xs = gen(K), []
+            generate, xs, path = gen(K), [], paths[K]
             for idx in torch.arange(opts.n).split(opts.batch):
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
                 xs.append(generate(rng, rng.randint(num_classes) if num_classes else None).cpu())
-            base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-            stem, ext = os.path.splitext(base)
-            path = f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base
             flush_notes(env)
             if env.is_main:
                 x = torch.cat(xs)

@@ -310,6 +310,24 @@ def test_an_edited_checkpoint_is_one_sentence(files, tmp_path, capsys):
         assert out == "", (name, out)
 
 
+def test_a_folder_where_a_run_writes_a_file_is_one_sentence(files, tmp_path, capsys):
+    """A folder named config.json (log.jsonl, ckpt.pt.tmp, ...) in --out, or named like one of sample's per-step
+    files, ended in IsADirectoryError/RuntimeError tracebacks after the work."""
+    for f in ("config.json", "log.jsonl", "ckpt.pt.tmp"):
+        os.makedirs(tmp_path / f / f)
+        capsys.readouterr()
+        code = run("imm", *BASE["imm"], "--iters", "1", "--out", tmp_path / f)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, f"is a folder where the run writes its {f}")
+        assert out == ""
+    os.makedirs(tmp_path / "s_1step.npy")
+    capsys.readouterr()
+    code = run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1,2", "--out", tmp_path / "s.npy")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "s_1step.npy", "is a folder")
+    assert out == "" and not os.path.exists(tmp_path / "s_2step.npy")
+
+
 def test_the_logs_hold_this_runs_history_only(files, tmp_path):
     """A resumed run appended to log.jsonl after the lines a killed run had written past its checkpoint, and a fresh
     run in a folder without a checkpoint appended to the old run's log: now the logs keep the steps up to the
@@ -590,6 +608,8 @@ def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, c
     (RuntimeError("Storage size calculation overflowed with sizes=[1000000000000000000, 64]"), ["out of memory"]),
     (MemoryError(), ["out of memory"]),
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), [os.strerror(errno.ENOSPC)]),  # no file named: no 'None'
+    (type("InductorError", (RuntimeError,), {})("CppCompileError: C++ compile error\n\nCommand: g++ ..."),
+     ["--compile failed", "C++ compile error", "without --compile"]),  # no working compiler (torch's class name)
 ])
 def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
     """`sample --n 1e12` or `--eval_n 1e18` ran out of memory with a traceback; an ENOSPC without a file name read
