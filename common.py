@@ -1334,6 +1334,8 @@ def load_optimizer(opt, state):
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(state)
+    except torch.OutOfMemoryError:
+        raise
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
         raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters "
                         f"({type(e).__name__}).") from None
@@ -1353,6 +1355,8 @@ def restore_rng(ckpt, env, generators=()):
                 torch.cuda.set_rng_state(st["cuda"], env.device)
             for g, s in zip(generators, st["gens"]):
                 g.set_state(s)
+        except torch.OutOfMemoryError:
+            raise
         except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"the checkpoint's RNG state is malformed ({type(e).__name__}); it was not written by "
                             f"this project.") from None
@@ -1474,11 +1478,17 @@ class Guard:
 
 def sample_probe(generate_of, nets, env, num_classes=0, n=2):
     """Guard's probe: n one-step samples of each net (the weights and the EMA) by the method's own sampler,
-    generate_of(net) -> generate(rng, labels), with noise of its own (IndexRNG)."""
+    generate_of(net) -> generate(rng, labels), with noise of its own (IndexRNG); returned with every output of the
+    nets themselves (a forward hook), since the samplers clamp images to [-1, 1] and clamp(inf) = 1."""
     def probe():
-        rng = IndexRNG(range(n), 0, env.device)
+        rng, outs = IndexRNG(range(n), 0, env.device), []
         y = rng.randint(num_classes) if num_classes else None
-        return [generate_of(net)(rng, y) for net in nets]
+        hooks = [net.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for net in nets]
+        try:
+            return [generate_of(net)(rng, y) for net in nets] + outs
+        finally:
+            for h in hooks:
+                h.remove()
     return probe
 
 
@@ -2194,7 +2204,8 @@ def _sentence(e):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
             or "Storage size calculation overflowed" in m:
         return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
-    if type(e).__name__ in ("InductorError", "BackendCompilerFailed"):
+    if type(e).__name__ in ("InductorError", "BackendCompilerFailed") and re.search(
+            r"InvalidCxxCompiler|CppCompileError|C\+\+ compile|working C\+\+ compiler|[Tt]riton", m):  # the toolchain
         first = next((ln.strip() for ln in m.splitlines() if ln.strip()), type(e).__name__)[:160].rstrip(".")
         return f"--compile failed on this machine ({first}); run without --compile."
     return None

@@ -576,7 +576,8 @@ def make_backbone(name, weights, env, seed=0, log=None):
     from the torch hub cache, downloaded into it when absent; timm's tf_efficientnet_lite0 ImageNet weights), "random"
     (a fixed, seeded stand-in for tests and offline smoke runs, never for numbers) or a state dict in the source model's
     names. Then GDD's BatchNorm update (FrozenBackbone.gdd_bn_update). Missing weights or timm: one sentence."""
-    with torch.random.fork_rng(devices=[]):  # seeded stand-in; the run's RNG stream is left untouched
+    cuda = [env.device] if env.device.type == "cuda" else []  # manual_seed reseeds CUDA too: restore it as well
+    with torch.random.fork_rng(devices=cuda):  # seeded stand-in; the run's RNG streams are left untouched
         torch.manual_seed(C.derive_seed(seed, "projected backbone", name))
         if name == "vgg":
             net = vgg16_bn_features()

@@ -541,9 +541,10 @@ def make_pairs(cfg, env):
     old = _read_meta(folder)
     if old is not None:  # finished pairs are kept only when they are the pairs asked for
         new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
-        diff = [k for k in ("teacher_id", "shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")
+        who = "teacher_id" if "teacher_id" in old else "teacher_step"  # (pairs written before the id: by step)
+        diff = [k for k in (who, "shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")
                 if old.get(k) != new[k]]  # the teacher by its weights, not its path: a run folder may be moved
-        if diff and diff[0] == "teacher_id":
+        if diff and diff[0] in ("teacher_id", "teacher_step"):
             raise C.UserError(f"'{folder}' holds pairs made by another teacher ('{old.get('teacher')}' at step "
                               f"{old.get('teacher_step')}), not by '{tpath}' at step {tck['step']}; remove that folder "
                               f"or give --pairs another one.")

@@ -116,9 +116,6 @@ class Config:
             raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
-        if self.augment and self.mode in ("sct", "scd"):
-            raise ValueError("--augment (EDM's augmentation) is read by --mode diffusion only; the consistency models "
-                             "train without it.")
 
 
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
@@ -494,6 +491,9 @@ def train(cfg, given, env):
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip",))
+    if given.get("augment") and cfg.mode != "diffusion":  # (a saved value, as old sCT runs have, is not refused)
+        raise C.UserError("--augment (EDM's augmentation) is read by --mode diffusion only; the consistency models "
+                          "train without it.")
     teacher, init = None, None
     if mode == "scd" and not cfg.teacher:
         raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")

@@ -298,6 +298,10 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
         assert words in err, err
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
     C.main_guard(lambda: R.main(["--stage", "pairs", *small]))  # the same settings: the pairs are kept
+    meta = json.loads((tmp_path / "r" / "pairs" / "meta.json").read_text())  # pairs written before teacher_id:
+    del meta["teacher_id"]  # compared by the teacher's step, as then
+    (tmp_path / "r" / "pairs" / "meta.json").write_text(json.dumps(meta))
+    C.main_guard(lambda: R.main(["--stage", "pairs", *small]))
     # another teacher's pairs for the same folder (a retrained 1-RF): refused; the same weights moved: kept
     other = [*small[:-2], "--out", str(tmp_path / "o"), "--seed", "1"]
     C.main_guard(lambda: R.main(["--stage", "1rf", *other]))

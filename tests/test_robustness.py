@@ -565,6 +565,20 @@ def test_a_diverged_last_step_never_overwrites_the_checkpoint(name, files, tmp_p
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
+def test_the_probe_sees_through_the_samplers_clamp():
+    """Image samplers clamp to [-1, 1], and clamp(inf) = 1: weights that overflow the output (finite, ~1e38) gave
+    'finite' samples. The probe also returns the nets' own outputs (a forward hook); control: normal weights."""
+    env = C.setup("cpu", 0, "fp32")
+    nd = C.net_config("tiny", img_resolution=8, num_times=2)
+    net = C.build_net(nd)
+    probe = C.sample_probe(lambda n: imm.generator(n, imm.Config(), (3, 8, 8), 1, env), (net,), env)
+    with torch.no_grad():
+        assert all(bool(torch.isfinite(x).all()) for x in probe())
+        net.out_conv.weight.fill_(1e38)
+        out = probe()
+    assert out[0].abs().max() <= 1 and not all(bool(torch.isfinite(x).all()) for x in out)
+
+
 def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
     """torch.save onto a full disk raises torch's RuntimeError (its zip writer), not OSError: it ended in a
     traceback. Here the .tmp file is Linux's /dev/full, which accepts no byte."""
@@ -623,6 +637,9 @@ def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
     assert "None" not in msg
     with pytest.raises(RuntimeError, match="a bug"):
         C.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    lowering = type("InductorError", (RuntimeError,), {})("LoweringException: AssertionError: a bug in inductor")
+    with pytest.raises(RuntimeError, match="LoweringException"):  # inductor's own bug: not "this machine"
+        C.main_guard(lambda: (_ for _ in ()).throw(lowering))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, capsys):
