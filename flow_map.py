@@ -566,8 +566,11 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path,
-                              fixed=("learned_weight", "interpolant", "sigma0", "teacher"))
+        was = ck["config"].get("teacher")  # the distilled teacher (lmd, emd): the same file, by its path
+        if given.get("teacher") and (not was or os.path.abspath(given["teacher"]) != os.path.abspath(was)):
+            raise C.UserError(f"'{path}' was trained from the teacher {was!r}; a resumed run cannot change it (use "
+                              f"another --out for --teacher {given['teacher']}).")
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))

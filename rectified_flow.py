@@ -538,9 +538,11 @@ def make_pairs(cfg, env):
                 grid="edm_sigma" if edm else cfg.pair_grid, nfe=nfe(cfg.pair_steps, "heun" if edm else cfg.pair_solver),
                 teacher=tpath, teacher_step=tck["step"], teacher_id=C.fingerprint(tck["ema"]),
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
-    old = _read_meta(folder)
-    if old is not None:  # finished pairs are kept only when they are the pairs asked for
-        new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
+    new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
+    keys = ("teacher_id", "teacher_step", "teacher", "shape", "pair_seed", "solver", "steps", "grid", "n", "block",
+            "noise_mode")
+    old = _read_meta(folder) or _read_meta(folder, "started.json")  # finished, or stopped part-way
+    if old is not None:  # stored pairs are kept only when they are the pairs asked for
         who = "teacher_id" if "teacher_id" in old else "teacher_step"  # (pairs written before the id: by step)
         diff = [k for k in (who, "shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")
                 if old.get(k) != new[k]]  # the teacher by its weights, not its path: a run folder may be moved
@@ -552,7 +554,15 @@ def make_pairs(cfg, env):
             k = diff[0]
             raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that "
                               f"folder or give --pairs another one.")
+    if env.is_main and old is None:  # what these blocks are, before the first one: a restart checks it
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "started.json"), "w") as f:
+            json.dump({k: new[k] for k in keys}, f)
+    C.barrier(env)
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
+    if env.is_main:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, "started.json"))
     if env.is_main:
         print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
               f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
@@ -571,10 +581,10 @@ def _pair_block(folder, kind, j, rows, shape):
     return a
 
 
-def _read_meta(folder):
-    """The pairs folder's meta.json as a dict, or None when there is none (or it cannot be read)."""
+def _read_meta(folder, name="meta.json"):
+    """The pairs folder's meta.json (or started.json) as a dict, or None when there is none (or it cannot be read)."""
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
+        with open(os.path.join(folder, name)) as f:
             m = json.load(f)
         return m if isinstance(m, dict) else None
     except (OSError, ValueError):

@@ -315,6 +315,20 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     assert "another teacher" in err and "o/ckpt.pt" in err, err
     C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
+    # a generation stopped part-way (no meta.json yet, started.json written before the first block, block 1 missing):
+    # another teacher is refused instead of completing the folder with its blocks; the same one completes it
+    pf = tmp_path / "r" / "pairs"
+    meta = json.loads((pf / "meta.json").read_text())
+    (pf / "started.json").write_text(json.dumps({k: meta[k] for k in ("teacher_id", "teacher_step", "teacher", "shape",
+                                                 "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")}))
+    os.remove(pf / "meta.json"), os.remove(pf / "x_00001.npy")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main(pairs))
+    assert_user_error(e.value.code, capsys.readouterr().err)
+    assert not (pf / "x_00001.npy").exists()
+    C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
+    assert (pf / "x_00001.npy").exists() and (pf / "meta.json").exists() and not (pf / "started.json").exists()
 
 
 def test_cli_nan_loss_keeps_last_checkpoint(tiny):
