@@ -15,7 +15,7 @@ section starts at a line "# ==== <section>"):
   runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
                      maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, fingerprint,
-                     load_state_strict
+                     teacher_id, same_file, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
@@ -29,7 +29,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
-import pickle, re, sys, tempfile, time, types, typing, warnings
+import operator, pickle, re, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -1307,6 +1307,22 @@ def fingerprint(sd):
     return h.hexdigest()[:16]
 
 
+def teacher_id(ck, path, tpath, weights):
+    """The fingerprint of a teacher's weights, which a run's checkpoints record (`teacher_id`). On resume (`ck`, read
+    from `path`) a teacher file whose weights are no longer those the run started from (retrained or replaced in
+    place) is refused, not distilled from then on without a word; checkpoints older than the id are not checked."""
+    tid = fingerprint(weights)
+    if ck and ck.get("teacher_id", tid) != tid:
+        raise UserError(f"the teacher '{tpath}' holds other weights than when '{path}' started from it (retrained or "
+                        f"replaced since); a resumed run keeps its teacher: restore that file, or use another --out.")
+    return tid
+
+
+def same_file(a, b):
+    """Two paths naming the same file as far as the command line can tell (runs/x and ./runs/x; both None)."""
+    return a == b or bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
+
+
 def load_state_strict(module, sd):
     """Strict load after stripping 'module.'/'_orig_mod.' prefixes; mismatches name the keys."""
     sd = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
@@ -2163,14 +2179,14 @@ def sample_config(Config, ck, given, path, fixed):
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
-    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
-    fields that are not config changes (the mode/stage selector)."""
+    resume (`fixed`; --teacher compared by same_file; the seed: the RNG state is the checkpoint's) or another explicit
+    --preset is refused; `drop`: given fields that are not config changes (the mode/stage selector)."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
                         f"single fields, or use another --out for --preset {preset}).")
     for k in ("seed", *fixed):
-        if k in given and given[k] != base.get(k):
+        if k in given and not (same_file if k == "teacher" else operator.eq)(given[k], base.get(k)):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()

@@ -1054,7 +1054,7 @@ def train(cfg, given):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
-        if "teacher" in given and given["teacher"] != ck["teacher"]["path"]:
+        if "teacher" in given and not C.same_file(given["teacher"], ck["teacher"]["path"]):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
@@ -1078,6 +1078,8 @@ def train(cfg, given):
         if not os.path.exists(tpath):
             train_teacher(cfg, data, env, tpath, log)
     teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
+    tid = C.fingerprint(teacher.state_dict())  # recorded; not checked on resume: G (and the `teacher` D's encoder copy)
+    #                                             resume from the checkpoint, the teacher only started them
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 
     # ---- generator (GDD §3, initialisation): raw weights and EMA both start as the teacher's EMA; GDD-I freezes once
@@ -1140,7 +1142,8 @@ def train(cfg, given):
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(),
                     opt=dict(g=opt_g.state_dict(), d=opt_d.state_dict()), step=step, config=dataclasses.asdict(cfg),
                     net=nd, method=METHOD, convention=CONVENTION, disc=disc_state(D), t_g=t_g,
-                    teacher=dict(path=tpath, step=tck["step"], method=tck["method"], convention=tck["convention"]))
+                    teacher=dict(path=tpath, step=tck["step"], method=tck["method"], convention=tck["convention"]),
+                    teacher_id=tid)
 
     amp = lambda: C.autocast(env)
     r1 = torch.zeros((), device=env.device)

@@ -472,7 +472,7 @@ EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released n
 
 def load_teacher(path, env, shape):
     """A rectified_flow.py checkpoint -> (b_T(t, y) of (docs/flow_map.md, "A rectified-flow teacher as a flow-map
-    velocity"), teacher noise std). Rebuilt from its `net` with its EMA weights; a wrong method or convention,
+    velocity"), teacher noise std, its weights). Rebuilt from its `net` with its EMA weights; a wrong method or convention,
     another data shape or a class-conditional teacher is a UserError. An EDM network pickle (.pkl) -> its denoiser
     as a rectified-flow velocity (edm_rf_velocity), noise std 1."""
     if path and path.endswith(".pkl") and (os.path.isfile(path) or os.path.basename(path).startswith("edm-")):
@@ -486,7 +486,7 @@ def load_teacher(path, env, shape):
                               f"data of shape {(nd['in_channels'], nd['img_resolution'], nd['img_resolution'])}; "
                               f"flow_map.py distils an unconditional teacher of the data's shape {tuple(shape)}.")
         den = den.to(env.device)
-        return rf_velocity(edm_rf_velocity(den), 1e-5), 1.0
+        return rf_velocity(edm_rf_velocity(den), 1e-5), 1.0, den.state_dict()
     if not path or not os.path.isfile(path):
         raise C.UserError(f"the teacher checkpoint '{path}' does not exist.")
     try:
@@ -505,7 +505,7 @@ def load_teacher(path, env, shape):
     C.load_state_strict(net, ck["ema"])
     net = net.to(env.device).eval().requires_grad_(False)
     t_eps = float(ck["config"].get("t_eps", 0.0) or 0.0)
-    return rf_velocity(lambda y, tau: net(y, tau), t_eps), float(ck["config"].get("noise_std", 1.0))
+    return rf_velocity(lambda y, tau: net(y, tau), t_eps), float(ck["config"].get("noise_std", 1.0)), ck["ema"]
 
 
 def choose_sigma0(cfg, data, teacher_std):
@@ -566,19 +566,17 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
-        was = ck["config"].get("teacher")  # the distilled teacher (lmd, emd): the same file, by its path
-        if given.get("teacher") and (not was or os.path.abspath(given["teacher"]) != os.path.abspath(was)):
-            raise C.UserError(f"'{path}' was trained from the teacher {was!r}; a resumed run cannot change it (use "
-                              f"another --out for --teacher {given['teacher']}).")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0"))
+        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0",
+                                                                   "teacher"))  # the distilled teacher: the same file
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))
-    teacher_b, teacher_std = None, None
+    teacher_b, teacher_std, tid = None, None, None
     if cfg.mode in ("lmd", "emd"):
         if cfg.interpolant != "linear":
             raise C.UserError("the rectified-flow teacher is converted for the linear interpolant only.")
-        teacher_b, teacher_std = load_teacher(cfg.teacher, env, data.shape)
+        teacher_b, teacher_std, tweights = load_teacher(cfg.teacher, env, data.shape)
+        tid = C.teacher_id(ck, path, cfg.teacher, tweights)  # and with the same weights
     cfg = resolve(cfg, data, teacher_std)
     nd = net_dict(cfg, data)
     raw = jvp_safe(C.build_net(nd)).to(env.device)
@@ -622,7 +620,7 @@ def train(cfg, given):
     def state():
         extra = dict(weight_head=head.state_dict()) if head is not None else {}
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=conv, **extra)
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=conv, teacher_id=tid, **extra)
 
     scaler = C.make_scaler(env)
     raw.train()

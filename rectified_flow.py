@@ -712,7 +712,7 @@ def train(cfg, given, env):
         if stage == "2rf":  # the teacher and the pairs only started the run: another one is another run
             then = dict(teacher=ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt"),
                         pairs=ck["config"].get("pairs") or os.path.join(cfg.out, "pairs"))
-            k = next((k for k in then if given.get(k) and os.path.abspath(given[k]) != os.path.abspath(then[k])), None)
+            k = next((k for k in then if given.get(k) and not C.same_file(given[k], then[k])), None)
             if k:
                 raise C.UserError(f"'{path}' was started from the {k} '{then[k]}'; a resumed 2-RF cannot change it "
                                   f"(use another --out for --{k} {given[k]}).")

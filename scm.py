@@ -494,13 +494,16 @@ def train(cfg, given, env):
     if given.get("augment") and cfg.mode != "diffusion":  # (a saved value, as old sCT runs have, is not refused)
         raise C.UserError("--augment (EDM's augmentation) is read by --mode diffusion only; the consistency models "
                           "train without it.")
-    teacher, init = None, None
+    teacher, init, tid = None, None, None
     if mode == "scd" and not cfg.teacher:
         raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")
     if mode == "diffusion" and cfg.teacher:
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
     if cfg.teacher and mode != "diffusion":
         teacher, tck = load_teacher(cfg.teacher, cfg)
+        # sCD reads the teacher at every step: a resumed sCD needs the same file (resume_config) with the same weights;
+        # sCT only started from it (recorded, not checked)
+        tid = C.teacher_id(ck if mode == "scd" else None, path, cfg.teacher, tck["ema"])
         if any(k in given for k in ("net", "width", "depth", "adn")):
             raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
@@ -555,7 +558,7 @@ def train(cfg, given, env):
     def state():
         return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
                     config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION, sigma_d=sd,
-                    weight_head=head.state_dict() if head is not None else None)
+                    weight_head=head.state_dict() if head is not None else None, teacher_id=tid)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = C.make_scaler(env)

@@ -137,7 +137,7 @@ def test_flow_map_teacher_velocity_from_an_edm_pickle(tmp_path, imgs):
     b = FM.rf_velocity(FM.edm_rf_velocity(lambda u, sigma: x), 1e-5)(t, I)
     assert (b - (x - z)).abs().max() < 1e-4
     pkl = edm_pickle(tmp_path)
-    bT, std = FM.load_teacher(pkl, C.Env(0, 1, 0, CPU, True, "fp32"), (3, 8, 8))
+    bT, std, _ = FM.load_teacher(pkl, C.Env(0, 1, 0, CPU, True, "fp32"), (3, 8, 8))
     den, _ = C.load_edm(pkl)
     with torch.no_grad():
         tau = 1 - t

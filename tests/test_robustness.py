@@ -384,6 +384,31 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
 
 
+def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
+    """flow_map lmd reads its teacher at every step: a resume whose teacher file holds other weights than when the run
+    started (retrained or replaced under the same path) is refused; the restored file resumes. GDD only started from
+    its teacher (G and D resume from the checkpoint): it records the id and resumes."""
+    import shutil
+    rf, t = files / "rectified_flow" / "ckpt.pt", tmp_path / "t.pt"
+    shutil.copy(rf, t)
+    argv = dict(flow_map=[*BASE["flow_map"], "--mode", "lmd", "--teacher", t, "--out", tmp_path / "f"],
+                distributional=["--batch", "16", "--eval_teacher_steps", "0", *EVAL, "--teacher", t, "--out",
+                                tmp_path / "d"])
+    for name in argv:
+        assert run(name, *argv[name], "--iters", "1") == 0
+    ck = torch.load(t, weights_only=True)
+    ck["ema"] = {k: v * 1.01 for k, v in ck["ema"].items()}
+    torch.save(ck, t)
+    capsys.readouterr()
+    code = run("flow_map", *argv["flow_map"], "--iters", "2")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "t.pt", "holds other weights")
+    assert out == "" and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert run("distributional", *argv["distributional"], "--iters", "2") == 0
+    shutil.copy(rf, t)  # control: restored
+    assert run("flow_map", *argv["flow_map"], "--iters", "2") == 0
+
+
 @pytest.mark.parametrize("argv, words", [
     (["imm.py", "sample", "--ckpt", "plain.pt"], ["plain.pt"]),  # torch would note the pickle protocol
     (["scm.py", "--data", "text.npy", "--out", "x"], ["text.npy"]),

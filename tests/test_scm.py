@@ -545,18 +545,35 @@ def test_cli_resume_bitwise(tiny, tmp_path):
     assert ra == rb == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
-def test_resume_refuses_another_teacher(tiny, tmp_path, capsys):
-    """The teacher initialised the run (and is sCD's target): a resume naming another one is refused, not ignored."""
+def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
+    """The teacher initialised the run (and is sCD's target at every step): a resume naming another file is refused,
+    not ignored, while the same file spelled another way resumes; a teacher file retrained in place since an sCD run
+    started is refused (its checkpoints record the weights' fingerprint). sCT only started from it: it resumes."""
     import shutil
-    shutil.copytree(tiny / "sct", tmp_path / "sct")
-    other = tmp_path / "other.pt"
-    shutil.copy(tiny / "diff" / "ckpt.pt", other)
+    base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tiny / "data"]
+    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")
+    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "other.pt")  # the same weights, another file
+    for m in ("sct", "scd"):
+        assert main(*base, "--mode", m, "--teacher", tmp_path / "t.pt", "--iters", "1", "--out", tmp_path / m) == 0
+        assert load(tmp_path / m / "ckpt.pt")["teacher_id"] == C.fingerprint(load(tmp_path / "t.pt")["ema"])
     capsys.readouterr()
-    code = main("--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tmp_path, "--mode", "sct", "--teacher",
-                other, "--iters", "6", "--out", tmp_path / "sct")
+    code = main(*base, "--mode", "sct", "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / "sct")
     out, err = capsys.readouterr()
     assert_user_error(code, err, "--teacher")
     assert out == ""
+    monkeypatch.chdir(tmp_path)  # control: the same file by a relative path
+    assert main(*base, "--mode", "scd", "--teacher", "./t.pt", "--iters", "2", "--out", tmp_path / "scd") == 0
+    t = load(tmp_path / "t.pt")
+    t["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in t["ema"].items()}
+    torch.save(t, tmp_path / "t.pt")  # retrained in place
+    capsys.readouterr()
+    code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
+    out, err = capsys.readouterr()
+    assert_user_error(code, err, "t.pt", "holds other weights")
+    assert out == "" and load(tmp_path / "scd" / "ckpt.pt")["step"] == 2
+    assert main(*base, "--mode", "sct", "--iters", "2", "--out", tmp_path / "sct") == 0  # control: sCT resumes
+    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")  # control: the teacher restored, sCD resumes
+    assert main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd") == 0
 
 
 def test_bad_inputs(tiny, tmp_path, capsys):
