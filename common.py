@@ -21,7 +21,7 @@ section starts at a line "# ==== <section>"):
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, check_dir (a writable folder), preflight
   command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   merge_config, sample_config, resume_config (what a resumed run may change), main_guard
+  resume and entry   merge_config, resume_config (what a resumed run may change), main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
@@ -1929,6 +1929,7 @@ SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
     fid_detector=(str, "inception", "inception or a TorchScript path"),
     root=(str, "data", "data sets and FID reference statistics"))
+FID_ONLY = ("fid_ref", "fid_detector", "root", "data")  # read by fid; `sample` refuses them
 
 
 def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
@@ -2064,9 +2065,11 @@ class Given(dict):
         self.preset = preset
 
 
-def parse_cli(Config, presets, method, argv=None):
-    """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and
-    `given` holds Config fields to apply over the checkpoint's config (merge_config). Bad input: UserError."""
+def parse_cli(Config, presets, method, argv=None, sampler=()):
+    """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and `given` holds
+    the Config fields to apply over the checkpoint's config (merge_config): only `sampler`, the fields the method's
+    sampler reads (and fid's --data); any other field is the checkpoint's and giving it is refused, not ignored.
+    Bad input: UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _NOTES.clear()  # a refused command's notes never reach the next command of the same process (tests, notebooks)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
@@ -2082,11 +2085,12 @@ def parse_cli(Config, presets, method, argv=None):
         shown, fields = _preset_defaults(fields, Config, presets, argv, method)
         options = [("preset", str, repr(shown), "one of " + ", ".join(presets) + f" (the defaults below are {shown}'s; "
                     f"--preset NAME --help shows another's)"), *fields]
-        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus any\n"
-                  f"field above (applied over the checkpoint's config); `python {method}.py sample --help` lists them.")
+        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus the\n"
+                  f"sampler's fields (over the checkpoint's config); `python {method}.py sample --help` lists them.")
     else:
-        options = [(k, t, repr(d), note) for k, (t, d, note) in SAMPLE_OPTS.items()] + \
-                [(k, t, repr(d), note) for k, t, d, note in fields if k not in SAMPLE_OPTS]
+        reads = (*sampler, "data") if cmd == "fid" else tuple(sampler)
+        options = [(k, t, repr(d), note) for k, (t, d, note) in SAMPLE_OPTS.items() if cmd == "fid" or
+                   k not in FID_ONLY] + [(k, t, "the checkpoint's", note) for k, t, d, note in fields if k in reads]
         epilog = None
     usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
                                             "--ckpt PATH ") + "[--field value ...]"
@@ -2100,6 +2104,11 @@ def parse_cli(Config, presets, method, argv=None):
         key = extra[0].partition("=")[0]
         if not key.startswith("--"):
             raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value.")
+        if cmd != "train" and (key[2:] in hints or key[2:] in SAMPLE_OPTS):
+            raise UserError(f"sample does not read {key} (fid does); drop it." if key[2:] in FID_ONLY else
+                            f"{cmd} takes {key} from the checkpoint (the run as it was trained) and changes only "
+                            + (", ".join(f"--{k}" for k in sampler) + " of its fields" if sampler else "its own options")
+                            + f" (`python {method}.py {cmd} --help`); drop it.")
         close = difflib.get_close_matches(key[2:], [s[0] for s in options], 3)
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
@@ -2156,24 +2165,6 @@ def merge_config(Config, base, given, log=None):
     except TypeError as e:
         raise UserError(f"checkpoint config does not fit this file's Config ({e}).") from None
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
-
-
-TRAIN_ONLY = ("preset", "iters", "resume", "compile", "accum", "log_every", "ckpt_every", "max_skips", "fid_every",
-              "fid_n", "fallback")  # Config fields that `sample` and `fid` never read
-
-
-def sample_config(Config, ck, given, path, fixed):
-    """The config of `sample` / `fid`: the checkpoint's, with the command line's fields on top (the sampler's); the
-    fields in `fixed` (the network, the method's time convention) are the checkpoint's and a different value is
-    refused rather than silently ignored, as is a field of TRAIN_ONLY."""
-    k = next((k for k in TRAIN_ONLY if k in given), None)
-    if k:
-        raise UserError(f"--{k} is a training option; sample and fid take the checkpoint's run as it is, so drop it.")
-    for k in fixed:
-        if k in given and given[k] != ck["config"].get(k):
-            raise UserError(f"'{path}' was trained with --{k} {ck['config'].get(k)!r}; sampling cannot change it "
-                            f"(got {given[k]!r}).")
-    return merge_config(Config, ck["config"], given)
 
 
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):

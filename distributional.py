@@ -1181,12 +1181,16 @@ def train(cfg, given):
 
 
 # ============================================================================================================= commands
+# sample and fid change only these Config fields over the checkpoint's (any other is refused)
+SAMPLER_FIELDS = ()  # the one-step generator has none
+
+
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
-    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("teacher_net", "freeze", "cond"))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]
@@ -1199,7 +1203,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
     C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

@@ -674,16 +674,20 @@ def train(cfg, given):
 
 
 # ============================================================================================================= commands
+# sample and fid change only these Config fields over the checkpoint's (any other is refused)
+SAMPLER_FIELDS = ("sampler",)  # the sampler's field (map, or Euler on the diagonal velocity)
+
+
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")
-    cfg = C.sample_config(Config, ck, given, opts.ckpt,
-                          fixed=("mode", "net", "width", "depth", "time_channels", "arch"))
+    cfg = C.merge_config(Config, ck["config"], given)
     if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
-        raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', which --interpolant/--sigma0 cannot "
-                          f"change at sampling time.")
+        raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', but its config's interpolant and "
+                          f"sigma0 give '{convention(cfg.interpolant, cfg.sigma0)}'; it was edited, or not written "
+                          f"by this project.")
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
@@ -693,7 +697,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
     C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

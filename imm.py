@@ -421,12 +421,16 @@ def train(cfg, given):
 
 
 # ============================================================================================================= commands
+# sample and fid change only these Config fields over the checkpoint's (any other is refused)
+SAMPLER_FIELDS = ("sampler", "schedule", "eta_mid")  # the sampler's fields (Alg. 2 / Alg. 5, the grid)
+
+
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; imm.py samples only imm checkpoints.")
-    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("net", "width", "param", "second_time", "sigma_d"))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
@@ -435,7 +439,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
     C.preflight(cmd, cfg)
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

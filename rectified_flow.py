@@ -866,6 +866,10 @@ def invert_data(cfg, env, net2, folder):
 
 
 # ============================================================================================================= commands
+# sample and fid change only these Config fields over the checkpoint's (any other is refused)
+SAMPLER_FIELDS = ("solver", "grid", "rule", "t_mid")  # the ODE solver's fields (sampler_for)
+
+
 def run(cfg, given):
     k = next((k for k in ("teacher", "pairs") if given.get(k)), None)
     if cfg.stage in ("1rf", "ft") and k or cfg.stage == "all" and "teacher" in given:
@@ -897,7 +901,7 @@ def run(cfg, given):
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
-    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("net", "width", "cond"))
+    cfg = C.merge_config(Config, ck["config"], given)
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),
@@ -906,7 +910,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
     C.preflight(cmd, cfg)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

@@ -625,6 +625,10 @@ def train(cfg, given, env):
 
 
 # ============================================================================================================= commands
+# sample and fid change only these Config fields over the checkpoint's (any other is refused)
+SAMPLER_FIELDS = ("sigma_max", "t_mid")  # the samplers' fields (the first time, the CMs' 2-step middle time)
+
+
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
     began = lambda d: any(os.path.exists(os.path.join(d, f)) for f in ("ckpt.pt", "config.json"))  # a run's files
@@ -689,7 +693,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
-    cfg = C.sample_config(Config, ck, given, opts.ckpt, fixed=("mode", "net", "width", "depth", "adn", "sigma_d"))
+    cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
@@ -699,7 +703,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
     C.preflight(cmd, cfg)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

@@ -978,7 +978,7 @@ PRESETS = {"toy": {"iters": 10},
 
 
 def _cli(*argv, presets=PRESETS):
-    return C.parse_cli(Cfg, presets, "m", list(argv))
+    return C.parse_cli(Cfg, presets, "m", list(argv), sampler=("dropout",))
 
 
 def test_cli_presets_and_overrides():
@@ -1069,8 +1069,15 @@ def test_cli_sample_and_fid_options():
     assert _cli("sample", "--ckpt", "a.pt")[1].n == 64
     with pytest.raises(C.UserError, match="--ckpt"):
         _cli("fid")
-    with pytest.raises(C.UserError):
+    with pytest.raises(C.UserError, match="unknown option --nope"):
         _cli("sample", "--ckpt", "a.pt", "--nope", "1")
+    # a Config field the sampler does not read is the checkpoint's: refused, not ignored; fid's options on sample
+    with pytest.raises(C.UserError, match=r"sample takes --lr from the checkpoint .* changes only --dropout"):
+        _cli("sample", "--ckpt", "a.pt", "--lr", "-1")
+    for k in ("root", "fid_ref", "fid_detector"):  # (--data: tests/test_robustness.py)
+        with pytest.raises(C.UserError, match=f"sample does not read --{k} "):
+            _cli("sample", "--ckpt", "a.pt", f"--{k}", "x")
+    assert _cli("fid", "--ckpt", "a.pt", "--root", "r")[1].root == "r"
 
 
 def test_merge_config():

@@ -18,20 +18,21 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF;
       (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        22   22     22          22              22
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        25   25     25          25              24
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
-      missing, a Config override out of range, seed 2^63,
-      fid --root a file, a network field of the checkpoint,
-      steps 1,2, (an empty entry), --out '', fid --out
-      not .jsonl, a training option: --iters, --preset)
+      missing, seed 2^63, fid --root a file, steps 1,2,
+      (an empty entry), --out '', fid --out not .jsonl; a
+      Config field the sampler never reads (the learning
+      rate, a network field, --iters, --preset), sample
+      --data / --root (fid's), a sampler field out of range)
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           56   58     59          60              58
+    bad-input cases, all one sentence and exit 2           59   61     62          63              60
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -72,6 +73,8 @@ BASE = dict(  # a few toy steps, 2-D points, small MLPs
                     *EVAL])
 LR = dict(distributional="--lr_g")  # the learning-rate flag of each file (default --lr)
 DROP = dict(distributional="--d_t")  # a [0, 1) probability of each file (default --dropout)
+SAMPLER_BAD = dict(imm=["--eta_mid", "-1"], scm=["--sigma_max", "0"], flow_map=["--sampler", "nope"],  # a sampler
+                   rectified_flow=["--t_mid", "2"])  # field out of its range (GDD's generator has none)
 FIXED = dict(imm=["--width", "32"], scm=["--width", "32"], flow_map=["--width", "32"],  # the network: sampling
              rectified_flow=["--width", "32"], distributional=["--cond", "true"])  # cannot change it
 
@@ -178,14 +181,15 @@ def sample_cases(name, d):
         (s(c=d / "missing.pt"), ["missing.pt"]), (s(c=d / "text.npy"), ["text.npy"]), (s(c=d / "plain.pt"), ["plain"]),
         (s(c=d / "badcfg.pt"), ["malformed"]), (s(c=other), [str(other)]),
         (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
-        (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "positive"]),
+        (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "from the checkpoint"]),
         (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
-        (s(*FIXED[name]), [FIXED[name][0], "sampling cannot change it"]),
+        (s(*FIXED[name]), [FIXED[name][0], "from the checkpoint"]),
         (s("--steps", "1,2,"), ["--steps", "empty entry"]),
         (s("--out", ""), ["--out", "file name"]),  # it fell back to the checkpoint's folder
         (s("--out", d / "x.png", cmd="fid"), [".jsonl", "x.png"]),  # fid appended JSON to any file, a ckpt.pt too
-        (s("--iters", "5"), ["--iters", "training option"]), (s("--preset", "cifar10"), ["--preset", "training"]),
-    ]
+        (s("--iters", "5"), ["--iters", "from the checkpoint"]), (s("--preset", "cifar10"), ["--preset", "checkpoint"]),
+        (s("--data", "moons"), ["--data", "fid does"]), (s("--root", d), ["--root", "fid does"]),  # sample never reads
+    ] + ([(s(*SAMPLER_BAD[name]), [SAMPLER_BAD[name][0]])] if name in SAMPLER_BAD else [])
 
 
 def resume_cases(name, d):
@@ -216,7 +220,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=56, scm=58, flow_map=59, rectified_flow=60, distributional=58), got
+    assert got == dict(imm=59, scm=61, flow_map=62, rectified_flow=63, distributional=60), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
