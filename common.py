@@ -392,6 +392,18 @@ def net_config(name, **overrides):
     return d
 
 
+def _net_value_ok(k, v, r):
+    """A network config value of the default r's type: sizes positive (labels, augmentation inputs: >= 0), lists of
+    positive ints (attn_res may be empty), dropout in [0, 1), other floats finite and positive."""
+    if isinstance(r, list):
+        return isinstance(v, list) and all(type(x) is int and x > 0 for x in v) and (bool(v) or k == "attn_res")
+    if isinstance(r, (bool, str)):
+        return type(v) is type(r)
+    if isinstance(r, int):
+        return type(v) is int and v >= (0 if k in ("label_dim", "augment_dim") else 1)
+    return type(v) in (int, float) and math.isfinite(v) and (0 <= v < 1 if "dropout" in k else v > 0)
+
+
 def build_net(d):
     d = dict(d)
     kind = d.get("kind")
@@ -404,6 +416,10 @@ def build_net(d):
     for k, ok in _NET_CHOICES.items():
         if k in d and d[k] not in ok:
             raise UserError(f"network option {k}={d[k]!r} is not one of {', '.join(ok)}.")
+    ref = {**_NET_COMMON, **_NETS["ddpmpp" if kind == "unet" else "mlp"]}
+    k = next((k for k, v in d.items() if not _net_value_ok(k, v, ref[k])), None)
+    if k:  # (an edited checkpoint: the command line's values are checked before)
+        raise UserError(f"network option {k}={d[k]!r} is out of range or of the wrong type.")
     if kind == "unet":
         if d["img_resolution"] % 2 ** (len(d["mult"]) - 1):
             raise UserError(f"image resolution {d['img_resolution']} is not divisible by 2^{len(d['mult']) - 1}.")

@@ -326,6 +326,14 @@ def test_net_config_errors():
         C.build_net({**d, "kind": "transformer"})
     with pytest.raises(C.UserError, match="divisible"):
         C.build_net({**d, "img_resolution": 15})
+    # a value an edited checkpoint holds that no network takes: one sentence in build_net, not a traceback later
+    m = C.net_config("mlp")
+    for net, k, v in ((m, "width", -4), (m, "depth", 2.0), (m, "dropout", 1.5), (m, "time_scale", math.nan),
+                      (m, "adn", 1), (d, "ch", 0), (d, "mult", []), (d, "attn_res", [0]), (d, "label_dim", -1),
+                      (d, "resample_filter", [1, "1"])):
+        with pytest.raises(C.UserError, match=f"network option {k}="):
+            C.build_net({**net, k: v})
+    C.build_net({**m, "dropout": 0, "time_scale": 1000}), C.build_net({**d, "attn_res": [], "label_dim": 10})  # control
 
 
 def test_second_time_misuse_is_user_error():
