@@ -394,14 +394,15 @@ def net_config(name, **overrides):
 
 def _net_value_ok(k, v, r):
     """A network config value of the default r's type: sizes positive (labels, augmentation inputs: >= 0), lists of
-    positive ints (attn_res may be empty), dropout in [0, 1), other floats finite and positive."""
+    positive ints (attn_res may be empty), dropout in [0, 1), label dropout in [0, 1], other floats positive."""
     if isinstance(r, list):
         return isinstance(v, list) and all(type(x) is int and x > 0 for x in v) and (bool(v) or k == "attn_res")
     if isinstance(r, (bool, str)):
         return type(v) is type(r)
     if isinstance(r, int):
         return type(v) is int and v >= (0 if k in ("label_dim", "augment_dim") else 1)
-    return type(v) in (int, float) and math.isfinite(v) and (0 <= v < 1 if "dropout" in k else v > 0)
+    return type(v) in (int, float) and math.isfinite(v) and (0 <= v < 1 if k == "dropout" else 0 <= v <= 1
+                                                             if k == "label_dropout" else v > 0)
 
 
 def build_net(d):
