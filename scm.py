@@ -693,6 +693,9 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     check_scm(ck, opts.ckpt)
+    if "t_mid" in given and ck["config"].get("mode") == "diffusion":  # a sampler field of the CMs' sampler only
+        raise C.UserError("--t_mid is the consistency models' middle time; a diffusion checkpoint samples with EDM's "
+                          "Heun (--steps, --sigma_max).")
     cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])

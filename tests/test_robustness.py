@@ -192,6 +192,39 @@ def sample_cases(name, d):
     ] + ([(s(*SAMPLER_BAD[name]), [SAMPLER_BAD[name][0]])] if name in SAMPLER_BAD else [])
 
 
+def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
+    """SAMPLER_FIELDS, the only Config fields sample/fid accept, are read: each, changed at a step count where it
+    applies, changes the samples of the fixture run (a field accepted but never read would be ignored in silence).
+    scm's --t_mid, the CMs' middle time, on a one-step sCT made from the diffusion fixture (refused on the latter)."""
+    assert run("scm", "--batch", "16", "--lr_schedule", "const", *EVAL, "--mode", "sct", "--teacher", files / "scm" / "ckpt.pt", "--iters", "1",
+               "--out", tmp_path / "sct") == 0
+    cases = dict(imm=[("--sampler", "restart", 2), ("--schedule", "edm", 4), ("--eta_mid", "1.2", 2)],
+                 scm=[("--sigma_max", "40", 2), ("--t_mid", "1.0", 2, tmp_path / "sct" / "ckpt.pt")],
+                 flow_map=[("--sampler", "ode", 2)],
+                 rectified_flow=[("--solver", "heun", 2), ("--grid", "edm", 4), ("--rule", "new", 3),
+                                 ("--t_mid", "0.3", 2)])
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(path):  # the fixture's weights + noise: a 2-step run's nearly-zero output layer hides a time input
+        ck = torch.load(path, weights_only=True)
+        ck["ema"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                     for k, v in ck["ema"].items()}
+        torch.save(ck, tmp_path / "noisy.pt")
+        return tmp_path / "noisy.pt"
+    for name in MODS:
+        assert [c[0][2:] for c in cases.get(name, [])] == list(MODS[name].SAMPLER_FIELDS), name  # each one, once
+        for flag, value, K, *ck in cases.get(name, []):
+            got, ck = [], noisy(ck[0] if ck else files / name / "ckpt.pt")
+            for extra in ([], [flag, value]):
+                out = tmp_path / f"{name}-{flag[2:]}-{len(extra)}.npy"
+                assert run(name, "sample", "--ckpt", ck, "--steps", K, "--n", "8", "--out", out, *extra) == 0
+                got.append(np.load(out))
+            assert np.isfinite(got[1]).all() and not np.allclose(got[0], got[1], rtol=0, atol=1e-3), (name, flag)
+    capsys.readouterr()
+    code = run("scm", "sample", "--ckpt", files / "scm" / "ckpt.pt", "--t_mid", "0.5", "--out", tmp_path / "s.npy")
+    one_sentence(code, capsys.readouterr()[1], "--t_mid", "diffusion")
+
+
 def resume_cases(name, d):
     """Refused on resume of the fixture run (d / name, trained with seed 0, the toy preset)."""
     at = [*BASE[name], "--out", d / name, "--iters", "4", LR.get(name, "--lr"), "5e-4"]  # a change it would note
