@@ -1938,7 +1938,7 @@ def preflight(cmd, cfg):
 
 
 # ========================================================================================================= command line
-SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); any Config field may follow (applied over the checkpoint's)
+SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config fields follow (over the checkpoint's)
     ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
     n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, "sample: .npy/.png; fid: .jsonl"),
     batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
