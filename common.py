@@ -420,7 +420,8 @@ def build_net(d):
     ref = {**_NET_COMMON, **_NETS["ddpmpp" if kind == "unet" else "mlp"]}
     k = next((k for k, v in d.items() if not _net_value_ok(k, v, ref[k])), None)
     if k:  # (an edited checkpoint: the command line's values are checked before)
-        raise UserError(f"network option {k}={d[k]!r} is out of range or of the wrong type.")
+        raise UserError(f"a checkpoint's network config holds {k}={d[k]!r}, out of range or of the wrong type (it was "
+                        f"edited, or not written by this project).")
     if kind == "unet":
         if d["img_resolution"] % 2 ** (len(d["mult"]) - 1):
             raise UserError(f"image resolution {d['img_resolution']} is not divisible by 2^{len(d['mult']) - 1}.")
@@ -1320,24 +1321,26 @@ def fingerprint(sd):
     h = hashlib.sha1()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode()), h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # (reshape: a 0-dim tensor has no byte view)
     return h.hexdigest()[:16]
 
 
-def teacher_id(ck, path, tpath, weights):
-    """The fingerprint of a teacher's weights, which a run's checkpoints record (`teacher_id`). On resume (`ck`, read
-    from `path`) a teacher file whose weights are no longer those the run started from (retrained or replaced in
-    place) is refused, not distilled from then on without a word; checkpoints older than the id are not checked."""
-    tid = fingerprint(weights)
-    if ck and ck.get("teacher_id", tid) != tid:
+def teacher_id(ck, path, tpath, weights, check=True):
+    """The fingerprint of the weights of the teacher a run started from, which its checkpoints record (`teacher_id`;
+    a resumed run keeps the one it started from). On resume (`ck`, read from `path`) with `check`, a teacher file whose
+    weights are no longer those (retrained or replaced in place) is refused, not distilled from then on without a
+    word; checkpoints older than the id are not checked."""
+    tid, was = fingerprint(weights), ck.get("teacher_id") if ck else None
+    if check and was is not None and was != tid:
         raise UserError(f"the teacher '{tpath}' holds other weights than when '{path}' started from it (retrained or "
                         f"replaced since); a resumed run keeps its teacher: restore that file, or use another --out.")
-    return tid
+    return was or tid
 
 
 def same_file(a, b):
-    """Two paths naming the same file as far as the command line can tell (runs/x and ./runs/x; both None)."""
-    return a == b or bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
+    """Two paths naming the same file (runs/x, ./runs/x and a link to it; both None)."""
+    return a == b or bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def load_state_strict(module, sd):
@@ -2102,8 +2105,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
         shown, fields = _preset_defaults(fields, Config, presets, argv, method)
         options = [("preset", str, repr(shown), "one of " + ", ".join(presets) + f" (the defaults below are {shown}'s; "
                     f"--preset NAME --help shows another's)"), *fields]
-        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...] plus the\n"
-                  f"sampler's fields (over the checkpoint's config); `python {method}.py sample --help` lists them.")
+        epilog = (f"sample/fid: python {method}.py sample|fid --ckpt PATH [--steps 1,2 --n N --out PATH ...]" + (
+            f" plus the\nsampler's fields (over the checkpoint's config); `python {method}.py sample --help` lists "
+            f"them." if sampler else f"; the rest\nis the checkpoint's (`python {method}.py sample --help`)."))
     else:
         reads = (*sampler, "data") if cmd == "fid" else tuple(sampler)
         options = [(k, t, repr(d), note) for k, (t, d, note) in SAMPLE_OPTS.items() if cmd == "fid" or
@@ -2122,10 +2126,12 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
         if not key.startswith("--"):
             raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value.")
         if cmd != "train" and (key[2:] in hints or key[2:] in SAMPLE_OPTS):
+            can = ", ".join(f"--{k}" for k in reads)
             raise UserError(f"sample does not read {key} (fid does); drop it." if key[2:] in FID_ONLY else
                             f"{cmd} takes {key} from the checkpoint (the run as it was trained) and changes only "
-                            + (", ".join(f"--{k}" for k in sampler) + " of its fields" if sampler else "its own options")
-                            + f" (`python {method}.py {cmd} --help`); drop it.")
+                            + (f"{can} of its fields" if can else "its own options") + f" (`python {method}.py {cmd} "
+                            f"--help`); drop it" + (", and give step counts with --steps." if key.endswith("steps")
+                                                    else "."))
         close = difflib.get_close_matches(key[2:], [s[0] for s in options], 3)
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))

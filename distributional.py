@@ -1078,8 +1078,7 @@ def train(cfg, given):
         if not os.path.exists(tpath):
             train_teacher(cfg, data, env, tpath, log)
     teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
-    tid = C.fingerprint(teacher.state_dict())  # recorded; not checked on resume: G (and the `teacher` D's encoder copy)
-    #                                             resume from the checkpoint, the teacher only started them
+    tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (t_g, the step-0 panel)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 
     # ---- generator (GDD §3, initialisation): raw weights and EMA both start as the teacher's EMA; GDD-I freezes once

@@ -74,7 +74,7 @@ class Config:
     augment: float = 0.0  # EDM's non-leaky augmentation probability p (common.augment_batch; 0 off), augment_dim 9
     # sampling
     sampler: Literal["pushforward", "restart"] = "pushforward"  # IMM Alg. 2 / Alg. 5
-    schedule: Literal["uniform", "edm"] = "uniform"  # time grid for N >= 4 (Eq. 117 / Eq. 118)
+    schedule: Literal["uniform", "edm"] = "uniform"  # time grid for N >= 3 (Eq. 117 / Eq. 118)
     eta_mid: float = 1.4  # 2-step middle time t_1 = eta^-1(1.4) = 7/12 (App. I.2)
     # logging and evaluation
     log_every: int = 500  # steps between log lines

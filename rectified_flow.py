@@ -126,6 +126,8 @@ class Config:
                              "positive.")
         if self.noise_std != 1.0:
             raise ValueError("--noise_std is fixed at 1 by this file's convention.")
+        if self.solver == "rk4" and self.rule == "new":
+            raise ValueError("--rule new (rfpp's update) applies to the euler and heun solvers; rk4 takes plain steps.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
@@ -399,12 +401,13 @@ def invert(v, x, eps, K):
 
 
 def sampler_for(cfg, K):
-    """Sampler defaults: 2rf/ft Euler, uniform grid, new rule; 1rf Heun on the edm grid for K >= 3, else Euler."""
+    """Sampler defaults: 2rf/ft Euler, uniform grid, new rule (not with rk4); 1rf Heun on the edm grid for K >= 3,
+    else Euler."""
     reflow = cfg.stage in ("2rf", "ft")
     solver = cfg.solver if cfg.solver != "auto" else ("euler" if reflow or K <= 2 else "heun")
     grid = cfg.grid if cfg.grid != "auto" else ("edm" if solver == "rk4" or (solver == "heun" and not reflow)
                                                 else "uniform")
-    rule = cfg.rule if cfg.rule != "auto" else ("new" if reflow else "default")
+    rule = cfg.rule if cfg.rule != "auto" else ("new" if reflow and solver != "rk4" else "default")
     return solver, grid, rule
 
 

@@ -91,7 +91,7 @@ class Config:
     ema_rampup: Optional[float] = 0.05  # EMA half-life ramp-up ratio (EDM)
     # sampling
     sigma_max: float = 80.0  # t_max = arctan(sigma_max / sigma_d) (G.2)
-    t_mid: float = 1.1  # 2-step intermediate time (G.2); K > 2 uses t_k = t_mid (K - k)/(K - 1) (project's choice)
+    t_mid: float = 1.1  # the CMs' 2-step middle time (G.2); K > 2: t_k = t_mid (K - k)/(K - 1) (project's choice)
     heun_steps: int = 18  # diffusion sampler: EDM Heun, 2K - 1 NFE (G.1)
     # logging and evaluation
     log_every: int = 250  # steps between log lines (loss, raw tangent norm, w(t), r, grad norm)
@@ -110,7 +110,7 @@ class Config:
             raise ValueError("--batch and --accum must be positive, --iters and --H non-negative.")
         if not (self.lr > 0 and self.c > 0 and self.sigma_d > 0 and self.P_std > 0):
             raise ValueError("--lr, --c, --sigma_d and --P_std must be positive.")
-        if not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
+        if self.mode != "diffusion" and not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
             raise ValueError(f"--t_mid must lie in (0, t_max = {math.atan(self.sigma_max / self.sigma_d):.4f}).")
         if not 0 <= self.dropout < 1 or not 0 < self.beta2 < 1 or self.heun_steps < 1:
             raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
@@ -502,8 +502,8 @@ def train(cfg, given, env):
     if cfg.teacher and mode != "diffusion":
         teacher, tck = load_teacher(cfg.teacher, cfg)
         # sCD reads the teacher at every step: a resumed sCD needs the same file (resume_config) with the same weights;
-        # sCT only started from it (recorded, not checked)
-        tid = C.teacher_id(ck if mode == "scd" else None, path, cfg.teacher, tck["ema"])
+        # sCT only started from it (the id it started from is kept, not checked)
+        tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"], check=mode == "scd")
         if any(k in given for k in ("net", "width", "depth", "adn")):
             raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
@@ -639,6 +639,14 @@ def run(cfg, given):
     if cfg.mode == "all" and single:
         raise C.UserError(f"'{cfg.out}' holds a single-mode run; --mode all puts its three runs in "
                           f"subfolders, so use another --out.")
+    cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
+    if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
+        dck = C.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"))
+        target = given.get("iters", dck["config"].get("iters", 0))
+        if dck["step"] < target:
+            raise C.UserError(f"'{cfg.out}' holds {' and '.join(cms)} distilled from its diffusion model at step "
+                              f"{dck['step']}, which --mode all would train on to step {target} beneath them; continue "
+                              f"one mode with --out {os.path.join(cfg.out, '<mode>')}, or use another --out.")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
                                           flush=True)

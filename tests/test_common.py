@@ -331,7 +331,7 @@ def test_net_config_errors():
     for net, k, v in ((m, "width", -4), (m, "depth", 2.0), (m, "dropout", 1.5), (m, "time_scale", math.nan),
                       (m, "adn", 1), (d, "ch", 0), (d, "mult", []), (d, "attn_res", [0]), (d, "label_dim", -1),
                       (d, "resample_filter", [1, "1"])):
-        with pytest.raises(C.UserError, match=f"network option {k}="):
+        with pytest.raises(C.UserError, match=f"network config holds {k}="):
             C.build_net({**net, k: v})
     C.build_net({**m, "dropout": 0, "time_scale": 1000}), C.build_net({**d, "attn_res": [], "label_dim": 10})  # control
 
@@ -1086,6 +1086,21 @@ def test_cli_sample_and_fid_options():
         with pytest.raises(C.UserError, match=f"sample does not read --{k} "):
             _cli("sample", "--ckpt", "a.pt", f"--{k}", "x")
     assert _cli("fid", "--ckpt", "a.pt", "--root", "r")[1].root == "r"
+
+
+def test_same_file_and_teacher_id(tmp_path):
+    (tmp_path / "t.pt").write_text("x")
+    os.symlink(tmp_path / "t.pt", tmp_path / "link.pt")
+    assert C.same_file(str(tmp_path / "t.pt"), str(tmp_path / "." / "link.pt")) and C.same_file(None, None)
+    assert not C.same_file(str(tmp_path / "t.pt"), str(tmp_path / "u.pt")) and not C.same_file(None, "t.pt")
+    w = {"a": torch.ones(2), "s": torch.tensor(3.0)}  # (a 0-dim tensor too)
+    tid = C.teacher_id(None, "ck.pt", "t.pt", w)
+    assert tid == C.fingerprint(w) and C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", w) == tid
+    other = {**w, "s": torch.tensor(4.0)}
+    with pytest.raises(C.UserError, match="'t.pt' holds other weights than when 'ck.pt' started"):
+        C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other)
+    assert C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other, check=False) == tid  # the one it started from
+    assert C.teacher_id({}, "ck.pt", "t.pt", other) == C.fingerprint(other)  # a checkpoint older than the id
 
 
 def test_merge_config():

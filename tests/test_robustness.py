@@ -192,6 +192,21 @@ def sample_cases(name, d):
     ] + ([(s(*SAMPLER_BAD[name]), [SAMPLER_BAD[name][0]])] if name in SAMPLER_BAD else [])
 
 
+def test_scm_all_never_trains_the_teacher_beneath_its_cms(tmp_path, capsys):
+    """scm --mode all with more --iters would train DIR/diffusion on beneath the sCT and sCD distilled from it (sCD
+    could then never resume: its teacher's weights changed): refused before any work; the same --iters resumes."""
+    argv = ["--mode", "all", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1", "--lr_schedule",
+            "const", *EVAL, "--out", tmp_path / "a"]
+    assert run("scm", *argv, "--iters", "2") == 0
+    before = {m: os.path.getmtime(tmp_path / "a" / m / "ckpt.pt") for m in ("diffusion", "sct", "scd")}
+    capsys.readouterr()
+    code = run("scm", *argv, "--iters", "3")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "sct and scd", "step 2", "step 3")
+    assert out == "" and before == {m: os.path.getmtime(tmp_path / "a" / m / "ckpt.pt") for m in before}
+    assert run("scm", *argv, "--iters", "2") == 0  # control
+
+
 def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     """SAMPLER_FIELDS, the only Config fields sample/fid accept, are read: each, changed at a step count where it
     applies, changes the samples of the fixture run (a field accepted but never read would be ignored in silence).
@@ -223,6 +238,12 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     capsys.readouterr()
     code = run("scm", "sample", "--ckpt", files / "scm" / "ckpt.pt", "--t_mid", "0.5", "--out", tmp_path / "s.npy")
     one_sentence(code, capsys.readouterr()[1], "--t_mid", "diffusion")
+    code = run("rectified_flow", "sample", "--ckpt", files / "rectified_flow" / "ckpt.pt", "--solver", "rk4", "--rule",
+               "new", "--out", tmp_path / "s.npy")  # rk4 never reads the rule
+    one_sentence(code, capsys.readouterr()[1], "--rule new", "rk4")
+    # control: a diffusion model's Heun takes any sigma_max (the CMs' t_mid < arctan(sigma_max / sigma_d) is not its)
+    assert run("scm", "sample", "--ckpt", files / "scm" / "ckpt.pt", "--sigma_max", "0.5", "--steps", "2", "--n", "2",
+               "--out", tmp_path / "s.npy") == 0
 
 
 def resume_cases(name, d):
@@ -422,9 +443,9 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
 
 
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
-    """flow_map lmd reads its teacher at every step: a resume whose teacher file holds other weights than when the run
-    started (retrained or replaced under the same path) is refused; the restored file resumes. GDD only started from
-    its teacher (G and D resume from the checkpoint): it records the id and resumes."""
+    """flow_map lmd reads its teacher at every step, GDD its t_g and step-0 panel: a resume whose teacher file holds
+    other weights than when the run started (retrained or replaced under the same path) is refused; the restored file
+    resumes."""
     import shutil
     rf, t = files / "rectified_flow" / "ckpt.pt", tmp_path / "t.pt"
     shutil.copy(rf, t)
@@ -437,13 +458,14 @@ def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, caps
     ck["ema"] = {k: v * 1.01 for k, v in ck["ema"].items()}
     torch.save(ck, t)
     capsys.readouterr()
-    code = run("flow_map", *argv["flow_map"], "--iters", "2")
-    out, err = capsys.readouterr()
-    one_sentence(code, err, "t.pt", "holds other weights")
-    assert out == "" and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 1
-    assert run("distributional", *argv["distributional"], "--iters", "2") == 0
+    for name, d in (("flow_map", "f"), ("distributional", "d")):
+        code = run(name, *argv[name], "--iters", "2")
+        out, err = capsys.readouterr()
+        one_sentence(code, err, "t.pt", "holds other weights")
+        assert out == "" and torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["step"] == 1
     shutil.copy(rf, t)  # control: restored
-    assert run("flow_map", *argv["flow_map"], "--iters", "2") == 0
+    for name in argv:
+        assert run(name, *argv[name], "--iters", "2") == 0
 
 
 @pytest.mark.parametrize("argv, words", [

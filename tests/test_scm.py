@@ -571,7 +571,9 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert_user_error(code, err, "t.pt", "holds other weights")
     assert out == "" and load(tmp_path / "scd" / "ckpt.pt")["step"] == 2
-    assert main(*base, "--mode", "sct", "--iters", "2", "--out", tmp_path / "sct") == 0  # control: sCT resumes
+    was = load(tmp_path / "sct" / "ckpt.pt")["teacher_id"]
+    assert main(*base, "--mode", "sct", "--iters", "2", "--out", tmp_path / "sct") == 0  # control: sCT resumes,
+    assert load(tmp_path / "sct" / "ckpt.pt")["teacher_id"] == was  # recording the teacher it started from
     shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")  # control: the teacher restored, sCD resumes
     assert main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd") == 0
 
