@@ -1273,8 +1273,9 @@ def _optimiser_state(o):
         all(isinstance(v, dict) and v and _optimiser_state(v) for v in o.values())
 
 
-def load_checkpoint(path):
-    """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked."""
+def load_checkpoint(path, **own):
+    """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked;
+    `own`: a method's own entries and their types (GDD: t_g=float, ...)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist.")
     try:
@@ -1284,10 +1285,11 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
                         f"({type(e).__name__}).") from None
-    missing = [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]
+    layout = {**_LAYOUT, **own}
+    missing = [k for k in layout if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
-    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
+    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in layout.items() if not isinstance(ck[k], t)
              or (t is int and isinstance(ck[k], bool))]
     if wrong:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
@@ -1345,6 +1347,9 @@ def same_file(a, b):
 
 def load_state_strict(module, sd):
     """Strict load after stripping 'module.'/'_orig_mod.' prefixes; mismatches name the keys."""
+    if not isinstance(sd, dict):  # (a checkpoint's entry edited away: weight_head None, ...)
+        raise UserError(f"the checkpoint holds no {type(module).__name__} weights (a {type(sd).__name__}); it was "
+                        f"edited, or not written by this project.")
     sd = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in sd.items()}
     own = module.state_dict()
     miss, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
@@ -2234,6 +2239,8 @@ def _sentence(e):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
             or "Storage size calculation overflowed" in m:
         return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
+    if "cannot be converted to type" in m and "without overflow" in m:  # torch's optimisers on, e.g., --lr 1e38
+        return "a value overflows float arithmetic (a learning rate such as 1e38); give a smaller one."
     if type(e).__name__ in ("InductorError", "BackendCompilerFailed") and re.search(
             r"InvalidCxxCompiler|CppCompileError|C\+\+ compile|working C\+\+ compiler|[Tt]riton", m):  # the toolchain
         first = next((ln.strip() for ln in m.splitlines() if ln.strip()), type(e).__name__)[:160].rstrip(".")
@@ -2439,8 +2446,16 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         return
     if len(shape) == 1:
         raise UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+    if opts.fid_ref and cfg.data != ck["config"].get("data"):
+        raise UserError("--data and --fid_ref both name the reference: fid reads the statistics of --fid_ref, so give "
+                        "one of them.")
     det = load_detector(opts.fid_detector, env)
-    ref = reference_stats(load_data(cfg.data, opts.root, env, cfg.seed, False), det, env, opts.root, opts.fid_ref)
+    data = None if opts.fid_ref else load_data(cfg.data, opts.root, env, cfg.seed, False)
+    if data is not None and (data.kind != "images" or tuple(data.shape) != tuple(shape)):
+        what = f"images of shape {tuple(data.shape)}" if data.kind == "images" else "2-D points"
+        raise UserError(f"the data '{cfg.data}' are {what}, but the model generates images of shape {tuple(shape)}; "
+                        f"FID compares the two, so give data of its shape.")
+    ref = reference_stats(data, det, env, opts.root, opts.fid_ref)
     for K in opts.steps:
         fid = compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
         flush_notes(env)

@@ -798,6 +798,8 @@ def load_teacher(path, cfg, data, log):
     embedding."""
     if path.endswith(".pkl"):
         return _load_edm_teacher(path, cfg, data)
+    if not os.path.isfile(path):
+        raise C.UserError(f"the teacher '{path}' does not exist.")
     ck = C.load_checkpoint(path)
     if ck["method"] != TEACHER_METHOD or ck["convention"] != TEACHER_CONVENTION:
         raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
@@ -1046,14 +1048,26 @@ def check_in_file_teacher(cfg, given, ck):
                               f"remove it to train the teacher anew, or use another --out.")
 
 
+OWN = dict(t_g=float, teacher=dict, disc=dict)  # this file's own checkpoint entries (common.load_checkpoint)
+
+
+def check_own(ck, path):
+    """t_g in [0.99, 1] (load_teacher's range), the teacher's record naming its path."""
+    if not (0.99 <= ck["t_g"] <= 1 and isinstance(ck["teacher"].get("path"), str)):
+        raise C.UserError(f"checkpoint '{path}' is malformed (its t_g {ck['t_g']!r} or teacher entry); it was not "
+                          f"written by this project.")
+
+
 def train(cfg, given):
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
-        ck = C.load_checkpoint(path)
-        if ck["method"] != METHOD:
-            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
+        ck = C.load_checkpoint(path, **OWN)
+        if ck["method"] != METHOD or ck["convention"] != CONVENTION:
+            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
+                              f"of this file's; use another --out.")
+        check_own(ck, path)
         if "teacher" in given and not C.same_file(given["teacher"], ck["teacher"]["path"]):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
@@ -1186,9 +1200,11 @@ SAMPLER_FIELDS = ()  # the one-step generator has none
 
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
-    ck = C.load_checkpoint(opts.ckpt)
+    ck = C.load_checkpoint(opts.ckpt, **OWN)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
-        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; distributional.py samples only its own.")
+        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint of convention '{ck['convention']}'; "
+                          f"distributional.py samples only its own.")
+    check_own(ck, opts.ckpt)
     cfg = C.merge_config(Config, ck["config"], given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])

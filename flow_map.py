@@ -585,7 +585,7 @@ def train(cfg, given):
         C.check_resume_net(ck["net"], nd, path)
         C.load_state_strict(raw, ck["model"])
         if head is not None:
-            C.load_state_strict(head, ck["weight_head"])
+            C.load_state_strict(head, ck.get("weight_head"))
     model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # jvp needs the bare module
     if head is not None:
         C.distribute(head, env, manual=True)
@@ -614,6 +614,9 @@ def train(cfg, given):
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
         if cfg.fid_every and data.kind == "images" else None
     conv = convention(cfg.interpolant, cfg.sigma0)
+    if ck and ck["convention"] != conv:
+        raise C.UserError(f"'{path}' has convention '{ck['convention']}', but its config's interpolant and sigma0 give "
+                          f"'{conv}'; it was edited, or not written by this project.")
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
                     probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env))
 

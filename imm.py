@@ -97,6 +97,9 @@ class Config:
             raise ValueError(f"--batch {self.batch} must be a multiple of --M {self.M} (groups share (s, r, t)).")
         if self.k < 1:
             raise ValueError("--k must be positive.")
+        if not eta(self.t_min) < self.eta_mid < eta(self.T):  # t_1 = eta^-1(eta_mid) must lie in (t_min, T)
+            raise ValueError(f"--eta_mid must lie in (eta(t_min), eta(T)) = ({eta(self.t_min):.4g}, {eta(self.T):.4g}), "
+                             f"so that the 2-step middle time lies between t_min and T; got {self.eta_mid:g}.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
@@ -331,8 +334,9 @@ def train(cfg, given):
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
-        if ck["method"] != METHOD:
-            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not an {METHOD} one; use another --out.")
+        if ck["method"] != METHOD or ck["convention"] != CONVENTION:
+            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
+                              f"of this file's; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "param", "second_time"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
@@ -429,7 +433,8 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
-        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; imm.py samples only imm checkpoints.")
+        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint of convention '{ck['convention']}'; imm.py "
+                          f"samples only its own.")
     cfg = C.merge_config(Config, ck["config"], given)
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])

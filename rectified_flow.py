@@ -710,7 +710,7 @@ def train(cfg, given, env):
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
-        if ck["method"] != METHOD or ck["config"].get("stage") != stage:
+        if ck["method"] != METHOD or ck["config"].get("stage") != stage or ck["convention"] != CONVENTION:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
         if stage == "2rf":  # the teacher and the pairs only started the run: another one is another run
             then = dict(teacher=ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt"),
@@ -731,6 +731,8 @@ def train(cfg, given, env):
             src = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
         else:
             src = os.path.join(cfg.out, "2rf", "ckpt.pt")
+        if not os.path.isfile(src):
+            raise C.UserError(f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint '{src}' does not exist.")
         src_net, sck = load_teacher(src, env)
         nd = sck["net"]
         k = next((k for k in ONE_RF_ONLY if k in given), None)
@@ -880,6 +882,14 @@ def run(cfg, given):
             "the 1-RF trains on the data" if cfg.stage == "1rf" else "the fine-tuning continues DIR/2rf" if
             cfg.stage == "ft" else "its pairs come from the 1-RF it trains") + "; --stage pairs and 2rf read it); "
             "drop it.")
+    after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
+    if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
+        ck = C.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))  # must not train on beneath them
+        target = given.get("iters", ck["config"].get("iters", 0))
+        if ck["step"] < target:
+            raise C.UserError(f"'{cfg.out}' holds {' and '.join(after)} made from its 1-RF at step {ck['step']}, which "
+                              f"--stage all would train on to step {target} beneath them; continue one stage with "
+                              f"--stage 2rf, or use another --out.")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):

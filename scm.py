@@ -111,7 +111,9 @@ class Config:
         if not (self.lr > 0 and self.c > 0 and self.sigma_d > 0 and self.P_std > 0):
             raise ValueError("--lr, --c, --sigma_d and --P_std must be positive.")
         if self.mode != "diffusion" and not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
-            raise ValueError(f"--t_mid must lie in (0, t_max = {math.atan(self.sigma_max / self.sigma_d):.4f}).")
+            raise ValueError(f"--t_mid must lie in (0, t_max), t_max = arctan(sigma_max / sigma_d) = "
+                             f"{math.atan(self.sigma_max / self.sigma_d):.4f} (--sigma_max {self.sigma_max:g}, --sigma_d "
+                             f"{self.sigma_d:g}).")
         if not 0 <= self.dropout < 1 or not 0 < self.beta2 < 1 or self.heun_steps < 1:
             raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
         if not self.data:
@@ -458,6 +460,8 @@ def load_teacher(path, cfg):
             raise C.UserError(f"'{path}' is class-conditional; scm.py distils unconditional teachers.")
         net = EDMTrigFlow(den, cfg.sigma_d)
         return net.eval().requires_grad_(False), dict(net=net.config, ema=net.state_dict(), step=0, config={})
+    if not os.path.isfile(path):
+        raise C.UserError(f"the teacher '{path}' does not exist.")
     ck = C.load_checkpoint(path)
     check_scm(ck, path, "diffusion", cfg.sigma_d)
     net = build(ck["net"])
@@ -520,7 +524,7 @@ def train(cfg, given, env):
         C.check_resume_net(ck["net"], nd, path)
         C.load_state_strict(net, ck["model"])
         if head is not None:
-            C.load_state_strict(head, ck["weight_head"])
+            C.load_state_strict(head, ck.get("weight_head"))
     elif init is not None:
         C.load_state_strict(net, init)  # G.2: online and EMA weights start at the teacher's EMA; head at zero
     params = [*net.parameters(), *(head.parameters() if head is not None else [])]  # theta and phi

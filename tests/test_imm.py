@@ -937,6 +937,27 @@ def test_cli_tiny_sample_and_fid(tiny):
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in recs)
 
 
+def test_fid_refuses_a_reference_it_would_misread(tiny, tmp_path, capsys):
+    """fid --data of another kind or shape than the model's images was a traceback (2-D points) or an FID against
+    other images without a word; --data beside --fid_ref was noted and ignored. One sentence each; control: the
+    model's own data."""
+    np.save(tmp_path / "big.npy", np.zeros((8, 32, 32, 3), np.uint8))
+    fid = ["fid", "--ckpt", tiny / "run" / "ckpt.pt", "--steps", "1", "--n", "8", "--fid_detector", standin_path(),
+           "--root", tmp_path, "--out", tmp_path / "f.jsonl"]
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    for extra, words in ((["--data", "moons"], ["2-D points", "(3, 16, 16)"]),
+                         (["--data", tmp_path / "big.npy"], ["(3, 32, 32)", "(3, 16, 16)"]),
+                         (["--data", "moons", "--fid_ref", tmp_path / "ref.npz"], ["--fid_ref", "one of them"])):
+        capsys.readouterr()
+        try:
+            C.main_guard(lambda: imm.main([str(a) for a in fid + extra]))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        assert_user_error(code, capsys.readouterr().err, *words)
+    imm.main([str(a) for a in fid + ["--data", tiny / "imgs.npy"]])  # control
+
+
 def test_sample_independent_of_batch(tiny, tmp_path):
     for b in (3, 16):
         imm.main(["sample", "--ckpt", str(tiny / "run" / "ckpt.pt"), "--steps", "2", "--n", "10", "--batch", str(b),

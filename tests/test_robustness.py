@@ -44,6 +44,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
 """
 import errno
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -205,6 +206,58 @@ def test_scm_all_never_trains_the_teacher_beneath_its_cms(tmp_path, capsys):
     one_sentence(code, err, "sct and scd", "step 2", "step 3")
     assert out == "" and before == {m: os.path.getmtime(tmp_path / "a" / m / "ckpt.pt") for m in before}
     assert run("scm", *argv, "--iters", "2") == 0  # control
+
+
+def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
+    """Found by a fuzzer of the command line: GDD's own checkpoint entries (t_g, teacher, disc) edited away were a
+    traceback in sample and resume (a NaN t_g wrote NaN samples); an edited convention was refused by sample but
+    resumed and rewritten; --lr 1e38 overflowed Adam with a traceback; imm's --eta_mid outside (eta(t_min), eta(T))
+    ran its 2-step grid backwards; rectified_flow --stage all with more --iters trained the 1-RF on beneath its pairs
+    and 2-RF, then failed. Controls: the unedited checkpoint samples and the same --stage all resumes."""
+    import shutil
+
+    def edited(name, change):
+        shutil.rmtree(tmp_path / "e", ignore_errors=True)
+        shutil.copytree(files / name, tmp_path / "e")
+        ck = torch.load(tmp_path / "e" / "ckpt.pt", weights_only=True)
+        change(ck)
+        torch.save(ck, tmp_path / "e" / "ckpt.pt")
+        return tmp_path / "e" / "ckpt.pt"
+    d = "distributional"
+    gdd = ["--batch", "16", "--eval_teacher_steps", "0", *EVAL, "--out", tmp_path / "e", "--iters", "3"]
+    for change, words in ((lambda c: c.pop("t_g"), ["t_g"]), (lambda c: c.update(teacher=None), ["teacher"]),
+                          (lambda c: c.update(disc=None), ["disc"]),
+                          (lambda c: c["teacher"].update(path=3), ["teacher entry"])):  # resumed
+        edited(d, change)
+        capsys.readouterr()
+        code = run(d, *gdd)
+        one_sentence(code, capsys.readouterr()[1], *words)
+    for name in ("imm", "flow_map", "rectified_flow", "distributional"):  # an edited convention, resumed
+        edited(name, lambda c: c.update(convention="other"))
+        argv = gdd if name == d else [*BASE[name], "--out", tmp_path / "e", "--iters", "3"]
+        capsys.readouterr()
+        code = run(name, *argv)
+        one_sentence(code, capsys.readouterr()[1], "other" if name != "rectified_flow" else "rectified_flow")
+    for name, argv, words in (
+            ("distributional", ["sample", "--ckpt", edited(d, lambda c: c.update(t_g=math.nan)), "--out",
+                                tmp_path / "s.npy"], ["t_g nan"]),
+            ("imm", [*BASE["imm"], "--lr", "1e38", "--iters", "2", "--out", tmp_path / "lr"], ["overflows"]),
+            ("imm", ["sample", "--ckpt", files / "imm" / "ckpt.pt", "--eta_mid", "1000"], ["--eta_mid", "eta(T)"])):
+        capsys.readouterr()
+        code = run(name, *argv)
+        one_sentence(code, capsys.readouterr()[1], *words)
+    with pytest.raises(C.UserError, match="holds no Linear weights"):
+        C.load_state_strict(torch.nn.Linear(1, 1), None)  # (scm's and flow_map's weight_head edited to None)
+    assert run(d, "sample", "--ckpt", files / d / "ckpt.pt", "--out", tmp_path / "s.npy") == 0  # control
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2", *EVAL, "--batch", "16",
+         "--out", tmp_path / "all"]
+    assert run("rectified_flow", *P, "--iters", "2") == 0
+    capsys.readouterr()
+    code = run("rectified_flow", *P, "--iters", "3")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "pairs and 2rf", "step 2", "step 3")
+    assert out == "" and torch.load(tmp_path / "all" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert run("rectified_flow", *P, "--iters", "2") == 0  # control
 
 
 def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
