@@ -1926,7 +1926,8 @@ def preflight(cmd, cfg):
                             f"another --out.")
         return check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
-        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist.")
+        raise UserError(f"checkpoint '{cfg.ckpt}' is a folder; give its ckpt.pt." if os.path.isdir(cfg.ckpt) else
+                        f"checkpoint '{cfg.ckpt}' does not exist.")
     if cfg.out == "":
         raise UserError("--out needs a file name (or leave it out for the checkpoint's folder).")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")

@@ -242,7 +242,8 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
             ("distributional", ["sample", "--ckpt", edited(d, lambda c: c.update(t_g=math.nan)), "--out",
                                 tmp_path / "s.npy"], ["t_g nan"]),
             ("imm", [*BASE["imm"], "--lr", "1e38", "--iters", "2", "--out", tmp_path / "lr"], ["overflows"]),
-            ("imm", ["sample", "--ckpt", files / "imm" / "ckpt.pt", "--eta_mid", "1000"], ["--eta_mid", "eta(T)"])):
+            ("imm", ["sample", "--ckpt", files / "imm" / "ckpt.pt", "--eta_mid", "1000"], ["--eta_mid", "eta(T)"]),
+            ("imm", ["sample", "--ckpt", files / "imm"], ["is a folder", "ckpt.pt"])):
         capsys.readouterr()
         code = run(name, *argv)
         one_sentence(code, capsys.readouterr()[1], *words)
