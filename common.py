@@ -1273,9 +1273,8 @@ def _optimiser_state(o):
         all(isinstance(v, dict) and v and _optimiser_state(v) for v in o.values())
 
 
-def load_checkpoint(path, **own):
-    """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked;
-    `own`: a method's own entries and their types (GDD: t_g=float, ...)."""
+def load_checkpoint(path):
+    """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist.")
     try:
@@ -1285,11 +1284,10 @@ def load_checkpoint(path, **own):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
                         f"({type(e).__name__}).") from None
-    layout = {**_LAYOUT, **own}
-    missing = [k for k in layout if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
-    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in layout.items() if not isinstance(ck[k], t)
+    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
              or (t is int and isinstance(ck[k], bool))]
     if wrong:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")

@@ -1048,13 +1048,13 @@ def check_in_file_teacher(cfg, given, ck):
                               f"remove it to train the teacher anew, or use another --out.")
 
 
-OWN = dict(t_g=float, teacher=dict, disc=dict)  # this file's own checkpoint entries (common.load_checkpoint)
-
-
 def check_own(ck, path):
-    """t_g in [0.99, 1] (load_teacher's range), the teacher's record naming its path."""
-    if not (0.99 <= ck["t_g"] <= 1 and isinstance(ck["teacher"].get("path"), str)):
-        raise C.UserError(f"checkpoint '{path}' is malformed (its t_g {ck['t_g']!r} or teacher entry); it was not "
+    """This file's own checkpoint entries (beside common.load_checkpoint's): t_g a float in [0.99, 1] (load_teacher's
+    range), the teacher's record naming its path, D's state."""
+    t_g, t = ck.get("t_g"), ck.get("teacher")
+    if not (type(t_g) in (int, float) and 0.99 <= t_g <= 1 and isinstance(t, dict) and isinstance(t.get("path"), str)
+            and isinstance(ck.get("disc"), dict)):
+        raise C.UserError(f"checkpoint '{path}' is malformed (its t_g {t_g!r}, teacher or disc entry); it was not "
                           f"written by this project.")
 
 
@@ -1063,7 +1063,7 @@ def train(cfg, given):
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
-        ck = C.load_checkpoint(path, **OWN)
+        ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["convention"] != CONVENTION:
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
                               f"of this file's; use another --out.")
@@ -1200,7 +1200,7 @@ SAMPLER_FIELDS = ()  # the one-step generator has none
 
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
-    ck = C.load_checkpoint(opts.ckpt, **OWN)
+    ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint of convention '{ck['convention']}'; "
                           f"distributional.py samples only its own.")
