@@ -21,7 +21,7 @@ section starts at a line "# ==== <section>"):
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, check_dir (a writable folder), preflight
   command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   merge_config, resume_config (what a resumed run may change), main_guard
+  resume and entry   merge_config, resume_config (what a resumed run may change), check_not_beneath, main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
@@ -2216,6 +2216,16 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))
     return new
+
+
+def check_not_beneath(out, path, given, made, what, instead):
+    """A pipeline in `out` resumed with more --iters (scm --mode all, rectified_flow --stage all) would train its
+    first stage (checkpoint `path`, `what`) on beneath the later stages it made (`made`): refused before any work."""
+    ck = load_checkpoint(path)
+    target = given.get("iters", ck["config"].get("iters", 0))
+    if ck["step"] < target:
+        raise UserError(f"'{out}' holds {' and '.join(made)} made from its {what} at step {ck['step']}, which this "
+                        f"command would train on to step {target} beneath them; {instead}, or use another --out.")
 
 
 def _speaks():

@@ -884,12 +884,8 @@ def run(cfg, given):
             "drop it.")
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
-        ck = C.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))  # must not train on beneath them
-        target = given.get("iters", ck["config"].get("iters", 0))
-        if ck["step"] < target:
-            raise C.UserError(f"'{cfg.out}' holds {' and '.join(after)} made from its 1-RF at step {ck['step']}, which "
-                              f"--stage all would train on to step {target} beneath them; continue one stage with "
-                              f"--stage 2rf, or use another --out.")
+        C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on
+                            "continue one stage with --stage 2rf")  # beneath them
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):

@@ -645,12 +645,8 @@ def run(cfg, given):
                           f"subfolders, so use another --out.")
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
-        dck = C.load_checkpoint(os.path.join(cfg.out, "diffusion", "ckpt.pt"))
-        target = given.get("iters", dck["config"].get("iters", 0))
-        if dck["step"] < target:
-            raise C.UserError(f"'{cfg.out}' holds {' and '.join(cms)} distilled from its diffusion model at step "
-                              f"{dck['step']}, which --mode all would train on to step {target} beneath them; continue "
-                              f"one mode with --out {os.path.join(cfg.out, '<mode>')}, or use another --out.")
+        C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
+                            f"continue one mode with --out {os.path.join(cfg.out, '<mode>')}")
     t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
     total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
                                           flush=True)
