@@ -886,8 +886,9 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 class Detector:
     """Feature network: uint8 NCHW in (1 channel repeated to 3), (B, dim) fp32 out, no grad, no autocast."""
 
-    def __init__(self, fn, name, dim):
+    def __init__(self, fn, name, dim, key=None):
         self.fn, self.name, self.dim = fn, name, dim
+        self.key = key or name  # names the cached reference statistics: name-<sha256 of the file> for a file
 
     @torch.no_grad()
     def __call__(self, u8):
@@ -899,7 +900,8 @@ class Detector:
 
 def load_detector(spec, env):
     """'inception' (downloaded once into torch hub's cache) or the path of a TorchScript feature network called as
-    net(uint8 images, return_features=True), as StyleGAN2-ADA's Inception file is; named after the file."""
+    net(uint8 images, return_features=True), as StyleGAN2-ADA's Inception file is; named after the file and keyed by
+    its content (another network saved under the same name never reuses the first one's cached statistics)."""
     path, why = spec, "file not found"
     if spec == "inception":
         path = os.path.join(torch.hub.get_dir(), "checkpoints", "inception-2015-12-05.pt")
@@ -919,7 +921,10 @@ def load_detector(spec, env):
         dim = Detector(fn, "", 0)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device)).shape[1]
     except Exception as e:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network ({type(e).__name__}).")
-    return Detector(fn, "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0], dim)
+    name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
+    with open(path, "rb") as f:
+        key = f"{name}-{hashlib.file_digest(f, 'sha256').hexdigest()[:12]}"
+    return Detector(fn, name, dim, key)
 
 
 class IndexRNG:
@@ -1016,12 +1021,13 @@ def require_detector(cfg, env):
 
 
 def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
-    """Training-set statistics: an explicit npz (mu, sigma) wins, else computed once and cached."""
+    """Training-set statistics: an explicit npz (mu, sigma) wins, else computed once and cached under the data's key
+    and the detector's (its file's content)."""
     if ref_path:
         if not os.path.isfile(ref_path):
             raise UserError(f"FID reference '{ref_path}' does not exist.")
         return _read_stats(ref_path, detector, "FID reference", "")
-    path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.name}.npz")
+    path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.key}.npz")
     hit = os.path.exists(path)
     barrier(env)  # every rank has looked before rank 0 may write
     if not hit:
@@ -1829,7 +1835,7 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
               log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
-              clip="> 0", steps=">= 1", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1",
+              clip="> 0", steps="[1, 100000]", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1",
               ema_halflife_kimg=">= 0", lr_ramp_kimg=">= 0")
 
 
@@ -2149,6 +2155,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
             raise UserError(f"{cmd} needs --ckpt PATH.")
         if not opts["steps"]:
             raise UserError("--steps needs at least one step count, e.g. --steps 1,2.")
+        twice = next((k for i, k in enumerate(opts["steps"]) if k in opts["steps"][:i]), None)
+        if twice is not None:
+            raise UserError(f"--steps lists {twice} twice; give each step count once.")
         check_device(opts["device"], opts["precision"])
         opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
         return cmd, types.SimpleNamespace(**opts), Given(raw)

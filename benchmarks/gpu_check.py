@@ -837,7 +837,7 @@ def prepare(a):
     os.makedirs(os.path.join(data, "fid_refs"), exist_ok=True)
     for f in (fb.CLASSIFIER + ".pt", fb.CLASSIFIER + ".json"):
         shutil.copyfile(os.path.join(root, f), os.path.join(data, f))
-    for f in glob.glob(os.path.join(root, "fid_refs", f"fashion_mnist-{fb.CLASSIFIER}.npz")):
+    for f in glob.glob(os.path.join(root, "fid_refs", f"fashion_mnist-{det.key}.npz")):
         shutil.copyfile(f, os.path.join(data, "fid_refs", os.path.basename(f)))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.carry) for f in fs)
     print(f"carry folder {os.path.relpath(a.carry, REPO)}: {size / 2 ** 20:.1f} MiB (classifier t10k accuracy "

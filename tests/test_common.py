@@ -771,7 +771,7 @@ class _Rows:
 
 class _Counting:
     def __init__(self, det):
-        self.det, self.dim, self.name, self.calls = det, det.dim, det.name, 0
+        self.det, self.dim, self.name, self.key, self.calls = det, det.dim, det.name, det.key, 0
 
     def __call__(self, u8):
         self.calls += 1
@@ -869,7 +869,8 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
     data = image_data(n=30, seed=2)
     mu, sigma = C.reference_stats(data, det, env, str(tmp_path), batch=8)
     assert det.calls == 4
-    path = tmp_path / "fid_refs" / f"{data.key}-standin.npz"
+    path = tmp_path / "fid_refs" / f"{data.key}-{det.key}.npz"
+    assert det.key.startswith("standin-")  # the file's name and its content
     z = np.load(path)
     assert set(z.files) == {"mu", "sigma", "n"} and int(z["n"]) == 30
     assert not os.path.exists(str(path) + ".tmp")
@@ -897,7 +898,7 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
         with pytest.raises(C.UserError, match="is not an .npz with finite float mu"):
             C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / bad))
     # a damaged cache file (or a folder in its place) names itself and the fix; it was a BadZipFile/KeyError
-    cache = tmp_path / "fid_refs" / f"{data.key}-{det.name}.npz"
+    cache = tmp_path / "fid_refs" / f"{data.key}-{det.key}.npz"
     cache.write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(C.UserError, match="cached FID statistics .* remove it to recompute"):
         C.reference_stats(data, det, env, str(tmp_path))
@@ -938,7 +939,15 @@ def test_torchscript_detector_from_path(tmp_path):
     assert torch.allclose(det(u8), want, rtol=0, atol=1e-6) and det(u8).dtype == torch.float32
     data = image_data(n=12, seed=3)
     ref = C.reference_stats(data, det, env1(), str(tmp_path))
-    assert ref[0].shape == (5,) and (tmp_path / "fid_refs" / f"{data.key}-feat.npz").exists()
+    assert ref[0].shape == (5,) and (tmp_path / "fid_refs" / f"{data.key}-{det.key}.npz").exists()
+    # another network saved under the same name (a retrained detector) never reuses the first one's statistics
+    torch.manual_seed(1)
+    torch.jit.script(_TinyFeatures()).save(str(path))
+    det2 = C.load_detector(str(path), env1())
+    assert det2.name == "feat" and det2.key != det.key
+    ref2 = C.reference_stats(data, det2, env1(), str(tmp_path))
+    f = det2(data.x).double()
+    assert not np.allclose(ref2[0], ref[0]) and np.allclose(ref2[0], f.mean(0).numpy(), atol=1e-9)
     (tmp_path / "junk.pt").write_bytes(b"not torchscript")
     with pytest.raises(C.UserError, match="junk.pt"):
         C.load_detector(str(tmp_path / "junk.pt"), env1())
@@ -1086,6 +1095,12 @@ def test_cli_sample_and_fid_options():
         with pytest.raises(C.UserError, match=f"sample does not read --{k} "):
             _cli("sample", "--ckpt", "a.pt", f"--{k}", "x")
     assert _cli("fid", "--ckpt", "a.pt", "--root", "r")[1].root == "r"
+    # a step count given twice would write one output twice; a step count past 100,000 was killed for its memory
+    with pytest.raises(C.UserError, match="--steps lists 2 twice"):
+        _cli("sample", "--ckpt", "a.pt", "--steps", "2,1,2")
+    with pytest.raises(C.UserError, match=r"--steps must be in \[1, 100000\], got 100000000000"):
+        _cli("fid", "--ckpt", "a.pt", "--steps", "1e11")
+    assert _cli("fid", "--ckpt", "a.pt", "--steps", "100000,1")[1].steps == [100000, 1]
 
 
 def test_same_file_and_teacher_id(tmp_path):
@@ -1493,7 +1508,7 @@ def test_ddp_two_processes(tmp_path):
     data = C.load_data(str(out / "data.npy"), str(out), e1, 0, True)
     det = C.load_detector(standin_path(), e1)
     ref = C.reference_stats(data, det, e1, str(tmp_path / "single"))
-    cached = np.load(out / "fid_refs" / f"{data.key}-standin.npz")
+    cached = np.load(out / "fid_refs" / f"{data.key}-{det.key}.npz")
     assert np.abs(cached["mu"] - ref[0]).max() < 1e-12 and np.abs(cached["sigma"] - ref[1]).max() < 1e-12
     single = C.compute_fid(W.fid_generate(), W.FID_N, ref, det, e1, W.FID_BATCH, seed=W.FID_SEED)
     assert single > 0.1 and abs(res["fid"][0] - single) <= 1e-9 * max(1.0, single)
