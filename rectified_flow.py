@@ -731,17 +731,20 @@ def train(cfg, given, env):
             src = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
         else:
             src = os.path.join(cfg.out, "2rf", "ckpt.pt")
-        if not os.path.isfile(src):
+        if stage == "2rf" and ck:  # the teacher only started the run: a resume reads neither its file nor its weights
+            nd = ck["net"]
+        elif not os.path.isfile(src):
             raise C.UserError(f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint '{src}' does not exist.")
-        src_net, sck = load_teacher(src, env)
-        nd = sck["net"]
+        else:
+            src_net, sck = load_teacher(src, env)
+            nd = sck["net"]
         k = next((k for k in ONE_RF_ONLY if k in given), None)
         if k:
             raise C.UserError(f"--stage {stage} takes its network from '{src}' and trains on stored pairs, never "
                               f"flipped, so --{k} (a 1-RF option) does not apply; drop it.")
         C.refuse_unused(given, "points" if inner(nd)["kind"] == "mlp" else "images")  # --fid_every etc. on 2-D points
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
-            init = dict(model=sck["ema"], ema=sck["ema"])
+            init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
         else:  # ft: continue the 2-RF (model, EMA, Adam) on real images paired with their inverted noise
             init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])

@@ -503,20 +503,21 @@ def train(cfg, given, env):
         raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")
     if mode == "diffusion" and cfg.teacher:
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
-    if cfg.teacher and mode != "diffusion":
+    if cfg.teacher and mode != "diffusion" and any(k in given for k in ("net", "width", "depth", "adn")):
+        raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
+    if cfg.teacher and mode == "sct" and ck:  # sCT only started from the teacher: a resume reads neither its file
+        nd, tid = with_dropout(ck["net"], cfg.dropout), ck.get("teacher_id")  # nor its weights (keeps the id)
+    elif cfg.teacher and mode != "diffusion":
         teacher, tck = load_teacher(cfg.teacher, cfg)
-        # sCD reads the teacher at every step: a resumed sCD needs the same file (resume_config) with the same weights;
-        # sCT only started from it (the id it started from is kept, not checked)
-        tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"], check=mode == "scd")
-        if any(k in given for k in ("net", "width", "depth", "adn")):
-            raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
+        # sCD reads the teacher at every step: a resumed sCD needs the same file (resume_config) with the same weights
+        tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"])
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
-        if sample_shape(nd) != tuple(data.shape):
-            raise C.UserError(f"teacher '{cfg.teacher}' generates {sample_shape(nd)}, the data is {tuple(data.shape)}.")
         init = tck["ema"]
         teacher = teacher.to(env.device) if mode == "scd" else None
     else:
         nd = net_dict(cfg, data)
+    if cfg.teacher and sample_shape(nd) != tuple(data.shape):
+        raise C.UserError(f"teacher '{cfg.teacher}' generates {sample_shape(nd)}, the data is {tuple(data.shape)}.")
     net = build(nd).to(env.device)
     use_head = cfg.weighting == "adaptive" if mode != "diffusion" else cfg.diffusion_adaptive_weight
     head = C.WeightHead(1, 128, 1.0).to(env.device) if use_head else None

@@ -369,11 +369,15 @@ def test_resume_toy_1rf_bitwise(tmp_path):
 
 
 def test_resume_tiny_2rf_bitwise(tiny, tmp_path):
+    """Also: the teacher only started the 2-RF (its EMA is the init), so a resume runs with the teacher file gone."""
+    import shutil
+    shutil.copy(tiny / "run" / "ckpt.pt", tmp_path / "t.pt")
     common = ["--preset", "tiny", "--data", str(tiny / "imgs.npy"), "--stage", "2rf", "--root", str(tmp_path),
-              "--teacher", str(tiny / "run" / "ckpt.pt"), "--pairs", str(tiny / "run" / "pairs"), "--ckpt_every", "100"]
-    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "3"])
+              "--pairs", str(tiny / "run" / "pairs"), "--ckpt_every", "100"]
+    R.main([*common, "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "a"), "--iters", "3"])
+    os.remove(tmp_path / "t.pt")
     R.main([*common, "--out", str(tmp_path / "a"), "--iters", "6"])
-    R.main([*common, "--out", str(tmp_path / "b"), "--iters", "6"])
+    R.main([*common, "--teacher", str(tiny / "run" / "ckpt.pt"), "--out", str(tmp_path / "b"), "--iters", "6"])
     ck = _equal_weights(tmp_path / "a" / "2rf" / "ckpt.pt", tmp_path / "b" / "2rf" / "ckpt.pt")
     assert ck["step"] == 6
 

@@ -548,7 +548,8 @@ def test_cli_resume_bitwise(tiny, tmp_path):
 def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     """The teacher initialised the run (and is sCD's target at every step): a resume naming another file is refused,
     not ignored, while the same file spelled another way resumes; a teacher file retrained in place since an sCD run
-    started is refused (its checkpoints record the weights' fingerprint). sCT only started from it: it resumes."""
+    started is refused (its checkpoints record the weights' fingerprint). sCT only started from it: it resumes, even
+    with the file gone."""
     import shutil
     base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tiny / "data"]
     shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")
@@ -574,6 +575,13 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     was = load(tmp_path / "sct" / "ckpt.pt")["teacher_id"]
     assert main(*base, "--mode", "sct", "--iters", "2", "--out", tmp_path / "sct") == 0  # control: sCT resumes,
     assert load(tmp_path / "sct" / "ckpt.pt")["teacher_id"] == was  # recording the teacher it started from
+    os.remove(tmp_path / "t.pt")  # sCT resumes without the file (its network is the checkpoint's); sCD needs it
+    assert main(*base, "--mode", "sct", "--iters", "3", "--dropout", "0.3", "--out", tmp_path / "sct") == 0
+    ck = load(tmp_path / "sct" / "ckpt.pt")
+    assert ck["step"] == 3 and ck["teacher_id"] == was and ck["net"]["dropout"] == 0.3  # (a changed dropout is read)
+    capsys.readouterr()
+    code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
+    assert_user_error(code, capsys.readouterr().err, "the teacher", "t.pt", "does not exist")
     shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")  # control: the teacher restored, sCD resumes
     assert main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd") == 0
 
