@@ -1335,12 +1335,13 @@ def fingerprint(sd):
 def teacher_id(ck, path, tpath, weights, check=True):
     """The fingerprint of the weights of the teacher a run started from, which its checkpoints record (`teacher_id`;
     a resumed run keeps the one it started from). On resume (`ck`, read from `path`) with `check`, a teacher file whose
-    weights are no longer those (retrained or replaced in place) is refused, not distilled from then on without a
-    word; checkpoints older than the id are not checked."""
+    weights are not those (retrained or replaced in place, or another file named by --teacher) is refused, not
+    distilled from then on without a word; checkpoints older than the id are not checked."""
     tid, was = fingerprint(weights), ck.get("teacher_id") if ck else None
     if check and was is not None and was != tid:
-        raise UserError(f"the teacher '{tpath}' holds other weights than when '{path}' started from it (retrained or "
-                        f"replaced since); a resumed run keeps its teacher: restore that file, or use another --out.")
+        raise UserError(f"the teacher '{tpath}' holds other weights than those '{path}' started from (retrained or "
+                        f"replaced since, or another file); a resumed run keeps its teacher: name the file that holds "
+                        f"them, or use another --out.")
     return was or tid
 
 
@@ -2206,13 +2207,17 @@ def merge_config(Config, base, given, log=None):
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
-    resume (`fixed`; --teacher compared by same_file; the seed: the RNG state is the checkpoint's) or another explicit
-    --preset is refused; `drop`: given fields that are not config changes (the mode/stage selector)."""
+    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
+    fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
+    checkpoint records `teacher_id` by its weights: another path to them (a moved folder, another working directory)
+    is taken, and the method checks them (`teacher_id`)."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
                         f"single fields, or use another --out for --preset {preset}).")
     for k in ("seed", *fixed):
+        if k == "teacher" and ck.get("teacher_id") is not None:
+            continue
         if k in given and not (same_file if k == "teacher" else operator.eq)(given[k], base.get(k)):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")

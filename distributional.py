@@ -1068,7 +1068,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
                               f"of this file's; use another --out.")
         check_own(ck, path)
-        if "teacher" in given and not C.same_file(given["teacher"], ck["teacher"]["path"]):
+        if "teacher" in given and not C.same_file(given["teacher"], ck["teacher"]["path"]) and "teacher_id" not in ck:
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
@@ -1086,13 +1086,13 @@ def train(cfg, given):
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny
-    tpath = ck["teacher"]["path"] if ck else cfg.teacher
-    if tpath is None:
-        tpath = os.path.join(cfg.out, "teacher.pt")
-        if not os.path.exists(tpath):
-            train_teacher(cfg, data, env, tpath, log)
+    # (resumed: the file it started from, or another path to the same weights, which teacher_id checks; the in-file
+    # teacher is DIR/teacher.pt wherever DIR is now)
+    tpath = cfg.teacher or os.path.join(cfg.out, "teacher.pt")
+    if not (ck or cfg.teacher or os.path.exists(tpath)):
+        train_teacher(cfg, data, env, tpath, log)
     teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
-    tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (t_g, the step-0 panel)
+    tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 
     # ---- generator (GDD §3, initialisation): raw weights and EMA both start as the teacher's EMA; GDD-I freezes once

@@ -716,9 +716,12 @@ def train(cfg, given, env):
             then = dict(teacher=ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt"),
                         pairs=ck["config"].get("pairs") or os.path.join(cfg.out, "pairs"))
             k = next((k for k in then if given.get(k) and not C.same_file(given[k], then[k])), None)
+            if k == "teacher":  # (not read on resume: the checkpoint holds the network)
+                raise C.UserError(f"'{path}' was started from the teacher '{then[k]}', and a resumed 2-RF does not read "
+                                  f"--teacher; drop it (or use another --out for --teacher {given[k]}).")
             if k:
-                raise C.UserError(f"'{path}' was started from the {k} '{then[k]}'; a resumed 2-RF cannot change it "
-                                  f"(use another --out for --{k} {given[k]}).")
+                raise C.UserError(f"'{path}' was started from the pairs '{then[k]}'; a resumed 2-RF cannot change them "
+                                  f"(use another --out for --pairs {given[k]}).")
         cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     init = {}  # weights (and optimiser state) a fresh run starts from

@@ -505,11 +505,11 @@ def train(cfg, given, env):
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
     if cfg.teacher and mode != "diffusion" and any(k in given for k in ("net", "width", "depth", "adn")):
         raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
-    if cfg.teacher and mode == "sct" and ck:  # sCT only started from the teacher: a resume reads neither its file
-        nd, tid = with_dropout(ck["net"], cfg.dropout), ck.get("teacher_id")  # nor its weights (keeps the id)
-    elif cfg.teacher and mode != "diffusion":
+    if cfg.teacher and mode == "sct" and ck and C.same_file(cfg.teacher, ck["config"].get("teacher")):
+        nd, tid = with_dropout(ck["net"], cfg.dropout), ck.get("teacher_id")  # sCT only started from the teacher: a
+    elif cfg.teacher and mode != "diffusion":  # resume reads neither its file nor its weights (unless named anew)
         teacher, tck = load_teacher(cfg.teacher, cfg)
-        # sCD reads the teacher at every step: a resumed sCD needs the same file (resume_config) with the same weights
+        # sCD reads the teacher at every step: a resumed sCD needs the same weights (by any path to them)
         tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"])
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
         init = tck["ema"]
@@ -660,9 +660,9 @@ def run(cfg, given):
         mcfg.preset = cfg.preset
         mgiven = C.Given({**mg, "mode": mode}, getattr(given, "preset", None))
         if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
-            mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")
-            mgiven = C.Given({k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
-                             mgiven.preset)
+            mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")  # (given: a moved DIR resumes from here)
+            mgiven = C.Given({**{k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
+                              "teacher": mcfg.teacher}, mgiven.preset)
         train(mcfg, mgiven, env)
     if env.is_main:
         compare(cfg, env)

@@ -1112,7 +1112,7 @@ def test_same_file_and_teacher_id(tmp_path):
     tid = C.teacher_id(None, "ck.pt", "t.pt", w)
     assert tid == C.fingerprint(w) and C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", w) == tid
     other = {**w, "s": torch.tensor(4.0)}
-    with pytest.raises(C.UserError, match="'t.pt' holds other weights than when 'ck.pt' started"):
+    with pytest.raises(C.UserError, match="'t.pt' holds other weights than those 'ck.pt' started from"):
         C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other)
     assert C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other, check=False) == tid  # the one it started from
     assert C.teacher_id({}, "ck.pt", "t.pt", other) == C.fingerprint(other)  # a checkpoint older than the id

@@ -460,11 +460,15 @@ def test_the_logs_hold_this_runs_history_only(files, tmp_path):
 def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
     """A teacher option a stage never reads was ignored (rectified_flow --stage 1rf/all --teacher, ft --pairs; GDD's
     --teacher_* beside --teacher); a changed teacher on resume was recorded but not used (the 2-RF's) or used from
-    then on (flow_map lmd); a fresh GDD run reused an in-file teacher.pt trained with other settings. All refused."""
+    then on (flow_map lmd); a fresh GDD run reused an in-file teacher.pt trained with other settings. All refused; the
+    same weights under another path are the same teacher."""
     import shutil
     rf, P = files / "rectified_flow" / "ckpt.pt", ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16",
                                                    "--pair_steps", "2"]
     shutil.copy(rf, tmp_path / "moved.pt")
+    other = torch.load(rf, weights_only=True)
+    other["ema"] = {k: v * 1.01 for k, v in other["ema"].items()}
+    torch.save(other, tmp_path / "other.pt")
     shutil.copytree(files / "distributional", tmp_path / "g")
     os.remove(tmp_path / "g" / "ckpt.pt")
     run("rectified_flow", *BASE["rectified_flow"], "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
@@ -477,9 +481,11 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
         ("rectified_flow", ["--stage", "ft", "--pairs", tmp_path, "--out", tmp_path / "n"], "ft does not read --pairs"),
         ("distributional", ["--teacher", rf, "--out", tmp_path / "n"], "--teacher_iters shapes the in-file teacher"),
         ("rectified_flow", ["--stage", "2rf", *P, "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out",
-                            tmp_path / "r"], "was started from the teacher"),
-        ("flow_map", ["--mode", "lmd", "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out", tmp_path / "r"],
-         "--teacher"),
+                            tmp_path / "r"], "does not read --teacher"),
+        ("rectified_flow", ["--stage", "2rf", *P, "--pairs", tmp_path, "--iters", "2", "--out", tmp_path / "r"],
+         "was started from the pairs"),
+        ("flow_map", ["--mode", "lmd", "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / "r"],
+         "holds other weights"),
         ("distributional", ["--teacher_iters", "3", "--iters", "1", "--out", tmp_path / "g"], "with iters 2, not 3"),
     ]
     for name, argv, words in cases:
@@ -490,8 +496,11 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
         assert out == "", (argv, out)
     assert not os.path.exists(tmp_path / "n")
     assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 1
-    # controls: the same teacher resumes; the in-file teacher asked for is reused
+    # controls: the same teacher resumes (flow_map's by another path to its weights); the in-file teacher asked for is
+    # reused
     assert run("rectified_flow", *BASE["rectified_flow"], "--stage", "2rf", *P, "--teacher", rf, "--iters", "2",
+               "--out", tmp_path / "r") == 0
+    assert run("flow_map", *BASE["flow_map"], "--mode", "lmd", "--teacher", tmp_path / "moved.pt", "--iters", "2",
                "--out", tmp_path / "r") == 0
     assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
 
@@ -499,7 +508,7 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
     """flow_map lmd reads its teacher at every step, GDD its t_g and step-0 panel: a resume whose teacher file holds
     other weights than when the run started (retrained or replaced under the same path) is refused; the restored file
-    resumes."""
+    resumes, and so does a moved one named by --teacher (GDD's in-file teacher moves with its folder)."""
     import shutil
     rf, t = files / "rectified_flow" / "ckpt.pt", tmp_path / "t.pt"
     shutil.copy(rf, t)
@@ -520,6 +529,17 @@ def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, caps
     shutil.copy(rf, t)  # control: restored
     for name in argv:
         assert run(name, *argv[name], "--iters", "2") == 0
+    os.makedirs(tmp_path / "moved")  # control: moved, and named anew (a file of other weights is refused above)
+    os.rename(t, tmp_path / "moved" / "t.pt")
+    for name, d in (("flow_map", "f"), ("distributional", "d")):
+        assert run(name, *argv[name][:-4], "--teacher", tmp_path / "moved" / "t.pt", "--out", tmp_path / d,
+                   "--iters", "3") == 0
+        assert torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["step"] == 3
+    assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
+    os.rename(tmp_path / "g", tmp_path / "g2")  # GDD's in-file teacher moves with its folder
+    assert run("distributional", *BASE["distributional"], "--iters", "2", "--out", tmp_path / "g2") == 0
+    ck = torch.load(tmp_path / "g2" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["teacher"]["path"] == str(tmp_path / "g2" / "teacher.pt")
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -546,27 +546,28 @@ def test_cli_resume_bitwise(tiny, tmp_path):
 
 
 def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
-    """The teacher initialised the run (and is sCD's target at every step): a resume naming another file is refused,
-    not ignored, while the same file spelled another way resumes; a teacher file retrained in place since an sCD run
-    started is refused (its checkpoints record the weights' fingerprint). sCT only started from it: it resumes, even
-    with the file gone."""
+    """The teacher initialised the run (and is sCD's target at every step): its checkpoints record the fingerprint of
+    its weights, and a resume naming a file with other weights, or whose teacher file was retrained in place since,
+    is refused; the same weights under another path (a moved folder, another spelling) resume. sCT only started from
+    the teacher: it resumes without reading it, even with the file gone."""
     import shutil
     base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tiny / "data"]
     shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")
-    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "other.pt")  # the same weights, another file
     for m in ("sct", "scd"):
         assert main(*base, "--mode", m, "--teacher", tmp_path / "t.pt", "--iters", "1", "--out", tmp_path / m) == 0
         assert load(tmp_path / m / "ckpt.pt")["teacher_id"] == C.fingerprint(load(tmp_path / "t.pt")["ema"])
-    capsys.readouterr()
-    code = main(*base, "--mode", "sct", "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / "sct")
-    out, err = capsys.readouterr()
-    assert_user_error(code, err, "--teacher")
-    assert out == ""
-    monkeypatch.chdir(tmp_path)  # control: the same file by a relative path
-    assert main(*base, "--mode", "scd", "--teacher", "./t.pt", "--iters", "2", "--out", tmp_path / "scd") == 0
     t = load(tmp_path / "t.pt")
     t["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in t["ema"].items()}
-    torch.save(t, tmp_path / "t.pt")  # retrained in place
+    torch.save(t, tmp_path / "other.pt")  # other weights
+    capsys.readouterr()
+    for m in ("sct", "scd"):
+        code = main(*base, "--mode", m, "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / m)
+        out, err = capsys.readouterr()
+        assert_user_error(code, err, "other.pt", "holds other weights")
+        assert out == "" and load(tmp_path / m / "ckpt.pt")["step"] == 1
+    monkeypatch.chdir(tmp_path)  # control: the same file by a relative path
+    assert main(*base, "--mode", "scd", "--teacher", "./t.pt", "--iters", "2", "--out", tmp_path / "scd") == 0
+    shutil.copy(tmp_path / "other.pt", tmp_path / "t.pt")  # retrained in place
     capsys.readouterr()
     code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
     out, err = capsys.readouterr()
@@ -582,8 +583,12 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
     assert_user_error(code, capsys.readouterr().err, "the teacher", "t.pt", "does not exist")
-    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "t.pt")  # control: the teacher restored, sCD resumes
-    assert main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd") == 0
+    os.makedirs(tmp_path / "moved")  # control: the teacher's weights under another path resume both, which keep it
+    shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "moved" / "t.pt")
+    for m in ("scd", "sct"):
+        assert main(*base, "--mode", m, "--teacher", "moved/t.pt", "--iters", "4", "--out", tmp_path / m) == 0
+        ck = load(tmp_path / m / "ckpt.pt")
+        assert ck["step"] == 4 and ck["teacher_id"] == was and ck["config"]["teacher"] == "moved/t.pt"
 
 
 def test_bad_inputs(tiny, tmp_path, capsys):
@@ -721,7 +726,8 @@ def test_toy_runs_are_finite_and_tangent_is_logged(toy_runs):
 
 def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     """`--mode all` with network flags: diffusion gets them, sCT/sCD inherit the teacher's net; side-by-side plot.
-    A single mode aimed at the `all` folder (or `all` at a single-mode folder) is refused, not started beside it."""
+    A single mode aimed at the `all` folder (or `all` at a single-mode folder) is refused, not started beside it; the
+    folder moved elsewhere resumes."""
     assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
                 "--heun_steps", "2", "--out", tmp_path / "all") == 0
     for m in scm.MODES:
@@ -739,6 +745,11 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
         assert_user_error(code, err, *words)
         assert out == ""
     assert not (tmp_path / "all" / "ckpt.pt").exists()
+    os.rename(tmp_path / "all", tmp_path / "moved")  # a moved folder resumes: its CMs' teacher is DIR/diffusion now
+    capsys.readouterr()
+    assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
+                "--heun_steps", "2", "--out", tmp_path / "moved") == 0
+    assert capsys.readouterr().out.count(f"config: teacher = '{tmp_path / 'moved' / 'diffusion' / 'ckpt.pt'}'") == 2
 
 
 # ============================================================================ DDP: two gloo ranks
