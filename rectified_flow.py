@@ -24,7 +24,7 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
-import contextlib, dataclasses, json, math, os, time
+import contextlib, dataclasses, hashlib, json, math, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -512,6 +512,17 @@ def pair_noise(idx, seed, shape, env):
     return C.IndexRNG(idx.tolist(), seed, "cpu").randn(len(idx), *shape).to(env.device)
 
 
+PAIRS_MADE = ("shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")  # how pairs were made
+
+
+def pairs_id(meta):
+    """Which pairs a folder's meta.json describes, by how they were made (the teacher's weights, the noise and its
+    fingerprint, the solver, ...), not where they lie: a 2-RF's checkpoints record it, so that a moved folder resumes
+    and a regenerated one is refused."""
+    keep = {k: meta.get(k) for k in ("teacher_id", "teacher_step", *PAIRS_MADE, "fingerprint")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def make_pairs(cfg, env):
     """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
     tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
@@ -542,7 +553,7 @@ def make_pairs(cfg, env):
                 teacher=tpath, teacher_step=tck["step"], teacher_id=C.fingerprint(tck["ema"]),
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
     new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
-    made = ("shape", "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")  # how the pairs were made
+    made = PAIRS_MADE
     old = _read_meta(folder) or _read_meta(folder, "started.json")  # finished, or stopped part-way
     if old is not None:  # stored pairs are kept only when they are the pairs asked for
         who = "teacher_id" if "teacher_id" in old else "teacher_step"  # (pairs written before the id: by step)
@@ -712,19 +723,18 @@ def train(cfg, given, env):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["config"].get("stage") != stage or ck["convention"] != CONVENTION:
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
-        if stage == "2rf":  # the teacher and the pairs only started the run: another one is another run
-            then = dict(teacher=ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt"),
-                        pairs=ck["config"].get("pairs") or os.path.join(cfg.out, "pairs"))
-            k = next((k for k in then if given.get(k) and not C.same_file(given[k], then[k])), None)
-            if k == "teacher":  # (not read on resume: the checkpoint holds the network)
-                raise C.UserError(f"'{path}' was started from the teacher '{then[k]}', and a resumed 2-RF does not read "
-                                  f"--teacher; drop it (or use another --out for --teacher {given[k]}).")
-            if k:
-                raise C.UserError(f"'{path}' was started from the pairs '{then[k]}'; a resumed 2-RF cannot change them "
-                                  f"(use another --out for --pairs {given[k]}).")
+        if stage == "2rf":  # the teacher only started the run (not read on resume: the checkpoint holds the network)
+            was = ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt")
+            if given.get("teacher") and not C.same_file(given["teacher"], was):
+                raise C.UserError(f"'{path}' was started from the teacher '{was}', and a resumed 2-RF does not read "
+                                  f"--teacher; drop it (or use another --out for --teacher {given['teacher']}).")
+            was = ck["config"].get("pairs") or os.path.join(cfg.out, "pairs")  # the pairs: by pairs_id (below) where
+            if given.get("pairs") and not C.same_file(given["pairs"], was) and "pairs_id" not in ck:  # recorded
+                raise C.UserError(f"'{path}' was started from the pairs '{was}'; a resumed 2-RF cannot change them "
+                                  f"(use another --out for --pairs {given['pairs']}).")
         cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
-    init = {}  # weights (and optimiser state) a fresh run starts from
+    init, pid = {}, None  # weights (and optimiser state) a fresh run starts from; the 2-RF's pairs_id
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
         C.refuse_unused(given, data.kind, points=("width",), images=("xflip",))
@@ -749,6 +759,13 @@ def train(cfg, given, env):
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
+            meta = _read_meta(folder)  # (none: load_pairs says so)
+            pid = ck.get("pairs_id") if ck else None
+            if meta is not None and pid is not None and pairs_id(meta) != pid:
+                raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
+                                  f"another folder); name the folder that holds them with --pairs, or use another "
+                                  f"--out.")
+            pid = pid or (meta and pairs_id(meta))
         else:  # ft: continue the 2-RF (model, EMA, Adam) on real images paired with their inverted noise
             init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])
             folder = os.path.join(out, "pairs")
@@ -814,7 +831,8 @@ def train(cfg, given, env):
 
     def state():
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION)
+                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION,
+                    **({"pairs_id": pid} if stage == "2rf" else {}))
 
     scaler, ddp = C.make_scaler(env), isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()

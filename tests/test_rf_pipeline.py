@@ -368,16 +368,31 @@ def test_resume_toy_1rf_bitwise(tmp_path):
     assert any(not torch.equal(c20["model"][k], ck["model"][k]) for k in ck["model"])  # training moved on
 
 
-def test_resume_tiny_2rf_bitwise(tiny, tmp_path):
-    """Also: the teacher only started the 2-RF (its EMA is the init), so a resume runs with the teacher file gone."""
+def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
+    """Also: the teacher only started the 2-RF (its EMA is the init), so a resume runs with the teacher file gone; the
+    pairs are known by how they were made (pairs_id), so a moved pairs folder resumes and other pairs are refused."""
     import shutil
     shutil.copy(tiny / "run" / "ckpt.pt", tmp_path / "t.pt")
+    shutil.copytree(tiny / "run" / "pairs", tmp_path / "p1")
     common = ["--preset", "tiny", "--data", str(tiny / "imgs.npy"), "--stage", "2rf", "--root", str(tmp_path),
-              "--pairs", str(tiny / "run" / "pairs"), "--ckpt_every", "100"]
-    R.main([*common, "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "a"), "--iters", "3"])
+              "--ckpt_every", "100"]
+    R.main([*common, "--pairs", str(tmp_path / "p1"), "--teacher", str(tmp_path / "t.pt"), "--out",
+            str(tmp_path / "a"), "--iters", "3"])
     os.remove(tmp_path / "t.pt")
-    R.main([*common, "--out", str(tmp_path / "a"), "--iters", "6"])
-    R.main([*common, "--teacher", str(tiny / "run" / "ckpt.pt"), "--out", str(tmp_path / "b"), "--iters", "6"])
+    os.rename(tmp_path / "p1", tmp_path / "p2")
+    shutil.copytree(tmp_path / "p2", tmp_path / "p3")
+    meta = json.loads((tmp_path / "p3" / "meta.json").read_text())
+    (tmp_path / "p3" / "meta.json").write_text(json.dumps({**meta, "pair_seed": 1}))  # pairs made otherwise
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p3"), "--out", str(tmp_path / "a"),
+                                     "--iters", "6"]))
+    err = capsys.readouterr().err
+    assert_user_error(e.value.code, err)
+    assert "p3' are not those" in err and "started from" in err, err
+    R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "a"), "--iters", "6"])
+    R.main([*common, "--pairs", str(tiny / "run" / "pairs"), "--teacher", str(tiny / "run" / "ckpt.pt"), "--out",
+            str(tmp_path / "b"), "--iters", "6"])
     ck = _equal_weights(tmp_path / "a" / "2rf" / "ckpt.pt", tmp_path / "b" / "2rf" / "ckpt.pt")
     assert ck["step"] == 6
 
