@@ -922,9 +922,11 @@ def load_detector(spec, env):
     except Exception as e:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network ({type(e).__name__}).")
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        key = f"{name}-{hashlib.file_digest(f, 'sha256').hexdigest()[:12]}"
-    return Detector(fn, name, dim, key)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return Detector(fn, name, dim, f"{name}-{h.hexdigest()[:12]}")
 
 
 class IndexRNG:
@@ -2216,8 +2218,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
                         f"single fields, or use another --out for --preset {preset}).")
     for k in ("seed", *fixed):
-        if k == "teacher" and ck.get("teacher_id") is not None:
-            continue
+        if k == "teacher" and ck.get("teacher_id") is not None and given.get("teacher"):
+            continue  # (a path: the method checks its weights; none is compared, and refused, below)
         if k in given and not (same_file if k == "teacher" else operator.eq)(given[k], base.get(k)):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")

@@ -1068,7 +1068,9 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
                               f"of this file's; use another --out.")
         check_own(ck, path)
-        if "teacher" in given and not C.same_file(given["teacher"], ck["teacher"]["path"]) and "teacher_id" not in ck:
+        t = given.get("teacher", ck["teacher"]["path"])  # or another path to its weights (teacher_id checks them)
+        same = C.same_file(t, ck["teacher"]["path"]) or t is None and ck["config"].get("teacher") is None  # in-file
+        if not (same or t and "teacher_id" in ck):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))

@@ -725,7 +725,7 @@ def train(cfg, given, env):
             raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
         if stage == "2rf":  # the teacher only started the run (not read on resume: the checkpoint holds the network)
             was = ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt")
-            if given.get("teacher") and not C.same_file(given["teacher"], was):
+            if "teacher" in given and not C.same_file(given["teacher"], was):
                 raise C.UserError(f"'{path}' was started from the teacher '{was}', and a resumed 2-RF does not read "
                                   f"--teacher; drop it (or use another --out for --teacher {given['teacher']}).")
             was = ck["config"].get("pairs") or os.path.join(cfg.out, "pairs")  # the pairs: by pairs_id (below) where

@@ -302,7 +302,7 @@ def run_method(name, a, det_path, teachers):
     wall += _cli(file, [*run, "--out", work], log)
     ckpt = os.path.join(work, "2rf" if name == "2-RF++" else "", "ckpt.pt")
     extra = ["--solver", "euler"] if name == "1-RF" else []  # 1-RF: Euler, so K steps = K NFE
-    steps = [*STEPS, a.ref_steps] if name == "1-RF" else list(STEPS)
+    steps = list(dict.fromkeys([*STEPS, a.ref_steps] if name == "1-RF" else STEPS))  # (--ref_steps 2: once)
     fid_out = os.path.join(work, "fd.jsonl")
     _cli(file, ["fid", "--ckpt", ckpt, "--steps", ",".join(map(str, steps)), "--n", str(a.n_fd), "--batch",
                 str(min(a.n_fd, 500)), "--seed", str(a.fd_seed), "--fid_detector", det_path, "--root", a.root,

@@ -390,11 +390,25 @@ def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert_user_error(e.value.code, err)
     assert "p3' are not those" in err and "started from" in err, err
+    with pytest.raises(SystemExit) as e:  # the teacher is not read on resume: none is not a change to make either
+        C.main_guard(lambda: R.main([*common, "--teacher", "none", "--out", str(tmp_path / "a"), "--iters", "6"]))
+    err = capsys.readouterr().err
+    assert_user_error(e.value.code, err)
+    assert "does not read --teacher" in err, err
     R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "a"), "--iters", "6"])
     R.main([*common, "--pairs", str(tiny / "run" / "pairs"), "--teacher", str(tiny / "run" / "ckpt.pt"), "--out",
             str(tmp_path / "b"), "--iters", "6"])
     ck = _equal_weights(tmp_path / "a" / "2rf" / "ckpt.pt", tmp_path / "b" / "2rf" / "ckpt.pt")
-    assert ck["step"] == 6
+    assert ck["step"] == 6 and ck["pairs_id"] == R.pairs_id(json.loads((tmp_path / "p2" / "meta.json").read_text()))
+    ckb = torch.load(tmp_path / "b" / "2rf" / "ckpt.pt", weights_only=True)
+    del ckb["pairs_id"]  # a checkpoint written before pairs_id knows its pairs by their path
+    torch.save(ckb, tmp_path / "b" / "2rf" / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "b"),
+                                     "--iters", "7"]))
+    err = capsys.readouterr().err
+    assert_user_error(e.value.code, err)
+    assert "was started from the pairs" in err, err
 
 
 def test_sample_independent_of_batch(tiny, tmp_path):

@@ -565,6 +565,8 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
         out, err = capsys.readouterr()
         assert_user_error(code, err, "other.pt", "holds other weights")
         assert out == "" and load(tmp_path / m / "ckpt.pt")["step"] == 1
+    code = main(*base, "--mode", "sct", "--teacher", "none", "--iters", "2", "--out", tmp_path / "sct")  # no teacher
+    assert_user_error(code, capsys.readouterr().err, "--teacher", "cannot change it")  # is not another path to it
     monkeypatch.chdir(tmp_path)  # control: the same file by a relative path
     assert main(*base, "--mode", "scd", "--teacher", "./t.pt", "--iters", "2", "--out", tmp_path / "scd") == 0
     shutil.copy(tmp_path / "other.pt", tmp_path / "t.pt")  # retrained in place
