@@ -553,11 +553,10 @@ def make_pairs(cfg, env):
                 teacher=tpath, teacher_step=tck["step"], teacher_id=C.fingerprint(tck["ema"]),
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
     new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
-    made = PAIRS_MADE
     old = _read_meta(folder) or _read_meta(folder, "started.json")  # finished, or stopped part-way
     if old is not None:  # stored pairs are kept only when they are the pairs asked for
         who = "teacher_id" if "teacher_id" in old else "teacher_step"  # (pairs written before the id: by step)
-        diff = [k for k in (who, *made) if old.get(k) != new[k]]  # the teacher by its weights, not its path
+        diff = [k for k in (who, *PAIRS_MADE) if old.get(k) != new[k]]  # the teacher by its weights, not its path
         if diff and diff[0] in ("teacher_id", "teacher_step"):
             raise C.UserError(f"'{folder}' holds pairs made by another teacher ('{old.get('teacher')}' at step "
                               f"{old.get('teacher_step')}), not by '{tpath}' at step {tck['step']}; remove that folder "
@@ -569,7 +568,7 @@ def make_pairs(cfg, env):
     if env.is_main and old is None:  # what these blocks are, before the first one: a restart checks it
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "started.json"), "w") as f:
-            json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *made)}, f)
+            json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
     C.barrier(env)
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
     if env.is_main:

@@ -505,11 +505,12 @@ def train(cfg, given, env):
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
     if cfg.teacher and mode != "diffusion" and any(k in given for k in ("net", "width", "depth", "adn")):
         raise C.UserError(f"--mode {mode} takes its network from '{cfg.teacher}'; drop --net/--width/--depth/--adn.")
+    # sCT only started from its teacher: a resume reads neither its file nor its weights, unless it is named at another
+    # path (then its weights are checked); sCD reads it at every step, so a resumed sCD needs the same weights
     if cfg.teacher and mode == "sct" and ck and C.same_file(cfg.teacher, ck["config"].get("teacher")):
-        nd, tid = with_dropout(ck["net"], cfg.dropout), ck.get("teacher_id")  # sCT only started from the teacher: a
-    elif cfg.teacher and mode != "diffusion":  # resume reads neither its file nor its weights (unless named anew)
+        nd, tid = with_dropout(ck["net"], cfg.dropout), ck.get("teacher_id")
+    elif cfg.teacher and mode != "diffusion":
         teacher, tck = load_teacher(cfg.teacher, cfg)
-        # sCD reads the teacher at every step: a resumed sCD needs the same weights (by any path to them)
         tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"])
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
         init = tck["ema"]
