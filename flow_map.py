@@ -666,7 +666,7 @@ def train(cfg, given):
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint
             shape = sample_shape(ema.model.config)
-            fid(step, {f"{N} steps": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
+            fid(step, {f"{N} step{'s' * (N > 1)}": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
     if env.is_main:
@@ -695,7 +695,7 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
-                    lambda N: f"{N} steps ({cfg.sampler}, {N} NFE)", record=lambda N: dict(mode=cfg.mode,
+                    lambda N: f"{N} step{'s' * (N > 1)} ({cfg.sampler}, {N} NFE)", record=lambda N: dict(mode=cfg.mode,
                                                                                             sampler=cfg.sampler))
 
 

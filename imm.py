@@ -414,7 +414,8 @@ def train(cfg, given):
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:
-            fid(step, {f"{N} steps": generator(ema.model, cfg, sample_shape(ema.model.config), N, env) for N in (1, 2)})
+            fid(step, {f"{N} step{'s' * (N > 1)}": generator(ema.model, cfg, sample_shape(ema.model.config), N, env)
+                       for N in (1, 2)})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
     if env.is_main:
@@ -440,7 +441,8 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
-                    lambda N: f"{N} steps ({cfg.sampler}, {cfg.schedule})", record=lambda N: dict(sampler=cfg.sampler))
+                    lambda N: f"{N} step{'s' * (N > 1)} ({cfg.sampler}, {cfg.schedule})",
+                    record=lambda N: dict(sampler=cfg.sampler))
 
 
 def main(argv=None):

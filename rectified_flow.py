@@ -864,7 +864,7 @@ def train(cfg, given, env):
             log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
         if fid and step % cfg.fid_every == 0:
             K = 1 if stage != "1rf" else 18
-            fid(step, {f"{K} steps": sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
+            fid(step, {f"{K} step{'s' * (K > 1)}": sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
     if ck is None and iters == 0:
         guard.checkpoint(step, True, state, gens)
     if env.is_main:
@@ -937,8 +937,8 @@ def sample_or_fid(cmd, opts, given):
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),
-                    lambda K: f"{K} steps ({', '.join(sampler_for(cfg, K))}, {nfe(K, solver(K))} NFE)", classes,
-                    record=lambda K: dict(nfe=nfe(K, solver(K))))
+                    lambda K: f"{K} step{'s' * (K > 1)} ({', '.join(sampler_for(cfg, K))}, {nfe(K, solver(K))} NFE)",
+                    classes, record=lambda K: dict(nfe=nfe(K, solver(K))))
 
 
 def main(argv=None):

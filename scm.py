@@ -710,7 +710,7 @@ def sample_or_fid(cmd, opts, given):
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
-    name = lambda K: f"{K} steps ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
+    name = lambda K: f"{K} step{'s' * (K > 1)} ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, mode, shape, K, env), name,
                     record=lambda K: dict(mode=mode, nfe=nfe(mode, K)))
 
