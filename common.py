@@ -912,15 +912,21 @@ def load_detector(spec, env):
             except Exception as e:
                 why = f"download failed: {type(e).__name__}"
         barrier(env)
-    if not os.path.exists(path):
-        raise UserError(f"FID detector unavailable ({why}); download {INCEPTION_URL} and place it at {path}."
-                        if spec == "inception" else f"FID detector '{spec}' not found.")
+    if spec == "inception" and not os.path.exists(path):
+        raise UserError(f"FID detector unavailable ({why}); download {INCEPTION_URL} and place it at {path}.")
+    if not os.path.isfile(path):
+        raise no_file(path, "FID detector")
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        dim = Detector(fn, "", 0)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device)).shape[1]
+        f = Detector(fn, "", 0)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
+        ok = f.ndim == 2 and len(f) == 2  # (B, dim): one feature row per image
     except Exception as e:
-        raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network ({type(e).__name__}).")
+        ok, f = False, type(e).__name__
+    if not ok:
+        raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
+            f if isinstance(f, str) else f"2 images gave features of shape {tuple(f.shape)}, not (2, dim)") + ").")
+    dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -953,6 +959,9 @@ def _feature_stats(images_of, n, detector, env, batch):
     for idx in chunks[env.rank::env.world]:  # equal number of iterations on every rank
         if len(idx):
             f = detector(images_of(idx)).double()
+            if f.shape != (len(idx), detector.dim):  # (a network that drops or merges rows at another batch size)
+                raise UserError(f"the FID detector '{detector.name}' gave features of shape {tuple(f.shape)} for "
+                                f"{len(idx)} images, not ({len(idx)}, {detector.dim}).")
             s1, s2 = s1 + f.sum(0), s2 + f.T @ f
     if env.world > 1:
         dist.all_reduce(s1), dist.all_reduce(s2)
@@ -1027,7 +1036,7 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     and the detector's (its file's content)."""
     if ref_path:
         if not os.path.isfile(ref_path):
-            raise UserError(f"FID reference '{ref_path}' does not exist.")
+            raise no_file(ref_path, "FID reference")
         return _read_stats(ref_path, detector, "FID reference", "")
     path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.key}.npz")
     hit = os.path.exists(path)
@@ -1284,7 +1293,7 @@ def _optimiser_state(o):
 def load_checkpoint(path):
     """A checkpoint of this project (weights only, no pickled code): its layout and the types of its entries checked."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist.")
+        raise no_file(path, "checkpoint")
     try:
         with warnings.catch_warnings():  # torch's notes on odd files (pickle protocol, ...) would precede the error
             warnings.simplefilter("ignore")
@@ -1345,6 +1354,13 @@ def teacher_id(ck, path, tpath, weights, check=True):
                         f"replaced since, or another file); a resumed run keeps its teacher: name the file that holds "
                         f"them, or use another --out.")
     return was or tid
+
+
+def no_file(path, what):
+    """The sentence for an input file that is not there (`what` 'the teacher', ...); a folder in its place is named."""
+    if os.path.isdir(path):
+        return UserError(f"{what} '{path}' is a folder, not a file; give the file in it (a run's ckpt.pt, ...).")
+    return UserError(f"{what} '{path}' does not exist.")
 
 
 def same_file(a, b):
@@ -1946,11 +1962,11 @@ def preflight(cmd, cfg):
         raise UserError(f"--out '{out}' is a folder; give a file path.")
     check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
-        raise UserError(f"FID reference '{cfg.fid_ref}' does not exist.")
+        raise no_file(cfg.fid_ref, "FID reference")
     if cmd == "fid" and not cfg.fid_ref:
         check_dir(cfg.root, "--root")
     if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
-        raise UserError(f"FID detector '{cfg.fid_detector}' not found.")
+        raise no_file(cfg.fid_detector, "FID detector")
 
 
 # ========================================================================================================= command line

@@ -799,7 +799,7 @@ def load_teacher(path, cfg, data, log):
     if path.endswith(".pkl"):
         return _load_edm_teacher(path, cfg, data)
     if not os.path.isfile(path):
-        raise C.UserError(f"the teacher '{path}' does not exist.")
+        raise C.no_file(path, "the teacher")
     ck = C.load_checkpoint(path)
     if ck["method"] != TEACHER_METHOD or ck["convention"] != TEACHER_CONVENTION:
         raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
@@ -1070,7 +1070,7 @@ def train(cfg, given):
         check_own(ck, path)
         t = given.get("teacher", ck["teacher"]["path"])  # or another path to its weights (teacher_id checks them)
         same = C.same_file(t, ck["teacher"]["path"]) or t is None and ck["config"].get("teacher") is None  # in-file
-        if not (same or t and "teacher_id" in ck):
+        if not (same or t and ck.get("teacher_id") is not None):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))

@@ -488,7 +488,7 @@ def load_teacher(path, env, shape):
         den = den.to(env.device)
         return rf_velocity(edm_rf_velocity(den), 1e-5), 1.0, den.state_dict()
     if not path or not os.path.isfile(path):
-        raise C.UserError(f"the teacher checkpoint '{path}' does not exist.")
+        raise C.no_file(path or "", "the teacher checkpoint")
     try:
         ck = C.load_checkpoint(path)
     except C.UserError:  # common's message quotes torch's multi-sentence unpickling error; keep one sentence

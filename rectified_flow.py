@@ -40,6 +40,11 @@ METHOD = "rectified_flow"
 # options of the 1-RF alone: the 2-RF and ft take their network from the stage before and train on stored pairs,
 # never flipped (refused there; `--stage all` gives them to its 1-RF only)
 ONE_RF_ONLY = ("net", "dropout", "cond", "width", "xflip")
+# options some stages read (another stage refuses them): the pairs' by --stage pairs (and all), their solver also by
+# the 1-RF's evaluation on 2-D points, their block size also by ft's inverted pairs; the fine-tuning's by ft
+STAGE_ONLY = {**dict.fromkeys(("n_pairs", "pair_batch", "pair_seed", "noise_mode"), ("pairs", "all")),
+              **dict.fromkeys(("pair_solver", "pair_steps", "pair_grid"), ("pairs", "all", "1rf")),
+              "pair_block": ("pairs", "all", "ft"), **dict.fromkeys(("ft_iters", "ft_n", "inv_steps"), ("ft",))}
 
 
 # =============================================================================================================== config
@@ -746,7 +751,7 @@ def train(cfg, given, env):
         if stage == "2rf" and ck:  # the teacher only started the run: a resume reads neither its file nor its weights
             nd = ck["net"]
         elif not os.path.isfile(src):
-            raise C.UserError(f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint '{src}' does not exist.")
+            raise C.no_file(src, f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint")
         else:
             src_net, sck = load_teacher(src, env)
             nd = sck["net"]
@@ -905,6 +910,10 @@ def run(cfg, given):
             "the 1-RF trains on the data" if cfg.stage == "1rf" else "the fine-tuning continues DIR/2rf" if
             cfg.stage == "ft" else "its pairs come from the 1-RF it trains") + "; --stage pairs and 2rf read it); "
             "drop it.")
+    k = next((k for k, stages in STAGE_ONLY.items() if k in given and cfg.stage not in stages), None)
+    if k:  # (a 2-RF given --pair_seed trained on the stored pairs and recorded the new value)
+        raise C.UserError(f"--stage {cfg.stage} does not read --{k} (only --stage {' or '.join(STAGE_ONLY[k])} "
+                          f"reads it); drop it.")
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on

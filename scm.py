@@ -461,7 +461,7 @@ def load_teacher(path, cfg):
         net = EDMTrigFlow(den, cfg.sigma_d)
         return net.eval().requires_grad_(False), dict(net=net.config, ema=net.state_dict(), step=0, config={})
     if not os.path.isfile(path):
-        raise C.UserError(f"the teacher '{path}' does not exist.")
+        raise C.no_file(path, "the teacher")
     ck = C.load_checkpoint(path)
     check_scm(ck, path, "diffusion", cfg.sigma_d)
     net = build(ck["net"])
@@ -643,8 +643,14 @@ def run(cfg, given):
         raise C.UserError(f"'{cfg.out}' holds a --mode all run (its {', '.join(parts)} in subfolders); continue one "
                           f"mode with --out {os.path.join(cfg.out, cfg.mode)}, or use another --out.")
     if cfg.mode == "all" and single:
-        raise C.UserError(f"'{cfg.out}' holds a single-mode run; --mode all puts its three runs in "
-                          f"subfolders, so use another --out.")
+        ck = os.path.join(cfg.out, "ckpt.pt")
+        m = C.load_checkpoint(ck)["config"].get("mode") if os.path.isfile(ck) else None
+        raise C.UserError(f"'{cfg.out}' holds a single-mode run" + (f" (--mode {m}); resume it with --mode {m}, or"
+                          if m in MODES and "mode" not in given else ";") + " use another --out for --mode all (its "
+                          "three runs go in subfolders).")
+    if cfg.mode == "all" and "teacher" in given:
+        raise C.UserError("--mode all trains its own teacher (DIR/diffusion); drop --teacher, or distil that file "
+                          "with --mode scd.")
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",

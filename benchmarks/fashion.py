@@ -296,7 +296,7 @@ def run_method(name, a, det_path, teachers):
                     str(min(n_pairs, 1000))]
             wall += _cli(file, ["--stage", "pairs", *common_argv(a, iters, False), *pair, "--teacher", t["ckpt"],
                                 "--out", work], log)
-            run += [*pair, "--teacher", t["ckpt"]]
+            run += ["--teacher", t["ckpt"]]  # (the pairs' options: read by --stage pairs only)
         else:
             run += ["--teacher", t["ckpt"]]
     wall += _cli(file, [*run, "--out", work], log)

@@ -912,6 +912,9 @@ def test_non_finite_detector_features_are_one_sentence(tmp_path):
     nan_det = C.Detector(lambda u8: torch.full((len(u8), 4), float("nan")), "nandet", 4)
     with pytest.raises(C.UserError, match="'nandet' gave non-finite features"):
         C.reference_stats(image_data(n=10, seed=2), nan_det, env1(), str(tmp_path))
+    rows = C.Detector(lambda u8: torch.zeros(min(len(u8), 3), 4), "rows", 4)  # rows dropped at a batch of 4
+    with pytest.raises(C.UserError, match=r"'rows' gave features of shape \(3, 4\) for 4 images"):
+        C.reference_stats(image_data(n=8, seed=2), rows, env1(), str(tmp_path), batch=4)
 
 
 class _TinyFeatures(nn.Module):
@@ -924,6 +927,16 @@ class _TinyFeatures(nn.Module):
         if return_features:
             return f
         return f.sum(1)
+
+
+class _Images(nn.Module):
+    def forward(self, x, return_features: bool = False):
+        return x.float()
+
+
+class _FirstRow(_TinyFeatures):
+    def forward(self, x, return_features: bool = False):
+        return self.lin(x.float().mean(dim=(2, 3)))[:1]
 
 
 def test_torchscript_detector_from_path(tmp_path):
@@ -953,6 +966,13 @@ def test_torchscript_detector_from_path(tmp_path):
         C.load_detector(str(tmp_path / "junk.pt"), env1())
     with pytest.raises(C.UserError, match="nothing.pt"):
         C.load_detector(str(tmp_path / "nothing.pt"), env1())
+    with pytest.raises(C.UserError, match="is a folder, not a file"):
+        C.load_detector(str(tmp_path), env1())
+    # a network that returns images (4-D) or drops rows was a traceback in the statistics, or an FID of fewer samples
+    for bad, words in ((_Images(), r"features of shape \(2, 3, 32, 32\)"), (_FirstRow(), r"shape \(1, 5\)")):
+        torch.jit.script(bad).save(str(tmp_path / "bad.pt"))
+        with pytest.raises(C.UserError, match="not a usable TorchScript feature network .*" + words):
+            C.load_detector(str(tmp_path / "bad.pt"), env1())
 
 
 def test_detector_download_failure_is_user_error(monkeypatch, tmp_path):

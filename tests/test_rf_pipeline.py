@@ -304,7 +304,9 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     C.main_guard(lambda: R.main(["--stage", "pairs", *small]))
     # another teacher's pairs for the same folder (a retrained 1-RF): refused; the same weights moved: kept
     other = [*small[:-2], "--out", str(tmp_path / "o"), "--seed", "1"]
-    C.main_guard(lambda: R.main(["--stage", "1rf", *other]))
+    no_pairs = [a for i, a in enumerate(other) if not (a.startswith("--") and a[2:] in R.STAGE_ONLY
+                                                      or i and other[i - 1][2:] in R.STAGE_ONLY)]
+    C.main_guard(lambda: R.main(["--stage", "1rf", *no_pairs]))  # (the 1-RF refuses the pairs' options)
     shutil.copy(tmp_path / "r" / "ckpt.pt", tmp_path / "moved.pt")
     pairs = ["--stage", "pairs", *other, "--pairs", str(tmp_path / "r" / "pairs"), "--seed", "0"]
     capsys.readouterr()

@@ -472,7 +472,7 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     shutil.copytree(files / "distributional", tmp_path / "g")
     os.remove(tmp_path / "g" / "ckpt.pt")
     run("rectified_flow", *BASE["rectified_flow"], "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
-    for name, argv in (("rectified_flow", ["--stage", "2rf", *P, "--teacher", rf, "--iters", "1"]),
+    for name, argv in (("rectified_flow", ["--stage", "2rf", "--teacher", rf, "--iters", "1"]),
                        ("flow_map", ["--mode", "lmd", "--teacher", rf, "--iters", "1"])):
         assert run(name, *BASE[name], *argv, "--out", tmp_path / "r") == 0
     cases = [
@@ -480,10 +480,12 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
         ("rectified_flow", ["--stage", "all", "--teacher", rf, "--out", tmp_path / "n"], "all does not read --teacher"),
         ("rectified_flow", ["--stage", "ft", "--pairs", tmp_path, "--out", tmp_path / "n"], "ft does not read --pairs"),
         ("distributional", ["--teacher", rf, "--out", tmp_path / "n"], "--teacher_iters shapes the in-file teacher"),
-        ("rectified_flow", ["--stage", "2rf", *P, "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out",
+        ("rectified_flow", ["--stage", "2rf", "--teacher", tmp_path / "moved.pt", "--iters", "2", "--out",
                             tmp_path / "r"], "does not read --teacher"),
-        ("rectified_flow", ["--stage", "2rf", *P, "--pairs", tmp_path, "--iters", "2", "--out", tmp_path / "r"],
+        ("rectified_flow", ["--stage", "2rf", "--pairs", tmp_path, "--iters", "2", "--out", tmp_path / "r"],
          "no pairs in"),  # (a folder of other pairs: tests/test_rf_pipeline.py)
+        ("rectified_flow", ["--stage", "2rf", "--pair_seed", "7", "--iters", "2", "--out", tmp_path / "r"],
+         "2rf does not read --pair_seed"),  # (it trained on the stored pairs and recorded seed 7)
         ("flow_map", ["--mode", "lmd", "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / "r"],
          "holds other weights"),
         ("distributional", ["--teacher_iters", "3", "--iters", "1", "--out", tmp_path / "g"], "with iters 2, not 3"),
@@ -498,7 +500,7 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 1
     # controls: the same teacher resumes (flow_map's by another path to its weights); the in-file teacher asked for is
     # reused
-    assert run("rectified_flow", *BASE["rectified_flow"], "--stage", "2rf", *P, "--teacher", rf, "--iters", "2",
+    assert run("rectified_flow", *BASE["rectified_flow"], "--stage", "2rf", "--teacher", rf, "--iters", "2",
                "--out", tmp_path / "r") == 0
     assert run("flow_map", *BASE["flow_map"], "--mode", "lmd", "--teacher", tmp_path / "moved.pt", "--iters", "2",
                "--out", tmp_path / "r") == 0
@@ -531,6 +533,12 @@ def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, caps
         assert run(name, *argv[name], "--iters", "2") == 0
     capsys.readouterr()  # GDD's teacher named "none" (its in-file one) is not another path to it
     code = run("distributional", *argv["distributional"][:-4], "--teacher", "none", "--out", tmp_path / "d")
+    one_sentence(code, capsys.readouterr().err, "was started from the teacher")
+    ck = torch.load(tmp_path / "d" / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "teacher_id": None}, tmp_path / "d" / "nid.pt")  # an id edited to None: paths compared
+    os.makedirs(tmp_path / "nid")
+    os.rename(tmp_path / "d" / "nid.pt", tmp_path / "nid" / "ckpt.pt")
+    code = run("distributional", *argv["distributional"][:-4], "--teacher", rf, "--out", tmp_path / "nid")
     one_sentence(code, capsys.readouterr().err, "was started from the teacher")
     os.makedirs(tmp_path / "moved")  # control: moved, and named anew (a file of other weights is refused above)
     os.rename(t, tmp_path / "moved" / "t.pt")

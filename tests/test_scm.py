@@ -606,6 +606,10 @@ def test_bad_inputs(tiny, tmp_path, capsys):
           "--out", tmp_path / "x"], ["sigma_d"]),
         (["--preset", "tiny", *data, "--mode", "sct", "--teacher", tmp_path / "none.pt", "--out", tmp_path / "x"],
          ["does not exist"]),
+        (["--preset", "tiny", *data, "--mode", "scd", "--teacher", tiny / "diff", "--out", tmp_path / "x"],
+         ["diff' is a folder, not a file"]),
+        (["--mode", "all", "--teacher", tiny / "diff" / "ckpt.pt", "--out", tmp_path / "x"],
+         ["--mode all trains its own teacher"]),
         (["--preset", "tiny", "--data", tmp_path / "none.npy", "--out", tmp_path / "x"], ["neither"]),
         (["--preset", "tiny", *data, "--net", "mlp", "--out", tmp_path / "x"], ["2-D points"]),
         (["--preset", "tiny", *data, "--t_mid", "2.0", "--out", tmp_path / "x"], ["t_mid"]),
@@ -740,7 +744,8 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     assert (tmp_path / "all" / "samples.png").read_bytes()[:4] == b"\x89PNG"
     for argv, words in ((["--mode", "sct", "--out", tmp_path / "all"], ["holds a --mode all run",
                                                                         f"--out {tmp_path / 'all' / 'sct'}"]),
-                        (["--mode", "all", "--out", tmp_path / "all" / "sct"], ["holds a single-mode run"])):
+                        (["--mode", "all", "--out", tmp_path / "all" / "sct"], ["holds a single-mode run"]),
+                        (["--out", tmp_path / "all" / "sct"], ["(--mode sct); resume it with --mode sct"])):
         capsys.readouterr()
         code = main(*argv, "--iters", "4")
         out, err = capsys.readouterr()
