@@ -1085,6 +1085,8 @@ def train(cfg, given):
     check_in_file_teacher(cfg, given, ck)
     check_disc(cfg, data)  # before the in-file teacher's training, as the `projected` D's backbones (their weights):
     bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # missing ones stop the run now
+    if cfg.teacher and not os.path.isfile(cfg.teacher):  # a missing teacher: its sentence before the run's first file
+        load_teacher(cfg.teacher, cfg, data, None)
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny

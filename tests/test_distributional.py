@@ -874,6 +874,7 @@ def test_cli_bad_inputs(imgs, tmp_path, capsys):
             C.main_guard(lambda: D.main(list(argv)))
         assert_user_error(e.value.code, capsys.readouterr().err, *words)
     assert sha(tmp_path / "ok" / "ckpt.pt") == before
+    assert not (tmp_path / "m").exists()  # a missing teacher stopped the run before its first file (config.json)
     p = cli("--teacher", "nowhere.pt", "--out", "z", cwd=tmp_path)
     assert_user_error(p.returncode, p.stderr, "nowhere.pt")
 
