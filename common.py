@@ -2066,6 +2066,16 @@ def _field_options(Config):
              notes.get(f.name, "")) for f in dataclasses.fields(Config)]
 
 
+def _saved_mode(path, hint):
+    """The --mode of the checkpoint at `path` (a run to resume), read without its tensors; None when there is none or
+    it is not one of the mode's values (the run's own checks then say why)."""
+    try:
+        m = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]["mode"]
+    except Exception:
+        return None
+    return m if m in typing.get_args(hint) else None
+
+
 def _default_out(Config, presets, preset, given, method):
     """The run folder when neither the command line nor the preset names one: runs/<method>[-<mode>]-<preset>."""
     fields = Config.__dataclass_fields__
@@ -2183,7 +2193,11 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
     given = Given(raw, raw.pop("preset", None))
     preset = given.preset or "toy"
     out = _default_out(Config, presets, preset, given, method)
-    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given)
+    select = {}  # a run resumed without --mode is checked as its checkpoint's mode, not the preset's default
+    if "mode" in hints and "mode" not in given and given.get("resume") is not False:
+        select = {"mode": _saved_mode(os.path.join(given.get("out") or out or "", "ckpt.pt"), hints["mode"])}
+    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given,
+                         **{k: v for k, v in select.items() if v})
     if "preset" in hints:
         cfg.preset = preset
     return cmd, cfg, given

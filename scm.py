@@ -642,12 +642,9 @@ def run(cfg, given):
     if cfg.mode != "all" and parts and not single:  # else a new run would start beside the one the folder holds
         raise C.UserError(f"'{cfg.out}' holds a --mode all run (its {', '.join(parts)} in subfolders); continue one "
                           f"mode with --out {os.path.join(cfg.out, cfg.mode)}, or use another --out.")
-    if cfg.mode == "all" and single:
-        ck = os.path.join(cfg.out, "ckpt.pt")
-        m = C.load_checkpoint(ck)["config"].get("mode") if os.path.isfile(ck) else None
-        raise C.UserError(f"'{cfg.out}' holds a single-mode run" + (f" (--mode {m}); resume it with --mode {m}, or"
-                          if m in MODES and "mode" not in given else ";") + " use another --out for --mode all (its "
-                          "three runs go in subfolders).")
+    if cfg.mode == "all" and single:  # (without --mode, a single-mode run resumes its own: common.parse_cli)
+        raise C.UserError(f"'{cfg.out}' holds a single-mode run; use another --out for --mode all (its three runs go "
+                          f"in subfolders).")
     if cfg.mode == "all" and "teacher" in given:
         raise C.UserError("--mode all trains its own teacher (DIR/diffusion); drop --teacher, or distil that file "
                           "with --mode scd.")

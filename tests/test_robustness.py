@@ -546,6 +546,8 @@ def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, caps
         assert run(name, *argv[name][:-4], "--teacher", tmp_path / "moved" / "t.pt", "--out", tmp_path / d,
                    "--iters", "3") == 0
         assert torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["step"] == 3
+    assert run("flow_map", *BASE["flow_map"], "--teacher", tmp_path / "moved" / "t.pt", "--out", tmp_path / "f",
+               "--iters", "4") == 0  # without --mode: checked as the run's lmd, not the preset's lsd
     assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
     os.rename(tmp_path / "g", tmp_path / "g2")  # GDD's in-file teacher moves with its folder
     assert run("distributional", *BASE["distributional"], "--iters", "2", "--out", tmp_path / "g2") == 0

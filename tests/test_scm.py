@@ -744,8 +744,7 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     assert (tmp_path / "all" / "samples.png").read_bytes()[:4] == b"\x89PNG"
     for argv, words in ((["--mode", "sct", "--out", tmp_path / "all"], ["holds a --mode all run",
                                                                         f"--out {tmp_path / 'all' / 'sct'}"]),
-                        (["--mode", "all", "--out", tmp_path / "all" / "sct"], ["holds a single-mode run"]),
-                        (["--out", tmp_path / "all" / "sct"], ["(--mode sct); resume it with --mode sct"])):
+                        (["--mode", "all", "--out", tmp_path / "all" / "sct"], ["holds a single-mode run"])):
         capsys.readouterr()
         code = main(*argv, "--iters", "4")
         out, err = capsys.readouterr()
@@ -757,6 +756,9 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
                 "--heun_steps", "2", "--out", tmp_path / "moved") == 0
     assert capsys.readouterr().out.count(f"config: teacher = '{tmp_path / 'moved' / 'diffusion' / 'ckpt.pt'}'") == 2
+    assert main("--out", tmp_path / "moved" / "sct", "--iters", "4") == 0  # without --mode: the run's own (not all)
+    ck = load(tmp_path / "moved" / "sct" / "ckpt.pt")
+    assert ck["step"] == 4 and ck["config"]["mode"] == "sct"
 
 
 # ============================================================================ DDP: two gloo ranks
