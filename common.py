@@ -929,8 +929,8 @@ def load_detector(spec, env):
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return Detector(fn, name, dim, f"{name}-{h.hexdigest()[:12]}")
 
@@ -1343,13 +1343,13 @@ def fingerprint(sd):
     return h.hexdigest()[:16]
 
 
-def teacher_id(ck, path, tpath, weights, check=True):
+def teacher_id(ck, path, tpath, weights):
     """The fingerprint of the weights of the teacher a run started from, which its checkpoints record (`teacher_id`;
-    a resumed run keeps the one it started from). On resume (`ck`, read from `path`) with `check`, a teacher file whose
+    a resumed run keeps the one it started from). On resume (`ck`, read from `path`) a teacher file whose
     weights are not those (retrained or replaced in place, or another file named by --teacher) is refused, not
     distilled from then on without a word; checkpoints older than the id are not checked."""
     tid, was = fingerprint(weights), ck.get("teacher_id") if ck else None
-    if check and was is not None and was != tid:
+    if was is not None and was != tid:
         raise UserError(f"the teacher '{tpath}' holds other weights than those '{path}' started from (retrained or "
                         f"replaced since, or another file); a resumed run keeps its teacher: name the file that holds "
                         f"them, or use another --out.")
@@ -1949,8 +1949,7 @@ def preflight(cmd, cfg):
                             f"another --out.")
         return check_dir(cfg.out, "--out")
     if not os.path.isfile(cfg.ckpt):
-        raise UserError(f"checkpoint '{cfg.ckpt}' is a folder; give its ckpt.pt." if os.path.isdir(cfg.ckpt) else
-                        f"checkpoint '{cfg.ckpt}' does not exist.")
+        raise no_file(cfg.ckpt, "checkpoint")
     if cfg.out == "":
         raise UserError("--out needs a file name (or leave it out for the checkpoint's folder).")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
@@ -2193,11 +2192,11 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
     given = Given(raw, raw.pop("preset", None))
     preset = given.preset or "toy"
     out = _default_out(Config, presets, preset, given, method)
-    select = {}  # a run resumed without --mode is checked as its checkpoint's mode, not the preset's default
+    mode = None  # a run resumed without --mode is checked as its checkpoint's mode, not the preset's default
     if "mode" in hints and "mode" not in given and given.get("resume") is not False:
-        select = {"mode": _saved_mode(os.path.join(given.get("out") or out or "", "ckpt.pt"), hints["mode"])}
+        mode = _saved_mode(os.path.join(given.get("out") or out or "", "ckpt.pt"), hints["mode"])
     cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given,
-                         **{k: v for k, v in select.items() if v})
+                         **({"mode": mode} if mode else {}))
     if "preset" in hints:
         cfg.preset = preset
     return cmd, cfg, given

@@ -764,12 +764,12 @@ def train(cfg, given, env):
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
             meta = _read_meta(folder)  # (none: load_pairs says so)
-            pid = ck.get("pairs_id") if ck else None
-            if meta is not None and pid is not None and pairs_id(meta) != pid:
+            now, pid = pairs_id(meta) if meta is not None else None, ck.get("pairs_id") if ck else None
+            if None not in (now, pid) and now != pid:
                 raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
                                   f"another folder); name the folder that holds them with --pairs, or use another "
                                   f"--out.")
-            pid = pid or (meta and pairs_id(meta))
+            pid = pid or now
         else:  # ft: continue the 2-RF (model, EMA, Adam) on real images paired with their inverted noise
             init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])
             folder = os.path.join(out, "pairs")

@@ -1134,7 +1134,6 @@ def test_same_file_and_teacher_id(tmp_path):
     other = {**w, "s": torch.tensor(4.0)}
     with pytest.raises(C.UserError, match="'t.pt' holds other weights than those 'ck.pt' started from"):
         C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other)
-    assert C.teacher_id({"teacher_id": tid}, "ck.pt", "t.pt", other, check=False) == tid  # the one it started from
     assert C.teacher_id({}, "ck.pt", "t.pt", other) == C.fingerprint(other)  # a checkpoint older than the id
 
 
