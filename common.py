@@ -13,7 +13,7 @@ section starts at a line "# ==== <section>"):
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
                      reference_stats
   runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
-                     maybe_compile
+                     maybe_compile, stopwatch
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, fingerprint,
                      teacher_id, same_file, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
@@ -1208,6 +1208,13 @@ def strict_fp32(device):
 def make_scaler(env):
     """A GradScaler for fp16; a disabled pass-through otherwise (same calling code)."""
     return torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+
+
+def stopwatch():
+    """A function returning "total <wall> s wall (<CPU> s CPU)" since this call: the run's own times
+    (time.process_time counts from the process start, which in a process running several runs is not the run's)."""
+    w, c = time.time(), time.process_time()
+    return lambda: f"total {time.time() - w:.1f} s wall ({time.process_time() - c:.1f} s CPU)"
 
 
 def maybe_compile(m, on):

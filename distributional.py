@@ -26,7 +26,7 @@ gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher 
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
     python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
 """
-import contextlib, copy, dataclasses, math, os, time
+import contextlib, copy, dataclasses, math, os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -1059,7 +1059,7 @@ def check_own(ck, path):
 
 
 def train(cfg, given):
-    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -1193,7 +1193,7 @@ def train(cfg, given):
     if env.is_main and step > 0:
         m = evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
-    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
+    log.info(clock())
     C.barrier(env)
 
 

@@ -29,7 +29,7 @@ converted into it by `meanflow_to_flow_map` (docs/flow_map.md, "MeanFlow in the 
     python flow_map.py sample --ckpt runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png
     python flow_map.py fid --ckpt runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8
 """
-import contextlib, dataclasses, math, os, time
+import contextlib, dataclasses, math, os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -557,7 +557,7 @@ def lr_at(cfg, step):
 
 
 def train(cfg, given):
-    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -672,7 +672,7 @@ def train(cfg, given):
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
-    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
+    log.info(clock())
     C.barrier(env)
 
 

@@ -21,7 +21,7 @@ times (t, s) and multiplies them by its time_scale = 1000 (c_noise of Eq. 5).
     python imm.py sample --ckpt runs/imm-toy/ckpt.pt --steps 1,2,4,8 --sampler restart --out s.png
     python imm.py fid --ckpt runs/imm-cifar10/ckpt.pt --steps 1,2,4,8
 """
-import contextlib, dataclasses, math, os, time
+import contextlib, dataclasses, math, os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -329,7 +329,7 @@ def generator(net, cfg, shape, N, env):
 
 # ============================================================================================================= training
 def train(cfg, given):
-    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     path = os.path.join(cfg.out, "ckpt.pt")
     ck = None
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
@@ -421,7 +421,7 @@ def train(cfg, given):
     if env.is_main:
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
-    log.info(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)")
+    log.info(clock())
     C.barrier(env)
 
 

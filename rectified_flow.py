@@ -918,7 +918,7 @@ def run(cfg, given):
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on
                             "continue one stage with --stage 2rf")  # beneath them
-    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):
         scfg = cfg
@@ -936,7 +936,7 @@ def run(cfg, given):
             train(scfg, given if s == "1rf" or cfg.stage != "all" else
                   {k: v for k, v in given.items() if k not in ONE_RF_ONLY}, env)
     if env.is_main:
-        print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)", flush=True)
+        print(clock(), flush=True)
 
 
 def sample_or_fid(cmd, opts, given):

@@ -27,7 +27,7 @@ toy preset).
     python scm.py sample --ckpt runs/scm-all-toy/sct/ckpt.pt --steps 1,2 --out s.png
     python scm.py fid --ckpt runs/scm-sct-cifar10/ckpt.pt --steps 1,2
 """
-import contextlib, dataclasses, json, math, os, time
+import contextlib, dataclasses, json, math, os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -652,9 +652,8 @@ def run(cfg, given):
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
                             f"continue one mode with --out {os.path.join(cfg.out, '<mode>')}")
-    t0, env = time.time(), C.setup(cfg.device, cfg.seed, cfg.precision)
-    total = lambda: env.is_main and print(f"total {time.time() - t0:.1f} s wall ({time.process_time():.1f} s CPU)",
-                                          flush=True)
+    clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
+    total = lambda: env.is_main and print(clock(), flush=True)
     if cfg.mode != "all":
         train(cfg, given, env)
         return total()

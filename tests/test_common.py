@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 import typing
 
 import numpy as np
@@ -1456,6 +1457,17 @@ def test_single_process_collectives_are_identity():
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, net.parameters()))
     assert C.all_mean(3.5, env).item() == 3.5 and C.all_mean(torch.tensor([1.0, 2.0]), env).tolist() == [1.0, 2.0]
     C.barrier(env)
+
+
+def test_stopwatch_counts_from_its_call():
+    """The run's "total ... s CPU" is its own: CPU spent before the call (imports, an earlier run in the same
+    process) is not counted (it was: time.process_time() since the process started)."""
+    t = time.process_time()
+    while time.process_time() - t < 0.3:
+        pass
+    clock = C.stopwatch()
+    wall, cpu = map(float, re.fullmatch(r"total (\S+) s wall \((\S+) s CPU\)", clock()).groups())
+    assert 0 <= cpu < 0.2 and 0 <= wall < 0.2, (wall, cpu)
 
 
 def test_derive_seed():
