@@ -15,7 +15,7 @@ section starts at a line "# ==== <section>"):
   runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
                      maybe_compile, stopwatch
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, fingerprint,
-                     teacher_id, same_file, load_state_strict
+                     teacher_id, check_teacher_data, same_file, load_state_strict
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
@@ -1368,6 +1368,16 @@ def no_file(path, what):
     if os.path.isdir(path):
         return UserError(f"{what} '{path}' is a folder, not a file; give the file in it (a run's ckpt.pt, ...).")
     return UserError(f"{what} '{path}' does not exist.")
+
+
+def check_teacher_data(tconfig, key, path):
+    """A distilled teacher's data is the run's: a teacher checkpoint of this project trained on one named data set (a
+    toy or an image set) and a run on another named one is refused, since the student learns the teacher's
+    distribution and would be scored against the other. Files and folders are not compared (no name to go by)."""
+    named, td = {*_TOY_RMS, *_IMAGE_SETS}, (tconfig or {}).get("data")
+    if td in named and key in named and td != key:
+        raise UserError(f"the teacher '{path}' was trained on {td} and this run's data is {key}; a distilled "
+                        f"teacher's data is the run's (--data {td}).")
 
 
 def same_file(a, b):

@@ -53,7 +53,7 @@ class Config:
     resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: Optional[str] = None  # G's autocast (bf16 on CUDA); D, logits, losses and R1 always fp32
+    precision: Optional[str] = None  # autocast of G and the teacher D encoder (bf16 on CUDA); heads, losses, R1 fp32
     compile: bool = False  # torch.compile the generator
     # in-file teacher (toy/tiny only; project choice so that the file runs alone)
     teacher_net: str = "mlp"  # network of the in-file teacher: mlp (points) or tiny/small/ddpmpp (images)

@@ -24,7 +24,7 @@ converted into it by `meanflow_to_flow_map` (docs/flow_map.md, "MeanFlow in the 
     python flow_map.py                                        # toy: LSD on the checkerboard, samples at 1/2/4/8 steps
     python flow_map.py --mode meanflow                        # other modes: psd, esd, fmm, lmd, emd
     python flow_map.py --data points.npy --out runs/fm-mine
-    python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt
+    python flow_map.py --mode lmd --teacher runs/rectified_flow-toy/ckpt.pt --data 8gaussians
     torchrun --nproc_per_node=8 flow_map.py --preset cifar10 [--mode meanflow]
     python flow_map.py sample --ckpt runs/flow_map-lsd-toy/ckpt.pt --steps 1,2,4,8 --out s.png
     python flow_map.py fid --ckpt runs/flow_map-lsd-cifar10/ckpt.pt --steps 1,2,4,8
@@ -470,11 +470,12 @@ def edm_rf_velocity(D, tau_eps=1e-5):
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
 
 
-def load_teacher(path, env, shape):
+def load_teacher(path, env, shape, data_key=None):
     """A rectified_flow.py checkpoint -> (b_T(t, y) of (docs/flow_map.md, "A rectified-flow teacher as a flow-map
     velocity"), teacher noise std, its weights). Rebuilt from its `net` with its EMA weights; a wrong method or convention,
     another data shape or a class-conditional teacher is a UserError. An EDM network pickle (.pkl) -> its denoiser
-    as a rectified-flow velocity (edm_rf_velocity), noise std 1."""
+    as a rectified-flow velocity (edm_rf_velocity), noise std 1. `data_key`: the run's Data.key, for
+    common.check_teacher_data."""
     if path and path.endswith(".pkl") and (os.path.isfile(path) or os.path.basename(path).startswith("edm-")):
         if not os.path.isfile(path):
             raise C.UserError(f"EDM checkpoint '{path}' not found; download {EDM_URL}{os.path.basename(path)} and "
@@ -501,6 +502,7 @@ def load_teacher(path, env, shape):
                           f"here has shape {tuple(shape)}.")
     if ck["net"].get("label_dim"):
         raise C.UserError(f"the teacher '{path}' is class-conditional; flow_map.py distils unconditional teachers.")
+    C.check_teacher_data(ck["config"], data_key, path)
     net = C.build_net(ck["net"])
     C.load_state_strict(net, ck["ema"])
     net = net.to(env.device).eval().requires_grad_(False)
@@ -575,7 +577,7 @@ def train(cfg, given):
     if cfg.mode in ("lmd", "emd"):
         if cfg.interpolant != "linear":
             raise C.UserError("the rectified-flow teacher is converted for the linear interpolant only.")
-        teacher_b, teacher_std, tweights = load_teacher(cfg.teacher, env, data.shape)
+        teacher_b, teacher_std, tweights = load_teacher(cfg.teacher, env, data.shape, data.key)
         tid = C.teacher_id(ck, path, cfg.teacher, tweights)  # and with the same weights
     cfg = resolve(cfg, data, teacher_std)
     nd = net_dict(cfg, data)

@@ -13,7 +13,7 @@ prior at T down to t_min in 1, 2, 4 or 8 steps. No teacher, no GAN.
 
 Convention (written into every checkpoint): x_t = (1 - t) x + t eps, eps ~ N(0, sigma_d^2 I), sigma_d = 0.5,
 t = 1 is noise, times in [t_min, T] = [0.006, 0.994]; f_{s,t} maps time t to time s. The network gets raw
-times (t, s) and multiplies them by its time_scale = 1000 (c_noise of Eq. 5).
+times (t, s) and multiplies them by its time_scale = 1000 (c_noise(t) = 1000 t, IMM App. C.6).
 
     python imm.py                                             # toy: 8 Gaussians, CPU, samples at 1/2/4/8 steps
     python imm.py --data points.npy --out runs/imm-mine
@@ -293,7 +293,7 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
 
 # ============================================================================================================= plumbing
 def net_dict(cfg, data):
-    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, Eq. 5), no labels, zero output."""
+    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, App. C.6), no labels, zero output."""
     if data.kind == "images":
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")

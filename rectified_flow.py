@@ -532,6 +532,7 @@ def make_pairs(cfg, env):
     """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
     tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
     teacher, tck = load_teacher(tpath, env)
+    C.check_teacher_data(tck["config"], cfg.data, tpath)  # the pairs are the teacher's coupling of its own data
     edm = isinstance(teacher, EDMVelocity)
     if inner(tck["net"])["label_dim"]:
         raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
@@ -754,6 +755,7 @@ def train(cfg, given, env):
             raise C.no_file(src, f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint")
         else:
             src_net, sck = load_teacher(src, env)
+            C.check_teacher_data(sck["config"], cfg.data, src)
             nd = sck["net"]
         k = next((k for k in ONE_RF_ONLY if k in given), None)
         if k:

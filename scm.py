@@ -514,6 +514,8 @@ def train(cfg, given, env):
         tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"])
         nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
         init = tck["ema"]
+        if mode == "scd":  # sCT's teacher only initialises it (another data set is a fine-tune)
+            C.check_teacher_data(tck["config"], data.key, cfg.teacher)
         teacher = teacher.to(env.device) if mode == "scd" else None
     else:
         nd = net_dict(cfg, data)

@@ -45,12 +45,12 @@ Left out for every method alike: data loading, EMA, gradient clipping, learning-
              sCD's teacher is a frozen copy of the initial weights      FastGen); JVP pass and loss fp32 in code
   lsd, psd,  flow_map.sample_times + per_sample_loss on the bare        fp32 (Boffi trains fp32, py-meanflow turns
   meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss,
-  lmd        --compile does not apply), learned weight head as the     docs/flow_map.md); in code every JVP block is fp32 and only
-             preset; lmd's 1-RF teacher: a frozen net built like        the diagonal and PSD terms take the bf16
-             rectified_flow.py's cifar10 1rf net, through rf_velocity   autocast
-  gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md);
-  gdd_i      step, as the loop) with the `teacher` D; G =               D, logits, losses and R1 fp32 in code (GDD also
-             make_generator(net, freeze), gdd_i freezing as `frozen`    turned TF32 off in D; bf16 here leaves it on)
+  lmd        --compile does not apply), learned weight head as the     docs/flow_map.md); in code every JVP block is
+             preset; lmd's 1-RF teacher: a frozen net built like        fp32, only the diagonal and PSD terms take
+             rectified_flow.py's cifar10 1rf net, through rf_velocity   the bf16 autocast
+  gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md),
+  gdd_i      step, as the loop) with the `teacher` D; G =               and the D's encoder; D heads, losses and R1
+             make_generator(net, freeze), gdd_i freezing as `frozen`    fp32 (GDD's D is fp32 with TF32 off)
 """
 import argparse, contextlib, dataclasses, datetime, json, math, os, subprocess, sys, time, types
 from typing import Callable, Optional, Union
@@ -299,38 +299,38 @@ def gdd_sample(net, z, steps):
 
 
 # The network overrides are each file's net_dict for its `cifar10` preset (tests/test_benchmarks.py checks them).
-# Cost references: FM = one forward + one backward = 3 forward units (docs/imm.md, docs/scm.md, docs/flow_map.md).
+# Cost unit: one forward of the network; a flow-matching step (forward + backward) is 3 units, fwd_per_step = units / 3.
 _FLOW_MAP_NET = dict(num_times=2, time_scale=1.0, time_channels=256, dropout=0.13)
 METHODS = {
-    # 1-RF / flow matching, rectified_flow.py cifar10 1rf: 1 by definition (docs/rectified_flow.md).
+    # 1-RF / flow matching, rectified_flow.py cifar10 1rf: 1 by definition.
     "fm": Method(step=fm_step, sample=euler_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32"),
-    # 2-RF++ with the pseudo-Huber loss: the U-Net's forward+backward only, "1.0x with huber/l2" (rectified_flow.md
-    # docs/rectified_flow.md). TF32 as rfpp (its train script); t, H and LPIPS in fp32 whatever --precision says (rfpp).
+    # 2-RF++ with the pseudo-Huber loss: the U-Net's forward+backward only, 1.0x (as with l2). TF32 as rfpp (its
+    # train script); t, H and LPIPS in fp32 whatever --precision says (rfpp).
     "2rf": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13), precision="tf32",
                   autocast=False, prepare=rf2_prepare("huber")),
     # 2-RF++ with LPIPS-Huber-1/t (the cifar10 preset's loss): per image 3 U-Net units plus VGG16 forward on the
-    # target and forward + backward-to-input on x^ = 3 VGG forwards (docs/rectified_flow.md: 127 + 30.7 + 61.4 GFLOP
-    # ~ 1.7x on DDPM++), i.e. 1 + F_vgg / F_unet with F_vgg counted at --lpips_res.
+    # target and forward + backward-to-input on x^ = 3 VGG forwards, i.e. 1 + F_vgg / F_unet with F_vgg counted at
+    # --lpips_res (rf2_prepare counts F_vgg).
     "2rf_lpips": Method(step=rf2_step, sample=rf2_sample, net=dict(time_scale=1000.0, dropout=0.13),
                         fwd_per_step=lambda fwd, st: 1 + st["lpips_flops"] / fwd, precision="tf32", autocast=False,
                         prepare=rf2_prepare("lpips-huber-1/t")),
-    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3 (docs/imm.md).
+    # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3.
     # TF32 (IMM App. I.6); the time path and kernel stay fp32 in imm.py.
     "imm": Method(step=imm_step, sample=imm_sample,  # EDM's augmentation labels (augment_dim 9), IMM Table 5
                   net=dict(num_times=2, time_scale=1000.0, dropout=0.2, augment_dim=9),
                   fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
-    # forward (1/3). docs/scm.md expects ~1.7x and ~2.1x a flow-matching step; the measured img/s tells.
+    # forward (1/3): 5/3 ~ 1.7x and 2x a flow-matching step by this count; the measured img/s tells.
     # fp32 with TF32 off (scm.py cifar10 preset, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs; docs/scm.md); the
     # JVP pass and loss are fp32 whatever the flag.
     "sct": Method(step=scm_step, sample=scm_sample, net=dict(adn=True, dropout=0.2), fwd_per_step=5 / 3,
                   precision="fp32"),
     "scd": Method(step=lambda net, x: scm_step(net, x, distil=True), sample=scm_sample, net=dict(adn=True),
                   fwd_per_step=2.0, precision="fp32"),
-    # Flow maps, docs/flow_map.md, cost per step (per row: FM 3 units; LSD off-diagonal
+    # Flow maps, cost per step (per row: FM 3 units; LSD off-diagonal
     # ~9 = JVP 2-3 + its backward 4-6 + target forward 1; PSD off-diagonal 5; MeanFlow 6 on every row):
     # lsd (0.75 * 3 + 0.25 * 9) / 3 = 1.5; psd (0.75 * 3 + 0.25 * 5) / 3 ~ 1.2; meanflow 6 / 3 = 2.0; lmd "as lsd
-    # plus a teacher forward" with 75% off-diagonal rows ~ 2.5 (the table's values).
+    # plus a teacher forward" with 75% off-diagonal rows ~ 2.5.
     # Precision: Boffi trains in fp32 and py-meanflow turns autocast off around its JVP and loss (docs/flow_map.md);
     # flow_map.py runs every JVP block in fp32 whatever --precision says, bf16 only on the diagonal and PSD terms.
     "lsd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.5, precision="fp32",
@@ -343,10 +343,10 @@ METHODS = {
                        fwd_per_step=2.0, precision="fp32", autocast=False, prepare=flow_map_prepare("meanflow")),
     "lmd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=2.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lmd")),
-    # GDD / GDD-I with the `teacher` D, docs/distributional.md, cost (F = one generator forward; FM = 3F):
+    # GDD / GDD-I with the `teacher` D, cost (F = one generator forward; FM = 3F):
     # G step 4F / 3.2F (GDD-I's frozen convs need no weight gradients) + D step ~1.4F (G forward under no_grad 1F,
     # encoder ~0.32F per pass, lazy R1 amortised) = 5.4F / 4.6F, i.e. 1.8x / ~1.5x a flow-matching step.
-    # Precision: G in bf16 as GDD's --fp16; D, logits, losses and R1 in fp32 in distributional.py.
+    # Precision: G and the teacher D's encoder in bf16 (G as GDD's --fp16); D heads, losses and R1 in fp32.
     "gdd": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=5.4 / 3,
                   autocast=False, prepare=gdd_prepare("none"), own_update=True),
     "gdd_i": Method(step=gdd_step, sample=gdd_sample, net=dict(time_scale=1000.0), fwd_per_step=4.6 / 3,

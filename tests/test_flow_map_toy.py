@@ -97,7 +97,7 @@ def toy(tmp_path_factory):
         res[mode] = gaussian_metrics(*run(root / mode, npy, "--mode", mode)[:2])
     with pytest.MonkeyPatch.context() as mp:  # LMD: the analytic b as a fake RF teacher through rf_velocity
         v32 = lambda y, tau: o.v_rf(y.double(), tau.double()).float()
-        mp.setattr(fm, "load_teacher", lambda path, env, shape: (fm.rf_velocity(v32), 1.0, {}))
+        mp.setattr(fm, "load_teacher", lambda path, env, shape, data_key=None: (fm.rf_velocity(v32), 1.0, {}))
         res["lmd"] = gaussian_metrics(*run(root / "lmd", npy, "--mode", "lmd", "--teacher", "analytic")[:2])
     res["untrained"] = gaussian_metrics(*run(root / "init", npy, "--iters", "0")[:2])  # control (a)
     res["fm_only"] = gaussian_metrics(*run(root / "fm_only", npy, "--diag_frac", "1")[:2])  # control (b)
@@ -120,16 +120,17 @@ def test_toy_controls_fail(toy):
 
 @pytest.mark.parametrize("mode", ["esd", "emd", "fmm"])
 def test_eulerian_and_fmm_train_without_nan(toy, mode, monkeypatch):
-    """Short run (200 steps of batch 128): no NaN, mean loss over the last 50 steps below the mean over the first 50."""
+    """Short run (100 steps of batch 128): no NaN, mean loss over the last 50 steps below the mean over the first 50
+    (measured, seed 0: esd 2.33 -> 1.85, emd 0.86 -> 0.60, fmm 3.10 -> 2.42)."""
     o = Oracle()
     v32 = lambda y, tau: o.v_rf(y.double(), tau.double()).float()
-    monkeypatch.setattr(fm, "load_teacher", lambda path, env, shape: (fm.rf_velocity(v32), 1.0, {}))
+    monkeypatch.setattr(fm, "load_teacher", lambda path, env, shape, data_key=None: (fm.rf_velocity(v32), 1.0, {}))
     out = toy["root"] / mode
     fm.main(["--data", toy["npy"], "--out", str(out), "--sigma0", "1", "--width", "128", "--depth", "3", "--batch",
-             "128", "--iters", "200", "--ema", "0.99", "--mode", mode, "--log_every", "1", "--eval_n", "200",
+             "128", "--iters", "100", "--ema", "0.99", "--mode", mode, "--log_every", "1", "--eval_n", "200",
              "--eval_steps", "1", *CALIBRATED, *(["--teacher", "analytic"] if mode == "emd" else [])])
     loss = [json.loads(ln)["loss"] for ln in (out / "log.jsonl").read_text().splitlines()]
-    assert len(loss) == 200 and all(np.isfinite(loss))
+    assert len(loss) == 100 and all(np.isfinite(loss))
     assert np.mean(loss[-50:]) < np.mean(loss[:50]), (np.mean(loss[:50]), np.mean(loss[-50:]))
 
 

@@ -473,7 +473,7 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     os.remove(tmp_path / "g" / "ckpt.pt")
     run("rectified_flow", *BASE["rectified_flow"], "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
     for name, argv in (("rectified_flow", ["--stage", "2rf", "--teacher", rf, "--iters", "1"]),
-                       ("flow_map", ["--mode", "lmd", "--teacher", rf, "--iters", "1"])):
+                       ("flow_map", ["--mode", "lmd", "--data", "8gaussians", "--teacher", rf, "--iters", "1"])):
         assert run(name, *BASE[name], *argv, "--out", tmp_path / "r") == 0
     cases = [
         ("rectified_flow", ["--stage", "1rf", "--teacher", rf, "--out", tmp_path / "n"], "1rf does not read --teacher"),
@@ -507,6 +507,28 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     assert run("distributional", *BASE["distributional"], "--iters", "1", "--out", tmp_path / "g") == 0
 
 
+def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, capsys):
+    """flow_map lmd/emd, sCD and reflow learn their teacher's distribution: a teacher trained on one named data set (its
+    checkpoint's --data) and a run on another (flow_map's toy default is the checkerboard, the 1-RF's 8 Gaussians)
+    is refused before any training; a teacher that only initialises (sCT) and data given as a file are not compared."""
+    rf, sd = files / "rectified_flow" / "ckpt.pt", files / "scm" / "ckpt.pt"
+    scm = ["--batch", "16", *EVAL]
+    for name, argv in (("flow_map", [*BASE["flow_map"], "--mode", "lmd", "--teacher", rf]),
+                       ("flow_map", [*BASE["flow_map"], "--mode", "emd", "--teacher", rf]),
+                       ("scm", [*scm, "--mode", "scd", "--teacher", sd, "--data", "checkerboard"]),
+                       ("rectified_flow", [*BASE["rectified_flow"], "--stage", "pairs", "--teacher", rf, "--data",
+                                           "checkerboard"])):
+        capsys.readouterr()
+        code = run(name, *argv, "--out", tmp_path / "n")
+        one_sentence(code, capsys.readouterr().err, "trained on 8gaussians", "checkerboard", "--data 8gaussians")
+    assert not os.path.exists(tmp_path / "n")
+    np.save(tmp_path / "pts.npy", C.toy_sample("checkerboard", 64).numpy())
+    for name, argv in (("flow_map", [*BASE["flow_map"], "--mode", "lmd", "--teacher", rf, "--data",
+                                     tmp_path / "pts.npy"]),
+                       ("scm", [*scm, "--mode", "sct", "--teacher", sd, "--data", "checkerboard"])):
+        assert run(name, *argv, "--iters", "1", "--out", tmp_path / name) == 0
+
+
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
     """flow_map lmd reads its teacher at every step, GDD its t_g and step-0 panel: a resume whose teacher file holds
     other weights than when the run started (retrained or replaced under the same path) is refused; the restored file
@@ -514,7 +536,8 @@ def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, caps
     import shutil
     rf, t = files / "rectified_flow" / "ckpt.pt", tmp_path / "t.pt"
     shutil.copy(rf, t)
-    argv = dict(flow_map=[*BASE["flow_map"], "--mode", "lmd", "--teacher", t, "--out", tmp_path / "f"],
+    argv = dict(flow_map=[*BASE["flow_map"], "--mode", "lmd", "--data", "8gaussians", "--teacher", t, "--out",
+                          tmp_path / "f"],
                 distributional=["--batch", "16", "--eval_teacher_steps", "0", *EVAL, "--teacher", t, "--out",
                                 tmp_path / "d"])
     for name in argv:
