@@ -143,10 +143,11 @@ def test_semigroup_gap_shrinks_with_training(toy):
 @pytest.mark.slow
 def test_lmd_from_a_trained_1rf_checkpoint(tmp_path):
     """End to end: a 1-RF teacher trained by rectified_flow.py on the .npy Gaussian, read by flow_map.load_teacher
-    (EMA weights, convention check, rf_velocity conversion, sigma0 forced to its noise std), distilled by LMD."""
+    (EMA weights, convention check, rf_velocity conversion, sigma0 forced to its noise std), distilled by LMD. A
+    150-step teacher suffices (measured, seed 0: map error 0.052 / 0.056 at 1 / 2 steps; 0.029 / 0.026 from 400)."""
     import rectified_flow as R
     root, npy = tmp_path, gaussian_npy(tmp_path / "gauss.npy")
-    R.main(["--data", npy, "--out", str(root / "rf"), "--stage", "1rf", "--iters", "400", "--batch", "512",
+    R.main(["--data", npy, "--out", str(root / "rf"), "--stage", "1rf", "--iters", "150", "--batch", "512",
             "--seed", "0", "--eval_n", "500", "--eval_steps", "1", "--log_every", "300"])
     net, cfg, ck = run(root / "lmd_rf", npy, "--mode", "lmd", "--teacher", str(root / "rf" / "ckpt.pt"),
                        "--sigma0", "1")
