@@ -21,7 +21,8 @@ section starts at a line "# ==== <section>"):
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, check_dir (a writable folder), preflight
   command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   merge_config, resume_config (what a resumed run may change), check_not_beneath, main_guard
+  resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data), merge_config, resume_config
+                     (what a resumed run may change), check_not_beneath, main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
@@ -1375,7 +1376,7 @@ def check_teacher_data(tconfig, key, path):
     toy or an image set) and a run on another named one is refused, since the student learns the teacher's
     distribution and would be scored against the other. Files and folders are not compared (no name to go by)."""
     named, td = {*_TOY_RMS, *_IMAGE_SETS}, (tconfig or {}).get("data")
-    if td in named and key in named and td != key:
+    if isinstance(td, str) and td in named and key in named and td != key:
         raise UserError(f"the teacher '{path}' was trained on {td} and this run's data is {key}; a distilled "
                         f"teacher's data is the run's (--data {td}).")
 
@@ -2085,10 +2086,7 @@ def _field_options(Config):
 def _saved_mode(path, hint):
     """The --mode of the checkpoint at `path` (a run to resume), read without its tensors; None when there is none or
     it is not one of the mode's values (the run's own checks then say why)."""
-    try:
-        m = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]["mode"]
-    except Exception:
-        return None
+    m = saved_config(path).get("mode")
     return m if m in typing.get_args(hint) else None
 
 
@@ -2220,6 +2218,27 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
 
 
 # ===================================================================================================== resume and entry
+def saved_config(path):
+    """The config dict of the checkpoint at `path`, read without its tensors (mmap); {} when there is none or it is
+    unreadable (the run that loads it says why)."""
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except Exception:
+        return {}
+    return c if isinstance(c, dict) else {}
+
+
+def pipeline_data(given, first):
+    """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`:
+    without --data every stage takes that run's data, as a resume does (the stages not begun would take the preset's);
+    another named data set is refused now, before any stage (check_teacher_data). -> `given`, with the data."""
+    saved = saved_config(first)
+    if "data" in given:
+        check_teacher_data(saved, given["data"], first)
+    data = saved.get("data")
+    return given if "data" in given or not isinstance(data, str) else Given({**given, "data": data}, given.preset)
+
+
 _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's
 #              first output (flush_notes), so that nothing precedes a refusal's `error:` line
 

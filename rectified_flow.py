@@ -766,6 +766,11 @@ def train(cfg, given, env):
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
             meta = _read_meta(folder)  # (none: load_pairs says so)
+            made_by = (meta or {}).get("teacher_id")  # (pairs written before the id: not compared)
+            if not ck and made_by and made_by != C.fingerprint(sck["ema"]):
+                raise C.UserError(f"the pairs in '{folder}' were made by another teacher than '{src}' (other weights); "
+                                  f"2-RF++ starts from the teacher whose pairs it learns: name that one with --teacher, "
+                                  f"or make pairs with this one (--stage pairs).")
             now, pid = pairs_id(meta) if meta is not None else None, ck.get("pairs_id") if ck else None
             if None not in (now, pid) and now != pid:
                 raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
@@ -916,6 +921,9 @@ def run(cfg, given):
     if k:  # (a 2-RF given --pair_seed trained on the stored pairs and recorded the new value)
         raise C.UserError(f"--stage {cfg.stage} does not read --{k} (only --stage {' or '.join(STAGE_ONLY[k])} "
                           f"reads it); drop it.")
+    if cfg.stage == "all":  # restarted without --data: every stage takes the 1-RF's data
+        given = C.pipeline_data(given, os.path.join(cfg.out, "ckpt.pt"))
+        cfg.data = given.get("data", cfg.data)
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on

@@ -650,6 +650,9 @@ def run(cfg, given):
     if cfg.mode == "all" and "teacher" in given:
         raise C.UserError("--mode all trains its own teacher (DIR/diffusion); drop --teacher, or distil that file "
                           "with --mode scd.")
+    if cfg.mode == "all":  # restarted without --data: every mode trains on the diffusion model's data
+        given = C.pipeline_data(given, os.path.join(cfg.out, "diffusion", "ckpt.pt"))
+        cfg.data = given.get("data", cfg.data)
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",

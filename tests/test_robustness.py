@@ -488,6 +488,8 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
          "2rf does not read --pair_seed"),  # (it trained on the stored pairs and recorded seed 7)
         ("flow_map", ["--mode", "lmd", "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / "r"],
          "holds other weights"),
+        ("rectified_flow", ["--stage", "2rf", "--teacher", tmp_path / "other.pt", "--pairs", tmp_path / "r" / "pairs",
+                            "--out", tmp_path / "n"], "made by another teacher"),  # (it started from other weights)
         ("distributional", ["--teacher_iters", "3", "--iters", "1", "--out", tmp_path / "g"], "with iters 2, not 3"),
     ]
     for name, argv, words in cases:
@@ -508,13 +510,14 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
 
 
 def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, capsys):
-    """flow_map lmd/emd, sCD and reflow learn their teacher's distribution: a teacher trained on one named data set (its
+    """flow_map lmd/emd, sCD and reflow (pairs, 2rf) learn their teacher's distribution: a teacher trained on one named data set (its
     checkpoint's --data) and a run on another (flow_map's toy default is the checkerboard, the 1-RF's 8 Gaussians)
     is refused before any training; a teacher that only initialises (sCT) and data given as a file are not compared."""
     rf, sd = files / "rectified_flow" / "ckpt.pt", files / "scm" / "ckpt.pt"
     scm = ["--batch", "16", *EVAL]
     for name, argv in (("flow_map", [*BASE["flow_map"], "--mode", "lmd", "--teacher", rf]),
-                       ("flow_map", [*BASE["flow_map"], "--mode", "emd", "--teacher", rf]),
+                       ("rectified_flow", [*BASE["rectified_flow"], "--stage", "2rf", "--teacher", rf, "--data",
+                                           "checkerboard"]),
                        ("scm", [*scm, "--mode", "scd", "--teacher", sd, "--data", "checkerboard"]),
                        ("rectified_flow", [*BASE["rectified_flow"], "--stage", "pairs", "--teacher", rf, "--data",
                                            "checkerboard"])):
@@ -527,6 +530,26 @@ def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, cap
                                      tmp_path / "pts.npy"]),
                        ("scm", [*scm, "--mode", "sct", "--teacher", sd, "--data", "checkerboard"])):
         assert run(name, *argv, "--iters", "1", "--out", tmp_path / name) == 0
+
+
+def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
+    """A pipeline restarted without --data over its first stage (scm --mode all over DIR/diffusion, rectified_flow
+    --stage all over the 1-RF) trains every stage on that stage's data: the stages not begun took the preset's data
+    (sCT trained on the 8 Gaussians from a moons teacher, then sCD was refused). Another named data set given on the
+    restart is refused before any stage runs."""
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    first = dict(scm=(["--out", tmp_path / "s" / "diffusion"], ["--mode", "all", "--out", tmp_path / "s"], "sct",
+                      "scd"),
+                 rectified_flow=(["--out", tmp_path / "r"], ["--stage", "all", *P, "--out", tmp_path / "r"], "2rf"))
+    for name, (one, pipe, *later) in first.items():
+        assert run(name, *BASE[name], "--data", "moons", "--iters", "1", *one) == 0
+        capsys.readouterr()
+        code = run(name, *BASE[name], "--iters", "1", *pipe, "--data", "checkerboard")
+        one_sentence(code, capsys.readouterr().err, "trained on moons", "--data moons")
+        assert not any(os.path.exists(pipe[-1] / d) for d in (*later, "pairs"))
+        assert run(name, *BASE[name], "--iters", "1", *pipe) == 0
+        for d in later:
+            assert torch.load(pipe[-1] / d / "ckpt.pt", weights_only=True)["config"]["data"] == "moons", (name, d)
 
 
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
