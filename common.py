@@ -2231,7 +2231,10 @@ def saved_config(path):
 def pipeline_data(given, first):
     """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`:
     without --data every stage takes that run's data, as a resume does (the stages not begun would take the preset's);
-    another named data set is refused now, before any stage (check_teacher_data). -> `given`, with the data."""
+    another named data set is refused now, before any stage (check_teacher_data). -> `given`, with the data. A fresh
+    start (--resume false) is left alone."""
+    if given.get("resume") is False:
+        return given
     saved = saved_config(first)
     if "data" in given:
         check_teacher_data(saved, given["data"], first)

@@ -536,7 +536,7 @@ def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
     """A pipeline restarted without --data over its first stage (scm --mode all over DIR/diffusion, rectified_flow
     --stage all over the 1-RF) trains every stage on that stage's data: the stages not begun took the preset's data
     (sCT trained on the 8 Gaussians from a moons teacher, then sCD was refused). Another named data set given on the
-    restart is refused before any stage runs."""
+    restart is refused before any stage runs; a fresh start (--resume false) is not."""
     P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
     first = dict(scm=(["--out", tmp_path / "s" / "diffusion"], ["--mode", "all", "--out", tmp_path / "s"], "sct",
                       "scd"),
@@ -550,6 +550,9 @@ def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
         assert run(name, *BASE[name], "--iters", "1", *pipe) == 0
         for d in later:
             assert torch.load(pipe[-1] / d / "ckpt.pt", weights_only=True)["config"]["data"] == "moons", (name, d)
+    # control: a fresh start over the folder (--resume false) trains on the data it is given
+    assert run("scm", *BASE["scm"], "--iters", "1", *first["scm"][1], "--resume", "false", "--data", "checkerboard") == 0
+    assert torch.load(tmp_path / "s" / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == "checkerboard"
 
 
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
