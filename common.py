@@ -2239,7 +2239,8 @@ def pipeline_data(given, first):
     if "data" in given:
         check_teacher_data(saved, given["data"], first)
     data = saved.get("data")
-    return given if "data" in given or not isinstance(data, str) else Given({**given, "data": data}, given.preset)
+    return given if "data" in given or not isinstance(data, str) else Given({**given, "data": data},
+                                                                           getattr(given, "preset", None))
 
 
 _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's
