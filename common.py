@@ -26,7 +26,7 @@ section starts at a line "# ==== <section>"):
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
-    commands         `fid` commands of every method file)
+    commands         `fid` commands of every method file), n_steps ("1 step", "2 steps": panel and FID labels)
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
@@ -2477,6 +2477,11 @@ def save_array(path, arr):
 
 
 # ============================================================================================== evaluation and commands
+def n_steps(K):
+    """"1 step", "2 steps", ...: the step count in panel titles, printed sampler names and in-training FID labels."""
+    return f"{K} step{'s' * (K > 1)}"
+
+
 class EvalSheet:
     """One evaluation of a run (rank 0, no collectives): the reference points, one picture panel and (for points)
     SWD, MMD^2 and the toy scores per sample set, appended to metrics.jsonl. `g` draws the reference points

@@ -949,7 +949,7 @@ def evaluate(net, init, cfg, data, env, out, step, t_g):
             runs.append(("teacher", net, 0, f"teacher, {cfg.eval_teacher_steps} Euler steps"))
     else:
         runs = ([("init", init, 1, "step 0: teacher x-hat at t_g")] if init is not None else []) + \
-            [(str(K), net, K, f"{variant} step {step}, {K} step{'s' * (K > 1)}") for K in cfg.eval_steps]
+            [(str(K), net, K, f"{variant} step {step}, {C.n_steps(K)}") for K in cfg.eval_steps]
     for key, m, K, title in runs:
         rng, labels = sheet.rng(env.device), _labels(sheet.rng(env.device, "eval labels"), nd)
         sheet.add(key, title, sample(m.eval(), rng, shape, K, t_g, labels) if K else
@@ -1217,7 +1217,7 @@ def sample_or_fid(cmd, opts, given):
         print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is "
               "usually worse than K = 1.")
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g,
-                    labels)), lambda K: f"{K} step{'s' * (K > 1)}, t_g {t_g:g}", inner(ck["net"])["label_dim"],
+                    labels)), lambda K: f"{C.n_steps(K)}, t_g {t_g:g}", inner(ck["net"])["label_dim"],
                     record=lambda K: dict(freeze=cfg.freeze, disc=cfg.disc))
 
 

@@ -533,7 +533,7 @@ def evaluate(net, cfg, data, env, out, step):
     shape = sample_shape(C.unwrap(net).config)
     sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
     for N in cfg.eval_steps:
-        sheet.add(N, f"{N} step{'s' * (N > 1)}" + (f" ({cfg.mode})" if len(shape) == 1 else ""),
+        sheet.add(N, C.n_steps(N) + (f" ({cfg.mode})" if len(shape) == 1 else ""),
                   sample(net, sheet.rng(env.device), shape, N, cfg, env))
     return sheet.write(out)
 
@@ -668,7 +668,7 @@ def train(cfg, given):
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:  # every step count from one checkpoint
             shape = sample_shape(ema.model.config)
-            fid(step, {f"{N} step{'s' * (N > 1)}": generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
+            fid(step, {C.n_steps(N): generator(ema.model, cfg, shape, N, env) for N in cfg.eval_steps})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
     if env.is_main:
@@ -697,7 +697,7 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
-                    lambda N: f"{N} step{'s' * (N > 1)} ({cfg.sampler}, {N} NFE)", record=lambda N: dict(mode=cfg.mode,
+                    lambda N: f"{C.n_steps(N)} ({cfg.sampler}, {N} NFE)", record=lambda N: dict(mode=cfg.mode,
                                                                                             sampler=cfg.sampler))
 
 

@@ -318,7 +318,7 @@ def evaluate(net, cfg, data, env, out, step):
     shape = sample_shape(C.unwrap(net).config)
     sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
     for N in cfg.eval_steps:
-        sheet.add(N, f"{N} step{'s' * (N > 1)}" + (f" ({cfg.sampler})" if len(shape) == 1 else ""),
+        sheet.add(N, C.n_steps(N) + (f" ({cfg.sampler})" if len(shape) == 1 else ""),
                   sample(net, sheet.rng(env.device), shape, N, cfg, env))
     return sheet.write(out)
 
@@ -414,7 +414,7 @@ def train(cfg, given):
         if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
             evaluate(ema.model, cfg, data, env, cfg.out, step)
         if fid and step % cfg.fid_every == 0:
-            fid(step, {f"{N} step{'s' * (N > 1)}": generator(ema.model, cfg, sample_shape(ema.model.config), N, env)
+            fid(step, {C.n_steps(N): generator(ema.model, cfg, sample_shape(ema.model.config), N, env)
                        for N in (1, 2)})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
@@ -441,7 +441,7 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
-                    lambda N: f"{N} step{'s' * (N > 1)} ({cfg.sampler}, {cfg.schedule})",
+                    lambda N: f"{C.n_steps(N)} ({cfg.sampler}, {cfg.schedule})",
                     record=lambda N: dict(sampler=cfg.sampler))
 
 

@@ -696,7 +696,7 @@ def evaluate(net, cfg, data, env, out, step):
         else:
             xs = solve(v, z[:n], time_grid(K, grid, cfg.t_mid), solver, rule)
         edm = ", edm grid" if grid == "edm" else ""
-        sheet.add(key, f"{K} step{'s' * (K > 1)} ({solver}{edm}, {nfe(K, solver)} NFE)", xs)
+        sheet.add(key, f"{C.n_steps(K)} ({solver}{edm}, {nfe(K, solver)} NFE)", xs)
     sheet.metrics["straightness"] = S
     return sheet.write(out)
 
@@ -768,9 +768,9 @@ def train(cfg, given, env):
             meta = _read_meta(folder)  # (none: load_pairs says so)
             made_by = (meta or {}).get("teacher_id")  # (pairs written before the id: not compared)
             if not ck and made_by and made_by != C.fingerprint(sck["ema"]):
-                raise C.UserError(f"the pairs in '{folder}' were made by another teacher than '{src}' (other weights); "
-                                  f"2-RF++ starts from the teacher whose pairs it learns: name that one with --teacher, "
-                                  f"or make pairs with this one (--stage pairs).")
+                raise C.UserError(f"the pairs in '{folder}' were made by another teacher than '{src}' (other "
+                                  f"weights); 2-RF++ starts from the teacher whose pairs it learns: name that one with "
+                                  f"--teacher, or make pairs with this one (--stage pairs).")
             now, pid = pairs_id(meta) if meta is not None else None, ck.get("pairs_id") if ck else None
             if None not in (now, pid) and now != pid:
                 raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
@@ -876,7 +876,7 @@ def train(cfg, given, env):
             log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
         if fid and step % cfg.fid_every == 0:
             K = 1 if stage != "1rf" else 18
-            fid(step, {f"{K} step{'s' * (K > 1)}": sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
+            fid(step, {C.n_steps(K): sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
     if ck is None and iters == 0:
         guard.checkpoint(step, True, state, gens)
     if env.is_main:
@@ -923,7 +923,6 @@ def run(cfg, given):
                           f"reads it); drop it.")
     if cfg.stage == "all":  # restarted without --data: every stage takes the 1-RF's data
         given = C.pipeline_data(given, os.path.join(cfg.out, "ckpt.pt"))
-        cfg.data = given.get("data", cfg.data)
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on
@@ -956,7 +955,7 @@ def sample_or_fid(cmd, opts, given):
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, shape, K, env),
-                    lambda K: f"{K} step{'s' * (K > 1)} ({', '.join(sampler_for(cfg, K))}, {nfe(K, solver(K))} NFE)",
+                    lambda K: f"{C.n_steps(K)} ({', '.join(sampler_for(cfg, K))}, {nfe(K, solver(K))} NFE)",
                     classes, record=lambda K: dict(nfe=nfe(K, solver(K))))
 
 

@@ -477,7 +477,7 @@ def evaluate(net, cfg, mode, data, env, out, step):
     shape = sample_shape(C.unwrap(net).config)
     sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step, mode=mode)
     for K in ([cfg.heun_steps, 1] if mode == "diffusion" else cfg.eval_steps):
-        title = f"{mode} {K} step{'s' * (K > 1)}" + (" (Heun)" if mode == "diffusion" else "")
+        title = f"{mode} {C.n_steps(K)}" + (" (Heun)" if mode == "diffusion" else "")
         sheet.add(K, title, sampler(net, cfg, mode, shape, K, env)(sheet.rng(env.device)))
     return sheet.write(out)
 
@@ -652,7 +652,6 @@ def run(cfg, given):
                           "with --mode scd.")
     if cfg.mode == "all":  # restarted without --data: every mode trains on the diffusion model's data
         given = C.pipeline_data(given, os.path.join(cfg.out, "diffusion", "ckpt.pt"))
-        cfg.data = given.get("data", cfg.data)
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
@@ -699,7 +698,7 @@ def compare(cfg, env):
             xs = sampler(net, mcfg, mode, shape, K, env)(C.IndexRNG(range(n), C.derive_seed(cfg.seed, "eval"),
                                                                     env.device)).cpu()
             m = next(r for r in rows if r["mode"] == mode)
-            label = {"diffusion": "teacher"}.get(mode, mode) + f" {K} step{'s' * (K > 1)}"
+            label = {"diffusion": "teacher"}.get(mode, mode) + f" {C.n_steps(K)}"
             label += f"\nSWD {m[f'swd_{K}']:.3f}" if f"swd_{K}" in m else ""
             panels.append((label, xs if len(shape) == 1 else C.to_uint8(xs).permute(0, 2, 3, 1).numpy()))
     C.save_panels(os.path.join(cfg.out, "samples.png"), panels)
@@ -717,7 +716,7 @@ def sample_or_fid(cmd, opts, given):
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, mode, shape = net.to(env.device).eval(), cfg.mode, sample_shape(ck["net"])
-    name = lambda K: f"{K} step{'s' * (K > 1)} ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
+    name = lambda K: f"{C.n_steps(K)} ({'Heun, ' if mode == 'diffusion' else 'CM, '}{nfe(mode, K)} NFE)"
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: sampler(net, cfg, mode, shape, K, env), name,
                     record=lambda K: dict(mode=mode, nfe=nfe(mode, K)))
 

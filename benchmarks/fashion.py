@@ -415,7 +415,7 @@ def plot(path, rows, data_u8, work, n_grid):
                 strip(np.load(os.path.join(work, name, f"grid_{K}step.npy")))
             ax.imshow(img, cmap="gray", vmin=0, vmax=255), ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"{K} step{'s' * (K > 1)} (real images in the first row)", fontsize=8)
+                ax.set_title(f"{C.n_steps(K)} (real images in the first row)", fontsize=8)
             if j == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
