@@ -448,10 +448,10 @@ def unwrap(m):
 _TOY_RMS = {"checkerboard": math.sqrt(4 / 3), "8gaussians": math.sqrt(0.5 + 0.05 ** 2),
             "moons": math.sqrt(0.65625 - 1 / (2 * math.pi) + 0.05 ** 2),
             "spirals": math.sqrt(2.25 * math.pi ** 2 + 0.3 ** 2)}
+_IDX = "the four files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, unpacked (gunzip the .gz), under {0}/raw/"
 _IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718f92721af3b95e74349a)"),
-               "mnist": ("MNIST", "MNIST/raw/train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz"),
-               "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte.gz and "
-                                                 "train-labels-idx1-ubyte.gz")}
+               "mnist": ("MNIST", _IDX.format("MNIST")),  # torchvision reads MNIST-type sets unpacked, all four files
+               "fashion_mnist": ("FashionMNIST", _IDX.format("FashionMNIST"))}  # (a .gz only with its own MD5)
 
 
 def toy_sample(name, n, generator=None):
@@ -550,7 +550,7 @@ def _image_dataset(name, root, env):
         except Exception as e:  # offline, bad checksum, ...
             barrier(env)
             raise UserError(f"could not download {name} into '{root}' ({type(e).__name__}); place {archive} "
-                            f"there by hand.") from None
+                            f"in '{root}' by hand.") from None
     barrier(env)
     try:
         ds = get(False)
@@ -595,9 +595,11 @@ def _read_images(spec):
         if a.dtype.kind not in "biuf":
             raise UserError(f"{spec} holds {a.dtype} values, not numbers.")
         if a.dtype != np.uint8 and a.ndim == 2 and a.shape[1] == 2:
+            with np.errstate(over="ignore"):
+                a = a.astype(np.float32)
             if not np.isfinite(a).all():
-                raise UserError(f"{spec} contains NaN or infinite points.")
-            return torch.from_numpy(a.astype(np.float32)), None
+                raise UserError(f"{spec} contains NaN or infinite points (or points beyond float32's range).")
+            return torch.from_numpy(a), None
         if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3)) \
                 or a.shape[1] != a.shape[2]:
             raise UserError(f"{spec}: expected float (N, 2) points or square uint8 NHWC images (C = 1 or 3), "
@@ -616,6 +618,9 @@ def _read_images(spec):
                 im = decode_image(read_file(f), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
+        if im.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: scaled to 8 bits like the others
+            from torchvision.transforms.v2.functional import to_dtype
+            im = to_dtype(im, torch.uint8, scale=True)
         if imgs and im.shape != imgs[0].shape:
             raise UserError(f"{f} has size {tuple(im.shape[1:])}, unlike {tuple(imgs[0].shape[1:])} of {files[0]}.")
         imgs.append(im)
@@ -895,8 +900,14 @@ class Detector:
     def __call__(self, u8):
         if u8.shape[1] == 1:
             u8 = u8.repeat(1, 3, 1, 1)
-        with torch.autocast(u8.device.type, enabled=False):
-            return self.fn(u8).float()
+        try:
+            with torch.autocast(u8.device.type, enabled=False):
+                return self.fn(u8).float()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a TorchScript file that takes 32 x 32 images (load_detector's probe) only
+            raise UserError(f"the FID detector '{self.name}' failed on images of shape {tuple(u8.shape[1:])} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:80]}).") from None
 
 
 def load_detector(spec, env):
@@ -920,7 +931,8 @@ def load_detector(spec, env):
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        f = Detector(fn, "", 0)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
+        with torch.no_grad(), torch.autocast(torch.device(env.device).type, enabled=False):
+            f = fn(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device)).float()
         ok = f.ndim == 2 and len(f) == 2  # (B, dim): one feature row per image
     except Exception as e:
         ok, f = False, type(e).__name__
@@ -1021,15 +1033,17 @@ class FidHook:
 
 
 def require_detector(cfg, env):
-    """A run with the in-training FID and --fallback false (every cifar10 preset) loads its detector when a training
-    stage starts (on the resumed config), so that a missing file stops it in one sentence before any output or work,
-    not hours later (toy data has no FID)."""
-    if getattr(cfg, "fid_every", 0) and not getattr(cfg, "fallback", True) and cfg.data not in _TOY_RMS:
+    """A run with the in-training FID and --fallback false (every cifar10 preset), or a detector file named by
+    --fid_detector, loads its detector when a training stage starts (on the resumed config), so that a missing or
+    unusable file stops it in one sentence before any output or work, not hours later (toy data has no FID). Only
+    Inception's download is what --fallback true forgives."""
+    named = getattr(cfg, "fid_detector", "inception") != "inception"
+    if getattr(cfg, "fid_every", 0) and (named or not getattr(cfg, "fallback", True)) and cfg.data not in _TOY_RMS:
         try:
             load_detector(cfg.fid_detector, env)
         except UserError as e:
-            raise UserError(f"{str(e).rstrip('.')}; or pass --fid_every 0 to train without the in-training FID "
-                            f"(--fallback true skips it with a warning instead).") from None
+            raise UserError(f"{str(e).rstrip('.')}; or pass --fid_every 0 to train without the in-training FID" + (
+                "." if named else " (--fallback true skips it with a warning instead).")) from None
 
 
 def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
@@ -1112,9 +1126,10 @@ def check_launch():
     rank, world, local, lw = (_env_int(k, d) for k, d in (("RANK", -1), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0),
                                                           ("LOCAL_WORLD_SIZE", 1)))
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing or None in (rank, world, local, lw) or not (0 <= rank < world and lw >= 1):
+    port = _env_int("MASTER_PORT", 0)
+    if missing or None in (rank, world, local, lw, port) or not (0 <= rank < world and lw >= 1 and port < 65536):
         why = f"{', '.join(missing)} unset" if missing else ", ".join(f"{k}={os.environ[k]!r}" for k in (
-            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ)
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT") if k in os.environ)
         raise UserError(f"WORLD_SIZE is set but torchrun's variables are not usable ({why}); start a distributed run "
                         f"with torchrun, or unset WORLD_SIZE for a single process.")
     return rank, world, local
@@ -1870,9 +1885,10 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # beside its Config. "> 0", ">= 1" or an interval "[0, 1)"; for a list the rule applies to each element. Beyond these,
 # every float must be finite and every int non-negative. check_config runs on every config a command builds (from
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
+STEPS = "[1, 100000]"  # a sampler's step count (more is a typo, and would run for days)
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0",
-              log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=">= 1", max_skips=">= 1",
-              clip="> 0", steps="[1, 100000]", n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1",
+              log_every=">= 1", ckpt_every=">= 1", eval_n=">= 1", eval_steps=STEPS, max_skips=">= 1",
+              clip="> 0", steps=STEPS, n=">= 1", augment="[0, 1]", width=">= 1", depth=">= 1",
               ema_halflife_kimg=">= 0", lr_ramp_kimg=">= 0")
 
 
@@ -1934,6 +1950,18 @@ def check_config(cfg, who=lambda name: "--", device=True):
     return cfg
 
 
+def check_names(names, folder, what, spare=0):
+    """Names to be created in `folder` (with `spare` bytes more for a suffix) within the file system's name length."""
+    try:
+        most = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        most = 255
+    long = next((n for n in names if len(os.fsencode(n)) + spare > most), None)
+    if long:
+        raise UserError(f"{what} cannot be created: the name '{long[:24]}...' is too long for the file system "
+                        f"({most} bytes" + (", with room for the _Kstep suffix)." if spare else ")."))
+
+
 def check_dir(d, what):
     """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
     d = os.path.abspath(d)
@@ -1944,6 +1972,7 @@ def check_dir(d, what):
         a = os.path.dirname(a)
     if not os.path.isdir(a):
         raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")
+    check_names(os.path.relpath(d, a).split(os.sep) if d != a else [], a, f"{what} '{d}'")
     try:
         os.rmdir(tempfile.mkdtemp(dir=a))
     except OSError as e:
@@ -1978,6 +2007,7 @@ def preflight(cmd, cfg):
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give a file path.")
     check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
+    check_names([os.path.basename(out)], os.path.dirname(os.path.abspath(out)), f"--out '{out}'", len("_100000steps"))
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
         raise no_file(cfg.fid_ref, "FID reference")
     if cmd == "fid" and not cfg.fid_ref:
@@ -2078,7 +2108,8 @@ def _normalise(argv):
 
 def _field_options(Config):
     src, hints = inspect.getsource(Config), typing.get_type_hints(Config)
-    notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
+    notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*(?:\n\s+#  .*)*)$", src, re.M))  # ("#   ...": continued)
+    notes = {k: re.sub(r"\s*\n\s+#\s+", " ", v) for k, v in notes.items()}
     return [(f.name, hints[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
              notes.get(f.name, "")) for f in dataclasses.fields(Config)]
 
@@ -2247,6 +2278,11 @@ _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: ra
 #              first output (flush_notes), so that nothing precedes a refusal's `error:` line
 
 
+def note(msg):
+    """A line printed with the command's first output (flush_notes), after its checks."""
+    _NOTES.append(msg)
+
+
 def flush_notes(env):
     """Print the pending notes (config changes, the data line; rank 0): called where a command first prints, after
     its checks, so that nothing precedes a refusal's `error:` line."""
@@ -2275,13 +2311,14 @@ def merge_config(Config, base, given, log=None):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
-def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
+def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
     resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
     fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
     checkpoint records `teacher_id` by its weights: another path to them (a moved folder, another working directory)
-    is taken, and the method checks them (`teacher_id`)."""
+    is taken, and the method checks them (`teacher_id`). `iters`: the field that counts the steps, which must not end
+    before the checkpoint's."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
@@ -2294,8 +2331,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None):
                             f"another --out for --{k} {given[k]}).")
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
                                                                 if k not in ("resume", *here, *drop)}, log=log)
-    if "iters" in given and given["iters"] < ck["step"]:
-        raise UserError(f"'{path}' is at step {ck['step']}; --iters {given['iters']} would end before it (give at "
+    if iters in given and given[iters] < ck["step"]:
+        raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "
                         f"least {ck['step']}, or use another --out).")
     for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
         if hasattr(cfg, k):

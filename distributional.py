@@ -65,9 +65,10 @@ class Config:
     disc: Literal["mlp", "scratch", "teacher", "projected"] = "mlp"  # discriminator; `projected` is GDD's own
     cond: bool = False  # class-conditional G and D (fake labels = the real batch's labels)
     loss: Literal["ns", "hinge"] = "ns"  # non-saturating (GDD §3 / training/loss.py) or hinge
-    r1_gamma: Optional[float] = None  # R1 gamma, batch-mean convention (Mescheder et al. 2018); None: r1_gamma_gdd
+    r1_gamma: Optional[float] = None  # R1 gamma, batch-mean convention (Mescheder et al. 2018); None: from
+    #   r1_gamma_gdd, or when both are None the D's default (R1_DEFAULT: mlp 0.1, scratch 0.01, teacher 0.013)
     r1_gamma_gdd: Optional[float] = None  # R1 gamma in GDD's convention (its --r1-gamma), converted with the real K
-    #   (gamma_from_gdd); None: 1e-4 (train.sh) for `projected`, R1_DEFAULT (batch-mean) for the others
+    #   (gamma_from_gdd); None (and r1_gamma None): 1e-4 (train.sh) for `projected`
     r1_gdd_batch: int = 0  # per-GPU batch at which r1_gamma_gdd is meant (GDD's CIFAR-10 run: 64); 0: this run's
     r1_interval: int = 16  # lazy R1 every r steps with gain r (lazy R1, StyleGAN2 §3.1)
     d_t: float = 0.1  # instance-noise level of the `teacher` D: x~ = (1 - d_t) x + d_t eps
@@ -80,7 +81,7 @@ class Config:
     batch: int = 512  # global batch B per step (split over ranks)
     lr_g: float = 1e-4  # G Adam lr, betas (0, 0.99), eps 1e-8
     lr_d: float = 1e-4  # D Adam lr (x r/(r+1) for lazy R1), betas (0, 0.99^(r/(r+1)))
-    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: both lrs x (1 + cos(pi step / iters)) / 2 (toy)
+    lr_schedule: Literal["const", "cosine"] = "const"  # cosine: both lrs x (1 + cos(pi step / iters)) / 2
     ema_halflife_img: float = 5e5  # EMA half-life H in images (EDM training_loop.py); 0: no EMA (a copy of G)
     ema_rampup: Optional[float] = 0.05  # EMA ramp rho: h = min(H, rho n_img) (EDM's EMA ramp, training_loop.py)
     # logging and evaluation
@@ -117,7 +118,7 @@ class Config:
 
 
 RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0, 1)", lr_g="> 0", lr_d="> 0",
-              teacher_lr="> 0", ema_halflife_img=">= 0")  # beside common.RANGES
+              teacher_lr="> 0", ema_halflife_img=">= 0", eval_teacher_steps="[0, 100000]")  # beside common.RANGES
 
 R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013)  # batch-mean gamma; `projected`: GDD's 1e-4, gamma_from_gdd
 R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
@@ -864,12 +865,21 @@ def _load_edm_teacher(path, cfg, data):
                      convention=f"EDM {info['precond']} denoiser D(x; sigma); G(z) = D(80 z; 80)"), 1.0
 
 
-def check_disc(cfg, data):
-    """--disc fits the data: mlp for 2-D points, the others for images (checked before any work)."""
+DISC_ONLY = {"d_t": ("teacher",), "diffaug": ("scratch", "teacher", "projected"),
+             **dict.fromkeys(("proj_seed", "disc_backbones", "disc_weights"), ("projected",))}  # what reads them
+
+
+def check_disc(cfg, data, given=()):
+    """--disc fits the data: mlp for 2-D points, the others for images, and a D's option given to another D is
+    refused, not ignored (checked before any work)."""
     if data.kind != "images" and cfg.disc != "mlp":
         raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
     if data.kind == "images" and cfg.disc == "mlp":
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
+    k = next((k for k, ds in DISC_ONLY.items() if k in given and cfg.disc not in ds), None)
+    if k:
+        raise C.UserError(f"--{k} applies to --disc {' or '.join(DISC_ONLY[k])} only, and this run's D is "
+                          f"{cfg.disc}; drop it.")
 
 
 def projected_backbones(cfg, env, log=None):
@@ -1083,8 +1093,8 @@ def train(cfg, given):
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
     C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
     check_in_file_teacher(cfg, given, ck)
-    check_disc(cfg, data)  # before the in-file teacher's training, as the `projected` D's backbones (their weights):
-    bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # missing ones stop the run now
+    check_disc(cfg, data, given)  # before the in-file teacher's training, as the `projected` D's backbones
+    bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # (their weights): missing ones stop now
     if cfg.teacher and not os.path.isfile(cfg.teacher):  # a missing teacher: its sentence before the run's first file
         load_teacher(cfg.teacher, cfg, data, None)
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
@@ -1213,9 +1223,9 @@ def sample_or_fid(cmd, opts, given):
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape, t_g = net.to(env.device).eval(), sample_shape(ck["net"]), ck["t_g"]
-    if any(K > 1 for K in opts.steps) and env.is_main:
-        print("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is "
-              "usually worse than K = 1.")
+    if any(K > 1 for K in opts.steps):
+        C.note("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is usually worse "
+               "than K = 1.")
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g,
                     labels)), lambda K: f"{C.n_steps(K)}, t_g {t_g:g}", inner(ck["net"])["label_dim"],
                     record=lambda K: dict(freeze=cfg.freeze, disc=cfg.disc))

@@ -87,7 +87,7 @@ class Config:
     lr: float = 1e-3  # Adam learning rate, betas (0.9, 0.999), eps 1e-8, no weight decay
     warmup: int = 0  # linear learning-rate warm-up steps from 0
     lr_schedule: Literal["const", "sqrt", "cosine"] = "const"  # sqrt: lr max(step / lr_ref, 1)^(-1/2) (Boffi);
-    # cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
+    #   cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset)
     lr_ref: int = 35_000  # reference step of the sqrt decay (Boffi)
     clip: Optional[float] = None  # gradient-norm clipping (network and weight head)
     ema: float = 0.999  # EMA decay (sampling only; the LSD teacher is the online network)
@@ -523,7 +523,11 @@ def choose_sigma0(cfg, data, teacher_std):
     if data.kind == "toy":
         return 0.5  # common.py toys have per-coordinate RMS std 0.5 exactly
     if data.kind == "points":
-        return float(data.x.float().var(0).mean().sqrt())
+        s = float(data.x.float().var(0).mean().sqrt())
+        if not s > 0:
+            raise C.UserError(f"the points of --data {cfg.data} all coincide (RMS std 0), so they set no base noise "
+                              f"std; give --sigma0 (and data with some spread).")
+        return s
     return 1.0 if cfg.mode == "meanflow" else 0.5
 
 

@@ -88,10 +88,10 @@ class Config:
     pair_steps: int = 18  # solver steps K (Heun: 2K - 1 NFE)
     pair_grid: Literal["uniform", "edm"] = "edm"  # time grid of the pair solver
     noise_mode: Optional[Literal["seed", "stored"]] = None  # z regenerated or stored (default: seed for images)
-    # 2-RF++ (rfpp §4.1 to rfpp §4.2)
+    # 2-RF++ (§4.1, §4.2)
     t_dist: Literal["ushape", "uniform"] = "ushape"  # 2rf time density; 1rf is always uniform
     a: float = 4.0  # U-shape parameter (rfpp README --a 4)
-    loss: Literal["lpips-huber-1/t", "lpips-huber", "huber", "l2"] = "huber"  # (rfpp §4.2)
+    loss: Literal["lpips-huber-1/t", "lpips-huber", "huber", "l2"] = "huber"  # (2-RF++ §4.2)
     huber_c: Optional[float] = None  # pseudo-Huber c; None = 0.00054 d (rfpp)
     lpips_weights: Literal["pretrained", "random"] = "pretrained"  # random: test-only stand-in
     lpips_res: int = 224  # LPIPS input resolution (224 as rfpp; tests use 32)
@@ -138,7 +138,7 @@ class Config:
 
 
 RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1", pair_batch=">= 1",
-              pair_steps=">= 1", a="> 0", huber_c="> 0", lpips_res=">= 16", ft_n=">= 1", inv_steps=">= 1",
+              pair_steps=C.STEPS, a="> 0", huber_c="> 0", lpips_res=">= 16", ft_n=">= 1", inv_steps=C.STEPS,
               straight_k=">= 1")  # beside common.RANGES
 
 EDM_CIFAR10 = "edm-cifar10-32x32-uncond-ve.pkl"  # EDM's unconditional NCSN++ (VE architecture, EDM preconditioning)
@@ -147,7 +147,8 @@ PRESETS = {  # flat fields, then per-stage parts
     # toy: `python rectified_flow.py` in under a minute on one CPU thread. The 1-RF decays its lr to 0 (cosine): its
     # samples sharpen far more than with more constant-lr steps. Heun runs on the uniform grid (grid, pair_grid): on
     # 8 Gaussians the EDM grid (rho = 7, built for images) spends its steps at t > 0.9 and t < 0.01 and is worse
-    # at every K (README). 2rf: 600 iterations.
+    # at every K (in-mode at K = 3 / 6 / 18: 0.01 / 0.06 / 0.93 against 0.11 / 0.69 / 0.96; docs/rectified_flow.md).
+    # 2rf: 600 iterations.
     "toy": dict(data="8gaussians", net="mlp", batch=512, ckpt_every=500, eval_n=4000, straight_k=100, grid="uniform",
                 n_pairs=10_000, pair_block=5_000, pair_batch=5_000, pair_solver="heun", pair_steps=18,
                 pair_grid="uniform", huber_c=0.04,  # same per-element transition RMS as c = 0.00054 d on CIFAR
@@ -201,18 +202,19 @@ def z_hat(x_t, t, v):
 
 
 def ushape_pdf(t, a=4.0):
-    """rfpp §4.1: p(t) = a cosh(a (t - 1/2)) / (2 sinh(a/2)) on [0, 1] (rfpp t_dist.py; the paper's printed formula is
-    monotone)."""
+    """2-RF++ §4.1: p(t) = a cosh(a (t - 1/2)) / (2 sinh(a/2)) on [0, 1] (rfpp t_dist.py; the paper's printed
+    formula is monotone)."""
     return a * torch.cosh(a * (t - 0.5)) / (2 * math.sinh(a / 2))
 
 
 def ushape_cdf(t, a=4.0):
-    """rfpp §4.1: F(t) = [sinh(a (t - 1/2)) + sinh(a/2)] / (2 sinh(a/2))."""
+    """2-RF++ §4.1: F(t) = [sinh(a (t - 1/2)) + sinh(a/2)] / (2 sinh(a/2))."""
     return (torch.sinh(a * (t - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
 
 
 def sample_t_ushape(n, a=4.0, t_eps=1e-5, device="cpu", generator=None):
-    """rfpp §4.1: inverse CDF t = 1/2 + asinh((2u - 1) sinh(a/2)) / a, then mapped affinely into [t_eps, 1 - t_eps]."""
+    """2-RF++ §4.1: inverse CDF t = 1/2 + asinh((2u - 1) sinh(a/2)) / a, then mapped affinely into
+    [t_eps, 1 - t_eps]."""
     u = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
     t = 0.5 + torch.asinh((2 * u - 1) * math.sinh(a / 2)) / a
     return (t_eps + (1 - 2 * t_eps) * t).float()
@@ -234,13 +236,13 @@ def sample_t(n, cfg, device):
 
 
 def pseudo_huber(r, c):
-    """rfpp §4.2: H(r) = (sqrt(|r|^2 + c^2) - c) / d per sample, |.| the L2 norm over all d elements; fp32."""
+    """2-RF++ §4.2: H(r) = (sqrt(|r|^2 + c^2) - c) / d per sample, |.| the L2 norm over all d elements; fp32."""
     r = r.float().flatten(1)
     return (torch.sqrt(r.square().sum(1) + c * c) - c) / r.shape[1]
 
 
 class LPIPS(nn.Module):
-    """rfpp §4.2, LPIPS: LPIPS-VGG as rfpp uses it (piq LPIPS(replace_pooling=True)): VGG16 features up to relu5_3
+    """2-RF++ §4.2, LPIPS: LPIPS-VGG as rfpp uses it (piq LPIPS(replace_pooling=True)): VGG16 features up to relu5_3
     with every MaxPool replaced by 2x2 AvgPool, taps relu1_2..relu5_3, channel-unit-normalised, squared difference
     weighted by the LPIPS v0.1 linear weights, summed over channels, averaged over space, summed over taps. Per
     sample, fp32. A frozen object beside the model: not in its state dict, EMA, optimiser or DDP."""
@@ -299,8 +301,7 @@ class LPIPS(nn.Module):
 
 
 def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
-    """rfpp §4.2: per-sample 2-RF++ losses; r = v - (z - x) (rfpp §4.2), x^ = x_t - t v (rfpp §4.2, LPIPS). All in
-    fp32."""
+    """2-RF++ §4.2: per-sample 2-RF++ losses; r = v - (z - x), x^ = x_t - t v (the LPIPS term). All in fp32."""
     v, t = v.float(), t.float()
     r = v - (z - x)
     if loss == "l2":  # vanilla reflow: squared error per element (rfpp's l2-squared)
@@ -737,7 +738,8 @@ def train(cfg, given, env):
             if given.get("pairs") and not C.same_file(given["pairs"], was) and "pairs_id" not in ck:  # recorded
                 raise C.UserError(f"'{path}' was started from the pairs '{was}'; a resumed 2-RF cannot change them "
                                   f"(use another --out for --pairs {given['pairs']}).")
-        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",))
+        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",), iters="ft_iters" if stage == "ft" else
+                              "iters")
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     init, pid = {}, None  # weights (and optimiser state) a fresh run starts from; the 2-RF's pairs_id
     if stage == "1rf":
@@ -808,7 +810,7 @@ def train(cfg, given, env):
     if lpips is not None:
         lpips = lpips.to(env.device)
     d = math.prod(data.shape)
-    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (rfpp §4.2) c = 0.00054 d
+    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (2-RF++ §4.2) c = 0.00054 d
     log.info(f"{METHOD} {stage} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
              f"{cfg.accum} | device {env.device} | precision {env.precision} | "
              f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
@@ -819,7 +821,7 @@ def train(cfg, given, env):
         if cfg.fid_every else None
 
     def loss_fn(part):
-        # ---- ALGO LOGIC: one 1-RF / 2-RF++ loss (rfpp §4) ------------------------------------------------------------
+        # ---- ALGO LOGIC: one 1-RF / 2-RF++ loss (2-RF++ §4) ----------------------------------------------------------
         if stage == "1rf":
             x, y = data.batch(per_rank, step, part, env.world * cfg.accum)
             z = torch.randn_like(x)
@@ -829,11 +831,11 @@ def train(cfg, given, env):
             return (v.float() - (z - x)).square().mean()  # (Liu et al. §2, flow matching)
         x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)  # fixed pairs, no flips
         z = Z[idx].float()
-        t = sample_t(len(x), cfg, env.device)  # (rfpp §4.1) U-shaped
+        t = sample_t(len(x), cfg, env.device)  # (2-RF++ §4.1) U-shaped
         x_t = interpolate(x, z, t)
         with C.autocast(env):
             v = model(x_t, t)
-        return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (rfpp §4.2)
+        return per_sample_loss(v, x, z, x_t, t, cfg.loss, c, lpips).mean()  # (2-RF++ §4.2)
         # ---- end of ALGO LOGIC ---------------------------------------------------------------------------------------
 
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
@@ -900,9 +902,15 @@ def invert_data(cfg, env, net2, folder):
         eps = pair_noise(idx, 2 * 10 ** 9, data.shape, env)  # per-index, disjoint from pair and FID seeds
         return x, invert(lambda y, t: net2(y, t), x, eps, cfg.inv_steps)
 
-    if not os.path.exists(os.path.join(folder, "meta.json")):
+    made, now = _read_meta(folder), dict(n=n, inv_steps=cfg.inv_steps, source=cfg.data)
+    if made is None:
         write_pairs(folder, n, cfg.pair_block, make, True, "stored", env,
-                    dict(shape=list(data.shape), x_dtype="uint8", inv_steps=cfg.inv_steps, source=cfg.data))
+                    dict(shape=list(data.shape), x_dtype="uint8", **now))
+    elif any(made.get(k) != v for k, v in now.items()):  # a resumed fine-tuning keeps the pairs it trains on
+        opt = dict(n="ft_n", inv_steps="inv_steps", source="data")
+        raise C.UserError(f"the inverted pairs in '{folder}' were made with " + ", ".join(
+            f"--{opt[k]} {made.get(k)}" for k in now) + "; the fine-tuning trains on them: give those again, or remove "
+            "that folder (or use another --out).")
 
 
 # ============================================================================================================= commands
@@ -921,6 +929,8 @@ def run(cfg, given):
     if k:  # (a 2-RF given --pair_seed trained on the stored pairs and recorded the new value)
         raise C.UserError(f"--stage {cfg.stage} does not read --{k} (only --stage {' or '.join(STAGE_ONLY[k])} "
                           f"reads it); drop it.")
+    if cfg.stage == "ft" and "iters" in given:  # (it was accepted, and ignored)
+        raise C.UserError("--stage ft counts its steps with --ft_iters, not --iters; drop --iters.")
     if cfg.stage == "all":  # restarted without --data: every stage takes the 1-RF's data
         given = C.pipeline_data(given, os.path.join(cfg.out, "ckpt.pt"))
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]

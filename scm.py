@@ -72,7 +72,7 @@ class Config:
     sigma_d: float = 0.5  # data std (Sec. 3)
     P_mean: float = -1.0  # log-normal proposal of sigma = sigma_d tan t (sCM Alg. 1); diffusion -1.2
     P_std: float = 1.4  # (sCM Alg. 1); diffusion 1.2
-    # sCT / sCD (sCM Sec. 4 to sCM Eq. 8)
+    # sCT / sCD (sCM Sec. 4.2, Alg. 1, Eq. 8)
     c: float = 0.1  # tangent normalisation constant (sCM Sec. 4.2, Alg. 1)
     H: int = 10_000  # tangent warm-up iterations, r = min(1, step/H) (sCM Alg. 1, Sec. 4.2); 0 = no warm-up
     tangent_norm: Literal["l2", "rms"] = "l2"  # per-sample L2 norm (paper) or RMS (FastGen) in (sCM Sec. 4.2, Alg. 1)
@@ -121,7 +121,7 @@ class Config:
 
 
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
-              heun_steps=">= 1")  # beside common.RANGES
+              heun_steps=C.STEPS)  # beside common.RANGES
 
 # ============================================================================================================== presets
 _DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1)
@@ -225,8 +225,8 @@ def consistency_fn(net, x_t, t, sigma_d):
 
 
 def ddim_step(net, x_t, t, s, sigma_d):
-    """TrigFlow DDIM (App. E.1): x_s = cos(t - s) x_t - sin(t - s) sigma_d F(x_t / sigma_d, t); s = 0 gives (sCM
-    Sec. 3, App. E.1)."""
+    """TrigFlow DDIM (App. E.1): x_s = cos(t - s) x_t - sin(t - s) sigma_d F(x_t / sigma_d, t); s = 0 gives
+    the one-step map f(x_t, t) = cos t x_t - sin t sigma_d F (sCM Sec. 3, App. E.1)."""
     F = F_net(net, x_t, t, sigma_d).to(x_t.dtype)
     return _col(torch.cos(t - s), x_t) * x_t - _col(torch.sin(t - s), x_t) * sigma_d * F
 
@@ -293,7 +293,7 @@ def cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env):
         else:
             dxdt = sd * F_net(teacher, x_t, t, sd).float()  # (sCM Alg. 1) sCD: teacher's EMA, eval, fp32, no grad
         with torch.random.fork_rng(devices=devices):  # the grad pass replays the same dropout mask
-            _, g_raw = tangent(net, x_t, t, dxdt, r, sd)  # (sCM Sec. 5.1 to sCM Alg. 1, Sec. 4.2)
+            _, g_raw = tangent(net, x_t, t, dxdt, r, sd)  # (sCM Alg. 1, Sec. 4.2; the JVP: Sec. 5.1)
         g = normalise(g_raw, cfg.c, cfg.tangent_norm)  # (sCM Sec. 4.2, Alg. 1)
     with C.autocast(env):
         F, w = model(x_t / sd, t)  # grad pass (bf16 on CUDA), F_theta and w_phi(t)
@@ -500,7 +500,8 @@ def train(cfg, given, env):
                           "train without it.")
     teacher, init, tid = None, None, None
     if mode == "scd" and not cfg.teacher:
-        raise C.UserError("--mode scd distils a TrigFlow teacher: pass --teacher runs/scm-diffusion-<preset>/ckpt.pt.")
+        raise C.UserError(f"--mode scd distils a TrigFlow teacher: pass --teacher with the ckpt.pt of a --mode "
+                          f"diffusion run (runs/scm-diffusion-{cfg.preset}/ckpt.pt by default), or run --mode all.")
     if mode == "diffusion" and cfg.teacher:
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
     if cfg.teacher and mode != "diffusion" and any(k in given for k in ("net", "width", "depth", "adn")):
@@ -549,8 +550,9 @@ def train(cfg, given, env):
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     if mode == "sct" and not cfg.teacher and not ck:
-        log.info("note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2), "
-                 "pass --teacher runs/scm-diffusion-<preset>/ckpt.pt for that.")
+        log.info(f"note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2): pass "
+                 f"--teacher with a --mode diffusion run's ckpt.pt (runs/scm-diffusion-{cfg.preset}/ckpt.pt by "
+                 f"default) for that, or run --mode all.")
     log.info(f"{METHOD} {mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
              f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP fp32, TF32 off) | "
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
@@ -595,7 +597,7 @@ def train(cfg, given, env):
                     gn = torch.zeros((), device=env.device)
                 else:
                     t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (sCM Alg. 1)
-                    L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (sCM Sec. 4 to sCM Eq. 8)
+                    L, gn = cm_step_loss(model, net, teacher, x0, z, t, r, cfg, env)  # (sCM Alg. 1, Eq. 8)
                 scaler.scale(L / cfg.accum).backward()
                 # ---- end of ALGO LOGIC -------------------------------------------------------------------------------
             stats += torch.stack([L.detach(), gn]) / cfg.accum

@@ -519,7 +519,8 @@ def test_mnist_padding(monkeypatch, tmp_path, name, cls):
 
 
 @pytest.mark.parametrize("name, cls, archive", [("cifar10", "CIFAR10", "cifar-10-python.tar.gz"),
-                                                ("mnist", "MNIST", "train-images-idx3-ubyte.gz")])
+                                                ("mnist", "MNIST", "t10k}-{images-idx3,labels-idx1}-ubyte, "
+                                                 "unpacked (gunzip the .gz), under MNIST/raw/")])  # all four files
 def test_offline_download_is_user_error_naming_folder(monkeypatch, tmp_path, name, cls, archive):
     import torchvision
 
@@ -629,6 +630,14 @@ def test_image_folder_round_trip_and_size_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.UserError):
         C.load_data(str(tmp_path / "empty"), "data", env1(), 0, False)
+    # 16-bit PNGs decode to uint16: scaled to 8 bits (x / 257), not read as values up to 65535 (x/127.5 - 1 ~ 513)
+    from PIL import Image
+    (tmp_path / "deep").mkdir()
+    v = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)
+    for i in range(2):
+        Image.fromarray(v).save(tmp_path / "deep" / f"{i}.png")
+    d = C.load_data(str(tmp_path / "deep"), "data", env1(), 0, False)
+    assert d.x.dtype == torch.uint8 and d.x[0, 0, 0].tolist() == [0, 1, 128, 255]
 
 
 def test_toy_data_stream():
@@ -935,6 +944,11 @@ class _Images(nn.Module):
         return x.float()
 
 
+class _Only32(_TinyFeatures):  # passes load_detector's 32 x 32 probe, fails on other sizes
+    def forward(self, x, return_features: bool = False):
+        return self.lin(x.float().reshape(len(x), 3, 1024).mean(2))
+
+
 class _FirstRow(_TinyFeatures):
     def forward(self, x, return_features: bool = False):
         return self.lin(x.float().mean(dim=(2, 3)))[:1]
@@ -974,6 +988,10 @@ def test_torchscript_detector_from_path(tmp_path):
         torch.jit.script(bad).save(str(tmp_path / "bad.pt"))
         with pytest.raises(C.UserError, match="not a usable TorchScript feature network .*" + words):
             C.load_detector(str(tmp_path / "bad.pt"), env1())
+    torch.jit.script(_Only32()).save(str(tmp_path / "only32.pt"))  # (a traceback in the statistics or the hook)
+    det = C.load_detector(str(tmp_path / "only32.pt"), env1())
+    with pytest.raises(C.UserError, match=r"'only32' failed on images of shape \(3, 16, 16\) \(RuntimeError"):
+        C.reference_stats(image_data(n=4, seed=3, r=16), det, env1(), str(tmp_path))
 
 
 def test_detector_download_failure_is_user_error(monkeypatch, tmp_path):

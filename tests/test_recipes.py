@@ -59,15 +59,26 @@ def test_cifar10_presets_stop_instead_of_falling_back_and_name_their_precision()
 
 
 @pytest.mark.parametrize("name", ["imm", "scm"])
-def test_missing_fid_detector_stops_a_strict_run_and_warns_otherwise(name, imgs, tmp_path, capsys):
+def test_missing_fid_detector_stops_a_strict_run_and_warns_otherwise(name, imgs, tmp_path, monkeypatch, capsys):
+    """Inception missing offline: a strict run stops, a default one warns and trains. A detector file named by
+    --fid_detector that is missing (or unusable) stops any run, --fallback true too (it was skipped with the warning
+    meant for Inception's download)."""
     mod = FILES[name]
     base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--fid_every", "1", "--fid_n", "4",
-            "--fid_detector", str(tmp_path / "nowhere.pt"), "--root", str(tmp_path)]
-    if name == "scm":
-        base += ["--mode", "diffusion"]
+            "--root", str(tmp_path)] + (["--mode", "diffusion"] if name == "scm" else [])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     err = one_error(capsys, lambda: mod.main([*base, "--out", str(tmp_path / "a"), "--fallback", "false"]))
-    assert "nowhere.pt" in err and "--fid_every 0" in err
+    assert "inception" in err and "--fid_every 0" in err and "--fallback true" in err
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt")  # stopped before training
+    for fallback in ("false", "true"):
+        err = one_error(capsys, lambda: mod.main([*base, "--fid_detector", str(tmp_path / "nowhere.pt"), "--out",
+                                                  str(tmp_path / "n"), "--fallback", fallback]))
+        assert "nowhere.pt" in err and "--fid_every 0" in err and "--fallback" not in err  # (it cannot help)
+        assert not os.path.exists(tmp_path / "n")
     mod.main([*base, "--out", str(tmp_path / "b")])  # the default warns and trains
     assert "FID skipped" in capsys.readouterr().out and os.path.exists(tmp_path / "b" / "ckpt.pt")
 

@@ -178,7 +178,7 @@ def test_cli_tiny_all_stages(tiny):
     assert [r["step"] for r in logs] == [2, 4] and all(np.isfinite(r["loss"]) for r in logs)
 
 
-def test_cli_ft_lpips_sample_fid(tiny):
+def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
     p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft", cwd=tiny)
     assert_ok(p)
     ft = tiny / "run" / "ft"
@@ -212,6 +212,21 @@ def test_cli_ft_lpips_sample_fid(tiny):
     recs = [json.loads(ln) for ln in (tiny / "fid.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in recs] == [1, 2] and [r["nfe"] for r in recs] == [1, 2]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["detector"] == "standin" for r in recs)
+    # a resumed fine-tuning with other inversion settings or data reused the stored pairs and recorded the new values;
+    # --ft_iters below the saved step ran "step 2/1"; --iters (not read by ft) was accepted: each one sentence now
+    ft = tiny / "run" / "ft"
+    before = _digest(ft / "ckpt.pt")
+    base = ["--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft"]
+    monkeypatch.chdir(tiny)  # (the stored pairs record --data as given: imgs.npy)
+    for extra, words in ((["--ft_n", "8"], ["--ft_n 16", "--inv_steps 2", "--data imgs.npy"]),
+                         (["--inv_steps", "3"], ["--inv_steps 2"]), (["--ft_iters", "1"], ["at step 2"]),
+                         (["--iters", "9"], ["--ft_iters", "drop --iters"])):
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: R.main([*base, *extra]))
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == "" and err.count("\n") == 1 and all(w in err for w in words), err
+    R.main(base)  # the control: the same command resumes (nothing left to do)
+    assert _digest(ft / "ckpt.pt") == before
 
 
 def _digest(path):

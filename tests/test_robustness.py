@@ -6,33 +6,36 @@ Two refusals run as real subprocesses (no warning line may precede the error).
 Cases per file (the count is asserted in test_case_table; every bad-input case must end in one sentence, exit 2):
 
     category                                              imm  scm  flow_map  rectified_flow  distributional
-    train options: ranges, types, NaN/inf, unknown, stray,  16   16     16          16              16
+    train options: ranges, types, NaN/inf, unknown, stray,  17   17     17          17              17
       a seed of 2^63 or more, no eval step, an empty list
-      entry (1,,2)
+      entry (1,,2), a step count above 100,000
     devices (tpu, cuda or cuda:7 absent)                    2    2      2           2               2
-    --out below a file, equal to a file, unwritable,        5    5      5           5               5
-      empty; --root a file
-    --data: object / text / pickle .npy, 0 and 1 points,    6    6      6           6               6
-      an undecodable image in a folder
-    --teacher missing, or its config of the wrong type;     2    3      3           6               3
+    --out below a file, equal to a file, unwritable,        6    6      6           6               6
+      empty, a name too long; --root a file
+    --data: object / text / pickle .npy, 0 and 1 points,    7    7      7           7               7
+      an undecodable image in a folder, float64 beyond
+      float32's range
+    --teacher missing, or its config of the wrong type;     2    3      4           6               6
       --width 0; (rectified_flow) --cond on a toy, --xflip
-      and --width on the 2-RF;
-      (distributional) a --disc that does not fit the data
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        25   25     25          25              24
+      and --width on the 2-RF; (flow_map) data without
+      spread (no sigma0); (distributional) a --disc that
+      does not fit the data, other Ds' options on points
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        27   27     27          27              26
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, seed 2^63, fid --root a file, steps 1,2,
       (an empty entry), --out '', fid --out not .jsonl; a
       Config field the sampler never reads (the learning
       rate, a network field, --iters, --preset), sample
-      --data / --root (fid's), a sampler field out of range)
+      --data / --root (fid's), a sampler field out of range,
+      an --out name too long, fid of a 2-D model)
     resume (each with a changed lr, which must not be      3    4      5           3               4
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, file-
       specific fixed fields (network, weighting,
       interpolant, freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           59   61     62          63              60
+    bad-input cases, all one sentence and exit 2           64   66     68          68              68
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -119,6 +122,8 @@ def files(tmp_path_factory):
         pickle.dump(np.zeros((8, 2), np.float32), f)
     np.save(d / "empty.npy", np.zeros((0, 2), np.float32))
     np.save(d / "one.npy", np.zeros((1, 2), np.float32))
+    np.save(d / "f64big.npy", np.full((8, 2), 1e300))  # finite in float64, inf in float32
+    np.save(d / "same.npy", np.ones((8, 2), np.float32))  # no spread
     os.makedirs(d / "imgs")
     from torchvision.io import encode_png, write_file
     for i in range(2):
@@ -150,9 +155,12 @@ def train_cases(name, d):
         (["--seed", "99999999999999999999999", *out], ["--seed", "2^63"]), (["--out", ""], ["--out", "folder name"]),
         (["--root", d / "afile", *out], ["--root", "is a file"]), (["--eval_steps", ",", *out], ["--eval_steps"]),
         (["--eval_steps", "1,,2", *out], ["--eval_steps", "empty entry", "'1,,2'"]),  # not read as 1,2
+        (["--eval_steps", "1000000000", *out], ["--eval_steps", "100000"]),  # (it trained, then never ended)
+        (["--out", d / "new" / ("x" * 300)], ["too long", "255"]),  # (a traceback from os.makedirs)
     ]
     for f, words in (("obj.npy", ["numeric"]), ("text.npy", ["numeric"]), ("pickle.npy", ["numeric"]),
-                     ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"])):
+                     ("empty.npy", ["0 sample"]), ("one.npy", ["1 sample"]), ("imgs", ["broken.png"]),
+                     ("f64big.npy", ["infinite", "float32"])):  # (it trained until the loss was NaN)
         cases.append((["--data", d / f, *out], words))
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
     if name != "distributional":  # the MLP's width: 0 is not "the default"
@@ -163,6 +171,10 @@ def train_cases(name, d):
                   for f, v in (("--xflip", "true"), ("--width", "32"))]
     if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
+        cases += [([f, v, *out], [f, "this run's D is mlp"]) for f, v in (("--diffaug", "color"), ("--d_t", "0.2"),
+                  ("--proj_seed", "1"))]  # options of other Ds were ignored on points
+    if name == "flow_map":  # sigma0 from data without spread was 0 (a NaN loss at every step)
+        cases.append((["--data", d / "same.npy", *out], ["coincide", "--sigma0"]))
     if name == "imm":
         cases.append((["--teacher", d / "badcfg.pt", *out], ["from scratch"]))
     else:
@@ -190,6 +202,8 @@ def sample_cases(name, d):
         (s("--out", d / "x.png", cmd="fid"), [".jsonl", "x.png"]),  # fid appended JSON to any file, a ckpt.pt too
         (s("--iters", "5"), ["--iters", "from the checkpoint"]), (s("--preset", "cifar10"), ["--preset", "checkpoint"]),
         (s("--data", "moons"), ["--data", "fid does"]), (s("--root", d), ["--root", "fid does"]),  # sample never reads
+        (s("--out", d / ("y" * 250 + ".npy")), ["too long", "_Kstep"]),  # (a traceback from np.save)
+        (s("--n", "8", "--batch", "4", cmd="fid"), ["image model"]),  # (GDD printed its K > 1 note before it)
     ] + ([(s(*SAMPLER_BAD[name]), [SAMPLER_BAD[name][0]])] if name in SAMPLER_BAD else [])
 
 
@@ -328,7 +342,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=59, scm=61, flow_map=62, rectified_flow=63, distributional=60), got
+    assert got == dict(imm=64, scm=66, flow_map=68, rectified_flow=68, distributional=68), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -630,6 +644,10 @@ def test_help_shows_the_defaults_a_run_uses(capsys):
                 f"{', ' if i else '; '}{v['iters']!r} ({k})"
                 for i, (k, v) in enumerate((k, v) for k, v in p.items() if isinstance(v, dict) and "iters" in v))
             assert f"{want})" in text, (M.__name__, preset, want)
+    with pytest.raises(SystemExit):
+        flow_map.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # a field comment continued on a "#   ..." line is shown whole
+    assert "(Boffi); cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset) (default 'cosine')" in text
 
 
 def test_help_into_a_closed_pipe_is_quiet():
@@ -818,6 +836,7 @@ def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
     (dict(WORLD_SIZE="abc", RANK="0", MASTER_ADDR="x", MASTER_PORT="1"), ["WORLD_SIZE='abc'"]),
     (dict(WORLD_SIZE="2", RANK="3", MASTER_ADDR="x", MASTER_PORT="1"), ["RANK='3', WORLD_SIZE='2'"]),  # rank 3 speaks
     (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="x", MASTER_PORT="1", LOCAL_WORLD_SIZE="0"), ["LOCAL_WORLD_SIZE='0'"]),
+    (dict(WORLD_SIZE="1", RANK="0", MASTER_ADDR="x", MASTER_PORT="notaport"), ["MASTER_PORT='notaport'"]),
 ])
 def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, capsys):
     """torchrun's variables without torchrun (or malformed) ended in tracebacks from int() or init_process_group, and
