@@ -587,6 +587,8 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
 
 def _read_images(spec):
     if spec.endswith(".npy"):
+        if not os.path.isfile(spec):  # (a FIFO blocked np.load for ever)
+            raise UserError(f"{spec} is not a regular file.")
         try:  # never unpickle: object arrays, pickles and text renamed .npy are refused
             a = np.load(spec, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -642,6 +644,9 @@ def load_data(spec, root, env, seed, xflip):
         x, y = _read_images(spec)
         if len(x) < 2:
             raise UserError(f"data '{spec}' holds {len(x)} sample(s); training needs at least 2.")
+        if x.dtype == torch.uint8 and x.shape[1] < 2:
+            raise UserError(f"the images in '{spec}' are {x.shape[1]} x {x.shape[2]} pixels; the U-Net needs at least "
+                            f"2 x 2.")
         k, key = 0, "user-" + hashlib.md5(x.numpy().tobytes()).hexdigest()[:12]
         if x.dtype == torch.float32:
             m, s = x.mean(0).tolist(), x.var(0).mean().sqrt().item()  # per-coordinate RMS std
