@@ -44,7 +44,8 @@ Data: ROOT/FashionMNIST/raw/ (torchvision's layout, what common.py reads); when 
 Writes DIR/fashion_<device>.json (every number, settings, machine, date, commit), DIR/fashion_<device>.md (the table)
 and DIR/fashion_<device>.png (one row per method, 1 and 2 steps), DIR = benchmarks/results unless --results says so.
 """
-import argparse, contextlib, datetime, gzip, hashlib, importlib, json, os, platform, shutil, subprocess, sys, time, warnings
+import argparse, contextlib, datetime, gzip, hashlib, importlib, json, math, os, platform, shutil, subprocess, sys
+import time, warnings, zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -77,34 +78,76 @@ class Fail(Exception):
 
 
 # =============================================================================== data: Debian files -> ROOT
+def _idx_count(head, size, name, where, hint=""):
+    """The number of entries a uint8 IDX file of RAW_FILES' `name` declares (images N x 28 x 28, labels N), from its
+    first 16 bytes `head` and its byte `size`; Fail naming `where` unless the two agree."""
+    ndim = 3 if "images" in name else 1
+    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if head[:4] != bytes([0, 0, 8, ndim]) or size != 4 + 4 * ndim + math.prod(dims) or not dims[0] \
+            or dims[1:] not in ([], [28, 28]):
+        kind = "N x 28 x 28 images" if ndim == 3 else "labels"
+        raise Fail(f"{where} does not hold a Fashion-MNIST IDX file of uint8 {kind} ({size} bytes, header "
+                   f"{head[:4].hex() or 'missing'}){hint}.")
+    return dims[0]
+
+
+def check_data(source, raw=None):
+    """Check all of RAW_FILES, from `raw` where it holds them, else unpacked from source/NAME.gz (each an IDX file of
+    its kind, a split's images and labels equal in number) before anything is written; -> {name: unpacked bytes}."""
+    new, count = {}, {}
+    for f in RAW_FILES:
+        path = os.path.join(raw, f) if raw else ""
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                count[f] = _idx_count(fh.read(16), os.path.getsize(path), f, path, "; delete it to unpack it again")
+            continue
+        path = os.path.join(source, f + ".gz")
+        try:
+            with gzip.open(path, "rb") as fh:
+                new[f] = fh.read()
+        except (OSError, EOFError, zlib.error) as e:  # (gzip.BadGzipFile is an OSError)
+            raise Fail(f"{path} is not a readable gzip file ({type(e).__name__}).") from None
+        count[f] = _idx_count(new[f][:16], len(new[f]), f, path)
+    for s in ("train", "t10k"):
+        n_x, n_y = count[f"{s}-images-idx3-ubyte"], count[f"{s}-labels-idx1-ubyte"]
+        if n_x != n_y:
+            raise Fail(f"the {s} files of Fashion-MNIST (in {raw or source}) hold {n_x} images but {n_y} labels.")
+    return new
+
+
 def prepare_data(root, source):
-    """Unpack the four *-ubyte.gz files from `source` into ROOT/FashionMNIST/raw/ unless they are already there."""
+    """Unpack the four *-ubyte.gz files from `source` into ROOT/FashionMNIST/raw/ unless they are already there; every
+    file is checked first (check_data), so that a bad one is never installed."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     missing = [f for f in RAW_FILES if not os.path.isfile(os.path.join(raw, f))]
-    if not missing:
-        return raw
     absent = [f + ".gz" for f in missing if not os.path.isfile(os.path.join(source, f + ".gz"))]
     if absent:
         raise Fail(f"Fashion-MNIST is neither in {raw} nor in {source} (missing {', '.join(absent)}); install it with "
                    f"`sudo apt-get install dataset-fashion-mnist` or pass --source DIR holding the four *-ubyte.gz files.")
+    new = check_data(source, raw)
+    if not new:
+        return raw
     os.makedirs(raw, exist_ok=True)
-    for f in missing:
-        with gzip.open(os.path.join(source, f + ".gz"), "rb") as src, open(os.path.join(raw, f) + ".tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(os.path.join(raw, f) + ".tmp", os.path.join(raw, f))
-    print(f"unpacked {', '.join(missing)} from {source} into {raw}")
+    for f, b in new.items():
+        path = os.path.join(raw, f)
+        try:
+            with open(path + ".tmp", "wb") as dst:
+                dst.write(b)
+            os.replace(path + ".tmp", path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + ".tmp")
+    print(f"unpacked {', '.join(new)} from {source} into {raw}")
     return raw
 
 
 def read_idx(path):
-    """An IDX file (uint8 payload) -> numpy array of its declared shape."""
+    """One of RAW_FILES (a uint8 IDX file, checked) -> numpy array of its declared shape."""
     with open(path, "rb") as f:
         b = f.read()
-    zero, dtype, ndim = b[0] | b[1], b[2], b[3]
-    dims = [int.from_bytes(b[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if zero or dtype != 0x08 or len(b) != 4 + 4 * ndim + int(np.prod(dims)):
-        raise Fail(f"{path} is not a uint8 IDX file of the Fashion-MNIST kind.")
-    return np.frombuffer(b, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    images = "images" in os.path.basename(path)
+    n = _idx_count(b[:16], len(b), os.path.basename(path), path)
+    return np.frombuffer(b, np.uint8, offset=16 if images else 8).reshape((n, 28, 28) if images else (n,))
 
 
 def load_split(raw, split):
@@ -187,20 +230,23 @@ def _md5(paths):
     return h.hexdigest()
 
 
-def classifier(root, raw, device):
-    """Train the classifier once and cache it in ROOT; -> (path of the TorchScript file, its record)."""
+def classifier(root, raw, device, recipe=CLS_RECIPE):
+    """Train the classifier once and cache it in ROOT; -> (path of the TorchScript file, its record). A recipe with
+    `train_n` trains on the first train_n training images only (gpu_check.py --quick)."""
     path, meta_path = os.path.join(root, CLASSIFIER + ".pt"), os.path.join(root, CLASSIFIER + ".json")
-    want = dict(CLS_RECIPE, data_md5=_md5([os.path.join(raw, f) for f in RAW_FILES]))
+    want = dict(recipe, data_md5=_md5([os.path.join(raw, f) for f in RAW_FILES]))
+    meta = None
     if os.path.isfile(path) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
+        with open(meta_path) as f, contextlib.suppress(ValueError):  # an unreadable record: trained again
             meta = json.load(f)
-        if {k: meta.get(k) for k in want} == want:
-            print(f"reusing the classifier {path} (t10k accuracy {meta['test_accuracy']:.4f})")
-            return path, dict(meta, reused=True)
+    if isinstance(meta, dict) and {k: meta.get(k) for k in want} == want and "test_accuracy" in meta:
+        print(f"reusing the classifier {path} (t10k accuracy {meta['test_accuracy']:.4f})")
+        return path, dict(meta, reused=True)
     (x, y), (xt, yt) = load_split(raw, "train"), load_split(raw, "t10k")
+    x, y = x[:recipe.get("train_n")], y[:recipe.get("train_n")]
     t0 = time.perf_counter()
-    cnn, acc = fit_classifier(x.to(device), y.to(device), xt.to(device), yt.to(device), CLS_RECIPE["epochs"],
-                              CLS_RECIPE["batch"], CLS_RECIPE["lr"], CLS_RECIPE["seed"], CLS_RECIPE["features"])
+    cnn, acc = fit_classifier(x.to(device), y.to(device), xt.to(device), yt.to(device), recipe["epochs"],
+                              recipe["batch"], recipe["lr"], recipe["seed"], recipe["features"])
     with warnings.catch_warnings():  # torch.jit is deprecated, but it is what common.load_detector reads
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(FeatureNet(cnn.cpu())), path + ".tmp")
@@ -444,6 +490,8 @@ def parse(argv):
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # internal: one teacher or method
     a = p.parse_args(argv)
+    if a.task is not None and a.task not in [*METHODS, *(f"teacher-{k}" for k in TEACHERS)]:
+        p.error(f"--task (internal) takes a method or teacher-KEY, got '{a.task}'.")
     for k, v in BUDGETS[a.device].items():
         if getattr(a, k) is None:
             setattr(a, k, v)

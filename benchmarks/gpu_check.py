@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
     python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
     python benchmarks/gpu_check.py --results DIR # the same into DIR (e.g. a folder the machine hands back)
-    python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~35 s)
+    python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~45 s)
 
 Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used
 seconds), DIR/gpu_<device>.md (the tables, regenerated from the JSON), DIR/gpu_<device>_throughput.png and
@@ -90,6 +90,7 @@ FLOW_MAP = ("lsd", "psd", "meanflow", "lmd")  # their training loop passes the r
 COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips")  # stretch: methods compiled, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
 QUICK_METHODS = ("fm", "imm", "sct", "meanflow")  # --quick: one per sampler family (every method: test_benchmarks.py)
+QUICK_CLASSIFIER = dict(epochs=1, train_n=4096)  # --quick: fashion.py's classifier recipe at smoke size
 FASHION = ("1-RF", "IMM", "sCT")
 FASHION_SAMPLER = {"1-RF": "fm", "IMM": "imm", "sCT": "sct"}  # throughput.py's one-step sampler of each
 SCORE_S = {"1-RF": 25, "IMM": 12, "sCT": 15}  # FD scoring and grid per method (5,000 samples per FD) + CLI start-ups
@@ -547,7 +548,8 @@ def _section_fashion(ctx, fb):
     sz, sec, clock = ctx.sz, ctx.sec, ctx.clock
     t0 = time.time()
     root, raw = fashion_root(ctx)
-    det_path, cls = fb.classifier(root, raw, torch.device("cpu") if ctx.quick else ctx.dev)
+    recipe = dict(fb.CLS_RECIPE, **QUICK_CLASSIFIER) if ctx.quick else fb.CLS_RECIPE
+    det_path, cls = fb.classifier(root, raw, torch.device("cpu") if ctx.quick else ctx.dev, recipe)
     env = common.setup(ctx.device, 0, "fp32")
     det = common.load_detector(det_path, env)
     ref = common.reference_stats(common.load_data("fashion_mnist", root, env, 0, False), det, env, root)
@@ -629,9 +631,10 @@ def _fmt(v, f="{:.3g}"):
 
 def markdown(rep):
     m, S = rep["meta"], rep["sections"]
+    cuda = f"CUDA {m['cuda']}" if m.get("cuda") else "no CUDA device (CPU run)"  # (a CPU run records cuda None)
     L = [f"# GPU check: {m['device_name']} ({m['date']})", "",
          f"Written by `{m['command']}` (do not edit; regenerated from the JSON) · commit `{m['commit']}` · torch "
-         f"{m['torch']} · CUDA {m['cuda']} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s."
+         f"{m['torch']} · {cuda} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s."
          + (f" Kept from the run of {m['kept_sections']['date']} (commit `{m['kept_sections']['commit']}`): "
             f"{', '.join(m['kept_sections']['sections'])}." if m.get("kept_sections") else ""), "",
          "| section | planned s (deadline) | used s | status |", "| --- | --- | --- | --- |"]
@@ -822,6 +825,10 @@ def prepare(a):
     if missing:
         raise common.UserError(f"Fashion-MNIST is not in {src} (missing {', '.join(f + '.gz' for f in missing)}); "
                                f"install it with `apt-get install -y dataset-fashion-mnist` or pass --source DIR.")
+    try:
+        fb.check_data(src)  # before --carry and --work are made
+    except fb.Fail as e:
+        raise common.UserError(str(e)) from None
     dst = os.path.join(a.carry, "fashion-mnist")
     os.makedirs(dst, exist_ok=True)
     for f in fb.RAW_FILES:
@@ -859,6 +866,11 @@ def parse(argv):
     p.add_argument("--prepare", action="store_true", help="fill --carry here (CPU, ~5 min) and exit")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._child is not None:  # internal: run_child's JSON job
+        with contextlib.suppress(ValueError):
+            a._child = json.loads(a._child)
+        if not (isinstance(a._child, dict) and {"argv", "out"} <= a._child.keys()):
+            raise common.UserError("--_child (internal) takes a JSON job with argv and out.")
     a.sections = [s for s in a.sections.split(",") if s]
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad or not a.sections:
@@ -887,7 +899,7 @@ def parse(argv):
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     if a._child:
-        return child_main(json.loads(a._child))
+        return child_main(a._child)
     if a.prepare:
         return prepare(a)
     ctx = Context(a)
@@ -912,7 +924,7 @@ def main(argv=None):
         old, old_meta = prev.get("sections", {}), prev.get("meta", {})
     ctx.rep = rep = dict(meta=dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
-        torch=torch.__version__, cuda=torch.version.cuda, commit=tp._git_commit(),
+        torch=torch.__version__, cuda=torch.version.cuda if ctx.dev.type == "cuda" else None, commit=tp._git_commit(),
         command="python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         quick=a.quick, sections_run=a.sections, plan_s=plan, startup_s=round(startup, 3),
         deadlines_s={s: round(v, 1) for s, v in clock.ends.items()}, planned_total_s=round(clock.total, 1),

@@ -64,6 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import common
 
 RESULTS = os.path.join(HERE, "results")
+CPU_RESULTS = "/tmp/throughput"  # where the fm hint saves a CPU or --quick record (RESULTS refuses those)
 
 
 # ==================================================================================== methods
@@ -127,7 +128,7 @@ def euler_sample(net, z, steps):
 # ---------------------------------------------------------------------------------- rectified_flow.py: 2-RF++
 def rf2_prepare(loss):
     """The `cifar10` preset's 2rf stage with `loss`; LPIPS with seeded random VGG16 weights (its cost is that of
-    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (rfpp §4.2)."""
+    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (2-RF++ §4.2)."""
     def prepare(net, env, args):
         import rectified_flow as RF
         cfg = common.resolve_config(RF.Config, RF.PRESETS, "cifar10",
@@ -145,8 +146,8 @@ def rf2_prepare(loss):
 
 def rf2_step(net, x):
     """2-RF++ (rectified_flow.py loss_fn, 2rf stage): a pair batch (z, x) (the teacher's pairs cost nothing
-    per step; randn and the data batch stand in), U-shaped t (rfpp §4.1), the U-Net under autocast, then the loss
-    (rfpp §4.2) in fp32 (LPIPS never under autocast)."""
+    per step; randn and the data batch stand in), U-shaped t (2-RF++ §4.1), the U-Net under autocast, then the loss
+    (2-RF++ §4.2) in fp32 (LPIPS never under autocast)."""
     import rectified_flow as RF
     st, env = _ENV["state"], _ENV["env"]
     z = torch.randn_like(x)
@@ -549,8 +550,9 @@ def measure(a, seconds=None):
     tflops = train_flops * train_ips / 1e12
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        device=dev.type, device_name=name, torch=torch.__version__, cuda=torch.version.cuda,
-        commit=_git_commit(), method=a.method, net=a.net, params=b.n_params, resolution=R,
+        device=dev.type, device_name=name, torch=torch.__version__,
+        cuda=torch.version.cuda if dev.type == "cuda" else None, commit=_git_commit(),
+        method=a.method, net=a.net, params=b.n_params, resolution=R,
         batch=a.batch, sample_batch=a.sample_batch, precision=env.precision, compile=bool(a.compile),
         iters=iters, warmup=a.warmup, paper_precision=meth.precision,
         lpips_res=a.lpips_res if state.get("lpips") is not None else None,
@@ -664,6 +666,17 @@ def _markdown(recs):
     return "\n".join(lines) + "\n"
 
 
+def fm_hint(a, rec, folder, cuda):
+    """The command that saves the fm record this run is compared with (a CPU or --quick one outside
+    benchmarks/results, which refuses it), and where this run then finds it."""
+    own = (a.quick or not cuda) and os.path.abspath(folder) == os.path.abspath(RESULTS)
+    dest = CPU_RESULTS if own else a.results  # (None: the default folder)
+    cmd = (f"python benchmarks/throughput.py --method fm --net {a.net} --batch {a.batch} --precision "
+           f"{rec['precision']}{' --compile on' if a.compile else ''} --device {a.device}"
+           f"{' --quick' if a.quick else ''} --save" + (f" --results {dest}" if dest else ""))
+    return f"measure it with `{cmd}`" + (f", then pass --results {dest} here too" if own else "")
+
+
 def main(argv=None):
     """Parse, measure, print one Markdown row, optionally save. Returns the record."""
     a = parse(argv)
@@ -682,7 +695,7 @@ def main(argv=None):
         print(f"cost vs a flow-matching step: counted {rec['fwd_per_step']:.2f}x, measured "
               + (f"{rec['vs_fm']:.2f}x" if rec["vs_fm"] is not None else
                  f"unknown (no fm record with the same device, torch, net, batch, precision and compile in "
-                 f"{os.path.relpath(os.path.join(folder, 'throughput.json'))}; run --method fm --save first)"))
+                 f"{os.path.relpath(os.path.join(folder, 'throughput.json'))}; {fm_hint(a, rec, folder, cuda)})"))
     if rec["peak_fraction"] is None and rec["device"] == "cuda":
         print("peak fraction unknown for this GPU; pass --peak_tflops to set its dense peak.")
     if a.save:

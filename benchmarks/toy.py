@@ -1,7 +1,9 @@
 """Side-by-side 2-D benchmark of every method on equal terms.
 
-Every method trains the same network (common.py's MLP, width 128, 3 residual blocks, 64 time channels; IMM and
-the flow maps feed it a second time) on the same 2-D data sets with the same number of training examples seen.
+Every method trains common.py's MLP (residual blocks, 64 time channels; IMM and the flow maps feed it a second time)
+at its file's `toy` preset size: width 128 x 3 blocks for 1-RF, 2-RF++ and GDD / GDD-I (the 1-RF teacher's network),
+64 x 3 for IMM, LSD, PSD, MeanFlow and LMD, 64 x 4 for sCT and sCD (their TrigFlow teacher's), on the same 2-D data
+sets with the same number of training examples seen.
 The distillation methods pay for their teacher out of that budget: the teacher sees half of it and the student
 the other half (teacher + student = the budget), and 2-RF++ additionally pays its teacher's pair generation in
 wall-clock time. Each method is run through its own command line (README, "The command-line contract"), exactly as a user would:
@@ -16,8 +18,9 @@ wall-clock time. Each method is run through its own command line (README, "The c
     LMD        flow_map.py         1-RF teacher (E/2) -> --mode lmd (E/2)
     GDD, GDD-I distributional.py   1-RF teacher (E/2) -> GAN fine-tune (E/2), --freeze none / gdd_i
 
-Other hyper-parameters are each file's `toy` preset (its paper-derived 2-D recipe); warm-up lengths that are
-given in iterations (sCM's H) are scaled to the shorter run. Samples come from `M.py sample` of the EMA weights
+Other hyper-parameters are each file's `toy` preset (its paper-derived 2-D recipe), except sCM's tangent warm-up
+H, given in iterations: 20 % of the student's iterations here (the toy presets' H = 210 of 230 iterations for sCT and
+230 of 280 for sCD are written for those run lengths). Samples come from `M.py sample` of the EMA weights
 with the same noise seed for every method, K in {1, 2, 4, 8}; the scores are the sliced Wasserstein distance
 (common.swd) and the MMD^2 (common.mmd2) to a held-out draw of the data set, with the floor of the same
 statistics between two independent held-out draws, and the 1-RF with 100 Euler steps as the many-step
@@ -31,7 +34,7 @@ Writes DIR/toy.json (every raw number, settings, machine, date, commit), DIR/toy
 DIR/toy_samples.png (one row per method, one column per step count; seed 0) and DIR/toy_curves.png (SWD against
 steps, one panel per data set), DIR = benchmarks/results unless --results says otherwise.
 """
-import argparse, contextlib, datetime, importlib, json, math, os, platform, shutil, subprocess, sys, time
+import argparse, contextlib, datetime, importlib, io, json, math, os, platform, re, shutil, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -125,7 +128,7 @@ def run_cell(dataset, seed, budget, batch, n_eval, methods, work):
             else:
                 extra = ["--teacher", ckpt]
         if file == "scm":
-            extra += ["--H", str(max(1, iters // 5))]  # toy preset: H = 300 of 1,500 iterations
+            extra += ["--H", str(max(1, iters // 5))]  # 20 % (module docstring; the toy presets: 210 / 230, 230 / 280)
         stage_out = os.path.dirname(out) if name == "2-RF++" else out
         wall += _cli(file, [*argv, *common_argv, *extra, "--iters", str(iters), "--out", stage_out], log)
         ckpt = os.path.join(out, "ckpt.pt")
@@ -197,7 +200,7 @@ def _f(ms, scale=1.0):
     return "-" if m is None else f"{m * scale:.3f} ± {s * scale:.3f}"
 
 
-def write_markdown(path, meta, summ, bad):
+def markdown(meta, summ, bad):
     L = [f"# Toy benchmark ({meta['date']}, {meta['device']})", "",
          f"Command: `{meta['command']}` · commit `{meta['commit']}` · torch {meta['torch']} · "
          f"{meta['budget']:,} training examples per method (teacher + student) · batch {meta['batch']} · "
@@ -225,14 +228,21 @@ def write_markdown(path, meta, summ, bad):
     L += ["## Few-step methods against the 1-RF at the same number of steps (K = 1, 2)", ""]
     L += [f"- {m}: not better than the 1-RF on " + "; ".join(f"{ds} at K = {', '.join(map(str, ks))}" for ds, ks in v)
           for m, v in bad.items()] or ["- every few-step method beats the 1-RF at K = 1 and K = 2 on every data set."]
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
+    return "\n".join(L) + "\n"
 
 
-def plot(results, summ, samples, methods):
+def _png(fig, dpi=80):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def plot(summ, samples, methods):
+    """-> {file name: PNG bytes}: toy_curves.png, and toy_samples.png when there are samples."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    out = {}
     if samples:  # one figure: rows = methods, columns = data set x K
         dss = list(samples)
         cols = [(ds, K) for ds in dss for K in STEPS]
@@ -249,7 +259,7 @@ def plot(results, summ, samples, methods):
                 if j == 0:
                     ax.set_ylabel(m, fontsize=7)
         fig.tight_layout(pad=0.1)
-        fig.savefig(os.path.join(results, "toy_samples.png"), dpi=80)
+        out["toy_samples.png"] = _png(fig)
         plt.close(fig)
     dss = list(summ)
     fig, axes = plt.subplots(1, len(dss), figsize=(4 * len(dss), 3.4), squeeze=False)
@@ -269,8 +279,9 @@ def plot(results, summ, samples, methods):
         ax.set_title(ds), ax.set_xlabel("steps K (= NFE)"), ax.set_ylabel("SWD to held-out data (mean, min-max)")
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(os.path.join(results, "toy_curves.png"), dpi=80)
+    out["toy_curves.png"] = _png(fig)
     plt.close(fig)
+    return out
 
 
 def _commit():
@@ -282,6 +293,14 @@ def _commit():
 
 
 # =============================================================================== driver
+def _cell(s):
+    """--cell DATASET:SEED (internal: the worker of one cell) -> (data set, seed)."""
+    ds, _, seed = s.partition(":")
+    if ds not in DATASETS or not re.fullmatch(r"-?[0-9]+", seed):
+        raise argparse.ArgumentTypeError(f"(internal) takes DATASET:SEED, got '{s}'")
+    return ds, int(seed)
+
+
 def parse(argv):
     p = C.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="3 data sets, 2 seeds, 300k examples (~12 min, 2 cores)")
@@ -295,9 +314,12 @@ def parse(argv):
     p.add_argument("--work", default=None, help="scratch folder for checkpoints (default /tmp/toy-benchmark)")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     p.add_argument("--replot", action="store_true", help="rewrite toy.md and the figures from DIR/toy.json")
-    p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: DATASET:SEED, writes --cell_out
+    p.add_argument("--cell", default=None, type=_cell, help=argparse.SUPPRESS)  # internal: writes --cell_out
     p.add_argument("--cell_out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    for k in ("datasets", "methods", "seeds"):  # an empty list ('', or ',') is refused, not taken as the default
+        if getattr(a, k) is not None and "" in getattr(a, k).split(","):
+            p.error(f"--{k} has an empty entry in '{getattr(a, k)}'; give a comma list without empty entries.")
     try:
         a.seeds = [int(s) for s in (a.seeds or ("0,1" if a.quick else "0,1,2")).split(",")]
     except ValueError:
@@ -307,6 +329,8 @@ def parse(argv):
     a.datasets = (a.datasets or ",".join(DATASETS[:3] if a.quick else DATASETS)).split(",")
     a.methods = a.methods.split(",")
     a.work = a.work or os.path.join("/tmp", "toy-benchmark")
+    if a.cell and not a.cell_out:
+        p.error("--cell (internal) needs --cell_out FILE.")
     bad = [d for d in a.datasets if d not in DATASETS] + [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"unknown data set(s) or method(s) {bad}; data sets: {', '.join(DATASETS)}; "
@@ -323,20 +347,22 @@ def parse(argv):
 def main(argv=None):
     a = parse(argv)
     if a.cell:  # a worker: one (data set, seed)
-        ds, seed = a.cell.split(":")
-        recs = run_cell(ds, int(seed), a.budget, a.batch, a.n_eval, a.methods, os.path.join(a.work, f"{ds}-{seed}"))
+        ds, seed = a.cell
+        recs = run_cell(ds, seed, a.budget, a.batch, a.n_eval, a.methods, os.path.join(a.work, f"{ds}-{seed}"))
         with open(a.cell_out, "w") as f:
             json.dump(recs, f)
         return recs
     if a.replot:  # table and figures again from DIR/toy.json (and the scratch folder's samples if still there)
         path = os.path.join(a.results, "toy.json")
-        try:
+        try:  # everything made in memory first: a malformed file writes nothing
             with open(path) as f:
                 old = json.load(f)
-            meta, records = old["meta"], old["records"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise C.UserError(f"--replot needs '{path}' as this script writes it (meta, records).") from None
-        return report(a.results, a.work, meta, records)
+            summ, files = render(a.work, old["meta"], old["records"])
+        except (OSError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError) as e:
+            raise C.UserError(f"--replot needs '{path}' as this script writes it (meta, records; here "
+                              f"{type(e).__name__}: {e}).") from None
+        write(a.results, files)
+        return summ
     t0, load0, commit = time.time(), os.getloadavg()[0], _commit()  # load: other jobs inflate wall-clock
     cells = [(ds, s) for s in a.seeds for ds in a.datasets]
     os.makedirs(a.work, exist_ok=True)
@@ -375,7 +401,21 @@ def main(argv=None):
 
 
 def report(results, work, meta, recs):
-    """toy.json, toy.md and the figures from the records (the sample figure from WORK's seed-0 .npy files)."""
+    """Write toy.json, toy.md and the figures of the records into RESULTS; -> the summary."""
+    summ, files = render(work, meta, recs)
+    write(results, files)
+    return summ
+
+
+def write(results, files):
+    for name, data in files.items():
+        with open(os.path.join(results, name), "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+
+
+def render(work, meta, recs):
+    """-> (summary, {file name: contents}): toy.json, toy.md and the figures from the records (the sample figure from
+    WORK's seed-0 .npy files when they are there), made in memory."""
     seed0, samples = min(meta["seeds"]), {}
     for ds in meta["datasets"]:
         w = os.path.join(work, f"{ds}-{seed0}")
@@ -390,11 +430,9 @@ def report(results, work, meta, recs):
     order = ["data floor", "1-RF, 100 Euler steps", *meta["methods"]]
     summ = {ds: {m: summ[ds][m] for m in order if m in summ[ds]} for ds in meta["datasets"]}
     bad = verdicts(summ)
-    with open(os.path.join(results, "toy.json"), "w") as f:
-        json.dump(dict(meta=meta, records=recs, not_better_than_1rf=bad), f, indent=1)
-    write_markdown(os.path.join(results, "toy.md"), meta, summ, bad)
-    plot(results, summ, samples, ["1-RF", *[m for m in meta["methods"] if m != "1-RF"]])
-    return summ
+    files = {"toy.json": json.dumps(dict(meta=meta, records=recs, not_better_than_1rf=bad), indent=1),
+             "toy.md": markdown(meta, summ, bad)}
+    return summ, {**files, **plot(summ, samples, ["1-RF", *[m for m in meta["methods"] if m != "1-RF"]])}
 
 if __name__ == "__main__":
     C.main_guard(main)

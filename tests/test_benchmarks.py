@@ -5,6 +5,7 @@ Speed itself is never asserted here (speed targets live in benchmarks/, not in t
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -193,6 +194,18 @@ def test_main_reports_measured_cost_vs_fm(tmp_path, monkeypatch, capsys):
     assert f"measured {rec['vs_fm']:.2f}x" in capsys.readouterr().out
 
 
+def test_missing_fm_record_hint_is_a_command_that_works(tmp_path, monkeypatch, capsys):
+    """Without its fm record a run prints the command that saves one (a CPU run: outside benchmarks/results, which
+    refuses it); followed as printed, the run finds the record and measures its cost vs fm."""
+    monkeypatch.setattr(tp, "CPU_RESULTS", str(tmp_path))
+    argv = ["--quick", "--method", "imm", "--device", "cpu"]
+    tp.main(argv)
+    hint = re.search(r"`python benchmarks/throughput.py (.+?)`, then pass (--results \S+) here too",
+                     capsys.readouterr().out)
+    tp.main(hint.group(1).split())
+    assert tp.main([*argv, *hint.group(2).split()])["vs_fm"] > 0
+
+
 def test_unknown_method_is_one_sentence_and_exit_2():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--method", "nope",
@@ -283,6 +296,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("gpu_check", ["--quick", "--results", "/proc/x"], "--results"), ("gpu_check", ["--foo"], "--foo"),
     ("cm_vs_ode", ["--run", "x", "--n", "0"], "--n"), ("cm_vs_ode", ["--run", "x", "--ode_steps", "0"], "--ode_steps"),
     ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
+    ("gpu_check", ["--_child", "notjson"], "--_child"), ("fashion", ["--task", "bogus"], "--task"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
     """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common.Parser),

@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,3 +131,42 @@ def test_missing_data_is_one_sentence(tmp_path):
     assert len(lines) == 1 and "apt-get install dataset-fashion-mnist" in lines[0], r.stderr
     assert lines[0].count(". ") == 0 and lines[0].endswith(".")
     assert not (tmp_path / "res" / "fashion_cpu.json").exists()
+
+
+_LABELS_319 = bytes([0, 0, 8, 1]) + (319).to_bytes(4, "big") + bytes(319)  # one label short of the 320 images
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda b: b[:len(b) // 2], "train-labels-idx1-ubyte.gz is not a readable gzip file (EOFError)"),
+    (lambda b: b"not gzip", "train-labels-idx1-ubyte.gz is not a readable gzip file (BadGzipFile)"),
+    (lambda b: gzip.compress(b""), "train-labels-idx1-ubyte.gz does not hold a Fashion-MNIST IDX file"),
+    (lambda b: gzip.compress(b"\0\0"), "train-labels-idx1-ubyte.gz does not hold a Fashion-MNIST IDX file"),
+    (lambda b: gzip.compress(_LABELS_319), "320 images but 319 labels")],
+    ids=["truncated", "not-gzip", "empty-idx", "2-byte-idx", "label-count"])
+def test_bad_source_is_one_sentence_and_installs_nothing(source, tmp_path, capsys, spoil, words):
+    """A truncated or non-gzip .gz, an empty or 2-byte IDX file, a label count that differs: one sentence naming
+    the file, before anything is unpacked into --root or made in --work and --results."""
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    bad = src / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(spoil(bad.read_bytes()))
+    dirs = [tmp_path / d for d in ("root", "work", "res")]
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: fb.main(["--root", str(dirs[0]), "--source", str(src), "--work", str(dirs[1]),
+                                           "--results", str(dirs[2])]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not any(d.exists() for d in dirs)
+
+
+def test_bad_installed_file_is_named_until_deleted(source, tmp_path):
+    root = tmp_path / "root"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\0\0")
+    with pytest.raises(fb.Fail, match="t10k-labels-idx1-ubyte does not hold .* delete it"):
+        fb.prepare_data(str(root), str(source))
+    assert os.listdir(raw) == ["t10k-labels-idx1-ubyte"]  # nothing installed beside it
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    fb.prepare_data(str(root), str(source))
+    assert sorted(os.listdir(raw)) == sorted(fb.RAW_FILES)

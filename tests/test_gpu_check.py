@@ -20,6 +20,7 @@ import common  # noqa: E402
 
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
+import fashion as fb  # noqa: E402
 import gpu_check as gc  # noqa: E402
 
 
@@ -90,7 +91,9 @@ def test_quick_run_writes_every_section(tmp_path):
         assert r["status"] == "ok" and all(r["fd"][k] >= 0 for k in ("1", "2")), r
         assert r["bf16_vs_fp32"]["rms_levels"] >= 0 and r["bf16_vs_fp32"]["batch"] > 0, r
     assert set(F["records"][0]["fd_reference"]) == {str(k) for k in gc.sizes(True).ref_steps}
+    assert F["classifier"]["epochs"] == 1 and F["classifier"]["train_n"] == gc.QUICK_CLASSIFIER["train_n"]  # smoke size
     md = (res / "gpu_cpu.md").read_text()
+    assert on_disk["meta"]["cuda"] is None and "· no CUDA device (CPU run) ·" in md  # not the CUDA build's version
     for head in ("## 1. Training throughput", "## 2. Sampling", "## 3. Precision checks", "## 4. Fashion-MNIST"):
         assert head in md
     assert (res / "gpu_cpu_throughput.png").stat().st_size > 0 and (res / "gpu_cpu_fashion.png").stat().st_size > 0
@@ -135,3 +138,18 @@ def test_results_folder_takes_gpu_runs_only():
         gc.parse(["--quick"])
     with pytest.raises(common.UserError, match="unknown --sections"):
         gc.parse(["--quick", "--results", "/tmp/x", "--sections", "nope"])
+
+
+def test_prepare_refuses_a_bad_source_before_making_folders(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in fb.RAW_FILES:
+        (src / f"{f}.gz").write_bytes(b"not gzip")
+    carry, work = tmp_path / "carry", tmp_path / "work"
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: gc.main(["--prepare", "--source", str(src), "--carry", str(carry), "--work",
+                                           str(work)]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "train-images-idx3-ubyte.gz is not a readable gzip file (BadGzipFile)" in err
+    assert not carry.exists() and not work.exists()

@@ -87,9 +87,37 @@ def test_summary_mean_std_and_verdict_names_the_loser():
                                          (["--budget", "10"], "at least two batches"),
                                          (["--seeds", "a"], "--seeds"), (["--batch", "0"], "--batch"),
                                          (["--results", "/proc/x"], "--results"), (["--iters", "3"], "--iters"),
-                                         (["--replot", "--results", os.path.join(ROOT, "docs")], "toy.json")])
-def test_bad_arguments_one_sentence_and_exit_2(argv, words, capsys):
+                                         (["--replot", "--results", os.path.join(ROOT, "docs")], "toy.json"),
+                                         (["--cell", "bogus"], "--cell"), (["--cell", "moons:x"], "--cell"),
+                                         (["--cell", "bogus:0"], "--cell"),
+                                         (["--cell", "moons:0", "--budget", "1024", "--methods", "1-RF"],
+                                          "--cell_out")])
+def test_bad_arguments_one_sentence_and_exit_2(argv, words, capsys, tmp_path):
+    """One `error:` line, nothing on stdout, and neither --work nor --results made (a later --results wins)."""
+    dirs = [tmp_path / "work", tmp_path / "res"]
     with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: toy.main(argv))
-    err = capsys.readouterr().err
+        C.main_guard(lambda: toy.main(["--work", str(dirs[0]), "--results", str(dirs[1]), *argv]))
+    out, err = capsys.readouterr()
     assert e.value.code == 2 and words in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert out == "" and not any(d.exists() for d in dirs)
+
+
+@pytest.mark.parametrize("flag, value", [("--datasets", ""), ("--seeds", ""), ("--datasets", "moons,")])
+def test_empty_list_is_refused_not_the_default(flag, value):
+    with pytest.raises(C.UserError, match=f"{flag} has an empty entry"):
+        toy.parse([flag, value])
+
+
+@pytest.mark.parametrize("drop", ["seeds", "datasets", "date"])
+def test_replot_of_a_malformed_results_file_writes_nothing(tiny_run, tmp_path, capsys, drop):
+    """toy.json without meta['seeds'] / ['datasets'] (read first) or ['date'] (read by the table, after the summary):
+    one sentence, and no file written or rewritten."""
+    data = json.loads((tiny_run[0] / "toy.json").read_text())
+    del data["meta"][drop]
+    text = json.dumps(data)
+    (tmp_path / "toy.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: toy.main(["--replot", "--results", str(tmp_path), "--work", str(tmp_path / "w")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --replot needs ") and f"KeyError: '{drop}'" in err, err
+    assert os.listdir(tmp_path) == ["toy.json"] and (tmp_path / "toy.json").read_text() == text
