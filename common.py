@@ -30,7 +30,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
-import operator, pickle, re, sys, tempfile, time, types, typing, warnings
+import operator, pickle, re, socket, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -1137,6 +1137,11 @@ def check_launch():
             "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT") if k in os.environ)
         raise UserError(f"WORLD_SIZE is set but torchrun's variables are not usable ({why}); start a distributed run "
                         f"with torchrun, or unset WORLD_SIZE for a single process.")
+    try:  # (an unknown host: the rendezvous retried for minutes)
+        socket.getaddrinfo(os.environ["MASTER_ADDR"], port)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"MASTER_ADDR={os.environ['MASTER_ADDR']!r} does not resolve ({type(e).__name__}); start a "
+                        f"distributed run with torchrun, or unset WORLD_SIZE for a single process.") from None
     return rank, world, local
 
 

@@ -840,6 +840,8 @@ def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
     (dict(WORLD_SIZE="2", RANK="3", MASTER_ADDR="x", MASTER_PORT="1"), ["RANK='3', WORLD_SIZE='2'"]),  # rank 3 speaks
     (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="x", MASTER_PORT="1", LOCAL_WORLD_SIZE="0"), ["LOCAL_WORLD_SIZE='0'"]),
     (dict(WORLD_SIZE="1", RANK="0", MASTER_ADDR="x", MASTER_PORT="notaport"), ["MASTER_PORT='notaport'"]),
+    (dict(WORLD_SIZE="1", RANK="0", MASTER_ADDR="no.such.host.invalid", MASTER_PORT="29500"),  # (RFC 2606: never
+     ["MASTER_ADDR='no.such.host.invalid'", "does not resolve"]),  # resolves; the rendezvous retried for minutes)
 ])
 def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, capsys):
     """torchrun's variables without torchrun (or malformed) ended in tracebacks from int() or init_process_group, and
