@@ -24,7 +24,7 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
-import contextlib, dataclasses, hashlib, json, math, os, time
+import contextlib, dataclasses, hashlib, json, math, operator, os, time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -906,7 +906,7 @@ def invert_data(cfg, env, net2, folder):
     if made is None:
         write_pairs(folder, n, cfg.pair_block, make, True, "stored", env,
                     dict(shape=list(data.shape), x_dtype="uint8", **now))
-    elif any(made.get(k) != v for k, v in now.items()):  # a resumed fine-tuning keeps the pairs it trains on
+    elif any(not (C.same_file if k == "source" else operator.eq)(made.get(k), v) for k, v in now.items()):
         opt = dict(n="ft_n", inv_steps="inv_steps", source="data")
         raise C.UserError(f"the inverted pairs in '{folder}' were made with " + ", ".join(
             f"--{opt[k]} {made.get(k)}" for k in now) + "; the fine-tuning trains on them: give those again, or remove "

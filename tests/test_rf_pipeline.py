@@ -225,7 +225,8 @@ def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
             C.main_guard(lambda: R.main([*base, *extra]))
         out, err = capsys.readouterr()
         assert e.value.code == 2 and out == "" and err.count("\n") == 1 and all(w in err for w in words), err
-    R.main(base)  # the control: the same command resumes (nothing left to do)
+    R.main(base)  # the controls: the same command resumes (nothing left to do), and another path to the same data
+    R.main([*base, "--data", str(tiny / "imgs.npy")])
     assert _digest(ft / "ckpt.pt") == before
 
 
