@@ -650,8 +650,8 @@ def load_data(spec, root, env, seed, xflip):
         k, key = 0, "user-" + hashlib.md5(x.numpy().tobytes()).hexdigest()[:12]
         if x.dtype == torch.float32:
             m, s = x.mean(0).tolist(), x.var(0).mean().sqrt().item()  # per-coordinate RMS std
-            _NOTES.append(f"data {spec}: {len(x)} points, mean ({m[0]:.3f}, {m[1]:.3f}), RMS std {s:.3f}"  # printed
-                          + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
+            note(f"data {spec}: {len(x)} points, mean ({m[0]:.3f}, {m[1]:.3f}), RMS std {s:.3f}"  # printed
+                 + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
             return Data("points", key, x=x.to(env.device), seed=seed)  # with the run's first line (flush_notes)
     else:
         raise UserError(f"data '{spec}' is neither a known data set ({', '.join([*_TOY_RMS, *_IMAGE_SETS])}) "
@@ -902,12 +902,15 @@ class Detector:
         self.key = key or name  # names the cached reference statistics: name-<sha256 of the file> for a file
 
     @torch.no_grad()
+    def features(self, u8):  # the network's rows as they come, fp32, no autocast (load_detector's probe)
+        with torch.autocast(u8.device.type, enabled=False):
+            return self.fn(u8).float()
+
     def __call__(self, u8):
         if u8.shape[1] == 1:
             u8 = u8.repeat(1, 3, 1, 1)
         try:
-            with torch.autocast(u8.device.type, enabled=False):
-                return self.fn(u8).float()
+            return self.features(u8)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # a TorchScript file that takes 32 x 32 images (load_detector's probe) only
@@ -936,8 +939,7 @@ def load_detector(spec, env):
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        with torch.no_grad(), torch.autocast(torch.device(env.device).type, enabled=False):
-            f = fn(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device)).float()
+        f = Detector(fn, "", 0).features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
         ok = f.ndim == 2 and len(f) == 2  # (B, dim): one feature row per image
     except Exception as e:
         ok, f = False, type(e).__name__
@@ -2306,7 +2308,7 @@ def merge_config(Config, base, given, log=None):
     """Config from a checkpoint's `config` dict with the command-line fields `given` on top (resume, sample);
     validated, a bad checkpoint value named as the checkpoint's. The changes are noted ("config: ..."; `log`, else
     held back until flush_notes)."""
-    log = log or _NOTES.append
+    log = log or note
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = set(base) - names
     if unknown:
