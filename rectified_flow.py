@@ -902,11 +902,12 @@ def invert_data(cfg, env, net2, folder):
         eps = pair_noise(idx, 2 * 10 ** 9, data.shape, env)  # per-index, disjoint from pair and FID seeds
         return x, invert(lambda y, t: net2(y, t), x, eps, cfg.inv_steps)
 
-    made, now = _read_meta(folder), dict(n=n, inv_steps=cfg.inv_steps, source=cfg.data)
-    if made is None:
+    now, made = dict(n=n, inv_steps=cfg.inv_steps, source=cfg.data), _read_meta(folder)
+    same = lambda k: (C.same_file if k == "source" else operator.eq)(made.get(k), now[k])
+    if not os.path.exists(os.path.join(folder, "meta.json")):
         write_pairs(folder, n, cfg.pair_block, make, True, "stored", env,
                     dict(shape=list(data.shape), x_dtype="uint8", **now))
-    elif any(not (C.same_file if k == "source" else operator.eq)(made.get(k), v) for k, v in now.items()):
+    elif made is not None and not all(map(same, now)):  # (an unreadable meta.json: load_pairs says so)
         opt = dict(n="ft_n", inv_steps="inv_steps", source="data")
         raise C.UserError(f"the inverted pairs in '{folder}' were made with " + ", ".join(
             f"--{opt[k]} {made.get(k)}" for k in now) + "; the fine-tuning trains on them: give those again, or remove "
