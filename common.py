@@ -2326,7 +2326,8 @@ def merge_config(Config, base, given, log=None):
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
-    resume (`fixed`; the seed: the RNG state is the checkpoint's) or another explicit --preset is refused; `drop`: given
+    resume (`fixed`; the seed: the RNG state is the checkpoint's), another explicit --preset, or another data set (a
+    named one, or a name for a file or a file for a name; another file is noted) is refused; `drop`: given
     fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
     checkpoint records `teacher_id` by its weights: another path to them (a moved folder, another working directory)
     is taken, and the method checks them (`teacher_id`). `iters`: the field that counts the steps, which must not end
@@ -2341,6 +2342,10 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
         if k in given and not (same_file if k == "teacher" else operator.eq)(given[k], base.get(k)):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")
+    was, named = base.get("data"), {*_TOY_RMS, *_IMAGE_SETS}  # another data set: named, or a named one for a file
+    if "data" in given and not same_file(given["data"], was) and (was in named or given["data"] in named):
+        raise UserError(f"'{path}' was trained on --data {was}; a resumed run keeps its data (use another --out for "
+                        f"--data {given['data']}).")  # (two files: perhaps the same data moved; noted as a change)
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
                                                                 if k not in ("resume", *here, *drop)}, log=log)
     if iters in given and given[iters] < ck["step"]:

@@ -29,13 +29,14 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       rate, a network field, --iters, --preset), sample
       --data / --root (fid's), a sampler field out of range,
       an --out name too long, fid of a 2-D model)
-    resume (each with a changed lr, which must not be      3    4      5           3               4
+    resume (each with a changed lr, which must not be      5    6      7           5               6
       noted before the refusal): changed seed, explicit
-      other preset, --iters below the saved step, file-
-      specific fixed fields (network, weighting,
-      interpolant, freeze)
+      other preset, --iters below the saved step, another
+      named data set or a file for it, file-specific
+      fixed fields (network, weighting, interpolant,
+      freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           66   68     70          70              70
+    bad-input cases, all one sentence and exit 2           68   70     72          72              72
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -324,7 +325,9 @@ def resume_cases(name, d):
                  flow_map=[(["--width", "32"], ["width"]), (["--learned_weight", "true"], ["learned_weight"])],
                  distributional=[(["--freeze", "gdd_i"], ["--freeze"])])
     return [([*at, "--seed", "1"], ["--seed"]), ([*at, "--preset", "small"], ["--preset small"]),
-            ([*at[:-4], "--iters", "1"], ["at step 2", "--iters 1"])] + \
+            ([*at[:-4], "--iters", "1"], ["at step 2", "--iters 1"]),
+            ([*at, "--data", "spirals"], ["trained on --data", "keeps its data", "--data spirals"]),
+            ([*at, "--data", d / "same.npy"], ["trained on --data", "same.npy"])] + \
         [([*at, *a], w) for a, w in extra.get(name, [])]
 
 
@@ -345,7 +348,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=66, scm=68, flow_map=70, rectified_flow=70, distributional=70), got
+    assert got == dict(imm=68, scm=70, flow_map=72, rectified_flow=72, distributional=72), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -570,6 +573,32 @@ def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
     # control: a fresh start over the folder (--resume false) trains on the data it is given
     assert run("scm", *BASE["scm"], "--iters", "1", *first["scm"][1], "--resume", "false", "--data", "checkerboard") == 0
     assert torch.load(tmp_path / "s" / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == "checkerboard"
+
+
+def test_a_resumed_run_keeps_its_data(tmp_path, capsys, monkeypatch):
+    """A resumed run with another named data set was taken with a "config: data" note; the 2-RF, which trains on its
+    stored pairs, then scored itself against the other set and recorded it as its data. Now refused (resume_cases);
+    here the controls: the same file by another path resumes, another file resumes and is noted (it may be the same
+    data moved), and a resumed 2-RF given its own data set trains on."""
+    np.save(tmp_path / "a.npy", C.toy_sample("moons", 64).numpy())
+    np.save(tmp_path / "b.npy", C.toy_sample("moons", 64).numpy())
+    monkeypatch.chdir(tmp_path)
+    assert run("imm", *BASE["imm"], "--data", "a.npy", "--iters", "1", "--out", "i") == 0
+    capsys.readouterr()
+    assert run("imm", *BASE["imm"], "--data", tmp_path / "a.npy", "--iters", "2", "--out", "i") == 0
+    capsys.readouterr()
+    assert run("imm", *BASE["imm"], "--data", "b.npy", "--iters", "3", "--out", "i") == 0
+    assert "config: data = 'b.npy' (checkpoint had " in capsys.readouterr().out
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    rf = [*BASE["rectified_flow"][2:], "--out", "r"]
+    assert run("rectified_flow", "--stage", "all", "--iters", "1", *P, *rf, "--data", "moons") == 0
+    capsys.readouterr()
+    code = run("rectified_flow", "--stage", "2rf", "--iters", "2", *rf, "--data", "8gaussians")
+    one_sentence(code, capsys.readouterr().err, "r/2rf/ckpt.pt", "trained on --data moons", "--data 8gaussians")
+    assert torch.load("r/2rf/ckpt.pt", weights_only=True)["step"] == 1
+    assert run("rectified_flow", "--stage", "2rf", "--iters", "2", *rf, "--data", "moons") == 0
+    ck = torch.load("r/2rf/ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["config"]["data"] == "moons"
 
 
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
