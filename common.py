@@ -7,7 +7,7 @@ section starts at a line "# ==== <section>"):
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
   data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches),
-                     held_output (a download's lines), FID_OPTIONS, refuse_unused
+                     held_output (a download's lines), FID_OPTIONS, refuse_unused, refuse_other
   augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
@@ -672,6 +672,16 @@ def refuse_unused(given, kind, points=(), images=()):
     if k:
         kind, other = ("images", "2-D points") if kind == "images" else ("2-D points", "images")
         raise UserError(f"--{k} applies to {other} only and this run trains on {kind}; drop it.")
+
+
+def refuse_other(given, only, flag, value):
+    """An option that only some values of a selector read (`only`: field -> the values of --`flag` that read it;
+    rectified_flow's stages, flow_map's and scm's modes, GDD's discriminators), given with another: refused in one
+    sentence instead of ignored and recorded; a preset's value is not one given."""
+    k = next((k for k, ok in only.items() if k in given and value not in ok), None)
+    if k:
+        ok = " or ".join([", ".join(only[k][:-1]), only[k][-1]] if len(only[k]) > 2 else only[k])
+        raise UserError(f"--{flag} {value} does not read --{k} (only --{flag} {ok} reads it); drop it.")
 
 
 # ========================================================================================================= augmentation

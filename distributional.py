@@ -876,10 +876,7 @@ def check_disc(cfg, data, given=()):
         raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
     if data.kind == "images" and cfg.disc == "mlp":
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
-    k = next((k for k, ds in DISC_ONLY.items() if k in given and cfg.disc not in ds), None)
-    if k:
-        raise C.UserError(f"--{k} applies to --disc {' or '.join(DISC_ONLY[k])} only, and this run's D is "
-                          f"{cfg.disc}; drop it.")
+    C.refuse_other(given, DISC_ONLY, "disc", cfg.disc)
 
 
 def projected_backbones(cfg, env, log=None):

@@ -131,6 +131,11 @@ class Config:
 
 RANGES = dict(width=">= 1", depth=">= 1", time_channels=">= 4", diag_frac="[0, 1]", sigma0="> 0",
               adaptive_c="> 0", lr_ref=">= 1")  # beside common.RANGES
+# the objective's own options: another mode refuses them (common.refuse_other) instead of recording them unread
+MODE_ONLY = {"psd_type": ("psd",), "esd_stopgrad": ("esd",), "lambda_inv": ("fmm",), "time_sampler": ("meanflow",),
+             **dict.fromkeys(("adaptive_p", "adaptive_c"), ("meanflow", "emd")),  # (MeanFlow: the whole batch is
+             "diag_frac": ("lsd", "psd", "esd", "fmm", "lmd", "emd"),  # one term; fmm keeps both pair orders)
+             "pair_order": ("lsd", "psd", "esd", "lmd", "emd")}
 # py-meanflow v0 (models/model_configs.py, models/unet.py): its SongUNet concatenates the two time embeddings,
 # resamples with [1,3,3,1] and splits q|k|v in blocks; its augmentation (training/train_loop.py) is EDM's pipe
 # without y-flips and rotations (augment_dim 6)
@@ -574,6 +579,7 @@ def train(cfg, given):
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0",
                                                                    "teacher"))  # the distilled teacher: the same file
+    C.refuse_other(given, MODE_ONLY, "mode", cfg.mode)
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))

@@ -38,13 +38,22 @@ import common as C
 CONVENTION = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 METHOD = "rectified_flow"
 # options of the 1-RF alone: the 2-RF and ft take their network from the stage before and train on stored pairs,
-# never flipped (refused there; `--stage all` gives them to its 1-RF only)
+# never flipped (`--stage all` gives them to its 1-RF only)
 ONE_RF_ONLY = ("net", "dropout", "cond", "width", "xflip")
-# options some stages read (another stage refuses them): the pairs' by --stage pairs (and all), their solver also by
-# the 1-RF's evaluation on 2-D points, their block size also by ft's inverted pairs; the fine-tuning's by ft
+# options some stages read (another stage refuses them, common.refuse_other): the pairs' by --stage pairs (and all),
+# their solver also by the 1-RF's evaluation on 2-D points, their block size also by ft's inverted pairs; the
+# fine-tuning's by ft; the 2-RF++ loss by 2rf and ft; the optimiser, logging and evaluation by the training stages
+# (--stage pairs trains nothing; ft counts its steps with --ft_iters)
+TRAINING = ("1rf", "2rf", "ft", "all")
 STAGE_ONLY = {**dict.fromkeys(("n_pairs", "pair_batch", "pair_seed", "noise_mode"), ("pairs", "all")),
               **dict.fromkeys(("pair_solver", "pair_steps", "pair_grid"), ("pairs", "all", "1rf")),
-              "pair_block": ("pairs", "all", "ft"), **dict.fromkeys(("ft_iters", "ft_n", "inv_steps"), ("ft",))}
+              "pair_block": ("pairs", "all", "ft"), **dict.fromkeys(("ft_iters", "ft_n", "inv_steps"), ("ft",)),
+              **dict.fromkeys(ONE_RF_ONLY, ("1rf", "all")), "iters": ("1rf", "2rf", "all"),
+              **dict.fromkeys(("t_dist", "a", "loss", "huber_c", "lpips_weights", "lpips_res"), ("2rf", "ft", "all")),
+              **dict.fromkeys(("batch", "accum", "lr", "warmup", "lr_schedule", "clip", "ema", "t_eps", "solver",
+                               "grid", "rule", "t_mid", "log_every", "ckpt_every", "sample_every", "eval_n",
+                               "eval_steps", "straight_k", "fid_every", "fid_n", "fid_detector", "fallback",
+                               "max_skips"), TRAINING)}
 
 
 # =============================================================================================================== config
@@ -759,10 +768,6 @@ def train(cfg, given, env):
             src_net, sck = load_teacher(src, env)
             C.check_teacher_data(sck["config"], cfg.data, src)
             nd = sck["net"]
-        k = next((k for k in ONE_RF_ONLY if k in given), None)
-        if k:
-            raise C.UserError(f"--stage {stage} takes its network from '{src}' and trains on stored pairs, never "
-                              f"flipped, so --{k} (a 1-RF option) does not apply; drop it.")
         C.refuse_unused(given, "points" if inner(nd)["kind"] == "mlp" else "images")  # --fid_every etc. on 2-D points
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
@@ -926,12 +931,9 @@ def run(cfg, given):
             "the 1-RF trains on the data" if cfg.stage == "1rf" else "the fine-tuning continues DIR/2rf" if
             cfg.stage == "ft" else "its pairs come from the 1-RF it trains") + "; --stage pairs and 2rf read it); "
             "drop it.")
-    k = next((k for k, stages in STAGE_ONLY.items() if k in given and cfg.stage not in stages), None)
-    if k:  # (a 2-RF given --pair_seed trained on the stored pairs and recorded the new value)
-        raise C.UserError(f"--stage {cfg.stage} does not read --{k} (only --stage {' or '.join(STAGE_ONLY[k])} "
-                          f"reads it); drop it.")
     if cfg.stage == "ft" and "iters" in given:  # (it was accepted, and ignored)
         raise C.UserError("--stage ft counts its steps with --ft_iters, not --iters; drop --iters.")
+    C.refuse_other(given, STAGE_ONLY, "stage", cfg.stage)  # (a 2-RF given --pair_seed recorded the new value)
     if cfg.stage == "all":  # restarted without --data: every stage takes the 1-RF's data
         given = C.pipeline_data(given, os.path.join(cfg.out, "ckpt.pt"))
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]

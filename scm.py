@@ -122,6 +122,10 @@ class Config:
 
 RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
               heun_steps=C.STEPS)  # beside common.RANGES
+# a mode's own options: another refuses them (common.refuse_other) instead of recording them unread (the diffusion
+# model is evaluated by Heun and as a 1-step CM; the CMs at --eval_steps with the 2-step middle time t_mid)
+MODE_ONLY = {**dict.fromkeys(("c", "H", "tangent_norm", "weighting", "t_mid", "eval_steps"), ("sct", "scd", "all")),
+             **dict.fromkeys(("diffusion_adaptive_weight", "heun_steps"), ("diffusion", "all"))}
 
 # ============================================================================================================== presets
 _DIFF = dict(optim="adam", beta2=0.999, P_mean=-1.2, P_std=1.2)  # teacher: EDM settings (G.1)
@@ -652,6 +656,7 @@ def run(cfg, given):
     if cfg.mode == "all" and "teacher" in given:
         raise C.UserError("--mode all trains its own teacher (DIR/diffusion); drop --teacher, or distil that file "
                           "with --mode scd.")
+    C.refuse_other(given, MODE_ONLY, "mode", cfg.mode)
     if cfg.mode == "all":  # restarted without --data: every mode trains on the diffusion model's data
         given = C.pipeline_data(given, os.path.join(cfg.out, "diffusion", "ckpt.pt"))
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]

@@ -300,12 +300,17 @@ def schedule_argv(file, part, iters, batch):
     return ["--ema_halflife_img", f"{h_img:.6g}"]  # distributional
 
 
+def base_argv(a):
+    """Flags of every run, the reflow pairs' included (--stage pairs trains nothing and refuses the others)."""
+    return ["--preset", "small", "--data", "fashion_mnist", "--root", a.root, "--seed", str(a.seed), "--device",
+            a.device] + (["--precision", "fp32"] if a.device == "cpu" else [])
+
+
 def common_argv(a, iters, net):
     """Flags of every training run; `net`: the run builds its own network (not 2-RF++, sCT/sCD, GDD: the teacher's)."""
-    argv = ["--preset", "small", "--data", "fashion_mnist", "--root", a.root, "--seed", str(a.seed), "--device",
-            a.device, "--batch", str(a.batch), "--iters", str(iters), "--fid_every", "0", "--eval_n", "16",
+    argv = [*base_argv(a), "--batch", str(a.batch), "--iters", str(iters), "--fid_every", "0", "--eval_n", "16",
             "--log_every", str(max(1, iters // 10)), "--ckpt_every", str(max(1, iters))]
-    return argv + (["--net", a.net] if net else []) + (["--precision", "fp32"] if a.device == "cpu" else [])
+    return argv + (["--net", a.net] if net else [])
 
 
 def run_teacher(key, a):
@@ -340,8 +345,7 @@ def run_method(name, a, det_path, teachers):
             n_pairs = min(200_000, iters * a.batch // 8)
             pair = ["--n_pairs", str(n_pairs), "--pair_block", str(min(n_pairs, 50_000)), "--pair_batch",
                     str(min(n_pairs, 1000))]
-            wall += _cli(file, ["--stage", "pairs", *common_argv(a, iters, False), *pair, "--teacher", t["ckpt"],
-                                "--out", work], log)
+            wall += _cli(file, ["--stage", "pairs", *base_argv(a), *pair, "--teacher", t["ckpt"], "--out", work], log)
             run += ["--teacher", t["ckpt"]]  # (the pairs' options: read by --stage pairs only)
         else:
             run += ["--teacher", t["ckpt"]]

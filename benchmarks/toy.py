@@ -110,8 +110,7 @@ def run_cell(dataset, seed, budget, batch, n_eval, methods, work):
     for key in sorted({METHODS[m][1] for m in methods} - {None}):
         file, argv = TEACHERS[key]
         out = os.path.join(work, f"teacher-{key}")
-        extra = ["--H", "0"] if file == "scm" else []
-        wall = _cli(file, [*argv, *common_argv, *extra, "--iters", str(half), "--out", out], log)
+        wall = _cli(file, [*argv, *common_argv, "--iters", str(half), "--out", out], log)
         teachers[key] = (os.path.join(out, "ckpt.pt"), wall, half * batch)
     for name in methods:
         file, key, argv = METHODS[name]
@@ -123,7 +122,8 @@ def run_cell(dataset, seed, budget, batch, n_eval, methods, work):
             wall += t_wall
             if name == "2-RF++":  # pairs from the 1-RF teacher (Heun 18), then 2-RF++ initialised from its EMA
                 out = os.path.dirname(ckpt)
-                wall += _cli(file, ["--stage", "pairs", *common_argv, "--out", out], log)
+                pair_argv = common_argv[:6]  # data, seed, device: --stage pairs refuses the training options
+                wall += _cli(file, ["--stage", "pairs", *pair_argv, "--out", out], log)
                 out = os.path.join(out, "2rf")
             else:
                 extra = ["--teacher", ckpt]

@@ -36,6 +36,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def for_stage(stage, argv):
+    """argv without the options that --stage `stage` does not read (R.STAGE_ONLY; it refuses them)."""
+    keep = []
+    for i, a in enumerate(argv):
+        flag = a if a.startswith("--") else argv[i - 1] if i else ""
+        if not (flag.startswith("--") and stage not in R.STAGE_ONLY.get(flag[2:], (stage,))):
+            keep.append(a)
+    return keep
+
+
 def last_metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return json.loads(f.read().splitlines()[-1])
@@ -54,7 +64,7 @@ def toy(tmp_path_factory):
     # before its cosine decay and uniform grid made the default run sharper)
     R.main(["--stage", "1rf", "--out", out, "--iters", "1500", "--lr_schedule", "const", *common])
     R.main(["--stage", "pairs", "--out", out, "--n_pairs", "5000", "--pair_block", "2500", "--pair_steps", "12",
-            "--pair_grid", "edm", *common])
+            "--pair_grid", "edm", *for_stage("pairs", common)])
     R.main(["--stage", "2rf", "--out", out, "--iters", "800", *common])
     # control (c): the same pairs with x shuffled relative to z (z is stored for points), i.e. independent again
     shuf = str(root / "shuffled")
@@ -308,23 +318,21 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     for change, words in ((["--pair_steps", "3"], "steps 2, not 3"), (["--pair_seed", "5"], "pair_seed")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            C.main_guard(lambda: R.main(["--stage", "pairs", *small, *change]))
+            C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small), *change]))
         err = capsys.readouterr().err
         assert_user_error(e.value.code, err)
         assert words in err, err
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
-    C.main_guard(lambda: R.main(["--stage", "pairs", *small]))  # the same settings: the pairs are kept
+    C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small)]))  # the same settings: kept
     meta = json.loads((tmp_path / "r" / "pairs" / "meta.json").read_text())  # pairs written before teacher_id:
     del meta["teacher_id"]  # compared by the teacher's step, as then
     (tmp_path / "r" / "pairs" / "meta.json").write_text(json.dumps(meta))
-    C.main_guard(lambda: R.main(["--stage", "pairs", *small]))
+    C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small)]))
     # another teacher's pairs for the same folder (a retrained 1-RF): refused; the same weights moved: kept
     other = [*small[:-2], "--out", str(tmp_path / "o"), "--seed", "1"]
-    no_pairs = [a for i, a in enumerate(other) if not (a.startswith("--") and a[2:] in R.STAGE_ONLY
-                                                      or i and other[i - 1][2:] in R.STAGE_ONLY)]
-    C.main_guard(lambda: R.main(["--stage", "1rf", *no_pairs]))  # (the 1-RF refuses the pairs' options)
+    C.main_guard(lambda: R.main(["--stage", "1rf", *for_stage("1rf", other)]))  # (it refuses the pairs' options)
     shutil.copy(tmp_path / "r" / "ckpt.pt", tmp_path / "moved.pt")
-    pairs = ["--stage", "pairs", *other, "--pairs", str(tmp_path / "r" / "pairs"), "--seed", "0"]
+    pairs = ["--stage", "pairs", *for_stage("pairs", other), "--pairs", str(tmp_path / "r" / "pairs"), "--seed", "0"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: R.main(pairs))

@@ -15,11 +15,15 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     --data: object / text / pickle .npy, 0 and 1 points,    9    9      9           9               9
       an undecodable image in a folder, float64 beyond
       float32's range, 1 x 1 images, a FIFO
-    --teacher missing, or its config of the wrong type;     2    3      4           6               6
+    --teacher missing, or its config of the wrong type;     2    5      6           8               6
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF; (flow_map) data without
       spread (no sigma0); (distributional) a --disc that
-      does not fit the data, other Ds' options on points
+      does not fit the data, other Ds' options on points;
+      another mode's or stage's option (scm --H and
+      --eval_steps on diffusion, flow_map --psd_type on
+      lsd and --diag_frac on meanflow, rectified_flow
+      --t_dist on the 1-RF, --batch on the pairs)
     sample/fid options (steps 0 / -1, n 0, fid n 1,        27   27     27          27              26
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
@@ -36,7 +40,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           68   70     72          72              72
+    bad-input cases, all one sentence and exit 2           68   72     74          74              72
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -71,7 +75,7 @@ EVAL = ["--eval_n", "16", "--eval_steps", "1"]
 BASE = dict(  # a few toy steps, 2-D points, small MLPs
     imm=["--batch", "16", *EVAL],
     scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1",
-         "--lr_schedule", "const", *EVAL],
+         "--lr_schedule", "const", "--eval_n", "16"],  # (the diffusion mode is evaluated by Heun, not --eval_steps)
     flow_map=["--batch", "16", "--width", "16", "--depth", "1", "--lr_schedule", "const", *EVAL],
     rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", "--lr_schedule", "const", *EVAL],
     distributional=["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
@@ -169,16 +173,27 @@ def train_cases(name, d):
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
     if name != "distributional":  # the MLP's width: 0 is not "the default"
         cases.append((["--width", "0", *out], ["--width", "at least 1"]))
-    if name == "rectified_flow":  # a toy has no labels; the 2-RF's stored pairs are never flipped
+    if name == "rectified_flow":  # a toy has no labels; the 2-RF takes its network from the 1-RF, never flips pairs
         cases.append((["--cond", "true", *out], ["--cond", "no labels"]))
-        cases += [(["--stage", "2rf", "--teacher", d / name / "ckpt.pt", f, v, *out], [f"--{f[2:]}", "never flipped"])
+        cases += [(["--stage", "2rf", "--teacher", d / name / "ckpt.pt", f, v, *out],
+                   [f"--{f[2:]}", "only --stage 1rf or all"])
                   for f, v in (("--xflip", "true"), ("--width", "32"))]
     if name == "distributional":  # refused before the in-file teacher trains (no teacher lines on stdout)
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
-        cases += [([f, v, *out], [f, "this run's D is mlp"]) for f, v in (("--diffaug", "color"), ("--d_t", "0.2"),
+        cases += [([f, v, *out], [f, "--disc mlp does not read"]) for f, v in (("--diffaug", "color"), ("--d_t", "0.2"),
                   ("--proj_seed", "1"))]  # options of other Ds were ignored on points
     if name == "flow_map":  # sigma0 from data without spread was 0 (a NaN loss at every step)
         cases.append((["--data", d / "same.npy", *out], ["coincide", "--sigma0"]))
+    # an option another mode or stage reads (MODE_ONLY, STAGE_ONLY) was recorded in the config and never read
+    diff = ["--mode", "diffusion"]
+    cases += dict(scm=[([*diff, "--H", "5", *out], ["--mode diffusion does not read --H", "sct, scd or all"]),
+                       ([*diff, "--eval_steps", "1,2", *out], ["--mode diffusion does not read --eval_steps"])],
+                  flow_map=[(["--psd_type", "midpoint", *out], ["--mode lsd does not read --psd_type", "--mode psd"]),
+                            (["--mode", "meanflow", "--diag_frac", "0.5", *out], ["--mode meanflow", "--diag_frac"])],
+                  rectified_flow=[(["--stage", "1rf", "--t_dist", "uniform", *out],
+                                   ["--stage 1rf does not read --t_dist"]),
+                                  (["--stage", "pairs", "--teacher", d / name / "ckpt.pt", "--batch", "8", *out],
+                                   ["--stage pairs does not read --batch", "1rf, 2rf, ft or all"])]).get(name, [])
     if name == "imm":
         cases.append((["--teacher", d / "badcfg.pt", *out], ["from scratch"]))
     else:
@@ -348,7 +363,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=68, scm=70, flow_map=72, rectified_flow=72, distributional=72), got
+    assert got == dict(imm=68, scm=72, flow_map=74, rectified_flow=74, distributional=72), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
@@ -417,7 +432,9 @@ def test_scm_values_it_read_as_something_else_are_refused(tmp_path, capsys):
                         (["--ema_halflife_kimg", "-1"], "--ema_halflife_kimg must be non-negative"),
                         (["--lr_ramp_kimg", "-1"], "--lr_ramp_kimg must be non-negative")):
         capsys.readouterr()
-        code = run("scm", *BASE["scm"], *argv, "--out", tmp_path / "never")
+        i = BASE["scm"].index("--heun_steps")  # (sCT/sCD do not read it)
+        base = [*BASE["scm"][:i], *BASE["scm"][i + 2:]] if "--augment" in argv else BASE["scm"]
+        code = run("scm", *base, *argv, "--out", tmp_path / "never")
         out, err = capsys.readouterr()
         one_sentence(code, err, words)
         assert out == ""
@@ -491,7 +508,7 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
     torch.save(other, tmp_path / "other.pt")
     shutil.copytree(files / "distributional", tmp_path / "g")
     os.remove(tmp_path / "g" / "ckpt.pt")
-    run("rectified_flow", *BASE["rectified_flow"], "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
+    run("rectified_flow", "--stage", "pairs", *P, "--teacher", rf, "--out", tmp_path / "r")
     for name, argv in (("rectified_flow", ["--stage", "2rf", "--teacher", rf, "--iters", "1"]),
                        ("flow_map", ["--mode", "lmd", "--data", "8gaussians", "--teacher", rf, "--iters", "1"])):
         assert run(name, *BASE[name], *argv, "--out", tmp_path / "r") == 0
@@ -539,8 +556,7 @@ def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, cap
                        ("rectified_flow", [*BASE["rectified_flow"], "--stage", "2rf", "--teacher", rf, "--data",
                                            "checkerboard"]),
                        ("scm", [*scm, "--mode", "scd", "--teacher", sd, "--data", "checkerboard"]),
-                       ("rectified_flow", [*BASE["rectified_flow"], "--stage", "pairs", "--teacher", rf, "--data",
-                                           "checkerboard"])):
+                       ("rectified_flow", ["--stage", "pairs", "--teacher", rf, "--data", "checkerboard"])):
         capsys.readouterr()
         code = run(name, *argv, "--out", tmp_path / "n")
         one_sentence(code, capsys.readouterr().err, "trained on 8gaussians", "checkerboard", "--data 8gaussians")
