@@ -283,20 +283,28 @@ def gamma_from_gdd(gamma_gdd, K, B_gpu):
     return gamma_gdd * K ** 2 / B_gpu
 
 
-def resolve_gamma(cfg, given, K, per_rank):
-    """The batch-mean R1 gamma of this run and a sentence saying where it comes from. --r1_gamma (batch-mean) and
-    --r1_gamma_gdd (GDD's convention) exclude each other on the command line; a command-line one beats a preset's."""
+def gdd_gamma(cfg, given):
+    """R1's gamma in GDD's convention where this run takes it so (--r1_gamma_gdd, or the `projected` D's default
+    without --r1_gamma), else None (batch-mean: --r1_gamma, or the other Ds' defaults). --r1_gamma and --r1_gamma_gdd
+    exclude each other on the command line (a command-line one beats a preset's), and --r1_gdd_batch, which converts
+    GDD's gamma, is refused where there is none: checked by check_disc before any work."""
     if "r1_gamma" in given and "r1_gamma_gdd" in given:
         raise C.UserError("give R1's gamma once: --r1_gamma (batch-mean convention) or --r1_gamma_gdd (GDD's).")
-    g_mean, g_gdd = cfg.r1_gamma, cfg.r1_gamma_gdd
-    if "r1_gamma_gdd" in given:
-        g_mean = None
-    if g_mean is None and g_gdd is None:
-        if cfg.disc != "projected":
-            return R1_DEFAULT[cfg.disc], f"gamma {R1_DEFAULT[cfg.disc]:g} (batch-mean, the {cfg.disc} D's default)"
-        g_gdd = R1_GAMMA_GDD
-    if g_mean is not None:
-        return g_mean, f"gamma {g_mean:g} (batch-mean)"
+    g = cfg.r1_gamma_gdd if "r1_gamma_gdd" in given or cfg.r1_gamma is None else None
+    g = R1_GAMMA_GDD if g is None and cfg.r1_gamma is None and cfg.disc == "projected" else g
+    if g is None and "r1_gdd_batch" in given:
+        raise C.UserError("--r1_gdd_batch converts GDD's gamma (--r1_gamma_gdd, the projected D's default), and this "
+                          "run's gamma is batch-mean, so it is not read; drop it.")
+    return g
+
+
+def resolve_gamma(cfg, given, K, per_rank):
+    """The batch-mean R1 gamma of this run and a sentence saying where it comes from (gdd_gamma's conversion)."""
+    g_gdd = gdd_gamma(cfg, given)
+    if g_gdd is None and cfg.r1_gamma is None:
+        return R1_DEFAULT[cfg.disc], f"gamma {R1_DEFAULT[cfg.disc]:g} (batch-mean, the {cfg.disc} D's default)"
+    if g_gdd is None:
+        return cfg.r1_gamma, f"gamma {cfg.r1_gamma:g} (batch-mean)"
     b = cfg.r1_gdd_batch or per_rank
     g = gamma_from_gdd(g_gdd, K, b)
     return g, (f"gamma {g:.6g} (batch-mean) = GDD's {g_gdd:g} x K^2 / B_gpu with K = {K} logits, per-GPU batch "
@@ -877,6 +885,7 @@ def check_disc(cfg, data, given=()):
     if data.kind == "images" and cfg.disc == "mlp":
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
     C.refuse_other(given, DISC_ONLY, "disc", cfg.disc)
+    gdd_gamma(cfg, given)  # R1's gamma given twice, or --r1_gdd_batch with a batch-mean gamma
 
 
 def projected_backbones(cfg, env, log=None):

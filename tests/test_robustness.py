@@ -15,11 +15,13 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     --data: object / text / pickle .npy, 0 and 1 points,    9    9      9           9               9
       an undecodable image in a folder, float64 beyond
       float32's range, 1 x 1 images, a FIFO
-    --teacher missing, or its config of the wrong type;     2    5      6           8               6
+    --teacher missing, or its config of the wrong type;     2    5      6           8               8
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF; (flow_map) data without
       spread (no sigma0); (distributional) a --disc that
-      does not fit the data, other Ds' options on points;
+      does not fit the data, other Ds' options on points,
+      R1's gamma twice, --r1_gdd_batch with a batch-mean
+      gamma (both refused after its in-file teacher ran);
       another mode's or stage's option (scm --H and
       --eval_steps on diffusion, flow_map --psd_type on
       lsd and --diag_frac on meanflow, rectified_flow
@@ -40,7 +42,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           68   72     74          74              72
+    bad-input cases, all one sentence and exit 2           68   72     74          74              74
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -182,6 +184,8 @@ def train_cases(name, d):
         cases.append((["--disc", "projected", *out], ["--disc projected", "--disc mlp"]))
         cases += [([f, v, *out], [f, "--disc mlp does not read"]) for f, v in (("--diffaug", "color"), ("--d_t", "0.2"),
                   ("--proj_seed", "1"))]  # options of other Ds were ignored on points
+        cases += [(["--r1_gamma", "0.1", "--r1_gamma_gdd", "1e-4", *out], ["give R1's gamma once"]),  # (after the
+                  (["--r1_gdd_batch", "64", *out], ["--r1_gdd_batch", "batch-mean"])]  # in-file teacher trained)
     if name == "flow_map":  # sigma0 from data without spread was 0 (a NaN loss at every step)
         cases.append((["--data", d / "same.npy", *out], ["coincide", "--sigma0"]))
     # an option another mode or stage reads (MODE_ONLY, STAGE_ONLY) was recorded in the config and never read
@@ -363,7 +367,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=68, scm=72, flow_map=74, rectified_flow=74, distributional=72), got
+    assert got == dict(imm=68, scm=72, flow_map=74, rectified_flow=74, distributional=74), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
