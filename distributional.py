@@ -1091,6 +1091,10 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
+    in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters
+    for k in ("batch", "teacher_batch") if in_file else ("batch",):  # before the in-file teacher trains
+        if getattr(cfg, k) % env.world:
+            raise C.UserError(f"--{k} {getattr(cfg, k)} is not divisible by the world size {env.world}.")
     if not (ck or cfg.teacher or cfg.teacher_iters):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")
@@ -1140,9 +1144,7 @@ def train(cfg, given):
         C.restore_rng(ck, env, gens)
     step = ck["step"] if ck else 0
 
-    per_rank = cfg.batch // env.world
-    if per_rank * env.world != cfg.batch:
-        raise C.UserError(f"--batch {cfg.batch} is not divisible by the world size {env.world}.")
+    per_rank = cfg.batch // env.world  # (divisible: checked above)
     with torch.no_grad(), torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         probe = torch.zeros(2, *data.shape, device=env.device)  # eval mode: no spectral-norm or BatchNorm update
         K = sum(D.logit_groups) if hasattr(D, "logit_groups") else \

@@ -621,6 +621,30 @@ def test_a_resumed_run_keeps_its_data(tmp_path, capsys, monkeypatch):
     assert ck["step"] == 2 and ck["config"]["data"] == "moons"
 
 
+def test_gdd_checks_its_batches_against_the_world_size_before_its_teacher_trains(tmp_path, capsys, monkeypatch):
+    """GDD refused a --batch that the ranks do not divide only after its in-file teacher had trained and written its
+    files, and never checked --teacher_batch (512 over 3 ranks trained the teacher on 510 a step). Two ranks faked
+    (setup's world; nothing reaches a collective): each refused first."""
+    import dataclasses
+    setup = C.setup
+    monkeypatch.setattr(C, "setup", lambda *a, **k: dataclasses.replace(setup(*a, **k), world=2))
+    base = ["--teacher_iters", "2", "--iters", "1", "--out", tmp_path / "g"]
+    for argv, words in ((["--batch", "15", "--teacher_batch", "16"], "--batch 15"),
+                        (["--batch", "16", "--teacher_batch", "15"], "--teacher_batch 15")):
+        code = run("distributional", *argv, *base)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, words, "world size 2")
+        assert out == "" and not os.path.exists(tmp_path / "g")
+    rf = tmp_path / "rf"
+    monkeypatch.setattr(C, "setup", setup)
+    assert run("rectified_flow", *BASE["rectified_flow"], "--iters", "1", "--out", rf) == 0
+    monkeypatch.setattr(C, "setup", lambda *a, **k: dataclasses.replace(setup(*a, **k), world=2))
+    code = run("distributional", "--batch", "15", "--teacher", rf / "ckpt.pt", *base[2:])
+    one_sentence(code, capsys.readouterr().err, "--batch 15")  # (the same check with a teacher file)
+    monkeypatch.setattr(C, "setup", setup)  # control: one rank divides any batch
+    assert run("distributional", "--batch", "15", "--teacher_batch", "15", "--eval_teacher_steps", "0", *EVAL,
+               *base) == 0
+
 def test_a_teacher_retrained_in_place_is_refused_on_resume(files, tmp_path, capsys):
     """flow_map lmd reads its teacher at every step, GDD its t_g and step-0 panel: a resume whose teacher file holds
     other weights than when the run started (retrained or replaced under the same path) is refused; the restored file
