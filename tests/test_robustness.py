@@ -15,7 +15,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     --data: object / text / pickle .npy, 0 and 1 points,    9    9      9           9               9
       an undecodable image in a folder, float64 beyond
       float32's range, 1 x 1 images, a FIFO
-    --teacher missing, or its config of the wrong type;     2    5      6           8               8
+    --teacher missing, or its config of the wrong type;     2    5      6           9               8
       --width 0; (rectified_flow) --cond on a toy, --xflip
       and --width on the 2-RF; (flow_map) data without
       spread (no sigma0); (distributional) a --disc that
@@ -25,7 +25,8 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       another mode's or stage's option (scm --H and
       --eval_steps on diffusion, flow_map --psd_type on
       lsd and --diag_frac on meanflow, rectified_flow
-      --t_dist on the 1-RF, --batch on the pairs)
+      --t_dist on the 1-RF, --batch on the pairs, LPIPS
+      options beside another loss)
     sample/fid options (steps 0 / -1, n 0, fid n 1,        27   27     27          27              26
       batch 0, .jpg, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
@@ -42,7 +43,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           68   72     74          74              74
+    bad-input cases, all one sentence and exit 2           68   72     74          75              74
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -197,7 +198,9 @@ def train_cases(name, d):
                   rectified_flow=[(["--stage", "1rf", "--t_dist", "uniform", *out],
                                    ["--stage 1rf does not read --t_dist"]),
                                   (["--stage", "pairs", "--teacher", d / name / "ckpt.pt", "--batch", "8", *out],
-                                   ["--stage pairs does not read --batch", "1rf, 2rf, ft or all"])]).get(name, [])
+                                   ["--stage pairs does not read --batch", "1rf, 2rf, ft or all"]),
+                                  (["--stage", "2rf", "--teacher", d / name / "ckpt.pt", "--lpips_res", "64", *out],
+                                   ["--lpips_res", "LPIPS losses only", "--loss is huber"])]).get(name, [])
     if name == "imm":
         cases.append((["--teacher", d / "badcfg.pt", *out], ["from scratch"]))
     else:
@@ -367,7 +370,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=68, scm=72, flow_map=74, rectified_flow=74, distributional=74), got
+    assert got == dict(imm=68, scm=72, flow_map=74, rectified_flow=75, distributional=74), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
