@@ -26,7 +26,7 @@ gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher 
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
     python distributional.py fid --ckpt runs/distributional-cifar10/ckpt.pt --steps 1
 """
-import contextlib, copy, dataclasses, math, os
+import contextlib, copy, dataclasses, math, os, types
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -1105,8 +1105,9 @@ def train(cfg, given):
     check_in_file_teacher(cfg, given, ck)
     check_disc(cfg, data, given)  # before the in-file teacher's training, as the `projected` D's backbones
     bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # (their weights): missing ones stop now
-    if cfg.teacher and not os.path.isfile(cfg.teacher):  # a missing teacher: its sentence before the run's first file
-        load_teacher(cfg.teacher, cfg, data, None)
+    # a named teacher is read before the run's first file (a missing or incompatible one: its sentence, nothing written
+    # in --out); its notes wait for the run's first line
+    named = load_teacher(cfg.teacher, cfg, data, types.SimpleNamespace(info=C.note)) if cfg.teacher else None
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny
@@ -1115,7 +1116,7 @@ def train(cfg, given):
     tpath = cfg.teacher or os.path.join(cfg.out, "teacher.pt")
     if not (ck or cfg.teacher or os.path.exists(tpath)):
         train_teacher(cfg, data, env, tpath, log)
-    teacher, tck, t_g = load_teacher(tpath, cfg, data, log)
+    teacher, tck, t_g = named or load_teacher(tpath, cfg, data, log)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 

@@ -363,7 +363,7 @@ def test_bad_input_is_one_sentence(name, files, capsys):
         out, err = capsys.readouterr()
         one_sentence(code, err, *words)
         assert out == "", (argv, out)  # nothing before the error, e.g. no "config: lr = ..." line of a refused resume
-    assert not os.path.exists(files / "never" / "ckpt.pt")
+    assert not os.path.exists(files / "never")  # nothing written in --out, not even config.json
     assert open(files / name / "ckpt.pt", "rb").read() == before  # no refusal touched the run
 
 
