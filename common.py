@@ -21,8 +21,8 @@ section starts at a line "# ==== <section>"):
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
   config validation  check_config, check_dir (a writable folder), preflight
   command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data), merge_config, resume_config
-                     (what a resumed run may change), check_not_beneath, main_guard
+  resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), merge_config,
+                     resume_config (what a resumed run may change), check_not_beneath, main_guard
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
@@ -2281,19 +2281,28 @@ def saved_config(path):
     return c if isinstance(c, dict) else {}
 
 
-def pipeline_data(given, first):
+def pipeline_data(Config, presets, cfg, given, first, **select):
     """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`:
-    without --data every stage takes that run's data, as a resume does (the stages not begun would take the preset's);
-    another named data set is refused now, before any stage (check_teacher_data). -> `given`, with the data. A fresh
-    start (--resume false) is left alone."""
+    without --data, --seed or --preset every stage takes that run's, as a resume does (the stages not begun took the
+    defaults': the toy preset's pairs and 2-RF after a tiny 1-RF); another named data set is refused now, before any
+    stage (check_teacher_data). -> (cfg, given): the pipeline's config resolved again with them (noted), and `given`
+    with them (.preset: the first stage's). A fresh start (--resume false) is left alone."""
     if given.get("resume") is False:
-        return given
+        return cfg, given
     saved = saved_config(first)
     if "data" in given:
         check_teacher_data(saved, given["data"], first)
-    data = saved.get("data")
-    return given if "data" in given or not isinstance(data, str) else Given({**given, "data": data},
-                                                                           getattr(given, "preset", None))
+    keep = {k: saved[k] for k, t in (("data", str), ("seed", int)) if k not in given and isinstance(saved.get(k), t)}
+    preset = getattr(given, "preset", None) or saved.get("preset")
+    given = Given({**given, **keep}, preset if preset in presets else getattr(given, "preset", None))
+    if given.preset not in (None, cfg.preset) or keep:
+        took = [f"--preset {given.preset}"] * (given.preset not in (None, cfg.preset)) + \
+            [f"--{k} {v}" for k, v in keep.items()]
+        note(f"config: {' '.join(took)} (from '{first}': a restarted pipeline keeps its first stage's)")
+        name = given.preset or cfg.preset
+        cfg = resolve_config(Config, presets, name, {**given, "out": cfg.out}, **select)
+        cfg.preset = name  # (as parse_cli: the preset label is not a preset's value)
+    return cfg, given
 
 
 _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's

@@ -934,8 +934,8 @@ def run(cfg, given):
     if cfg.stage == "ft" and "iters" in given:  # (it was accepted, and ignored)
         raise C.UserError("--stage ft counts its steps with --ft_iters, not --iters; drop --iters.")
     C.refuse_other(given, STAGE_ONLY, "stage", cfg.stage)  # (a 2-RF given --pair_seed recorded the new value)
-    if cfg.stage == "all":  # restarted without --data: every stage takes the 1-RF's data
-        given = C.pipeline_data(given, os.path.join(cfg.out, "ckpt.pt"))
+    if cfg.stage == "all":  # restarted without --data/--seed/--preset: every stage takes the 1-RF's
+        cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "ckpt.pt"), stage="all")
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
     if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on

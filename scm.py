@@ -657,8 +657,9 @@ def run(cfg, given):
         raise C.UserError("--mode all trains its own teacher (DIR/diffusion); drop --teacher, or distil that file "
                           "with --mode scd.")
     C.refuse_other(given, MODE_ONLY, "mode", cfg.mode)
-    if cfg.mode == "all":  # restarted without --data: every mode trains on the diffusion model's data
-        given = C.pipeline_data(given, os.path.join(cfg.out, "diffusion", "ckpt.pt"))
+    if cfg.mode == "all":  # restarted without --data/--seed/--preset: every mode takes the diffusion model's
+        cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "diffusion", "ckpt.pt"),
+                                     mode="all")
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",

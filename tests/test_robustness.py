@@ -608,23 +608,25 @@ def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, cap
 
 
 def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
-    """A pipeline restarted without --data over its first stage (scm --mode all over DIR/diffusion, rectified_flow
-    --stage all over the 1-RF) trains every stage on that stage's data: the stages not begun took the preset's data
-    (sCT trained on the 8 Gaussians from a moons teacher, then sCD was refused). Another named data set given on the
-    restart is refused before any stage runs; a fresh start (--resume false) is not."""
+    """A pipeline restarted without --data (--seed) over its first stage (scm --mode all over DIR/diffusion,
+    rectified_flow --stage all over the 1-RF) trains every stage on that stage's data (seed): the stages not begun took
+    the preset's data (sCT trained on the 8 Gaussians from a moons teacher, then sCD was refused) and seed 0. Another
+    named data set given on the restart is refused before any stage runs; a fresh start (--resume false) is not."""
     P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
     first = dict(scm=(["--out", tmp_path / "s" / "diffusion"], ["--mode", "all", "--out", tmp_path / "s"], "sct",
                       "scd"),
                  rectified_flow=(["--out", tmp_path / "r"], ["--stage", "all", *P, "--out", tmp_path / "r"], "2rf"))
     for name, (one, pipe, *later) in first.items():
-        assert run(name, *BASE[name], "--data", "moons", "--iters", "1", *one) == 0
+        assert run(name, *BASE[name], "--data", "moons", "--seed", "5", "--iters", "1", *one) == 0
         capsys.readouterr()
         code = run(name, *BASE[name], "--iters", "1", *pipe, "--data", "checkerboard")
         one_sentence(code, capsys.readouterr().err, "trained on moons", "--data moons")
         assert not any(os.path.exists(pipe[-1] / d) for d in (*later, "pairs"))
         assert run(name, *BASE[name], "--iters", "1", *pipe) == 0
-        for d in later:
-            assert torch.load(pipe[-1] / d / "ckpt.pt", weights_only=True)["config"]["data"] == "moons", (name, d)
+        assert "config: --data moons --seed 5 (from " in capsys.readouterr().out
+        for d in later:  # (the seed, and the preset: test_rf_pipeline)
+            c = torch.load(pipe[-1] / d / "ckpt.pt", weights_only=True)["config"]
+            assert (c["data"], c["seed"]) == ("moons", 5), (name, d)
     # control: a fresh start over the folder (--resume false) trains on the data it is given
     assert run("scm", *BASE["scm"], "--iters", "1", *first["scm"][1], "--resume", "false", "--data", "checkerboard") == 0
     assert torch.load(tmp_path / "s" / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == "checkerboard"
