@@ -452,6 +452,7 @@ _IDX = "the four files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, unpacke
 _IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718f92721af3b95e74349a)"),
                "mnist": ("MNIST", _IDX.format("MNIST")),  # torchvision reads MNIST-type sets unpacked, all four files
                "fashion_mnist": ("FashionMNIST", _IDX.format("FashionMNIST"))}  # (a .gz only with its own MD5)
+NAMED_DATA = (*_TOY_RMS, *_IMAGE_SETS)  # --data by name (the others are files and folders)
 
 
 def toy_sample(name, n, generator=None):
@@ -654,7 +655,7 @@ def load_data(spec, root, env, seed, xflip):
                  + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
             return Data("points", key, x=x.to(env.device), seed=seed)  # with the run's first line (flush_notes)
     else:
-        raise UserError(f"data '{spec}' is neither a known data set ({', '.join([*_TOY_RMS, *_IMAGE_SETS])}) "
+        raise UserError(f"data '{spec}' is neither a known data set ({', '.join(NAMED_DATA)}) "
                         f"nor an existing .npy file or image folder.")
     return Data("images", key, x=x.permute(0, 3, 1, 2).contiguous().to(env.device),
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
@@ -1412,8 +1413,8 @@ def check_teacher_data(tconfig, key, path):
     """A distilled teacher's data is the run's: a teacher checkpoint of this project trained on one named data set (a
     toy or an image set) and a run on another named one is refused, since the student learns the teacher's
     distribution and would be scored against the other. Files and folders are not compared (no name to go by)."""
-    named, td = {*_TOY_RMS, *_IMAGE_SETS}, (tconfig or {}).get("data")
-    if isinstance(td, str) and td in named and key in named and td != key:
+    td = (tconfig or {}).get("data")
+    if isinstance(td, str) and td in NAMED_DATA and key in NAMED_DATA and td != key:
         raise UserError(f"the teacher '{path}' was trained on {td} and this run's data is {key}; a distilled "
                         f"teacher's data is the run's (--data {td}).")
 
@@ -2295,9 +2296,9 @@ def pipeline_data(Config, presets, cfg, given, first, **select):
     keep = {k: saved[k] for k, t in (("data", str), ("seed", int)) if k not in given and isinstance(saved.get(k), t)}
     preset = getattr(given, "preset", None) or saved.get("preset")
     given = Given({**given, **keep}, preset if preset in presets else getattr(given, "preset", None))
-    if given.preset not in (None, cfg.preset) or keep:
-        took = [f"--preset {given.preset}"] * (given.preset not in (None, cfg.preset)) + \
-            [f"--{k} {v}" for k, v in keep.items()]
+    other = given.preset not in (None, cfg.preset)
+    if other or keep:
+        took = [f"--preset {given.preset}"] * other + [f"--{k} {v}" for k, v in keep.items()]
         note(f"config: {' '.join(took)} (from '{first}': a restarted pipeline keeps its first stage's)")
         name = given.preset or cfg.preset
         cfg = resolve_config(Config, presets, name, {**given, "out": cfg.out}, **select)
@@ -2361,8 +2362,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
         if k in given and not (same_file if k == "teacher" else operator.eq)(given[k], base.get(k)):
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")
-    was, named = base.get("data"), {*_TOY_RMS, *_IMAGE_SETS}  # another data set: named, or a named one for a file
-    if "data" in given and not same_file(given["data"], was) and (was in named or given["data"] in named):
+    was = base.get("data")  # another data set: named, or a named one for a file
+    if "data" in given and not same_file(given["data"], was) and (was in NAMED_DATA or given["data"] in NAMED_DATA):
         raise UserError(f"'{path}' was trained on --data {was}; a resumed run keeps its data (use another --out for "
                         f"--data {given['data']}).")  # (two files: perhaps the same data moved; noted as a change)
     new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()

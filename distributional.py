@@ -1091,7 +1091,7 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
-    in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters
+    in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters > 0
     for k in ("batch", "teacher_batch") if in_file else ("batch",):  # before the in-file teacher trains
         if getattr(cfg, k) % env.world:
             raise C.UserError(f"--{k} {getattr(cfg, k)} is not divisible by the world size {env.world}.")
@@ -1114,7 +1114,7 @@ def train(cfg, given):
     # (resumed: the file it started from, or another path to the same weights, which teacher_id checks; the in-file
     # teacher is DIR/teacher.pt wherever DIR is now)
     tpath = cfg.teacher or os.path.join(cfg.out, "teacher.pt")
-    if not (ck or cfg.teacher or os.path.exists(tpath)):
+    if in_file:  # (no --teacher, no teacher_iters: refused above)
         train_teacher(cfg, data, env, tpath, log)
     teacher, tck, t_g = named or load_teacher(tpath, cfg, data, log)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)

@@ -948,16 +948,18 @@ def run(cfg, given):
             scfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": cfg.out}, stage=s)
             scfg.preset = cfg.preset
         plan.append((s, scfg))
-    for s, scfg in plan:  # the LPIPS options are read by an LPIPS loss only (a resumed stage: its saved loss)
-        k = next((k for k in ("lpips_weights", "lpips_res") if k in given), None)
-        saved = {} if "loss" in given else C.saved_config(os.path.join(stage_dir(scfg, s), "ckpt.pt"))
-        loss = saved.get("loss", scfg.loss)
-        if k and s in ("2rf", "ft") and not str(loss).startswith("lpips"):
-            raise C.UserError(f"--{k} is read by the LPIPS losses only, and the {s} stage's --loss is {loss}; drop "
-                              f"it.")
-    for s, scfg in plan:  # a fresh stage's missing LPIPS weights (--fallback false) stop the run before the 1-RF
-        if s in ("2rf", "ft") and not scfg.fallback and not os.path.exists(os.path.join(stage_dir(scfg, s), "ckpt.pt")):
-            make_lpips(scfg, None)  # (a resumed stage checks its own config's loss when it starts)
+    k = next((k for k in ("lpips_weights", "lpips_res") if k in given), None)
+    for s, scfg in plan:
+        if s not in ("2rf", "ft"):
+            continue
+        ckpt = os.path.join(stage_dir(scfg, s), "ckpt.pt")
+        if k:  # the LPIPS options are read by an LPIPS loss only (a resumed stage: its saved loss)
+            loss = scfg.loss if "loss" in given else C.saved_config(ckpt).get("loss", scfg.loss)
+            if not str(loss).startswith("lpips"):
+                raise C.UserError(f"--{k} is read by the LPIPS losses only, and the {s} stage's --loss is {loss}; "
+                                  f"drop it.")
+        if not scfg.fallback and not os.path.exists(ckpt):  # a fresh stage's missing LPIPS weights (--fallback
+            make_lpips(scfg, None)  # false) stop the run before the 1-RF; a resumed one checks its own config's loss
     for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)

@@ -387,8 +387,10 @@ def test_every_mode_and_stage_refuses_the_options_only_others_read(files, tmp_pa
             v = value.get(k, str(fields[k].default).lower() if isinstance(fields[k].default, bool) else
                           str(fields[k].default))
             for sel in selectors:
-                C.refuse_other({k: v}, table, flag, sel) if sel in readers else None  # (a reader: no refusal)
-                if sel in readers or (name, sel, k) == ("rectified_flow", "ft", "iters"):  # (ft's own sentence)
+                if sel in readers:
+                    C.refuse_other({k: v}, table, flag, sel)  # a reader: no refusal
+                    continue
+                if (name, sel, k) == ("rectified_flow", "ft", "iters"):  # (ft's own sentence)
                     continue
                 extra = ["--teacher", teacher[name]] if sel in ("lmd", "emd", "sct", "scd", "pairs", "2rf") else []
                 extra += ["--data", "8gaussians"] if sel in ("lmd", "emd") else []
