@@ -4,7 +4,7 @@ input). The toy convergence (with its must-fail controls) and the end-to-end dis
 1-RF checkpoint live in tests/test_flow_map_toy.py.
 
 Everything runs in-process with one intra-op thread (small MLPs on a busy 2-core machine), except one subprocess
-for the real command line.
+for the real command line and one two-rank torchrun (every mode under DDP).
 """
 import hashlib
 import json
@@ -698,6 +698,55 @@ def assert_same_state(a, b, step):
     for i, st in ca["opt"]["state"].items():
         for n, v in st.items():
             assert torch.equal(v, cb["opt"]["state"][i][n]), (i, n)
+
+
+WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import common as C
+import flow_map as fm
+
+save = C.save_checkpoint
+
+
+def spy(path, ck, env, gens=()):  # every rank keeps its own weights, EMA and weight head next to the checkpoint
+    torch.save({{k: ck[k] for k in ("model", "ema", "weight_head") if k in ck}}, f"{{path}}.rank{{env.rank}}")
+    return save(path, ck, env, gens)
+
+
+def runs():
+    for mode in ("lsd", "psd", "esd", "fmm", "meanflow", "lmd", "emd"):
+        fm.main(sys.argv[1:] + ["--mode", mode, "--out", mode] + ["--teacher", "rf.pt"] * (mode in ("lmd", "emd")))
+    C.sync_grads = lambda model, env: None  # the control: meanflow again without the manual all-reduce must split
+    fm.main(sys.argv[1:] + ["--mode", "meanflow", "--out", "nosync"])
+
+
+C.save_checkpoint = spy
+C.main_guard(runs)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_identical_in_every_mode(tiny, tmp_path):
+    """torchrun, 2 gloo ranks, the tiny U-Net (dropout, per-rank data, noise and times) in all seven modes: every JVP
+    runs on the bare module and the gradients, the weight head's too, are all-reduced by hand (common.sync_grads);
+    weights, EMA and head equal on both ranks. Control: meanflow without the all-reduce parts the ranks."""
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
+    os.symlink(tiny / "rf.pt", tmp_path / "rf.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
+           "--preset", "tiny", "--data", str(tiny / "imgs.npy"), "--root", "data", "--eval_n", "4",
+           "--eval_steps", "1"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("| world 2 | global batch 8 = 2 x 4 x 1") == 8
+    for out in ("lsd", "psd", "esd", "fmm", "meanflow", "lmd", "emd", "nosync"):
+        r0, r1 = (torch.load(tmp_path / out / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+        assert ("weight_head" in r0) == (out not in ("meanflow", "emd", "nosync"))
+        equal = [torch.equal(r0[k][n], r1[k][n]) for k in r0 for n in r0[k]]
+        assert all(equal) if out != "nosync" else not any(equal[:len(r0["model"])]), out
+        assert torch.load(tmp_path / out / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 @pytest.mark.parametrize("mode", ["lsd", "psd"])

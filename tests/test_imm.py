@@ -1,6 +1,6 @@
 """Tests of imm.py: its invariants (numbered in the test names), the toy
 convergence with its two must-fail controls, IMM against the project's 1-RF on a user .npy point set at
-an equal training budget, and the `tiny` CLI smoke (train, sample, fid, resume, bad input).
+an equal training budget, the `tiny` CLI smoke (train, sample, fid, resume, bad input) and two DDP ranks.
 
 Budgets, measured on the 2-core CPU machine (one thread, other jobs running): the 5,000 x 512 recipe takes
 ~190 s, too long for CI next to the rest, so CI runs a cheap 300-step variant plus the 128-wide, k = 12 recipe
@@ -1019,6 +1019,64 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
         C.main_guard(lambda: imm.main([*args, "--iters", "4"]))
     assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
     assert sha(tmp_path / "n" / "ckpt.pt") == before
+
+
+# ================================================================================================= DDP: two gloo ranks
+WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import common as C
+import imm
+
+save, distribute, loss, calls = C.save_checkpoint, C.distribute, imm.imm_loss, []
+
+
+def spy(path, ck, env, gens=()):  # every rank keeps its own weights and EMA next to the checkpoint
+    torch.save({{k: ck[k] for k in ("model", "ema")}}, f"{{path}}.rank{{env.rank}}")
+    return save(path, ck, env, gens)
+
+
+def nan_on_rank1(*a):  # rank 1's loss (so its gradients) is NaN in the first round of step 2; rank 0's stays finite
+    L, mmd, frac = loss(*a)
+    calls.append(1)
+    return (L * float("nan") if a[8].rank == 1 and len(calls) == 3 else L), mmd, frac
+
+
+def runs():
+    imm.main(sys.argv[1:] + ["--out", "run"])
+    imm.imm_loss = loss  # the control: the same run with no gradient all-reduce (no DDP wrapper) must split
+    C.distribute = lambda model, env, manual=False: distribute(model, env, True)
+    imm.main(sys.argv[1:] + ["--out", "nosync"])
+
+
+C.save_checkpoint, imm.imm_loss = spy, nan_on_rank1
+C.main_guard(runs)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_identical_and_withhold_together(tiny, tmp_path):
+    """torchrun, 2 gloo ranks, tiny IMM (dropout, x-flips, per-rank data, noise and times) with 2 accumulation rounds
+    (DDP's no_sync on the first): weights and EMA equal on both ranks. A NaN loss on rank 1 alone skips the step on
+    both (the gradients are all-reduced) and withholds the next checkpoint on both (Guard's flag is averaged), though
+    rank 0, which writes it, saw only finite losses. Control: without the all-reduce the ranks part."""
+    (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
+           "--preset", "tiny", "--data", str(tiny / "imgs.npy"), "--root", "data", "--iters", "4", "--accum", "2",
+           "--log_every", "1", "--ckpt_every", "2", "--eval_n", "4"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("world 2 | global batch 16 = 2 x 4 x 2") == 2
+    assert p.stdout.count("checkpoint of step 2 withheld: the loss became NaN/inf after step 0") == 1
+    logs = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and [r.get("skipped", 0) for r in logs] == [0, 1, 0, 0]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+    for out, same in (("run", True), ("nosync", False)):
+        r0, r1 = (torch.load(tmp_path / out / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
+        equal = [torch.equal(r0[k][n], r1[k][n]) for k in ("model", "ema") for n in r0[k]]
+        assert all(equal) if same else not any(equal[:len(r0["model"])]), out
 
 
 # ================================================================================================= resume
