@@ -26,7 +26,7 @@ section starts at a line "# ==== <section>"):
   logging            Logger
   pictures           save_panels, save_array
   evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
-    commands         `fid` commands of every method file), n_steps ("1 step", "2 steps": panel and FID labels)
+    commands         `fid` commands of every method file, shared out over the ranks), n_steps ("1 step", "2 steps")
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
@@ -2049,6 +2049,9 @@ SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config
     fid_detector=(str, "inception", "inception or a TorchScript path"),
     root=(str, "data", "data sets and FID reference statistics"))
 FID_ONLY = ("fid_ref", "fid_detector", "root", "data")  # read by fid; `sample` refuses them
+# torchrun's own parser reads `--n` after the script as an ambiguous abbreviation of its --nnodes, --nproc_per_node, ...
+# and stops (Python's argparse matches prefixes anywhere in the line): under torchrun, --n_samples says the same
+ALIASES = dict(n="n_samples")
 
 
 def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
@@ -2108,7 +2111,8 @@ def _parser(prog, options, epilog=None):
                 RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
     for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]
-        p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, type=_converter(name, typ),
+        p.add_argument(f"--{name}", *[f"--{a}" for a in [ALIASES.get(name)] if a], dest=name, default=argparse.SUPPRESS,
+                       type=_converter(name, typ),
                        metavar=_tname(typ), nargs="?" if bare else None, const=True if bare else None,
                        help=f"{note} (default {default})".replace("%", "%%"))
     return p
@@ -2239,7 +2243,7 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
                             + (f"{can} of its fields" if can else "its own options") + f" (`python {method}.py {cmd} "
                             f"--help`); drop it" + (", and give step counts with --steps." if key.endswith("steps")
                                                     else "."))
-        close = difflib.get_close_matches(key[2:], [s[0] for s in options], 3)
+        close = difflib.get_close_matches(key[2:], [a for s in options for a in (s[0], ALIASES.get(s[0])) if a], 3)
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
@@ -2595,6 +2599,22 @@ class EvalSheet:
         return self.metrics
 
 
+def _sharded(batch_of, n, batch, env, shape, dtype):
+    """Samples 0..n-1 in index order: batch_of(idx) -> (len(idx), *shape) of dtype, the batches shared out over the
+    ranks as the FID shares them (_feature_stats), then gathered (each rank computes 1/world of them)."""
+    chunks = torch.arange(n).tensor_split(math.ceil(n / (batch * env.world)) * env.world)
+    mine = [batch_of(idx) for idx in chunks[env.rank::env.world] if len(idx)]
+    if env.world == 1:
+        return torch.cat(mine)
+    lengths = [[len(c) for c in chunks[r::env.world]] for r in range(env.world)]
+    buf = torch.zeros(max(map(sum, lengths)), *shape, dtype=dtype, device=env.device)  # equal sizes for all_gather
+    buf[:sum(lengths[env.rank])] = torch.cat(mine) if mine else buf[:0]
+    parts = [torch.empty_like(buf) for _ in range(env.world)]
+    dist.all_gather(parts, buf)
+    pieces = [p[:sum(ls)].split(ls) for p, ls in zip(parts, lengths)]  # rank r holds chunks r, r + world, ...
+    return torch.cat([pieces[j % env.world][j // env.world] for j in range(len(chunks))])
+
+
 def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, record=None):
     """The `sample` and `fid` commands of every method file. gen(K) -> generate(rng, labels) for K steps; name(K)
     describes the sampler in the printed line; record(K): extra fields of the fid.jsonl row. Labels (class-
@@ -2607,15 +2627,18 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         if d:
             raise UserError(f"'{d}' is a folder where sample would write its samples; remove it or give another --out.")
         for K in opts.steps:
-            generate, xs, path = gen(K), [], paths[K]
-            for idx in torch.arange(opts.n).split(opts.batch):
+            generate = gen(K)
+
+            def batch_of(idx):  # as the file stores them: float32 points, uint8 NHWC images
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
-                xs.append(generate(rng, rng.randint(num_classes) if num_classes else None).cpu())
+                x = generate(rng, rng.randint(num_classes) if num_classes else None)
+                return x.float() if len(shape) == 1 else to_uint8(x).permute(0, 2, 3, 1)
+            x = _sharded(batch_of, opts.n, opts.batch, env, (*shape[1:], shape[0]) if len(shape) > 1 else shape,
+                         torch.float32 if len(shape) == 1 else torch.uint8)
             flush_notes(env)
             if env.is_main:
-                x = torch.cat(xs)
-                save_array(path, x if len(shape) == 1 else to_uint8(x).permute(0, 2, 3, 1))
-                print(f"wrote {path} ({opts.n} samples, {name(K)})")
+                save_array(paths[K], x)
+                print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")
         return
     if len(shape) == 1:
         raise UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")

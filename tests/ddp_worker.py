@@ -5,7 +5,8 @@
 PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with Adam and EMA, 4 steps each, checking
               after every step that rank 1's parameters and EMA equal rank 0's; a checkpoint before the last DDP
               step (counting the files written); reference statistics and a sharded FID with the stand-in
-              detector. Rank 0 writes OUT/train.json; every rank writes its final state to OUT/final{rank}.pt.
+              detector; `sample`'s sharding (common._sharded). Rank 0 writes OUT/train.json; every rank writes its
+              final state to OUT/final{rank}.pt.
 PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
               OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
 OUT must hold data.npy (uint8 NHWC images), written by the test.
@@ -152,6 +153,16 @@ def phase_train(env, out):
     fid = C.compute_fid(fid_generate(seen), FID_N, ref, det, env, FID_BATCH, seed=FID_SEED)
     res["shards"] = gather(seen, env)
     res["fid"] = gather(fid, env)
+    made = []  # `sample`: each rank makes the batches the FID gave it; every rank gets all of them in index order
+
+    def batch_of(idx):
+        made.extend(idx.tolist())
+        return idx.view(-1, 1, 1, 1).expand(-1, 2, 2, 3).to(torch.uint8)
+    x = C._sharded(batch_of, FID_N, FID_BATCH, env, (2, 2, 3), torch.uint8)
+    res["sample_made"] = gather(made, env)
+    res["sample_in_order"] = gather(x.shape == (FID_N, 2, 2, 3) and x[:, 1, 1, 2].tolist() == list(range(FID_N)), env)
+    one = C._sharded(lambda idx: idx[:, None].float().expand(-1, 2), 1, FID_BATCH, env, (2,), torch.float32)
+    res["sample_one"] = gather(one.tolist(), env)  # fewer samples than ranks: rank 1 makes none
     if env.is_main:
         with open(os.path.join(out, "train.json"), "w") as f:
             json.dump(res, f)

@@ -1,8 +1,10 @@
 """Tests of common.py: its invariants (numbered below), plus the runtime, CLI and toy-metric
 helpers. CPU only; item 18 launches a 2-process gloo job through torchrun (tests/ddp_worker.py)."""
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -1142,6 +1144,21 @@ def test_cli_sample_and_fid_options():
     assert _cli("fid", "--ckpt", "a.pt", "--steps", "100000,1")[1].steps == [100000, 1]
 
 
+def test_sample_count_under_torchrun():
+    """torchrun's parser stops at `--n` after the script (an ambiguous abbreviation of its --nnodes, --nproc_per_node,
+    ...); --n_samples (and --n-samples) passes through to the script and means --n."""
+    from torch.distributed.run import get_args_parser
+    line = ["--nproc_per_node=2", "imm.py", "sample", "--ckpt", "a.pt"]
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()):
+            get_args_parser().parse_args([*line, "--n", "16"])
+    script = get_args_parser().parse_args([*line, "--n_samples", "16"]).training_script_args
+    assert script == ["sample", "--ckpt", "a.pt", "--n_samples", "16"]
+    assert _cli(*script)[1].n == 16 and _cli("fid", "--ckpt", "a.pt", "--n-samples", "8")[1].n == 8
+    with pytest.raises(C.UserError, match="did you mean --n_samples"):
+        _cli("sample", "--ckpt", "a.pt", "--n_sample", "16")
+
+
 def test_same_file_and_teacher_id(tmp_path):
     (tmp_path / "t.pt").write_text("x")
     os.symlink(tmp_path / "t.pt", tmp_path / "link.pt")
@@ -1553,6 +1570,8 @@ def test_ddp_two_processes(tmp_path):
     shards = res["shards"]
     assert sorted(shards[0] + shards[1]) == list(range(W.FID_N)) and abs(len(shards[0]) - len(shards[1])) <= W.FID_BATCH
     assert res["fid"][0] == res["fid"][1]
+    assert res["sample_made"] == shards and res["sample_in_order"] == [True, True]  # `sample` shares out the same way
+    assert res["sample_one"] == [[[0.0, 0.0]], [[0.0, 0.0]]]
     e1 = env1()
     data = C.load_data(str(out / "data.npy"), str(out), e1, 0, True)
     det = C.load_detector(standin_path(), e1)

@@ -1048,6 +1048,7 @@ def runs():
     imm.imm_loss = loss  # the control: the same run with no gradient all-reduce (no DDP wrapper) must split
     C.distribute = lambda model, env, manual=False: distribute(model, env, True)
     imm.main(sys.argv[1:] + ["--out", "nosync"])
+    imm.main(["sample", "--ckpt", "run/ckpt.pt", "--steps", "1,2", "--n", "7", "--batch", "2", "--out", "s.npy"])
 
 
 C.save_checkpoint, imm.imm_loss = spy, nan_on_rank1
@@ -1060,7 +1061,8 @@ def test_two_ranks_stay_identical_and_withhold_together(tiny, tmp_path):
     """torchrun, 2 gloo ranks, tiny IMM (dropout, x-flips, per-rank data, noise and times) with 2 accumulation rounds
     (DDP's no_sync on the first): weights and EMA equal on both ranks. A NaN loss on rank 1 alone skips the step on
     both (the gradients are all-reduced) and withholds the next checkpoint on both (Guard's flag is averaged), though
-    rank 0, which writes it, saw only finite losses. Control: without the all-reduce the ranks part."""
+    rank 0, which writes it, saw only finite losses. Control: without the all-reduce the ranks part. `sample` on two
+    ranks writes one process's samples."""
     (tmp_path / "worker.py").write_text(WORKER.format(root=ROOT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "worker.py",
@@ -1077,6 +1079,12 @@ def test_two_ranks_stay_identical_and_withhold_together(tiny, tmp_path):
         r0, r1 = (torch.load(tmp_path / out / f"ckpt.pt.rank{r}", weights_only=True) for r in (0, 1))
         equal = [torch.equal(r0[k][n], r1[k][n]) for k in ("model", "ema") for n in r0[k]]
         assert all(equal) if same else not any(equal[:len(r0["model"])]), out
+    # `sample` shares its batches out over the ranks; the samples are one process's (noise per sample index)
+    imm.main(["sample", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--steps", "1,2", "--n", "7", "--out",
+              str(tmp_path / "one.npy")])
+    for K in (1, 2):
+        two, one = (np.load(tmp_path / f"{s}_{K}step.npy") for s in ("s", "one"))
+        assert two.shape == (7, 16, 16, 3) and np.array_equal(two, one)
 
 
 # ================================================================================================= resume
