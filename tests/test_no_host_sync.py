@@ -11,11 +11,15 @@ the two steps more read nothing back.
 Two CPU stand-ins for the CUDA path: the Guard runs its `sync_free` branch (on the CPU it reads its flag, as the
 control below shows), and reads inside `optimizer.step()` are not counted (CPU Adam reads its step counts; the Guard
 makes them capturable on CUDA). What this cannot see: a copy to the host of a tensor that is already on it (`.to("cpu")`
-on the CPU copies nothing).
+on the CPU copies nothing), and syncs inside CUDA kernels' host code. On a machine with a GPU every case runs on it
+too, with everything counted (the optimiser's step included) plus CUDA's own check (`set_sync_debug_mode`): one
+command there, `python -m pytest -q tests/test_no_host_sync.py`.
 """
 import collections
+import contextlib
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -49,7 +53,7 @@ class HostReads(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.seen, self.in_opt = collections.Counter(), 0
+        self.seen, self.in_opt, self.count_opt = collections.Counter(), 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -58,9 +62,25 @@ class HostReads(TorchDispatchMode):
                                  and kwargs.get("output_size") is None)
         read |= name in ("index", "index_put", "index_put_") and any(  # a boolean mask: nonzero inside the kernel
             torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) if i is not None)
-        if read and not self.in_opt:
+        if read and not (self.in_opt and not self.count_opt):
             self.seen[f"{caller()} {name}"] += 1
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_syncs(seen):
+    """On a GPU, CUDA's own check as well: every synchronising call warns (sync debug mode 1), counted by line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            seen[f"{caller()} cuda sync"] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.fixture
@@ -71,7 +91,7 @@ def watch(monkeypatch):
     monkeypatch.setattr(C.Guard, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "sync_free": mode.sync_free}))
     for m in ("tolist", "numpy", "cpu"):  # no aten operation on a CPU tensor: counted at the Python method
         def method(self, *a, _orig=getattr(torch.Tensor, m), _m=m, **k):
-            if mode.active and not mode.in_opt:
+            if mode.active and not (mode.in_opt and not mode.count_opt):
                 mode.seen[f"{caller()} {_m}"] += 1
             return _orig(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, m, method)
@@ -84,12 +104,12 @@ def watch(monkeypatch):
     hooks = [register_optimizer_step_pre_hook(enter),
              register_optimizer_step_post_hook(leave)]
 
-    def run(main, argv, sync_free=True):
+    def run(main, argv, sync_free=True, cuda=False):
         mode.seen.clear()
-        mode.active, mode.sync_free = True, sync_free
+        mode.active, mode.sync_free, mode.count_opt = True, sync_free, cuda
         try:
-            with mode:
-                main(argv)
+            with mode, cuda_syncs(mode.seen) if cuda else contextlib.nullcontext():
+                main([*argv, "--device", "cuda" if cuda else "cpu"])
         finally:
             mode.active = False
         return collections.Counter(mode.seen)
@@ -141,12 +161,13 @@ def steps(argv, n, out):
     return [*argv, "--iters", str(n), "--log_every", "1000", "--ckpt_every", "1000", "--out", str(out)]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 @pytest.mark.parametrize("case", CASES)
-def test_two_more_steps_read_nothing_back(case, files, watch, tmp_path, monkeypatch):
+def test_two_more_steps_read_nothing_back(case, device, files, watch, tmp_path, monkeypatch):
     main, argv = CASES[case]
     init = distributional.ProjectedD.__init__  # the backbone at 64 px, not GDD's 224: the same operations
     monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 64))
-    three, five = (watch(main, steps(argv(files), n, tmp_path / str(n))) for n in (3, 5))
+    three, five = (watch(main, steps(argv(files), n, tmp_path / str(n)), cuda=device == "cuda") for n in (3, 5))
     assert sum(three.values()) > 0  # the run's own reads (evaluation, checkpoint) are seen
     assert five == three, f"{case}: reads in two more steps {dict(five - three)}"
 
@@ -167,3 +188,15 @@ def test_controls_a_read_in_the_step_is_seen(files, watch, tmp_path, monkeypatch
     monkeypatch.setattr(imm, "imm_loss", loss)
     three, five = (watch(main, steps(argv(files), n, tmp_path / f"cpu{n}"), sync_free=False) for n in (3, 5))
     assert list((five - three).values()) == [2] and next(iter(five - three)).startswith("common.py:")
+
+
+def test_cuda_warnings_are_counted(monkeypatch):
+    """The GPU branch's counter (CUDA's sync debug mode needs a GPU; its switch is replaced here): a synchronising
+    call's warning is counted once, another warning is not, and the warning filters are restored."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    seen, filters = collections.Counter(), list(warnings.filters)
+    with cuda_syncs(seen):
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    assert seen == {"torch cuda sync": 1} and modes == [1, 0] and warnings.filters == filters
