@@ -687,6 +687,17 @@ def test_15_diffaugment():
     torch.manual_seed(3)
     zeros = (D._cutout(torch.ones(64, 3, 8, 8)) == 0).flatten(1).sum(1)
     assert zeros.max() == 3 * 16 and zeros.min() >= 3 * 4  # an H/2 x W/2 square, clipped at the border
+    # DiffAugment's ranges (Zhao et al., DiffAugment.py): shifts of at most H/8 = 2 pixels at 16 px, each one drawn;
+    # contrast factors uniform in [0.5, 1.5) about the image mean
+    one = torch.zeros(512, 1, 16, 16)
+    one[:, :, 8, 8] = 1
+    torch.manual_seed(4)
+    at = D._translation(one).flatten(1).argmax(1)
+    assert set((at // 16 - 8).tolist()) == set((at % 16 - 8).tolist()) == set(range(-2, 3))
+    x = torch.rand(2000, 3, 4, 4, generator=gen(5))
+    m = x.mean((1, 2, 3), keepdim=True)
+    f = ((D._contrast(x) - m) / (x - m)).flatten(1)[:, 0]
+    assert 0.5 - 1e-5 <= f.min() < 0.52 and 1.48 < f.max() < 1.5 + 1e-5
 
 
 def test_16_sampler_grids_calls_and_batch_independence():
@@ -699,6 +710,13 @@ def test_16_sampler_grids_calls_and_batch_independence():
     stub.ts.clear()
     D.sample(stub, C.IndexRNG(range(5), 0, CPU), (2,), 4, 1.0)
     assert [float(t[0]) for t in stub.ts] == [1.0, 0.75, 0.5, 0.25]
+    class Still(nn.Module):  # zero velocity: G(z) = z, and each further step is the re-noised point itself
+        def forward(self, x, t, y=None):
+            return torch.zeros_like(x)
+    rng = C.IndexRNG(range(5), 0, CPU)
+    z, e = rng.randn(5, 2), rng.randn(5, 2)  # drawn in the sampler's order: z, then eps_1
+    x = D.sample(Still(), C.IndexRNG(range(5), 0, CPU), (2,), 2, 1.0)
+    assert torch.allclose(x, 0.5 * z + 0.5 * e, atol=1e-6)  # x_tau = (1 - tau) x + tau eps at tau = 0.5
     torch.manual_seed(0)
     net = perturb(C.build_net(mlp_dict()), 0.1).eval()
     for K in (1, 2):

@@ -476,13 +476,16 @@ class Recorder(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+@pytest.mark.parametrize("sampler", ["map", "ode"])
 @pytest.mark.parametrize("N", [1, 2, 4, 8])
-def test_11_sampler_grid(N):
+def test_11_sampler_grid(N, sampler):
+    """map: X_{k/N, (k+1)/N} on the uniform grid; ode (the diagnostic): Euler on the diagonal phi(x, k/N, k/N)."""
     net = Recorder()
-    cfg = cfg_for()
+    cfg = cfg_for(sampler=sampler)
     fm.sample(net, C.IndexRNG(range(3), 0, CPU), (2,), N, cfg, env1())
     assert len(net.calls) == N
-    assert all(abs(a - k / N) < 1e-7 and abs(b - (k + 1) / N) < 1e-7 for k, (a, b) in enumerate(net.calls))
+    end = (lambda k: (k + 1) / N) if sampler == "map" else (lambda k: k / N)
+    assert all(abs(a - k / N) < 1e-7 and abs(b - end(k)) < 1e-7 for k, (a, b) in enumerate(net.calls))
 
 
 class OracleNet64(torch.nn.Module):

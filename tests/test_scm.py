@@ -134,6 +134,34 @@ def test_dirac_oracle_consistency_ddim_heun():
     assert (scm.heun_sample(wrong, C.IndexRNG(range(32), 0, "cpu"), (2,), 18, cfg_of(), env) - xstar).abs().max() > 0.05
 
 
+class GaussField(nn.Module):
+    """TrigFlow F of the exact denoiser of N(0, s^2 I) data, D(x; sigma) = s^2 / (s^2 + sigma^2) x (s != sigma_d)."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+        self.register_buffer("one", torch.ones((), dtype=torch.float64))
+
+    def forward(self, u, t):
+        c, sn = torch.cos(t)[:, None], torch.sin(t)[:, None]
+        x_t, sigma = SD * u, SD * sn / c
+        D = self.s ** 2 / (self.s ** 2 + sigma ** 2) * (x_t / c)
+        return (c * x_t - D) / (sn * SD) * self.one
+
+
+def test_heun_is_edms_sampler():
+    """The diffusion model's Heun (in TrigFlow's variables) is EDM's Alg. 2, the trapezoidal correction included: on a
+    Gaussian whose trajectories curve (the Dirac test's last Euler step lands on x* whatever came before), it equals
+    common.edm_heun (checked against EDM's own sampler in test_edm) given the same denoiser and latents."""
+    s, env = 0.7, C.setup("cpu", 0, "fp32")
+    x = scm.heun_sample(GaussField(s), C.IndexRNG(range(64), 0, "cpu"), (2,), 18, cfg_of(), env)
+    latents = C.IndexRNG(range(64), 0, "cpu").randn(64, 2).double()
+    want = C.edm_heun(lambda y, sigma, labels=None: s ** 2 / (s ** 2 + sigma ** 2) * y, latents)
+    assert (x - want).abs().max() < 1e-9
+    other = C.edm_heun(lambda y, sigma, labels=None: s ** 2 / (s ** 2 + sigma ** 2) * y, latents, num_steps=17)
+    assert (x - other).abs().max() > 1e-4  # control: 1e-9 tells samplers apart (here: one step fewer)
+
+
 # ============================================================================ JVP convention
 def _fd_dF(net, x0, z, t, h=1e-6):
     F = lambda s: net(scm.interpolate(x0, z, s) / SD, s)
@@ -290,6 +318,19 @@ def test_weighting_optimum_and_zero_init():
         F = torch.zeros(1, D, dtype=torch.float64)
         scm.cm_loss(F, g, w).backward()
         assert (abs(w.grad.item()) < 1e-12) if sign == 0 else (math.copysign(1, w.grad.item()) == sign)
+
+
+def test_diffusion_loss_with_the_learned_weight():
+    """(EDM2's form, sCM Eq. 4 with w_phi) E[e^w term - w]: its value, and its minimum over w at w = -log(term)."""
+    g = torch.Generator().manual_seed(0)
+    F, v = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    term = (SD * F - v).square().mean(1)
+    w = (-term.log()).requires_grad_(True)
+    L = scm.diffusion_loss(F, v, SD, w)
+    assert torch.allclose(L, (torch.exp(w) * term - w).mean(), rtol=1e-12)
+    (gw,) = torch.autograd.grad(L, w)
+    assert gw.abs().max() < 1e-12
+    assert torch.allclose(scm.diffusion_loss(F, v, SD), term.mean(), rtol=1e-12)  # without w: Eq. 4 itself
 
 
 class Recorder(nn.Module):
