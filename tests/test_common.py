@@ -1204,6 +1204,14 @@ def _ckpt(net, step=0, **extra):
                 net=net.config, method="test", convention="x_t=(1-t)x+t*z", **extra)
 
 
+def test_guard_stops_at_max_skips_in_a_row(tmp_path):
+    env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
+    g = C.Guard(env, 3, type("Log", (), {})(), str(tmp_path / "ckpt.pt"))
+    g.check_run(10, 2)  # two skips in a row of --max_skips 3: the run goes on
+    with pytest.raises(C.UserError, match="^3 optimiser steps in a row had non-finite gradients"):
+        g.check_run(10, 3)
+
+
 @pytest.mark.parametrize("bad_step", [0, 2])
 def test_guard_skip_paths_agree(tmp_path, bad_step):
     """Guard's two ways of skipping a step with a non-finite gradient (torch.where on a device flag, as on CUDA; not
@@ -1532,6 +1540,9 @@ def test_toy_metrics():
     assert C.modes_covered(x, centres, 0.01) == 3
     x = torch.cat([x, centres[3:].expand(10, 2)])  # 10 of 310: under 25% of a fair share (77.5)
     assert C.modes_covered(x, centres, 0.01) == 3
+    for extra, covered in ((30, 4), (20, 4), (19, 3)):  # the threshold itself: 25% of the fair share, reached or not
+        x = centres[torch.tensor([0, 1, 2] * 100 + [3] * extra)]  # fair share (300 + extra) / 4: 20 of 320 is 25%
+        assert C.modes_covered(x, centres, 0.01) == covered, extra
     with pytest.raises(ValueError):
         C.swd(a, a[:10])
 
