@@ -982,9 +982,15 @@ class IndexRNG:
         return torch.stack([torch.randint(K, (), generator=g, device=self.device) for g in self.gens])
 
 
+def _shards(n, batch, env):
+    """Indices 0..n-1 in batches of at most `batch`, a multiple of the world size of them: rank r takes batches
+    r, r + world, ... (the same number of iterations on every rank). The FID's and `sample`'s sharing."""
+    return torch.arange(n).tensor_split(math.ceil(n / (batch * env.world)) * env.world)
+
+
 def _feature_stats(images_of, n, detector, env, batch):
     """Float64 mean and unbiased covariance of detector features over indices 0..n-1, sharded."""
-    chunks = torch.arange(n).tensor_split(math.ceil(n / (batch * env.world)) * env.world)
+    chunks = _shards(n, batch, env)
     s1 = torch.zeros(detector.dim, dtype=torch.float64, device=env.device)
     s2 = torch.zeros(detector.dim, detector.dim, dtype=torch.float64, device=env.device)
     for idx in chunks[env.rank::env.world]:  # equal number of iterations on every rank
@@ -2111,8 +2117,8 @@ def _parser(prog, options, epilog=None):
                 RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
     for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]
-        p.add_argument(f"--{name}", *[f"--{a}" for a in [ALIASES.get(name)] if a], dest=name, default=argparse.SUPPRESS,
-                       type=_converter(name, typ),
+        spellings = [f"--{name}"] + ([f"--{ALIASES[name]}"] if name in ALIASES else [])
+        p.add_argument(*spellings, dest=name, default=argparse.SUPPRESS, type=_converter(name, typ),
                        metavar=_tname(typ), nargs="?" if bare else None, const=True if bare else None,
                        help=f"{note} (default {default})".replace("%", "%%"))
     return p
@@ -2243,7 +2249,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
                             + (f"{can} of its fields" if can else "its own options") + f" (`python {method}.py {cmd} "
                             f"--help`); drop it" + (", and give step counts with --steps." if key.endswith("steps")
                                                     else "."))
-        close = difflib.get_close_matches(key[2:], [a for s in options for a in (s[0], ALIASES.get(s[0])) if a], 3)
+        names = [s[0] for s in options]
+        close = difflib.get_close_matches(key[2:], names + [ALIASES[k] for k in names if k in ALIASES], 3)
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
@@ -2601,8 +2608,8 @@ class EvalSheet:
 
 def _sharded(batch_of, n, batch, env, shape, dtype):
     """Samples 0..n-1 in index order: batch_of(idx) -> (len(idx), *shape) of dtype, the batches shared out over the
-    ranks as the FID shares them (_feature_stats), then gathered (each rank computes 1/world of them)."""
-    chunks = torch.arange(n).tensor_split(math.ceil(n / (batch * env.world)) * env.world)
+    ranks as the FID shares them (_shards), then gathered (each rank computes 1/world of them)."""
+    chunks = _shards(n, batch, env)
     mine = [batch_of(idx) for idx in chunks[env.rank::env.world] if len(idx)]
     if env.world == 1:
         return torch.cat(mine)
@@ -2626,15 +2633,16 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         d = next((p for p in paths.values() if os.path.isdir(p)), None)
         if d:
             raise UserError(f"'{d}' is a folder where sample would write its samples; remove it or give another --out.")
+        points = len(shape) == 1  # stored as the file holds them: float32 points, uint8 NHWC images
+        stored, dtype = (shape, torch.float32) if points else ((*shape[1:], shape[0]), torch.uint8)
         for K in opts.steps:
             generate = gen(K)
 
-            def batch_of(idx):  # as the file stores them: float32 points, uint8 NHWC images
+            def batch_of(idx):
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
                 x = generate(rng, rng.randint(num_classes) if num_classes else None)
-                return x.float() if len(shape) == 1 else to_uint8(x).permute(0, 2, 3, 1)
-            x = _sharded(batch_of, opts.n, opts.batch, env, (*shape[1:], shape[0]) if len(shape) > 1 else shape,
-                         torch.float32 if len(shape) == 1 else torch.uint8)
+                return x.float() if points else to_uint8(x).permute(0, 2, 3, 1)
+            x = _sharded(batch_of, opts.n, opts.batch, env, stored, dtype)
             flush_notes(env)
             if env.is_main:
                 save_array(paths[K], x)

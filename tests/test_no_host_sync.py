@@ -54,6 +54,7 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seen, self.in_opt, self.count_opt = collections.Counter(), 0, False
+        self.active, self.sync_free = False, True  # counting (the Python methods too); the Guard's branch
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -113,7 +114,6 @@ def watch(monkeypatch):
         finally:
             mode.active = False
         return collections.Counter(mode.seen)
-    mode.active = False
     yield run
     for h in hooks:
         h.remove()
