@@ -9,9 +9,9 @@ one-step generator, G(z) = z - v(z, t_g): at step 0 it is exactly the teacher (f
 one-step Euler sample, which has collapsed onto the data mean). G starts as a copy of the teacher's EMA weights and
 is trained *only* with a non-saturating GAN loss against real data (plus lazy R1 on the discriminator): no
 regression, no distillation, and the teacher is never queried again. GDD trains every weight; GDD-I freezes the two
-3x3 convolutions of the residual blocks and their attention output projections (the paper says ~85%; by the
-official code's name rule, `frozen` below, 76% of the NCSN++ teacher: the resampling blocks train) and trains
-norms, embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
+3x3 convolutions and the attention output projections of the residual, middle and resampling blocks (the paper
+says ~85%; by the official code's name rule, `frozen` below, 84.4% of the NCSN++ teacher) and trains norms,
+embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
 DiffAugment), `teacher` (this project's own offline D: trainable heads on a frozen copy of the teacher's encoder) and
 `projected` (GDD's: frozen ImageNet VGG16-BN and, with timm, EfficientNet-lite0, fixed random projections and
 multi-scale heads, K = 548 logits; the `cifar10` default).
@@ -211,12 +211,12 @@ def inner(nd):
 
 
 def frozen(name):
-    """GDD-I as Zyriix/GDD's code decides it (train.py --freeze=1: freeze_layer = ['conv', 'proj']; training/loss.py:
-    frozen iff the parameter's name holds 'block' or 'in' and one of those):
-    the 3x3 convolutions and the attention output projections of the residual blocks (enc/dec *_block*, the middle
-    dec *_in0/_in1; the MLP's blocks); the resampling blocks *_down/*_up, whose names hold neither, keep training,
-    as in GDD's runs."""
-    return ("block" in name or "in" in name) and ("conv" in name or "proj" in name)
+    """GDD-I as Zyriix/GDD's code decides it (train.py --freeze=1: freeze_layer = ['conv', 'proj']): frozen iff the
+    parameter's name holds 'block', 'up', 'down' or 'in' and one of those (training/training_loop.py leaves such a
+    parameter out of G's optimiser; training/loss.py turns requires_grad back on for the *_up/*_down ones, but Adam
+    never steps them): the 3x3 convolutions and the attention output projections of the residual blocks (enc/dec
+    *_block*, the middle dec *_in0/_in1; the MLP's blocks) and of the resampling blocks *_down/*_up."""
+    return any(w in name for w in ("block", "up", "down", "in")) and ("conv" in name or "proj" in name)
 
 
 def make_generator(teacher, freeze="none"):

@@ -192,8 +192,9 @@ def test_03_t_g_and_teacher_checks(tmp_path):
 
 # ============================================================================== 4-5: GDD-I freezing
 def test_04_freeze_predicate_on_the_cifar10_net():
-    """GDD's rule (training/loss.py: 'block' or 'in' and 'conv' or 'proj' in the name) on DDPM++ and NCSN++: the
-    residual and middle blocks' 3x3 convolutions and attention projections, not the resampling blocks."""
+    """GDD's rule (training/training_loop.py: 'block', 'up', 'down' or 'in' and 'conv' or 'proj' in the name) on
+    DDPM++ and NCSN++: the 3x3 convolutions and attention projections of the residual, middle and resampling blocks;
+    nothing else (norms, affines, skips, qkv, embeddings, stem, output)."""
     for arch in ("ddpmpp", "ncsnpp"):
         with torch.device("meta"):
             net = C.build_net(C.net_config(arch, time_scale=1000.0))
@@ -201,8 +202,8 @@ def test_04_freeze_predicate_on_the_cifar10_net():
         total = sum(p.numel() for p in net.parameters())
         fro = {n for n, _ in net.named_parameters() if D.frozen(n)}
         blocks = {n for n, _ in net.named_parameters() if n.split(".")[-2] in ("conv0", "conv1", "proj")}
-        assert fro == {n for n in blocks if "_down." not in n and "_up." not in n}, arch
-        assert any("_down." in n for n in blocks) and any("_up." in n for n in blocks)  # these stay trainable
+        assert fro == blocks, arch
+        assert any("_down." in n for n in fro) and any("_up." in n for n in fro)  # the resampling blocks too
         for n in fro:
             k = mods[n.rsplit(".", 1)[0]].kernel_size
             assert (n.split(".")[-2] == "proj" and k == (1, 1)) or (n.split(".")[-2] != "proj" and k == (3, 3)), n
@@ -210,12 +211,34 @@ def test_04_freeze_predicate_on_the_cifar10_net():
             if any(s in n for s in ("norm", "affine", "map_", "skip", "qkv", "out_", "32x32_conv", "aux_")):
                 assert n not in fro, n
         f = sum(p.numel() for n, p in net.named_parameters() if n in fro)
-        assert f == 42_876_928 and abs(f / total - (0.7693 if arch == "ddpmpp" else 0.7603)) < 1e-4, arch
-    for name, want in (("tiny", 0.6638), ("small", 0.712)):
+        assert f == 47_597_568 and abs(f / total - (0.8540 if arch == "ddpmpp" else 0.8440)) < 1e-4, arch
+    # the rule read as loss.py alone ('block' or 'in') would leave the resampling blocks' 4.7M weights training
+    with torch.device("meta"):
+        net = C.build_net(C.net_config("ddpmpp", time_scale=1000.0))
+    loss_only = sum(p.numel() for n, p in net.named_parameters()
+                    if ("block" in n or "in" in n) and ("conv" in n or "proj" in n))
+    assert loss_only == 42_876_928
+    for name, want in (("tiny", 0.786), ("small", 0.846), ("mlp", 0.563)):
         with torch.device("meta"):
             n2 = C.build_net(C.net_config(name, time_scale=1000.0))
         frac = sum(p.numel() for k, p in n2.named_parameters() if D.frozen(k)) / sum(p.numel() for p in n2.parameters())
         assert abs(frac - want) < 1e-3, (name, frac)
+
+
+def test_04b_freeze_set_matches_gdds_code():
+    """GDD-I's frozen set as Zyriix/GDD's own optimiser set-up decides it (tests/golden/make_gdd_freeze_golden.py ran
+    training_loop.py's block on GDDPrecond with train.py's ddpmpp/ncsnpp settings): the same names, counts and
+    totals as distributional.frozen on this project's network of the same layout."""
+    with open(os.path.join(os.path.dirname(__file__), "golden", "gdd_freeze.json")) as f:
+        gold = json.load(f)
+    assert gold["commit"] == "e9267e8afde48af83249bab05c245fb917340dfa"
+    for arch, g in gold["archs"].items():
+        with torch.device("meta"):
+            net = C.build_net(C.net_config(arch, time_scale=1000.0))
+        ours = sorted(n for n, _ in net.named_parameters() if D.frozen(n))
+        assert ours == g["frozen"], arch
+        assert sum(p.numel() for n, p in net.named_parameters() if n in set(ours)) == g["frozen_numel"], arch
+        assert sum(p.numel() for p in net.parameters()) == g["total_numel"], arch
 
 
 @pytest.fixture(scope="module")
@@ -820,7 +843,7 @@ def test_tiny_other_discriminators_and_hinge(imgs, tmp_path, extra, capsys):
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4
     if "teacher" in extra:
-        assert "K = 32 logits" in out and "fraction 0.6638" in out and any(k.startswith("encoder.") for k in ck["disc"])
+        assert "K = 32 logits" in out and "fraction 0.7860" in out and any(k.startswith("encoder.") for k in ck["disc"])
     else:
         assert out.count("FID-0k proxy") == 3  # steps 0, 2 and 4
 
