@@ -1235,12 +1235,14 @@ _STRICT = [0]  # depth of strict_fp32 blocks: autocast(env) inside one stays off
 
 
 @contextlib.contextmanager
-def strict_fp32(device):
+def strict_fp32(device, tf32=False):
     """Autocast off and TF32 off inside the block, also for `autocast(env)` contexts opened inside it (the
     precision-critical blocks: JVP passes, time embeddings, GDD's discriminator, sampling and FID by default); the
-    previous TF32 flags are restored on exit."""
+    previous TF32 flags are restored on exit. tf32=True leaves the TF32 flags as the run set them (autocast off only:
+    a `--precision tf32` run whose reference code ran its JVPs with TF32, e.g. py-meanflow)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if not tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     _STRICT[0] += 1
     try:
         with _fp32(torch.device(device)):

@@ -60,7 +60,7 @@ class Config:
     resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: Optional[str] = None  # fp32, tf32, bf16 (diagonal/PSD forwards only; JVP blocks stay fp32), fp16
+    precision: Optional[str] = None  # fp32, tf32 (JVPs too), bf16/fp16 (diagonal/PSD forwards only; JVPs fp32)
     compile: bool = False  # torch.compile the network for the diagonal forward (JVPs use the raw module)
     # network (common.net_config, two times (s, t - s), time_scale 1: both reference codes feed raw times)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
@@ -157,23 +157,26 @@ PRESETS = {  # nested dicts apply to one --mode
                   warmup=2000, clip=1.0, ema=0.9995, xflip=True, learned_weight=True, log_every=500,
                   ckpt_every=5000, eval_n=64, fid_every=5000, fid_n=10_000, **_NO_LEARNED),
     # cifar10: Boffi py/configs/cifar10.py for lsd/psd/esd/fmm (batch 512 x 400k, dropout 0.13, clip 1, learned
-    # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with a 10 Mimg warm-up from py-meanflow; time_channels
-    # 256 = py-meanflow's noise mult 2.
-    # precision: fp32 with TF32 off (py-meanflow trains without autocast; NVlabs/FastGen's MeanFlow config sets
-    # trainer.tf32_enabled False, configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
+    # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with py-meanflow's warm-up (200 epochs of 48 steps x 1024
+    # = 9.83 Mimg); time_channels 256 = py-meanflow's noise mult 2; x-flips (a project choice: Boffi's data has none).
+    # precision: fp32 with TF32 off (NVlabs/FastGen's MeanFlow config sets trainer.tf32_enabled False,
+    # configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", time_channels=256, dropout=0.13, batch=512, iters=400_000, lr=6e-4,
                     precision="fp32",
-                    warmup=19_531, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
+                    warmup=19_200, clip=1.0, ema=0.9999, xflip=True, learned_weight=True, log_every=500,
                     ckpt_every=10_000, eval_n=64, fid_every=50_000, fid_n=10_000,
-                    # MeanFlow: py-meanflow cifar10_v0.sh (batch 128 x 8 GPUs, 16,000 epochs = 781k steps, dropout
-                    # 0.2, 200 warm-up epochs = 10 Mimg, no clipping, adaptive p = 0.75, LN(-2, 2) times,
-                    # LN(2, 2) in this file's time: docs/flow_map.md)
-                    # and its network and data pipe: py-meanflow's SongUNet variant (arch), EDM's augmentation at
-                    # p = 0.12 without y-flips and rotations (training/train_loop.py; augment_dim 6), no data x-flip
-                    meanflow=dict(dropout=0.2, batch=1024, iters=781_250, warmup=9_766, clip=None,
+                    # MeanFlow: py-meanflow cifar10_v0.sh and train.py (batch 128 x 8 GPUs; each rank's 6,250 images
+                    # make 48 full batches an epoch (drop_last), so 16,000 epochs = 768,000 steps and 200 warm-up
+                    # epochs = 9,600; dropout 0.2, no clipping, adaptive p = 0.75, LN(-2, 2) times, LN(2, 2) in this
+                    # file's time: docs/flow_map.md), its network and data pipe: py-meanflow's SongUNet variant
+                    # (arch), RandomHorizontalFlip on the data (training/data_transform.py) and then EDM's
+                    # augmentation at p = 0.12 without y-flips and rotations (training/train_loop.py; augment_dim 6);
+                    # TF32 matmuls and convolutions, JVP included (train.py: set_float32_matmul_precision('high'),
+                    # cuDNN's default)
+                    meanflow=dict(dropout=0.2, batch=1024, iters=768_000, warmup=9_600, clip=None,
                                   learned_weight=False, time_sampler="v0", arch="py-meanflow", augment=0.12,
-                                  xflip=False),
+                                  xflip=True, precision="tf32"),
                     lmd=dict(iters=200_000), emd=dict(iters=200_000, learned_weight=False)),  # project, untested
 }
 
@@ -363,7 +366,8 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None,
     augmentation labels of the batch (mode meanflow)."""
     phi = net_phi(net, cfg.sigma0, aug)
     phi_fast = net_phi(fast if fast is not None else net, cfg.sigma0)
-    fp32 = lambda: C.strict_fp32(env.device)  # every block with a JVP: fp32, TF32 off
+    # every block with a JVP: fp32, autocast off; TF32 off unless the run is --precision tf32 (py-meanflow's JVPs)
+    fp32 = lambda: C.strict_fp32(env.device, tf32=env.precision == "tf32")
     if cfg.mode == "meanflow":  # (MeanFlow Eq. 9 in this convention) whole batch, dropout on, fp32
         with fp32():
             I, dI = interpolate(x0, x1, s, cfg.interpolant)
@@ -618,7 +622,8 @@ def train(cfg, given):
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     n_diag = per_rank if cfg.mode == "meanflow" else diag_rows(per_rank, cfg.diag_frac)
     log.info(f"{METHOD} {cfg.mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
-             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32, TF32 off) | params "
+             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32, TF32 "
+             f"{'on' if env.precision == 'tf32' else 'off'}) | params "
              f"{sum(p.numel() for p in raw.parameters()):,} | sigma0 {cfg.sigma0:g} | "
              + (f"times {cfg.time_sampler}" if cfg.mode == "meanflow" else f"diagonal rows {n_diag}/{per_rank}")
              + f" | weighting {'adaptive' if cfg.mode in ('meanflow', 'emd') else 'learned' if head else 'none'}"

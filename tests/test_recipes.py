@@ -196,17 +196,21 @@ def _images(res=32):
 
 def test_cifar10_presets_augment_where_their_reference_did():
     """EDM's pipe: IMM (Table 5) and sCM's diffusion teacher at p = 0.12 with EDM's multipliers (augment_dim 9);
-    MeanFlow as py-meanflow v0 (no y-flip, no rotation: augment_dim 6) on py-meanflow's network; no data x-flip."""
+    MeanFlow as py-meanflow v0 (no y-flip, no rotation: augment_dim 6) on py-meanflow's network, after a random
+    x-flip of the data (training/data_transform.py: RandomHorizontalFlip) and with TF32 (train.py); EDM's runs
+    have no data x-flip."""
     def cfg(mod, **sel):
         return C.resolve_config(mod.Config, mod.PRESETS, "cifar10", {}, **sel)
-    for mod, c, dim in ((imm, cfg(imm), 9), (scm, cfg(scm, mode="diffusion"), 9),
-                        (flow_map, cfg(flow_map, mode="meanflow"), 6)):
-        assert c.augment == 0.12 and not c.xflip, mod.__name__
+    for mod, c, dim, flip in ((imm, cfg(imm), 9, False), (scm, cfg(scm, mode="diffusion"), 9, False),
+                              (flow_map, cfg(flow_map, mode="meanflow"), 6, True)):
+        assert c.augment == 0.12 and c.xflip == flip, mod.__name__
         nd = mod.net_dict(c, _images())
         assert nd["augment_dim"] == dim, mod.__name__
     nd = flow_map.net_dict(cfg(flow_map, mode="meanflow"), _images())
     assert (nd["time_combine"], nd["resample_filter"], nd["qkv_order"], nd["time_channels"]) == \
         ("concat", [1, 3, 3, 1], "blocks", 256)
+    mf = cfg(flow_map, mode="meanflow")
+    assert (mf.precision, mf.iters, mf.warmup, mf.batch) == ("tf32", 16_000 * 48, 200 * 48, 8 * 128)  # 48 = 6250 // 128
     for mod, c in ((scm, cfg(scm, mode="sct")), (flow_map, cfg(flow_map, mode="lsd")), (RF, cfg(RF, stage="1rf"))):
         assert not getattr(c, "augment", 0), mod.__name__  # their references did not augment
     with pytest.raises(C.UserError, match="2-D points"):
@@ -238,3 +242,31 @@ def test_augmented_run_resumes_exactly(imgs, tmp_path):
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
     assert a["net"]["augment_dim"] == 9 and a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_strict_fp32_turns_tf32_off_unless_told_and_flow_map_keeps_it_for_tf32_runs(monkeypatch, tmp_path):
+    """strict_fp32 turns TF32 off inside and restores the flags; tf32=True leaves them (autocast off only). flow_map's
+    JVP blocks pass tf32=True exactly for a --precision tf32 run (py-meanflow's JVPs ran with TF32)."""
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    old = flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        env = C.Env(0, 1, 0, torch.device("cpu"), True, "bf16")
+        lin, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+        for tf32, inside in ((False, (False, False)), (True, (True, True))):
+            with C.strict_fp32("cpu", tf32=tf32), C.autocast(env):
+                assert flags() == inside and lin(x).dtype == torch.float32
+            assert flags() == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    seen, real = [], C.strict_fp32
+    def spy(device, tf32=False):  # flow_map.py's calls only (common's time embedding and evaluation stay strict)
+        if os.path.basename(sys._getframe(1).f_code.co_filename) == "flow_map.py":
+            seen.append(tf32)
+        return real(device, tf32)
+    monkeypatch.setattr(C, "strict_fp32", spy)
+    for precision in ("tf32", "fp32", "bf16"):
+        seen.clear()
+        flow_map.main(["--mode", "meanflow", "--iters", "1", "--batch", "16", "--eval_n", "8", "--eval_steps", "1",
+                       "--precision", precision, "--out", str(tmp_path / precision)])
+        assert seen and all(s == (precision == "tf32") for s in seen), (precision, seen)
