@@ -151,7 +151,8 @@ class Block(nn.Module):
 
     def forward(self, x, e):
         h = self.conv0(self._r(F.silu(self.norm0(x))))  # norm, SiLU, resample, 3x3 conv
-        a = self.affine(e) if self.mlp else self.affine(e)[:, :, None, None]
+        a = self.affine(e) if e.dtype != torch.float64 else _linear(self.affine, e).to(h.dtype)  # fp64: time_fp64
+        a = a if self.mlp else a[:, :, None, None]
         if self.adn:  # sCM Sec. 4.1 adaptive double normalisation
             s, b = a.chunk(2, dim=1)
             h = F.silu(self.norm1(h) * _pnorm(s) + _pnorm(b))
@@ -217,13 +218,17 @@ class _Net(nn.Module):
         dt = torch.promote_types(self.map_layer0.weight.dtype, torch.float32)
         B, tau = x.shape[0], d["time_scale"]
         # embedding path in fp32 with TF32 off (nearby times, e.g. IMM's t and r, stay apart); under torch.compile
-        # the graph takes the run's TF32 setting (backend flags cannot change inside a graph), autocast stays off
+        # the graph takes the run's TF32 setting (backend flags cannot change inside a graph), autocast stays off.
+        # time_fp64 (IMM): lumalabs/imm training/unets.py PositionalEmbedding builds its frequencies in float64, so
+        # the noise labels (fp32, tau t) are embedded, mapped (its Linear casts the weights to the input's dtype)
+        # and fed to every block's affine in float64, whatever autocast and TF32 say
+        lab = lambda v: (tau * torch.as_tensor(v, device=x.device).to(dt).reshape(-1).expand(B)).to(pt)
+        pt = torch.float64 if d["time_fp64"] else dt
         fp32 = _fp32(x.device) if torch.compiler.is_compiling() or x.device.type == "meta" else strict_fp32(x.device)
         with fp32:
-            tt = torch.as_tensor(t, device=x.device).to(dt).reshape(-1).expand(B)
-            n = self._noise(tau * tt)
+            n = self._noise(lab(t))
             if s is not None:
-                ns = self._noise(tau * torch.as_tensor(s, device=x.device).to(dt).reshape(-1).expand(B))
+                ns = self._noise(lab(s))
                 n = torch.cat([n, ns], 1) if d["time_combine"] == "concat" else n
             if self.map_label is not None:  # no labels = the zero vector (EDM's preconditioners do the same)
                 K = d["label_dim"]
@@ -234,10 +239,17 @@ class _Net(nn.Module):
                 n = n + self.map_label(oh * math.sqrt(K))
             if self.map_augment is not None and aug is not None:
                 n = n + self.map_augment(aug.to(dt))
-            e = self.map_layer1(F.silu(self.map_layer0(n)))
+            e = _linear(self.map_layer1, F.silu(_linear(self.map_layer0, n)))
             if s is not None and d["time_combine"] == "sum":
-                e = e + self.map_layer1_s(F.silu(self.map_layer0_s(ns)))
+                e = e + _linear(self.map_layer1_s, F.silu(_linear(self.map_layer0_s, ns)))
             return F.silu(e)
+
+
+def _linear(m, x):
+    """nn.Linear m at x's dtype (EDM's Linear casts its weights to the input's: fp64 inputs under time_fp64)."""
+    if x.dtype == m.weight.dtype:
+        return m(x)
+    return F.linear(x, m.weight.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
 
 
 class UNet(_Net):
@@ -372,7 +384,7 @@ _NETS = {
     "mlp": dict(kind="mlp", dim=2, width=128, depth=3, time_channels=64),
 }
 _NET_COMMON = dict(num_times=1, time_scale=1.0, label_dim=0, dropout=0.0, adn=False, embedding="positional",
-                   time_combine="sum", augment_dim=0, label_dropout=0.0)
+                   time_combine="sum", augment_dim=0, label_dropout=0.0, time_fp64=False)
 _NET_CHOICES = dict(embedding=("positional", "fourier"), time_combine=("sum", "concat"),
                     encoder=("standard", "residual"), qkv_order=("interleaved", "blocks"))
 
@@ -407,7 +419,7 @@ def _net_value_ok(k, v, r):
 
 
 def build_net(d):
-    d = dict(d)
+    d = {"time_fp64": False, **d}  # (written before the option existed)
     kind = d.get("kind")
     if kind not in ("unet", "mlp"):
         raise UserError(f"network config has unknown kind {kind!r}.")

@@ -122,7 +122,7 @@ PRESETS = {  # cifar10 = IMM Table 5
                   fid_every=5000, fid_n=10_000, eval_n=64),
     # IMM Table 5: DDPM++ 55M, dropout 0.2, B 4096, M 4, k 15, RAdam 1e-4, 400k iterations, EMA 0.9999, a 1, b 5,
     # EDM's augmentation (p = 0.12 with EDM train.py's CIFAR-10 multipliers, its x-flip included; no data x-flip).
-    # precision: TF32 as the paper trained (App. I.6); the time embedding runs with TF32 off (nearby t and r)
+    # precision: TF32 as the paper trained (App. I.6); the U-Net's time path runs in float64 (net_dict: time_fp64)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", dropout=0.2, batch=4096, M=4, k=15, iters=400_000,
                     optim="radam", lr=1e-4, ema=0.9999, augment=0.12, precision="tf32", log_every=500,
@@ -293,12 +293,14 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
 
 # ============================================================================================================= plumbing
 def net_dict(cfg, data):
-    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, App. C.6), no labels, zero output."""
+    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, App. C.6), no labels, zero output;
+    the U-Net's time path in float64 as lumalabs/imm's training/unets.py runs it (time_fp64: docs/imm.md, "Nearby
+    times in low precision")."""
     if data.kind == "images":
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")
         return C.net_config(cfg.net, img_resolution=data.shape[1], in_channels=data.shape[0], num_times=2,
-                            time_scale=1000.0, dropout=cfg.dropout,
+                            time_scale=1000.0, dropout=cfg.dropout, time_fp64=True,
                             augment_dim=C.augment_dim(**C.EDM_AUGMENT) if cfg.augment else 0)
     if cfg.net != "mlp":
         raise C.UserError(f"--net {cfg.net} is an image network; 2-D points need --net mlp.")

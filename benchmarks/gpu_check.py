@@ -27,7 +27,8 @@ start; time a section leaves unused passes to the next ones, and the last one ru
                uint8 on the host), measured in full.
  3 precision   sCM's normalised tangent g with TF32 allowed against strict fp32 (cosine similarity, pass > 0.999),
                and the dropout mask of the bf16 gradient pass against the fp32 JVP pass's (RNG replay); IMM's time
-               embedding difference e(t, s) - e(r, s) near T under TF32 against fp32 (and the bf16 block affine);
+               embedding difference e(t, s) - e(r, s) near T and its first block affine, the network's float64 path
+               against an fp32 one (strict fp32; TF32 and bf16 for the affine);
                bf16 against fp32 one-step samples (RMS difference in uint8 levels). Networks with stand-in
                weights (Xavier-uniform everywhere: a fresh network's zero output layer would make every check
                trivially pass).
@@ -65,7 +66,8 @@ The Fashion-MNIST files (Debian's `dataset-fashion-mnist`), the cached classifie
 travel in benchmarks/.carry (git-ignored, 30 MiB), made by `--prepare`; the GPU machine has no network. The exact
 device command (what to carry, the timeout, where the files come back) is in benchmarks/results/README.md.
 """
-import argparse, contextlib, dataclasses, datetime, gc, glob, json, math, os, re, shutil, subprocess, sys, time, types
+import argparse, contextlib, copy, dataclasses, datetime, gc, glob, json, math, os, re, shutil, subprocess, sys, time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -407,15 +409,20 @@ def check_scm_tangent(ctx):
 
 @torch.no_grad()
 def check_imm_embedding(ctx):
-    """IMM's embedding e(t, s) and e(r, s) of the cifar10 net (time_scale 1000, two times), r = r_of(s, t) with
-    k = 15 as the training step draws it (float64, then fp32); Delta = e(t) - e(r) under TF32 against strict fp32,
-    and the first block's affine of Delta under bf16 autocast against fp32."""
+    """IMM's time path with k = 15, r = r_of(s, t) drawn as the training step draws it (float64, then fp32): the
+    difference Delta = e(t, s) - e(r, s) of the cifar10 net's embedding and the first block's affine of it, as the
+    network computes them (time_fp64: float64, as lumalabs/imm's unets.py) against the same weights on an fp32 time
+    path: strict fp32 (TF32 off) for the embedding; for the affine TF32 (the tf32 preset's blocks without time_fp64)
+    and bf16 autocast."""
     import imm
     sz, dev = ctx.sz, ctx.dev
     b = tp.build(_args(sz, ctx.device, "imm", sz.lo))
     net, cfg, B = b.net.eval(), imm.Config(k=15), sz.tangent_batch
+    net32 = copy.deepcopy(net)
+    net32.config = {**net.config, "time_fp64": False}
     x = torch.zeros(B, *b.shape, device=dev)
     blk = next(m for m in net.modules() if isinstance(m, common.Block))
+    w64 = lambda e: torch.nn.functional.linear(e, blk.affine.weight.double(), blk.affine.bias.double())
     rows = []
     g = torch.Generator(device=dev).manual_seed(3)
     for t_val in (cfg.T, 0.9, 0.5):
@@ -424,24 +431,25 @@ def check_imm_embedding(ctx):
         s64 = torch.minimum(cfg.t_min + (t64 - cfg.t_min) * u, t64 - 1e-6)
         r64 = imm.r_of(s64, t64, imm.delta_eta(cfg))
         t, s, r = t64.float(), s64.float(), r64.float()
-        d, e, a = {}, {}, {}
-        for mode in ("tf32", "fp32"):
-            _tf32(True)
-            with common.strict_fp32(dev) if mode == "fp32" else torch.autocast(dev.type, enabled=False):
-                e[mode] = net.embed(x, t, s)
-                d[mode] = e[mode] - net.embed(x, r, s)
-        with common.strict_fp32(dev):
-            a["fp32"] = blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])
+        e64, e32 = net.embed(x, t, s), net32.embed(x, t, s)  # (the embedding sets its own precision)
+        d64, d32 = e64 - net.embed(x, r, s), e32 - net32.embed(x, r, s)
+        a = {"fp64": w64(e64) - w64(e64 - d64)}
+        _tf32(True)
+        with torch.autocast(dev.type, enabled=False):
+            a["tf32"] = blk.affine(e32) - blk.affine(e32 - d32)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            a["bf16"] = (blk.affine(e["fp32"]) - blk.affine(e["fp32"] - d["fp32"])).float()
+            a["bf16"] = (blk.affine(e32) - blk.affine(e32 - d32)).float()
         rows.append(dict(t=t_val, t_minus_r_fp32=(t - r).mean().item(),
                          zero_gap_fraction=(t == r).float().mean().item(),
-                         delta_over_e=(d["fp32"].norm(dim=1) / e["fp32"].norm(dim=1)).mean().item(),
-                         tf32_rel_err=_rel(d["tf32"], d["fp32"]), tf32_cos_min=_cos(d["tf32"], d["fp32"]).min().item(),
-                         bf16_affine_rel_err=_rel(a["bf16"], a["fp32"]),
-                         bf16_affine_cos_min=_cos(a["bf16"], a["fp32"]).min().item()))
-    return dict(batch=B, k=cfg.k, time_scale=net.config["time_scale"], rows=rows, net=sz.net,
-                weights="fresh (the embedding layers are Xavier-initialised)", tf32_available=dev.type == "cuda")
+                         delta_over_e=(d64.norm(dim=1) / e64.norm(dim=1)).mean().item(),
+                         fp32_rel_err=_rel(d32, d64), fp32_cos_min=_cos(d32, d64).min().item(),
+                         tf32_affine_rel_err=_rel(a["tf32"], a["fp64"]),
+                         tf32_affine_cos_min=_cos(a["tf32"], a["fp64"]).min().item(),
+                         bf16_affine_rel_err=_rel(a["bf16"], a["fp64"]),
+                         bf16_affine_cos_min=_cos(a["bf16"], a["fp64"]).min().item()))
+    return dict(batch=B, k=cfg.k, time_scale=net.config["time_scale"], time_fp64=net.config["time_fp64"], rows=rows,
+                net=sz.net, weights="fresh (the embedding layers are Xavier-initialised)",
+                tf32_available=dev.type == "cuda")
 
 
 @torch.no_grad()
@@ -699,14 +707,17 @@ def markdown(rep):
             L.append(f"- sCM tangent: {g.get('status')}: {g.get('error') or g.get('note')}")
         e = s3.get("imm_embedding", {})
         if "rows" in e:
-            L += ["", f"IMM time embedding ({e['net']}, time_scale {e['time_scale']:g}, k = {e['k']}, batch "
-                      f"{e['batch']}): Delta = e(t, s) - e(r, s); TF32 against strict fp32; the first block's affine "
-                      "of Delta under bf16 autocast against fp32.", "",
-                  "| t | t - r (fp32) | share t = r | ‖Δ‖/‖e‖ | TF32 rel. err | TF32 cos min | "
-                  "bf16 affine rel. err | bf16 affine cos min |", "|" + "---|" * 8]
+            L += ["", f"IMM time path ({e['net']}, time_scale {e['time_scale']:g}, k = {e['k']}, batch "
+                      f"{e['batch']}): Delta = e(t, s) - e(r, s) and the first block's affine of Delta as the network "
+                      "computes them (float64, lumalabs/imm's unets.py) against an fp32 time path: strict fp32 for "
+                      "the embedding, TF32 and bf16 autocast for the affine.", "",
+                  "| t | t - r (fp32) | share t = r | ‖Δ‖/‖e‖ | fp32 Δ rel. err | fp32 Δ cos min | "
+                  "TF32 affine rel. err | TF32 affine cos min | bf16 affine rel. err | bf16 affine cos min |",
+                  "|" + "---|" * 10]
             for r in e["rows"]:
                 L.append(f"| {r['t']:g} | {r['t_minus_r_fp32']:.3g} | {r['zero_gap_fraction']:.2f} | "
-                         f"{r['delta_over_e']:.3g} | {r['tf32_rel_err']:.3g} | {_fmt(r['tf32_cos_min'], '{:.6f}')} | "
+                         f"{r['delta_over_e']:.3g} | {r['fp32_rel_err']:.3g} | {_fmt(r['fp32_cos_min'], '{:.6f}')} | "
+                         f"{r['tf32_affine_rel_err']:.3g} | {_fmt(r['tf32_affine_cos_min'], '{:.6f}')} | "
                          f"{r['bf16_affine_rel_err']:.3g} | {_fmt(r['bf16_affine_cos_min'], '{:.6f}')} |")
         elif e:
             L.append(f"- IMM embedding: {e.get('status')}: {e.get('error') or e.get('note')}")

@@ -316,9 +316,9 @@ METHODS = {
                         fwd_per_step=lambda fwd, st: 1 + st["lpips_flops"] / fwd, precision="tf32", autocast=False,
                         prepare=rf2_prepare("lpips-huber-1/t")),
     # IMM: one forward+backward plus one forward without backward (the target pass) = 4/3.
-    # TF32 (IMM App. I.6); the time path and kernel stay fp32 in imm.py.
+    # TF32 (IMM App. I.6); the network's time path in fp64 (lumalabs/imm unets.py), the kernel fp32 in imm.py.
     "imm": Method(step=imm_step, sample=imm_sample,  # EDM's augmentation labels (augment_dim 9), IMM Table 5
-                  net=dict(num_times=2, time_scale=1000.0, dropout=0.2, augment_dim=9),
+                  net=dict(num_times=2, time_scale=1000.0, dropout=0.2, augment_dim=9, time_fp64=True),
                   fwd_per_step=4 / 3, precision="tf32"),
     # sCM: the JVP pass (primal + tangent, no backward) counts 2/3, the gradient pass 1; sCD adds a teacher
     # forward (1/3): 5/3 ~ 1.7x and 2x a flow-matching step by this count; the measured img/s tells.
@@ -332,8 +332,9 @@ METHODS = {
     # ~9 = JVP 2-3 + its backward 4-6 + target forward 1; PSD off-diagonal 5; MeanFlow 6 on every row):
     # lsd (0.75 * 3 + 0.25 * 9) / 3 = 1.5; psd (0.75 * 3 + 0.25 * 5) / 3 ~ 1.2; meanflow 6 / 3 = 2.0; lmd "as lsd
     # plus a teacher forward" with 75% off-diagonal rows ~ 2.5.
-    # Precision: Boffi trains in fp32 and py-meanflow turns autocast off around its JVP and loss (docs/flow_map.md);
-    # flow_map.py runs every JVP block in fp32 whatever --precision says, bf16 only on the diagonal and PSD terms.
+    # Precision: Boffi trains in fp32; py-meanflow in fp32 with TF32 matmuls and convolutions, JVP included
+    # (docs/flow_map.md); flow_map.py runs every JVP block without autocast (TF32 only in a tf32 run), bf16 only on the
+    # diagonal and PSD terms.
     "lsd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lsd")),
     "psd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=1.2, precision="fp32",
@@ -341,7 +342,7 @@ METHODS = {
     "meanflow": Method(step=flow_map_step, sample=flow_map_sample,  # py-meanflow's v0 network, augment_dim 6
                        net={**_FLOW_MAP_NET, "dropout": 0.2, "augment_dim": 6, "time_combine": "concat",
                             "resample_filter": [1, 3, 3, 1], "qkv_order": "blocks"},
-                       fwd_per_step=2.0, precision="fp32", autocast=False, prepare=flow_map_prepare("meanflow")),
+                       fwd_per_step=2.0, precision="tf32", autocast=False, prepare=flow_map_prepare("meanflow")),
     "lmd": Method(step=flow_map_step, sample=flow_map_sample, net=_FLOW_MAP_NET, fwd_per_step=2.5, precision="fp32",
                   autocast=False, prepare=flow_map_prepare("lmd")),
     # GDD / GDD-I with the `teacher` D, cost (F = one generator forward; FM = 3F):

@@ -83,6 +83,7 @@ def test_quick_run_writes_every_section(tmp_path):
     assert P["scm_tangent"]["dropout_rel_diff_control"] > 0.1  # the control's masks differ
     near_T = P["imm_embedding"]["rows"][0]
     assert 0 < near_T["t_minus_r_fp32"] < 1e-6 and near_T["delta_over_e"] > 0  # k = 15: t - r ~ 1.8e-7
+    assert P["imm_embedding"]["time_fp64"] and near_T["fp32_rel_err"] > 1e-3  # an fp32 path loses part of Delta
     for r in P["bf16_samples"]:
         assert r["status"] == "ok" and r["sample_rms_levels"] > 1 and r["rms_levels"] >= 0, r
     F = S["fashion"]

@@ -707,6 +707,39 @@ def test_17_bf16_sets_min_gap_unless_given(monkeypatch, tmp_path, capsys, keep_b
         assert ("bf16 is outside" in out) == ("bf16" in extra)
 
 
+def test_17_golden_network_and_its_float64_time_path():
+    """IMM's own network (golden from lumalabs/imm training/unets.py SongUNet, DDPM++ with s_embed, at a tiny size:
+    tests/golden/make_imm_net_golden.py): our U-Net with imm.net_dict's options gives its outputs, and its time path
+    (embedding, and the first block's affine of it) in float64 as IMM's code computes it, so that t and r a few
+    fp32 ulps apart near T keep their difference. Control: the same weights on an fp32 time path lose it."""
+    g = torch.load(os.path.join(os.path.dirname(__file__), "golden", "imm_net_golden.pt"), weights_only=True)
+    assert g["commit"] == "c9473e9395910d3dd03ffffb6b0a8b4fb760c3a1"
+    nd = imm.net_dict(imm.Config(net="ddpmpp"), C.Data("images", "x", x=torch.zeros(1, 3, 8, 8, dtype=torch.uint8)))
+    nd.update(ch=8, mult=[1, 2], nb=1, attn_res=[4], time_channels=8, dropout=0.0, augment_dim=0)
+    assert nd["time_fp64"] and nd["num_times"] == 2 and nd["time_scale"] == 1000.0 and nd["time_combine"] == "sum"
+    net, net32 = (C.build_net(d).eval() for d in (nd, {**nd, "time_fp64": False}))
+    for n in (net, net32):
+        C.load_state_strict(n, C._edm_state_to_ours(g["state"], nd, "imm"))
+    x, s = g["x"], g["s"]
+    e, blk = {}, net.enc["8x8_block0"]
+    with torch.no_grad():
+        for k in ("t", "r"):
+            assert (net(x, g[k], s) - g["out_" + k]).abs().max() < 1e-5
+            e[k] = net.embed(x, g[k], s)
+            assert e[k].dtype == torch.float64 and (e[k] - g["emb_" + k]).abs().max() < 1e-12
+            assert (C._linear(blk.affine, e[k]) - g["affine_" + k]).abs().max() < 1e-12
+        d_ref = (g["emb_t"] - g["emb_r"])[:2]  # the two near-T pairs (t - r ~ 2e-7, 3e-7)
+        assert d_ref.abs().max() > 0 and ((e["t"] - e["r"])[:2] - d_ref).norm() < 1e-9 * d_ref.norm()
+        d32 = (net32.embed(x, g["t"], s) - net32.embed(x, g["r"], s))[:2].double()
+        assert (d32 - d_ref).norm() > 1e-3 * d_ref.norm()  # the fp32 path: rounding of 1000 t w and of the layers
+    seen, real = [], C._linear  # every block's affine runs in float64 inside the forward, as IMM's UNetBlock
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(C, "_linear", lambda m, v: seen.append((m, v.dtype)) or real(m, v))
+        net(x, g["t"], s)
+    affines = [m.affine for m in net.modules() if isinstance(m, C.Block)]
+    assert len(affines) > 4 and [(m, torch.float64) for m in affines] == [c for c in seen if c[0] in affines]
+
+
 def test_13_train_uses_online_weights_as_target(monkeypatch, tmp_path):
     """The training loop hands imm_loss the online network (unwrapped) as the target, never the EMA."""
     seen, orig = [], imm.imm_loss
