@@ -176,7 +176,8 @@ PRESETS = {  # flat fields, then per-stage parts
     # cifar10: the paper's recipe. Sources: rfpp README / train.py / t_dist.py (2rf, pairs), EDM CIFAR config
     # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip).
     # precision: tf32 (rfpp's train.py runs EDMPrecondVel with use_fp16 False, no autocast: fp32 weights and
-    # activations with cuDNN's default TF32 convolutions); LPIPS always without autocast
+    # activations with cuDNN's default TF32 convolutions; --precision tf32 also allows TF32 matmuls, which PyTorch's
+    # defaults leave off: attention and linear layers, a small share); LPIPS always without autocast
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", dropout=0.13, precision="tf32", batch=512, log_every=500,
                     ckpt_every=50_000, fid_every=50_000, fid_n=10_000, eval_n=256, straight_k=32,
