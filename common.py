@@ -151,7 +151,7 @@ class Block(nn.Module):
 
     def forward(self, x, e):
         h = self.conv0(self._r(F.silu(self.norm0(x))))  # norm, SiLU, resample, 3x3 conv
-        a = self.affine(e) if e.dtype != torch.float64 else _linear(self.affine, e).to(h.dtype)  # fp64: time_fp64
+        a = _linear(self.affine, e).to(h.dtype)  # (time_fp64: e is float64, the affine too, then the activations')
         a = a if self.mlp else a[:, :, None, None]
         if self.adn:  # sCM Sec. 4.1 adaptive double normalisation
             s, b = a.chunk(2, dim=1)
@@ -222,8 +222,8 @@ class _Net(nn.Module):
         # time_fp64 (IMM): lumalabs/imm training/unets.py PositionalEmbedding builds its frequencies in float64, so
         # the noise labels (fp32, tau t) are embedded, mapped (its Linear casts the weights to the input's dtype)
         # and fed to every block's affine in float64, whatever autocast and TF32 say
-        lab = lambda v: (tau * torch.as_tensor(v, device=x.device).to(dt).reshape(-1).expand(B)).to(pt)
         pt = torch.float64 if d["time_fp64"] else dt
+        lab = lambda v: (tau * torch.as_tensor(v, device=x.device).to(dt).reshape(-1).expand(B)).to(pt)
         fp32 = _fp32(x.device) if torch.compiler.is_compiling() or x.device.type == "meta" else strict_fp32(x.device)
         with fp32:
             n = self._noise(lab(t))

@@ -422,7 +422,6 @@ def check_imm_embedding(ctx):
     net32.config = {**net.config, "time_fp64": False}
     x = torch.zeros(B, *b.shape, device=dev)
     blk = next(m for m in net.modules() if isinstance(m, common.Block))
-    w64 = lambda e: torch.nn.functional.linear(e, blk.affine.weight.double(), blk.affine.bias.double())
     rows = []
     g = torch.Generator(device=dev).manual_seed(3)
     for t_val in (cfg.T, 0.9, 0.5):
@@ -433,7 +432,7 @@ def check_imm_embedding(ctx):
         t, s, r = t64.float(), s64.float(), r64.float()
         e64, e32 = net.embed(x, t, s), net32.embed(x, t, s)  # (the embedding sets its own precision)
         d64, d32 = e64 - net.embed(x, r, s), e32 - net32.embed(x, r, s)
-        a = {"fp64": w64(e64) - w64(e64 - d64)}
+        a = {"fp64": common._linear(blk.affine, e64) - common._linear(blk.affine, e64 - d64)}
         _tf32(True)
         with torch.autocast(dev.type, enabled=False):
             a["tf32"] = blk.affine(e32) - blk.affine(e32 - d32)
