@@ -29,7 +29,7 @@ section starts at a line "# ==== <section>"):
     commands         `fid` commands of every method file, shared out over the ranks), n_steps ("1 step", "2 steps")
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
-import argparse, collections, contextlib, copy, dataclasses, difflib, errno, hashlib, inspect, io, json, math, os
+import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
 import operator, pickle, re, socket, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
@@ -521,6 +521,11 @@ class Data:
     @property
     def shape(self):
         return (2,) if self.kind != "images" else tuple(self.x.shape[1:])
+
+    @property
+    def scale(self):
+        """1 for images ([-1, 1]) and the toys (RMS 0.5); for loaded points their largest |coordinate|, at least 1."""
+        return max(1.0, float(self.x.abs().max())) if self.kind == "points" else 1.0
 
     def _epoch(self, e):  # perm_e, flip_e from a CPU generator seeded by (seed, "data", e), kept on device
         if e not in self._perm:
@@ -1521,9 +1526,10 @@ class Guard:
     since the last line); `max_skips` in a row stop the run in one sentence, checked at log lines and checkpoints.
     end_step(*losses), once per iteration: a non-finite loss since the previous checkpoint, or in the step right
     after it (its loss at the checkpoint's weights), withholds that checkpoint; training goes on and the next clean
-    one is written, but a withheld final checkpoint ends the run. The final checkpoint has no step after it: there
-    `probe()` (sample_probe: samples of the final weights) stands in for that loss, and non-finite samples withhold
-    it too (a last step that blows the weights up to 1e29 has a finite loss before its update)."""
+    one is written, but a withheld final checkpoint ends the run. `probe()` (sample_probe: samples of the weights
+    being saved) withholds a checkpoint too when they diverged: the final one has no step after it (a last step
+    that blows the weights up to 1e29 has a finite loss before its update), and a bounded loss (IMM's kernel MMD)
+    stays finite while the weights reach 1e31."""
 
     def __init__(self, env, max_skips, log, path, start_step=None, sync_free=None, probe=None):
         self.env, self.max_skips, self.log, self.path, self.probe = env, max_skips, log, path, probe
@@ -1591,20 +1597,23 @@ class Guard:
         if not bad:
             return False
         kept = f"the last good one (step {self.good}) is kept" if self.good is not None else "none was written"
+        what = "the weights diverged (samples NaN/inf or beyond 1e6 x the data's scale)" if self.bad_samples else \
+            f"the loss became NaN/inf after step {self.since}"
         if final:
-            what = "the final weights' samples are NaN/inf" if self.bad_samples else "the loss became NaN/inf"
-            raise UserError(f"{what} after step {self.since}; not writing the final checkpoint, {kept}.")
-        self.log.info(f"checkpoint of step {step} withheld: the loss became NaN/inf after step {self.since}; {kept}")
+            raise UserError(f"{what}; not writing the final checkpoint, {kept}.")
+        self.log.info(f"checkpoint of step {step} withheld: {what}; {kept}")
         return True
 
     def checkpoint(self, step, final, make, generators=()):
         """At a checkpoint step: make() -> the checkpoint dict. Final: written now; else after the next step's loss."""
-        if final and self.probe is not None:  # the final weights' samples, without touching the run's RNG streams
+        self.bad_samples = torch.zeros((), dtype=torch.bool, device=self.env.device)
+        if self.probe is not None:  # the saved weights' samples, without touching the run's RNG streams
             cuda = [self.env.device] if self.env.device.type == "cuda" else []
             with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                self.bad_samples = ~torch.stack([torch.isfinite(x).all() for x in self.probe()]).all()
-            self.bad |= self.bad_samples
-        bad, run = all_mean(torch.stack([self.bad.float(), self.run.float()]), self.env).tolist()
+                self.bad_samples = ~self.probe()
+        bad, run, bad_samples = all_mean(torch.stack([(self.bad | self.bad_samples).float(), self.run.float(),
+                                                      self.bad_samples.float()]), self.env).tolist()
+        self.bad_samples = bad_samples > 0
         self.check_run(step, run)
         withheld, self.since = self._withheld(step, bad > 0, final), step
         if withheld:
@@ -1616,19 +1625,22 @@ class Guard:
             self.pending = (step, snapshot_checkpoint(make(), self.env, generators, copy_=True))
 
 
-def sample_probe(generate_of, nets, env, num_classes=0, n=2):
-    """Guard's probe: n one-step samples of each net (the weights and the EMA) by the method's own sampler,
-    generate_of(net) -> generate(rng, labels), with noise of its own (IndexRNG); returned with every output of the
-    nets themselves (a forward hook), since the samplers clamp images to [-1, 1] and clamp(inf) = 1."""
+def sample_probe(generate_of, nets, env, data, num_classes=0, n=2):
+    """Guard's probe -> a device flag, False when the weights diverged: n one-step samples of each net (the weights
+    and the EMA) by the method's own sampler, generate_of(net) -> generate(rng, labels), with noise of its own
+    (IndexRNG), and every output of the nets themselves (a forward hook: the samplers clamp images to [-1, 1], and
+    clamp(inf) = 1) must be finite and within 1e6 x the data's scale (IMM at lr 1e30 gave finite samples of 1e31)."""
+    limit = 1e6 * data.scale
     def probe():
         rng, outs = IndexRNG(range(n), 0, env.device), []
         y = rng.randint(num_classes) if num_classes else None
         hooks = [net.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for net in nets]
         try:
-            return [generate_of(net)(rng, y) for net in nets] + outs
+            xs = [generate_of(net)(rng, y) for net in nets] + outs
         finally:
             for h in hooks:
                 h.remove()
+        return torch.stack([(x.abs() <= limit).all() for x in xs]).all()  # (False for NaN and inf too)
     return probe
 
 
@@ -1902,11 +1914,12 @@ def load_edm(path, key="ema"):
 
 @torch.no_grad()
 def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 2 with S_churn = 0; NVlabs/edm generate.py
-    edm_sampler): sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, sigma_N = 0, an Euler
-    step plus the trapezoidal correction except on the last step: 2N - 1 evaluations (35 for N = 18). The grid is
-    clipped to D's supported range (D.sigma_min / D.sigma_max when present: VE's 0.02). State in float64, D(x,
-    sigma, y) called with float64 x and a 0-dim float64 sigma (EDMDenoiser computes in fp32). latents ~ N(0, I)."""
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1 with sigma(t) = t, s(t) = 1, which is Alg. 2 with
+    S_churn = 0 as NVlabs/edm generate.py edm_sampler runs it): sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) -
+    s_max^(1/rho)))^rho, sigma_N = 0, an Euler step plus the trapezoidal correction except on the last step: 2N - 1
+    evaluations (35 for N = 18). The grid is clipped to D's supported range (D.sigma_min / D.sigma_max when present:
+    VE's 0.02). State in float64, D(x, sigma, y) called with float64 x and a 0-dim float64 sigma (EDMDenoiser
+    computes in fp32). latents ~ N(0, I)."""
     sigma_min = max(sigma_min, getattr(D, "sigma_min", 0.0))
     sigma_max = min(sigma_max, getattr(D, "sigma_max", float("inf")))
     i = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
@@ -1973,8 +1986,9 @@ def check_value(name, typ, v, rule=None, who="--"):
     return v
 
 
-def check_config(cfg, who=lambda name: "--", device=True):
-    """Every field of a Config against its type, RANGES and the method file's RANGES, the device, then cfg.check()."""
+def check_config(cfg, who=lambda name: "--", device=True, cross=True):
+    """Every field of a Config against its type, RANGES and the method file's RANGES, the device, then (`cross`)
+    cfg.check(), the rules between fields."""
     hints = typing.get_type_hints(type(cfg))
     rules = {**RANGES, **getattr(sys.modules.get(type(cfg).__module__), "RANGES", {})}
     for f in dataclasses.fields(cfg):
@@ -1985,7 +1999,7 @@ def check_config(cfg, who=lambda name: "--", device=True):
         raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
     if device and hasattr(cfg, "device"):
         check_device(cfg.device, getattr(cfg, "precision", None))
-    if hasattr(cfg, "check"):
+    if cross and hasattr(cfg, "check"):
         try:
             cfg.check()
         except ValueError as e:
@@ -2025,19 +2039,30 @@ def check_dir(d, what):
 RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.jsonl", "samples.png")  # in DIR
 
 
-def preflight(cmd, cfg):
-    """Before any work: output folders and files writable, sample/fid input files present (data and teacher files are
-    checked where they are read, before training)."""
+def check_layout(layout):
+    """{folder: the names (glob patterns) of the files a run writes in it}: a folder where a file goes, or a file
+    where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met as a traceback after it."""
+    for d, names in layout.items():
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
+                            f"another --out.")
+        f = next((f for n in names for f in sorted(glob.glob(os.path.join(glob.escape(d), n))) if os.path.isdir(f)),
+                 None)
+        if f:
+            raise UserError(f"'{f}' is a folder where the run writes its {os.path.basename(f)}; remove it or use "
+                            f"another --out.")
+
+
+def preflight(cmd, cfg, layout=None):
+    """Before any work: output folders and files writable (layout: check_layout's, by default --out's RUN_FILES),
+    sample/fid input files present (data and teacher files are checked where they are read, before training)."""
     if cmd == "train":
         if not cfg.out:
             raise UserError("--out needs a folder name.")
         if getattr(cfg, "root", None):
             check_dir(cfg.root, "--root")
-        f = next((f for f in RUN_FILES if os.path.isdir(os.path.join(cfg.out, f))), None)
-        if f:
-            raise UserError(f"'{os.path.join(cfg.out, f)}' is a folder where the run writes its {f}; remove it or use "
-                            f"another --out.")
-        return check_dir(cfg.out, "--out")
+        check_dir(cfg.out, "--out")
+        return check_layout(layout or {cfg.out: RUN_FILES})
     if not os.path.isfile(cfg.ckpt):
         raise no_file(cfg.ckpt, "checkpoint")
     if cfg.out == "":
@@ -2184,7 +2209,9 @@ def _preset_defaults(fields, Config, presets, argv, method):
     if name not in presets:
         raise UserError(f"unknown preset '{name}'; choose one of {', '.join(presets)}.")
     p = {**presets[name]}
-    p["out"] = _default_out(Config, presets, name, {}, method) or p.get("out")
+    modes = typing.get_args(typing.get_type_hints(Config).get("mode"))  # --mode M --help: M's folder
+    mode = [m for m in [a.partition("=")[2] for a in _normalise(argv) if a.startswith("--mode=")][-1:] if m in modes]
+    p["out"] = _default_out(Config, presets, name, {"mode": m for m in mode}, method) or p.get("out")
     out = []
     for field, typ, default, note in fields:
         parts = ", ".join(f"{v[field]!r} ({k})" for k, v in p.items() if isinstance(v, dict) and field in v)
@@ -2192,8 +2219,9 @@ def _preset_defaults(fields, Config, presets, argv, method):
     return name, out
 
 
-def resolve_config(Config, presets, preset, given, **select):
-    """Preset flat part, then its part keyed by the selected mode/stage, then the command line; validated."""
+def resolve_config(Config, presets, preset, given, cross=True, **select):
+    """Preset flat part, then its part keyed by the selected mode/stage, then the command line; validated (`cross`:
+    with Config.check's rules between fields)."""
     if preset not in presets:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(presets)}.")
     p = presets[preset]
@@ -2205,7 +2233,7 @@ def resolve_config(Config, presets, preset, given, **select):
             values.update(p.get(val, {}))
             values[sel] = val
     values.update({k: v for k, v in given.items() if k not in select})
-    return check_config(Config(**values))
+    return check_config(Config(**values), cross=cross)
 
 
 class Given(dict):
@@ -2287,10 +2315,13 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
     preset = given.preset or "toy"
     out = _default_out(Config, presets, preset, given, method)
     mode = None  # a run resumed without --mode is checked as its checkpoint's mode, not the preset's default
+    ckpt = os.path.join(given.get("out") or out or "", "ckpt.pt")
     if "mode" in hints and "mode" not in given and given.get("resume") is not False:
-        mode = _saved_mode(os.path.join(given.get("out") or out or "", "ckpt.pt"), hints["mode"])
-    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given,
-                         **({"mode": mode} if mode else {}))
+        mode = _saved_mode(ckpt, hints["mode"])
+    resuming = given.get("resume") is not False and os.path.isfile(ckpt)  # the rules between fields hold for the
+    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given,  # run's config with the
+                         cross=not resuming, **({"mode": mode} if mode else {}))  # changes (resume_config), not the
+    #                                                                                preset's (IMM --M over --batch)
     if "preset" in hints:
         cfg.preset = preset
     return cmd, cfg, given
@@ -2474,14 +2505,14 @@ def _trim_jsonl(path, step):
     """Keep the rows of a .jsonl log with "step" <= step (none when step is 0: a fresh run), atomically."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
+    with open(path, "rb") as f:
         rows = f.readlines()
     keep = []
     for r in rows if step else ():
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            if json.loads(r).get("step", step + 1) <= step:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):  # (invalid UTF-8 is a ValueError: dropped)
+            if json.loads(r.decode()).get("step", step + 1) <= step:
                 keep.append(r)
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "wb") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
 
@@ -2556,7 +2587,8 @@ def save_panels(path, panels):
             ax.set_xlim(-1.5, 1.5), ax.set_ylim(-1.5, 1.5), ax.set_aspect("equal")
         else:
             ax.imshow(_grid(a), cmap="gray"), ax.axis("off")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title.encode(errors="surrogateescape").decode(errors="replace"), fontsize=9)  # (a file name
+        # that is not UTF-8, given on the command line, holds surrogates, which matplotlib's fonts refuse)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

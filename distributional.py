@@ -1242,7 +1242,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
-    C.preflight(cmd, cfg)
+    C.preflight(cmd, cfg, {cfg.out: (*C.RUN_FILES, "teacher.pt", "teacher.pt.tmp", "samples_step0.png")})
     train(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -635,7 +635,8 @@ def train(cfg, given):
         raise C.UserError(f"'{path}' has convention '{ck['convention']}', but its config's interpolant and sigma0 give "
                           f"'{conv}'; it was edited, or not written by this project.")
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
-                    probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env))
+                    probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env,
+                                         data))
 
     def state():
         extra = dict(weight_head=head.state_dict()) if head is not None else {}

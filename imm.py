@@ -376,7 +376,8 @@ def train(cfg, given):
              f"(delta eta {delta_eta(cfg):.4g}) | min_gap {min_gap:g} | step {step}/{cfg.iters}")
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
-                    probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env))
+                    probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env,
+                                         data))
 
     def state():
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,

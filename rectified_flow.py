@@ -541,16 +541,9 @@ def pairs_id(meta):
 
 def make_pairs(cfg, env):
     """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
-    tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
-    teacher, tck = load_teacher(tpath, env)
-    C.check_teacher_data(tck["config"], cfg.data, tpath)  # the pairs are the teacher's coupling of its own data
-    edm = isinstance(teacher, EDMVelocity)
-    if inner(tck["net"])["label_dim"]:
-        raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
-    shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
-    images, grid = len(shape) == 3, time_grid(cfg.pair_steps, cfg.pair_grid)
-    mode = cfg.noise_mode or ("seed" if images else "stored")
-    t0 = time.time()
+    teacher, tck, folder, meta, new = pairs_plan(cfg, env)
+    shape, edm, mode = sample_shape(tck["net"]), isinstance(teacher, EDMVelocity), new["noise_mode"]
+    images, grid, t0 = len(shape) == 3, time_grid(cfg.pair_steps, cfg.pair_grid), time.time()
 
     @torch.no_grad()
     def make(idx):
@@ -564,6 +557,33 @@ def make_pairs(cfg, env):
             zs.append(z)
         return torch.cat(xs), torch.cat(zs)
 
+    if env.is_main and (_read_meta(folder) or _read_meta(folder, "started.json")) is None:  # what these blocks
+        os.makedirs(folder, exist_ok=True)  # are, before the first one: a restart checks it
+        with open(os.path.join(folder, "started.json"), "w") as f:
+            json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
+    C.barrier(env)
+    write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
+    if env.is_main:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, "started.json"))
+    if env.is_main:
+        print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
+              f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
+
+
+def pairs_plan(cfg, env):
+    """The pairs stage's teacher and what its pairs will be -> (teacher, tck, folder, meta, new); pairs already
+    in the folder (finished, or stopped part-way) are refused unless they are the pairs asked for (--stage all
+    checks this before its 1-RF stage)."""
+    tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
+    teacher, tck = load_teacher(tpath, env)
+    C.check_teacher_data(tck["config"], cfg.data, tpath)  # the pairs are the teacher's coupling of its own data
+    edm = isinstance(teacher, EDMVelocity)
+    if inner(tck["net"])["label_dim"]:
+        raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
+    shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
+    images = len(shape) == 3
+    mode = cfg.noise_mode or ("seed" if images else "stored")
     meta = dict(shape=list(shape), x_dtype="uint8" if images else "float32", pair_seed=cfg.pair_seed,
                 solver="edm_heun" if edm else cfg.pair_solver, steps=cfg.pair_steps,
                 grid="edm_sigma" if edm else cfg.pair_grid, nfe=nfe(cfg.pair_steps, "heun" if edm else cfg.pair_solver),
@@ -582,18 +602,7 @@ def make_pairs(cfg, env):
             k = diff[0]
             raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that "
                               f"folder or give --pairs another one.")
-    if env.is_main and old is None:  # what these blocks are, before the first one: a restart checks it
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "started.json"), "w") as f:
-            json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
-    C.barrier(env)
-    write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
-    if env.is_main:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, "started.json"))
-    if env.is_main:
-        print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
-              f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
+    return teacher, tck, folder, meta, new
 
 
 def _pair_block(folder, kind, j, rows, shape):
@@ -729,6 +738,17 @@ def stage_dir(cfg, stage):
     return cfg.out if stage == "1rf" else os.path.join(cfg.out, stage)
 
 
+def run_layout(cfg):
+    """The folders the train command writes in, each with the names of its files (common.check_layout)."""
+    layout = {cfg.out: C.RUN_FILES}
+    for s in ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]:
+        if s == "pairs":  # write_pairs' blocks, _save_npy's and meta.json's .tmp files, make_pairs' started.json
+            layout[cfg.pairs or os.path.join(cfg.out, "pairs")] = ("[xz]_*.npy", "*.tmp", "meta.json", "started.json")
+        else:
+            layout[stage_dir(cfg, s)] = C.RUN_FILES
+    return layout
+
+
 def train(cfg, given, env):
     """One training stage (1rf, 2rf or ft): data, optimiser, EMA, logging, checkpoints, periodic samples."""
     stage = cfg.stage
@@ -846,7 +866,7 @@ def train(cfg, given, env):
 
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
                     probe=C.sample_probe(lambda n: sampler(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env,
-                                         inner(nd)["label_dim"]))
+                                         data, inner(nd)["label_dim"]))
 
     def state():
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
@@ -961,6 +981,11 @@ def run(cfg, given):
                                   f"drop it.")
         if not scfg.fallback and not os.path.exists(ckpt):  # a fresh stage's missing LPIPS weights (--fallback
             make_lpips(scfg, None)  # false) stop the run before the 1-RF; a resumed one checks its own config's loss
+    first = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.stage == "all" and os.path.exists(first):  # pairs already there that its finished 1-RF would not make
+        ck = C.load_checkpoint(first)  # (another teacher, other pair options) are refused now, not after a stage
+        if ck["step"] >= given.get("iters", ck["config"].get("iters", 0)):
+            pairs_plan(next(scfg for s, scfg in plan if s == "pairs"), env)
     for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)
@@ -984,7 +1009,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
-    C.preflight(cmd, cfg)
+    C.preflight(cmd, cfg, run_layout(cfg) if cmd == "train" else None)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

@@ -259,7 +259,9 @@ def jvp_F(net, x_t, t, dxdt, sigma_d):
 
 def tangent(net, x_t, t, dxdt, r, sigma_d):
     """(sCM Alg. 1, Sec. 4.2) g_raw = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + J); at r = 1 it
-    equals cos t df^-/dt of (sCM Sec. 4). Call under no_grad: returns (F^-, g_raw), both without grad_fn."""
+    equals cos t df^-/dt, with df^-/dt the CM's derivative along the ODE path (sCM Eq. 6), and the loss's gradient
+    then points where that of the continuous-time objective (sCM Eq. 2) does (docs/scm.md, "Which way the loss moves
+    F"). Call under no_grad: returns (F^-, g_raw), both without grad_fn."""
     cos, sin = torch.cos(t), torch.sin(t)
     F_minus, J = jvp_F(net, x_t, t, dxdt, sigma_d)  # (sCM Sec. 5.1)
     g_raw = -_col(cos * cos, x_t) * (sigma_d * F_minus - dxdt) - r * (_col(cos * sin, x_t) * x_t + J)
@@ -567,7 +569,7 @@ def train(cfg, given, env):
     probe_t = torch.tensor([0.1, 0.6, 1.2], device=env.device)
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
                     probe=C.sample_probe(lambda n: sampler(n, cfg, mode, sample_shape(nd), 1, env), (net, ema.model),
-                                         env))
+                                         env, data))
 
     def state():
         return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
@@ -731,7 +733,8 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
-    C.preflight(cmd, cfg)
+    parts = [os.path.join(cfg.out, m) for m in MODES] if cmd == "train" and cfg.mode == "all" else []
+    C.preflight(cmd, cfg, {cfg.out: C.RUN_FILES, **dict.fromkeys(parts, C.RUN_FILES)})  # (--mode all: a run each)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 
 

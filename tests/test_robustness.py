@@ -518,16 +518,98 @@ def test_a_folder_where_a_run_writes_a_file_is_one_sentence(files, tmp_path, cap
     assert out == "" and not os.path.exists(tmp_path / "s_2step.npy")
 
 
+def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
+    """IMM resumed with --M 6 over a run of --batch 12 was refused as '--batch 512 must be a multiple of --M 6': the
+    rules between fields were checked on the preset's values before the merge with the checkpoint. Now they are
+    checked on the run's config with the change; control: --M 5 does not divide the run's 12 and is refused."""
+    argv = ["--batch", "12", "--eval_n", "16", "--eval_steps", "1", "--out", tmp_path / "r"]
+    assert run("imm", *argv, "--iters", "1") == 0
+    capsys.readouterr()
+    assert run("imm", "--out", tmp_path / "r", "--iters", "2", "--M", "6") == 0
+    assert "config: M = 6 (checkpoint had 4)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["M"] == 6
+    one_sentence(run("imm", "--out", tmp_path / "r", "--iters", "3", "--M", "5"), capsys.readouterr().err,
+                 "--batch 12 must be a multiple of --M 5")
+
+
+def test_stage_all_refuses_pairs_it_would_not_make_before_any_stage(files, tmp_path, capsys):
+    """rectified_flow --stage all restarted over a finished 1-RF with another pair option (or a --pairs folder of
+    another teacher's pairs) ran the 1-RF stage, printed it, and refused at the pairs stage. Now it is refused
+    before any stage, nothing printed. Control: the same restart with the pairs' own options goes on."""
+    import shutil
+    shutil.copytree(files / "rectified_flow", tmp_path / "r")
+    rf = ["--batch", "16", "--straight_k", "2", "--lr_schedule", "const", *EVAL, "--n_pairs", "16", "--iters", "2"]
+    pairs = ["--stage", "pairs", "--n_pairs", "16", "--pair_steps", "3", "--out", tmp_path / "r"]
+    assert run("rectified_flow", *pairs) == 0
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "ema": {k: v + 1 for k, v in ck["ema"].items()}}, tmp_path / "t2.pt")  # another teacher
+    assert run("rectified_flow", *pairs, "--pairs", tmp_path / "p2", "--teacher", tmp_path / "t2.pt") == 0
+    for argv, words in [(["--pair_steps", "4"], "made with steps 3, not 4"),
+                        (["--pair_steps", "3", "--pairs", tmp_path / "p2"], "made by another teacher")]:
+        capsys.readouterr()
+        code = run("rectified_flow", *rf, "--stage", "all", "--out", tmp_path / "r", *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, words)
+        assert out == "" and not os.path.exists(tmp_path / "r" / "2rf")
+    assert run("rectified_flow", *rf, "--stage", "all", "--out", tmp_path / "r", "--pair_steps", "3") == 0
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_a_picture_name_that_is_not_utf8_is_written(files, tmp_path):
+    """`sample --out` named with bytes that are not UTF-8 (Python holds them as surrogates) ended in matplotlib's
+    traceback: the picture's title is the file name, and its fonts refuse surrogates. The file is written now."""
+    out = os.path.join(str(tmp_path), os.fsdecode(b"s\xff.png"))
+    assert run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1", "--out", out) == 0
+    assert os.listdir(tmp_path) == [os.fsdecode(b"s\xff.png")] and os.path.getsize(out) > 1000
+
+
+@pytest.mark.parametrize("name, argv, folders, files, words", [
+    ("rectified_flow", ["--stage", "all"], [], ["2rf"], "keeps its 2rf folder"),
+    ("rectified_flow", ["--stage", "all"], [], ["pairs"], "keeps its pairs folder"),
+    ("rectified_flow", ["--stage", "pairs"], ["pairs/x_00000.npy"], [], "writes its x_00000.npy"),
+    ("rectified_flow", ["--stage", "all"], ["pairs/meta.json"], [], "writes its meta.json"),
+    ("rectified_flow", ["--stage", "2rf"], ["2rf/log.jsonl"], [], "writes its log.jsonl"),
+    ("scm", ["--mode", "all"], [], ["sct"], "keeps its sct folder"),
+    ("scm", ["--mode", "all"], ["diffusion/ckpt.pt.tmp"], [], "writes its ckpt.pt.tmp"),
+    ("distributional", [], ["samples_step0.png"], [], "writes its samples_step0.png"),
+    ("distributional", [], ["teacher.pt"], [], "writes its teacher.pt")])
+def test_a_run_folder_of_the_wrong_kind_is_refused_before_any_work(name, argv, folders, files, words, tmp_path,
+                                                                     capsys, monkeypatch):
+    """A name a pipeline uses that is the wrong kind of thing (DIR/2rf, DIR/pairs or DIR/sct a file; a pairs block,
+    a sub-run's file or GDD's step-0 picture a folder) ended in a traceback after a stage had trained and printed.
+    Now it is one sentence before any output. Control: the same folder with the names as they should be starts."""
+    for f in folders:
+        os.makedirs(tmp_path / "r" / f)
+    for f in files:
+        os.makedirs(tmp_path / "r", exist_ok=True)
+        open(tmp_path / "r" / f, "w").close()
+    capsys.readouterr()
+    code = run(name, *BASE[name], *argv, "--out", tmp_path / "r", "--iters", "1")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, words)
+    assert out == ""
+    import shutil
+    shutil.rmtree(tmp_path / "r")
+    for f in folders + files:  # the control: the same folders, each name of the kind the run writes there
+        os.makedirs(tmp_path / "r" / (os.path.dirname(f) if f in folders else f), exist_ok=True)
+    started = []
+    monkeypatch.setattr(MODS[name], "train" if name == "distributional" else "run", lambda *a: started.append(1))
+    assert run(name, *BASE[name], *argv, "--out", tmp_path / "r", "--iters", "1") == 0 and started
+
+
 def test_the_logs_hold_this_runs_history_only(files, tmp_path):
     """A resumed run appended to log.jsonl after the lines a killed run had written past its checkpoint, and a fresh
     run in a folder without a checkpoint appended to the old run's log: now the logs keep the steps up to the
-    checkpoint's (a fresh run: none), so each step appears once."""
+    checkpoint's (a fresh run: none), so each step appears once. A line that is not UTF-8 is dropped like any
+    other line that is not JSON."""
     import shutil
     shutil.copytree(files / "imm", tmp_path / "r")
     steps = lambda f: [json.loads(r)["step"] for r in open(tmp_path / "r" / f)]
     assert steps("log.jsonl") == [1, 2]
     with open(tmp_path / "r" / "log.jsonl", "a") as f:  # a killed run's lines past its step-2 checkpoint
         f.write(json.dumps(dict(step=3, loss=1.0)) + "\n" + json.dumps(dict(step=4, loss=1.0)) + "\n")
+    with open(tmp_path / "r" / "metrics.jsonl", "ab") as f:  # a torn write: invalid UTF-8 (was a traceback)
+        f.write(b'{"step": 1, "swd_1": "\xff\xfe"}\n')
     assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3", "--log_every", "1") == 0
     assert steps("log.jsonl") == [1, 2, 3] and steps("metrics.jsonl")[-1] == 3
     os.remove(tmp_path / "r" / "ckpt.pt")  # a fresh run in the same folder
@@ -763,6 +845,11 @@ def test_help_shows_the_defaults_a_run_uses(capsys):
         flow_map.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # a field comment continued on a "#   ..." line is shown whole
     assert "(Boffi); cosine: lr x (1 + cos(pi step / iters)) / 2 (toy preset) (default 'cosine')" in text
+    for M, argv, out in [(scm, ["--mode", "sct"], "runs/scm-sct-toy"), (scm, [], "runs/scm-all-toy"),
+                         (flow_map, ["--mode=meanflow", "--preset", "tiny"], "runs/flow_map-meanflow-tiny")]:
+        with pytest.raises(SystemExit):  # the folder of the --mode given (was the default mode's)
+            M.main([*argv, "--help"])
+        assert f"run folder (default '{out}')" in " ".join(capsys.readouterr().out.split()), (argv, out)
 
 
 def test_help_into_a_closed_pipe_is_quiet():
@@ -924,12 +1011,44 @@ def test_the_probe_sees_through_the_samplers_clamp():
     env = C.setup("cpu", 0, "fp32")
     nd = C.net_config("tiny", img_resolution=8, num_times=2)
     net = C.build_net(nd)
-    probe = C.sample_probe(lambda n: imm.generator(n, imm.Config(), (3, 8, 8), 1, env), (net,), env)
+    probe = C.sample_probe(lambda n: imm.generator(n, imm.Config(), (3, 8, 8), 1, env), (net,), env,
+                           C.Data("images", "x", x=torch.zeros(1, 3, 8, 8, dtype=torch.uint8)))
     with torch.no_grad():
-        assert all(bool(torch.isfinite(x).all()) for x in probe())
+        assert bool(probe())
         net.out_conv.weight.fill_(1e38)
-        out = probe()
-    assert out[0].abs().max() <= 1 and not all(bool(torch.isfinite(x).all()) for x in out)
+        assert imm.generator(net, imm.Config(), (3, 8, 8), 1, env)(C.IndexRNG(range(2), 0, env.device), None
+                                                                   ).abs().max() <= 1  # the clamp hides it
+        assert not bool(probe())
+
+
+def test_the_probe_bound_follows_the_datas_scale():
+    """Finite but diverged: the probe refuses outputs beyond 1e6 x the data's scale, which is 1 for images and the
+    toys and the largest |coordinate| of loaded points (at least 1), so that points in km are not 'diverged'."""
+    env = C.setup("cpu", 0, "fp32")
+    net = torch.nn.Linear(2, 2)
+    gen = lambda net: lambda rng, y: net(torch.ones(2, 2))
+    for big, scale, ok in [(1e7, 1.0, False), (1e5, 1.0, True), (1e7, 1e3, True), (1e10, 1e3, False)]:
+        pts = C.Data("points", "p", x=torch.tensor([[scale, -0.5], [0.1, 0.2]]))
+        with torch.no_grad():
+            net.weight.fill_(0), net.bias.fill_(big)
+        assert bool(C.sample_probe(gen, (net,), env, pts)()) == ok, (big, scale)
+    assert C.Data("points", "p", x=torch.full((3, 2), 1e-3)).scale == 1.0
+    assert C.load_data("8gaussians", "data", env, 0, False).scale == 1.0
+
+
+def test_a_fresh_run_whose_weights_diverge_with_a_finite_loss_writes_no_checkpoint(tmp_path, capsys):
+    """IMM's loss is a kernel MMD, bounded: at --lr 1e30 the weights reach ~1e31 while the loss and the gradients
+    stay finite, so nothing was skipped or withheld, and a fresh run exited 0 with a checkpoint of diverged
+    weights (evaluation NaN). The probe at each checkpoint now withholds them: the step-2 checkpoint is withheld,
+    the final one refused in one sentence. Control: the same run at the preset's lr writes its checkpoint."""
+    capsys.readouterr()
+    code = run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "4", "--ckpt_every", "2", "--lr", "1e30")
+    io = capsys.readouterr()
+    one_sentence(code, io.err, "the weights diverged", "not writing the final checkpoint", "none was written")
+    assert "checkpoint of step 2 withheld: the weights diverged" in io.out
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
+    assert run("imm", *BASE["imm"], "--out", tmp_path / "c", "--iters", "4", "--ckpt_every", "2") == 0
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 def test_a_really_full_disk_is_one_sentence(files, tmp_path, capsys):
