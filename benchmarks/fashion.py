@@ -32,7 +32,7 @@ while ROOT/fashion_classifier.json matches the data and the recipe). Each method
 seeds for every method; the 1-RF is also scored with more Euler steps (the many-step reference), and N test (t10k)
 images give the floor of the statistic at that N. Samples of each method at 1 and 2 steps form the figure.
 
-    python benchmarks/fashion.py                              # CPU: tiny U-Net, 2 processes, about 25 min on 2 cores
+    python benchmarks/fashion.py                              # CPU: tiny U-Net, 2 processes, about 20 min on 2 cores
     python benchmarks/fashion.py --device cuda                # GPU: small U-Net, 40k steps x 128 per method (1-RF)
     python benchmarks/fashion.py --methods 1-RF,LSD --budget 3200 --n_fd 500 --results /tmp/r
 
