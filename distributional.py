@@ -1172,7 +1172,9 @@ def train(cfg, given):
         if fid:
             fid(0, fid_gen())
 
-    guard = C.Guard(env, cfg.max_skips, log, path, ck and step)  # skips non-finite steps, withholds bad checkpoints
+    guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
+                    probe=C.sample_probe(lambda n: lambda rng, labels: sample(n, rng, shape, 1, t_g, labels),
+                                         (raw, ema.model), env, data, inner(nd)["label_dim"]))
 
     def state():
         return dict(model=raw.state_dict(), ema=ema.model.state_dict(),

@@ -1134,3 +1134,25 @@ def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, c
     monkeypatch.setattr(torch, "save", orig)
     assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before
     assert not os.path.exists(tmp_path / "r" / "ckpt.pt.tmp")
+
+
+@pytest.mark.parametrize("name", sorted(MODS))
+def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypatch):
+    """Each file's Guard gets sample_probe over its weights and their EMA, with its own one-step sampler: here the
+    probe's bound (1e6 x the data's scale) is made 1e-9, so every real sample counts as diverged and no checkpoint
+    may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
+    Control: the same run with the real bound writes its checkpoint."""
+    import types
+    real, seen = C.sample_probe, []
+
+    def strict(generate_of, nets, env, data, *a):
+        seen.append(len(nets))
+        return real(generate_of, nets, env, types.SimpleNamespace(scale=1e-15), *a)
+    monkeypatch.setattr(C, "sample_probe", strict)
+    capsys.readouterr()
+    code = run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "2")
+    one_sentence(code, capsys.readouterr().err, "the weights diverged", "not writing the final checkpoint")
+    assert not (tmp_path / "r" / "ckpt.pt").exists() and seen and set(seen) == {2}
+    monkeypatch.setattr(C, "sample_probe", real)
+    assert run(name, *BASE[name], "--out", tmp_path / "c", "--iters", "2") == 0
+    assert (tmp_path / "c" / "ckpt.pt").exists()
