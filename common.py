@@ -1999,11 +1999,15 @@ def check_config(cfg, who=lambda name: "--", device=True, cross=True):
         raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
     if device and hasattr(cfg, "device"):
         check_device(cfg.device, getattr(cfg, "precision", None))
-    if cross and hasattr(cfg, "check"):
-        try:
-            cfg.check()
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    return check_rules(cfg) if cross else cfg
+
+
+def check_rules(cfg):
+    """cfg.check(), the Config's rules between fields (a ValueError there is a UserError here)."""
+    try:
+        cfg.check() if hasattr(cfg, "check") else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return cfg
 
 
@@ -2244,11 +2248,13 @@ class Given(dict):
         self.preset = preset
 
 
-def parse_cli(Config, presets, method, argv=None, sampler=()):
+def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and `given` holds
     the Config fields to apply over the checkpoint's config (merge_config): only `sampler`, the fields the method's
     sampler reads (and fid's --data); any other field is the checkpoint's and giving it is refused, not ignored.
-    Bad input: UserError."""
+    resumes(cfg): the checkpoint a train command resumes (default --out's ckpt.pt; None: it never resumes a config);
+    a run that starts afresh has its rules between fields checked here, a resumed one on its own config with the
+    changes (resume_config). Bad input: UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _NOTES.clear()  # a refused command's notes never reach the next command of the same process (tests, notebooks)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
@@ -2318,12 +2324,13 @@ def parse_cli(Config, presets, method, argv=None, sampler=()):
     ckpt = os.path.join(given.get("out") or out or "", "ckpt.pt")
     if "mode" in hints and "mode" not in given and given.get("resume") is not False:
         mode = _saved_mode(ckpt, hints["mode"])
-    resuming = given.get("resume") is not False and os.path.isfile(ckpt)  # the rules between fields hold for the
-    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given,  # run's config with the
-                         cross=not resuming, **({"mode": mode} if mode else {}))  # changes (resume_config), not the
-    #                                                                                preset's (IMM --M over --batch)
+    cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given, cross=False,
+                         **({"mode": mode} if mode else {}))
     if "preset" in hints:
         cfg.preset = preset
+    path = (resumes or (lambda c: os.path.join(c.out, "ckpt.pt")))(cfg)
+    if given.get("resume") is False or not (path and os.path.isfile(path)):  # a resumed run's rules between fields
+        check_rules(cfg)  # hold for its own config with the changes (resume_config), not the preset's (IMM's --M)
     return cmd, cfg, given
 
 
@@ -2511,7 +2518,7 @@ def _trim_jsonl(path, step):
     for r in rows if step else ():
         with contextlib.suppress(ValueError, TypeError, AttributeError):  # (invalid UTF-8 is a ValueError: dropped)
             if json.loads(r.decode()).get("step", step + 1) <= step:
-                keep.append(r)
+                keep.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
     with open(path + ".tmp", "wb") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -738,14 +738,22 @@ def stage_dir(cfg, stage):
     return cfg.out if stage == "1rf" else os.path.join(cfg.out, stage)
 
 
+def resumed_ckpt(cfg):
+    """The checkpoint a train command resumes (common.parse_cli): its stage's; --stage pairs resumes no config (its
+    blocks are matched by pairs_plan), --stage all its 1-RF's (each later stage's config is checked as it starts)."""
+    return None if cfg.stage == "pairs" else os.path.join(stage_dir(cfg, "1rf" if cfg.stage == "all" else cfg.stage),
+                                                          "ckpt.pt")
+
+
 def run_layout(cfg):
     """The folders the train command writes in, each with the names of its files (common.check_layout)."""
     layout = {cfg.out: C.RUN_FILES}
+    pairs = ("[xz]_*.npy", "*.tmp", "meta.json", "started.json")  # write_pairs' blocks, the .tmp files of _save_npy
+    add = lambda d, names: layout.update({d: (*layout.get(d, ()), *names)})  # and meta.json, make_pairs' started.json
     for s in ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]:
-        if s == "pairs":  # write_pairs' blocks, _save_npy's and meta.json's .tmp files, make_pairs' started.json
-            layout[cfg.pairs or os.path.join(cfg.out, "pairs")] = ("[xz]_*.npy", "*.tmp", "meta.json", "started.json")
-        else:
-            layout[stage_dir(cfg, s)] = C.RUN_FILES
+        add(cfg.pairs or os.path.join(cfg.out, "pairs"), pairs) if s == "pairs" else add(stage_dir(cfg, s), C.RUN_FILES)
+    if cfg.stage == "ft":  # its inverted pairs (invert_data)
+        add(os.path.join(stage_dir(cfg, "ft"), "pairs"), pairs)
     return layout
 
 
@@ -1008,7 +1016,7 @@ def sample_or_fid(cmd, opts, given):
 
 
 def main(argv=None):
-    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS)
+    cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS, resumes=resumed_ckpt)
     C.preflight(cmd, cfg, run_layout(cfg) if cmd == "train" else None)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
 

@@ -532,6 +532,34 @@ def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
                  "--batch 12 must be a multiple of --M 5")
 
 
+def test_a_fresh_stage_beside_a_finished_1rf_checks_its_own_rules(tmp_path, capsys):
+    """The rules between fields are left to resume_config at parse time for a run that resumes, and rectified_flow's
+    DIR/ckpt.pt is the 1-RF's: a fresh --stage 2rf with --solver rk4 --rule new trained a 2-RF that could then be
+    neither sampled nor resumed, and --stage pairs wrote pairs of --noise_std 3. parse_cli now asks the file which
+    checkpoint the stage resumes (rectified_flow.resumed_ckpt). Control: the 2-RF of its own, resumed, is refused
+    the same rule on its config and takes a valid change."""
+    import shutil
+    argv = [a for a in BASE["rectified_flow"] if a not in ("--stage", "1rf")] + ["--out", tmp_path / "r"]
+    assert run("rectified_flow", *argv, "--stage", "all", "--iters", "2", "--n_pairs", "16", "--pair_block", "16",
+               "--pair_batch", "16", "--pair_steps", "2") == 0
+    shutil.move(tmp_path / "r" / "2rf", tmp_path / "2rf")
+    capsys.readouterr()
+    one_sentence(run("rectified_flow", *argv, "--stage", "2rf", "--iters", "2", "--solver", "rk4", "--rule", "new"),
+                 capsys.readouterr().err, "--rule new", "rk4")
+    assert not (tmp_path / "r" / "2rf").exists()
+    shutil.move(tmp_path / "r" / "pairs", tmp_path / "pairs")
+    one_sentence(run("rectified_flow", *argv, "--stage", "pairs", "--noise_std", "3"), capsys.readouterr().err,
+                 "--noise_std is fixed at 1")
+    assert not (tmp_path / "r" / "pairs").exists()
+    assert rectified_flow.resumed_ckpt(rectified_flow.Config(out="D", stage="all")) == os.path.join("D", "ckpt.pt")
+    assert rectified_flow.resumed_ckpt(rectified_flow.Config(out="D", stage="pairs")) is None
+    shutil.move(tmp_path / "2rf", tmp_path / "r" / "2rf"), shutil.move(tmp_path / "pairs", tmp_path / "r" / "pairs")
+    one_sentence(run("rectified_flow", *argv, "--stage", "2rf", "--iters", "4", "--solver", "rk4", "--rule", "new"),
+                 capsys.readouterr().err, "--rule new", "rk4")
+    assert run("rectified_flow", *argv, "--stage", "2rf", "--iters", "3", "--solver", "rk4") == 0
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["config"]["solver"] == "rk4"
+
+
 def test_stage_all_refuses_pairs_it_would_not_make_before_any_stage(files, tmp_path, capsys):
     """rectified_flow --stage all restarted over a finished 1-RF with another pair option (or a --pairs folder of
     another teacher's pairs) ran the 1-RF stage, printed it, and refused at the pairs stage. Now it is refused
@@ -569,6 +597,7 @@ def test_a_picture_name_that_is_not_utf8_is_written(files, tmp_path):
     ("rectified_flow", ["--stage", "pairs"], ["pairs/x_00000.npy"], [], "writes its x_00000.npy"),
     ("rectified_flow", ["--stage", "all"], ["pairs/meta.json"], [], "writes its meta.json"),
     ("rectified_flow", ["--stage", "2rf"], ["2rf/log.jsonl"], [], "writes its log.jsonl"),
+    ("rectified_flow", ["--stage", "ft"], ["ft/pairs/z_00000.npy"], [], "writes its z_00000.npy"),
     ("scm", ["--mode", "all"], [], ["sct"], "keeps its sct folder"),
     ("scm", ["--mode", "all"], ["diffusion/ckpt.pt.tmp"], [], "writes its ckpt.pt.tmp"),
     ("distributional", [], ["samples_step0.png"], [], "writes its samples_step0.png"),
@@ -615,6 +644,18 @@ def test_the_logs_hold_this_runs_history_only(files, tmp_path):
     os.remove(tmp_path / "r" / "ckpt.pt")  # a fresh run in the same folder
     assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "1", "--log_every", "1") == 0
     assert steps("log.jsonl") == [1] and steps("metrics.jsonl") == [1]
+
+
+def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
+    """A kill between a row and its newline: the kept row had the resumed run's first row glued onto it (two JSON
+    objects on one line, the log unreadable). Control: a row with its newline is kept byte for byte."""
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"step": 1}\n\xff\xfe torn\n{"step": 2}')
+    C._trim_jsonl(str(p), 2)
+    with open(p, "a") as f:
+        f.write('{"step": 3}\n')
+    assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert [json.loads(r)["step"] for r in open(p)] == [1, 2, 3]
 
 
 def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
