@@ -757,6 +757,29 @@ def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
     assert torch.load(tmp_path / "s" / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == "checkerboard"
 
 
+def test_a_restarted_scm_pipeline_of_a_preset_without_data_takes_its_teachers(tmp_path, capsys):
+    """scm --mode all restarted over DIR/diffusion without --data, under a preset with no data (tiny), was refused
+    at parse time ('this preset needs --data'): parse_cli looked for DIR/ckpt.pt, which --mode all never writes, so
+    pipeline_data never filled the data in. parse_cli now asks scm for DIR/diffusion/ckpt.pt, and the pipeline's
+    rules are checked once the data are in, before any mode trains: --sigma_max 0.1 (t_mid beyond t_max) is refused
+    with the teacher's checkpoint untouched. Control: a fresh --mode all of that preset without --data is refused."""
+    np.save(tmp_path / "imgs.npy", np.random.RandomState(0).randint(0, 256, (32, 16, 16, 3)).astype(np.uint8))
+    S = tmp_path / "S"
+    assert run("scm", "--preset", "tiny", "--data", tmp_path / "imgs.npy", "--mode", "diffusion", "--iters", "1",
+               "--out", S / "diffusion") == 0
+    before = (S / "diffusion" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    for data in ([], ["--data", tmp_path / "imgs.npy", "--seed", "0"]):  # (the data from the teacher, or given again)
+        one_sentence(run("scm", "--preset", "tiny", "--mode", "all", "--iters", "2", "--sigma_max", "0.1", *data,
+                         "--out", S), capsys.readouterr().err, "--t_mid must lie in (0, t_max)")
+        assert (S / "diffusion" / "ckpt.pt").read_bytes() == before and sorted(os.listdir(S)) == ["diffusion"]
+    assert run("scm", "--preset", "tiny", "--mode", "all", "--iters", "1", "--out", S) == 0
+    assert "config: --data " in capsys.readouterr().out
+    assert torch.load(S / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == str(tmp_path / "imgs.npy")
+    one_sentence(run("scm", "--preset", "tiny", "--mode", "all", "--iters", "1", "--out", tmp_path / "fresh"),
+                 capsys.readouterr().err, "this preset needs --data")
+
+
 def test_a_resumed_run_keeps_its_data(tmp_path, capsys, monkeypatch):
     """A resumed run with another named data set was taken with a "config: data" note; the 2-RF, which trains on its
     stored pairs, then scored itself against the other set and recorded it as its data. Now refused (resume_cases);
