@@ -2594,8 +2594,8 @@ def save_panels(path, panels):
             ax.set_xlim(-1.5, 1.5), ax.set_ylim(-1.5, 1.5), ax.set_aspect("equal")
         else:
             ax.imshow(_grid(a), cmap="gray"), ax.axis("off")
-        ax.set_title(title.encode(errors="surrogateescape").decode(errors="replace"), fontsize=9)  # (a file name
-        # that is not UTF-8, given on the command line, holds surrogates, which matplotlib's fonts refuse)
+        ax.set_title(title.encode(errors="surrogateescape").decode(errors="replace"), fontsize=9, parse_math=False)
+        # (a file name that is not UTF-8 holds surrogates, which matplotlib's fonts refuse; '$' is not mathtext)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -589,6 +589,9 @@ def test_a_picture_name_that_is_not_utf8_is_written(files, tmp_path):
     out = os.path.join(str(tmp_path), os.fsdecode(b"s\xff.png"))
     assert run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1", "--out", out) == 0
     assert os.listdir(tmp_path) == [os.fsdecode(b"s\xff.png")] and os.path.getsize(out) > 1000
+    out = os.path.join(str(tmp_path), "a$^$b.png")  # matplotlib read '$^$' as mathtext: a traceback
+    assert run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1", "--out", out) == 0
+    assert os.path.getsize(out) > 1000
 
 
 @pytest.mark.parametrize("name, argv, folders, files, words", [
