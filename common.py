@@ -2349,8 +2349,9 @@ def pipeline_data(Config, presets, cfg, given, first, **select):
     """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`:
     without --data, --seed or --preset every stage takes that run's, as a resume does (the stages not begun took the
     defaults': the toy preset's pairs and 2-RF after a tiny 1-RF); another named data set is refused now, before any
-    stage (check_teacher_data). -> (cfg, given): the pipeline's config resolved again with them (noted), and `given`
-    with them (.preset: the first stage's). A fresh start (--resume false) is left alone."""
+    stage (check_teacher_data). -> (cfg, given): the pipeline's config resolved again with them (noted) and checked
+    (check_rules), and `given` with them (.preset: the first stage's). A fresh start (--resume false) is left alone
+    (parse_cli checked it)."""
     if given.get("resume") is False:
         return cfg, given
     saved = saved_config(first)
@@ -2364,9 +2365,9 @@ def pipeline_data(Config, presets, cfg, given, first, **select):
         took = [f"--preset {given.preset}"] * other + [f"--{k} {v}" for k, v in keep.items()]
         note(f"config: {' '.join(took)} (from '{first}': a restarted pipeline keeps its first stage's)")
         name = given.preset or cfg.preset
-        cfg = resolve_config(Config, presets, name, {**given, "out": cfg.out}, **select)
+        cfg = resolve_config(Config, presets, name, {**given, "out": cfg.out}, cross=False, **select)
         cfg.preset = name  # (as parse_cli: the preset label is not a preset's value)
-    return cfg, given
+    return check_rules(cfg), given  # (parse_cli left them to this restart: with its first stage's data, before any)
 
 
 _NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's

@@ -751,7 +751,10 @@ def run_layout(cfg):
     pairs = ("[xz]_*.npy", "*.tmp", "meta.json", "started.json")  # write_pairs' blocks, the .tmp files of _save_npy
     add = lambda d, names: layout.update({d: (*layout.get(d, ()), *names)})  # and meta.json, make_pairs' started.json
     for s in ["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]:
-        add(cfg.pairs or os.path.join(cfg.out, "pairs"), pairs) if s == "pairs" else add(stage_dir(cfg, s), C.RUN_FILES)
+        if s == "pairs":
+            add(cfg.pairs or os.path.join(cfg.out, "pairs"), pairs)
+        else:
+            add(stage_dir(cfg, s), C.RUN_FILES)
     if cfg.stage == "ft":  # its inverted pairs (invert_data)
         add(os.path.join(stage_dir(cfg, "ft"), "pairs"), pairs)
     return layout

@@ -662,7 +662,6 @@ def run(cfg, given):
     if cfg.mode == "all":  # restarted without --data/--seed/--preset: every mode takes the diffusion model's
         cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "diffusion", "ckpt.pt"),
                                      mode="all")
-        C.check_rules(cfg)  # (with the first run's data: before any mode trains)
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
@@ -734,7 +733,7 @@ def sample_or_fid(cmd, opts, given):
 
 def main(argv=None):
     cmd, cfg, given = C.parse_cli(Config, PRESETS, METHOD, argv, sampler=SAMPLER_FIELDS, resumes=lambda c: os.path.join(
-        c.out, *["diffusion"] * (c.mode == "all"), "ckpt.pt"))  # (--mode all resumes its teacher first: run() checks)
+        c.out, "diffusion" if c.mode == "all" else "", "ckpt.pt"))  # (--mode all: its teacher's; pipeline_data checks)
     parts = [os.path.join(cfg.out, m) for m in MODES] if cmd == "train" and cfg.mode == "all" else []
     C.preflight(cmd, cfg, {cfg.out: C.RUN_FILES, **dict.fromkeys(parts, C.RUN_FILES)})  # (--mode all: a run each)
     run(cfg, given) if cmd == "train" else sample_or_fid(cmd, cfg, given)
