@@ -174,7 +174,8 @@ PRESETS = {  # flat fields, then per-stage parts
                   **{"1rf": dict(iters=60_000, lr=2e-4, warmup=1000, clip=1.0, ema=0.9995, xflip=True),
                      "2rf": dict(iters=20_000, lr=2e-4, warmup=1000, ema=0.9995, loss="huber", t_eps=1e-5)}),
     # cifar10: the paper's recipe. Sources: rfpp README / train.py / t_dist.py (2rf, pairs), EDM CIFAR config
-    # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip).
+    # (ddpmpp, dropout 0.13), Liu et al. default_cifar10_configs.py (1rf lr, warm-up, clip); the 1rf's batch,
+    # length and EMA 0.9999 are project choices (Liu et al. ran batch 128 x 1.3M steps with EMA 0.999999).
     # precision: tf32 (rfpp's train.py runs EDMPrecondVel with use_fp16 False, no autocast: fp32 weights and
     # activations with cuDNN's default TF32 convolutions; --precision tf32 also allows TF32 matmuls, which PyTorch's
     # defaults leave off: attention and linear layers, a small share); LPIPS always without autocast
