@@ -1,32 +1,36 @@
 """common.py: the one module every method file shares (what each part does, for students: docs/common.md).
 
-No method maths lives here: schedules, losses and samplers stay in the method files. Contents, in file order (each
+No method maths lives here: schedules, losses and samplers stay in the method files. UserError (bad input: one
+sentence, exit 2) comes first; then the contents, in file order, each name that a method file uses listed (each
 section starts at a line "# ==== <section>"):
 
   networks: blocks   FourierEmbedding, AuxResidual (NCSN++'s residual encoder path), Block (EDM's UNetBlock)
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
-  networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net
-  data               toy_sample, load_data -> Data (uint8 images or float points on the device, per-step batches),
-                     held_output (a download's lines), FID_OPTIONS, refuse_unused, refuse_other
-  augmentation       augment (EDM's augment.py pipeline), augment_batch (seeded per step)
+  networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net, unwrap (DDP, compile)
+  data               toy_sample, to_uint8, Data (uint8 images or float points on the device, per-step batches),
+                     held_output (a download's lines), load_data, FID_OPTIONS, refuse_unused, refuse_other
+  augmentation       EDM_AUGMENT, augment_dim, augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
-  FID                load_detector, IndexRNG (noise per sample index), compute_fid, FidHook, require_detector,
-                     reference_stats
-  runtime            check_launch, setup (DDP, device, precision), distribute, sync_grads, autocast, strict_fp32,
-                     maybe_compile, stopwatch
-  checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), restore_rng, fingerprint,
-                     teacher_id, check_teacher_data, same_file, load_state_strict
+  FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
+                     require_detector, reference_stats
+  runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision), distribute,
+                     sync_grads, all_mean, barrier, autocast, strict_fp32, make_scaler, stopwatch, maybe_compile
+  checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
+                     teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
+                     restore_rng
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
-  config validation  check_config, check_dir (a writable folder), preflight
-  command line       Parser, parse_cli (argparse over the Config fields; --help shows the preset's values)
-  resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), merge_config,
-                     resume_config (what a resumed run may change), check_not_beneath, main_guard
+  config validation  STEPS, RANGES, check_value, check_config, check_rules, check_dir (a writable folder), RUN_FILES,
+                     check_layout, preflight
+  command line       Parser, resolve_config, Given, parse_cli (argparse over the Config fields; --help shows the
+                     preset's values)
+  resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), note,
+                     merge_config, resume_config (what a resumed run may change), check_not_beneath, main_guard
   logging            Logger
   pictures           save_panels, save_array
-  evaluation and     EvalSheet (panels and toy metrics of one evaluation), sample_or_fid (the `sample` and
-    commands         `fid` commands of every method file, shared out over the ranks), n_steps ("1 step", "2 steps")
+  evaluation and     n_steps ("1 step", "2 steps"), EvalSheet (panels and toy metrics of one evaluation),
+    commands         sample_or_fid (the `sample` and `fid` commands of every method file, shared out over the ranks)
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os

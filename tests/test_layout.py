@@ -81,6 +81,49 @@ def test_common_table_of_contents_matches_its_sections():
         list(zip(titles, labels))
     ends = [i for i, _ in found[1:]] + [len(lines)]
     assert max(e - i for (i, _), e in zip(found, ends)) <= 250
+    # the names under each label: each one of common.py's top-level names, defined in that section, all in file
+    # order; every name a method file uses (C.name) is listed (UserError, defined before the sections, in the intro)
+    where = {}  # top-level name -> (line, section title)
+    for k, ln in enumerate(lines):
+        if m := re.match(r"^(?:def|class) (\w+)|^([A-Za-z]\w*) =", ln):
+            where[m.group(1) or m.group(2)] = (k, next((t for i, t in reversed(found) if i < k), None))
+    body = doc[next(k for k, ln in enumerate(doc) if re.match(r"^  \S", ln)):]
+    chunks = []  # (section title, its names and notes)
+    for ln in body:
+        if re.match(r"^  \S", ln):
+            chunks.append([titles[labels.index(ln[2:21].strip().rstrip(". "))], ""])
+        chunks[-1][1] += " " + ln[21:]
+    listed = []
+    for sec, text in chunks:
+        while re.search(r"\([^()]*\)", text):
+            text = re.sub(r"\([^()]*\)", "", text)  # the notes in parentheses
+        for name in re.findall(r"[A-Za-z_]\w*", text):
+            assert name in where and where[name][1] == sec, (name, sec, where.get(name))
+            listed.append(name)
+    assert [where[n][0] for n in listed] == sorted(where[n][0] for n in listed), listed
+    used = set()
+    for name in METHODS:
+        with open(os.path.join(ROOT, name)) as f:
+            used |= set(re.findall(r"\bC\.([A-Za-z]\w*)", f.read()))
+    assert used - set(listed) <= {"UserError"} and "UserError" in "\n".join(doc[:5]), sorted(used - set(listed))
+
+
+def test_every_test_the_documents_name_exists():
+    """A document or source file that names a test file (`tests/<file>.py`) or one test (`tests/<file>.py::<test>`)
+    names one that exists, so a reader can run it (`pytest tests/<file>.py::<test>`)."""
+    files = subprocess.run(["git", "ls-files", "*.md", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    named, missing = 0, []
+    for rel in files:
+        with open(os.path.join(ROOT, rel)) as f:
+            text = f.read()
+        for m in re.finditer(r"\b(tests/\w+\.py)(::(\w*))?", text):
+            named, (path, sep, test) = named + 1, m.groups()
+            full = os.path.join(ROOT, path)
+            if not os.path.isfile(full):
+                missing.append(f"{rel} -> {path}")
+            elif sep and not (test and re.search(rf"^def {test}\(", open(full).read(), re.M)):
+                missing.append(f"{rel} -> {m.group(0)}")
+    assert named > 10 and not missing, missing
 
 
 def test_every_relative_link_in_the_documents_resolves():
