@@ -121,11 +121,12 @@ PRESETS = {  # cifar10 = IMM Table 5
                   lr=2e-4, ema=0.9995, xflip=True, precision="tf32", log_every=500, ckpt_every=5000,
                   fid_every=5000, fid_n=10_000, eval_n=64),
     # IMM Table 5: DDPM++ 55M, dropout 0.2, B 4096, M 4, k 15, RAdam 1e-4, 400k iterations, EMA 0.9999, a 1, b 5,
-    # EDM's augmentation (p = 0.12 with EDM train.py's CIFAR-10 multipliers, its x-flip included; no data x-flip).
+    # Table 5's x-flip and EDM augment rows, both on: data x-flips, then EDM's pipe (p = 0.12 with EDM train.py's
+    # CIFAR-10 multipliers, whose own labelled x-flip is separate), as py-meanflow's CIFAR-10 run pairs them too.
     # precision: TF32 as the paper trained (App. I.6); the U-Net's time path runs in float64 (net_dict: time_fp64)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", dropout=0.2, batch=4096, M=4, k=15, iters=400_000,
-                    optim="radam", lr=1e-4, ema=0.9999, augment=0.12, precision="tf32", log_every=500,
+                    optim="radam", lr=1e-4, ema=0.9999, xflip=True, augment=0.12, precision="tf32", log_every=500,
                     ckpt_every=10_000, fid_every=20_000, fid_n=10_000, eval_n=64),
 }
 

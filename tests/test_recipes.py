@@ -197,11 +197,11 @@ def _images(res=32):
 def test_cifar10_presets_augment_where_their_reference_did():
     """EDM's pipe: IMM (Table 5) and sCM's diffusion teacher at p = 0.12 with EDM's multipliers (augment_dim 9);
     MeanFlow as py-meanflow v0 (no y-flip, no rotation: augment_dim 6) on py-meanflow's network, after a random
-    x-flip of the data (training/data_transform.py: RandomHorizontalFlip) and with TF32 (train.py); EDM's runs
-    have no data x-flip."""
+    x-flip of the data (training/data_transform.py: RandomHorizontalFlip) and with TF32 (train.py); IMM's Table 5
+    lists x-flip as well as EDM augment; EDM's runs have no data x-flip."""
     def cfg(mod, **sel):
         return C.resolve_config(mod.Config, mod.PRESETS, "cifar10", {}, **sel)
-    for mod, c, dim, flip in ((imm, cfg(imm), 9, False), (scm, cfg(scm, mode="diffusion"), 9, False),
+    for mod, c, dim, flip in ((imm, cfg(imm), 9, True), (scm, cfg(scm, mode="diffusion"), 9, False),
                               (flow_map, cfg(flow_map, mode="meanflow"), 6, True)):
         assert c.augment == 0.12 and c.xflip == flip, mod.__name__
         nd = mod.net_dict(c, _images())
