@@ -616,6 +616,8 @@ def _read_images(spec):
         except (ValueError, OSError, EOFError) as e:
             raise UserError(f"{spec} is not a numeric .npy array ({type(e).__name__}: object arrays, pickles and "
                             f"other files are refused).") from None
+        if not isinstance(a, np.ndarray):  # np.load opens a zip (.npz) whatever the name
+            raise UserError(f"{spec} is an .npz archive, not a .npy array; save one array with np.save.")
         if a.dtype.kind not in "biuf":
             raise UserError(f"{spec} holds {a.dtype} values, not numbers.")
         if a.dtype != np.uint8 and a.ndim == 2 and a.shape[1] == 2:
@@ -971,13 +973,14 @@ def load_detector(spec, env):
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        f = Detector(fn, "", 0).features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
-        ok = f.ndim == 2 and len(f) == 2  # (B, dim): one feature row per image
+        with torch.no_grad(), torch.autocast(env.device.type, enabled=False):  # (Detector.features before its cast)
+            f = fn(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
+        ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point()  # (B, dim > 0) real rows
     except Exception as e:
         ok, f = False, type(e).__name__
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
-            f if isinstance(f, str) else f"2 images gave features of shape {tuple(f.shape)}, not (2, dim)") + ").")
+            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not real (2, dim > 0)") + ").")
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()
@@ -1999,6 +2002,9 @@ def check_config(cfg, who=lambda name: "--", device=True, cross=True):
         check_value(f.name, hints[f.name], getattr(cfg, f.name), rules.get(f.name), who(f.name))
     if getattr(cfg, "eval_steps", None) == []:
         raise UserError(f"{who('eval_steps')}eval_steps needs at least one step count (such as 1,2).")
+    twice = next((k for i, k in enumerate(getattr(cfg, "eval_steps", None) or []) if k in cfg.eval_steps[:i]), None)
+    if twice is not None:  # (as sample's --steps)
+        raise UserError(f"{who('eval_steps')}eval_steps lists {twice} twice; give each step count once.")
     if getattr(cfg, "fid_every", 0) and getattr(cfg, "fid_n", 2) < 2:
         raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
     if device and hasattr(cfg, "device"):
@@ -2686,7 +2692,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
     conditional models) are drawn per sample index, as compute_fid draws them."""
     if cmd == "sample":
         base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
-        stem, ext = os.path.splitext(base)
+        stem, ext = base[:-4], base[-4:]  # (preflight checked the ending; splitext calls '.npy' a name, no extension)
         paths = {K: f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base for K in opts.steps}
         d = next((p for p in paths.values() if os.path.isdir(p)), None)
         if d:

@@ -607,6 +607,10 @@ def test_npy_arrays_accepted_and_rejected(tmp_path, capsys):
             C.load_data(str(tmp_path / f"{k}.npy"), "data", env1(), 0, False)
     with pytest.raises(C.UserError, match="nope.npy"):
         C.load_data(str(tmp_path / "nope.npy"), "data", env1(), 0, False)
+    np.savez(tmp_path / "arch.npz", x=u8(5, 8, 8, 3))  # np.load opens the zip whatever its name (a traceback)
+    os.replace(tmp_path / "arch.npz", tmp_path / "arch.npy")
+    with pytest.raises(C.UserError, match=r"arch.npy is an .npz archive, not a .npy array"):
+        C.load_data(str(tmp_path / "arch.npy"), "data", env1(), 0, False)
 
 
 def test_image_folder_round_trip_and_size_error(tmp_path):
@@ -946,6 +950,16 @@ class _Images(nn.Module):
         return x.float()
 
 
+class _NoFeatures(nn.Module):  # (B, 0): an FID of exactly 0 for any samples
+    def forward(self, x, return_features: bool = False):
+        return x.float().flatten(1)[:, :0]
+
+
+class _Complex(nn.Module):  # complex rows, which a cast to float32 silently makes real
+    def forward(self, x, return_features: bool = False):
+        return torch.complex(x.float().flatten(1)[:, :4], x.float().flatten(1)[:, 4:8])
+
+
 class _Only32(_TinyFeatures):  # passes load_detector's 32 x 32 probe, fails on other sizes
     def forward(self, x, return_features: bool = False):
         return self.lin(x.float().reshape(len(x), 3, 1024).mean(2))
@@ -986,7 +1000,8 @@ def test_torchscript_detector_from_path(tmp_path):
     with pytest.raises(C.UserError, match="is a folder, not a file"):
         C.load_detector(str(tmp_path), env1())
     # a network that returns images (4-D) or drops rows was a traceback in the statistics, or an FID of fewer samples
-    for bad, words in ((_Images(), r"features of shape \(2, 3, 32, 32\)"), (_FirstRow(), r"shape \(1, 5\)")):
+    for bad, words in ((_Images(), r"features of shape \(2, 3, 32, 32\)"), (_FirstRow(), r"shape \(1, 5\)"),
+                       (_NoFeatures(), r"shape \(2, 0\), not real \(2, dim > 0\)"), (_Complex(), "complex64")):
         torch.jit.script(bad).save(str(tmp_path / "bad.pt"))
         with pytest.raises(C.UserError, match="not a usable TorchScript feature network .*" + words):
             C.load_detector(str(tmp_path / "bad.pt"), env1())

@@ -157,6 +157,7 @@ def train_cases(name, d):
         ([lr, "-1e-3", *out], [lr, "positive", "-0.001"]),  # a value that starts with '-' is still the value
         ([drop, "1.5", *out], [drop]), (["--eval_steps", "0", *out], ["--eval_steps"]),
         (["--eval_steps", "2,-1", *out], ["--eval_steps"]), (["--ckpt_every", "0", *out], ["--ckpt_every"]),
+        (["--eval_steps", "1,2,1", *out], ["--eval_steps", "lists 1 twice"]),  # (as sample's --steps)
         (["--max_skips", "0", *out], ["--max_skips"]), ([lr + "x", "1e-3"], [lr + "x", "did you mean " + lr]),
         (["stray"], ["stray"]),
         (["--device", "tpu"], ["tpu"]), (["--device", "cuda:7"], ["cuda:7"]),
@@ -351,6 +352,17 @@ def resume_cases(name, d):
             ([*at, "--data", "spirals"], ["trained on --data", "keeps its data", "--data spirals"]),
             ([*at, "--data", d / "same.npy"], ["trained on --data", "same.npy"])] + \
         [([*at, *a], w) for a, w in extra.get(name, [])]
+
+
+def test_a_hidden_file_name_is_a_sample_name(files, tmp_path, capsys):
+    """`sample --out DIR/.npy` names the file '.npy' (os.path.splitext calls it a name without an extension): one
+    step count writes DIR/.npy, several write DIR/_1step.npy, ...; it was refused as '.npy_1step', after GDD's note."""
+    ck = files / "imm" / "ckpt.pt"
+    assert run("imm", "sample", "--ckpt", ck, "--out", tmp_path / "a" / ".npy", "--n", "2", "--steps", "1") == 0
+    assert run("imm", "sample", "--ckpt", ck, "--out", tmp_path / "b" / ".npy", "--n", "2") == 0
+    assert sorted(os.listdir(tmp_path / "a")) == [".npy"]
+    assert sorted(os.listdir(tmp_path / "b")) == ["_1step.npy", "_2step.npy"]
+    assert np.load(tmp_path / "b" / "_2step.npy").shape == (2, 2)
 
 
 @pytest.mark.parametrize("name", MODS)
