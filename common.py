@@ -936,15 +936,15 @@ class Detector:
         self.key = key or name  # names the cached reference statistics: name-<sha256 of the file> for a file
 
     @torch.no_grad()
-    def features(self, u8):  # the network's rows as they come, fp32, no autocast (load_detector's probe)
+    def features(self, u8):  # the network's rows as they come (dtype too: load_detector's probe), no autocast
         with torch.autocast(u8.device.type, enabled=False):
-            return self.fn(u8).float()
+            return self.fn(u8)
 
     def __call__(self, u8):
         if u8.shape[1] == 1:
             u8 = u8.repeat(1, 3, 1, 1)
         try:
-            return self.features(u8)
+            return self.features(u8).float()
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:  # a TorchScript file that takes 32 x 32 images (load_detector's probe) only
@@ -973,14 +973,14 @@ def load_detector(spec, env):
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        with torch.no_grad(), torch.autocast(env.device.type, enabled=False):  # (Detector.features before its cast)
-            f = fn(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
+        f = Detector(fn, "", 0).features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
         ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point()  # (B, dim > 0) real rows
     except Exception as e:
         ok, f = False, type(e).__name__
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
-            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not real (2, dim > 0)") + ").")
+            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not real "
+                                         f"(2, dim > 0)") + ").")
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()
@@ -1993,6 +1993,11 @@ def check_value(name, typ, v, rule=None, who="--"):
     return v
 
 
+def _repeated(xs):
+    """The first value of the list xs that an earlier entry already holds, else None (step counts given twice)."""
+    return next((x for i, x in enumerate(xs) if x in xs[:i]), None)
+
+
 def check_config(cfg, who=lambda name: "--", device=True, cross=True):
     """Every field of a Config against its type, RANGES and the method file's RANGES, the device, then (`cross`)
     cfg.check(), the rules between fields."""
@@ -2002,7 +2007,7 @@ def check_config(cfg, who=lambda name: "--", device=True, cross=True):
         check_value(f.name, hints[f.name], getattr(cfg, f.name), rules.get(f.name), who(f.name))
     if getattr(cfg, "eval_steps", None) == []:
         raise UserError(f"{who('eval_steps')}eval_steps needs at least one step count (such as 1,2).")
-    twice = next((k for i, k in enumerate(getattr(cfg, "eval_steps", None) or []) if k in cfg.eval_steps[:i]), None)
+    twice = _repeated(getattr(cfg, "eval_steps", None) or [])
     if twice is not None:  # (as sample's --steps)
         raise UserError(f"{who('eval_steps')}eval_steps lists {twice} twice; give each step count once.")
     if getattr(cfg, "fid_every", 0) and getattr(cfg, "fid_n", 2) < 2:
@@ -2321,7 +2326,7 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
             raise UserError(f"{cmd} needs --ckpt PATH.")
         if not opts["steps"]:
             raise UserError("--steps needs at least one step count, e.g. --steps 1,2.")
-        twice = next((k for i, k in enumerate(opts["steps"]) if k in opts["steps"][:i]), None)
+        twice = _repeated(opts["steps"])
         if twice is not None:
             raise UserError(f"--steps lists {twice} twice; give each step count once.")
         check_device(opts["device"], opts["precision"])

@@ -108,6 +108,11 @@ def test_common_table_of_contents_matches_its_sections():
     assert used - set(listed) <= {"UserError"} and "UserError" in "\n".join(doc[:5]), sorted(used - set(listed))
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def test_every_test_the_documents_name_exists():
     """A document or source file that names a test file (`tests/<file>.py`) or one test (`tests/<file>.py::<test>`)
     names one that exists, so a reader can run it (`pytest tests/<file>.py::<test>`)."""
@@ -121,7 +126,7 @@ def test_every_test_the_documents_name_exists():
             full = os.path.join(ROOT, path)
             if not os.path.isfile(full):
                 missing.append(f"{rel} -> {path}")
-            elif sep and not (test and re.search(rf"^def {test}\(", open(full).read(), re.M)):
+            elif sep and not (test and re.search(rf"^def {test}\(", _read(full), re.M)):
                 missing.append(f"{rel} -> {m.group(0)}")
     assert named > 10 and not missing, missing
 
