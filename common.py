@@ -1696,7 +1696,6 @@ def _tensor(storage, offset, size, stride, *_):  # requires_grad, backward hooks
 def _storage(b):  # torch's own pickling of a storage: a legacy torch.save stream, read with weights_only
     if not isinstance(b, (bytes, bytearray)):
         _unpickling("a storage without bytes")
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation
         return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)

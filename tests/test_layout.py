@@ -1,9 +1,13 @@
 """The repository's shape, as a reader relies on it: every method file has the same section markers in the same
 order, one marked ALGO LOGIC block in its training loop short enough to read without scrolling, imports no other
-method file, and no file cites anything outside the repository."""
+method file, needs nothing beside common.py and the dependencies (it runs copied alone with common.py), and no file
+cites anything outside the repository."""
+import ast
 import os
 import re
+import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -146,3 +150,43 @@ def test_every_relative_link_in_the_documents_resolves():
                 if path not in tracked and not any(t.startswith(path + "/") for t in tracked):
                     missing.append(f"{rel} -> {target}")
     assert files and not missing, missing
+
+
+# what a method file may import: Python's own modules, the five dependencies, common.py; `lpips` and `timm` only as
+# optional extras, imported inside a function where their absence is a fallback or one sentence
+ALLOWED = {"torch", "torchvision", "numpy", "matplotlib", "common"}
+OPTIONAL = {"lpips", "timm"}
+
+
+def _imports(src):
+    """(top-level package, at module level?) of every import statement in src."""
+    out = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            out += [(n.split(".")[0], node.col_offset == 0) for n in names]
+    return out
+
+
+@pytest.mark.parametrize("name", [*METHODS, "common.py"])
+def test_a_method_file_needs_only_common_and_the_dependencies(name):
+    """An engineer copies one method file and common.py into a project: neither may import anything else of the
+    repository (tests/, benchmarks/) or beyond the dependencies; the optional extras only inside a function."""
+    bad = [(m, top) for m, top in _imports(_read(os.path.join(ROOT, name)))
+           if m not in sys.stdlib_module_names and m not in ALLOWED and (m not in OPTIONAL or top)]
+    assert not bad, bad
+
+
+def test_a_copied_method_file_trains_and_samples_beside_common_alone(tmp_path):
+    """imm.py and common.py copied alone into an empty folder: a short toy run there, then its `sample` command."""
+    for f in ("imm.py", "common.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "imm.py", *a], cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=300)
+    r = run("--iters", "3", "--eval_n", "64", "--device", "cpu", "--out", "run")
+    assert r.returncode == 0 and not r.stderr, r.stderr[-2000:]
+    r = run("sample", "--ckpt", "run/ckpt.pt", "--steps", "1", "--n", "8", "--out", "s.npy", "--device", "cpu")
+    assert r.returncode == 0 and not r.stderr, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(["ckpt.pt", "config.json", "log.jsonl", "metrics.jsonl",
+                                                           "samples.png"]) and (tmp_path / "s.npy").is_file()
