@@ -1522,6 +1522,23 @@ def restore_rng(ckpt, env, generators=()):
 
 
 # ===================================================================================================== non-finite steps
+def _by_dtype(ts):
+    """The tensors grouped by (device, dtype), in order."""
+    groups = collections.defaultdict(list)
+    for t in ts:
+        groups[t.device, t.dtype].append(t)
+    return list(groups.values())
+
+
+def _put_back(ts, ok, old=None):
+    """ts (of one device and dtype) <- where(ok, ts, old), NaN-safe; old: their values before, flattened into one
+    tensor, or None: zeros. A few dozen kernel launches in all instead of three per tensor (DDPM++'s weights and Adam
+    state are ~1,700 tensors: ~5,100 launches per step)."""
+    new = torch.cat([t.reshape(-1) for t in ts])
+    new = torch.where(ok.to(new.device), new, 0 if old is None else old)
+    torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(new.split([t.numel() for t in ts]), ts)])
+
+
 class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
     where the loop syncs anyway (log lines, checkpoints).
@@ -1568,14 +1585,16 @@ class Guard:
                 scaler.step(opt) if scaler is not None else opt.step()
             self.now |= ~ok
             return
-        keep = [(t, t.detach().clone()) for p in ps for t in [p, *opt.state.get(p, {}).values()] if torch.is_tensor(t)]
-        known = {id(t) for t, _ in keep}
+        ts = [t for p in ps for t in [p, *opt.state.get(p, {}).values()] if torch.is_tensor(t)]
+        keep = [(g, torch.cat([t.detach().reshape(-1) for t in g])) for g in _by_dtype(ts)]  # one copy per dtype
+        known = {id(t) for t in ts}
         scaler.step(opt) if scaler is not None else opt.step()
         with torch.no_grad():
-            for t, old in keep:
-                t.copy_(torch.where(ok.to(t.device), t, old))
-            for t in [v for p in ps for v in opt.state[p].values() if torch.is_tensor(v) and id(v) not in known]:
-                t.copy_(torch.where(ok.to(t.device), t, torch.zeros_like(t)))  # state created by this step
+            for g, old in keep:
+                _put_back(g, ok, old)
+            made = [v for p in ps for v in opt.state[p].values() if torch.is_tensor(v) and id(v) not in known]
+            for g in _by_dtype(made):
+                _put_back(g, ok)  # state created by this step: zeros
         self.now |= ~ok
 
     def end_step(self, *losses):

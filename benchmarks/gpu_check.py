@@ -657,10 +657,12 @@ def markdown(rep):
               + (f"about {t['timed_s']:g} s of timed steps" if t.get("timed_s") else f"{t.get('iters_cap')} timed "
                  "steps") + ", the sampler likewise). Cost vs fm: the cost model (`fwd_per_step`) and the measured fm "
               "img/s / method img/s at the same precision and compile setting. Of peak: achieved training TFLOP/s "
-              "over the dense peak of that precision.", "",
+              "over the dense peak of that precision. Optimiser step: the step alone on one backward's gradients, plain and "
+              "through common.Guard as the loops take it (on CUDA the Guard puts a skipped step back on the device).",
+              "",
               "| method | precision | compile | train img/s | timed steps | TFLOP/s | of peak | cost vs fm, model | "
-              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | note |",
-              "|" + "---|" * 14]
+              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | optimiser step ms, plain / Guard | note |",
+              "|" + "---|" * 15]
         for r in t["records"]:
             if r.get("status") == "ok":
                 L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | "
@@ -670,9 +672,10 @@ def markdown(rep):
                          f"{_fmt(r['sample_img_per_s_1step'], '{:,.0f}')} | "
                          f"{_fmt(r['sample_img_per_s_2step'], '{:,.0f}')}"
                          f" | {_fmt(r.get('max_mem_gib'), '{:.1f}')} | {_fmt(r['warmup_s'], '{:.1f}')} | "
+                         f"{_fmt(r.get('opt_step_ms'), '{:.2f}')} / {_fmt(r.get('guard_step_ms'), '{:.2f}')} | "
                          f"{r.get('compile_backend', '')} |")
             else:
-                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 11 +
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 12 +
                          f"{r['status']}: {r.get('error') or r.get('note', '')} |")
     s2 = S.get("sampling", {})
     if s2.get("records") or s2.get("one_step_50k"):

@@ -1,8 +1,10 @@
 """Training and sampling throughput of each method on a `common.py` network .
 
 Measures, for one method's training step on one device:
-  * training images/s: one training step per iteration (the method's loss, backward and optimiser step) on a batch
-    already on the device (no data loading), timed with CUDA events on GPU and wall clock on CPU, warm-up excluded;
+  * training images/s: one training step per iteration (the method's loss, backward and optimiser step, the step
+    through common.Guard as the training loops take it) on a batch already on the device (no data loading), timed
+    with CUDA events on GPU and wall clock on CPU, warm-up excluded; and the optimiser step alone, plain and through
+    the Guard (`opt_step_ms`, `guard_step_ms`: on CUDA the Guard's put-back of a skipped step costs the difference);
   * its cost relative to a flow-matching step: the count of network passes in the method's step (`fwd_per_step`,
     "cost vs fm, counted") beside the measured ratio fm img/s / method img/s ("cost vs fm, measured") when the
     results file holds an `fm` record of the same device, torch, net, batch, precision and compile setting
@@ -478,23 +480,29 @@ def build(a):
 
     model = common.maybe_compile(net, a.compile)
     opt = None if meth.own_update else torch.optim.Adam([*net.parameters(), *state.get("params", [])], lr=a.lr)
+    # the optimiser steps through common.Guard as in the training loops (on CUDA: skipped steps put back on the device)
+    guard = common.Guard(env, 2 ** 62, types.SimpleNamespace(), None) if opt is not None else None
     gen = torch.Generator(device=dev).manual_seed(a.seed)
     x = torch.rand(a.batch, C, R, R, device=dev, generator=gen) * 2 - 1  # data already on the device
 
-    def train_step():
+    def loss_of():
         with common.autocast(env) if meth.autocast else contextlib.nullcontext():
-            loss = meth.step(model, x)
+            return meth.step(model, x)
+
+    def train_step():
+        loss = loss_of()
         if opt is not None:
             loss.backward()
-            opt.step()
+            guard.step(opt)
+            guard.end_step(loss)
             opt.zero_grad(set_to_none=True)
         return loss
 
     return types.SimpleNamespace(
-        meth=meth, env=env, device=dev, net=net, model=model, state=state, opt=opt, gen=gen, x=x,
+        meth=meth, env=env, device=dev, net=net, model=model, state=state, opt=opt, guard=guard, gen=gen, x=x,
         shape=(C, R, R), n_params=sum(p.numel() for p in net.parameters()), fwd=fwd, fwd_per_step=fwd_per_step,
         train_flops=int(round(3 * fwd_per_step * fwd)),  # forward + backward (~2x forward)
-        train_step=train_step)
+        loss_of=loss_of, train_step=train_step)
 
 
 def timed(fn, iters, dev, seconds=None):
@@ -535,6 +543,14 @@ def measure(a, seconds=None):
         raise common.UserError(f"the training loss became {loss.item()} during the benchmark.")
     train_ips = iters * a.batch / train_s
     mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    step_ms = {}  # the optimiser step alone on one backward's gradients: plain, and through the Guard
+    if b.opt is not None:
+        b.loss_of().backward()
+        for k, fn in (("opt", b.opt.step), ("guard", lambda: b.guard.step(b.opt))):
+            fn()
+            n, sec, _ = timed(fn, max(3, min(a.iters, 10)), dev)
+            step_ms[k] = 1e3 * sec / n
+        b.opt.zero_grad(set_to_none=True)
 
     model.eval()
     z = torch.randn(a.sample_batch, C, R, R, device=dev, generator=b.gen)
@@ -562,6 +578,7 @@ def measure(a, seconds=None):
         peak_fraction=tflops / peak if peak else None,
         sample_img_per_s_1step=sample_ips[1], sample_img_per_s_2step=sample_ips[2],
         warmup_s=tw.seconds, max_mem_gib=mem, final_loss=loss.item(),
+        opt_step_ms=step_ms.get("opt"), guard_step_ms=step_ms.get("guard"),
     )
 
 

@@ -1227,22 +1227,25 @@ def test_guard_stops_at_max_skips_in_a_row(tmp_path):
         g.check_run(10, 3)
 
 
-@pytest.mark.parametrize("bad_step", [0, 2])
-def test_guard_skip_paths_agree(tmp_path, bad_step):
+@pytest.mark.parametrize("bad_step,optim", [(0, "adam"), (2, "adam"), (2, "radam")])
+def test_guard_skip_paths_agree(tmp_path, bad_step, optim):
     """Guard's two ways of skipping a step with a non-finite gradient (torch.where on a device flag, as on CUDA; not
-    stepping, as on the CPU) leave the same weights and Adam state, bit for bit, also when the first step is the bad
-    one; without the Guard the same NaN reaches the weights."""
+    stepping, as on the CPU) leave the same weights and Adam (RAdam) state, bit for bit, also when the first step is
+    the bad one and with parameters of two dtypes (put back per dtype); without the Guard the same NaN reaches the
+    weights."""
     env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
     log = type("Log", (), {"info": staticmethod(lambda m: None)})()
 
     def train(guard_mode):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))
-        opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        net.register_parameter("scale", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+        opt = (torch.optim.Adam if optim == "adam" else torch.optim.RAdam)(net.parameters(), lr=0.1, foreach=True)
         g = C.Guard(env, 10, log, str(tmp_path / "c.pt"), sync_free=guard_mode) if guard_mode is not None else None
         for k in range(5):
             net.zero_grad()
-            loss = net(torch.randn(8, 3, generator=torch.Generator().manual_seed(k))).square().mean()
+            out = net(torch.randn(8, 3, generator=torch.Generator().manual_seed(k))) * net.scale.float()
+            loss = out.square().mean()
             loss.backward()
             if k == bad_step:
                 net[0].weight.grad[1, 2] = float("nan")
