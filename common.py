@@ -1224,7 +1224,8 @@ def distribute(model, env, manual=False):
 
 
 def sync_grads(model, env):
-    """Manual-mode gradient all-reduce (one flattened call, divided by the world size)."""
+    """Manual-mode gradient all-reduce (one flattened call, divided by the world size); the gradients become views of
+    the reduced buffer (no copy per tensor)."""
     if env.world == 1:
         return
     ps = [p for p in model.parameters() if p.requires_grad]
@@ -1232,7 +1233,7 @@ def sync_grads(model, env):
     dist.all_reduce(flat)
     flat /= env.world
     for p, g in zip(ps, flat.split([p.numel() for p in ps])):
-        p.grad = g.view_as(p).clone()
+        p.grad = g.view_as(p)
 
 
 def all_mean(x, env):
