@@ -2543,19 +2543,20 @@ def main_guard(fn):
 
 
 # ============================================================================================================== logging
-def _trim_jsonl(path, step):
-    """Keep the rows of a .jsonl log with "step" <= step (none when step is 0: a fresh run), atomically."""
+def _trim_jsonl(path, keep):
+    """Keep the rows of a .jsonl log whose "step" passes keep(step), atomically (a row without one, or that does not
+    parse, goes)."""
     if not os.path.isfile(path):
         return
     with open(path, "rb") as f:
         rows = f.readlines()
-    keep = []
-    for r in rows if step else ():
-        with contextlib.suppress(ValueError, TypeError, AttributeError):  # (invalid UTF-8 is a ValueError: dropped)
-            if json.loads(r.decode()).get("step", step + 1) <= step:
-                keep.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
+    kept = []
+    for r in rows:
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # (invalid UTF-8 is a ValueError: dropped)
+            if keep(json.loads(r.decode())["step"]):
+                kept.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
     with open(path + ".tmp", "wb") as f:
-        f.writelines(keep)
+        f.writelines(kept)
     os.replace(path + ".tmp", path)
 
 
@@ -2572,8 +2573,9 @@ class Logger:
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)
-            for name in ("log.jsonl", "metrics.jsonl"):  # this run's history only: a resumed run's up to its step
-                _trim_jsonl(os.path.join(out, name), start_step)  # (lines of a killed run past it go), a fresh one's
+            for name in ("log.jsonl", "metrics.jsonl"):  # this run's history only: a resumed run's rows up to its
+                # step (a killed run's rows past it go), none of a fresh run's
+                _trim_jsonl(os.path.join(out, name), lambda k: 0 < start_step and k <= start_step)
 
     def info(self, msg):
         flush_notes(self.env)
@@ -2687,8 +2689,11 @@ class EvalSheet:
         self.panels.append((title, xs))
 
     def write(self, out, name="samples.png"):
+        """The picture, and the metrics row, which replaces a row of the same step (a finished run or stage run again
+        evaluates its last step again)."""
         self.metrics["eval_s"] = time.time() - self.t0
         save_panels(os.path.join(out, name), self.panels)
+        _trim_jsonl(os.path.join(out, "metrics.jsonl"), lambda k: k != self.metrics["step"])
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(self.metrics) + "\n")
         return self.metrics

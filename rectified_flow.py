@@ -998,6 +998,10 @@ def run(cfg, given):
         ck = C.load_checkpoint(first)  # (another teacher, other pair options) are refused now, not after a stage
         if ck["step"] >= given.get("iters", ck["config"].get("iters", 0)):
             pairs_plan(next(scfg for s, scfg in plan if s == "pairs"), env)
+    for s, scfg in plan[1:] if cfg.stage == "all" else ():  # a later stage's unreadable checkpoint stops the run
+        ckpt = os.path.join(stage_dir(scfg, s), "ckpt.pt")  # now, not after the stages before it ran again
+        if s != "pairs" and os.path.exists(ckpt):
+            C.load_checkpoint(ckpt)
     for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)

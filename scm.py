@@ -663,6 +663,8 @@ def run(cfg, given):
         cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "diffusion", "ckpt.pt"),
                                      mode="all")
     cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
+    for m in cms if cfg.mode == "all" else ():  # an unreadable one stops the run now, not after the modes before it
+        C.load_checkpoint(os.path.join(cfg.out, m, "ckpt.pt"))
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
                             f"continue one mode with --out {os.path.join(cfg.out, '<mode>')}")

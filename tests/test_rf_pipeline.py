@@ -175,7 +175,8 @@ def tiny(tmp_path_factory):
 def test_a_restarted_pipeline_keeps_its_preset_and_seed(tiny, tmp_path, capsys):
     """A --stage all restarted over its 1-RF without --preset and --seed resumed the 1-RF as it was (tiny, seed 3)
     but made the pairs and the 2-RF with the default toy preset (10,000 pairs, batch 512, 600 steps on these 16x16
-    images) and seed 0. Now every stage takes the 1-RF's, noted; the same restart with --resume false is fresh."""
+    images) and seed 0. Now every stage takes the 1-RF's, noted; the same restart with --resume false is fresh. An
+    unreadable 2-RF checkpoint stops the restart before any output."""
     os.makedirs(tmp_path / "r")
     argv = ["--data", str(tiny / "imgs.npy"), "--out", str(tmp_path / "r")]
     R.main(["--preset", "tiny", "--stage", "1rf", "--seed", "3", *argv])
@@ -186,6 +187,11 @@ def test_a_restarted_pipeline_keeps_its_preset_and_seed(tiny, tmp_path, capsys):
     ck = torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)
     assert meta["n"] == 32 and ck["step"] == 4 and (ck["config"]["preset"], ck["config"]["seed"]) == ("tiny", 3)
     assert (ck["config"]["batch"], ck["config"]["t_eps"]) == (8, 1e-5)  # the tiny preset's 2-RF part
+    open(tmp_path / "r" / "2rf" / "ckpt.pt", "wb").close()  # the 2-RF's checkpoint unreadable (a kill, a full disk):
+    capsys.readouterr()  # refused before the 1-RF and the pairs run again and print their lines
+    with pytest.raises(C.UserError, match="2rf/ckpt.pt' could not be read"):
+        R.main(["--stage", "all", *argv])
+    assert capsys.readouterr().out == ""
 
 
 def test_cli_tiny_all_stages(tiny):

@@ -644,8 +644,8 @@ def test_a_run_folder_of_the_wrong_kind_is_refused_before_any_work(name, argv, f
 def test_the_logs_hold_this_runs_history_only(files, tmp_path):
     """A resumed run appended to log.jsonl after the lines a killed run had written past its checkpoint, and a fresh
     run in a folder without a checkpoint appended to the old run's log: now the logs keep the steps up to the
-    checkpoint's (a fresh run: none), so each step appears once. A line that is not UTF-8 is dropped like any
-    other line that is not JSON."""
+    checkpoint's (a fresh run: none), so each step appears once; a finished run started again evaluates its last
+    step again and replaces that row. A line that is not UTF-8 is dropped like any other line that is not JSON."""
     import shutil
     shutil.copytree(files / "imm", tmp_path / "r")
     steps = lambda f: [json.loads(r)["step"] for r in open(tmp_path / "r" / f)]
@@ -656,6 +656,9 @@ def test_the_logs_hold_this_runs_history_only(files, tmp_path):
         f.write(b'{"step": 1, "swd_1": "\xff\xfe"}\n')
     assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3", "--log_every", "1") == 0
     assert steps("log.jsonl") == [1, 2, 3] and steps("metrics.jsonl")[-1] == 3
+    # the finished run started again evaluates its last step again: that row replaces the first (it was appended)
+    assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "3", "--log_every", "1") == 0
+    assert steps("log.jsonl") == [1, 2, 3] and steps("metrics.jsonl").count(3) == 1
     os.remove(tmp_path / "r" / "ckpt.pt")  # a fresh run in the same folder
     assert run("imm", *BASE["imm"], "--out", tmp_path / "r", "--iters", "1", "--log_every", "1") == 0
     assert steps("log.jsonl") == [1] and steps("metrics.jsonl") == [1]
@@ -666,7 +669,7 @@ def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
     objects on one line, the log unreadable). Control: a row with its newline is kept byte for byte."""
     p = tmp_path / "log.jsonl"
     p.write_bytes(b'{"step": 1}\n\xff\xfe torn\n{"step": 2}')
-    C._trim_jsonl(str(p), 2)
+    C._trim_jsonl(str(p), lambda k: k <= 2)
     with open(p, "a") as f:
         f.write('{"step": 3}\n')
     assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n{"step": 3}\n'

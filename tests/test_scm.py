@@ -774,7 +774,7 @@ def test_toy_runs_are_finite_and_tangent_is_logged(toy_runs):
 def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     """`--mode all` with network flags: diffusion gets them, sCT/sCD inherit the teacher's net; side-by-side plot.
     A single mode aimed at the `all` folder (or `all` at a single-mode folder) is refused, not started beside it; the
-    folder moved elsewhere resumes."""
+    folder moved elsewhere resumes; an unreadable checkpoint of a later mode stops it before any output."""
     assert main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
                 "--heun_steps", "2", "--out", tmp_path / "all") == 0
     for m in scm.MODES:
@@ -800,6 +800,13 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     assert main("--out", tmp_path / "moved" / "sct", "--iters", "4") == 0  # without --mode: the run's own (not all)
     ck = load(tmp_path / "moved" / "sct" / "ckpt.pt")
     assert ck["step"] == 4 and ck["config"]["mode"] == "sct"
+    open(tmp_path / "moved" / "scd" / "ckpt.pt", "wb").close()  # a later mode's checkpoint unreadable (a kill, a
+    capsys.readouterr()  # full disk): refused before the modes ahead of it run again and print their lines
+    code = main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
+                "--heun_steps", "2", "--out", tmp_path / "moved")
+    out, err = capsys.readouterr()
+    assert_user_error(code, err, "scd/ckpt.pt' could not be read")
+    assert out == ""
 
 
 # ============================================================================ DDP: two gloo ranks
