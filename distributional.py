@@ -798,7 +798,8 @@ def train_teacher(cfg, data, env, path, log):
                 lr=cfg.teacher_lr, ema=None, xflip=False, t_eps=0.0, noise_std=1.0, t_dist="uniform")
     sd = raw.state_dict()
     C.save_checkpoint(path, dict(model=sd, ema=sd, opt=opt.state_dict(), step=cfg.teacher_iters, config=tcfg, net=nd,
-                                 method=TEACHER_METHOD, convention=TEACHER_CONVENTION), env)
+                                 method=TEACHER_METHOD, convention=TEACHER_CONVENTION), env,
+                      [data.gen] if data.gen is not None else [])  # the RNG streams as training leaves them
 
 
 def load_teacher(path, cfg, data, log):
@@ -1116,6 +1117,9 @@ def train(cfg, given):
     tpath = cfg.teacher or os.path.join(cfg.out, "teacher.pt")
     if in_file:  # (no --teacher, no teacher_iters: refused above)
         train_teacher(cfg, data, env, tpath, log)
+    elif not (ck or cfg.teacher):  # DIR/teacher.pt of a run stopped before its first checkpoint: the RNG streams
+        # as that teacher's training left them, so the run goes on as if it had not stopped
+        C.restore_rng(C.load_checkpoint(tpath), env, [data.gen] if data.gen is not None else [])
     teacher, tck, t_g = named or load_teacher(tpath, cfg, data, log)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
@@ -1181,10 +1185,12 @@ def train(cfg, given):
                     opt=dict(g=opt_g.state_dict(), d=opt_d.state_dict()), step=step, config=dataclasses.asdict(cfg),
                     net=nd, method=METHOD, convention=CONVENTION, disc=disc_state(D), t_g=t_g,
                     teacher=dict(path=tpath, step=tck["step"], method=tck["method"], convention=tck["convention"]),
-                    teacher_id=tid)
+                    teacher_id=tid, r1=C.all_mean(r1, env))  # (the last lazy R1, logged until the next one)
 
     amp = lambda: C.autocast(env)
     r1 = torch.zeros((), device=env.device)
+    if ck and torch.is_tensor(ck.get("r1")) and ck["r1"].numel() == 1:  # a resumed run logs the last R1 until the next
+        r1 = ck["r1"].float().reshape(()).to(env.device)
     while step < cfg.iters:
         if cfg.lr_schedule == "cosine":
             decay = 0.5 * (1 + math.cos(math.pi * step / cfg.iters))

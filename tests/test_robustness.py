@@ -1238,3 +1238,27 @@ def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypa
     monkeypatch.setattr(C, "sample_probe", real)
     assert run(name, *BASE[name], "--out", tmp_path / "c", "--iters", "2") == 0
     assert (tmp_path / "c" / "ckpt.pt").exists()
+
+
+def test_gdd_stopped_after_its_teacher_goes_on_as_if_not_stopped(files, tmp_path):
+    """distributional.py stopped after writing its in-file teacher.pt, before its first checkpoint, went on from
+    other random numbers than the run that was not stopped (the RNG streams where the teacher's training had left
+    them were lost): now teacher.pt holds them, and the run's checkpoint is the unstopped run's, bit for bit."""
+    import shutil
+    os.makedirs(tmp_path / "g")
+    shutil.copy(files / "distributional" / "teacher.pt", tmp_path / "g" / "teacher.pt")  # what the stop leaves
+    assert run("distributional", *BASE["distributional"], "--iters", "2", "--log_every", "1", "--out",
+               tmp_path / "g") == 0
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (files / "distributional", tmp_path / "g"))
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+
+
+def test_gdd_resumed_logs_the_last_r1_until_the_next(tmp_path):
+    """GDD's lazy R1 runs every r1_interval steps and the log shows the last value; a resumed run logged 0 until
+    its next R1 step. Now the checkpoint keeps it: the resumed run's rows equal the unstopped run's."""
+    argv = [*BASE["distributional"], "--r1_interval", "3", "--log_every", "1"]
+    assert run("distributional", *argv, "--iters", "5", "--out", tmp_path / "a") == 0
+    assert run("distributional", *argv, "--iters", "4", "--out", tmp_path / "b") == 0
+    assert run("distributional", *argv, "--iters", "5", "--out", tmp_path / "b") == 0
+    r1 = lambda d: [json.loads(r)["R1"] for r in open(tmp_path / d / "log.jsonl")]
+    assert r1("a")[3] == r1("a")[4] > 0 and r1("b") == r1("a")  # R1 of step 4 (index 3) is logged again at step 5
