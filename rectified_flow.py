@@ -24,7 +24,7 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
-import contextlib, dataclasses, hashlib, json, math, operator, os, time
+import contextlib, dataclasses, hashlib, json, math, operator, os, time, types
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -264,14 +264,14 @@ class LPIPS(nn.Module):
     def __init__(self, weights="pretrained", res=224):
         super().__init__()
         import torchvision
-        if weights == "pretrained":  # 528 MB VGG16 + LPIPS v0.1 linear heads, cached by torch hub
-            vgg = torchvision.models.vgg16(weights="IMAGENET1K_V1").features
-            lin = self._linear_weights()
-        else:  # seeded random VGG and uniform weights: a test-only stand-in
-            with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # VGG16 draws initial weights (on the CPU) before its files are read,
+            if weights == "pretrained":  # or fail to be: the run's random numbers are left as they were
+                vgg = torchvision.models.vgg16(weights="IMAGENET1K_V1").features  # 528 MB VGG16 + LPIPS v0.1 linear
+                lin = self._linear_weights()  # heads, cached by torch hub
+            else:  # seeded random VGG and uniform weights: a test-only stand-in
                 torch.manual_seed(0)
                 vgg = torchvision.models.vgg16(weights=None).features
-            lin = [torch.full((c,), 1.0 / c) for c in self.CH]
+                lin = [torch.full((c,), 1.0 / c) for c in self.CH]
         self.features = nn.Sequential(*[nn.AvgPool2d(2, 2) if isinstance(m, nn.MaxPool2d) else m
                                         for m in list(vgg)[:self.TAPS[-1] + 1]])
         for i, w in enumerate(lin):
@@ -693,6 +693,11 @@ def make_lpips(cfg, log):
         return None
 
 
+def lpips_on_points(loss):
+    return C.UserError(f"--loss {loss} compares images (VGG16 features) and this run trains on 2-D points; use --loss "
+                       f"huber or l2.")
+
+
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
     """Samples at several step counts next to the data (PNG), straightness (Liu et al. §2, straightness) and, for
@@ -802,6 +807,8 @@ def train(cfg, given, env):
             C.check_teacher_data(sck["config"], cfg.data, src)
             nd = sck["net"]
         C.refuse_unused(given, "points" if inner(nd)["kind"] == "mlp" else "images")  # --fid_every etc. on 2-D points
+        if inner(nd)["kind"] == "mlp" and stage != "1rf" and cfg.loss.startswith("lpips"):
+            raise lpips_on_points(cfg.loss)
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
@@ -843,8 +850,10 @@ def train(cfg, given, env):
     per_rank = cfg.batch // (env.world * cfg.accum)
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    # LPIPS before the Logger writes config.json (an offline fallback to huber is the loss this run trains with); its
+    # warning waits for the run's first line
+    lpips = make_lpips(cfg, types.SimpleNamespace(info=C.note)) if stage != "1rf" else None
     log = C.Logger(out, env, iters, cfg.batch, cfg, start_step=step)
-    lpips = make_lpips(cfg, log) if stage != "1rf" else None
     if lpips is not None:
         lpips = lpips.to(env.device)
     d = math.prod(data.shape)
@@ -991,6 +1000,8 @@ def run(cfg, given):
             if not str(loss).startswith("lpips"):
                 raise C.UserError(f"--{k} is read by the LPIPS losses only, and the {s} stage's --loss is {loss}; "
                                   f"drop it.")
+        if cfg.stage == "all" and cfg.net == "mlp" and scfg.loss.startswith("lpips"):  # (the 1-RF's network)
+            raise lpips_on_points(scfg.loss)
         if not scfg.fallback and not os.path.exists(ckpt):  # a fresh stage's missing LPIPS weights (--fallback
             make_lpips(scfg, None)  # false) stop the run before the 1-RF; a resumed one checks its own config's loss
     first = os.path.join(cfg.out, "ckpt.pt")

@@ -468,3 +468,29 @@ def test_sample_independent_of_batch(tiny, tmp_path):
     R.main(["sample", "--ckpt", str(tiny / "run" / "2rf" / "ckpt.pt"), "--steps", "2", "--n", "10", "--seed", "1",
             "--out", str(tmp_path / "s1.npy")])
     assert not np.array_equal(a, np.load(tmp_path / "s1.npy"))  # the seed matters, the batch does not
+
+
+def test_an_offline_lpips_fallback_keeps_the_random_numbers_and_the_config(tiny, tmp_path, monkeypatch, capsys):
+    """--loss lpips-* where VGG16's weights cannot be read falls back to huber (--fallback true). torchvision builds
+    VGG16, drawing its initial weights from the run's RNG, before the download fails: a resumed 2-RF then drew other
+    noise than the run that was not stopped; and config.json, written before the fallback, said lpips where the
+    checkpoint said huber. Now VGG16 is built under its own RNG and config.json is written after the fallback."""
+    import torchvision
+    real = torchvision.models.vgg16
+
+    def offline(weights=None, **kw):  # as torchvision offline: the network (random weights) first, then the download
+        net = real(weights=None)
+        if weights is not None:
+            raise OSError("no network")
+        return net
+    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    argv = ["--preset", "tiny", "--stage", "2rf", "--data", str(tiny / "imgs.npy"), "--teacher",
+            str(tiny / "run" / "ckpt.pt"), "--pairs", str(tiny / "run" / "pairs"), "--loss", "lpips-huber",
+            "--ckpt_every", "2"]
+    R.main([*argv, "--out", str(tmp_path / "a"), "--iters", "4"])
+    R.main([*argv, "--out", str(tmp_path / "b"), "--iters", "2"])
+    R.main([*argv, "--out", str(tmp_path / "b"), "--iters", "4"])  # resumed from step 2
+    a, b = (torch.load(tmp_path / d / "2rf" / "ckpt.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    assert json.loads((tmp_path / "b" / "2rf" / "config.json").read_text())["loss"] == b["config"]["loss"] == "huber"
+    assert "LPIPS weights unavailable" in capsys.readouterr().out

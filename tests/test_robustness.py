@@ -1104,12 +1104,12 @@ def test_the_probe_sees_through_the_samplers_clamp():
 
 
 def test_the_probe_bound_follows_the_datas_scale():
-    """Finite but diverged: the probe refuses outputs beyond 1e6 x the data's scale, which is 1 for images and the
+    """Finite but diverged: the probe refuses outputs beyond 1e3 x the data's scale, which is 1 for images and the
     toys and the largest |coordinate| of loaded points (at least 1), so that points in km are not 'diverged'."""
     env = C.setup("cpu", 0, "fp32")
     net = torch.nn.Linear(2, 2)
     gen = lambda net: lambda rng, y: net(torch.ones(2, 2))
-    for big, scale, ok in [(1e7, 1.0, False), (1e5, 1.0, True), (1e7, 1e3, True), (1e10, 1e3, False)]:
+    for big, scale, ok in [(2e3, 1.0, False), (5e2, 1.0, True), (2e5, 1e3, True), (2e6, 1e3, False)]:
         pts = C.Data("points", "p", x=torch.tensor([[scale, -0.5], [0.1, 0.2]]))
         with torch.no_grad():
             net.weight.fill_(0), net.bias.fill_(big)
@@ -1221,7 +1221,7 @@ def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("name", sorted(MODS))
 def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypatch):
     """Each file's Guard gets sample_probe over its weights and their EMA, with its own one-step sampler: here the
-    probe's bound (1e6 x the data's scale) is made 1e-9, so every real sample counts as diverged and no checkpoint
+    probe's bound (1e3 x the data's scale) is made 1e-9, so every real sample counts as diverged and no checkpoint
     may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
     Control: the same run with the real bound writes its checkpoint."""
     import types
@@ -1262,3 +1262,32 @@ def test_gdd_resumed_logs_the_last_r1_until_the_next(tmp_path):
     assert run("distributional", *argv, "--iters", "5", "--out", tmp_path / "b") == 0
     r1 = lambda d: [json.loads(r)["R1"] for r in open(tmp_path / d / "log.jsonl")]
     assert r1("a")[3] == r1("a")[4] > 0 and r1("b") == r1("a")  # R1 of step 4 (index 3) is logged again at step 5
+
+
+def test_a_gan_that_diverges_with_finite_outputs_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    """GDD resumed at --lr_g 1e4: the generator's outputs settled at 4e3-9e3 x the data's scale, finite and under the
+    probe's old bound (1e6 x), so the run overwrote its good checkpoint with diverged weights and exited 0. At 1e3 x
+    they count as diverged: every later checkpoint is withheld and the final one refused, the good one kept."""
+    argv = ["--teacher_iters", "40", "--batch", "512", "--eval_n", "128", "--eval_steps", "1", "--eval_teacher_steps",
+            "0", "--out", tmp_path / "g"]
+    assert run("distributional", *argv, "--iters", "20") == 0
+    before = (tmp_path / "g" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    code = run("distributional", *argv, "--iters", "32", "--lr_g", "1e4", "--ckpt_every", "1", "--max_skips", "3")
+    one_sentence(code, capsys.readouterr().err, "the weights diverged", "not writing the final checkpoint",
+                 "(step 20) is kept")
+    assert (tmp_path / "g" / "ckpt.pt").read_bytes() == before
+
+
+def test_an_lpips_loss_on_points_is_one_sentence(files, tmp_path, capsys):
+    """LPIPS compares images: rectified_flow --loss lpips-* on 2-D points was a traceback from F.interpolate at the
+    2-RF's first step (a 2-RF alone, or after the 1-RF and the pairs of --stage all). Now one sentence, before any
+    work."""
+    rf = files / "rectified_flow" / "ckpt.pt"
+    for argv in (["--stage", "2rf", "--teacher", rf], ["--stage", "all"]):
+        capsys.readouterr()
+        code = run("rectified_flow", *argv, "--loss", "lpips-huber", "--lpips_weights", "random", "--out",
+                   tmp_path / "n")
+        io = capsys.readouterr()
+        one_sentence(code, io.err, "--loss lpips-huber compares images", "2-D points")
+        assert io.out == "" and not os.path.exists(tmp_path / "n")
