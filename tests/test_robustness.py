@@ -1104,16 +1104,22 @@ def test_the_probe_sees_through_the_samplers_clamp():
 
 
 def test_the_probe_bound_follows_the_datas_scale():
-    """Finite but diverged: the probe refuses outputs beyond 1e3 x the data's scale, which is 1 for images and the
-    toys and the largest |coordinate| of loaded points (at least 1), so that points in km are not 'diverged'."""
+    """Finite but diverged: the probe refuses network outputs beyond 1e6 x the data's scale and, for 2-D points, samples
+    beyond 1e3 x (a sampler that clamps, as the image samplers do, shows only the outputs); the scale is 1 for images
+    and the toys and the largest |coordinate| of loaded points (at least 1), so that points in km are not 'diverged'."""
     env = C.setup("cpu", 0, "fp32")
     net = torch.nn.Linear(2, 2)
     gen = lambda net: lambda rng, y: net(torch.ones(2, 2))
-    for big, scale, ok in [(2e3, 1.0, False), (5e2, 1.0, True), (2e5, 1e3, True), (2e6, 1e3, False)]:
-        pts = C.Data("points", "p", x=torch.tensor([[scale, -0.5], [0.1, 0.2]]))
+    clamped = lambda net: lambda rng, y: net(torch.ones(2, 2)).clamp(-1, 1)
+    points = lambda scale: C.Data("points", "p", x=torch.tensor([[scale, -0.5], [0.1, 0.2]]))
+    images = C.Data("images", "i", x=torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+    for big, data, ok, g in [(2e3, points(1.0), False, gen), (5e2, points(1.0), True, gen),
+                             (2e5, points(1e3), True, gen), (2e6, points(1e3), False, gen),
+                             (1e5, points(1.0), True, clamped), (2e6, points(1.0), False, clamped),
+                             (2e8, points(1e3), True, clamped), (2e3, images, True, gen), (2e6, images, False, gen)]:
         with torch.no_grad():
             net.weight.fill_(0), net.bias.fill_(big)
-        assert bool(C.sample_probe(gen, (net,), env, pts)()) == ok, (big, scale)
+        assert bool(C.sample_probe(g, (net,), env, data)()) == ok, (big, data.kind, data.scale)
     assert C.Data("points", "p", x=torch.full((3, 2), 1e-3)).scale == 1.0
     assert C.load_data("8gaussians", "data", env, 0, False).scale == 1.0
 
@@ -1221,7 +1227,7 @@ def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("name", sorted(MODS))
 def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypatch):
     """Each file's Guard gets sample_probe over its weights and their EMA, with its own one-step sampler: here the
-    probe's bound (1e3 x the data's scale) is made 1e-9, so every real sample counts as diverged and no checkpoint
+    probe's bounds (1e3 and 1e6 x the data's scale) are made ~1e-12, so every real sample counts as diverged and no checkpoint
     may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
     Control: the same run with the real bound writes its checkpoint."""
     import types
@@ -1229,7 +1235,7 @@ def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypa
 
     def strict(generate_of, nets, env, data, *a):
         seen.append(len(nets))
-        return real(generate_of, nets, env, types.SimpleNamespace(scale=1e-15), *a)
+        return real(generate_of, nets, env, types.SimpleNamespace(scale=1e-15, kind=data.kind), *a)
     monkeypatch.setattr(C, "sample_probe", strict)
     capsys.readouterr()
     code = run(name, *BASE[name], "--out", tmp_path / "r", "--iters", "2")
@@ -1265,9 +1271,10 @@ def test_gdd_resumed_logs_the_last_r1_until_the_next(tmp_path):
 
 
 def test_a_gan_that_diverges_with_finite_outputs_keeps_its_last_good_checkpoint(tmp_path, capsys):
-    """GDD resumed at --lr_g 1e4: the generator's outputs settled at 4e3-9e3 x the data's scale, finite and under the
-    probe's old bound (1e6 x), so the run overwrote its good checkpoint with diverged weights and exited 0. At 1e3 x
-    they count as diverged: every later checkpoint is withheld and the final one refused, the good one kept."""
+    """GDD resumed at --lr_g 1e4 on 2-D points: the generator's samples settled at 4e3-9e3 x the data's scale, finite
+    and under the probe's bound (1e6 x), so the run overwrote its good checkpoint with diverged weights and exited 0.
+    Samples of points beyond 1e3 x now count as diverged: every later checkpoint is withheld and the final one
+    refused, the good one kept."""
     argv = ["--teacher_iters", "40", "--batch", "512", "--eval_n", "128", "--eval_steps", "1", "--eval_teacher_steps",
             "0", "--out", tmp_path / "g"]
     assert run("distributional", *argv, "--iters", "20") == 0
