@@ -1523,12 +1523,21 @@ def restore_rng(ckpt, env, generators=()):
 
 
 # ===================================================================================================== non-finite steps
-def _by_dtype(ts):
-    """The tensors grouped by (device, dtype), in order."""
-    groups = collections.defaultdict(list)
+def _by_dtype(ts, most=1 << 24):
+    """The tensors grouped by (device, dtype), in order, each group split into runs of at most `most` elements (or one
+    larger tensor): a flat copy of a run is a bounded transient."""
+    groups, out = collections.defaultdict(list), []
     for t in ts:
         groups[t.device, t.dtype].append(t)
-    return list(groups.values())
+    for g in groups.values():
+        run, n = [], 0
+        for t in g:
+            if run and n + t.numel() > most:
+                out.append(run)
+                run, n = [], 0
+            run, n = run + [t], n + t.numel()
+        out.append(run)
+    return out
 
 
 def _put_back(ts, ok, old=None):
@@ -1536,7 +1545,7 @@ def _put_back(ts, ok, old=None):
     tensor, or None: zeros. A few dozen kernel launches in all instead of three per tensor (DDPM++'s weights and Adam
     state are ~1,700 tensors: ~5,100 launches per step)."""
     new = torch.cat([t.reshape(-1) for t in ts])
-    new = torch.where(ok.to(new.device), new, 0 if old is None else old)
+    torch.where(ok.to(new.device), new, new.new_zeros(()) if old is None else old, out=new)
     torch._foreach_copy_(ts, [v.view_as(t) for v, t in zip(new.split([t.numel() for t in ts]), ts)])
 
 
@@ -1567,7 +1576,8 @@ class Guard:
 
     def finite(self, params):
         """Device flag: all gradients of `params` finite."""
-        return torch.isfinite(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], math.inf))
+        return torch.isfinite(nn.utils.get_total_norm([p.grad for p in params if p.grad is not None and p.numel()],
+                                                      math.inf))  # (the inf-norm of an empty tensor is an error)
 
     def step(self, opt, scaler=None, ok=None):
         ps = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -2548,18 +2558,21 @@ def main_guard(fn):
 
 
 # ============================================================================================================== logging
-def _trim_jsonl(path, keep):
-    """Keep the rows of a .jsonl log whose "step" passes keep(step), atomically (a row without one, or that does not
-    parse, goes)."""
+def _trim_jsonl(path, keep, other=False):
+    """Keep the rows of a .jsonl log whose "step" passes keep(step), atomically; a row without one, or that does not
+    parse, is kept when `other`."""
     if not os.path.isfile(path):
         return
     with open(path, "rb") as f:
         rows = f.readlines()
     kept = []
     for r in rows:
-        with contextlib.suppress(ValueError, TypeError, KeyError):  # (invalid UTF-8 is a ValueError: dropped)
-            if keep(json.loads(r.decode())["step"]):
-                kept.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
+        try:  # (invalid UTF-8 is a ValueError)
+            ok = keep(json.loads(r.decode())["step"])
+        except (ValueError, TypeError, KeyError):
+            ok = other
+        if ok:
+            kept.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
     with open(path + ".tmp", "wb") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -2698,7 +2711,7 @@ class EvalSheet:
         evaluates its last step again)."""
         self.metrics["eval_s"] = time.time() - self.t0
         save_panels(os.path.join(out, name), self.panels)
-        _trim_jsonl(os.path.join(out, "metrics.jsonl"), lambda k: k != self.metrics["step"])
+        _trim_jsonl(os.path.join(out, "metrics.jsonl"), lambda k: k != self.metrics["step"], other=True)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(self.metrics) + "\n")
         return self.metrics

@@ -269,7 +269,7 @@ class LPIPS(nn.Module):
                 vgg = torchvision.models.vgg16(weights="IMAGENET1K_V1").features  # 528 MB VGG16 + LPIPS v0.1 linear
                 lin = self._linear_weights()  # heads, cached by torch hub
             else:  # seeded random VGG and uniform weights: a test-only stand-in
-                torch.manual_seed(0)
+                torch.default_generator.manual_seed(0)  # (the CPU's only: torch.manual_seed reseeds CUDA's too)
                 vgg = torchvision.models.vgg16(weights=None).features
                 lin = [torch.full((c,), 1.0 / c) for c in self.CH]
         self.features = nn.Sequential(*[nn.AvgPool2d(2, 2) if isinstance(m, nn.MaxPool2d) else m

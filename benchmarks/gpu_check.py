@@ -675,7 +675,7 @@ def markdown(rep):
                          f"{_fmt(r.get('opt_step_ms'), '{:.2f}')} / {_fmt(r.get('guard_step_ms'), '{:.2f}')} | "
                          f"{r.get('compile_backend', '')} |")
             else:
-                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 12 +
+                L.append(f"| {r['method']} | {r['precision']} | {r['compile']} | " + "– | " * 11 +
                          f"{r['status']}: {r.get('error') or r.get('note', '')} |")
     s2 = S.get("sampling", {})
     if s2.get("records") or s2.get("one_step_50k"):

@@ -1227,12 +1227,16 @@ def test_guard_stops_at_max_skips_in_a_row(tmp_path):
         g.check_run(10, 3)
 
 
-@pytest.mark.parametrize("bad_step,optim", [(0, "adam"), (2, "adam"), (2, "radam")])
-def test_guard_skip_paths_agree(tmp_path, bad_step, optim):
+@pytest.mark.parametrize("bad_step,optim,run", [(0, "adam", None), (2, "adam", None), (2, "radam", None),
+                                                (0, "adam", 7), (2, "radam", 7)])
+def test_guard_skip_paths_agree(tmp_path, monkeypatch, bad_step, optim, run):
     """Guard's two ways of skipping a step with a non-finite gradient (torch.where on a device flag, as on CUDA; not
     stepping, as on the CPU) leave the same weights and Adam (RAdam) state, bit for bit, also when the first step is
-    the bad one and with parameters of two dtypes (put back per dtype); without the Guard the same NaN reaches the
-    weights."""
+    the bad one and with parameters of two dtypes (put back per dtype, in runs of at most `run` elements); without
+    the Guard the same NaN reaches the weights."""
+    import functools
+    if run:
+        monkeypatch.setattr(C, "_by_dtype", functools.partial(C._by_dtype, most=run))
     env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
     log = type("Log", (), {"info": staticmethod(lambda m: None)})()
 

@@ -22,6 +22,7 @@ import common  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts import as modules
 import fashion as fb  # noqa: E402
 import gpu_check as gc  # noqa: E402
+import throughput as tp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +73,7 @@ def test_quick_run_writes_every_section(tmp_path):
     for r in thr:
         assert r["status"] == "ok" and r["train_img_per_s"] > 0 and r["sample_img_per_s_2step"] > 0, r
         assert r["vs_fm"] > 0 and r["train_flops_per_img"] == round(3 * r["fwd_per_step"] * r["fwd_flops_per_img"])
+        assert (r["opt_step_ms"] is None) == (r["guard_step_ms"] is None) == tp.METHODS[r["method"]].own_update, r
     assert any(r.get("compile_backend") for r in thr)  # the child-process record came back
     # rates only (no timing comparison in a test: on a loaded CPU the 1-NFE timing can come out slower)
     assert all(r["status"] == "ok" and math.isfinite(r["img_per_s_1nfe"]) and r["img_per_s_1nfe"] > 0
@@ -111,7 +113,11 @@ def test_deadline_keeps_what_was_measured(tmp_path):
     assert st[0] == "ok" and st[-1] == "skipped" and set(st) == {"ok", "skipped"}, st
     assert S["throughput"]["status"].startswith("partial")
     assert S["sampling"]["status"].startswith("skipped") and "fashion" not in S
-    assert "| fm | fp32 | False |" in (res / "gpu_cpu.md").read_text()
+    md = (res / "gpu_cpu.md").read_text()
+    assert "| fm | fp32 | False |" in md
+    table = md[md.index("| method | precision | compile | train img/s"):].split("\n\n")[0].splitlines()
+    assert len({ln.count("|") for ln in table}) == 1 and any("skipped" in ln for ln in table), table  # as many
+    # cells in a skipped record's row as in the header (GitHub drops the cells past the header's)
     # a rerun of one section keeps the others' results
     gc.main(["--quick", "--results", str(res), "--sections", "sampling", "--work", str(tmp_path / "work")])
     rep = json.loads((res / "gpu_cpu.json").read_text())

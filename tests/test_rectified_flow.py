@@ -304,6 +304,19 @@ def test_batch_loss_is_mean_of_single_sample_losses(lp32):
     assert abs(wrong - right) > 0.1 * right
 
 
+def test_building_lpips_leaves_the_runs_random_numbers(monkeypatch):
+    """LPIPS's VGG16 draws its initial weights on the CPU under a forked RNG; the stand-in's seed 0 is the CPU
+    generator's alone (torch.manual_seed also reseeded every CUDA generator, which a forked CPU RNG does not restore:
+    all ranks' CUDA noise at seed 0, and a resumed run off its stream)."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    torch.manual_seed(123)
+    seeded.clear()
+    state = torch.get_rng_state()
+    R.LPIPS("random", 32)
+    assert seeded == [] and torch.equal(torch.get_rng_state(), state)
+
+
 def test_lpips_offline_fallback(monkeypatch):
     def boom(*a, **k):
         raise OSError("no network")

@@ -676,6 +676,16 @@ def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
     assert [json.loads(r)["step"] for r in open(p)] == [1, 2, 3]
 
 
+def test_an_evaluation_replaces_only_its_own_steps_row(tmp_path):
+    """EvalSheet.write replaces a metrics row of its step (a finished run started again); a row without a step (a
+    note added by hand) and the other steps' rows stay."""
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "a": 1}\n{"note": "fid by hand"}\n{"step": 2, "a": 2}\n')
+    C.EvalSheet(C.Data("toy", "8gaussians", x=torch.empty(0)), (2,), 16, 0, 2).write(str(tmp_path))
+    rows = [json.loads(r) for r in open(p)]
+    assert [r.get("step") for r in rows] == [1, None, 2] and rows[1] == {"note": "fid by hand"} and "a" not in rows[2]
+
+
 def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
     """A teacher option a stage never reads was ignored (rectified_flow --stage 1rf/all --teacher, ft --pairs; GDD's
     --teacher_* beside --teacher); a changed teacher on resume was recorded but not used (the 2-RF's) or used from
@@ -1227,8 +1237,8 @@ def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("name", sorted(MODS))
 def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypatch):
     """Each file's Guard gets sample_probe over its weights and their EMA, with its own one-step sampler: here the
-    probe's bounds (1e3 and 1e6 x the data's scale) are made ~1e-12, so every real sample counts as diverged and no checkpoint
-    may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
+    probe's bounds (1e3 and 1e6 x the data's scale) are made ~1e-12, so every real sample counts as diverged and no
+    checkpoint may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
     Control: the same run with the real bound writes its checkpoint."""
     import types
     real, seen = C.sample_probe, []
