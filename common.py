@@ -2456,6 +2456,9 @@ def merge_config(Config, base, given, log=None):
     return check_config(cfg, who=lambda k: "--" if k in given else "the checkpoint's ", device=False)
 
 
+LOCATIONS = ("data", "root", "teacher", "pairs")  # where files are (a moved folder), not how a run trains
+
+
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
     compile always this command line's); the preset label stays the checkpoint's. A field that cannot change on
@@ -2464,7 +2467,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
     fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
     checkpoint records `teacher_id` by its weights: another path to them (a moved folder, another working directory)
     is taken, and the method checks them (`teacher_id`). `iters`: the field that counts the steps, which must not end
-    before the checkpoint's."""
+    before the checkpoint's. A run (or a pipeline's stage) that has trained all its steps applies no change but where
+    its files are (LOCATIONS): each other one is noted as not applied, and config.json stays the checkpoint's."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
@@ -2479,8 +2483,11 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
     if "data" in given and not same_file(given["data"], was) and (was in NAMED_DATA or given["data"] in NAMED_DATA):
         raise UserError(f"'{path}' was trained on --data {was}; a resumed run keeps its data (use another --out for "
                         f"--data {given['data']}).")  # (two files: perhaps the same data moved; noted as a change)
-    new = merge_config(Config, {"preset": cfg.preset, **base}, {k: v for k, v in given.items()
-                                                                if k not in ("resume", *here, *drop)}, log=log)
+    apply = {k: v for k, v in given.items() if k not in ("resume", *here, *drop)}
+    if ck["step"] >= apply.get(iters, base.get(iters, 0)):  # finished: no step left that a change could reach, so it
+        for k in [k for k, v in apply.items() if k in base and base[k] != v and k not in (iters, *LOCATIONS)]:
+            (log or note)(f"config: --{k} {apply.pop(k)!r} not applied: '{path}' has trained its {ck['step']} steps")
+    new = merge_config(Config, {"preset": cfg.preset, **base}, apply, log=log)  # (and config.json stays the run's)
     if iters in given and given[iters] < ck["step"]:
         raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "
                         f"least {ck['step']}, or use another --out).")

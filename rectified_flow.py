@@ -48,9 +48,9 @@ TRAINING = ("1rf", "2rf", "ft", "all")
 STAGE_ONLY = {**dict.fromkeys(("n_pairs", "pair_batch", "pair_seed", "noise_mode"), ("pairs", "all")),
               **dict.fromkeys(("pair_solver", "pair_steps", "pair_grid"), ("pairs", "all", "1rf")),
               "pair_block": ("pairs", "all", "ft"), **dict.fromkeys(("ft_iters", "ft_n", "inv_steps"), ("ft",)),
-              **dict.fromkeys(ONE_RF_ONLY, ("1rf", "all")), "iters": ("1rf", "2rf", "all"),
+              **dict.fromkeys(ONE_RF_ONLY, ("1rf", "all")), **dict.fromkeys(("iters", "warmup"), ("1rf", "2rf", "all")),
               **dict.fromkeys(("t_dist", "a", "loss", "huber_c", "lpips_weights", "lpips_res"), ("2rf", "ft", "all")),
-              **dict.fromkeys(("batch", "accum", "lr", "warmup", "lr_schedule", "clip", "ema", "t_eps", "solver",
+              **dict.fromkeys(("batch", "accum", "lr", "lr_schedule", "clip", "ema", "t_eps", "solver",
                                "grid", "rule", "t_mid", "log_every", "ckpt_every", "sample_every", "eval_n",
                                "eval_steps", "straight_k", "fid_every", "fid_n", "fid_detector", "fallback",
                                "max_skips"), TRAINING)}

@@ -1308,3 +1308,23 @@ def test_an_lpips_loss_on_points_is_one_sentence(files, tmp_path, capsys):
         io = capsys.readouterr()
         one_sentence(code, io.err, "--loss lpips-huber compares images", "2-D points")
         assert io.out == "" and not os.path.exists(tmp_path / "n")
+
+
+def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
+    """A run started again at its last step trains nothing: a changed --lr was noted as a change ("config: lr =
+    ...") and written to config.json, while the checkpoint kept the old one. Now it is noted as not applied and
+    config.json stays the checkpoint's; more --iters still applies it. (rectified_flow --stage ft never read --warmup,
+    which it listed as read: refused now.)"""
+    import shutil
+    shutil.copytree(files / "flow_map", tmp_path / "r")
+    was = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"]
+    capsys.readouterr()
+    assert run("flow_map", *BASE["flow_map"], "--out", tmp_path / "r", "--iters", "2", "--lr", "0.0123") == 0
+    out = capsys.readouterr().out
+    assert f"config: --lr 0.0123 not applied: '{tmp_path / 'r' / 'ckpt.pt'}' has trained its 2 steps" in out
+    assert "config: lr =" not in out and json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == was != 0.0123
+    assert run("flow_map", *BASE["flow_map"], "--out", tmp_path / "r", "--iters", "3", "--lr", "0.0123") == 0
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"] == 0.0123
+    capsys.readouterr()
+    code = run("rectified_flow", "--stage", "ft", "--warmup", "10", "--out", tmp_path / "n")
+    one_sentence(code, capsys.readouterr().err, "--stage ft does not read --warmup")
