@@ -250,8 +250,9 @@ def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
     before = _digest(ft / "ckpt.pt")
     base = ["--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft"]
     monkeypatch.chdir(tiny)  # (the stored pairs record --data as given: imgs.npy)
-    for extra, words in ((["--ft_n", "8"], ["--ft_n 16", "--inv_steps 2", "--data imgs.npy"]),
-                         (["--inv_steps", "3"], ["--inv_steps 2"]), (["--ft_iters", "1"], ["at step 2"]),
+    for extra, words in ((["--ft_n", "8", "--ft_iters", "5"], ["--ft_n 16", "--inv_steps 2", "--data imgs.npy"]),
+                         (["--inv_steps", "3", "--ft_iters", "5"], ["--inv_steps 2"]),  # (with steps left: a
+                         (["--ft_iters", "1"], ["at step 2"]),  # finished run applies no change, noted)
                          (["--iters", "9"], ["--ft_iters", "drop --iters"])):
         with pytest.raises(SystemExit) as e:
             C.main_guard(lambda: R.main([*base, *extra]))
