@@ -1325,6 +1325,11 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     assert "config: lr =" not in out and json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == was != 0.0123
     assert run("flow_map", *BASE["flow_map"], "--out", tmp_path / "r", "--iters", "3", "--lr", "0.0123") == 0
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"] == 0.0123
+    capsys.readouterr()  # the precision is this command's (default or given), and a change of it is noted too
+    assert run("flow_map", *BASE["flow_map"], "--out", tmp_path / "r", "--iters", "4", "--precision", "bf16") == 0
+    assert "config: precision = 'bf16' (checkpoint had auto; given)" in capsys.readouterr().out
+    assert run("flow_map", *BASE["flow_map"], "--out", tmp_path / "r", "--iters", "5") == 0
+    assert "config: precision = auto (checkpoint had 'bf16'; this command's default)" in capsys.readouterr().out
     capsys.readouterr()
     code = run("rectified_flow", "--stage", "ft", "--warmup", "10", "--out", tmp_path / "n")
     one_sentence(code, capsys.readouterr().err, "--stage ft does not read --warmup")
