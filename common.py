@@ -2461,7 +2461,8 @@ LOCATIONS = ("data", "root", "teacher", "pairs")  # where files are (a moved fol
 
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
-    compile always this command line's, a changed precision or compile noted); the preset label stays the checkpoint's. A field that cannot change on
+    compile always this command line's, a changed precision or compile noted); the preset label stays the
+    checkpoint's. A field that cannot change on
     resume (`fixed`; the seed: the RNG state is the checkpoint's), another explicit --preset, or another data set (a
     named one, or a name for a file or a file for a name; another file is noted) is refused; `drop`: given
     fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
