@@ -584,6 +584,7 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0",
                                                                    "teacher"))  # the distilled teacher: the same file
     C.refuse_other(given, MODE_ONLY, "mode", cfg.mode)
+    C.refuse_other(given, {"lr_ref": ("sqrt",)}, "lr_schedule", cfg.lr_schedule)  # (read by the sqrt decay only)
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))

@@ -1238,8 +1238,8 @@ def test_full_disk_keeps_the_previous_checkpoint(files, tmp_path, monkeypatch, c
 def test_every_file_probes_the_weights_it_saves(name, tmp_path, capsys, monkeypatch):
     """Each file's Guard gets sample_probe over its weights and their EMA, with its own one-step sampler: here the
     probe's bounds (1e3 and 1e6 x the data's scale) are made ~1e-12, so every real sample counts as diverged and no
-    checkpoint may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been saved).
-    Control: the same run with the real bound writes its checkpoint."""
+    checkpoint may be written (GDD's generator had no probe: a G that diverged with a finite GAN loss would have been
+    saved). Control: the same run with the real bounds writes its checkpoint."""
     import types
     real, seen = C.sample_probe, []
 
@@ -1314,7 +1314,7 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     """A run started again at its last step trains nothing: a changed --lr was noted as a change ("config: lr =
     ...") and written to config.json, while the checkpoint kept the old one. Now it is noted as not applied and
     config.json stays the checkpoint's; more --iters still applies it. (rectified_flow --stage ft never read --warmup,
-    which it listed as read: refused now.)"""
+    which it listed as read, and flow_map's --lr_ref is read by the sqrt schedule only: both refused elsewhere now.)"""
     import shutil
     shutil.copytree(files / "flow_map", tmp_path / "r")
     was = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"]
@@ -1333,3 +1333,5 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     capsys.readouterr()
     code = run("rectified_flow", "--stage", "ft", "--warmup", "10", "--out", tmp_path / "n")
     one_sentence(code, capsys.readouterr().err, "--stage ft does not read --warmup")
+    code = run("flow_map", *BASE["flow_map"], "--lr_ref", "100", "--out", tmp_path / "n")  # (the const schedule)
+    one_sentence(code, capsys.readouterr().err, "--lr_schedule const does not read --lr_ref")
