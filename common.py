@@ -1681,8 +1681,9 @@ def sample_probe(generate_of, nets, env, data, num_classes=0, n=2):
         finally:
             for h in hooks:
                 h.remove()
-        return torch.stack([(x.abs() <= bound * data.scale).all() for x, bound in  # (False for NaN and inf too)
-                            [*((x, sample_bound) for x in xs), *((o, 1e6) for o in outs)]]).all()
+        within = [(x.abs() <= sample_bound * data.scale).all() for x in xs]  # (False for NaN and inf too)
+        within += [(o.abs() <= 1e6 * data.scale).all() for o in outs]
+        return torch.stack(within).all()
     return probe
 
 

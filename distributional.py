@@ -1100,6 +1100,7 @@ def train(cfg, given):
         raise C.UserError(f"the {cfg.preset} preset needs --teacher; make one with `python rectified_flow.py "
                           f"--preset {cfg.preset} --stage 1rf`.")
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)  # GDD trains without flips or augmentation
+    gens = [data.gen] if data.gen is not None else []  # the generators whose state checkpoints carry
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
     C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
@@ -1119,7 +1120,7 @@ def train(cfg, given):
         train_teacher(cfg, data, env, tpath, log)
     elif not (ck or cfg.teacher):  # DIR/teacher.pt of a run stopped before its first checkpoint: the RNG streams
         # as that teacher's training left them, so the run goes on as if it had not stopped
-        C.restore_rng(C.load_checkpoint(tpath), env, [data.gen] if data.gen is not None else [])
+        C.restore_rng(C.load_checkpoint(tpath), env, gens)
     teacher, tck, t_g = named or load_teacher(tpath, cfg, data, log)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
@@ -1141,7 +1142,6 @@ def train(cfg, given):
     opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8, foreach=True)  # StyleGAN2 §3.1
     lr_d, betas_d = d_adam_hparams(cfg.lr_d, cfg.r1_interval)
     opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8, foreach=True)
-    gens = [data.gen] if data.gen is not None else []
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         load_disc_state(D, ck["disc"])  # Adam moments from the checkpoint, lr and betas from this run's config

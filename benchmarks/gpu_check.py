@@ -657,11 +657,12 @@ def markdown(rep):
               + (f"about {t['timed_s']:g} s of timed steps" if t.get("timed_s") else f"{t.get('iters_cap')} timed "
                  "steps") + ", the sampler likewise). Cost vs fm: the cost model (`fwd_per_step`) and the measured fm "
               "img/s / method img/s at the same precision and compile setting. Of peak: achieved training TFLOP/s "
-              "over the dense peak of that precision. Optimiser step: the step alone on one backward's gradients, plain and "
-              "through common.Guard as the loops take it (on CUDA the Guard puts a skipped step back on the device).",
-              "",
+              "over the dense peak of that precision. Optimiser step: the step alone on one backward's gradients, "
+              "plain and through common.Guard as the loops take it (on CUDA the Guard puts a skipped step back on the "
+              "device).", "",
               "| method | precision | compile | train img/s | timed steps | TFLOP/s | of peak | cost vs fm, model | "
-              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | optimiser step ms, plain / Guard | note |",
+              "measured | sample img/s 1 NFE | 2 NFE | peak mem GiB | warm-up s | optimiser step ms, plain / Guard | "
+              "note |",
               "|" + "---|" * 15]
         for r in t["records"]:
             if r.get("status") == "ok":
