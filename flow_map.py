@@ -75,7 +75,7 @@ class Config:
     pair_order: Literal["forward", "both"] = "forward"  # off-diagonal s <= t (Boffi _sample_triangle sorts) or both
     psd_type: Literal["uniform", "midpoint"] = "uniform"  # PSD (Boffi losses.py psd_term): h ~ U(0, 1) or h = 1/2
     esd_stopgrad: Literal["full", "convex"] = "full"  # ESD (esd_term): grad X . b under no_grad, or only b stopped
-    lambda_inv: float = 1.0  # FMM (arXiv 2406.07507): invertibility term of the direct FMM loss (0: Boffi's JAX code)
+    lambda_inv: float = 1.0  # FMM (2406.07507): the direct loss's invertibility term (0: 2024 FMM code's lagrangian)
     time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler
     learned_weight: bool = False  # Boffi losses.py: l <- exp(-w(s,t)) l + w(s,t), a zero-initialised WeightHead
     adaptive_p: float = 0.75  # adaptive weighting l / sg(l + c)^p of meanflow and emd (MeanFlow §4)
@@ -110,7 +110,8 @@ class Config:
 
     def check(self):
         if self.mode in ("lmd", "emd") and not self.teacher:
-            raise ValueError(f"--mode {self.mode} distils a rectified_flow.py checkpoint; give it with --teacher PATH.")
+            raise ValueError(f"--mode {self.mode} distils a rectified_flow.py checkpoint or an EDM .pkl; give it "
+                             f"with --teacher PATH.")
         if self.mode not in ("lmd", "emd") and self.teacher:
             raise ValueError(f"--teacher is only used by --mode lmd or emd, not by {self.mode}.")
         if self.interpolant == "trig" and self.mode in ("meanflow", "lmd", "emd"):
@@ -147,8 +148,9 @@ _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=
 PRESETS = {  # nested dicts apply to one --mode
     # toy: Boffi's 2-D setting (no weighting, clip 10). A 256x4 MLP at 2048 x 4000 takes ~15 min on one
     # CPU thread here, so the toy preset is the first minute: a 64 x 3 MLP at 512 x 1000 with a cosine learning-rate
-    # decay (measured on the 2-core CPU machine: 50 s, in-square 0.74 / 0.78 / 0.79 / 0.81 at 1 / 2 / 4 / 8 steps;
-    # 128 x 3 with a constant lr: ~70 s and 0.69 / 0.75 / 0.76 / 0.77); the bigger recipe stays available by flags.
+    # decay (measured on the 2-core CPU machine: 52 s, 51-54 over 3 runs; in-square 0.74 / 0.78 / 0.79 / 0.81 at
+    # 1 / 2 / 4 / 8 steps; 128 x 3 with a constant lr: ~70 s and 0.69 / 0.75 / 0.76 / 0.77); the bigger recipe stays
+    # available by flags.
     "toy": dict(data="checkerboard", net="mlp", width=64, depth=3, batch=512, iters=1000, lr=1e-3, clip=10.0,
                 ema=0.99, log_every=100, lr_schedule="cosine"),
     "tiny": dict(data="", net="tiny", dropout=0.1, batch=8, iters=3, lr=1e-3, clip=1.0, ema=0.9, learned_weight=True,
@@ -215,8 +217,8 @@ def net_phi(net, sigma0, aug=None):
 
 
 def flow_map(phi, x, s, t):
-    """The map, Boffi et al. §3: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly; phi(t, t, .) = b_t is
-    (b_t = phi(t, t, .))."""
+    """The map, Boffi et al. §3: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly, and
+    phi(t, t, .) = b_t (the tangent condition: the map's derivative in t at s = t is the velocity)."""
     return x + bc(t - s, x) * phi(x, s, t)
 
 
@@ -442,7 +444,8 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
 
 # ============================================================================================================= plumbing
 def net_dict(cfg, data):
-    """Two time inputs (s, then Delta = t - s), time_scale 1 (raw times), zero output (phi = 0 at start)."""
+    """Two time inputs (s, then Delta = t - s), time_scale 1 (raw times), output ~0 at start (exactly 0 for
+    the MLP, whose last layer is zero; x 1e-5 for a U-Net's, EDM's init)."""
     if data.kind == "images":
         if cfg.net == "mlp":
             raise C.UserError("--net mlp is for 2-D points; use tiny, small or ddpmpp for images.")

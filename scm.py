@@ -144,7 +144,7 @@ PRESETS = {  # flat fields, then per-mode parts
     # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
     # (sCD with 400 steps: 0.87). The previous preset
     # (MLP 128 x 3, batch 256, constant lr, diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1)
-    # took ~214 s for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2 steps.
+    # took 141-214 s (several runs; docs/scm.md has its table) for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2 steps.
     "toy": dict(mode="all", data="8gaussians", net="mlp", width=64, depth=4, batch=1024, lr_schedule="cosine",
                 ema_halflife_kimg=20.0, eval_n=4096,
                 diffusion=dict(**_DIFF, lr=2e-3, iters=700),
@@ -166,7 +166,7 @@ PRESETS = {  # flat fields, then per-mode parts
     # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
     # init). CM iteration count is not given by the paper: 400k.
     # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
-    # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_s{c,d}t_cifar10.py)
+    # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_sc{t,d}_cifar10.py)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
                     H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
@@ -325,8 +325,8 @@ def _dtype(net):  # samplers follow the network's precision (fp64 in the oracle 
 
 
 def cm_times(K, cfg):
-    """Sampling times (sCM App. G.2): t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds t_mid = 1.1; K > 2 uses
-    t_k = t_mid (K - k)/(K - 1), k = 1..K-1 (project's choice)."""
+    """Sampling times (sCM App. G.2): t_0 = t_max = arctan(sigma_max / sigma_d); K = 2 adds cfg.t_mid (1.1 in
+    cifar10); K > 2 uses t_k = t_mid (K - k)/(K - 1), k = 1..K-1 (project's choice)."""
     t_max = math.atan(cfg.sigma_max / cfg.sigma_d)
     return [t_max] + [cfg.t_mid * (K - k) / (K - 1) for k in range(1, K)]
 
