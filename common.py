@@ -181,9 +181,9 @@ class Block(nn.Module):
 
 # ====================================================================================================== networks: U-Net
 class _Net(nn.Module):
-    """Shared conditioning, EDM SongUNet's mapping: n = PE(tau t) [+ PE(tau s)] + W_y sqrt(K) onehot(y) + W_a a,
-    e = SiLU(M_t(n)) (M = map_layer1(SiLU(map_layer0(.)))). A second time s either gets its own M_s added after
-    map_layer1 (time_combine='sum', lumalabs/imm training/unets.py) or is concatenated to PE(tau t) before
+    """Shared conditioning, EDM SongUNet's mapping: n = PE(tau t) + W_y sqrt(K) onehot(y) + W_a a, e = SiLU(M_t(n))
+    (M = map_layer1(SiLU(map_layer0(.)))). A second time s either gets its own M_s: e = SiLU(M_t(n) + M_s(PE(tau s)))
+    (time_combine='sum', lumalabs/imm training/unets.py), or PE(tau s) is concatenated to PE(tau t) in n before
     map_layer0 (time_combine='concat', py-meanflow's SongUNet); labels and augmentation labels then have the
     concatenated width."""
 

@@ -127,7 +127,8 @@ R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
 PRESETS = {
     # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher 2,000 x 512, Adam 1e-3.
     # 1,500 GAN iterations: the first minute (measured on the 2-core CPU machine from `python rectified_flow.py`'s
-    # teacher: 57 s, in-mode 0.76 at 1 step; 2,000: 69 s, 0.78; a cosine lr decay over 1,000: 0.44, too early)
+    # teacher: 54 s, median of 3, in-mode 0.76 at 1 step; 2,000: 69 s, 0.78; a cosine lr decay over 1,000: 0.44, too
+    # early)
     "toy": dict(data="8gaussians", teacher_net="mlp", teacher_iters=2000, teacher_batch=512, teacher_lr=1e-3,
                 disc="mlp", freeze="none", batch=512, iters=1500, lr_g=1e-4, lr_d=1e-4, r1_interval=16,
                 ema_halflife_img=5e5, ema_rampup=0.05, log_every=200, ckpt_every=1000, eval_n=4000),
@@ -144,9 +145,10 @@ PRESETS = {
     # --duration=5 (training_loop.py stops at the first step with >= 5 Mimg seen: 19,532 steps of 256) --ema=0.5
     # (Mimg half-life; --ema-warmup 0.05 by default) --loss-type=ns --r1-gamma=1e-4 --dropout=0 --diffaug=False
     # --fp16=True (bf16 U-Net; D in fp32 with TF32 off, training_loop.py); lazy R1 every 16 and Adam (0, 0.99) with
-    # D lr and beta2 x 16/17 (training_loop.py). No augmentation: that line omits --augment=0, but with --augment-p 0
-    # and no ADA target training_loop.py builds no augment pipe; no x-flips. R1: gamma 1e-4 in GDD's convention at
-    # GDD's per-GPU batch, 64 (--nproc_per_node=4 x 64), whatever this run's layout (gamma_from_gdd: 0.469 here).
+    # D lr x 16/17 and beta2 = 0.99^(16/17) (training_loop.py). No augmentation: that line omits --augment=0, but
+    # with --augment-p 0 and no ADA target training_loop.py builds no augment pipe; no x-flips. R1: gamma 1e-4 in
+    # GDD's convention at GDD's per-GPU batch, 64 (--nproc_per_node=4 x 64), whatever this run's layout
+    # (gamma_from_gdd: 0.469 here).
     # Snapshots / FID every 250 kimg (--snap=10 ticks of 25 kimg). Teacher: EDM's unconditional NCSN++ (--arch=ncsnpp,
     # edm-cifar10-32x32-uncond-ve.pkl), G(z) = D(80 z; 80). Deviations: the projections come from --proj_seed and
     # are identical on all ranks (GDD draws
@@ -182,7 +184,7 @@ class EDMGenerator(nn.Module):
     For t < 1 it is rfpp's velocity v = (x_t - D(x_t / (1 - t); t / (1 - t))) / t (the K > 1 re-noising path); at
     t = 1, where sigma = t / (1 - t) is infinite, the noise end is EDM's: x_1 = z is the sample sigma_max z."""
 
-    SIGMA_MAX = 80.0  # GDD's noise end (EDM's sampler starts there; a VE network's own sigma_max is 100)
+    SIGMA_MAX = 80.0  # GDD's noise end, where EDM's sampler starts
 
     def __init__(self, den):
         super().__init__()
@@ -221,7 +223,7 @@ def frozen(name):
 
 def make_generator(teacher, freeze="none"):
     """GDD §3, initialisation: G's weights = a copy of the teacher's EMA weights (own storage); GDD-I applies
-    `frozen` once: frozen tensors get requires_grad=False before any optimiser or DDP sees
+    `frozen` once: frozen tensors get requires_grad=False before any optimiser or gradient sync sees
     them, and nothing ever turns them back on."""
     g = copy.deepcopy(teacher).train().requires_grad_(True)
     if freeze == "gdd_i":
