@@ -191,7 +191,7 @@ def f_map(net, x_t, s, t, cfg, env, aug=None):
 
 
 def delta_eta(cfg):
-    """The decrement of r(s, t) (IMM §4.1, App. C.2): Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k =
+    """The decrement of r(s, t) (IMM App. C.2): Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k =
     15)."""
     return (eta(cfg.T) - eta(cfg.t_min)) / 2 ** cfg.k
 
@@ -317,7 +317,7 @@ def sample_shape(nd):
 
 @torch.no_grad()
 def evaluate(net, cfg, data, env, out, step):
-    """Samples at 1, 2, 4, 8 steps beside the data (PNG) and, for points, the common toy metrics."""
+    """Samples at cfg.eval_steps steps beside the data (PNG) and, for points, the common toy metrics."""
     shape = sample_shape(C.unwrap(net).config)
     sheet = C.EvalSheet(data, shape, cfg.eval_n, cfg.seed, step)
     for N in cfg.eval_steps:

@@ -110,7 +110,7 @@ class Config:
     inv_steps: int = 8  # Euler steps of the inversion (rfpp v2, inversion)
     # sampling (Euler to RK4); "auto" picks the stage's default
     solver: Literal["auto", "euler", "heun", "rk4"] = "auto"  # 1rf: heun for K >= 3; 2rf: euler
-    grid: Literal["auto", "uniform", "edm"] = "auto"  # 1rf heun/rk4: edm; else uniform
+    grid: Literal["auto", "uniform", "edm"] = "auto"  # rk4 (any stage) and 1rf heun: edm; else uniform
     rule: Literal["auto", "default", "new"] = "auto"  # 2rf: rfpp's new update rule (Fig. 4); 1rf: plain Euler
     t_mid: float = 0.5  # middle time of the 2-step uniform grid
     # logging and evaluation
@@ -241,7 +241,7 @@ def sample_t_mirrored_exp(n, a=4.0, generator=None):
 
 
 def sample_t(n, cfg, device):
-    if cfg.stage == "1rf" or cfg.t_dist == "uniform":  # uniform on [t_eps, 1 - t_eps] (1-RF: closed [0, 1])
+    if cfg.stage == "1rf" or cfg.t_dist == "uniform":  # uniform on [t_eps, 1 - t_eps) (1-RF: [0, 1))
         return cfg.t_eps + (1 - 2 * cfg.t_eps) * torch.rand(n, device=device)
     return sample_t_ushape(n, cfg.a, cfg.t_eps, device)
 
@@ -418,8 +418,8 @@ def invert(v, x, eps, K):
 
 
 def sampler_for(cfg, K):
-    """Sampler defaults: 2rf/ft Euler, uniform grid, new rule (not with rk4); 1rf Heun on the edm grid for K >= 3,
-    else Euler."""
+    """Sampler defaults: 2rf/ft Euler, uniform grid, new rule; 1rf Heun on the edm grid for K >= 3, else Euler. A
+    chosen rk4 takes the edm grid and the default rule in every stage."""
     reflow = cfg.stage in ("2rf", "ft")
     solver = cfg.solver if cfg.solver != "auto" else ("euler" if reflow or K <= 2 else "heun")
     grid = cfg.grid if cfg.grid != "auto" else ("edm" if solver == "rk4" or (solver == "heun" and not reflow)
@@ -568,8 +568,8 @@ def make_pairs(cfg, env):
         with contextlib.suppress(OSError):
             os.remove(os.path.join(folder, "started.json"))
     if env.is_main:
-        print(f"pairs: {cfg.n_pairs} pairs in {folder} ({cfg.pair_solver} K={cfg.pair_steps}, "
-              f"{nfe(cfg.pair_steps, cfg.pair_solver)} NFE, {time.time() - t0:.1f}s)", flush=True)
+        print(f"pairs: {cfg.n_pairs} pairs in {folder} ({meta['solver']} K={cfg.pair_steps}, {meta['nfe']} NFE, "
+              f"{time.time() - t0:.1f}s)", flush=True)
 
 
 def pairs_plan(cfg, env):
@@ -976,6 +976,10 @@ def run(cfg, given):
     if cfg.stage == "ft" and "iters" in given:  # (it was accepted, and ignored)
         raise C.UserError("--stage ft counts its steps with --ft_iters, not --iters; drop --iters.")
     C.refuse_other(given, STAGE_ONLY, "stage", cfg.stage)  # (a 2-RF given --pair_seed recorded the new value)
+    k = next((k for k in ("pair_solver", "pair_grid") if k in given), None)
+    if cfg.stage == "pairs" and str(cfg.teacher).endswith(".pkl") and k:  # (accepted, and ignored)
+        raise C.UserError(f"an EDM teacher's pairs are made by EDM's Heun sampler on EDM's sigma grid (rfpp "
+                          f"generate_edm.py; --pair_steps sets its steps), which does not read --{k}; drop it.")
     if cfg.stage == "all":  # restarted without --data/--seed/--preset: every stage takes the 1-RF's
         cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "ckpt.pt"), stage="all")
     after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]

@@ -57,12 +57,19 @@ def test_edm_velocity_is_the_denoiser_in_rf_time():
     assert (v - (z - x)).abs().max() < 1e-5
 
 
-def test_rf_pairs_and_2rf_from_an_edm_pickle(tmp_path, imgs):
+def test_rf_pairs_and_2rf_from_an_edm_pickle(tmp_path, imgs, capsys):
     pkl = edm_pickle(tmp_path)
     den, info = C.load_edm(pkl)
     out = str(tmp_path / "run")
     base = ["--preset", "tiny", "--data", imgs, "--out", out, "--teacher", pkl, "--root", str(tmp_path)]
+    for flag, value in (("--pair_solver", "euler"), ("--pair_grid", "uniform")):  # read by no EDM teacher's pairs
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: RF.main([*base, "--stage", "pairs", flag, value]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"does not read {flag}; drop it." in err and not os.path.exists(out)
     RF.main([*base, "--stage", "pairs", "--n_pairs", "6", "--pair_block", "6", "--pair_batch", "3"])
+    steps = C.resolve_config(RF.Config, RF.PRESETS, "tiny", {"data": imgs}, stage="pairs").pair_steps
+    assert f"(edm_heun K={steps}, {2 * steps - 1} NFE," in capsys.readouterr().out  # the sampler that ran
     folder = os.path.join(out, "pairs")
     data, Z, _ = RF.load_pairs(folder, C.Env(0, 1, 0, CPU, True, "fp32"), 0)
     meta = json.load(open(os.path.join(folder, "meta.json")))
