@@ -541,7 +541,8 @@ class Data:
         return self._perm[e]
 
     def batch(self, b, step, part=0, parts=1):
-        """(x, y): global position p = step*b*parts + part*b + j; a pure function of (seed, step)."""
+        """(x, y): global position p = step*b*parts + part*b + j; for stored data a pure function of (seed, step)
+        whatever the rank layout (toys: fresh draws from this rank's generator)."""
         if self.kind == "toy":
             return toy_sample(self.key, b, self.gen).to(self.x.device), None
         N, p, idx, flip, got = self.x.shape[0], step * b * parts + part * b, [], [], 0
@@ -888,7 +889,7 @@ def augment(images, p, generator=None, part=0, parts=1, **probs):
 def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
     """A training batch through `augment` -> (images, labels), or (x, None) with p = 0 (no labels: the network's
     augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run stays
-    a pure function of (seed, step) for any rank layout and resumes exactly; `part`/`parts` as in Data.batch."""
+    the same augmentation for any rank layout and resumes exactly (noise and times stay per rank); `part`/`parts` as in Data.batch."""
     if not p:
         return x, None
     return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
@@ -992,7 +993,7 @@ def load_detector(spec, env):
 
 class IndexRNG:
     """Randomness per sample index (EDM's StackedRandomGenerator idea): sample i draws from seed + i, so
-    results do not depend on batch size or GPU count. Shapes include the batch dimension (= len(indices))."""
+    the noise does not depend on batch size or GPU count. Shapes include the batch dimension (= len(indices))."""
 
     def __init__(self, indices, seed, device):
         self.device = torch.device(device)
@@ -1515,8 +1516,8 @@ def restore_rng(ckpt, env, generators=()):
                             f"this project.") from None
         return
     s = derive_seed(ckpt["config"].get("seed", 0), "rank", env.rank, ckpt["step"])
-    if env.is_main:
-        print(f"warning: checkpoint saved with {rng and rng['world']} ranks, running {env.world}: RNG reseeded")
+    note(f"warning: checkpoint saved with {rng and rng['world']} rank(s), running {env.world}: RNG reseeded from "
+         f"(seed, rank, step); the run goes on, but no longer reproduces an unstopped run at either world size")
     torch.manual_seed(s)
     for i, g in enumerate(generators):
         g.manual_seed(derive_seed(s, i))

@@ -1427,11 +1427,34 @@ def test_restore_rng_other_world_size_reseeds(capsys):
     g = torch.Generator()
     C.restore_rng(ck, env1(), [g])
     a, ga = torch.rand(3), torch.rand(3, generator=g)
-    assert "warning" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # held back until the command's first line, after its checks
+    C.flush_notes(env1())
+    assert "warning: checkpoint saved with 2 rank(s), running 1: RNG reseeded" in capsys.readouterr().out
     C.restore_rng(ck, env1(), [g])
     assert torch.equal(a, torch.rand(3)) and torch.equal(ga, torch.rand(3, generator=g))
     C.restore_rng({**ck, "step": 11}, env1(), [g])
     assert not torch.equal(a, torch.rand(3))
+
+
+def test_other_world_size_warning_follows_the_checks(tmp_path, capsys):
+    """A resume at another world size warns that the RNG was reseeded, with the run's first line: a resume refused
+    after restore_rng (IMM's batch split) prints its `error:` line alone."""
+    import imm
+    out = str(tmp_path / "run")
+    imm.main(["--iters", "1", "--out", out, "--eval_n", "64", "--log_every", "1"])
+    path = os.path.join(out, "ckpt.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["rng"] = {"world": 2, "ranks": ck["rng"]["ranks"] * 2}  # as if saved by two ranks
+    torch.save(ck, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: imm.main(["--iters", "2", "--out", out, "--batch", "8", "--accum", "4"]))  # 2 per round
+    got = capsys.readouterr()
+    assert e.value.code == 2 and got.out == "" and got.err.startswith("error: --batch 8 must split")
+    imm.main(["--iters", "2", "--out", out, "--eval_n", "64"])
+    lines = capsys.readouterr().out.splitlines()
+    warn = [i for i, m in enumerate(lines) if "running 1: RNG reseeded" in m and "no longer reproduces" in m]
+    assert warn and warn[0] < 2 and lines[0].startswith("config: iters = 2")  # with the other notes, before the run
 
 
 # ======================================================================== 17. logger and pictures
