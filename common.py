@@ -1278,9 +1278,19 @@ def strict_fp32(device, tf32=False):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def make_scaler(env):
-    """A GradScaler for fp16; a disabled pass-through otherwise (same calling code)."""
-    return torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+def make_scaler(env, ck=None):
+    """A GradScaler for fp16; a disabled pass-through otherwise (same calling code). The loss scale and its growth
+    count are part of the run: checkpoints keep `scaler.state_dict()` ({} when disabled) and a resumed fp16 run takes
+    them back from `ck`, so that it continues exactly (a fresh scale would skip its first steps again)."""
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
+    state = (ck or {}).get("scaler")
+    if scaler.is_enabled() and state:  # (a run saved in another precision has none)
+        keys = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+        if not isinstance(state, dict) or sorted(state) != sorted(keys) or not all(
+                type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in state.values()):
+            raise UserError("the checkpoint's loss-scaler state is malformed; it was not written by this project.")
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def stopwatch():

@@ -115,6 +115,9 @@ class Config:
                              f"not '{self.disc_backbones}'.")
         if (self.r1_gamma_gdd is not None and self.r1_gamma_gdd < 0) or self.r1_gdd_batch < 0:
             raise ValueError("--r1_gamma_gdd and --r1_gdd_batch must be non-negative.")
+        if self.precision == "fp16":  # (fp16 gradients without a loss scale underflow)
+            raise ValueError("--precision fp16 needs loss scaling, which this file's two optimisers and R1 do not do; "
+                             "use bf16 (what GDD's own --fp16=True runs) or fp32/tf32.")
 
 
 RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0, 1)", lr_g="> 0", lr_d="> 0",

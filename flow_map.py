@@ -644,10 +644,11 @@ def train(cfg, given):
 
     def state():
         extra = dict(weight_head=head.state_dict()) if head is not None else {}
-        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=conv, teacher_id=tid, **extra)
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                    scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                    convention=conv, teacher_id=tid, **extra)
 
-    scaler = C.make_scaler(env)
+    scaler = C.make_scaler(env, ck)
     raw.train()
     while step < cfg.iters:
         for grp in opt.param_groups:

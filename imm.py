@@ -381,11 +381,12 @@ def train(cfg, given):
                                          data))
 
     def state():
-        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION)
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                    scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                    convention=CONVENTION)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    scaler = C.make_scaler(env)
+    scaler = C.make_scaler(env, ck)
     model.train()
     while step < cfg.iters:
         if cfg.lr_schedule == "cosine":

@@ -890,11 +890,11 @@ def train(cfg, given, env):
                                          data, inner(nd)["label_dim"]))
 
     def state():
-        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION,
-                    **({"pairs_id": pid} if stage == "2rf" else {}))
+        return dict(model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                    scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                    convention=CONVENTION, **({"pairs_id": pid} if stage == "2rf" else {}))
 
-    scaler, ddp = C.make_scaler(env), isinstance(model, nn.parallel.DistributedDataParallel)
+    scaler, ddp = C.make_scaler(env, ck), isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()
     while step < iters:
         for grp in opt.param_groups:  # linear warm-up from 0, then constant or a cosine decay to 0

@@ -572,12 +572,13 @@ def train(cfg, given, env):
                                          env, data))
 
     def state():
-        return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step,
-                    config=dataclasses.asdict(cfg), net=nd, method=METHOD, convention=CONVENTION, sigma_d=sd,
-                    weight_head=head.state_dict() if head is not None else None, teacher_id=tid)
+        return dict(model=net.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                    scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
+                    convention=CONVENTION, sigma_d=sd, teacher_id=tid,
+                    weight_head=head.state_dict() if head is not None else None)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    scaler = C.make_scaler(env)
+    scaler = C.make_scaler(env, ck)
     model.train()
     while step < cfg.iters:
         if cfg.lr_ramp_kimg > 0 or cfg.lr_schedule == "cosine":  # host-side floats: no sync

@@ -1335,3 +1335,31 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     one_sentence(code, capsys.readouterr().err, "--stage ft does not read --warmup")
     code = run("flow_map", *BASE["flow_map"], "--lr_ref", "100", "--out", tmp_path / "n")  # (the const schedule)
     one_sentence(code, capsys.readouterr().err, "--lr_schedule const does not read --lr_ref")
+
+
+@pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
+def test_an_fp16_run_resumes_with_its_loss_scale(name, tmp_path, monkeypatch):
+    """An fp16 run's GradScaler (loss scale, growth count) is part of its state: the checkpoint keeps it and a resumed
+    run takes it back, so stopped at step 2 and resumed it ends as the unstopped run, the scaler included (it
+    restarted at 65,536 with a zero growth count). fp16 needs CUDA; its check is lifted here so that CPU autocast
+    runs the same fp16 code path."""
+    monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)
+    fp16 = [*BASE[name], "--precision", "fp16", "--device", "cpu"]
+    assert run(name, *fp16, "--iters", "4", "--out", tmp_path / "a") == 0
+    assert run(name, *fp16, "--iters", "2", "--out", tmp_path / "b") == 0
+    assert run(name, *fp16, "--iters", "4", "--out", tmp_path / "b") == 0
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["scaler"]["_growth_tracker"] == 4 and a["scaler"] == b["scaler"]  # (2 without the restore)
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    ck = {"scaler": {**a["scaler"], "scale": "65536"}}  # an edited checkpoint: one sentence, not a traceback later
+    with pytest.raises(C.UserError, match="loss-scaler state is malformed"):
+        C.make_scaler(C.Env(0, 1, 0, torch.device("cpu"), True, "fp16"), ck)
+
+
+def test_gdd_refuses_fp16_it_cannot_scale(tmp_path, capsys, monkeypatch):
+    """distributional.py has no loss scaling (two optimisers and R1's double backward): --precision fp16 would train
+    with gradients that underflow, so it is refused in one sentence (GDD's own --fp16=True runs bf16); on a CUDA
+    machine, where fp16 passes the device check (lifted here)."""
+    monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)
+    code = run("distributional", *BASE["distributional"], "--precision", "fp16", "--out", tmp_path / "r")
+    one_sentence(code, capsys.readouterr().err, "--precision fp16 needs loss scaling", "bf16")
