@@ -8,7 +8,7 @@ section starts at a line "# ==== <section>"):
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net, unwrap (DDP, compile)
   data               toy_sample, to_uint8, Data (uint8 images or float points on the device, per-step batches),
-                     held_output (a download's lines), load_data, FID_OPTIONS, refuse_unused, refuse_other
+                     load_data, FID_OPTIONS, refuse_unused, refuse_other
   augmentation       EDM_AUGMENT, augment_dim, augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
@@ -27,7 +27,7 @@ section starts at a line "# ==== <section>"):
                      preset's values)
   resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), note,
                      merge_config, resume_config (what a resumed run may change), check_not_beneath, main_guard
-  logging            Logger
+  logging            held_output (a download's lines, held until the first output), Logger
   pictures           save_panels, save_array
   evaluation and     n_steps ("1 step", "2 steps"), EvalSheet (panels and toy metrics of one evaluation),
     commands         sample_or_fid (the `sample` and `fid` commands of every method file, shared out over the ranks)
@@ -532,19 +532,19 @@ class Data:
         return max(1.0, float(self.x.abs().max())) if self.kind == "points" else 1.0
 
     def _epoch(self, e):  # perm_e, flip_e from a CPU generator seeded by (seed, "data", e), kept on device
-        if e not in self._perm:
+        if e not in self._perm:  # (copied with non_blocking: a plain copy to CUDA waits for the stream)
             g = torch.Generator().manual_seed(derive_seed(self.seed, "data", e))
             N = self.x.shape[0]
             self._perm = {k: v for k, v in self._perm.items() if k >= e - 1}
-            self._perm[e] = (torch.randperm(N, generator=g).to(self.x.device),
-                             (torch.rand(N, generator=g) < 0.5).to(self.x.device))
+            self._perm[e] = (torch.randperm(N, generator=g).to(self.x.device, non_blocking=True),
+                             (torch.rand(N, generator=g) < 0.5).to(self.x.device, non_blocking=True))
         return self._perm[e]
 
     def batch(self, b, step, part=0, parts=1):
         """(x, y): global position p = step*b*parts + part*b + j; for stored data a pure function of (seed, step)
         whatever the rank layout (toys: fresh draws from this rank's generator)."""
         if self.kind == "toy":
-            return toy_sample(self.key, b, self.gen).to(self.x.device), None
+            return toy_sample(self.key, b, self.gen).to(self.x.device, non_blocking=True), None  # (no stream sync)
         N, p, idx, flip, got = self.x.shape[0], step * b * parts + part * b, [], [], 0
         while got < b:  # a batch may straddle epochs
             e, o = divmod(p, N)
@@ -569,7 +569,8 @@ def _image_dataset(name, root, env):
         return getattr(torchvision.datasets, cls)(root, train=True, download=download)
     if env.is_main:
         try:
-            get(True)
+            with held_output():  # its progress bar waits for the command's first line
+                get(True)
         except Exception as e:  # offline, bad checksum, ...
             barrier(env)
             raise UserError(f"could not download {name} into '{root}' ({type(e).__name__}); place {archive} "
@@ -583,16 +584,6 @@ def _image_dataset(name, root, env):
     if x.ndim == 3:  # MNIST-type 28x28 -> zero-pad 2 px per side to 32x32, 1 channel
         x = F.pad(x, (2, 2, 2, 2))[..., None]
     return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), 10
-
-
-@contextlib.contextmanager
-def held_output():
-    """What Python code prints inside the block (torch hub's "Downloading: ..." line for a weights file) is held back:
-    written after the block if it succeeds, dropped if it raises, so that nothing precedes an `error:` line."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        yield
-    sys.stdout.write(out.getvalue()), sys.stderr.write(err.getvalue())
 
 
 @contextlib.contextmanager
@@ -1195,8 +1186,9 @@ def setup(device="auto", seed=0, precision=None):
     cuda_ok = torch.cuda.is_available()
     device = ("cuda" if cuda_ok else "cpu") if device in ("auto", None) else device
     rank, world, local = check_launch()
-    if device.startswith("cuda"):
-        device = f"cuda:{local}" if "WORLD_SIZE" in os.environ else device
+    if device.startswith("cuda"):  # an index always (set_device refuses a bare "cuda": a ValueError)
+        d = torch.device(f"cuda:{local}" if "WORLD_SIZE" in os.environ else device)
+        device = str(d if d.index is not None else torch.device("cuda", torch.cuda.current_device()))
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -1564,7 +1556,8 @@ class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
     where the loop syncs anyway (log lines, checkpoints).
 
-    step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped. On CUDA (`sync_free`)
+    step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped (with an fp16 scaler,
+    after the caller's scaler.unscale_(opt), and scaler.update() after it). On CUDA (`sync_free`)
     parameters, moments and step counts are put back by torch.where on a device flag (Adam's step counts are moved
     onto the device for this); on the CPU, where reading the flag stalls no queue, the step is simply not taken
     (the same result, ~5 ms less per step for a toy MLP's ~80 state tensors). Skipped steps are logged (`skipped`,
@@ -1610,7 +1603,10 @@ class Guard:
         ts = [t for p in ps for t in [p, *opt.state.get(p, {}).values()] if torch.is_tensor(t)]
         keep = [(g, torch.cat([t.detach().reshape(-1) for t in g])) for g in _by_dtype(ts)]  # one copy per dtype
         known = {id(t) for t in ts}
-        scaler.step(opt) if scaler is not None else opt.step()
+        # opt.step(), not scaler.step(opt): that reads found_inf on the host (a sync per step); the caller's
+        # scaler.unscale_(opt) has unscaled the gradients and recorded found_inf for scaler.update(), and a
+        # non-finite step is put back here
+        opt.step()
         with torch.no_grad():
             for g, old in keep:
                 _put_back(g, ok, old)
@@ -2582,6 +2578,19 @@ def main_guard(fn):
 
 
 # ============================================================================================================== logging
+@contextlib.contextmanager
+def held_output():
+    """What Python code prints inside the block (torch hub's "Downloading: ..." line for a weights file, torchvision's
+    progress bar) is held back: a note after the block if it succeeds (printed with the command's first output, after
+    its checks; a progress bar by its last state), dropped if it raises, so that nothing precedes an `error:` line."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield
+    lines = [ln.split("\r")[-1].rstrip() for ln in (out.getvalue() + err.getvalue()).split("\n")]
+    if any(lines):
+        note("\n".join(ln for ln in lines if ln))
+
+
 def _trim_jsonl(path, keep, other=False):
     """Keep the rows of a .jsonl log whose "step" passes keep(step), atomically; a row without one, or that does not
     parse, is kept when `other`."""

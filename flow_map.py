@@ -623,6 +623,11 @@ def train(cfg, given):
     per_rank = cfg.batch // (env.world * cfg.accum)
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    conv = convention(cfg.interpolant, cfg.sigma0)
+    if ck and ck["convention"] != conv:
+        raise C.UserError(f"'{path}' has convention '{ck['convention']}', but its config's interpolant and sigma0 give "
+                          f"'{conv}'; it was edited, or not written by this project.")
+    scaler = C.make_scaler(env, ck)  # (fp16; a resumed run's loss scale, checked before anything is printed)
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     n_diag = per_rank if cfg.mode == "meanflow" else diag_rows(per_rank, cfg.diag_frac)
     log.info(f"{METHOD} {cfg.mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
@@ -634,10 +639,6 @@ def train(cfg, given):
              + f" | step {step}/{cfg.iters}")
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) \
         if cfg.fid_every and data.kind == "images" else None
-    conv = convention(cfg.interpolant, cfg.sigma0)
-    if ck and ck["convention"] != conv:
-        raise C.UserError(f"'{path}' has convention '{ck['convention']}', but its config's interpolant and sigma0 give "
-                          f"'{conv}'; it was edited, or not written by this project.")
     guard = C.Guard(env, cfg.max_skips, log, path, ck and step,  # skips non-finite steps, withholds bad checkpoints
                     probe=C.sample_probe(lambda n: generator(n, cfg, sample_shape(nd), 1, env), (raw, ema.model), env,
                                          data))
@@ -648,7 +649,6 @@ def train(cfg, given):
                     scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
                     convention=conv, teacher_id=tid, **extra)
 
-    scaler = C.make_scaler(env, ck)
     raw.train()
     while step < cfg.iters:
         for grp in opt.param_groups:

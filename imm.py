@@ -367,6 +367,7 @@ def train(cfg, given):
                           f"multiple of M = {cfg.M} (each micro-batch forms its own groups).")
     low = env.precision in ("bf16", "fp16")
     min_gap = cfg.min_gap if cfg.min_gap is not None else (1e-4 if low else 0.0)
+    scaler = C.make_scaler(env, ck)  # (fp16; a resumed run's loss scale, checked before anything is printed)
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     if env.precision == "bf16":
         log.info("warning: bf16 is outside IMM's tested settings (nearby t and r collapse); min_gap "
@@ -386,7 +387,6 @@ def train(cfg, given):
                     convention=CONVENTION)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    scaler = C.make_scaler(env, ck)
     model.train()
     while step < cfg.iters:
         if cfg.lr_schedule == "cosine":

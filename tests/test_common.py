@@ -536,6 +536,33 @@ def test_offline_download_is_user_error_naming_folder(monkeypatch, tmp_path, nam
     assert root in str(e.value) and archive in str(e.value) and name in str(e.value)
 
 
+def test_download_lines_wait_for_the_first_output(monkeypatch, tmp_path, capsys):
+    """A download's lines (torch hub's "Downloading: ...", torchvision's progress bar on stderr) were written at once,
+    so a refusal after them (a stray option, a missing teacher) printed them before its `error:` line: they are a note
+    now, printed with the command's first output (a progress bar by its last state), and dropped if the block
+    raises."""
+    import torchvision
+
+    class Fetching:
+        def __init__(self, root, train=True, download=False):
+            if download:
+                print("Downloading: mnist")
+                sys.stderr.write("\r  0%|          |\r100%|##########|\n")
+            self.data, self.targets = torch.zeros(2, 28, 28, dtype=torch.uint8), torch.tensor([0, 1])
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Fetching)
+    C.flush_notes(env1())
+    C.load_data("mnist", str(tmp_path), env1(), 0, False)
+    assert capsys.readouterr() == ("", "")  # held until the first output
+    C.flush_notes(env1())
+    assert capsys.readouterr().out == "Downloading: mnist\n100%|##########|\n"
+    with pytest.raises(ValueError):
+        with C.held_output():
+            print("Downloading: lost")
+            raise ValueError
+    C.flush_notes(env1())
+    assert capsys.readouterr() == ("", "")  # a block that raised leaves nothing
+
+
 def _fake_cifar(root, n=3):
     """A real cifar-10-batches-py folder (pickled batches, small) and its train images/labels/MD5s."""
     base = root / "cifar-10-batches-py"
@@ -1266,6 +1293,48 @@ def test_guard_skip_paths_agree(tmp_path, monkeypatch, bad_step, optim, run):
     assert not all(torch.isfinite(v).all() for v in train(None)[0].values())  # control: no Guard, NaN weights
 
 
+def test_guard_with_an_fp16_scaler_needs_no_host_read(tmp_path):
+    """fp16 (CUDA's GradScaler, here on the CPU): Guard's device-flag path stepped through scaler.step, which reads
+    found_inf on the host (`.item()`: a sync per step on a GPU). It now steps the optimiser itself after the caller's
+    unscale_: the scaler adds no host read to guard.step (on the CPU, Adam reads its own step counts, which CUDA keeps
+    on the device: counted without a scaler), an overflowing step is put back and halves the scale, and the weights,
+    Adam state and loss scale equal the host-read path's (sync_free=False: scaler.step) bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    log = type("Log", (), {"info": staticmethod(lambda m: None)})()
+
+    def train(sync_free, precision="fp16"):
+        env = C.Env(0, 1, 0, torch.device("cpu"), True, precision)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))
+        opt = torch.optim.Adam(net.parameters(), lr=0.1, foreach=True)
+        scaler, g = C.make_scaler(env), C.Guard(env, 10, log, str(tmp_path / "c.pt"), sync_free=sync_free)
+        scales, Reads.n = [], 0
+        for k in range(4):
+            net.zero_grad()
+            loss = net(torch.randn(8, 3, generator=torch.Generator().manual_seed(k))).square().mean()
+            scaler.scale(loss * (1e35 if k == 1 else 1)).backward()  # step 1 overflows
+            scaler.unscale_(opt)
+            with Reads():
+                g.step(opt, scaler)
+            scaler.update()
+            g.end_step(loss)
+            scales.append(scaler.get_scale())
+        return net.state_dict(), opt.state_dict()["state"], scales, Reads.n, int(g.count)
+
+    (w1, s1, sc1, n1, c1), (w2, s2, sc2, n2, c2) = train(True), train(False)
+    assert n1 == train(True, "fp32")[3]  # the scaler adds no host read to the device-flag path
+    assert sc1 == sc2 == [65536.0, 32768.0, 32768.0, 32768.0] and c1 == c2 == 1
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+
+
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
     env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
     net = mlp()
@@ -1505,6 +1574,28 @@ def test_pictures_and_arrays(tmp_path):
 
 
 # ======================================================================== runtime
+def test_setup_on_one_gpu_names_its_index(monkeypatch):
+    """Without torchrun, --device auto or cuda kept the bare "cuda", which torch.cuda.set_device refuses (a ValueError,
+    a traceback before any work: every single-GPU command and gpu_check). The device gets its index. CUDA is
+    emulated: set_device applies torch's own index check and records what it was given."""
+    from torch.cuda._utils import _get_device_index
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(_get_device_index(d)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for device in ("auto", "cuda", "cuda:0"):
+            env = C.setup(device, 0, None)
+            assert env.device == torch.device("cuda:0") and env.precision == "bf16" and seen.pop() == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def test_setup_single_process_and_precision_table(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

@@ -585,8 +585,8 @@ def test_cli_tiny_train(tiny):
     for f in ("ckpt.pt", "log.jsonl", "config.json", "samples.png", "metrics.jsonl"):
         assert (run / f).is_file(), f
     ck = torch.load(run / "ckpt.pt", weights_only=True)
-    assert set(ck) == {"model", "ema", "opt", "step", "config", "net", "method", "convention", "rng", "weight_head",
-                       "teacher_id"} and ck["teacher_id"] is None  # no teacher
+    assert set(ck) == {"model", "ema", "opt", "scaler", "step", "config", "net", "method", "convention", "rng",
+                       "weight_head", "teacher_id"} and ck["teacher_id"] is None  # no teacher
     assert ck["method"] == "flow_map" and ck["step"] == 3
     assert ck["convention"] == ("flow map: I_t=alpha_t*x0+beta_t*x1 (linear), x0~N(0,0.5^2), t=0 noise, t=1 data; "
                                 "X(s,t,x)=x+(t-s)*phi(s,t-s,x)")

@@ -925,7 +925,7 @@ def test_cli_tiny_train(tiny):
     for f in ("ckpt.pt", "log.jsonl", "config.json", "samples.png", "metrics.jsonl"):
         assert (run / f).is_file(), f
     ck = torch.load(run / "ckpt.pt", weights_only=True)
-    assert set(ck) == {"model", "ema", "opt", "step", "config", "net", "method", "convention", "rng"}
+    assert set(ck) == {"model", "ema", "opt", "scaler", "step", "config", "net", "method", "convention", "rng"}
     assert ck["method"] == "imm" and ck["step"] == 20
     assert ck["convention"] == "x_t=(1-t)x+t*e, e~N(0,0.5^2 I), t=1 noise; f_{s,t} maps t->s"
     cfg = ck["config"]

@@ -278,7 +278,9 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
         argv = gdd if name == d else [*BASE[name], "--out", tmp_path / "e", "--iters", "3"]
         capsys.readouterr()
         code = run(name, *argv)
-        one_sentence(code, capsys.readouterr()[1], "other" if name != "rectified_flow" else "rectified_flow")
+        out, err = capsys.readouterr()  # nothing before it (flow_map printed its run line first)
+        assert out == "", (name, out)
+        one_sentence(code, err, "other" if name != "rectified_flow" else "rectified_flow")
     for name, argv, words in (
             ("distributional", ["sample", "--ckpt", edited(d, lambda c: c.update(t_g=math.nan)), "--out",
                                 tmp_path / "s.npy"], ["t_g nan"]),
