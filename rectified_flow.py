@@ -591,7 +591,7 @@ def pairs_plan(cfg, env):
                 teacher=tpath, teacher_step=tck["step"], teacher_id=C.fingerprint(tck["ema"]),
                 z16=pair_noise(torch.arange(min(16, cfg.n_pairs)), cfg.pair_seed, shape, env).cpu())
     new = dict(meta, n=cfg.n_pairs, block=cfg.pair_block, noise_mode=mode)
-    old = _read_meta(folder) or _read_meta(folder, "started.json")  # finished, or stopped part-way
+    old = _stored_pairs(folder)  # finished, or stopped part-way
     if old is not None:  # stored pairs are kept only when they are the pairs asked for
         who = "teacher_id" if "teacher_id" in old else "teacher_step"  # (pairs written before the id: by step)
         diff = [k for k in (who, *PAIRS_MADE) if old.get(k) != new[k]]  # the teacher by its weights, not its path
@@ -604,6 +604,44 @@ def pairs_plan(cfg, env):
             raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that "
                               f"folder or give --pairs another one.")
     return teacher, tck, folder, meta, new
+
+
+def _stored_pairs(folder):
+    """What a pairs folder records: its meta.json (finished) or started.json (stopped part-way) as a dict; None for a
+    folder that is absent or empty. Files without either record are refused (another folder, or damaged pairs): the
+    pairs stage would keep their blocks under a new meta.json."""
+    old = _read_meta(folder) or _read_meta(folder, "started.json")
+    if old is None and os.path.isdir(folder) and os.listdir(folder):
+        raise C.UserError(f"'{folder}' holds files but no readable meta.json or started.json of this file's pairs; "
+                          f"remove that folder or give --pairs another one.")
+    return old
+
+
+def pairs_foreseen(cfg, net, step):
+    """--stage all before its 1-RF is finished (pairs_plan checks a finished one): pairs already in the pairs folder
+    that the pairs stage would refuse after the 1-RF trained are refused now, as far as they can be known before the
+    teacher exists (its weights cannot): another teacher step than `step` (where the 1-RF stops), count, block size,
+    seed, solver, steps or grid, and another shape or noise mode where the samples' shape is known (`net`: the resumed
+    1-RF's net dict; a toy's 2-D points)."""
+    folder = cfg.pairs or os.path.join(cfg.out, "pairs")
+    old = _stored_pairs(folder)
+    if old is None:
+        return
+    if old.get("teacher_step") != step:
+        raise C.UserError(f"'{folder}' holds pairs made by another teacher ('{old.get('teacher')}' at step "
+                          f"{old.get('teacher_step')}) than this run's 1-RF, which stops at step {step}; remove that "
+                          f"folder or give --pairs another one.")
+    new = dict(pair_seed=cfg.pair_seed, solver=cfg.pair_solver, steps=cfg.pair_steps, grid=cfg.pair_grid,
+               n=cfg.n_pairs, block=cfg.pair_block)
+    shape = sample_shape(net) if net else (2,) if cfg.data in C._TOY_RMS else None
+    if shape or cfg.noise_mode:  # the noise mode's default follows the shape (seed for images)
+        new["noise_mode"] = cfg.noise_mode or ("seed" if len(shape) == 3 else "stored")
+    if shape:
+        new["shape"] = list(shape)
+    k = next((k for k in PAIRS_MADE if k in new and old.get(k) != new[k]), None)
+    if k:
+        raise C.UserError(f"'{folder}' holds pairs made with {k} {old.get(k)!r}, not {new[k]!r}; remove that folder "
+                          f"or give --pairs another one.")
 
 
 def _pair_block(folder, kind, j, rows, shape):
@@ -766,27 +804,45 @@ def run_layout(cfg):
     return layout
 
 
+def resumed(cfg, given, path, log=None):
+    """The checkpoint a training stage resumes and the stage's config -> (ck, cfg); (None, cfg) for a fresh stage. Its
+    resume rules (another stage's or method's checkpoint, a 2-RF's teacher or pairs, common.resume_config) are one
+    sentence; `log` takes resume_config's notes (run() checks a later stage of --stage all up front with a no-op)."""
+    stage = cfg.stage
+    if not (cfg.resume or (cfg.resume is None and os.path.exists(path))):
+        return None, cfg
+    ck = C.load_checkpoint(path)
+    if ck["method"] != METHOD or ck["config"].get("stage") != stage or ck["convention"] != CONVENTION:
+        raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
+    if stage == "2rf":  # the teacher only started the run (not read on resume: the checkpoint holds the network)
+        was = ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt")
+        if "teacher" in given and not C.same_file(given["teacher"], was):
+            raise C.UserError(f"'{path}' was started from the teacher '{was}', and a resumed 2-RF does not read "
+                              f"--teacher; drop it (or use another --out for --teacher {given['teacher']}).")
+        was = ck["config"].get("pairs") or os.path.join(cfg.out, "pairs")  # the pairs: by pairs_id (check_pairs_id)
+        if given.get("pairs") and not C.same_file(given["pairs"], was) and "pairs_id" not in ck:  # where recorded
+            raise C.UserError(f"'{path}' was started from the pairs '{was}'; a resumed 2-RF cannot change them "
+                              f"(use another --out for --pairs {given['pairs']}).")
+    return ck, C.resume_config(Config, ck, cfg, given, path, drop=("stage",), log=log,
+                               iters="ft_iters" if stage == "ft" else "iters")
+
+
+def check_pairs_id(folder, meta, ck, path):
+    """A resumed 2-RF (checkpoint `ck` at `path`) trains on the pairs it started from: the pairs in `folder` (their
+    meta.json `meta`; None: load_pairs says why) are known by pairs_id, and others are one sentence."""
+    now, pid = pairs_id(meta) if meta is not None else None, ck.get("pairs_id") if ck else None
+    if None not in (now, pid) and now != pid:
+        raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
+                          f"another folder); name the folder that holds them with --pairs, or use another --out.")
+    return pid or now
+
+
 def train(cfg, given, env):
     """One training stage (1rf, 2rf or ft): data, optimiser, EMA, logging, checkpoints, periodic samples."""
     stage = cfg.stage
     out = stage_dir(cfg, stage)
     path = os.path.join(out, "ckpt.pt")
-    ck = None
-    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
-        ck = C.load_checkpoint(path)
-        if ck["method"] != METHOD or ck["config"].get("stage") != stage or ck["convention"] != CONVENTION:
-            raise C.UserError(f"'{path}' is not a {METHOD} {stage} checkpoint; use another --out.")
-        if stage == "2rf":  # the teacher only started the run (not read on resume: the checkpoint holds the network)
-            was = ck["config"].get("teacher") or os.path.join(cfg.out, "ckpt.pt")
-            if "teacher" in given and not C.same_file(given["teacher"], was):
-                raise C.UserError(f"'{path}' was started from the teacher '{was}', and a resumed 2-RF does not read "
-                                  f"--teacher; drop it (or use another --out for --teacher {given['teacher']}).")
-            was = ck["config"].get("pairs") or os.path.join(cfg.out, "pairs")  # the pairs: by pairs_id (below) where
-            if given.get("pairs") and not C.same_file(given["pairs"], was) and "pairs_id" not in ck:  # recorded
-                raise C.UserError(f"'{path}' was started from the pairs '{was}'; a resumed 2-RF cannot change them "
-                                  f"(use another --out for --pairs {given['pairs']}).")
-        cfg = C.resume_config(Config, ck, cfg, given, path, drop=("stage",), iters="ft_iters" if stage == "ft" else
-                              "iters")
+    ck, cfg = resumed(cfg, given, path)
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     init, pid = {}, None  # weights (and optimiser state) a fresh run starts from; the 2-RF's pairs_id
     if stage == "1rf":
@@ -809,6 +865,14 @@ def train(cfg, given, env):
         C.refuse_unused(given, "points" if inner(nd)["kind"] == "mlp" else "images")  # --fid_every etc. on 2-D points
         if inner(nd)["kind"] == "mlp" and stage != "1rf" and cfg.loss.startswith("lpips"):
             raise lpips_on_points(cfg.loss)
+        # real data for evaluation and FID (2rf/ft train on pairs), before any output: a bad --data is one sentence,
+        # and so is data of another shape than the network's samples (a 2-D teacher's pairs beside an image set);
+        # loaded on every rank: load_data holds a barrier
+        ref = C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
+        if tuple(ref.shape) != tuple(sample_shape(nd)):
+            raise C.UserError(f"--data {cfg.data} holds {'images' if ref.kind == 'images' else '2-D points'} of "
+                              f"shape {tuple(ref.shape)} and the network makes samples of shape "
+                              f"{tuple(sample_shape(nd))}; give the data its teacher was trained on.")
         if stage == "2rf":  # 2-RF++ initialisation: raw weights and EMA = the teacher's EMA; fresh Adam
             init = {} if ck else dict(model=sck["ema"], ema=sck["ema"])
             folder = cfg.pairs or os.path.join(cfg.out, "pairs")
@@ -818,12 +882,7 @@ def train(cfg, given, env):
                 raise C.UserError(f"the pairs in '{folder}' were made by another teacher than '{src}' (other "
                                   f"weights); 2-RF++ starts from the teacher whose pairs it learns: name that one with "
                                   f"--teacher, or make pairs with this one (--stage pairs).")
-            now, pid = pairs_id(meta) if meta is not None else None, ck.get("pairs_id") if ck else None
-            if None not in (now, pid) and now != pid:
-                raise C.UserError(f"the pairs in '{folder}' are not those '{path}' started from (regenerated since, or "
-                                  f"another folder); name the folder that holds them with --pairs, or use another "
-                                  f"--out.")
-            pid = pid or now
+            pid = check_pairs_id(folder, meta, ck, path)
         else:  # ft: continue the 2-RF (model, EMA, Adam) on real images paired with their inverted noise
             init = dict(model=sck["model"], ema=sck["ema"], opt=sck["opt"])
             folder = os.path.join(out, "pairs")
@@ -850,6 +909,8 @@ def train(cfg, given, env):
     per_rank = cfg.batch // (env.world * cfg.accum)
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    # the loss scaler before the Logger: a malformed saved scaler state is refused before the run's first line
+    scaler, ddp = C.make_scaler(env, ck), isinstance(model, nn.parallel.DistributedDataParallel)
     # LPIPS before the Logger writes config.json (an offline fallback to huber is the loss this run trains with); its
     # warning waits for the run's first line
     lpips = make_lpips(cfg, types.SimpleNamespace(info=C.note)) if stage != "1rf" else None
@@ -862,8 +923,7 @@ def train(cfg, given, env):
              f"{cfg.accum} | device {env.device} | precision {env.precision} | "
              f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
              + (f" | loss {cfg.loss}" if stage != "1rf" else ""))
-    # real data for evaluation and FID (2rf/ft train on pairs); loaded on every rank: load_data holds a barrier
-    ref = data if stage == "1rf" else C.load_data(cfg.data, cfg.root, env, cfg.seed, False)
+    ref = data if stage == "1rf" else ref
     fid = C.FidHook(cfg.fid_detector, ref, env, cfg.root, cfg.fid_n, log, inner(ema.model.config)["label_dim"]) \
         if cfg.fid_every else None
 
@@ -894,7 +954,6 @@ def train(cfg, given, env):
                     scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg), net=nd, method=METHOD,
                     convention=CONVENTION, **({"pairs_id": pid} if stage == "2rf" else {}))
 
-    scaler, ddp = C.make_scaler(env, ck), isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()
     while step < iters:
         for grp in opt.param_groups:  # linear warm-up from 0, then constant or a cosine decay to 0
@@ -980,12 +1039,25 @@ def run(cfg, given):
     if cfg.stage == "pairs" and str(cfg.teacher).endswith(".pkl") and k:  # (accepted, and ignored)
         raise C.UserError(f"an EDM teacher's pairs are made by EDM's Heun sampler on EDM's sigma grid (rfpp "
                           f"generate_edm.py; --pair_steps sets its steps), which does not read --{k}; drop it.")
+    first = os.path.join(cfg.out, "ckpt.pt")
     if cfg.stage == "all":  # restarted without --data/--seed/--preset: every stage takes the 1-RF's
-        cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "ckpt.pt"), stage="all")
-    after = [p for p in ("pairs", "2rf") if os.path.exists(os.path.join(cfg.out, p))]
-    if cfg.stage == "all" and after and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):  # the 1-RF made them: it
-        C.check_not_beneath(cfg.out, os.path.join(cfg.out, "ckpt.pt"), given, after, "1-RF",  # must not train on
-                            "continue one stage with --stage 2rf")  # beneath them
+        cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, first, stage="all")
+    ck1 = C.load_checkpoint(first) if cfg.stage == "all" and os.path.exists(first) else None  # the 1-RF's
+    resumes = ck1 is not None and cfg.resume is not False  # (--resume false: a fresh 1-RF)
+    # a conditional teacher: pairs_plan refuses it, which was after the 1-RF had trained (other data than the named
+    # image sets has no labels: there net_dict refuses --cond, before any output)
+    labelled = cfg.data in C._IMAGE_SETS
+    if cfg.stage == "all" and (cfg.cond and labelled or resumes and ck1["config"].get("cond") is True):
+        raise C.UserError("--stage all makes its pairs from the 1-RF it trains, and reflow from a class-conditional "
+                          "teacher is not supported; train the 1-RF without --cond (--stage 1rf trains it alone).")
+    pdir = cfg.pairs or os.path.join(cfg.out, "pairs")  # another --pairs folder counts where this 1-RF made its pairs
+    own = C.same_file(pdir, os.path.join(cfg.out, "pairs"))
+    mine = own or ck1 is not None and (_read_meta(pdir) or _read_meta(pdir, "started.json") or {}).get(
+        "teacher_id") == C.fingerprint(ck1["ema"])
+    after = [p if p == "2rf" or own else f"pairs (--pairs '{pdir}')" for p, d in
+             (("pairs", pdir), ("2rf", os.path.join(cfg.out, "2rf"))) if os.path.exists(d) and (p == "2rf" or mine)]
+    if cfg.stage == "all" and after and ck1 is not None:  # the 1-RF made them: it must not train on beneath them
+        C.check_not_beneath(cfg.out, first, given, after, "1-RF", "continue one stage with --stage 2rf")
     clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):
@@ -1008,15 +1080,18 @@ def run(cfg, given):
             raise lpips_on_points(scfg.loss)
         if not scfg.fallback and not os.path.exists(ckpt):  # a fresh stage's missing LPIPS weights (--fallback
             make_lpips(scfg, None)  # false) stop the run before the 1-RF; a resumed one checks its own config's loss
-    first = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.stage == "all" and os.path.exists(first):  # pairs already there that its finished 1-RF would not make
-        ck = C.load_checkpoint(first)  # (another teacher, other pair options) are refused now, not after a stage
-        if ck["step"] >= given.get("iters", ck["config"].get("iters", 0)):
-            pairs_plan(next(scfg for s, scfg in plan if s == "pairs"), env)
+    if cfg.stage == "all":  # pairs already there that its 1-RF would not make (another teacher, other pair options)
+        ends = given.get("iters", ck1["config"].get("iters", 0)) if resumes else plan[0][1].iters  # are refused now,
+        if resumes and ck1["step"] >= ends:  # not after a stage: all of it for a finished 1-RF, what can be known
+            pairs_plan(plan[1][1], env)  # before the teacher exists for one that will train (not its weights)
+        else:
+            pairs_foreseen(plan[1][1], ck1["net"] if resumes else None, ends)
     for s, scfg in plan[1:] if cfg.stage == "all" else ():  # a later stage's unreadable checkpoint stops the run
         ckpt = os.path.join(stage_dir(scfg, s), "ckpt.pt")  # now, not after the stages before it ran again
-        if s != "pairs" and os.path.exists(ckpt):
-            C.load_checkpoint(ckpt)
+        if s != "pairs" and os.path.exists(ckpt):  # and so does a resumed 2-RF's refusal (its resume rules, other
+            ck, _ = resumed(scfg, {k: v for k, v in given.items() if k not in ONE_RF_ONLY}, ckpt, log=lambda m: None)
+            if ck is not None:  # pairs than it started from)
+                check_pairs_id(pdir, _read_meta(pdir), ck, ckpt)
     for s, scfg in plan:
         if s == "pairs":
             make_pairs(scfg, env)

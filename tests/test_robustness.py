@@ -597,6 +597,113 @@ def test_stage_all_refuses_pairs_it_would_not_make_before_any_stage(files, tmp_p
     assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
+def test_stage_all_refuses_a_conditional_teacher_before_its_1rf(tmp_path, capsys, monkeypatch):
+    """rectified_flow --stage all --cond true on labelled data trained the whole 1-RF, printed it, and only then
+    refused at the pairs stage (reflow from a class-conditional teacher is not supported). Now it is refused before
+    any stage, nothing printed and no checkpoint written; so is a restart without --cond over a conditional 1-RF.
+    Control: --stage 1rf --cond true trains the conditional teacher alone."""
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8))
+    monkeypatch.setattr(C, "_image_dataset", lambda name, root, env: (x, torch.arange(32) % 10, 10))  # a labelled set
+    argv = ["--preset", "tiny", "--data", "mnist", "--root", tmp_path, "--out", tmp_path / "r"]
+    for extra in (["--cond", "true"], ["--stage", "1rf", "--cond", "true"], []):
+        capsys.readouterr()
+        code = run("rectified_flow", *argv, *extra)
+        out, err = capsys.readouterr()
+        if "1rf" in extra:  # the control
+            assert code == 0 and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["net"]["label_dim"] == 10
+            before = os.path.getmtime(tmp_path / "r" / "ckpt.pt")
+            continue
+        one_sentence(code, err, "class-conditional", "--cond")
+        assert out == "" and not os.path.exists(tmp_path / "r" / "pairs")
+        assert not os.path.exists(tmp_path / "r" / "ckpt.pt") if extra else \
+            os.path.getmtime(tmp_path / "r" / "ckpt.pt") == before
+
+
+def test_stage_all_checks_a_pairs_folder_before_its_1rf_trains(files, tmp_path, capsys):
+    """rectified_flow --stage all --pairs X checked X up front only over a finished 1-RF: with pairs of other options
+    in X (another --pair_seed), or pairs of a teacher at another step, or files that are no pairs at all, it trained
+    the 1-RF, printed it, and refused at the pairs stage (or kept the unrelated blocks). Now what can be known before
+    the 1-RF exists is refused before any stage (its weights cannot be: pairs_plan compares them after it), and a
+    --pairs folder made by this run's unfinished 1-RF counts as its own pairs (check_not_beneath). Control: the pairs
+    of the same options from the same 1-RF (same seed, bitwise) are taken."""
+    import shutil
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    rf = [a for a in BASE["rectified_flow"] if a not in ("--stage", "1rf")] + ["--iters", "2", *P]
+    teacher = files / "rectified_flow" / "ckpt.pt"
+    assert run("rectified_flow", "--stage", "pairs", *P, "--pair_seed", "5", "--teacher", teacher, "--pairs",
+               tmp_path / "p", "--out", tmp_path / "x") == 0
+    os.makedirs(tmp_path / "junk")
+    (tmp_path / "junk" / "x_00000.npy").write_text("not pairs")
+    shutil.copytree(files / "rectified_flow", tmp_path / "q")  # a 1-RF at step 2 and pairs made from it elsewhere
+    assert run("rectified_flow", "--stage", "pairs", *P, "--out", tmp_path / "q", "--pairs", tmp_path / "p2") == 0
+    for out_dir, argv, words in [("r", ["--pairs", tmp_path / "p"], ["pair_seed 5, not 1000000000"]),
+                                 ("r", ["--pairs", tmp_path / "p", "--pair_seed", "5", "--pair_steps", "3"],
+                                  ["steps 2, not 3"]),
+                                 ("r", ["--pairs", tmp_path / "p", "--pair_seed", "5", "--iters", "3"],
+                                  ["another teacher", "at step 2", "stops at step 3"]),
+                                 ("r", ["--pairs", tmp_path / "junk"], ["junk' holds files", "meta.json"]),
+                                 ("q", ["--pairs", tmp_path / "p2", "--iters", "3"],
+                                  ["pairs (--pairs", "p2')", "at step 2", "to step 3 beneath them"])]:
+        capsys.readouterr()
+        code = run("rectified_flow", *rf, "--out", tmp_path / out_dir, *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, *words)
+        assert out == "" and not os.path.exists(tmp_path / "r" / "ckpt.pt")
+        assert torch.load(tmp_path / "q" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "junk" / "x_00000.npy").read_text() == "not pairs"
+    assert run("rectified_flow", *rf, "--out", tmp_path / "r", "--pairs", tmp_path / "p", "--pair_seed", "5") == 0
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_stage_all_checks_its_resumed_2rf_before_the_stages_before_it(files, tmp_path, capsys):
+    """rectified_flow --stage all restarted over a 2-RF that cannot resume (its pairs regenerated since, so pairs_id
+    differs; or the 2-RF continued alone past --iters) ran the finished 1-RF and the pairs stage, printed their lines,
+    and refused at the 2-RF. Now both are refused before any stage, nothing printed. Control: the same restart with
+    the 2-RF's own pairs goes on."""
+    import shutil
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    base = [a for a in BASE["rectified_flow"] if a not in ("--stage", "1rf")] + ["--out", tmp_path / "r"]
+    rf, two = [*base, *P], [*base, "--stage", "2rf"]
+    assert run("rectified_flow", *rf, "--iters", "2") == 0
+    assert run("rectified_flow", *two, "--iters", "3") == 0  # the 2-RF continued alone
+    for argv, words in [(["--iters", "2"], ["2rf/ckpt.pt' is at step 3", "--iters 2"]),
+                        (["--pair_seed", "5"], ["are not those", "2rf/ckpt.pt' started from"])]:
+        if "--pair_seed" in argv:  # the pairs regenerated with another seed since the 2-RF started
+            shutil.move(tmp_path / "r" / "pairs", tmp_path / "kept")
+            assert run("rectified_flow", "--stage", "pairs", *P, "--pair_seed", "5", "--out", tmp_path / "r") == 0
+        capsys.readouterr()
+        code = run("rectified_flow", *rf, *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, *words)
+        assert out == ""
+    shutil.rmtree(tmp_path / "r" / "pairs")
+    shutil.move(tmp_path / "kept", tmp_path / "r" / "pairs")
+    capsys.readouterr()
+    assert run("rectified_flow", *rf) == 0 and "eval:" in capsys.readouterr().out
+
+
+def test_a_2rf_checks_its_evaluation_data_before_any_output(files, tmp_path, capsys):
+    """rectified_flow --stage 2rf loaded its evaluation data after the run's first line and config.json: a bad
+    --data printed that line before its error, and image --data beside a 2-D teacher's pairs trained and then ended
+    in a traceback (a shape mismatch in the evaluation). Both are one sentence before any output now. Control: the
+    teacher's own data trains."""
+    import shutil
+    shutil.copytree(files / "rectified_flow", tmp_path / "r")
+    assert run("rectified_flow", "--stage", "pairs", "--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16",
+               "--pair_steps", "2", "--out", tmp_path / "r") == 0
+    np.save(tmp_path / "img.npy", np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    two = ["--stage", "2rf", "--batch", "16", "--straight_k", "2", *EVAL, "--iters", "2", "--out", tmp_path / "r"]
+    for data, words in [(tmp_path / "img.npy", ["images of shape (3, 16, 16)", "shape (2,)"]),
+                        (tmp_path / "missing.npy", ["missing.npy", "neither"])]:
+        capsys.readouterr()
+        code = run("rectified_flow", *two, "--data", data)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, *words)
+        assert out == "" and not os.path.exists(tmp_path / "r" / "2rf")
+    assert run("rectified_flow", *two) == 0
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_a_picture_name_that_is_not_utf8_is_written(files, tmp_path):
     """`sample --out` named with bytes that are not UTF-8 (Python holds them as surrogates) ended in matplotlib's
     traceback: the picture's title is the file name, and its fonts refuse surrogates. The file is written now."""
@@ -1356,6 +1463,25 @@ def test_an_fp16_run_resumes_with_its_loss_scale(name, tmp_path, monkeypatch):
     ck = {"scaler": {**a["scaler"], "scale": "65536"}}  # an edited checkpoint: one sentence, not a traceback later
     with pytest.raises(C.UserError, match="loss-scaler state is malformed"):
         C.make_scaler(C.Env(0, 1, 0, torch.device("cpu"), True, "fp16"), ck)
+
+
+def test_a_malformed_loss_scaler_state_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
+    """rectified_flow built its loss scaler after the run's first line: a resumed fp16 checkpoint with a malformed
+    scaler state printed that line, then the error. Now nothing precedes the one sentence. Control: the unedited
+    checkpoint resumes."""
+    monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)  # (fp16 on CPU autocast, as above)
+    fp16 = [*BASE["rectified_flow"], "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "a"]
+    assert run("rectified_flow", *fp16, "--iters", "2") == 0
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    torch.save({**ck, "scaler": {**ck["scaler"], "scale": "65536"}}, tmp_path / "a" / "ckpt.pt")
+    capsys.readouterr()
+    code = run("rectified_flow", *fp16, "--iters", "3")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "loss-scaler state is malformed")
+    assert out == ""
+    torch.save(ck, tmp_path / "a" / "ckpt.pt")
+    assert run("rectified_flow", *fp16, "--iters", "3") == 0
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 def test_gdd_refuses_fp16_it_cannot_scale(tmp_path, capsys, monkeypatch):
