@@ -489,15 +489,24 @@ def evaluate(net, cfg, mode, data, env, out, step):
 
 
 # ============================================================================================================= training
+def resumed(cfg, given, log=None):
+    """-> (the checkpoint this run resumes, or None; the run's config): DIR/ckpt.pt read and checked, and the command
+    line applied by the resume rules (common.resume_config; `log` takes its notes, else common.note). `--mode all`
+    calls it for its consistency models' checkpoints before any mode runs (run)."""
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if not (cfg.resume or (cfg.resume is None and os.path.exists(path))):
+        return None, cfg
+    ck = C.load_checkpoint(path)
+    check_scm(ck, path, cfg.mode)
+    return ck, C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting",
+                                                                    "diffusion_adaptive_weight", "teacher"),
+                               drop=("mode",), log=log)
+
+
 def train(cfg, given, env):
     """One mode (diffusion, sct or scd): data, init, optimiser, EMA, logging, checkpoints, evaluation."""
     mode, path = cfg.mode, os.path.join(cfg.out, "ckpt.pt")
-    ck = None
-    if cfg.resume or (cfg.resume is None and os.path.exists(path)):
-        ck = C.load_checkpoint(path)
-        check_scm(ck, path, mode)
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "diffusion_adaptive_weight",
-                                                                      "teacher"), drop=("mode",))
+    ck, cfg = resumed(cfg, given)
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip",))
@@ -554,6 +563,7 @@ def train(cfg, given, env):
     per_rank = cfg.batch // (env.world * cfg.accum)
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
+    scaler = C.make_scaler(env, ck)  # (a malformed saved state: its sentence before the run's first line)
     log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
     if mode == "sct" and not cfg.teacher and not ck:
         log.info(f"note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2): pass "
@@ -578,7 +588,6 @@ def train(cfg, given, env):
                     weight_head=head.state_dict() if head is not None else None)
 
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    scaler = C.make_scaler(env, ck)
     model.train()
     while step < cfg.iters:
         if cfg.lr_ramp_kimg > 0 or cfg.lr_schedule == "cosine":  # host-side floats: no sync
@@ -646,6 +655,39 @@ def train(cfg, given, env):
 SAMPLER_FIELDS = ("sigma_max", "t_mid")  # the samplers' fields (the first time, the CMs' 2-step middle time)
 
 
+def stages(cfg, given):
+    """`--mode all`'s modes -> [(mode, its config, its given fields)]: diffusion in DIR/diffusion, then sCT and sCD in
+    DIR/sct and DIR/scd with DIR/diffusion/ckpt.pt as their teacher."""
+    plan = []
+    for mode in MODES:  # --augment (EDM's pipe) is the teacher's, as in the cifar10 preset: the CMs train without it
+        mg = {k: v for k, v in given.items() if mode == "diffusion" or k != "augment"}
+        mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**mg, "out": os.path.join(cfg.out, mode)}, mode=mode)
+        mcfg.preset = cfg.preset
+        mgiven = C.Given({**mg, "mode": mode}, getattr(given, "preset", None))
+        if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
+            mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")  # (given: a moved DIR resumes from here)
+            mgiven = C.Given({**{k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
+                              "teacher": mcfg.teacher}, mgiven.preset)
+        plan.append((mode, mcfg, mgiven))
+    return plan
+
+
+def check_resumes(cfg, plan, cms):
+    """`--mode all` restarted over the consistency models `cms` (their checkpoints exist): each one's resume, checked
+    now as train will (train checks it again), not after the modes before it have printed: the resume rules
+    (common.resume_config, its notes dropped) and, where the mode reads its teacher on resume (sCD always, sCT at
+    another path), DIR/diffusion's EMA against the weights it started from (`teacher_id`). -> their loss-scaler states
+    (for common.make_scaler once the device is set up; not the weights, which train reads again)."""
+    cks = [resumed(mcfg, mgiven, log=lambda m: None)[0] for mode, mcfg, mgiven in plan if mode in cms]
+    if any(cks):
+        tpath = os.path.join(cfg.out, "diffusion", "ckpt.pt")
+        tck = C.load_checkpoint(tpath)
+        for m, ck in zip(cms, cks):
+            if ck and (m == "scd" or not C.same_file(tpath, ck["config"].get("teacher"))):
+                C.teacher_id(ck, os.path.join(cfg.out, m, "ckpt.pt"), tpath, tck["ema"])
+    return [dict(scaler=ck.get("scaler")) for ck in cks if ck]
+
+
 def run(cfg, given):
     """One mode, or `all`: diffusion in DIR/diffusion, then sCT and sCD from its EMA in DIR/sct and DIR/scd."""
     began = lambda d: any(os.path.exists(os.path.join(d, f)) for f in ("ckpt.pt", "config.json"))  # a run's files
@@ -669,20 +711,16 @@ def run(cfg, given):
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them
         C.check_not_beneath(cfg.out, os.path.join(cfg.out, "diffusion", "ckpt.pt"), given, cms, "diffusion model",
                             f"continue one mode with --out {os.path.join(cfg.out, '<mode>')}")
+    plan = stages(cfg, given) if cfg.mode == "all" else []
+    scalers = check_resumes(cfg, plan, cms)
     clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     total = lambda: env.is_main and print(clock(), flush=True)
+    for st in scalers:  # (and their loss-scaler states, read by this process's precision)
+        C.make_scaler(env, st)
     if cfg.mode != "all":
         train(cfg, given, env)
         return total()
-    for mode in MODES:  # --augment (EDM's pipe) is the teacher's, as in the cifar10 preset: the CMs train without it
-        mg = {k: v for k, v in given.items() if mode == "diffusion" or k != "augment"}
-        mcfg = C.resolve_config(Config, PRESETS, cfg.preset, {**mg, "out": os.path.join(cfg.out, mode)}, mode=mode)
-        mcfg.preset = cfg.preset
-        mgiven = C.Given({**mg, "mode": mode}, getattr(given, "preset", None))
-        if mode != "diffusion":  # the CMs take the network from the teacher (network flags went to diffusion)
-            mcfg.teacher = os.path.join(cfg.out, "diffusion", "ckpt.pt")  # (given: a moved DIR resumes from here)
-            mgiven = C.Given({**{k: v for k, v in mgiven.items() if k not in ("net", "width", "depth", "adn")},
-                              "teacher": mcfg.teacher}, mgiven.preset)
+    for mode, mcfg, mgiven in plan:
         train(mcfg, mgiven, env)
     if env.is_main:
         compare(cfg, env)

@@ -809,6 +809,59 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     assert out == ""
 
 
+def test_a_malformed_loss_scale_is_refused_before_output(tmp_path, capsys, monkeypatch):
+    """A resumed fp16 run reads its checkpoint's loss-scaler state (common.make_scaler): an edited one was refused after
+    the run's first line had printed. Now before it; the state as saved resumes (control). fp16's CUDA-only check is
+    lifted here, so that CPU autocast runs the same code path."""
+    monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)
+    base = ["--mode", "diffusion", "--width", "16", "--depth", "1", "--batch", "16", "--heun_steps", "1", "--eval_n",
+            "16", "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "r"]
+    assert main(*base, "--iters", "1") == 0
+    ck = load(tmp_path / "r" / "ckpt.pt")
+    torch.save({**ck, "scaler": {**ck["scaler"], "scale": "65536"}}, tmp_path / "r" / "ckpt.pt")
+    capsys.readouterr()
+    code = main(*base, "--iters", "2")
+    out, err = capsys.readouterr()
+    assert_user_error(code, err, "loss-scaler state is malformed")
+    assert out == "", out
+    torch.save(ck, tmp_path / "r" / "ckpt.pt")
+    assert main(*base, "--iters", "2") == 0 and load(tmp_path / "r" / "ckpt.pt")["step"] == 2
+
+
+def test_all_mode_checks_its_cms_resume_up_front(tmp_path, capsys, monkeypatch):
+    """`--mode all` restarted over consistency models that a resume refuses (one continued alone past --iters, sCD's
+    teacher DIR/diffusion continued alone since, a malformed loss-scaler state) refused them only when their mode
+    came, after the modes before it had printed their lines. Now each CM checkpoint's resume rules, its teacher's
+    weights and its scaler state are checked before any mode prints; a resume they allow runs (control)."""
+    import shutil
+    A = ["--mode", "all", "--width", "16", "--depth", "1", "--batch", "16", "--eval_n", "64", "--heun_steps", "2",
+         "--out", tmp_path / "all"]
+
+    def refused(*argv, words):
+        capsys.readouterr()
+        code = main(*A, *argv)
+        out, err = capsys.readouterr()
+        assert_user_error(code, err, *words)
+        assert out == "", out
+    assert main(*A, "--iters", "2") == 0
+    assert main("--out", tmp_path / "all" / "sct", "--iters", "3") == 0  # sCT continued alone to step 3
+    refused("--iters", "2", words=[f"'{tmp_path / 'all' / 'sct' / 'ckpt.pt'}' is at step 3", "--iters 2"])
+    scd = tmp_path / "all" / "scd" / "ckpt.pt"
+    shutil.copy(scd, tmp_path / "scd.pt")
+    ck = load(scd)
+    ck["scaler"] = {"scale": "65536"}  # an edited state, read by an fp16 run (fp16's CUDA-only check lifted here)
+    torch.save(ck, scd)
+    monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)
+    refused("--precision", "fp16", "--device", "cpu", words=["loss-scaler state is malformed"])
+    shutil.copy(tmp_path / "scd.pt", scd)
+    capsys.readouterr()  # control: each mode at its own saved --iters (sCT's 3) resumes, finished, and compares
+    assert main(*A) == 0 and f"wrote {tmp_path / 'all' / 'samples.png'}" in capsys.readouterr().out
+    assert load(tmp_path / "all" / "sct" / "ckpt.pt")["step"] == 3 and load(scd)["step"] == 2
+    assert main("--mode", "diffusion", "--out", tmp_path / "all" / "diffusion", "--iters", "3") == 0  # the teacher
+    refused(words=[f"the teacher '{tmp_path / 'all' / 'diffusion' / 'ckpt.pt'}' holds other weights", "scd/ckpt.pt"])
+    assert load(scd)["step"] == 2  # (sCT, which the teacher only initialised, would resume: sCD reads it every step)
+
+
 # ============================================================================ DDP: two gloo ranks
 WORKER = """
 import sys
