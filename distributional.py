@@ -910,13 +910,13 @@ def build_disc(cfg, data, teacher, env, log, backbones=None):
         return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
     if cfg.disc == "projected":
         names, bbs = cfg.disc_backbones.split(","), backbones or projected_backbones(cfg, env, log)
-        if log is not None:
+        if log is not None:  # (notes: printed with the run's first line, so that a later refusal prints alone)
             if "effnet" not in names:
-                log.info("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
-                         "548 logits).")
+                C.note("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
+                       "548 logits).")
             if cfg.disc_weights == "random":
-                log.info("note: --disc_weights random: the backbones have fixed random weights (a stand-in for tests "
-                         "and offline smoke runs), not GDD's ImageNet features.")
+                C.note("note: --disc_weights random: the backbones have fixed random weights (a stand-in for tests "
+                       "and offline smoke runs), not GDD's ImageNet features.")
         return ProjectedD(bbs, k, cfg.proj_seed, cfg.diffaug)
     return TeacherD(teacher, cfg.d_t, k, cfg.diffaug)
 
@@ -1095,7 +1095,7 @@ def train(cfg, given):
         if not (same or t and ck.get("teacher_id") is not None):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
-                                "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
+                                "disc_backbones", "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters > 0
     for k in ("batch", "teacher_batch") if in_file else ("batch",):  # before the in-file teacher trains
@@ -1126,7 +1126,7 @@ def train(cfg, given):
     elif not (ck or cfg.teacher):  # DIR/teacher.pt of a run stopped before its first checkpoint: the RNG streams
         # as that teacher's training left them, so the run goes on as if it had not stopped
         C.restore_rng(C.load_checkpoint(tpath), env, gens)
-    teacher, tck, t_g = named or load_teacher(tpath, cfg, data, log)
+    teacher, tck, t_g = named or load_teacher(tpath, cfg, data, types.SimpleNamespace(info=C.note))  # (notes wait)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 

@@ -861,6 +861,43 @@ def test_14_tiny_projected_d_end_to_end_names_precisions_and_k(imgs, tmp_path, c
     assert "fp32, TF32 off" in out and re.search(r"\bG\b.*(fp32|bf16)", out), out
 
 
+def test_resume_refusals_print_alone(imgs, tmp_path, capsys):
+    """A refused resume prints its `error:` line alone: the `projected` D's notes (--disc_backbones vgg, --disc_weights
+    random) and the teacher's (a 2-RF checkpoint as DIR/teacher.pt) were printed at once, before the refusals that come
+    after them (the saved D does not fit, the teacher holds other weights); now they wait for the run's first line. A
+    changed --disc_backbones (the D's network, as --proj_seed) is refused by its name, not as a D that does not fit.
+    Control: the run as saved resumes, its notes before its first line."""
+    args = ["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--root", str(tmp_path), "--out", str(tmp_path / "g"),
+            "--disc", "projected", "--disc_weights", "random", "--disc_backbones", "vgg", "--batch", "2", "--eval_n",
+            "4"]
+    D.main([*args, "--iters", "1"])
+    path, tpath = tmp_path / "g" / "ckpt.pt", tmp_path / "g" / "teacher.pt"
+    ck, tck = (torch.load(p, weights_only=True) for p in (path, tpath))
+
+    def refused(*words, argv=()):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: D.main([*args, "--iters", "2", *argv]))
+        out, err = capsys.readouterr()
+        assert_user_error(e.value.code, err, *words)
+        assert out == "" and len(err.splitlines()) == 1, out + err
+    refused("was trained with --disc_backbones vgg", "--disc_backbones vgg,effnet",
+            argv=["--disc_backbones", "vgg,effnet"])
+    torch.save({**ck, "disc": {k: v for i, (k, v) in enumerate(ck["disc"].items()) if i}}, path)  # a D entry gone
+    refused("the checkpoint's discriminator does not fit --disc")
+    torch.save(ck, path)
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in tck["ema"].items()}
+    torch.save({**tck, "ema": other, "config": {**tck["config"], "stage": "2rf"}}, tpath)  # replaced in place
+    refused("holds other weights", str(tpath))
+    torch.save(tck, tpath)
+    capsys.readouterr()
+    D.main([*args, "--iters", "2"])
+    out = capsys.readouterr().out
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert out.index("note: --disc_backbones vgg leaves out") < out.index("note: --disc_weights random") < \
+        out.index("distributional (GDD) |"), out
+
+
 def test_resume_bitwise(imgs, tmp_path):
     """6 steps uninterrupted vs 3 + a resumed 3 (R1 at steps 2 and 4, EMA on, teacher D with its noise)."""
     base = ["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--root", str(tmp_path), "--ckpt_every", "3",
