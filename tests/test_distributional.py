@@ -865,7 +865,8 @@ def test_resume_refusals_print_alone(imgs, tmp_path, capsys):
     """A refused resume prints its `error:` line alone: the `projected` D's notes (--disc_backbones vgg, --disc_weights
     random) and the teacher's (a 2-RF checkpoint as DIR/teacher.pt) were printed at once, before the refusals that come
     after them (the saved D does not fit, the teacher holds other weights); now they wait for the run's first line. A
-    changed --disc_backbones (the D's network, as --proj_seed) is refused by its name, not as a D that does not fit.
+    changed --disc_backbones (the D's network, as --proj_seed) is refused by its name, not as a D that does not fit, and
+    so is a changed --disc_weights (the frozen backbones, rebuilt from it on resume).
     Control: the run as saved resumes, its notes before its first line."""
     args = ["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--root", str(tmp_path), "--out", str(tmp_path / "g"),
             "--disc", "projected", "--disc_weights", "random", "--disc_backbones", "vgg", "--batch", "2", "--eval_n",
@@ -883,6 +884,8 @@ def test_resume_refusals_print_alone(imgs, tmp_path, capsys):
         assert out == "" and len(err.splitlines()) == 1, out + err
     refused("was trained with --disc_backbones vgg", "--disc_backbones vgg,effnet",
             argv=["--disc_backbones", "vgg,effnet"])
+    refused("was trained with --disc_weights random", argv=["--disc_weights", "imagenet"])  # the frozen backbones: not
+    # in the checkpoint, so other ones would meet heads trained on these
     torch.save({**ck, "disc": {k: v for i, (k, v) in enumerate(ck["disc"].items()) if i}}, path)  # a D entry gone
     refused("the checkpoint's discriminator does not fit --disc")
     torch.save(ck, path)
