@@ -7,8 +7,8 @@ section starts at a line "# ==== <section>"):
   networks: blocks   FourierEmbedding, AuxResidual (NCSN++'s residual encoder path), Block (EDM's UNetBlock)
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net, unwrap (DDP, compile)
-  data               toy_sample, to_uint8, Data (uint8 images or float points on the device, per-step batches),
-                     load_data, FID_OPTIONS, refuse_unused, refuse_other
+  data               TOYS, IMAGE_SETS, toy_sample, to_uint8, Data (uint8 images or float points on the device,
+                     per-step batches), load_data, FID_OPTIONS, refuse_unused, refuse_other
   augmentation       EDM_AUGMENT, augment_dim, augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
@@ -468,7 +468,9 @@ _IDX = "the four files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, unpacke
 _IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718f92721af3b95e74349a)"),
                "mnist": ("MNIST", _IDX.format("MNIST")),  # torchvision reads MNIST-type sets unpacked, all four files
                "fashion_mnist": ("FashionMNIST", _IDX.format("FashionMNIST"))}  # (a .gz only with its own MD5)
-NAMED_DATA = (*_TOY_RMS, *_IMAGE_SETS)  # --data by name (the others are files and folders)
+TOYS = tuple(_TOY_RMS)  # the 2-D toys by name
+IMAGE_SETS = tuple(_IMAGE_SETS)  # the labelled image sets torchvision downloads
+NAMED_DATA = (*TOYS, *IMAGE_SETS)  # --data by name (the others are files and folders)
 
 
 def toy_sample(name, n, generator=None):

@@ -633,7 +633,7 @@ def pairs_foreseen(cfg, net, step):
                           f"folder or give --pairs another one.")
     new = dict(pair_seed=cfg.pair_seed, solver=cfg.pair_solver, steps=cfg.pair_steps, grid=cfg.pair_grid,
                n=cfg.n_pairs, block=cfg.pair_block)
-    shape = sample_shape(net) if net else (2,) if cfg.data in C._TOY_RMS else None
+    shape = sample_shape(net) if net else (2,) if cfg.data in C.TOYS else None
     if shape or cfg.noise_mode:  # the noise mode's default follows the shape (seed for images)
         new["noise_mode"] = cfg.noise_mode or ("seed" if len(shape) == 3 else "stored")
     if shape:
@@ -1046,7 +1046,7 @@ def run(cfg, given):
     resumes = ck1 is not None and cfg.resume is not False  # (--resume false: a fresh 1-RF)
     # a conditional teacher: pairs_plan refuses it, which was after the 1-RF had trained (other data than the named
     # image sets has no labels: there net_dict refuses --cond, before any output)
-    labelled = cfg.data in C._IMAGE_SETS
+    labelled = cfg.data in C.IMAGE_SETS
     if cfg.stage == "all" and (cfg.cond and labelled or resumes and ck1["config"].get("cond") is True):
         raise C.UserError("--stage all makes its pairs from the 1-RF it trains, and reflow from a class-conditional "
                           "teacher is not supported; train the 1-RF without --cond (--stage 1rf trains it alone).")
