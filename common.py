@@ -534,7 +534,7 @@ class Data:
         return max(1.0, float(self.x.abs().max())) if self.kind == "points" else 1.0
 
     def _epoch(self, e):  # perm_e, flip_e from a CPU generator seeded by (seed, "data", e), kept on device
-        if e not in self._perm:  # (copied with non_blocking: a plain copy to CUDA waits for the stream)
+        if e not in self._perm:  # (non_blocking: no stream synchronize; from pageable memory the host still stages)
             g = torch.Generator().manual_seed(derive_seed(self.seed, "data", e))
             N = self.x.shape[0]
             self._perm = {k: v for k, v in self._perm.items() if k >= e - 1}
@@ -546,7 +546,7 @@ class Data:
         """(x, y): global position p = step*b*parts + part*b + j; for stored data a pure function of (seed, step)
         whatever the rank layout (toys: fresh draws from this rank's generator)."""
         if self.kind == "toy":
-            return toy_sample(self.key, b, self.gen).to(self.x.device, non_blocking=True), None  # (no stream sync)
+            return toy_sample(self.key, b, self.gen).to(self.x.device, non_blocking=True), None  # (as in _epoch)
         N, p, idx, flip, got = self.x.shape[0], step * b * parts + part * b, [], [], 0
         while got < b:  # a batch may straddle epochs
             e, o = divmod(p, N)

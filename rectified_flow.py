@@ -24,7 +24,7 @@ Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2
     python rectified_flow.py sample --ckpt runs/rectified_flow-toy/2rf/ckpt.pt --steps 1,2 --out s.png
     python rectified_flow.py fid --ckpt runs/rectified_flow-cifar10/2rf/ckpt.pt --steps 1,2
 """
-import contextlib, dataclasses, hashlib, json, math, operator, os, time, types
+import contextlib, dataclasses, hashlib, json, math, operator, os, re, time, types
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -560,8 +560,9 @@ def make_pairs(cfg, env):
 
     if env.is_main and (_read_meta(folder) or _read_meta(folder, "started.json")) is None:  # what these blocks
         os.makedirs(folder, exist_ok=True)  # are, before the first one: a restart checks it
-        with open(os.path.join(folder, "started.json"), "w") as f:
+        with open(os.path.join(folder, "started.json.tmp"), "w") as f:  # (atomic: a kill leaves no empty record)
             json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
+        os.replace(os.path.join(folder, "started.json.tmp"), os.path.join(folder, "started.json"))
     C.barrier(env)
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
     if env.is_main:
@@ -608,11 +609,12 @@ def pairs_plan(cfg, env):
 
 def _stored_pairs(folder):
     """What a pairs folder records: its meta.json (finished) or started.json (stopped part-way) as a dict; None for a
-    folder that is absent or empty. Files without either record are refused (another folder, or damaged pairs): the
-    pairs stage would keep their blocks under a new meta.json."""
+    folder without pair blocks (absent, empty, or a run folder given as --pairs). Blocks without either record are
+    refused (another folder's, or damaged pairs): the pairs stage would keep them under a new meta.json."""
     old = _read_meta(folder) or _read_meta(folder, "started.json")
-    if old is None and os.path.isdir(folder) and os.listdir(folder):
-        raise C.UserError(f"'{folder}' holds files but no readable meta.json or started.json of this file's pairs; "
+    blocks = os.path.isdir(folder) and any(re.fullmatch(r"[xz]_\d{5}\.npy", f) for f in os.listdir(folder))
+    if old is None and blocks:
+        raise C.UserError(f"'{folder}' holds pair blocks but no readable meta.json or started.json of this file's pairs; "
                           f"remove that folder or give --pairs another one.")
     return old
 

@@ -641,7 +641,7 @@ def test_stage_all_checks_a_pairs_folder_before_its_1rf_trains(files, tmp_path, 
                                   ["steps 2, not 3"]),
                                  ("r", ["--pairs", tmp_path / "p", "--pair_seed", "5", "--iters", "3"],
                                   ["another teacher", "at step 2", "stops at step 3"]),
-                                 ("r", ["--pairs", tmp_path / "junk"], ["junk' holds files", "meta.json"]),
+                                 ("r", ["--pairs", tmp_path / "junk"], ["junk' holds pair blocks", "meta.json"]),
                                  ("q", ["--pairs", tmp_path / "p2", "--iters", "3"],
                                   ["pairs (--pairs", "p2')", "at step 2", "to step 3 beneath them"])]:
         capsys.readouterr()
@@ -653,6 +653,15 @@ def test_stage_all_checks_a_pairs_folder_before_its_1rf_trains(files, tmp_path, 
     assert (tmp_path / "junk" / "x_00000.npy").read_text() == "not pairs"
     assert run("rectified_flow", *rf, "--out", tmp_path / "r", "--pairs", tmp_path / "p", "--pair_seed", "5") == 0
     assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+    # the run's own folder as --pairs, or the folder above it: its run files are no pair blocks (a first version of
+    # this check refused them after the 1-RF had trained); nor is an empty started.json a kill left in DIR/pairs
+    for out_dir, pairs in (("s", "s"), ("u/run", "u")):
+        assert run("rectified_flow", *rf, "--out", tmp_path / out_dir, "--pairs", tmp_path / pairs) == 0
+        assert torch.load(tmp_path / out_dir / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+    shutil.copytree(files / "rectified_flow", tmp_path / "k")  # a finished 1-RF, killed as it began its pairs
+    os.makedirs(tmp_path / "k" / "pairs")
+    (tmp_path / "k" / "pairs" / "started.json").write_text("")
+    assert run("rectified_flow", *rf, "--out", tmp_path / "k") == 0
 
 
 def test_stage_all_checks_its_resumed_2rf_before_the_stages_before_it(files, tmp_path, capsys):
