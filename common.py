@@ -881,8 +881,9 @@ def augment(images, p, generator=None, part=0, parts=1, **probs):
 
 def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
     """A training batch through `augment` -> (images, labels), or (x, None) with p = 0 (no labels: the network's
-    augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run stays
-    the same augmentation for any rank layout and resumes exactly (noise and times stay per rank); `part`/`parts` as in Data.batch."""
+    augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run gets the
+    same augmentation for any rank layout (noise and times stay per rank) and resumes exactly; `part`/`parts` as in
+    Data.batch."""
     if not p:
         return x, None
     return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)

@@ -1095,7 +1095,8 @@ def train(cfg, given):
         if not (same or t and ck.get("teacher_id") is not None):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
-                                "disc_backbones", "disc_weights", "teacher_net", "teacher_iters", "teacher_batch", "teacher_lr"))
+                                "disc_backbones", "disc_weights", "teacher_net", "teacher_iters", "teacher_batch",
+                                "teacher_lr"))
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters > 0
     for k in ("batch", "teacher_batch") if in_file else ("batch",):  # before the in-file teacher trains

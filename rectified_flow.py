@@ -614,8 +614,8 @@ def _stored_pairs(folder):
     old = _read_meta(folder) or _read_meta(folder, "started.json")
     blocks = os.path.isdir(folder) and any(re.fullmatch(r"[xz]_\d{5}\.npy", f) for f in os.listdir(folder))
     if old is None and blocks:
-        raise C.UserError(f"'{folder}' holds pair blocks but no readable meta.json or started.json of this file's pairs; "
-                          f"remove that folder or give --pairs another one.")
+        raise C.UserError(f"'{folder}' holds pair blocks but no readable meta.json or started.json of this file's "
+                          f"pairs; remove that folder or give --pairs another one.")
     return old
 
 
