@@ -558,7 +558,7 @@ def make_pairs(cfg, env):
             zs.append(z)
         return torch.cat(xs), torch.cat(zs)
 
-    if env.is_main and (_read_meta(folder) or _read_meta(folder, "started.json")) is None:  # what these blocks
+    if env.is_main and _pairs_record(folder) is None:  # what these blocks
         os.makedirs(folder, exist_ok=True)  # are, before the first one: a restart checks it
         with open(os.path.join(folder, "started.json.tmp"), "w") as f:  # (atomic: a kill leaves no empty record)
             json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
@@ -611,7 +611,7 @@ def _stored_pairs(folder):
     """What a pairs folder records: its meta.json (finished) or started.json (stopped part-way) as a dict; None for a
     folder without pair blocks (absent, empty, or a run folder given as --pairs). Blocks without either record are
     refused (another folder's, or damaged pairs): the pairs stage would keep them under a new meta.json."""
-    old = _read_meta(folder) or _read_meta(folder, "started.json")
+    old = _pairs_record(folder)
     blocks = os.path.isdir(folder) and any(re.fullmatch(r"[xz]_\d{5}\.npy", f) for f in os.listdir(folder))
     if old is None and blocks:
         raise C.UserError(f"'{folder}' holds pair blocks but no readable meta.json or started.json of this file's "
@@ -667,6 +667,12 @@ def _read_meta(folder, name="meta.json"):
         return m if isinstance(m, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _pairs_record(folder):
+    """What a pairs folder records of how its pairs are made: meta.json (finished) or started.json (stopped part-way),
+    or None."""
+    return _read_meta(folder) or _read_meta(folder, "started.json")
 
 
 def load_pairs(folder, env, seed, shape=None):
@@ -1054,8 +1060,7 @@ def run(cfg, given):
                           "teacher is not supported; train the 1-RF without --cond (--stage 1rf trains it alone).")
     pdir = cfg.pairs or os.path.join(cfg.out, "pairs")  # another --pairs folder counts where this 1-RF made its pairs
     own = C.same_file(pdir, os.path.join(cfg.out, "pairs"))
-    mine = own or ck1 is not None and (_read_meta(pdir) or _read_meta(pdir, "started.json") or {}).get(
-        "teacher_id") == C.fingerprint(ck1["ema"])
+    mine = own or ck1 is not None and (_pairs_record(pdir) or {}).get("teacher_id") == C.fingerprint(ck1["ema"])
     after = [p if p == "2rf" or own else f"pairs (--pairs '{pdir}')" for p, d in
              (("pairs", pdir), ("2rf", os.path.join(cfg.out, "2rf"))) if os.path.exists(d) and (p == "2rf" or mine)]
     if cfg.stage == "all" and after and ck1 is not None:  # the 1-RF made them: it must not train on beneath them
