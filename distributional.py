@@ -910,13 +910,13 @@ def build_disc(cfg, data, teacher, env, log, backbones=None):
         return ScratchD(data.shape[0], data.shape[1], k, cfg.diffaug)
     if cfg.disc == "projected":
         names, bbs = cfg.disc_backbones.split(","), backbones or projected_backbones(cfg, env, log)
-        if log is not None:  # (notes: printed with the run's first line, so that a later refusal prints alone)
+        if log is not None:
             if "effnet" not in names:
-                C.note("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
-                       "548 logits).")
+                log.info("note: --disc_backbones vgg leaves out GDD's second backbone, EfficientNet-lite0 (64 of its "
+                         "548 logits).")
             if cfg.disc_weights == "random":
-                C.note("note: --disc_weights random: the backbones have fixed random weights (a stand-in for tests "
-                       "and offline smoke runs), not GDD's ImageNet features.")
+                log.info("note: --disc_weights random: the backbones have fixed random weights (a stand-in for tests "
+                         "and offline smoke runs), not GDD's ImageNet features.")
         return ProjectedD(bbs, k, cfg.proj_seed, cfg.diffaug)
     return TeacherD(teacher, cfg.d_t, k, cfg.diffaug)
 
@@ -1138,7 +1138,8 @@ def train(cfg, given):
         C.load_state_strict(raw, ck["model"])
     n_all = sum(p.numel() for p in raw.parameters())
     n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
-    D = build_disc(cfg, data, teacher, env, log, bbs).to(env.device).train()
+    D = build_disc(cfg, data, teacher, env, types.SimpleNamespace(info=C.note), bbs).to(env.device).train()  # (its
+    # notes wait for the run's first line, so that a refusal after them, the saved D that does not fit, prints alone)
     gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style gradient sync
     C.distribute(D, env, manual=True)
     ema = C.EMA(raw, decay=0.0) if not cfg.ema_halflife_img else \
