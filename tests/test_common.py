@@ -640,6 +640,17 @@ def test_npy_arrays_accepted_and_rejected(tmp_path, capsys):
         C.load_data(str(tmp_path / "arch.npy"), "data", env1(), 0, False)
 
 
+def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
+    """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
+    MemoryError read as 'out of memory; lower --batch')."""
+    from numpy.lib import format as npf
+    for name, shape in (("huge", (10 ** 12, 2)), ("short", (8, 2))):
+        with open(tmp_path / f"{name}.npy", "wb") as f:
+            npf.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            f.write(b"\0" * 12)
+        with pytest.raises(C.UserError, match=f"{name}.npy holds fewer bytes than its header declares"):
+            C.load_data(str(tmp_path / f"{name}.npy"), "data", env1(), 0, False)
+
 def test_image_folder_round_trip_and_size_error(tmp_path):
     from torchvision.io import write_png
     g = torch.Generator().manual_seed(0)
