@@ -641,6 +641,8 @@ def _read_images(spec):
                 im = decode_image(read_file(f), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
+        if im.ndim != 3:  # an animated GIF decodes to (frames, C, H, W)
+            raise UserError(f"the image '{f}' is animated ({len(im)} frames); give one still image per file.")
         if im.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: scaled to 8 bits like the others
             from torchvision.transforms.v2.functional import to_dtype
             im = to_dtype(im, torch.uint8, scale=True)

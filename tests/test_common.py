@@ -684,6 +684,16 @@ def test_image_folder_round_trip_and_size_error(tmp_path):
     assert d.x.dtype == torch.uint8 and d.x[0, 0, 0].tolist() == [0, 1, 128, 255]
 
 
+def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
+    """An animated GIF decodes to (frames, C, H, W): two of them stacked to 5-D were a traceback (permute), one beside
+    a PNG a size error that named the frame count as a size."""
+    from PIL import Image
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+    for name in ("a", "b"):
+        frames[0].save(tmp_path / f"{name}.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(C.UserError, match=r"a.gif' is animated \(3 frames\)"):
+        C.load_data(str(tmp_path), "data", env1(), 0, False)
+
 def test_toy_data_stream():
     d = C.load_data("moons", "data", env1(), 3, False)
     x, y = d.batch(64, 0)
