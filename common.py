@@ -601,6 +601,18 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
         os.close(saved)
 
 
+def _transparent(path):
+    """Whether an image has pixels that are not fully opaque (RGBA, grey + alpha, a palette's or a GIF's transparent
+    colour), which the RGB decode would keep as the colours beneath them; an opaque alpha channel is dropped. PIL reads
+    the header, and the pixels only of an image with alpha (torchvision's RGB_ALPHA mode misreads palette PNGs)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return ("A" in im.getbands() or "transparency" in im.info) and im.convert("RGBA").getextrema()[3][0] < 255
+    except Exception:  # (a file PIL cannot read: torchvision decoded it, and says nothing of alpha)
+        return False
+
+
 def _read_images(spec):
     if spec.endswith(".npy"):
         if not os.path.isfile(spec):  # (a FIFO blocked np.load for ever)
@@ -639,10 +651,14 @@ def _read_images(spec):
             with warnings.catch_warnings(), _silent_fd2():  # libpng prints to fd 2 before raising
                 warnings.simplefilter("ignore")
                 im = decode_image(read_file(f), mode=ImageReadMode.RGB)
+                transparent = _transparent(f)
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
         if im.ndim != 3:  # an animated GIF decodes to (frames, C, H, W)
             raise UserError(f"the image '{f}' is animated ({len(im)} frames); give one still image per file.")
+        if transparent:
+            raise UserError(f"the image '{f}' has transparent pixels, whose colours are undefined; flatten it onto a "
+                            f"background first.")
         if im.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: scaled to 8 bits like the others
             from torchvision.transforms.v2.functional import to_dtype
             im = to_dtype(im, torch.uint8, scale=True)

@@ -684,6 +684,26 @@ def test_image_folder_round_trip_and_size_error(tmp_path):
     assert d.x.dtype == torch.uint8 and d.x[0, 0, 0].tolist() == [0, 1, 128, 255]
 
 
+def test_transparent_pixels_in_a_folder_are_refused_and_an_opaque_alpha_dropped(tmp_path):
+    """The RGB decode kept the colours beneath transparent pixels (RGBA, grey + alpha, a palette's transparent index)
+    and trained on them without a word; an alpha channel that is 255 everywhere is dropped."""
+    from PIL import Image
+    rgb = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    (tmp_path / "opaque").mkdir()
+    for i in range(2):
+        Image.fromarray(np.dstack([rgb + i, np.full((8, 8), 255, np.uint8)])).save(tmp_path / "opaque" / f"{i}.png")
+    d = C.load_data(str(tmp_path / "opaque"), "data", env1(), 0, False)
+    assert d.x.shape == (2, 3, 8, 8) and torch.equal(d.x[1], torch.from_numpy(rgb + 1).permute(2, 0, 1))
+    pal = Image.fromarray(rgb).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    for name, im in (("rgba", Image.fromarray(np.dstack([rgb, np.full((8, 8), 254, np.uint8)]))),
+                     ("la", Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA")), ("palette", pal)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            im.save(tmp_path / name / f"{i}.png")
+        with pytest.raises(C.UserError, match=f"{name}/0.png' has transparent pixels"):
+            C.load_data(str(tmp_path / name), "data", env1(), 0, False)
+
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
     """An animated GIF decodes to (frames, C, H, W): two of them stacked to 5-D were a traceback (permute), one beside
     a PNG a size error that named the frame count as a size."""

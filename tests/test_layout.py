@@ -154,7 +154,7 @@ def test_every_relative_link_in_the_documents_resolves():
 
 # what a method file may import: Python's own modules, the five dependencies, common.py; `lpips` and `timm` only as
 # optional extras, imported inside a function where their absence is a fallback or one sentence
-ALLOWED = {"torch", "torchvision", "numpy", "matplotlib", "common"}
+ALLOWED = {"torch", "torchvision", "numpy", "matplotlib", "PIL", "common"}  # (PIL: pillow, which both need too)
 OPTIONAL = {"lpips", "timm"}
 
 
