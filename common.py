@@ -601,6 +601,9 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
         os.close(saved)
 
 
+_UNREAD = (".bmp", ".tif", ".tiff")  # images in a folder that torchvision's decoder does not read: refused
+
+
 def _transparent(path):
     """Whether an image has pixels that are not fully opaque (RGBA, grey + alpha, a palette's or a GIF's transparent
     colour), which the RGB decode would keep as the colours beneath them; an opaque alpha channel is dropped. PIL reads
@@ -642,11 +645,14 @@ def _read_images(spec):
         return torch.from_numpy(a if a.ndim == 4 else a[..., None]), None
     from torchvision.io import ImageReadMode, decode_image, read_file
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")))
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".webp", *_UNREAD)))
     if not files:
         raise UserError(f"no images found in folder '{spec}'.")
     imgs = []
     for f in files:
+        if f.lower().endswith(_UNREAD):  # (a BMP was 'could not be decoded', a TIFF left out without a word)
+            raise UserError(f"the image '{f}' is a BMP or TIFF file, which torchvision does not decode; convert it to "
+                            f"PNG.")
         try:
             with warnings.catch_warnings(), _silent_fd2():  # libpng prints to fd 2 before raising
                 warnings.simplefilter("ignore")

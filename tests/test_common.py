@@ -704,6 +704,18 @@ def test_transparent_pixels_in_a_folder_are_refused_and_an_opaque_alpha_dropped(
         with pytest.raises(C.UserError, match=f"{name}/0.png' has transparent pixels"):
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
 
+def test_a_bmp_or_tiff_in_a_folder_is_refused(tmp_path):
+    """torchvision decodes neither: a .bmp (which the folder scan listed) was 'could not be decoded', as if damaged,
+    and a .tif beside PNGs was left out without a word."""
+    from torchvision.io import write_png
+    for ext in ("bmp", "tif"):
+        (tmp_path / ext).mkdir()
+        for i in range(2):
+            write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / ext / f"{i}.png"))
+        (tmp_path / ext / f"x.{ext.upper()}").write_bytes(b"BM" if ext == "bmp" else b"II*\0")
+        with pytest.raises(C.UserError, match=f"x.{ext.upper()}' is a BMP or TIFF file"):
+            C.load_data(str(tmp_path / ext), "data", env1(), 0, False)
+
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
     """An animated GIF decodes to (frames, C, H, W): two of them stacked to 5-D were a traceback (permute), one beside
     a PNG a size error that named the frame count as a size."""
