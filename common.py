@@ -630,7 +630,7 @@ def _read_images(spec):
                             f"other files are refused).") from None
         if not isinstance(a, np.ndarray):  # np.load opens a zip (.npz) whatever the name
             raise UserError(f"{spec} is an .npz archive, not a .npy array; save one array with np.save.")
-        if a.dtype.kind not in "biuf":
+        if a.dtype.kind not in "iuf":  # (bool (N, 2) was read as points at the corners 0 and 1)
             raise UserError(f"{spec} holds {a.dtype} values, not numbers.")
         if a.dtype != np.uint8 and a.ndim == 2 and a.shape[1] == 2:
             with np.errstate(over="ignore"):

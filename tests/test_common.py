@@ -640,6 +640,12 @@ def test_npy_arrays_accepted_and_rejected(tmp_path, capsys):
         C.load_data(str(tmp_path / "arch.npy"), "data", env1(), 0, False)
 
 
+def test_bool_npy_is_not_points(tmp_path):
+    """A bool (N, 2) array (a mask, not coordinates) was trained on as points at the corners 0 and 1."""
+    np.save(tmp_path / "mask.npy", np.random.default_rng(0).random((8, 2)) < 0.5)
+    with pytest.raises(C.UserError, match="mask.npy holds bool values, not numbers"):
+        C.load_data(str(tmp_path / "mask.npy"), "data", env1(), 0, False)
+
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
     MemoryError read as 'out of memory; lower --batch')."""
