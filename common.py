@@ -643,6 +643,8 @@ def _read_images(spec):
             raise UserError(f"{spec}: expected float (N, 2) points or square uint8 NHWC images (C = 1 or 3), "
                             f"got {a.dtype} {a.shape}.")
         return torch.from_numpy(a if a.ndim == 4 else a[..., None]), None
+    if not os.path.isdir(spec):  # (an image, an .npz, a .pt: "no images found in folder" named a file a folder)
+        raise UserError(f"data '{spec}' is a file but not a .npy array; give a .npy file or a folder of images.")
     from torchvision.io import ImageReadMode, decode_image, read_file
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".webp", *_UNREAD)))

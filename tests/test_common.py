@@ -646,6 +646,15 @@ def test_bool_npy_is_not_points(tmp_path):
     with pytest.raises(C.UserError, match="mask.npy holds bool values, not numbers"):
         C.load_data(str(tmp_path / "mask.npy"), "data", env1(), 0, False)
 
+def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
+    """A single image or an .npz given as --data was refused as 'no images found in folder'."""
+    from torchvision.io import write_png
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "one.png"))
+    np.savez(tmp_path / "pts.npz", x=np.zeros((8, 2)))
+    for name in ("one.png", "pts.npz"):
+        with pytest.raises(C.UserError, match=f"{name}' is a file but not a .npy array"):
+            C.load_data(str(tmp_path / name), "data", env1(), 0, False)
+
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
     MemoryError read as 'out of memory; lower --batch')."""
