@@ -1149,6 +1149,17 @@ def _cli(*argv, presets=PRESETS):
     return C.parse_cli(Cfg, presets, "m", list(argv), sampler=("dropout",))
 
 
+def test_a_data_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """--data rel.npy was saved as given: a resume or `fid` from another working directory did not find it."""
+    import imm
+    monkeypatch.chdir(tmp_path)
+    np.save("rel.npy", np.zeros((8, 2), np.float32))
+    want = str(tmp_path / "rel.npy")
+    assert C.parse_cli(imm.Config, imm.PRESETS, "imm", ["--data", "rel.npy"])[1].data == want
+    assert C.parse_cli(imm.Config, imm.PRESETS, "imm", ["fid", "--ckpt", "c.pt", "--data", "rel.npy"])[2] == \
+        {"data": want}
+    assert C.parse_cli(imm.Config, imm.PRESETS, "imm", ["--data", "moons"])[1].data == "moons"  # names stay names
+
 def test_cli_presets_and_overrides():
     cmd, cfg, given = _cli()
     assert cmd == "train" and cfg.iters == 10 and cfg.batch == 8 and cfg.out == "runs/m-fast-toy" and given == {}

@@ -827,7 +827,7 @@ def test_cli_tiny_train_sample_fid(imgs, capsys, monkeypatch):
         a = np.load(imgs / f"s3_{K}step.npy")
         assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
         assert np.abs(a.astype(int) - np.load(imgs / f"s16_{K}step.npy").astype(int)).max() <= 1
-    monkeypatch.chdir(imgs)  # the checkpoint names its data relative to where it was trained
+    monkeypatch.chdir(imgs)  # (the checkpoint names its data by its absolute path)
     D.main(["fid", "--ckpt", ckpt, "--steps", "1", "--n", "32", "--fid_detector", standin_path(),
             "--root", str(imgs / "data")])
     rec = json.loads((imgs / "run" / "fid.jsonl").read_text().splitlines()[-1])

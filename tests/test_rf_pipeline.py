@@ -249,8 +249,8 @@ def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
     ft = tiny / "run" / "ft"
     before = _digest(ft / "ckpt.pt")
     base = ["--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft"]
-    monkeypatch.chdir(tiny)  # (the stored pairs record --data as given: imgs.npy)
-    for extra, words in ((["--ft_n", "8", "--ft_iters", "5"], ["--ft_n 16", "--inv_steps 2", "--data imgs.npy"]),
+    monkeypatch.chdir(tiny)  # (the stored pairs record --data by its absolute path)
+    for extra, words in ((["--ft_n", "8", "--ft_iters", "5"], ["--ft_n 16", "--inv_steps 2", f"--data {tiny}/imgs"]),
                          (["--inv_steps", "3", "--ft_iters", "5"], ["--inv_steps 2"]),  # (with steps left: a
                          (["--ft_iters", "1"], ["at step 2"]),  # finished run applies no change, noted)
                          (["--iters", "9"], ["--ft_iters", "drop --iters"])):

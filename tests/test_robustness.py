@@ -939,7 +939,7 @@ def test_a_resumed_run_keeps_its_data(tmp_path, capsys, monkeypatch):
     assert run("imm", *BASE["imm"], "--data", tmp_path / "a.npy", "--iters", "2", "--out", "i") == 0
     capsys.readouterr()
     assert run("imm", *BASE["imm"], "--data", "b.npy", "--iters", "3", "--out", "i") == 0
-    assert "config: data = 'b.npy' (checkpoint had " in capsys.readouterr().out
+    assert f"config: data = '{tmp_path / 'b.npy'}' (checkpoint had " in capsys.readouterr().out  # (recorded absolute)
     P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
     rf = [*BASE["rectified_flow"][2:], "--out", "r"]
     assert run("rectified_flow", "--stage", "all", "--iters", "1", *P, *rf, "--data", "moons") == 0
