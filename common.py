@@ -8,7 +8,9 @@ section starts at a line "# ==== <section>"):
   networks: U-Net    UNet (EDM's SongUNet: DDPM++ and NCSN++)
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net, unwrap (DDP, compile)
   data               TOYS, IMAGE_SETS, toy_sample, to_uint8, Data (uint8 images or float points on the device,
-                     per-step batches), load_data, FID_OPTIONS, refuse_unused, refuse_other
+                     per-step batches)
+  data: loading      load_data (a toy, a torchvision set, a .npy, an image folder), FID_OPTIONS, refuse_unused,
+                     refuse_other
   augmentation       EDM_AUGMENT, augment_dim, augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
@@ -564,6 +566,7 @@ class Data:
         return x, y
 
 
+# ======================================================================================================== data: loading
 def _image_dataset(name, root, env):
     import torchvision
     cls, archive = _IMAGE_SETS[name]
