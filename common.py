@@ -2803,6 +2803,25 @@ def _sharded(batch_of, n, batch, env, shape, dtype):
     return torch.cat([pieces[j % env.world][j // env.world] for j in range(len(chunks))])
 
 
+def _counted(generate, bad):
+    """generate, adding to `bad` (a device count) its samples that hold a NaN or inf: to_uint8 turns them into black
+    pixels and np.save keeps them, so a NaN would be written, or scored, without a word."""
+    def g(rng, labels):
+        x = generate(rng, labels)
+        bad.add_((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+        return x
+    return g
+
+
+def _refuse_non_finite(bad, env, n, K):
+    """After a step count's samples: every rank refuses together (the counts summed) before anything is written."""
+    if env.world > 1:
+        dist.all_reduce(bad)
+    if bad.item():
+        raise UserError(f"{bad.item()} of the {n} samples at {n_steps(K)} hold NaN or inf values (the weights, or a "
+                        f"sampler field, out of range); nothing is written for them.")
+
+
 def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, record=None):
     """The `sample` and `fid` commands of every method file. gen(K) -> generate(rng, labels) for K steps; name(K)
     describes the sampler in the printed line; record(K): extra fields of the fid.jsonl row. Labels (class-
@@ -2817,13 +2836,15 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         points = len(shape) == 1  # stored as the file holds them: float32 points, uint8 NHWC images
         stored, dtype = (shape, torch.float32) if points else ((*shape[1:], shape[0]), torch.uint8)
         for K in opts.steps:
-            generate = gen(K)
+            bad = torch.zeros((), dtype=torch.int64, device=env.device)
+            generate = _counted(gen(K), bad)
 
             def batch_of(idx):
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
                 x = generate(rng, rng.randint(num_classes) if num_classes else None)
                 return x.float() if points else to_uint8(x).permute(0, 2, 3, 1)
             x = _sharded(batch_of, opts.n, opts.batch, env, stored, dtype)
+            _refuse_non_finite(bad, env, opts.n, K)  # (a NaN never replaces a good file)
             flush_notes(env)
             if env.is_main:
                 save_array(paths[K], x)
@@ -2842,7 +2863,9 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
                         f"FID compares the two, so give data of its shape.")
     ref = reference_stats(data, det, env, opts.root, opts.fid_ref)
     for K in opts.steps:
-        fid = compute_fid(gen(K), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
+        bad = torch.zeros((), dtype=torch.int64, device=env.device)
+        fid = compute_fid(_counted(gen(K), bad), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
+        _refuse_non_finite(bad, env, opts.n, K)
         flush_notes(env)
         if env.is_main:
             print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 import typing
 
 import numpy as np
@@ -973,6 +974,23 @@ def test_fid_per_index_seeds_and_labels():
     z = rng.randn(2, 5)
     assert torch.equal(z[1], torch.randn(5, generator=torch.Generator().manual_seed(14)))
 
+
+def test_samples_with_a_nan_are_never_written_or_scored(tmp_path, capsys):
+    """sample and fid refuse a step count whose samples hold a NaN (weights that overflow): np.save wrote it over a
+    good file, and to_uint8 turned NaN images into black ones, saved and scored as if fine."""
+    bad = lambda rng, y: torch.where((_index_of(rng, 0) == 1)[:, None, None, None], math.nan,  # sample 1's NaN
+                                     rng.randn(len(rng.gens), 3, 4, 4))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(32), sigma=np.eye(32))
+    ck, cfg = {"config": {"data": "d"}, "step": 0}, types.SimpleNamespace(data="d")
+    opts = lambda out: types.SimpleNamespace(out=str(tmp_path / out), ckpt="c.pt", steps=[1], n=3, batch=2, seed=0,
+                                             ema=True, fid_ref=str(tmp_path / "ref.npz"), fid_detector=standin_path(),
+                                             root=str(tmp_path))
+    for cmd, shape, out in (("sample", (2,), "s.npy"), ("sample", (3, 4, 4), "s.npy"), ("fid", (3, 4, 4), "f.jsonl")):
+        (tmp_path / out).write_text("good")
+        gen = lambda K: (lambda rng, y: bad(rng, y)[:, :2, 0, 0] if len(shape) == 1 else bad(rng, y))
+        with pytest.raises(C.UserError, match="1 of the 3 samples at 1 step hold NaN or inf values"):
+            C.sample_or_fid(cmd, opts(out), env1(), cfg, ck, shape, gen, str)
+        assert (tmp_path / out).read_text() == "good" and capsys.readouterr().out == ""
 
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
