@@ -1250,9 +1250,13 @@ def sample_or_fid(cmd, opts, given):
     if any(K > 1 for K in opts.steps):
         C.note("note: the generator is trained at t_g only; K > 1 re-noises and re-predicts and is usually worse "
                "than K = 1.")
-    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda K: (lambda rng, labels: sample(net, rng, shape, K, t_g,
-                    labels)), lambda K: f"{C.n_steps(K)}, t_g {t_g:g}", inner(ck["net"])["label_dim"],
-                    record=lambda K: dict(freeze=cfg.freeze, disc=cfg.disc))
+    def gen(K):  # --precision bf16: G under autocast, as it trained (was ignored); fp32 by default, autocast off
+        def generate(rng, labels):
+            with C.autocast(env):
+                return sample(net, rng, shape, K, t_g, labels)
+        return generate
+    C.sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, lambda K: f"{C.n_steps(K)}, t_g {t_g:g}",
+                    inner(ck["net"])["label_dim"], record=lambda K: dict(freeze=cfg.freeze, disc=cfg.disc))
 
 
 def main(argv=None):

@@ -367,6 +367,19 @@ def test_a_hidden_file_name_is_a_sample_name(files, tmp_path, capsys):
     assert np.load(tmp_path / "b" / "_2step.npy").shape == (2, 2)
 
 
+def test_every_sampler_reads_the_precision(files, tmp_path):
+    """`sample --precision bf16` (and fid's) runs each file's network under bf16 autocast: GDD's generator ignored it
+    and wrote its fp32 samples."""
+    for name in MODS:
+        got = {}
+        for p in ("fp32", "bf16"):
+            out = tmp_path / f"{name}-{p}.npy"
+            assert run(name, "sample", "--ckpt", files / name / "ckpt.pt", "--steps", "1", "--n", "8", "--precision",
+                       p, "--out", out) == 0
+            got[p] = np.load(out)
+        assert not np.array_equal(got["fp32"], got["bf16"]), name
+
+
 @pytest.mark.parametrize("name", MODS)
 def test_bad_input_is_one_sentence(name, files, capsys):
     before = open(files / name / "ckpt.pt", "rb").read()
