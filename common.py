@@ -2727,16 +2727,26 @@ def save_panels(path, panels):
 
 
 def save_array(path, arr):
-    """.npy (float32 points / uint8 NHWC images) or .png (scatter / grid)."""
+    """.npy (float32 points / uint8 NHWC images) or .png (scatter / grid), whole or not at all: written beside it under
+    a short temporary name, then renamed over it (a full disk or Ctrl-C never leaves part of one in a good file's
+    place)."""
     a = arr.detach().cpu().numpy() if torch.is_tensor(arr) else np.asarray(arr)
     a = a.astype(np.float32) if a.ndim == 2 else a.astype(np.uint8)
-    if path.endswith(".npy"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.save(path, a)
-    elif path.endswith(".png"):
-        save_panels(path, [(os.path.basename(path), a)])
-    else:
+    if not path.endswith((".npy", ".png")):
         raise UserError(f"--out must end in .npy or .png, got '{path}'.")
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.getpid()}.tmp{path[-4:]}")  # (short: --out's name may be as long as names go)
+    try:
+        if path.endswith(".npy"):
+            with open(tmp, "wb") as f:  # (np.save appends .npy to a name without it)
+                np.save(f, a)
+        else:
+            save_panels(tmp, [(os.path.basename(path), a)])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ============================================================================================== evaluation and commands

@@ -3,6 +3,7 @@ helpers. CPU only; item 18 launches a 2-process gloo job through torchrun (tests
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -1668,6 +1669,23 @@ def test_pictures_and_arrays(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(C.UserError, match=".jpg"):
         C.save_array(str(tmp_path / "x.jpg"), pts)
+
+
+def test_a_failed_sample_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """save_array writes whole or not at all: a full disk (or Ctrl-C) halfway through np.save or the picture truncated
+    the good file of the same name to the bytes written so far."""
+    def half(f, *a):  # the disk is full after 4 bytes
+        with contextlib.nullcontext(f) if hasattr(f, "write") else open(f, "wb") as h:
+            h.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", half)
+    monkeypatch.setattr(C, "save_panels", half)
+    for name in ("s.npy", "s.png"):
+        (tmp_path / name).write_bytes(b"good")
+        with pytest.raises(OSError):
+            C.save_array(str(tmp_path / name), torch.zeros(3, 2))
+        assert (tmp_path / name).read_bytes() == b"good"
+    assert sorted(os.listdir(tmp_path)) == ["s.npy", "s.png"]  # (no temporary file left)
 
 
 # ======================================================================== runtime
