@@ -1153,6 +1153,9 @@ def _read_stats(path, detector, what, fix):
             or sigma.dtype.kind != "f" or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UserError(f"{what} '{path}' is not an .npz with finite float mu ({detector.dim},) and sigma "
                         f"({detector.dim}, {detector.dim}){fix}.")
+    if np.abs(sigma - sigma.T).max() > 1e-5 * np.abs(sigma).max() or (np.diag(sigma) < 0).any():
+        raise UserError(f"{what} '{path}' holds a sigma that is not a covariance (not symmetric, or a negative "
+                        f"variance){fix}.")  # (frechet_distance reads one triangle: -I scored an FID of 0)
     return mu, sigma
 
 

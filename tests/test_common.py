@@ -1027,6 +1027,14 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
     for bad in ("text.txt", "obj.npy", "plain.npy", "sig.npz", "nan.npz", "inf.npz", "str.npz"):
         with pytest.raises(C.UserError, match="is not an .npz with finite float mu"):
             C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / bad))
+    # a sigma that is no covariance: frechet_distance reads one triangle, and -I scored an FID of exactly 0
+    upper = np.eye(32)
+    upper[0, 5] = 1.0
+    np.savez(tmp_path / "neg.npz", mu=np.zeros(32), sigma=-np.eye(32))
+    np.savez(tmp_path / "upper.npz", mu=np.zeros(32), sigma=upper)
+    for bad in ("neg.npz", "upper.npz"):
+        with pytest.raises(C.UserError, match="holds a sigma that is not a covariance"):
+            C.reference_stats(data, det, env, str(tmp_path), ref_path=str(tmp_path / bad))
     # a damaged cache file (or a folder in its place) names itself and the fix; it was a BadZipFile/KeyError
     cache = tmp_path / "fid_refs" / f"{data.key}-{det.key}.npz"
     cache.write_bytes(b"PK\x03\x04 not a zip")
