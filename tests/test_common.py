@@ -993,6 +993,19 @@ def test_samples_with_a_nan_are_never_written_or_scored(tmp_path, capsys):
             C.sample_or_fid(cmd, opts(out), env1(), cfg, ck, shape, gen, str)
         assert (tmp_path / out).read_text() == "good" and capsys.readouterr().out == ""
 
+
+def test_fid_writes_its_row_into_a_new_folder(tmp_path, capsys):
+    """preflight lets fid's --out name a folder that does not exist yet (it can be created): the row was then opened
+    there after the whole FID, a FileNotFoundError traceback and the number lost."""
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(32), sigma=np.eye(32))
+    out = tmp_path / "new" / "sub" / "f.jsonl"
+    opts = types.SimpleNamespace(out=str(out), ckpt="c.pt", steps=[1], n=3, batch=2, seed=0, ema=True, root="r",
+                                 fid_ref=str(tmp_path / "ref.npz"), fid_detector=standin_path())
+    C.sample_or_fid("fid", opts, env1(), types.SimpleNamespace(data="d"), {"config": {"data": "d"}, "step": 4},
+                    (3, 4, 4), lambda K: (lambda rng, y: rng.randn(len(rng.gens), 3, 4, 4).tanh()), str)
+    row = json.loads(out.read_text())
+    assert (row["step"], row["steps"], row["n"]) == (4, 1, 3) and "FID-0.003k" in capsys.readouterr().out
+
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
     det = _Counting(C.load_detector(standin_path(), env))
