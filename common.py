@@ -2883,7 +2883,8 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         if env.is_main:
             print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
             row = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, **(record(K) if record else {}), n=opts.n,
-                       seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema)
+                       seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema, precision=env.precision,
+                       ref=opts.fid_ref or cfg.data)  # (rows against another reference or precision looked alike)
             path = opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (preflight let --out name a new
             with open(path, "a") as f:  # folder: a traceback after the whole FID, its row lost)

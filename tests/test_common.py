@@ -996,7 +996,8 @@ def test_samples_with_a_nan_are_never_written_or_scored(tmp_path, capsys):
 
 def test_fid_writes_its_row_into_a_new_folder(tmp_path, capsys):
     """preflight lets fid's --out name a folder that does not exist yet (it can be created): the row was then opened
-    there after the whole FID, a FileNotFoundError traceback and the number lost."""
+    there after the whole FID, a FileNotFoundError traceback and the number lost. The row names its reference and
+    precision (an FID against another --fid_ref or --data, or in bf16, was written as the same row)."""
     np.savez(tmp_path / "ref.npz", mu=np.zeros(32), sigma=np.eye(32))
     out = tmp_path / "new" / "sub" / "f.jsonl"
     opts = types.SimpleNamespace(out=str(out), ckpt="c.pt", steps=[1], n=3, batch=2, seed=0, ema=True, root="r",
@@ -1005,6 +1006,7 @@ def test_fid_writes_its_row_into_a_new_folder(tmp_path, capsys):
                     (3, 4, 4), lambda K: (lambda rng, y: rng.randn(len(rng.gens), 3, 4, 4).tanh()), str)
     row = json.loads(out.read_text())
     assert (row["step"], row["steps"], row["n"]) == (4, 1, 3) and "FID-0.003k" in capsys.readouterr().out
+    assert (row["precision"], row["ref"]) == ("fp32", str(tmp_path / "ref.npz"))
 
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
