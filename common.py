@@ -16,7 +16,8 @@ section starts at a line "# ==== <section>"):
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
                      require_detector, reference_stats
   runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision), distribute,
-                     sync_grads, all_mean, barrier, autocast, strict_fp32, make_scaler, stopwatch, maybe_compile
+                     sync_grads, all_mean, barrier, agree (work of some ranks: a failure stops all), autocast,
+                     strict_fp32, make_scaler, stopwatch, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
                      teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
                      restore_rng
@@ -1133,12 +1134,13 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     barrier(env)  # every rank has looked before rank 0 may write
     if not hit:
         mu, sigma = _feature_stats(lambda idx: data.x[idx.to(data.x.device)], len(data.x), detector, env, batch)
-        if env.is_main:
+
+        def write():  # rank 0 (a full disk stops every rank: agree)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "wb") as f:
                 np.savez(f, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=len(data.x))
             os.replace(path + ".tmp", path)
-        barrier(env)
+        agree(env, write)
     return _read_stats(path, detector, "cached FID statistics", "; remove it to recompute them")
 
 
@@ -1278,6 +1280,30 @@ def all_mean(x, env):
 def barrier(env):
     if env.world > 1:
         dist.barrier()
+
+
+def agree(env, fn, everywhere=False):
+    """fn() on rank 0 alone (`everywhere`: on every rank), then one collective: work that only some ranks do (rank 0's
+    log, samples, metrics, caches and `sample`'s output; each rank's own pair blocks) and that fails (a full disk)
+    stops every rank with the first failing rank's sentence, printed once by rank 0, where it left the others
+    waiting at their next collective (a gloo traceback, an NCCL hang) and a failing rank other than 0 said nothing. A
+    bug keeps its traceback on its rank. -> fn()'s value on the ranks that ran it (None elsewhere)."""
+    out, err = None, None
+    try:
+        if everywhere or env.is_main:
+            out = fn()
+    except Exception as e:
+        err = e
+    if env.world > 1 and all_mean(float(err is not None), env).item() > 0:
+        msgs = [None] * env.world  # each rank's sentence, "" for a bug, None where nothing failed
+        dist.all_gather_object(msgs, None if err is None else _sentence(err) or "")
+        if err is not None and not msgs[env.rank]:
+            raise err
+        r = next(r for r, m in enumerate(msgs) if m is not None)
+        raise UserError(msgs[r] or f"rank {r} stopped on an error (its traceback is above).")
+    if err is not None:
+        raise err
+    return out
 
 
 def autocast(env):
@@ -2659,7 +2685,8 @@ class Logger:
     def __init__(self, out, env, total_steps, global_batch, config=None, start_step=0):
         self.out, self.env, self.total, self.gb, self.guard = out, env, total_steps, global_batch, None
         self.t_last, self.s_last = time.time(), start_step  # rates count from here (includes warm-up)
-        if env.is_main:
+
+        def start():  # rank 0's files (a full disk stops every rank: agree)
             os.makedirs(out, exist_ok=True)
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
@@ -2667,6 +2694,7 @@ class Logger:
             for name in ("log.jsonl", "metrics.jsonl"):  # this run's history only: a resumed run's rows up to its
                 # step (a killed run's rows past it go), none of a fresh run's
                 _trim_jsonl(os.path.join(out, name), lambda k: 0 < start_step and k <= start_step)
+        agree(env, start)
 
     def info(self, msg):
         flush_notes(self.env)
@@ -2689,7 +2717,8 @@ class Logger:
         rate = (step - self.s_last) * self.gb / max(now - self.t_last, 1e-9)
         eta = (self.total - step) * self.gb / rate if rate else 0.0
         self.t_last, self.s_last = now, step
-        if self.env.is_main:
+
+        def write():  # rank 0's line (a full disk stops every rank: agree)
             rec = dict(step=step, kimg=step * self.gb / 1000, time=now, img_per_s=rate, eta_s=eta, **vals)
             with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -2697,6 +2726,7 @@ class Logger:
             body = " | ".join(f"{k} {x:.4g}" for k, x in vals.items() if k != "skipped" or x)
             print(f"step {step}/{self.total} | {body} | {rate:,.0f} img/s | eta {int(eta) // 60}m{int(eta) % 60:02d}s",
                   flush=True)
+        agree(self.env, write)
         if g is not None:
             g.count.zero_()
             g.check_run(step, run)
@@ -2859,9 +2889,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             x = _sharded(batch_of, opts.n, opts.batch, env, stored, dtype)
             _refuse_non_finite(bad, env, opts.n, K)  # (a NaN never replaces a good file)
             flush_notes(env)
-            if env.is_main:
-                save_array(paths[K], x)
-                print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")
+            agree(env, lambda: (save_array(paths[K], x), print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")))
         return
     if len(shape) == 1:
         raise UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
@@ -2880,7 +2908,8 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         fid = compute_fid(_counted(gen(K), bad), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
         _refuse_non_finite(bad, env, opts.n, K)
         flush_notes(env)
-        if env.is_main:
+
+        def write():  # rank 0 (a full disk stops every rank: agree)
             print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
             row = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, **(record(K) if record else {}), n=opts.n,
                        seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema, precision=env.precision,
@@ -2889,6 +2918,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (preflight let --out name a new
             with open(path, "a") as f:  # folder: a traceback after the whole FID, its row lost)
                 f.write(json.dumps(row) + "\n")
+        agree(env, write)
 
 
 # ========================================================================================================== toy metrics

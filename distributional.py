@@ -1177,9 +1177,10 @@ def train(cfg, given):
     shape = sample_shape(ema.model.config)
     fid_gen = lambda: {"1 step": lambda rng, labels: sample(ema.model, rng, shape, 1, t_g, labels)}
     if step == 0:  # the step-0 generator, before any update
-        if env.is_main:
+        def first():  # rank 0 (a failure stops every rank: C.agree)
             m = evaluate(ema.model, None, cfg, data, env, cfg.out, 0, t_g)
             log.info("step 0: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+        C.agree(env, first)
         if fid:
             fid(0, fid_gen())
 
@@ -1218,17 +1219,17 @@ def train(cfg, given):
                     D_fake=torch.sigmoid(fake_logits.float()).mean())
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             guard.checkpoint(step, step == cfg.iters, state, gens)
-        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-            evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
+        if cfg.sample_every and step % cfg.sample_every == 0:  # rank 0 (a failure stops every rank: C.agree)
+            C.agree(env, lambda: evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g))
         if fid and (step % cfg.fid_every == 0 or step == cfg.iters):  # FID-10k proxy every fid_every and at the end
             fid(step, fid_gen())
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
-    if env.is_main and step > 0:
+    def final():  # rank 0 (a failure stops every rank: C.agree, which every rank leaves after it)
         m = evaluate(ema.model, teacher, cfg, data, env, cfg.out, step, t_g)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    C.agree(env, final if step > 0 else lambda: None)
     log.info(clock())
-    C.barrier(env)
 
 
 # ============================================================================================================= commands

@@ -416,18 +416,18 @@ def train(cfg, given):
             log.log(step, loss=stats[0], mmd2=stats[1], r_eq_s=stats[2])
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             guard.checkpoint(step, step == cfg.iters, state, gens)
-        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-            evaluate(ema.model, cfg, data, env, cfg.out, step)
+        if cfg.sample_every and step % cfg.sample_every == 0:  # rank 0 (a failure stops every rank: C.agree)
+            C.agree(env, lambda: evaluate(ema.model, cfg, data, env, cfg.out, step))
         if fid and step % cfg.fid_every == 0:
             fid(step, {C.n_steps(N): generator(ema.model, cfg, sample_shape(ema.model.config), N, env)
                        for N in (1, 2)})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
-    if env.is_main:
+    def final():  # rank 0 (a failure stops every rank: C.agree, which every rank leaves after it)
         m = evaluate(ema.model, cfg, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
+    C.agree(env, final)
     log.info(clock())
-    C.barrier(env)
 
 
 # ============================================================================================================= commands

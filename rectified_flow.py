@@ -499,18 +499,21 @@ def _fingerprint(z):
 def write_pairs(folder, n, block, make, images, mode, env, meta):
     """Blocks j of `block` indices, rank r writes j = r (mod world); complete blocks are skipped on restart.
     make(idx) -> (x, z) on the device. x: uint8 NHWC (images) / float32; z stored only in mode 'stored'."""
-    os.makedirs(folder, exist_ok=True)
     nblk = math.ceil(n / block)
-    for j in range(env.rank, nblk, env.world):
-        xp, zp = os.path.join(folder, f"x_{j:05d}.npy"), os.path.join(folder, f"z_{j:05d}.npy")
-        if os.path.exists(xp):
-            continue
-        x, z = make(torch.arange(j * block, min((j + 1) * block, n)))
-        if mode == "stored":  # z first: an x file implies a complete block
-            _save_npy(zp, z.cpu().half().numpy() if images else z.cpu().float().numpy())
-        _save_npy(xp, C.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().float().numpy())
-    C.barrier(env)
-    if env.is_main:
+
+    def blocks():  # each rank its own (a full disk on one rank stops every rank: C.agree)
+        os.makedirs(folder, exist_ok=True)
+        for j in range(env.rank, nblk, env.world):
+            xp, zp = os.path.join(folder, f"x_{j:05d}.npy"), os.path.join(folder, f"z_{j:05d}.npy")
+            if os.path.exists(xp):
+                continue
+            x, z = make(torch.arange(j * block, min((j + 1) * block, n)))
+            if mode == "stored":  # z first: an x file implies a complete block
+                _save_npy(zp, z.cpu().half().numpy() if images else z.cpu().float().numpy())
+            _save_npy(xp, C.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() if images else x.cpu().float().numpy())
+    C.agree(env, blocks, everywhere=True)
+
+    def record():  # rank 0
         z16 = meta.pop("z16", None)  # seed mode: the regenerated noise; stored mode: what was written
         if mode == "stored":  # the first 16 noises, across blocks (a block may hold fewer)
             z16 = np.concatenate([np.load(os.path.join(folder, f"z_{j:05d}.npy"))
@@ -520,7 +523,7 @@ def write_pairs(folder, n, block, make, images, mode, env, meta):
         with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
-    C.barrier(env)
+    C.agree(env, record)
 
 
 def pair_noise(idx, seed, shape, env):
@@ -558,12 +561,13 @@ def make_pairs(cfg, env):
             zs.append(z)
         return torch.cat(xs), torch.cat(zs)
 
-    if env.is_main and _pairs_record(folder) is None:  # what these blocks
-        os.makedirs(folder, exist_ok=True)  # are, before the first one: a restart checks it
-        with open(os.path.join(folder, "started.json.tmp"), "w") as f:  # (atomic: a kill leaves no empty record)
-            json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
-        os.replace(os.path.join(folder, "started.json.tmp"), os.path.join(folder, "started.json"))
-    C.barrier(env)
+    def start():  # what these blocks are, before the first one: a restart checks it (rank 0; C.agree)
+        if _pairs_record(folder) is None:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "started.json.tmp"), "w") as f:  # (atomic: a kill leaves no empty record)
+                json.dump({k: new[k] for k in ("teacher_id", "teacher_step", "teacher", *PAIRS_MADE)}, f)
+            os.replace(os.path.join(folder, "started.json.tmp"), os.path.join(folder, "started.json"))
+    C.agree(env, start)
     write_pairs(folder, cfg.n_pairs, cfg.pair_block, make, images, mode, env, meta)
     if env.is_main:
         with contextlib.suppress(OSError):
@@ -988,17 +992,17 @@ def train(cfg, given, env):
             log.log(step, loss=total)
         if step % cfg.ckpt_every == 0 or step == iters:
             guard.checkpoint(step, step == iters, state, gens)
-        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-            log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}")
+        if cfg.sample_every and step % cfg.sample_every == 0:  # rank 0 (a failure stops every rank: C.agree)
+            C.agree(env, lambda: log.info(f"eval: {evaluate(ema.model, cfg, ref, env, out, step)}"))
         if fid and step % cfg.fid_every == 0:
             K = 1 if stage != "1rf" else 18
             fid(step, {C.n_steps(K): sampler(ema.model, cfg, sample_shape(ema.model.config), K, env)})
     if ck is None and iters == 0:
         guard.checkpoint(step, True, state, gens)
-    if env.is_main:
+    def final():  # rank 0 (a failure stops every rank: C.agree, which every rank leaves after it)
         m = evaluate(ema.model, cfg, ref, env, out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "step"))
-    C.barrier(env)
+    C.agree(env, final)
     return cfg
 
 

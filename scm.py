@@ -636,17 +636,17 @@ def train(cfg, given, env):
             log.log(step, **scalars)
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             guard.checkpoint(step, step == cfg.iters, state, gens)
-        if cfg.sample_every and step % cfg.sample_every == 0 and env.is_main:
-            evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
+        if cfg.sample_every and step % cfg.sample_every == 0:  # rank 0 (a failure stops every rank: C.agree)
+            C.agree(env, lambda: evaluate(ema.model, cfg, mode, data, env, cfg.out, step))
         if fid and step % cfg.fid_every == 0:  # Heun 18 for the teacher, 1 and 2 steps for the CMs
             fid(step, {f"{nfe(mode, K)} NFE": sampler(ema.model, cfg, mode, sample_shape(ema.model.config), K, env)
                        for K in ([cfg.heun_steps] if mode == "diffusion" else [1, 2])})
     if ck is None and cfg.iters == 0:
         guard.checkpoint(step, True, state, gens)
-    if env.is_main:
+    def final():  # rank 0 (a failure stops every rank: C.agree, which every rank leaves after it)
         m = evaluate(ema.model, cfg, mode, data, env, cfg.out, step)
         log.info("eval: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("step", "mode")))
-    C.barrier(env)
+    C.agree(env, final)
     return cfg
 
 
@@ -722,8 +722,7 @@ def run(cfg, given):
         return total()
     for mode, mcfg, mgiven in plan:
         train(mcfg, mgiven, env)
-    if env.is_main:
-        compare(cfg, env)
+    C.agree(env, lambda: compare(cfg, env))  # rank 0 (a failure stops every rank)
     total()
 
 

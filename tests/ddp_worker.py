@@ -5,12 +5,14 @@
 PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with Adam and EMA, 4 steps each, checking
               after every step that rank 1's parameters and EMA equal rank 0's; a checkpoint before the last DDP
               step (counting the files written); reference statistics and a sharded FID with the stand-in
-              detector; `sample`'s sharding (common._sharded). Rank 0 writes OUT/train.json; every rank writes its
-              final state to OUT/final{rank}.pt.
+              detector; `sample`'s sharding (common._sharded); work that one rank does alone failing on a full
+              disk (common.agree: rank 0's log line and each method file's final evaluation, rank 1's pair block).
+              Rank 0 writes OUT/train.json; every rank writes its final state to OUT/final{rank}.pt.
 PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
               OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
 OUT must hold data.npy (uint8 NHWC images), written by the test.
 """
+import gc
 import json
 import os
 import sys
@@ -20,6 +22,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import common as C  # noqa: E402
+import distributional  # noqa: E402
+import flow_map  # noqa: E402
+import imm  # noqa: E402
+import rectified_flow  # noqa: E402
+import scm  # noqa: E402
 from standin import standin_path  # noqa: E402
 
 B, STEPS, CKPT_STEP = 4, 4, 3  # per-rank batch, optimiser steps, the checkpoint is taken before this step
@@ -113,6 +120,38 @@ def gather(obj, env):
     return out
 
 
+def one_rank_failures(env, out):
+    """Work that one rank does alone, onto a full disk (Linux's /dev/full): every rank must stop with that rank's
+    sentence (common.agree), where the others waited at their next collective (gloo: a traceback) and a failing rank 1
+    said nothing. -> {case: the UserError of this rank, or None}."""
+    full = os.path.join(out, "full")
+    methods = dict(imm=(imm, ["--M", "2"]), flow_map=(flow_map, []), scm=(scm, ["--mode", "diffusion"]),
+                   distributional=(distributional, ["--teacher_iters", "1"]),
+                   rectified_flow=(rectified_flow, ["--stage", "1rf"]))
+    if env.is_main:
+        for p in ["log/log.jsonl", "pairs/x_00001.npy.tmp", *(f"{m}/samples.png" for m in methods)]:
+            os.makedirs(os.path.dirname(os.path.join(full, p)), exist_ok=True)
+            os.symlink("/dev/full", os.path.join(full, p))
+    C.barrier(env)
+
+    def error(fn):
+        try:
+            fn()
+            msg = None
+        except C.UserError as e:
+            msg = str(e)
+        gc.collect()  # (a failed run's DDP model, held by its traceback, goes before the process group does)
+        return msg
+    log = lambda: C.Logger(os.path.join(full, "log"), env, 1, 8).log(1, loss=torch.ones(()))  # rank 0 appends
+    pair = lambda idx: (torch.zeros(len(idx), 2), torch.zeros(len(idx), 2))  # block j is rank j % 2's
+    res = dict(log=error(log), pairs=error(lambda: rectified_flow.write_pairs(
+        os.path.join(full, "pairs"), 4, 1, pair, False, "stored", env, {})))
+    for name, (m, extra) in methods.items():  # 1 toy step, then the final evaluation's samples.png on rank 0
+        res[name] = error(lambda: m.main(["--out", os.path.join(full, name), "--iters", "1", "--batch", "8",
+                                          "--eval_n", "16", "--device", "cpu", *extra]))
+    return res
+
+
 def phase_train(env, out):
     data = C.load_data(os.path.join(out, "data.npy"), out, env, 0, True)
     res = {"world": env.world}
@@ -163,6 +202,7 @@ def phase_train(env, out):
     res["sample_in_order"] = gather(x.shape == (FID_N, 2, 2, 3) and x[:, 1, 1, 2].tolist() == list(range(FID_N)), env)
     one = C._sharded(lambda idx: idx[:, None].float().expand(-1, 2), 1, FID_BATCH, env, (2,), torch.float32)
     res["sample_one"] = gather(one.tolist(), env)  # fewer samples than ranks: rank 1 makes none
+    res["one_rank_failures"] = gather(one_rank_failures(env, out), env)
     if env.is_main:
         with open(os.path.join(out, "train.json"), "w") as f:
             json.dump(res, f)

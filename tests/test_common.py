@@ -1857,6 +1857,11 @@ def test_ddp_two_processes(tmp_path):
     assert res["fid"][0] == res["fid"][1]
     assert res["sample_made"] == shards and res["sample_in_order"] == [True, True]  # `sample` shares out the same way
     assert res["sample_one"] == [[[0.0, 0.0]], [[0.0, 0.0]]]
+    # work that one rank does alone, onto a full disk: both ranks stop with its sentence (a failing rank 1's too)
+    fails = res["one_rank_failures"]
+    assert fails[0] == fails[1] and sorted(fails[0]) == ["distributional", "flow_map", "imm", "log", "pairs",
+                                                         "rectified_flow", "scm"], fails
+    assert all(v and v.startswith(os.strerror(errno.ENOSPC)) for v in fails[0].values()), fails
     e1 = env1()
     data = C.load_data(str(out / "data.npy"), str(out), e1, 0, True)
     det = C.load_detector(standin_path(), e1)
