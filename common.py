@@ -2596,7 +2596,8 @@ def _speaks():
 
 def _sentence(e):
     """The error line of an exception that is the user's or the machine's situation, not a bug (else None): bad input,
-    a full disk, out of memory, a torch.compile that cannot build its kernels here (no working C++ compiler, ...)."""
+    a full disk, out of memory, a torch.compile that cannot build its kernels here (no working C++ compiler, ...), a
+    torchrun peer gone."""
     if isinstance(e, UserError):
         return str(e)
     if isinstance(e, OSError):
@@ -2606,6 +2607,9 @@ def _sentence(e):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
             or "Storage size calculation overflowed" in m:
         return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
+    if re.search(r"gloo.*Connection (closed|reset) by peer", m):  # a collective whose peer is gone under torchrun
+        # (killed, interrupted, or stopped on an error it reported): a traceback here would say nothing more
+        return "another process of this torchrun job stopped (its lines and torchrun's say why); this one stops too."
     if "cannot be converted to type" in m and "without overflow" in m:  # torch's optimisers on, e.g., --lr 1e38
         return "a value overflows float arithmetic (a learning rate such as 1e38); give a smaller one."
     if type(e).__name__ in ("InductorError", "BackendCompilerFailed") and re.search(

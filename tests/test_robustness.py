@@ -1328,7 +1328,11 @@ def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, c
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), [os.strerror(errno.ENOSPC)]),  # no file named: no 'None'
     (type("InductorError", (RuntimeError,), {})("CppCompileError: C++ compile error\n\nCommand: g++ ..."),
      ["--compile failed", "C++ compile error", "without --compile"]),  # no working compiler (torch's class name)
-])
+    *[(RuntimeError(f"[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:{m}. This is typically "
+                    f"caused by a remote worker crashing."), ["another process", "torchrun", "stops too"])
+      for m in ("561] Connection closed by peer [127.0.0.1]:30621", "545] Read error [127.0.0.1]:17290: Connection "
+                "reset by peer")],  # gloo, in a collective after another rank was interrupted, killed (SIGTERM, the
+])  # OOM killer) or stopped on its own error: it was a traceback on every rank left waiting
 def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
     """`sample --n 1e12` or `--eval_n 1e18` ran out of memory with a traceback; an ENOSPC without a file name read
     "while writing 'None'". Any other RuntimeError stays a traceback (a bug to report, not bad input)."""
