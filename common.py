@@ -2186,6 +2186,8 @@ def preflight(cmd, cfg, layout=None):
             raise UserError("--out needs a folder name.")
         if getattr(cfg, "root", None):
             check_dir(cfg.root, "--root")
+            if getattr(cfg, "fid_every", 0):  # where the in-training FID caches its reference statistics (a file there
+                check_dir(os.path.join(cfg.root, "fid_refs"), "--root's FID statistics folder")  # was a traceback)
         check_dir(cfg.out, "--out")
         return check_layout(layout or {cfg.out: RUN_FILES})
     if not os.path.isfile(cfg.ckpt):
@@ -2205,6 +2207,7 @@ def preflight(cmd, cfg, layout=None):
         raise no_file(cfg.fid_ref, "FID reference")
     if cmd == "fid" and not cfg.fid_ref:
         check_dir(cfg.root, "--root")
+        check_dir(os.path.join(cfg.root, "fid_refs"), "--root's FID statistics folder")
     if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
         raise no_file(cfg.fid_detector, "FID detector")
 

@@ -43,7 +43,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           69   73     75          76              75
+    bad-input cases, all one sentence and exit 2           70   74     76          77              76
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -60,6 +60,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -124,6 +125,8 @@ def files(tmp_path_factory):
     """Bad input files, and one finished 2-step toy run per method file (ckpt at step 2)."""
     d = tmp_path_factory.mktemp("robust")
     (d / "afile").write_text("a regular file\n")
+    (d / "root").mkdir()  # its FID statistics folder a file: rank 0 met it after the FID's work, in a traceback
+    (d / "root" / "fid_refs").write_text("a regular file\n")
     np.save(d / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     (d / "text.npy").write_text("1 2\n3 4\n")
     with open(d / "pickle.npy", "wb") as f:
@@ -223,6 +226,7 @@ def sample_cases(name, d):
         (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
         (s(LR.get(name, "--lr"), "-1"), [LR.get(name, "--lr"), "from the checkpoint"]),
         (s("--seed", "99999999999999999999999"), ["--seed", "2^63"]), (s("--root", d / "afile", cmd="fid"), ["--root"]),
+        (s("--root", d / "root", cmd="fid"), ["--root's FID statistics folder", "fid_refs", "is a file"]),
         (s(*FIXED[name]), [FIXED[name][0], "from the checkpoint"]),
         (s("--steps", "1,2,"), ["--steps", "empty entry"]),
         (s("--out", ""), ["--out", "file name"]),  # it fell back to the checkpoint's folder
@@ -428,10 +432,19 @@ def test_every_mode_and_stage_refuses_the_options_only_others_read(files, tmp_pa
     assert not os.path.exists(tmp_path / "never") and n > 100, n
 
 
+def test_a_file_where_the_fid_statistics_go_is_refused_before_training(files, tmp_path):
+    """--root/fid_refs a file: the in-training FID (as `fid`, in the table above) met it after its work, in a traceback
+    from rank 0's os.makedirs (the other ranks waiting for it); preflight refuses it where the FID runs."""
+    cfg = dict(out=str(tmp_path / "run"), root=str(files / "root"), fid_every=1)
+    with pytest.raises(C.UserError, match="FID statistics folder .*fid_refs' is a file"):
+        C.preflight("train", types.SimpleNamespace(**cfg))
+    C.preflight("train", types.SimpleNamespace(**{**cfg, "fid_every": 0}))  # no FID, nothing written there
+
+
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=69, scm=73, flow_map=75, rectified_flow=76, distributional=75), got
+    assert got == dict(imm=70, scm=74, flow_map=76, rectified_flow=77, distributional=76), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
