@@ -1095,10 +1095,11 @@ class FidHook:
         if self.state is None:
             try:
                 det = load_detector(self.spec, self.env)
-                self.state = (det, reference_stats(self.data, det, self.env, self.root))
             except UserError:
                 self.state = False
                 self.log.info("FID skipped: detector unavailable")
+            else:  # the statistics' own failures (a malformed cache, a full disk) stop the run, alike on every rank
+                self.state = (det, reference_stats(self.data, det, self.env, self.root))
         out = {}
         for label, gen in (gens.items() if self.state else ()):
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default

@@ -955,6 +955,10 @@ def test_fid_hook_in_training(tmp_path):
     lines.clear()
     off = C.FidHook(str(tmp_path / "missing.pt"), data, env, str(tmp_path), 40, log)
     assert off(1, gens) == {} and off(2, gens) == {} and lines == ["FID skipped: detector unavailable"]
+    # the detector is there but its cached statistics are not usable: that is said, not taken for a missing detector
+    np.savez(tmp_path / "fid_refs" / f"{data.key}-{det.key}.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(C.UserError, match="remove it to recompute"):
+        C.FidHook(standin_path(), data, env, str(tmp_path), 40, log)(3, gens)
 
 
 def test_fid_per_index_seeds_and_labels():
