@@ -413,7 +413,7 @@ def check_scm(ck, path, mode=None, sigma_d=None):
     want = dict(method=METHOD, mode=mode, sigma_d=sigma_d, convention=CONVENTION)
     bad = [k for k, v in want.items() if v is not None and got[k] != v]
     if bad:
-        raise C.UserError(f"'{path}' is not a usable scm {mode or ''} checkpoint: " + ", ".join(
+        raise C.UserError(f"'{path}' is not a usable scm {mode + ' ' if mode else ''}checkpoint: " + ", ".join(
             f"{k} is {got[k]!r}, expected {want[k]!r}" for k in bad) + ".")
 
 

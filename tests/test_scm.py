@@ -668,6 +668,9 @@ def test_wrong_method_teacher_is_refused(tmp_path, capsys):
     torch.save(ck, tmp_path / "rf.pt")
     with pytest.raises(C.UserError, match="method is 'rectified_flow'"):
         scm.load_teacher(str(tmp_path / "rf.pt"), cfg_of())
+    for mode, words in ((None, "usable scm checkpoint: method"), ("sct", "usable scm sct checkpoint: method")):
+        with pytest.raises(C.UserError, match=words):  # one space between the words, with a mode or without
+            scm.check_scm(ck, "rf.pt", mode)
 
 
 def test_sct_without_teacher_logs_the_deviation(tmp_path, capsys):
