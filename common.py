@@ -2427,8 +2427,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
-    if raw.get("data") not in (None, *NAMED_DATA) and os.path.exists(raw["data"]):  # a file or folder is recorded
-        raw["data"] = os.path.abspath(raw["data"])  # where it is: a resume or fid run elsewhere still finds it
+    for k in ("data", "teacher", "pairs"):  # a file or folder given is recorded where it is: a resume, or the fid
+        if raw.get(k) not in (None, *NAMED_DATA) and os.path.exists(raw[k]):  # of its data, run from another
+            raw[k] = os.path.abspath(raw[k])  # working directory still finds it
     if cmd != "train":
         opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
         for k, (t, d, _) in SAMPLE_OPTS.items():

@@ -1205,6 +1205,13 @@ def test_a_data_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     assert C.parse_cli(imm.Config, imm.PRESETS, "imm", ["fid", "--ckpt", "c.pt", "--data", "rel.npy"])[2] == \
         {"data": want}
     assert C.parse_cli(imm.Config, imm.PRESETS, "imm", ["--data", "moons"])[1].data == "moons"  # names stay names
+    import rectified_flow as rf  # a teacher checkpoint and a pairs folder too
+    os.mkdir("pairs")
+    (tmp_path / "t.pt").write_bytes(b"")
+    cfg = C.parse_cli(rf.Config, rf.PRESETS, "rectified_flow", ["--stage", "2rf", "--teacher", "t.pt", "--pairs",
+                                                                  "pairs"])[1]
+    assert (cfg.teacher, cfg.pairs) == (str(tmp_path / "t.pt"), str(tmp_path / "pairs"))
+
 
 def test_cli_presets_and_overrides():
     cmd, cfg, given = _cli()
