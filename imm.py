@@ -446,7 +446,8 @@ def sample_or_fid(cmd, opts, given):
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
     net, shape = net.to(env.device).eval(), sample_shape(ck["net"])
     C.sample_or_fid(cmd, opts, env, cfg, ck, shape, lambda N: generator(net, cfg, shape, N, env),
-                    lambda N: f"{C.n_steps(N)} ({cfg.sampler}, {cfg.schedule})",
+                    lambda N: f"{C.n_steps(N)} ({cfg.sampler}" + ("" if N == 1 else f", eta_mid {cfg.eta_mid:g}" if
+                                                                  N == 2 else f", {cfg.schedule} grid") + ")",
                     record=lambda N: dict(sampler=cfg.sampler))
 
 
