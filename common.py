@@ -2428,8 +2428,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
                                                    if close else "."))
     raw = vars(ns)
     for k in ("data", "teacher", "pairs"):  # a file or folder given is recorded where it is: a resume, or the fid
-        if raw.get(k) not in (None, *NAMED_DATA) and os.path.exists(raw[k]):  # of its data, run from another
-            raw[k] = os.path.abspath(raw[k])  # working directory still finds it
+        if raw.get(k) and raw[k] not in NAMED_DATA and (k == "pairs" or os.path.exists(raw[k])):  # of its data, run
+            raw[k] = os.path.abspath(raw[k])  # from another working directory, still finds it (--pairs: a folder the
+            # pairs stage is yet to make; a missing --data or --teacher stays as given, for its refusal)
     if cmd != "train":
         opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
         for k, (t, d, _) in SAMPLE_OPTS.items():

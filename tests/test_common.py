@@ -1211,6 +1211,10 @@ def test_a_data_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     cfg = C.parse_cli(rf.Config, rf.PRESETS, "rectified_flow", ["--stage", "2rf", "--teacher", "t.pt", "--pairs",
                                                                   "pairs"])[1]
     assert (cfg.teacher, cfg.pairs) == (str(tmp_path / "t.pt"), str(tmp_path / "pairs"))
+    # a pairs folder the run is yet to make (--stage all or pairs): its 2-RF's checkpoint recorded it as given
+    for stage in ("all", "pairs"):
+        cfg = C.parse_cli(rf.Config, rf.PRESETS, "rectified_flow", ["--stage", stage, "--pairs", "new"])[1]
+        assert cfg.pairs == str(tmp_path / "new") and not os.path.exists("new")
 
 
 def test_cli_presets_and_overrides():
