@@ -2688,9 +2688,11 @@ def _trim_jsonl(path, keep, other=False):
 
 
 class Logger:
-    """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy). With a
-    Guard attached, each line also holds `skipped` (optimiser steps skipped since the previous line), a NaN loss is
-    logged as such, and the Guard decides when to stop; without one a non-finite value stops the run."""
+    """Rank 0 prints and appends log.jsonl; `log` is called on every rank (one all_reduce, one host copy; under DDP a
+    second, of one flag, after rank 0's write: agree, so that its failure stops every rank; at log lines only, which
+    read the device anyway). With a Guard attached, each line also holds `skipped` (optimiser steps skipped since the
+    previous line), a NaN loss is logged as such, and the Guard decides when to stop; without one a non-finite value
+    stops the run."""
 
     def __init__(self, out, env, total_steps, global_batch, config=None, start_step=0):
         self.out, self.env, self.total, self.gb, self.guard = out, env, total_steps, global_batch, None

@@ -648,6 +648,7 @@ def test_bool_npy_is_not_points(tmp_path):
     with pytest.raises(C.UserError, match="mask.npy holds bool values, not numbers"):
         C.load_data(str(tmp_path / "mask.npy"), "data", env1(), 0, False)
 
+
 def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
     """A single image or an .npz given as --data was refused as 'no images found in folder'."""
     from torchvision.io import write_png
@@ -656,6 +657,7 @@ def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
     for name in ("one.png", "pts.npz"):
         with pytest.raises(C.UserError, match=f"{name}' is a file but not a .npy array"):
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
+
 
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
@@ -667,6 +669,7 @@ def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
             f.write(b"\0" * 12)
         with pytest.raises(C.UserError, match=f"{name}.npy holds fewer bytes than its header declares"):
             C.load_data(str(tmp_path / f"{name}.npy"), "data", env1(), 0, False)
+
 
 def test_image_folder_round_trip_and_size_error(tmp_path):
     from torchvision.io import write_png
@@ -721,6 +724,7 @@ def test_transparent_pixels_in_a_folder_are_refused_and_an_opaque_alpha_dropped(
         with pytest.raises(C.UserError, match=f"{name}/0.png' has transparent pixels"):
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
 
+
 def test_a_bmp_or_tiff_in_a_folder_is_refused(tmp_path):
     """torchvision decodes neither: a .bmp (which the folder scan listed) was 'could not be decoded', as if damaged,
     and a .tif beside PNGs was left out without a word."""
@@ -733,6 +737,7 @@ def test_a_bmp_or_tiff_in_a_folder_is_refused(tmp_path):
         with pytest.raises(C.UserError, match=f"x.{ext.upper()}' is a BMP or TIFF file"):
             C.load_data(str(tmp_path / ext), "data", env1(), 0, False)
 
+
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
     """An animated GIF decodes to (frames, C, H, W): two of them stacked to 5-D were a traceback (permute), one beside
     a PNG a size error that named the frame count as a size."""
@@ -742,6 +747,7 @@ def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
         frames[0].save(tmp_path / f"{name}.gif", save_all=True, append_images=frames[1:])
     with pytest.raises(C.UserError, match=r"a.gif' is animated \(3 frames\)"):
         C.load_data(str(tmp_path), "data", env1(), 0, False)
+
 
 def test_toy_data_stream():
     d = C.load_data("moons", "data", env1(), 3, False)
@@ -1011,6 +1017,7 @@ def test_fid_writes_its_row_into_a_new_folder(tmp_path, capsys):
     row = json.loads(out.read_text())
     assert (row["step"], row["steps"], row["n"]) == (4, 1, 3) and "FID-0.003k" in capsys.readouterr().out
     assert (row["precision"], row["ref"]) == ("fp32", str(tmp_path / "ref.npz"))
+
 
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
