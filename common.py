@@ -2858,22 +2858,24 @@ def _sharded(batch_of, n, batch, env, shape, dtype):
     return torch.cat([pieces[j % env.world][j // env.world] for j in range(len(chunks))])
 
 
-def _counted(generate, bad):
-    """generate, adding to `bad` (a device count) its samples that hold a NaN or inf: to_uint8 turns them into black
+def _counted(generate, env):
+    """generate, counting on the device (g.bad) its samples that hold a NaN or inf: to_uint8 turns them into black
     pixels and np.save keeps them, so a NaN would be written, or scored, without a word."""
     def g(rng, labels):
         x = generate(rng, labels)
-        bad.add_((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
+        g.bad.add_((~torch.isfinite(x.reshape(len(x), -1)).all(1)).sum())
         return x
+    g.bad = torch.zeros((), dtype=torch.int64, device=env.device)
     return g
 
 
-def _refuse_non_finite(bad, env, n, K):
-    """After a step count's samples: every rank refuses together (the counts summed) before anything is written."""
+def _refuse_non_finite(g, env, n, K):
+    """After a step count's samples (g: _counted's): every rank refuses together (the counts summed) before anything
+    is written."""
     if env.world > 1:
-        dist.all_reduce(bad)
-    if bad.item():
-        raise UserError(f"{bad.item()} of the {n} samples at {n_steps(K)} hold NaN or inf values (the weights, or a "
+        dist.all_reduce(g.bad)
+    if g.bad.item():
+        raise UserError(f"{g.bad.item()} of the {n} samples at {n_steps(K)} hold NaN or inf values (the weights, or a "
                         f"sampler field, out of range); nothing is written for them.")
 
 
@@ -2891,15 +2893,14 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         points = len(shape) == 1  # stored as the file holds them: float32 points, uint8 NHWC images
         stored, dtype = (shape, torch.float32) if points else ((*shape[1:], shape[0]), torch.uint8)
         for K in opts.steps:
-            bad = torch.zeros((), dtype=torch.int64, device=env.device)
-            generate = _counted(gen(K), bad)
+            generate = _counted(gen(K), env)
 
             def batch_of(idx):
                 rng = IndexRNG(idx.tolist(), opts.seed, env.device)
                 x = generate(rng, rng.randint(num_classes) if num_classes else None)
                 return x.float() if points else to_uint8(x).permute(0, 2, 3, 1)
             x = _sharded(batch_of, opts.n, opts.batch, env, stored, dtype)
-            _refuse_non_finite(bad, env, opts.n, K)  # (a NaN never replaces a good file)
+            _refuse_non_finite(generate, env, opts.n, K)  # (a NaN never replaces a good file)
             flush_notes(env)
             agree(env, lambda: (save_array(paths[K], x), print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")))
         return
@@ -2916,9 +2917,9 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
                         f"FID compares the two, so give data of its shape.")
     ref = reference_stats(data, det, env, opts.root, opts.fid_ref)
     for K in opts.steps:
-        bad = torch.zeros((), dtype=torch.int64, device=env.device)
-        fid = compute_fid(_counted(gen(K), bad), opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
-        _refuse_non_finite(bad, env, opts.n, K)
+        generate = _counted(gen(K), env)
+        fid = compute_fid(generate, opts.n, ref, det, env, opts.batch, opts.seed, num_classes)
+        _refuse_non_finite(generate, env, opts.n, K)
         flush_notes(env)
 
         def write():  # rank 0 (a full disk stops every rank: agree)

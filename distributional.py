@@ -1127,7 +1127,8 @@ def train(cfg, given):
     elif not (ck or cfg.teacher):  # DIR/teacher.pt of a run stopped before its first checkpoint: the RNG streams
         # as that teacher's training left them, so the run goes on as if it had not stopped
         C.restore_rng(C.load_checkpoint(tpath), env, gens)
-    teacher, tck, t_g = named or load_teacher(tpath, cfg, data, types.SimpleNamespace(info=C.note))  # (notes wait)
+    notes = types.SimpleNamespace(info=C.note)  # a log whose lines wait for the first output (load_teacher, build_disc)
+    teacher, tck, t_g = named or load_teacher(tpath, cfg, data, notes)
     tid = C.teacher_id(ck, path, tpath, teacher.state_dict())  # a resumed run reads it too (panels, t_g)
     teacher = teacher.to(env.device).eval().requires_grad_(False)
 
@@ -1138,8 +1139,8 @@ def train(cfg, given):
         C.load_state_strict(raw, ck["model"])
     n_all = sum(p.numel() for p in raw.parameters())
     n_frozen = sum(p.numel() for p in raw.parameters() if not p.requires_grad)
-    D = build_disc(cfg, data, teacher, env, types.SimpleNamespace(info=C.note), bbs).to(env.device).train()  # (its
-    # notes wait for the run's first line, so that a refusal after them, the saved D that does not fit, prints alone)
+    D = build_disc(cfg, data, teacher, env, notes, bbs).to(env.device).train()  # (its notes wait, so that a refusal
+    # after them, the saved D that does not fit, prints alone)
     gen_model = C.distribute(C.maybe_compile(raw, cfg.compile), env, manual=True)  # StyleGAN3-style gradient sync
     C.distribute(D, env, manual=True)
     ema = C.EMA(raw, decay=0.0) if not cfg.ema_halflife_img else \
