@@ -37,7 +37,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import operator, pickle, re, socket, sys, tempfile, time, types, typing, warnings
+import operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -2179,12 +2179,34 @@ def check_layout(layout):
                             f"another --out.")
 
 
+def check_toolchain(device):
+    """--compile builds kernels at the first step, after the run's first line: inductor's C++ compiler on the CPU;
+    on CUDA, Triton and the C compiler that builds Triton's launcher (CC, else gcc or clang: triton's build.py)."""
+    if str(device).startswith("cuda") or (device in ("auto", None) and torch.cuda.is_available()):
+        from torch.utils._triton import has_triton_package
+        if not has_triton_package():
+            raise UserError("--compile on CUDA needs Triton (pip install triton); run without --compile.")
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise UserError("--compile on CUDA needs a C compiler for Triton (gcc, clang or $CC); run without "
+                            "--compile.")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # torch's InvalidCxxCompiler ("No working C++ compiler found in ...")
+        raise UserError(f"--compile on the CPU needs a working C++ compiler ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:120]}); install one (g++) or run without --compile.")
+
+
 def preflight(cmd, cfg, layout=None):
     """Before any work: output folders and files writable (layout: check_layout's, by default --out's RUN_FILES),
-    sample/fid input files present (data and teacher files are checked where they are read, before training)."""
+    sample/fid input files present (data and teacher files are checked where they are read, before training), the
+    toolchain of --compile."""
     if cmd == "train":
         if not cfg.out:
             raise UserError("--out needs a folder name.")
+        if getattr(cfg, "compile", False):
+            check_toolchain(cfg.device)
         if getattr(cfg, "root", None):
             check_dir(cfg.root, "--root")
             if getattr(cfg, "fid_every", 0):  # where the in-training FID caches its reference statistics (a file there

@@ -1530,3 +1530,26 @@ def test_gdd_refuses_fp16_it_cannot_scale(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(C, "check_device", lambda device, precision=None: None)
     code = run("distributional", *BASE["distributional"], "--precision", "fp16", "--out", tmp_path / "r")
     one_sentence(code, capsys.readouterr().err, "--precision fp16 needs loss scaling", "bf16")
+
+
+def test_compile_without_its_toolchain_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
+    """--compile on a machine without inductor's C++ compiler printed the run's first line, then failed at the first
+    step; the toolchain is now checked before any output (CPU: inductor's compiler search; CUDA: Triton and a C
+    compiler for its launcher, checked here by hiding them)."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    code = run("imm", *BASE["imm"], "--iters", "1", "--compile", "--out", tmp_path / "never")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "--compile", "C++ compiler", "without --compile")
+    assert out == "" and not os.path.exists(tmp_path / "never")
+    from torch.utils import _triton
+    monkeypatch.setattr(_triton, "has_triton_package", lambda: False)
+    with pytest.raises(C.UserError, match="needs Triton"):
+        C.check_toolchain("cuda:0")
+    monkeypatch.setattr(_triton, "has_triton_package", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    with pytest.raises(C.UserError, match="a C compiler"):
+        C.check_toolchain("cuda")
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    C.check_toolchain("cuda")
