@@ -2689,9 +2689,9 @@ def held_output():
         note("\n".join(ln for ln in lines if ln))
 
 
-def _trim_jsonl(path, keep, other=False):
-    """Keep the rows of a .jsonl log whose "step" passes keep(step), atomically; a row without one, or that does not
-    parse, is kept when `other`."""
+def _trim_jsonl(path, keep, other=False, keep_row=None):
+    """Keep the rows of a .jsonl log whose "step" passes keep(step) (or, given keep_row, that pass keep_row(row)),
+    atomically; a row without one, or that does not parse, is kept when `other`."""
     if not os.path.isfile(path):
         return
     with open(path, "rb") as f:
@@ -2699,8 +2699,9 @@ def _trim_jsonl(path, keep, other=False):
     kept = []
     for r in rows:
         try:  # (invalid UTF-8 is a ValueError)
-            ok = keep(json.loads(r.decode())["step"])
-        except (ValueError, TypeError, KeyError):
+            row = json.loads(r.decode())
+            ok = keep_row(row) if keep_row else keep(row["step"])
+        except (ValueError, TypeError, KeyError, AttributeError):  # (a row that is not an object)
             ok = other
         if ok:
             kept.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)
@@ -2951,7 +2952,11 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
                        ref=opts.fid_ref or cfg.data)  # (rows against another reference or precision looked alike)
             path = opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (preflight let --out name a new
-            with open(path, "a") as f:  # folder: a traceback after the whole FID, its row lost)
+            # folder: a traceback after the whole FID, its row lost). The row replaces one of the same measurement (all
+            # but the score equal: a re-run after an interruption), other rows and lines that do not parse stay
+            same = {k: v for k, v in json.loads(json.dumps(row)).items() if k != "fid"}
+            _trim_jsonl(path, None, True, lambda r: {k: v for k, v in r.items() if k != "fid"} != same)
+            with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         agree(env, write)
 

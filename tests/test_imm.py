@@ -969,6 +969,13 @@ def test_cli_tiny_sample_and_fid(tiny):
     recs = [json.loads(ln) for ln in (tiny / "run" / "fid.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in recs] == [1, 2] and all(r["n"] == 32 and r["detector"] == "standin" for r in recs)
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in recs)
+    with open(tiny / "run" / "fid.jsonl", "a") as f:
+        f.write("a line of the user's\n")
+    p = cli("fid", "--ckpt", "run/ckpt.pt", "--steps", "1", "--n", "32", "--fid_detector", standin_path(),
+            "--root", "data", cwd=tiny)  # the same measurement again (a re-run after an interruption): its row is
+    assert_ok(p)  # replaced, not appended a second time; the other step count's row and a line that is no row stay
+    lines = (tiny / "run" / "fid.jsonl").read_text().splitlines()
+    assert lines[1] == "a line of the user's" and [json.loads(lines[i]) for i in (0, 2)] == recs[::-1], lines
 
 
 def test_fid_refuses_a_reference_it_would_misread(tiny, tmp_path, capsys):
