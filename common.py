@@ -37,7 +37,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings
+import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -369,9 +369,7 @@ class WeightHead(nn.Module):
     def forward(self, t, s=None):
         dt = torch.promote_types(self.linear.weight.dtype, torch.float32)
         with _fp32(t.device):
-            u = [_pe(self.time_scale * t.to(dt).reshape(-1), self.channels)]
-            if s is not None:
-                u.append(_pe(self.time_scale * s.to(dt).reshape(-1), self.channels))
+            u = [_pe(self.time_scale * v.to(dt).reshape(-1), self.channels) for v in (t, s) if v is not None]
             return self.linear(torch.cat(u, 1))[:, 0]
 
 
@@ -454,13 +452,9 @@ def build_net(d):
 
 def unwrap(m):
     """Strip DDP's `.module` and torch.compile's `._orig_mod`."""
-    while True:
-        if hasattr(m, "_orig_mod"):
-            m = m._orig_mod
-        elif isinstance(m, nn.parallel.DistributedDataParallel):
-            m = m.module
-        else:
-            return m
+    while hasattr(m, "_orig_mod") or isinstance(m, nn.parallel.DistributedDataParallel):
+        m = m._orig_mod if hasattr(m, "_orig_mod") else m.module
+    return m
 
 
 # ================================================================================================================= data
@@ -571,19 +565,18 @@ class Data:
 def _image_dataset(name, root, env):
     import torchvision
     cls, archive = _IMAGE_SETS[name]
-    def get(download):
-        return getattr(torchvision.datasets, cls)(root, train=True, download=download)
+    get = functools.partial(getattr(torchvision.datasets, cls), root, train=True)
     if env.is_main:
         try:
             with held_output():  # its progress bar waits for the command's first line
-                get(True)
+                get(download=True)
         except Exception as e:  # offline, bad checksum, ...
             barrier(env)
             raise UserError(f"could not download {name} into '{root}' ({type(e).__name__}); place {archive} "
                             f"in '{root}' by hand.") from None
     barrier(env)
     try:
-        ds = get(False)
+        ds = get(download=False)
     except Exception:
         raise UserError(f"{name} is missing from '{root}'; place {archive} there.") from None
     x = torch.as_tensor(np.asarray(ds.data))
@@ -812,9 +805,7 @@ def _aug_draws(n, H, W, p, o, g):
         mats.append(_affine(1.0, 0.0, -(w[0] * (W * o["translate_frac_std"])),
                             0.0, 1.0, -(w[1] * (H * o["translate_frac_std"]))))
         labels += [w[0], w[1]]
-    G = None
-    for M in mats:
-        G = M if G is None else G @ M
+    G = functools.reduce(operator.matmul, mats) if mats else None
     return flips[0], flips[1], G, labels
 
 
@@ -907,8 +898,7 @@ def augment(images, p, generator=None, part=0, parts=1, **probs):
         images = torch.where(yf[rows], images.flip(2), images)
     if G is not None:
         low = images.dtype in (torch.float16, torch.bfloat16)
-        out = _aug_warp(images.float() if low else images, G[rows], G)
-        images = out.to(images.dtype) if low else out
+        images = _aug_warp(images.float() if low else images, G[rows], G).to(images.dtype)
     return images, torch.cat([v[rows].reshape(N, -1).float() for v in labels], 1)
 
 
@@ -1397,11 +1387,9 @@ def snapshot_checkpoint(ckpt, env, generators=(), copy_=False):
     """On every rank: refuses non-finite weights, gathers each rank's RNG states; `copy_`: detached CPU copies."""
     if all_mean(float(_non_finite_weights(ckpt)), env).item() > 0:
         raise UserError("weights became non-finite; not writing a checkpoint, the last good one is kept.")
-    states = [None] * env.world
+    states = [_rng_states(env, generators)] * env.world  # (all_gather_object fills in the other ranks')
     if env.world > 1:
-        dist.all_gather_object(states, _rng_states(env, generators))
-    else:
-        states = [_rng_states(env, generators)]
+        dist.all_gather_object(states, states[0])
     snap = {**ckpt, "rng": {"world": env.world, "ranks": states}}
     return _to_cpu(snap) if copy_ and env.is_main else snap
 
