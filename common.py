@@ -399,8 +399,7 @@ def net_config(name, **overrides):
     if name not in _NETS:
         raise UserError(f"unknown network '{name}'; choose one of {', '.join(_NETS)}.")
     d = {**_NET_COMMON, **_NETS[name]}
-    bad = set(overrides) - set(d)
-    if bad:
+    if bad := set(overrides) - set(d):
         raise UserError(f"unknown network option(s) {sorted(bad)} for '{name}'.")
     if "in_channels" in overrides and "out_channels" not in overrides and d["kind"] == "unet":
         overrides["out_channels"] = overrides["in_channels"]
@@ -712,8 +711,7 @@ def refuse_unused(given, kind, points=(), images=()):
     points only, `images`: for images only; FID_OPTIONS always, but --fid_every 0, "no FID", fits any data) is
     refused in one sentence instead of ignored; a preset's value is not one given."""
     unused = points if kind == "images" else (*images, *FID_OPTIONS)
-    k = next((k for k in unused if k in given and (k, given[k]) != ("fid_every", 0)), None)
-    if k:
+    if k := next((k for k in unused if k in given and (k, given[k]) != ("fid_every", 0)), None):
         kind, other = ("images", "2-D points") if kind == "images" else ("2-D points", "images")
         raise UserError(f"--{k} applies to {other} only and this run trains on {kind}; drop it.")
 
@@ -722,8 +720,7 @@ def refuse_other(given, only, flag, value):
     """An option that only some values of a selector read (`only`: field -> the values of --`flag` that read it;
     rectified_flow's stages, flow_map's and scm's modes, GDD's discriminators), given with another: refused in one
     sentence instead of ignored and recorded; a preset's value is not one given."""
-    k = next((k for k, ok in only.items() if k in given and value not in ok), None)
-    if k:
+    if k := next((k for k, ok in only.items() if k in given and value not in ok), None):
         ok = " or ".join([", ".join(only[k][:-1]), only[k][-1]] if len(only[k]) > 2 else only[k])
         raise UserError(f"--{flag} {value} does not read --{k} (only --{flag} {ok} reads it); drop it.")
 
@@ -746,8 +743,7 @@ _SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.0
 
 
 def _aug_options(probs):
-    bad = [k for k in probs if k not in _AUG_DIMS and k not in _AUG_RANGES]
-    if bad:
+    if bad := [k for k in probs if k not in _AUG_DIMS and k not in _AUG_RANGES]:
         raise TypeError(f"unknown augmentation option(s) {bad}; known: {[*_AUG_DIMS, *_AUG_RANGES]}")
     return {**dict.fromkeys(_AUG_DIMS, 0.0), **_AUG_RANGES, **{k: float(v) for k, v in probs.items()}}
 
@@ -934,8 +930,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model, nimg, batch):
         b, src = self.beta(nimg, batch), unwrap(model)
-        pairs = [(pe, p) for pe, p in zip(self.model.parameters(), src.parameters()) if p.requires_grad]
-        if pairs:
+        if pairs := [(pe, p) for pe, p in zip(self.model.parameters(), src.parameters()) if p.requires_grad]:
             ema_p, p = zip(*pairs)
             torch._foreach_lerp_(list(ema_p), [q.detach().to(e.dtype) for q, e in zip(p, ema_p)], 1 - b)
         for be, bs in zip(self.model.buffers(), src.buffers()):
@@ -1436,8 +1431,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
                         f"({type(e).__name__}).") from None
-    missing = [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]
-    if missing:
+    if missing := [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
     wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
              or (t is int and isinstance(ck[k], bool))]
@@ -1460,8 +1454,7 @@ def load_checkpoint(path):
 def check_resume_net(saved, built, path):
     """A resumed run keeps its network: the one built from this command line must be the checkpoint's (dropout
     aside); else one sentence naming the first difference."""
-    diff = [k for k in sorted({*saved, *built} - {"dropout"}) if saved.get(k) != built.get(k)]
-    if diff:
+    if diff := [k for k in sorted({*saved, *built} - {"dropout"}) if saved.get(k) != built.get(k)]:
         k = diff[0]
         raise UserError(f"'{path}' holds a network with {k} {saved.get(k)!r} where this command line builds "
                         f"{built.get(k)!r}; a resumed run keeps its network and data shape (use another --out).")
@@ -1976,8 +1969,7 @@ def load_edm(path, key="ema"):
                         f"{name}).")
     precond, pdefaults = _EDM_PRECONDS[name]
     kw = dict(obj.state.get("_init_kwargs") or {})
-    args = obj.state.get("_init_args") or ()
-    if args:
+    if args := obj.state.get("_init_args") or ():
         raise UserError(f"'{path}': {name} was built with positional arguments {args!r}; EDM passes keywords.")
     model_type = kw.get("model_type", "DhariwalUNet" if precond == "edm" else "SongUNet")
     if model_type != "SongUNet":
@@ -2102,8 +2094,7 @@ def check_config(cfg, who=lambda name: "--", device=True, cross=True):
         check_value(f.name, hints[f.name], getattr(cfg, f.name), rules.get(f.name), who(f.name))
     if getattr(cfg, "eval_steps", None) == []:
         raise UserError(f"{who('eval_steps')}eval_steps needs at least one step count (such as 1,2).")
-    twice = _repeated(getattr(cfg, "eval_steps", None) or [])
-    if twice is not None:  # (as sample's --steps)
+    if (twice := _repeated(getattr(cfg, "eval_steps", None) or [])) is not None:  # (as sample's --steps)
         raise UserError(f"{who('eval_steps')}eval_steps lists {twice} twice; give each step count once.")
     if getattr(cfg, "fid_every", 0) and getattr(cfg, "fid_n", 2) < 2:
         raise UserError(f"--fid_n must be at least 2 with --fid_every, got {cfg.fid_n}.")
@@ -2127,8 +2118,7 @@ def check_names(names, folder, what, spare=0):
         most = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         most = 255
-    long = next((n for n in names if len(os.fsencode(n)) + spare > most), None)
-    if long:
+    if long := next((n for n in names if len(os.fsencode(n)) + spare > most), None):
         raise UserError(f"{what} cannot be created: the name '{long[:24]}...' is too long for the file system "
                         f"({most} bytes" + (", with room for the _Kstep suffix)." if spare else ")."))
 
@@ -2450,8 +2440,7 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
             raise UserError(f"{cmd} needs --ckpt PATH.")
         if not opts["steps"]:
             raise UserError("--steps needs at least one step count, e.g. --steps 1,2.")
-        twice = _repeated(opts["steps"])
-        if twice is not None:
+        if (twice := _repeated(opts["steps"])) is not None:
             raise UserError(f"--steps lists {twice} twice; give each step count once.")
         check_device(opts["device"], opts["precision"])
         opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
@@ -2533,8 +2522,7 @@ def merge_config(Config, base, given, log=None):
     held back until flush_notes)."""
     log = log or note
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(base) - names
-    if unknown:
+    if unknown := set(base) - names:
         raise UserError(f"checkpoint config has fields {sorted(unknown)} that this file does not know.")
     for k, v in given.items():
         if k in base and base[k] != v:
@@ -2898,8 +2886,7 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         base = opts.out or os.path.join(os.path.dirname(opts.ckpt), "samples.png")
         stem, ext = base[:-4], base[-4:]  # (preflight checked the ending; splitext calls '.npy' a name, no extension)
         paths = {K: f"{stem}_{K}step{ext}" if len(opts.steps) > 1 or not opts.out else base for K in opts.steps}
-        d = next((p for p in paths.values() if os.path.isdir(p)), None)
-        if d:
+        if d := next((p for p in paths.values() if os.path.isdir(p)), None):
             raise UserError(f"'{d}' is a folder where sample would write its samples; remove it or give another --out.")
         points = len(shape) == 1  # stored as the file holds them: float32 points, uint8 NHWC images
         stored, dtype = (shape, torch.float32) if points else ((*shape[1:], shape[0]), torch.uint8)
