@@ -427,14 +427,13 @@ def build_net(d):
     kind = d.get("kind")
     if kind not in ("unet", "mlp"):
         raise UserError(f"network config has unknown kind {kind!r}.")
-    want = set(_NETS["ddpmpp" if kind == "unet" else "mlp"]) | set(_NET_COMMON)
-    if set(d) != want:
-        raise UserError(f"network config keys differ from a {kind}'s: missing {sorted(want - set(d))}, "
-                        f"unknown {sorted(set(d) - want)}.")
+    ref = {**_NET_COMMON, **_NETS["ddpmpp" if kind == "unet" else "mlp"]}  # a network of this kind's keys and types
+    if set(d) != set(ref):
+        raise UserError(f"network config keys differ from a {kind}'s: missing {sorted(set(ref) - set(d))}, "
+                        f"unknown {sorted(set(d) - set(ref))}.")
     for k, ok in _NET_CHOICES.items():
         if k in d and d[k] not in ok:
             raise UserError(f"network option {k}={d[k]!r} is not one of {', '.join(ok)}.")
-    ref = {**_NET_COMMON, **_NETS["ddpmpp" if kind == "unet" else "mlp"]}
     k = next((k for k, v in d.items() if not _net_value_ok(k, v, ref[k])), None)
     if k:  # (an edited checkpoint: the command line's values are checked before)
         raise UserError(f"a checkpoint's network config holds {k}={d[k]!r}, out of range or of the wrong type (it was "
@@ -1749,7 +1748,6 @@ def sample_probe(generate_of, nets, env, data, num_classes=0, n=2):
 # its __dict__: _init_kwargs, _parameters, _buffers, _modules), and refuses every other global by name.
 class _Record:
     """A pickled object kept as data: its class name and its state, never its class."""
-    name, state = "?", {}
 
     def __init__(self, name, state):
         self.name, self.state = name, state
@@ -2385,10 +2383,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
     hints = typing.get_type_hints(Config)
     for name, p in presets.items():  # unknown preset keys are found at start, for every preset
-        for k, v in p.items():
-            bad = [k] if not isinstance(v, dict) and k not in hints else [x for x in v if x not in hints] \
-                if isinstance(v, dict) else []
-            if bad:
+        for k, v in p.items():  # (a dict: the fields of one mode or stage)
+            if bad := [x for x in (v if isinstance(v, dict) else [k]) if x not in hints]:
                 raise UserError(f"preset '{name}' sets unknown field(s) {bad}.")
     fields = [s for s in _field_options(Config) if s[0] != "preset" or cmd != "train"]
     if cmd == "train":
@@ -2498,8 +2494,7 @@ def pipeline_data(Config, presets, cfg, given, first, **select):
     return check_rules(cfg), given  # (parse_cli left them to this restart: with its first stage's data, before any)
 
 
-_NOTES = []  # "config: ..." (merge_config) and "data ..." (load_data) lines: rank 0 prints them with the command's
-#              first output (flush_notes), so that nothing precedes a refusal's `error:` line
+_NOTES = []  # the lines `note` holds back until `flush_notes`
 
 
 def note(msg):
