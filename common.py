@@ -902,9 +902,7 @@ def augment_batch(x, p, seed, step, part=0, parts=1, probs=EDM_AUGMENT):
     augment_dim is 0). The draws are seeded by (seed, "augment", step) and made for the whole step, so a run gets the
     same augmentation for any rank layout (noise and times stay per rank) and resumes exactly; `part`/`parts` as in
     Data.batch."""
-    if not p:
-        return x, None
-    return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs)
+    return augment(x, p, derive_seed(seed, "augment", step), part, parts, **probs) if p else (x, None)
 
 
 # ================================================================================================================== EMA
@@ -2313,13 +2311,6 @@ def _field_options(Config):
              notes.get(f.name, "")) for f in dataclasses.fields(Config)]
 
 
-def _saved_mode(path, hint):
-    """The --mode of the checkpoint at `path` (a run to resume), read without its tensors; None when there is none or
-    it is not one of the mode's values (the run's own checks then say why)."""
-    m = saved_config(path).get("mode")
-    return m if m in typing.get_args(hint) else None
-
-
 def _default_out(Config, presets, preset, given, method):
     """The run folder when neither the command line nor the preset names one: runs/<method>[-<mode>]-<preset>."""
     fields = Config.__dataclass_fields__
@@ -2399,10 +2390,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         options = [(k, t, repr(d), note) for k, (t, d, note) in SAMPLE_OPTS.items() if cmd == "fid" or
                    k not in FID_ONLY] + [(k, t, "the checkpoint's", note) for k, t, d, note in fields if k in reads]
         epilog = None
-    usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
-                                            "--ckpt PATH ") + "[--field value ...]"
     parser = _parser(f"{method}.py", options, epilog)
-    parser.usage = usage
+    parser.usage = f"python {method}.py {cmd} " + ("[--preset " + "|".join(presets) + "] " if cmd == "train" else
+                                                   "--ckpt PATH ") + "[--field value ...]"
     if "--help" in argv or "-h" in argv:
         print(parser.format_help())
         sys.exit(0)
@@ -2447,7 +2437,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     mode = None  # a run resumed without --mode is checked as its checkpoint's mode, not the preset's default
     ckpt = os.path.join(given.get("out") or out or "", "ckpt.pt")
     if "mode" in hints and "mode" not in given and given.get("resume") is not False:
-        mode = _saved_mode(ckpt, hints["mode"])
+        mode = saved_config(ckpt).get("mode")
+        if mode not in typing.get_args(hints["mode"]):  # (none, or not a mode: the run's own checks say why)
+            mode = None
     cfg = resolve_config(Config, presets, preset, {**given, "out": out} if out else given, cross=False,
                          **({"mode": mode} if mode else {}))
     if "preset" in hints:
@@ -2713,8 +2705,7 @@ class Logger:
             scalars = {**scalars, "skipped": g.count, "_run": g.run}
         v = torch.stack([torch.as_tensor(x, device=self.env.device, dtype=torch.float32).detach().reshape(())
                          for x in scalars.values()])
-        v = all_mean(v, self.env).tolist()  # the host transfer of this logging step
-        vals = dict(zip(scalars, v))
+        vals = dict(zip(scalars, all_mean(v, self.env).tolist()))  # the host transfer of this logging step
         run = vals.pop("_run", 0)
         for k, x in vals.items():
             if not math.isfinite(x) and g is None:
