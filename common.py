@@ -1085,8 +1085,7 @@ class FidHook:
         out = {}
         for label, gen in (gens.items() if self.state else ()):
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
-                out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0,
-                                         self.num_classes)
+                out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
             self.log.info(f"step {step} | FID-{self.n // 1000}k proxy ({label}) {out[label]:.3f}")
         return out
 
@@ -1850,15 +1849,14 @@ def read_edm_pickle(path):
 
 def _edm_tensors(rec, where, prefix=""):
     """state_dict of a module record: parameters, persistent buffers, submodules (None entries skipped)."""
-    st, out = rec.state, {}
+    st = rec.state
     skip = st.get("_non_persistent_buffers_set") or ()
     items = [*(st.get("_parameters") or {}).items(), *((k, v) for k, v in (st.get("_buffers") or {}).items()
                                                         if k not in skip)]
     for k, v in items:
         if v is not None and not torch.is_tensor(v):
             raise UserError(f"{where}: {prefix}{k} is not a tensor.")
-        if v is not None:
-            out[prefix + k] = v
+    out = {prefix + k: v for k, v in items if v is not None}
     for k, m in (st.get("_modules") or {}).items():
         if m is not None:
             if not isinstance(m, _Record):
