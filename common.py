@@ -1205,8 +1205,7 @@ def check_launch():
 def setup(device="auto", seed=0, precision=None):
     """Process group under torchrun (NCCL on CUDA, gloo on CPU), device, precision flags, model-init seed."""
     check_device(device or "auto", precision)
-    cuda_ok = torch.cuda.is_available()
-    device = ("cuda" if cuda_ok else "cpu") if device in ("auto", None) else device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device in ("auto", None) else device
     rank, world, local = check_launch()
     if device.startswith("cuda"):  # an index always (set_device refuses a bare "cuda": a ValueError)
         d = torch.device(f"cuda:{local}" if "WORLD_SIZE" in os.environ else device)
@@ -1291,8 +1290,7 @@ def agree(env, fn, everywhere=False):
 def autocast(env):
     """The run's autocast (bf16/fp16), off for fp32/tf32 and inside a strict_fp32 block."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(env.precision)
-    on = dtype is not None and not _STRICT[0]
-    return torch.autocast(env.device.type, dtype=dtype or torch.bfloat16, enabled=on)
+    return torch.autocast(env.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None and not _STRICT[0])
 
 
 _STRICT = [0]  # depth of strict_fp32 blocks: autocast(env) inside one stays off
@@ -1429,9 +1427,8 @@ def load_checkpoint(path):
                         f"({type(e).__name__}).") from None
     if missing := [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
-    wrong = [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
-             or (t is int and isinstance(ck[k], bool))]
-    if wrong:
+    if wrong := [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
+                 or (t is int and isinstance(ck[k], bool))]:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
     wrong = [k for k in ("model", "ema") if not all(isinstance(n, str) and torch.is_tensor(v)
                                                     for n, v in ck[k].items())]
@@ -2506,8 +2503,7 @@ def merge_config(Config, base, given, log=None):
     validated, a bad checkpoint value named as the checkpoint's. The changes are noted ("config: ..."; `log`, else
     held back until flush_notes)."""
     log = log or note
-    names = {f.name for f in dataclasses.fields(Config)}
-    if unknown := set(base) - names:
+    if unknown := set(base) - {f.name for f in dataclasses.fields(Config)}:
         raise UserError(f"checkpoint config has fields {sorted(unknown)} that this file does not know.")
     for k, v in given.items():
         if k in base and base[k] != v:
