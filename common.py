@@ -1750,33 +1750,25 @@ class _Record:
         self.state = state if isinstance(state, dict) else {"_state": state}
 
 
-def _record_class(name):  # torch.nn containers (ModuleDict, ...) are pickled by class: a record type in its place
-    return type("_Record_" + name.rsplit(".", 1)[-1], (_Record,), {"name": name, "state": {}})
-
-
 class _EasyDict(dict):  # dnnlib.util.EasyDict as a plain dict
     pass
 
 
-def _unpickling(msg):
-    raise pickle.UnpicklingError(msg)
-
-
 def _persistent(meta):
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        _unpickling("a persistent object without a class record")
+        raise pickle.UnpicklingError("a persistent object without a class record")
     return _Record(str(meta.get("class_name")), meta["state"])  # meta['module_src'] is dropped unread
 
 
 def _tensor(storage, offset, size, stride, *_):  # requires_grad, backward hooks and metadata are dropped
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
-        _unpickling("a tensor without a storage")
+        raise pickle.UnpicklingError("a tensor without a storage")
     return torch._utils._rebuild_tensor_v2(storage, offset, tuple(size), tuple(stride), False, {})
 
 
 def _storage(b):  # torch's own pickling of a storage: a legacy torch.save stream, read with weights_only
     if not isinstance(b, (bytes, bytearray)):
-        _unpickling("a storage without bytes")
+        raise pickle.UnpicklingError("a storage without bytes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation
         return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
@@ -1784,19 +1776,19 @@ def _storage(b):  # torch's own pickling of a storage: a legacy torch.save strea
 
 def _np_scalar(dtype, data=None):  # numpy scalars (EDM's np.sqrt(0.5) skip scale) -> Python numbers
     if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        _unpickling("a numpy scalar that is not a plain number")
+        raise pickle.UnpicklingError("a numpy scalar that is not a plain number")
     return np.frombuffer(data, dtype, 1)[0].item()
 
 
 def _reconstructor(cls, base, state=None):  # protocol 0/1 objects: only the record types above
     if not (isinstance(cls, type) and issubclass(cls, _Record) and base is object and state is None):
-        _unpickling("an object of a class outside torch.nn")
+        raise pickle.UnpicklingError("an object of a class outside torch.nn")
     return cls.__new__(cls)
 
 
 def _latin1(s, enc="latin1"):  # protocol 2 spelling of bytes
     if not isinstance(s, str) or enc != "latin1":
-        _unpickling("an encoded string other than latin1 bytes")
+        raise pickle.UnpicklingError("an encoded string other than latin1 bytes")
     return s.encode("latin1")
 
 
@@ -1824,8 +1816,8 @@ class _EDMUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _EDM_GLOBALS:
             return _EDM_GLOBALS[module, name]
-        if module.startswith("torch.nn.modules.") and name.isidentifier():
-            return _record_class(f"{module}.{name}")
+        if module.startswith("torch.nn.modules.") and name.isidentifier():  # torch.nn containers (ModuleDict, ...)
+            return type("_Record_" + name, (_Record,), {"name": f"{module}.{name}", "state": {}})  # a record type
         raise UserError(f"'{self.path}' names the global {module}.{name}, which an EDM network pickle never needs; "
                         f"refusing to load it.")
 
