@@ -1353,11 +1353,6 @@ _LAYOUT = dict(model=dict, ema=dict, opt=dict, step=int, config=dict, net=dict, 
                rng=(dict, type(None)))
 
 
-def _rng_states(env, generators):
-    cuda = torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda, "gens": [g.get_state() for g in generators]}
-
-
 def _to_cpu(x):  # a copy that later optimiser steps cannot change (a checkpoint written one step later)
     if torch.is_tensor(x):
         return x.detach().to("cpu", copy=True)
@@ -1376,9 +1371,10 @@ def snapshot_checkpoint(ckpt, env, generators=(), copy_=False):
     """On every rank: refuses non-finite weights, gathers each rank's RNG states; `copy_`: detached CPU copies."""
     if all_mean(float(_non_finite_weights(ckpt)), env).item() > 0:
         raise UserError("weights became non-finite; not writing a checkpoint, the last good one is kept.")
-    states = [_rng_states(env, generators)] * env.world  # (all_gather_object fills in the other ranks')
+    cuda = torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None
+    states = [{"cpu": torch.get_rng_state(), "cuda": cuda, "gens": [g.get_state() for g in generators]}] * env.world
     if env.world > 1:
-        dist.all_gather_object(states, states[0])
+        dist.all_gather_object(states, states[0])  # (the list then holds each rank's, in rank order)
     snap = {**ckpt, "rng": {"world": env.world, "ranks": states}}
     return _to_cpu(snap) if copy_ and env.is_main else snap
 
