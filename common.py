@@ -102,19 +102,6 @@ def _fir(f):
     return (f.ger(f) / f.sum().square())[None, None].to(torch.empty(0).device)
 
 
-def _resample(x, f, mode):
-    """R: 2x down (depthwise filter f, stride 2) or 2x up (transposed, filter 4 f), as EDM's Conv2d does it
-    (NVlabs/edm training/networks.py); f = None is the [1,1] filter, i.e. 2x2 average pooling / nearest x2."""
-    if mode is None:
-        return x
-    if f is None:
-        return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
-    C, w = x.shape[1], f.to(x.dtype)
-    if mode == "down":
-        return F.conv2d(x, w.tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
-    return F.conv_transpose2d(x, w.mul(4).tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
-
-
 class AuxResidual(nn.Conv2d):
     """NCSN++'s residual encoder path (EDM encoder_type='residual'): a 3x3 conv of the running input pyramid, then
     the 2x down filter (EDM's fused_resample order: conv with padding 1 + filter pad, filter with stride 2), bias."""
@@ -153,8 +140,17 @@ class Block(nn.Module):
         if attn:
             self.norm2, self.qkv, self.proj = _gn(cout), lin(cout, 3 * cout, 1), lin(cout, cout, 1)
 
-    def _r(self, x):  # R: down / up / identity
-        return _resample(x, self.resample_filter, self.resample)
+    def _r(self, x):
+        """R: identity, 2x down (depthwise filter f, stride 2) or 2x up (transposed, filter 4 f), as EDM's Conv2d does
+        it (NVlabs/edm training/networks.py); no filter is the [1,1] one, i.e. 2x2 average pooling / nearest x2."""
+        if self.resample is None:
+            return x
+        if self.resample_filter is None:
+            return F.avg_pool2d(x, 2) if self.resample == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        C, w = x.shape[1], self.resample_filter.to(x.dtype)
+        if self.resample == "down":
+            return F.conv2d(x, w.tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
+        return F.conv_transpose2d(x, w.mul(4).tile([C, 1, 1, 1]), groups=C, stride=2, padding=(w.shape[-1] - 1) // 2)
 
     def forward(self, x, e):
         h = self.conv0(self._r(F.silu(self.norm0(x))))  # norm, SiLU, resample, 3x3 conv
