@@ -1742,10 +1742,6 @@ class _Record:
         self.state = state if isinstance(state, dict) else {"_state": state}
 
 
-class _EasyDict(dict):  # dnnlib.util.EasyDict as a plain dict
-    pass
-
-
 def _persistent(meta):
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
         raise pickle.UnpicklingError("a persistent object without a class record")
@@ -1794,7 +1790,7 @@ _EDM_GLOBALS = {
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _np_scalar, ("numpy._core.multiarray", "scalar"): _np_scalar,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("dnnlib.util", "EasyDict"): type("_EasyDict", (dict,), {}),  # a dict (a subclass: its pickle may set attributes)
     ("copyreg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _latin1,
 }
