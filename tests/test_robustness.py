@@ -690,6 +690,29 @@ def test_stage_all_checks_a_pairs_folder_before_its_1rf_trains(files, tmp_path, 
     assert run("rectified_flow", *rf, "--out", tmp_path / "k") == 0
 
 
+def test_stage_all_resume_false_never_retrains_the_teacher_of_its_pairs(files, tmp_path, capsys):
+    """rectified_flow --stage all --resume false over a folder holding a 1-RF and its pairs trained a new 1-RF over
+    the old checkpoint (the pairs' and the 2-RF's teacher), printed it, and then its pairs stage refused the pairs as
+    another teacher's. Now it is refused before any stage, nothing printed, the 1-RF kept. Control: without the
+    pairs, --resume false starts the whole pipeline anew."""
+    import shutil
+    shutil.copytree(files / "rectified_flow", tmp_path / "r")
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    rf = [a for a in BASE["rectified_flow"] if a not in ("--stage", "1rf")] + ["--iters", "2", *P]
+    assert run("rectified_flow", "--stage", "pairs", *P, "--out", tmp_path / "r") == 0
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    code = run("rectified_flow", *rf, "--out", tmp_path / "r", "--resume", "false", "--lr", "2e-3")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "holds the pairs of the 1-RF", "--resume false would train anew")
+    assert out == "" and (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+    assert not os.path.exists(tmp_path / "r" / "2rf")
+    shutil.rmtree(tmp_path / "r" / "pairs")
+    assert run("rectified_flow", *rf, "--out", tmp_path / "r", "--resume", "false", "--lr", "2e-3") == 0
+    assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"] == 2e-3
+
+
 def test_stage_all_checks_its_resumed_2rf_before_the_stages_before_it(files, tmp_path, capsys):
     """rectified_flow --stage all restarted over a 2-RF that cannot resume (its pairs regenerated since, so pairs_id
     differs; or the 2-RF continued alone past --iters) ran the finished 1-RF and the pairs stage, printed their lines,
