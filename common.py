@@ -2530,6 +2530,12 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
     if iters in given and given[iters] < ck["step"]:
         raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "
                         f"least {ck['step']}, or use another --out).")
+    n, s = getattr(new, iters, None), ck["step"]  # a cosine decay to another end: the lr of every step left changes
+    cosine = base.get("lr_schedule") == getattr(new, "lr_schedule", None) == "cosine"
+    if cosine and base.get(iters) not in (n, None) and s < n:
+        f = lambda end: 0.5 * (1 + math.cos(math.pi * s / end)) if end else 0.0
+        (log or note)(f"config: the cosine lr decay now ends at step {n}, not {base[iters]}: its factor at step {s} "
+                      f"goes from {f(base[iters]):.3g} to {f(n):.3g} (not a run of {n} steps from the start)")
     for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
         if hasattr(cfg, k):
             setattr(new, k, getattr(cfg, k))

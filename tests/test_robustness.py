@@ -1508,6 +1508,25 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     one_sentence(code, capsys.readouterr().err, "--lr_schedule const does not read --lr_ref")
 
 
+def test_a_cosine_decay_given_another_end_on_resume_says_so():
+    """A run of a cosine learning-rate decay resumed with other --iters changes the lr of every step left (a finished
+    run's factor 0 rises again), and its steps so far decayed towards the old end: only "config: iters = ..." was
+    printed. Now a note gives the factor's jump at the resumed step. Control: none for a constant lr, or the same
+    --iters."""
+    import dataclasses
+    for name, M in MODS.items():
+        for sched, iters, words in [("cosine", 20, "its factor at step 10 goes from 0 to 0.5 (not a run of 20 steps"),
+                                    ("cosine", 10, None), ("const", 20, None)]:
+            cfg = C.resolve_config(M.Config, M.PRESETS, "toy", {"iters": 10, "lr_schedule": sched},
+                                   **({"stage": "1rf"} if name == "rectified_flow" else {}))
+            notes = []
+            C.resume_config(M.Config, dict(config=dataclasses.asdict(cfg), step=10), cfg, C.Given({"iters": iters}),
+                            "r/ckpt.pt", log=notes.append)
+            cos = [n for n in notes if "cosine" in n]
+            assert (cos == [f"config: the cosine lr decay now ends at step 20, not 10: {words} from the start)"]
+                    if words else cos == []), (name, sched, notes)
+
+
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
 def test_an_fp16_run_resumes_with_its_loss_scale(name, tmp_path, monkeypatch):
     """An fp16 run's GradScaler (loss scale, growth count) is part of its state: the checkpoint keeps it and a resumed
