@@ -1068,12 +1068,13 @@ def run(cfg, given):
     after = [p if p == "2rf" or own else f"pairs (--pairs '{pdir}')" for p, d in
              (("pairs", pdir), ("2rf", os.path.join(cfg.out, "2rf"))) if os.path.exists(d) and (p == "2rf" or mine)]
     if cfg.stage == "all" and after and ck1 is not None:  # the 1-RF made them: it must not train on beneath them
-        if cfg.resume is False and mine and _pairs_record(pdir) is not None:  # a new 1-RF in place of their teacher:
-            # refused now, not by the pairs stage after it trained (the old 1-RF overwritten by then)
+        if cfg.resume is not False:
+            C.check_not_beneath(cfg.out, first, given, after, "1-RF", "continue one stage with --stage 2rf")
+        elif mine and _pairs_record(pdir) is not None:  # nor a new one in place of their teacher: refused now, not
+            # by the pairs stage after it trained (the old 1-RF overwritten by then); a 2-RF alone starts anew too
             raise C.UserError(f"'{pdir}' holds the pairs of the 1-RF in '{cfg.out}', which --resume false would "
                               f"train anew and overwrite; drop --resume false to continue the run, remove that "
                               f"folder, or use another --out.")
-        C.check_not_beneath(cfg.out, first, given, after, "1-RF", "continue one stage with --stage 2rf")
     clock, env = C.stopwatch(), C.setup(cfg.device, cfg.seed, cfg.precision)
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):

@@ -705,7 +705,8 @@ def run(cfg, given):
     if cfg.mode == "all":  # restarted without --data/--seed/--preset: every mode takes the diffusion model's
         cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, os.path.join(cfg.out, "diffusion", "ckpt.pt"),
                                      mode="all")
-    cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))]
+    cms = [m for m in MODES[1:] if os.path.exists(os.path.join(cfg.out, m, "ckpt.pt"))
+           and cfg.resume is not False]  # the CMs it resumes (--resume false: every mode starts anew)
     for m in cms if cfg.mode == "all" else ():  # an unreadable one stops the run now, not after the modes before it
         C.load_checkpoint(os.path.join(cfg.out, m, "ckpt.pt"))
     if cfg.mode == "all" and cms:  # their teacher is DIR/diffusion: it must not train on beneath them

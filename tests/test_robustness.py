@@ -240,7 +240,8 @@ def sample_cases(name, d):
 
 def test_scm_all_never_trains_the_teacher_beneath_its_cms(tmp_path, capsys):
     """scm --mode all with more --iters would train DIR/diffusion on beneath the sCT and sCD distilled from it (sCD
-    could then never resume: its teacher's weights changed): refused before any work; the same --iters resumes."""
+    could then never resume: its teacher's weights changed): refused before any work; the same --iters resumes, and
+    --resume false with more --iters (every mode anew) starts over."""
     argv = ["--mode", "all", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1", "--lr_schedule",
             "const", *EVAL, "--out", tmp_path / "a"]
     assert run("scm", *argv, "--iters", "2") == 0
@@ -251,6 +252,11 @@ def test_scm_all_never_trains_the_teacher_beneath_its_cms(tmp_path, capsys):
     one_sentence(code, err, "sct and scd", "step 2", "step 3")
     assert out == "" and before == {m: os.path.getmtime(tmp_path / "a" / m / "ckpt.pt") for m in before}
     assert run("scm", *argv, "--iters", "2") == 0  # control
+    # a fresh start trains every mode anew: nothing is beneath (it was refused so, and an unreadable sCD checkpoint
+    # it would overwrite stopped it)
+    (tmp_path / "a" / "scd" / "ckpt.pt").write_text("not a checkpoint")
+    assert run("scm", *argv, "--iters", "3", "--resume", "false") == 0
+    assert [torch.load(tmp_path / "a" / m / "ckpt.pt", weights_only=True)["step"] for m in before] == [3, 3, 3]
 
 
 def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
@@ -711,6 +717,10 @@ def test_stage_all_resume_false_never_retrains_the_teacher_of_its_pairs(files, t
     assert run("rectified_flow", *rf, "--out", tmp_path / "r", "--resume", "false", "--lr", "2e-3") == 0
     assert torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)["step"] == 2
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["lr"] == 2e-3
+    # a 2-RF alone beside the 1-RF: --resume false with more --iters was refused as training the 1-RF on beneath it
+    shutil.rmtree(tmp_path / "r" / "pairs")
+    assert run("rectified_flow", *rf, "--out", tmp_path / "r", "--resume", "false", "--iters", "3") == 0
+    assert [torch.load(tmp_path / "r" / f / "ckpt.pt", weights_only=True)["step"] for f in ("", "2rf")] == [3, 3]
 
 
 def test_stage_all_checks_its_resumed_2rf_before_the_stages_before_it(files, tmp_path, capsys):
