@@ -2526,6 +2526,11 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
     if ck["step"] >= apply.get(iters, base.get(iters, 0)):  # finished: no step left that a change could reach, so it
         for k in [k for k, v in apply.items() if k in base and base[k] != v and k not in (iters, *LOCATIONS)]:
             (log or note)(f"config: --{k} {apply.pop(k)!r} not applied: '{path}' has trained its {ck['step']} steps")
+    if "batch" in apply and "batch" in base and apply["batch"] != base["batch"]:  # (not finished: not popped above)
+        fit = " (--accum splits each batch to fit memory)" if "accum" in {f.name for f in dataclasses.fields(Config)} \
+            else ""
+        raise UserError(f"'{path}' was trained with --batch {base['batch']}, and its data position, images seen (EMA, "
+                        f"lr ramp) count steps x batch; a resumed run keeps it{fit}, or use another --out.")
     new = merge_config(Config, {"preset": cfg.preset, **base}, apply, log=log)  # (and config.json stays the run's)
     if iters in given and given[iters] < ck["step"]:
         raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "

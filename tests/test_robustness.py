@@ -564,6 +564,30 @@ def test_a_folder_where_a_run_writes_a_file_is_one_sentence(files, tmp_path, cap
     assert out == "" and not os.path.exists(tmp_path / "s_2step.npy")
 
 
+def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
+    """--batch changed on resume was noted and applied, but the data position (step x batch), the images an EMA
+    half-life or an lr ramp counts (step x batch) and the logged kimg all read the new batch for the steps already
+    trained: data skipped or replayed, the EMA's decay jumped. Refused now (imm, whose --accum is named; GDD has none);
+    controls: the same --batch resumes, and a finished run notes another one as not applied."""
+    argv = ["--eval_n", "16", "--eval_steps", "1", "--out", tmp_path / "r"]
+    assert run("imm", *argv, "--batch", "12", "--iters", "1") == 0
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    one_sentence(run("imm", *argv, "--batch", "8", "--iters", "2"), capsys.readouterr().err, "--batch 12",
+                 "steps x batch", "--accum")
+    assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+    assert run("imm", *argv, "--batch", "8", "--iters", "1") == 0  # finished: not applied, said so
+    assert "config: --batch 8 not applied" in capsys.readouterr().out
+    assert run("imm", *argv, "--batch", "12", "--iters", "2") == 0
+    d = tmp_path / "g"
+    g = ["--teacher_iters", "2", "--eval_n", "16", "--out", d]
+    assert run("distributional", *g, "--batch", "8", "--iters", "1") == 0
+    capsys.readouterr()
+    msg = one_sentence(run("distributional", *g, "--batch", "16", "--iters", "2"), capsys.readouterr().err,
+                       "--batch 8")
+    assert "--accum" not in msg
+
+
 def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
     """IMM resumed with --M 6 over a run of --batch 12 was refused as '--batch 512 must be a multiple of --M 6': the
     rules between fields were checked on the preset's values before the merge with the checkpoint. Now they are
