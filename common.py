@@ -1540,6 +1540,13 @@ def restore_rng(ckpt, env, generators=()):
             torch.set_rng_state(st["cpu"])
             if st["cuda"] is not None and env.device.type == "cuda":
                 torch.cuda.set_rng_state(st["cuda"], env.device)
+            elif (st["cuda"] is None) != (env.device.type != "cuda"):  # written on another kind of device: a CUDA
+                # stream left at its seed would draw step 0's noise again
+                if env.device.type == "cuda":
+                    torch.cuda.manual_seed(derive_seed(ckpt["config"].get("seed", 0), "cuda", env.rank, ckpt["step"]))
+                note(f"warning: checkpoint written on {'the CPU' if st['cuda'] is None else 'CUDA'}, running on "
+                     f"{env.device.type.upper()}: its noise comes from another generator (CUDA's seeded from (seed, "
+                     f"rank, step)); the run goes on, but does not reproduce an unstopped one")
             for g, s in zip(generators, st["gens"]):
                 g.set_state(s)
         except torch.OutOfMemoryError:

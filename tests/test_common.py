@@ -1648,6 +1648,31 @@ def test_restore_rng_other_world_size_reseeds(capsys):
     assert not torch.equal(a, torch.rand(3))
 
 
+def test_restore_rng_from_another_kind_of_device_says_so(capsys, monkeypatch):
+    """A checkpoint written on the CPU and resumed on CUDA left CUDA's generator at its seed, so the run drew step 0's
+    noise again, without a word: CUDA's is now seeded from (seed, rank, step) and a warning says the run no longer
+    reproduces an unstopped one (CUDA's seeding recorded here, no GPU); the other way, a warning too. Control: the
+    same kind of device restores silently."""
+    state = {"cpu": torch.get_rng_state(), "cuda": None, "gens": []}
+    ck = {"rng": {"world": 1, "ranks": [state]}, "config": {"seed": 3}, "step": 10}
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    cuda_env = C.Env(rank=0, world=1, local_rank=0, device=torch.device("cuda", 0), is_main=True, precision="fp32",
+                     seed=3)
+    C.restore_rng(ck, cuda_env)
+    C.restore_rng({**ck, "step": 11}, cuda_env)
+    assert len(seeds) == 2 and seeds[0] != seeds[1]
+    C.flush_notes(env1())
+    assert "written on the CPU, running on CUDA" in capsys.readouterr().out
+    C.restore_rng(ck, env1())
+    C.flush_notes(env1())
+    assert capsys.readouterr().out == "" and len(seeds) == 2
+    C.restore_rng({**ck, "rng": {"world": 1, "ranks": [{**state, "cuda": torch.zeros(16, dtype=torch.uint8)}]}},
+                  env1())
+    C.flush_notes(env1())
+    assert "written on CUDA, running on CPU" in capsys.readouterr().out
+
+
 def test_other_world_size_warning_follows_the_checks(tmp_path, capsys):
     """A resume at another world size warns that the RNG was reseeded, with the run's first line: a resume refused
     after restore_rng (IMM's batch split) prints its `error:` line alone."""
@@ -1660,9 +1685,9 @@ def test_other_world_size_warning_follows_the_checks(tmp_path, capsys):
     torch.save(ck, path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: imm.main(["--iters", "2", "--out", out, "--batch", "8", "--accum", "4"]))  # 2 per round
+        C.main_guard(lambda: imm.main(["--iters", "2", "--out", out, "--accum", "3"]))  # 128 groups in 3 rounds
     got = capsys.readouterr()
-    assert e.value.code == 2 and got.out == "" and got.err.startswith("error: --batch 8 must split")
+    assert e.value.code == 2 and got.out == "" and got.err.startswith("error: --batch 512 must split")
     imm.main(["--iters", "2", "--out", out, "--eval_n", "64"])
     lines = capsys.readouterr().out.splitlines()
     warn = [i for i, m in enumerate(lines) if "running 1: RNG reseeded" in m and "no longer reproduces" in m]
