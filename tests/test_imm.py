@@ -1023,8 +1023,8 @@ def test_cli_bad_inputs(tiny, capsys):
     base = ["--preset", "tiny", "--data", "imgs.npy"]
     # the real command line, end to end
     for argv, words in (([*base, "--teacher", "x", "--out", "run"], ["from scratch"]),
-                        ([*base, "--batch", "10", "--iters", "99", "--out", "run"], ["multiple"]),  # (steps
-                        # left: a finished run applies no change, noted)
+                        ([*base, "--batch", "10", "--iters", "99", "--out", "run"], ["--batch 16", "keeps it"]),
+                        # (steps left: a finished run applies no change, noted; a resumed one keeps its batch)
                         (["--preset", "tiny", "--data", "missing.npy", "--out", "run"], ["missing.npy"])):
         p = cli(*argv, cwd=tiny)
         assert_user_error(p.returncode, p.stderr, *words)
