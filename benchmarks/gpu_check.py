@@ -133,6 +133,14 @@ def _err(e):
     return s[0][:300] if s else type(e).__name__
 
 
+def _plain(o):
+    """json.dumps' default: a number JSON does not know (numpy, a one-element tensor) as a float, else its str."""
+    try:
+        return float(o)
+    except (TypeError, ValueError, RuntimeError):
+        return str(o)
+
+
 def _free():
     tp._ENV.clear()
     if torch.cuda.is_available():  # the device memory of the last measurement back before the next one
@@ -810,13 +818,16 @@ class Context:
 
     def save(self):
         """Rewrite the JSON, then the Markdown (each atomically) after every measurement; a Markdown that cannot
-        be made says why in its place, the JSON stands."""
+        be made says why in its place, the JSON stands (a value JSON has no type for is written as a number or
+        its str, never in place of the file)."""
         self.rep["meta"]["total_wall_s"] = self.clock.now()
-        for p, text in ((self.stem + ".json", lambda: json.dumps(self.rep, indent=1, default=float) + "\n"),
-                        (self.stem + ".md", lambda: markdown(self.rep))):
+        as_json = lambda: json.dumps(self.rep, indent=1, default=_plain, skipkeys=True) + "\n"
+        for p, text in ((self.stem + ".json", as_json), (self.stem + ".md", lambda: markdown(self.rep))):
             try:
                 text = text()
             except Exception as e:  # noqa: BLE001  (a report bug must not cost the measurements)
+                if p.endswith(".json"):  # (the Markdown's sentence never takes the JSON's place)
+                    raise
                 text = f"# GPU check\n\nThe tables could not be written ({_err(e)}); every number is in the JSON.\n"
             with open(p + ".tmp", "w") as f:
                 f.write(text)

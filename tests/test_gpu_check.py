@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -160,3 +161,29 @@ def test_prepare_refuses_a_bad_source_before_making_folders(tmp_path, capsys):
     assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert "train-images-idx3-ubyte.gz is not a readable gzip file (BadGzipFile)" in err
     assert not carry.exists() and not work.exists()
+
+
+def _ctx(tmp_path):
+    """A Context as main() makes it for a --quick run into tmp_path (no section run yet), with a minimal meta."""
+    a = types.SimpleNamespace(quick=True, device="cpu", carry=str(tmp_path / "carry"), source=str(tmp_path / "src"),
+                              work=str(tmp_path / "work"), results=str(tmp_path))
+    ctx = gc.Context(a)
+    ctx.clock = gc.Clock(gc.PLAN_S, gc.SECTIONS, gc.STARTUP_S)
+    ctx.stem = str(tmp_path / "gpu_cpu")
+    ctx.rep = dict(meta=dict(date="d", device_name="CPU", torch="t", cuda=None, commit="c", command="x",
+                             plan_s=gc.PLAN_S, deadlines_s=ctx.clock.ends, planned_total_s=ctx.clock.total,
+                             total_wall_s=0.0), sections={})
+    return ctx
+
+
+def test_save_writes_json_whatever_the_values(tmp_path):
+    """A value JSON has no type for (a numpy number, a one-element tensor, a torch.device) is written as a number or
+    its str: the JSON file stays JSON with every number in it (the Markdown's fallback sentence never replaces it)."""
+    ctx = _ctx(tmp_path)
+    rec = dict(method="fm", status="ok", img_per_s_1nfe=np.float32(2.5), seconds=torch.tensor(1.5),
+               where=torch.device("cpu"))
+    ctx.rep["sections"]["sampling"] = dict(status="done", records=[rec])
+    ctx.save()
+    rec = json.loads((tmp_path / "gpu_cpu.json").read_text())["sections"]["sampling"]["records"][0]
+    assert rec["img_per_s_1nfe"] == 2.5 and rec["seconds"] == 1.5 and rec["where"] == "cpu", rec
+    assert "| fm |" in (tmp_path / "gpu_cpu.md").read_text()
