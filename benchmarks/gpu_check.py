@@ -772,6 +772,15 @@ def markdown(rep):
     return "\n".join(L) + "\n"
 
 
+def report(rep):
+    """markdown(rep), or in its place the sentence that says why it could not be made (a report bug must not cost the
+    measurements, nor end the run after them)."""
+    try:
+        return markdown(rep)
+    except Exception as e:  # noqa: BLE001
+        return f"# GPU check\n\nThe tables could not be written ({_err(e)}); every number is in the JSON.\n"
+
+
 def plot_throughput(path, recs):
     """Bar chart: training img/s per method (eager, lowest precision and paper precision) with the measured and
     modelled cost vs fm printed above the bars."""
@@ -818,17 +827,11 @@ class Context:
 
     def save(self):
         """Rewrite the JSON, then the Markdown (each atomically) after every measurement; a Markdown that cannot
-        be made says why in its place, the JSON stands (a value JSON has no type for is written as a number or
-        its str, never in place of the file)."""
+        be made says why in its place (report), the JSON stands (a value JSON has no type for is written as a number
+        or its str)."""
         self.rep["meta"]["total_wall_s"] = self.clock.now()
-        as_json = lambda: json.dumps(self.rep, indent=1, default=_plain, skipkeys=True) + "\n"
-        for p, text in ((self.stem + ".json", as_json), (self.stem + ".md", lambda: markdown(self.rep))):
-            try:
-                text = text()
-            except Exception as e:  # noqa: BLE001  (a report bug must not cost the measurements)
-                if p.endswith(".json"):  # (the Markdown's sentence never takes the JSON's place)
-                    raise
-                text = f"# GPU check\n\nThe tables could not be written ({_err(e)}); every number is in the JSON.\n"
+        for p, text in ((self.stem + ".json", json.dumps(self.rep, indent=1, default=_plain, skipkeys=True) + "\n"),
+                        (self.stem + ".md", report(self.rep))):
             with open(p + ".tmp", "w") as f:
                 f.write(text)
             os.replace(p + ".tmp", p)
@@ -1005,8 +1008,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 ctx.sec["figure_error"] = _err(e)
         ctx.save()
-    md = markdown(rep)
-    print("\n" + md)
+    print("\n" + report(rep))
     print(f"wrote {ctx.stem}.json and .md ({clock.now():.0f} s)")
     return rep
 

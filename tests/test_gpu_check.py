@@ -187,3 +187,17 @@ def test_save_writes_json_whatever_the_values(tmp_path):
     rec = json.loads((tmp_path / "gpu_cpu.json").read_text())["sections"]["sampling"]["records"][0]
     assert rec["img_per_s_1nfe"] == 2.5 and rec["seconds"] == 1.5 and rec["where"] == "cpu", rec
     assert "| fm |" in (tmp_path / "gpu_cpu.md").read_text()
+
+
+def test_a_report_bug_costs_no_measurement(tmp_path, monkeypatch, capsys):
+    """markdown() failing (a report bug) leaves the JSON whole, puts its reason in the Markdown's place, and neither
+    stops a section nor the run at its end (the tables printed last)."""
+    def bug(rep):
+        raise KeyError("a report bug")
+    monkeypatch.setattr(gc, "markdown", bug)
+    rep = gc.main(["--quick", "--results", str(tmp_path), "--sections", "precision", "--budget", "1e-6", "--work",
+                   str(tmp_path / "work")])
+    assert json.loads((tmp_path / "gpu_cpu.json").read_text()) == json.loads(json.dumps(rep))
+    assert rep["sections"]["precision"]["status"].startswith("skipped")
+    assert "could not be written (KeyError: 'a report bug')" in (tmp_path / "gpu_cpu.md").read_text()
+    assert "could not be written" in capsys.readouterr().out
