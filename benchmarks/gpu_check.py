@@ -659,7 +659,7 @@ def markdown(rep):
                  f"{_fmt(sec.get('wall_s'), '{:.0f}')} | {sec.get('status', 'not run')} |")
     t = S.get("throughput", {})
     if t.get("records"):
-        L += ["", f"## 1. Training throughput ({t['records'][0].get('net', '')}, batch {t.get('batch', '')})", "",
+        L += ["", f"## 1. Training throughput ({t.get('net', '')}, batch {t.get('batch', '')})", "",
               "One step of each method's own loss code, backward and optimiser step on a batch already on the device "
               f"(benchmarks/throughput.py's measure: {t.get('warmup')} warm-up steps, then "
               + (f"about {t['timed_s']:g} s of timed steps" if t.get("timed_s") else f"{t.get('iters_cap')} timed "

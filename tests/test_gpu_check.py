@@ -201,3 +201,12 @@ def test_a_report_bug_costs_no_measurement(tmp_path, monkeypatch, capsys):
     assert rep["sections"]["precision"]["status"].startswith("skipped")
     assert "could not be written (KeyError: 'a report bug')" in (tmp_path / "gpu_cpu.md").read_text()
     assert "could not be written" in capsys.readouterr().out
+
+
+def test_throughput_heading_when_the_first_record_did_not_run(tmp_path):
+    """The section's network heads its table even when its first record failed or was skipped (such a record has
+    no `net` of its own)."""
+    ctx = _ctx(tmp_path)
+    ctx.rep["sections"]["throughput"] = dict(status="partial", net="ddpmpp", batch=128, warmup=3, timed_s=1.5, records=[
+        dict(method="fm", precision="bf16", compile=False, status="error", error="CUDA error")])
+    assert "## 1. Training throughput (ddpmpp, batch 128)" in gc.markdown(ctx.rep)
