@@ -924,6 +924,21 @@ def parse(argv):
     return a
 
 
+def previous(path):
+    """-> (sections, meta) of the JSON an earlier run wrote at `path`, or one sentence when it is not one."""
+    try:
+        with open(path) as f:
+            prev = json.load(f)
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"'{path}', whose other sections a --sections rerun keeps, is not readable JSON "
+                               f"({type(e).__name__}); move it away, or run every section.") from None
+    if not (isinstance(prev, dict) and isinstance(prev.get("meta"), dict) and isinstance(prev.get("sections"), dict)
+            and all(isinstance(v, dict) for v in prev["sections"].values())):
+        raise common.UserError(f"'{path}', whose other sections a --sections rerun keeps, was not written by "
+                               f"gpu_check.py (no meta and sections); move it away, or run every section.")
+    return prev["sections"], prev["meta"]
+
+
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     if a._child:
@@ -947,9 +962,7 @@ def main(argv=None):
     ctx.stem = os.path.join(a.results, f"gpu_{device_slug(ctx.dev)}")
     old, old_meta = {}, {}
     if os.path.exists(ctx.stem + ".json") and set(a.sections) != set(SECTIONS):
-        with open(ctx.stem + ".json") as f:  # --sections reruns keep the other sections' results
-            prev = json.load(f)
-        old, old_meta = prev.get("sections", {}), prev.get("meta", {})
+        old, old_meta = previous(ctx.stem + ".json")  # --sections reruns keep the other sections' results
     ctx.rep = rep = dict(meta=dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
         torch=torch.__version__, cuda=torch.version.cuda if ctx.dev.type == "cuda" else None, commit=tp._git_commit(),

@@ -210,3 +210,16 @@ def test_throughput_heading_when_the_first_record_did_not_run(tmp_path):
     ctx.rep["sections"]["throughput"] = dict(status="partial", net="ddpmpp", batch=128, warmup=3, timed_s=1.5, records=[
         dict(method="fm", precision="bf16", compile=False, status="error", error="CUDA error")])
     assert "## 1. Training throughput (ddpmpp, batch 128)" in gc.markdown(ctx.rep)
+
+
+@pytest.mark.parametrize("kept", ["{broken", "[]", '{"meta": {}, "sections": {"throughput": []}}'])
+def test_sections_rerun_refuses_an_unreadable_json(kept, tmp_path, capsys):
+    """A --sections rerun reads the earlier JSON to keep the other sections: one that is not gpu_check's ends in one
+    sentence, exit 2, before anything is measured or printed, and stays as it was."""
+    (tmp_path / "gpu_cpu.json").write_text(kept)
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: gc.main(["--quick", "--results", str(tmp_path), "--sections", "precision",
+                                           "--work", str(tmp_path / "work")]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "a --sections rerun keeps" in err and (tmp_path / "gpu_cpu.json").read_text() == kept
