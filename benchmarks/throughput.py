@@ -632,11 +632,21 @@ def cost_vs_fm(rec, recs):
 
 
 def load_records(folder):
+    """The records of folder/throughput.json ([] without one); one sentence when it is not what save() writes."""
     path = os.path.join(folder, "throughput.json")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            recs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"'{path}' is not readable JSON ({type(e).__name__}); move it away, or pass "
+                               f"--results DIR.") from None
+    need = ("device_name", "method", "net", "batch", "precision", "compile", "train_img_per_s")
+    if not (isinstance(recs, list) and all(isinstance(r, dict) and all(k in r for k in need) for r in recs)):
+        raise common.UserError(f"'{path}' is not a list of records as --save writes them (each with "
+                               f"{', '.join(need)}); move it away, or pass --results DIR.")
+    return recs
 
 
 def _cell(rec, key, fmt):
@@ -703,8 +713,9 @@ def main(argv=None):
     if a.save and (a.quick or not cuda) and os.path.abspath(folder) == os.path.abspath(RESULTS):
         raise common.UserError("benchmarks/results holds full GPU measurements only; pass --results DIR to save "
                                "a CPU or --quick run elsewhere.")
+    recs = load_records(folder)  # (before the measurement: an unusable file costs no GPU time)
     rec = measure(a)
-    rec["vs_fm"] = cost_vs_fm(rec, load_records(folder))
+    rec["vs_fm"] = cost_vs_fm(rec, recs)
     print(table_header())
     print(table_row(rec))
     print(f"{rec['device_name']}: {rec['params']:,} params, {rec['fwd_flops_per_img'] / 1e9:.3f} GFLOP/img forward, "

@@ -307,3 +307,16 @@ def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
         common.main_guard(lambda: mod.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"a": 1}', "[1, 2]", '[{"method": "fm"}]'])
+def test_unusable_results_file_is_one_sentence_before_measuring(content, tmp_path, monkeypatch, capsys):
+    """A throughput.json in --results that save() did not write ends in one sentence naming it, exit 2, before any
+    measurement (it was read after one: a traceback, or a crash in save, once the GPU time was spent)."""
+    (tmp_path / "throughput.json").write_text(content)
+    monkeypatch.setattr(tp, "measure", lambda *a: pytest.fail("measured before the results file was read"))
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: tp.main(["--quick", "--method", "imm", "--save", "--results", str(tmp_path)]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(tmp_path / "throughput.json") in err and (tmp_path / "throughput.json").read_text() == content
