@@ -455,6 +455,8 @@ def parse(argv=None):
     common.check_value("seed", int, a.seed)
     if a.save:
         common.check_dir(a.results or RESULTS, "--results")
+    elif a.results and os.path.exists(a.results) and not os.path.isdir(a.results):  # (read for the fm record)
+        raise common.UserError(f"--results '{a.results}' is a file, not a folder.")
     return a
 
 

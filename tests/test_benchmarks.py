@@ -297,6 +297,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("cm_vs_ode", ["--run", "x", "--n", "0"], "--n"), ("cm_vs_ode", ["--run", "x", "--ode_steps", "0"], "--ode_steps"),
     ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
     ("gpu_check", ["--_child", "notjson"], "--_child"), ("fashion", ["--task", "bogus"], "--task"),
+    ("throughput", ["--quick", "--results", os.path.join(ROOT, "README.md")], "is a file"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
     """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common.Parser),
