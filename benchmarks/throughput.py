@@ -361,8 +361,9 @@ METHODS = {
 PEAKS = [
     ("H100 PCIe", dict(bf16=756.0, tf32=378.0, fp32=51.0)),
     ("H100 NVL", dict(bf16=835.0, tf32=418.0, fp32=60.0)),
-    ("H100", dict(bf16=989.0, tf32=494.0, fp32=67.0)),  # SXM
-    ("H200", dict(bf16=989.0, tf32=494.0, fp32=67.0)),
+    ("H100", dict(bf16=989.0, tf32=494.0, fp32=67.0)),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", dict(bf16=835.0, tf32=418.0, fp32=60.0)),  # (the first fragment in a device's name wins)
+    ("H200", dict(bf16=989.0, tf32=494.0, fp32=67.0)),  # SXM
 ]
 
 

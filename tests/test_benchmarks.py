@@ -321,3 +321,12 @@ def test_unusable_results_file_is_one_sentence_before_measuring(content, tmp_pat
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert str(tmp_path / "throughput.json") in err and (tmp_path / "throughput.json").read_text() == content
+
+
+@pytest.mark.parametrize("name, bf16", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", None)])
+def test_dense_peak_by_device_name(name, bf16):
+    """The dense bf16 peak of the names torch.cuda.get_device_name gives (data sheets, without sparsity): the PCIe
+    and NVL boards have their own, lower ones; an unknown GPU none (--peak_tflops)."""
+    assert tp.default_peak(name, "bf16") == bf16
