@@ -236,7 +236,8 @@ def run_child(job, timeout, quick):
     try:
         log, _ = proc.communicate(timeout=None if timeout is None else max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        with contextlib.suppress(ProcessLookupError):  # (the whole group may have exited since the timeout)
+            os.killpg(proc.pid, 9)
         proc.communicate()
         for d in caches.values():
             shutil.rmtree(d, ignore_errors=True)

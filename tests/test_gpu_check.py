@@ -223,3 +223,18 @@ def test_sections_rerun_refuses_an_unreadable_json(kept, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert "a --sections rerun keeps" in err and (tmp_path / "gpu_cpu.json").read_text() == kept
+
+
+def test_child_gone_at_its_deadline_is_a_record(tmp_path, monkeypatch):
+    """A compile child whose process group has exited between the timeout and the kill (ProcessLookupError) is
+    recorded as killed at the deadline like any other, not an error that ends the throughput section."""
+    kill = os.killpg
+
+    def gone(pgid, sig):
+        kill(pgid, sig)
+        raise ProcessLookupError(3, "No such process")
+    monkeypatch.setattr(gc.os, "killpg", gone)
+    argv = ["--method", "fm", "--net", "tiny", "--batch", "2", "--sample_batch", "2", "--iters", "100000", "--warmup",
+            "0", "--precision", "fp32", "--compile", "off", "--device", "cpu", "--lpips_res", "32"]
+    rec = gc.run_child(dict(argv=argv, seconds=None, quick=True, work=str(tmp_path)), 1.0, True)
+    assert rec["status"] == "error" and rec["error"].startswith("killed at the section deadline"), rec
