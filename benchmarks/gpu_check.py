@@ -519,7 +519,13 @@ def fashion_root(ctx):
     if os.path.isdir(cached):
         shutil.copytree(cached, root, dirs_exist_ok=True)
     src = os.path.join(ctx.carry, "fashion-mnist")
-    raw = fb.prepare_data(root, src if os.path.isdir(src) else ctx.source)
+    try:
+        raw = fb.prepare_data(root, src if os.path.isdir(src) else ctx.source)
+    except fb.Fail as e:  # (first what a device run lacks: the carry folder)
+        if os.path.isdir(src):
+            raise
+        raise fb.Fail(f"{src}, which --prepare fills, is not on this machine (carry it), and the fall-back failed: "
+                      f"{e}") from None
     return root, raw
 
 
@@ -980,6 +986,13 @@ def main(argv=None):
     print(f"gpu_check on {name}: planned {clock.total:.0f} s "
           + " + ".join(f"{s} {plan[s]:g}" for s in a.sections) + f" (+ start-up {startup:g}); deadlines at "
           + ", ".join(f"{s} {clock.ends[s]:.0f} s" for s in a.sections), flush=True)
+    if "fashion" in a.sections:  # what --prepare made, found here or not (without it: Debian's files, or an error)
+        carry = rep["meta"]["carry"] = dict(
+            folder=a.carry, data=os.path.isdir(os.path.join(a.carry, "fashion-mnist")),
+            classifier=os.path.isfile(os.path.join(a.carry, "data", "fashion_classifier.pt")))
+        print(f"carry folder {a.carry}: Fashion-MNIST {'found' if carry['data'] else f'MISSING (reads {a.source})'}, "
+              f"classifier {'found' if carry['classifier'] else 'MISSING (trained in the fashion section)'}",
+              flush=True)
     if "throughput" in a.sections:
         print("throughput plan (method, precision, compile, estimated s; * = stretch, only inside the deadline):")
         est = 0.0

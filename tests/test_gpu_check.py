@@ -238,3 +238,15 @@ def test_child_gone_at_its_deadline_is_a_record(tmp_path, monkeypatch):
             "0", "--precision", "fp32", "--compile", "off", "--device", "cpu", "--lpips_res", "32"]
     rec = gc.run_child(dict(argv=argv, seconds=None, quick=True, work=str(tmp_path)), 1.0, True)
     assert rec["status"] == "error" and rec["error"].startswith("killed at the section deadline"), rec
+
+
+def test_missing_carry_folder_is_named(tmp_path, capsys):
+    """Without the carry folder (and without Debian's files) the fashion section's error names the folder
+    --prepare fills, and the run's first lines and its meta say it is missing."""
+    carry = tmp_path / "carry"
+    rep = gc.main(["--quick", "--results", str(tmp_path), "--sections", "fashion", "--carry", str(carry),
+                   "--source", str(tmp_path / "none"), "--work", str(tmp_path / "work")])
+    status = rep["sections"]["fashion"]["status"]
+    assert status.startswith("error: ") and f"{carry / 'fashion-mnist'}, which --prepare fills" in status, status
+    assert rep["meta"]["carry"] == dict(folder=str(carry), data=False, classifier=False)
+    assert f"carry folder {carry}: Fashion-MNIST MISSING" in capsys.readouterr().out
