@@ -1019,7 +1019,8 @@ def main(argv=None):
             continue
         try:
             runners[s](ctx)
-            recs = [r for r in ctx.sec.get("records", []) if isinstance(r, dict)]
+            # the items: records, and the checks and results kept under their own keys (precision's, the 50k)
+            recs = [r for v in ctx.sec.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, dict)]
             skipped = sum(r.get("status") == "skipped" for r in recs)
             failed = sum(r.get("status") == "error" for r in recs)
             ctx.sec["status"] = ("done" if not skipped else f"partial: {skipped} item(s) skipped at the deadline") \

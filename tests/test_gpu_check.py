@@ -250,3 +250,15 @@ def test_missing_carry_folder_is_named(tmp_path, capsys):
     assert status.startswith("error: ") and f"{carry / 'fashion-mnist'}, which --prepare fills" in status, status
     assert rep["meta"]["carry"] == dict(folder=str(carry), data=False, classifier=False)
     assert f"carry folder {carry}: Fashion-MNIST MISSING" in capsys.readouterr().out
+
+
+def test_section_status_counts_checks_that_failed(tmp_path, monkeypatch):
+    """A precision check (kept under its own key, not in `records`) that raised makes its section 'done, 1 failed',
+    not 'done'; the other checks still run."""
+    def oom(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(gc, "check_imm_embedding", oom)
+    rep = gc.main(["--quick", "--results", str(tmp_path), "--sections", "precision", "--work", str(tmp_path / "w")])
+    P = rep["sections"]["precision"]
+    assert P["status"] == "done, 1 failed" and P["imm_embedding"]["status"] == "error", P["status"]
+    assert P["scm_tangent"]["passed"] and all(r["status"] == "ok" for r in P["bf16_samples"])
