@@ -926,7 +926,8 @@ def parse(argv):
         raise common.UserError("benchmarks/results holds full GPU runs only; pass --results DIR for --quick or a "
                                "CPU run (a full run needs a GPU).")
     a.results = folder
-    for d, what in ((a.results, "--results"), (a.work, "--work")) + (((a.carry, "--carry"),) if a.prepare else ()):
+    dirs = () if a._child else ((a.results, "--results"), (a.work, "--work"))  # (a child writes its job's out only)
+    for d, what in dirs + (((a.carry, "--carry"),) if a.prepare else ()):
         common.check_dir(d, what)
     return a
 
