@@ -911,8 +911,8 @@ def parse(argv):
     if bad or not a.sections:
         raise common.UserError(f"unknown --sections {bad}; choose from {', '.join(SECTIONS)}.")
     a.sections = [s for s in SECTIONS if s in a.sections]
-    if a.budget is not None and not a.budget > 0:
-        raise common.UserError("--budget must be a positive number of seconds.")
+    if a.budget is not None and not (math.isfinite(a.budget) and a.budget > 0):
+        raise common.UserError("--budget must be a positive, finite number of seconds.")
     a.work = os.path.abspath(a.work or os.path.join("/tmp", "gpu_check" + ("-quick" if a.quick else "")))
     a.carry = os.path.abspath(a.carry)
     common.check_device(a.device)

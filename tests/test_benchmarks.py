@@ -298,6 +298,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
     ("gpu_check", ["--_child", "notjson"], "--_child"), ("fashion", ["--task", "bogus"], "--task"),
     ("throughput", ["--quick", "--results", os.path.join(ROOT, "README.md")], "is a file"),
+    ("gpu_check", ["--quick", "--budget", "inf"], "--budget"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
     """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common.Parser),
