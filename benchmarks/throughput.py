@@ -445,7 +445,7 @@ def parse(argv=None):
                            ("lpips_res", 224, 32)]:
         if getattr(a, k) is None:
             setattr(a, k, quick if q else full)
-    a.sample_batch = a.sample_batch or a.batch
+    a.sample_batch = a.batch if a.sample_batch is None else a.sample_batch
     if a.method not in METHODS:
         raise common.UserError(f"unknown --method '{a.method}'; choose one of {', '.join(METHODS)}.")
     if min(a.batch, a.sample_batch, a.iters, a.lpips_res) < 1 or a.warmup < 0:
