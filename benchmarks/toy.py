@@ -324,6 +324,8 @@ def parse(argv):
         a.seeds = [int(s) for s in (a.seeds or ("0,1" if a.quick else "0,1,2")).split(",")]
     except ValueError:
         p.error(f"--seeds takes comma-separated integers, got '{a.seeds}'")
+    for s in a.seeds:  # (each cell's command line would refuse it, after the other cells' work)
+        C.check_value("seeds", int, s)
     a.budget = (300_000 if a.quick else 600_000) if a.budget is None else a.budget
     a.n_eval = (2000 if a.quick else 4000) if a.n_eval is None else a.n_eval
     a.datasets = (a.datasets or ",".join(DATASETS[:3] if a.quick else DATASETS)).split(",")

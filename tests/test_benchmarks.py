@@ -302,6 +302,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("throughput", ["--quick", "--sample_batch", "0"], "--sample_batch"),
     ("fashion", ["--seed", "-1", "--results", "/proc/x"], "--seed"),
     ("fashion", ["--fd_seed", str(2 ** 63), "--results", "/proc/x"], "--fd_seed"),
+    ("toy", ["--seeds", "0,-1", "--results", "/proc/x"], "--seeds"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
     """Each script's argument errors end as one `error:` sentence, exit 2 (argparse's through common.Parser),
