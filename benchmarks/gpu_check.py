@@ -88,6 +88,7 @@ STARTUP_S = 10
 PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215)  # + STARTUP_S = 510 s (module docstring)
 UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense peak, for the printed estimate only
 COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
+PIPE_WAIT_S = 10  # after a compile child is killed, its output is read for at most this long
 FLOW_MAP = ("lsd", "psd", "meanflow", "lmd")  # their training loop passes the raw module: --compile does not apply
 COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips")  # stretch: methods compiled, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
@@ -238,7 +239,9 @@ def run_child(job, timeout, quick):
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):  # (the whole group may have exited since the timeout)
             os.killpg(proc.pid, 9)
-        proc.communicate()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a process of another session may hold the pipe open:
+            proc.communicate(timeout=PIPE_WAIT_S)  # not waited for (the run would hang in it)
+        proc.wait()
         for d in caches.values():
             shutil.rmtree(d, ignore_errors=True)
         return dict(status="error", error=f"killed at the section deadline after {timeout:.0f} s (compile too slow)")

@@ -4,11 +4,13 @@ and marks the rest skipped; benchmarks/results takes no CPU run.
 
 Speed itself is never asserted here (speed targets live in benchmarks/, not in timed tests).
 """
+import contextlib
 import gzip
 import json
 import math
 import os
 import sys
+import time
 import types
 
 import numpy as np
@@ -270,3 +272,21 @@ def test_child_needs_no_results_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(gc, "RESULTS", "/proc/results")
     job = json.dumps(dict(argv=["--method", "fm"], out=str(tmp_path / "o.json")))
     assert gc.parse(["--_child", job, "--work", "/proc/work"])._child["out"] == str(tmp_path / "o.json")
+
+
+def test_child_killed_while_its_pipe_stays_open(tmp_path, monkeypatch):
+    """A child killed at its deadline whose output pipe a process outside its process group still holds (its own
+    session) costs a few seconds, not the run: the pipe is not read to its end."""
+    child = tmp_path / "child.py"
+    pid = tmp_path / "holder.pid"
+    child.write_text(f"import subprocess, time\np = subprocess.Popen(['sleep', '40'], start_new_session=True)\n"
+                     f"open({str(pid)!r}, 'w').write(str(p.pid))\ntime.sleep(40)\n")
+    monkeypatch.setattr(gc, "__file__", str(child))
+    monkeypatch.setattr(gc, "PIPE_WAIT_S", 0.5)
+    argv = ["--method", "fm"] + ["x"] * 12
+    t0 = time.time()
+    rec = gc.run_child(dict(argv=argv, seconds=None, quick=True, work=str(tmp_path)), 1.0, True)
+    wall = time.time() - t0
+    with contextlib.suppress(OSError, ValueError):  # the pipe's holder, ended here
+        os.kill(int(pid.read_text()), 9)
+    assert rec["error"].startswith("killed at the section deadline") and wall < 20, rec
