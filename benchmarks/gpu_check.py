@@ -937,12 +937,7 @@ def parse(argv):
 
 def previous(path):
     """-> (sections, meta) of the JSON an earlier run wrote at `path`, or one sentence when it is not one."""
-    try:
-        with open(path) as f:
-            prev = json.load(f)
-    except (OSError, ValueError) as e:
-        raise common.UserError(f"'{path}', whose other sections a --sections rerun keeps, is not readable JSON "
-                               f"({type(e).__name__}); move it away, or run every section.") from None
+    prev = tp.read_json(path, ", whose other sections a --sections rerun keeps,", "run every section")
     if not (isinstance(prev, dict) and isinstance(prev.get("meta"), dict) and isinstance(prev.get("sections"), dict)
             and all(isinstance(v, dict) for v in prev["sections"].values())):
         raise common.UserError(f"'{path}', whose other sections a --sections rerun keeps, was not written by "

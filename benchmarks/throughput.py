@@ -634,17 +634,22 @@ def cost_vs_fm(rec, recs):
     return ref["train_img_per_s"] / rec["train_img_per_s"] if ref and rec.get("train_img_per_s") else None
 
 
+def read_json(path, what, instead):
+    """The JSON at `path`, or one sentence naming `what` the file is and what to do `instead`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"'{path}'{what} is not readable JSON ({type(e).__name__}); move it away, or "
+                               f"{instead}.") from None
+
+
 def load_records(folder):
     """The records of folder/throughput.json ([] without one); one sentence when it is not what save() writes."""
     path = os.path.join(folder, "throughput.json")
     if not os.path.exists(path):
         return []
-    try:
-        with open(path) as f:
-            recs = json.load(f)
-    except (OSError, ValueError) as e:
-        raise common.UserError(f"'{path}' is not readable JSON ({type(e).__name__}); move it away, or pass "
-                               f"--results DIR.") from None
+    recs = read_json(path, "", "pass --results DIR")
     need = ("device_name", "method", "net", "batch", "precision", "compile", "train_img_per_s")
     if not (isinstance(recs, list) and all(isinstance(r, dict) and all(k in r for k in need) for r in recs)):
         raise common.UserError(f"'{path}' is not a list of records as --save writes them (each with "
