@@ -2899,13 +2899,15 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
 
         def write():  # rank 0 (a full disk stops every rank: agree)
             print(f"FID-{opts.n / 1000:g}k | {name(K)} | {fid:.4f}")
-            row = dict(ckpt=opts.ckpt, step=ck["step"], steps=K, **(record(K) if record else {}), n=opts.n,
-                       seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema, precision=env.precision,
-                       ref=opts.fid_ref or cfg.data)  # (rows against another reference or precision looked alike)
+            row = dict(ckpt=os.path.abspath(opts.ckpt), step=ck["step"], steps=K, **(record(K) if record else {}),
+                       n=opts.n, seed=opts.seed, detector=det.name, fid=fid, ema=opts.ema, precision=env.precision,
+                       ref=os.path.abspath(opts.fid_ref) if opts.fid_ref else cfg.data)  # (rows against another
+            # reference or precision looked alike)
             path = opts.out or os.path.join(os.path.dirname(opts.ckpt), "fid.jsonl")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (preflight let --out name a new
             # folder: a traceback after the whole FID, its row lost). The row replaces one of the same measurement (all
-            # but the score equal: a re-run after an interruption), other rows and lines that do not parse stay
+            # but the score equal: a re-run after an interruption), other rows and lines that do not parse stay; its
+            # ckpt is absolute (a relative one from another folder, into a shared --out, named another checkpoint)
             same = {k: v for k, v in json.loads(json.dumps(row)).items() if k != "fid"}
             _trim_jsonl(path, None, True, lambda r: {k: v for k, v in r.items() if k != "fid"} != same)
             with open(path, "a") as f:

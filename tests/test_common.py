@@ -1019,6 +1019,24 @@ def test_fid_writes_its_row_into_a_new_folder(tmp_path, capsys):
     assert (row["precision"], row["ref"]) == ("fp32", str(tmp_path / "ref.npz"))
 
 
+def test_fid_rows_of_two_checkpoints_named_alike_both_stay(tmp_path, monkeypatch):
+    """fid replaces a row of the same measurement: two runs' checkpoints given as `c.pt` from their own folders into
+    one --out file looked the same, so the second run's row replaced the first's (its number lost). A row names its
+    checkpoint and --fid_ref by their absolute paths; the same measurement again still replaces its row."""
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(32), sigma=np.eye(32))
+    out = tmp_path / "all.jsonl"
+    for d, scale in (("a", 1.0), ("b", 0.3), ("a", 1.0)):
+        (tmp_path / d).mkdir(exist_ok=True)
+        monkeypatch.chdir(tmp_path / d)
+        opts = types.SimpleNamespace(out=str(out), ckpt="c.pt", steps=[1], n=3, batch=2, seed=0, ema=True, root="r",
+                                     fid_ref="../ref.npz", fid_detector=standin_path())
+        C.sample_or_fid("fid", opts, env1(), types.SimpleNamespace(data="d"), {"config": {"data": "d"}, "step": 4},
+                        (3, 4, 4), lambda K: (lambda rng, y: (scale * rng.randn(len(rng.gens), 3, 4, 4)).tanh()), str)
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["ckpt"] for r in rows] == [str(tmp_path / "b" / "c.pt"), str(tmp_path / "a" / "c.pt")]
+    assert rows[0]["fid"] != rows[1]["fid"] and {r["ref"] for r in rows} == {str(tmp_path / "ref.npz")}
+
+
 def test_reference_cache_hit_and_edm_npz(tmp_path):
     env = env1()
     det = _Counting(C.load_detector(standin_path(), env))
