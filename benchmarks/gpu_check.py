@@ -20,8 +20,9 @@ start; time a section leaves unused passes to the next ones, and the last one ru
                (`--precision paper`), with the cost of each method relative to the fm step beside its cost model
                (`fwd_per_step`); the fm step also with torch.compile (in a child process, killed at the deadline,
                so a compile that hangs costs its share only). With time left: fm compiled in its paper precision,
-               then each method whose training step runs the compiled network (not the flow-map methods: their loop
-               passes the raw module); a compile that fails is recorded and the run goes on.
+               then each method whose training step runs the compiled network (the flow-map methods in their
+               diagonal and PSD terms; not MeanFlow, whose loss is one JVP of the raw module); a compile that fails
+               is recorded and the run goes on.
  2 sampling    the methods' own one-step samplers (1-RF Euler, IMM, sCM, MeanFlow) at a large batch, 1 and 2
                network evaluations, bf16; and the wall-clock time of 50,000 one-step samples of the 1-RF (DDPM++,
                uint8 on the host), measured in full.
@@ -89,8 +90,8 @@ PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215)  # + START
 UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense peak, for the printed estimate only
 COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
 PIPE_WAIT_S = 10  # after a compile child is killed, its output is read for at most this long
-FLOW_MAP = ("lsd", "psd", "meanflow", "lmd")  # their training loop passes the raw module: --compile does not apply
-COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips")  # stretch: methods compiled, in order
+NO_COMPILE = ("meanflow",)  # its whole loss is one JVP of the raw module (flow_map.per_sample_loss): --compile idle
+COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips", "lsd", "psd", "lmd")  # stretch, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
 QUICK_METHODS = ("fm", "imm", "sct", "meanflow")  # --quick: one per sampler family (every method: test_benchmarks.py)
 QUICK_CLASSIFIER = dict(epochs=1, train_n=4096)  # --quick: fashion.py's classifier recipe at smoke size
@@ -186,7 +187,7 @@ def throughput_plan(sz, quick):
     plan += [("fm", lo, True, True)]  # last of the core: it gets whatever the eager records left
     if not quick:
         plan += [("fm", "paper", True, False)]
-        plan += [(m, lo, True, False) for m in COMPILE_ORDER + FLOW_MAP]
+        plan += [(m, lo, True, False) for m in COMPILE_ORDER + NO_COMPILE]
     out, seen = [], set()
     for m, p, c, core in plan:
         key = (m, resolved(m, p), c)
@@ -275,8 +276,8 @@ def section_throughput(ctx):
         label = dict(method=method, precision=precision, compile=comp, planned=core,
                      est_s=round(estimate_record_s(method, precision, comp), 1))
         left = clock.left("throughput")
-        if comp and method in FLOW_MAP:
-            recs.append(dict(label, status="unsupported", note="flow_map.py's loop passes the raw module: "
+        if comp and method in NO_COMPILE:
+            recs.append(dict(label, status="unsupported", note="MeanFlow's loss is one JVP of the raw module: "
                                                                   "--compile does not apply"))
             continue
         need = 0.0 if ctx.quick else min(label["est_s"], 60) if comp else label["est_s"]  # --quick: any time left
@@ -996,7 +997,7 @@ def main(argv=None):
         print("throughput plan (method, precision, compile, estimated s; * = stretch, only inside the deadline):")
         est = 0.0
         for m, p, c, core in throughput_plan(ctx.sz, a.quick):
-            e = estimate_record_s(m, p, c) if not (c and m in FLOW_MAP) else 0.0
+            e = estimate_record_s(m, p, c) if not (c and m in NO_COMPILE) else 0.0
             est += e if core else 0.0
             print(f"  {m:9s} {p:4s} {str(c):5s} {e:5.0f}{'' if core else ' *'}")
         est += AUTOTUNE_S * 3

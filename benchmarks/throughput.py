@@ -45,11 +45,12 @@ Left out for every method alike: data loading, EMA, gradient clipping, learning-
   imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
   sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   fp32, TF32 off (scm.py cifar10 preset, as
              sCD's teacher is a frozen copy of the initial weights      FastGen); JVP pass and loss fp32 in code
-  lsd, psd,  flow_map.sample_times + per_sample_loss on the bare        fp32 (Boffi trains fp32, py-meanflow turns
-  meanflow,  module (flow_map.train passes the raw network, so         autocast off around JVP and loss,
-  lmd        --compile does not apply), learned weight head as the     docs/flow_map.md); in code every JVP block is
-             preset; lmd's 1-RF teacher: a frozen net built like        fp32, only the diagonal and PSD terms take
-             rectified_flow.py's cifar10 1rf net, through rf_velocity   the bf16 autocast
+  lsd, psd,  flow_map.sample_times + per_sample_loss: JVPs of the bare  fp32 (Boffi trains fp32, py-meanflow turns
+  meanflow,  module, the diagonal and PSD terms through the network    autocast off around JVP and loss,
+  lmd        as given (compiled with --compile), as flow_map.train;    docs/flow_map.md); in code every JVP block is
+             learned weight head as the preset; lmd's 1-RF teacher: a   fp32, only the diagonal and PSD terms take
+             frozen net built like rectified_flow.py's cifar10 1rf      the bf16 autocast
+             net, through rf_velocity
   gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md),
   gdd_i      step, as the loop) with the `teacher` D; G =               and the D's encoder; D heads, losses and R1
              make_generator(net, freeze), gdd_i freezing as `frozen`    fp32 (GDD's D is fp32 with TF32 off)
@@ -239,14 +240,16 @@ def flow_map_prepare(mode):
 
 def flow_map_step(net, x):
     """One flow_map.py loss (its training loop): data x1 at t = 1, noise x0 = sigma0 eps, (s, t) from sample_times,
-    per_sample_loss on the bare module (the loop passes the raw network, so --compile does not apply; the diagonal
-    term under autocast, every JVP block, the teacher and the weighting in fp32), L = mean."""
+    per_sample_loss with the JVPs on the bare module and the diagonal and PSD terms through `net` (compiled with
+    --compile), as flow_map.train passes them (the diagonal term under autocast, every JVP block, the teacher and the
+    weighting in fp32), L = mean."""
     import flow_map as FM
     st, env = _ENV["state"], _ENV["env"]
     cfg = st["cfg"]
     x0 = cfg.sigma0 * torch.randn_like(x)
     s, t, nd = FM.sample_times(len(x), cfg, x.device)
-    return FM.per_sample_loss(common.unwrap(net), st["head"], st["teacher_b"], x0, x, s, t, nd, cfg, env)[0].mean()
+    return FM.per_sample_loss(common.unwrap(net), st["head"], st["teacher_b"], x0, x, s, t, nd, cfg, env,
+                              fast=net)[0].mean()
 
 
 def flow_map_sample(net, z, steps):

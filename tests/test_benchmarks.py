@@ -130,6 +130,17 @@ def test_every_method_trains_and_samples_on_cpu(method, tmp_path):
         assert any(not p.requires_grad for p in tp._ENV["state"]["net"].parameters())
 
 
+def test_flow_map_step_runs_its_forwards_through_the_network_given(tmp_path, monkeypatch):
+    """flow_map.train passes its (compiled with --compile) network as per_sample_loss's `fast` for the diagonal and
+    PSD terms; the benchmark's step passed none, so a compiled lsd/psd/lmd record would have measured eager code
+    and gpu_check called them 'unsupported'."""
+    import flow_map
+    seen, real = [], flow_map.per_sample_loss
+    monkeypatch.setattr(flow_map, "per_sample_loss", lambda *a, **k: seen.append(k.get("fast")) or real(*a, **k))
+    _tiny_run("psd", tmp_path)
+    assert seen and all(f is not None for f in seen)
+
+
 def _preset_net(method):
     """The method file's own net_dict for its cifar10 preset, on a 3 x 16 x 16 data set with net tiny."""
     import flow_map, imm, rectified_flow as rf, scm
