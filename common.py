@@ -1544,9 +1544,10 @@ def restore_rng(ckpt, env, generators=()):
                 # stream left at its seed would draw step 0's noise again
                 if env.device.type == "cuda":
                     torch.cuda.manual_seed(derive_seed(ckpt["config"].get("seed", 0), "cuda", env.rank, ckpt["step"]))
+                how = "CUDA's seeded from (seed, rank, step)" if env.device.type == "cuda" else "the CPU's"
                 note(f"warning: checkpoint written on {'the CPU' if st['cuda'] is None else 'CUDA'}, running on "
-                     f"{env.device.type.upper()}: its noise comes from another generator (CUDA's seeded from (seed, "
-                     f"rank, step)); the run goes on, but does not reproduce an unstopped one")
+                     f"{env.device.type.upper()}: its noise comes from another generator ({how}); the run goes on, "
+                     f"but does not reproduce an unstopped one")
             for g, s in zip(generators, st["gens"]):
                 g.set_state(s)
         except torch.OutOfMemoryError:
@@ -2149,8 +2150,9 @@ def check_toolchain(device):
     try:
         get_cpp_compiler()
     except Exception as e:  # torch's InvalidCxxCompiler ("No working C++ compiler found in ...")
-        raise UserError(f"--compile on the CPU needs a working C++ compiler ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:120]}); install one (g++) or run without --compile.")
+        why = next(iter(str(e).strip().splitlines()), "")[:120].rstrip(".")
+        raise UserError(f"--compile on the CPU needs a working C++ compiler ({type(e).__name__}{': ' * bool(why)}"
+                        f"{why}); install one (g++) or run without --compile.")
 
 
 def preflight(cmd, cfg, layout=None):
