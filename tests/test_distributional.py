@@ -740,6 +740,8 @@ def test_16_sampler_grids_calls_and_batch_independence():
     z, e = rng.randn(5, 2), rng.randn(5, 2)  # drawn in the sampler's order: z, then eps_1
     x = D.sample(Still(), C.IndexRNG(range(5), 0, CPU), (2,), 2, 1.0)
     assert torch.allclose(x, 0.5 * z + 0.5 * e, atol=1e-6)  # x_tau = (1 - tau) x + tau eps at tau = 0.5
+    x = D.sample(Still(), C.IndexRNG(range(5), 0, CPU), (2,), 2, 0.8)  # tau = 0.4: (1 - tau) and tau differ
+    assert torch.allclose(x, 0.6 * z + 0.4 * e, atol=1e-6)
     torch.manual_seed(0)
     net = perturb(C.build_net(mlp_dict()), 0.1).eval()
     for K in (1, 2):
