@@ -465,6 +465,30 @@ def test_10_lmd_emd_use_the_teacher_on_the_diagonal():
 
 
 # -------------------------------------------------------------------------------------- item 11: sampler
+def test_10_train_noise_loss_mean_and_lr_schedule(monkeypatch, tmp_path):
+    """The training loop's noise x0 ~ N(0, sigma0^2 I) apart from the data, the logged loss the batch mean of the
+    per-sample weighted losses (Boffi losses.py setup_loss), and lr_at's warm-up, cosine and sqrt decays."""
+    seen, orig = [], fm.per_sample_loss
+
+    def spy(net, head, teacher_b, x0, x1, s, t, nd, cfg, *a, **k):
+        out = orig(net, head, teacher_b, x0, x1, s, t, nd, cfg, *a, **k)
+        seen.append((x0.clone(), x1.clone(), cfg.sigma0, out[0].detach().mean().item()))
+        return out
+    monkeypatch.setattr(fm, "per_sample_loss", spy)
+    out = tmp_path / "o"
+    fm.main(["--iters", "1", "--batch", "256", "--eval_n", "32", "--eval_steps", "1", "--log_every", "1",
+             "--out", str(out)])
+    (x0, x1, s0, mean), = seen
+    assert s0 == 0.5 and abs(x0.std().item() / s0 - 1) < 0.15 and abs(x0.mean().item()) < 0.1
+    assert abs(torch.corrcoef(torch.stack([x0.flatten(), x1.flatten()]))[0, 1]) < 0.2
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert math.isclose(logged, mean, rel_tol=1e-5)
+    cfg = lambda **k: fm.Config(**{"lr": 1.0, "iters": 100, **k})
+    assert [fm.lr_at(cfg(warmup=4), i) for i in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]  # a first step that trains
+    assert fm.lr_at(cfg(), 0) == 1.0 and fm.lr_at(cfg(lr_schedule="cosine"), 50) == 0.5
+    assert [fm.lr_at(cfg(lr_schedule="sqrt", lr_ref=10), i) for i in (0, 10, 40)] == [1.0, 1.0, 0.5]
+
+
 class Recorder(torch.nn.Module):
     def __init__(self):
         super().__init__()
