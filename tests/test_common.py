@@ -1415,6 +1415,20 @@ def test_guard_stops_at_max_skips_in_a_row(tmp_path):
         g.check_run(10, 3)
 
 
+def test_guard_counts_skips_in_a_row_and_in_all(tmp_path):
+    """`run` (what --max_skips stops on) counts skipped steps in a row, a good step resets it; `count` counts them
+    all (the log's `skipped`)."""
+    env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
+    g = C.Guard(env, 10, type("Log", (), {})(), str(tmp_path / "ckpt.pt"))
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    for ok in (False, False, True, False):
+        w.grad = torch.ones(2)
+        g.step(opt, ok=torch.tensor(ok))
+        g.end_step(torch.tensor(0.0))
+    assert (int(g.run), int(g.count)) == (1, 3) and torch.equal(w.detach(), torch.full((2,), 0.9))
+
+
 @pytest.mark.parametrize("bad_step,optim,run", [(0, "adam", None), (2, "adam", None), (2, "radam", None),
                                                 (0, "adam", 7), (2, "radam", 7)])
 def test_guard_skip_paths_agree(tmp_path, monkeypatch, bad_step, optim, run):
