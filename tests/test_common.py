@@ -986,6 +986,15 @@ def test_fid_per_index_seeds_and_labels():
     assert torch.equal(z[1], torch.randn(5, generator=torch.Generator().manual_seed(14)))
 
 
+def test_a_sample_with_one_non_finite_value_is_counted():
+    """_counted counts a sample that holds a single NaN or inf value, not only one that is NaN throughout."""
+    x = torch.zeros(4, 3, 2, 2)
+    x[1, 2, 0, 1], x[3, 0, 1, 1] = math.nan, math.inf
+    g = C._counted(lambda rng, y: x, env1())
+    g(None, None), g(None, None)
+    assert int(g.bad) == 4  # two samples a call, summed over the calls
+
+
 def test_samples_with_a_nan_are_never_written_or_scored(tmp_path, capsys):
     """sample and fid refuse a step count whose samples hold a NaN (weights that overflow): np.save wrote it over a
     good file, and to_uint8 turned NaN images into black ones, saved and scored as if fine."""
