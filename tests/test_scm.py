@@ -245,6 +245,27 @@ def test_warmup_schedule_and_r0_ignores_jvp(monkeypatch):
     assert not torch.allclose(base1, pert1)  # control: at r = 1 it is not
 
 
+def test_train_lr_ramp_ema_images_and_noise(monkeypatch, tmp_path):
+    """train()'s schedules read the images seen before each step, as EDM's training_loop.py (cur_nimg): the lr ramp
+    lr min(1, n_img / (1000 lr_ramp_kimg)) (0 at the first step; the cosine decay on top) and the EMA's n_img
+    (its ramp h = min(H, rho n_img)); the diffusion loss sees z ~ N(0, sigma_d^2 I) apart from the data."""
+    lrs, imgs, seen = [], [], []
+    step, update, vel = C.Guard.step, C.EMA.update, scm.velocity
+    monkeypatch.setattr(C.Guard, "step", lambda g, opt, *a, **k: (lrs.append(opt.param_groups[0]["lr"]),
+                                                                  step(g, opt, *a, **k))[1])
+    monkeypatch.setattr(C.EMA, "update", lambda e, m, n, b: (imgs.append((n, b)), update(e, m, n, b))[1])
+    monkeypatch.setattr(scm, "velocity", lambda x0, z, t: (seen.append((x0, z)), vel(x0, z, t))[1])
+    scm.main(["--mode", "diffusion", "--batch", "256", "--width", "16", "--depth", "1", "--heun_steps", "1",
+              "--eval_n", "16", "--iters", "4", "--lr", "0.1", "--lr_ramp_kimg", "0.512", "--lr_schedule", "cosine",
+              "--out", str(tmp_path / "o")])
+    cos = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([0.1 * min(1, k / 2) * cos[k] for k in range(4)], rel=1e-12, abs=1e-15)
+    assert imgs == [(256 * k, 256) for k in range(4)]
+    x0, z = seen[0]
+    assert abs(z.std().item() / 0.5 - 1) < 0.15  # sigma_d = 0.5
+    assert abs(torch.corrcoef(torch.stack([x0.flatten(), z.flatten()]))[0, 1]) < 0.2
+
+
 def test_normalisation_bounds():
     g = torch.Generator().manual_seed(6)
     gr = torch.randn(32, 3, 4, 4, generator=g, dtype=torch.float64)
