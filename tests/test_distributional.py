@@ -511,6 +511,24 @@ def test_11_ema_ramp_values():
         assert ema.beta(n, 256) == D.ema_beta(n, 256, 5e5, 0.05)
 
 
+def test_11_train_ema_images_and_cosine_lrs(monkeypatch, tmp_path):
+    """The loop hands the EMA the images seen before each step (EDM's cur_nimg: h = min(H, rho n_img) starts at 0, so
+    the first update copies G), and the cosine schedule scales both lrs (D's after the lazy-R1 factor r/(r+1))."""
+    imgs, lrs = [], []
+    update, step = C.EMA.update, C.Guard.step
+    monkeypatch.setattr(C.EMA, "update", lambda e, m, n, b: (imgs.append((n, b)), update(e, m, n, b))[1])
+    monkeypatch.setattr(C.Guard, "step", lambda g, opt, *a, **k: (lrs.append(opt.param_groups[0]["lr"]),
+                                                                  step(g, opt, *a, **k))[1])
+    D.main(["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
+            "--eval_n", "16", "--eval_steps", "1", "--iters", "3", "--r1_interval", "16", "--lr_g", "0.01",
+            "--lr_d", "0.02", "--lr_schedule", "cosine", "--ema_halflife_img", "1000", "--ema_rampup", "0.05",
+            "--out", str(tmp_path / "o")])
+    assert imgs == [(0, 16), (16, 16), (32, 16)]
+    cos = [0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
+    want = [v for k in range(3) for v in (0.01 * cos[k], 0.02 * 16 / 17 * cos[k])]  # G, then D, each step
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
 def test_12_conditional_projection_and_labels():
     proj = D.Projection(10)
     phi = torch.randn(3, 64, 2, 2, generator=gen(0))
