@@ -124,6 +124,41 @@ def test_ushape_affine_t_eps_map():
 
 
 # ------------------------------------------------------------------------------------------ 3. pseudo-Huber
+def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
+    """train()'s loss of each stage (its own lines, not only per_sample_loss): 1-RF's logged loss is
+    mean |v(x_t, t) - (z - x)|^2 at x_t = (1 - t) x + t z with z ~ N(0, I), t in [0, 1); 2-RF++ draws t from
+    sample_t (the U-shape) and the pseudo-Huber c = 0.00054 d (2-RF++ §4.2); sample_t maps into [t_eps, 1 - t_eps]."""
+    ev, build, interp, draw, psl = [], R.build, R.interpolate, R.sample_t, R.per_sample_loss
+
+    def built(nd):
+        net = build(nd)
+        net.register_forward_hook(lambda m, i, o: ev.append(("v", o.detach().clone(), i[0].detach().clone())))
+        return net
+    monkeypatch.setattr(R, "build", built)
+    monkeypatch.delitem(R.PRESETS["toy"], "huber_c")  # (the toy's 0.04): rfpp's default c
+    monkeypatch.setattr(R, "interpolate", lambda x, z, t: (ev.append(("x", x, z, t)), interp(x, z, t))[1])
+    monkeypatch.setattr(R, "sample_t", lambda n, cfg, d: (ev.append(("t", cfg.stage, cfg.t_dist)), draw(n, cfg, d))[1])
+    monkeypatch.setattr(R, "per_sample_loss", lambda v, x, z, x_t, t, loss, c, lp=None: (
+        ev.append(("2rf", x_t, t, c, ev[-1])), psl(v, x, z, x_t, t, loss, c, lp))[1])
+    out = tmp_path / "o"
+    R.main(["--stage", "all", "--iters", "2", "--batch", "256", "--n_pairs", "256", "--pair_block", "256",
+            "--pair_batch", "256", "--pair_steps", "2", "--straight_k", "2", "--eval_n", "16", "--eval_steps", "1",
+            "--log_every", "1", "--out", str(out)])
+    i = [k for k, e in enumerate(ev) if e[0] == "x"][1]  # the second step (v = 0 at the zero-initialised start)
+    (_, x, z, t), (tag, v, x_t) = ev[i], ev[i + 1]
+    assert tag == "v" and float(t.min()) >= 0 and float(t.max()) < 1 and abs(z.std().item() - 1) < 0.1
+    assert torch.equal(x_t, (1 - t[:, None]) * x + t[:, None] * z) and v.abs().max() > 1e-4
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[1])["loss"]
+    assert math.isclose(logged, (v.float() - (z - x)).square().mean().item(), rel_tol=1e-5)
+    (x_t2, t2, c, before), _ = [e[1:] for e in ev if e[0] == "2rf"]
+    assert c == pytest.approx(0.00054 * 2) and before[0] == "v" and ("t", "2rf", "ushape") in ev
+    assert torch.equal(before[2], x_t2)  # the network sees x_t
+    assert float(t2.min()) >= 1e-5 and (t2 - 0.5).abs().mean() > 0.3  # U-shaped: E|t - 1/2| = 0.31 (uniform 0.25)
+    cfg = R.Config(stage="2rf", t_dist="uniform", t_eps=0.1)
+    t3 = R.sample_t(4000, cfg, "cpu")
+    assert 0.1 <= float(t3.min()) < 0.11 and 0.89 < float(t3.max()) <= 0.9
+
+
 def test_pseudo_huber_numbers_and_gradient():
     d, c = 3072, 1.65888
     assert abs(0.00054 * d - c) < 1e-12
