@@ -418,6 +418,36 @@ def test_09_routing_between_G_and_D():
     assert any(not torch.equal(d1[k], v) for k, v in Dn.state_dict().items() if "heads" in k and not sn(k))
 
 
+def test_09_labels_reach_G_and_D_in_both_steps():
+    """Class-conditional GDD: G(z, y) and D(., y) get the real batch's labels in the G step and the D step (fake
+    labels = the real batch's)."""
+    seen = []
+
+    class Gen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.full((2,), 0.5))
+
+        def forward(self, x, t, y=None):
+            seen.append(("G", y))
+            return x * self.w
+
+    class Disc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, x, y=None, amp=None):
+            seen.append(("D", y))
+            return (x * self.w).sum(1, keepdim=True)
+    g, d, x, y = Gen(), Disc(), torch.randn(4, 2), torch.tensor([0, 1, 2, 1])
+    amp = lambda: C.autocast(env1())
+    opt = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+    D.g_step(g, d, list(d.parameters()), list(g.parameters()), opt(g), x, y, 1.0, "ns", env1(), amp)
+    D.d_step(g, d, list(d.parameters()), opt(d), x, y, 1.0, "ns", env1(), amp)
+    assert [k for k, _ in seen] == ["G", "D", "G", "D", "D"] and all(v is y for _, v in seen)
+
+
 # ============================================================================== 10: R1
 class LinD(nn.Module):
     def __init__(self, w, b):
