@@ -754,15 +754,20 @@ def test_13_train_uses_online_weights_as_target(monkeypatch, tmp_path):
 
 def test_13_train_draws_the_prior_noise_at_sigma_d(monkeypatch, tmp_path):
     """The training loop's eps is N(0, sigma_d^2 I) (IMM Alg. 1; sigma_d = 0.5 here), drawn apart from the data, and
-    each group's (s, r, t) obey t_min <= s <= r <= t <= T: the loop's draws, not only sample_times's."""
-    seen, orig = [], imm.imm_loss
+    each group's (s, r, t) obey t_min <= s <= r <= t <= T: the loop's draws, not only sample_times's; the cosine
+    schedule's lr at step k is lr (1 + cos(pi k / iters)) / 2."""
+    seen, lrs, orig, step = [], [], imm.imm_loss, C.Guard.step
+    monkeypatch.setattr(C.Guard, "step", lambda g, opt, *a, **k: (lrs.append(opt.param_groups[0]["lr"]),
+                                                                  step(g, opt, *a, **k))[1])
 
     def spy(model, target, x, eps, s, r, t, cfg, *a, **k):
         seen.append((x.clone(), eps.clone(), s, r, t, cfg.sigma_d, cfg.t_min, cfg.T))
         return orig(model, target, x, eps, s, r, t, cfg, *a, **k)
     monkeypatch.setattr(imm, "imm_loss", spy)
-    imm.main(["--iters", "1", "--batch", "256", "--eval_n", "32", "--eval_steps", "1", "--out", str(tmp_path / "o")])
-    (x, eps, s, r, t, sd, lo, hi), = seen
+    imm.main(["--iters", "4", "--batch", "256", "--eval_n", "32", "--eval_steps", "1", "--lr", "0.01",
+              "--lr_schedule", "cosine", "--out", str(tmp_path / "o")])
+    assert lrs == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-12)
+    (x, eps, s, r, t, sd, lo, hi) = seen[0]
     assert sd == 0.5 and abs(eps.std().item() / sd - 1) < 0.15 and abs(eps.mean().item()) < 0.1
     assert not torch.equal(eps, x) and abs(torch.corrcoef(torch.stack([eps.flatten(), x.flatten()]))[0, 1]) < 0.2
     assert bool((lo <= s).all() and (s <= r).all() and (r <= t).all() and (t <= hi).all())
