@@ -128,7 +128,10 @@ def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     """train()'s loss of each stage (its own lines, not only per_sample_loss): 1-RF's logged loss is
     mean |v(x_t, t) - (z - x)|^2 at x_t = (1 - t) x + t z with z ~ N(0, I), t in [0, 1); 2-RF++ draws t from
     sample_t (the U-shape) and the pseudo-Huber c = 0.00054 d (2-RF++ §4.2); sample_t maps into [t_eps, 1 - t_eps]."""
-    ev, build, interp, draw, psl = [], R.build, R.interpolate, R.sample_t, R.per_sample_loss
+    ev, lrs, build, interp, draw, psl = [], [], R.build, R.interpolate, R.sample_t, R.per_sample_loss
+    step = C.Guard.step
+    monkeypatch.setattr(C.Guard, "step", lambda g, opt, *a, **k: (lrs.append(opt.param_groups[0]["lr"]),
+                                                                  step(g, opt, *a, **k))[1])
 
     def built(nd):
         net = build(nd)
@@ -143,7 +146,9 @@ def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     out = tmp_path / "o"
     R.main(["--stage", "all", "--iters", "2", "--batch", "256", "--n_pairs", "256", "--pair_block", "256",
             "--pair_batch", "256", "--pair_steps", "2", "--straight_k", "2", "--eval_n", "16", "--eval_steps", "1",
-            "--log_every", "1", "--out", str(out)])
+            "--log_every", "1", "--warmup", "4", "--out", str(out)])
+    # warm-up lr min(1, (k + 1) / 4) from the first step; 1-RF (toy: 1e-3, cosine over 2 steps), 2-RF (3e-4, const)
+    assert lrs == pytest.approx([1e-3 * 0.25, 1e-3 * 0.5 * 0.5, 3e-4 * 0.25, 3e-4 * 0.5], rel=1e-12)
     i = [k for k, e in enumerate(ev) if e[0] == "x"][1]  # the second step (v = 0 at the zero-initialised start)
     (_, x, z, t), (tag, v, x_t) = ev[i], ev[i + 1]
     assert tag == "v" and float(t.min()) >= 0 and float(t.max()) < 1 and abs(z.std().item() - 1) < 0.1
