@@ -568,7 +568,7 @@ def resolve(cfg, data, teacher_std):
 
 # ============================================================================================================= training
 def lr_at(cfg, step):
-    lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    lr = cfg.lr * (min(1.0, step / cfg.warmup) if cfg.warmup else 1.0)  # from 0 (py-meanflow train.py's LinearLR)
     if cfg.lr_schedule == "cosine":
         return lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iters))
     return lr * max(step / cfg.lr_ref, 1.0) ** -0.5 if cfg.lr_schedule == "sqrt" else lr

@@ -968,8 +968,9 @@ def train(cfg, given, env):
 
     model.train()
     while step < iters:
-        for grp in opt.param_groups:  # linear warm-up from 0, then constant or a cosine decay to 0
-            grp["lr"] = (cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup and stage != "ft" else cfg.lr) * (
+        for grp in opt.param_groups:  # linear warm-up from 0 (lr x step / warmup: rfpp train.py, Liu et al.'s
+            # score_sde-based optimization_manager), then constant or a cosine decay to 0
+            grp["lr"] = (cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup and stage != "ft" else cfg.lr) * (
                 0.5 * (1 + math.cos(math.pi * step / iters)) if cfg.lr_schedule == "cosine" else 1.0)
         opt.zero_grad(set_to_none=True)
         total = 0.0

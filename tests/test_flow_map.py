@@ -484,7 +484,7 @@ def test_10_train_noise_loss_mean_and_lr_schedule(monkeypatch, tmp_path):
     logged = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
     assert math.isclose(logged, mean, rel_tol=1e-5)
     cfg = lambda **k: fm.Config(**{"lr": 1.0, "iters": 100, **k})
-    assert [fm.lr_at(cfg(warmup=4), i) for i in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]  # a first step that trains
+    assert [fm.lr_at(cfg(warmup=4), i) for i in (0, 1, 3, 4, 50)] == [0.0, 0.25, 0.75, 1.0, 1.0]  # from 0
     assert fm.lr_at(cfg(), 0) == 1.0 and fm.lr_at(cfg(lr_schedule="cosine"), 50) == 0.5
     assert [fm.lr_at(cfg(lr_schedule="sqrt", lr_ref=10), i) for i in (0, 10, 40)] == [1.0, 1.0, 0.5]
 

@@ -144,18 +144,20 @@ def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     monkeypatch.setattr(R, "per_sample_loss", lambda v, x, z, x_t, t, loss, c, lp=None: (
         ev.append(("2rf", x_t, t, c, ev[-1])), psl(v, x, z, x_t, t, loss, c, lp))[1])
     out = tmp_path / "o"
-    R.main(["--stage", "all", "--iters", "2", "--batch", "256", "--n_pairs", "256", "--pair_block", "256",
+    R.main(["--stage", "all", "--iters", "3", "--batch", "256", "--n_pairs", "256", "--pair_block", "256",
             "--pair_batch", "256", "--pair_steps", "2", "--straight_k", "2", "--eval_n", "16", "--eval_steps", "1",
             "--log_every", "1", "--warmup", "4", "--out", str(out)])
-    # warm-up lr min(1, (k + 1) / 4) from the first step; 1-RF (toy: 1e-3, cosine over 2 steps), 2-RF (3e-4, const)
-    assert lrs == pytest.approx([1e-3 * 0.25, 1e-3 * 0.5 * 0.5, 3e-4 * 0.25, 3e-4 * 0.5], rel=1e-12)
-    i = [k for k, e in enumerate(ev) if e[0] == "x"][1]  # the second step (v = 0 at the zero-initialised start)
+    # warm-up lr min(1, k / 4), 0 at the first step (rfpp, score_sde); 1-RF (toy: 1e-3, cosine over 3 steps), 2-RF
+    # (3e-4, const)
+    assert lrs == pytest.approx([0.0, 1e-3 * 0.25 * 0.75, 1e-3 * 0.5 * 0.25, 0.0, 3e-4 * 0.25, 3e-4 * 0.5], rel=1e-12)
+    i = [k for k, e in enumerate(ev) if e[0] == "x"][2]  # the third step (v = 0 at the zero-initialised start and
+    # after the first step, at lr 0)
     (_, x, z, t), (tag, v, x_t) = ev[i], ev[i + 1]
     assert tag == "v" and float(t.min()) >= 0 and float(t.max()) < 1 and abs(z.std().item() - 1) < 0.1
     assert torch.equal(x_t, (1 - t[:, None]) * x + t[:, None] * z) and v.abs().max() > 1e-4
-    logged = json.loads((out / "log.jsonl").read_text().splitlines()[1])["loss"]
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[2])["loss"]
     assert math.isclose(logged, (v.float() - (z - x)).square().mean().item(), rel_tol=1e-5)
-    (x_t2, t2, c, before), _ = [e[1:] for e in ev if e[0] == "2rf"]
+    (x_t2, t2, c, before), *_ = [e[1:] for e in ev if e[0] == "2rf"]
     assert c == pytest.approx(0.00054 * 2) and before[0] == "v" and ("t", "2rf", "ushape") in ev
     assert torch.equal(before[2], x_t2)  # the network sees x_t
     assert float(t2.min()) >= 1e-5 and (t2 - 0.5).abs().mean() > 0.3  # U-shaped: E|t - 1/2| = 0.31 (uniform 0.25)
