@@ -665,6 +665,70 @@ def test_write_load_pairs_roundtrip(tmp_path):
     assert torch.equal(d2.batch(30, 0)[0], xp[d2.batch(30, 0)[1]])  # batches return pair indices as labels
 
 
+def test_train_step_adam_clip_then_ema(monkeypatch, tmp_path):
+    """One optimiser step of train() as the official loops take it: Adam betas (0.9, 0.999), eps 1e-8, no weight decay
+    (Liu et al. ImageGeneration/losses.py get_optimizer with default_cifar10_configs.py; rfpp train.py main); the
+    gradient clipped to total L2 norm `clip` over all the network's tensors before the step (losses.py
+    optimization_manager); then the EMA, at a constant decay, from the weights after that step, every step from the
+    first (rfpp EMA.py step, after optimizer.step; score_sde's ema.update after optimize_fn)."""
+    seen, clip, step, update = [], torch.nn.utils.clip_grad_norm_, C.Guard.step, C.EMA.update
+
+    def clipped(params, max_norm, *a, **k):
+        params = list(params)
+        pre = torch.cat([p.grad.flatten() for p in params]).norm()
+        out = clip(params, max_norm, *a, **k)
+        seen.append(("clip", len(params), max_norm, a, k, float(pre)))
+        return out
+
+    def stepped(g, opt, *a, **k):
+        grp = opt.param_groups[0]
+        seen.append(("adam", grp["betas"], grp["eps"], grp["weight_decay"], grp["amsgrad"],
+                     float(torch.cat([p.grad.flatten() for p in grp["params"]]).norm())))
+        out = step(g, opt, *a, **k)
+        seen.append(("after", [p.detach().clone() for p in grp["params"]]))
+        return out
+
+    def ema_update(e, model, nimg, batch):
+        before = [p.detach().clone() for p in e.model.parameters()]
+        update(e, model, nimg, batch)
+        seen.append(("ema", before, [p.detach().clone() for p in e.model.parameters()]))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clipped)
+    monkeypatch.setattr(C.Guard, "step", stepped)
+    monkeypatch.setattr(C.EMA, "update", ema_update)
+    R.main(["--stage", "1rf", "--iters", "2", "--batch", "64", "--clip", "0.01", "--ema", "0.9", "--eval_n", "16",
+            "--straight_k", "2", "--eval_steps", "1", "--out", str(tmp_path / "o")])
+    assert [e[0] for e in seen] == ["clip", "adam", "after", "ema"] * 2
+    n = sum(1 for _ in R.build(torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["net"]).parameters())
+    for k in range(2):
+        c, o, (_, after), (_, before, ema) = seen[4 * k:4 * k + 4]
+        (_, m, max_norm, a, kw, pre), (_, betas, eps, wd, ams, post) = c, o
+        assert m == n and max_norm == 0.01 and a == () and kw.get("norm_type", 2.0) == 2.0  # all tensors, L2
+        assert pre > 0.01 and post == pytest.approx(0.01, rel=1e-4)  # clipped before the step
+        assert betas == (0.9, 0.999) and eps == 1e-8 and wd == 0 and not ams
+        for b, w, e in zip(before, after, ema):  # EMA <- 0.9 EMA + 0.1 (weights after this step)
+            assert torch.allclose(e, 0.9 * b + 0.1 * w, rtol=0, atol=1e-6)
+        assert any(not torch.equal(b, w) for b, w in zip(before, after))
+
+
+def test_cifar10_preset_is_the_official_recipe():
+    """The `cifar10` stages resolve to the official runs' values. 2rf and pairs: rfpp README (train.py --batchsize 512
+    --learning_rate 2e-4 --warmup_steps 5000 --iterations 800001 --ema_decay 0.9999 --a 4 --loss_type lpips-huber
+    --lpips_divt; generate_edm.py --N 18 from EDM's VE pickle), train.py (Adam, no clipping, save_iter 50000),
+    t_dist.py (t in [1e-5, 1 - 1e-5]), configs_unet/cifar10_ve_aug.json (dropout 0.13, no flips of the pairs).
+    1rf: Liu et al. default_cifar10_configs.py (lr 2e-4, warm-up 5000, grad_clip 1, random_flip); its batch, length
+    and EMA are the project's (preset comment)."""
+    def stage(s):
+        return C.resolve_config(R.Config, R.PRESETS, "cifar10", {}, stage=s)
+    one, pairs, two = stage("1rf"), stage("pairs"), stage("2rf")
+    assert (one.lr, one.warmup, one.lr_schedule, one.clip, one.xflip, one.t_eps) == (2e-4, 5000, "const", 1.0, True, 0)
+    assert (two.batch, two.iters, two.lr, two.warmup, two.lr_schedule, two.clip, two.ema, two.xflip, two.accum) == \
+        (512, 800_000, 2e-4, 5000, "const", None, 0.9999, False, 1)
+    assert (two.t_dist, two.a, two.t_eps, two.loss, two.huber_c, two.lpips_res) == \
+        ("ushape", 4.0, 1e-5, "lpips-huber-1/t", None, 224)
+    assert two.teacher == pairs.teacher == R.EDM_CIFAR10 and two.ckpt_every == 50_000 and two.precision == "tf32"
+    assert (pairs.n_pairs, pairs.pair_steps, pairs.pair_grid) == (1_000_000, 18, "edm")
+
+
 def test_2rf_init_equals_teacher_ema(tiny, monkeypatch):
     root, base, teacher = tiny["root"], tiny["base"], tiny["teacher"]
     pairs = tiny["pairs"]
