@@ -531,6 +531,21 @@ def test_10_r1_schedule_and_optimisers(tmp_path, monkeypatch):
     assert all(0 < r["D_real"] < 1 and 0 < r["D_fake"] < 1 for r in logs)
 
 
+def test_10_cifar10_preset_is_train_sh_gdd_i():
+    """The `cifar10` preset resolves to Zyriix/GDD train.sh's "GDD-I / CIFAR-10 uncond" line: --freeze=1 --batch=256
+    --lr=1e-4 --dlr=1e-4 --duration=5 (training_loop.py: steps until >= 5 Mimg, ceil(5e6 / 256)) --ema=0.5
+    (--ema-warmup 0.05 by default) --loss-type=ns --r1-gamma=1e-4 at 64 images per GPU (--nproc_per_node=4)
+    --diffaug=False, no x-flips, EDM's uncond VE pickle; lazy R1 every 16 (training_loop.py r1_interval); constant lrs
+    (lr_rampup_kimg 0); snapshots every 250 kimg (--snap=10 ticks of --tick=25 kimg)."""
+    c = C.resolve_config(D.Config, D.PRESETS, "cifar10", {})
+    assert (c.freeze, c.disc, c.disc_backbones, c.cond, c.loss, c.diffaug) == ("gdd_i", "projected", "vgg,effnet",
+                                                                             False, "ns", "")
+    assert (c.batch, c.iters, c.lr_g, c.lr_d, c.lr_schedule) == (256, math.ceil(5e6 / 256), 1e-4, 1e-4, "const")
+    assert (c.ema_halflife_img, c.ema_rampup, c.r1_interval, c.r1_gamma, c.r1_gdd_batch) == (5e5, 0.05, 16, None, 64)
+    assert D.gdd_gamma(c, {}) == 1e-4 and c.teacher == "edm-cifar10-32x32-uncond-ve.pkl" and c.teacher_iters == 0
+    assert c.ckpt_every == c.fid_every == round(250e3 / 256) and c.precision == "bf16"
+
+
 # ============================================================================== 11-12: EMA, conditioning
 def test_11_ema_ramp_values():
     assert D.ema_beta(0, 256, 5e5, 0.05) == 0.0
