@@ -215,6 +215,16 @@ def test_fresh_output_near_zero_then_not_after_sgd(kind):
     assert torch.count_nonzero(net(x, t)) == out.numel() and net(x, t).abs().max() > 1e-3
 
 
+def test_unet_init_is_edms():
+    """EDM's init (NVlabs/edm training/networks.py SongUNet/UNetBlock): Xavier-uniform, qkv x sqrt(0.2) (init_attn),
+    conv1 x 1e-5 (init_zero), the rest x 1: the largest of a few thousand uniform draws lies within 5% of the bound."""
+    net = tiny()
+    for name, gain in (("8x8_block0.qkv", math.sqrt(0.2)), ("8x8_block0.conv0", 1.0), ("8x8_block0.conv1", 1e-5)):
+        w = net.enc.get_submodule(name).weight
+        bound = gain * math.sqrt(6 / (w[0].numel() + w[:, 0].numel()))
+        assert 0.95 * bound < w.abs().max() <= bound, name
+
+
 # ======================================================================== 3. JVP vs central differences
 def _jvp_rel_errors(net, args, seed_dropout=None):
     """Relative error of torch.func.jvp against a central difference (h = 1e-5), per input and jointly."""
@@ -372,6 +382,11 @@ def test_encoder_feature_shapes():
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8)]
     feats = mlp().encoder_features(torch.randn(5, 2), torch.rand(5))
     assert [tuple(f.shape) for f in feats] == [(5, 128)] * 3
+    net, got = tiny(nb=2), {}  # each level's LAST encoder block (with nb = 1 the first is the last)
+    for k in ("16x16_block1", "8x8_block1"):
+        net.enc[k].register_forward_hook(lambda m, a, out, k=k: got.__setitem__(k, out))
+    feats = net.encoder_features(torch.randn(2, 3, 16, 16), torch.rand(2))
+    assert torch.equal(feats[0], got["16x16_block1"]) and torch.equal(feats[1], got["8x8_block1"])
 
 
 @pytest.mark.parametrize("kind", ["unet", "mlp"])
@@ -406,6 +421,9 @@ def test_weight_head(num_times):
     assert head.linear.weight.grad.abs().sum() > 0 and head.linear.bias.grad.abs().sum() > 0
     with C.autocast(env1("bf16")):
         assert head(t.double(), s.double() if num_times == 2 else None).dtype == torch.float32
+    perturb(head)  # logvar = Linear([PE(tau t), PE(tau s)]) with tau = time_scale
+    u = torch.cat([C._pe(10.0 * v, 16) for v in (t, s)[:num_times]], 1)
+    assert torch.allclose(head(t, s if num_times == 2 else None), head.linear(u)[:, 0], atol=1e-6)
 
 
 # ======================================================================== 9. toys
