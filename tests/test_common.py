@@ -447,6 +447,9 @@ def test_toy_errors_and_modes():
     assert C.modes_covered(x, centres, std) == 8
     assert C.in_mode(x, centres, std) > 0.98
     assert C.toy_modes("moons") is None
+    k = 0.5 / math.sqrt(0.5 + 0.05 ** 2)  # toy_sample's scale: centres on the circle of radius k, std 0.05 k
+    assert torch.allclose(centres.norm(dim=1), torch.full((8,), k)) and std == pytest.approx(0.05 * k)
+    assert C.in_mode(x, centres, std) == pytest.approx(1 - math.exp(-4.5), abs=0.004)  # P(|N(0, I_2)| < 3)
 
 
 # ======================================================================== 10. uint8 round trip
@@ -1926,6 +1929,15 @@ def test_toy_metrics():
         assert C.modes_covered(x, centres, 0.01) == covered, extra
     with pytest.raises(ValueError):
         C.swd(a, a[:10])
+    ring = lambda r: centres[:1] + r * 0.01 * torch.tensor([[0.6, 0.8]])  # one point r std from centre 0
+    assert C.in_mode(ring(2.9), centres, 0.01) == 1 and C.in_mode(ring(3.1), centres, 0.01) == 0
+    far = torch.cat([centres[torch.tensor([1, 2, 3] * 10)], ring(2.9).expand(10, 2)])
+    assert C.modes_covered(far, centres, 0.01) == 4
+    assert C.modes_covered(torch.cat([far[:30], ring(3.1).expand(10, 2)]), centres, 0.01) == 3
+    x = C.toy_sample("checkerboard", 4000, g)
+    cell = 0.5 / math.sqrt(4 / 3)  # one unit square in toy_sample's units
+    assert C.in_square(x) == 1.0 and C.in_square(x + torch.tensor([cell, 0.0])) == 0.0  # the empty squares
+    assert C.in_square(torch.tensor([[-0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [2.5, 2.5], [-2.5, -2.5]]) * cell) == 0.4
 
 
 # ======================================================================== 18. DDP on CPU (torchrun, gloo)
