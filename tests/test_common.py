@@ -930,6 +930,13 @@ def test_streaming_stats_equal_numpy():
         assert np.abs(sigma.numpy() - np.cov(F.numpy(), rowvar=False, ddof=1)).max() < 1e-10
 
 
+def test_shards_cover_the_indices_in_the_same_number_of_batches_per_rank():
+    for n, batch, world in ((10, 4, 2), (101, 7, 3), (5, 250, 4)):
+        chunks = C._shards(n, batch, C.Env(0, world, 0, CPU, True, "fp32"))
+        assert torch.equal(torch.cat(chunks), torch.arange(n)) and max(map(len, chunks)) <= batch
+        assert len(chunks) % world == 0, (n, batch, world)  # rank r takes chunks r, r + world, ...
+
+
 def test_standin_detector():
     det = C.load_detector(standin_path(), env1())
     assert det.name == "standin" and det.dim == 32
