@@ -1304,6 +1304,21 @@ def test_cli_value_types():
     assert _cli("--mode", "slow")[1].mode == "slow"
 
 
+def test_check_value_ranges_and_types():
+    """A value that reaches check_value without the command line's converter (a preset, a saved config)."""
+    ok = [("ema", float, 0.0, "[0, 1)"), ("ema", float, 0.999, "[0, 1)"), ("augment", float, 1.0, "[0, 1]"),
+          ("seed", int, 2 ** 63 - 1, None), ("steps", list[int], [1, 100000], C.STEPS)]
+    for name, typ, v, rule in ok:
+        assert C.check_value(name, typ, v, rule) == v
+    bad = [("ema", float, 1.0, "[0, 1)", r"--ema must be in \[0, 1\), got 1.0"),
+           ("batch", int, True, ">= 1", "integer"), ("lr", float, 0.0, "> 0", "positive"),
+           ("seed", int, 2 ** 63, None, "below 2"), ("steps", list[int], [1, 0], C.STEPS, r"in \[1, 100000\], got 0"),
+           ("lr", float, math.inf, "> 0", "finite")]
+    for name, typ, v, rule, words in bad:
+        with pytest.raises(C.UserError, match=words):
+            C.check_value(name, typ, v, rule)
+
+
 def test_cli_errors(capsys):
     with pytest.raises(C.UserError, match="--lr"):
         _cli("--lrr", "1")
