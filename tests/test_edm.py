@@ -85,6 +85,14 @@ def test_golden_heun_sampler(golden, edm_nets, case):
     assert (out - h["out"]).abs().max() <= 1e-6 * h["out"].abs().max()
 
 
+def test_vp_default_sigma_range_is_the_one_edm_wrote(edm_nets):
+    """EDMDenoiser('vp') without a range computes EDM's VPPrecond.sigma_min/max = sigma(epsilon_t), sigma(1)."""
+    den = edm_nets["vp_ddpmpp_cond"][0]
+    vp = C.EDMDenoiser(den.net, "vp")
+    assert (vp.sigma_min, vp.sigma_max) == (den.sigma_min, den.sigma_max)
+    assert 0.0009 < vp.sigma_min < 0.0011 and 152 < vp.sigma_max < 153  # sqrt(e^(beta_d/2 + beta_min) - 1) ~ 152.2
+
+
 def test_edm_written_pickle_metadata(golden, edm_nets):
     _, info = edm_nets["ve_ncsnpp_cond"]
     assert info["dataset_kwargs"]["use_labels"] is True and info["use_fp16"] is False
