@@ -1082,7 +1082,7 @@ class FidHook:
         for label, gen in (gens.items() if self.state else ()):
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
                 out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
-            self.log.info(f"step {step} | FID-{self.n // 1000}k proxy ({label}) {out[label]:.3f}")
+            self.log.info(f"step {step} | FID-{self.n / 1000:g}k proxy ({label}) {out[label]:.3f}")
         return out
 
 

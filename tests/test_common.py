@@ -984,8 +984,8 @@ def test_fid_hook_in_training(tmp_path):
     det = C.load_detector(standin_path(), env)
     ref = C.reference_stats(data, det, env, str(tmp_path))
     assert got["copy"] < 1e-6 and got["zeros"] == C.compute_fid(gens["zeros"], 40, ref, det, env, 250)
-    assert lines == [f"step 7 | FID-0k proxy (copy) {got['copy']:.3f}",
-                     f"step 7 | FID-0k proxy (zeros) {got['zeros']:.3f}"]
+    assert lines == [f"step 7 | FID-0.04k proxy (copy) {got['copy']:.3f}",
+                     f"step 7 | FID-0.04k proxy (zeros) {got['zeros']:.3f}"]
     lines.clear()
     off = C.FidHook(str(tmp_path / "missing.pt"), data, env, str(tmp_path), 40, log)
     assert off(1, gens) == {} and off(2, gens) == {} and lines == ["FID skipped: detector unavailable"]

@@ -910,7 +910,7 @@ def test_tiny_other_discriminators_and_hinge(imgs, tmp_path, extra, capsys):
     if "teacher" in extra:
         assert "K = 32 logits" in out and "fraction 0.7860" in out and any(k.startswith("encoder.") for k in ck["disc"])
     else:
-        assert out.count("FID-0k proxy") == 3  # steps 0, 2 and 4
+        assert out.count("FID-0.016k proxy") == 3  # steps 0, 2 and 4
 
 
 def test_14_tiny_projected_d_end_to_end_names_precisions_and_k(imgs, tmp_path, capsys):
