@@ -570,7 +570,8 @@ def train(cfg, given, env):
                  f"--teacher with a --mode diffusion run's ckpt.pt (runs/scm-diffusion-{cfg.preset}/ckpt.pt by "
                  f"default) for that, or run --mode all.")
     log.info(f"{METHOD} {mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
-             f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP fp32, TF32 off) | "
+             f"{cfg.accum} | device {env.device} | precision {env.precision}"
+             f"{' (JVP fp32, TF32 off)' if mode != 'diffusion' else ''} | "
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
              + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))

@@ -245,7 +245,7 @@ def test_warmup_schedule_and_r0_ignores_jvp(monkeypatch):
     assert not torch.allclose(base1, pert1)  # control: at r = 1 it is not
 
 
-def test_train_lr_ramp_ema_images_and_noise(monkeypatch, tmp_path):
+def test_train_lr_ramp_ema_images_and_noise(monkeypatch, tmp_path, capsys):
     """train()'s schedules read the images seen before each step, as EDM's training_loop.py (cur_nimg): the lr ramp
     lr min(1, n_img / (1000 lr_ramp_kimg)) (0 at the first step; the cosine decay on top) and the EMA's n_img
     (its ramp h = min(H, rho n_img)); the diffusion loss sees z ~ N(0, sigma_d^2 I) apart from the data."""
@@ -258,6 +258,8 @@ def test_train_lr_ramp_ema_images_and_noise(monkeypatch, tmp_path):
     scm.main(["--mode", "diffusion", "--batch", "256", "--width", "16", "--depth", "1", "--heun_steps", "1",
               "--eval_n", "16", "--iters", "4", "--lr", "0.1", "--lr_ramp_kimg", "0.512", "--lr_schedule", "cosine",
               "--out", str(tmp_path / "o")])
+    start = capsys.readouterr().out.splitlines()[0]  # the diffusion teacher has no JVP to describe
+    assert start.startswith("scm diffusion |") and "JVP" not in start
     cos = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx([0.1 * min(1, k / 2) * cos[k] for k in range(4)], rel=1e-12, abs=1e-15)
     assert imgs == [(256 * k, 256) for k in range(4)]
