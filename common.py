@@ -1083,6 +1083,14 @@ class FidHook:
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
                 out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
             self.log.info(f"step {step} | FID-{self.n / 1000:g}k proxy ({label}) {out[label]:.3f}")
+        folder = getattr(self.log, "out", None)  # a run's Logger: the history kept beside log.jsonl (trimmed on resume)
+        if out and folder:
+            row = json.dumps(dict(step=step, fid=out, n=self.n, detector=self.state[0].name))
+
+            def write():  # rank 0 (a full disk stops every rank: agree)
+                with open(os.path.join(folder, "fid_train.jsonl"), "a") as f:
+                    f.write(row + "\n")
+            agree(self.env, write)
         return out
 
 
@@ -2118,7 +2126,8 @@ def check_dir(d, what):
         raise UserError(f"{what} '{d}' cannot be written ({e.strerror or type(e).__name__} in '{a}').") from None
 
 
-RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.jsonl", "samples.png")  # in DIR
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.jsonl", "fid_train.jsonl",
+             "samples.png")  # in DIR
 
 
 def check_layout(layout):
@@ -2682,7 +2691,7 @@ class Logger:
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)
-            for name in ("log.jsonl", "metrics.jsonl"):  # this run's history only: a resumed run's rows up to its
+            for name in ("log.jsonl", "metrics.jsonl", "fid_train.jsonl"):  # this run's history only: a resumed run's rows up to its
                 # step (a killed run's rows past it go), none of a fresh run's
                 _trim_jsonl(os.path.join(out, name), lambda k: 0 < start_step and k <= start_step)
         agree(env, start)

@@ -986,6 +986,13 @@ def test_fid_hook_in_training(tmp_path):
     assert got["copy"] < 1e-6 and got["zeros"] == C.compute_fid(gens["zeros"], 40, ref, det, env, 250)
     assert lines == [f"step 7 | FID-0.04k proxy (copy) {got['copy']:.3f}",
                      f"step 7 | FID-0.04k proxy (zeros) {got['zeros']:.3f}"]
+    assert not (tmp_path / "fid_train.jsonl").exists()  # (a log without a run folder: printed only)
+    run = C.Logger(str(tmp_path / "run"), env, 10, 4)  # a run's Logger: every FID also a row of fid_train.jsonl
+    C.FidHook(standin_path(), data, env, str(tmp_path), 40, run)(5, gens)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "fid_train.jsonl").read_text().splitlines()]
+    assert rows == [dict(step=5, fid=got, n=40, detector="standin")]
+    C.Logger(str(tmp_path / "run"), env, 10, 4, start_step=4)  # resumed at step 4: the row of step 5 goes
+    assert (tmp_path / "run" / "fid_train.jsonl").read_text() == ""
     lines.clear()
     off = C.FidHook(str(tmp_path / "missing.pt"), data, env, str(tmp_path), 40, log)
     assert off(1, gens) == {} and off(2, gens) == {} and lines == ["FID skipped: detector unavailable"]
