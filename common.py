@@ -2691,8 +2691,8 @@ class Logger:
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)
-            for name in ("log.jsonl", "metrics.jsonl", "fid_train.jsonl"):  # this run's history only: a resumed run's rows up to its
-                # step (a killed run's rows past it go), none of a fresh run's
+            for name in ("log.jsonl", "metrics.jsonl", "fid_train.jsonl"):  # this run's history only: a resumed
+                # run's rows up to its step (a killed run's rows past it go), none of a fresh run's
                 _trim_jsonl(os.path.join(out, name), lambda k: 0 < start_step and k <= start_step)
         agree(env, start)
 
