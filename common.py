@@ -1546,14 +1546,15 @@ def restore_rng(ckpt, env, generators=()):
         try:
             st = rng["ranks"][env.rank]
             torch.set_rng_state(st["cpu"])
-            if st["cuda"] is not None and env.device.type == "cuda":
+            saved_cuda, on_cuda = st["cuda"] is not None, env.device.type == "cuda"
+            if saved_cuda and on_cuda:
                 torch.cuda.set_rng_state(st["cuda"], env.device)
-            elif (st["cuda"] is None) != (env.device.type != "cuda"):  # written on another kind of device: a CUDA
-                # stream left at its seed would draw step 0's noise again
-                if env.device.type == "cuda":
+            elif saved_cuda != on_cuda:  # written on another kind of device: a CUDA stream left at its seed would draw
+                # step 0's noise again
+                if on_cuda:
                     torch.cuda.manual_seed(derive_seed(ckpt["config"].get("seed", 0), "cuda", env.rank, ckpt["step"]))
-                how = "CUDA's seeded from (seed, rank, step)" if env.device.type == "cuda" else "the CPU's"
-                note(f"warning: checkpoint written on {'the CPU' if st['cuda'] is None else 'CUDA'}, running on "
+                how = "CUDA's seeded from (seed, rank, step)" if on_cuda else "the CPU's"
+                note(f"warning: checkpoint written on {'CUDA' if saved_cuda else 'the CPU'}, running on "
                      f"{env.device.type.upper()}: its noise comes from another generator ({how}); the run goes on, "
                      f"but does not reproduce an unstopped one")
             for g, s in zip(generators, st["gens"]):
@@ -2654,9 +2655,9 @@ def held_output():
         note("\n".join(ln for ln in lines if ln))
 
 
-def _trim_jsonl(path, keep, other=False, keep_row=None):
-    """Keep the rows of a .jsonl log whose "step" passes keep(step) (or, given keep_row, that pass keep_row(row)),
-    atomically; a row without one, or that does not parse, is kept when `other`."""
+def _trim_jsonl(path, keep, other=False):
+    """Keep the rows of a .jsonl log that pass keep(row), atomically; a row keep cannot read (no "step", not an
+    object) or that does not parse is kept when `other`."""
     if not os.path.isfile(path):
         return
     with open(path, "rb") as f:
@@ -2664,8 +2665,7 @@ def _trim_jsonl(path, keep, other=False, keep_row=None):
     kept = []
     for r in rows:
         try:  # (invalid UTF-8 is a ValueError)
-            row = json.loads(r.decode())
-            ok = keep_row(row) if keep_row else keep(row["step"])
+            ok = keep(json.loads(r.decode()))
         except (ValueError, TypeError, KeyError, AttributeError):  # (a row that is not an object)
             ok = other
         if ok:
@@ -2693,7 +2693,7 @@ class Logger:
                     json.dump(dataclasses.asdict(config), f, indent=1)
             for name in ("log.jsonl", "metrics.jsonl", "fid_train.jsonl"):  # this run's history only: a resumed
                 # run's rows up to its step (a killed run's rows past it go), none of a fresh run's
-                _trim_jsonl(os.path.join(out, name), lambda k: 0 < start_step and k <= start_step)
+                _trim_jsonl(os.path.join(out, name), lambda r: 0 < start_step and r["step"] <= start_step)
         agree(env, start)
 
     def info(self, msg):
@@ -2823,7 +2823,7 @@ class EvalSheet:
         evaluates its last step again)."""
         self.metrics["eval_s"] = time.time() - self.t0
         save_panels(os.path.join(out, name), self.panels)
-        _trim_jsonl(os.path.join(out, "metrics.jsonl"), lambda k: k != self.metrics["step"], other=True)
+        _trim_jsonl(os.path.join(out, "metrics.jsonl"), lambda r: r["step"] != self.metrics["step"], other=True)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(self.metrics) + "\n")
         return self.metrics
@@ -2919,8 +2919,9 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             # folder: a traceback after the whole FID, its row lost). The row replaces one of the same measurement (all
             # but the score equal: a re-run after an interruption), other rows and lines that do not parse stay; its
             # ckpt is absolute (a relative one from another folder, into a shared --out, named another checkpoint)
-            same = {k: v for k, v in json.loads(json.dumps(row)).items() if k != "fid"}
-            _trim_jsonl(path, None, True, lambda r: {k: v for k, v in r.items() if k != "fid"} != same)
+            measured = lambda r: {k: v for k, v in r.items() if k != "fid"}  # what a row measured, its score aside
+            same = measured(json.loads(json.dumps(row)))
+            _trim_jsonl(path, lambda r: measured(r) != same, other=True)
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         agree(env, write)

@@ -870,7 +870,7 @@ def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
     objects on one line, the log unreadable). Control: a row with its newline is kept byte for byte."""
     p = tmp_path / "log.jsonl"
     p.write_bytes(b'{"step": 1}\n\xff\xfe torn\n{"step": 2}')
-    C._trim_jsonl(str(p), lambda k: k <= 2)
+    C._trim_jsonl(str(p), lambda r: r["step"] <= 2)
     with open(p, "a") as f:
         f.write('{"step": 3}\n')
     assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n{"step": 3}\n'
