@@ -34,10 +34,7 @@ def _one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    # no samples.png (0.3-0.6 s of matplotlib a run, 12 runs; the pictures are tested in test_common.py)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(C, "save_panels", lambda path, panels: None)
-        yield
+    yield
     torch.set_num_threads(n)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
@@ -83,7 +80,7 @@ def gaussian_metrics(net, cfg, n=10_000):
     return out
 
 
-# thresholds (geometric midpoints between the trained runs and the controls; measured values in the README)
+# thresholds (geometric midpoints between the trained runs and the controls; measured values in docs/flow_map.md)
 # measured (seed 0, the BUDGET runs): worst trained mean 0.056 (lsd, N=2) / cov 0.177 (meanflow, N=2) / map 0.083
 # (psd, N=1); controls: untrained mean 1.59, flow-matching-only cov 0.64 (N=1) / 0.44 (N=2) and map 0.47 (N=1) / 0.21
 # (N=2); seed 1: worst trained cov 0.19 (meanflow, N=2)
