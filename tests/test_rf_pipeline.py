@@ -233,27 +233,26 @@ def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
     assert cfg["loss"] == "lpips-huber-1/t" and cfg["lpips_res"] == 32
     logs = [json.loads(ln) for ln in (tiny / "lp" / "2rf" / "log.jsonl").read_text().splitlines()]
     assert logs[-1]["step"] == 4 and np.isfinite(logs[-1]["loss"]) and logs[-1]["loss"] > 0
-    # sample: .npy (uint8 NHWC) and .png; fid with the stand-in detector
+    # sample: .npy (uint8 NHWC) as a script, then .png and fid with the stand-in detector in this process
     p = cli("sample", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "10", "--out", "s.npy", cwd=tiny)
     assert_ok(p)
+    monkeypatch.chdir(tiny)  # (and below: the stored pairs record --data by its absolute path)
     for K in (1, 2):
         a = np.load(tiny / f"s_{K}step.npy")
         assert a.shape == (10, 16, 16, 3) and a.dtype == np.uint8
-    p = cli("sample", "--ckpt", "run/ft/ckpt.pt", "--steps", "2", "--n", "9", "--out", "s.png", cwd=tiny)
-    assert_ok(p)
+    R.main(["sample", "--ckpt", "run/ft/ckpt.pt", "--steps", "2", "--n", "9", "--out", "s.png"])
     assert (tiny / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = cli("fid", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", standin_path(),
-            "--out", "fid.jsonl", cwd=tiny)
-    assert_ok(p)
+    R.main(["fid", "--ckpt", "run/2rf/ckpt.pt", "--steps", "1,2", "--n", "32", "--fid_detector", standin_path(),
+            "--out", "fid.jsonl"])
     recs = [json.loads(ln) for ln in (tiny / "fid.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in recs] == [1, 2] and [r["nfe"] for r in recs] == [1, 2]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["detector"] == "standin" for r in recs)
+    capsys.readouterr()
     # a resumed fine-tuning with other inversion settings or data reused the stored pairs and recorded the new values;
     # --ft_iters below the saved step ran "step 2/1"; --iters (not read by ft) was accepted: each one sentence now
     ft = tiny / "run" / "ft"
     before = _digest(ft / "ckpt.pt")
     base = ["--preset", "tiny", "--data", "imgs.npy", "--out", "run", "--stage", "ft"]
-    monkeypatch.chdir(tiny)  # (the stored pairs record --data by its absolute path)
     for extra, words in ((["--ft_n", "8", "--ft_iters", "5"], ["--ft_n 16", "--inv_steps 2", f"--data {tiny}/imgs"]),
                          (["--inv_steps", "3", "--ft_iters", "5"], ["--inv_steps 2"]),  # (with steps left: a
                          (["--ft_iters", "1"], ["at step 2"]),  # finished run applies no change, noted)
