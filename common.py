@@ -1061,7 +1061,8 @@ def compute_fid(generate, n, ref, detector, env, batch, seed=0, num_classes=0):
 
 class FidHook:
     """In-training FID proxy (images): the detector and the reference statistics are loaded on first use; without a
-    detector it logs one line and training carries on. hook(step, {label: generate(rng, labels)}) -> {label: fid}."""
+    detector it logs one line and training carries on. hook(step, {label: generate(rng, labels)}) -> {label: fid},
+    None for a sample set holding NaN or inf."""
 
     def __init__(self, detector, data, env, root, n, log, num_classes=0):
         self.spec, self.data, self.env, self.root, self.n, self.log = detector, data, env, root, n, log
@@ -1080,9 +1081,14 @@ class FidHook:
                 self.state = (det, reference_stats(self.data, det, self.env, self.root))
         out = {}
         for label, gen in (gens.items() if self.state else ()):
+            g = _counted(gen, self.env)  # samples holding NaN or inf (black images to the detector) are not scored
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
-                out[label] = compute_fid(gen, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
-            self.log.info(f"step {step} | FID-{self.n / 1000:g}k proxy ({label}) {out[label]:.3f}")
+                fid = compute_fid(g, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
+            if self.env.world > 1:
+                dist.all_reduce(g.bad)
+            out[label] = None if (bad := g.bad.item()) else fid  # (a FID every few thousand steps: one read)
+            self.log.info(f"step {step} | FID-{self.n / 1000:g}k proxy ({label}) " +
+                          (f"not scored: {bad} of {self.n} samples hold NaN or inf" if bad else f"{fid:.3f}"))
         folder = getattr(self.log, "out", None)  # a run's Logger: the history kept beside log.jsonl (trimmed on resume)
         if out and folder:
             row = json.dumps(dict(step=step, fid=out, n=self.n, detector=self.state[0].name))

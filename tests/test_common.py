@@ -993,6 +993,12 @@ def test_fid_hook_in_training(tmp_path):
     assert rows == [dict(step=5, fid=got, n=40, detector="standin")]
     C.Logger(str(tmp_path / "run"), env, 10, 4, start_step=4)  # resumed at step 4: the row of step 5 goes
     assert (tmp_path / "run" / "fid_train.jsonl").read_text() == ""
+    lines.clear()  # a sample set holding NaN (black images to the detector) is not scored: said, None in the row
+    half_nan = lambda rng, y: torch.where(_index_of(rng, 0)[:, None, None, None] % 2 == 0, float("nan"), images[:1])
+    assert C.FidHook(standin_path(), data, env, str(tmp_path), 40, run)(8, {"nan": half_nan}) == {"nan": None}
+    assert lines == [] and json.loads((tmp_path / "run" / "fid_train.jsonl").read_text())["fid"] == {"nan": None}
+    C.FidHook(standin_path(), data, env, str(tmp_path), 40, log)(8, {"nan": half_nan})
+    assert lines == ["step 8 | FID-0.04k proxy (nan) not scored: 20 of 40 samples hold NaN or inf"]
     lines.clear()
     off = C.FidHook(str(tmp_path / "missing.pt"), data, env, str(tmp_path), 40, log)
     assert off(1, gens) == {} and off(2, gens) == {} and lines == ["FID skipped: detector unavailable"]
