@@ -2695,11 +2695,16 @@ class Logger:
     stops the run."""
 
     def __init__(self, out, env, total_steps, global_batch, config=None, start_step=0):
+        fresh, start_step = start_step is None, start_step or 0  # None: a fresh run (no checkpoint resumed)
         self.out, self.env, self.total, self.gb, self.guard = out, env, total_steps, global_batch, None
         self.t_last, self.s_last = time.time(), start_step  # rates count from here (includes warm-up)
 
         def start():  # rank 0's files (a full disk stops every rank: agree)
             os.makedirs(out, exist_ok=True)
+            if fresh and os.path.isfile(old := os.path.join(out, "ckpt.pt")):  # --resume false over an earlier run:
+                os.remove(old)  # its checkpoint goes with its history (kept, a kill before this run's first checkpoint
+                note(f"note: --resume false: the earlier run's checkpoint '{old}' is removed with its history.")
+                # left it beside this run's rows, and a plain restart resumed it with them as its own)
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)

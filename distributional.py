@@ -1116,7 +1116,7 @@ def train(cfg, given):
     # a named teacher is read before the run's first file (a missing or incompatible one: its sentence, nothing written
     # in --out); its notes wait for the run's first line
     named = load_teacher(cfg.teacher, cfg, data, types.SimpleNamespace(info=C.note)) if cfg.teacher else None
-    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck["step"] if ck else 0)
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck and ck["step"])
 
     # ---- teacher: a rectified_flow.py checkpoint, or the in-file 1-RF for toy/tiny
     # (resumed: the file it started from, or another path to the same weights, which teacher_id checks; the in-file

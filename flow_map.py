@@ -628,7 +628,7 @@ def train(cfg, given):
         raise C.UserError(f"'{path}' has convention '{ck['convention']}', but its config's interpolant and sigma0 give "
                           f"'{conv}'; it was edited, or not written by this project.")
     scaler = C.make_scaler(env, ck)  # (fp16; a resumed run's loss scale, checked before anything is printed)
-    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck and step)
     n_diag = per_rank if cfg.mode == "meanflow" else diag_rows(per_rank, cfg.diag_frac)
     log.info(f"{METHOD} {cfg.mode} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
              f"{cfg.accum} | device {env.device} | precision {env.precision} (JVP blocks fp32, TF32 "

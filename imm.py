@@ -368,7 +368,7 @@ def train(cfg, given):
     low = env.precision in ("bf16", "fp16")
     min_gap = cfg.min_gap if cfg.min_gap is not None else (1e-4 if low else 0.0)
     scaler = C.make_scaler(env, ck)  # (fp16; a resumed run's loss scale, checked before anything is printed)
-    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck and step)
     if env.precision == "bf16":
         log.info("warning: bf16 is outside IMM's tested settings (nearby t and r collapse); min_gap "
                  f"{min_gap:g}; the paper's low-precision recipe is fp16 with --second_time t_minus_s --a 2.")

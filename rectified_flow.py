@@ -926,7 +926,7 @@ def train(cfg, given, env):
     # LPIPS before the Logger writes config.json (an offline fallback to huber is the loss this run trains with); its
     # warning waits for the run's first line
     lpips = make_lpips(cfg, types.SimpleNamespace(info=C.note)) if stage != "1rf" else None
-    log = C.Logger(out, env, iters, cfg.batch, cfg, start_step=step)
+    log = C.Logger(out, env, iters, cfg.batch, cfg, start_step=ck and step)
     if lpips is not None:
         lpips = lpips.to(env.device)
     d = math.prod(data.shape)

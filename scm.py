@@ -564,7 +564,7 @@ def train(cfg, given, env):
     if per_rank * env.world * cfg.accum != cfg.batch:
         raise C.UserError(f"--batch {cfg.batch} is not divisible by world size {env.world} x --accum {cfg.accum}.")
     scaler = C.make_scaler(env, ck)  # (a malformed saved state: its sentence before the run's first line)
-    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=step)
+    log = C.Logger(cfg.out, env, cfg.iters, cfg.batch, cfg, start_step=ck and step)
     if mode == "sct" and not cfg.teacher and not ck:
         log.info(f"note: sCT from scratch; the paper initialises sCT from a TrigFlow teacher's EMA (App. G.2): pass "
                  f"--teacher with a --mode diffusion run's ckpt.pt (runs/scm-diffusion-{cfg.preset}/ckpt.pt by "

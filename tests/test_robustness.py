@@ -1629,3 +1629,28 @@ def test_compile_without_its_toolchain_is_refused_before_any_output(tmp_path, ca
         C.check_toolchain("cuda")
     monkeypatch.setenv("CC", "/usr/bin/cc")
     C.check_toolchain("cuda")
+
+
+@pytest.mark.parametrize("name", list(MODS))
+def test_a_fresh_start_killed_before_its_first_checkpoint_leaves_no_earlier_run(name, tmp_path, capsys, monkeypatch):
+    """--resume false over a finished run: the earlier run's rows went at the start, its ckpt.pt stayed until this run's
+    first checkpoint, so a kill before it left the old checkpoint beside this run's rows, and a plain restart resumed
+    the old run with them as its history. Its checkpoint now goes with its rows (noted). Control: a resume killed
+    at the same point keeps its checkpoint and rows."""
+    out = tmp_path / "run"
+    assert run(name, *BASE[name], "--iters", "1", "--log_every", "1", "--out", out) == 0
+    info = C.Logger.info
+
+    def killed(self, msg):  # Ctrl-C at the run's first line
+        info(self, msg)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C.Logger, "info", killed)
+    for fresh in (False, True):
+        capsys.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            MODS[name].main([str(a) for a in (*BASE[name], "--iters", "2", "--log_every", "1", "--out", out,
+                                              *(["--resume", "false"] if fresh else []))])
+        printed = capsys.readouterr().out
+        rows = (out / "log.jsonl").read_text().splitlines()
+        assert (out / "ckpt.pt").exists() == (not fresh) and len(rows) == (0 if fresh else 1), (fresh, rows)
+        assert ("the earlier run's checkpoint" in printed) == fresh, printed
