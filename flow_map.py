@@ -484,9 +484,9 @@ EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released n
 
 def load_teacher(path, env, shape, data_key=None):
     """A rectified_flow.py checkpoint -> (b_T(t, y) of (docs/flow_map.md, "A rectified-flow teacher as a flow-map
-    velocity"), teacher noise std, its weights). Rebuilt from its `net` with its EMA weights; a wrong method or convention,
-    another data shape or a class-conditional teacher is a UserError. An EDM network pickle (.pkl) -> its denoiser
-    as a rectified-flow velocity (edm_rf_velocity), noise std 1. `data_key`: the run's Data.key, for
+    velocity"), teacher noise std, its weights). Rebuilt from its `net` with its EMA weights; a wrong method or
+    convention, another data shape or a class-conditional teacher is a UserError. An EDM network pickle (.pkl) -> its
+    denoiser as a rectified-flow velocity (edm_rf_velocity), noise std 1. `data_key`: the run's Data.key, for
     common.check_teacher_data."""
     if path and path.endswith(".pkl") and (os.path.isfile(path) or os.path.basename(path).startswith("edm-")):
         if not os.path.isfile(path):

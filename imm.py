@@ -92,14 +92,16 @@ class Config:
         if self.teacher:
             raise ValueError("IMM trains from scratch; --teacher is not accepted.")
         if not 0 < self.t_min < self.T < 1:
-            raise ValueError(f"need 0 < t_min < T < 1 (the eta decrement explodes at T = 1), got {self.t_min}, {self.T}.")
+            raise ValueError(f"need 0 < t_min < T < 1 (the eta decrement explodes at T = 1), got {self.t_min}, "
+                             f"{self.T}.")
         if self.M < 1 or self.batch % self.M:
             raise ValueError(f"--batch {self.batch} must be a multiple of --M {self.M} (groups share (s, r, t)).")
         if self.k < 1:
             raise ValueError("--k must be positive.")
         if not eta(self.t_min) < self.eta_mid < eta(self.T):  # t_1 = eta^-1(eta_mid) must lie in (t_min, T)
-            raise ValueError(f"--eta_mid must lie in (eta(t_min), eta(T)) = ({eta(self.t_min):.4g}, {eta(self.T):.4g}), "
-                             f"so that the 2-step middle time lies between t_min and T; got {self.eta_mid:g}.")
+            raise ValueError(f"--eta_mid must lie in (eta(t_min), eta(T)) = ({eta(self.t_min):.4g}, "
+                             f"{eta(self.T):.4g}), so that the 2-step middle time lies between t_min and T; "
+                             f"got {self.eta_mid:g}.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 

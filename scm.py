@@ -112,8 +112,8 @@ class Config:
             raise ValueError("--lr, --c, --sigma_d and --P_std must be positive.")
         if self.mode != "diffusion" and not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
             raise ValueError(f"--t_mid must lie in (0, t_max), t_max = arctan(sigma_max / sigma_d) = "
-                             f"{math.atan(self.sigma_max / self.sigma_d):.4f} (--sigma_max {self.sigma_max:g}, --sigma_d "
-                             f"{self.sigma_d:g}).")
+                             f"{math.atan(self.sigma_max / self.sigma_d):.4f} (--sigma_max {self.sigma_max:g}, "
+                             f"--sigma_d {self.sigma_d:g}).")
         if not 0 <= self.dropout < 1 or not 0 < self.beta2 < 1 or self.heun_steps < 1:
             raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
         if not self.data:
@@ -528,7 +528,8 @@ def train(cfg, given, env):
     elif cfg.teacher and mode != "diffusion":
         teacher, tck = load_teacher(cfg.teacher, cfg)
         tid = C.teacher_id(ck, path, cfg.teacher, tck["ema"])
-        nd = with_dropout(tck["net"], cfg.dropout)  # architecture from the teacher, dropout from the preset (sCM App. G)
+        # architecture from the teacher, dropout from the preset (sCM App. G)
+        nd = with_dropout(tck["net"], cfg.dropout)
         init = tck["ema"]
         if mode == "scd":  # sCT's teacher only initialises it (another data set is a fine-tune)
             C.check_teacher_data(tck["config"], data.key, cfg.teacher)
@@ -573,7 +574,8 @@ def train(cfg, given, env):
              f"{cfg.accum} | device {env.device} | precision {env.precision}"
              f"{' (JVP fp32, TF32 off)' if mode != 'diffusion' else ''} | "
              f"params {sum(p.numel() for p in net.parameters()):,} | step {step}/{cfg.iters}"
-             + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}" if mode != "diffusion" else "")
+             + (f" | c {cfg.c} {cfg.tangent_norm} | H {cfg.H} | weighting {cfg.weighting}"
+                if mode != "diffusion" else "")
              + (f" | init {cfg.teacher}" if init is not None and not ck else ""))
     fid = C.FidHook(cfg.fid_detector, data, env, cfg.root, cfg.fid_n, log) if cfg.fid_every else None
     sd = cfg.sigma_d

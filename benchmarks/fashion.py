@@ -123,7 +123,8 @@ def prepare_data(root, source):
     absent = [f + ".gz" for f in missing if not os.path.isfile(os.path.join(source, f + ".gz"))]
     if absent:
         raise Fail(f"Fashion-MNIST is neither in {raw} nor in {source} (missing {', '.join(absent)}); install it with "
-                   f"`sudo apt-get install dataset-fashion-mnist` or pass --source DIR holding the four *-ubyte.gz files.")
+                   f"`sudo apt-get install dataset-fashion-mnist` or pass --source DIR holding the four "
+                   f"*-ubyte.gz files.")
     new = check_data(source, raw)
     if not new:
         return raw
@@ -161,7 +162,8 @@ def load_split(raw, split):
 
 # =============================================================================== the classifier and its features
 class SmallCNN(nn.Module):
-    """Three 3x3 conv layers (16, 32, 64 channels; batch norm, ReLU, 2x2 max-pool) -> 64-d features (ReLU) -> 10 logits."""
+    """Three 3x3 conv layers (16, 32, 64 channels; batch norm, ReLU, 2x2 max-pool) -> 64-d features (ReLU) -> 10
+    logits."""
 
     def __init__(self, features=64, classes=10):
         super().__init__()
@@ -251,8 +253,8 @@ def classifier(root, raw, device, recipe=CLS_RECIPE):
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(FeatureNet(cnn.cpu())), path + ".tmp")
     os.replace(path + ".tmp", path)
-    meta = dict(want, test_accuracy=acc, train_images=len(x), test_images=len(xt), train_wall_s=time.perf_counter() - t0,
-                trained_on=str(device), date=_now())
+    meta = dict(want, test_accuracy=acc, train_images=len(x), test_images=len(xt),
+                train_wall_s=time.perf_counter() - t0, trained_on=str(device), date=_now())
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     print(f"trained the classifier: t10k accuracy {acc:.4f} in {meta['train_wall_s']:.0f} s -> {path}")
@@ -549,8 +551,9 @@ def _main(a, argv):
     print(f"FD-classifier floor ({a.n_fd} t10k images against the training set): {floor:.4f}")
 
     base = [sys.executable, os.path.abspath(__file__), *argv,  # the workers' command, every default resolved
-            "--net", a.net, "--budget", str(a.budget), "--batch", str(a.batch), "--n_fd", str(a.n_fd), "--ref_steps",
-            str(a.ref_steps), "--jobs", str(a.jobs), "--work", a.work, "--root", a.root, "--methods", ",".join(a.methods)]
+            "--net", a.net, "--budget", str(a.budget), "--batch", str(a.batch), "--n_fd", str(a.n_fd),
+            "--ref_steps", str(a.ref_steps), "--jobs", str(a.jobs), "--work", a.work, "--root", a.root,
+            "--methods", ",".join(a.methods)]
     recs = run_all(a, det_path, base)
     rows = [recs[m] for m in a.methods]
     net = C.build_net(C.net_config(a.net, img_resolution=32, in_channels=1))

@@ -260,10 +260,10 @@ def flow_map_sample(net, z, steps):
 
 # ---------------------------------------------------------------------------------------- distributional.py
 def gdd_prepare(freeze):
-    """The `cifar10` preset of distributional.py: the benchmark's network stands in for the 1-RF teacher's EMA
-    weights (dropout 0, as load_teacher builds it), G = make_generator(teacher, freeze) (gdd_i freezes what `frozen` names),
-    the `teacher` discriminator from build_disc (frozen encoder copy + SN heads), and Adam for G and for D with
-    the lazy-R1 correction (StyleGAN2 §3.1, d_adam_hparams), as distributional.train builds them."""
+    """The `cifar10` preset of distributional.py: the benchmark's network stands in for the 1-RF teacher's EMA weights
+    (dropout 0, as load_teacher builds it), G = make_generator(teacher, freeze) (gdd_i freezes what `frozen` names), the
+    `teacher` discriminator from build_disc (frozen encoder copy + SN heads), and Adam for G and for D with the lazy-R1
+    correction (StyleGAN2 §3.1, d_adam_hparams), as distributional.train builds them."""
     def prepare(net, env, args):
         import distributional as GD
         cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze, disc="teacher"))
@@ -684,7 +684,8 @@ def save(rec, folder):
     for r in recs:  # a new fm record changes the ratio of every record measured against it
         r["vs_fm"] = cost_vs_fm(r, recs)
     recs.sort(key=lambda r: (r["device_name"], r["method"], r["net"], r["batch"], r["precision"], r["compile"]))
-    for p, text in [(path, json.dumps(recs, indent=1) + "\n"), (os.path.join(folder, "throughput.md"), _markdown(recs))]:
+    for p, text in [(path, json.dumps(recs, indent=1) + "\n"),
+                    (os.path.join(folder, "throughput.md"), _markdown(recs))]:
         with open(p + ".tmp", "w") as f:
             f.write(text)
         os.replace(p + ".tmp", p)

@@ -4,9 +4,9 @@ Every method trains common.py's MLP (residual blocks, 64 time channels; IMM and 
 at its file's `toy` preset size: width 128 x 3 blocks for 1-RF, 2-RF++ and GDD / GDD-I (the 1-RF teacher's network),
 64 x 3 for IMM, LSD, PSD, MeanFlow and LMD, 64 x 4 for sCT and sCD (their TrigFlow teacher's), on the same 2-D data
 sets with the same number of training examples seen.
-The distillation methods pay for their teacher out of that budget: the teacher sees half of it and the student
-the other half (teacher + student = the budget), and 2-RF++ additionally pays its teacher's pair generation in
-wall-clock time. Each method is run through its own command line (README, "The command-line contract"), exactly as a user would:
+The distillation methods pay for their teacher out of that budget: the teacher sees half of it and the student the other
+half (teacher + student = the budget), and 2-RF++ additionally pays its teacher's pair generation in wall-clock time.
+Each method is run through its own command line (README, "The command-line contract"), exactly as a user would:
 
     method     file                command (B = batch, E = examples budget)
     1-RF       rectified_flow.py   --stage 1rf, E examples (the baseline; Euler sampler, K NFE for K steps)

@@ -1572,7 +1572,8 @@ def test_guard_with_an_fp16_scaler_needs_no_host_read(tmp_path):
     (w1, s1, sc1, n1, c1), (w2, s2, sc2, _, c2) = train(True), train(False)
     assert n1 == train(True, "fp32")[3]  # the scaler adds no host read to the device-flag path
     assert sc1 == sc2 == [65536.0, 32768.0, 32768.0, 32768.0] and c1 == c2 == 1
-    assert all(torch.equal(w1[k], w2[k]) for k in w1) and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    assert (all(torch.equal(w1[k], w2[k]) for k in w1)
+            and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i]))
 
 
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):

@@ -917,8 +917,8 @@ def test_14_tiny_projected_d_end_to_end_names_precisions_and_k(imgs, tmp_path, c
     """`--preset tiny --disc projected` with fixed random VGG16-BN weights (no download) and VGG alone (explicit: timm
     is an optional extra) trains, checkpoints and logs K and the precisions of G and D."""
     D.main(["--preset", "tiny", "--data", str(imgs / "imgs.npy"), "--out", str(tmp_path / "p"), "--root", str(tmp_path),
-            "--disc", "projected", "--disc_weights", "random", "--disc_backbones", "vgg", "--iters", "1", "--batch", "2",
-            "--eval_n", "4"])
+            "--disc", "projected", "--disc_weights", "random", "--disc_backbones", "vgg", "--iters", "1",
+            "--batch", "2", "--eval_n", "4"])
     out = capsys.readouterr().out
     ck = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 1 and ck["disc"] and not any(k.startswith("backbones.") for k in ck["disc"])

@@ -93,7 +93,8 @@ def test_rf_pairs_and_2rf_from_an_edm_pickle(tmp_path, imgs, capsys):
 
 def test_missing_edm_checkpoint_names_the_download(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: RF.main(["--stage", "pairs", "--teacher", str(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl"),
+        C.main_guard(lambda: RF.main(["--stage", "pairs",
+                                      "--teacher", str(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl"),
                                       "--out", str(tmp_path / "r")]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl" in err

@@ -155,7 +155,8 @@ def test_03_layer_norm_swap_keeps_the_forward():
             p.add_(0.3 * torch.randn_like(p))
     b.load_state_dict(a.state_dict())
     x, s, d = torch.randn(64, 2), torch.rand(64), torch.rand(64)
-    assert sum(isinstance(m, fm.LayerNormJVP) for m in b.modules()) == 7 and a.state_dict().keys() == b.state_dict().keys()
+    assert (sum(isinstance(m, fm.LayerNormJVP) for m in b.modules()) == 7
+            and a.state_dict().keys() == b.state_dict().keys())
     assert torch.allclose(a(x, s, d), b(x, s, d), atol=1e-5) and a(x, s, d).abs().max() > 1e-2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert b(x, s, d).dtype == torch.float32 and torch.allclose(a(x, s, d), b(x, s, d), rtol=0.03, atol=0.03)

@@ -211,7 +211,8 @@ def test_03_ddim_forms_composition_and_line(shape):
     x_t = imm.interpolate(x, eps, t)
     torch.testing.assert_close(x_t, (1 - col(t)) * x + col(t) * eps, rtol=0, atol=1e-15)  # IMM App. C.1
     d_ts = imm.ddim(x_t, x, t_src=t, t_dst=s)
-    torch.testing.assert_close(d_ts, (1 - col(s) / col(t)) * x + col(s) / col(t) * x_t, rtol=0, atol=1e-12)  # Eq. 11, OT
+    torch.testing.assert_close(d_ts, (1 - col(s) / col(t)) * x + col(s) / col(t) * x_t,
+                               rtol=0, atol=1e-12)  # Eq. 11, OT
     a_s, s_s, a_t, s_t = 1 - col(s), col(s), 1 - col(t), col(t)
     torch.testing.assert_close(d_ts, (a_s - s_s * a_t / s_t) * x + (s_s / s_t) * x_t, rtol=0, atol=1e-12)  # general
     via_r = imm.ddim(imm.ddim(x_t, x, t_src=t, t_dst=r), x, t_src=r, t_dst=s)

@@ -22,7 +22,8 @@ def write_fashion_mnist(root, n=48, seed=0):
     rng = np.random.RandomState(seed)
     for prefix, count in (("train", n), ("t10k", 8)):
         with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, count, 28, 28) + rng.randint(0, 256, (count, 28, 28), np.uint8).tobytes())
+            f.write(struct.pack(">IIII", 2051, count, 28, 28)
+                    + rng.randint(0, 256, (count, 28, 28), np.uint8).tobytes())
         with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
             f.write(struct.pack(">II", 2049, count) + rng.randint(0, 10, count, np.uint8).tobytes())
 

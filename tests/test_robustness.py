@@ -318,8 +318,8 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     """SAMPLER_FIELDS, the only Config fields sample/fid accept, are read: each, changed at a step count where it
     applies, changes the samples of the fixture run (a field accepted but never read would be ignored in silence).
     scm's --t_mid, the CMs' middle time, on a one-step sCT made from the diffusion fixture (refused on the latter)."""
-    assert run("scm", "--batch", "16", "--lr_schedule", "const", *EVAL, "--mode", "sct", "--teacher", files / "scm" / "ckpt.pt", "--iters", "1",
-               "--out", tmp_path / "sct") == 0
+    assert run("scm", "--batch", "16", "--lr_schedule", "const", *EVAL, "--mode", "sct",
+               "--teacher", files / "scm" / "ckpt.pt", "--iters", "1", "--out", tmp_path / "sct") == 0
     cases = dict(imm=[("--sampler", "restart", 2), ("--schedule", "edm", 4), ("--eta_mid", "1.2", 2)],
                  scm=[("--sigma_max", "40", 2), ("--t_mid", "1.0", 2, tmp_path / "sct" / "ckpt.pt")],
                  flow_map=[("--sampler", "ode", 2)],
@@ -940,9 +940,10 @@ def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, c
 
 
 def test_a_distilled_teacher_of_other_named_data_is_refused(files, tmp_path, capsys):
-    """flow_map lmd/emd, sCD and reflow (pairs, 2rf) learn their teacher's distribution: a teacher trained on one named data set (its
-    checkpoint's --data) and a run on another (flow_map's toy default is the checkerboard, the 1-RF's 8 Gaussians)
-    is refused before any training; a teacher that only initialises (sCT) and data given as a file are not compared."""
+    """flow_map lmd/emd, sCD and reflow (pairs, 2rf) learn their teacher's distribution: a teacher trained on one named
+    data set (its checkpoint's --data) and a run on another (flow_map's toy default is the checkerboard, the 1-RF's 8
+    Gaussians) is refused before any training; a teacher that only initialises (sCT) and data given as a file are not
+    compared."""
     rf, sd = files / "rectified_flow" / "ckpt.pt", files / "scm" / "ckpt.pt"
     scm = ["--batch", "16", *EVAL]
     for name, argv in (("flow_map", [*BASE["flow_map"], "--mode", "lmd", "--teacher", rf]),
@@ -982,7 +983,8 @@ def test_a_restarted_pipeline_keeps_its_data(tmp_path, capsys):
             c = torch.load(pipe[-1] / d / "ckpt.pt", weights_only=True)["config"]
             assert (c["data"], c["seed"]) == ("moons", 5), (name, d)
     # control: a fresh start over the folder (--resume false) trains on the data it is given
-    assert run("scm", *BASE["scm"], "--iters", "1", *first["scm"][1], "--resume", "false", "--data", "checkerboard") == 0
+    assert run("scm", *BASE["scm"], "--iters", "1", *first["scm"][1], "--resume", "false",
+               "--data", "checkerboard") == 0
     assert torch.load(tmp_path / "s" / "scd" / "ckpt.pt", weights_only=True)["config"]["data"] == "checkerboard"
 
 

@@ -186,7 +186,8 @@ def test_jvp_matches_central_difference(kind, time_scale):
     for i in range(4):  # per sample: relative error < 1e-6
         assert ((J[i] - want[i]).norm() / want[i].norm()) < 1e-6, (i, t[i])
     assert torch.allclose(F, net(x_t / SD, t), rtol=0, atol=1e-14)
-    # the other convention (tangents divided by sigma_d) yields J / sigma_d: not the one the sCM gradient (Eq. 8) expects
+    # the other convention (tangents divided by sigma_d) yields J / sigma_d: not the one the sCM gradient (Eq. 8)
+    # expects
     _, J2 = torch.func.jvp(lambda u, s: net(u, s), (x_t / SD, t), (cs * dxdt / SD, torch.cos(t) * torch.sin(t)))
     assert torch.allclose(J2, J / SD, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(J2, J, rtol=1e-3)
@@ -424,7 +425,8 @@ def test_gaussian_oracle():
 
 
 def test_gaussian_scd_regression_learns_minus_tan_half():
-    """Optional Gaussian-oracle check: a(t) u trained by sCD from the exact zero-velocity teacher approaches -tan(t/2)."""
+    """Optional Gaussian-oracle check: a(t) u trained by sCD from the exact zero-velocity teacher approaches
+    -tan(t/2)."""
 
     class Lin(nn.Module):  # F(u, t) = a_phi(t) u with a small MLP in t
         def __init__(self):
@@ -586,8 +588,8 @@ def test_cli_sample_and_fid(tiny, tmp_path, capsys):
     assert main("sample", "--ckpt", tiny / "diff" / "ckpt.pt", "--steps", "2", "--n", "4",
                 "--out", tmp_path / "h.png") == 0
     assert "Heun, 3 NFE" in capsys.readouterr().out and (tmp_path / "h.png").exists()
-    assert main("fid", "--ckpt", tiny / "scd" / "ckpt.pt", "--steps", "1", "--n", "16", "--fid_detector", standin_path(),
-                "--root", tmp_path, "--out", tmp_path / "fid.jsonl") == 0
+    assert main("fid", "--ckpt", tiny / "scd" / "ckpt.pt", "--steps", "1", "--n", "16",
+                "--fid_detector", standin_path(), "--root", tmp_path, "--out", tmp_path / "fid.jsonl") == 0
     rec = json.loads(open(tmp_path / "fid.jsonl").read())
     assert rec["mode"] == "scd" and rec["nfe"] == 1 and math.isfinite(rec["fid"]) and rec["fid"] > 0
 
