@@ -2702,9 +2702,10 @@ class Logger:
         def start():  # rank 0's files (a full disk stops every rank: agree)
             os.makedirs(out, exist_ok=True)
             if fresh and os.path.isfile(old := os.path.join(out, "ckpt.pt")):  # --resume false over an earlier run:
-                os.remove(old)  # its checkpoint goes with its history (kept, a kill before this run's first checkpoint
+                # its checkpoint goes with its history (kept, a kill before this run's first checkpoint left it beside
+                # this run's rows, and a plain restart resumed it with them as its own)
+                os.remove(old)
                 note(f"note: --resume false: the earlier run's checkpoint '{old}' is removed with its history.")
-                # left it beside this run's rows, and a plain restart resumed it with them as its own)
             if config is not None:
                 with open(os.path.join(out, "config.json"), "w") as f:
                     json.dump(dataclasses.asdict(config), f, indent=1)
