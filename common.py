@@ -1084,9 +1084,7 @@ class FidHook:
             g = _counted(gen, self.env)  # samples holding NaN or inf (black images to the detector) are not scored
             with strict_fp32(self.env.device):  # the network in fp32 with TF32 off, as `fid` by default
                 fid = compute_fid(g, self.n, self.state[1], self.state[0], self.env, 250, 0, self.num_classes)
-            if self.env.world > 1:
-                dist.all_reduce(g.bad)
-            out[label] = None if (bad := g.bad.item()) else fid  # (a FID every few thousand steps: one read)
+            out[label] = None if (bad := _bad_total(g, self.env)) else fid  # (a FID every few thousand steps)
             self.log.info(f"step {step} | FID-{self.n / 1000:g}k proxy ({label}) " +
                           (f"not scored: {bad} of {self.n} samples hold NaN or inf" if bad else f"{fid:.3f}"))
         folder = getattr(self.log, "out", None)  # a run's Logger: the history kept beside log.jsonl (trimmed on resume)
@@ -2876,13 +2874,18 @@ def _counted(generate, env):
     return g
 
 
+def _bad_total(g, env):
+    """_counted's count summed over the ranks, read once (every rank gets the same number)."""
+    if env.world > 1:
+        dist.all_reduce(g.bad)
+    return g.bad.item()
+
+
 def _refuse_non_finite(g, env, n, K):
     """After a step count's samples (g: _counted's): every rank refuses together (the counts summed) before anything
     is written."""
-    if env.world > 1:
-        dist.all_reduce(g.bad)
-    if g.bad.item():
-        raise UserError(f"{g.bad.item()} of the {n} samples at {n_steps(K)} hold NaN or inf values (the weights, or a "
+    if bad := _bad_total(g, env):
+        raise UserError(f"{bad} of the {n} samples at {n_steps(K)} hold NaN or inf values (the weights, or a "
                         f"sampler field, out of range); nothing is written for them.")
 
 
