@@ -592,19 +592,33 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
         os.close(saved)
 
 
-_UNREAD = (".bmp", ".tif", ".tiff")  # images in a folder that torchvision's decoder does not read: refused
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")  # a folder's images; others skipped
 
 
-def _transparent(path):
-    """Whether an image has pixels that are not fully opaque (RGBA, grey + alpha, a palette's or a GIF's transparent
-    colour), which the RGB decode would keep as the colours beneath them; an opaque alpha channel is dropped. PIL reads
-    the header, and the pixels only of an image with alpha (torchvision's RGB_ALPHA mode misreads palette PNGs)."""
+def _read_image(f):
+    """One file of an image folder -> uint8 (H, W, 3), read with PIL as EDM's dataset_tool.py reads a folder
+    (open_image_folder): grey repeated to RGB, 16-bit channels scaled to 8 bits (their high byte, v >> 8), an alpha
+    channel that is opaque everywhere dropped. Refused in one sentence: a file PIL cannot decode, an animated image,
+    transparent pixels (RGBA, grey + alpha, a palette's or a GIF's transparent colour: the colours beneath them are
+    undefined), pixel values outside 16 bits (float, or 32-bit grey beyond 65535)."""
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return ("A" in im.getbands() or "transparency" in im.info) and im.convert("RGBA").getextrema()[3][0] < 255
-    except Exception:  # (a file PIL cannot read: torchvision decoded it, and says nothing of alpha)
-        return False
+    try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line)
+        with warnings.catch_warnings(), _silent_fd2(), Image.open(f) as im:
+            warnings.simplefilter("ignore")
+            if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
+                raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
+            if ("A" in im.getbands() or "transparency" in im.info) and im.convert("RGBA").getextrema()[3][0] < 255:
+                raise UserError(f"the image '{f}' has transparent pixels, whose colours are undefined; flatten it onto "
+                                f"a background first.")
+            if im.mode == "F" or im.mode.startswith("I"):  # 16- or 32-bit grey (PIL < 10: 16-bit PNGs read as "I")
+                a = np.asarray(im).astype(np.float64 if im.mode == "F" else np.int64)
+                if not (a.min() >= 0 and a.max() <= 65535 and im.mode != "F"):
+                    raise UserError(f"the image '{f}' holds pixel values outside 16 bits (PIL mode {im.mode}); save it "
+                                    f"with 8 or 16 bits per channel.")
+                return np.repeat((a >> 8).astype(np.uint8)[..., None], 3, 2)
+            return np.array(im.convert("RGB"))  # (a 16-bit RGB PNG: PIL keeps each channel's high byte)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
 
 
 def _read_images(spec):
@@ -636,31 +650,12 @@ def _read_images(spec):
         return torch.from_numpy(a if a.ndim == 4 else a[..., None]), None
     if not os.path.isdir(spec):  # (an image, an .npz, a .pt: "no images found in folder" named a file a folder)
         raise UserError(f"data '{spec}' is a file but not a .npy array; give a .npy file or a folder of images.")
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".webp", *_UNREAD)))
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(_IMAGE_EXT))
     if not files:
         raise UserError(f"no images found in folder '{spec}'.")
     imgs = []
     for f in files:
-        if f.lower().endswith(_UNREAD):  # (a BMP was 'could not be decoded', a TIFF left out without a word)
-            raise UserError(f"the image '{f}' is a BMP or TIFF file, which torchvision does not decode; convert it to "
-                            f"PNG.")
-        try:
-            with warnings.catch_warnings(), _silent_fd2():  # libpng prints to fd 2 before raising
-                warnings.simplefilter("ignore")
-                im = decode_image(read_file(f), mode=ImageReadMode.RGB)
-                transparent = _transparent(f)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
-        if im.ndim != 3:  # an animated GIF decodes to (frames, C, H, W)
-            raise UserError(f"the image '{f}' is animated ({len(im)} frames); give one still image per file.")
-        if transparent:
-            raise UserError(f"the image '{f}' has transparent pixels, whose colours are undefined; flatten it onto a "
-                            f"background first.")
-        if im.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: scaled to 8 bits like the others
-            from torchvision.transforms.v2.functional import to_dtype
-            im = to_dtype(im, torch.uint8, scale=True)
+        im = torch.from_numpy(_read_image(f)).permute(2, 0, 1)
         if imgs and im.shape != imgs[0].shape:
             raise UserError(f"{f} has size {tuple(im.shape[1:])}, unlike {tuple(imgs[0].shape[1:])} of {files[0]}.")
         imgs.append(im)

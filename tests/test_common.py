@@ -670,10 +670,15 @@ def test_bool_npy_is_not_points(tmp_path):
         C.load_data(str(tmp_path / "mask.npy"), "data", env1(), 0, False)
 
 
+def write_png(t, path):
+    """A (C, H, W) uint8 tensor as an 8-bit PNG (C = 1: grey)."""
+    from PIL import Image
+    Image.fromarray(t.permute(1, 2, 0).squeeze(2).numpy()).save(path)
+
+
 def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
     """A single image or an .npz given as --data was refused as 'no images found in folder'."""
-    from torchvision.io import write_png
-    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "one.png"))
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), tmp_path / "one.png")
     np.savez(tmp_path / "pts.npz", x=np.zeros((8, 2)))
     for name in ("one.png", "pts.npz"):
         with pytest.raises(C.UserError, match=f"{name}' is a file but not a .npy array"):
@@ -693,32 +698,31 @@ def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
 
 
 def test_image_folder_round_trip_and_size_error(tmp_path):
-    from torchvision.io import write_png
     g = torch.Generator().manual_seed(0)
     imgs = {"b/2.png": torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8),
             "a.png": torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8),
             "b/1.png": torch.randint(0, 256, (1, 8, 8), generator=g, dtype=torch.uint8)}  # grey -> RGB
     for k, v in imgs.items():
         (tmp_path / "imgs" / os.path.dirname(k)).mkdir(parents=True, exist_ok=True)
-        write_png(v, str(tmp_path / "imgs" / k))
+        write_png(v, tmp_path / "imgs" / k)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     d = C.load_data(str(tmp_path / "imgs"), "data", env1(), 0, False)
     want = torch.stack([imgs[k].expand(3, 8, 8) for k in ("a.png", "b/1.png", "b/2.png")])  # sorted paths
     assert d.kind == "images" and torch.equal(d.x, want)
-    write_png(torch.zeros(3, 6, 6, dtype=torch.uint8), str(tmp_path / "imgs" / "c.png"))
+    write_png(torch.zeros(3, 6, 6, dtype=torch.uint8), tmp_path / "imgs" / "c.png")
     with pytest.raises(C.UserError, match="c.png"):
         C.load_data(str(tmp_path / "imgs"), "data", env1(), 0, False)
     (tmp_path / "wide").mkdir()
-    write_png(torch.zeros(3, 6, 8, dtype=torch.uint8), str(tmp_path / "wide" / "w.png"))
+    write_png(torch.zeros(3, 6, 8, dtype=torch.uint8), tmp_path / "wide" / "w.png")
     with pytest.raises(C.UserError, match="square"):
         C.load_data(str(tmp_path / "wide"), "data", env1(), 0, False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(C.UserError):
         C.load_data(str(tmp_path / "empty"), "data", env1(), 0, False)
-    # 16-bit PNGs decode to uint16: scaled to 8 bits (x / 257), not read as values up to 65535 (x/127.5 - 1 ~ 513)
+    # 16-bit PNGs: scaled to 8 bits (the high byte), not read as values up to 65535 (x/127.5 - 1 ~ 513) nor truncated
     from PIL import Image
     (tmp_path / "deep").mkdir()
-    v = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)
+    v = np.array([[0, 300, 32800, 65535]] * 4, dtype=np.uint16)
     for i in range(2):
         Image.fromarray(v).save(tmp_path / "deep" / f"{i}.png")
     d = C.load_data(str(tmp_path / "deep"), "data", env1(), 0, False)
@@ -746,17 +750,51 @@ def test_transparent_pixels_in_a_folder_are_refused_and_an_opaque_alpha_dropped(
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
 
 
-def test_a_bmp_or_tiff_in_a_folder_is_refused(tmp_path):
-    """torchvision decodes neither: a .bmp (which the folder scan listed) was 'could not be decoded', as if damaged,
-    and a .tif beside PNGs was left out without a word."""
-    from torchvision.io import write_png
-    for ext in ("bmp", "tif"):
-        (tmp_path / ext).mkdir()
+def _png16(path, a):
+    """A 16-bit RGB PNG written by hand (PIL writes 16 bits for grey only): (H, W, 3) uint16, big-endian rows."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)
+    head = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, 2, 0, 0, 0)
+    body = chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_a_folder_reads_bmp_tiff_jpeg_and_16_bit_rgb_and_refuses_what_it_cannot(tmp_path):
+    """The folder is read with PIL, as EDM's dataset_tool.py reads one: BMP and TIFF (which torchvision's decoder
+    refused) beside PNGs, a 16-bit RGB PNG scaled to its high bytes; a damaged file, a truncated JPEG and 32-bit
+    pixels are one sentence each."""
+    from PIL import Image
+    rgb = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    (tmp_path / "mixed").mkdir()
+    for i, ext in enumerate(("png", "BMP", "tif")):
+        Image.fromarray(rgb + i).save(tmp_path / "mixed" / f"{i}.{ext}")
+    _png16(tmp_path / "mixed" / "3.png", (rgb.astype(np.uint16) + 3) * 256 + 100)  # high bytes rgb + 3
+    Image.fromarray(rgb).save(tmp_path / "mixed" / "4.jpg", quality=100)
+    Image.fromarray(np.full((8, 8), 255 * 256 + 7, np.int32)).save(tmp_path / "mixed" / "5.tif")  # mode I, in 16 bits
+    d = C.load_data(str(tmp_path / "mixed"), "data", env1(), 0, False)
+    want = torch.stack([torch.from_numpy(rgb + i).permute(2, 0, 1) for i in range(4)])
+    assert d.x.shape == (6, 3, 8, 8) and torch.equal(d.x[:4], want) and (d.x[5] == 255).all()
+    assert (d.x[4].int() - want[0].int()).abs().max() <= 8  # (JPEG: lossy even at quality 100)
+    jpg = (tmp_path / "mixed" / "4.jpg").read_bytes()
+    cases = {"damaged": ("x.bmp", b"BM not a bitmap", "could not be decoded"),
+             "truncated": ("x.jpg", jpg[:len(jpg) // 2], "could not be decoded"),
+             "deep": ("x.tif", 70000, "holds pixel values outside 16 bits"),
+             "float": ("x.tif", 0.5, "holds pixel values outside 16 bits")}
+    for name, (f, data, words) in cases.items():
+        (tmp_path / name).mkdir()
         for i in range(2):
-            write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / ext / f"{i}.png"))
-        (tmp_path / ext / f"x.{ext.upper()}").write_bytes(b"BM" if ext == "bmp" else b"II*\0")
-        with pytest.raises(C.UserError, match=f"x.{ext.upper()}' is a BMP or TIFF file"):
-            C.load_data(str(tmp_path / ext), "data", env1(), 0, False)
+            Image.fromarray(rgb).save(tmp_path / name / f"{i}.png")
+        if not isinstance(data, bytes):  # (mode I, 32-bit grey, or F)
+            a = np.full((8, 8), data, np.int32 if isinstance(data, int) else np.float32)
+            Image.fromarray(a).save(tmp_path / name / f)
+        else:
+            (tmp_path / name / f).write_bytes(data)
+        with pytest.raises(C.UserError, match=f"{f}' {words}"):
+            C.load_data(str(tmp_path / name), "data", env1(), 0, False)
 
 
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):

@@ -138,9 +138,9 @@ def files(tmp_path_factory):
     np.save(d / "pixel.npy", np.zeros((8, 1, 1, 3), np.uint8))  # 1 x 1 images
     os.mkfifo(d / "fifo.npy")  # np.load waited for a writer for ever
     os.makedirs(d / "imgs")
-    from torchvision.io import encode_png, write_file
+    from PIL import Image
     for i in range(2):
-        write_file(str(d / "imgs" / f"ok{i}.png"), encode_png(torch.full((3, 8, 8), 40 * i, dtype=torch.uint8)))
+        Image.new("RGB", (8, 8), (40 * i,) * 3).save(d / "imgs" / f"ok{i}.png")
     (d / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     with open(d / "plain.pt", "wb") as f:
         pickle.dump({"model": {}}, f, protocol=5)  # torch.load would note the protocol: no such line may appear
