@@ -1117,7 +1117,8 @@ def reference_stats(data, detector, env, cache_dir, ref_path=None, batch=250):
     path = os.path.join(cache_dir, "fid_refs", f"{data.key}-{detector.key}.npz")
     hit = os.path.exists(path)
     barrier(env)  # every rank has looked before rank 0 may write
-    if not hit:
+    if not hit:  # the folder is checked before the features are computed (a read-only cache serves its hits only)
+        check_dir(os.path.dirname(path), "--root's FID statistics folder")
         mu, sigma = _feature_stats(lambda idx: data.x[idx.to(data.x.device)], len(data.x), detector, env, batch)
 
         def write():  # rank 0 (a full disk stops every rank: agree)
@@ -2194,9 +2195,10 @@ def preflight(cmd, cfg, layout=None):
     check_names([os.path.basename(out)], os.path.dirname(os.path.abspath(out)), f"--out '{out}'", len("_100000steps"))
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):
         raise no_file(cfg.fid_ref, "FID reference")
-    if cmd == "fid" and not cfg.fid_ref:
-        check_dir(cfg.root, "--root")
-        check_dir(os.path.join(cfg.root, "fid_refs"), "--root's FID statistics folder")
+    if cmd == "fid" and not cfg.fid_ref:  # (written only on a cache miss, and checked then: a read-only cache serves)
+        for d, what in ((cfg.root, "--root"), (os.path.join(cfg.root, "fid_refs"), "--root's FID statistics folder")):
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise UserError(f"{what} '{os.path.abspath(d)}' is a file, not a folder.")
     if cmd == "fid" and cfg.fid_detector != "inception" and not os.path.isfile(cfg.fid_detector):
         raise no_file(cfg.fid_detector, "FID detector")
 

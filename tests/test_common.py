@@ -1178,6 +1178,28 @@ def test_reference_cache_hit_and_edm_npz(tmp_path):
         C.reference_stats(data, det, env, str(tmp_path))
 
 
+def test_a_read_only_fid_cache_serves_its_hits(tmp_path, monkeypatch):
+    """A shared, read-only --root/fid_refs: `fid` was refused before any work even when the statistics it needed were
+    cached there. Only a miss writes the folder, and is refused before the features are computed."""
+    env, root = env1(), tmp_path / "root"
+    det = _Counting(C.load_detector(standin_path(), env))
+    ref = C.reference_stats(image_data(n=30, seed=2), det, env, str(root), batch=8)
+
+    def read_only(d, what):  # (tests run as root, whom chmod does not stop)
+        if os.path.abspath(d).startswith(str(root)):
+            raise C.UserError(f"{what} '{d}' cannot be written (read-only file system).")
+    monkeypatch.setattr(C, "check_dir", read_only)
+    (tmp_path / "c.pt").write_bytes(b"")
+    C.preflight("fid", types.SimpleNamespace(ckpt=str(tmp_path / "c.pt"), out=None, fid_ref=None, root=str(root),
+                                             fid_detector="inception"))
+    det.calls = 0
+    hit = C.reference_stats(image_data(n=30, seed=2), det, env, str(root))
+    assert det.calls == 0 and np.array_equal(hit[0], ref[0]) and np.array_equal(hit[1], ref[1])
+    with pytest.raises(C.UserError, match="FID statistics folder .* cannot be written"):
+        C.reference_stats(image_data(n=30, seed=3), det, env, str(root))
+    assert det.calls == 0 and sorted(os.listdir(root / "fid_refs")) == [f"test2-{det.key}.npz"]
+
+
 def test_non_finite_detector_features_are_one_sentence(tmp_path):
     nan_det = C.Detector(lambda u8: torch.full((len(u8), 4), float("nan")), "nandet", 4)
     with pytest.raises(C.UserError, match="'nandet' gave non-finite features"):
