@@ -9,8 +9,8 @@ section starts at a line "# ==== <section>"):
   networks: MLP, ... MLP (2-D), WeightHead, net_config (the named sizes), build_net, unwrap (DDP, compile)
   data               TOYS, IMAGE_SETS, toy_sample, to_uint8, Data (uint8 images or float points on the device,
                      per-step batches)
-  data: loading      load_data (a toy, a torchvision set, a .npy, an image folder), FID_OPTIONS, refuse_unused,
-                     refuse_other
+  data: loading      load_data (a toy, a torchvision set, a .npy, an image folder or EDM's .zip), FID_OPTIONS,
+                     refuse_unused, refuse_other
   augmentation       EDM_AUGMENT, augment_dim, augment (EDM's augment.py pipeline), augment_batch (seeded per step)
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
@@ -37,7 +37,8 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings
+import functools, operator, pathlib, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings, zipfile
+import zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -595,15 +596,16 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")  # a folder's images; others skipped
 
 
-def _read_image(f):
-    """One file of an image folder -> uint8 (H, W, 3), read with PIL as EDM's dataset_tool.py reads a folder
-    (open_image_folder): grey repeated to RGB, 16-bit channels scaled to 8 bits (their high byte, v >> 8), an alpha
-    channel that is opaque everywhere dropped. Refused in one sentence: a file PIL cannot decode, an animated image,
-    transparent pixels (RGBA, grey + alpha, a palette's or a GIF's transparent colour: the colours beneath them are
-    undefined), pixel values outside 16 bits (float, or 32-bit grey beyond 65535)."""
+def _read_image(src, f):
+    """One image of a folder or a .zip (`src`: a callable that opens it; `f`: its name in messages) -> uint8 (H, W, 3),
+    read with PIL as EDM reads one (dataset_tool.py, training/dataset.py): grey and palette images made RGB, 16-bit
+    channels scaled to 8 bits (their high byte, v >> 8), an alpha channel that is opaque everywhere dropped. Refused
+    in one sentence: a file PIL cannot decode, an animated image, transparent pixels (RGBA, grey + alpha, a palette's
+    or a GIF's transparent colour: the colours beneath them are undefined), pixel values outside 16 bits (float, or
+    32-bit grey beyond 65535)."""
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line)
-        with warnings.catch_warnings(), _silent_fd2(), Image.open(f) as im:
+        with warnings.catch_warnings(), _silent_fd2(), Image.open(src()) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
@@ -617,8 +619,47 @@ def _read_image(f):
                                     f"with 8 or 16 bits per channel.")
                 return np.repeat((a >> 8).astype(np.uint8)[..., None], 3, 2)
             return np.array(im.convert("RGB"))  # (a 16-bit RGB PNG: PIL keeps each channel's high byte)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, zipfile.BadZipFile,
+            zlib.error) as e:  # (the last two: a damaged member of a .zip)
         raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
+
+
+def _read_image_set(spec):
+    """A folder or a .zip of images -> (uint8 (N, H, W, 3), int64 labels or None), read as EDM's training/dataset.py
+    ImageFolderDataset reads one (dataset_tool.py writes the .zip): the images in the sorted order of their paths
+    inside it, and the class labels of its dataset.json ({"labels": [[path, label], ...]} or null), if it has one."""
+    try:
+        z = None if os.path.isdir(spec) else zipfile.ZipFile(spec)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"data '{spec}' is not a readable .zip archive ({type(e).__name__}).") from None
+    with z or contextlib.nullcontext():
+        names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
+                                               for f in fs))
+        read = z.read if z else (lambda n: pathlib.Path(spec, n).read_bytes())
+        files = [n for n in names if n.lower().endswith(_IMAGE_EXT)]
+        if not files:
+            raise UserError(f"no images found in '{spec}'.")
+        imgs = []
+        for n in files:
+            im = torch.from_numpy(_read_image(lambda: io.BytesIO(read(n)), os.path.join(spec, n))).permute(2, 0, 1)
+            if imgs and im.shape != imgs[0].shape:
+                raise UserError(f"{os.path.join(spec, n)} has size {tuple(im.shape[1:])}, unlike "
+                                f"{tuple(imgs[0].shape[1:])} of {os.path.join(spec, files[0])}.")
+            imgs.append(im)
+        y = None
+        if "dataset.json" in names:
+            try:
+                y = json.loads(read("dataset.json"))["labels"]
+                y = None if y is None else list(map(dict(y).get, files))
+            except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, zlib.error):
+                raise UserError(f"the dataset.json of '{spec}' is not {{\"labels\": [[path, label], ...]}} as EDM's "
+                                f"dataset_tool.py writes it.") from None
+            if y is not None and (n := next((n for n, v in zip(files, y) if type(v) is not int or v < 0), None)):
+                raise UserError(f"the dataset.json of '{spec}' gives '{n}' no class label (a non-negative integer).")
+    x = torch.stack(imgs).permute(0, 2, 3, 1)
+    if x.shape[1] != x.shape[2]:
+        raise UserError(f"images in '{spec}' are not square ({tuple(x.shape[1:3])}); crop them first.")
+    return x, None if y is None else torch.tensor(y, dtype=torch.int64)
 
 
 def _read_images(spec):
@@ -648,25 +689,14 @@ def _read_images(spec):
             raise UserError(f"{spec}: expected float (N, 2) points or square uint8 NHWC images (C = 1 or 3), "
                             f"got {a.dtype} {a.shape}.")
         return torch.from_numpy(a if a.ndim == 4 else a[..., None]), None
-    if not os.path.isdir(spec):  # (an image, an .npz, a .pt: "no images found in folder" named a file a folder)
-        raise UserError(f"data '{spec}' is a file but not a .npy array; give a .npy file or a folder of images.")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(_IMAGE_EXT))
-    if not files:
-        raise UserError(f"no images found in folder '{spec}'.")
-    imgs = []
-    for f in files:
-        im = torch.from_numpy(_read_image(f)).permute(2, 0, 1)
-        if imgs and im.shape != imgs[0].shape:
-            raise UserError(f"{f} has size {tuple(im.shape[1:])}, unlike {tuple(imgs[0].shape[1:])} of {files[0]}.")
-        imgs.append(im)
-    x = torch.stack(imgs).permute(0, 2, 3, 1)
-    if x.shape[1] != x.shape[2]:
-        raise UserError(f"images in '{spec}' are not square ({tuple(x.shape[1:3])}); crop them first.")
-    return x, None
+    if not (os.path.isdir(spec) or spec.lower().endswith(".zip")):  # (an image, an .npz: was "no images found")
+        raise UserError(f"data '{spec}' is a file but not a .npy array or a .zip; give a .npy file, or a folder of "
+                        f"images or a .zip of them.")
+    return _read_image_set(spec)
 
 
 def load_data(spec, root, env, seed, xflip):
-    """A toy name, an image data set name, a .npy file or an image folder -> Data on env.device."""
+    """A toy name, an image data set name, a .npy file, an image folder or a .zip of images -> Data on env.device."""
     if spec in _TOY_RMS:
         g = torch.Generator().manual_seed(derive_seed(seed, "rank", env.rank))
         return Data("toy", spec, x=torch.empty(0, device=env.device), seed=seed, gen=g)
@@ -680,7 +710,8 @@ def load_data(spec, root, env, seed, xflip):
         if x.dtype == torch.uint8 and x.shape[1] < 2:
             raise UserError(f"the images in '{spec}' are {x.shape[1]} x {x.shape[2]} pixels; the U-Net needs at least "
                             f"2 x 2.")
-        k, key = 0, "user-" + hashlib.md5(x.numpy().tobytes()).hexdigest()[:12]
+        k = 0 if y is None else int(y.max()) + 1  # (EDM's label_dim: one-hot of the largest label + 1)
+        key = "user-" + hashlib.md5(x.numpy().tobytes() + (b"" if y is None else y.numpy().tobytes())).hexdigest()[:12]
         if x.dtype == torch.float32:
             m, s = x.mean(0).tolist(), x.var(0).mean().sqrt().item()  # per-coordinate RMS std
             note(f"data {spec}: {len(x)} points, mean ({m[0]:.3f}, {m[1]:.3f}), RMS std {s:.3f}"  # printed
@@ -688,7 +719,7 @@ def load_data(spec, root, env, seed, xflip):
             return Data("points", key, x=x.to(env.device), seed=seed)  # with the run's first line (flush_notes)
     else:
         raise UserError(f"data '{spec}' is neither a known data set ({', '.join(NAMED_DATA)}) "
-                        f"nor an existing .npy file or image folder.")
+                        f"nor an existing .npy file, image folder or .zip of images.")
     return Data("images", key, x=x.permute(0, 3, 1, 2).contiguous().to(env.device),
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
 

@@ -46,7 +46,7 @@ TEACHER_METHOD, TEACHER_CONVENTION = "rectified_flow", "x_t=(1-t)x+t*z, v=z-x, t
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
-    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/distributional-toy"  # run folder
     teacher: Optional[str] = None  # rectified_flow.py checkpoint or EDM .pkl; None: in-file 1-RF (toy/tiny only)

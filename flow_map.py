@@ -53,7 +53,7 @@ def convention(interpolant, sigma0):
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
     mode: Literal["lsd", "psd", "esd", "meanflow", "fmm", "lmd", "emd"] = "lsd"  # the objective
-    data: str = "checkerboard"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    data: str = "checkerboard"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/flow_map-lsd-toy"  # run folder
     teacher: Optional[str] = None  # rectified_flow.py checkpoint or EDM .pkl (lmd, emd only)

@@ -38,7 +38,7 @@ CONVENTION = "x_t=(1-t)x+t*e, e~N(0,0.5^2 I), t=1 noise; f_{s,t} maps t->s"
 @dataclass
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
-    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/imm-toy"  # run folder
     teacher: Optional[str] = None  # not accepted: IMM trains from scratch

@@ -61,7 +61,7 @@ STAGE_ONLY = {**dict.fromkeys(("n_pairs", "pair_batch", "pair_seed", "noise_mode
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
     stage: Literal["1rf", "pairs", "2rf", "ft", "all"] = "all"  # which stage to run
-    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file or image folder
+    data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/rectified_flow-toy"  # run folder DIR (1rf in DIR, pairs in DIR/pairs, 2rf in DIR/2rf)
     teacher: Optional[str] = None  # teacher for pairs/2rf: a 1rf checkpoint (default DIR/ckpt.pt) or an EDM .pkl
@@ -1057,9 +1057,9 @@ def run(cfg, given):
         cfg, given = C.pipeline_data(Config, PRESETS, cfg, given, first, stage="all")
     ck1 = C.load_checkpoint(first) if cfg.stage == "all" and os.path.exists(first) else None  # the 1-RF's
     resumes = ck1 is not None and cfg.resume is not False  # (--resume false: a fresh 1-RF)
-    # a conditional teacher: pairs_plan refuses it, which was after the 1-RF had trained (other data than the named
-    # image sets has no labels: there net_dict refuses --cond, before any output)
-    labelled = cfg.data in C.IMAGE_SETS
+    # a conditional teacher: pairs_plan refuses it, which was after the 1-RF had trained (a toy or a .npy has no
+    # labels: there net_dict refuses --cond, before any output; a folder or .zip may have them, in its dataset.json)
+    labelled = not (cfg.data in C.TOYS or cfg.data.endswith(".npy"))
     if cfg.stage == "all" and (cfg.cond and labelled or resumes and ck1["config"].get("cond") is True):
         raise C.UserError("--stage all makes its pairs from the 1-RF it trains, and reflow from a class-conditional "
                           "teacher is not supported; train the 1-RF without --cond (--stage 1rf trains it alone).")

@@ -26,7 +26,7 @@ import common as C
 from standin import standin_path
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 FREEZE = ("conv0", "conv1", "proj")  # freeze a parameter iff its module name is one of these
 
 
@@ -795,6 +795,61 @@ def test_a_folder_reads_bmp_tiff_jpeg_and_16_bit_rgb_and_refuses_what_it_cannot(
             (tmp_path / name / f).write_bytes(data)
         with pytest.raises(C.UserError, match=f"{f}' {words}"):
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
+
+
+def test_an_edm_dataset_zip_reads_as_edm_reads_it_and_its_folder_alike(tmp_path):
+    """--data X.zip, the archive EDM's dataset_tool.py writes and the official codes train from: images in the sorted
+    order of their paths and dataset.json's labels, as NVlabs/edm training/dataset.py ImageFolderDataset reads them
+    (tests/golden/edm_dataset.npz, made by its code at the commit it records: make_edm_dataset_golden.py); the same
+    files unpacked into a folder give the same data, labels and key."""
+    import zipfile
+    gold = np.load(os.path.join(GOLDEN, "edm_dataset.npz"))
+    zpath = os.path.join(GOLDEN, "edm_dataset.zip")
+    d = C.load_data(zpath, "data", env1(), 0, False)
+    assert torch.equal(d.x, torch.from_numpy(gold["images"])) and d.x.dtype == torch.uint8
+    assert torch.equal(d.labels, torch.from_numpy(gold["labels"])) and d.num_classes == int(gold["label_dim"])
+    with zipfile.ZipFile(zpath) as z:
+        z.extractall(tmp_path / "unpacked")
+    f = C.load_data(str(tmp_path / "unpacked"), "data", env1(), 0, False)
+    assert torch.equal(f.x, d.x) and torch.equal(f.labels, d.labels) and f.key == d.key
+    (tmp_path / "unpacked" / "dataset.json").write_text('{"labels": null}')  # (dataset_tool.py's unlabelled sets)
+    u = C.load_data(str(tmp_path / "unpacked"), "data", env1(), 0, False)
+    assert u.labels is None and u.num_classes == 0 and torch.equal(u.x, d.x) and u.key != d.key
+    (tmp_path / "unpacked" / "dataset.json").unlink()
+    assert C.load_data(str(tmp_path / "unpacked"), "data", env1(), 0, False).key == u.key
+
+
+def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
+    import zipfile
+    from PIL import Image
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    names = ("0.png", "1.png")
+    for n in names:
+        Image.fromarray(rgb).save(tmp_path / n)
+    cases = {"unlisted": ({"labels": [["0.png", 1]]}, "gives '1.png' no class label"),
+             "float": ({"labels": [["0.png", 1], ["1.png", 0.5]]}, "gives '1.png' no class label"),
+             "negative": ({"labels": [["0.png", -1], ["1.png", 0]]}, "gives '0.png' no class label"),
+             "vector": ({"labels": [["0.png", [1, 0]], ["1.png", [0, 1]]]}, "gives '0.png' no class label"),
+             "no_key": ({"classes": []}, "is not {\"labels\""), "text": ("not json", "is not {\"labels\"")}
+    for case, (js, words) in cases.items():
+        with zipfile.ZipFile(tmp_path / f"{case}.zip", "w") as z:
+            for n in names:
+                z.write(tmp_path / n, n)
+            z.writestr("dataset.json", js if isinstance(js, str) else json.dumps(js))
+        with pytest.raises(C.UserError, match=f"dataset.json of '.*{case}.zip' {re.escape(words)}"):
+            C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
+    (tmp_path / "text.zip").write_text("not a zip")
+    with pytest.raises(C.UserError, match="text.zip' is not a readable .zip archive"):
+        C.load_data(str(tmp_path / "text.zip"), "data", env1(), 0, False)
+    with zipfile.ZipFile(tmp_path / "crc.zip", "w") as z:  # a member whose bytes no longer match its CRC
+        for n in names:
+            z.write(tmp_path / n, n)
+    raw = bytearray((tmp_path / "crc.zip").read_bytes())
+    at = raw.index(b"IDAT") + 6
+    raw[at] ^= 0xFF
+    (tmp_path / "crc.zip").write_bytes(bytes(raw))
+    with pytest.raises(C.UserError, match=r"crc.zip/0.png' could not be decoded \(BadZipFile\)"):
+        C.load_data(str(tmp_path / "crc.zip"), "data", env1(), 0, False)
 
 
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):

@@ -673,6 +673,16 @@ def test_stage_all_refuses_a_conditional_teacher_before_its_1rf(tmp_path, capsys
         assert out == "" and not os.path.exists(tmp_path / "r" / "pairs")
         assert not os.path.exists(tmp_path / "r" / "ckpt.pt") if extra else \
             os.path.getmtime(tmp_path / "r" / "ckpt.pt") == before
+    from PIL import Image  # a folder labelled by its dataset.json (EDM's layout) likewise
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.fromarray(x[i].numpy()).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "imgs" / "dataset.json").write_text(json.dumps({"labels": [[f"{i}.png", i % 3] for i in range(8)]}))
+    capsys.readouterr()
+    code = run("rectified_flow", *argv[:2], "--data", tmp_path / "imgs", "--out", tmp_path / "f", "--cond", "true")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, "class-conditional", "--cond")
+    assert out == "" and not os.path.exists(tmp_path / "f")
 
 
 def test_stage_all_checks_a_pairs_folder_before_its_1rf_trains(files, tmp_path, capsys):
