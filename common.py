@@ -612,7 +612,7 @@ def _read_image(src, f):
             if ("A" in im.getbands() or "transparency" in im.info) and im.convert("RGBA").getextrema()[3][0] < 255:
                 raise UserError(f"the image '{f}' has transparent pixels, whose colours are undefined; flatten it onto "
                                 f"a background first.")
-            if im.mode == "F" or im.mode.startswith("I"):  # 16- or 32-bit grey (PIL < 10: 16-bit PNGs read as "I")
+            if im.mode == "F" or im.mode.startswith("I"):  # 16- or 32-bit grey (older PILs read 16-bit PNGs as "I")
                 a = np.asarray(im).astype(np.float64 if im.mode == "F" else np.int64)
                 if not (a.min() >= 0 and a.max() <= 65535 and im.mode != "F"):
                     raise UserError(f"the image '{f}' holds pixel values outside 16 bits (PIL mode {im.mode}); save it "
