@@ -635,7 +635,14 @@ def _read_image_set(spec):
     with z or contextlib.nullcontext():
         names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
                                                for f in fs))
-        read = z.read if z else (lambda n: pathlib.Path(spec, n).read_bytes())
+
+        def read(n):  # (an encrypted member, or one packed by a method Python does not read: one sentence)
+            if not (z or os.path.isfile(os.path.join(spec, n))):  # (a FIFO blocked for ever)
+                raise UserError(f"'{os.path.join(spec, n)}' is not a regular file.")
+            try:
+                return z.read(n) if z else pathlib.Path(spec, n).read_bytes()
+            except (RuntimeError, NotImplementedError) as e:
+                raise UserError(f"'{n}' in '{spec}' cannot be read: {e}.") from None
         files = [n for n in names if n.lower().endswith(_IMAGE_EXT)]
         if not files:
             raise UserError(f"no images found in '{spec}'.")

@@ -838,6 +838,11 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
             z.writestr("dataset.json", js if isinstance(js, str) else json.dumps(js))
         with pytest.raises(C.UserError, match=f"dataset.json of '.*{case}.zip' {re.escape(words)}"):
             C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
+    (tmp_path / "fifo").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "fifo" / "0.png")
+    os.mkfifo(tmp_path / "fifo" / "1.png")  # (reading it waited for a writer for ever)
+    with pytest.raises(C.UserError, match="fifo/1.png' is not a regular file"):
+        C.load_data(str(tmp_path / "fifo"), "data", env1(), 0, False)
     (tmp_path / "text.zip").write_text("not a zip")
     with pytest.raises(C.UserError, match="text.zip' is not a readable .zip archive"):
         C.load_data(str(tmp_path / "text.zip"), "data", env1(), 0, False)
@@ -850,6 +855,21 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
     (tmp_path / "crc.zip").write_bytes(bytes(raw))
     with pytest.raises(C.UserError, match=r"crc.zip/0.png' could not be decoded \(BadZipFile\)"):
         C.load_data(str(tmp_path / "crc.zip"), "data", env1(), 0, False)
+    import struct  # an encrypted member, and one packed by a method zipfile does not read (AES, 99): were tracebacks
+    for case, words in (("encrypted", "is encrypted"), ("method", "compression method is not supported")):
+        with zipfile.ZipFile(tmp_path / f"{case}.zip", "w") as z:
+            for n in names:
+                z.write(tmp_path / n, n)
+        raw = bytearray((tmp_path / f"{case}.zip").read_bytes())
+        for sig, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):  # local and central headers
+            at = raw.index(sig)
+            if case == "encrypted":
+                raw[at + flags] |= 1
+            else:
+                raw[at + method:at + method + 2] = struct.pack("<H", 99)
+        (tmp_path / f"{case}.zip").write_bytes(bytes(raw))
+        with pytest.raises(C.UserError, match=f"'0.png' in '.*{case}.zip' cannot be read: .*{words}"):
+            C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
 
 
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
