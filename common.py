@@ -661,8 +661,10 @@ def _read_image_set(spec):
             except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, zlib.error):
                 raise UserError(f"the dataset.json of '{spec}' is not {{\"labels\": [[path, label], ...]}} as EDM's "
                                 f"dataset_tool.py writes it.") from None
-            if y is not None and (n := next((n for n, v in zip(files, y) if type(v) is not int or v < 0), None)):
-                raise UserError(f"the dataset.json of '{spec}' gives '{n}' no class label (a non-negative integer).")
+            if y is not None and (n := next((n for n, v in zip(files, y)  # (2 ** 63 and beyond: a traceback, int64)
+                                             if type(v) is not int or not 0 <= v < 2 ** 63), None)):
+                raise UserError(f"the dataset.json of '{spec}' gives '{n}' no class label (a non-negative 64-bit "
+                                f"integer).")
     x = torch.stack(imgs).permute(0, 2, 3, 1)
     if x.shape[1] != x.shape[2]:
         raise UserError(f"images in '{spec}' are not square ({tuple(x.shape[1:3])}); crop them first.")
