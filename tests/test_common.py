@@ -831,7 +831,8 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
              "negative": ({"labels": [["0.png", -1], ["1.png", 0]]}, "gives '0.png' no class label"),
              "vector": ({"labels": [["0.png", [1, 0]], ["1.png", [0, 1]]]}, "gives '0.png' no class label"),
              "int64": ({"labels": [["0.png", 0], ["1.png", 2 ** 63]]}, "gives '1.png' no class label"),  # (a traceback)
-             "no_key": ({"classes": []}, "is not {\"labels\""), "text": ("not json", "is not {\"labels\"")}
+             "no_key": ({"classes": []}, "is not {\"labels\""), "text": ("not json", "is not {\"labels\""),
+             "deep": ('{"labels": ' + "[" * 10 ** 5 + "]" * 10 ** 5 + "}", "is not {\"labels\"")}  # (RecursionError)
     for case, (js, words) in cases.items():
         with zipfile.ZipFile(tmp_path / f"{case}.zip", "w") as z:
             for n in names:
