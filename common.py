@@ -601,15 +601,24 @@ def _read_image(src, f):
     read with PIL as EDM reads one (dataset_tool.py, training/dataset.py): grey and palette images made RGB, 16-bit
     channels scaled to 8 bits (their high byte, v >> 8), an alpha channel that is opaque everywhere dropped. Refused
     in one sentence: a file PIL cannot decode, an animated image, transparent pixels (RGBA, grey + alpha, a palette's
-    or a GIF's transparent colour: the colours beneath them are undefined), pixel values outside 16 bits (float, or
-    32-bit grey beyond 65535)."""
+    or a GIF's transparent colour, a PNG's colour key: the colours beneath them are undefined), pixel values outside
+    16 bits (float, or 32-bit grey beyond 65535)."""
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line)
         with warnings.catch_warnings(), _silent_fd2(), Image.open(src()) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
-            if ("A" in im.getbands() or "transparency" in im.info) and im.convert("RGBA").getextrema()[3][0] < 255:
+            key, raw = im.info.get("transparency"), im.tile[0][3] if im.format == "PNG" and im.tile else ""
+            if raw in ("L;2", "L;4", "I;16B", "RGB;16B") and key is not None:  # a PNG's colour key that PIL does not
+                # apply (it trained unrefused): the file's value, but PIL scales 2- and 4-bit grey to 8 bits, reads
+                # 16-bit grey opaque, and keeps 16-bit RGB's high bytes (a pixel within 1/256 of the key counts too)
+                a, k = np.asarray(im), np.array(key)
+                k = k * 255 // (2 ** int(raw[2]) - 1) if raw[:2] == "L;" else k >> 8 if raw == "RGB;16B" else k
+                clear = (a.reshape(a.shape[0], a.shape[1], -1) == k).all(-1).any()
+            else:
+                clear = ("A" in im.getbands() or key is not None) and im.convert("RGBA").getextrema()[3][0] < 255
+            if clear:
                 raise UserError(f"the image '{f}' has transparent pixels, whose colours are undefined; flatten it onto "
                                 f"a background first.")
             if im.mode == "F" or im.mode.startswith("I"):  # 16- or 32-bit grey (older PILs read 16-bit PNGs as "I")

@@ -750,6 +750,36 @@ def test_transparent_pixels_in_a_folder_are_refused_and_an_opaque_alpha_dropped(
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
 
 
+def test_a_png_colour_key_at_2_4_or_16_bits_is_transparency_too(tmp_path):
+    """A PNG's tRNS colour key in grey of 2, 4 or 16 bits or in 16-bit RGB: PIL does not apply it (it scales low-depth
+    grey to 8 bits but not the key, reads 16-bit grey opaque, compares 16-bit RGB's key with 8-bit pixels), so images
+    transparent everywhere trained without a word; a key no pixel holds still reads."""
+    import struct
+    import zlib
+
+    def png(path, depth, ctype, v, key):  # 8 x 8 pixels of the sample value(s) v, the colour key `key`
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        px = int(format(v[0], f"0{depth}b") * 8, 2).to_bytes(depth, "big") if depth < 8 else \
+            b"".join(c.to_bytes(depth // 8, "big") for c in v) * 8
+        head = chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, depth, ctype, 0, 0, 0))
+        trns = chunk(b"tRNS", struct.pack(f">{len(key)}H", *key))
+        body = head + trns + chunk(b"IDAT", zlib.compress((b"\0" + px) * 8))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
+    for name, depth, ctype, v, want in (("grey2", 2, 0, (2,), 170), ("grey4", 4, 0, (14,), 238),
+                                        ("grey16", 16, 0, (300,), 1), ("rgb16", 16, 2, (300, 1, 2), 1)):
+        for hit in (True, False):
+            (tmp_path / f"{name}{hit}").mkdir()
+            for i in range(2):
+                key = v if hit else (v[0] - 1, *v[1:]) if depth < 16 else (v[0] + 256, *v[1:])
+                png(tmp_path / f"{name}{hit}" / f"{i}.png", depth, ctype, v, key)
+            if hit:
+                with pytest.raises(C.UserError, match=f"{name}True/0.png' has transparent pixels"):
+                    C.load_data(str(tmp_path / f"{name}{hit}"), "data", env1(), 0, False)
+            else:
+                assert C.load_data(str(tmp_path / f"{name}{hit}"), "data", env1(), 0, False).x[0, 0, 0, 0] == want
+
+
 def _png16(path, a):
     """A 16-bit RGB PNG written by hand (PIL writes 16 bits for grey only): (H, W, 3) uint16, big-endian rows."""
     import struct
