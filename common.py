@@ -686,10 +686,12 @@ def _read_images(spec):
         if not os.path.isfile(spec):  # (a FIFO blocked np.load for ever)
             raise UserError(f"{spec} is not a regular file.")
         try:  # never unpickle: object arrays, pickles and text renamed .npy are refused
-            a = np.load(spec, mmap_mode="r", allow_pickle=False)  # mapped, then copied: a header that declares more
-            a = np.array(a) if isinstance(a, np.memmap) else a  # than the file holds is not allocated first
+            with np.errstate(over="ignore"):  # (a shape whose product overflows: numpy's warning preceded the error)
+                a = np.load(spec, mmap_mode="r", allow_pickle=False)  # mapped, then copied: a header that declares
+            a = np.array(a) if isinstance(a, np.memmap) else a  # more than the file holds is not allocated first
         except (ValueError, OSError, EOFError) as e:
-            if "mmap length is greater than file size" in str(e):  # (np.load allocated it: out of memory)
+            if re.search("mmap length is greater than file size|array is too big", str(e)):  # (np.load allocated it:
+                # out of memory; the second: a shape beyond any memory, called 'not a numeric .npy array')
                 raise UserError(f"{spec} holds fewer bytes than its header declares (a truncated .npy file).") from None
             raise UserError(f"{spec} is not a numeric .npy array ({type(e).__name__}: object arrays, pickles and "
                             f"other files are refused).") from None

@@ -687,13 +687,17 @@ def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
 
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
-    MemoryError read as 'out of memory; lower --batch')."""
+    MemoryError read as 'out of memory; lower --batch'); a shape whose product overflows (numpy's RuntimeWarning
+    preceded the error line) likewise."""
+    import warnings
     from numpy.lib import format as npf
-    for name, shape in (("huge", (10 ** 12, 2)), ("short", (8, 2))):
+    for name, shape in (("huge", (10 ** 12, 2)), ("short", (8, 2)), ("overflow", (2 ** 62, 2 ** 62, 2))):
         with open(tmp_path / f"{name}.npy", "wb") as f:
             npf.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
             f.write(b"\0" * 12)
-        with pytest.raises(C.UserError, match=f"{name}.npy holds fewer bytes than its header declares"):
+        with pytest.raises(C.UserError, match=f"{name}.npy holds fewer bytes than its header declares"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("error")
             C.load_data(str(tmp_path / f"{name}.npy"), "data", env1(), 0, False)
 
 
