@@ -37,7 +37,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pathlib, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings, zipfile
+import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings, zipfile
 import zlib
 from dataclasses import dataclass
 import numpy as np
@@ -605,7 +605,7 @@ def _read_image(src, f):
     16 bits (float, or 32-bit grey beyond 65535)."""
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line)
-        with warnings.catch_warnings(), _silent_fd2(), Image.open(src()) as im:
+        with warnings.catch_warnings(), _silent_fd2(), src() as fp, Image.open(fp) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
@@ -645,19 +645,23 @@ def _read_image_set(spec):
         names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
                                                for f in fs))
 
-        def read(n):  # (an encrypted member, or one packed by a method Python does not read: one sentence)
+        def read(n, whole=True):  # (an encrypted member, or one packed by a method Python does not read: one sentence)
             if not (z or os.path.isfile(os.path.join(spec, n))):  # (a FIFO blocked for ever)
                 raise UserError(f"'{os.path.join(spec, n)}' is not a regular file.")
-            try:
-                return z.read(n) if z else pathlib.Path(spec, n).read_bytes()
-            except (RuntimeError, NotImplementedError) as e:
+            try:  # an image is a stream PIL reads what it needs of, as EDM reads it: a member that unpacks to
+                f = z.open(n) if z else open(os.path.join(spec, n), "rb")  # gigabytes (a zip bomb) or a huge file
+            except (RuntimeError, NotImplementedError) as e:  # was read into memory whole ("out of memory", or killed)
                 raise UserError(f"'{n}' in '{spec}' cannot be read: {e}.") from None
+            if not whole:
+                return f
+            with f:
+                return f.read()
         files = [n for n in names if n.lower().endswith(_IMAGE_EXT)]
         if not files:
             raise UserError(f"no images found in '{spec}'.")
         imgs = []
         for n in files:
-            im = torch.from_numpy(_read_image(lambda: io.BytesIO(read(n)), os.path.join(spec, n))).permute(2, 0, 1)
+            im = torch.from_numpy(_read_image(lambda: read(n, False), os.path.join(spec, n))).permute(2, 0, 1)
             if imgs and im.shape != imgs[0].shape:
                 raise UserError(f"{os.path.join(spec, n)} has size {tuple(im.shape[1:])}, unlike "
                                 f"{tuple(imgs[0].shape[1:])} of {os.path.join(spec, files[0])}.")

@@ -908,6 +908,34 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
             C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
 
 
+def test_an_image_member_that_unpacks_to_gigabytes_is_not_read_whole(tmp_path):
+    """A .zip member (a zip bomb: megabytes that unpack to gigabytes of zeros) or a huge file named .png was read into
+    memory whole before PIL looked at it ('out of memory; lower --batch', or the process killed); PIL now reads what it
+    needs of a stream, as EDM does (peak memory well below the 128 MiB here)."""
+    import tracemalloc
+    import zipfile
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "1.png")
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.write(tmp_path / "1.png", "1.png")
+        with z.open("0.png", "w") as f:
+            for _ in range(8):
+                f.write(bytes(16 << 20))
+    (tmp_path / "big").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "big" / "1.png")
+    with open(tmp_path / "big" / "0.png", "wb") as f:  # (sparse: no disk used)
+        f.truncate(128 << 20)
+    for case in ("bomb.zip", "big"):
+        tracemalloc.start()
+        try:
+            with pytest.raises(C.UserError, match=f"{case}/0.png' could not be decoded"):
+                C.load_data(str(tmp_path / case), "data", env1(), 0, False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 32 << 20, (case, peak)
+
+
 def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
     """An animated GIF decodes to (frames, C, H, W): two of them stacked to 5-D were a traceback (permute), one beside
     a PNG a size error that named the frame count as a size."""
