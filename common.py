@@ -639,7 +639,8 @@ def _read_image_set(spec):
     inside it, and the class labels of its dataset.json ({"labels": [[path, label], ...]} or null), if it has one."""
     try:
         z = None if os.path.isdir(spec) else zipfile.ZipFile(spec)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError) as e:  # (the last two: a member
+        # needing a zip version above 6.3, a name flagged UTF-8 that is not: tracebacks)
         raise UserError(f"data '{spec}' is not a readable .zip archive ({type(e).__name__}).") from None
     with z or contextlib.nullcontext():
         names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)

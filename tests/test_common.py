@@ -908,6 +908,28 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
             C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
 
 
+def test_a_zip_whose_directory_zipfile_refuses_is_one_sentence(tmp_path):
+    """A member that needs a zip version above 6.3 (NotImplementedError) or a name flagged UTF-8 that is not
+    (UnicodeDecodeError): zipfile.ZipFile raised them on opening the archive, tracebacks both."""
+    import struct
+    import zipfile
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    for case in ("utf8", "version"):
+        with zipfile.ZipFile(tmp_path / f"{case}.zip", "w") as z:
+            z.write(tmp_path / "0.png", "\u00e9.png")  # (zipfile flags a non-ASCII name UTF-8)
+            z.write(tmp_path / "0.png", "1.png")
+        raw = bytearray((tmp_path / f"{case}.zip").read_bytes())
+        if case == "version":  # the central directory's "version needed to extract" of the first member
+            at = raw.index(b"PK\x01\x02") + 6
+            raw[at:at + 2] = struct.pack("<H", 64)
+        else:
+            raw = bytearray(bytes(raw).replace("\u00e9".encode(), b"\xff\xfe"))
+        (tmp_path / f"{case}.zip").write_bytes(bytes(raw))
+        with pytest.raises(C.UserError, match=f"{case}.zip' is not a readable .zip archive"):
+            C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
+
+
 def test_an_image_member_that_unpacks_to_gigabytes_is_not_read_whole(tmp_path):
     """A .zip member (a zip bomb: megabytes that unpack to gigabytes of zeros) or a huge file named .png was read into
     memory whole before PIL looked at it ('out of memory; lower --batch', or the process killed); PIL now reads what it
