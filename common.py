@@ -672,8 +672,8 @@ def _read_image_set(spec):
             try:
                 y = json.loads(read("dataset.json"))["labels"]
                 y = None if y is None else list(map(dict(y).get, files))
-            except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, zlib.error,
-                    RecursionError):  # (the last: JSON nested thousands deep, a traceback)
+            except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, zlib.error, RecursionError,
+                    EOFError):  # (the last two: JSON nested thousands deep, a member cut short: tracebacks)
                 raise UserError(f"the dataset.json of '{spec}' is not {{\"labels\": [[path, label], ...]}} as EDM's "
                                 f"dataset_tool.py writes it.") from None
             if y is not None and (n := next((n for n, v in zip(files, y)  # (2 ** 63 and beyond: a traceback, int64)

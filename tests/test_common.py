@@ -910,7 +910,8 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
 
 def test_a_zip_whose_directory_zipfile_refuses_is_one_sentence(tmp_path):
     """A member that needs a zip version above 6.3 (NotImplementedError) or a name flagged UTF-8 that is not
-    (UnicodeDecodeError): zipfile.ZipFile raised them on opening the archive, tracebacks both."""
+    (UnicodeDecodeError): zipfile.ZipFile raised them on opening the archive, tracebacks both; so was a dataset.json
+    member whose bytes end before its declared size (EOFError)."""
     import struct
     import zipfile
     from PIL import Image
@@ -928,6 +929,16 @@ def test_a_zip_whose_directory_zipfile_refuses_is_one_sentence(tmp_path):
         (tmp_path / f"{case}.zip").write_bytes(bytes(raw))
         with pytest.raises(C.UserError, match=f"{case}.zip' is not a readable .zip archive"):
             C.load_data(str(tmp_path / f"{case}.zip"), "data", env1(), 0, False)
+    with zipfile.ZipFile(tmp_path / "short.zip", "w") as z:  # a dataset.json whose bytes end before its declared size
+        z.write(tmp_path / "0.png", "0.png")
+        z.write(tmp_path / "0.png", "1.png")
+        z.writestr("dataset.json", '{"labels": null}')
+    raw = bytearray((tmp_path / "short.zip").read_bytes())
+    at = raw.rindex(b"PK\x01\x02") + 20  # its central directory entry's compressed and uncompressed sizes
+    raw[at:at + 8] = struct.pack("<II", 1000, 1000)
+    (tmp_path / "short.zip").write_bytes(bytes(raw))
+    with pytest.raises(C.UserError, match="dataset.json of '.*short.zip' is not {\"labels\""):  # (EOFError)
+        C.load_data(str(tmp_path / "short.zip"), "data", env1(), 0, False)
 
 
 def test_an_image_member_that_unpacks_to_gigabytes_is_not_read_whole(tmp_path):
