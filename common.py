@@ -687,7 +687,7 @@ def _read_image_set(spec):
 
 
 def _read_images(spec):
-    if spec.endswith(".npy"):
+    if spec.lower().endswith(".npy"):  # (as .zip: X.NPY was called 'a file but not a .npy array')
         if not os.path.isfile(spec):  # (a FIFO blocked np.load for ever)
             raise UserError(f"{spec} is not a regular file.")
         try:  # never unpickle: object arrays, pickles and text renamed .npy are refused

@@ -683,6 +683,9 @@ def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
     for name in ("one.png", "pts.npz"):
         with pytest.raises(C.UserError, match=f"{name}' is a file but not a .npy array"):
             C.load_data(str(tmp_path / name), "data", env1(), 0, False)
+    np.save(tmp_path / "PTS.npy", np.zeros((8, 2), np.float32))  # an upper-case name, as .ZIP is read: was refused so
+    os.replace(tmp_path / "PTS.npy", tmp_path / "PTS.NPY")
+    assert C.load_data(str(tmp_path / "PTS.NPY"), "data", env1(), 0, False).kind == "points"
 
 
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
