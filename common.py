@@ -37,7 +37,7 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, types, typing, warnings, zipfile
+import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, tokenize, types, typing, warnings, zipfile
 import zlib
 from dataclasses import dataclass
 import numpy as np
@@ -694,7 +694,7 @@ def _read_images(spec):
             with np.errstate(over="ignore"):  # (a shape whose product overflows: numpy's warning preceded the error)
                 a = np.load(spec, mmap_mode="r", allow_pickle=False)  # mapped, then copied: a header that declares
             a = np.array(a) if isinstance(a, np.memmap) else a  # more than the file holds is not allocated first
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, tokenize.TokenError) as e:  # (the last: a header's brace left open)
             if re.search("mmap length is greater than file size|array is too big", str(e)):  # (np.load allocated it:
                 # out of memory; the second: a shape beyond any memory, called 'not a numeric .npy array')
                 raise UserError(f"{spec} holds fewer bytes than its header declares (a truncated .npy file).") from None

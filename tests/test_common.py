@@ -688,6 +688,15 @@ def test_a_file_that_is_not_npy_is_not_called_a_folder(tmp_path):
     assert C.load_data(str(tmp_path / "PTS.NPY"), "data", env1(), 0, False).kind == "points"
 
 
+def test_an_npy_header_left_open_is_one_sentence(tmp_path):
+    """A header whose dict is never closed (its last byte damaged): numpy's tokenize.TokenError was a traceback."""
+    head = b"{'descr': '<f4', 'fortran_order': False, 'shape': (8, 2), "
+    head += b" " * (127 - 10 - len(head)) + b"\n"
+    (tmp_path / "open.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + bytes(64))
+    with pytest.raises(C.UserError, match=r"open.npy is not a numeric .npy array \(TokenError"):
+        C.load_data(str(tmp_path / "open.npy"), "data", env1(), 0, False)
+
+
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
     MemoryError read as 'out of memory; lower --batch'); a shape whose product overflows (numpy's RuntimeWarning
