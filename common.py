@@ -37,8 +37,8 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pickle, re, shutil, socket, sys, tempfile, time, tokenize, types, typing, warnings, zipfile
-import zlib
+import functools, operator, pickle, re, shutil, socket, struct, sys, tempfile, time, tokenize, types, typing, warnings
+import zipfile, zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -629,7 +629,8 @@ def _read_image(src, f):
                 return np.repeat((a >> 8).astype(np.uint8)[..., None], 3, 2)
             return np.array(im.convert("RGB"))  # (a 16-bit RGB PNG: PIL keeps each channel's high byte)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, zipfile.BadZipFile,
-            zlib.error) as e:  # (the last two: a damaged member of a .zip)
+            zlib.error, IndexError, KeyError, TypeError, struct.error) as e:  # (zipfile's and zlib's: a damaged member
+        # of a .zip; the last four: PIL's seek through a damaged later frame, counting a GIF's or a TIFF's, tracebacks)
         raise UserError(f"the image '{f}' could not be decoded ({type(e).__name__}).") from None
 
 

@@ -992,6 +992,31 @@ def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
         C.load_data(str(tmp_path), "data", env1(), 0, False)
 
 
+def test_a_damaged_later_frame_is_one_sentence(tmp_path):
+    """Every cut of a 2-frame GIF and of a 2-page TIFF, and a TIFF whose second page names an unknown compression:
+    PIL counting the frames raised IndexError, struct.error, TypeError ('Missing dimensions') or KeyError,
+    tracebacks."""
+    import struct
+    from PIL import Image
+    base = Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
+    base.convert("P").save(tmp_path / "a.gif", save_all=True, append_images=[base.convert("P").rotate(90)])
+    base.save(tmp_path / "a.tif", save_all=True, append_images=[base])
+    t = bytearray((tmp_path / "a.tif").read_bytes())
+    ifd = struct.unpack("<I", t[4:8])[0]
+    ifd = struct.unpack("<I", t[ifd + 2 + 12 * t[ifd]:][:4])[0]  # the second page's tags (fewer than 256)
+    at = next(ifd + 2 + 12 * i for i in range(t[ifd]) if t[ifd + 2 + 12 * i:][:2] == struct.pack("<H", 259))
+    t[at + 8:at + 10] = struct.pack("<H", 10825)  # (its Compression)
+    cases = {"compression.tif": bytes(t)}
+    for name in ("a.gif", "a.tif"):
+        data = (tmp_path / name).read_bytes()
+        cases.update({f"{k}{name}": data[:k] for k in range(1, len(data))})
+    for name, data in cases.items():
+        try:
+            C._read_image(lambda: io.BytesIO(data), name)
+        except C.UserError:
+            pass
+
+
 def test_toy_data_stream():
     d = C.load_data("moons", "data", env1(), 3, False)
     x, y = d.batch(64, 0)
