@@ -604,8 +604,9 @@ def _read_image(src, f):
     or a GIF's transparent colour, a PNG's colour key: the colours beneath them are undefined), pixel values outside
     16 bits (float, or 32-bit grey beyond 65535)."""
     from PIL import Image
-    try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line)
-        with warnings.catch_warnings(), _silent_fd2(), src() as fp, Image.open(fp) as im:
+    try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line;
+        # record: Image.open's own warnings, before the filter below, a damaged TIFF's EXIF, are kept here too)
+        with warnings.catch_warnings(record=True), _silent_fd2(), src() as fp, Image.open(fp) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
