@@ -693,7 +693,8 @@ def _read_images(spec):
         if not os.path.isfile(spec):  # (a FIFO blocked np.load for ever)
             raise UserError(f"{spec} is not a regular file.")
         try:  # never unpickle: object arrays, pickles and text renamed .npy are refused
-            with np.errstate(over="ignore"):  # (a shape whose product overflows: numpy's warning preceded the error)
+            with np.errstate(over="ignore"), warnings.catch_warnings(record=True):  # (numpy's warnings preceded
+                # the error line or the run's first: a shape whose product overflows, a header written by Python 2)
                 a = np.load(spec, mmap_mode="r", allow_pickle=False)  # mapped, then copied: a header that declares
             a = np.array(a) if isinstance(a, np.memmap) else a  # more than the file holds is not allocated first
         except (ValueError, OSError, EOFError, tokenize.TokenError) as e:  # (the last: a header's brace left open)

@@ -697,6 +697,23 @@ def test_an_npy_header_left_open_is_one_sentence(tmp_path):
         C.load_data(str(tmp_path / "open.npy"), "data", env1(), 0, False)
 
 
+def test_an_npy_written_by_python_2_is_read_without_a_warning(tmp_path):
+    """Its header's Python 2 longs (8L): numpy's UserWarning ('created on Python 2') was printed before the run's first
+    line, or before the error line of an array of the wrong shape."""
+    import warnings
+    for name, shape, n in (("good", "(8L, 2L)", 16), ("bad", "(8L, 3L)", 24)):
+        head = ("{'descr': '<f4', 'fortran_order': False, 'shape': %s, }" % shape).encode()
+        head += b" " * (127 - 10 - len(head)) + b"\n"
+        (tmp_path / f"{name}.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+                                               + np.full(n, 0.5, "<f4").tobytes())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert C.load_data(str(tmp_path / "good.npy"), "data", env1(), 0, False).x.shape == (8, 2)
+        with pytest.raises(C.UserError, match=r"bad.npy: expected float \(N, 2\) points"):
+            C.load_data(str(tmp_path / "bad.npy"), "data", env1(), 0, False)
+    assert not w, w[0].message
+
+
 def test_npy_declaring_more_than_it_holds_is_refused(tmp_path):
     """A header declaring 2 x 10^12 floats in a file of a few bytes: refused as truncated, not allocated (np.load's
     MemoryError read as 'out of memory; lower --batch'); a shape whose product overflows (numpy's RuntimeWarning
