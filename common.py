@@ -639,6 +639,8 @@ def _read_image_set(spec):
     """A folder or a .zip of images -> (uint8 (N, H, W, 3), int64 labels or None), read as EDM's training/dataset.py
     ImageFolderDataset reads one (dataset_tool.py writes the .zip): the images in the sorted order of their paths
     inside it, and the class labels of its dataset.json ({"labels": [[path, label], ...]} or null), if it has one."""
+    if not (os.path.isdir(spec) or os.path.isfile(spec)):  # (a FIFO or a device named .zip: read for ever)
+        raise UserError(f"data '{spec}' is neither a regular file nor a folder.")
     try:
         z = None if os.path.isdir(spec) else zipfile.ZipFile(spec)
     except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError) as e:  # (the last two: a member

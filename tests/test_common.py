@@ -911,6 +911,11 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
     (tmp_path / "text.zip").write_text("not a zip")
     with pytest.raises(C.UserError, match="text.zip' is not a readable .zip archive"):
         C.load_data(str(tmp_path / "text.zip"), "data", env1(), 0, False)
+    os.mkfifo(tmp_path / "fifo.zip")  # a FIFO, or a device, named .zip: zipfile read it for ever
+    os.symlink("/dev/zero", tmp_path / "zero.zip")
+    for name in ("fifo.zip", "zero.zip"):
+        with pytest.raises(C.UserError, match=f"{name}' is neither a regular file nor a folder"):
+            C.load_data(str(tmp_path / name), "data", env1(), 0, False)
     with zipfile.ZipFile(tmp_path / "crc.zip", "w") as z:  # a member whose bytes no longer match its CRC
         for n in names:
             z.write(tmp_path / n, n)
