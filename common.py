@@ -2698,8 +2698,8 @@ def main_guard(fn):
         msg = _sentence(e)
         if msg is None:  # a bug: the traceback is the report
             raise
-        if _speaks():
-            print(f"error: {msg}", file=sys.stderr)
+        if _speaks():  # (a line break in a path given, "a\nb.npy", split the line in two)
+            print("error: " + msg.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
