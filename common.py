@@ -594,6 +594,8 @@ def _silent_fd2():  # C libraries write to file descriptor 2 directly; nothing m
 
 
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")  # a folder's images; others skipped
+_PIL_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # what PIL may decode them as, whatever the name (else
+# it decodes any format the bytes are: an EPS renamed .png through Ghostscript, where that is installed)
 
 
 def _read_image(src, f):
@@ -606,7 +608,7 @@ def _read_image(src, f):
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line;
         # record: Image.open's own warnings, before the filter below, a damaged TIFF's EXIF, are kept here too)
-        with warnings.catch_warnings(record=True), _silent_fd2(), src() as fp, Image.open(fp) as im:
+        with warnings.catch_warnings(record=True), _silent_fd2(), src() as fp, Image.open(fp, formats=_PIL_FORMATS) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")

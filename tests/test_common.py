@@ -836,14 +836,17 @@ def test_a_folder_reads_bmp_tiff_jpeg_and_16_bit_rgb_and_refuses_what_it_cannot(
     for i, ext in enumerate(("png", "BMP", "tif")):
         Image.fromarray(rgb + i).save(tmp_path / "mixed" / f"{i}.{ext}")
     _png16(tmp_path / "mixed" / "3.png", (rgb.astype(np.uint16) + 3) * 256 + 100)  # high bytes rgb + 3
-    Image.fromarray(rgb).save(tmp_path / "mixed" / "4.jpg", quality=100)
+    Image.fromarray(rgb).save(tmp_path / "mixed" / "4.png", format="JPEG", quality=100)  # (named .png: read as JPEG)
     Image.fromarray(np.full((8, 8), 255 * 256 + 7, np.int32)).save(tmp_path / "mixed" / "5.tif")  # mode I, in 16 bits
     d = C.load_data(str(tmp_path / "mixed"), "data", env1(), 0, False)
     want = torch.stack([torch.from_numpy(rgb + i).permute(2, 0, 1) for i in range(4)])
     assert d.x.shape == (6, 3, 8, 8) and torch.equal(d.x[:4], want) and (d.x[5] == 255).all()
     assert (d.x[4].int() - want[0].int()).abs().max() <= 8  # (JPEG: lossy even at quality 100)
-    jpg = (tmp_path / "mixed" / "4.jpg").read_bytes()
-    cases = {"damaged": ("x.bmp", b"BM not a bitmap", "could not be decoded"),
+    jpg = (tmp_path / "mixed" / "4.png").read_bytes()
+    buf = io.BytesIO()  # a format outside the list, named .png: an icon here, an EPS (Ghostscript) in the wild
+    Image.fromarray(rgb).save(buf, format="ICO")
+    cases = {"icon": ("x.png", buf.getvalue(), "could not be decoded"),
+             "damaged": ("x.bmp", b"BM not a bitmap", "could not be decoded"),
              "truncated": ("x.jpg", jpg[:len(jpg) // 2], "could not be decoded"),
              "deep": ("x.tif", 70000, "holds pixel values outside 16 bits"),
              "float": ("x.tif", 0.5, "holds pixel values outside 16 bits")}
