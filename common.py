@@ -608,7 +608,8 @@ def _read_image(src, f):
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line;
         # record: Image.open's own warnings, before the filter below, a damaged TIFF's EXIF, are kept here too)
-        with warnings.catch_warnings(record=True), _silent_fd2(), src() as fp, Image.open(fp, formats=_PIL_FORMATS) as im:
+        with warnings.catch_warnings(record=True), _silent_fd2(), src() as fp, \
+                Image.open(fp, formats=_PIL_FORMATS) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
                 raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
