@@ -653,13 +653,14 @@ def _read_image_set(spec):
         names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
                                                for f in fs))
 
-        def read(n, whole=True):  # (an encrypted member, or one packed by a method Python does not read: one sentence)
+        def read(n, whole=True):  # n's bytes, or (whole=False) a stream: PIL reads what it needs of an image, as EDM
+            # does (read whole first, a zip bomb's member or a huge file named .png ran out of memory)
             if not (z or os.path.isfile(os.path.join(spec, n))):  # (a FIFO blocked for ever)
                 raise UserError(f"'{os.path.join(spec, n)}' is not a regular file.")
-            try:  # an image is a stream PIL reads what it needs of, as EDM reads it: a member that unpacks to
-                f = z.open(n) if z else open(os.path.join(spec, n), "rb")  # gigabytes (a zip bomb) or a huge file
-            except (RuntimeError, NotImplementedError) as e:  # was read into memory whole ("out of memory", or killed)
-                raise UserError(f"'{n}' in '{spec}' cannot be read: {e}.") from None
+            try:
+                f = z.open(n) if z else open(os.path.join(spec, n), "rb")
+            except (RuntimeError, NotImplementedError) as e:  # (an encrypted member, or one packed by a method
+                raise UserError(f"'{n}' in '{spec}' cannot be read: {e}.") from None  # zipfile does not read)
             if not whole:
                 return f
             with f:
