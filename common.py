@@ -408,13 +408,15 @@ def net_config(name, **overrides):
 
 def _net_value_ok(k, v, r):
     """A network config value of the default r's type: sizes positive (labels, augmentation inputs: >= 0), lists of
-    positive ints (attn_res may be empty), dropout in [0, 1), label dropout in [0, 1], other floats positive."""
+    positive ints (attn_res may be empty), every int below 2^31 (10**30 overflowed torch's sizes: a traceback),
+    dropout in [0, 1), label dropout in [0, 1], other floats positive."""
     if isinstance(r, list):
-        return isinstance(v, list) and all(type(x) is int and x > 0 for x in v) and (bool(v) or k == "attn_res")
+        return isinstance(v, list) and all(type(x) is int and 0 < x < 1 << 31 for x in v) and (
+            bool(v) or k == "attn_res")
     if isinstance(r, (bool, str)):
         return type(v) is type(r)
     if isinstance(r, int):
-        return type(v) is int and v >= (0 if k in ("label_dim", "augment_dim") else 1)
+        return type(v) is int and (0 if k in ("label_dim", "augment_dim") else 1) <= v < 1 << 31
     return type(v) in (int, float) and math.isfinite(v) and (0 <= v < 1 if k == "dropout" else 0 <= v <= 1
                                                              if k == "label_dropout" else v > 0)
 
@@ -2016,6 +2018,15 @@ def load_edm(path, key="ema"):
     info: precond ('vp' | 've' | 'edm'), sigma_min, sigma_max, sigma_data, label_dim, augment_dim, net (our
     net_config), edm_kwargs (the pickled constructor kwargs), use_fp16 (EDM's flag; we run fp32), dataset_kwargs."""
     raw = read_edm_pickle(path)
+    try:
+        return _edm_denoiser(raw, path, key)
+    except (AttributeError, TypeError, KeyError, ValueError, OverflowError, RecursionError) as e:  # the records'
+        # entries of another type or missing (int('abc') for a size, a list for a dict, ...) were tracebacks
+        raise UserError(f"'{path}' does not hold an EDM network of the expected structure ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:80] if str(e) else ''}).") from None
+
+
+def _edm_denoiser(raw, path, key):
     obj = raw.get(key) if isinstance(raw, dict) else raw
     name = getattr(obj, "name", type(obj).__name__)
     if not isinstance(obj, _Record) or name not in _EDM_PRECONDS:

@@ -292,6 +292,25 @@ def test_unsupported_and_broken_pickles_are_user_errors(tmp_path, monkeypatch):
     assert info["precond"] == "edm" and (den.sigma_min, den.sigma_max, den.sigma_data) == (0.0, math.inf, 0.5)
 
 
+
+def test_edm_records_of_the_wrong_type_are_user_errors(tmp_path, monkeypatch, capsys):
+    """A pickle whose kwargs or records hold entries of another type (a size 'abc' or None, a number for a list, a
+    size beyond torch's, a list for the kwargs dict) was a traceback (ValueError, TypeError, AttributeError)."""
+    fn, net = _fake_persistence(monkeypatch), _tiny_ncsnpp()
+    edits = [lambda kw, sd: kw.update(model_channels="abc"), lambda kw, sd: kw.update(img_resolution=None),
+             lambda kw, sd: kw.update(channel_mult=3), lambda kw, sd: kw.update(img_channels=10 ** 30),
+             lambda kw, sd: kw.pop("img_resolution"), lambda kw, sd: kw.update(sigma_min="x")]
+    for i, edit in enumerate(edits):
+        path = _fake_pickle(str(tmp_path / f"{i}.pkl"), fn, net, edit=edit)
+        with pytest.raises(C.UserError, match="expected structure|out of range or of the wrong type"):
+            C.load_edm(path)
+    path = _fake_pickle(str(tmp_path / "list.pkl"), fn, net, extra=dict(ema=_Persistent(fn, "VEPrecond", dict(
+        _init_kwargs=[1, 2], _modules=[]), "")))
+    with pytest.raises(SystemExit) as ex:  # the CLI's path: one error line, exit 2
+        C.main_guard(lambda: C.load_edm(path))
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "expected structure" in err
+
 # ======================================================================== network options
 @pytest.mark.parametrize("name, kw, total", [  # totals of NVlabs/edm's SongUNet with the same kwargs (counted once)
     ("ddpmpp", {}, 55_732_739), ("ddpmpp", dict(label_dim=10, augment_dim=9), 55_735_299),
