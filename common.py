@@ -1498,8 +1498,8 @@ def load_checkpoint(path):
     if wrong := [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
                  or (t is int and isinstance(ck[k], bool))]:
         raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
-    wrong = [k for k in ("model", "ema") if not all(isinstance(n, str) and torch.is_tensor(v)
-                                                    for n, v in ck[k].items())]
+    wrong = [k for k in ("model", "ema") if not all(isinstance(n, str) and torch.is_tensor(v) and v.layout ==
+                                                    torch.strided for n, v in ck[k].items())]  # (sparse: a traceback)
     opt, rng = ck["opt"], ck["rng"]
     wrong += [] if _optimiser_state(opt) else ["opt"]
     wrong += [] if rng is None or isinstance(rng.get("world"), int) and isinstance(rng.get("ranks"), list) and all(
@@ -1580,6 +1580,12 @@ def load_state_strict(module, sd):
     if miss or extra or shape:
         raise UserError(f"state dict does not fit the network: missing {miss[:10]}, unexpected {extra[:10]}, "
                         f"shape mismatch {shape[:10]}.")
+    # (a tensor of another dtype or layout was loaded as it came: a complex one printed torch's warning and lost its
+    # imaginary part, int64 / bool / fp16 weights were cast without a word, a sparse or quantized one a traceback)
+    if odd := [f"{k} {sd[k].dtype}{'' if sd[k].layout == torch.strided else ' ' + str(sd[k].layout)}"
+               for k, v in own.items() if sd[k].dtype != v.dtype or sd[k].layout != torch.strided]:
+        raise UserError(f"state dict does not fit the network: {', '.join(odd[:3])} where it holds "
+                        f"{own[odd[0].split()[0]].dtype} tensors; it was edited, or not written for this network.")
     module.load_state_dict(sd)
 
 

@@ -1950,6 +1950,20 @@ def test_load_state_strict_prefixes_and_mismatch():
         C.load_state_strict(tiny(), sd)
 
 
+def test_weights_of_another_dtype_or_layout_are_refused(tmp_path, recwarn):
+    """A checkpoint edited to hold int64 / bool / fp16 / complex / quantized weights was loaded by casting them (a
+    complex one printed torch's warning before anything else), a sparse one was a traceback: each is one sentence."""
+    good = _ckpt(mlp(), step=2, rng=None)
+    w = good["ema"]["inp.weight"]
+    for t in (w.long(), w > 0, w.half(), w.to(torch.complex64), torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)):
+        with pytest.raises(C.UserError, match=f"inp.weight {t.dtype} where it holds torch.float32"):
+            C.load_state_strict(mlp(), {**good["ema"], "inp.weight": t})
+    torch.save({**good, "ema": {**good["ema"], "inp.weight": w.to_sparse()}}, tmp_path / "sparse.pt")
+    with pytest.raises(C.UserError, match="malformed \\(its ema entry\\)"):
+        C.load_checkpoint(str(tmp_path / "sparse.pt"))
+    assert not [x for x in recwarn if "Casting complex" in str(x.message)]
+
+
 def test_compiled_model_saves_clean_keys(tmp_path):
     net = perturb(mlp())
     comp = torch.compile(net, backend="eager")
