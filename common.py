@@ -1608,6 +1608,16 @@ def load_optimizer(opt, state):
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
         raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters "
                         f"({type(e).__name__}).") from None
+    # (load_state_dict takes moments of any shape, NaN and a negative step: an edited file failed at the first step,
+    # after the run's first lines, with a traceback or as diverged weights)
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            n = torch.as_tensor(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            if not torch.is_tensor(n) or not torch.isfinite(n).all() or (n < 0).any() and k != "exp_avg" or (
+                    k != "step" and n.shape != p.shape):
+                raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters ({k} "
+                                f"{tuple(n.shape) if torch.is_tensor(n) else type(n).__name__} for a parameter of "
+                                f"shape {tuple(p.shape)}, or not finite, or a negative count or square).")
     for g, h in zip(opt.param_groups, hyper):
         g.update(h)
     _place_steps(opt)

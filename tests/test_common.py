@@ -1964,6 +1964,24 @@ def test_weights_of_another_dtype_or_layout_are_refused(tmp_path, recwarn):
     assert not [x for x in recwarn if "Casting complex" in str(x.message)]
 
 
+def test_optimiser_state_of_another_shape_or_non_finite_is_refused():
+    """Adam's load_state_dict takes moments of any shape, NaN moments, a negative square or step: an edited checkpoint
+    resumed and failed at its first step, after the run's first lines (a traceback, or 'the weights diverged')."""
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 2), torch.rand(4)).square().mean().backward()
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    edits = [("exp_avg", lambda t: t.reshape(-1)[:3]), ("exp_avg_sq", lambda t: t * float("nan")),
+             ("step", lambda t: -t), ("exp_avg_sq", lambda t: -1 - t)]
+    for k, f in edits:
+        state = copy.deepcopy(good)
+        state["state"][0][k] = f(state["state"][0][k])
+        with pytest.raises(C.UserError, match=f"optimiser state does not fit.*{k}"):
+            C.load_optimizer(torch.optim.Adam(mlp().parameters(), lr=1e-3), state)
+    C.load_optimizer(torch.optim.Adam(mlp().parameters(), lr=1e-3), copy.deepcopy(good))  # the control
+
+
 def test_compiled_model_saves_clean_keys(tmp_path):
     net = perturb(mlp())
     comp = torch.compile(net, backend="eager")
