@@ -1507,6 +1507,13 @@ def load_checkpoint(path):
     if ck["step"] < 0 or wrong:
         raise UserError(f"checkpoint '{path}' is malformed (" + (", ".join(f"its {k} entry" for k in wrong) or
                         f"step {ck['step']}") + "); it was not written by this project.")
+    nd = ck["net"]  # (a depth of 10**7 built ten million blocks before the weights were compared: a hang)
+    with contextlib.suppress(TypeError):  # (a value of the wrong type: build_net names it)
+        blocks = nd.get("depth") if nd.get("kind") == "mlp" else nd.get("nb") * len(nd.get("mult")) \
+            if nd.get("kind") == "unet" else 0
+        if blocks > len(ck["model"]):
+            raise UserError(f"checkpoint '{path}' holds a network config of {blocks} blocks and {len(ck['model'])} "
+                            f"weight tensors; it was not written by this project.")
     if _non_finite_weights(ck):  # save_checkpoint never writes such weights
         raise UserError(f"checkpoint '{path}' holds non-finite weights; it was not written by this project.")
     return ck

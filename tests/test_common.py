@@ -1932,6 +1932,22 @@ def test_checkpoint_load_errors(tmp_path):
             C.load_checkpoint(str(tmp_path / f"nan_{key}.pt"))
 
 
+def test_checkpoint_with_more_blocks_than_weights_is_refused_at_once(tmp_path):
+    """A checkpoint's network config edited to depth 10**7 (nb 10**7 for a U-Net) built ten million blocks before its
+    44 weight tensors were compared (`sample --ckpt` hung): refused on reading, before any network is built."""
+    good = _ckpt(mlp(), step=2, rng=None)
+    torch.save({**good, "net": {**good["net"], "depth": 10 ** 7}}, tmp_path / "deep.pt")
+    unet = C.net_config("tiny")
+    torch.save({**good, "net": {**unet, "nb": 10 ** 7}}, tmp_path / "deep_unet.pt")
+    for name in ("deep.pt", "deep_unet.pt"):
+        t = time.time()
+        with pytest.raises(C.UserError, match="network config of [0-9]+ blocks and [0-9]+ weight tensors"):
+            C.load_checkpoint(str(tmp_path / name))
+        assert time.time() - t < 10
+    torch.save({**good, "net": {**good["net"], "depth": "3"}}, tmp_path / "str.pt")  # the wrong type: build_net's
+    assert C.load_checkpoint(str(tmp_path / "str.pt"))["net"]["depth"] == "3"
+
+
 def test_load_state_strict_prefixes_and_mismatch():
     src, dst = perturb(mlp(seed=1)), mlp(seed=2)
     sd = src.state_dict()
