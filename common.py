@@ -2087,6 +2087,13 @@ def _edm_denoiser(raw, path, key):
     if precond == "vp":
         p.update(M=int(p["M"]), sigma_min=obj.state.get("sigma_min"), sigma_max=obj.state.get("sigma_max"))
     den = EDMDenoiser(net, precond, **p).eval().requires_grad_(False)
+    # (NaN weights, a NaN or negative sigma range were taken: a teacher whose samples are NaN or drawn on no grid)
+    if not all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point()):
+        raise UserError(f"'{path}' holds non-finite weights; it is not a trained EDM network.")
+    if not (0 <= den.sigma_min < den.sigma_max) or not all(math.isfinite(v) and v > 0 for v in (
+            den.sigma_data, den.beta_d, den.beta_min, den.M, den.epsilon_t)):
+        raise UserError(f"'{path}': {name}'s sigma range [{den.sigma_min}, {den.sigma_max}] or its constants "
+                        f"(sigma_data {den.sigma_data}, beta_d, beta_min, M, epsilon_t) are not those of a network.")
     info = dict(precond=precond, sigma_min=den.sigma_min, sigma_max=den.sigma_max, sigma_data=den.sigma_data,
                 label_dim=nd["label_dim"], augment_dim=nd["augment_dim"], net=nd, edm_kwargs=kw,
                 use_fp16=bool(kw.get("use_fp16", False)),

@@ -311,6 +311,20 @@ def test_edm_records_of_the_wrong_type_are_user_errors(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert ex.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "expected structure" in err
 
+
+def test_edm_pickle_with_non_finite_weights_or_sigma_range_is_refused(tmp_path, monkeypatch):
+    """NaN weights, a NaN sigma_min or a negative sigma_max were loaded as a teacher (NaN samples, or a Heun grid
+    clipped to nothing); each is one sentence."""
+    fn, net = _fake_persistence(monkeypatch), _tiny_ncsnpp()
+    k = "enc.8x8_aux_residual.weight"
+    edits = {"non-finite weights": lambda kw, sd: sd.update({k: torch.full_like(sd[k], float("nan"))}),
+             "sigma range \\[nan": lambda kw, sd: None, "sigma range \\[0.02, -1.0\\]": lambda kw, sd: None}
+    kws = [None, dict(sigma_min=float("nan")), dict(sigma_max=-1.0)]
+    for i, ((what, edit), pkw) in enumerate(zip(edits.items(), kws)):
+        path = _fake_pickle(str(tmp_path / f"{i}.pkl"), fn, net, precond_kw=pkw, edit=edit)
+        with pytest.raises(C.UserError, match=what):
+            C.load_edm(path)
+
 # ======================================================================== network options
 @pytest.mark.parametrize("name, kw, total", [  # totals of NVlabs/edm's SongUNet with the same kwargs (counted once)
     ("ddpmpp", {}, 55_732_739), ("ddpmpp", dict(label_dim=10, augment_dim=9), 55_735_299),
