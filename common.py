@@ -1556,6 +1556,8 @@ def no_file(path, what):
     """The sentence for an input file that is not there (`what` 'the teacher', ...); a folder in its place is named."""
     if os.path.isdir(path):
         return UserError(f"{what} '{path}' is a folder, not a file; give the file in it (a run's ckpt.pt, ...).")
+    if os.path.exists(path):  # (a FIFO, a link to /dev/zero: "does not exist" was said of them)
+        return UserError(f"{what} '{path}' is not a regular file (a pipe, a device, ...); give a file.")
     return UserError(f"{what} '{path}' does not exist.")
 
 

@@ -1932,6 +1932,17 @@ def test_checkpoint_load_errors(tmp_path):
             C.load_checkpoint(str(tmp_path / f"nan_{key}.pt"))
 
 
+def test_a_pipe_or_device_given_as_a_file_is_named_so(tmp_path):
+    """A FIFO or a link to /dev/zero given as --ckpt (or as a run's ckpt.pt) was said not to exist."""
+    os.mkfifo(tmp_path / "fifo.pt")
+    os.symlink("/dev/zero", tmp_path / "zero.pt")
+    for name in ("fifo.pt", "zero.pt"):
+        with pytest.raises(C.UserError, match="is not a regular file"):
+            C.load_checkpoint(str(tmp_path / name))
+    with pytest.raises(C.UserError, match="does not exist"):
+        C.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
 def test_checkpoint_with_more_blocks_than_weights_is_refused_at_once(tmp_path):
     """A checkpoint's network config edited to depth 10**7 (nb 10**7 for a U-Net) built ten million blocks before its
     44 weight tensors were compared (`sample --ckpt` hung): refused on reading, before any network is built."""
