@@ -1016,9 +1016,11 @@ class Detector:
             return self.features(u8).float()
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:  # a TorchScript file that takes 32 x 32 images (load_detector's probe) only
+        except (RuntimeError, torch.jit.Error) as e:  # a TorchScript file that takes 32 x 32 images (load_detector's
+            # probe) only; (an exception it raises itself is a torch.jit.Error, not a RuntimeError: was a traceback)
+            last = isinstance(e, torch.jit.Error)  # (its last line names the exception the file raised)
             raise UserError(f"the FID detector '{self.name}' failed on images of shape {tuple(u8.shape[1:])} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:80]}).") from None
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[-1 if last else 0][:80]}).") from None
 
 
 def load_detector(spec, env):

@@ -1485,6 +1485,23 @@ class _FirstRow(_TinyFeatures):
         return self.lin(x.float().mean(dim=(2, 3)))[:1]
 
 
+class _RaisesOff32(_TinyFeatures):  # raises an exception of its own on sizes other than its probe's 32 x 32
+    def forward(self, x, return_features: bool = False):
+        if x.shape[2] != 32:
+            raise ValueError("this network takes 32 x 32 images")
+        return self.lin(x.float().mean(dim=(2, 3)))
+
+
+def test_torchscript_detector_raising_its_own_exception_is_one_sentence(tmp_path):
+    """An exception a TorchScript detector raises itself reaches Python as torch.jit.Error, not a RuntimeError: the
+    FID statistics of images of another size ended in a traceback."""
+    torch.jit.script(_RaisesOff32()).save(str(tmp_path / "raises.pt"))
+    det = C.load_detector(str(tmp_path / "raises.pt"), env1())
+    with pytest.raises(C.UserError, match=r"'raises' failed on images of shape \(3, 16, 16\) \(Error: .*ValueError: "
+                                          r"this network takes 32 x 32 images\)"):
+        C.reference_stats(image_data(n=4, seed=3, r=16), det, env1(), str(tmp_path))
+
+
 def test_torchscript_detector_from_path(tmp_path):
     torch.manual_seed(0)
     m = _TinyFeatures()
