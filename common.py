@@ -2243,16 +2243,18 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.json
 
 
 def check_layout(layout):
-    """{folder: the names (glob patterns) of the files a run writes in it}: a folder where a file goes, or a file
-    where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met as a traceback after it."""
+    """{folder: the names (glob patterns) of the files a run writes in it}: a folder (or a FIFO, a device, a broken
+    link) where a file goes, or a file where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met
+    as a traceback (or a hang) after it."""
     for d, names in layout.items():
         if os.path.exists(d) and not os.path.isdir(d):
             raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
                             f"another --out.")
-        f = next((f for n in names for f in sorted(glob.glob(os.path.join(glob.escape(d), n))) if os.path.isdir(f)),
-                 None)
+        f = next((f for n in names for f in sorted(glob.glob(os.path.join(glob.escape(d), n)))
+                  if not os.path.isfile(f)), None)  # (a FIFO hung the run; a broken link was a traceback)
         if f:
-            raise UserError(f"'{f}' is a folder where the run writes its {os.path.basename(f)}; remove it or use "
+            what = "a folder" if os.path.isdir(f) else "not a regular file (a pipe, a device, a broken link)"
+            raise UserError(f"'{f}' is {what} where the run writes its {os.path.basename(f)}; remove it or use "
                             f"another --out.")
 
 

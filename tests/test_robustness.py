@@ -565,6 +565,21 @@ def test_a_folder_where_a_run_writes_a_file_is_one_sentence(files, tmp_path, cap
     assert out == "" and not os.path.exists(tmp_path / "s_2step.npy")
 
 
+def test_a_pipe_or_a_broken_link_where_a_run_writes_a_file_is_one_sentence(tmp_path, capsys):
+    """A FIFO named log.jsonl (config.json, metrics.jsonl) in --out hung the run (its open for writing waits for a
+    reader); a broken link named so was a FileNotFoundError traceback after the work."""
+    for f, make in (("log.jsonl", os.mkfifo), ("metrics.jsonl", os.mkfifo),
+                    ("config.json", lambda p: os.symlink(tmp_path / "nowhere" / "x", p))):
+        d = tmp_path / f"r_{f}"
+        d.mkdir()
+        make(d / f)
+        capsys.readouterr()
+        code = run("imm", *BASE["imm"], "--iters", "1", "--out", d)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, f"is not a regular file (a pipe, a device, a broken link) where the run writes its {f}")
+        assert out == ""
+
+
 def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
     """--batch changed on resume was noted and applied, but the data position (step x batch), the images an EMA
     half-life or an lr ramp counts (step x batch) and the logged kimg all read the new batch for the steps already
