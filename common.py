@@ -2786,7 +2786,8 @@ def _trim_jsonl(path, keep, other=False):
     for r in rows:
         try:  # (invalid UTF-8 is a ValueError)
             ok = keep(json.loads(r.decode()))
-        except (ValueError, TypeError, KeyError, AttributeError):  # (a row that is not an object)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # (a row that is not an object;
+            # [[[...]]] nested 100,000 deep was a RecursionError traceback)
             ok = other
         if ok:
             kept.append(r if r.endswith(b"\n") else r + b"\n")  # (a kill between a row and its newline)

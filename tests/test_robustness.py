@@ -891,6 +891,15 @@ def test_the_logs_hold_this_runs_history_only(files, tmp_path):
     assert steps("log.jsonl") == [1] and steps("metrics.jsonl") == [1]
 
 
+def test_a_deeply_nested_log_row_is_dropped_not_a_traceback(tmp_path):
+    """A log.jsonl / metrics.jsonl row nested 100,000 deep ([[[...]]]) ended the resume in a RecursionError traceback
+    (json's decoder); it is a row that cannot be read, dropped as such."""
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"step": 1}\n' + b"[" * 100000 + b"]" * 100000 + b'\n{"step": 2}\n')
+    C._trim_jsonl(str(p), lambda r: r["step"] <= 2)
+    assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+
+
 def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
     """A kill between a row and its newline: the kept row had the resumed run's first row glued onto it (two JSON
     objects on one line, the log unreadable). Control: a row with its newline is kept byte for byte."""
