@@ -654,10 +654,14 @@ def _pair_block(folder, kind, j, rows, shape):
     """One stored block, read without unpickling and checked: `rows` rows of `shape`, finite numbers."""
     p = os.path.join(folder, f"{kind}_{j:05d}.npy")
     try:
+        if not os.path.isfile(p):  # (a FIFO hung np.load)
+            raise IsADirectoryError if os.path.isdir(p) else FileNotFoundError
         a = np.load(p, allow_pickle=False)
     except Exception as e:
         raise C.UserError(f"the pairs block '{p}' is unreadable ({type(e).__name__}); regenerate the pairs.") from None
-    if a.shape != (rows, *shape) or a.dtype.kind not in "uf" or (a.dtype.kind == "f" and not np.isfinite(a).all()):
+    # (uint64, float64 or longdouble blocks, which the pairs stage never writes, were tracebacks in training)
+    if a.shape != (rows, *shape) or a.dtype not in (np.uint8, np.float16, np.float32) or (
+            a.dtype.kind == "f" and not np.isfinite(a).all()):
         raise C.UserError(f"the pairs block '{p}' holds {a.dtype} {a.shape}, not finite numbers of shape "
                           f"{(rows, *shape)} as meta.json says; regenerate the pairs.")
     return a
@@ -665,11 +669,14 @@ def _pair_block(folder, kind, j, rows, shape):
 
 def _read_meta(folder, name="meta.json"):
     """The pairs folder's meta.json (or started.json) as a dict, or None when there is none (or it cannot be read)."""
+    p = os.path.join(folder, name)
+    if not os.path.isfile(p) or os.path.getsize(p) > 1 << 20:  # (a FIFO hung, /dev/zero was read until killed)
+        return None
     try:
-        with open(os.path.join(folder, name)) as f:
+        with open(p) as f:
             m = json.load(f)
         return m if isinstance(m, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # ([[[...]]] nested 100,000 deep was a traceback)
         return None
 
 
@@ -688,8 +695,11 @@ def load_pairs(folder, env, seed, shape=None):
     meta = _read_meta(folder)
     try:
         n, S, mode, pshape = int(meta["n"]), int(meta["block"]), meta["noise_mode"], tuple(meta["shape"])
+        fp, seed = meta.get("fingerprint"), meta.get("pair_seed", 0)  # (a fingerprint of strings or of another
+        # length, a seed beyond 2^63 were tracebacks)
         ok = n >= 1 and S >= 1 and mode in ("seed", "stored") and all(isinstance(d, int) for d in pshape) \
-            and isinstance(meta.get("fingerprint"), list) and isinstance(meta.get("pair_seed", 0), int)
+            and isinstance(fp, list) and len(fp) == 2 and all(type(v) in (int, float) for v in fp) \
+            and type(seed) is int and 0 <= seed < 1 << 63
     except (ValueError, TypeError, KeyError):  # TypeError also for meta None (unreadable)
         ok = False
     if not ok:
@@ -699,6 +709,9 @@ def load_pairs(folder, env, seed, shape=None):
         raise C.UserError(f"the pairs in '{folder}' have shape {pshape} where the network makes {tuple(shape)}; "
                           f"use the pairs of this teacher.")
     nblk = math.ceil(n / S)
+    if nblk > len(os.listdir(folder)):  # (n 10**12 in blocks of 1: a trillion lookups, a hang)
+        raise C.UserError(f"pairs in '{folder}' are incomplete: meta.json counts {nblk} blocks, the folder holds "
+                          f"fewer files.")
     missing = [j for j in range(nblk) if not os.path.exists(os.path.join(folder, f"x_{j:05d}.npy"))
                or (mode == "stored" and not os.path.exists(os.path.join(folder, f"z_{j:05d}.npy")))]
     if missing:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -629,6 +630,39 @@ def test_pairs_corruption_errors(tiny, tmp_path):
         R.load_pairs(gone, ENV, 0)
     with pytest.raises(C.UserError, match="meta.json"):
         R.load_pairs(str(tmp_path / "nothing"), ENV, 0)
+
+
+def test_pairs_folder_entries_that_hung_or_were_tracebacks(tiny, tmp_path):
+    """Damaged pairs folders that hung (a FIFO meta.json or block, n 10**12 in blocks of 1) or ended in tracebacks (a
+    meta.json nested 100,000 deep, a fingerprint of strings or of another length, a seed beyond 2^63, a float64 or
+    uint64 block): each is one sentence."""
+    def damaged(name, f):
+        d = _copy_pairs(tiny["pairs"], str(tmp_path / name))
+        meta = json.loads(open(os.path.join(d, "meta.json")).read())
+        f(d, meta)
+        return d
+
+    def meta(**kw):
+        return lambda d, m: open(os.path.join(d, "meta.json"), "w").write(json.dumps({**m, **kw}))
+
+    def block(a):
+        return lambda d, m: np.save(os.path.join(d, "x_00000.npy"), a(np.load(os.path.join(d, "x_00000.npy"))))
+
+    def fifo(name):
+        return lambda d, m: (os.remove(os.path.join(d, name)), os.mkfifo(os.path.join(d, name)))
+    cases = dict(fifo_meta=(fifo("meta.json"), "is not the meta.json"), fifo_x=(fifo("x_00000.npy"), "unreadable"),
+                 deep=(lambda d, m: open(os.path.join(d, "meta.json"), "w").write("[" * 100000 + "]" * 100000),
+                       "is not the meta.json"),
+                 n_huge=(meta(n=10 ** 12, block=1), "incomplete"), fp_str=(meta(fingerprint=["a", "b"]), "meta.json"),
+                 fp_len=(meta(fingerprint=[1.0, 2.0, 3.0]), "meta.json"), seed=(meta(pair_seed=2 ** 70), "meta.json"),
+                 f64=(block(lambda a: a.astype(np.float64)), "holds float64"),
+                 u64=(block(lambda a: a.astype(np.uint64)), "holds uint64"))
+    for name, (f, words) in cases.items():
+        d = damaged(name, f)
+        t = time.time()
+        with pytest.raises(C.UserError, match=words):
+            R.load_pairs(d, ENV, 0)
+        assert time.time() - t < 20, name
 
 
 def test_write_load_pairs_roundtrip(tmp_path):
