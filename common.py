@@ -1914,8 +1914,11 @@ class _EDMUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
-        if (module, name) in _EDM_GLOBALS:
-            return _EDM_GLOBALS[module, name]
+        if (module, name) in _EDM_GLOBALS:  # a new object per reference: a BUILD opcode on it (a class's attributes,
+            g = _EDM_GLOBALS[module, name]  # a function's defaults) changed the shared one for every later load
+            if g is _EDM_GLOBALS["dnnlib.util", "EasyDict"]:
+                return type("_EasyDict", (dict,), {})
+            return (lambda *a, **k: g(*a, **k)) if isinstance(g, types.FunctionType) else g  # (the rest: built-ins)
         if module.startswith("torch.nn.modules.") and name.isidentifier():  # torch.nn containers (ModuleDict, ...)
             return type("_Record_" + name, (_Record,), {"name": f"{module}.{name}", "state": {}})  # a record type
         raise UserError(f"'{self.path}' names the global {module}.{name}, which an EDM network pickle never needs; "

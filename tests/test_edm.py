@@ -392,3 +392,18 @@ def test_jvp_ncsnpp_layout_matches_finite_differences():
     h = 1e-6
     fd = (f(*[a + h * v for a, v in zip((x, t, s), tan)]) - f(*[a - h * v for a, v in zip((x, t, s), tan)])) / (2 * h)
     assert jv.norm() > 1e-3 * out.norm() > 0 and (jv - fd).norm() / jv.norm() < 1e-6
+
+
+def test_a_pickle_cannot_change_the_allowed_globals_for_later_loads(tmp_path):
+    """A BUILD opcode sets attributes on the object it is given: on the one shared EasyDict class (its attributes, its
+    __init__) or on an allowed function (its __defaults__), the change stayed for every later load in the process.
+    Each reference is a new object now; a later load sees none of it."""
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(b"cdnnlib.util\nEasyDict\n(N}S'marker'\nI1\nstb0"  # setattr(EasyDict, 'marker', 1)
+                     b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'__defaults__'\n(I7\ntstb.")  # and its __defaults__
+    C.read_edm_pickle(str(evil))
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(b"cdnnlib.util\nEasyDict\n)R.")  # EasyDict()
+    d = C.read_edm_pickle(str(plain))
+    assert isinstance(d, dict) and not hasattr(d, "marker") and not hasattr(type(d), "marker")
+    assert C._tensor.__defaults__ is None
