@@ -37,8 +37,8 @@ section starts at a line "# ==== <section>"):
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
 import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pickle, re, shutil, socket, struct, sys, tempfile, time, tokenize, types, typing, warnings
-import zipfile, zlib
+import functools, operator, pickle, re, shutil, socket, stat, struct, sys, tempfile, time, tokenize, types, typing
+import warnings, zipfile, zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -2253,10 +2253,10 @@ def check_layout(layout):
         if os.path.exists(d) and not os.path.isdir(d):
             raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
                             f"another --out.")
-        f = next((f for n in names for f in sorted(glob.glob(os.path.join(glob.escape(d), n)))
-                  if not os.path.isfile(f)), None)  # (a FIFO hung the run; a broken link was a traceback)
-        if f:
-            what = "a folder" if os.path.isdir(f) else "not a regular file (a pipe, a device, a broken link)"
+        f = next((f for n in names for f in sorted(glob.glob(os.path.join(glob.escape(d), n)))  # (a FIFO hung the
+                  if not os.path.exists(f) or os.path.isdir(f) or stat.S_ISFIFO(os.stat(f).st_mode)), None)  # run; a
+        if f:  # broken link was a traceback; a device, /dev/full, is written to as a file: a full disk's sentence)
+            what = "a folder" if os.path.isdir(f) else "a pipe or a broken link"
             raise UserError(f"'{f}' is {what} where the run writes its {os.path.basename(f)}; remove it or use "
                             f"another --out.")
 
