@@ -695,11 +695,11 @@ def load_pairs(folder, env, seed, shape=None):
     meta = _read_meta(folder)
     try:
         n, S, mode, pshape = int(meta["n"]), int(meta["block"]), meta["noise_mode"], tuple(meta["shape"])
-        fp, seed = meta.get("fingerprint"), meta.get("pair_seed", 0)  # (a fingerprint of strings or of another
+        fp, pseed = meta.get("fingerprint"), meta.get("pair_seed", 0)  # (a fingerprint of strings or of another
         # length, a seed beyond 2^63 were tracebacks)
         ok = n >= 1 and S >= 1 and mode in ("seed", "stored") and all(isinstance(d, int) for d in pshape) \
             and isinstance(fp, list) and len(fp) == 2 and all(type(v) in (int, float) for v in fp) \
-            and type(seed) is int and 0 <= seed < 1 << 63
+            and type(pseed) is int and 0 <= pseed < 1 << 63
     except (ValueError, TypeError, KeyError):  # TypeError also for meta None (unreadable)
         ok = False
     if not ok:
@@ -1072,7 +1072,7 @@ def run(cfg, given):
     resumes = ck1 is not None and cfg.resume is not False  # (--resume false: a fresh 1-RF)
     # a conditional teacher: pairs_plan refuses it, which was after the 1-RF had trained (a toy or a .npy has no
     # labels: there net_dict refuses --cond, before any output; a folder or .zip may have them, in its dataset.json)
-    labelled = not (cfg.data in C.TOYS or cfg.data.endswith(".npy"))
+    labelled = not (cfg.data in C.TOYS or cfg.data.lower().endswith(".npy"))
     if cfg.stage == "all" and (cfg.cond and labelled or resumes and ck1["config"].get("cond") is True):
         raise C.UserError("--stage all makes its pairs from the 1-RF it trains, and reflow from a class-conditional "
                           "teacher is not supported; train the 1-RF without --cond (--stage 1rf trains it alone).")

@@ -685,6 +685,7 @@ def test_write_load_pairs_roundtrip(tmp_path):
     assert err <= 1 / 255 + 1e-6
     assert Z.dtype == torch.float16 and torch.equal(Z, z.half())  # stored fp16 for images
     assert meta["n"] == 50 and meta["noise_mode"] == "stored"
+    assert R.load_pairs(folder, ENV, 7)[0].seed == C.derive_seed(7, "pairs")  # the run's seed orders the stream
     R.write_pairs(folder, 50, 16, make, True, "stored", ENV, dict(shape=[3, 8, 8], x_dtype="uint8"))
     assert len(calls) == 4  # complete blocks are skipped on restart
     os.remove(os.path.join(folder, "z_00002.npy"))
