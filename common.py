@@ -655,24 +655,20 @@ def _read_image_set(spec):
         names = sorted(z.namelist() if z else (os.path.relpath(os.path.join(d, f), spec) for d, _, fs in os.walk(spec)
                                                for f in fs))
 
-        def read(n, whole=True):  # n's bytes, or (whole=False) a stream: PIL reads what it needs of an image, as EDM
-            # does (read whole first, a zip bomb's member or a huge file named .png ran out of memory)
+        def stream(n):  # PIL reads what it needs of an image, as EDM does (read whole first, a zip bomb's member or
+            # a huge file named .png ran out of memory)
             if not (z or os.path.isfile(os.path.join(spec, n))):  # (a FIFO blocked for ever)
                 raise UserError(f"'{os.path.join(spec, n)}' is not a regular file.")
             try:
-                f = z.open(n) if z else open(os.path.join(spec, n), "rb")
+                return z.open(n) if z else open(os.path.join(spec, n), "rb")
             except (RuntimeError, NotImplementedError) as e:  # (an encrypted member, or one packed by a method
                 raise UserError(f"'{n}' in '{spec}' cannot be read: {e}.") from None  # zipfile does not read)
-            if not whole:
-                return f
-            with f:
-                return f.read()
         files = [n for n in names if n.lower().endswith(_IMAGE_EXT)]
         if not files:
             raise UserError(f"no images found in '{spec}'.")
         imgs = []
         for n in files:
-            im = torch.from_numpy(_read_image(lambda: read(n, False), os.path.join(spec, n))).permute(2, 0, 1)
+            im = torch.from_numpy(_read_image(lambda: stream(n), os.path.join(spec, n))).permute(2, 0, 1)
             if imgs and im.shape != imgs[0].shape:
                 raise UserError(f"{os.path.join(spec, n)} has size {tuple(im.shape[1:])}, unlike "
                                 f"{tuple(imgs[0].shape[1:])} of {os.path.join(spec, files[0])}.")
@@ -680,7 +676,8 @@ def _read_image_set(spec):
         y = None
         if "dataset.json" in names:
             try:
-                y = json.loads(read("dataset.json"))["labels"]
+                with stream("dataset.json") as fp:
+                    y = json.load(fp)["labels"]
                 y = None if y is None else list(map(dict(y).get, files))
             except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, zlib.error, RecursionError,
                     EOFError):  # (the last two: JSON nested thousands deep, a member cut short: tracebacks)
@@ -1916,7 +1913,7 @@ class _EDMUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _EDM_GLOBALS:  # a new object per reference: a BUILD opcode on it (a class's attributes,
             g = _EDM_GLOBALS[module, name]  # a function's defaults) changed the shared one for every later load
-            if g is _EDM_GLOBALS["dnnlib.util", "EasyDict"]:
+            if (module, name) == ("dnnlib.util", "EasyDict"):
                 return type("_EasyDict", (dict,), {})
             return (lambda *a, **k: g(*a, **k)) if isinstance(g, types.FunctionType) else g  # (the rest: built-ins)
         if module.startswith("torch.nn.modules.") and name.isidentifier():  # torch.nn containers (ModuleDict, ...)
@@ -2246,9 +2243,9 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.json
 
 
 def check_layout(layout):
-    """{folder: the names (glob patterns) of the files a run writes in it}: a folder (or a FIFO, a device, a broken
-    link) where a file goes, or a file where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met
-    as a traceback (or a hang) after it."""
+    """{folder: the names (glob patterns) of the files a run writes in it}: a folder (or a FIFO, a broken link) where a
+    file goes, or a file where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met as a traceback
+    (or a hang) after it."""
     for d, names in layout.items():
         if os.path.exists(d) and not os.path.isdir(d):
             raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
