@@ -604,9 +604,9 @@ def _read_image(src, f):
     """One image of a folder or a .zip (`src`: a callable that opens it; `f`: its name in messages) -> uint8 (H, W, 3),
     read with PIL as EDM reads one (dataset_tool.py, training/dataset.py): grey and palette images made RGB, 16-bit
     channels scaled to 8 bits (their high byte, v >> 8), an alpha channel that is opaque everywhere dropped. Refused
-    in one sentence: a file PIL cannot decode, an animated image, transparent pixels (RGBA, grey + alpha, a palette's
-    or a GIF's transparent colour, a PNG's colour key: the colours beneath them are undefined), pixel values outside
-    16 bits (float, or 32-bit grey beyond 65535)."""
+    in one sentence: a file PIL cannot decode, an image of several frames, transparent pixels (RGBA, grey + alpha, a
+    palette's or a GIF's transparent colour, a PNG's colour key: the colours beneath them are undefined), float pixel
+    values or ones outside 16 bits (32-bit grey beyond 65535)."""
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line;
         # record: Image.open's own warnings, before the filter below, a damaged TIFF's EXIF, are kept here too)
@@ -614,7 +614,8 @@ def _read_image(src, f):
                 Image.open(fp, formats=_PIL_FORMATS) as im:
             warnings.simplefilter("ignore")
             if getattr(im, "n_frames", 1) > 1:  # (torchvision's decode gave (frames, C, H, W): a traceback)
-                raise UserError(f"the image '{f}' is animated ({im.n_frames} frames); give one still image per file.")
+                raise UserError(f"the image '{f}' holds {im.n_frames} frames (an animation or a multi-page file); "
+                                f"give one still image per file.")
             key, raw = im.info.get("transparency"), im.tile[0][3] if im.format == "PNG" and im.tile else ""
             if raw in ("L;2", "L;4", "I;16B", "RGB;16B") and key is not None:  # a PNG's colour key that PIL does not
                 # apply (it trained unrefused): the file's value, but PIL scales 2- and 4-bit grey to 8 bits, reads
@@ -629,9 +630,10 @@ def _read_image(src, f):
                                 f"a background first.")
             if im.mode == "F" or im.mode.startswith("I"):  # 16- or 32-bit grey (older PILs read 16-bit PNGs as "I")
                 a = np.asarray(im).astype(np.float64 if im.mode == "F" else np.int64)
-                if not (a.min() >= 0 and a.max() <= 65535 and im.mode != "F"):
-                    raise UserError(f"the image '{f}' holds pixel values outside 16 bits (PIL mode {im.mode}); save it "
-                                    f"with 8 or 16 bits per channel.")
+                if not (a.min() >= 0 and a.max() <= 65535 and im.mode != "F"):  # (a float image's scale is unknown)
+                    what = "floating-point pixel values" if im.mode == "F" else "pixel values outside 16 bits"
+                    raise UserError(f"the image '{f}' holds {what} (PIL mode {im.mode}); save it with 8 or 16 bits per "
+                                    f"channel.")
                 return np.repeat((a >> 8).astype(np.uint8)[..., None], 3, 2)
             return np.array(im.convert("RGB"))  # (a 16-bit RGB PNG: PIL keeps each channel's high byte)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, zipfile.BadZipFile,
@@ -1492,7 +1494,10 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
                         f"({type(e).__name__}).") from None
-    if missing := [k for k in _LAYOUT if not isinstance(ck, dict) or k not in ck]:
+    if not isinstance(ck, dict):  # (it was said to lack every key)
+        raise UserError(f"checkpoint '{path}' holds a {type(ck).__name__}, not a dict of weights and state; it was not "
+                        f"written by this project.")
+    if missing := [k for k in _LAYOUT if k not in ck]:
         raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
     if wrong := [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
                  or (t is int and isinstance(ck[k], bool))]:
@@ -2053,6 +2058,12 @@ def load_edm(path, key="ema"):
                         f"{str(e).splitlines()[0][:80] if str(e) else ''}).") from None
 
 
+def _whole(v):  # an integer kwarg of the pickle (True and 2.5 were read as 1 and 2)
+    if isinstance(v, bool) or int(v) != v:
+        raise TypeError(f"{v!r} where a whole number belongs")
+    return int(v)
+
+
 def _edm_denoiser(raw, path, key):
     obj = raw.get(key) if isinstance(raw, dict) else raw
     name = getattr(obj, "name", type(obj).__name__)
@@ -2073,15 +2084,15 @@ def _edm_denoiser(raw, path, key):
         raise UserError(f"'{path}': SongUNet options {unknown or ''} encoder_type={song['encoder_type']!r} "
                         f"decoder_type={song['decoder_type']!r} are not supported (standard/residual encoder, "
                         f"standard decoder).")
-    ch = int(song["model_channels"])
-    nd = net_config("ddpmpp", img_resolution=int(kw["img_resolution"]), in_channels=int(kw["img_channels"]),
-                    out_channels=int(kw["img_channels"]), ch=ch, mult=[int(m) for m in song["channel_mult"]],
-                    nb=int(song["num_blocks"]), attn_res=[int(r) for r in song["attn_resolutions"]],
-                    time_channels=ch * int(song["channel_mult_noise"]), emb_mult=int(song["channel_mult_emb"]),
-                    label_dim=int(song["label_dim"]), augment_dim=int(song["augment_dim"]),
+    ch = _whole(song["model_channels"])
+    nd = net_config("ddpmpp", img_resolution=_whole(kw["img_resolution"]), in_channels=_whole(kw["img_channels"]),
+                    out_channels=_whole(kw["img_channels"]), ch=ch, mult=[_whole(m) for m in song["channel_mult"]],
+                    nb=_whole(song["num_blocks"]), attn_res=[_whole(r) for r in song["attn_resolutions"]],
+                    time_channels=ch * _whole(song["channel_mult_noise"]), emb_mult=_whole(song["channel_mult_emb"]),
+                    label_dim=_whole(song["label_dim"]), augment_dim=_whole(song["augment_dim"]),
                     dropout=float(song["dropout"]), label_dropout=float(song["label_dropout"]),
                     embedding=song["embedding_type"], encoder=song["encoder_type"],
-                    resample_filter=[int(v) for v in song["resample_filter"]])
+                    resample_filter=[_whole(v) for v in song["resample_filter"]])
     model = (obj.state.get("_modules") or {}).get("model")
     if not isinstance(model, _Record):
         raise UserError(f"'{path}': the {name} record has no 'model' submodule.")

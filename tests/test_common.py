@@ -849,7 +849,7 @@ def test_a_folder_reads_bmp_tiff_jpeg_and_16_bit_rgb_and_refuses_what_it_cannot(
              "damaged": ("x.bmp", b"BM not a bitmap", "could not be decoded"),
              "truncated": ("x.jpg", jpg[:len(jpg) // 2], "could not be decoded"),
              "deep": ("x.tif", 70000, "holds pixel values outside 16 bits"),
-             "float": ("x.tif", 0.5, "holds pixel values outside 16 bits")}
+             "float": ("x.tif", 0.5, "holds floating-point pixel values")}
     for name, (f, data, words) in cases.items():
         (tmp_path / name).mkdir()
         for i in range(2):
@@ -1013,7 +1013,13 @@ def test_an_animated_image_in_a_folder_is_one_sentence(tmp_path):
     frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
     for name in ("a", "b"):
         frames[0].save(tmp_path / f"{name}.gif", save_all=True, append_images=frames[1:])
-    with pytest.raises(C.UserError, match=r"a.gif' is animated \(3 frames\)"):
+    with pytest.raises(C.UserError, match=r"a.gif' holds 3 frames \(an animation or a multi-page file\)"):
+        C.load_data(str(tmp_path), "data", env1(), 0, False)
+    (tmp_path / "a.gif").unlink()
+    (tmp_path / "b.gif").unlink()
+    for name in ("a", "b"):  # a multi-page TIFF: not an animation, the same refusal
+        frames[0].save(tmp_path / f"{name}.tif", save_all=True, append_images=frames[1:2])
+    with pytest.raises(C.UserError, match=r"a.tif' holds 2 frames"):
         C.load_data(str(tmp_path), "data", env1(), 0, False)
 
 
@@ -1931,6 +1937,9 @@ def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(C.UserError) as e:
         C.load_checkpoint(str(tmp_path / "partial.pt"))
     assert "ema" in str(e.value) and "rng" in str(e.value)
+    torch.save([1, 2], tmp_path / "list.pt")  # (was said to lack all nine keys)
+    with pytest.raises(C.UserError, match="list.pt' holds a list, not a dict"):
+        C.load_checkpoint(str(tmp_path / "list.pt"))
     torch.save({**_ckpt(mlp()), "rng": np.zeros(3)}, tmp_path / "numpy.pt")  # a numpy array: not weights_only-safe
     with pytest.raises(C.UserError):
         C.load_checkpoint(str(tmp_path / "numpy.pt"))
