@@ -295,11 +295,14 @@ def test_unsupported_and_broken_pickles_are_user_errors(tmp_path, monkeypatch):
 
 def test_edm_records_of_the_wrong_type_are_user_errors(tmp_path, monkeypatch, capsys):
     """A pickle whose kwargs or records hold entries of another type (a size 'abc' or None, a number for a list, a
-    size beyond torch's, a list for the kwargs dict) was a traceback (ValueError, TypeError, AttributeError)."""
+    size beyond torch's, a list for the kwargs dict) was a traceback (ValueError, TypeError, AttributeError); a size
+    True or 16.5 was read as 1 or 16."""
     fn, net = _fake_persistence(monkeypatch), _tiny_ncsnpp()
     edits = [lambda kw, sd: kw.update(model_channels="abc"), lambda kw, sd: kw.update(img_resolution=None),
              lambda kw, sd: kw.update(channel_mult=3), lambda kw, sd: kw.update(img_channels=10 ** 30),
-             lambda kw, sd: kw.pop("img_resolution"), lambda kw, sd: kw.update(sigma_min="x")]
+             lambda kw, sd: kw.pop("img_resolution"), lambda kw, sd: kw.update(sigma_min="x"),
+             lambda kw, sd: kw.update(num_blocks=True), lambda kw, sd: kw.update(model_channels=kw["model_channels"]
+                                                                                  + 0.5)]  # (read as 1, and cut)
     for i, edit in enumerate(edits):
         path = _fake_pickle(str(tmp_path / f"{i}.pkl"), fn, net, edit=edit)
         with pytest.raises(C.UserError, match="expected structure|out of range or of the wrong type"):
