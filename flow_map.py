@@ -161,6 +161,8 @@ PRESETS = {  # nested dicts apply to one --mode
     # cifar10: Boffi py/configs/cifar10.py for lsd/psd/esd/fmm (batch 512 x 400k, dropout 0.13, clip 1, learned
     # weight, EMA 0.9999, 75% diagonal); optimiser Adam 6e-4 with py-meanflow's warm-up (200 epochs of 48 steps x 1024
     # = 9.83 Mimg); time_channels 256 = py-meanflow's noise mult 2; x-flips (a project choice: Boffi's data has none).
+    # The DDPM++ network and this optimiser are a project choice, never validated for LSD: Boffi et al. trained an
+    # EDM2 magnitude-preserving U-Net with RAdam 1e-2 and the sqrt decay (docs/flow_map.md, "Deviations").
     # precision: fp32 with TF32 off (NVlabs/FastGen's MeanFlow config sets trainer.tf32_enabled False,
     # configs/methods/config_mean_flow.py; Boffi's JAX runs are fp32)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
