@@ -355,6 +355,16 @@ def test_07_sample_times_distribution():
     assert (r.double() - r64).abs().max() < 2e-7
 
 
+def test_07_fp32_cast_keeps_r_below_t_up_to_k16():
+    """The fp32 cast of sample_times never merges r into t for k <= 16 (CIFAR-10's k = 15 included); from k ~ 17 on
+    some groups near T get r = t (a zero loss, no gradient), as the comment beside RANGES says."""
+    torch.manual_seed(0)
+    for k, lo, hi in ((15, 0, 0), (16, 0, 0), (18, 5e-4, 3e-3), (24, 0.03, 0.07)):
+        s, r, t = imm.sample_times(200_000, 1, imm.Config(k=k), 0.0, CPU)
+        frac = (r == t).double().mean().item()
+        assert lo <= frac <= hi, (k, frac)
+
+
 # ============================================================================ 8. grouping
 def test_08_times_shared_within_groups_of_M():
     torch.manual_seed(8)
