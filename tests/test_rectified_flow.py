@@ -124,6 +124,17 @@ def test_ushape_affine_t_eps_map():
     assert _ks_one(u, lambda s: R.ushape_cdf(torch.from_numpy(s)).numpy()) < 0.01
 
 
+def test_ushape_a_is_bounded_where_sinh_is_finite(capsys):
+    """--a 1500 overflowed math.sinh(a / 2) at the first step (an OverflowError traceback); the range ends at 100,
+    where the draw is still finite and inside [t_eps, 1 - t_eps]."""
+    t = R.sample_t_ushape(10_000, 100.0, 1e-5, generator=gen(5))
+    assert torch.isfinite(t).all() and t.min() >= 1e-5 - 1e-7 and t.max() <= 1 - 1e-5 + 1e-7
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main(["--a", "1500"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: --a must be in (0, 100], got 1500.0.\n"
+
+
 # ------------------------------------------------------------------------------------------ 3. pseudo-Huber
 def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     """train()'s loss of each stage (its own lines, not only per_sample_loss): 1-RF's logged loss is
