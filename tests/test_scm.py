@@ -578,6 +578,26 @@ def test_init_copies_teacher_ema_exactly(tiny, tmp_path):
     assert all(torch.equal(v, torch.zeros_like(v)) for v in c["weight_head"].values())  # head starts at zero
 
 
+def test_cm_from_an_augmented_teacher_leaves_no_trainable_parameter_without_gradient(tiny, tmp_path, monkeypatch):
+    """A teacher trained with EDM's augmentation (the cifar10 preset's, or EDM's CIFAR-10 pickles) has map_augment
+    (augment_dim 9), which the CMs never feed (no augmentation labels). A trainable parameter that gets no gradient
+    stops DDP at the second step ('Expected to have finished reduction ...', two gloo ranks, tiny sCT): every
+    trainable parameter of the student gets a gradient, and the frozen map_augment keeps the teacher's weights."""
+    base = ["--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tiny / "data"]
+    assert main(*base, "--mode", "diffusion", "--augment", "0.12", "--iters", "1", "--out", tmp_path / "d") == 0
+    seen = []
+    real = C.distribute
+    monkeypatch.setattr(C, "distribute", lambda model, env, **k: seen.append(model) or real(model, env, **k))
+    for mode in ("sct", "scd"):
+        assert main(*base, "--mode", mode, "--teacher", tmp_path / "d" / "ckpt.pt", "--iters", "1",
+                    "--eval_steps", "1", "--out", tmp_path / mode) == 0
+        student = seen.pop()
+        assert student.net.map_augment is not None  # the case: a teacher with augment_dim > 0
+        assert not [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+        t, c = load(tmp_path / "d" / "ckpt.pt")["ema"], load(tmp_path / mode / "ckpt.pt")
+        assert torch.equal(c["model"]["map_augment.weight"], t["map_augment.weight"])
+
+
 def test_cli_sample_and_fid(tiny, tmp_path, capsys):
     assert main("sample", "--ckpt", tiny / "sct" / "ckpt.pt", "--steps", "1,2", "--n", "10",
                 "--out", tmp_path / "s.npy") == 0
