@@ -15,9 +15,9 @@ section starts at a line "# ==== <section>"):
   EMA                EMA (EDM's half-life ramp)
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
                      require_detector, reference_stats
-  runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision), distribute,
-                     sync_grads, all_mean, barrier, agree (work of some ranks: a failure stops all), autocast,
-                     strict_fp32, make_scaler, stopwatch, maybe_compile
+  runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision),
+                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, agree (work of some ranks: a
+                     failure stops all), autocast, strict_fp32, make_scaler, stopwatch, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
                      teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
                      restore_rng
@@ -1295,6 +1295,16 @@ def setup(device="auto", seed=0, precision=None):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * (_env_int("LOCAL_WORLD_SIZE", 1) or 1))))
     torch.manual_seed(seed)  # identical model initialisation on every rank
     return Env(rank, world, local, torch.device(device), rank == 0, precision, seed)
+
+
+def freeze_unfed_augment(net):
+    """Freeze each map_augment of a network that the method feeds no augmentation labels (a student or 2-RF started
+    from a teacher trained with EDM's augmentation: EDM's CIFAR-10 pickles, augment_dim 9): it would get no gradient,
+    which DDP refuses at the second step ("Expected to have finished reduction"). Frozen, it keeps its weights (Adam
+    and the EMA skip it)."""
+    for m in net.modules():
+        if getattr(m, "map_augment", None) is not None:
+            m.map_augment.requires_grad_(False)
 
 
 def distribute(model, env, manual=False):

@@ -918,6 +918,7 @@ def train(cfg, given, env):
     if ck:
         C.check_resume_net(ck["net"], nd, path)
     C.load_state_strict(raw, ck["model"] if ck else init.get("model", raw.state_dict()))
+    C.freeze_unfed_augment(raw)  # no stage feeds augmentation labels: an EDM teacher's map_augment stays its own
     model = C.distribute(C.maybe_compile(raw, cfg.compile), env)
     ema = C.EMA(raw, decay=cfg.ema if cfg.ema is not None else 0.0)
     if ck or "ema" in init:

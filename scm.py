@@ -548,12 +548,8 @@ def train(cfg, given, env):
             C.load_state_strict(head, ck.get("weight_head"))
     elif init is not None:
         C.load_state_strict(net, init)  # G.2: online and EMA weights start at the teacher's EMA; head at zero
-    if mode != "diffusion":  # the CMs feed no augmentation labels: a teacher's map_augment (EDM's augmentation, the
-        # cifar10 teacher, EDM's pickles) would get no gradient, which DDP refuses at the next step; frozen, it keeps
-        # the teacher's weights (the optimiser and the EMA skip it)
-        for m in net.modules():
-            if getattr(m, "map_augment", None) is not None:
-                m.map_augment.requires_grad_(False)
+    if mode != "diffusion":  # the CMs feed no augmentation labels: a teacher's map_augment (the cifar10 teacher's,
+        C.freeze_unfed_augment(net)  # EDM's pickles') stays the teacher's (DDP refuses a parameter without gradient)
     params = [*net.parameters(), *(head.parameters() if head is not None else [])]  # theta and phi
     model = C.distribute(Student(C.maybe_compile(net, cfg.compile), head), env)
     ema = C.EMA(net, halflife_kimg=cfg.ema_halflife_kimg, rampup=cfg.ema_rampup)

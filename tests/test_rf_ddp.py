@@ -46,3 +46,34 @@ def test_two_process_pipeline_on_named_image_set(tmp_path):
     for stage_dir in (out, out / "2rf"):  # rank 0 evaluated each stage once
         assert (stage_dir / "samples.png").is_file() and (stage_dir / "metrics.jsonl").is_file()
     assert sorted(os.listdir(out / "pairs")) == ["meta.json", "x_00000.npy", "x_00001.npy"]  # one block per rank
+
+
+def test_two_process_2rf_from_an_augmented_edm_pickle(tmp_path):
+    """EDM's CIFAR-10 pickles were trained with EDM's augmentation (augment_dim 9): the 2-RF started from one feeds
+    no augmentation labels, so map_augment got no gradient and DDP stopped at the second step ('Expected to have
+    finished reduction in the prior iteration', the README's torchrun 2-RF command). It is frozen: the run ends and
+    map_augment keeps the teacher's weights."""
+    import gzip
+    import shutil
+    sys.path.insert(0, ROOT)
+    import common as C
+    pkl = str(tmp_path / "edm.pkl")
+    with gzip.open(os.path.join(ROOT, "tests", "golden", "edm_ve_ncsnpp_uncond.pkl.gz")) as f, open(pkl, "wb") as o:
+        shutil.copyfileobj(f, o)
+    den, info = C.load_edm(pkl)
+    assert info["augment_dim"] == 9  # the case
+    np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["--preset", "tiny", "--data", str(tmp_path / "imgs.npy"), "--root", str(tmp_path), "--out",
+            str(tmp_path / "run"), "--teacher", pkl]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "rectified_flow.py"), *base, "--stage", "pairs",
+                        "--n_pairs", "8", "--pair_block", "8", "--pair_batch", "4"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "rectified_flow.py"), *base, "--stage", "2rf", "--iters", "3", "--loss",
+                        "huber"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    ck = torch.load(tmp_path / "run" / "2rf" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["rng"]["world"] == 2
+    assert torch.equal(ck["model"]["den.net.map_augment.weight"], den.net.map_augment.weight)
