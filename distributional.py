@@ -706,7 +706,9 @@ class ProjectedD(nn.Module):
     """`projected` D: GDD's CIFAR-10 discriminator (see the block comment above); logits of all heads of all
     backbones, concatenated in GDD's order. `logit_groups` gives each backbone's count: GDD's loss is the sum over
     backbones of the per-backbone logit mean (d_loss, g_loss). Runs in fp32 with TF32 off (common.strict_fp32), as
-    GDD (training_loop.py turns TF32 off). The same augmentation policy is drawn afresh for each backbone, as GDD."""
+    GDD (training_loop.py turns TF32 off). The same augmentation policy is drawn afresh for each backbone, as GDD;
+    the policy (--diffaug) is this file's DiffAugment (arXiv 2006.10738: cutout of half the side), not GDD's
+    training/diffaug.py (cutout ratio 0.2), and none of GDD's train.sh lines turns DiffAugment on."""
 
     strict_fp32 = True
 
