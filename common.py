@@ -155,7 +155,8 @@ class Block(nn.Module):
 
     def forward(self, x, e):
         h = self.conv0(self._r(F.silu(self.norm0(x))))  # norm, SiLU, resample, 3x3 conv
-        a = _linear(self.affine, e).to(h.dtype)  # (time_fp64: e is float64, the affine too, then the activations')
+        with _fp32(h.device):  # the affine in e's precision, rounded once to the activations' (EDM, GDD: fp32 from
+            a = _linear(self.affine, e).to(h.dtype)  # the fp32 embedding; autocast made it a bf16 matmul)
         a = a if self.mlp else a[:, :, None, None]
         if self.adn:  # sCM Sec. 4.1 adaptive double normalisation
             s, b = a.chunk(2, dim=1)

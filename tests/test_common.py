@@ -290,16 +290,21 @@ def test_double_module_runs_in_double():
 
 
 def test_cpu_bf16_autocast_keeps_embedding_fp32():
+    """The embedding and each block's affine of it run in fp32 under autocast, rounded once to the activations'
+    dtype (EDM, GDD: the affine is an fp32 matmul of the fp32 embedding; autocast made it a bf16 matmul)."""
     net = perturb(tiny())
-    seen, inner = [], []
+    seen, inner, aff = [], [], []
     net.map_layer0.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
     net.enc["16x16_block0"].conv0.register_forward_hook(lambda m, i, o: inner.append(o.dtype))
+    net.enc["16x16_block0"].affine.register_forward_hook(lambda m, i, o: aff.append((i[0], o)))
     x = torch.randn(2, 3, 16, 16)
     with C.autocast(env1("bf16")):
         out = net(x, torch.rand(2))
     assert out.dtype == torch.float32
     assert seen == [(torch.float32, torch.float32)]
     assert inner == [torch.bfloat16]  # autocast really was on for the blocks
+    (e, a), = aff
+    assert a.dtype == torch.float32 and torch.equal(a, net.enc["16x16_block0"].affine(e))  # an fp32 matmul
 
 
 # ======================================================================== 5. channels_last
