@@ -1059,6 +1059,12 @@ def run(cfg, given):
             "the 1-RF trains on the data" if cfg.stage == "1rf" else "the fine-tuning continues DIR/2rf" if
             cfg.stage == "ft" else "its pairs come from the 1-RF it trains") + "; --stage pairs and 2rf read it); "
             "drop it.")
+    if cfg.stage == "all" and "stage" not in given and any(isinstance(v, dict) and v.get("teacher") for v in
+                                                           PRESETS[cfg.preset].values()):  # (cifar10's: EDM's)
+        raise C.UserError(f"the {cfg.preset} recipe makes its pairs with, and starts its 2-RF from, the teacher its "
+                          f"preset names (rfpp: EDM's checkpoint): run --stage pairs, then --stage 2rf; the default "
+                          f"--stage all would first train a 1-RF from scratch and learn from that (give --stage all "
+                          f"for that path).")
     if cfg.stage == "ft" and "iters" in given:  # (it was accepted, and ignored)
         raise C.UserError("--stage ft counts its steps with --ft_iters, not --iters; drop --iters.")
     C.refuse_other(given, STAGE_ONLY, "stage", cfg.stage)  # (a 2-RF given --pair_seed recorded the new value)
@@ -1094,9 +1100,9 @@ def run(cfg, given):
     plan = []
     for s in (["1rf", "pairs", "2rf"] if cfg.stage == "all" else [cfg.stage]):
         scfg = cfg
-        if cfg.stage == "all":  # each stage re-resolves its own preset part (iterations, lr, EMA)
+        if cfg.stage == "all":  # each stage re-resolves its own preset part (iterations, lr, EMA); the pairs and
             scfg = C.resolve_config(Config, PRESETS, cfg.preset, {**given, "out": cfg.out}, stage=s)
-            scfg.preset = cfg.preset
+            scfg.preset, scfg.teacher = cfg.preset, None  # the 2-RF learn from its 1-RF, not a preset's teacher
         plan.append((s, scfg))
     k = next((k for k in ("lpips_weights", "lpips_res") if k in given), None)
     for s, scfg in plan:

@@ -198,6 +198,25 @@ def test_a_restarted_pipeline_keeps_its_preset_and_seed(tiny, tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_cifar10_pipeline_learns_from_its_own_1rf(tiny, tmp_path, capsys):
+    """The cifar10 preset's pairs and 2-RF parts name EDM's checkpoint (rfpp's recipe). `--stage all` (the default)
+    trained a 1-RF, then made its pairs with EDM's pickle (or stopped for want of it) and ignored the 1-RF. Now the
+    default is refused before any work, naming the recipe's two stages, and an explicit --stage all learns from the
+    1-RF it trains (its pairs record that 1-RF's weights)."""
+    argv = ["--preset", "cifar10", "--data", str(tiny / "imgs.npy"), "--net", "tiny", "--batch", "8", "--n_pairs",
+            "16", "--pair_block", "16", "--pair_batch", "16", "--iters", "1", "--fid_every", "0", "--loss", "huber",
+            "--eval_n", "8", "--straight_k", "2", "--out", str(tmp_path / "r")]
+    with pytest.raises(C.UserError, match="run --stage pairs, then --stage 2rf; the default --stage all"):
+        R.main(argv)
+    assert not os.path.exists(tmp_path / "r") and capsys.readouterr().out == ""
+    R.main(["--stage", "all", *argv])
+    meta = json.loads((tmp_path / "r" / "pairs" / "meta.json").read_text())
+    ck1 = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert meta["teacher_id"] == C.fingerprint(ck1["ema"]) and meta["solver"] != "edm_heun"
+    ck2 = torch.load(tmp_path / "r" / "2rf" / "ckpt.pt", weights_only=True)
+    assert ck2["step"] == 1 and ck2["config"]["teacher"] is None  # (its teacher: DIR/ckpt.pt, the 1-RF)
+
+
 def test_cli_tiny_all_stages(tiny):
     run = tiny / "run"
     for d in (run, run / "2rf"):
