@@ -1246,7 +1246,7 @@ def check_device(device, precision=None):
     if precision is not None and precision not in ("fp32", "tf32", "bf16", "fp16"):
         raise UserError(f"--precision must be one of fp32, tf32, bf16, fp16, got '{precision}'.")
     if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("--precision fp16 needs CUDA (it uses a GradScaler); use bf16 or fp32 on the CPU.")
+        raise UserError("--precision fp16 runs on CUDA only; use bf16 or fp32 on the CPU.")
 
 
 def _env_int(name, default):
@@ -1567,13 +1567,14 @@ def teacher_id(ck, path, tpath, weights):
     return was or tid
 
 
-def no_file(path, what):
-    """The sentence for an input file that is not there (`what` 'the teacher', ...); a folder in its place is named."""
+def no_file(path, what, then=""):
+    """The sentence for an input file that is not there (`what` 'the teacher', ...; `then`: what to do, appended to
+    "does not exist"); a folder in its place is named."""
     if os.path.isdir(path):
         return UserError(f"{what} '{path}' is a folder, not a file; give the file in it (a run's ckpt.pt, ...).")
     if os.path.exists(path):  # (a FIFO, a link to /dev/zero: "does not exist" was said of them)
         return UserError(f"{what} '{path}' is not a regular file (a pipe, a device, ...); give a file.")
-    return UserError(f"{what} '{path}' does not exist.")
+    return UserError(f"{what} '{path}' does not exist{then}.")
 
 
 def check_teacher_data(tconfig, key, path):

@@ -20,7 +20,7 @@ Convention: the teacher's, checked verbatim: x_t = (1 - t) x + t z, t = 0 data, 
 gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher (1 for a 1-RF).
 
     python rectified_flow.py && python distributional.py --teacher runs/rectified_flow-toy/ckpt.pt   # toy, CPU
-    python distributional.py                                  # toy with an in-file 1-RF teacher
+    python distributional.py --out runs/gdd-infile            # toy with an in-file 1-RF teacher
     python distributional.py --data points.npy --out runs/gdd-mine [--freeze gdd_i]
     torchrun --nproc_per_node=8 distributional.py --preset cifar10   # EDM's edm-cifar10-32x32-uncond-ve.pkl here
     python distributional.py sample --ckpt runs/distributional-toy/ckpt.pt --steps 1 --n 4000 --out s.png
@@ -819,7 +819,7 @@ def load_teacher(path, cfg, data, log):
         raise C.no_file(path, "the teacher")
     ck = C.load_checkpoint(path)
     if ck["method"] != TEACHER_METHOD or ck["convention"] != TEACHER_CONVENTION:
-        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
+        raise C.UserError(f"'{path}' is a checkpoint of {ck['method']} with convention '{ck['convention']}'; a "
                           f"{TEACHER_METHOD} teacher with '{TEACHER_CONVENTION}' is needed.")
     tcfg, nd = ck["config"], dict(ck["net"])
     t_g = t_g_of(tcfg)
@@ -1089,7 +1089,7 @@ def train(cfg, given):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD or ck["convention"] != CONVENTION:
-            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint of convention '{ck['convention']}', not one "
+            raise C.UserError(f"'{path}' is a checkpoint of {ck['method']} of convention '{ck['convention']}', not one "
                               f"of this file's; use another --out.")
         check_own(ck, path)
         t = given.get("teacher", ck["teacher"]["path"])  # or another path to its weights (teacher_id checks them)
@@ -1244,7 +1244,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
-        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint of convention '{ck['convention']}'; "
+        raise C.UserError(f"'{opts.ckpt}' is a checkpoint of {ck['method']} of convention '{ck['convention']}'; "
                           f"distributional.py samples only its own.")
     check_own(ck, opts.ckpt)
     cfg = C.merge_config(Config, ck["config"], given)

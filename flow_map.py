@@ -509,7 +509,7 @@ def load_teacher(path, env, shape, data_key=None):
     except C.UserError:  # common's message quotes torch's multi-sentence unpickling error; keep one sentence
         raise C.UserError(f"the teacher '{path}' is not a readable checkpoint of this project.") from None
     if ck["method"] != RF_METHOD or ck["convention"] != RF_CONVENTION:
-        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; a "
+        raise C.UserError(f"'{path}' is a checkpoint of {ck['method']} with convention '{ck['convention']}'; a "
                           f"{RF_METHOD} teacher with '{RF_CONVENTION}' is needed.")
     if tuple(sample_shape(ck["net"])) != tuple(shape):
         raise C.UserError(f"the teacher '{path}' models data of shape {tuple(sample_shape(ck['net']))}, but the data "
@@ -583,7 +583,7 @@ def train(cfg, given):
     if cfg.resume or (cfg.resume is None and os.path.exists(path)):
         ck = C.load_checkpoint(path)
         if ck["method"] != METHOD:
-            raise C.UserError(f"'{path}' is a {ck['method']} checkpoint, not a {METHOD} one; use another --out.")
+            raise C.UserError(f"'{path}' is a checkpoint of {ck['method']}, not a {METHOD} one; use another --out.")
         if "mode" in given and given["mode"] != ck["config"]["mode"]:
             raise C.UserError(f"'{path}' was trained with --mode {ck['config']['mode']}; use another --out.")
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("learned_weight", "interpolant", "sigma0",
@@ -710,7 +710,7 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
-        raise C.UserError(f"'{opts.ckpt}' is a {ck['method']} checkpoint; flow_map.py samples only flow_map ones.")
+        raise C.UserError(f"'{opts.ckpt}' is a checkpoint of {ck['method']}; flow_map.py samples only flow_map ones.")
     cfg = C.merge_config(Config, ck["config"], given)
     if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
         raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', but its config's interpolant and "

@@ -462,6 +462,7 @@ def sample_shape(nd):
 
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+NO_1RF = "; train the 1-RF first (--stage 1rf), or name a teacher with --teacher"  # (a missing DIR/ckpt.pt)
 
 
 def load_teacher(path, env, weights="ema"):
@@ -478,7 +479,7 @@ def load_teacher(path, env, weights="ema"):
         return net.to(env.device).eval().requires_grad_(False), ck
     ck = C.load_checkpoint(path)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
-        raise C.UserError(f"'{path}' is a {ck['method']} checkpoint with convention '{ck['convention']}'; "
+        raise C.UserError(f"'{path}' is a checkpoint of {ck['method']} with convention '{ck['convention']}'; "
                           f"a {METHOD} teacher with '{CONVENTION}' is needed.")
     net = build(ck["net"])
     C.load_state_strict(net, ck[weights])
@@ -582,6 +583,8 @@ def pairs_plan(cfg, env):
     in the folder (finished, or stopped part-way) are refused unless they are the pairs asked for (--stage all
     checks this before its 1-RF stage)."""
     tpath = cfg.teacher or os.path.join(cfg.out, "ckpt.pt")
+    if not (cfg.teacher or os.path.exists(tpath)):
+        raise C.no_file(tpath, "the teacher checkpoint", NO_1RF)
     teacher, tck = load_teacher(tpath, env)
     C.check_teacher_data(tck["config"], cfg.data, tpath)  # the pairs are the teacher's coupling of its own data
     edm = isinstance(teacher, EDMVelocity)
@@ -881,8 +884,9 @@ def train(cfg, given, env):
             src = os.path.join(cfg.out, "2rf", "ckpt.pt")
         if stage == "2rf" and ck:  # the teacher only started the run: a resume reads neither its file nor its weights
             nd = ck["net"]
-        elif not os.path.isfile(src):
-            raise C.no_file(src, f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint")
+        elif not os.path.isfile(src) and not src.endswith(".pkl"):  # (a missing EDM pickle: load_teacher names
+            raise C.no_file(src, f"the {'teacher' if stage == '2rf' else '2-RF'} checkpoint",  # its download)
+                            "" if cfg.teacher else NO_1RF if stage == "2rf" else "; train the 2-RF first (--stage 2rf)")
         else:
             src_net, sck = load_teacher(src, env)
             C.check_teacher_data(sck["config"], cfg.data, src)

@@ -144,7 +144,8 @@ PRESETS = {  # flat fields, then per-mode parts
     # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
     # (sCD with 400 steps: 0.87). The previous preset
     # (MLP 128 x 3, batch 256, constant lr, diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1)
-    # took 141-214 s (several runs; docs/scm.md has its table) for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2 steps.
+    # took two to three and a half minutes (docs/scm.md has its table) for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2
+    # steps.
     "toy": dict(mode="all", data="8gaussians", net="mlp", width=64, depth=4, batch=1024, lr_schedule="cosine",
                 ema_halflife_kimg=20.0, eval_n=4096,
                 diffusion=dict(**_DIFF, lr=2e-3, iters=700),

@@ -5,7 +5,7 @@
   default `--fallback true` (toy, tiny, small) the run warns and goes on.
 - `sample` and `fid` run the network in fp32 with TF32 off unless `--precision` says otherwise; `strict_fp32` holds
   the run's autocast off inside it (the FID hook, the JVP passes and the time embedding rely on it).
-- Each `cifar10` preset's precision is the reference implementation's (see README, "CIFAR-10 recipes").
+- Each `cifar10` preset's precision is the reference implementation's (see README, "CIFAR-10: the papers' recipes").
 """
 import os
 import sys

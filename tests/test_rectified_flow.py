@@ -135,6 +135,23 @@ def test_ushape_a_is_bounded_where_sinh_is_finite(capsys):
     assert e.value.code == 2 and err == "error: --a must be in (0, 100], got 1500.0.\n"
 
 
+def test_a_missing_stage_input_says_what_to_run(tmp_path, capsys):
+    """A later stage without its input said only "does not exist": it names the stage to run first, and the 2-RF's
+    missing EDM pickle names its download, as --stage pairs did."""
+    np.save(tmp_path / "imgs.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    base = ["--data", str(tmp_path / "imgs.npy"), "--out", str(tmp_path / "none")]
+    cases = {("--preset", "tiny", "--stage", "pairs"): "ckpt.pt' does not exist; train the 1-RF first (--stage 1rf)",
+             ("--preset", "tiny", "--stage", "2rf"): "ckpt.pt' does not exist; train the 1-RF first (--stage 1rf)",
+             ("--preset", "tiny", "--stage", "ft"): "2rf/ckpt.pt' does not exist; train the 2-RF first (--stage 2rf)",
+             ("--preset", "cifar10", "--stage", "2rf", "--loss", "huber", "--fid_every", "0"):
+                 "not found; download https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl"}
+    for argv, words in cases.items():
+        with pytest.raises(SystemExit) as e:
+            C.main_guard(lambda: R.main([*argv, *base]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1, (argv, err)
+
+
 # ------------------------------------------------------------------------------------------ 3. pseudo-Huber
 def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     """train()'s loss of each stage (its own lines, not only per_sample_loss): 1-RF's logged loss is
