@@ -344,9 +344,9 @@ def _contrast(x):
     return (x - m) * (torch.rand(len(x), 1, 1, 1, device=x.device) + 0.5) + m
 
 
-def _translation(x):  # integer shift <= H/8 per sample and axis, zero fill
-    B, _, H, W = x.shape
-    s = max(H // 8, 1)
+def _translation(x):  # integer shift <= H/8 (rounded, as DiffAugment's int(H * 0.125 + 0.5)) per sample and axis,
+    B, _, H, W = x.shape  # zero fill
+    s = max(int(H * 0.125 + 0.5), 1)
     dy, dx = (torch.randint(-s, s + 1, (B, 1), device=x.device) for _ in range(2))
     iy = (torch.arange(H, device=x.device)[None] + dy + s)  # rows of the zero-padded image
     ix = (torch.arange(W, device=x.device)[None] + dx + s)
@@ -355,11 +355,11 @@ def _translation(x):  # integer shift <= H/8 per sample and axis, zero fill
     return xp.permute(0, 2, 3, 1)[b, iy[:, :, None], ix[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _cutout(x):  # one H/2 x W/2 square of zeros per sample, centre anywhere in the image
-    B, _, H, W = x.shape
-    cy, cx = (torch.randint(0, n, (B, 1, 1), device=x.device) for n in (H, W))
+def _cutout(x):  # one H/2 x W/2 square of zeros per sample, its centre in [0, H] (DiffAugment's rand_cutout: an
+    B, _, H, W = x.shape  # even size's centre may sit on the far border, an odd one's not)
+    sy, sx = int(H * 0.5 + 0.5), int(W * 0.5 + 0.5)
+    cy, cx = (torch.randint(0, n + 1 - s % 2, (B, 1, 1), device=x.device) for n, s in ((H, sy), (W, sx)))
     gy, gx = torch.arange(H, device=x.device)[None, :, None], torch.arange(W, device=x.device)[None, None, :]
-    sy, sx = H // 2, W // 2
     dy, dx = gy - cy + sy // 2, gx - cx + sx // 2  # position inside the square: covered when in [0, s)
     keep = (dy < 0) | (dy >= sy) | (dx < 0) | (dx >= sx)
     return x * keep[:, None].to(x.dtype)

@@ -775,6 +775,14 @@ def test_15_diffaugment():
     torch.manual_seed(3)
     zeros = (D._cutout(torch.ones(64, 3, 8, 8)) == 0).flatten(1).sum(1)
     assert zeros.max() == 3 * 16 and zeros.min() >= 3 * 4  # an H/2 x W/2 square, clipped at the border
+    # DiffAugment's rand_cutout: an even size's centre reaches the far border (a 2 x 2 corner left at (8, 8))
+    torch.manual_seed(3)
+    assert (D._cutout(torch.ones(512, 1, 8, 8)) == 0).flatten(1).sum(1).min() == 4
+    dot = torch.zeros(512, 1, 28, 28)  # shifts up to int(28 * 0.125 + 0.5) = 4 on 28 px (28 // 8 = 3 before)
+    dot[:, :, 14, 14] = 1
+    torch.manual_seed(4)
+    at = D._translation(dot).flatten(1).argmax(1)
+    assert set((at // 28 - 14).tolist()) == set((at % 28 - 14).tolist()) == set(range(-4, 5))
     # DiffAugment's ranges (Zhao et al., DiffAugment.py): shifts of at most H/8 = 2 pixels at 16 px, each one drawn;
     # contrast factors uniform in [0.5, 1.5) about the image mean
     one = torch.zeros(512, 1, 16, 16)
