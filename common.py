@@ -601,6 +601,11 @@ _PIL_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # what PIL may dec
 # it decodes any format the bytes are: an EPS renamed .png through Ghostscript, where that is installed)
 
 
+def _no_data(spec):  # a --data that names nothing (load_data; resume_config: before its data rules)
+    return UserError(f"data '{spec}' is neither a known data set ({', '.join(NAMED_DATA)}) nor an existing .npy file, "
+                     f"image folder or .zip of images.")
+
+
 def _read_image(src, f):
     """One image of a folder or a .zip (`src`: a callable that opens it; `f`: its name in messages) -> uint8 (H, W, 3),
     read with PIL as EDM reads one (dataset_tool.py, training/dataset.py): grey and palette images made RGB, 16-bit
@@ -755,8 +760,7 @@ def load_data(spec, root, env, seed, xflip):
                  + ("  WARNING: std outside [0.25, 1]; the methods assume ~0.5" if not .25 <= s <= 1 else ""))
             return Data("points", key, x=x.to(env.device), seed=seed)  # with the run's first line (flush_notes)
     else:
-        raise UserError(f"data '{spec}' is neither a known data set ({', '.join(NAMED_DATA)}) "
-                        f"nor an existing .npy file, image folder or .zip of images.")
+        raise _no_data(spec)
     return Data("images", key, x=x.permute(0, 3, 1, 2).contiguous().to(env.device),
                 labels=None if y is None else y.to(env.device), num_classes=k, seed=seed, xflip=xflip)
 
@@ -2536,7 +2540,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     if extra:
         key = extra[0].partition("=")[0]
         if not key.startswith("--"):
-            raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value.")
+            raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value" + (
+                ", and the command (train, sample or fid) comes first." if extra[0] == argv[0] else "."))
         if cmd != "train" and (key[2:] in hints or key[2:] in SAMPLE_OPTS):
             can = ", ".join(f"--{k}" for k in reads)
             raise UserError(f"sample does not read {key} (fid does); drop it." if key[2:] in FID_ONLY else
@@ -2681,6 +2686,8 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
             raise UserError(f"'{path}' was trained with --{k} {base.get(k)}; a resumed run cannot change it (use "
                             f"another --out for --{k} {given[k]}).")
     was = base.get("data")  # another data set: named, or a named one for a file
+    if "data" in given and given["data"] not in NAMED_DATA and not os.path.exists(given["data"]):
+        raise _no_data(given["data"])  # (a mistyped path was said to change the resumed run's data)
     if "data" in given and not same_file(given["data"], was) and (was in NAMED_DATA or given["data"] in NAMED_DATA):
         raise UserError(f"'{path}' was trained on --data {was}; a resumed run keeps its data (use another --out for "
                         f"--data {given['data']}).")  # (two files: perhaps the same data moved; noted as a change)

@@ -499,7 +499,7 @@ def resumed(cfg, given, log=None):
         return None, cfg
     ck = C.load_checkpoint(path)
     check_scm(ck, path, cfg.mode)
-    return ck, C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting",
+    return ck, C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "tangent_norm",
                                                                     "diffusion_adaptive_weight", "teacher"),
                                drop=("mode",), log=log)
 

@@ -1631,6 +1631,14 @@ def test_cli_presets_and_overrides():
     assert _cli("--lr=0.5")[1].lr == 0.5
 
 
+def test_a_mistyped_command_is_named_as_the_command():
+    """`M.py sampel` said only that options look like --field value; a stray word first names the commands too."""
+    with pytest.raises(C.UserError, match=r"'sampel'; .* and the command \(train, sample or fid\) comes first"):
+        _cli("sampel")
+    with pytest.raises(C.UserError, match=r"'foo'; options look like --field value\.$"):
+        _cli("--iters", "3", "foo")
+
+
 def test_cli_value_types():
     assert _cli("--flag")[1].flag is True
     for s, v in (("true", True), ("1", True), ("yes", True), ("YES", True), ("false", False), ("0", False),

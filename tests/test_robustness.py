@@ -36,14 +36,15 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       rate, a network field, --iters, --preset), sample
       --data / --root (fid's), a sampler field out of range,
       an --out name too long, fid of a 2-D model)
-    resume (each with a changed lr, which must not be      5    6      7           5               6
+    resume (each with a changed lr, which must not be      6    7      8           6               7
       noted before the refusal): changed seed, explicit
       other preset, --iters below the saved step, another
-      named data set or a file for it, file-specific
+      named data set or a file for it, a file that is not
+      there (named so, not as a change of data), file-specific
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           71   75     77          78              77
+    bad-input cases, all one sentence and exit 2           72   76     78          79              78
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -363,7 +364,8 @@ def resume_cases(name, d):
     return [([*at, "--seed", "1"], ["--seed"]), ([*at, "--preset", "small"], ["--preset small"]),
             ([*at[:-4], "--iters", "1"], ["at step 2", "--iters 1"]),
             ([*at, "--data", "spirals"], ["trained on --data", "keeps its data", "--data spirals"]),
-            ([*at, "--data", d / "same.npy"], ["trained on --data", "same.npy"])] + \
+            ([*at, "--data", d / "same.npy"], ["trained on --data", "same.npy"]),
+            ([*at, "--data", d / "typo.npy"], ["typo.npy' is neither a known data set"])] + \
         [([*at, *a], w) for a, w in extra.get(name, [])]
 
 
@@ -451,7 +453,7 @@ def test_a_file_where_the_fid_statistics_go_is_refused_before_training(files, tm
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=71, scm=75, flow_map=77, rectified_flow=78, distributional=77), got
+    assert got == dict(imm=72, scm=76, flow_map=78, rectified_flow=79, distributional=78), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])

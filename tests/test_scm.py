@@ -1,6 +1,6 @@
 """scm.py: its invariants (maths, fp64 unless stated) and toy convergence (with
 must-fail controls), plus the `tiny` CLI smoke (train every mode, sample, fid, resume, bad input)."""
-import contextlib, json, math, os, subprocess, sys
+import contextlib, json, math, os, shutil, subprocess, sys
 
 import numpy as np
 import pytest
@@ -546,6 +546,15 @@ def tiny(tmp_path_factory):
     for m in ("sct", "scd"):
         assert main(*base, "--mode", m, "--teacher", root / "diff" / "ckpt.pt", "--out", root / m) == 0
     return root
+
+
+def test_a_resumed_cm_keeps_its_tangent_norm(tiny, tmp_path, capsys):
+    """The L2 and RMS tangent norms scale g (and so the loss) by sqrt(D) apart: a resume that switched them was only
+    noted; it is refused, as the run's other fixed fields."""
+    shutil.copytree(tiny / "sct", tmp_path / "sct")
+    code = main("--preset", "tiny", "--data", tiny / "imgs.npy", "--root", tiny / "data", "--mode", "sct",
+                "--out", tmp_path / "sct", "--iters", "5", "--tangent_norm", "rms")
+    assert code == 2 and "trained with --tangent_norm l2; a resumed run cannot change it" in capsys.readouterr().err
 
 
 def test_cli_tiny_checkpoints(tiny):
