@@ -1425,12 +1425,14 @@ def stopwatch():
 
 
 def maybe_compile(m, on):
-    """torch.compile(m) when `on`. A network with dropout makes inductor draw its random numbers as eager PyTorch
-    does (`fallback_random`): a second pass replayed under the same RNG state (IMM's target pass, sCM's JVP pass,
-    both eager) then draws the compiled pass's dropout masks; inductor's own RNG would draw others."""
+    """torch.compile(m) when `on`. A network with dropout (or EDM's label dropout, the embedding's torch.rand) makes
+    inductor draw its random numbers as eager PyTorch does (`fallback_random`): a second pass replayed under the same
+    RNG state (IMM's target pass, sCM's JVP pass, both eager) then draws the compiled pass's masks; inductor's own RNG
+    would draw others."""
     if not on:
         return m
-    if any(isinstance(getattr(x, "dropout", None), float) and x.dropout > 0 for x in m.modules()):
+    if any(isinstance(getattr(x, "dropout", None), float) and x.dropout > 0 or isinstance(
+            getattr(x, "config", None), dict) and x.config.get("label_dropout", 0) > 0 for x in m.modules()):
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True
     return torch.compile(m)
