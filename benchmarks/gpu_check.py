@@ -57,9 +57,10 @@ Budget (seconds; printed at the start, `--budget` scales it). How it was estimat
     2.1 PFLOP ~ 7 s, ~8 s with the host copies.
   * precision 20: 6 network builds (~2 s each) and a few batched forwards and JVPs at batch 64-256.
   * fashion 215 (to the end of the 510 s): set-up ~5 s (unpack, classifier, reference statistics, the floor),
-    step-time calibration ~9 s, scoring and command-line start-ups SCORE_S = 52 s (5,000 samples per FD, 6.4 GFLOP
-    per `small` forward: the 1-RF's 1 + 2 + 8 + 32 steps are 1.4 PFLOP, ~7 s), leaving ~150 s of training: 1-RF,
-    IMM and sCT (teacher + student) ~50 s each, more when earlier sections finish early, at most 120 s.
+    step-time calibration ~9 s, scoring and command-line start-ups SCORE_S = 77 s (5,000 samples per FD, 6.4 GFLOP
+    per `small` forward, sampled by the `fid` command in fp32 with TF32 off, its default: the 1-RF's 1 + 2 + 8 + 32
+    steps are 1.4 PFLOP, ~35 s at 60 % of the 67 TFLOP/s fp32 peak), leaving ~125 s of training: 1-RF, IMM and
+    sCT (teacher + student) ~40 s each, more when earlier sections finish early, at most 120 s.
   Total 510 s (8.5 min) of the 10-minute limit, leaving ~90 s for slower-than-assumed steps and the device's
   command overhead.
 
@@ -97,7 +98,7 @@ QUICK_METHODS = ("fm", "imm", "sct", "meanflow")  # --quick: one per sampler fam
 QUICK_CLASSIFIER = dict(epochs=1, train_n=4096)  # --quick: fashion.py's classifier recipe at smoke size
 FASHION = ("1-RF", "IMM", "sCT")
 FASHION_SAMPLER = {"1-RF": "fm", "IMM": "imm", "sCT": "sct"}  # throughput.py's one-step sampler of each
-SCORE_S = {"1-RF": 25, "IMM": 12, "sCT": 15}  # FD scoring and grid per method (5,000 samples per FD) + CLI start-ups
+SCORE_S = {"1-RF": 50, "IMM": 12, "sCT": 15}  # FD scoring (5,000 samples per FD, fp32) and grid + CLI start-ups
 
 
 # =============================================================================== sizes: full GPU run / --quick
