@@ -589,7 +589,10 @@ def pairs_plan(cfg, env):
     C.check_teacher_data(tck["config"], cfg.data, tpath)  # the pairs are the teacher's coupling of its own data
     edm = isinstance(teacher, EDMVelocity)
     if inner(tck["net"])["label_dim"]:
-        raise C.UserError("reflow from a class-conditional teacher is not supported; train the 1-RF without --cond.")
+        raise C.UserError("reflow from a class-conditional teacher is not supported; " + (
+            f"'{tpath}' is a class-conditional EDM pickle: name an unconditional one (e.g. "
+            f"edm-cifar10-32x32-uncond-vp.pkl) with --teacher."
+            if edm else "train the 1-RF without --cond."))
     shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
     images = len(shape) == 3
     mode = cfg.noise_mode or ("seed" if images else "stored")

@@ -100,6 +100,17 @@ def test_missing_edm_checkpoint_names_the_download(tmp_path, capsys):
     assert e.value.code == 2 and "nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-ve.pkl" in err
 
 
+def test_pairs_from_a_class_conditional_edm_pickle_name_the_unconditional_one(tmp_path, imgs, capsys):
+    """Reflow from EDM's class-conditional pickle is refused; the sentence said 'train the 1-RF without --cond', which
+    a run that trained no 1-RF cannot follow (found by the 2-process DDP matrix): it names the unconditional pickle."""
+    pkl = edm_pickle(tmp_path, "edm_vp_ddpmpp_cond")
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: RF.main(["--preset", "tiny", "--stage", "pairs", "--teacher", pkl, "--data", imgs, "--out",
+                                      str(tmp_path / "r"), "--root", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "class-conditional EDM pickle" in err and "uncond" in err and "--cond" not in err
+
+
 # ============================================================================ distributional.py (GDD)
 def test_gdd_generator_from_an_edm_pickle_is_d_at_sigma_max(tmp_path, imgs, capsys):
     """G(z) = z - v(z, 1) = D(80 z; 80) exactly (GDD's generator), the step-0 generator of a run is the teacher's
