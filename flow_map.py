@@ -61,7 +61,7 @@ class Config:
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: Optional[str] = None  # fp32, tf32 (JVPs too), bf16/fp16 (diagonal/PSD forwards only; JVPs fp32)
-    compile: bool = False  # torch.compile the network for the diagonal forward (JVPs use the raw module)
+    compile: bool = False  # torch.compile the network for the diagonal forward (JVPs use the raw module; not meanflow)
     # network (common.net_config, two times (s, t - s), time_scale 1: both reference codes feed raw times)
     net: str = "mlp"  # mlp, tiny, small, ddpmpp
     width: Optional[int] = None  # MLP width (None: common's 128)
@@ -118,6 +118,9 @@ class Config:
             raise ValueError(f"--interpolant trig is not available with --mode {self.mode} (its conversion is linear).")
         if self.augment and self.mode != "meanflow":
             raise ValueError("--augment is wired for --mode meanflow (py-meanflow's v0 recipe) only.")
+        if self.compile and self.mode == "meanflow":
+            raise ValueError("--mode meanflow computes its whole loss as one JVP of the raw network: --compile would "
+                             "compile nothing; drop it.")
         if self.learned_weight and self.mode in ("meanflow", "emd"):
             raise ValueError(f"--mode {self.mode} uses the adaptive weighting; drop --learned_weight.")
         if self.diag_frac is not None and not 0 <= self.diag_frac <= 1:

@@ -683,6 +683,7 @@ def test_12_bad_inputs(tiny, capsys):
         ([*base, "--mode", "emd", "--teacher", "rf.pt", "--interpolant", "trig", "--out", "bad8"], ["trig"]),
         ([*base, "--teacher", "rf.pt", "--out", "bad9"], ["--teacher"]),
         ([*base, "--mode", "meanflow", "--learned_weight", "--out", "bad10"], ["adaptive"]),
+        ([*base, "--mode", "meanflow", "--compile", "--out", "bad10c"], ["JVP", "--compile"]),  # idle: refused
         ([*base, "--batch", "9", "--accum", "2", "--out", "bad11"], ["divisible"]),
         ([*base, "--net", "mlp", "--out", "bad12"], []),
         (["--preset", "tiny", "--out", "bad13"], ["--data"]),
