@@ -2702,7 +2702,9 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
             else ""
         raise UserError(f"'{path}' was trained with --batch {base['batch']}, and its data position, images seen (EMA, "
                         f"lr ramp) count steps x batch; a resumed run keeps it{fit}, or use another --out.")
-    new = merge_config(Config, {"preset": cfg.preset, **base}, apply, log=log)  # (and config.json stays the run's)
+    now = {k: getattr(cfg, k) for k in here if hasattr(cfg, k)}  # (checked with them: a saved compile that a rule
+    new = merge_config(Config, {"preset": cfg.preset, **base, **now}, apply, log=log)  # now refuses, flow_map's
+    # meanflow, is not this run's; config.json stays the run's)
     if iters in given and given[iters] < ck["step"]:
         raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "
                         f"least {ck['step']}, or use another --out).")

@@ -714,8 +714,8 @@ def sample_or_fid(cmd, opts, given):
     ck = C.load_checkpoint(opts.ckpt)
     if ck["method"] != METHOD:
         raise C.UserError(f"'{opts.ckpt}' is a checkpoint of {ck['method']}; flow_map.py samples only flow_map ones.")
-    cfg = C.merge_config(Config, ck["config"], given)
-    if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):
+    cfg = C.merge_config(Config, {**ck["config"], "compile": False}, given)  # (sampling compiles nothing; meanflow
+    if ck["convention"] != convention(cfg.interpolant, cfg.sigma0):  # runs saved compile true before its refusal)
         raise C.UserError(f"'{opts.ckpt}' has convention '{ck['convention']}', but its config's interpolant and "
                           f"sigma0 give '{convention(cfg.interpolant, cfg.sigma0)}'; it was edited, or not written "
                           f"by this project.")

@@ -799,3 +799,19 @@ def test_resume_after_interruption_bitwise(tiny, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(fm, "per_sample_loss", orig)
     fm.main([*base, "--out", str(tmp_path / "b")])
     assert_same_state(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt", 6)
+
+
+def test_a_meanflow_checkpoint_saved_with_compile_samples_and_resumes(tmp_path):
+    """--compile is refused for --mode meanflow on the command line (it compiled nothing), but a meanflow run trained
+    with it before that refusal keeps compile true in its saved config: sample, fid and a resume merge that config
+    and were refused with 'drop it' though no --compile was given. compile is this command line's (resume_config)."""
+    out = tmp_path / "mf"
+    args = ["--mode", "meanflow", "--batch", "64", "--eval_n", "32", "--eval_steps", "1", "--out", str(out)]
+    fm.main([*args, "--iters", "1"])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck["config"]["compile"] = True  # as a run of yesterday's code with --compile saved it
+    torch.save(ck, out / "ckpt.pt")
+    fm.main(["sample", "--ckpt", str(out / "ckpt.pt"), "--steps", "1", "--n", "8", "--out", str(tmp_path / "s.npy")])
+    assert np.load(tmp_path / "s.npy").shape[0] == 8
+    fm.main([*args, "--iters", "2"])
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
