@@ -499,9 +499,9 @@ def resumed(cfg, given, log=None):
         return None, cfg
     ck = C.load_checkpoint(path)
     check_scm(ck, path, cfg.mode)
-    return ck, C.resume_config(Config, ck, cfg, given, path, fixed=("sigma_d", "weighting", "tangent_norm",
-                                                                    "diffusion_adaptive_weight", "teacher"),
-                               drop=("mode",), log=log)
+    fixed = [k for k in ("sigma_d", "weighting", "tangent_norm", "diffusion_adaptive_weight", "teacher")
+             if cfg.mode in MODE_ONLY.get(k, (cfg.mode,))]  # (a field this mode does not read: --mode all gives it
+    return ck, C.resume_config(Config, ck, cfg, given, path, fixed=fixed, drop=("mode",), log=log)  # to every mode)
 
 
 def train(cfg, given, env):

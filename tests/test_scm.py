@@ -964,3 +964,19 @@ def test_two_ranks_stay_identical(tiny, tmp_path):
     t = load(tiny / "diff" / "ckpt.pt")["ema"]
     assert any(not torch.equal(r0["model"][n], t[n]) for n in t)  # it trained
     assert any(not torch.equal(r0["weight_head"][n], torch.zeros_like(v)) for n, v in r0["weight_head"].items())
+
+
+def test_all_mode_restart_sets_the_cms_tangent_norm_over_a_finished_teacher(tmp_path, capsys):
+    """--tangent_norm is fixed on resume for the CMs, which read it; the diffusion teacher does not. A --mode all run
+    stopped after its teacher, restarted with --tangent_norm rms for its CMs (not begun), was refused at the teacher
+    ('trained with --tangent_norm l2; a resumed run cannot change it'). A begun CM still refuses the switch."""
+    base = ["--mode", "all", "--width", "16", "--depth", "1", "--iters", "2", "--batch", "16", "--eval_n", "64",
+            "--heun_steps", "2", "--eval_steps", "1", "--out", tmp_path / "all"]
+    assert main(*base) == 0
+    for m in ("sct", "scd"):  # stopped after the teacher
+        shutil.rmtree(tmp_path / "all" / m)
+    capsys.readouterr()
+    assert main(*base, "--tangent_norm", "rms") == 0, capsys.readouterr().err
+    assert load(tmp_path / "all" / "sct" / "ckpt.pt")["config"]["tangent_norm"] == "rms"
+    code = main(*base, "--tangent_norm", "l2")  # the CMs have begun with rms: refused
+    assert code == 2 and "sct/ckpt.pt' was trained with --tangent_norm rms" in capsys.readouterr().err
