@@ -2513,7 +2513,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     changes (resume_config). Bad input: UserError."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _NOTES.clear()  # a refused command's notes never reach the next command of the same process (tests, notebooks)
-    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "fid") else "train"
+    named = bool(argv) and argv[0] in ("train", "sample", "fid")  # (a stray first word is named as one, below)
+    cmd = argv.pop(0) if named else "train"
     hints = typing.get_type_hints(Config)
     for name, p in presets.items():  # unknown preset keys are found at start, for every preset
         for k, v in p.items():  # (a dict: the fields of one mode or stage)
@@ -2543,7 +2544,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         key = extra[0].partition("=")[0]
         if not key.startswith("--"):
             raise UserError(f"unexpected argument '{extra[0]}'; options look like --field value" + (
-                ", and the command (train, sample or fid) comes first." if extra[0] == argv[0] else "."))
+                ", and the command (train, sample or fid) comes first." if extra[0] == argv[0] and not named
+                and not extra[0].startswith("-") else "."))  # (not after a command, nor for a one-dash option)
         if cmd != "train" and (key[2:] in hints or key[2:] in SAMPLE_OPTS):
             can = ", ".join(f"--{k}" for k in reads)
             raise UserError(f"sample does not read {key} (fid does); drop it." if key[2:] in FID_ONLY else

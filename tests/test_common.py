@@ -1637,6 +1637,9 @@ def test_a_mistyped_command_is_named_as_the_command():
         _cli("sampel")
     with pytest.raises(C.UserError, match=r"'foo'; options look like --field value\.$"):
         _cli("--iters", "3", "foo")
+    for argv in (("sample", "foo"), ("train", "foo"), ("-lr", "3")):  # a command came first; a one-dash option
+        with pytest.raises(C.UserError, match=r"'(foo|-lr)'; options look like --field value\.$"):
+            _cli(*argv)
 
 
 def test_cli_value_types():
