@@ -815,3 +815,17 @@ def test_a_meanflow_checkpoint_saved_with_compile_samples_and_resumes(tmp_path):
     assert np.load(tmp_path / "s.npy").shape[0] == 8
     fm.main([*args, "--iters", "2"])
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+
+def test_a_resumed_meanflow_run_refuses_compile(tmp_path, capsys):
+    """c2df946's refusal of --compile for meanflow sat in Config.check, which parse_cli leaves to resume_config for a
+    resumed run, and resume_config checked the checkpoint's compile, then set the command line's unchecked: a resume
+    with --compile was accepted (compiling nothing) and saved compile true, which then stopped sample and fid."""
+    out = tmp_path / "mf"
+    args = ["--mode", "meanflow", "--batch", "64", "--eval_n", "32", "--eval_steps", "1", "--out", str(out)]
+    fm.main([*args, "--iters", "1"])
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: fm.main([*args, "--iters", "2", "--compile"]))
+    assert e.value.code == 2 and "--compile would compile nothing" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
