@@ -2704,9 +2704,9 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
             else ""
         raise UserError(f"'{path}' was trained with --batch {base['batch']}, and its data position, images seen (EMA, "
                         f"lr ramp) count steps x batch; a resumed run keeps it{fit}, or use another --out.")
-    now = {k: getattr(cfg, k) for k in here if hasattr(cfg, k)}  # (checked with them: a saved compile that a rule
-    new = merge_config(Config, {"preset": cfg.preset, **base, **now}, apply, log=log)  # now refuses, flow_map's
-    # meanflow, is not this run's; config.json stays the run's)
+    now = {k: getattr(cfg, k) for k in here if hasattr(cfg, k)}  # this command line's, checked with the rest (a
+    new = merge_config(Config, {"preset": cfg.preset, **base, **now}, apply, log=log)  # saved compile that a rule
+    # now refuses, flow_map's meanflow, is not this run's; config.json stays the run's)
     if iters in given and given[iters] < ck["step"]:
         raise UserError(f"'{path}' is at step {ck['step']}; --{iters} {given[iters]} would end before it (give at "
                         f"least {ck['step']}, or use another --out).")
@@ -2716,13 +2716,11 @@ def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, ite
         f = lambda end: 0.5 * (1 + math.cos(math.pi * s / end)) if end else 0.0
         (log or note)(f"config: the cosine lr decay now ends at step {n}, not {base[iters]}: its factor at step {s} "
                       f"goes from {f(base[iters]):.3g} to {f(n):.3g} (not a run of {n} steps from the start)")
-    for k in here:  # where and how this process runs: this command line's (the saved config says what ran)
-        if hasattr(cfg, k):
-            setattr(new, k, getattr(cfg, k))
-            if k in ("precision", "compile") and k in base and base[k] != getattr(cfg, k):  # (numbers change)
-                show = lambda v: "auto" if v is None else repr(v)  # (None: the device's default)
-                (log or note)(f"config: {k} = {show(getattr(cfg, k))} (checkpoint had {show(base[k])}; " + (
-                    "given" if k in given else "this command's default") + ")")
+    for k, v in now.items():  # where and how this process runs: this command line's, merged above (the saved config
+        if k in ("precision", "compile") and k in base and base[k] != v:  # says what ran; numbers change: noted)
+            show = lambda v: "auto" if v is None else repr(v)  # (None: the device's default)
+            (log or note)(f"config: {k} = {show(v)} (checkpoint had {show(base[k])}; " + (
+                "given" if k in given else "this command's default") + ")")
     return new
 
 
