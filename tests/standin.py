@@ -1,9 +1,12 @@
-"""The tests' FID detector, a TorchScript file that `common.load_detector(path)` loads as it loads the Inception
-network (offline, small, deterministic): a fixed-seed random projection of 4x4-average-pooled pixels to 32 features.
-The projection is in float64 and rounded to float32 by common's Detector, so the features do not depend on the batch
-size (BLAS blocking)."""
+"""The tests' stand-ins for files they cannot download. The FID detector: a TorchScript file that
+`common.load_detector(path)` loads as it loads the Inception network (offline, small, deterministic): a fixed-seed
+random projection of 4x4-average-pooled pixels to 32 features. The projection is in float64 and rounded to float32 by
+common's Detector, so the features do not depend on the batch size (BLAS blocking). EDM's network pickles: the tiny
+ones in tests/golden/ that NVlabs/edm's own persistence code wrote (`edm_pickle`)."""
+import gzip
 import math
 import os
+import shutil
 import tempfile
 
 import torch
@@ -29,4 +32,14 @@ def standin_path():
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.jit.script(Standin()).save(tmp)
         os.replace(tmp, path)
+    return path
+
+
+def edm_pickle(folder, name="edm_ve_ncsnpp_uncond"):
+    """tests/golden/<name>.pkl.gz unpacked to folder/<name>.pkl (uncond VE NCSN++ by default: augment_dim 9, as EDM's
+    CIFAR-10 pickles); its path."""
+    path = os.path.join(str(folder), f"{name}.pkl")
+    with gzip.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", f"{name}.pkl.gz")) as f, \
+            open(path, "wb") as o:
+        shutil.copyfileobj(f, o)
     return path

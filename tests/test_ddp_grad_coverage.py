@@ -10,11 +10,9 @@ distributional file's in-file teacher. (test_scm.py and test_rf_ddp.py hold sCT 
 teacher and a 2-process 2-RF from EDM's pickle.) flow_map.py and distributional.py's G and D sync by hand
 (common.sync_grads fills a missing gradient with zeros), so no such stop can happen there.
 """
-import gzip
 import io
 import json
 import os
-import shutil
 import sys
 import zipfile
 
@@ -30,6 +28,7 @@ import distributional  # noqa: E402
 import imm  # noqa: E402
 import rectified_flow  # noqa: E402
 import scm  # noqa: E402
+from standin import edm_pickle  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -55,13 +54,6 @@ def spy(monkeypatch):
 
 def unfed(model):
     return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-
-
-def edm_pickle(tmp_path):
-    path = str(tmp_path / "edm.pkl")
-    with gzip.open(os.path.join(ROOT, "tests", "golden", "edm_ve_ncsnpp_uncond.pkl.gz")) as f, open(path, "wb") as o:
-        shutil.copyfileobj(f, o)
-    return path
 
 
 @pytest.fixture

@@ -5,11 +5,9 @@ tests/golden/, made by NVlabs/edm's own persistence code; see tests/golden/READM
   starts from the EDM weights wrapped as rfpp's EDMPrecondVel: at step 0 the 2-RF is the teacher's velocity field;
   its checkpoint rebuilds for `sample`.
 """
-import gzip
 import json
 import re
 import os
-import shutil
 import types
 import sys
 
@@ -20,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rectified_flow as RF  # noqa: E402
+from standin import edm_pickle  # noqa: E402
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 CPU = torch.device("cpu")
 
 
@@ -31,13 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def edm_pickle(tmp_path, name="edm_ve_ncsnpp_uncond"):
-    path = str(tmp_path / f"{name}.pkl")
-    with gzip.open(os.path.join(GOLDEN, f"{name}.pkl.gz")) as f, open(path, "wb") as o:
-        shutil.copyfileobj(f, o)
-    return path
 
 
 @pytest.fixture

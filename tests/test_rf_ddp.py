@@ -53,13 +53,10 @@ def test_two_process_2rf_from_an_augmented_edm_pickle(tmp_path):
     no augmentation labels, so map_augment got no gradient and DDP stopped at the second step ('Expected to have
     finished reduction in the prior iteration', the README's torchrun 2-RF command). It is frozen: the run ends and
     map_augment keeps the teacher's weights."""
-    import gzip
-    import shutil
     sys.path.insert(0, ROOT)
     import common as C
-    pkl = str(tmp_path / "edm.pkl")
-    with gzip.open(os.path.join(ROOT, "tests", "golden", "edm_ve_ncsnpp_uncond.pkl.gz")) as f, open(pkl, "wb") as o:
-        shutil.copyfileobj(f, o)
+    from standin import edm_pickle
+    pkl = edm_pickle(tmp_path)
     den, info = C.load_edm(pkl)
     assert info["augment_dim"] == 9  # the case
     np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
