@@ -1949,7 +1949,7 @@ def read_edm_pickle(path):
     """The pickle's content with tensors, numbers and containers rebuilt and every EDM/torch.nn object a _Record;
     no code from the file runs. Any other global -> UserError naming it."""
     if not os.path.isfile(path):
-        raise UserError(f"EDM pickle '{path}' does not exist (download it first; these files are not fetched here).")
+        raise no_file(path, "EDM pickle", " (download it first; these files are not fetched here)")
     try:
         with open(path, "rb") as f:
             return _EDMUnpickler(f, path).load()
