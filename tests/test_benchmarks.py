@@ -23,16 +23,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts im
 import throughput as tp  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests are small, and a 2-core machine shared with other jobs slows
-    multi-threaded torch down several-fold. The previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _forward_flops(name, **overrides):
     """FlopCounterMode count of one forward of one image on the CPU (B = 1). The network is built on the meta
     device and given empty CPU storage (zeroed): the FLOP count does not depend on the weights, and this skips

@@ -30,16 +30,6 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 FREEZE = ("conv0", "conv1", "proj")  # freeze a parameter iff its module name is one of these
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the nets here are tiny, and spinning OpenMP threads on a busy 2-core machine cost
-    10x; restored afterwards so other test modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def env1(precision="fp32"):
     return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
 

@@ -23,11 +23,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_reset():
-    n, fb = torch.get_num_threads(), inductor_config.fallback_random
-    torch.set_num_threads(1)
+def _reset_compile():
+    fb = inductor_config.fallback_random
     yield
-    torch.set_num_threads(n)
     inductor_config.fallback_random = fb
     torch._dynamo.reset()
 

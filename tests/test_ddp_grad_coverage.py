@@ -18,7 +18,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +28,6 @@ import imm  # noqa: E402
 import rectified_flow  # noqa: E402
 import scm  # noqa: E402
 from standin import edm_pickle  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -32,14 +32,6 @@ RF = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def _restore_backend_flags():
     """The training runs below call C.setup, which sets the TF32 flags; leave them as found for other modules."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

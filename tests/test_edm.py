@@ -14,14 +14,6 @@ import common as C
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def golden():
     return torch.load(os.path.join(GOLDEN, "edm_golden.pt"), weights_only=True)
@@ -290,7 +282,6 @@ def test_unsupported_and_broken_pickles_are_user_errors(tmp_path, monkeypatch):
             C.load_edm(path)
     den, info = C.load_edm(_fake_pickle(str(tmp_path / "ok.pkl"), fn, net, precond="EDMPrecond"))  # the control
     assert info["precond"] == "edm" and (den.sigma_min, den.sigma_max, den.sigma_data) == (0.0, math.inf, 0.5)
-
 
 
 def test_edm_records_of_the_wrong_type_are_user_errors(tmp_path, monkeypatch, capsys):

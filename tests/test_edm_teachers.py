@@ -23,14 +23,6 @@ from standin import edm_pickle  # noqa: E402
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def imgs(tmp_path):
     path = tmp_path / "imgs.npy"

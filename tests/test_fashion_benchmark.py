@@ -25,14 +25,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark scripts im
 import fashion as fb  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _write_idx_gz(path, a):
     """The IDX format of (Fashion-)MNIST: 0, 0, type 0x08 (uint8), ndim, big-endian dims, then the bytes; gzipped."""
     header = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)

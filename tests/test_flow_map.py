@@ -28,12 +28,9 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _restore_tf32_flags():
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
-    torch.set_num_threads(n)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
@@ -815,7 +812,6 @@ def test_a_meanflow_checkpoint_saved_with_compile_samples_and_resumes(tmp_path):
     assert np.load(tmp_path / "s.npy").shape[0] == 8
     fm.main([*args, "--iters", "2"])
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
-
 
 
 def test_a_resumed_meanflow_run_refuses_compile(tmp_path, capsys):

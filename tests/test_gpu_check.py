@@ -28,14 +28,6 @@ import gpu_check as gc  # noqa: E402
 import throughput as tp  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _carry(d):
     """A carry folder as --prepare lays it out, with 320 / 160 fabricated 28x28 images of 10 classes (a bright band
     whose height is the class, over noise) in Debian's gzipped IDX files; no classifier (the run trains one)."""

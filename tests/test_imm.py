@@ -33,15 +33,6 @@ T_MIN, T_MAX, SD = 0.006, 0.994, 0.5
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (tiny nets, a busy 2-core machine); restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope="module")
 def _restore_backend_flags():
     """The training runs below call C.setup, which sets the TF32 flags; leave them as found for other modules."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

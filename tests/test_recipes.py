@@ -25,14 +25,6 @@ import scm  # noqa: E402
 FILES = dict(imm=imm, rectified_flow=RF, scm=scm, flow_map=flow_map, distributional=distributional)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def imgs(tmp_path):
     path = tmp_path / "imgs.npy"

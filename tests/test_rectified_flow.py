@@ -25,14 +25,6 @@ F64 = torch.float64
 ENV = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # two OpenMP threads on a shared 2-core machine slow small ops down by an order of magnitude
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -599,7 +591,7 @@ def tiny(tmp_path_factory):
             used.setdefault(i, zi.clone())
         return z
     R.pair_noise = spy
-    try:  # one thread (fixture one_thread), as each rank of the 2-rank run below
+    try:  # one thread (conftest.py's fixture), as each rank of the 2-rank run below
         R.main(["--stage", "pairs", "--out", str(root / "p1"), "--teacher", teacher, *base, *PAIR_ARGS])
     finally:
         R.pair_noise = orig

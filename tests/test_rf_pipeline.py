@@ -29,14 +29,6 @@ RF = os.path.join(ROOT, "rectified_flow.py")
 ENV = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def for_stage(stage, argv):
     """argv without the options that --stage `stage` does not read (R.STAGE_ONLY; it refuses them)."""
     keep = []

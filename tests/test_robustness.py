@@ -93,14 +93,6 @@ FIXED = dict(imm=["--width", "32"], scm=["--width", "32"], flow_map=["--width", 
              rectified_flow=["--width", "32"], distributional=["--cond", "true"])  # cannot change it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(name, *argv):
     """main() through main_guard -> (exit code, stderr lines); stdout is left to capsys."""
     try:
