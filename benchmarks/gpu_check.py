@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py --prepare     # once, where dataset-fashion-mnist is installed (CPU, ~5 min)
     python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
     python benchmarks/gpu_check.py --results DIR # the same into DIR (e.g. a folder the machine hands back)
+    python benchmarks/gpu_check.py --results DIR --sections paths   # the second call, where ~3 min are left
     python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~45 s)
 
 Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used
@@ -38,6 +39,15 @@ start; time a section leaves unused passes to the next ones, and the last one ru
                scored by benchmarks/fashion.py's Fréchet distance in the cached classifier's features at 1 and 2
                steps and the 1-RF at 8 and 32 Euler steps; a sample grid.
 
+ 5 paths       a second call (`--sections paths`; not in the default run, whose 510 s it would overrun): each
+               method file's toy run on the device stopped at 2 steps and resumed to 4 against 4 steps unstopped,
+               every checkpoint tensor compared (fp16 with the GradScaler; GDD, which has no loss scaling, bf16); then
+               the peak memory of one training step of every throughput method at its `cifar10` preset batch,
+               halved until it fits (the --accum a one-GPU run needs). Planned 170 s + 10 s start-up: 5 resume
+               checks x 3 toy runs (~4 s each with their evaluation) and 12 methods x 1-3 tries of a set-up (2-3 s)
+               and 3 training steps at up to batch 1024 (IMM: the first tries at 4096 and 2048 are expected to run
+               out of memory at once); not yet run on a GPU.
+
 Budget (seconds; printed at the start, `--budget` scales it). How it was estimated:
   * start-up 10: CUDA initialisation and device query.
   * throughput 230: a DDPM++ training step at batch 128 is 3 x 42.4 GFLOP x 128 = 16.3 TFLOP per fm unit. Assumed
@@ -68,8 +78,8 @@ The Fashion-MNIST files (Debian's `dataset-fashion-mnist`), the cached classifie
 travel in benchmarks/.carry (git-ignored, 30 MiB), made by `--prepare`; the GPU machine has no network. The exact
 device command (what to carry, the timeout, where the files come back) is in benchmarks/results/README.md.
 """
-import argparse, contextlib, copy, dataclasses, datetime, gc, glob, json, math, os, re, shutil, subprocess, sys, time
-import types
+import argparse, contextlib, copy, dataclasses, datetime, gc, glob, io, json, math, os, re, shutil, subprocess, sys
+import time, types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -85,9 +95,11 @@ import throughput as tp
 RESULTS = os.path.join(HERE, "results")
 CARRY = os.path.join(HERE, ".carry")
 DEBIAN = "/usr/share/datasets/fashion-mnist"
-SECTIONS = ("throughput", "sampling", "precision", "fashion")
+SECTIONS = ("throughput", "sampling", "precision", "fashion", "paths")
+DEFAULT_SECTIONS = SECTIONS[:4]  # paths: a second call, where device time is left (module docstring)
 STARTUP_S = 10
-PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215)  # + STARTUP_S = 510 s (module docstring)
+PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215,  # + STARTUP_S = 510 s (module docstring)
+              paths=170)  # the second call: 10 + 170 s
 UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense peak, for the printed estimate only
 COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
 PIPE_WAIT_S = 10  # after a compile child is killed, its output is read for at most this long
@@ -651,6 +663,121 @@ def _section_fashion(ctx, fb):
     ctx.save()
 
 
+# =============================================================================== section 5: CUDA paths (second call)
+# The toy run of each method file (2-D points, small MLPs, the sizes of tests/test_robustness.py), 4 steps unstopped
+# against 2 steps then resumed to 4: every tensor of the two checkpoints (weights, EMA, optimiser, RNG states) compared
+# bitwise, CUDA's RNG restore, the Guard and the GradScaler on the device. The CPU suite shows it on the CPU (fp16
+# through CPU autocast there); this is the CUDA half.
+_EVAL = ["--eval_n", "16", "--eval_steps", "1"]
+RESUME_RUNS = dict(
+    imm=["--batch", "16", *_EVAL],
+    scm=["--mode", "diffusion", "--batch", "16", "--width", "16", "--depth", "1", "--heun_steps", "1",
+         "--lr_schedule", "const", "--eval_n", "16"],
+    flow_map=["--batch", "16", "--width", "16", "--depth", "1", "--lr_schedule", "const", *_EVAL],
+    rectified_flow=["--stage", "1rf", "--batch", "16", "--straight_k", "2", "--lr_schedule", "const", *_EVAL],
+    distributional=["--teacher_iters", "2", "--teacher_batch", "16", "--batch", "16", "--eval_teacher_steps", "0",
+                    *_EVAL])
+RESUME_PRECISION = dict(distributional="bf16")  # fp16 with a GradScaler elsewhere; GDD refuses fp16 (no scaling)
+# Each throughput method's `cifar10` preset batch (tests/test_gpu_check.py checks them against the presets): the
+# memory of one training step at it, halved until it fits; the --accum a one-GPU run needs follows.
+MEM_BATCH = dict(fm=512, imm=4096, sct=512, scd=512, lsd=512, psd=512, meanflow=1024, lmd=512, gdd=256, gdd_i=256,
+                 **{"2rf": 512, "2rf_lpips": 512})
+MEM_MIN_BATCH = 32
+
+
+def _tensors(o, path=""):
+    """{path: tensor} of every tensor in a checkpoint (nested dicts, lists and tuples)."""
+    if torch.is_tensor(o):
+        return {path: o}
+    items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, (list, tuple)) else ()
+    return {k: v for key, x in items for k, v in _tensors(x, f"{path}/{key}").items()}
+
+
+def check_resume(ctx, name):
+    """One method file's toy run on the device: 4 steps against 2 + resumed 2 (module comment above)."""
+    import importlib
+    mod = importlib.import_module(name)
+    precision = "fp32" if ctx.quick else RESUME_PRECISION.get(name, "fp16")
+    root = os.path.join(ctx.work, "resume", name)
+    shutil.rmtree(root, ignore_errors=True)
+    base = [*RESUME_RUNS[name], "--precision", precision, "--device", ctx.device]
+    t0 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' own lines (the log keeps the record below)
+        for out, iters in (("a", 4), ("b", 2), ("b", 4)):
+            mod.main([*base, "--iters", str(iters), "--out", os.path.join(root, out)])
+    a, b = (torch.load(os.path.join(root, d, "ckpt.pt"), map_location="cpu", weights_only=True) for d in "ab")
+    ta, tb = _tensors(a), _tensors(b)
+    differ = sorted(k for k in ta if k in tb and not (ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k])))
+    missing = sorted(set(ta) ^ set(tb))
+    return dict(method=name, status="ok", precision=precision, steps=[a.get("step"), b.get("step")],
+                tensors=len(ta), differ=len(differ) + len(missing), first_differ=(differ + missing)[:5],
+                scaler_equal=a.get("scaler") == b.get("scaler"), loss_scale=(a.get("scaler") or {}).get("scale"),
+                bitwise=not differ and not missing and a.get("scaler") == b.get("scaler"), wall_s=time.time() - t0)
+
+
+def check_memory(ctx, method, left):
+    """Peak memory of one training step of `method` (throughput.py's measure, the cifar10 network and maths, its
+    paper precision) at its preset batch, halved on running out of memory; -> the largest batch that fits."""
+    batch = ctx.sz.batch if ctx.quick else MEM_BATCH[method]
+    rec = dict(method=method, status="ok", preset_batch=MEM_BATCH[method], tries=[])
+    while batch >= (1 if ctx.quick else MEM_MIN_BATCH):
+        if left() <= 0:
+            rec.update(status="skipped", note="out of section time")
+            break
+        argv = ["--method", method, "--net", ctx.sz.net, "--batch", str(batch), "--sample_batch", "16", "--iters", "1",
+                "--warmup", "1", "--precision", "paper", "--device", ctx.device, "--lpips_res", str(ctx.sz.lpips_res)]
+        r = None
+        with contextlib.suppress(torch.cuda.OutOfMemoryError):  # (its frames let go before the memory is freed)
+            r = tp.measure(tp.parse(argv))
+        if r is None:
+            rec["tries"].append(dict(batch=batch, result="out of memory"))
+            _free()
+            batch //= 2
+            continue
+        rec["tries"].append(dict(batch=batch, result="fits", max_mem_gib=r["max_mem_gib"]))
+        rec.update(fits_batch=batch, max_mem_gib=r["max_mem_gib"], precision=r["precision"],
+                   accum=None if ctx.quick else math.ceil(MEM_BATCH[method] / batch))
+        break
+    else:
+        rec.update(status="error", error=f"out of memory down to batch {MEM_MIN_BATCH}")
+    _free()
+    return rec
+
+
+def section_paths(ctx):
+    sec = ctx.sec
+    sec["resume"], sec["records"] = [], []
+    for name in RESUME_RUNS:
+        if ctx.clock.left("paths") <= (0 if ctx.quick else 5):
+            sec["resume"].append(dict(method=name, status="skipped", note="out of section time"))
+            continue
+        try:
+            rec = check_resume(ctx, name)
+        except BaseException as e:  # noqa: BLE001  (a run's SystemExit, its error sentence included)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            rec = dict(method=name, status="error", error=_err(e))
+        sec["resume"].append(rec)
+        print(f"  resume {name:15s} " + (f"{rec['precision']}: {'bitwise' if rec['bitwise'] else 'DIFFERS'} "
+                                         f"({rec['differ']} of {rec['tensors']} tensors differ), {rec['wall_s']:.0f} s"
+                                         if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error', '')}"),
+              flush=True)
+        _free()
+        ctx.save()
+    for method in MEM_BATCH if not ctx.quick else QUICK_METHODS:
+        try:
+            rec = check_memory(ctx, method, lambda: ctx.clock.left("paths"))
+        except Exception as e:  # noqa: BLE001
+            rec = dict(method=method, status="error", error=_err(e))
+            _free()
+        sec["records"].append(rec)
+        print(f"  memory {method:9s} " + (f"batch {rec['fits_batch']} of {rec['preset_batch']}: "
+                                          f"{_fmt(rec['max_mem_gib'], '{:.1f}')} GiB, --accum {rec['accum']}"
+                                          if "fits_batch" in rec else f"{rec['status']}: {rec.get('error', '')}"),
+              flush=True)
+        ctx.save()
+
+
 # =============================================================================== report
 def _fmt(v, f="{:.3g}"):
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f.format(v)
@@ -781,6 +908,32 @@ def markdown(rep):
                          f"{r['status']}: {r.get('error') or r.get('note', '')} |")
         if f4.get("figure"):
             L += ["", f"![samples]({f4['figure']})"]
+    p5 = S.get("paths", {})
+    if p5.get("resume") or p5.get("records"):
+        L += ["", "## 5. CUDA paths", "",
+              "Exact resume on the device: each method file's toy run, 4 steps against 2 steps then resumed to 4, "
+              "every tensor of the two checkpoints compared (weights, EMA, optimiser, RNG states) and the loss "
+              "scaler's state.", "",
+              "| method file | precision | tensors | differ | loss scaler equal (scale) | result | s |",
+              "|" + "---|" * 7]
+        for r in p5.get("resume", []):
+            if r.get("status") != "ok":
+                L.append(f"| {r['method']} | " + "– | " * 4 + f"{r['status']}: {r.get('error') or r.get('note', '')} "
+                         "| – |")
+                continue
+            res = "bitwise" if r["bitwise"] else "DIFFERS: " + ", ".join(r["first_differ"])
+            L.append(f"| {r['method']} | {r['precision']} | {r['tensors']} | {r['differ']} | {r['scaler_equal']} "
+                     f"({_fmt(r['loss_scale'], '{:g}')}) | {res} | {r['wall_s']:.0f} |")
+        L += ["", "Peak memory of one training step at each method's `cifar10` preset batch (throughput.py's step, "
+                  "the method's paper precision), halved until it fits on this device; --accum is what a one-GPU run "
+                  "of the preset needs.", "",
+              "| method | preset batch | fits | peak GiB | --accum | tried |", "|" + "---|" * 6]
+        for r in p5.get("records", []):
+            tried = ", ".join(f"{t['batch']}: {t['result']}" for t in r.get("tries", []))
+            L.append(f"| {r['method']} | {r.get('preset_batch', '–')} | {r.get('fits_batch', '–')} | "
+                     f"{_fmt(r.get('max_mem_gib'), '{:.1f}')} | {r.get('accum', '–')} | {tried}"
+                     + ("" if r.get("status") == "ok" else f" ({r['status']}: {r.get('error') or r.get('note', '')})")
+                     + " |")
     return "\n".join(L) + "\n"
 
 
@@ -896,9 +1049,11 @@ def parse(argv):
     p = common.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
     p.add_argument("--quick", action="store_true", help="every section at smoke size on the CPU (needs --results)")
     p.add_argument("--results", default=None, help=f"output folder (default {os.path.relpath(RESULTS, REPO)})")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list, in the fixed order (default all)")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma list of {', '.join(SECTIONS)}, run in that order (default: all but paths)")
     p.add_argument("--budget", type=float, default=None,
-                   help=f"total planned seconds (default {STARTUP_S + sum(PLAN_S.values())}; sections scaled)")
+                   help=f"total planned seconds (default {STARTUP_S + sum(PLAN_S[s] for s in DEFAULT_SECTIONS)} "
+                        f"and {STARTUP_S + PLAN_S['paths']} for paths; sections scaled)")
     p.add_argument("--device", default="auto")
     p.add_argument("--carry", default=CARRY, help="folder made by --prepare (default benchmarks/.carry)")
     p.add_argument("--source", default=DEBIAN, help="Debian's Fashion-MNIST folder (for --prepare)")
@@ -969,7 +1124,7 @@ def main(argv=None):
     name = tp.device_name(ctx.dev)
     ctx.stem = os.path.join(a.results, f"gpu_{device_slug(ctx.dev)}")
     old, old_meta = {}, {}
-    if os.path.exists(ctx.stem + ".json") and set(a.sections) != set(SECTIONS):
+    if os.path.exists(ctx.stem + ".json") and not set(DEFAULT_SECTIONS) <= set(a.sections):
         old, old_meta = previous(ctx.stem + ".json")  # --sections reruns keep the other sections' results
     ctx.rep = rep = dict(meta=dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
@@ -1005,7 +1160,7 @@ def main(argv=None):
         print(f"  core items: {est:.0f} s estimated (+ {AUTOTUNE_S} s cuDNN autotuning per precision) of "
               f"{plan['throughput']:g} s planned", flush=True)
     runners = dict(throughput=section_throughput, sampling=section_sampling, precision=section_precision,
-                   fashion=section_fashion)
+                   fashion=section_fashion, paths=section_paths)
     for s in a.sections:
         t0 = time.time()
         ctx.sec = rep["sections"][s] = dict(status="running", budget_s=plan[s], deadline_s=clock.ends[s],

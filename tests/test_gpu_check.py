@@ -59,10 +59,10 @@ def test_quick_run_writes_every_section(tmp_path):
     rep = gc.main(["--quick", "--results", str(res), "--carry", str(_carry(tmp_path / "carry")), "--work",
                    str(tmp_path / "work")])
     on_disk = json.loads((res / "gpu_cpu.json").read_text())
-    assert on_disk["sections"].keys() == set(gc.SECTIONS) and json.loads(json.dumps(rep)) == on_disk
+    assert on_disk["sections"].keys() == set(gc.DEFAULT_SECTIONS) and json.loads(json.dumps(rep)) == on_disk
     assert all(math.isfinite(v) for v in _numbers(on_disk))  # no NaN or inf anywhere
     S = on_disk["sections"]
-    assert all(S[s]["status"] == "done" for s in gc.SECTIONS), {s: S[s]["status"] for s in gc.SECTIONS}
+    assert all(S[s]["status"] == "done" for s in gc.DEFAULT_SECTIONS), {s: S[s]["status"] for s in gc.DEFAULT_SECTIONS}
     thr = S["throughput"]["records"]
     assert {r["method"] for r in thr} == set(gc.QUICK_METHODS)
     for r in thr:
@@ -282,3 +282,52 @@ def test_child_killed_while_its_pipe_stays_open(tmp_path, monkeypatch):
     with contextlib.suppress(OSError, ValueError):  # the pipe's holder, ended here
         os.kill(int(pid.read_text()), 9)
     assert rec["error"].startswith("killed at the section deadline") and wall < 20, rec
+
+
+def test_paths_section_resumes_bitwise_and_measures_memory(tmp_path):
+    """The second call's section (--sections paths) at smoke size: every method file's toy run stopped at 2 steps and
+    resumed to 4 is its 4-step run, tensor for tensor; one memory record per quick method; the first call's sections
+    are kept from the JSON, and the Markdown has section 5 with rows as wide as its headers."""
+    res, work = tmp_path / "res", str(tmp_path / "work")
+    gc.main(["--quick", "--results", str(res), "--sections", "precision", "--work", work])
+    gc.main(["--quick", "--results", str(res), "--sections", "paths", "--work", work])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    P = rep["sections"]["paths"]
+    assert P["status"] == "done" and rep["meta"]["kept_sections"]["sections"] == ["precision"]
+    assert [r["method"] for r in P["resume"]] == list(gc.RESUME_RUNS)
+    assert all(r["bitwise"] and r["differ"] == 0 and r["tensors"] > 50 and r["steps"] == [4, 4] for r in P["resume"])
+    assert [r["method"] for r in P["records"]] == list(gc.QUICK_METHODS)
+    assert all(r["status"] == "ok" and r["fits_batch"] == gc.sizes(True).batch for r in P["records"])
+    md = (res / "gpu_cpu.md").read_text()
+    assert "## 5. CUDA paths" in md and "| imm | fp32 |" in md
+    for head in ("| method file |", "| method | preset batch |"):
+        table = md[md.index(head):].split("\n\n")[0].splitlines()
+        assert len({ln.count("|") for ln in table}) == 1, table
+
+
+def test_paths_resume_check_sees_a_resume_that_loses_the_rng(tmp_path, monkeypatch):
+    """The control: with the RNG states not restored, the resumed run draws other noise and the check says so."""
+    ctx = types.SimpleNamespace(quick=True, device="cpu", work=str(tmp_path))
+    monkeypatch.setattr(common, "restore_rng", lambda *a, **k: None)
+    rec = gc.check_resume(ctx, "imm")
+    assert not rec["bitwise"] and rec["differ"] > 0 and rec["first_differ"]
+
+
+def test_memory_batches_are_the_presets():
+    """MEM_BATCH: each throughput method's cifar10 preset batch, from the method files' presets."""
+    import distributional, flow_map, imm, rectified_flow, scm  # noqa: E401
+
+    def batch(mod, **given):
+        return common.resolve_config(mod.Config, mod.PRESETS, "cifar10", given).batch
+    want = dict(fm=batch(rectified_flow, stage="1rf"), imm=batch(imm), sct=batch(scm, mode="sct"),
+                scd=batch(scm, mode="scd"), lsd=batch(flow_map, mode="lsd"), psd=batch(flow_map, mode="psd"),
+                meanflow=batch(flow_map, mode="meanflow"), lmd=flow_map.PRESETS["cifar10"]["batch"],
+                gdd=batch(distributional), gdd_i=batch(distributional),
+                **{"2rf": batch(rectified_flow, stage="2rf"), "2rf_lpips": batch(rectified_flow, stage="2rf")})
+    assert gc.MEM_BATCH == want and set(want) == set(tp.METHODS)
+
+
+def test_the_default_run_leaves_out_paths():
+    a = gc.parse(["--quick", "--results", "/tmp/x"])
+    assert a.sections == list(gc.DEFAULT_SECTIONS) and "paths" not in a.sections
+    assert gc.parse(["--quick", "--results", "/tmp/x", "--sections", "paths"]).sections == ["paths"]
