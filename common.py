@@ -2327,8 +2327,8 @@ def preflight(cmd, cfg, layout=None):
     if cfg.out == "":
         raise UserError("--out needs a file name (or leave it out for the checkpoint's folder).")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
-    if cmd == "sample" and not out.endswith((".npy", ".png")):
-        raise UserError(f"--out must end in .npy or .png, got '{out}'.")
+    if cmd == "sample" and not out.endswith(SAMPLE_EXT):
+        raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{out}'.")
     if cmd == "fid" and not out.endswith(".jsonl"):
         raise UserError(f"fid appends one JSON line per step count: --out must end in .jsonl, got '{out}'.")
     if os.path.isdir(out):
@@ -2348,7 +2348,8 @@ def preflight(cmd, cfg, layout=None):
 # ========================================================================================================= command line
 SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config fields follow (over the checkpoint's)
     ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
-    n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, "sample: .npy/.png; fid: .jsonl"),
+    n=(int, None, "number of samples (sample 64, fid 50,000)"),
+    out=(str, None, "sample: .npy/.npz/.png/.zip; fid: .jsonl"),
     batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
     device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
@@ -2921,21 +2922,34 @@ def save_panels(path, panels):
     fig.savefig(path, dpi=100)
 
 
+SAMPLE_EXT = (".npy", ".npz", ".png", ".zip")  # what `sample --out` writes (save_array)
+
+
 def save_array(path, arr):
-    """.npy (float32 points / uint8 NHWC images) or .png (scatter / grid), whole or not at all: written beside it under
-    a short temporary name, then renamed over it (a full disk or Ctrl-C never leaves part of one in a good file's
-    place)."""
+    """.npy (float32 points / uint8 NHWC images), .npz (the same as arr_0: guided-diffusion's evaluator.py reads it),
+    .png (scatter / grid) or .zip (images only: one PNG each, 000000.png on, as EDM's generate.py names them; EDM's
+    fid.py --images and load_data read it), whole or not at all: written beside it under a short temporary name, then
+    renamed over it (a full disk or Ctrl-C never leaves part of one in a good file's place)."""
     a = arr.detach().cpu().numpy() if torch.is_tensor(arr) else np.asarray(arr)
     a = a.astype(np.float32) if a.ndim == 2 else a.astype(np.uint8)
-    if not path.endswith((".npy", ".png")):
-        raise UserError(f"--out must end in .npy or .png, got '{path}'.")
+    if not path.endswith(SAMPLE_EXT):
+        raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{path}'.")
+    if path.endswith(".zip") and a.ndim == 2:
+        raise UserError(f"--out '{path}': a .zip holds images; write 2-D points to .npy, .npz or .png.")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.getpid()}.tmp{path[-4:]}")  # (short: --out's name may be as long as names go)
     try:
-        if path.endswith(".npy"):
+        if path.endswith((".npy", ".npz")):
             with open(tmp, "wb") as f:  # (np.save appends .npy to a name without it)
-                np.save(f, a)
+                np.save(f, a) if path.endswith(".npy") else np.savez(f, arr_0=a)
+        elif path.endswith(".zip"):
+            from PIL import Image  # (torchvision's dependency)
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:  # (PNG is compressed already)
+                for i, img in enumerate(a):
+                    buf = io.BytesIO()
+                    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="png")
+                    z.writestr(f"{i:06d}.png", buf.getvalue())
         else:
             save_panels(tmp, [(os.path.basename(path), a)])
         os.replace(tmp, path)
@@ -3045,6 +3059,8 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
         if d := next((p for p in paths.values() if os.path.isdir(p)), None):
             raise UserError(f"'{d}' is a folder where sample would write its samples; remove it or give another --out.")
         points = len(shape) == 1  # stored as the file holds them: float32 points, uint8 NHWC images
+        if points and base.endswith(".zip"):  # (before any sampling)
+            raise UserError(f"--out '{base}': a .zip holds images; write 2-D points to .npy, .npz or .png.")
         stored, dtype = (shape, torch.float32) if points else ((*shape[1:], shape[0]), torch.uint8)
         for K in opts.steps:
             generate = _counted(gen(K), env)

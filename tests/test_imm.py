@@ -1035,6 +1035,27 @@ def test_fid_refuses_a_reference_it_would_misread(tiny, tmp_path, capsys):
     imm.main([str(a) for a in fid + ["--data", tiny / "imgs.npy"]])  # control
 
 
+def test_sample_writes_npz_and_zip_as_the_npy(tiny, tmp_path):
+    """`sample --out` also writes .npz (arr_0: guided-diffusion's evaluator.py) and .zip (one PNG per image, 000000.png
+    on: EDM's fid.py --images reads it, and so does load_data): the same uint8 images as the .npy, in index order."""
+    for ext in ("npy", "npz", "zip"):
+        imm.main(["sample", "--ckpt", str(tiny / "run" / "ckpt.pt"), "--steps", "1", "--n", "5",
+                  "--out", str(tmp_path / f"s.{ext}")])
+    want = np.load(tmp_path / "s.npy")
+    assert want.shape == (5, 16, 16, 3) and want.std() > 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert list(z.keys()) == ["arr_0"] and np.array_equal(z["arr_0"], want)
+    import zipfile
+    from PIL import Image
+    with zipfile.ZipFile(tmp_path / "s.zip") as z:
+        assert z.namelist() == [f"{i:06d}.png" for i in range(5)]
+        got = np.stack([np.asarray(Image.open(z.open(n))) for n in z.namelist()])
+    assert np.array_equal(got, want)
+    env = C.Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"), is_main=True, precision="fp32", seed=0)
+    d = C.load_data(str(tmp_path / "s.zip"), str(tmp_path), env, 0, False)
+    assert np.array_equal(d.x.permute(0, 2, 3, 1).numpy(), want)  # (the loader keeps the names' order)
+
+
 def test_sample_independent_of_batch(tiny, tmp_path):
     for b in (3, 16):
         imm.main(["sample", "--ckpt", str(tiny / "run" / "ckpt.pt"), "--steps", "2", "--n", "10", "--batch", str(b),

@@ -27,8 +27,8 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       lsd and --diag_frac on meanflow, rectified_flow
       --t_dist on the 1-RF, --batch on the pairs, LPIPS
       options beside another loss)
-    sample/fid options (steps 0 / -1, n 0, fid n 1,        27   27     27          27              26
-      batch 0, .jpg, out below a file, ckpt missing /
+    sample/fid options (steps 0 / -1, n 0, fid n 1,        28   28     28          28              27
+      batch 0, .jpg, a .zip of points, out below a file, ckpt missing /
       text / pickle / malformed / other method, detector
       missing, seed 2^63, fid --root a file, steps 1,2,
       (an empty entry), --out '', fid --out not .jsonl; a
@@ -44,7 +44,7 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
       fixed fields (network, weighting, interpolant,
       freeze)
     ----------------------------------------------------------------------------------------------------
-    bad-input cases, all one sentence and exit 2           72   76     78          79              78
+    bad-input cases, all one sentence and exit 2           73   77     79          80              79
 
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
@@ -215,6 +215,7 @@ def sample_cases(name, d):
         (s("--steps", "0"), ["--steps"]), (s("--steps", "-1"), ["--steps"]), (s("--n", "0"), ["--n"]),
         (s("--n", "1", cmd="fid"), ["--n", "at least 2"]), (s("--batch", "0"), ["--batch"]),
         (s("--out", d / "s.jpg"), [".jpg"]), (s("--out", d / "afile" / "s.png"), ["is a file"]),
+        (s("--out", d / "s.zip"), [".zip holds images", ".npz"]),  # (the toy runs' models make 2-D points)
         (s(c=d / "missing.pt"), ["missing.pt"]), (s(c=d / "text.npy"), ["text.npy"]), (s(c=d / "plain.pt"), ["plain"]),
         (s(c=d / "badcfg.pt"), ["malformed"]), (s(c=other), [str(other)]),
         (s("--fid_detector", d / "det.pt", cmd="fid"), ["det.pt"]),
@@ -445,7 +446,7 @@ def test_a_file_where_the_fid_statistics_go_is_refused_before_training(files, tm
 def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
-    assert got == dict(imm=72, scm=76, flow_map=78, rectified_flow=79, distributional=78), got
+    assert got == dict(imm=73, scm=77, flow_map=79, rectified_flow=80, distributional=79), got
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
