@@ -2927,15 +2927,13 @@ SAMPLE_EXT = (".npy", ".npz", ".png", ".zip")  # what `sample --out` writes (sav
 
 def save_array(path, arr):
     """.npy (float32 points / uint8 NHWC images), .npz (the same as arr_0: guided-diffusion's evaluator.py reads it),
-    .png (scatter / grid) or .zip (images only: one PNG each, 000000.png on, as EDM's generate.py names them; EDM's
-    fid.py --images and load_data read it), whole or not at all: written beside it under a short temporary name, then
+    .png (scatter / grid) or .zip (images only, sample_or_fid checks: one PNG each, 000000.png on; EDM's fid.py
+    --images and load_data read it), whole or not at all: written beside it under a short temporary name, then
     renamed over it (a full disk or Ctrl-C never leaves part of one in a good file's place)."""
     a = arr.detach().cpu().numpy() if torch.is_tensor(arr) else np.asarray(arr)
     a = a.astype(np.float32) if a.ndim == 2 else a.astype(np.uint8)
     if not path.endswith(SAMPLE_EXT):
         raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{path}'.")
-    if path.endswith(".zip") and a.ndim == 2:
-        raise UserError(f"--out '{path}': a .zip holds images; write 2-D points to .npy, .npz or .png.")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.getpid()}.tmp{path[-4:]}")  # (short: --out's name may be as long as names go)
