@@ -2348,8 +2348,7 @@ def preflight(cmd, cfg, layout=None):
 # ========================================================================================================= command line
 SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config fields follow (over the checkpoint's)
     ckpt=(str, None, "checkpoint to sample from"), steps=(list[int], [1, 2], "step counts, one output each"),
-    n=(int, None, "number of samples (sample 64, fid 50,000)"),
-    out=(str, None, "sample: .npy/.npz/.png/.zip; fid: .jsonl"),
+    n=(int, None, "number of samples (sample 64, fid 50,000)"), out=(str, None, ".npy/.npz/.png/.zip; fid .jsonl"),
     batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
     device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
