@@ -13,7 +13,7 @@ prior at T down to t_min in 1, 2, 4 or 8 steps. No teacher, no GAN.
 
 Convention (written into every checkpoint): x_t = (1 - t) x + t eps, eps ~ N(0, sigma_d^2 I), sigma_d = 0.5,
 t = 1 is noise, times in [t_min, T] = [0.006, 0.994]; f_{s,t} maps time t to time s. The network gets raw
-times (t, s) and multiplies them by its time_scale = 1000 (c_noise(t) = 1000 t, IMM App. C.6).
+times (t, s) and multiplies them by its time_scale = 1000 (c_noise(t) = 1000 t, IMM §4.2, Table 5).
 
     python imm.py                                             # toy: 8 Gaussians, CPU, samples at 1/2/4/8 steps
     python imm.py --data points.npy --out runs/imm-mine
@@ -185,8 +185,8 @@ def coeffs(s, t, param="simple_edm", sigma_d=0.5):
 
 def f_map(net, x_t, s, t, cfg, env, aug=None):
     """The one-step map (IMM §4.2, App. C.5): f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t),
-    c_noise(s)); the second time is s, or t - s with second_time = "t_minus_s" (App. I.6); c_noise(t) = 1000 t (App.
-    C.6). Coefficients in fp32, the network under autocast."""
+    c_noise(s)); the second time is s, or t - s with second_time = "t_minus_s" (App. I.6); c_noise(t) = 1000 t (§4.2,
+    Table 5). Coefficients in fp32, the network under autocast."""
     c_skip, c_out, c_in = coeffs(s, t, cfg.param, cfg.sigma_d)
     second = s if cfg.second_time == "s" else t - s
     with C.autocast(env):  # aug: EDM's augmentation labels of x_t's images (training only)
@@ -298,7 +298,7 @@ def sample(net, rng, shape, N, cfg, env, clip=True):
 
 # ============================================================================================================= plumbing
 def net_dict(cfg, data):
-    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, App. C.6), no labels, zero output;
+    """Two time inputs (t, then s or t - s), time_scale 1000 (c_noise = 1000 t, §4.2, Table 5), no labels, zero output;
     the U-Net's time path in float64 as lumalabs/imm's training/unets.py runs it (time_fp64: docs/imm.md, "Nearby
     times in low precision")."""
     if data.kind == "images":
