@@ -195,13 +195,13 @@ def f_map(net, x_t, s, t, cfg, env, aug=None):
 
 
 def delta_eta(cfg):
-    """The decrement of r(s, t) (IMM App. C.2): Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k =
+    """The decrement of r(s, t) (IMM App. C.6): Delta eta = (eta(T) - eta(t_min)) / 2^k (= 5.0556e-3 for k =
     15)."""
     return (eta(cfg.T) - eta(cfg.t_min)) / 2 ** cfg.k
 
 
 def r_of(s, t, d_eta, min_gap=0.0):
-    """r(s, t) (IMM App. C.2; the gap: App. I.6) = max(s, min(t - gap, eta^-1(max(eta_t - d_eta, 0)))); the inner
+    """r(s, t) (IMM App. C.6; the gap: App. I.6) = max(s, min(t - gap, eta^-1(max(eta_t - d_eta, 0)))); the inner
     clamp at 0 keeps r in [s, t] for coarse k (a project addition; docs/imm.md, "The decrement r(s, t) and its
     clamp"). Float64 in, float64 out."""
     r = eta_inv(torch.clamp(eta(t) - d_eta, min=0))
@@ -211,8 +211,8 @@ def r_of(s, t, d_eta, min_gap=0.0):
 
 
 def sample_times(n_groups, M, cfg, min_gap, device):
-    """Per group (IMM App. C.2): t ~ U(t_min, T), s ~ U(t_min, t) (s <= t - 1e-6 keeps c_out non-zero), r(s, t); drawn
-    and computed in float64, cast to fp32, repeated for the M members of each group."""
+    """Per group (IMM App. C.4, C.7): t ~ U(t_min, T), s ~ U(t_min, t) (s <= t - 1e-6 keeps c_out non-zero), r(s,
+    t); drawn and computed in float64, cast to fp32, repeated for the M members of each group."""
     u = torch.rand(2, n_groups, dtype=torch.float64, device=device)
     t = cfg.t_min + (cfg.T - cfg.t_min) * u[0]
     s = torch.minimum(cfg.t_min + (t - cfg.t_min) * u[1], t - 1e-6)

@@ -78,8 +78,8 @@ def unet(seed=0, dtype=torch.float32, dropout=0.0, scale=0.05, res=8):
 
 
 def group_times(n_groups, M, seed=0, dtype=F64, k=12):
-    """Per-group (s, r, t) drawn as IMM App. C.2 does (t, s uniform, r = r(s, t)) in float64, repeated M times (the
-    test's own draw)."""
+    """Per-group (s, r, t) drawn as IMM App. C.7 does (t, s uniform; r = r(s, t), App. C.6) in float64, repeated M
+    times (the test's own draw)."""
     u = torch.rand(2, n_groups, generator=gen(seed), dtype=F64)
     t = T_MIN + (T_MAX - T_MIN) * u[0]
     s = T_MIN + (t - T_MIN) * u[1]
