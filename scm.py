@@ -378,7 +378,7 @@ def heun_sample(net, rng, shape, K, cfg, env, clip=True):
 
 
 def sampler(net, cfg, mode, shape, K, env):
-    """rng -> samples: the CM sampler for sct/scd, Heun with K steps for a diffusion model (Sec. 6)."""
+    """rng -> samples: the CM sampler for sct/scd, Heun with K steps for a diffusion model (sCM App. G.1)."""
     fn = heun_sample if mode == "diffusion" else cm_sample
     return lambda rng, labels=None: fn(net, rng, shape, K, cfg, env)
 
