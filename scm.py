@@ -237,7 +237,8 @@ def ddim_step(net, x_t, t, s, sigma_d):
 
 
 def diffusion_loss(F, v_t, sigma_d, w=None):
-    """(sCM Eq. 4) L_diff = E[(1/D) ||sigma_d F - v_t||^2] (Eq. 4); with w_phi: E[e^w term - w] (EDM2 form). fp32."""
+    """(sCM Eq. 4) L_diff = E[||sigma_d F - v_t||^2], here with 1/D (a mean over elements, as Eq. 8's e^w / D; Eq. 4
+    prints no 1/D); with w_phi: E[e^w term - w] (EDM2 form). fp32."""
     F = F.to(torch.promote_types(F.dtype, torch.float32))
     term = (sigma_d * F - v_t.to(F.dtype)).square().flatten(1).mean(1)
     return (term if w is None else torch.exp(w) * term - w).mean()
