@@ -422,8 +422,9 @@ def check_scm(ck, path, mode=None, sigma_d=None):
 class EDMTrigFlow(nn.Module):
     """An EDM denoiser D (common.EDMDenoiser, e.g. EDM's released CIFAR-10 network) as this file's network:
     F(x_t / sigma_d, t) = (cos t x_t - D(x_t / cos t; sigma_d tan t)) / (sigma_d sin t), the TrigFlow velocity of
-    EDM's x-prediction (sCM Sec. 3 with sigma = sigma_d tan t; docs/scm.md, "TrigFlow and EDM"), as NVlabs/FastGen's
-    TrigFlowPrecond wraps EDM networks. Used as an sCD teacher and, trained, as the student it initialises."""
+    EDM's x-prediction (sCM App. B.2, Eq. 30: sigma = sigma_d tan t; docs/scm.md, "TrigFlow and EDM"), as
+    NVlabs/FastGen's TrigFlowPrecond wraps EDM networks. Used as an sCD teacher and, trained, as the student it
+    initialises."""
 
     def __init__(self, den, sigma_d=0.5):
         super().__init__()
