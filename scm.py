@@ -163,9 +163,9 @@ PRESETS = {  # flat fields, then per-mode parts
                   sct=dict(**_CM, lr=1e-4, dropout=0.1, iters=14_000), scd=dict(**_CM, lr=1e-4, dropout=0.0,
                                                                                iters=14_000)),
     # cifar10: paper App. G.1 (teacher: DDPM++ + ADN + positional c_noise, dropout 0.13, Adam 1e-3, EDM lr ramp
-    # 10 Mimg, batch 512, 400k iters) and App. G.2 (CMs: RAdam 1e-4 betas (0.9, 0.99), eps 1e-8, no wd, constant lr,
+    # 10 Mimg, batch 512, 400k iters) and App. G.2 (CMs: RAdam 1e-4 betas (0.9, 0.99), eps 1e-8, constant lr,
     # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
-    # init). CM iteration count is not given by the paper: 400k.
+    # init). No weight decay (G.2 names none: RAdam's default). CM iteration count is not given by the paper: 400k.
     # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
     # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_sc{t,d}_cifar10.py)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
