@@ -215,14 +215,15 @@ def interpolate(x0, x1, t, interpolant="linear"):
 
 
 def net_phi(net, sigma0, aug=None):
-    """The map, Boffi et al. §3: phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are s and
-    Delta = t - s; `aug`: augmentation labels of the whole batch (mode meanflow only), None at sampling."""
+    """The map, Boffi et al. §2.2 (Eq. 6): phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are
+    s and Delta = t - s (their App. G.2); `aug`: augmentation labels of the whole batch (mode meanflow only), None
+    at sampling."""
     kw = {} if aug is None else dict(aug=aug)
     return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s, **kw)
 
 
 def flow_map(phi, x, s, t):
-    """The map, Boffi et al. §3: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly, and
+    """The map, Boffi et al. §2.2, Eq. 6: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly, and
     phi(t, t, .) = b_t (the tangent condition: the map's derivative in t at s = t is the velocity)."""
     return x + bc(t - s, x) * phi(x, s, t)
 
