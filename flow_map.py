@@ -662,7 +662,7 @@ def train(cfg, given):
         opt.zero_grad(set_to_none=True)
         stats = torch.zeros(3, device=env.device)
         for rnd in range(cfg.accum):
-            # ---- ALGO LOGIC: one flow-map loss (Boffi et al. Alg. 1-3; MeanFlow Alg. 1) ------------------------------
+            # ---- ALGO LOGIC: one flow-map loss (Boffi et al. Alg. 1-4; MeanFlow Alg. 1) ------------------------------
             part, parts = rnd * env.world + env.rank, env.world * cfg.accum
             x1, _ = data.batch(per_rank, step, part, parts)  # data at t = 1
             x1, aug = C.augment_batch(x1, cfg.augment, cfg.seed, step, part, parts, MEANFLOW_AUGMENT)
