@@ -53,7 +53,7 @@ class Config:
     width: Optional[int] = None  # MLP width (2-D data only; None: common's 128)
     # the method
     param: Literal["simple_edm", "euler_fm"] = "simple_edm"  # parameterisation (IMM App. C.5: Simple-EDM / Euler-FM)
-    second_time: Literal["s", "t_minus_s"] = "s"  # second network time: s (Table 5) or t - s (App. I.6)
+    second_time: Literal["s", "t_minus_s"] = "s"  # 2nd time: s, or t - s (Table 5, last column; I.6 prints r - s)
     sigma_d: float = 0.5  # data/prior std (IMM §4.1)
     T: float = 0.994  # largest time (App. I.1)
     t_min: float = 0.006  # smallest time (App. I.1)
@@ -185,7 +185,7 @@ def coeffs(s, t, param="simple_edm", sigma_d=0.5):
 
 def f_map(net, x_t, s, t, cfg, env, aug=None):
     """The one-step map (IMM §4.2, App. C.5): f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t),
-    c_noise(s)); the second time is s, or t - s with second_time = "t_minus_s" (App. I.6); c_noise(t) = 1000 t (§4.2,
+    c_noise(s)); the second time is s, or t - s with second_time = "t_minus_s" (Table 5); c_noise(t) = 1000 t (§4.2,
     Table 5). Coefficients in fp32, the network under autocast."""
     c_skip, c_out, c_in = coeffs(s, t, cfg.param, cfg.sigma_d)
     second = s if cfg.second_time == "s" else t - s
