@@ -951,7 +951,7 @@ def train(cfg, given, env):
     if lpips is not None:
         lpips = lpips.to(env.device)
     d = math.prod(data.shape)
-    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # (2-RF++ §4.2) c = 0.00054 d
+    c = cfg.huber_c if cfg.huber_c is not None else 0.00054 * d  # c = 0.00054 d (rfpp train.py)
     log.info(f"{METHOD} {stage} | world {env.world} | global batch {cfg.batch} = {env.world} x {per_rank} x "
              f"{cfg.accum} | device {env.device} | precision {env.precision} | "
              f"params {sum(p.numel() for p in raw.parameters()):,} | step {step}/{iters}"
