@@ -271,6 +271,21 @@ def test_06_fmm_floor_is_the_irreducible_value():
     assert abs(first.mean().item() / 2.508534 - 1) < 0.01, first.mean().item()
 
 
+
+def test_06_fmm_terms_by_hand_for_a_linear_map():
+    """A non-invertible map phi(x, s, t) = a x, by hand: y = X(t, s, I_t) = (1 - (t - s) a) I_t, d/dt X(s, t, y) = a y,
+    X(s, t, y) = (1 - (t - s)^2 a^2) I_t; l = |a y - dI_t|^2 + lambda_inv (t - s)^4 a^4 |I_t|^2 (lambda_inv linear)."""
+    g = torch.Generator().manual_seed(0)
+    It, dIt = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    s, t, a = tt(0.1, 0.2, 0.0, 0.5, 0.3), tt(0.7, 0.9, 1.0, 0.5, 0.4), 0.8
+    phi = lambda x, s_, t_: a * x
+    d = (t - s)[:, None]
+    y = (1 - d * a) * It
+    for lam in (0.0, 0.5, 3.0):
+        want = (a * y - dIt).square().sum(1) + lam * (d ** 2 * a ** 2 * It).square().sum(1)
+        assert torch.allclose(fm.fmm_term(phi, It, dIt, s, t, lambda_inv=lam), want, rtol=1e-12, atol=1e-12), lam
+
+
 # ------------------------------------------------------------------------------ item 7: conversions
 def test_07_rf_teacher_conversion_and_clamp():
     o = Oracle()
