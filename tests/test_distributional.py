@@ -788,6 +788,21 @@ def test_15_diffaugment():
     assert 0.5 - 1e-5 <= f.min() < 0.52 and 1.48 < f.max() < 1.5 + 1e-5
 
 
+
+def test_15_diffaugment_colour_ranges():
+    """DiffAugment's colour draws (Zhao et al., DiffAugment.py; Zyriix/GDD training/diffaug.py): brightness adds
+    U[-0.5, 0.5) per image; saturation scales the deviation from the channel mean by U[0, 2)."""
+    x = torch.rand(2000, 3, 4, 4, generator=gen(6))
+    torch.manual_seed(6)
+    b = (D._brightness(x) - x).flatten(1)
+    assert (b - b[:, :1]).abs().max() < 1e-6  # one shift per image
+    assert -0.5 <= b.min() < -0.48 and 0.48 < b.max() < 0.5
+    m = x.mean(1, keepdim=True)
+    torch.manual_seed(6)
+    f = ((D._saturation(x) - m) / (x - m)).flatten(1)[:, 0]
+    assert 0 <= f.min() < 0.02 and 1.98 < f.max() < 2 + 1e-5
+
+
 def test_16_sampler_grids_calls_and_batch_independence():
     assert D.time_grid(1, 1.0) == [1.0] and D.time_grid(2, 1.0) == [1.0, 0.5]
     assert max(abs(a - b) for a, b in zip(D.time_grid(4, 0.9), [0.9, 0.675, 0.45, 0.225])) < 1e-12
