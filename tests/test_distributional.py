@@ -803,6 +803,15 @@ def test_15_diffaugment_colour_ranges():
     assert 0 <= f.min() < 0.02 and 1.98 < f.max() < 2 + 1e-5
 
 
+
+def test_15_cutout_of_an_odd_size_stays_centred_inside():
+    """DiffAugment's rand_cutout draws the centre in [0, H + 1 - s % 2): for an odd size s (H = 10: s = 5) the centre
+    stays in [0, H - 1], so the smallest square left after clipping is 3 x 3 (an even one reaches H: test_15)."""
+    torch.manual_seed(3)
+    zeros = (D._cutout(torch.ones(2048, 1, 10, 10)) == 0).flatten(1).sum(1)
+    assert zeros.min() == 9 and zeros.max() == 25
+
+
 def test_16_sampler_grids_calls_and_batch_independence():
     assert D.time_grid(1, 1.0) == [1.0] and D.time_grid(2, 1.0) == [1.0, 0.5]
     assert max(abs(a - b) for a, b in zip(D.time_grid(4, 0.9), [0.9, 0.675, 0.45, 0.225])) < 1e-12
