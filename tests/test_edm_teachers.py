@@ -150,6 +150,25 @@ def test_flow_map_teacher_velocity_from_an_edm_pickle(tmp_path, imgs):
     assert os.path.exists(tmp_path / "l" / "ckpt.pt")
 
 
+
+def test_scm_trigflow_of_the_gaussian_denoiser_is_the_posterior_velocity():
+    """Data x ~ N(0, v I), z ~ N(0, sigma_d^2 I): EDM's optimal denoiser D(y; sigma) = v y / (v + sigma^2), and
+    E[cos t z - sin t x | x_t] = cos t sin t (sigma_d^2 - v) x_t / (v cos^2 t + sigma_d^2 sin^2 t), which sigma_d F must
+    be (an input-independent denoiser cannot see D's input scaling 1 / cos t or its sigma = sigma_d tan t)."""
+    import scm
+    sd, v = 0.5, 1.0
+
+    class Gauss(torch.nn.Module):
+        def forward(self, y, sigma, y_label=None):
+            return v * y / (v + sigma.reshape(-1, 1, 1, 1) ** 2)
+    x_t = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=torch.float64)
+    c, s = (w.reshape(-1, 1, 1, 1) for w in (t.cos(), t.sin()))
+    F = scm.EDMTrigFlow.forward(types.SimpleNamespace(den=Gauss(), sigma_d=sd), x_t / sd, t)
+    want = c * s * (sd ** 2 - v) * x_t / (v * c ** 2 + sd ** 2 * s ** 2)
+    assert (sd * F.double() - want).abs().max() < 1e-5
+
+
 def test_scm_trigflow_teacher_from_an_edm_pickle(tmp_path, imgs):
     """F = (cos t x_t - D(x_t / cos t; sigma_d tan t)) / (sigma_d sin t): with an exact denoiser on
     x_t = cos t x + sin t z it is the TrigFlow velocity (cos t z - sin t x) / sigma_d; sCD from the pickle starts
