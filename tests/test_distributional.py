@@ -788,7 +788,6 @@ def test_15_diffaugment():
     assert 0.5 - 1e-5 <= f.min() < 0.52 and 1.48 < f.max() < 1.5 + 1e-5
 
 
-
 def test_15_diffaugment_colour_ranges():
     """DiffAugment's colour draws (Zhao et al., DiffAugment.py; Zyriix/GDD training/diffaug.py): brightness adds
     U[-0.5, 0.5) per image; saturation scales the deviation from the channel mean by U[0, 2)."""
@@ -801,7 +800,6 @@ def test_15_diffaugment_colour_ranges():
     torch.manual_seed(6)
     f = ((D._saturation(x) - m) / (x - m)).flatten(1)[:, 0]
     assert 0 <= f.min() < 0.02 and 1.98 < f.max() < 2 + 1e-5
-
 
 
 def test_15_cutout_of_an_odd_size_stays_centred_inside():

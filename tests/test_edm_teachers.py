@@ -150,7 +150,6 @@ def test_flow_map_teacher_velocity_from_an_edm_pickle(tmp_path, imgs):
     assert os.path.exists(tmp_path / "l" / "ckpt.pt")
 
 
-
 def test_scm_trigflow_of_the_gaussian_denoiser_is_the_posterior_velocity():
     """Data x ~ N(0, v I), z ~ N(0, sigma_d^2 I): EDM's optimal denoiser D(y; sigma) = v y / (v + sigma^2), and
     E[cos t z - sin t x | x_t] = cos t sin t (sigma_d^2 - v) x_t / (v cos^2 t + sigma_d^2 sin^2 t), which sigma_d F must

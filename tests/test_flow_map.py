@@ -271,7 +271,6 @@ def test_06_fmm_floor_is_the_irreducible_value():
     assert abs(first.mean().item() / 2.508534 - 1) < 0.01, first.mean().item()
 
 
-
 def test_06_fmm_terms_by_hand_for_a_linear_map():
     """A non-invertible map phi(x, s, t) = a x, by hand: y = X(t, s, I_t) = (1 - (t - s) a) I_t, d/dt X(s, t, y) = a y,
     X(s, t, y) = (1 - (t - s)^2 a^2) I_t; l = |a y - dI_t|^2 + lambda_inv (t - s)^4 a^4 |I_t|^2 (lambda_inv linear)."""
