@@ -598,6 +598,14 @@ def tiny(tmp_path_factory):
     return dict(root=root, base=base, teacher=teacher, pairs=str(root / "p1" / "pairs"), used=used)
 
 
+def test_pair_noise_is_drawn_from_seed_plus_index():
+    """z_i ~ N(0, I) from pair_seed + i on the CPU, as docs/rectified_flow.md says (a run that drew from seed + i + 1
+    would still pass the pairs' own tests: the stored z is the one the teacher used)."""
+    z = R.pair_noise(torch.tensor([0, 5]), 7, (2, 3), ENV)
+    for row, i in zip(z, (0, 5)):
+        assert torch.equal(row, torch.randn(2, 3, generator=torch.Generator().manual_seed(7 + i)))
+
+
 def test_pairs_world_size_invariance_and_noise(tiny):
     root, base, teacher, used = tiny["root"], tiny["base"], tiny["teacher"], tiny["used"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
