@@ -853,7 +853,8 @@ def _aug_draws(n, H, W, p, o, g):
         r = (torch.rand(n, **g) * 2 - 1) * math.pi
         w = torch.where(torch.rand(n, **g) < o["aniso"] * p, w, 0)
         r = torch.where(torch.rand(n, **g) < o["aniso_rotate_prob"], r, 0)
-        s, c, sn = torch.exp2(w * o["aniso_std"]), torch.cos(r), torch.sin(r)
+        s, c, sn = torch.exp2(w * o["aniso_std"]), torch.cos(r), torch.sin(r)  # (1 / (1 / s), not s: EDM's
+        # scale2d_inv(s, 1 / s) inverts 1 / s, bit for bit)
         mats += [_affine(c, sn, 0.0, -sn, c, 0.0), _affine(1 / s, 0.0, 0.0, 0.0, 1 / (1 / s), 0.0),
                  _affine(c, -sn, 0.0, sn, c, 0.0)]
         labels += [w * c, w * sn]
