@@ -148,7 +148,7 @@ class Config:
 
 RANGES = dict(t_eps="[0, 0.5)", t_mid="(0, 1)", n_pairs=">= 1", pair_block=">= 1", pair_batch=">= 1",
               pair_steps=C.STEPS, a="(0, 1400]", huber_c="> 0", lpips_res=">= 16", ft_n=">= 1", inv_steps=C.STEPS,
-              straight_k=">= 1")  # beside common.RANGES; a: math.sinh(a / 2) (sample_t_ushape) overflows beyond ~1420
+              straight_k=C.STEPS)  # beside common.RANGES; a: math.sinh(a / 2) (sample_t_ushape) overflows beyond ~1420
 
 EDM_CIFAR10 = "edm-cifar10-32x32-uncond-ve.pkl"  # EDM's unconditional NCSN++ (VE architecture, EDM preconditioning)
 # ============================================================================================================== presets

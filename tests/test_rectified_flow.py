@@ -128,6 +128,17 @@ def test_ushape_a_is_bounded_where_sinh_is_finite(capsys):
     assert e.value.code == 2 and err == "error: --a must be in (0, 1400], got 1500.0.\n"
 
 
+def test_straight_k_is_a_step_count_bounded_as_the_samplers(tmp_path, capsys):
+    """--straight_k 1e9 trained the 1-RF, then ran its straightness Euler loop for ever: it is a sampler's step count,
+    bounded as --eval_steps and --pair_steps are, and refused before any work."""
+    with pytest.raises(C.UserError, match="straight_k"):  # (without the bound the run below never ends)
+        C.check_config(R.Config(straight_k=1_000_000_000), device=False)
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(lambda: R.main(["--straight_k", "1000000000", "--out", str(tmp_path / "run")]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err == "error: --straight_k must be in [1, 100000], got 1000000000.\n"
+
+
 def test_a_missing_stage_input_says_what_to_run(tmp_path, capsys):
     """A later stage without its input said only "does not exist": it names the stage to run first, and the 2-RF's
     missing EDM pickle names its download, as --stage pairs did."""
