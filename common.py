@@ -2165,9 +2165,10 @@ def edm_heun(D, latents, y=None, num_steps=18, sigma_min=0.002, sigma_max=80.0, 
 # every float must be finite and every int non-negative. check_config runs on every config a command builds (from
 # presets and the command line, or from a checkpoint); preflight checks paths before any work.
 STEPS = "[1, 100000]"  # a sampler's step count (more is a typo, and would run for days)
+NET_SIZE = "[1, 2147483647]"  # a network size: build_net holds every int below 2^31 (beyond, torch's sizes overflow)
 RANGES = dict(batch=">= 1", accum=">= 1", lr="> 0", dropout="[0, 1)", ema="[0, 1)", ema_rampup=">= 0", log_every=">= 1",
               ckpt_every=">= 1", eval_n=">= 1", eval_steps=STEPS, max_skips=">= 1", clip="> 0", steps=STEPS, n=">= 1",
-              augment="[0, 1]", width=">= 1", depth=">= 1", ema_halflife_kimg=">= 0", lr_ramp_kimg=">= 0")
+              augment="[0, 1]", width=NET_SIZE, depth=NET_SIZE, ema_halflife_kimg=">= 0", lr_ramp_kimg=">= 0")
 
 
 def _in_range(v, rule):

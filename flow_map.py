@@ -133,7 +133,7 @@ class Config:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
 
-RANGES = dict(width=">= 1", depth=">= 1", time_channels=">= 4", diag_frac="[0, 1]", sigma0="> 0",
+RANGES = dict(width=C.NET_SIZE, depth=C.NET_SIZE, time_channels="[4, 2147483647]", diag_frac="[0, 1]", sigma0="> 0",
               adaptive_c="> 0", lr_ref=">= 1")  # beside common.RANGES
 # the objective's own options: another mode refuses them (common.refuse_other) instead of recording them unread
 MODE_ONLY = {"psd_type": ("psd",), "esd_stopgrad": ("esd",), "lambda_inv": ("fmm",), "time_sampler": ("meanflow",),

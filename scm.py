@@ -120,7 +120,7 @@ class Config:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
 
-RANGES = dict(width=">= 1", depth=">= 1", sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
+RANGES = dict(width=C.NET_SIZE, depth=C.NET_SIZE, sigma_d="> 0", P_std="> 0", c="> 0", beta2="(0, 1)", sigma_max="> 0",
               heun_steps=C.STEPS)  # beside common.RANGES
 # a mode's own options: another refuses them (common.refuse_other) instead of recording them unread (the diffusion
 # model is evaluated by Heun and as a 1-step CM; the CMs at --eval_steps with the 2-step middle time t_mid)

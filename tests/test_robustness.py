@@ -173,7 +173,7 @@ def train_cases(name, d):
         cases.append((["--data", d / f, *out], words))
     teacher = dict(scm=["--mode", "sct"], flow_map=["--mode", "lmd"], rectified_flow=["--stage", "2rf"])
     if name != "distributional":  # the MLP's width: 0 is not "the default"
-        cases.append((["--width", "0", *out], ["--width", "at least 1"]))
+        cases.append((["--width", "0", *out], ["--width", "in [1, 2147483647]"]))
     if name == "rectified_flow":  # a toy has no labels; the 2-RF takes its network from the 1-RF, never flips pairs
         cases.append((["--cond", "true", *out], ["--cond", "no labels"]))
         cases += [(["--stage", "2rf", "--teacher", d / name / "ckpt.pt", f, v, *out],
@@ -398,6 +398,19 @@ def test_bad_input_is_one_sentence(name, files, capsys):
         assert out == "", (argv, out)  # nothing before the error, e.g. no "config: lr = ..." line of a refused resume
     assert not os.path.exists(files / "never")  # nothing written in --out, not even config.json
     assert open(files / name / "ckpt.pt", "rb").read() == before  # no refusal touched the run
+
+
+@pytest.mark.parametrize("name, flag", [("imm", "--width"), ("scm", "--width"), ("scm", "--depth"), ("flow_map", "--width"),
+                                        ("flow_map", "--depth"), ("flow_map", "--time_channels"),
+                                        ("rectified_flow", "--width")])
+def test_a_network_size_beyond_2_31_is_named_as_the_option(name, flag, tmp_path, capsys):
+    """A size build_net cannot hold (2^31 and beyond) given on the command line was refused as "a checkpoint's network
+    config holds width=..., (it was edited, or not written by this project)" on a fresh run: it is the option's
+    range."""
+    code = run(name, flag, "1e15", "--out", tmp_path / "never")
+    out, err = capsys.readouterr()
+    one_sentence(code, err, flag, "2147483647", "1000000000000000")
+    assert out == "" and "checkpoint" not in err
 
 
 def test_every_mode_and_stage_refuses_the_options_only_others_read(files, tmp_path, capsys):
