@@ -691,10 +691,12 @@ def _read_image_set(spec):
                     EOFError):  # (the last two: JSON nested thousands deep, a member cut short: tracebacks)
                 raise UserError(f"the dataset.json of '{spec}' is not {{\"labels\": [[path, label], ...]}} as EDM's "
                                 f"dataset_tool.py writes it.") from None
-            if y is not None and (n := next((n for n, v in zip(files, y)  # (2 ** 63 and beyond: a traceback, int64)
-                                             if type(v) is not int or not 0 <= v < 2 ** 63), None)):
-                raise UserError(f"the dataset.json of '{spec}' gives '{n}' no class label (a non-negative 64-bit "
-                                f"integer).")
+            # a label sets the network's label_dim (the largest + 1), an int below 2^31 (build_net; --cond with 2^40
+            # was "a checkpoint's network config holds label_dim=..." on a fresh run; 2^63 a traceback, int64)
+            if y is not None and (n := next((n for n, v in zip(files, y)
+                                             if type(v) is not int or not 0 <= v < 2 ** 31 - 1), None)):
+                raise UserError(f"the dataset.json of '{spec}' gives '{n}' no class label (an integer from 0 to "
+                                f"2^31 - 2).")
     x = torch.stack(imgs).permute(0, 2, 3, 1)
     if x.shape[1] != x.shape[2]:
         raise UserError(f"images in '{spec}' are not square ({tuple(x.shape[1:3])}); crop them first.")

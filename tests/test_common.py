@@ -892,6 +892,8 @@ def test_a_bad_zip_or_dataset_json_is_one_sentence(tmp_path):
              "negative": ({"labels": [["0.png", -1], ["1.png", 0]]}, "gives '0.png' no class label"),
              "vector": ({"labels": [["0.png", [1, 0]], ["1.png", [0, 1]]]}, "gives '0.png' no class label"),
              "int64": ({"labels": [["0.png", 0], ["1.png", 2 ** 63]]}, "gives '1.png' no class label"),  # (a traceback)
+             "int32": ({"labels": [["0.png", 2 ** 31 - 1], ["1.png", 0]]}, "gives '0.png' no class label"),  # (--cond
+             # built a network of 2^31 classes: "a checkpoint's network config holds label_dim=...", on a fresh run)
              "no_key": ({"classes": []}, "is not {\"labels\""), "text": ("not json", "is not {\"labels\""),
              "deep": ('{"labels": ' + "[" * 10 ** 5 + "]" * 10 ** 5 + "}", "is not {\"labels\"")}  # (RecursionError)
     for case, (js, words) in cases.items():
