@@ -2562,6 +2562,9 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
+    if empty := next((k for k in ("teacher", "pairs", "fid_ref") if raw.get(k) == ""), None):  # (read as no file
+        raise UserError(f"--{empty} needs a {'folder' if empty == 'pairs' else 'file'} name (or leave it out).")  # by
+        # some checks and as one by others: sCT trained from scratch, GDD reused DIR/teacher.pt unchecked)
     for k in ("data", "teacher", "pairs"):  # a file or folder given is recorded where it is: a resume, or the fid
         if raw.get(k) and raw[k] not in NAMED_DATA and (k == "pairs" or os.path.exists(raw[k])):  # of its data, run
             raw[k] = os.path.abspath(raw[k])  # from another working directory, still finds it (--pairs: a folder the

@@ -413,6 +413,20 @@ def test_a_network_size_beyond_2_31_is_named_as_the_option(name, flag, tmp_path,
     assert out == "" and "checkpoint" not in err
 
 
+@pytest.mark.parametrize("name, argv, flag", [
+    ("scm", ["--mode", "sct", "--teacher", ""], "--teacher"), ("distributional", ["--teacher", ""], "--teacher"),
+    ("imm", ["--teacher", ""], "--teacher"), ("rectified_flow", ["--stage", "2rf", "--pairs", ""], "--pairs"),
+    ("imm", ["fid", "--ckpt", "x.pt", "--fid_ref", ""], "--fid_ref")])
+def test_an_empty_path_is_refused_not_read_as_none(name, argv, flag, tmp_path, capsys):
+    """`--teacher ''` (a script's unset variable) was no teacher to the checks that ask `if cfg.teacher` and a teacher to
+    those that ask `is not None`: sCT trained from scratch, GDD refused --teacher_iters "as its teacher is ''" or
+    reused DIR/teacher.pt without comparing its settings, --fid_ref '' computed the statistics. One sentence now."""
+    code = run(name, *argv, *(["--out", tmp_path / "never"] if argv[0] != "fid" else []))
+    out, err = capsys.readouterr()
+    one_sentence(code, err, flag, "name (or leave it out)")
+    assert out == "" and not os.path.exists(tmp_path / "never")
+
+
 def test_every_mode_and_stage_refuses_the_options_only_others_read(files, tmp_path, capsys):
     """The tables behind common.refuse_other, end to end: each option in flow_map.MODE_ONLY, scm.MODE_ONLY and
     rectified_flow.STAGE_ONLY, given to every mode or stage that does not read it, is one sentence naming it (they
