@@ -76,8 +76,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default="", help="also write the rows to this file")
     a = p.parse_args(argv)
-    if a.n < 2 or a.ode_steps < 1:
-        raise C.UserError(f"--n must be at least 2 and --ode_steps at least 1, got {a.n} and {a.ode_steps}.")
+    for k, rule in (("n", ">= 2"), ("ode_steps", C.STEPS), ("seed", None)):  # (--ode_steps 1e9 ran for ever; a seed
+        C.check_value(k, int, getattr(a, k), rule)  # as the method files take one: non-negative, below 2^63)
     if a.json:
         if os.path.isdir(a.json):
             raise C.UserError(f"--json '{a.json}' is a folder; give a file path.")

@@ -296,6 +296,8 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("gpu_check", ["--quick", "--device", "gpu"], "--device gpu"), ("gpu_check", ["--budget", "a"], "--budget"),
     ("gpu_check", ["--quick", "--results", "/proc/x"], "--results"), ("gpu_check", ["--foo"], "--foo"),
     ("cm_vs_ode", ["--run", "x", "--n", "0"], "--n"), ("cm_vs_ode", ["--run", "x", "--ode_steps", "0"], "--ode_steps"),
+    ("cm_vs_ode", ["--run", "x", "--ode_steps", "1000000000"], "--ode_steps must be in [1, 100000]"),  # (ran for ever)
+    ("cm_vs_ode", ["--run", "x", "--seed", "-1"], "--seed must be non-negative"),
     ("cm_vs_ode", ["--run", "x", "--json", ROOT], "is a folder"),
     ("gpu_check", ["--_child", "notjson"], "--_child"), ("fashion", ["--task", "bogus"], "--task"),
     ("throughput", ["--quick", "--results", os.path.join(ROOT, "README.md")], "is a file"),
