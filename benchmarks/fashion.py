@@ -515,8 +515,8 @@ def parse(argv):
         p.error("--budget must be at least two batches, --jobs, --n_grid and --ref_steps positive, --n_fd >= 128.")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available here; use --device cpu.")
-    for k in ("seed", "fd_seed"):  # (the methods' command lines refuse them too, but only after the classifier)
-        C.check_value(k, int, getattr(a, k))
+    for k, rule in (("seed", None), ("fd_seed", None), ("ref_steps", C.STEPS)):  # (the methods' command lines
+        C.check_value(k, int, getattr(a, k), rule)  # refuse them too, but only after the classifier and training)
     for d, what in ((a.root, "--root"), (a.work, "--work"), (a.results, "--results")):
         C.check_dir(d, what)
     return a

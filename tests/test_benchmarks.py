@@ -305,6 +305,7 @@ def test_cm_vs_ode_on_a_scm_run_folder(tmp_path, capsys):
     ("throughput", ["--quick", "--sample_batch", "0"], "--sample_batch"),
     ("fashion", ["--seed", "-1", "--results", "/proc/x"], "--seed"),
     ("fashion", ["--fd_seed", str(2 ** 63), "--results", "/proc/x"], "--fd_seed"),
+    ("fashion", ["--ref_steps", "1000000", "--results", "/proc/x"], "--ref_steps must be in [1, 100000]"),
     ("toy", ["--seeds", "0,-1", "--results", "/proc/x"], "--seeds"),
 ])
 def test_bad_arguments_are_one_sentence(script, argv, words, capsys):
