@@ -2925,7 +2925,9 @@ def save_panels(path, panels):
     n = len(panels)  # fixed margins and ticks: tight_layout's text measuring took most of a small run's plotting time
     fig.subplots_adjust(left=0.08 / n, right=1 - 0.02 / n, bottom=0.08, top=0.92, wspace=0.25)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():  # a title in a script its font lacks (CJK): boxes, not a warning on stderr
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path, dpi=100)
 
 
 SAMPLE_EXT = (".npy", ".npz", ".png", ".zip")  # what `sample --out` writes (save_array)

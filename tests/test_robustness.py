@@ -62,6 +62,7 @@ import pickle
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -853,6 +854,16 @@ def test_a_picture_name_that_is_not_utf8_is_written(files, tmp_path):
     out = os.path.join(str(tmp_path), "a$^$b.png")  # matplotlib read '$^$' as mathtext: a traceback
     assert run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1", "--out", out) == 0
     assert os.path.getsize(out) > 1000
+
+
+def test_a_picture_name_its_font_lacks_writes_no_warning(files, tmp_path, capsys):
+    """A CJK --out name (the picture's title) printed matplotlib's "UserWarning: Glyph ... missing from font(s)" and
+    its source line on stderr of a run that succeeded."""
+    out = str(tmp_path / "名.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a warning already shown once in this process is shown again)
+        assert run("imm", "sample", "--ckpt", files / "imm" / "ckpt.pt", "--steps", "1", "--out", out) == 0
+    assert capsys.readouterr().err == "" and os.path.getsize(out) > 1000
 
 
 @pytest.mark.parametrize("name, argv, folders, files, words", [
