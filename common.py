@@ -2261,6 +2261,8 @@ def check_dir(d, what):
         raise UserError(f"{what} '{d}' is a file, not a folder.")
     a = d
     while not os.path.exists(a):
+        if os.path.islink(a):  # (os.makedirs met it after the checks: a FileExistsError or ELOOP traceback)
+            raise UserError(f"{what} '{d}' cannot be created: '{a}' is a broken symbolic link (or a loop of them).")
         a = os.path.dirname(a)
     if not os.path.isdir(a):
         raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")

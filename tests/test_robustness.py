@@ -603,6 +603,20 @@ def test_a_pipe_or_a_broken_link_where_a_run_writes_a_file_is_one_sentence(tmp_p
         assert out == ""  # (a device, a link to /dev/full, is written to as a file: the full disk's sentence, below)
 
 
+def test_a_broken_link_where_a_folder_goes_is_one_sentence(files, tmp_path, capsys):
+    """A broken symbolic link (or a loop of them) named as --out, above it, or as the folder of sample's --out passed
+    check_dir (it does not exist) and met os.makedirs after the checks: a FileExistsError or ELOOP traceback."""
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "broken")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    sample = ["sample", "--ckpt", files / "imm" / "ckpt.pt", "--out", tmp_path / "broken" / "s.png"]
+    for argv, at in ((["--out", tmp_path / "broken"], "broken"), (["--out", tmp_path / "loop" / "run"], "loop"),
+                     (sample, "broken")):
+        code = run("imm", *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, f"'{tmp_path / at}' is a broken symbolic link")
+        assert out == ""
+
+
 def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
     """--batch changed on resume was noted and applied, but the data position (step x batch), the images an EMA
     half-life or an lr ramp counts (step x batch) and the logged kimg all read the new batch for the steps already
