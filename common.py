@@ -2282,6 +2282,9 @@ def check_layout(layout):
     file goes, or a file where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met as a traceback
     (or a hang) after it."""
     for d, names in layout.items():
+        if os.path.islink(d) and not os.path.exists(d):  # (--pairs: os.makedirs met it after the checks)
+            raise UserError(f"'{d}' is a broken symbolic link where the run keeps its {os.path.basename(d)} folder; "
+                            f"remove it or use another --out.")
         if os.path.exists(d) and not os.path.isdir(d):
             raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
                             f"another --out.")

@@ -617,6 +617,21 @@ def test_a_broken_link_where_a_folder_goes_is_one_sentence(files, tmp_path, caps
         assert out == ""
 
 
+def test_a_broken_link_where_a_stage_folder_goes_is_one_sentence(files, tmp_path, capsys):
+    """A broken link named as --pairs (or DIR/pairs) passed check_layout (it does not exist) and met os.makedirs after
+    the checks: a FileExistsError traceback."""
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "broken")
+    (tmp_path / "run").mkdir()
+    os.symlink(tmp_path / "nowhere" / "y", tmp_path / "run" / "pairs")
+    teacher = ["--teacher", files / "rectified_flow" / "ckpt.pt", "--n_pairs", "32", "--pair_block", "16"]
+    for argv, at in ((["--pairs", tmp_path / "broken", "--out", tmp_path / "other"], tmp_path / "broken"),
+                     (["--out", tmp_path / "run"], tmp_path / "run" / "pairs")):
+        code = run("rectified_flow", "--stage", "pairs", *teacher, *argv)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, f"'{at}' is a broken symbolic link where the run keeps its {at.name} folder")
+        assert out == ""
+
+
 def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
     """--batch changed on resume was noted and applied, but the data position (step x batch), the images an EMA
     half-life or an lr ramp counts (step x batch) and the logged kimg all read the new batch for the steps already
