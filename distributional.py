@@ -1155,7 +1155,8 @@ def train(cfg, given):
     if ck:
         C.load_state_strict(ema.model, ck["ema"])
         load_disc_state(D, ck["disc"])  # Adam moments from the checkpoint, lr and betas from this run's config
-        C.load_optimizer(opt_g, ck["opt"]["g"]), C.load_optimizer(opt_d, ck["opt"]["d"])
+        C.load_optimizer(opt_g, ck["opt"].get("g", {})), C.load_optimizer(opt_d, ck["opt"].get("d", {}))  # (one
+        # missing: load_optimizer's sentence, not a KeyError traceback)
         C.restore_rng(ck, env, gens)
     step = ck["step"] if ck else 0
 

@@ -59,6 +59,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -1677,6 +1678,20 @@ def test_an_fp16_run_resumes_with_its_loss_scale(name, tmp_path, monkeypatch):
     ck = {"scaler": {**a["scaler"], "scale": "65536"}}  # an edited checkpoint: one sentence, not a traceback later
     with pytest.raises(C.UserError, match="loss-scaler state is malformed"):
         C.make_scaler(C.Env(0, 1, 0, torch.device("cpu"), True, "fp16"), ck)
+
+
+def test_gdd_optimiser_state_without_g_or_d_is_one_sentence(files, tmp_path, capsys):
+    """An edited GDD checkpoint whose opt lacks G's or D's state (a load_checkpoint-valid layout: {} is a teacher's)
+    was a KeyError traceback on resume; it is load_optimizer's sentence, as in the other files."""
+    ck = torch.load(files / "distributional" / "ckpt.pt", weights_only=True)
+    for opt in ({}, {"g": ck["opt"]["g"]}):
+        d = tmp_path / str(len(opt))
+        shutil.copytree(files / "distributional", d)  # (its teacher.pt too)
+        torch.save({**ck, "opt": opt}, d / "ckpt.pt")
+        code = run("distributional", *BASE["distributional"], "--iters", "3", "--out", d)
+        out, err = capsys.readouterr()
+        one_sentence(code, err, "optimiser state does not fit")
+        assert out == ""
 
 
 def test_a_malformed_loss_scaler_state_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
