@@ -24,8 +24,8 @@ section starts at a line "# ==== <section>"):
   non-finite steps   Guard (skips a non-finite step, never overwrites the last good checkpoint), sample_probe
   EDM pickles        read_edm_pickle (a restricted unpickler: no code executed)
   EDM denoiser       EDMDenoiser (VP, VE, EDM preconditioning), load_edm, edm_heun (EDM's sampler)
-  config validation  STEPS, RANGES, check_value, check_config, check_rules, check_dir (a writable folder), RUN_FILES,
-                     check_layout, preflight
+  config validation  STEPS, NET_SIZE, RANGES, check_value, check_config, check_rules, check_dir (a writable folder),
+                     RUN_FILES, check_layout, preflight
   command line       Parser, resolve_config, Given, parse_cli (argparse over the Config fields; --help shows the
                      preset's values)
   resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), note,
@@ -2361,12 +2361,10 @@ SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config
     batch=(int, 256, "samples per batch"), seed=(int, 0, "sample i draws its noise from seed + i"),
     device=(str, "auto", "auto, cpu, cuda, cuda:N"), precision=(typing.Optional[str], None, "fp32, tf32, bf16, fp16"),
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
-    fid_detector=(str, "inception", "inception or a TorchScript path"),
-    root=(str, "data", "data sets and FID reference statistics"))
+    fid_detector=(str, "inception", "inception or a TorchScript path"), root=(str, "data", "data, FID statistics"))
 FID_ONLY = ("fid_ref", "fid_detector", "root", "data")  # read by fid; `sample` refuses them
-# torchrun's own parser reads `--n` after the script as an ambiguous abbreviation of its --nnodes, --nproc_per_node, ...
-# and stops (Python's argparse matches prefixes anywhere in the line): under torchrun, --n_samples says the same
-ALIASES = dict(n="n_samples")
+ALIASES = dict(n="n_samples")  # torchrun's parser reads `--n` after the script as an ambiguous abbreviation of its
+# --nnodes, --nproc_per_node, ... (argparse matches prefixes anywhere in the line): under torchrun, --n_samples
 
 
 def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
@@ -2567,9 +2565,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)
-    if empty := next((k for k in ("teacher", "pairs", "fid_ref") if raw.get(k) == ""), None):  # (read as no file
-        raise UserError(f"--{empty} needs a {'folder' if empty == 'pairs' else 'file'} name (or leave it out).")  # by
-        # some checks and as one by others: sCT trained from scratch, GDD reused DIR/teacher.pt unchecked)
+    if empty := next((k for k in ("teacher", "pairs", "fid_ref") if raw.get(k) == ""), None):  # (some checks: none)
+        raise UserError(f"--{empty} needs a {'folder' if empty == 'pairs' else 'file'} name (or leave it out).")
     for k in ("data", "teacher", "pairs"):  # a file or folder given is recorded where it is: a resume, or the fid
         if raw.get(k) and raw[k] not in NAMED_DATA and (k == "pairs" or os.path.exists(raw[k])):  # of its data, run
             raw[k] = os.path.abspath(raw[k])  # from another working directory, still finds it (--pairs: a folder the
