@@ -1069,7 +1069,8 @@ def parse(argv):
     a.sections = [s for s in a.sections.split(",") if s]
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad or not a.sections:
-        raise common.UserError(f"unknown --sections {bad}; choose from {', '.join(SECTIONS)}.")
+        raise common.UserError((f"unknown --sections {bad}" if bad else "--sections names none") +
+                               f"; choose from {', '.join(SECTIONS)}.")
     a.sections = [s for s in SECTIONS if s in a.sections]
     if a.budget is not None and not (math.isfinite(a.budget) and a.budget > 0):
         raise common.UserError("--budget must be a positive, finite number of seconds.")
