@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py               # on the GPU (no network needed): ~8.5 min, writes benchmarks/results
     python benchmarks/gpu_check.py --results DIR # the same into DIR (e.g. a folder the machine hands back)
     python benchmarks/gpu_check.py --results DIR --sections paths   # the second call, where ~3 min are left
-    python benchmarks/gpu_check.py --quick --results /tmp/gc   # every section at smoke size on the CPU (~45 s)
+    python benchmarks/gpu_check.py --quick --results /tmp/gc   # the first call's sections at smoke size, CPU (~45 s)
+    python benchmarks/gpu_check.py --quick --results /tmp/gc --sections paths   # the second call's (~10 s)
 
 Writes DIR/gpu_<device>.json (every number, settings, machine, date, commit, and each section's planned and used
 seconds), DIR/gpu_<device>.md (the tables, regenerated from the JSON), DIR/gpu_<device>_throughput.png and
@@ -1047,7 +1048,7 @@ def prepare(a):
 # =============================================================================== driver
 def parse(argv):
     p = common.Parser(description=__doc__.split("\n")[0])  # argparse's errors as one `error:` sentence
-    p.add_argument("--quick", action="store_true", help="every section at smoke size on the CPU (needs --results)")
+    p.add_argument("--quick", action="store_true", help="the sections run at smoke size on the CPU (needs --results)")
     p.add_argument("--results", default=None, help=f"output folder (default {os.path.relpath(RESULTS, REPO)})")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma list of {', '.join(SECTIONS)}, run in that order (default: all but paths)")
