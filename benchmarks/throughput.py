@@ -131,7 +131,7 @@ def euler_sample(net, z, steps):
 # ---------------------------------------------------------------------------------- rectified_flow.py: 2-RF++
 def rf2_prepare(loss):
     """The `cifar10` preset's 2rf stage with `loss`; LPIPS with seeded random VGG16 weights (its cost is that of
-    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (2-RF++ §4.2)."""
+    the pretrained one: same layers, same resolution) and the preset's pseudo-Huber c = 0.00054 d (rfpp train.py)."""
     def prepare(net, env, args):
         import rectified_flow as RF
         cfg = common.resolve_config(RF.Config, RF.PRESETS, "cifar10",

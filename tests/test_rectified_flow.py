@@ -160,7 +160,7 @@ def test_a_missing_stage_input_says_what_to_run(tmp_path, capsys):
 def test_train_losses_are_the_stages_own(monkeypatch, tmp_path):
     """train()'s loss of each stage (its own lines, not only per_sample_loss): 1-RF's logged loss is
     mean |v(x_t, t) - (z - x)|^2 at x_t = (1 - t) x + t z with z ~ N(0, I), t in [0, 1); 2-RF++ draws t from
-    sample_t (the U-shape) and the pseudo-Huber c = 0.00054 d (2-RF++ §4.2); sample_t maps into [t_eps, 1 - t_eps]."""
+    sample_t (the U-shape) and the pseudo-Huber c = 0.00054 d (rfpp train.py); sample_t maps into [t_eps, 1 - t_eps]."""
     ev, lrs, build, interp, draw, psl = [], [], R.build, R.interpolate, R.sample_t, R.per_sample_loss
     step = C.Guard.step
     monkeypatch.setattr(C.Guard, "step", lambda g, opt, *a, **k: (lrs.append(opt.param_groups[0]["lr"]),
