@@ -745,15 +745,18 @@ def check_memory(ctx, method, left):
     return rec
 
 
+def _why(rec):
+    """A record's error, else its note (a skipped one's 'out of section time')."""
+    return rec.get("error") or rec.get("note", "")
+
+
 def section_paths(ctx):
     sec = ctx.sec
     sec["resume"], sec["records"] = [], []
     for name in RESUME_RUNS:
-        if ctx.clock.left("paths") <= (0 if ctx.quick else 5):
-            sec["resume"].append(dict(method=name, status="skipped", note="out of section time"))
-            continue
         try:
-            rec = check_resume(ctx, name)
+            rec = dict(method=name, status="skipped", note="out of section time") \
+                if ctx.clock.left("paths") <= (0 if ctx.quick else 5) else check_resume(ctx, name)
         except BaseException as e:  # noqa: BLE001  (a run's SystemExit, its error sentence included)
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -761,7 +764,7 @@ def section_paths(ctx):
         sec["resume"].append(rec)
         print(f"  resume {name:15s} " + (f"{rec['precision']}: {'bitwise' if rec['bitwise'] else 'DIFFERS'} "
                                          f"({rec['differ']} of {rec['tensors']} tensors differ), {rec['wall_s']:.0f} s"
-                                         if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error', '')}"),
+                                         if rec["status"] == "ok" else f"{rec['status']}: {_why(rec)}"),
               flush=True)
         _free()
         ctx.save()
@@ -774,7 +777,7 @@ def section_paths(ctx):
         sec["records"].append(rec)
         print(f"  memory {method:9s} " + (f"batch {rec['fits_batch']} of {rec['preset_batch']}: "
                                           f"{_fmt(rec['max_mem_gib'], '{:.1f}')} GiB, --accum {rec['accum']}"
-                                          if "fits_batch" in rec else f"{rec['status']}: {rec.get('error', '')}"),
+                                          if "fits_batch" in rec else f"{rec['status']}: {_why(rec)}"),
               flush=True)
         ctx.save()
 

@@ -334,3 +334,15 @@ def test_the_default_run_leaves_out_paths(tmp_path):
     a = gc.parse(args)
     assert a.sections == list(gc.DEFAULT_SECTIONS) and "paths" not in a.sections
     assert gc.parse([*args, "--sections", "paths"]).sections == ["paths"]
+
+
+def test_paths_section_out_of_time_says_why(tmp_path, capsys):
+    """With no section time left every resume and memory item is skipped, and its printed line says why (it printed
+    'skipped: ' and nothing after it: the note was not the error it read)."""
+    ctx = _ctx(tmp_path)
+    ctx.clock.left = lambda s: -1.0
+    ctx.sec = ctx.rep["sections"]["paths"] = {}
+    gc.section_paths(ctx)
+    out = capsys.readouterr().out
+    assert all(r["status"] == "skipped" for r in ctx.sec["resume"] + ctx.sec["records"])
+    assert out.count("skipped: out of section time") == len(gc.RESUME_RUNS) + len(gc.QUICK_METHODS), out
