@@ -716,6 +716,12 @@ def check_resume(ctx, name):
                 bitwise=not differ and not missing and a.get("scaler") == b.get("scaler"), wall_s=time.time() - t0)
 
 
+def _out_of_memory(e):
+    """The caching allocator's OutOfMemoryError, or what a library's own allocation says when the caching allocator
+    holds the rest (cuBLAS / cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, "CUDA error: out of memory")."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "ALLOC_FAILED" in str(e) or "out of memory" in str(e)
+
+
 def check_memory(ctx, method, left):
     """Peak memory of one training step of `method` (throughput.py's measure, the cifar10 network and maths, its
     paper precision) at its preset batch, halved on running out of memory; -> the largest batch that fits."""
@@ -728,8 +734,11 @@ def check_memory(ctx, method, left):
         argv = ["--method", method, "--net", ctx.sz.net, "--batch", str(batch), "--sample_batch", "16", "--iters", "1",
                 "--warmup", "1", "--precision", "paper", "--device", ctx.device, "--lpips_res", str(ctx.sz.lpips_res)]
         r = None
-        with contextlib.suppress(torch.cuda.OutOfMemoryError):  # (its frames let go before the memory is freed)
+        try:
             r = tp.measure(tp.parse(argv))
+        except RuntimeError as e:  # (its frames let go when the block ends, before the memory is freed)
+            if not _out_of_memory(e):
+                raise
         if r is None:
             rec["tries"].append(dict(batch=batch, result="out of memory"))
             _free()
@@ -740,7 +749,7 @@ def check_memory(ctx, method, left):
                    accum=None if ctx.quick else math.ceil(MEM_BATCH[method] / batch))
         break
     else:
-        rec.update(status="error", error=f"out of memory down to batch {MEM_MIN_BATCH}")
+        rec.update(status="error", error=f"out of memory down to batch {1 if ctx.quick else MEM_MIN_BATCH}")
     _free()
     return rec
 

@@ -346,3 +346,27 @@ def test_paths_section_out_of_time_says_why(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(r["status"] == "skipped" for r in ctx.sec["resume"] + ctx.sec["records"])
     assert out.count("skipped: out of section time") == len(gc.RESUME_RUNS) + len(gc.QUICK_METHODS), out
+
+
+def test_memory_check_halves_on_each_kind_of_out_of_memory(tmp_path, monkeypatch):
+    """check_memory halves the batch on torch's OutOfMemoryError and on a library's own failed allocation near the
+    limit (cuBLAS's CUBLAS_STATUS_ALLOC_FAILED, a bare "CUDA error: out of memory": RuntimeErrors, which ended the
+    method's record as an error); any other error still propagates."""
+    ctx, seen = _ctx(tmp_path), []
+    errors = {8: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              4: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+              2: RuntimeError("CUDA error: out of memory")}
+
+    def measure(a):
+        seen.append(a.batch)
+        if a.batch in errors:
+            raise errors[a.batch]
+        return dict(max_mem_gib=None, precision="fp32")
+    monkeypatch.setattr(tp, "measure", measure)
+    rec = gc.check_memory(ctx, "fm", lambda: 1.0)
+    assert seen == [8, 4, 2, 1] and rec["fits_batch"] == 1 and rec["status"] == "ok", rec
+    assert [t["result"] for t in rec["tries"]] == ["out of memory"] * 3 + ["fits"]
+    errors[8] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        gc.check_memory(ctx, "fm", lambda: 1.0)
+
