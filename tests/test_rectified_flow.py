@@ -602,10 +602,16 @@ def tiny(tmp_path_factory):
             used.setdefault(i, zi.clone())
         return z
     R.pair_noise = spy
-    try:  # one thread (conftest.py's fixture), as each rank of the 2-rank run below
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread, as each rank of the 2-rank run below: common.setup leaves
+    try:  # conftest.py's one thread alone where OMP_NUM_THREADS is set (else half the cores: bitwise on 2 only)
         R.main(["--stage", "pairs", "--out", str(root / "p1"), "--teacher", teacher, *base, *PAIR_ARGS])
     finally:
         R.pair_noise = orig
+        if omp is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
     return dict(root=root, base=base, teacher=teacher, pairs=str(root / "p1" / "pairs"), used=used)
 
 
