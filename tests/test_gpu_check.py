@@ -135,11 +135,14 @@ def test_timed_fills_about_the_given_seconds():
     assert tp.timed(fn, 5, torch.device("cpu"))[0] == 5
 
 
-def test_results_folder_takes_gpu_runs_only():
+def test_results_folder_takes_gpu_runs_only(tmp_path):
     with pytest.raises(common.UserError, match="full GPU runs only"):
         gc.parse(["--quick"])
+    res, work = str(tmp_path / "r"), str(tmp_path / "w")
     with pytest.raises(common.UserError, match="unknown --sections"):
-        gc.parse(["--quick", "--results", "/tmp/x", "--sections", "nope"])
+        gc.parse(["--quick", "--results", res, "--work", work, "--sections", "nope"])
+    with pytest.raises(common.UserError, match="--sections names none; choose from throughput"):
+        gc.parse(["--quick", "--results", res, "--work", work, "--sections", ","])  # (was 'unknown --sections []')
 
 
 def test_prepare_refuses_a_bad_source_before_making_folders(tmp_path, capsys):
