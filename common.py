@@ -1577,10 +1577,10 @@ def teacher_id(ck, path, tpath, weights):
 
 
 def no_file(path, what, then=""):
-    """The sentence for an input file that is not there (`what` 'the teacher', ...; `then`: what to do, appended to
-    "does not exist"); a folder in its place is named."""
+    """The sentence for an input file that is not there (`then` follows "does not exist"); a folder is named one."""
     if os.path.isdir(path):
-        return UserError(f"{what} '{path}' is a folder, not a file; give the file in it (a run's ckpt.pt, ...).")
+        inside = "EDM's network-snapshot-*.pkl" if path.endswith(".pkl") else "a run's ckpt.pt, ..."
+        return UserError(f"{what} '{path}' is a folder, not a file; give the file in it ({inside}).")
     if os.path.exists(path):  # (a FIFO, a link to /dev/zero: "does not exist" was said of them)
         return UserError(f"{what} '{path}' is not a regular file (a pipe, a device, ...); give a file.")
     return UserError(f"{what} '{path}' does not exist{then}.")

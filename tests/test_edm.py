@@ -264,7 +264,8 @@ def test_foreign_global_is_refused_in_one_sentence(tmp_path, monkeypatch, capsys
 
 def test_unsupported_and_broken_pickles_are_user_errors(tmp_path, monkeypatch):
     fn, net = _fake_persistence(monkeypatch), _tiny_ncsnpp()
-    cases = {"does not exist": str(tmp_path / "missing.pkl"), "is a folder": str(tmp_path)}  # (a folder was "missing")
+    cases = {"does not exist": str(tmp_path / "missing.pkl"), "network-snapshot-": str(tmp_path / "d.pkl")}  # a folder
+    os.mkdir(tmp_path / "d.pkl")  # (was "does not exist (download it first ...)", then "give ... (a run's ckpt.pt)")
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
     cases["not a readable EDM pickle"] = str(tmp_path / "junk.pkl")
     with open(tmp_path / "plain.pkl", "wb") as f:
