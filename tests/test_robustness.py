@@ -402,9 +402,9 @@ def test_bad_input_is_one_sentence(name, files, capsys):
     assert open(files / name / "ckpt.pt", "rb").read() == before  # no refusal touched the run
 
 
-@pytest.mark.parametrize("name, flag", [("imm", "--width"), ("scm", "--width"), ("scm", "--depth"), ("flow_map", "--width"),
-                                        ("flow_map", "--depth"), ("flow_map", "--time_channels"),
-                                        ("rectified_flow", "--width")])
+@pytest.mark.parametrize("name, flag", [("imm", "--width"), ("scm", "--width"), ("scm", "--depth"),
+                                        ("flow_map", "--width"), ("flow_map", "--depth"),
+                                        ("flow_map", "--time_channels"), ("rectified_flow", "--width")])
 def test_a_network_size_beyond_2_31_is_named_as_the_option(name, flag, tmp_path, capsys):
     """A size build_net cannot hold (2^31 and beyond) given on the command line was refused as "a checkpoint's network
     config holds width=..., (it was edited, or not written by this project)" on a fresh run: it is the option's
@@ -420,8 +420,8 @@ def test_a_network_size_beyond_2_31_is_named_as_the_option(name, flag, tmp_path,
     ("imm", ["--teacher", ""], "--teacher"), ("rectified_flow", ["--stage", "2rf", "--pairs", ""], "--pairs"),
     ("imm", ["fid", "--ckpt", "x.pt", "--fid_ref", ""], "--fid_ref")])
 def test_an_empty_path_is_refused_not_read_as_none(name, argv, flag, tmp_path, capsys):
-    """`--teacher ''` (a script's unset variable) was no teacher to the checks that ask `if cfg.teacher` and a teacher to
-    those that ask `is not None`: sCT trained from scratch, GDD refused --teacher_iters "as its teacher is ''" or
+    """`--teacher ''` (a script's unset variable) was no teacher to the checks that ask `if cfg.teacher` and a teacher
+    to those that ask `is not None`: sCT trained from scratch, GDD refused --teacher_iters "as its teacher is ''" or
     reused DIR/teacher.pt without comparing its settings, --fid_ref '' computed the statistics. One sentence now."""
     code = run(name, *argv, *(["--out", tmp_path / "never"] if argv[0] != "fid" else []))
     out, err = capsys.readouterr()
