@@ -796,14 +796,22 @@ def _fmt(v, f="{:.3g}"):
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f.format(v)
 
 
+def _kept(m, S):
+    """' Kept from the run of DATE (commit `C`): a, b.' for the sections a --sections rerun kept, grouped by the run
+    that measured each (main records it in each section: a chain of reruns keeps sections of several runs)."""
+    runs = {}
+    for s in m.get("kept_sections", {}).get("sections", []):
+        runs.setdefault((S[s].get("run_date"), S[s].get("run_commit")), []).append(s)
+    return "".join(f" Kept from the run of {d} (commit `{c}`): {', '.join(ss)}." for (d, c), ss in runs.items())
+
+
 def markdown(rep):
     m, S = rep["meta"], rep["sections"]
     cuda = f"CUDA {m['cuda']}" if m.get("cuda") else "no CUDA device (CPU run)"  # (a CPU run records cuda None)
     L = [f"# GPU check: {m['device_name']} ({m['date']})", "",
          f"Written by `{m['command']}` (do not edit; regenerated from the JSON) · commit `{m['commit']}` · torch "
          f"{m['torch']} · {cuda} · {m['total_wall_s']:.0f} s of the planned {m['planned_total_s']} s."
-         + (f" Kept from the run of {m['kept_sections']['date']} (commit `{m['kept_sections']['commit']}`): "
-            f"{', '.join(m['kept_sections']['sections'])}." if m.get("kept_sections") else ""), "",
+         + _kept(m, S), "",
          "| section | planned s (deadline) | used s | status |", "| --- | --- | --- | --- |"]
     for s in SECTIONS:
         sec = S.get(s, {})
@@ -1150,6 +1158,9 @@ def main(argv=None):
         estimate_model=dict(utilisation=UTIL, compile_s=COMPILE_S, autotune_s=AUTOTUNE_S, autocast_off=AUTOCAST_OFF,
                             setup_extra_s=SETUP_EXTRA, fashion_score_s=SCORE_S),
         total_wall_s=0.0), sections={s: old[s] for s in SECTIONS if s in old and s not in a.sections})
+    for sec in rep["sections"].values():  # each section keeps the run it came from (its own, or the JSON's meta: a
+        for k in ("date", "commit", "torch"):  # file written before sections carried them)
+            sec.setdefault("run_" + k, old_meta.get(k))
     if rep["sections"]:  # a --sections rerun: where the kept sections come from
         rep["meta"]["kept_sections"] = dict(sections=list(rep["sections"]), date=old_meta.get("date"),
                                             commit=old_meta.get("commit"), torch=old_meta.get("torch"))
@@ -1178,7 +1189,8 @@ def main(argv=None):
     for s in a.sections:
         t0 = time.time()
         ctx.sec = rep["sections"][s] = dict(status="running", budget_s=plan[s], deadline_s=clock.ends[s],
-                                            started_s=clock.now(), records=[])
+                                            started_s=clock.now(), records=[], run_date=rep["meta"]["date"],
+                                            run_commit=rep["meta"]["commit"], run_torch=rep["meta"]["torch"])
         if s == "throughput":
             ctx.sec.update(net=ctx.sz.net, batch=ctx.sz.batch, timed_s=ctx.sz.seconds, warmup=ctx.sz.warmup,
                            iters_cap=ctx.sz.iters)

@@ -373,3 +373,21 @@ def test_memory_check_halves_on_each_kind_of_out_of_memory(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="shapes"):
         gc.check_memory(ctx, "fm", lambda: 1.0)
 
+
+
+def test_a_chain_of_reruns_names_each_kept_sections_own_run(tmp_path):
+    """A --sections rerun after another rerun keeps sections of two earlier runs: each is named with the run that
+    measured it (the meta held one date and commit, the last JSON's, for all of them)."""
+    res, work = tmp_path / "res", str(tmp_path / "work")
+    for sec in ("precision", "sampling"):
+        gc.main(["--quick", "--results", str(res), "--sections", sec, "--work", work])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    rep["sections"]["precision"]["run_date"], rep["meta"]["date"] = "2000-01-01 00:00 UTC", "2000-01-02 00:00 UTC"
+    rep["sections"]["sampling"]["run_date"] = "2000-01-02 00:00 UTC"
+    (res / "gpu_cpu.json").write_text(json.dumps(rep))
+    gc.main(["--quick", "--results", str(res), "--sections", "paths", "--work", work])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    assert rep["sections"]["precision"]["run_date"] == "2000-01-01 00:00 UTC"
+    assert rep["sections"]["paths"]["run_date"] == rep["meta"]["date"]
+    md = (res / "gpu_cpu.md").read_text()
+    assert "Kept from the run of 2000-01-01 00:00 UTC" in md and "Kept from the run of 2000-01-02 00:00 UTC" in md
