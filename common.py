@@ -1052,13 +1052,13 @@ def load_detector(spec, env):
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
         f = Detector(fn, "", 0).features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
-        ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point()  # (B, dim > 0) real rows
+        ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point() and bool(f.isfinite().all())
     except Exception as e:
         ok, f = False, type(e).__name__
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
-            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not real "
-                                         f"(2, dim > 0)") + ").")
+            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not finite "
+                                         f"real (2, dim > 0)") + ").")
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()

@@ -1478,6 +1478,11 @@ class _Complex(nn.Module):  # complex rows, which a cast to float32 silently mak
         return torch.complex(x.float().flatten(1)[:, :4], x.float().flatten(1)[:, 4:8])
 
 
+class _NaN(nn.Module):  # NaN features: every FID would be NaN, found only at the first in-training evaluation
+    def forward(self, x, return_features: bool = False):
+        return torch.full((x.shape[0], 4), float("nan"))
+
+
 class _Only32(_TinyFeatures):  # passes load_detector's 32 x 32 probe, fails on other sizes
     def forward(self, x, return_features: bool = False):
         return self.lin(x.float().reshape(len(x), 3, 1024).mean(2))
@@ -1536,7 +1541,8 @@ def test_torchscript_detector_from_path(tmp_path):
         C.load_detector(str(tmp_path), env1())
     # a network that returns images (4-D) or drops rows was a traceback in the statistics, or an FID of fewer samples
     for bad, words in ((_Images(), r"features of shape \(2, 3, 32, 32\)"), (_FirstRow(), r"shape \(1, 5\)"),
-                       (_NoFeatures(), r"shape \(2, 0\), not real \(2, dim > 0\)"), (_Complex(), "complex64")):
+                       (_NoFeatures(), r"shape \(2, 0\), not finite real \(2, dim > 0\)"), (_Complex(), "complex64"),
+                       (_NaN(), r"float32 features of shape \(2, 4\), not finite")):
         torch.jit.script(bad).save(str(tmp_path / "bad.pt"))
         with pytest.raises(C.UserError, match="not a usable TorchScript feature network .*" + words):
             C.load_detector(str(tmp_path / "bad.pt"), env1())
