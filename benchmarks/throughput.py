@@ -45,12 +45,12 @@ Left out for every method alike: data loading, EMA, gradient clipping, learning-
   imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
   sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   fp32, TF32 off (scm.py cifar10 preset, as
              sCD's teacher is a frozen copy of the initial weights      FastGen); JVP pass and loss fp32 in code
-  lsd, psd,  flow_map.sample_times + per_sample_loss: JVPs of the bare  fp32 (Boffi trains fp32, py-meanflow turns
-  meanflow,  module, the diagonal and PSD terms through the network    autocast off around JVP and loss,
-  lmd        as given (compiled with --compile), as flow_map.train;    docs/flow_map.md); in code every JVP block is
-             learned weight head as the preset; lmd's 1-RF teacher: a   fp32, only the diagonal and PSD terms take
-             frozen net built like rectified_flow.py's cifar10 1rf      the bf16 autocast
-             net, through rf_velocity
+  lsd, psd,  flow_map.sample_times + per_sample_loss: JVPs of the bare  lsd, psd, lmd fp32 (Boffi trains fp32);
+  meanflow,  module, the diagonal and PSD terms through the network    meanflow tf32 (py-meanflow: no autocast, TF32
+  lmd        as given (compiled with --compile), as flow_map.train;    matmuls and convolutions, JVP included; the
+             learned weight head as the preset; lmd's 1-RF teacher: a   flow_map.py cifar10 preset); in code every JVP
+             frozen net built like rectified_flow.py's cifar10 1rf      block is fp32 (TF32 only in a tf32 run), only
+             net, through rf_velocity                                   the diagonal and PSD terms take bf16 autocast
   gdd,       distributional.g_step + d_step (+ r1_step every 16th       bf16 G as GDD's --fp16 (docs/distributional.md),
   gdd_i      step, as the loop) with the `teacher` D; G =               and the D's encoder; D heads, losses and R1
              make_generator(net, freeze), gdd_i freezing as `frozen`    fp32 (GDD's D is fp32 with TF32 off)
