@@ -42,7 +42,7 @@ Left out for every method alike: data loading, EMA, gradient clipping, learning-
   2rf_lpips  as 2rf with the preset's LPIPS-Huber-1/t loss. LPIPS has   tf32; LPIPS never under autocast (rfpp)
              seeded random VGG16 weights: the same layers at the same resolution (--lpips_res, 224 as rfpp), hence the
              same cost as the pretrained network; the loss value means nothing
-  imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); time path fp32 in code
+  imm        imm.imm_loss, online pass + no-grad target pass            tf32 (IMM App. I.6); U-Net time path fp64
   sct, scd   scm.cm_step_loss: fp32 JVP pass, then the gradient pass;   fp32, TF32 off (scm.py cifar10 preset, as
              sCD's teacher is a frozen copy of the initial weights      FastGen); JVP pass and loss fp32 in code
   lsd, psd,  flow_map.sample_times + per_sample_loss: JVPs of the bare  lsd, psd, lmd fp32 (Boffi trains fp32);
