@@ -8,7 +8,7 @@ on EDM's grid from sigma = sigma_d tan t, --ode_steps steps, the teacher's EMA w
 f(x_t, t) with that end point: the sharpness score of both (in_mode on 8 Gaussians, in_square on the checkerboard)
 and the distance |f - ODE| (mean, median, 90th percentile).
 
-    python benchmarks/cm_vs_ode.py --run runs/scm-toy            # after `python scm.py`
+    python benchmarks/cm_vs_ode.py --run runs/scm-all-toy        # after `python scm.py`
     python benchmarks/cm_vs_ode.py --run DIR --json DIR/cm_vs_ode.json
 
 A CM that is biased (pulled towards something other than the teacher's flow) shows a distance that does not shrink
