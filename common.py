@@ -2363,8 +2363,8 @@ SAMPLE_OPTS = dict(  # sample / fid: (type, default, help); the sampler's Config
     ema=(bool, True, "the EMA weights"), fid_ref=(typing.Optional[str], None, "npz with mu, sigma (else computed)"),
     fid_detector=(str, "inception", "inception or a TorchScript path"), root=(str, "data", "data, FID statistics"))
 FID_ONLY = ("fid_ref", "fid_detector", "root", "data")  # read by fid; `sample` refuses them
-ALIASES = dict(n="n_samples")  # torchrun's parser reads `--n` after the script as an ambiguous abbreviation of its
-# --nnodes, --nproc_per_node, ... (argparse matches prefixes anywhere in the line): under torchrun, --n_samples
+ALIASES = dict(n="n_samples")  # --n_samples is --n under torchrun, whose parser reads `--n` after the script as an
+# ambiguous abbreviation of its --nnodes, --nproc_per_node, ... (argparse matches prefixes anywhere in the line)
 
 
 def _tname(t):  # int, float, str, bool, {a,b}, int,... , X|none
