@@ -1158,9 +1158,11 @@ def main(argv=None):
         estimate_model=dict(utilisation=UTIL, compile_s=COMPILE_S, autotune_s=AUTOTUNE_S, autocast_off=AUTOCAST_OFF,
                             setup_extra_s=SETUP_EXTRA, fashion_score_s=SCORE_S),
         total_wall_s=0.0), sections={s: old[s] for s in SECTIONS if s in old and s not in a.sections})
-    for sec in rep["sections"].values():  # each section keeps the run it came from (its own, or the JSON's meta: a
-        for k in ("date", "commit", "torch"):  # file written before sections carried them)
-            sec.setdefault("run_" + k, old_meta.get(k))
+    kept = old_meta.get("kept_sections") if isinstance(old_meta.get("kept_sections"), dict) else {}
+    for s, sec in rep["sections"].items():  # each section keeps the run it came from: its own, or, in a file written
+        src = kept if s in (kept.get("sections") or ()) else old_meta  # before sections carried it, the meta's kept
+        for k in ("date", "commit", "torch"):  # sections' run (a rerun's) or the meta's
+            sec.setdefault("run_" + k, src.get(k))
     if rep["sections"]:  # a --sections rerun: where the kept sections come from
         rep["meta"]["kept_sections"] = dict(sections=list(rep["sections"]), date=old_meta.get("date"),
                                             commit=old_meta.get("commit"), torch=old_meta.get("torch"))

@@ -391,3 +391,24 @@ def test_a_chain_of_reruns_names_each_kept_sections_own_run(tmp_path):
     assert rep["sections"]["paths"]["run_date"] == rep["meta"]["date"]
     md = (res / "gpu_cpu.md").read_text()
     assert "Kept from the run of 2000-01-01 00:00 UTC" in md and "Kept from the run of 2000-01-02 00:00 UTC" in md
+
+
+def test_a_file_from_before_section_runs_names_its_kept_sections_run(tmp_path):
+    """A JSON written before sections carried their run (run_date, ...) and itself a --sections rerun: the sections it
+    kept were measured by the run its meta's kept_sections names, not by the run of its meta's date."""
+    res, work = tmp_path / "res", str(tmp_path / "work")
+    gc.main(["--quick", "--results", str(res), "--sections", "precision,sampling", "--budget", "1e-6", "--work", work])
+    rep = json.loads((res / "gpu_cpu.json").read_text())
+    for sec in rep["sections"].values():  # as the earlier code wrote it: precision kept from run A by rerun B
+        for k in ("run_date", "run_commit", "run_torch"):
+            sec.pop(k)
+    rep["meta"].update(date="2000-01-02 00:00 UTC", commit="bbb",
+                       kept_sections=dict(sections=["precision"], date="2000-01-01 00:00 UTC", commit="aaa", torch="t"))
+    (res / "gpu_cpu.json").write_text(json.dumps(rep))
+    gc.main(["--quick", "--results", str(res), "--sections", "throughput", "--budget", "1e-6", "--work", work])
+    S = json.loads((res / "gpu_cpu.json").read_text())["sections"]
+    assert (S["precision"]["run_date"], S["precision"]["run_commit"]) == ("2000-01-01 00:00 UTC", "aaa")
+    assert (S["sampling"]["run_date"], S["sampling"]["run_commit"]) == ("2000-01-02 00:00 UTC", "bbb")
+    md = (res / "gpu_cpu.md").read_text()
+    assert "Kept from the run of 2000-01-01 00:00 UTC (commit `aaa`): precision." in md
+    assert "Kept from the run of 2000-01-02 00:00 UTC (commit `bbb`): sampling." in md
