@@ -2254,6 +2254,17 @@ def check_names(names, folder, what, spare=0):
                         f"({most} bytes" + (", with room for the _Kstep suffix)." if spare else ")."))
 
 
+def _dangling(link):
+    """What to do with a symbolic link that resolves to nothing: create the folder it names, or remove a loop."""
+    try:
+        os.stat(link)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links: remove it"
+    to = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    return f"to '{to}', which does not exist: create that folder, or remove the link"
+
+
 def check_dir(d, what):
     """A folder that exists or can be created, and can be written: else one sentence naming the obstacle."""
     d = os.path.abspath(d)
@@ -2262,7 +2273,7 @@ def check_dir(d, what):
     a = d
     while not os.path.exists(a):
         if os.path.islink(a):  # (os.makedirs met it after the checks: a FileExistsError or ELOOP traceback)
-            raise UserError(f"{what} '{d}' cannot be created: '{a}' is a broken symbolic link (or a loop of them).")
+            raise UserError(f"{what} '{d}' cannot be created: '{a}' is a broken symbolic link ({_dangling(a)}).")
         a = os.path.dirname(a)
     if not os.path.isdir(a):
         raise UserError(f"{what} '{d}' cannot be created: '{a}' is a file.")
@@ -2279,12 +2290,12 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "config.json", "log.jsonl", "metrics.json
 
 def check_layout(layout):
     """{folder: the names (glob patterns) of the files a run writes in it}: a folder (or a FIFO, a broken link) where a
-    file goes, or a file where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not met as a traceback
-    (or a hang) after it."""
+    file goes, or a file or a broken link where a folder goes (DIR/2rf, DIR/pairs), is refused before any work, not
+    met as a traceback (or a hang) after it."""
     for d, names in layout.items():
         if os.path.islink(d) and not os.path.exists(d):  # (--pairs: os.makedirs met it after the checks)
-            raise UserError(f"'{d}' is a broken symbolic link where the run keeps its {os.path.basename(d)} folder; "
-                            f"remove it or use another --out.")
+            raise UserError(f"'{d}' is a broken symbolic link where the run keeps its {os.path.basename(d)} folder "
+                            f"({_dangling(d)}).")
         if os.path.exists(d) and not os.path.isdir(d):
             raise UserError(f"'{d}' is a file where the run keeps its {os.path.basename(d)} folder; remove it or use "
                             f"another --out.")

@@ -610,11 +610,13 @@ def test_a_broken_link_where_a_folder_goes_is_one_sentence(files, tmp_path, caps
     os.symlink(tmp_path / "nowhere" / "x", tmp_path / "broken")
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     sample = ["sample", "--ckpt", files / "imm" / "ckpt.pt", "--out", tmp_path / "broken" / "s.png"]
-    for argv, at in ((["--out", tmp_path / "broken"], "broken"), (["--out", tmp_path / "loop" / "run"], "loop"),
-                     (sample, "broken")):
+    create = f"to '{tmp_path / 'nowhere' / 'x'}', which does not exist: create that folder, or remove the link"
+    for argv, at, what in ((["--out", tmp_path / "broken"], "broken", create),
+                           (["--out", tmp_path / "loop" / "run"], "loop", "a loop of links: remove it"),
+                           (sample, "broken", create)):
         code = run("imm", *argv)
         out, err = capsys.readouterr()
-        one_sentence(code, err, f"'{tmp_path / at}' is a broken symbolic link")
+        one_sentence(code, err, f"'{tmp_path / at}' is a broken symbolic link ({what}).")
         assert out == ""
 
 
@@ -625,12 +627,13 @@ def test_a_broken_link_where_a_stage_folder_goes_is_one_sentence(files, tmp_path
     (tmp_path / "run").mkdir()
     os.symlink(tmp_path / "nowhere" / "y", tmp_path / "run" / "pairs")
     teacher = ["--teacher", files / "rectified_flow" / "ckpt.pt", "--n_pairs", "32", "--pair_block", "16"]
-    for argv, at in ((["--pairs", tmp_path / "broken", "--out", tmp_path / "other"], tmp_path / "broken"),
-                     (["--out", tmp_path / "run"], tmp_path / "run" / "pairs")):
+    for argv, at, to in ((["--pairs", tmp_path / "broken", "--out", tmp_path / "other"], tmp_path / "broken", "x"),
+                         (["--out", tmp_path / "run"], tmp_path / "run" / "pairs", "y")):
         code = run("rectified_flow", "--stage", "pairs", *teacher, *argv)
-        out, err = capsys.readouterr()
-        one_sentence(code, err, f"'{at}' is a broken symbolic link where the run keeps its {at.name} folder")
-        assert out == ""
+        out, err = capsys.readouterr()  # (the link's target to create: "remove it or use another --out" was all it
+        one_sentence(code, err, f"'{at}' is a broken symbolic link where the run keeps its {at.name} folder (to "
+                     f"'{tmp_path / 'nowhere' / to}', which does not exist: create that folder, or remove the link).")
+        assert out == ""  # said, which another --out does not mend for a --pairs given)
 
 
 def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
