@@ -2347,8 +2347,8 @@ def preflight(cmd, cfg, layout=None):
     if cfg.out == "":
         raise UserError("--out needs a file name (or leave it out for the checkpoint's folder).")
     out = cfg.out or os.path.join(os.path.dirname(cfg.ckpt), "samples.png" if cmd == "sample" else "fid.jsonl")
-    if cmd == "sample" and not out.endswith(SAMPLE_EXT):
-        raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{out}'.")
+    if cmd == "sample":
+        check_sample_out(out)
     if cmd == "fid" and not out.endswith(".jsonl"):
         raise UserError(f"fid appends one JSON line per step count: --out must end in .jsonl, got '{out}'.")
     if os.path.isdir(out):
@@ -2946,6 +2946,11 @@ def save_panels(path, panels):
 SAMPLE_EXT = (".npy", ".npz", ".png", ".zip")  # what `sample --out` writes (save_array)
 
 
+def check_sample_out(path):  # (preflight's check before any work, and save_array's own)
+    if not path.endswith(SAMPLE_EXT):
+        raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{path}'.")
+
+
 def save_array(path, arr):
     """.npy (float32 points / uint8 NHWC images), .npz (the same as arr_0: guided-diffusion's evaluator.py reads it),
     .png (scatter / grid) or .zip (images only, sample_or_fid checks: one PNG each, 000000.png on; EDM's fid.py
@@ -2953,8 +2958,7 @@ def save_array(path, arr):
     renamed over it (a full disk or Ctrl-C never leaves part of one in a good file's place)."""
     a = arr.detach().cpu().numpy() if torch.is_tensor(arr) else np.asarray(arr)
     a = a.astype(np.float32) if a.ndim == 2 else a.astype(np.uint8)
-    if not path.endswith(SAMPLE_EXT):
-        raise UserError(f"--out must end in {', '.join(SAMPLE_EXT[:-1])} or {SAMPLE_EXT[-1]}, got '{path}'.")
+    check_sample_out(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.getpid()}.tmp{path[-4:]}")  # (short: --out's name may be as long as names go)
