@@ -1051,7 +1051,9 @@ def load_detector(spec, env):
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
         fn = lambda u8: net(u8, return_features=True)
-        f = Detector(fn, "", 0).features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=env.device))
+        probe = torch.randint(256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        f = Detector(fn, "", 0).features(probe.to(env.device))  # (random images: not all-zero, which a network
+        # standardising each image would turn into NaN and be refused for)
         ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point() and bool(f.isfinite().all())
     except Exception as e:
         ok, f = False, type(e).__name__

@@ -1483,6 +1483,12 @@ class _NaN(nn.Module):  # NaN features: every FID would be NaN, found only at th
         return torch.full((x.shape[0], 4), float("nan"))
 
 
+class _Standardise(_TinyFeatures):  # each image standardised: NaN on a constant image (the probe's were all zero)
+    def forward(self, x, return_features: bool = False):
+        x = x.float().flatten(1)
+        return self.lin(((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)).reshape(len(x), 3, -1).mean(2))
+
+
 class _Only32(_TinyFeatures):  # passes load_detector's 32 x 32 probe, fails on other sizes
     def forward(self, x, return_features: bool = False):
         return self.lin(x.float().reshape(len(x), 3, 1024).mean(2))
@@ -1546,6 +1552,8 @@ def test_torchscript_detector_from_path(tmp_path):
         torch.jit.script(bad).save(str(tmp_path / "bad.pt"))
         with pytest.raises(C.UserError, match="not a usable TorchScript feature network .*" + words):
             C.load_detector(str(tmp_path / "bad.pt"), env1())
+    torch.jit.script(_Standardise()).save(str(tmp_path / "std.pt"))  # a usable network the zero probe refused
+    assert C.load_detector(str(tmp_path / "std.pt"), env1()).dim == 5
     torch.jit.script(_Only32()).save(str(tmp_path / "only32.pt"))  # (a traceback in the statistics or the hook)
     det = C.load_detector(str(tmp_path / "only32.pt"), env1())
     with pytest.raises(C.UserError, match=r"'only32' failed on images of shape \(3, 16, 16\) \(RuntimeError"):
