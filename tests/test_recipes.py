@@ -6,7 +6,9 @@
 - `sample` and `fid` run the network in fp32 with TF32 off unless `--precision` says otherwise; `strict_fp32` holds
   the run's autocast off inside it (the FID hook, the JVP passes and the time embedding rely on it).
 - Each `cifar10` preset's precision is the reference implementation's (see README, "CIFAR-10: the papers' recipes").
+- The in-training FID of flow_map and rectified_flow (a row per --fid_every step) is the `fid` of the run's EMA.
 """
+import json
 import os
 import sys
 
@@ -262,3 +264,28 @@ def test_strict_fp32_turns_tf32_off_unless_told_and_flow_map_keeps_it_for_tf32_r
         flow_map.main(["--mode", "meanflow", "--iters", "1", "--batch", "16", "--eval_n", "8", "--eval_steps", "1",
                        "--precision", precision, "--out", str(tmp_path / precision)])
         assert seen and all(s == (precision == "tf32") for s in seen), (precision, seen)
+
+
+@pytest.mark.parametrize("name", ["flow_map", "rectified_flow"])
+def test_the_in_training_fid_scores_the_ema_at_its_steps(name, imgs, tmp_path, capsys):
+    """--fid_every in flow_map and rectified_flow (imm's, scm's and GDD's run in other tests; these two never ran):
+    a row per FID step in fid_train.jsonl, scored by the named detector, the sampler's step count as its label (the
+    1-RF at 18 Euler steps, a flow map at each --eval_steps), and the score that of the run's EMA weights: `fid` of
+    the final checkpoint with the same detector, samples and seed gives the last row's number."""
+    from standin import standin_path
+    out, det = tmp_path / "r", standin_path()
+    extra = ["--eval_steps", "1,2"] if name == "flow_map" else ["--stage", "1rf"]
+    FILES[name].main(["--preset", "tiny", "--data", imgs, "--iters", "2", "--fid_every", "1", "--fid_n", "8",
+                      "--fid_detector", det, "--root", str(tmp_path), "--out", str(out), *extra])
+    with open(out / "fid_train.jsonl") as f:
+        rows = [json.loads(ln) for ln in f]
+    labels = ["1 step", "2 steps"] if name == "flow_map" else ["18 steps"]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["detector"] == "standin" for r in rows), rows
+    assert all(sorted(r["fid"]) == labels and all(v > 0 for v in r["fid"].values()) for r in rows), rows
+    steps = "1,2" if name == "flow_map" else "18"
+    FILES[name].main(["fid", "--ckpt", str(out / "ckpt.pt"), "--steps", steps, "--n", "8", "--fid_detector", det,
+                      "--root", str(tmp_path)])
+    with open(out / "fid.jsonl") as f:
+        got = {C.n_steps(r["steps"]): r["fid"] for r in map(json.loads, f)}
+    assert got == pytest.approx(rows[-1]["fid"], rel=1e-9, abs=0), (got, rows[-1])
+    capsys.readouterr()

@@ -52,7 +52,8 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     --max_skips steps in a row, keeping the last good checkpoint. Plus: a 1e30 learning rate at --ckpt_every 1 never
     overwrites the checkpoint (the step after a checkpoint must have a finite loss), nor does a diverged last step
     (its weights' samples must be finite); a full disk during a save (also a real one, /dev/full) removes the .tmp
-    and keeps the previous checkpoint; every preset of every file passes the validation.
+    and keeps the previous checkpoint; every preset of every file passes the validation; an evaluation during
+    training (--sample_every) leaves the weights, their EMA and the last evaluation as they are without it.
 """
 import errno
 import json
@@ -1771,3 +1772,22 @@ def test_a_fresh_start_killed_before_its_first_checkpoint_leaves_no_earlier_run(
         rows = (out / "log.jsonl").read_text().splitlines()
         assert (out / "ckpt.pt").exists() == (not fresh) and len(rows) == (0 if fresh else 1), (fresh, rows)
         assert ("the earlier run's checkpoint" in printed) == fresh, printed
+
+
+@pytest.mark.parametrize("name", sorted(MODS))
+def test_an_evaluation_during_training_leaves_the_training_alone(name, tmp_path, capsys):
+    """--sample_every evaluates at its steps (a metrics row each, the picture) and changes nothing of the training:
+    the weights, their EMA and the last step's metrics equal those of the same run without it (an evaluation that
+    drew from the training's RNG streams, or left the network in eval mode, would change them). No test ran it."""
+    rows = {}
+    for d, extra in (("a", ["--sample_every", "2"]), ("b", [])):
+        assert run(name, *BASE[name], "--iters", "4", *extra, "--out", tmp_path / d) == 0
+        with open(tmp_path / d / "metrics.jsonl") as f:
+            rows[d] = [{k: v for k, v in json.loads(ln).items() if k != "eval_s"} for ln in f]
+    steps = {d: [r["step"] for r in rows[d]] for d in "ab"}  # (GDD evaluates its step 0 too)
+    assert steps["b"][-1] == 4 and 2 not in steps["b"] and steps["a"] == sorted(steps["b"] + [2]), steps
+    assert [r for r in rows["a"] if r["step"] != 2] == rows["b"]
+    ck = {d: torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab"}
+    for key in ("model", "ema"):
+        sa, sb = ck["a"][key], ck["b"][key]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), (name, key)
