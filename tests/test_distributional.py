@@ -748,6 +748,34 @@ def test_14_projected_d_structure_and_missing_pieces(monkeypatch, tmp_path):
         and "--disc teacher" in msg and msg.count(". ") == 0
 
 
+def test_14_vgg_imagenet_weights_load_under_torchvisions_names(monkeypatch):
+    """--disc_weights imagenet reads torchvision's VGG16_BN_Weights.IMAGENET1K_V1 file through torch hub (hash
+    checked) and keeps its `features.` part: a state dict in torchvision's own vgg16_bn names (its real module's
+    keys and shapes, seeded values) gives the backbone those values, as passing the features directly does.
+    (No test had read this branch: a key mismatch would have surfaced only in a real GDD run.)"""
+    import torchvision
+    with torch.device("meta"):
+        shapes = {k: (t.shape, t.dtype) for k, t in torchvision.models.vgg16_bn(weights=None).state_dict().items()}
+    g = gen(5)
+    sd = {k: torch.randint(0, 9, s, generator=g) if dt == torch.long else torch.rand(s, generator=g) + 0.5
+          for k, (s, dt) in shapes.items() if not k.startswith("classifier.")}  # (the classifier: 120 M values)
+    sd["classifier.6.bias"] = torch.zeros(1000)
+    seen = []
+
+    def cached(url, **kw):
+        seen.append((url, kw.get("check_hash")))
+        return sd
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", cached)
+    got = D.make_backbone("vgg", "imagenet", env1()).state_dict()
+    assert seen == [(torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url, True)]
+    want = D.make_backbone("vgg", {k[9:]: v for k, v in sd.items() if k.startswith("features.")}, env1()).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    conv = [k for k in got if k.endswith("0.weight") and got[k].ndim == 4][0]  # features.0: the first convolution
+    assert torch.equal(got[conv], sd["features." + conv.split(".", 1)[1]])
+    rand = D.make_backbone("vgg", "random", env1()).state_dict()  # control: the seeded stand-in differs
+    assert not torch.equal(rand[conv], got[conv])
+
+
 # ============================================================================== 15-16: DiffAugment, sampler
 def test_15_diffaugment():
     x = torch.rand(4, 3, 8, 8, generator=gen(0)) * 2 - 1

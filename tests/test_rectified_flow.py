@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -390,6 +391,32 @@ def test_building_lpips_leaves_the_runs_random_numbers(monkeypatch):
     state = torch.get_rng_state()
     R.LPIPS("random", 32)
     assert seeded == [] and torch.equal(torch.get_rng_state(), state)
+
+
+def test_lpips_pretrained_reads_imagenet_vgg16_and_the_v01_heads(monkeypatch, tmp_path):
+    """The pretrained LPIPS (never built by another test: its files are not here) asks torchvision for VGG16's
+    IMAGENET1K_V1 weights and takes the LPIPS v0.1 linear heads from the `lpips` package's file when installed, else
+    from torch hub (LIN_URL), in the file's own layout (lin{i}.model.1.weight, (1, C, 1, 1)): each head becomes its
+    tap's channel weights. Both sources here are stand-ins that record how they were asked."""
+    import torchvision
+    asked, real_vgg16 = [], torchvision.models.vgg16
+    monkeypatch.setattr(torchvision.models, "vgg16", lambda weights=None: asked.append(weights) or real_vgg16())
+    g = gen(7)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(R.LPIPS.CH)}
+    urls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: urls.append(url) or heads)
+    monkeypatch.setitem(sys.modules, "lpips", None)  # not installed: torch hub
+    lp = R.LPIPS("pretrained", 32)
+    assert asked == ["IMAGENET1K_V1"] and urls == [R.LPIPS.LIN_URL]
+    assert all(torch.equal(getattr(lp, f"w{i}"), heads[f"lin{i}.model.1.weight"]) for i in range(5))
+    pkg = tmp_path / "lpips"  # installed: the file it ships, torch hub not asked
+    (pkg / "weights" / "v0.1").mkdir(parents=True)
+    other = {k: 2 * v for k, v in heads.items()}
+    torch.save(other, pkg / "weights" / "v0.1" / "vgg.pth")
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(__file__=str(pkg / "__init__.py")))
+    lp = R.LPIPS("pretrained", 32)
+    assert urls == [R.LPIPS.LIN_URL] and all(torch.equal(getattr(lp, f"w{i}"), other[f"lin{i}.model.1.weight"])
+                                             for i in range(5))
 
 
 def test_lpips_offline_fallback(monkeypatch):
