@@ -412,3 +412,21 @@ def test_a_file_from_before_section_runs_names_its_kept_sections_run(tmp_path):
     md = (res / "gpu_cpu.md").read_text()
     assert "Kept from the run of 2000-01-01 00:00 UTC (commit `aaa`): precision." in md
     assert "Kept from the run of 2000-01-02 00:00 UTC (commit `bbb`): sampling." in md
+
+
+def test_the_fashion_calibration_times_three_training_steps(tmp_path, monkeypatch):
+    """calibrate (the full run's fashion section only: --quick skips it) builds the 1-RF, IMM and sCT training steps
+    at the fashion net and batch in their `small` presets' precision and returns positive steps per second; each
+    rate is the one tp.timed reports (a stand-in clock: n steps in n / rate seconds)."""
+    built, fake = [], {"fm": 4.0, "imm": 2.0, "sct": 1.0}
+
+    def timed(step, iters, dev, seconds):
+        step()
+        return 8, 8 / fake[built[-1].method], None
+    real_build = tp.build
+    monkeypatch.setattr(tp, "build", lambda a: built.append(a) or real_build(a))
+    monkeypatch.setattr(tp, "timed", timed)
+    sz = gc.sizes(True)
+    assert gc.calibrate(_ctx(tmp_path), sz) == pytest.approx(fake)
+    assert [(a.method, a.net, a.batch) for a in built] == [(m, sz.f_net, sz.f_batch) for m in ("fm", "imm", "sct")]
+    assert [a.precision for a in built] == ["bf16", "tf32", "bf16"]  # the small presets' (IMM's: TF32, as imm's)
