@@ -430,3 +430,27 @@ def test_the_fashion_calibration_times_three_training_steps(tmp_path, monkeypatc
     assert gc.calibrate(_ctx(tmp_path), sz) == pytest.approx(fake)
     assert [(a.method, a.net, a.batch) for a in built] == [(m, sz.f_net, sz.f_batch) for m in ("fm", "imm", "sct")]
     assert [a.precision for a in built] == ["bf16", "tf32", "bf16"]  # the small presets' (IMM's: TF32, as imm's)
+
+
+def test_prepare_fills_a_carry_the_device_run_reuses(tmp_path, capsys):
+    """--prepare (the CPU half of a GPU run) copies the four .gz files, trains the full-recipe classifier once and
+    computes its reference statistics into the carry folder; on the device fashion_root unpacks that carry into a
+    fresh work folder, where the full run's classifier call reuses the file (not trained again) and the reference
+    statistics are a cache hit (never computed on the device)."""
+    src = _carry(tmp_path / "debian") / "fashion-mnist"
+    carry = tmp_path / "carry"
+    gc.main(["--prepare", "--source", str(src), "--carry", str(carry), "--work", str(tmp_path / "w1")])
+    assert sorted(os.listdir(carry / "fashion-mnist")) == sorted(f + ".gz" for f in fb.RAW_FILES)
+    assert all((carry / "fashion-mnist" / f).read_bytes() == (src / f).read_bytes() for f in os.listdir(src))
+    refs = os.listdir(carry / "data" / "fid_refs")
+    assert len(refs) == 1 and refs[0].startswith("fashion_mnist-fashion_classifier-"), refs
+    assert "carry folder" in capsys.readouterr().out
+    a = types.SimpleNamespace(quick=False, device="cpu", carry=str(carry), source=str(tmp_path / "nowhere"),
+                              work=str(tmp_path / "w2"), results=str(tmp_path))
+    root, raw = gc.fashion_root(gc.Context(a))
+    det_path, cls = fb.classifier(root, raw, torch.device("cpu"), fb.CLS_RECIPE)
+    assert cls["reused"] and cls["epochs"] == fb.CLS_RECIPE["epochs"]
+    env = common.setup("cpu", 0, "fp32")
+    det = common.load_detector(det_path, env)
+    data = common.load_data("fashion_mnist", root, env, 0, False)
+    assert os.listdir(os.path.join(root, "fid_refs")) == refs == [f"{data.key}-{det.key}.npz"]
