@@ -1905,12 +1905,6 @@ def _np_scalar(dtype, data=None):  # numpy scalars (EDM's np.sqrt(0.5) skip scal
     return np.frombuffer(data, dtype, 1)[0].item()
 
 
-def _reconstructor(cls, base, state=None):  # protocol 0/1 objects: only the record types above
-    if not (isinstance(cls, type) and issubclass(cls, _Record) and base is object and state is None):
-        raise pickle.UnpicklingError("an object of a class outside torch.nn")
-    return cls.__new__(cls)
-
-
 def _latin1(s, enc="latin1"):  # protocol 2 spelling of bytes
     if not isinstance(s, str) or enc != "latin1":
         raise pickle.UnpicklingError("an encoded string other than latin1 bytes")
@@ -1928,7 +1922,6 @@ _EDM_GLOBALS = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _np_scalar, ("numpy._core.multiarray", "scalar"): _np_scalar,
     ("dnnlib.util", "EasyDict"): type("_EasyDict", (dict,), {}),  # a dict (a subclass: its pickle may set attributes)
-    ("copyreg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _latin1,
 }
 
