@@ -2585,7 +2585,7 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
         if not opts["ckpt"]:
             raise UserError(f"{cmd} needs --ckpt PATH.")
         if not opts["steps"]:
-            raise UserError("--steps needs at least one step count, e.g. --steps 1,2.")
+            raise UserError("--steps needs at least one step count (such as --steps 1,2).")
         if (twice := _repeated(opts["steps"])) is not None:
             raise UserError(f"--steps lists {twice} twice; give each step count once.")
         check_device(opts["device"], opts["precision"])
