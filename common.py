@@ -2113,7 +2113,7 @@ def _edm_denoiser(raw, path, key):
     if not isinstance(model, _Record):
         raise UserError(f"'{path}': the {name} record has no 'model' submodule.")
     net = build_net(nd)
-    load_state_strict(net, _edm_state_to_ours(_edm_tensors(model, path), nd, path))
+    load_state_strict(net, _edm_state_to_ours(_edm_tensors(model, f"'{path}'"), nd, f"'{path}'"))  # (quoted)
     p = {k: float(obj.state.get(k, kw.get(k, d))) for k, d in pdefaults.items()}
     if precond == "vp":
         p.update(M=int(p["M"]), sigma_min=obj.state.get("sigma_min"), sigma_max=obj.state.get("sigma_max"))
