@@ -368,6 +368,26 @@ def test_labels_int_equal_one_hot_and_zero_row_is_no_label():
         assert torch.equal(net(x, 0.3), net(x, torch.full((3,), 0.3)))
 
 
+def _one_sentence(e):
+    """The message of a UserError (or the `error:` line) as the user reads it: one sentence."""
+    msg = str(e.value if hasattr(e, "value") else e)
+    assert msg.endswith((".", "?")) and msg.rstrip(".?").count(". ") == 0 and "\n" not in msg, msg
+    return msg
+
+
+def test_build_net_refuses_a_choice_an_odd_filter_and_heads_that_do_not_divide():
+    """A network config's option outside its choices, a resample filter of odd length, a head count that does not
+    divide a level's channels: one sentence each (an edited checkpoint; the command line never sets them)."""
+    d = C.net_config("tiny")
+    for k, v, want in (("embedding", "sinusoidal", "network option embedding='sinusoidal' is not one of positional, "
+                        "fourier."), ("resample_filter", [1, 3, 3], "resample_filter [1, 3, 3] needs an even, non-zero "
+                        "length."), ("num_heads", 3, "num_heads 3 does not divide every level's channels.")):
+        with pytest.raises(C.UserError) as e:
+            C.build_net({**d, k: v})
+        assert _one_sentence(e) == want
+    C.build_net({**d, "embedding": "fourier", "resample_filter": [1, 3, 3, 1], "num_heads": 2})  # control
+
+
 # ======================================================================== 7. encoder features, freezing
 def test_encoder_feature_shapes():
     net = meta_net("ddpmpp")
@@ -599,6 +619,27 @@ def _fake_cifar(root, n=3):
     for name in os.listdir(base):
         md5[name] = hashlib.md5((base / name).read_bytes()).hexdigest()
     return np.concatenate(rows), labels, md5
+
+
+def test_an_image_set_that_downloaded_but_does_not_load_is_one_sentence(monkeypatch, tmp_path):
+    """torchvision's download=True went through (or rank 0's did) but reading the files does not: one sentence naming
+    the folder and the archive to place there."""
+    import torchvision
+
+    class Unreadable:
+        def __init__(self, root, train=True, download=False):
+            if not download:
+                raise RuntimeError("Dataset not found or corrupted.")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Unreadable)
+    root = str(tmp_path / "data")
+    with pytest.raises(C.UserError) as e:
+        C.load_data("cifar10", root, env1(), 0, False)
+    assert _one_sentence(e).startswith(f"cifar10 is missing from '{root}'; place cifar-10-python.tar.gz (MD5 ")
+
+
+def test_augment_refuses_a_batch_that_is_not_nchw():
+    with pytest.raises(ValueError, match=r"augment expects images \(N, C, H, W\), got shape \(3, 8, 8\)"):
+        C.augment(torch.zeros(3, 8, 8), 0.5, xflip=1)
 
 
 def test_cifar10_from_fabricated_archive_folder(monkeypatch, tmp_path):
@@ -1573,6 +1614,17 @@ def test_detector_download_failure_is_user_error(monkeypatch, tmp_path):
     assert isinstance(e.value, C.UserError)
 
 
+def test_a_detector_out_of_memory_is_not_called_a_failure_on_the_image_shape():
+    """Out of memory in the detector (a RuntimeError) passes through as itself (main_guard's out-of-memory sentence),
+    not as 'the FID detector failed on images of shape ...'; control: another RuntimeError is that sentence."""
+    def oom(u8):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):
+        C.Detector(oom, "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(C.UserError, match="the FID detector 'det.pt' failed on images of shape"):
+        C.Detector(lambda u8: u8.view(-1, 7), "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
 # ======================================================================== 15. config parsing
 @dataclasses.dataclass
 class Cfg:
@@ -1808,6 +1860,63 @@ def test_main_guard(capsys):
     assert C.main_guard(lambda: None) is None
     with pytest.raises(ZeroDivisionError):  # real bugs keep their traceback
         C.main_guard(lambda: 1 / 0)
+
+
+def _error_line(capsys, fn):
+    """fn() through main_guard: exit 2 and one `error:` line holding one sentence -> the sentence."""
+    with pytest.raises(SystemExit) as e:
+        C.main_guard(fn)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return _one_sentence(err[len("error: "):-1])
+
+
+def test_empty_step_lists_fid_n_below_2_and_sample_fid_outputs_are_refused_before_any_work(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """imm's command line: an empty --eval_steps or --steps, --fid_n 1 with --fid_every, fid/sample --out naming a
+    folder, a --fid_ref that is not there: one sentence each, before any training or checkpoint read."""
+    import imm
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.pt").write_text("not read: the refusal comes first")
+    os.mkdir("d.jsonl")
+    os.mkdir("d.png")
+    train = lambda *a: lambda: C.parse_cli(imm.Config, imm.PRESETS, "imm", list(a))  # (refused in parse_cli: no run)
+    cmd = lambda *a: lambda: imm.main(list(a))
+    for fn, want in ((train("--eval_steps", ""), "--eval_steps needs at least one step count (such as 1,2)."),
+                     (train("--fid_every", "5", "--fid_n", "1"), "--fid_n must be at least 2 with --fid_every, got 1."),
+                     (cmd("sample", "--ckpt", "c.pt", "--steps", ""), "--steps needs at least one step count (such as "
+                      "--steps 1,2)."),
+                     (cmd("fid", "--ckpt", "c.pt", "--out", "d.jsonl"), "--out 'd.jsonl' is a folder; give a file "
+                      "path."),
+                     (cmd("sample", "--ckpt", "c.pt", "--out", "d.png"), "--out 'd.png' is a folder; give a file "
+                      "path."),
+                     (cmd("fid", "--ckpt", "c.pt", "--fid_ref", "no.npz"), "FID reference 'no.npz' does not exist.")):
+        assert _error_line(capsys, fn) == want
+
+
+def test_a_checkpoint_value_of_another_type_or_a_config_it_cannot_fill_is_one_sentence():
+    """Values that never come from the command line (its converter refuses them first): a checkpoint's config
+    holding a mode outside the Literal, a number for a list, a word for a bool or a number for a str; a Config with
+    a field the checkpoint lacks; a preset name resolve_config is called with directly (parse_cli refuses it first)."""
+    base = dataclasses.asdict(Cfg())
+    for k, v, want in (("mode", "medium", "the checkpoint's mode must be one of fast, slow, got 'medium'."),
+                       ("steps", 3, "the checkpoint's steps must be a comma-separated list, got 3."),
+                       ("flag", "yes", "the checkpoint's flag must be true or false, got 'yes'."),
+                       ("out", 5, "the checkpoint's out must be a string, got 5.")):
+        with pytest.raises(C.UserError) as e:
+            C.merge_config(Cfg, {**base, k: v}, {})
+        assert _one_sentence(e) == want
+
+    @dataclasses.dataclass
+    class Needs:
+        lr: float  # a field without a default
+        iters: int = 3
+    with pytest.raises(C.UserError) as e:
+        C.merge_config(Needs, {"iters": 3}, {})
+    assert _one_sentence(e).startswith("checkpoint config does not fit this file's Config (") and "'lr'" in str(e.value)
+    with pytest.raises(C.UserError) as e:
+        C.resolve_config(Cfg, PRESETS, "huge", {})
+    assert _one_sentence(e) == "unknown preset 'huge'; choose one of toy, cifar10."
 
 
 # ======================================================================== 16. checkpoints
@@ -2199,6 +2308,26 @@ def test_other_world_size_warning_follows_the_checks(tmp_path, capsys):
     assert warn and warn[0] < 2 and lines[0].startswith("config: iters = 2")  # with the other notes, before the run
 
 
+def test_out_of_memory_while_loading_optimiser_or_rng_state_is_not_called_malformed(monkeypatch):
+    """load_optimizer and restore_rng turn the errors of a malformed state into one sentence; out of memory (a
+    RuntimeError) passes through as itself. Controls: a RuntimeError is the sentence."""
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([w])
+    state = opt.state_dict()
+    ck = {"rng": {"world": 1, "ranks": [{"cpu": torch.get_rng_state(), "cuda": None, "gens": []}]},
+          "config": {"seed": 0}, "step": 1}
+    for exc, want in ((torch.OutOfMemoryError("out of memory"), torch.OutOfMemoryError),
+                      (RuntimeError("bad state"), C.UserError)):
+        def fail(*a, exc=exc):
+            raise exc
+        monkeypatch.setattr(opt, "load_state_dict", fail)
+        with pytest.raises(want, match="out of memory|optimiser state does not fit this run's parameters"):
+            C.load_optimizer(opt, state)
+        monkeypatch.setattr(torch, "set_rng_state", fail)
+        with pytest.raises(want, match="out of memory|RNG state is malformed"):
+            C.restore_rng(ck, env1())
+
+
 # ======================================================================== 17. logger and pictures
 def test_logger_jsonl_and_nan(tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -2344,6 +2473,47 @@ def test_derive_seed():
     assert C.derive_seed(0, "rank", 1) == want
     seeds = {C.derive_seed(s, p, i) for s in range(3) for p in ("rank", "data") for i in range(20)}
     assert len(seeds) == 120 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_a_cuda_index_beyond_the_devices_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(C.UserError) as e:
+        C.check_device("cuda:1")
+    assert _one_sentence(e) == "--device cuda:1 does not exist here (1 CUDA device(s))."
+    C.check_device("cuda:0")  # control
+
+
+def test_agree_reraises_a_failure_as_it_came(monkeypatch):
+    """One process: fn's exception itself. Two ranks (collectives stood in for): a bug on this rank keeps its own
+    exception (traceback), a sentence on another rank becomes this rank's UserError."""
+    def bug():
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):
+        C.agree(env1(), bug)
+    with pytest.raises(C.UserError, match="^the disk is full.$"):
+        C.agree(env1(), lambda: (_ for _ in ()).throw(C.UserError("the disk is full.")))
+    env2 = C.Env(rank=0, world=2, local_rank=0, device=CPU, is_main=True, precision="fp32")
+    monkeypatch.setattr(C, "all_mean", lambda x, env: torch.tensor(1.0))
+    for mine, theirs, want in ((bug, "the disk is full.", ZeroDivisionError), (lambda: None, "the disk is full.",
+                                                                              C.UserError)):
+        def gather(msgs, obj, theirs=theirs):
+            msgs[:] = [obj, theirs]
+        monkeypatch.setattr(C.dist, "all_gather_object", gather)
+        with pytest.raises(want, match="a bug|^the disk is full.$"):
+            C.agree(env2, mine)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_guard_step_with_no_gradient_is_no_step(tmp_path, sync_free):
+    """An optimiser none of whose parameters has a gradient (a part that took no part in the loss): no step, no
+    skip counted, no error (the inf-norm of nothing is one)."""
+    g = C.Guard(env1(), 3, type("Log", (), {})(), str(tmp_path / "ckpt.pt"), sync_free=sync_free)
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([w], lr=0.1)
+    g.step(opt)
+    g.end_step(torch.tensor(0.0))
+    assert not opt.state and torch.equal(w.detach(), torch.ones(2)) and (int(g.run), int(g.count)) == (0, 0)
 
 
 # ======================================================================== toy metrics
