@@ -320,6 +320,82 @@ def test_edm_pickle_with_non_finite_weights_or_sigma_range_is_refused(tmp_path, 
         with pytest.raises(C.UserError, match=what):
             C.load_edm(path)
 
+class _Call:
+    """Pickles as the call f(*args) (a REDUCE of the global f)."""
+
+    def __init__(self, f, *args):
+        self.f, self.args = f, args
+
+    def __reduce__(self):
+        return self.f, self.args
+
+
+def test_crafted_pickles_are_refused_in_one_sentence_naming_the_file(tmp_path, monkeypatch, capsys):
+    """Each allowed global called with what EDM never writes (a persistent call without a class record, a tensor
+    without a storage, a storage without bytes, a numpy scalar of object dtype or without its bytes, _codecs.encode
+    of a non-string or to another encoding), or an object of a class outside torch.nn (NEWOBJ): refused in one
+    sentence naming the file, and the embedded source never runs. Control: protocol 2's spelling of bytes (and so
+    of a storage) reads back."""
+    import _codecs
+    marker = tmp_path / "marker"
+    src = f"open({str(marker)!r}, 'w').write('the embedded source ran')\n"
+    fn = _fake_persistence(monkeypatch, run_source=True)  # (an unrestricted load would run src)
+    cases = {"a persistent object without a class record": [
+                 _Call(fn, [1, 2]), _Call(fn, dict(type="function", module_src=src, class_name="F", state={})),
+                 _Call(fn, dict(type="class", module_src=src, class_name="F", state=None))],
+             "a tensor without a storage": [_Call(torch._utils._rebuild_tensor_v2, "abc", 0, (1,), (1,), False,
+                                                  collections.OrderedDict())],
+             "a storage without bytes": [_Call(torch.storage._load_from_bytes, "abc")],
+             "a numpy scalar that is not a plain number": [_Call(np._core.multiarray.scalar, np.dtype(object),
+                                                                 b"\0" * 8), _Call(np._core.multiarray.scalar,
+                                                                                   np.dtype("f8"))],
+             "an encoded string other than latin1 bytes": [_Call(_codecs.encode, "abc", "utf8"),
+                                                           _Call(_codecs.encode, 3, "latin1")],
+             "names the global collections.Counter": [_TorchModule(collections.Counter, {})]}
+    for what, objs in cases.items():
+        for i, obj in enumerate(objs):
+            path = str(tmp_path / f"{what[:12].replace(' ', '_')}{i}.pkl")
+            with open(path, "wb") as f:
+                pickle.dump({"ema": obj}, f, protocol=4)
+            with pytest.raises(SystemExit) as ex:
+                C.main_guard(lambda: C.load_edm(path))
+            err = capsys.readouterr().err
+            assert ex.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: '{path}' "), err
+            assert what in err and err.rstrip(".\n").count(". ") == 0, err
+    assert not marker.exists()
+    with open(tmp_path / "p2.pkl", "wb") as f:
+        pickle.dump({"b": b"\x00\xff", "t": torch.arange(3.0)}, f, protocol=2)  # _codecs.encode(s, 'latin1')
+    got = C.read_edm_pickle(str(tmp_path / "p2.pkl"))
+    assert got["b"] == b"\x00\xff" and torch.equal(got["t"], torch.arange(3.0))
+
+
+def test_edm_records_that_do_not_hold_a_network_are_one_sentence(tmp_path, monkeypatch):
+    """A preconditioner record built with positional arguments or without its 'model' submodule, a module record
+    whose parameter is not a tensor or whose submodule is not a record; an EDMDenoiser config (a checkpoint's) with
+    another preconditioning: one sentence each."""
+    fn, net = _fake_persistence(monkeypatch), _tiny_ncsnpp()
+    kw, R = _edm_kwargs(net.config, {}), net.config["img_resolution"]
+    model = _edm_tree(fn, _ours_to_edm(net), "", R)
+
+    def precond(model=model, **over):
+        state = _module_state(modules=[("model", model)] if model else [], _init_args=(), _init_kwargs=kw)
+        return _Persistent(fn, "VEPrecond", {**state, **over}, "")
+    odd = lambda **st: _Persistent(fn, "Module", _module_state(**st), "")
+    cases = {"VEPrecond was built with positional arguments (16,); EDM passes keywords.": precond(_init_args=(16,)),
+             "the VEPrecond record has no 'model' submodule.": precond(model=None),
+             "weight is not a tensor.": precond(model=odd(params=[("weight", "abc")])),
+             "submodule enc is not a module record.": precond(model=odd(modules=[("enc", {"a": 1})]))}
+    for i, (want, ema) in enumerate(cases.items()):
+        path = _fake_pickle(str(tmp_path / f"{i}.pkl"), fn, net, extra=dict(ema=ema))
+        with pytest.raises(C.UserError) as e:
+            C.load_edm(path)
+        msg = str(e.value)
+        assert msg.startswith(f"'{path}'") and msg.endswith(want) and msg.rstrip(".").count(". ") == 0, msg
+    den, _ = C.load_edm(_fake_pickle(str(tmp_path / "ok.pkl"), fn, net, extra=dict(ema=precond())))  # control
+    with pytest.raises(C.UserError, match="^EDM preconditioning must be vp, ve or edm, got 'vv'.$"):
+        C.EDMDenoiser.from_config({**den.config(), "precond": "vv"})
+
+
 # ======================================================================== network options
 @pytest.mark.parametrize("name, kw, total", [  # totals of NVlabs/edm's SongUNet with the same kwargs (counted once)
     ("ddpmpp", {}, 55_732_739), ("ddpmpp", dict(label_dim=10, augment_dim=9), 55_735_299),
