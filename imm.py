@@ -96,8 +96,6 @@ class Config:
                              f"{self.T}.")
         if self.M < 1 or self.batch % self.M:
             raise ValueError(f"--batch {self.batch} must be a multiple of --M {self.M} (groups share (s, r, t)).")
-        if self.k < 1:
-            raise ValueError("--k must be positive.")
         if not eta(self.t_min) < self.eta_mid < eta(self.T):  # t_1 = eta^-1(eta_mid) must lie in (t_min, T)
             raise ValueError(f"--eta_mid must lie in (eta(t_min), eta(T)) = ({eta(self.t_min):.4g}, "
                              f"{eta(self.T):.4g}), so that the 2-step middle time lies between t_min and T; "
