@@ -123,12 +123,6 @@ class Config:
                              "compile nothing; drop it.")
         if self.learned_weight and self.mode in ("meanflow", "emd"):
             raise ValueError(f"--mode {self.mode} uses the adaptive weighting; drop --learned_weight.")
-        if self.diag_frac is not None and not 0 <= self.diag_frac <= 1:
-            raise ValueError(f"--diag_frac must lie in [0, 1], got {self.diag_frac}.")
-        if self.sigma0 is not None and not self.sigma0 > 0:
-            raise ValueError(f"--sigma0 must be positive, got {self.sigma0}.")
-        if self.batch < 1 or self.accum < 1 or self.iters < 0 or not self.lr > 0 or not 0 <= self.ema < 1:
-            raise ValueError("--batch, --accum and --lr must be positive, --iters non-negative and --ema in [0, 1).")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
