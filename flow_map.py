@@ -593,8 +593,6 @@ def train(cfg, given):
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip", "arch"))
     teacher_b, teacher_std, tid = None, None, None
     if cfg.mode in ("lmd", "emd"):
-        if cfg.interpolant != "linear":
-            raise C.UserError("the rectified-flow teacher is converted for the linear interpolant only.")
         teacher_b, teacher_std, tweights = load_teacher(cfg.teacher, env, data.shape, data.key)
         tid = C.teacher_id(ck, path, cfg.teacher, tweights)  # and with the same weights
     cfg = resolve(cfg, data, teacher_std)
