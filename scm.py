@@ -106,16 +106,10 @@ class Config:
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
-        if self.batch < 1 or self.iters < 0 or self.accum < 1 or self.H < 0:
-            raise ValueError("--batch and --accum must be positive, --iters and --H non-negative.")
-        if not (self.lr > 0 and self.c > 0 and self.sigma_d > 0 and self.P_std > 0):
-            raise ValueError("--lr, --c, --sigma_d and --P_std must be positive.")
         if self.mode != "diffusion" and not 0 < self.t_mid < math.atan(self.sigma_max / self.sigma_d) <= math.pi / 2:
             raise ValueError(f"--t_mid must lie in (0, t_max), t_max = arctan(sigma_max / sigma_d) = "
                              f"{math.atan(self.sigma_max / self.sigma_d):.4f} (--sigma_max {self.sigma_max:g}, "
                              f"--sigma_d {self.sigma_d:g}).")
-        if not 0 <= self.dropout < 1 or not 0 < self.beta2 < 1 or self.heun_steps < 1:
-            raise ValueError("--dropout must lie in [0, 1), --beta2 in (0, 1) and --heun_steps be positive.")
         if not self.data:
             raise ValueError("this preset needs --data (for example a uint8 (N, 16, 16, 3) .npy file).")
 
