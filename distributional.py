@@ -98,12 +98,6 @@ class Config:
     max_skips: int = 100  # stop after this many iterations in a row with a skipped (non-finite gradient) G/D step
 
     def check(self):
-        if self.batch < 1 or self.iters < 0 or self.r1_interval < 1 or self.teacher_iters < 0:
-            raise ValueError("--batch and --r1_interval must be positive, --iters and --teacher_iters non-negative.")
-        if not (self.lr_g > 0 and self.lr_d > 0) or (self.r1_gamma is not None and self.r1_gamma < 0):
-            raise ValueError("--lr_g and --lr_d must be positive and --r1_gamma non-negative.")
-        if not 0 <= self.d_t < 1:
-            raise ValueError(f"--d_t must lie in [0, 1), got {self.d_t}.")
         bad = set(filter(None, self.diffaug.split(","))) - set(AUGMENTS)
         if bad:
             raise ValueError(f"--diffaug knows {', '.join(AUGMENTS)}, not {', '.join(sorted(bad))}.")
