@@ -107,15 +107,14 @@ class Config:
         if not bb or set(bb) - set(BACKBONES) or len(set(bb)) != len(bb):
             raise ValueError(f"--disc_backbones takes a comma-separated subset of {', '.join(BACKBONES)}, "
                              f"not '{self.disc_backbones}'.")
-        if (self.r1_gamma_gdd is not None and self.r1_gamma_gdd < 0) or self.r1_gdd_batch < 0:
-            raise ValueError("--r1_gamma_gdd and --r1_gdd_batch must be non-negative.")
         if self.precision == "fp16":  # (fp16 gradients without a loss scale underflow)
             raise ValueError("--precision fp16 needs loss scaling, which this file's two optimisers and R1 do not do; "
                              "use bf16 (what GDD's own --fp16=True runs) or fp32/tf32.")
 
 
-RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", d_t="[0, 1)", lr_g="> 0", lr_d="> 0",
-              teacher_lr="> 0", ema_halflife_img=">= 0", eval_teacher_steps="[0, 100000]")  # beside common.RANGES
+RANGES = dict(teacher_batch=">= 1", r1_interval=">= 1", r1_gamma=">= 0", r1_gamma_gdd=">= 0", d_t="[0, 1)", lr_g="> 0",
+              lr_d="> 0", teacher_lr="> 0", ema_halflife_img=">= 0",
+              eval_teacher_steps="[0, 100000]")  # beside common.RANGES
 
 R1_DEFAULT = dict(mlp=0.1, scratch=0.01, teacher=0.013)  # batch-mean gamma; `projected`: GDD's 1e-4, gamma_from_gdd
 R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
