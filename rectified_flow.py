@@ -127,17 +127,6 @@ class Config:
     max_skips: int = 100  # stop after this many optimiser steps in a row with non-finite gradients (each is skipped)
 
     def check(self):
-        if self.batch < 1 or self.iters < 0 or self.accum < 1:
-            raise ValueError("--batch and --accum must be positive and --iters non-negative.")
-        if not 0 <= self.t_eps < 0.5:
-            raise ValueError(f"--t_eps must lie in [0, 0.5), got {self.t_eps}.")
-        if not 0 < self.t_mid < 1:
-            raise ValueError(f"--t_mid must lie in (0, 1), got {self.t_mid}.")
-        if not self.lr > 0 or (self.ema is not None and not 0 <= self.ema < 1):
-            raise ValueError(f"--lr must be positive and --ema in [0, 1), got {self.lr} and {self.ema}.")
-        if min(self.n_pairs, self.pair_block, self.pair_batch, self.pair_steps, self.inv_steps) < 1 or not self.a > 0:
-            raise ValueError("--n_pairs, --pair_block, --pair_batch, --pair_steps, --inv_steps and --a must be "
-                             "positive.")
         if self.noise_std != 1.0:
             raise ValueError("--noise_std is fixed at 1 by this file's convention.")
         if self.solver == "rk4" and self.rule == "new":
