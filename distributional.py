@@ -822,8 +822,9 @@ def load_teacher(path, cfg, data, log):
         raise C.UserError(f"'{path}' has a two-time network; a one-time velocity teacher is needed.")
     has_labels = bool(nd.get("label_dim"))
     if has_labels != cfg.cond:
-        raise C.UserError(f"--cond {cfg.cond} does not fit the teacher, which {'has' if has_labels else 'lacks'} the "
-                          f"label embedding map_label.weight; set --cond {str(has_labels).lower()}.")
+        raise C.UserError(f"--cond {str(cfg.cond).lower()} does not fit the teacher, which "
+                          f"{'has' if has_labels else 'lacks'} the label embedding map_label.weight; set --cond "
+                          f"{str(has_labels).lower()}.")
     if data is not None:
         want = (data.kind == "images", data.shape if data.kind == "images" else (nd.get("dim"),))
         got = (nd["kind"] == "unet", (nd.get("in_channels"), nd.get("img_resolution"), nd.get("img_resolution"))
@@ -863,8 +864,8 @@ def _load_edm_teacher(path, cfg, data):
     C.load_state_strict(gen.den, den.state_dict())
     nd = d["net"]
     if bool(nd["label_dim"]) != cfg.cond:
-        raise C.UserError(f"--cond {cfg.cond} does not fit the EDM teacher ({nd['label_dim']} classes); set --cond "
-                          f"{str(bool(nd['label_dim'])).lower()}.")
+        raise C.UserError(f"--cond {str(cfg.cond).lower()} does not fit the EDM teacher ({nd['label_dim']} classes); "
+                          f"set --cond {str(bool(nd['label_dim'])).lower()}.")
     if data is not None and (data.kind != "images" or tuple(data.shape) != (nd["in_channels"], nd["img_resolution"],
                                                                            nd["img_resolution"])):
         raise C.UserError(f"the EDM teacher makes {nd['in_channels']} x {nd['img_resolution']}^2 images; the data "
