@@ -833,7 +833,8 @@ def load_teacher(path, cfg, data, log):
             raise C.UserError(f"the teacher's network ({nd['kind']}, shape {got[1]}) does not fit the data "
                               f"'{cfg.data}' of shape {tuple(data.shape)}.")
         if has_labels and nd["label_dim"] != data.num_classes:
-            raise C.UserError(f"the teacher has {nd['label_dim']} classes, the data {data.num_classes}.")
+            raise C.UserError(f"the teacher '{path}' has {nd['label_dim']} classes, but the data '{cfg.data}' has "
+                              f"{data.num_classes}; give the data it was trained on.")
     stage = tcfg.get("stage", "1rf")
     density = "uniform" if stage == "1rf" else tcfg.get("t_dist", "uniform")
     if density not in ("uniform", "ushape"):
