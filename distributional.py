@@ -434,6 +434,10 @@ def _sn_head(cin, res, cout, mid=128):
     return nn.Sequential(*layers, spectral_norm(nn.Conv2d(mid, cout, 3, padding=1)))
 
 
+NO_EDM_ENCODER = ("--disc teacher reads a rectified_flow.py teacher's encoder; with an EDM teacher use --disc "
+                  "projected (GDD's) or --disc scratch.")
+
+
 class TeacherD(nn.Module):
     """`teacher` D: a frozen deep copy of the teacher (own storage, eval mode) run through its encoder only on
     x~ = (1 - d_t) x + d_t eps at t = d_t (same labels); one trainable SN head per encoder resolution."""
@@ -444,8 +448,7 @@ class TeacherD(nn.Module):
         self.d_t, self.policy = d_t, policy
         nd = teacher.config
         if nd["kind"] == "edm_generator":
-            raise C.UserError("--disc teacher reads a rectified_flow.py teacher's encoder; with an EDM teacher use "
-                              "--disc projected (GDD's) or --disc scratch.")
+            raise C.UserError(NO_EDM_ENCODER)
         if nd["kind"] != "unet":
             raise C.UserError("--disc teacher needs an image teacher; 2-D points use --disc mlp.")
         dev = next(teacher.parameters()).device  # the meta device works too (shape-only tests)
@@ -887,6 +890,8 @@ def check_disc(cfg, data, given=()):
         raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
     if data.kind == "images" and cfg.disc == "mlp":
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
+    if cfg.disc == "teacher" and str(cfg.teacher or "").endswith(".pkl"):  # (load_teacher: an EDM pickle; TeacherD
+        raise C.UserError(NO_EDM_ENCODER)  # met it after the run's config.json, written in --out)
     C.refuse_other(given, DISC_ONLY, "disc", cfg.disc)
     gdd_gamma(cfg, given)  # R1's gamma given twice, or --r1_gdd_batch with a batch-mean gamma
 
