@@ -1114,6 +1114,8 @@ def train(cfg, given):
     C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
     check_in_file_teacher(cfg, given, ck)
     check_disc(cfg, data, given)  # before the in-file teacher's training, as the `projected` D's backbones
+    if in_file:  # its --teacher_net fits the data (train_teacher met it after the run's config.json, in --out)
+        teacher_net_dict(cfg, data)
     bbs = projected_backbones(cfg, env) if cfg.disc == "projected" else None  # (their weights): missing ones stop now
     # a named teacher is read before the run's first file (a missing or incompatible one: its sentence, nothing written
     # in --out); its notes wait for the run's first line
