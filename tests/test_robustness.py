@@ -46,6 +46,9 @@ Cases per file (the count is asserted in test_case_table; every bad-input case m
     ----------------------------------------------------------------------------------------------------
     bad-input cases, all one sentence and exit 2           73   77     79          80              79
 
+    Beside the table: each refusal branch of the five files that no other test reached (found by a coverage run),
+    once, in test_every_refusal_branch_is_one_sentence.
+
     behaviour tests (each in all five files): resume with a changed learning rate applies it (optimiser param groups
     and saved config); a non-finite gradient (finite loss) skips exactly that step (Adam's step count and moments
     untouched, `skipped` logged) and the run ends with its checkpoint; a NaN loss at every step stops after
@@ -477,6 +480,115 @@ def test_case_table(files):
     """The docstring's table: bad-input cases per file (every one ends in one sentence and exit 2)."""
     got = {n: len(train_cases(n, files) + sample_cases(n, files) + resume_cases(n, files)) for n in MODS}
     assert got == dict(imm=73, scm=77, flow_map=79, rectified_flow=80, distributional=79), got
+
+
+def test_every_refusal_branch_is_one_sentence(files, tmp_path, capsys, monkeypatch):
+    """The refusals of the method files that no other test reached (a coverage run of the suite), each from the input
+    that reaches it: one sentence naming the option, file or value, exit 2, nothing on stdout or in --out. Teachers
+    and checkpoints are the fixture's toy runs, edited where a branch needs another network (a conditional or
+    two-time one, a U-Net of 3 classes), and the tiny EDM-written pickles of tests/golden/."""
+    from PIL import Image
+    from standin import edm_pickle
+    d, t = files, tmp_path
+    rng = np.random.default_rng(0)
+    img8, img16, lab = t / "img8.npy", t / "img16.npy", t / "lab"
+    np.save(img8, rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))  # the pickles' shape, 3 x 8 x 8
+    np.save(img16, rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    lab.mkdir()  # 8 x 8 images of 2 classes (EDM's dataset.json)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i,) * 3).save(lab / f"{i}.png")
+    (lab / "dataset.json").write_text(json.dumps({"labels": [[f"{i}.png", i % 2] for i in range(4)]}))
+    unc, cnd, missing = edm_pickle(t), edm_pickle(t, "edm_ve_ncsnpp_cond"), t / "edm-cifar10-32x32-uncond-ve.pkl"
+    rf = torch.load(d / "rectified_flow" / "ckpt.pt", weights_only=True)
+
+    def edited(name, ck, **entries):
+        torch.save({**ck, **entries}, t / name)
+        return t / name
+    labels = edited("labels.pt", rf, net={**rf["net"], "label_dim": 3})  # a conditional rectified_flow teacher
+    two = edited("two.pt", rf, net={**rf["net"], "num_times": 2})
+    unet3 = edited("unet3.pt", rf, net=C.net_config("tiny", img_resolution=8, in_channels=3, label_dim=3))  # (its
+    # weights stay the MLP's: the refusal reads no further than the net dict)
+    fm = torch.load(d / "flow_map" / "ckpt.pt", weights_only=True)
+    conv = edited("conv.pt", fm, convention=fm["convention"].replace("(linear)", "(trig)"))
+    (t / "other").mkdir()
+    shutil.copy(d / "imm" / "ckpt.pt", t / "other" / "ckpt.pt")  # another method's run in --out
+    (t / "ft" / "2rf").mkdir(parents=True)
+    shutil.copy(d / "rectified_flow" / "ckpt.pt", t / "ft" / "2rf" / "ckpt.pt")  # a 2-RF of 2-D points
+
+    def offline(*a, **k):
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)  # VGG16-BN's download (never fetched here)
+    out = ["--out", t / "never"]
+    lmd8 = ["--mode", "lmd", "--data", img8]
+    cases = [
+        ("imm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # imm.py:311
+        ("flow_map", ["--augment", "0.5", *out], ["--augment", "--mode meanflow"]),  # flow_map.py:120
+        ("flow_map", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # :465
+        ("flow_map", ["--mode", "meanflow", "--augment", "0.5", *out], ["--augment", "2-D points"]),  # :467
+        ("flow_map", [*lmd8, "--teacher", missing, *out],
+         [str(missing), "not found", "pretrained/" + missing.name]),  # :499
+        ("flow_map", ["--mode", "lmd", "--data", img16, "--teacher", unc, *out],
+         [unc, "(3, 8, 8)", "(3, 16, 16)"]),  # :504
+        ("flow_map", [*lmd8, "--teacher", cnd, *out], [cnd, "class-conditional"]),  # :504
+        ("flow_map", ["--mode", "lmd", "--teacher", labels, *out], [str(labels), "class-conditional"]),  # :522
+        ("flow_map", [*BASE["flow_map"], "--out", t / "other"], ["checkpoint of imm", "another --out"]),  # :590
+        ("flow_map", ["sample", "--ckpt", conv, "--out", t / "never.npy"], [str(conv), "(trig)", "edited"]),  # :720
+        ("scm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # scm.py:400
+        ("scm", ["--mode", "diffusion", "--augment", "0.5", *out], ["--augment", "2-D points"]),  # :402
+        ("scm", ["--mode", "sct", "--data", img8, "--teacher", missing, *out], [str(missing), "not found"]),  # :465
+        ("scm", ["--mode", "sct", "--data", img8, "--teacher", cnd, *out], [cnd, "class-conditional"]),  # :469
+        ("scm", ["--mode", "sct", "--teacher", d / "scm" / "ckpt.pt", "--width", "32", *out],
+         ["--mode sct takes its network from", "drop --net/--width"]),  # :526
+        ("scm", ["--mode", "sct", "--data", img8, "--teacher", d / "scm" / "ckpt.pt", *out],
+         ["generates (2,)", "(3, 8, 8)"]),  # :543, a 2-D teacher beside images
+        ("scm", ["--mode", "sct", "--data", img16, "--teacher", unc, *out], [unc, "(3, 8, 8)", "(3, 16, 16)"]),  # :543
+        ("scm", ["--mode", "diffusion", "--batch", "10", "--accum", "3", *out], ["--batch 10", "--accum 3"]),  # :571
+        ("distributional", ["--preset", "tiny", *out], ["needs --data"]),  # distributional.py:111
+        ("distributional", ["--disc_backbones", "vgg,foo", *out], ["--disc_backbones", "'vgg,foo'"]),  # :114
+        ("distributional", ["--r1_gamma_gdd", "-1", *out], ["--r1_gamma_gdd must be non-negative", "-1.0"]),  # RANGES
+        ("distributional", ["--data", img8, "--teacher", unc, "--disc", "teacher", *out],
+         ["--disc teacher", "EDM teacher", "--disc projected"]),  # check_disc (TeacherD's :454 wrote config.json)
+        ("distributional", ["--data", img8, "--teacher_net", "tiny", "--disc", "projected", "--disc_backbones", "vgg",
+                            *out],
+         ["VGG16-BN's ImageNet weights", "(OSError)", "--disc_weights random"]),  # :621
+        ("distributional", ["--data", img8, "--teacher_net", "mlp", "--disc", "scratch", *out],
+         ["--teacher_net mlp", "tiny, small or ddpmpp"]),  # :773 (both wrote config.json in --out first)
+        ("distributional", ["--teacher_net", "tiny", *out], ["--teacher_net tiny", "need mlp"]),  # :777
+        ("distributional", ["--teacher", two, *out], [str(two), "two-time"]),  # :829
+        ("distributional", ["--data", lab, "--cond", "true", "--teacher", unet3, "--disc", "scratch", *out],
+         [str(unet3), "3 classes", str(lab), "has 2"]),  # :842
+        ("distributional", ["--data", img8, "--teacher", missing, "--disc", "scratch", *out],
+         [str(missing), "not found"]),  # :864
+        ("distributional", ["--data", img8, "--teacher", cnd, "--disc", "scratch", *out],
+         ["--cond false does not fit", "10 classes", "set --cond true"]),  # :873
+        ("distributional", ["--data", img16, "--teacher", unc, "--disc", "scratch", *out],
+         ["3 x 8^2", "(3, 16, 16)"]),  # :877
+        ("distributional", ["--data", img8, "--disc", "mlp", *out], ["--disc mlp is for 2-D points"]),  # :894
+        ("rectified_flow", ["--preset", "tiny", *out], ["needs --data"]),  # rectified_flow.py:146
+        ("rectified_flow", ["--stage", "1rf", "--data", img8, "--net", "mlp", *out], ["--net mlp is for 2-D"]),  # :438
+        ("rectified_flow", ["--stage", "1rf", "--net", "tiny", *out], ["--net tiny is an image network"]),  # :443
+        ("rectified_flow", ["--stage", "1rf", "--batch", "10", "--accum", "3", *out],
+         ["--batch 10", "--accum 3"]),  # :944
+        ("rectified_flow", ["--stage", "ft", "--out", t / "ft"], ["--stage ft", "image data set"]),  # :1036
+    ]
+    for name, argv, words in cases:
+        capsys.readouterr()
+        code = run(name, *argv)
+        got, err = capsys.readouterr()
+        one_sentence(code, err, *map(str, words))
+        assert got == "", (name, argv, got)
+        assert not os.path.exists(t / "never"), (name, argv, os.listdir(t / "never"))  # not even config.json
+    assert not os.path.exists(t / "never.npy")
+    assert os.listdir(t / "ft") == ["2rf"] and os.listdir(t / "other") == ["ckpt.pt"]
+    # distributional.py: an explicit --r1_gamma is the run's gamma as given (resolve_gamma's batch-mean branch), and
+    # TeacherD (a library class; the command line builds it from a U-Net teacher only) refuses an EDM generator and a
+    # 2-D network
+    G = distributional
+    assert G.resolve_gamma(G.Config(r1_gamma=0.2), {"r1_gamma": 0.2}, 548, 16) == (0.2, "gamma 0.2 (batch-mean)")
+    for net, words in ((G.load_teacher(unc, G.Config(), None, None)[0], "EDM teacher use --disc projected"),
+                       (C.build_net(C.net_config("mlp")), "needs an image teacher")):
+        with pytest.raises(C.UserError, match=words):
+            G.TeacherD(net, 0.1)
 
 
 @pytest.mark.parametrize("name", ["imm", "scm", "flow_map", "rectified_flow"])
