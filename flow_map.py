@@ -117,7 +117,8 @@ class Config:
         if self.interpolant == "trig" and self.mode in ("meanflow", "lmd", "emd"):
             raise ValueError(f"--interpolant trig is not available with --mode {self.mode} (its conversion is linear).")
         if self.augment and self.mode != "meanflow":
-            raise ValueError("--augment is wired for --mode meanflow (py-meanflow's v0 recipe) only.")
+            raise ValueError(f"--augment is wired for --mode meanflow (py-meanflow's v0 recipe) only, not --mode "
+                             f"{self.mode}.")
         if self.compile and self.mode == "meanflow":
             raise ValueError("--mode meanflow computes its whole loss as one JVP of the raw network: --compile would "
                              "compile nothing; drop it.")

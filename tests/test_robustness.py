@@ -521,55 +521,55 @@ def test_every_refusal_branch_is_one_sentence(files, tmp_path, capsys, monkeypat
     out = ["--out", t / "never"]
     lmd8 = ["--mode", "lmd", "--data", img8]
     cases = [
-        ("imm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # imm.py:311
-        ("flow_map", ["--augment", "0.5", *out], ["--augment", "--mode meanflow"]),  # flow_map.py:120
-        ("flow_map", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # :465
-        ("flow_map", ["--mode", "meanflow", "--augment", "0.5", *out], ["--augment", "2-D points"]),  # :467
+        ("imm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),
+        ("flow_map", ["--augment", "0.5", *out], ["--augment", "--mode meanflow", "not --mode lsd"]),
+        ("flow_map", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),
+        ("flow_map", ["--mode", "meanflow", "--augment", "0.5", *out], ["--augment", "2-D points"]),
         ("flow_map", [*lmd8, "--teacher", missing, *out],
-         [str(missing), "not found", "pretrained/" + missing.name]),  # :499
+         [str(missing), "not found", "pretrained/" + missing.name]),
         ("flow_map", ["--mode", "lmd", "--data", img16, "--teacher", unc, *out],
-         [unc, "(3, 8, 8)", "(3, 16, 16)"]),  # :504
-        ("flow_map", [*lmd8, "--teacher", cnd, *out], [cnd, "class-conditional"]),  # :504
-        ("flow_map", ["--mode", "lmd", "--teacher", labels, *out], [str(labels), "class-conditional"]),  # :522
-        ("flow_map", [*BASE["flow_map"], "--out", t / "other"], ["checkpoint of imm", "another --out"]),  # :590
-        ("flow_map", ["sample", "--ckpt", conv, "--out", t / "never.npy"], [str(conv), "(trig)", "edited"]),  # :720
-        ("scm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),  # scm.py:400
-        ("scm", ["--mode", "diffusion", "--augment", "0.5", *out], ["--augment", "2-D points"]),  # :402
-        ("scm", ["--mode", "sct", "--data", img8, "--teacher", missing, *out], [str(missing), "not found"]),  # :465
-        ("scm", ["--mode", "sct", "--data", img8, "--teacher", cnd, *out], [cnd, "class-conditional"]),  # :469
+         [unc, "(3, 8, 8)", "(3, 16, 16)"]),
+        ("flow_map", [*lmd8, "--teacher", cnd, *out], [cnd, "class-conditional"]),
+        ("flow_map", ["--mode", "lmd", "--teacher", labels, *out], [str(labels), "class-conditional"]),
+        ("flow_map", [*BASE["flow_map"], "--out", t / "other"], ["checkpoint of imm", "another --out"]),
+        ("flow_map", ["sample", "--ckpt", conv, "--out", t / "never.npy"], [str(conv), "(trig)", "edited"]),
+        ("scm", ["--net", "tiny", *out], ["--net tiny is an image network", "--net mlp"]),
+        ("scm", ["--mode", "diffusion", "--augment", "0.5", *out], ["--augment", "2-D points"]),
+        ("scm", ["--mode", "sct", "--data", img8, "--teacher", missing, *out], [str(missing), "not found"]),
+        ("scm", ["--mode", "sct", "--data", img8, "--teacher", cnd, *out], [cnd, "class-conditional"]),
         ("scm", ["--mode", "sct", "--teacher", d / "scm" / "ckpt.pt", "--width", "32", *out],
-         ["--mode sct takes its network from", "drop --net/--width"]),  # :526
+         ["--mode sct takes its network from", "drop --net/--width"]),
         ("scm", ["--mode", "sct", "--data", img8, "--teacher", d / "scm" / "ckpt.pt", *out],
-         ["generates (2,)", "(3, 8, 8)"]),  # :543, a 2-D teacher beside images
-        ("scm", ["--mode", "sct", "--data", img16, "--teacher", unc, *out], [unc, "(3, 8, 8)", "(3, 16, 16)"]),  # :543
-        ("scm", ["--mode", "diffusion", "--batch", "10", "--accum", "3", *out], ["--batch 10", "--accum 3"]),  # :571
-        ("distributional", ["--preset", "tiny", *out], ["needs --data"]),  # distributional.py:111
-        ("distributional", ["--disc_backbones", "vgg,foo", *out], ["--disc_backbones", "'vgg,foo'"]),  # :114
+         ["generates (2,)", "(3, 8, 8)"]),  # a 2-D teacher beside images
+        ("scm", ["--mode", "sct", "--data", img16, "--teacher", unc, *out], [unc, "(3, 8, 8)", "(3, 16, 16)"]),
+        ("scm", ["--mode", "diffusion", "--batch", "10", "--accum", "3", *out], ["--batch 10", "--accum 3"]),
+        ("distributional", ["--preset", "tiny", *out], ["needs --data"]),
+        ("distributional", ["--disc_backbones", "vgg,foo", *out], ["--disc_backbones", "'vgg,foo'"]),
         ("distributional", ["--r1_gamma_gdd", "-1", *out], ["--r1_gamma_gdd must be non-negative", "-1.0"]),  # RANGES
         ("distributional", ["--data", img8, "--teacher", unc, "--disc", "teacher", *out],
-         ["--disc teacher", "EDM teacher", "--disc projected"]),  # check_disc (TeacherD's :454 wrote config.json)
+         ["--disc teacher", "EDM teacher", "--disc projected"]),  # check_disc (TeacherD's refusal wrote config.json)
         ("distributional", ["--data", img8, "--teacher_net", "tiny", "--disc", "projected", "--disc_backbones", "vgg",
                             *out],
-         ["VGG16-BN's ImageNet weights", "(OSError)", "--disc_weights random"]),  # :621
+         ["VGG16-BN's ImageNet weights", "(OSError)", "--disc_weights random"]),
         ("distributional", ["--data", img8, "--teacher_net", "mlp", "--disc", "scratch", *out],
-         ["--teacher_net mlp", "tiny, small or ddpmpp"]),  # :773 (both wrote config.json in --out first)
-        ("distributional", ["--teacher_net", "tiny", *out], ["--teacher_net tiny", "need mlp"]),  # :777
-        ("distributional", ["--teacher", two, *out], [str(two), "two-time"]),  # :829
+         ["--teacher_net mlp", "tiny, small or ddpmpp"]),  # (both wrote config.json in --out first)
+        ("distributional", ["--teacher_net", "tiny", *out], ["--teacher_net tiny", "need mlp"]),
+        ("distributional", ["--teacher", two, *out], [str(two), "two-time"]),
         ("distributional", ["--data", lab, "--cond", "true", "--teacher", unet3, "--disc", "scratch", *out],
-         [str(unet3), "3 classes", str(lab), "has 2"]),  # :842
+         [str(unet3), "3 classes", str(lab), "has 2"]),
         ("distributional", ["--data", img8, "--teacher", missing, "--disc", "scratch", *out],
-         [str(missing), "not found"]),  # :864
+         [str(missing), "not found"]),
         ("distributional", ["--data", img8, "--teacher", cnd, "--disc", "scratch", *out],
-         ["--cond false does not fit", "10 classes", "set --cond true"]),  # :873
+         ["--cond false does not fit", "10 classes", "set --cond true"]),
         ("distributional", ["--data", img16, "--teacher", unc, "--disc", "scratch", *out],
-         ["3 x 8^2", "(3, 16, 16)"]),  # :877
-        ("distributional", ["--data", img8, "--disc", "mlp", *out], ["--disc mlp is for 2-D points"]),  # :894
-        ("rectified_flow", ["--preset", "tiny", *out], ["needs --data"]),  # rectified_flow.py:146
-        ("rectified_flow", ["--stage", "1rf", "--data", img8, "--net", "mlp", *out], ["--net mlp is for 2-D"]),  # :438
-        ("rectified_flow", ["--stage", "1rf", "--net", "tiny", *out], ["--net tiny is an image network"]),  # :443
+         ["3 x 8^2", "(3, 16, 16)"]),
+        ("distributional", ["--data", img8, "--disc", "mlp", *out], ["--disc mlp is for 2-D points"]),
+        ("rectified_flow", ["--preset", "tiny", *out], ["needs --data"]),
+        ("rectified_flow", ["--stage", "1rf", "--data", img8, "--net", "mlp", *out], ["--net mlp is for 2-D"]),
+        ("rectified_flow", ["--stage", "1rf", "--net", "tiny", *out], ["--net tiny is an image network"]),
         ("rectified_flow", ["--stage", "1rf", "--batch", "10", "--accum", "3", *out],
-         ["--batch 10", "--accum 3"]),  # :944
-        ("rectified_flow", ["--stage", "ft", "--out", t / "ft"], ["--stage ft", "image data set"]),  # :1036
+         ["--batch 10", "--accum 3"]),
+        ("rectified_flow", ["--stage", "ft", "--out", t / "ft"], ["--stage ft", "image data set"]),
     ]
     for name, argv, words in cases:
         capsys.readouterr()
