@@ -266,7 +266,8 @@ def gdd_prepare(freeze):
     correction (StyleGAN2 §3.1, d_adam_hparams), as distributional.train builds them."""
     def prepare(net, env, args):
         import distributional as GD
-        cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10", dict(freeze=freeze, disc="teacher"))
+        cfg = common.resolve_config(GD.Config, GD.PRESETS, "cifar10",  # (a 1-RF teacher, not the preset's EDM pickle)
+                                    dict(freeze=freeze, disc="teacher", teacher="(stand-in)"))
         teacher = net.eval().requires_grad_(False)
         gen = GD.make_generator(teacher, cfg.freeze).to(env.device)
         D = GD.build_disc(cfg, _images(net=net), teacher, env, None).to(env.device).train()
