@@ -776,6 +776,34 @@ def test_14_vgg_imagenet_weights_load_under_torchvisions_names(monkeypatch):
     assert not torch.equal(rand[conv], got[conv])
 
 
+def test_14_effnet_imagenet_weights_come_from_timm_or_one_sentence(monkeypatch):
+    """The EfficientNet-lite0 backbone with --disc_weights imagenet asks timm for its pretrained model (a stand-in
+    here records the call and returns a seeded model, whose weights the backbone then holds); when timm cannot load
+    them (offline, nothing cached), one sentence naming timm's cache entry and the two ways on."""
+    import timm
+    real, asked = timm.create_model, []
+
+    def create(name, pretrained=False, **kw):
+        asked.append((name, pretrained))
+        if pretrained == "fail":
+            raise OSError("offline")
+        torch.manual_seed(11)
+        return real(name, pretrained=False, **kw)
+    monkeypatch.setattr(timm, "create_model", create)
+    got = D.make_backbone("effnet", "imagenet", env1()).state_dict()
+    assert asked == [("tf_efficientnet_lite0", True)]
+    torch.manual_seed(11)
+    want = real("tf_efficientnet_lite0", pretrained=False).state_dict()
+    stem = next(k for k in got if k.endswith("conv_stem.weight"))
+    assert torch.equal(got[stem], want["conv_stem.weight"])
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: create(name, pretrained and "fail"))
+    with pytest.raises(C.UserError) as e:
+        D.make_backbone("effnet", "imagenet", env1())
+    msg = str(e.value)
+    assert "(OSError)" in msg and "timm/tf_efficientnet_lite0.in1k" in msg and "--disc_backbones vgg" in msg \
+        and "--disc_weights random" in msg and msg.count(". ") == 0
+
+
 # ============================================================================== 15-16: DiffAugment, sampler
 def test_15_diffaugment():
     x = torch.rand(4, 3, 8, 8, generator=gen(0)) * 2 - 1
