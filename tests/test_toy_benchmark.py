@@ -121,3 +121,23 @@ def test_replot_of_a_malformed_results_file_writes_nothing(tiny_run, tmp_path, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --replot needs ") and f"KeyError: '{drop}'" in err, err
     assert os.listdir(tmp_path) == ["toy.json"] and (tmp_path / "toy.json").read_text() == text
+
+
+def test_every_other_method_runs_in_the_benchmark(tmp_path):
+    """The methods the fixture leaves out, each through the benchmark's own command lines (2-RF++'s pairs stage from
+    the 1-RF teacher, sCT/sCD's --H, the teachers shared): finite scores at every step count and the budget split as
+    the module docstring says (a teacher-trained method: half the examples to its teacher)."""
+    others = [m for m in toy.METHODS if m not in ("1-RF", "LSD", "GDD")]
+    summ = toy.main(["--datasets", "moons", "--seeds", "0", "--budget", "1024", "--batch", "128", "--n_eval", "128",
+                     "--methods", ",".join(["1-RF", *others]), "--jobs", "1", "--work", str(tmp_path / "work"),
+                     "--results", str(tmp_path / "res")])
+    recs = {r["method"]: r for r in json.loads((tmp_path / "res" / "toy.json").read_text())["records"]}
+    assert set(others) <= set(recs) and set(others) <= set(summ["moons"])
+    for m in others:
+        r = recs[m]
+        assert sorted(map(int, r["steps"])) == list(toy.STEPS), m
+        assert all(math.isfinite(v) for sc in r["steps"].values() for v in sc.values()), m
+        assert r["examples"] == 1024 and r["teacher_examples"] == (512 if toy.METHODS[m][1] else 0), m
+    with open(tmp_path / "work" / "moons-0" / "log.txt") as f:
+        sct = [ln for ln in f if ln.startswith("$ python scm.py --mode sct")]
+    assert len(sct) == 1 and "--H 1 " in sct[0], sct  # 20 % of its 4 iterations, at least 1
