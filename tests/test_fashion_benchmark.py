@@ -54,21 +54,22 @@ def source(tmp_path_factory):
 
 
 def test_end_to_end_tiny_budget(source, tmp_path):
-    """fashion.py through the methods' own CLIs: 1-RF, LMD (1-RF teacher) and sCD (TrigFlow teacher) -> JSON, MD, PNG
-    with finite FDs; the unpacked data and the cached classifier are reused on a second look."""
+    """fashion.py through the methods' own CLIs: 1-RF, LMD (1-RF teacher), sCD (TrigFlow teacher) and 2-RF++ (its
+    pairs stage from the 1-RF teacher) -> JSON, MD, PNG with finite FDs; the unpacked data and the cached classifier
+    are reused on a second look."""
     root, res = tmp_path / "root", tmp_path / "results"
     argv = ["--root", str(root), "--source", str(source), "--results", str(res), "--work", str(tmp_path / "work"),
-            "--methods", "1-RF,LMD,sCD", "--net", "tiny", "--budget", "32", "--batch", "8", "--n_fd", "128",
+            "--methods", "1-RF,LMD,sCD,2-RF++", "--net", "tiny", "--budget", "32", "--batch", "8", "--n_fd", "128",
             "--ref_steps", "3", "--jobs", "1", "--n_grid", "4"]
     out = fb.main(argv)
     for ext in ("json", "md", "png"):
         assert (res / f"fashion_cpu.{ext}").stat().st_size > 0
     rep = json.loads((res / "fashion_cpu.json").read_text())
-    assert [r["method"] for r in rep["records"]] == ["1-RF", "LMD", "sCD"]
+    assert [r["method"] for r in rep["records"]] == ["1-RF", "LMD", "sCD", "2-RF++"]
     for r in rep["records"]:
         assert all(math.isfinite(r["fd"][k]) and r["fd"][k] >= 0 for k in ("1", "2")), r
         assert r["examples"] == 32 and r["wall_s"] > 0
-    assert rep["records"][1]["teacher_examples"] == 16  # teacher + student = the budget
+    assert rep["records"][1]["teacher_examples"] == rep["records"][3]["teacher_examples"] == 16  # teacher + student
     assert math.isfinite(rep["records"][0]["fd_reference"]["3"]) and math.isfinite(rep["meta"]["fd_floor"])
     assert rep["meta"]["net"] == "tiny" and out["meta"]["budget"] == 32
     md = (res / "fashion_cpu.md").read_text()
