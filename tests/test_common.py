@@ -2029,6 +2029,31 @@ def test_guard_with_an_fp16_scaler_needs_no_host_read(tmp_path):
             and all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i]))
 
 
+def test_guard_a_non_finite_loss_right_after_a_checkpoint_withholds_it_and_the_next(tmp_path):
+    """A checkpoint that is not the last waits for the next step's loss (taken at the weights it saves): a NaN there
+    withholds it and the previous file stays; it is also a NaN since the previous checkpoint, so the next checkpoint
+    is withheld too, and the one after it, with finite losses since, is written. Control: a finite loss writes it.
+    (Diverged weights are caught by the probe first in the method files' tests: this path ran there unseen.)"""
+    path, lines = str(tmp_path / "ckpt.pt"), []
+    g = C.Guard(env1(), 10, type("Log", (), {"info": staticmethod(lines.append)})(), path)
+    net, nan, one = mlp(), torch.tensor(float("nan")), torch.tensor(1.0)
+    saved = lambda: torch.load(path, weights_only=True)["step"]
+    g.checkpoint(2, False, lambda: _ckpt(net, step=2))
+    assert not os.path.exists(path)  # not before the next step's loss
+    g.end_step(one)
+    assert saved() == 2
+    g.checkpoint(4, False, lambda: _ckpt(net, step=4))
+    g.end_step(nan)
+    assert saved() == 2 and lines[-1].startswith("checkpoint of step 4 withheld: the loss became NaN/inf")
+    g.end_step(one)
+    g.checkpoint(6, False, lambda: _ckpt(net, step=6))
+    g.end_step(one)
+    assert saved() == 2 and lines[-1].startswith("checkpoint of step 6 withheld") and len(lines) == 2
+    g.checkpoint(8, False, lambda: _ckpt(net, step=8))
+    g.end_step(one)
+    assert saved() == 8 and len(lines) == 2
+
+
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
     env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
     net = mlp()
