@@ -2054,6 +2054,28 @@ def test_guard_a_non_finite_loss_right_after_a_checkpoint_withholds_it_and_the_n
     assert saved() == 8 and len(lines) == 2
 
 
+def test_guard_max_skips_in_a_row_stop_the_run_at_a_checkpoint(tmp_path):
+    """--max_skips is checked at checkpoints as well as at log lines (which may lie further apart): max_skips skipped
+    steps in a row (finite losses) before a checkpoint stop the run in one sentence and nothing is written, not even
+    the final checkpoint. Control: one skip fewer writes it."""
+    for skips in (3, 2):
+        path = str(tmp_path / f"{skips}.pt")
+        g = C.Guard(env1(), 3, type("Log", (), {"info": staticmethod(lambda m: None)})(), path)
+        w, net = nn.Parameter(torch.ones(2)), mlp()
+        opt = torch.optim.SGD([w], lr=0.1)
+        for _ in range(skips):
+            w.grad = torch.ones(2)
+            g.step(opt, ok=torch.tensor(False))
+            g.end_step(torch.tensor(0.0))
+        if skips == 3:
+            with pytest.raises(C.UserError, match="^3 optimiser steps in a row .* stopping at step 5, no checkpoint"):
+                g.checkpoint(5, True, lambda: _ckpt(net, step=5))
+            assert not os.path.exists(path)
+        else:
+            g.checkpoint(5, True, lambda: _ckpt(net, step=5))
+            assert torch.load(path, weights_only=True)["step"] == 5
+
+
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
     env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
     net = mlp()
