@@ -129,6 +129,22 @@ def test_split_over_parts_and_seeds():
     assert yb.dtype == torch.bfloat16 and (yb.float() - whole).abs().max() < 0.05 and torch.equal(lb, lw)
 
 
+def test_augment_batch_draws_per_step_for_the_whole_step():
+    """augment_batch (the training loops' call): step s's draws are augment's with seed derive_seed(seed, "augment",
+    s), so another step gets other draws, and a step split into parts (ranks, accumulation rounds) gets the rows of
+    the whole step's draws (the same augmentation for any rank layout)."""
+    x = CASES["all_p1"]["x"]
+    whole, lw = common.augment_batch(x, 1.0, 5, 3)
+    want, lwant = common.augment(x, 1.0, common.derive_seed(5, "augment", 3), **common.EDM_AUGMENT)
+    assert torch.equal(whole, want) and torch.equal(lw, lwant) and lw.shape == (len(x), 9)
+    assert not torch.equal(common.augment_batch(x, 1.0, 5, 4)[1], lw)  # the next step: other draws
+    halves = [common.augment_batch(x[3 * i:3 * i + 3], 1.0, 5, 3, part=i, parts=2) for i in range(2)]
+    assert (torch.cat([h[0] for h in halves]) - whole).abs().max() < 1e-6
+    assert torch.equal(torch.cat([h[1] for h in halves]), lw)
+    same, none = common.augment_batch(x, 0.0, 5, 3)  # p = 0: the batch as it is, no labels
+    assert same is x and none is None
+
+
 @pytest.mark.parametrize("mutation", ["filter_tap", "no_margin_mask"])
 def test_golden_catches_mutations(monkeypatch, mutation):
     """Controls: small deliberate errors must break the match with EDM."""
