@@ -1251,6 +1251,19 @@ def test_a_resumed_run_keeps_its_data(tmp_path, capsys, monkeypatch):
     assert ck["step"] == 2 and ck["config"]["data"] == "moons"
 
 
+def test_a_run_on_a_file_resumed_with_a_named_data_set_is_refused(tmp_path, capsys, monkeypatch):
+    """The other way round from resume_cases' file for a named set: a run trained on a points file, resumed with
+    --data moons, is refused (another data set), its checkpoint untouched."""
+    np.save(tmp_path / "a.npy", C.toy_sample("moons", 64).numpy())
+    monkeypatch.chdir(tmp_path)
+    assert run("imm", *BASE["imm"], "--data", "a.npy", "--iters", "1", "--out", "i") == 0
+    capsys.readouterr()
+    code = run("imm", *BASE["imm"], "--data", "moons", "--iters", "2", "--out", "i")
+    one_sentence(code, capsys.readouterr().err, f"trained on --data {tmp_path / 'a.npy'}", "keeps its data",
+                 "--data moons")
+    assert torch.load("i/ckpt.pt", weights_only=True)["step"] == 1
+
+
 def test_gdd_checks_its_batches_against_the_world_size_before_its_teacher_trains(tmp_path, capsys, monkeypatch):
     """GDD refused a --batch that the ranks do not divide only after its in-file teacher had trained and written its
     files, and never checked --teacher_batch (512 over 3 ranks trained the teacher on 510 a step). Two ranks faked
