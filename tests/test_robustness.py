@@ -1771,6 +1771,19 @@ def test_a_finished_run_applies_no_change_and_says_so(files, tmp_path, capsys):
     one_sentence(code, capsys.readouterr().err, "--lr_schedule const does not read --lr_ref")
 
 
+def test_a_finished_run_started_again_reads_its_moved_data_file(tmp_path, capsys, monkeypatch):
+    """A finished run started again applies no change but where its files are (LOCATIONS): its points file moved,
+    the new --data is taken (noted as a change, not as 'not applied') and the run evaluates again from it."""
+    np.save(tmp_path / "a.npy", C.toy_sample("moons", 64).numpy())
+    monkeypatch.chdir(tmp_path)
+    assert run("imm", *BASE["imm"], "--data", "a.npy", "--iters", "1", "--out", "i") == 0
+    os.rename("a.npy", "b.npy")
+    capsys.readouterr()
+    assert run("imm", *BASE["imm"], "--data", "b.npy", "--iters", "1", "--out", "i") == 0
+    out = capsys.readouterr().out
+    assert f"config: data = '{tmp_path / 'b.npy'}'" in out and "not applied" not in out
+
+
 def test_a_cosine_decay_given_another_end_on_resume_says_so():
     """A run of a cosine learning-rate decay resumed with other --iters changes the lr of every step left (a finished
     run's factor 0 rises again), and its steps so far decayed towards the old end: only "config: iters = ..." was
