@@ -1101,6 +1101,19 @@ def test_an_evaluation_replaces_only_its_own_steps_row(tmp_path):
     assert [r.get("step") for r in rows] == [1, None, 2] and rows[1] == {"note": "fid by hand"} and "a" not in rows[2]
 
 
+def test_every_evaluation_of_a_run_scores_against_the_same_points_and_noise():
+    """EvalSheet: the reference points are drawn by the run's seed, not the step, so that the metrics of its
+    evaluations compare (another seed: other points); the noise streams are each the same at every evaluation and
+    distinct by name (distributional's "eval labels" are not drawn from the seeds of the samples' noise)."""
+    data = C.Data("toy", "8gaussians", x=torch.empty(0))
+    a, b = (C.EvalSheet(data, (2,), 64, 3, step) for step in (2, 4))
+    assert torch.equal(a.ref, b.ref) and not torch.equal(a.ref, C.EvalSheet(data, (2,), 64, 4, 2).ref)
+    noise = a.rng("cpu").randn(64, 2)
+    assert torch.equal(noise, b.rng("cpu").randn(64, 2))
+    assert torch.equal(a.rng("cpu", "eval labels").randn(64, 2), b.rng("cpu", "eval labels").randn(64, 2))
+    assert not torch.equal(a.rng("cpu", "eval labels").randn(64, 2), noise)
+
+
 def test_a_teacher_is_never_swapped_or_ignored_without_a_word(files, tmp_path, capsys):
     """A teacher option a stage never reads was ignored (rectified_flow --stage 1rf/all --teacher, ft --pairs; GDD's
     --teacher_* beside --teacher); a changed teacher on resume was recorded but not used (the 2-RF's) or used from
