@@ -1845,6 +1845,15 @@ def test_merge_config():
         C.merge_config(Cfg, {**dataclasses.asdict(Cfg()), "old_field": 1}, {})
 
 
+def test_merge_config_names_a_bad_checkpoint_value_as_the_checkpoints():
+    """A value the checkpoint's config holds that this file refuses is named as the checkpoint's, not as an option
+    the command line did not give; a given one is named as the option."""
+    with pytest.raises(C.UserError, match="^the checkpoint's mode must be one of fast, slow, got 'medium'"):
+        C.merge_config(Cfg, {**dataclasses.asdict(Cfg()), "mode": "medium"}, {"lr": 0.5})
+    with pytest.raises(C.UserError, match="^--iters must be non-negative, got -1"):
+        C.merge_config(Cfg, dataclasses.asdict(Cfg()), {"iters": -1})
+
+
 def test_main_guard(capsys):
     def bad():
         raise C.UserError("the file is missing.")
