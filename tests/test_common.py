@@ -2085,6 +2085,18 @@ def test_guard_max_skips_in_a_row_stop_the_run_at_a_checkpoint(tmp_path):
             assert torch.load(path, weights_only=True)["step"] == 5
 
 
+def test_guard_takes_a_step_whose_gradients_are_huge_but_finite(tmp_path):
+    """Guard.finite asks whether every gradient is finite, not whether their norm is: gradients of 1e30 (whose 2-norm
+    overflows float32) are finite, so their step is taken; one NaN or inf among them is not."""
+    g = C.Guard(env1(), 10, type("Log", (), {})(), str(tmp_path / "c.pt"))
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.full((3,), 1e30), torch.full((2,), -1e30)
+    assert bool(g.finite([a, b]))
+    for bad in (float("nan"), float("inf")):
+        b.grad[0] = bad
+        assert not bool(g.finite([a, b]))
+
+
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
     env, path = env1(), str(tmp_path / "run" / "ckpt.pt")
     net = mlp()
