@@ -2157,6 +2157,18 @@ def test_checkpoint_load_errors(tmp_path):
             C.load_checkpoint(str(tmp_path / f"nan_{key}.pt"))
 
 
+def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(tmp_path):
+    """load_checkpoint reads weights and plain data only (torch.load with weights_only): a checkpoint whose pickle
+    calls a function (here os.mkdir) is refused in one sentence, and the call never runs."""
+    class Call:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+    torch.save({**_ckpt(mlp(), step=1), "rng": None, "x": Call()}, tmp_path / "ck.pt")
+    with pytest.raises(C.UserError, match="ck.pt' could not be read as a checkpoint of this project"):
+        C.load_checkpoint(str(tmp_path / "ck.pt"))
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_pipe_or_device_given_as_a_file_is_named_so(tmp_path):
     """A FIFO or a link to /dev/zero given as --ckpt (or as a run's ckpt.pt) was said not to exist."""
     os.mkfifo(tmp_path / "fifo.pt")
