@@ -2341,6 +2341,18 @@ def test_restore_rng_other_world_size_reseeds(capsys):
     assert not torch.equal(a, torch.rand(3))
 
 
+def test_restore_rng_reseeds_each_generator_on_a_stream_of_its_own(capsys):
+    """At another world size the global RNG and each generator (a toy's data stream) are reseeded from (seed, rank,
+    step), each on a stream of its own: the data's draws are not the noise's, nor one generator's another's."""
+    ck = {"rng": {"world": 2, "ranks": [None, None]}, "config": {"seed": 3}, "step": 10}
+    g1, g2 = torch.Generator(), torch.Generator()
+    C.restore_rng(ck, env1(), [g1, g2])
+    C.flush_notes(env1())
+    assert "RNG reseeded" in capsys.readouterr().out
+    a, b, c = torch.rand(8), torch.rand(8, generator=g1), torch.rand(8, generator=g2)
+    assert not torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(b, c)
+
+
 def test_restore_rng_from_another_kind_of_device_says_so(capsys, monkeypatch):
     """A checkpoint written on the CPU and resumed on CUDA left CUDA's generator at its seed, so the run drew step 0's
     noise again, without a word: CUDA's is now seeded from (seed, rank, step) and a warning says the run no longer
