@@ -2443,6 +2443,24 @@ def test_logger_jsonl_and_nan(tmp_path, capsys):
         lg.log(40, loss=float("inf"))
 
 
+def test_logger_with_a_guard_logs_its_skips_not_its_run(tmp_path, capsys):
+    """With a Guard, each log row holds `skipped` (the steps skipped since the previous row) and not the Guard's
+    internal count of skips in a row (`_run`, which the Logger reads to check --max_skips), in log.jsonl or printed."""
+    out = str(tmp_path / "run")
+    lg = C.Logger(out, env1(), total_steps=10, global_batch=4)
+    g = C.Guard(env1(), 10, lg, os.path.join(out, "ckpt.pt"))
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    for ok in (False, False):
+        w.grad = torch.ones(2)
+        g.step(opt, ok=torch.tensor(ok))
+        g.end_step(torch.tensor(0.5))
+    assert lg.log(2, loss=torch.tensor(0.5)) == {"loss": 0.5, "skipped": 2.0}
+    rec = json.loads(open(os.path.join(out, "log.jsonl")).read())
+    assert set(rec) == {"step", "kimg", "time", "img_per_s", "eta_s", "loss", "skipped"} and rec["skipped"] == 2
+    assert "_run" not in capsys.readouterr().out
+
+
 def test_pictures_and_arrays(tmp_path):
     g = torch.Generator().manual_seed(0)
     pts = torch.randn(200, 2, generator=g) * 0.5
