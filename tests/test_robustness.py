@@ -1577,6 +1577,25 @@ def test_the_probe_bound_follows_the_datas_scale():
     assert C.load_data("8gaussians", "data", env, 0, False).scale == 1.0
 
 
+def test_the_probe_leaves_no_hook_on_the_nets():
+    """sample_probe's forward hooks (which see the nets' own outputs) are removed after each probe, also when the
+    sampler fails: a hook left behind would keep the output of every later forward (each training step's)."""
+    env = C.setup("cpu", 0, "fp32")
+    net = torch.nn.Linear(2, 2)
+    data = C.Data("points", "p", x=torch.tensor([[1.0, 0.5]]))
+    assert bool(C.sample_probe(lambda n: lambda rng, y: n(torch.ones(2, 2)), (net,), env, data)())
+    assert not net._forward_hooks
+
+    def failing(n):
+        def g(rng, y):
+            n(torch.ones(2, 2))
+            raise RuntimeError("the sampler failed")
+        return g
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        C.sample_probe(failing, (net,), env, data)()
+    assert not net._forward_hooks
+
+
 def test_a_fresh_run_whose_weights_diverge_with_a_finite_loss_writes_no_checkpoint(tmp_path, capsys):
     """IMM's loss is a kernel MMD, bounded: at --lr 1e30 the weights reach ~1e31 while the loss and the gradients
     stay finite, so nothing was skipped or withheld, and a fresh run exited 0 with a checkpoint of diverged
