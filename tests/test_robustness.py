@@ -1277,6 +1277,18 @@ def test_a_run_on_a_file_resumed_with_a_named_data_set_is_refused(tmp_path, caps
     assert torch.load("i/ckpt.pt", weights_only=True)["step"] == 1
 
 
+def test_a_resumed_run_may_change_its_dropout(tmp_path, capsys):
+    """check_resume_net compares the network a resumed run builds with its checkpoint's, dropout aside: a changed
+    --dropout (not a weight) resumes, noted, and the checkpoint records it; another --width is refused
+    (resume_cases)."""
+    assert run("imm", *BASE["imm"], "--iters", "1", "--out", tmp_path / "r") == 0
+    capsys.readouterr()
+    assert run("imm", *BASE["imm"], "--iters", "2", "--dropout", "0.1", "--out", tmp_path / "r") == 0
+    assert "config: dropout = 0.1 (checkpoint had 0.0)" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["net"]["dropout"] == ck["config"]["dropout"] == 0.1
+
+
 def test_gdd_checks_its_batches_against_the_world_size_before_its_teacher_trains(tmp_path, capsys, monkeypatch):
     """GDD refused a --batch that the ranks do not divide only after its in-file teacher had trained and written its
     files, and never checked --teacher_batch (512 over 3 ranks trained the teacher on 510 a step). Two ranks faked
