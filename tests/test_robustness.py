@@ -1289,6 +1289,21 @@ def test_a_resumed_run_may_change_its_dropout(tmp_path, capsys):
     assert ck["step"] == 2 and ck["net"]["dropout"] == ck["config"]["dropout"] == 0.1
 
 
+def test_a_1rf_continued_by_stage_all_stays_a_1rf(tmp_path, capsys):
+    """--stage is a selector, not a config change (resume_config's `drop`): a 1-RF trained alone and continued by
+    --stage all keeps stage 1rf in its checkpoint, with no note of it (recorded as 'all', the next restart refused it
+    as not a 1rf checkpoint), and the finished pipeline started again notes no stage 'not applied'."""
+    P = ["--n_pairs", "16", "--pair_block", "16", "--pair_batch", "16", "--pair_steps", "2"]
+    rf = [*BASE["rectified_flow"][2:], "--out", tmp_path / "r"]
+    assert run("rectified_flow", "--stage", "1rf", "--iters", "1", *rf) == 0
+    capsys.readouterr()
+    assert run("rectified_flow", "--stage", "all", "--iters", "2", *P, *rf) == 0
+    assert "config: stage" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["config"]["stage"] == "1rf"
+    assert run("rectified_flow", "--stage", "all", "--iters", "2", *P, *rf) == 0
+    assert "not applied" not in capsys.readouterr().out
+
+
 def test_gdd_checks_its_batches_against_the_world_size_before_its_teacher_trains(tmp_path, capsys, monkeypatch):
     """GDD refused a --batch that the ranks do not divide only after its in-file teacher had trained and written its
     files, and never checked --teacher_batch (512 over 3 ranks trained the teacher on 510 a step). Two ranks faked
