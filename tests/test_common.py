@@ -2063,6 +2063,18 @@ def test_guard_a_non_finite_loss_right_after_a_checkpoint_withholds_it_and_the_n
     assert saved() == 8 and len(lines) == 2
 
 
+def test_guard_a_non_finite_loss_among_the_steps_losses_withholds_the_checkpoint(tmp_path):
+    """end_step takes every loss of the step (GDD's generator's, discriminator's and R1 penalty): a NaN in any of
+    them, the last as the first, withholds the checkpoint waiting for it. Control: all finite writes it."""
+    nan, one, net = torch.tensor(float("nan")), torch.tensor(1.0), mlp()
+    for i, losses in enumerate([(nan, one, one), (one, one, nan), (one, one, one)]):
+        path = str(tmp_path / f"{i}.pt")
+        g = C.Guard(env1(), 10, type("Log", (), {"info": staticmethod(lambda m: None)})(), path)
+        g.checkpoint(2, False, lambda: _ckpt(net, step=2))
+        g.end_step(*losses)
+        assert os.path.exists(path) == (i == 2), losses
+
+
 def test_guard_max_skips_in_a_row_stop_the_run_at_a_checkpoint(tmp_path):
     """--max_skips is checked at checkpoints as well as at log lines (which may lie further apart): max_skips skipped
     steps in a row (finite losses) before a checkpoint stop the run in one sentence and nothing is written, not even
