@@ -601,7 +601,8 @@ def make_backbone(name, weights, env, seed=0, log=None):
                         f"VGG16-BN's ImageNet weights are not in the torch hub cache and could not be downloaded "
                         f"({type(err).__name__}); place {os.path.basename(url)} (torchvision's {url}) in "
                         f"{os.path.dirname(_hub_file(url))}, or pass --disc_weights random (a fixed random stand-in, "
-                        f"not GDD's discriminator) or --disc teacher (this project's offline discriminator).")
+                        f"not GDD's discriminator) or, with a rectified_flow.py teacher, --disc teacher (this "
+                        f"project's offline discriminator; an EDM teacher has no encoder for it).")
                 weights = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
             stages = [[str(i) for i in range(a, b)] for a, b in zip((0,) + VGG_CUTS, VGG_CUTS)]
         else:
