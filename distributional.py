@@ -836,9 +836,7 @@ def load_teacher(path, cfg, data, log):
         if want != got:
             raise C.UserError(f"the teacher's network ({nd['kind']}, shape {got[1]}) does not fit the data "
                               f"'{cfg.data}' of shape {tuple(data.shape)}.")
-        if has_labels and nd["label_dim"] != data.num_classes:
-            raise C.UserError(f"the teacher '{path}' has {nd['label_dim']} classes, but the data '{cfg.data}' has "
-                              f"{data.num_classes}; give the data it was trained on.")
+        check_classes(path, nd, cfg, data)
     stage = tcfg.get("stage", "1rf")
     density = "uniform" if stage == "1rf" else tcfg.get("t_dist", "uniform")
     if density not in ("uniform", "ushape"):
@@ -854,6 +852,13 @@ def load_teacher(path, cfg, data, log):
 
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released network pickles
+
+
+def check_classes(path, nd, cfg, data):
+    """A conditional teacher's class count is the data's (labels beyond the data's would never be drawn)."""
+    if nd.get("label_dim") and data is not None and nd["label_dim"] != data.num_classes:
+        raise C.UserError(f"the teacher '{path}' has {nd['label_dim']} classes, but the data '{cfg.data}' has "
+                          f"{data.num_classes}; give the data it was trained on.")
 
 
 def _load_edm_teacher(path, cfg, data):
@@ -875,6 +880,7 @@ def _load_edm_teacher(path, cfg, data):
                                                                            nd["img_resolution"])):
         raise C.UserError(f"the EDM teacher makes {nd['in_channels']} x {nd['img_resolution']}^2 images; the data "
                           f"'{cfg.data}' has shape {tuple(data.shape)}.")
+    check_classes(path, nd, cfg, data)
     sd = gen.state_dict()
     return gen, dict(config={}, step=0, net=gen.config, ema=sd, model=sd, method="edm", edm=info["edm_kwargs"],
                      convention=f"EDM {info['precond']} denoiser D(x; sigma); G(z) = D(80 z; 80)"), 1.0
