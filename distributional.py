@@ -855,7 +855,8 @@ EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"  # EDM's released n
 
 
 def check_classes(path, nd, cfg, data):
-    """A conditional teacher's class count is the data's (labels beyond the data's would never be drawn)."""
+    """A conditional teacher's class count is the data's (its classes beyond the data's would never be drawn, the
+    data's beyond its own lie outside its label embedding)."""
     if nd.get("label_dim") and data is not None and nd["label_dim"] != data.num_classes:
         raise C.UserError(f"the teacher '{path}' has {nd['label_dim']} classes, but the data '{cfg.data}' has "
                           f"{data.num_classes}; give the data it was trained on.")
