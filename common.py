@@ -2566,8 +2566,8 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
                             + (f"{can} of its fields" if can else "its own options") + f" (`python {method}.py {cmd} "
                             f"--help`); drop it" + (", and give step counts with --steps." if key.endswith("steps")
                                                     else "."))
-        names = [s[0] for s in options]
-        close = difflib.get_close_matches(key[2:], names + [ALIASES[k] for k in names if k in ALIASES], 3)
+        names = [s[0] for s in options] + [ALIASES[s[0]] for s in options if s[0] in ALIASES]  # (or a prefix: --it)
+        close = difflib.get_close_matches(key[2:], names, 3) or [n for n in names if n.startswith(key[2:] or "-")][:3]
         raise UserError(f"unknown option {key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                    if close else "."))
     raw = vars(ns)

@@ -1823,6 +1823,17 @@ def test_sample_count_under_torchrun():
         _cli("sample", "--ckpt", "a.pt", "--n_sample", "16")
 
 
+def test_an_unknown_option_gets_its_close_names_or_those_it_begins():
+    """'did you mean': difflib's close names, else the names the option begins (--it is too short for difflib to find
+    --iters), three at most; a name nothing resembles gets none."""
+    import imm
+    for given, words in (("--iter", "did you mean --iters?"), ("--it", "did you mean --iters?"),
+                         ("--ev", "did you mean --eval_n, --eval_steps?"), ("--zzz", "unknown option --zzz.")):
+        with pytest.raises(C.UserError) as e:
+            C.parse_cli(imm.Config, imm.PRESETS, "imm", [given, "1"])
+        assert str(e.value).endswith(words), (given, str(e.value))
+
+
 def test_same_file_and_teacher_id(tmp_path):
     (tmp_path / "t.pt").write_text("x")
     os.symlink(tmp_path / "t.pt", tmp_path / "link.pt")
