@@ -1940,6 +1940,11 @@ def test_a_checkpoint_value_of_another_type_or_a_config_it_cannot_fill_is_one_se
 
 
 # ======================================================================== 16. checkpoints
+def _log(lines=None):
+    """A stand-in for the run's Logger: info() appends its line to `lines`, or drops it."""
+    return type("Log", (), {"info": staticmethod(lambda m: None if lines is None else lines.append(m))})()
+
+
 def _ckpt(net, step=0, **extra):
     return dict(model=net.state_dict(), ema=net.state_dict(), opt={}, step=step, config={"seed": 0},
                 net=net.config, method="test", convention="x_t=(1-t)x+t*z", **extra)
@@ -1978,7 +1983,7 @@ def test_guard_skip_paths_agree(tmp_path, monkeypatch, bad_step, optim, run):
     if run:
         monkeypatch.setattr(C, "_by_dtype", functools.partial(C._by_dtype, most=run))
     env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
-    log = type("Log", (), {"info": staticmethod(lambda m: None)})()
+    log = _log()
 
     def train(guard_mode):
         torch.manual_seed(0)
@@ -2021,7 +2026,7 @@ def test_guard_with_an_fp16_scaler_needs_no_host_read(tmp_path):
             Reads.n += func is torch.ops.aten._local_scalar_dense.default
             return func(*args, **(kwargs or {}))
 
-    log = type("Log", (), {"info": staticmethod(lambda m: None)})()
+    log = _log()
 
     def train(sync_free, precision="fp16"):
         env = C.Env(0, 1, 0, torch.device("cpu"), True, precision)
@@ -2055,7 +2060,7 @@ def test_guard_a_non_finite_loss_right_after_a_checkpoint_withholds_it_and_the_n
     is withheld too, and the one after it, with finite losses since, is written. Control: a finite loss writes it.
     (Diverged weights are caught by the probe first in the method files' tests: this path ran there unseen.)"""
     path, lines = str(tmp_path / "ckpt.pt"), []
-    g = C.Guard(env1(), 10, type("Log", (), {"info": staticmethod(lines.append)})(), path)
+    g = C.Guard(env1(), 10, _log(lines), path)
     net, nan, one = mlp(), torch.tensor(float("nan")), torch.tensor(1.0)
     saved = lambda: torch.load(path, weights_only=True)["step"]
     g.checkpoint(2, False, lambda: _ckpt(net, step=2))
@@ -2080,7 +2085,7 @@ def test_guard_a_non_finite_loss_among_the_steps_losses_withholds_the_checkpoint
     nan, one, net = torch.tensor(float("nan")), torch.tensor(1.0), mlp()
     for i, losses in enumerate([(nan, one, one), (one, one, nan), (one, one, one)]):
         path = str(tmp_path / f"{i}.pt")
-        g = C.Guard(env1(), 10, type("Log", (), {"info": staticmethod(lambda m: None)})(), path)
+        g = C.Guard(env1(), 10, _log(), path)
         g.checkpoint(2, False, lambda: _ckpt(net, step=2))
         g.end_step(*losses)
         assert os.path.exists(path) == (i == 2), losses
@@ -2092,7 +2097,7 @@ def test_guard_max_skips_in_a_row_stop_the_run_at_a_checkpoint(tmp_path):
     the final checkpoint. Control: one skip fewer writes it."""
     for skips in (3, 2):
         path = str(tmp_path / f"{skips}.pt")
-        g = C.Guard(env1(), 3, type("Log", (), {"info": staticmethod(lambda m: None)})(), path)
+        g = C.Guard(env1(), 3, _log(), path)
         w, net = nn.Parameter(torch.ones(2)), mlp()
         opt = torch.optim.SGD([w], lr=0.1)
         for _ in range(skips):
