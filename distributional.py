@@ -806,11 +806,15 @@ def train_teacher(cfg, data, env, path, log):
                       [data.gen] if data.gen is not None else [])  # the RNG streams as training leaves them
 
 
+def edm_teacher(path):  # an EDM network pickle: load_teacher reads it as EDM's; --disc teacher refuses it
+    return str(path or "").endswith(".pkl")
+
+
 def load_teacher(path, cfg, data, log):
     """A rectified_flow.py checkpoint -> (network with its EMA weights, dropout 0 (GDD §3, initialisation),
     checkpoint, t_g). Strict; the convention and method are checked verbatim; cond must match the teacher's label
     embedding."""
-    if path.endswith(".pkl"):
+    if edm_teacher(path):
         return _load_edm_teacher(path, cfg, data)
     if not os.path.isfile(path):
         raise C.no_file(path, "the teacher")
@@ -898,8 +902,8 @@ def check_disc(cfg, data, given=()):
         raise C.UserError(f"--disc {cfg.disc} is for images; 2-D points use --disc mlp.")
     if data.kind == "images" and cfg.disc == "mlp":
         raise C.UserError("--disc mlp is for 2-D points; images use scratch, teacher or projected.")
-    if cfg.disc == "teacher" and str(cfg.teacher or "").endswith(".pkl"):  # (load_teacher: an EDM pickle; TeacherD
-        raise C.UserError(NO_EDM_ENCODER)  # met it after the run's config.json, written in --out)
+    if cfg.disc == "teacher" and edm_teacher(cfg.teacher):  # (TeacherD met it after the run's config.json, written
+        raise C.UserError(NO_EDM_ENCODER)  # in --out)
     C.refuse_other(given, DISC_ONLY, "disc", cfg.disc)
     gdd_gamma(cfg, given)  # R1's gamma given twice, or --r1_gdd_batch with a batch-mean gamma
 
