@@ -1953,8 +1953,10 @@ def read_edm_pickle(path):
             return _EDMUnpickler(f, path).load()
     except UserError:
         raise
-    except Exception as e:
-        raise UserError(f"'{path}' is not a readable EDM pickle ({type(e).__name__}: {str(e)[:80]}).") from None
+    except Exception as e:  # (torch.save's zip: e.g. a run's ckpt.pt copied under a .pkl name, which picks this reader)
+        why = "a torch.save zip file; a checkpoint of this project is read under a .pt name" if zipfile.is_zipfile(
+            path) else f"{type(e).__name__}: {' '.join(str(e).split())[:80]}"
+        raise UserError(f"'{path}' is not a readable EDM pickle ({why}).") from None
 
 
 def _edm_tensors(rec, where, prefix=""):
