@@ -147,10 +147,10 @@ PRESETS = {
     # (gamma_from_gdd: 0.469 here).
     # Snapshots / FID every 250 kimg (--snap=10 ticks of 25 kimg). Teacher: EDM's unconditional NCSN++ (--arch=ncsnpp,
     # edm-cifar10-32x32-uncond-ve.pkl), G(z) = D(80 z; 80). Deviations: the projections come from --proj_seed and
-    # are identical on all ranks (GDD draws
-    # them per rank); with fewer than 4 GPUs the heads' BatchNorm normalises over more than 64 images; conditional
-    # heads (--cond) use a learned label embedding, GDD a pretrained ImageNet one. `--disc teacher` is this project's
-    # offline discriminator (no ImageNet weights).
+    # are identical on all ranks (GDD draws them per rank); the heads' BatchNorm normalises over 256/world images per
+    # rank (GDD's 4 GPUs: 64); G runs under bf16 autocast (GroupNorm, softmax and time embedding fp32), where GDD
+    # casts its whole U-Net to bf16; conditional heads (--cond) use a learned label embedding, GDD a pretrained
+    # ImageNet one. `--disc teacher` is this project's offline discriminator (no ImageNet weights).
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", teacher="edm-cifar10-32x32-uncond-ve.pkl", teacher_iters=0, disc="projected",
                     disc_backbones="vgg,effnet",
