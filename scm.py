@@ -133,8 +133,8 @@ PRESETS = {  # flat fields, then per-mode parts
     # t_mid (2-step sampling only): sCT 0.84 at 0.5 against 0.66 at 1.1, sCD flat over 0.7-1.0.
     # sCD's lr 7e-4 is the best of 3e-4-7e-4 at 280 steps; longer runs want less (1,120 steps: 7e-4 0.85, 3e-4 0.88 at
     # 2 steps; benchmarks/results/cm_vs_ode.md).
-    # Measured on the 2-core CPU machine (another job running, seed 0, two runs): 54.3 / 54.6 s wall ("total" line;
-    # 57.6 / 58.6 s with the interpreter start); in-mode of 4,096 samples: teacher Heun 18 steps 0.956; sCT 1 / 2 / 4
+    # Measured on the 2-core CPU machine (idle, seed 0, 2026-12-03): 53 s wall, median of three runs, 50-55 s ("total"
+    # line, as README and docs/scm.md); in-mode of 4,096 samples: teacher Heun 18 steps 0.956; sCT 1 / 2 / 4
     # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
     # (sCD with 400 steps: 0.87). The previous preset
     # (MLP 128 x 3, batch 256, constant lr, diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1)
