@@ -175,7 +175,8 @@ PRESETS = {  # nested dicts apply to one --mode
                     # (arch), RandomHorizontalFlip on the data (training/data_transform.py) and then EDM's
                     # augmentation at p = 0.12 without y-flips and rotations (training/train_loop.py; augment_dim 6);
                     # TF32 matmuls and convolutions, JVP included (train.py: set_float32_matmul_precision('high'),
-                    # cuDNN's default)
+                    # cuDNN's default). Deviation: one EMA (0.9999) updated every step; py-meanflow keeps three
+                    # (0.9999, 0.99995, 0.9996), each updated every 16 steps with decay^16 (models/ema.py)
                     meanflow=dict(dropout=0.2, batch=1024, iters=768_000, warmup=9_600, clip=None,
                                   learned_weight=False, time_sampler="v0", arch="py-meanflow", augment=0.12,
                                   xflip=True, precision="tf32"),
