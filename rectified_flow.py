@@ -179,6 +179,9 @@ PRESETS = {  # flat fields, then per-stage parts
                        "pairs": dict(teacher=EDM_CIFAR10),
                        "2rf": dict(iters=800_000, lr=2e-4, warmup=5000, ema=0.9999, loss="lpips-huber-1/t",
                                    t_eps=1e-5, teacher=EDM_CIFAR10),
+                       # ft: 2-RF++ v2's 5k steps on 50k real images paired with their inverted noise (as summaries of
+                       # v2 read it); the inverting model (the 2-RF's EMA), its 8 Euler steps and the optimiser (the
+                       # 2-RF run's, continued) are a project reconstruction (docs/rectified_flow.md, "Deviations")
                        "ft": dict(lr=2e-4, ema=0.9999, loss="lpips-huber-1/t", t_eps=1e-5, ft_iters=5000,
                                   ft_n=50_000, inv_steps=8)}),
 }
