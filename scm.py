@@ -161,7 +161,8 @@ PRESETS = {  # flat fields, then per-mode parts
     # (P_mean, P_std) = (-1.0, 1.4), c = 0.1, H = 10k, EMA half-life 0.5 Mimg, dropout 0.20 sCT / 0 sCD, teacher
     # init). No weight decay (G.2 names none: RAdam's default). CM iteration count is not given by the paper: 400k.
     # precision: fp32 with TF32 off, as NVlabs/FastGen's sCT/sCD CIFAR-10 configs (configs/methods/config_scm.py:
-    # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_sc{t,d}_cifar10.py)
+    # trainer.tf32_enabled False, no precision_amp in experiments/EDM/config_sc{t,d}_cifar10.py) and, for the
+    # teacher, EDM (training_loop.py turns TF32 off; train.py --fp16 False by default)
     "cifar10": dict(fallback=False,  # a missing weights file stops the run: no silent fallback
                     data="cifar10", net="ddpmpp", adn=True, xflip=True, precision="fp32", batch=512, iters=400_000,
                     H=10_000, ema_halflife_kimg=500.0, log_every=500, ckpt_every=20_000, fid_every=50_000,
