@@ -1292,6 +1292,9 @@ def setup(device="auto", seed=0, precision=None):
     rank, world, local = check_launch()
     if device.startswith("cuda"):  # an index always (set_device refuses a bare "cuda": a ValueError)
         d = torch.device(f"cuda:{local}" if "WORLD_SIZE" in os.environ else device)
+        if d.index is not None and d.index >= (n := torch.cuda.device_count()):  # torchrun: more processes than GPUs
+            raise UserError(f"LOCAL_RANK {local} has no CUDA device here ({n} CUDA device(s) visible); start at most "
+                            f"{n} process(es) per node (torchrun --nproc_per_node={n}), each seeing them all.")
         device = str(d if d.index is not None else torch.device("cuda", torch.cuda.current_device()))
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True
