@@ -1025,6 +1025,8 @@ class Detector:
             raise
         except (RuntimeError, torch.jit.Error) as e:  # a TorchScript file that takes 32 x 32 images (load_detector's
             # probe) only; (an exception it raises itself is a torch.jit.Error, not a RuntimeError: was a traceback)
+            if _device_out_of_memory(str(e)):  # (main_guard's out-of-memory sentence, not the image shape's)
+                raise
             last = isinstance(e, torch.jit.Error)  # (its last line names the exception the file raised)
             raise UserError(f"the FID detector '{self.name}' failed on images of shape {tuple(u8.shape[1:])} "
                             f"({type(e).__name__}: {str(e).strip().splitlines()[-1 if last else 0][:80]}).") from None
@@ -2762,6 +2764,13 @@ def _speaks():
         return True
 
 
+def _device_out_of_memory(m):
+    """A CUDA library's own allocation failing where the caching allocator holds the rest of the memory (cuBLAS /
+    cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, a bare "CUDA error: out of memory"): a RuntimeError,
+    not torch.OutOfMemoryError, but out of memory all the same."""
+    return "ALLOC_FAILED" in m or "CUDA error: out of memory" in m
+
+
 def _sentence(e):
     """The error line of an exception that is the user's or the machine's situation, not a bug (else None): bad input,
     a full disk, out of memory, a torch.compile that cannot build its kernels here (no working C++ compiler, ...), a
@@ -2773,7 +2782,7 @@ def _sentence(e):
             e.strerror + (f" while writing '{e.filename}'." if e.filename else ".")
     m = str(e)
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
-            or "Storage size calculation overflowed" in m:
+            or "Storage size calculation overflowed" in m or _device_out_of_memory(m):
         return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
     if re.search(r"gloo.*Connection (closed|reset) by peer", m):  # a collective whose peer is gone under torchrun
         # (killed, interrupted, or stopped on an error it reported): a traceback here would say nothing more

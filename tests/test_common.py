@@ -1621,6 +1621,12 @@ def test_a_detector_out_of_memory_is_not_called_a_failure_on_the_image_shape():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(torch.OutOfMemoryError):
         C.Detector(oom, "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+    def cublas(u8):  # cuBLAS's own allocation failing (a RuntimeError, not torch.OutOfMemoryError)
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_ALLOC_FAILED") as e:
+        C.Detector(cublas, "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert not isinstance(e.value, C.UserError) and C._sentence(e.value).startswith("out of memory")
     with pytest.raises(C.UserError, match="the FID detector 'det.pt' failed on images of shape"):
         C.Detector(lambda u8: u8.view(-1, 7), "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 

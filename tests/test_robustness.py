@@ -1683,6 +1683,9 @@ def test_a_malformed_launch_is_one_sentence(env, words, tmp_path, monkeypatch, c
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 8000000000000 bytes."), ["out of memory", "--batch"]),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"), ["out of memory"]),
+    # a CUDA library's own allocation where the caching allocator holds the rest: RuntimeErrors (were tracebacks)
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), ["out of memory"]),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), ["out of memory"]),
     (RuntimeError("Storage size calculation overflowed with sizes=[1000000000000000000, 64]"), ["out of memory"]),
     (MemoryError(), ["out of memory"]),
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), [os.strerror(errno.ENOSPC)]),  # no file named: no 'None'
