@@ -161,7 +161,8 @@ def _free():
     tp._ENV.clear()
     if torch.cuda.is_available():  # the device memory of the last measurement back before the next one
         gc.collect()
-        torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):  # after a sticky CUDA error (an illegal memory access) every CUDA call
+            torch.cuda.empty_cache()  # raises it: the item that met it records it; here it would end the whole run
 
 
 def _args(sz, device, method, precision, compile=False, net=None, batch=None):

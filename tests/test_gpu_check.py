@@ -261,6 +261,26 @@ def test_section_status_counts_checks_that_failed(tmp_path, monkeypatch):
     assert P["scm_tangent"]["passed"] and all(r["status"] == "ok" for r in P["bf16_samples"])
 
 
+def test_a_sticky_cuda_error_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """After a sticky CUDA error (an illegal memory access) every CUDA call raises it, torch.cuda.empty_cache too:
+    _free, run after each item and each section, raised it again outside any handler, so the run ended with a
+    traceback and the failing section's status was never written. The item records the error, the section says so,
+    the next checks and sections run (CUDA emulated: is_available and empty_cache)."""
+    sticky = "CUDA error: an illegal memory access was encountered"
+
+    def boom(*_):
+        raise RuntimeError(sticky)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", boom)
+    monkeypatch.setattr(gc, "check_imm_embedding", boom)
+    rep = gc.main(["--quick", "--device", "cpu", "--results", str(tmp_path), "--sections", "precision",
+                   "--work", str(tmp_path / "w")])
+    P = rep["sections"]["precision"]
+    assert P["status"] == "done, 1 failed" and P["imm_embedding"]["error"] == f"RuntimeError: {sticky}", P
+    assert P["scm_tangent"]["passed"] and all(r["status"] == "ok" for r in P["bf16_samples"])
+    assert json.load(open(tmp_path / "gpu_cpu.json"))["sections"]["precision"]["status"] == "done, 1 failed"
+
+
 def test_child_needs_no_results_folder(tmp_path, monkeypatch):
     """A compile child writes its job's `out` file only: an unwritable benchmarks/results (or default scratch
     folder) on the GPU machine does not fail every compiled record."""
