@@ -10,6 +10,7 @@ takes ~3.5 minutes. Everything trains in-process with one
 intra-op thread: on a shared 2-core machine two OpenMP threads per process slow the small MLP steps down by an
 order of magnitude, and the maths does not depend on it.
 """
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 import common as C
 import imm
+from cli import assert_ok, refusal, refused, run, sentence, sha
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -370,8 +372,7 @@ def test_08_times_shared_within_groups_of_M():
 def test_08_batch_not_multiple_of_M_is_one_sentence():
     with pytest.raises(ValueError) as e:
         imm.Config(batch=30, M=4).check()
-    msg = str(e.value)
-    assert "multiple" in msg and msg.count(". ") == 0 and msg.endswith(".")
+    assert sentence(e, "multiple").endswith(".")
     with pytest.raises(C.UserError, match="multiple"):
         imm.main(["--batch", "30", "--out", "unused-never-written"])
     assert not os.path.exists("unused-never-written")
@@ -916,33 +917,7 @@ def test_npy_points_imm_vs_1rf_at_equal_budget(tmp_path):
 
 
 # ======================================================================================== CLI smoke (tiny)
-def cli(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, IMM, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_ok(p):
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-
-
-def assert_user_error(code, err, *words):
-    """Exit status 2, no traceback, exactly one 'error: ...' line holding one sentence (and the given words)."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errs = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errs) == 1, err
-    msg = errs[0][len("error: "):]
-    assert msg.endswith((".", "?")) and msg.rstrip(".").count(". ") == 0, msg
-    for w in words:
-        assert w in msg, (w, msg)
-
-
-def sha(path):
-    import hashlib
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+cli = functools.partial(run, IMM)  # its command line in a subprocess (one OpenMP thread)
 
 
 @pytest.fixture(scope="module")
@@ -1031,7 +1006,7 @@ def test_fid_refuses_a_reference_it_would_misread(tiny, tmp_path, capsys):
             code = 0
         except SystemExit as e:
             code = e.code
-        assert_user_error(code, capsys.readouterr().err, *words)
+        refusal(code, capsys.readouterr(), *words)
     imm.main([str(a) for a in fid + ["--data", tiny / "imgs.npy"]])  # control
 
 
@@ -1084,7 +1059,7 @@ def test_cli_bad_inputs(tiny, capsys):
                         # (steps left: a finished run applies no change, noted; a resumed one keeps its batch)
                         (["--preset", "tiny", "--data", "missing.npy", "--out", "run"], ["missing.npy"])):
         p = cli(*argv, cwd=tiny)
-        assert_user_error(p.returncode, p.stderr, *words)
+        refused(p, *words)
     cases = [
         (["--preset", "tiny", "--data", "float_imgs.npy", "--out", "bad1"], []),
         (["--preset", "tiny", "--out", "bad2"], ["--data"]),
@@ -1101,7 +1076,7 @@ def test_cli_bad_inputs(tiny, capsys):
         for argv, words in cases:
             with pytest.raises(SystemExit) as e:
                 C.main_guard(lambda: imm.main(list(argv)))
-            assert_user_error(e.value.code, capsys.readouterr().err, *words)
+            refusal(e.value.code, capsys.readouterr(), *words)
     finally:
         os.chdir(cwd)
     assert sha(tiny / "run" / "ckpt.pt") == before  # no checkpoint touched by bad input
@@ -1116,7 +1091,7 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(imm, "imm_loss", lambda *a: (lambda L, m, f: (L * float("nan"), m, f))(*orig(*a)))
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: imm.main([*args, "--iters", "4"]))
-    assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
+    refusal(e.value.code, capsys.readouterr().err, "NaN")
     assert sha(tmp_path / "n" / "ckpt.pt") == before
 
 
