@@ -6,7 +6,7 @@ input). The toy convergence (with its must-fail controls) and the end-to-end dis
 Everything runs in-process with one intra-op thread (small MLPs on a busy 2-core machine), except one subprocess
 for the real command line and one two-rank torchrun (every mode under DDP).
 """
-import hashlib
+import functools
 import json
 import math
 import os
@@ -19,6 +19,7 @@ import torch
 
 import common as C
 import flow_map as fm
+from cli import assert_ok, refusal, refused, run, sha
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -561,31 +562,7 @@ def test_11_samples_do_not_depend_on_batch_size():
 
 
 # ================================================================================ CLI (tiny), item 12
-def cli(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, FM, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_ok(p):
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-
-
-def assert_user_error(code, err, *words):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errs = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errs) == 1, err
-    msg = errs[0][len("error: "):]
-    assert msg.endswith((".", "?")) and msg.rstrip(".").count(". ") == 0, msg
-    for w in words:
-        assert w in msg, (w, msg)
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+cli = functools.partial(run, FM)  # its command line in a subprocess (one OpenMP thread)
 
 
 def write_rf_checkpoint(path, net_cfg, **over):
@@ -682,7 +659,7 @@ def test_12_bad_inputs(tiny, capsys):
     before = sha(tiny / "run" / "ckpt.pt")
     base = ["--preset", "tiny", "--data", "imgs.npy"]
     p = cli(*base, "--mode", "lmd", "--teacher", "missing.pt", "--out", "bad0", cwd=tiny)
-    assert_user_error(p.returncode, p.stderr, "missing.pt")
+    refused(p, "missing.pt")
     cases = [
         ([*base, "--mode", "lmd", "--out", "bad1"], ["--teacher"]),
         ([*base, "--mode", "emd", "--teacher", "garbage.pt", "--out", "bad2"], ["garbage.pt"]),
@@ -708,7 +685,7 @@ def test_12_bad_inputs(tiny, capsys):
         for argv, words in cases:
             with pytest.raises(SystemExit) as e:
                 C.main_guard(lambda: fm.main(list(argv)))
-            assert_user_error(e.value.code, capsys.readouterr().err, *words)
+            refusal(e.value.code, capsys.readouterr(), *words)
             out = argv[argv.index("--out") + 1] if "--out" in argv else None
             assert out in (None, "run") or not os.path.exists(os.path.join(out, "ckpt.pt")), argv
     finally:
@@ -724,7 +701,7 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fm, "per_sample_loss", lambda *a, **k: tuple(v * float("nan") for v in orig(*a, **k)))
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: fm.main([*args, "--iters", "4"]))
-    assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
+    refusal(e.value.code, capsys.readouterr().err, "NaN")
     assert sha(tmp_path / "n" / "ckpt.pt") == before
 
 
