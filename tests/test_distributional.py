@@ -7,6 +7,7 @@ networks, so that v is not zero), and for the toy convergence a 1-RF trained by 
 (distributional.train_teacher) in a module-scoped fixture. Nothing depends on runs/. One intra-op thread throughout
 (a shared 2-core machine).
 """
+import functools
 import json
 import re
 import math
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import common as C
 import distributional as D
+from cli import assert_ok, refusal, refused, run, sentence, sha
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -743,9 +745,7 @@ def test_14_projected_d_structure_and_missing_pieces(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(C.UserError) as e:
         D.make_backbone("vgg", "imagenet", env1())
-    msg = str(e.value)
-    assert "vgg16_bn-6c64b313.pth" in msg and str(tmp_path / "checkpoints") in msg and "--disc_weights random" in msg \
-        and "--disc teacher" in msg and msg.count(". ") == 0
+    sentence(e, "vgg16_bn-6c64b313.pth", str(tmp_path / "checkpoints"), "--disc_weights random", "--disc teacher")
 
 
 def test_14_vgg_imagenet_weights_load_under_torchvisions_names(monkeypatch):
@@ -800,9 +800,7 @@ def test_14_effnet_imagenet_weights_come_from_timm_or_one_sentence(monkeypatch):
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: create(name, pretrained and "fail"))
     with pytest.raises(C.UserError) as e:
         D.make_backbone("effnet", "imagenet", env1())
-    msg = str(e.value)
-    assert "(OSError)" in msg and "timm/tf_efficientnet_lite0.in1k" in msg and "--disc_backbones vgg" in msg \
-        and "--disc_weights random" in msg and msg.count(". ") == 0
+    sentence(e, "(OSError)", "timm/tf_efficientnet_lite0.in1k", "--disc_backbones vgg", "--disc_weights random")
 
 
 # ============================================================================== 15-16: DiffAugment, sampler
@@ -930,29 +928,7 @@ def test_toy_gdd_covers_the_modes_and_step0_fails(toy):
 
 
 # ============================================================================== CLI smoke (tiny), resume, errors
-def cli(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_ok(p):
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-
-
-def assert_user_error(code, err, *words):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and "Traceback" not in err, err
-    errs = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errs) == 1, err
-    for w in words:
-        assert w in errs[0], (w, errs[0])
-
-
-def sha(path):
-    import hashlib
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+cli = functools.partial(run, SCRIPT)  # its command line in a subprocess (one OpenMP thread)
 
 
 def test_cli_tiny_train_sample_fid(imgs, capsys, monkeypatch):
@@ -1021,23 +997,23 @@ def test_resume_refusals_print_alone(imgs, tmp_path, capsys):
     path, tpath = tmp_path / "g" / "ckpt.pt", tmp_path / "g" / "teacher.pt"
     ck, tck = (torch.load(p, weights_only=True) for p in (path, tpath))
 
-    def refused(*words, argv=()):
+    def refuses(*words, argv=()):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             C.main_guard(lambda: D.main([*args, "--iters", "2", *argv]))
         out, err = capsys.readouterr()
-        assert_user_error(e.value.code, err, *words)
+        refusal(e.value.code, err, *words)
         assert out == "" and len(err.splitlines()) == 1, out + err
-    refused("was trained with --disc_backbones vgg", "--disc_backbones vgg,effnet",
+    refuses("was trained with --disc_backbones vgg", "--disc_backbones vgg,effnet",
             argv=["--disc_backbones", "vgg,effnet"])
-    refused("was trained with --disc_weights random", argv=["--disc_weights", "imagenet"])  # the frozen backbones: not
+    refuses("was trained with --disc_weights random", argv=["--disc_weights", "imagenet"])  # the frozen backbones: not
     # in the checkpoint, so other ones would meet heads trained on these
     torch.save({**ck, "disc": {k: v for i, (k, v) in enumerate(ck["disc"].items()) if i}}, path)  # a D entry gone
-    refused("the checkpoint's discriminator does not fit --disc")
+    refuses("the checkpoint's discriminator does not fit --disc")
     torch.save(ck, path)
     other = {k: v + 0.01 if v.is_floating_point() else v for k, v in tck["ema"].items()}
     torch.save({**tck, "ema": other, "config": {**tck["config"], "stage": "2rf"}}, tpath)  # replaced in place
-    refused("holds other weights", str(tpath))
+    refuses("holds other weights", str(tpath))
     torch.save(tck, tpath)
     capsys.readouterr()
     D.main([*args, "--iters", "2"])
@@ -1073,7 +1049,7 @@ def test_nan_loss_keeps_last_checkpoint(imgs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(D, "g_loss", lambda f, kind="ns", groups=None: f.float().mean() * float("nan"))
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: D.main([*args, "--iters", "4"]))
-    assert_user_error(e.value.code, capsys.readouterr().err, "NaN")
+    refusal(e.value.code, capsys.readouterr().err, "NaN")
     assert sha(tmp_path / "n" / "ckpt.pt") == before
 
 
@@ -1096,14 +1072,15 @@ def test_cli_bad_inputs(imgs, tmp_path, capsys):
         (["--diffaug", "zoom"], ["zoom"]),
         (["sample", "--ckpt", tpath], ["rectified_flow"]),
     ]
+    capsys.readouterr()  # (the run above)
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:
             C.main_guard(lambda: D.main(list(argv)))
-        assert_user_error(e.value.code, capsys.readouterr().err, *words)
+        refusal(e.value.code, capsys.readouterr(), *words)
     assert sha(tmp_path / "ok" / "ckpt.pt") == before
     assert not (tmp_path / "m").exists()  # a missing teacher stopped the run before its first file (config.json)
     p = cli("--teacher", "nowhere.pt", "--out", "z", cwd=tmp_path)
-    assert_user_error(p.returncode, p.stderr, "nowhere.pt")
+    refused(p, "nowhere.pt")
 
 
 # ============================================================================== 18: two gloo ranks
