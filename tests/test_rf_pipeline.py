@@ -9,12 +9,11 @@ The toy budget is reduced (1rf 800 iterations at lr 2e-3, 5k pairs from Heun K =
 The in-process runs use one intra-op thread: on a shared 2-core machine two OpenMP threads per process slow
 small MLP steps down by an order of magnitude, and the maths does not depend on it.
 """
+import functools
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import torch
 
 import common as C
 import rectified_flow as R
+from cli import assert_ok, refusal, refused, run
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,22 +140,7 @@ def test_npy_points_2rf_gain(toy):
 
 
 # ======================================================================================= CLI smoke (tiny)
-def cli(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, RF, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_ok(p):
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-
-
-def assert_user_error(code, err):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert sum(ln.startswith("error: ") for ln in lines) == 1, err
+cli = functools.partial(run, RF)  # its command line in a subprocess (one OpenMP thread)
 
 
 @pytest.fixture(scope="module")
@@ -303,13 +288,13 @@ def test_cli_bad_inputs(tiny, capsys):
         for argv in cases:
             with pytest.raises(SystemExit) as e:
                 C.main_guard(lambda: R.main(list(argv)))
-            assert_user_error(e.value.code, capsys.readouterr().err)
+            refusal(e.value.code, capsys.readouterr())
     finally:
         os.chdir(cwd)
     assert {p: _digest(tiny / "run" / p) for p in before} == before
     for argv in (cases[0], cases[2], cases[7]):  # the real command line, end to end
         p = cli(*argv, cwd=tiny)
-        assert_user_error(p.returncode, p.stderr)
+        refused(p)
 
 
 def test_damaged_pairs_folders_are_one_sentence(tiny, capsys):
@@ -331,11 +316,12 @@ def test_damaged_pairs_folders_are_one_sentence(tiny, capsys):
         for name, (f, spoil, words) in damage.items():
             shutil.copytree(src, tiny / name)
             spoil(tiny / name / f)
+            capsys.readouterr()
             with pytest.raises(SystemExit) as e:
                 C.main_guard(lambda: R.main(["--preset", "tiny", "--data", "imgs.npy", "--stage", "2rf", "--pairs",
                                              name, "--teacher", "run/ckpt.pt", "--out", f"out_{name}"]))
-            err = capsys.readouterr().err
-            assert_user_error(e.value.code, err)
+            out, err = capsys.readouterr()
+            refusal(e.value.code, err, out=out)
             assert words in err, (name, err)
     finally:
         os.chdir(cwd)
@@ -356,8 +342,8 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small), *change]))
-        err = capsys.readouterr().err
-        assert_user_error(e.value.code, err)
+        out, err = capsys.readouterr()
+        refusal(e.value.code, err, out=out)
         assert words in err, err
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
     C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small)]))  # the same settings: kept
@@ -373,8 +359,8 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: R.main(pairs))
-    err = capsys.readouterr().err
-    assert_user_error(e.value.code, err)
+    out, err = capsys.readouterr()
+    refusal(e.value.code, err, out=out)
     assert "another teacher" in err and "o/ckpt.pt" in err, err
     C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
@@ -388,7 +374,7 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: R.main(pairs))
-    assert_user_error(e.value.code, capsys.readouterr().err)
+    refusal(e.value.code, capsys.readouterr())
     assert not (pf / "x_00001.npy").exists()
     C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
     assert (pf / "x_00001.npy").exists() and (pf / "meta.json").exists() and not (pf / "started.json").exists()
@@ -399,7 +385,7 @@ def test_cli_nan_loss_keeps_last_checkpoint(tiny):
     before = _digest(tiny / "nan" / "ckpt.pt")
     p = cli("--preset", "tiny", "--data", "imgs.npy", "--out", "nan", "--stage", "1rf", "--iters", "12",
             "--lr", "1e30", cwd=tiny)
-    assert_user_error(p.returncode, p.stderr)
+    refusal(p.returncode, p.stderr)  # (stdout: the steps before the NaN)
     assert "NaN" in p.stderr or "non-finite" in p.stderr
     assert _digest(tiny / "nan" / "ckpt.pt") == before
     assert torch.load(tiny / "nan" / "ckpt.pt", weights_only=True)["step"] == 4
@@ -450,13 +436,13 @@ def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p3"), "--out", str(tmp_path / "a"),
                                      "--iters", "6"]))
-    err = capsys.readouterr().err
-    assert_user_error(e.value.code, err)
+    out, err = capsys.readouterr()
+    refusal(e.value.code, err, out=out)
     assert "p3' are not those" in err and "started from" in err, err
     with pytest.raises(SystemExit) as e:  # the teacher is not read on resume: none is not a change to make either
         C.main_guard(lambda: R.main([*common, "--teacher", "none", "--out", str(tmp_path / "a"), "--iters", "6"]))
-    err = capsys.readouterr().err
-    assert_user_error(e.value.code, err)
+    out, err = capsys.readouterr()
+    refusal(e.value.code, err, out=out)
     assert "does not read --teacher" in err, err
     R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "a"), "--iters", "6"])
     R.main([*common, "--pairs", str(tiny / "run" / "pairs"), "--teacher", str(tiny / "run" / "ckpt.pt"), "--out",
@@ -466,11 +452,12 @@ def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
     ckb = torch.load(tmp_path / "b" / "2rf" / "ckpt.pt", weights_only=True)
     del ckb["pairs_id"]  # a checkpoint written before pairs_id knows its pairs by their path
     torch.save(ckb, tmp_path / "b" / "2rf" / "ckpt.pt")
+    capsys.readouterr()  # (the runs above)
     with pytest.raises(SystemExit) as e:
         C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "b"),
                                      "--iters", "7"]))
-    err = capsys.readouterr().err
-    assert_user_error(e.value.code, err)
+    out, err = capsys.readouterr()
+    refusal(e.value.code, err, out=out)
     assert "was started from the pairs" in err, err
 
 
