@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import common as C
 import scm
+from cli import refusal
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,17 +512,6 @@ def main(*args):
     return 0
 
 
-def assert_user_error(code, err, *words):
-    """Exit status 2, no traceback, exactly one 'error: ...' line holding one sentence (and the given words)."""
-    assert code == 2 and "Traceback" not in err, err
-    errs = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(errs) == 1, err
-    msg = errs[0][len("error: "):]
-    assert msg.endswith(".") and msg.rstrip(".").count(". ") == 0, msg
-    for w in words:
-        assert w in msg, (w, msg)
-
-
 def load(path):
     return torch.load(path, weights_only=True)
 
@@ -649,17 +639,17 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     for m in ("sct", "scd"):
         code = main(*base, "--mode", m, "--teacher", tmp_path / "other.pt", "--iters", "2", "--out", tmp_path / m)
         out, err = capsys.readouterr()
-        assert_user_error(code, err, "other.pt", "holds other weights")
+        refusal(code, err, "other.pt", "holds other weights")
         assert out == "" and load(tmp_path / m / "ckpt.pt")["step"] == 1
     code = main(*base, "--mode", "sct", "--teacher", "none", "--iters", "2", "--out", tmp_path / "sct")  # no teacher
-    assert_user_error(code, capsys.readouterr().err, "--teacher", "cannot change it")  # is not another path to it
+    refusal(code, capsys.readouterr(), "--teacher", "cannot change it")  # is not another path to it
     monkeypatch.chdir(tmp_path)  # control: the same file by a relative path
     assert main(*base, "--mode", "scd", "--teacher", "./t.pt", "--iters", "2", "--out", tmp_path / "scd") == 0
     shutil.copy(tmp_path / "other.pt", tmp_path / "t.pt")  # retrained in place
     capsys.readouterr()
     code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
     out, err = capsys.readouterr()
-    assert_user_error(code, err, "t.pt", "holds other weights")
+    refusal(code, err, "t.pt", "holds other weights")
     assert out == "" and load(tmp_path / "scd" / "ckpt.pt")["step"] == 2
     was = load(tmp_path / "sct" / "ckpt.pt")["teacher_id"]
     assert main(*base, "--mode", "sct", "--iters", "2", "--out", tmp_path / "sct") == 0  # control: sCT resumes,
@@ -670,7 +660,7 @@ def test_resume_keeps_its_teacher(tiny, tmp_path, capsys, monkeypatch):
     assert ck["step"] == 3 and ck["teacher_id"] == was and ck["net"]["dropout"] == 0.3  # (a changed dropout is read)
     capsys.readouterr()
     code = main(*base, "--mode", "scd", "--iters", "3", "--out", tmp_path / "scd")
-    assert_user_error(code, capsys.readouterr().err, "the teacher", "t.pt", "does not exist")
+    refusal(code, capsys.readouterr(), "the teacher", "t.pt", "does not exist")
     os.makedirs(tmp_path / "moved")  # control: the teacher's weights under another path resume both, which keep it
     shutil.copy(tiny / "diff" / "ckpt.pt", tmp_path / "moved" / "t.pt")
     for m in ("scd", "sct"):
@@ -705,7 +695,7 @@ def test_bad_inputs(tiny, tmp_path, capsys):
     ]
     for args, words in cases:
         capsys.readouterr()
-        assert_user_error(main(*args), capsys.readouterr().err, *words)
+        refusal(main(*args), capsys.readouterr(), *words)
 
 
 def test_wrong_method_teacher_is_refused(tmp_path, capsys):
@@ -733,7 +723,7 @@ def test_nan_loss_keeps_last_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     orig = scm.cm_step_loss
     monkeypatch.setattr(scm, "cm_step_loss", lambda *a: (lambda L, g: (L * float("nan"), g))(*orig(*a)))
     capsys.readouterr()
-    assert_user_error(main(*base, "--iters", "6"), capsys.readouterr().err, "NaN")
+    refusal(main(*base, "--iters", "6"), capsys.readouterr().err, "NaN")
     assert open(tmp_path / "n" / "ckpt.pt", "rb").read() == before
 
 
@@ -842,7 +832,7 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
         capsys.readouterr()
         code = main(*argv, "--iters", "4")
         out, err = capsys.readouterr()
-        assert_user_error(code, err, *words)
+        refusal(code, err, *words)
         assert out == ""
     assert not (tmp_path / "all" / "ckpt.pt").exists()
     os.rename(tmp_path / "all", tmp_path / "moved")  # a moved folder resumes: its CMs' teacher is DIR/diffusion now
@@ -858,7 +848,7 @@ def test_all_mode_pipeline_with_network_flags(tmp_path, capsys):
     code = main("--mode", "all", "--width", "16", "--depth", "1", "--iters", "3", "--batch", "16", "--eval_n", "64",
                 "--heun_steps", "2", "--out", tmp_path / "moved")
     out, err = capsys.readouterr()
-    assert_user_error(code, err, "scd/ckpt.pt' could not be read")
+    refusal(code, err, "scd/ckpt.pt' could not be read")
     assert out == ""
 
 
@@ -875,7 +865,7 @@ def test_a_malformed_loss_scale_is_refused_before_output(tmp_path, capsys, monke
     capsys.readouterr()
     code = main(*base, "--iters", "2")
     out, err = capsys.readouterr()
-    assert_user_error(code, err, "loss-scaler state is malformed")
+    refusal(code, err, "loss-scaler state is malformed")
     assert out == "", out
     torch.save(ck, tmp_path / "r" / "ckpt.pt")
     assert main(*base, "--iters", "2") == 0 and load(tmp_path / "r" / "ckpt.pt")["step"] == 2
@@ -894,7 +884,7 @@ def test_all_mode_checks_its_cms_resume_up_front(tmp_path, capsys, monkeypatch):
         capsys.readouterr()
         code = main(*A, *argv)
         out, err = capsys.readouterr()
-        assert_user_error(code, err, *words)
+        refusal(code, err, *words)
         assert out == "", out
     assert main(*A, "--iters", "2") == 0
     assert main("--out", tmp_path / "all" / "sct", "--iters", "3") == 0  # sCT continued alone to step 3
