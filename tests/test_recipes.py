@@ -23,6 +23,7 @@ import flow_map  # noqa: E402
 import imm  # noqa: E402
 import rectified_flow as RF  # noqa: E402
 import scm  # noqa: E402
+from cli import guarded, sentence  # noqa: E402
 
 FILES = dict(imm=imm, rectified_flow=RF, scm=scm, flow_map=flow_map, distributional=distributional)
 
@@ -32,15 +33,6 @@ def imgs(tmp_path):
     path = tmp_path / "imgs.npy"
     np.save(path, np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
     return str(path)
-
-
-def one_error(capsys, fn):
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(fn)
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
-    assert out == "", out  # nothing before the error line
-    return err
 
 
 def test_cifar10_presets_stop_instead_of_falling_back_and_name_their_precision():
@@ -65,12 +57,12 @@ def test_missing_fid_detector_stops_a_strict_run_and_warns_otherwise(name, imgs,
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    err = one_error(capsys, lambda: mod.main([*base, "--out", str(tmp_path / "a"), "--fallback", "false"]))
+    err = guarded(capsys, lambda: mod.main([*base, "--out", str(tmp_path / "a"), "--fallback", "false"]))
     assert "inception" in err and "--fid_every 0" in err and "--fallback true" in err
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt")  # stopped before training
     for fallback in ("false", "true"):
-        err = one_error(capsys, lambda: mod.main([*base, "--fid_detector", str(tmp_path / "nowhere.pt"), "--out",
-                                                  str(tmp_path / "n"), "--fallback", fallback]))
+        err = guarded(capsys, lambda: mod.main([*base, "--fid_detector", str(tmp_path / "nowhere.pt"), "--out",
+                                                str(tmp_path / "n"), "--fallback", fallback]))
         assert "nowhere.pt" in err and "--fid_every 0" in err and "--fallback" not in err  # (it cannot help)
         assert not os.path.exists(tmp_path / "n")
     mod.main([*base, "--out", str(tmp_path / "b")])  # the default warns and trains
@@ -85,8 +77,8 @@ def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path,
     out = tmp_path / "a"
     base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--fallback", "false", "--out", str(out),
             "--root", str(tmp_path)]
-    err = one_error(capsys, lambda: FILES[name].main([*base, "--fid_every", "1", "--fid_n", "4", "--fid_detector",
-                                                      str(tmp_path / "nowhere.pt")]))
+    err = guarded(capsys, lambda: FILES[name].main([*base, "--fid_every", "1", "--fid_n", "4", "--fid_detector",
+                                                    str(tmp_path / "nowhere.pt")]))
     assert "nowhere.pt" in err and "--fid_every 0" in err
     assert not os.path.exists(out)
     if name == "rectified_flow":  # offline: torch hub prints its "Downloading: ..." line, then fails
@@ -95,8 +87,8 @@ def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path,
         def offline(*a, **k):
             raise OSError("no network")
         monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-        err = one_error(capsys, lambda: RF.main([*base, "--stage", "all", "--fid_every", "0", "--loss",
-                                                 "lpips-huber-1/t"]))
+        err = guarded(capsys, lambda: RF.main([*base, "--stage", "all", "--fid_every", "0", "--loss",
+                                               "lpips-huber-1/t"]))
         assert "LPIPS weights unavailable" in err and "--loss huber" in err
         assert not os.path.exists(out)
 
@@ -113,7 +105,7 @@ def test_missing_projected_d_weights_stop_gdd_before_the_in_file_teacher_trains(
     out = tmp_path / "g"
     base = ["--preset", "tiny", "--data", imgs, "--iters", "1", "--teacher_iters", "2", "--out", str(out),
             "--root", str(tmp_path), "--disc", "projected", "--disc_backbones", "vgg", "--disc_weights"]
-    err = one_error(capsys, lambda: distributional.main([*base, "imagenet"]))
+    err = guarded(capsys, lambda: distributional.main([*base, "imagenet"]))
     assert "vgg16_bn" in err and "--disc_weights random" in err
     assert not os.path.exists(out)
     distributional.main([*base, "random", "--iters", "0"])  # (no step: the stand-in's VGG at 224 px costs ~20 s a step)
@@ -126,8 +118,8 @@ def test_a_resumed_run_checks_the_detector_with_its_own_config(imgs, tmp_path, c
     base = ["--preset", "tiny", "--data", imgs, "--root", str(tmp_path), "--out", str(tmp_path / "r")]
     imm.main([*base, "--iters", "1", "--fallback", "false", "--fid_every", "0"])
     capsys.readouterr()
-    err = one_error(capsys, lambda: imm.main([*base, "--iters", "2", "--fid_every", "1", "--fid_n", "4",
-                                              "--fid_detector", str(tmp_path / "nowhere.pt")]))
+    err = guarded(capsys, lambda: imm.main([*base, "--iters", "2", "--fid_every", "1", "--fid_n", "4",
+                                            "--fid_detector", str(tmp_path / "nowhere.pt")]))
     assert "nowhere.pt" in err
     imm.main([*base, "--iters", "2", "--fid_detector", str(tmp_path / "nowhere.pt")])
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 2
@@ -144,8 +136,7 @@ def test_missing_lpips_stops_a_strict_run_and_falls_back_otherwise(tmp_path, mon
     cfg = RF.Config(loss="lpips-huber-1/t", fallback=False)
     with pytest.raises(C.UserError) as e:
         RF.make_lpips(cfg, None)
-    msg = str(e.value)
-    assert "vgg16-397923af.pth" in msg and "vgg.pth" in msg and "--loss huber" in msg and msg.count(". ") == 0
+    sentence(e, "vgg16-397923af.pth", "vgg.pth", "--loss huber")
 
     class Log:
         lines = []
