@@ -582,7 +582,7 @@ def pairs_plan(cfg, env):
     edm = isinstance(teacher, EDMVelocity)
     if inner(tck["net"])["label_dim"]:
         raise C.UserError("reflow from a class-conditional teacher is not supported; " + (
-            f"'{tpath}' is a class-conditional EDM pickle: name an unconditional one (e.g. "
+            f"'{tpath}' is a class-conditional EDM pickle: name an unconditional one (such as "
             f"edm-cifar10-32x32-uncond-vp.pkl) with --teacher."
             if edm else "train the 1-RF without --cond."))
     shape, folder = sample_shape(tck["net"]), cfg.pairs or os.path.join(cfg.out, "pairs")
