@@ -21,7 +21,7 @@ import torch
 
 import common as C
 import rectified_flow as R
-from cli import assert_ok, refusal, refused, run
+from cli import assert_ok, guarded, refusal, refused, run
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,10 +253,7 @@ def test_cli_ft_lpips_sample_fid(tiny, capsys, monkeypatch):
                          (["--inv_steps", "3", "--ft_iters", "5"], ["--inv_steps 2"]),  # (with steps left: a
                          (["--ft_iters", "1"], ["at step 2"]),  # finished run applies no change, noted)
                          (["--iters", "9"], ["--ft_iters", "drop --iters"])):
-        with pytest.raises(SystemExit) as e:
-            C.main_guard(lambda: R.main([*base, *extra]))
-        out, err = capsys.readouterr()
-        assert e.value.code == 2 and out == "" and err.count("\n") == 1 and all(w in err for w in words), err
+        guarded(capsys, lambda: R.main([*base, *extra]), *words)
     R.main(base)  # the controls: the same command resumes (nothing left to do), and another path to the same data
     R.main([*base, "--data", str(tiny / "imgs.npy")])
     assert _digest(ft / "ckpt.pt") == before
