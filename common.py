@@ -1301,7 +1301,8 @@ def setup(device="auto", seed=0, precision=None):
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        cuda = device.startswith("cuda")  # (NCCL bound to this rank's GPU: barrier() warns on stderr otherwise)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:

@@ -2612,7 +2612,9 @@ def test_a_cuda_index_beyond_the_devices_is_one_sentence(monkeypatch):
 def test_torchrun_with_more_processes_than_gpus_is_one_sentence(monkeypatch):
     """Under torchrun the device is cuda:LOCAL_RANK whatever --device says; a LOCAL_RANK past the visible GPUs
     (--nproc_per_node 2 on one GPU) went to torch.cuda.set_device, whose "invalid device ordinal" was a traceback on
-    that rank. CUDA and the process group are emulated; control: two GPUs, rank 1 gets cuda:1 and NCCL."""
+    that rank. CUDA and the process group are emulated; control: two GPUs, rank 1 gets cuda:1 and NCCL bound to it
+    (device_id: else torch 2.14's dist.barrier warns "using the device under current context" on rank 0, a line on
+    stderr that can precede a refusal's error line)."""
     from torch.cuda._utils import _get_device_index
     for k, v in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="localhost",
                      MASTER_PORT="29500").items():
@@ -2620,18 +2622,19 @@ def test_torchrun_with_more_processes_than_gpus_is_one_sentence(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(_get_device_index(d)))
-    monkeypatch.setattr(C.dist, "init_process_group", lambda backend: seen.append(backend))
+    monkeypatch.setattr(C.dist, "init_process_group", lambda backend, device_id: seen.append((backend, device_id)))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         with pytest.raises(C.UserError) as e:
             C.setup("cuda", 0, None)
-        assert _one_sentence(e).startswith("LOCAL_RANK 1 has no CUDA device here (1 CUDA device(s) visible)")
+        assert sentence(e).startswith("LOCAL_RANK 1 has no CUDA device here (1 CUDA device(s) visible)")
         assert seen == []  # (neither set_device nor the process group reached)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
         env = C.setup("cuda", 0, None)
-        assert (env.device, env.rank, env.world, seen) == (torch.device("cuda:1"), 1, 2, [1, "nccl"])
+        assert (env.device, env.rank, env.world, seen) == (torch.device("cuda:1"), 1, 2,
+                                                           [1, ("nccl", torch.device("cuda:1"))])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
