@@ -460,7 +460,8 @@ _TOY_RMS = {"checkerboard": math.sqrt(4 / 3), "8gaussians": math.sqrt(0.5 + 0.05
             "moons": math.sqrt(0.65625 - 1 / (2 * math.pi) + 0.05 ** 2),
             "spirals": math.sqrt(2.25 * math.pi ** 2 + 0.3 ** 2)}
 _IDX = "the four files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, unpacked (gunzip the .gz), under {0}/raw/"
-_IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718f92721af3b95e74349a)"),
+_IMAGE_SETS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz (MD5 c58f30108f718f92721af3b95e74349a, "
+                                       "from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)"),
                "mnist": ("MNIST", _IDX.format("MNIST")),  # torchvision reads MNIST-type sets unpacked, all four files
                "fashion_mnist": ("FashionMNIST", _IDX.format("FashionMNIST"))}  # (a .gz only with its own MD5)
 TOYS = tuple(_TOY_RMS)  # the 2-D toys by name

@@ -629,6 +629,7 @@ def test_an_image_set_that_downloaded_but_does_not_load_is_one_sentence(monkeypa
     with pytest.raises(C.UserError) as e:
         C.load_data("cifar10", root, env1(), 0, False)
     assert sentence(e).startswith(f"cifar10 is missing from '{root}'; place cifar-10-python.tar.gz (MD5 ")
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in sentence(e)  # where to get it offline
 
 
 def test_augment_refuses_a_batch_that_is_not_nchw():
