@@ -746,8 +746,10 @@ def make_lpips(cfg, log):
         why = f"{type(e).__name__}: {str(e)[:60]}"
         if not cfg.fallback:
             hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-            raise C.UserError(f"LPIPS weights unavailable ({why}); place torchvision's vgg16-397923af.pth and LPIPS "
-                              f"v0.1 vgg.pth ({LPIPS.LIN_URL}) in {hub}, or pass --loss huber to train without "
+            import torchvision
+            vgg = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+            raise C.UserError(f"LPIPS weights unavailable ({why}); place torchvision's vgg16-397923af.pth ({vgg}) and "
+                              f"LPIPS v0.1 vgg.pth ({LPIPS.LIN_URL}) in {hub}, or pass --loss huber to train without "
                               f"LPIPS.") from None
         log.info(f"warning: LPIPS weights unavailable ({why}); training with --loss huber")
         cfg.loss = "huber"

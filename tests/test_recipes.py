@@ -136,7 +136,8 @@ def test_missing_lpips_stops_a_strict_run_and_falls_back_otherwise(tmp_path, mon
     cfg = RF.Config(loss="lpips-huber-1/t", fallback=False)
     with pytest.raises(C.UserError) as e:
         RF.make_lpips(cfg, None)
-    sentence(e, "vgg16-397923af.pth", "vgg.pth", "--loss huber")
+    sentence(e, "vgg16-397923af.pth", "vgg.pth", "--loss huber",
+             "https://download.pytorch.org/models/vgg16-397923af.pth")  # (where to get VGG16 offline)
 
     class Log:
         lines = []
