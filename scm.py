@@ -54,7 +54,7 @@ class Config:
     data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/scm-sct-toy"  # run folder
-    teacher: Optional[str] = None  # scm diffusion checkpoint: init of sct/scd (its EMA) and scd's velocity
+    teacher: Optional[str] = None  # scm diffusion checkpoint or EDM .pkl: init of sct/scd (its EMA), scd's velocity
     resume: Optional[bool] = None  # None: resume when DIR/ckpt.pt exists
     seed: int = 0  # seeds model init, data order and noise
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -514,7 +514,8 @@ def train(cfg, given, env):
     teacher, init, tid = None, None, None
     if mode == "scd" and not cfg.teacher:
         raise C.UserError(f"--mode scd distils a TrigFlow teacher: pass --teacher with the ckpt.pt of a --mode "
-                          f"diffusion run (runs/scm-diffusion-{cfg.preset}/ckpt.pt by default), or run --mode all.")
+                          f"diffusion run (runs/scm-diffusion-{cfg.preset}/ckpt.pt by default) or an EDM network "
+                          f"pickle, or run --mode all.")
     if mode == "diffusion" and cfg.teacher:
         raise C.UserError("--mode diffusion trains from scratch; drop --teacher.")
     if cfg.teacher and mode != "diffusion" and any(k in given for k in ("net", "width", "depth", "adn")):
