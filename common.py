@@ -1062,8 +1062,8 @@ def load_detector(spec, env):
         ok, f = False, type(e).__name__
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
-            f if isinstance(f, str) else f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not finite "
-                                         f"real (2, dim > 0)") + ").")
+            f"{f} on its probe, 2 random uint8 images of shape (2, 3, 32, 32)" if isinstance(f, str) else
+            f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not finite real (2, dim > 0)") + ").")
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
     h = hashlib.sha256()

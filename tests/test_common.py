@@ -1530,6 +1530,11 @@ class _Only32(_TinyFeatures):  # passes load_detector's 32 x 32 probe, fails on 
         return self.lin(x.float().reshape(len(x), 3, 1024).mean(2))
 
 
+class _Only16(_TinyFeatures):  # a network for 16 x 16 images only: refused by the 32 x 32 probe, which the error names
+    def forward(self, x, return_features: bool = False):
+        return self.lin(x.float().reshape(len(x), 3, 256).mean(2))
+
+
 class _FirstRow(_TinyFeatures):
     def forward(self, x, return_features: bool = False):
         return self.lin(x.float().mean(dim=(2, 3)))[:1]
@@ -1594,6 +1599,10 @@ def test_torchscript_detector_from_path(tmp_path):
     det = C.load_detector(str(tmp_path / "only32.pt"), env1())
     with pytest.raises(C.UserError, match=r"'only32' failed on images of shape \(3, 16, 16\) \(RuntimeError"):
         C.reference_stats(image_data(n=4, seed=3, r=16), det, env1(), str(tmp_path))
+    torch.jit.script(_Only16()).save(str(tmp_path / "only16.pt"))
+    with pytest.raises(C.UserError, match=r"feature network \(RuntimeError on its probe, 2 random uint8 images of "
+                                          r"shape \(2, 3, 32, 32\)\)\.$"):
+        C.load_detector(str(tmp_path / "only16.pt"), env1())
 
 
 def test_detector_download_failure_is_user_error(monkeypatch, tmp_path):
