@@ -2494,10 +2494,10 @@ def _preset_defaults(fields, Config, presets, argv, method):
     modes = typing.get_args(typing.get_type_hints(Config).get("mode"))  # --mode M --help: M's folder
     mode = [m for m in [a.partition("=")[2] for a in _normalise(argv) if a.startswith("--mode=")][-1:] if m in modes]
     p["out"] = _default_out(Config, presets, name, {"mode": m for m in mode}, method) or p.get("out")
-    out = []
+    out, flat = [], {k: v for k, v in p.items() if not isinstance(v, dict)}  # a dict: a stage's part (`pairs` too)
     for field, typ, default, note in fields:
         parts = ", ".join(f"{v[field]!r} ({k})" for k, v in p.items() if isinstance(v, dict) and field in v)
-        out.append((field, typ, f"{p.get(field, default)!r}" + (f"; {parts}" if parts else ""), note))
+        out.append((field, typ, f"{flat.get(field, default)!r}" + (f"; {parts}" if parts else ""), note))
     return name, out
 
 

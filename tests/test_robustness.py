@@ -1396,6 +1396,7 @@ def test_help_shows_the_defaults_a_run_uses(capsys):
                 f"{', ' if i else '; '}{v['iters']!r} ({k})"
                 for i, (k, v) in enumerate((k, v) for k, v in p.items() if isinstance(v, dict) and "iters" in v))
             assert f"{want})" in text, (M.__name__, preset, want)
+            assert "(default {'" not in text, (M.__name__, preset)  # a stage part shown as a field's value
     with pytest.raises(SystemExit):
         flow_map.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # a field comment continued on a "#   ..." line is shown whole
