@@ -3109,7 +3109,9 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             agree(env, lambda: (save_array(paths[K], x), print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")))
         return
     if len(shape) == 1:
-        raise UserError("FID needs an image model; for 2-D points compare samples with common.swd / mmd2.")
+        raise UserError("FID needs an image model; a 2-D run's metrics.jsonl beside its ckpt.pt holds its SWD and "
+                        "MMD² per step count, and samples written with `sample --out s.npy` can be scored with "
+                        "common.swd and common.mmd2.")
     if opts.fid_ref and cfg.data != ck["config"].get("data"):
         raise UserError("--data and --fid_ref both name the reference: fid reads the statistics of --fid_ref, so give "
                         "one of them.")

@@ -226,7 +226,8 @@ def sample_cases(name, d):
         (s("--iters", "5"), ["--iters", "from the checkpoint"]), (s("--preset", "cifar10"), ["--preset", "checkpoint"]),
         (s("--data", "moons"), ["--data", "fid does"]), (s("--root", d), ["--root", "fid does"]),  # sample never reads
         (s("--out", d / ("y" * 250 + ".npy")), ["too long", "_Kstep"]),  # (a traceback from np.save)
-        (s("--n", "8", "--batch", "4", cmd="fid"), ["image model"]),  # (GDD printed its K > 1 note before it)
+        # (GDD printed its K > 1 note before it; the sentence points to the run's own SWD / MMD²)
+        (s("--n", "8", "--batch", "4", cmd="fid"), ["image model", "metrics.jsonl"]),
     ] + ([(s(*SAMPLER_BAD[name]), [SAMPLER_BAD[name][0]])] if name in SAMPLER_BAD else [])
 
 
