@@ -962,3 +962,19 @@ def test_all_mode_restart_sets_the_cms_tangent_norm_over_a_finished_teacher(tmp_
     capsys.readouterr()
     code = main(*base, "--tangent_norm", "l2")  # the CMs have begun with rms: refused
     refusal(code, capsys.readouterr(), "sct/ckpt.pt' was trained with --tangent_norm rms")
+
+
+def test_the_cifar10_recipe_needs_its_mode_named(tmp_path, capsys):
+    """The cifar10 preset's default --mode sct trained sCT from scratch with only a note in the log; the recipe
+    (sCM App. G.2) starts sCT and sCD from a TrigFlow teacher, so the default is refused before any output, naming
+    the recipe's modes, and an explicit --mode sct is that path (control: it trains, its note in the log)."""
+    np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    argv = ["--preset", "cifar10", "--data", str(tmp_path / "imgs.npy"), "--net", "tiny", "--batch", "8", "--iters",
+            "1", "--fid_every", "0", "--eval_n", "8", "--H", "1", "--out", str(tmp_path / "r")]
+    with pytest.raises(C.UserError, match=r"run --mode diffusion, then --mode sct or scd with --teacher .*give --mode "
+                                          r"sct for that path"):
+        scm.main(argv)
+    assert not os.path.exists(tmp_path / "r") and capsys.readouterr().out == ""
+    scm.main(["--mode", "sct", *argv])
+    assert "note: sCT from scratch" in capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 1
