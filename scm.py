@@ -506,10 +506,10 @@ def train(cfg, given, env):
     mode, path = cfg.mode, os.path.join(cfg.out, "ckpt.pt")
     ck, cfg = resumed(cfg, given)
     if cfg.preset == "cifar10" and mode == "sct" and "mode" not in given and not cfg.teacher and not ck:
-        raise C.UserError("the cifar10 recipe starts sCT and sCD from a TrigFlow teacher's EMA (sCM App. G.2): run "
-                          "--mode diffusion, then --mode sct or scd with --teacher runs/scm-diffusion-cifar10/ckpt.pt "
-                          "(or --mode all); the default --mode sct would train sCT from scratch (give --mode sct for "
-                          "that path).")
+        raise C.UserError("the cifar10 recipe starts sCT and sCD from a TrigFlow teacher's EMA (sCM, Appendix G.2): "
+                          "run --mode diffusion, then --mode sct or scd with --teacher "
+                          "runs/scm-diffusion-cifar10/ckpt.pt (or --mode all); the default --mode sct would train sCT "
+                          "from scratch (give --mode sct for that path).")
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
     C.refuse_unused(given, data.kind, points=("width", "depth"), images=("xflip",))
