@@ -1051,18 +1051,20 @@ def load_detector(spec, env):
         raise UserError(f"FID detector unavailable ({why}); download {INCEPTION_URL} and place it at {path}.")
     if not os.path.isfile(path):
         raise no_file(path, "FID detector")
+    at = "while loading it"  # (a file torch.jit.load cannot read never reaches the probe)
     try:
         net = torch.jit.load(path, map_location=env.device).eval()
+        at = "on its probe, 2 random uint8 images of shape (2, 3, 32, 32)"
         fn = lambda u8: net(u8, return_features=True)
         probe = torch.randint(256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
         f = Detector(fn, "", 0).features(probe.to(env.device))  # (random images: not all-zero, which a network
         # standardising each image would turn into NaN and be refused for)
         ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point() and bool(f.isfinite().all())
     except Exception as e:
-        ok, f = False, type(e).__name__
+        ok, f = False, f"{type(e).__name__} {at}"
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (
-            f"{f} on its probe, 2 random uint8 images of shape (2, 3, 32, 32)" if isinstance(f, str) else
+            f if isinstance(f, str) else
             f"2 images gave {f.dtype} features of shape {tuple(f.shape)}, not finite real (2, dim > 0)") + ").")
     dim = f.shape[1]
     name = "inception" if spec == "inception" else os.path.splitext(os.path.basename(path))[0]
