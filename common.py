@@ -1061,6 +1061,8 @@ def load_detector(spec, env):
         # standardising each image would turn into NaN and be refused for)
         ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point() and bool(f.isfinite().all())
     except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError) or _device_out_of_memory(str(e)):  # main_guard's sentence, as in
+            raise  # Detector.__call__: not the file's fault (the FID hook loads it mid-run, the memory held)
         ok, f = False, f"{type(e).__name__} {at}"
     if not ok:
         raise UserError(f"FID detector '{path}' is not a usable TorchScript feature network (" + (

@@ -1636,6 +1636,21 @@ def test_a_detector_out_of_memory_is_not_called_a_failure_on_the_image_shape():
         C.Detector(lambda u8: u8.view(-1, 7), "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
+class _CublasOOM(_TinyFeatures):  # its probe meets cuBLAS's own allocation failing (as a TorchScript file reports it)
+    def forward(self, x, return_features: bool = False):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+def test_a_detector_out_of_memory_on_its_probe_is_not_called_unusable(tmp_path):
+    """load_detector's probe out of memory (the in-training hook loads the detector at its first FID step, the memory
+    held by the run) passes through as itself, main_guard's out-of-memory sentence: as 'not a usable TorchScript
+    feature network' it was a file's fault, and the hook of a --fallback true run skipped FID for the whole run."""
+    torch.jit.script(_CublasOOM()).save(str(tmp_path / "oom.pt"))
+    with pytest.raises((RuntimeError, torch.jit.Error), match="CUBLAS_STATUS_ALLOC_FAILED") as e:
+        C.load_detector(str(tmp_path / "oom.pt"), env1())
+    assert not isinstance(e.value, C.UserError) and C._sentence(e.value).startswith("out of memory")
+
+
 # ======================================================================== 15. config parsing
 @dataclasses.dataclass
 class Cfg:
