@@ -2635,15 +2635,16 @@ def test_a_cuda_index_beyond_the_devices_is_one_sentence(monkeypatch):
     C.check_device("cuda:0")  # control
 
 
-def test_torchrun_with_more_processes_than_gpus_is_one_sentence(monkeypatch):
+def test_torchrun_with_more_processes_than_gpus_is_one_sentence(monkeypatch, capsys):
     """Under torchrun the device is cuda:LOCAL_RANK whatever --device says; a LOCAL_RANK past the visible GPUs
     (--nproc_per_node 2 on one GPU) went to torch.cuda.set_device, whose "invalid device ordinal" was a traceback on
-    that rank. CUDA and the process group are emulated; control: two GPUs, rank 1 gets cuda:1 and NCCL bound to it
-    (device_id: else torch 2.14's dist.barrier warns "using the device under current context" on rank 0, a line on
-    stderr that can precede a refusal's error line)."""
+    that rank. Every rank of the node refuses (LOCAL_WORLD_SIZE against the GPUs), rank 0 too: rank 0 alone prints
+    the error line (_speaks), and a refusal on rank 1 alone exited 2 without a word while rank 0 went on to wait in
+    the rendezvous. CUDA and the process group are emulated; control: two GPUs, rank 1 gets cuda:1 and NCCL bound to
+    it (device_id: else torch 2.14's dist.barrier warns "using the device under current context" on rank 0, a line
+    on stderr that can precede a refusal's error line)."""
     from torch.cuda._utils import _get_device_index
-    for k, v in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="localhost",
-                     MASTER_PORT="29500").items():
+    for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="29500").items():
         monkeypatch.setenv(k, v)
     seen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -2653,14 +2654,26 @@ def test_torchrun_with_more_processes_than_gpus_is_one_sentence(monkeypatch):
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-        with pytest.raises(C.UserError) as e:
-            C.setup("cuda", 0, None)
-        assert sentence(e).startswith("LOCAL_RANK 1 has no CUDA device here (1 CUDA device(s) visible)")
-        assert seen == []  # (neither set_device nor the process group reached)
+        for rank in (1, 0):
+            monkeypatch.setenv("RANK", str(rank)), monkeypatch.setenv("LOCAL_RANK", str(rank))
+            with pytest.raises(C.UserError) as e:
+                C.setup("cuda", 0, None)
+            assert sentence(e) == ("torchrun started 2 processes on this node, which has 1 CUDA device(s) visible; "
+                                   "start at most 1 process(es) per node (torchrun --nproc_per_node=1), each seeing "
+                                   "them all.")
+            assert seen == []  # (neither set_device nor the process group reached)
+        assert guarded(capsys, lambda: C.setup("cuda", 0, None)) == str(e.value)  # rank 0 says it
+        monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
         env = C.setup("cuda", 0, None)
         assert (env.device, env.rank, env.world, seen) == (torch.device("cuda:1"), 1, 2,
                                                            [1, ("nccl", torch.device("cuda:1"))])
+        seen.clear()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # (torchrun's variables set by hand, LOCAL_RANK past them)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(C.UserError, match=r"^LOCAL_RANK 1 has no CUDA device here \(1 CUDA device\(s\) visible\)"):
+            C.setup("cuda", 0, None)
+        assert seen == []
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
