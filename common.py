@@ -2778,9 +2778,10 @@ def _speaks():
 
 def _device_out_of_memory(m):
     """A CUDA library's own allocation failing where the caching allocator holds the rest of the memory (cuBLAS /
-    cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, a bare "CUDA error: out of memory"): a RuntimeError,
-    not torch.OutOfMemoryError, but out of memory all the same."""
-    return "ALLOC_FAILED" in m or "CUDA error: out of memory" in m
+    cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_
+    FAILED, a bare "CUDA error: out of memory"): a RuntimeError, not torch.OutOfMemoryError, but out of memory all the
+    same."""
+    return "ALLOC_FAILED" in m or "ALLOCATION_FAILED" in m or "CUDA error: out of memory" in m
 
 
 def _sentence(e):

@@ -1632,6 +1632,9 @@ def test_a_detector_out_of_memory_is_not_called_a_failure_on_the_image_shape():
     with pytest.raises(RuntimeError, match="CUBLAS_STATUS_ALLOC_FAILED") as e:
         C.Detector(cublas, "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert not isinstance(e.value, C.UserError) and C._sentence(e.value).startswith("out of memory")
+    for m in ("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",  # cuDNN 9's name (torch 2.14's)
+              "CUDA error: out of memory"):
+        assert C._sentence(RuntimeError(m)).startswith("out of memory"), m
     with pytest.raises(C.UserError, match="the FID detector 'det.pt' failed on images of shape"):
         C.Detector(lambda u8: u8.view(-1, 7), "det.pt", 8)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
