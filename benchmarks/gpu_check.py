@@ -719,8 +719,10 @@ def check_resume(ctx, name):
 
 def _out_of_memory(e):
     """The caching allocator's OutOfMemoryError, or what a library's own allocation says when the caching allocator
-    holds the rest (cuBLAS / cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, "CUDA error: out of memory")."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "ALLOC_FAILED" in str(e) or "out of memory" in str(e)
+    holds the rest (common._device_out_of_memory: cuBLAS / cuDNN handles and workspaces, "CUDA error: out of
+    memory")."""
+    m = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or common._device_out_of_memory(m) or "out of memory" in m
 
 
 def check_memory(ctx, method, left):

@@ -383,6 +383,7 @@ def test_memory_check_halves_on_each_kind_of_out_of_memory(tmp_path, monkeypatch
     rec = gc.check_memory(ctx, "fm", lambda: 1.0)
     assert seen == [8, 4, 2, 1] and rec["fits_batch"] == 1 and rec["status"] == "ok", rec
     assert [t["result"] for t in rec["tries"]] == ["out of memory"] * 3 + ["fits"]
+    assert gc._out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"))  # 9's
     errors[8] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="shapes"):
         gc.check_memory(ctx, "fm", lambda: 1.0)
