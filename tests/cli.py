@@ -33,24 +33,25 @@ def assert_ok(p):
 
 
 def sentence(msg, *words):
-    """One sentence: no line break, ends with '.' or '?', no '. ' inside; holds each of words. msg: a string, an
+    """One sentence: no line break, ends with '.' or '?', no '. ' or '? ' inside; holds each of words. msg: a string, an
     exception, or pytest.raises' ExceptionInfo (its exception). -> the sentence."""
     msg = str(msg.value if hasattr(msg, "value") else msg)
-    assert "\n" not in msg and msg.endswith((".", "?")) and msg.rstrip(".?").count(". ") == 0, msg
+    body = msg.rstrip(".?")
+    assert "\n" not in msg and msg.endswith((".", "?")) and body.count(". ") == body.count("? ") == 0, msg
     for w in words:
         assert w in msg, (w, msg)
     return msg
 
 
 def refusal(code, err, *words, out=None):
-    """Exit status 2, and stderr exactly one non-empty line, `error: ` and one sentence holding words (so no
-    traceback and no warning before it); out (when given): the stdout, which must be empty. err may be
+    """Exit status 2, and stderr exactly one line, `error: ` and one sentence holding words (so no traceback, no
+    warning and no blank line around it); out (when given): the stdout, which must be empty. err may be
     capsys.readouterr()'s (out, err) pair: then its out must be empty too. -> the sentence."""
     if not isinstance(err, str):
         out, err = err
     assert code == 2, (code, err[-3000:])
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and err.endswith("\n"), err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and err == lines[0] + "\n", err[-3000:]
     assert out is None or out == "", out[-3000:]  # nothing printed before the error line
     return sentence(lines[0][len("error: "):], *words)
 
