@@ -51,6 +51,7 @@ MODES = ("diffusion", "sct", "scd")
 class Config:
     preset: str = "toy"  # preset that filled the defaults (toy, tiny, small, cifar10)
     mode: Literal["diffusion", "sct", "scd", "all"] = "sct"  # what to train; all = diffusion -> sct, scd
+    #   (--preset cifar10 needs it named: its sCT starts from a teacher, from scratch only by --mode sct)
     data: str = "8gaussians"  # toy name, cifar10/mnist/fashion_mnist, .npy file, image folder or .zip
     root: str = "data"  # data sets and FID reference statistics are cached here
     out: str = "runs/scm-sct-toy"  # run folder
