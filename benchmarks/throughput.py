@@ -593,7 +593,8 @@ def device_name(dev):
     """The record's device name: the GPU's name, or the CPU with its core and thread counts."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU ({os.cpu_count()} cores, {n} thread{'s' * (n != 1)})"
 
 
 def _git_commit():
