@@ -1,16 +1,18 @@
-"""sCM: continuous-time consistency models with TrigFlow (TrigFlow diffusion, sCT and sCD).
+"""sCM: continuous-time consistency models with TrigFlow (TrigFlow diffusion, sCT and sCD: consistency training
+and consistency distillation).
 
 Paper: Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", arXiv 2410.11081 (ICLR
 2025). "sCM Eq. n / Alg. n / App. X" below are the paper's; derivations in docs/scm.md.
 
 The method in a few lines. TrigFlow puts data and noise on a circle, x_t = cos t x0 + sin t z (sCM Sec. 3), and a
-network F predicts the PF-ODE velocity dx_t/dt = sigma_d F(x_t / sigma_d, t) (sCM Eq. 3). A consistency model maps
-any x_t to the trajectory's clean end f(x_t, t) = cos t x_t - sin t sigma_d F (sCM Sec. 3, App. E.1), so f(x, 0) =
-x. The continuous-time CM gradient needs only the derivative of f along the ODE path, df/dt, a Jacobian-vector
-product computed exactly with forward-mode AD (sCM Sec. 5.1). sCT takes dx_t/dt from the data (the one-sample
-velocity); sCD from a TrigFlow diffusion teacher. Stability comes from TrigFlow, c_noise(t) = t, adaptive double
-normalisation in the U-Net, a warmed-up and normalised tangent (sCM Sec. 4.2, Alg. 1), and a learned weight w(t)
-(sCM Eq. 8). Samples take 1 or 2 network evaluations.
+network F predicts the velocity of the probability-flow ODE (PF-ODE) dx_t/dt = sigma_d F(x_t / sigma_d, t) (sCM
+Eq. 3). A consistency model (CM) maps any x_t to the trajectory's clean end f(x_t, t) = cos t x_t - sin t sigma_d F
+(sCM Eq. 5, App. E.1), so f(x, 0) = x. The continuous-time CM gradient needs only the derivative of f along the ODE
+path, df/dt, a Jacobian-vector product (JVP) computed exactly with forward-mode automatic differentiation (sCM
+Sec. 5.1). sCT takes dx_t/dt from the data (the one-sample velocity); sCD from a TrigFlow diffusion teacher.
+Stability comes from TrigFlow, c_noise(t) = t, adaptive double normalisation in the U-Net, a warmed-up and
+normalised tangent (sCM Sec. 4.2, Alg. 1), and a learned weight w(t) (sCM Eq. 8). Samples take 1 or 2 network
+evaluations.
 
 Convention (written into every checkpoint): x_t = cos(t) x + sin(t) z, z ~ N(0, sigma_d^2 I), sigma_d = 0.5, t in
 [0, pi/2], t = pi/2 noise, dx/dt = sigma_d F(x / sigma_d, t). EDM view: sigma = sigma_d tan t.
