@@ -187,7 +187,7 @@ def interpolate(x0, z, t):
 
 
 def velocity(x0, z, t):
-    """(sCM Eq. 4) v_t = dx_t/dt = cos t z - sin t x0 (Eq. 4)."""
+    """(sCM Eq. 4) v_t = dx_t/dt = cos t z - sin t x0, the diffusion loss's target."""
     return _col(torch.cos(t), x0) * z - _col(torch.sin(t), x0) * x0
 
 
@@ -280,7 +280,7 @@ def normalise(g_raw, c=0.1, kind="l2"):
 def cm_loss(F, g, w):
     """(sCM Eq. 8) L = mean_batch[e^{w(t)}/D ||F_theta - sg(F_theta) - g||^2 - w(t)] (Eq. 8), in fp32. F is the grad
     pass's output; sg(F) is the same tensor detached, so the residual is exactly -g in value and the gradient is
-    (sCM Eq. 8) mean[-2 e^w / D g^T dF/dtheta]."""
+    mean[-2 e^w / D g^T dF/dtheta] (derived, not printed in the paper: docs/scm.md, "Which way the loss moves F")."""
     F = F.to(torch.promote_types(F.dtype, torch.float32))  # fp32 at least (fp64 in the tests)
     D = F[0].numel()
     return (torch.exp(w) / D * (F - F.detach() - g).square().flatten(1).sum(1) - w).mean()
