@@ -5,16 +5,18 @@ version, arXiv 2506.09376, calls them D2O and D2O-F. Derivations and the CIFAR-1
 docs/distributional.md; "GDD §n" is the paper's, file names are Zyriix/GDD's.
 
 The method in a few lines. A pretrained flow teacher's clean-data prediction at the pure-noise end is already a
-one-step generator, G(z) = z - v(z, t_g): at step 0 it is exactly the teacher (for a 1-RF teacher at t_g = 1, its
-one-step Euler sample, which has collapsed onto the data mean). G starts as a copy of the teacher's EMA weights and
-is trained *only* with a non-saturating GAN loss against real data (plus lazy R1 on the discriminator): no
-regression, no distillation, and the teacher is never queried again. GDD trains every weight; GDD-I freezes the two
-3x3 convolutions and the attention output projections of the residual, middle and resampling blocks (the paper
-says ~85%; by the official code's name rule, `frozen` below, 84.4% of the NCSN++ teacher) and trains norms,
-embeddings, affines, skips, qkv, stem and output only. Discriminators: `mlp` (2-D), `scratch` (small images,
-DiffAugment), `teacher` (this project's own offline D: trainable heads on a frozen copy of the teacher's encoder) and
-`projected` (GDD's: frozen ImageNet VGG16-BN and, with timm, EfficientNet-lite0, fixed random projections and
-multi-scale heads, K = 548 logits; the `cifar10` default).
+one-step generator, G(z) = z - v(z, t_g), with t_g the teacher's largest time (see Convention): at step 0 it is
+exactly the teacher (for a 1-rectified-flow (1-RF) teacher at t_g = 1, its one-step Euler sample, which has
+collapsed onto the data mean). G starts as a copy of the teacher's EMA weights and is trained *only* with a
+non-saturating GAN loss against real data (plus lazy R1 on the discriminator: a penalty on the squared gradient of
+D at real data, every r1_interval = 16 steps): no regression, no distillation, and the teacher is never queried again.
+GDD trains every weight; GDD-I freezes the two 3x3 convolutions and the attention output projections of the
+residual, middle and resampling blocks (the paper says ~85%; by the official code's name rule, `frozen` below,
+84.4% of the NCSN++ teacher) and trains norms, embeddings, affines, skips, qkv, stem and output only.
+Discriminators: `mlp` (2-D), `scratch` (small images, DiffAugment), `teacher` (this project's own offline D:
+trainable heads on a frozen copy of the teacher's encoder) and `projected` (GDD's: frozen ImageNet VGG16-BN and,
+with timm, EfficientNet-lite0, fixed random projections and multi-scale heads, K = 548 logits; the `cifar10`
+default).
 
 Convention: the teacher's, checked verbatim: x_t = (1 - t) x + t z, t = 0 data, t = 1 noise, v = z - x; the network
 gets raw t (its time_scale = 1000 lives inside). t_g = 1 - t_eps of the teacher (1 for a 1-RF).
