@@ -1165,7 +1165,7 @@ def train(cfg, given):
         C.EMA(raw, halflife_kimg=cfg.ema_halflife_img / 1000, rampup=cfg.ema_rampup)
     g_params = [p for p in raw.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]  # the stored list toggled in the G step
-    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8, foreach=True)  # StyleGAN2 §3.1
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr_g, betas=(0.0, 0.99), eps=1e-8, foreach=True)  # GDD training_loop.py
     lr_d, betas_d = d_adam_hparams(cfg.lr_d, cfg.r1_interval)
     opt_d = torch.optim.Adam(d_params, lr=lr_d, betas=betas_d, eps=1e-8, foreach=True)
     if ck:
