@@ -748,7 +748,8 @@ class ProjectedD(nn.Module):
 
 # ============================================================================================================== sampler
 def time_grid(K, t_g):
-    """A project extension (GDD Sec. 6 discusses multi-step use): tau_k = t_g (1 - k/K), k = 0..K-1."""
+    """A project extension (the method is K = 1; docs/distributional.md, "Sampling"): tau_k = t_g (1 - k/K),
+    k = 0..K-1."""
     return [t_g * (1 - k / K) for k in range(K)]
 
 
