@@ -9,13 +9,15 @@ along straight lines x_t = (1 - t) x + t z. Trained on independent (x, z) it is 
 with many ODE steps, poor at one step because its paths are curved. Reflow integrates that ODE once per noise
 to get a deterministic coupling (z, x) and trains a second flow on the straight lines between these fixed
 pairs: the 2-RF is nearly straight, so one or two Euler steps suffice. 2-RF++ initialises from the teacher,
-samples t from a U-shaped density and uses pseudo-Huber + LPIPS/t losses.
+samples t from a U-shaped density and replaces the squared error by a pseudo-Huber velocity loss plus a perceptual
+(LPIPS, VGG-feature) loss on the implied clean image, weighted by 1/t.
 
 Convention (written into every checkpoint): x_t = (1 - t) x + t z, v = z - x, t = 1 is noise, z ~ N(0, I).
 The network output is v itself; it is called with raw t in [0, 1] (time_scale = 1000 lives in the network).
 
-Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2rf/ckpt.pt) [-> ft (DIR/ft/)];
-`all` runs 1rf, pairs and 2rf in one process (default of the toy preset).
+Stages (--stage): 1rf (teacher, DIR/ckpt.pt) -> pairs (DIR/pairs/) -> 2rf (DIR/2rf/ckpt.pt) [-> ft (DIR/ft/):
+an optional fine-tune on real images paired with their inverted noise, 2-RF++ v2]; `all` runs 1rf, pairs and 2rf
+in one process (default of the toy preset).
 
     python rectified_flow.py                                   # toy: all stages on 8 Gaussians, ~1 min CPU
     python rectified_flow.py --data points.npy --out runs/rf-mine
