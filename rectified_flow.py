@@ -539,7 +539,8 @@ def pairs_id(meta):
 
 
 def make_pairs(cfg, env):
-    """Stage `pairs`: x_i = Solve_teacher(z_i; 1 -> 0), deterministic, teacher EMA in eval mode, no autocast."""
+    """Stage `pairs`, the reflow coupling (Liu et al. §2.2, reflow): x_i = Solve_teacher(z_i; 1 -> 0),
+    deterministic, teacher EMA in eval mode, no autocast."""
     teacher, tck, folder, meta, new = pairs_plan(cfg, env)
     shape, edm, mode = sample_shape(tck["net"]), isinstance(teacher, EDMVelocity), new["noise_mode"]
     images, grid, t0 = len(shape) == 3, time_grid(cfg.pair_steps, cfg.pair_grid), time.time()
@@ -965,7 +966,9 @@ def train(cfg, given, env):
             with C.autocast(env):
                 v = model(interpolate(x, z, t), t, y=y)  # (Liu et al. §2)
             return (v.float() - (z - x)).square().mean()  # (Liu et al. §2, flow matching)
-        x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)  # fixed pairs, no flips
+        # the fixed reflow pairs (x_i, z_i), x_i = ODE_teacher(z_i) made by the pairs stage (make_pairs; Liu et al.
+        # §2.2), or for ft real images and their inverted noise (invert_data); no flips: they would break the pairs
+        x, idx = data.batch(per_rank, step, part, env.world * cfg.accum)
         z = Z[idx].float()
         t = sample_t(len(x), cfg, env.device)  # (2-RF++ §4.1) U-shaped
         x_t = interpolate(x, z, t)
