@@ -962,7 +962,7 @@ def train(cfg, given, env):
         if stage == "1rf":
             x, y = data.batch(per_rank, step, part, env.world * cfg.accum)
             z = torch.randn_like(x)
-            t = sample_t(len(x), cfg, env.device)  # uniform on [0, 1]
+            t = sample_t(len(x), cfg, env.device)  # uniform on [t_eps, 1 - t_eps): [0, 1) at the default t_eps 0
             with C.autocast(env):
                 v = model(interpolate(x, z, t), t, y=y)  # (Liu et al. §2)
             return (v.float() - (z - x)).square().mean()  # (Liu et al. §2, flow matching)
