@@ -618,7 +618,7 @@ def train(cfg, given, env):
                 z = sd * torch.randn_like(x0)  # z ~ N(0, sigma_d^2 I)
                 if mode == "diffusion":
                     x0, aug = C.augment_batch(x0, cfg.augment, cfg.seed, step, part, parts)  # EDM's pipe
-                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # (sCM Alg. 1)
+                    t = sample_t(len(x0), cfg.P_mean, cfg.P_std, sd, env.device)  # as sCM Alg. 1 (EDM's P_mean, P_std)
                     with C.autocast(env):
                         F, w = model(interpolate(x0, z, t) / sd, t, aug)  # (sCM Sec. 3), (sCM Eq. 3)
                     L = diffusion_loss(F, velocity(x0, z, t), sd, w if head is not None else None)  # (sCM Eq. 4)
