@@ -6,14 +6,15 @@ Vanden-Eijnden, "How to build a consistency model: learning flow maps via self-d
 Docs:   docs/flow_map.md (conventions, the objectives, derivations, the CIFAR-10 recipes with sources).
 
 The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE dx/dt = b_t(x)
-to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x), so that the tangent condition phi(t,
-t, .) = b_t makes one network learn two things: the velocity, by flow matching on the diagonal s = t (Boffi losses.py,
-diagonal_term), and the jumps off the diagonal, from an identity the exact map satisfies: the Lagrangian equation
-dX/dt = b(X) (LSD: losses.py lsd_term; LMD and FMM: Flow Map Matching, arXiv 2406.07507), the Eulerian equation
-dX/ds + grad X . b = 0 (ESD: losses.py esd_term; MeanFlow Eq. 9 in this convention; EMD) or the semigroup
-X_{u,t} o X_{s,u} = X_{s,t} (PSD: losses.py psd_term). "Boffi losses.py" is the official flow-maps code's
-file. A sample is N composed jumps on the uniform grid k/N from noise, N chosen at sampling time
-(Boffi sample); more steps never hurt the exact map.
+to its state at time t. It is written X_{s,t}(x) = x + (t - s) phi(s, t, x) (Boffi et al. Eq. 6), so that the
+tangent condition phi(t, t, .) = b_t (Eq. 7) makes one network learn two things: the velocity, by flow matching on
+the diagonal s = t (Eq. 12; Boffi losses.py, diagonal_term), and the jumps off the diagonal, from an identity the
+exact map satisfies (Proposition 2.2): the Lagrangian equation dX/dt = b(X) (Eq. 8; LSD, Eq. 13: losses.py
+lsd_term; LMD and FMM: Flow Map Matching, arXiv 2406.07507), the Eulerian equation dX/ds + grad X . b = 0 (Eq. 9;
+ESD, Eq. 14: losses.py esd_term; the MeanFlow Identity, MeanFlow Eq. 6, in this convention; EMD) or the semigroup
+X_{u,t} o X_{s,u} = X_{s,t} (Eq. 10; PSD, Eq. 15: losses.py psd_term). "Boffi et al. Eq. n" numbers the equations
+of arXiv 2505.18825; "Boffi losses.py" is the official flow-maps code's file. A sample is N composed jumps on the
+uniform grid k/N from noise, N chosen at sampling time (Boffi sample); more steps never hurt the exact map.
 
 Convention (written into every checkpoint): the stochastic interpolant I_t = alpha_t x0 + beta_t x1 with x0 ~ N(0,
 sigma0^2 I) noise at t = 0 and x1 data at t = 1 (linear: alpha = 1 - t, beta = t); the network F gets (x / sigma0;
