@@ -205,7 +205,7 @@ def coeffs(t, interpolant="linear"):
 
 
 def interpolate(x0, x1, t, interpolant="linear"):
-    """The stochastic interpolant, Boffi et al. §2: I_t = alpha_t x0 + beta_t x1 and dI_t/dt = alpha'_t x0 +
+    """The stochastic interpolant, Boffi et al. §2.1, Eq. 1: I_t = alpha_t x0 + beta_t x1 and dI_t/dt = alpha'_t x0 +
     beta'_t x1."""
     al, be, dal, dbe = (bc(c, x0) for c in coeffs(t, interpolant))
     return al * x0 + be * x1, dal * x0 + dbe * x1
@@ -221,7 +221,8 @@ def net_phi(net, sigma0, aug=None):
 
 def flow_map(phi, x, s, t):
     """The map, Boffi et al. §2.2, Eq. 6: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly, and
-    phi(t, t, .) = b_t (the tangent condition: the map's derivative in t at s = t is the velocity)."""
+    phi(t, t, .) = b_t (Eq. 7, from the tangent condition, Lemma 2.1: the map's derivative in t at s = t is the
+    velocity)."""
     return x + bc(t - s, x) * phi(x, s, t)
 
 
@@ -267,15 +268,15 @@ def jvp_safe(net):
 
 
 def diagonal_term(phi, I, target, t):
-    """The diagonal (flow-matching) term (Boffi losses.py, diagonal_term): l = |phi(t, t, I_t) - target|^2, target =
-    dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
+    """The diagonal (flow-matching) term, Boffi et al. Eq. 12 (Boffi losses.py, diagonal_term): l = |phi(t, t, I_t) -
+    target|^2, target = dI_t/dt (or sg b_T(t, I_t) for lmd/emd)."""
     return sumsq(phi(I, t, t) - target)
 
 
 def lsd_term(phi, b, I, s, t):
-    """Lagrangian term, LSD (Boffi losses.py, lsd_term) and LMD: l = |d/dt X(s, t, I_s) - sg b(t, sg X(s, t,
-    I_s))|^2, with (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online network's phi(t, t,
-    .) (LSD) or the teacher (LMD)."""
+    """Lagrangian term, LSD (Boffi et al. Eq. 13, Alg. 2; Boffi losses.py, lsd_term) and LMD: l = |d/dt X(s, t, I_s) -
+    sg b(t, sg X(s, t, I_s))|^2, with (X, dX/dt) from one jvp in t (Delta = t - s recomputed inside). b: the online
+    network's phi(t, t, .) (LSD) or the teacher (LMD)."""
     X, dX = jvp(lambda tt: flow_map(phi, I, s, tt), (t,), (torch.ones_like(t),))
     with torch.no_grad():
         target = b(t, X.detach())
@@ -283,8 +284,9 @@ def lsd_term(phi, b, I, s, t):
 
 
 def psd_term(phi, I, s, t, h):
-    """Progressive term, PSD (Boffi losses.py, psd_term): u = h s + (1 - h) t, l = |phi(s, t, I_s) - sg[(1 - h)
-    phi(s, u, I_s) + h phi(u, t, X(s, u, I_s))]|^2 (semigroup / (t - s)^2)."""
+    """Progressive term, PSD (Boffi et al. Eq. 15 in its preconditioned form Eq. 22, App. F.1; Alg. 4; Boffi losses.py,
+    psd_term): u = h s + (1 - h) t (the paper's gamma is h), l = |phi(s, t, I_s) - sg[(1 - h) phi(s, u, I_s) + h
+    phi(u, t, X(s, u, I_s))]|^2 (the semigroup residual divided by (t - s)^2)."""
     u = h * s + (1 - h) * t
     with torch.no_grad():
         target = bc(1 - h, I) * phi(I, s, u) + bc(h, I) * phi(flow_map(phi, I, s, u), u, t)
@@ -292,8 +294,9 @@ def psd_term(phi, I, s, t, h):
 
 
 def esd_term(phi, I, s, t, stopgrad="full"):
-    """Eulerian term, ESD (Boffi losses.py, esd_term): R = d/ds X(s, t, I_s) (t fixed) + grad_x X(s, t, I_s) . b^,
-    b^ = sg phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad; convex: only b^ stopped."""
+    """Eulerian term, ESD (Boffi et al. Eq. 14, Alg. 3; Boffi losses.py, esd_term): R = d/ds X(s, t, I_s) (t fixed) +
+    grad_x X(s, t, I_s) . b^, b^ = sg phi(s, s, I_s); l = |R|^2. full: grad X . b^ under no_grad (Alg. 3); convex:
+    only b^ stopped."""
     with torch.no_grad():
         b_hat = phi(I, s, s)
     _, dXds = jvp(lambda ss: flow_map(phi, I, ss, t), (s,), (torch.ones_like(s),))
