@@ -79,8 +79,8 @@ class Config:
     lambda_inv: float = 1.0  # FMM (2406.07507): the direct loss's invertibility term (0: 2024 FMM code's lagrangian)
     time_sampler: Literal["v0", "v1"] = "v0"  # MeanFlow (s, t) sampler
     learned_weight: bool = False  # Boffi losses.py: l <- exp(-w(s,t)) l + w(s,t), a zero-initialised WeightHead
-    adaptive_p: float = 0.75  # adaptive weighting l / sg(l + c)^p of meanflow and emd (MeanFlow §4)
-    adaptive_c: float = 1e-3  # c of the adaptive weighting (MeanFlow §4)
+    adaptive_p: float = 0.75  # adaptive weighting l / sg(l + c)^p of meanflow and emd (MeanFlow §4.3)
+    adaptive_c: float = 1e-3  # c of the adaptive weighting (MeanFlow §4.3)
     # optimisation
     iters: int = 2000  # optimiser steps
     batch: int = 1024  # global batch per optimiser step (split over ranks and accumulation rounds)
@@ -306,9 +306,10 @@ def esd_term(phi, I, s, t, stopgrad="full"):
 
 
 def meanflow_term(phi, I, s, t, v):
-    """MeanFlow (its Eq. 9, in this convention) and EMD: phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one
-    jvp of (s', x') -> phi(s', t, x') with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds
-    (MeanFlow) or sg b_T(s, I_s) (EMD)."""
+    """MeanFlow's loss (its Eq. 9 with the target u_tgt of Eq. 10 and the total derivative of Eq. 8; Alg. 1), in this
+    convention, and EMD: phi_tgt = sg[v + (t - s) (d_s phi + grad phi . v)] from one jvp of (s', x') -> phi(s', t, x')
+    with tangent (1, v) at (s, I_s); l = |phi(s, t, I_s) - phi_tgt|^2. v = dI_s/ds (MeanFlow) or sg b_T(s, I_s)
+    (EMD)."""
     ph, D = jvp(lambda ss, x: phi(x, ss, t), (s, I), (torch.ones_like(s), v))
     target = (v + bc(t - s, I) * D).detach()
     return sumsq(ph - target)
@@ -324,7 +325,7 @@ def fmm_term(phi, It, dIt, s, t, lambda_inv=1.0):
 
 
 def adaptive_weight(l, p=0.75, c=1e-3):
-    """Adaptive weighting (MeanFlow §4): l / sg(l + c)^p."""
+    """Adaptive weighting (MeanFlow §4.3, "Loss metrics"): l / sg(l + c)^p."""
     return l / (l.detach() + c) ** p
 
 
