@@ -330,8 +330,8 @@ def adaptive_weight(l, p=0.75, c=1e-3):
 
 
 def learned_weight(l, w):
-    """Learned weight (Boffi losses.py): exp(-w) l + w (EDM2-style uncertainty weighting; w = w(s, t), on
-    the diagonal w(t, t))."""
+    """Learned weight (Boffi et al. Eq. 19; Boffi losses.py): exp(-w) l + w (EDM2-style uncertainty weighting: w
+    estimates the log-variance of l; w = w(s, t), on the diagonal w(t, t))."""
     return torch.exp(-w) * l + w
 
 
@@ -341,16 +341,18 @@ def logit_normal(n, mu, sigma, device):
 
 
 def diag_rows(B, diag_frac):
-    """n_d = max(1, int(B diag_frac)) diagonal rows first, the float product truncated as Boffi's
-    loss_args.py _get_diag_offdiag_bs does (0.29 x 100 -> 28 rows)."""
+    """n_d = max(1, int(B diag_frac)) diagonal rows first (Boffi et al. Alg. 1: M_d = floor(eta M), eta the diagonal
+    fraction), the float product truncated as Boffi's loss_args.py _get_diag_offdiag_bs does (0.29 x 100 -> 28 rows)."""
     return max(1, int(B * diag_frac))
 
 
 def sample_times(B, cfg, device):
-    """S, t, n_d: for one local batch; fp32 vectors.
-    Flow-map modes: rows [0, n_d) have s = t = tau ~ U[0, 1]; the rest s, t i.i.d. U[0, 1], sorted to s <= t with
-    pair_order forward (fmm always keeps both orders). MeanFlow v0: a, b ~ LN(2, 2), s = min, t = max, t := s w.p.
-    0.25; v1: s ~ LN(0.6, 1.6), t ~ LN(4, 1.6), t := s w.p. 0.25, t := max(t, s). (n_d = 0: the whole batch.)"""
+    """s, t, n_d: for one local batch; fp32 vectors.
+    Flow-map modes (Boffi et al. §3, Eq. 20 with p_{s,t} = eta U_d + (1 - eta) U_od): rows [0, n_d) have s = t = tau
+    ~ U[0, 1]; the rest s, t i.i.d. U[0, 1], sorted to s <= t with pair_order forward (fmm always keeps both orders).
+    MeanFlow (§4.3; py-meanflow time_sampler.py sample_two_timesteps_t_r_v0/_v1, here s = 1 - t_MF, t = 1 - r_MF):
+    v0: a, b ~ LN(2, 2), s = min, t = max, t := s w.p. 0.25; v1: s ~ LN(0.6, 1.6), t ~ LN(4, 1.6), t := s w.p. 0.25,
+    t := max(t, s). (n_d = 0: the whole batch.)"""
     if cfg.mode == "meanflow":
         if cfg.time_sampler == "v0":
             a, b = logit_normal(B, 2.0, 2.0, device), logit_normal(B, 2.0, 2.0, device)
