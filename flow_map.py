@@ -670,7 +670,10 @@ def train(cfg, given):
             x0 = cfg.sigma0 * torch.randn_like(x1)  # noise at t = 0
             s, t, nd_rows = sample_times(per_rank, cfg, env.device)
             l_w, l = per_sample_loss(raw, head, teacher_b, x0, x1, s, t, nd_rows, cfg, env, fast=model, aug=aug)
-            L = l_w.mean()  # (Boffi losses.py setup_loss) L = (1/B) sum_i l_i, diagonal and off-diagonal rows together
+            # Boffi losses.py setup_loss: L = (1/B) sum_i l_i, diagonal and off-diagonal rows together (Alg. 1-4 write
+            # L_b + L_D, each a mean over its own M_d or M_o rows, which at eta = 0.75 weighs an off-diagonal row 3x
+            # a diagonal one; here both weigh 1/B)
+            L = l_w.mean()
             scaler.scale(L / cfg.accum).backward()
             # ---- end of ALGO LOGIC -----------------------------------------------------------------------------------
             diag = (s == t).float()
