@@ -263,8 +263,9 @@ def imm_loss(model, target, x, eps, s, r, t, cfg, env, aug=None):
 
 # ============================================================================================================== sampler
 def time_steps(N, cfg, schedule=None):
-    """The sampling grid t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12); uniform is
-    t_i = T + (N - i)/N (t_min - T) (Eq. 117); edm: rho = 7 in eta (Eq. 118)."""
+    """The sampling grid t_N = T > ... > t_0 = t_min (float64): N = 2 uses eta = 1.4 (t_1 = 7/12; the CIFAR config's
+    mid_nt); uniform is t_i = T + (N - i)/N (t_min - T) (Eq. 117); edm: rho = 7 in eta (Eq. 118), as the
+    discretization branches of lumalabs/imm generate_images.py build them."""
     schedule = schedule or cfg.schedule
     if N == 1:
         return [cfg.T, cfg.t_min]
@@ -278,9 +279,10 @@ def time_steps(N, cfg, schedule=None):
 
 @torch.no_grad()
 def sample(net, rng, shape, N, cfg, env, clip=True):
-    """Pushforward (IMM Alg. 2): x_{t_{i-1}} = f_{t_{i-1}, t_i}(x_{t_i}) from x_T ~ N(0, sigma_d^2 I). Restart (Alg. 5):
-    x~ = f_{t_0, t_i}(x_{t_i}), re-noised to t_{i-1} with fresh noise except at the last step. All noise comes from
-    rng (per sample index: the prior first, then the restart noises in order)."""
+    """Pushforward (IMM Alg. 2; lumalabs/imm generate_images.py pushforward_generator_fn): x_{t_{i-1}} =
+    f_{t_{i-1}, t_i}(x_{t_i}) from x_T ~ N(0, sigma_d^2 I). Restart (Alg. 5; restart_generator_fn): x~ = f_{t_0,
+    t_i}(x_{t_i}), re-noised to t_{i-1} with fresh noise except at the last step. All noise comes from rng (per sample
+    index: the prior first, then the restart noises in order)."""
     grid = time_steps(N, cfg)
     x = cfg.sigma_d * rng.randn(len(rng.gens), *shape)
     full = lambda v: torch.full((x.shape[0],), v, device=x.device, dtype=torch.float32)
