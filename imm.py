@@ -58,7 +58,7 @@ class Config:
     T: float = 0.994  # largest time (App. I.1)
     t_min: float = 0.006  # smallest time (App. I.1)
     M: int = 4  # particles per group (Table 5)
-    k: int = 12  # r(s,t) decrement 2^-k of the eta range (IMM App. C); 15 for CIFAR-10 (Table 5)
+    k: int = 12  # r(s,t) decrement 2^-k of the eta range (IMM App. C.6); 15 for CIFAR-10 (Table 5)
     a: float = 1.0  # weighting exponent of w(s,t) (IMM Eq. 13, Table 5)
     b: float = 5.0  # weighting shift of w(s,t) (IMM Eq. 13, Table 5)
     min_gap: Optional[float] = None  # minimum t - r (IMM App. I.6); None: 0, or 1e-4 under bf16/fp16
@@ -236,7 +236,8 @@ def group_mmd2(y_t, y_r, w_tilde):
 
 def weight(t, a=1.0, b=5.0):
     """IMM Eq. 13: w(s,t) = 1/2 sigmoid(b - lambda_t) (-d lambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2), for OT-FM
-    sigmoid(b - lambda_t) (1 - t)^a / (t (1 - t) ((1 - t)^2 + t^2)), lambda_t = 2 log((1 - t) / t) (IMM Eq. 13)."""
+    sigmoid(b - lambda_t) (1 - t)^a / (t (1 - t) ((1 - t)^2 + t^2)), lambda_t = 2 log((1 - t) / t), the log
+    signal-to-noise ratio."""
     lam = 2 * torch.log((1 - t) / t)
     return torch.sigmoid(b - lam) * (1 - t) ** a / (t * (1 - t) * ((1 - t) ** 2 + t ** 2))
 
