@@ -212,17 +212,17 @@ def interpolate(x0, x1, t, interpolant="linear"):
 
 
 def net_phi(net, sigma0, aug=None):
-    """The map, Boffi et al. §2.2 (Eq. 6): phi(x, s, t) = sigma0 F(x / sigma0; s, t - s): the network's two times are
-    s and Delta = t - s (their App. G.2); `aug`: augmentation labels of the whole batch (mode meanflow only), None
-    at sampling."""
+    """phi, the v_{s,t} of Boffi et al. Eq. 6, preconditioned as Boffi's edm2_net.py PrecondFlowMap: phi(x, s, t) =
+    sigma0 F(x / sigma0; s, t - s): the network's two times are s and Delta = t - s (their App. G.2); `aug`:
+    augmentation labels of the whole batch (mode meanflow only), None at sampling."""
     kw = {} if aug is None else dict(aug=aug)
     return lambda x, s, t: sigma0 * net(x / sigma0, s, t - s, **kw)
 
 
 def flow_map(phi, x, s, t):
-    """The map, Boffi et al. §2.2, Eq. 6: X_{s,t}(x) = x + (t - s) phi(s, t, x). X_{s,s} = x exactly, and
-    phi(t, t, .) = b_t (Eq. 7, from the tangent condition, Lemma 2.1: the map's derivative in t at s = t is the
-    velocity)."""
+    """The map, Boffi et al. §2.2, Eq. 6: X_{s,t}(x) = x + (t - s) phi(s, t, x) (phi is the paper's v_{s,t}; the
+    lambdas here take it as phi(x, s, t)). X_{s,s} = x exactly, and phi(t, t, .) = b_t (Eq. 7, from the tangent
+    condition, Lemma 2.1: the map's derivative in t at s = t is the velocity)."""
     return x + bc(t - s, x) * phi(x, s, t)
 
 
