@@ -12,7 +12,8 @@ correctness spreads by induction from short jumps to long ones (IMM Theorem 1). 
 prior at T down to t_min in 1, 2, 4 or 8 steps. No teacher, no GAN.
 
 Convention (written into every checkpoint): x_t = (1 - t) x + t eps, eps ~ N(0, sigma_d^2 I), sigma_d = 0.5,
-t = 1 is noise, times in [t_min, T] = [0.006, 0.994]; f_{s,t} maps time t to time s. The network gets raw
+t = 1 is noise, times in [t_min, T] = [0.006, 0.994]; f_{s,t} maps time t to time s. eta_t = t / (1 - t) is the
+noise-to-signal ratio (EDM's sigma / sigma_d), the scale on which r(s, t) steps below t. The network gets raw
 times (t, s) and multiplies them by its time_scale = 1000 (c_noise(t) = 1000 t, IMM §4.2, Table 5).
 
     python imm.py                                             # toy: 8 Gaussians, CPU, samples at 1/2/4/8 steps
