@@ -1,8 +1,9 @@
 """Flow maps: Lagrangian/Eulerian/progressive self-distillation, MeanFlow, direct FMM, and LMD/EMD distillation.
 
-Papers: Boffi, Albergo, Vanden-Eijnden, "Flow Map Matching", arXiv 2406.07507 (FMM, LMD/EMD); Boffi, Albergo,
-Vanden-Eijnden, "How to build a consistency model: learning flow maps via self-distillation", arXiv 2505.18825
-(LSD, ESD, PSD); Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447.
+Papers: Boffi, Albergo, Vanden-Eijnden, "Flow Map Matching", arXiv 2406.07507 (FMM, and LMD/EMD: Lagrangian/Eulerian
+map distillation); Boffi, Albergo, Vanden-Eijnden, "How to build a consistency model: learning flow maps via
+self-distillation", arXiv 2505.18825 (LSD, ESD, PSD); Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step
+Generative Modeling", arXiv 2505.13447.
 Docs:   docs/flow_map.md (conventions, the objectives, derivations, the CIFAR-10 recipes with sources).
 
 The method in a few lines. A flow map X_{s,t} sends the state at time s of the probability-flow ODE dx/dt = b_t(x)

@@ -7,9 +7,10 @@ in docs/imm.md.
 The method in a few lines. The network defines a one-step map f_{s,t} that carries a noisy sample x_t at
 time t to time s <= t along the DDIM interpolant. For groups of M samples sharing (s, r, t), with r slightly
 below t, training matches the *distribution* of f_{s,t}(x_t) (with gradient) to that of f_{s,r}(x_r) (current
-weights, no gradient) by a Laplace-kernel MMD. When r reaches s the target is exactly x_s (f_{s,s} = id), so
-correctness spreads by induction from short jumps to long ones (IMM Theorem 1). Sampling chains f from the
-prior at T down to t_min in 1, 2, 4 or 8 steps. No teacher, no GAN.
+weights, no gradient) by a Laplace-kernel MMD (maximum mean discrepancy: a distance between two sample sets
+from the mean kernel similarity within each set and across them). When r reaches s the target is exactly x_s
+(f_{s,s} = id), so correctness spreads by induction from short jumps to long ones (IMM Theorem 1). Sampling chains
+f from the prior at T down to t_min in 1, 2, 4 or 8 steps. No teacher, no GAN.
 
 Convention (written into every checkpoint): x_t = (1 - t) x + t eps, eps ~ N(0, sigma_d^2 I), sigma_d = 0.5,
 t = 1 is noise, times in [t_min, T] = [0.006, 0.994]; f_{s,t} maps time t to time s. eta_t = t / (1 - t) is the
