@@ -394,7 +394,7 @@ def per_sample_loss(net, head, teacher_b, x0, x1, s, t, nd, cfg, env, fast=None,
             parts.append(diagonal_term(phi_fast, Id, dId, t[:nd]).float())
         if nd < len(x0):  # off-diagonal rows, dropout off (Boffi: train=True only in diagonal_term)
             x0o, x1o, so, to = x0[nd:], x1[nd:], s[nd:], t[nd:]
-            Io, dIo = interpolate(x0o, x1o, so, cfg.interpolant)
+            Io = interpolate(x0o, x1o, so, cfg.interpolant)[0]  # (its velocity is not a target off the diagonal)
             was = net.training
             net.eval()
             try:
