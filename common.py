@@ -1022,11 +1022,9 @@ class Detector:
             u8 = u8.repeat(1, 3, 1, 1)
         try:
             return self.features(u8).float()
-        except torch.OutOfMemoryError:
-            raise
         except (RuntimeError, torch.jit.Error) as e:  # a TorchScript file that takes 32 x 32 images (load_detector's
             # probe) only; (an exception it raises itself is a torch.jit.Error, not a RuntimeError: was a traceback)
-            if _device_out_of_memory(str(e)):  # (main_guard's out-of-memory sentence, not the image shape's)
+            if _out_of_memory(e):  # (main_guard's out-of-memory sentence, not the image shape's)
                 raise
             last = isinstance(e, torch.jit.Error)  # (its last line names the exception the file raised)
             raise UserError(f"the FID detector '{self.name}' failed on images of shape {tuple(u8.shape[1:])} "
@@ -1061,7 +1059,7 @@ def load_detector(spec, env):
         # standardising each image would turn into NaN and be refused for)
         ok = f.ndim == 2 and len(f) == 2 and f.shape[1] > 0 and f.is_floating_point() and bool(f.isfinite().all())
     except Exception as e:
-        if isinstance(e, torch.OutOfMemoryError) or _device_out_of_memory(str(e)):  # main_guard's sentence, as in
+        if _out_of_memory(e):  # main_guard's sentence, as in
             raise  # Detector.__call__: not the file's fault (the FID hook loads it mid-run, the memory held)
         ok, f = False, f"{type(e).__name__} {at}"
     if not ok:
@@ -1656,9 +1654,9 @@ def load_optimizer(opt, state):
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(state)
-    except torch.OutOfMemoryError:
-        raise
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
+        if _out_of_memory(e):
+            raise
         raise UserError(f"the checkpoint's optimiser state does not fit this run's parameters "
                         f"({type(e).__name__}).") from None
     # (load_state_dict takes moments of any shape, NaN and a negative step: an edited file failed at the first step,
@@ -1696,9 +1694,9 @@ def restore_rng(ckpt, env, generators=()):
                      f"but does not reproduce an unstopped one")
             for g, s in zip(generators, st["gens"]):
                 g.set_state(s)
-        except torch.OutOfMemoryError:
-            raise
         except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            if _out_of_memory(e):
+                raise
             raise UserError(f"the checkpoint's RNG state is malformed ({type(e).__name__}); it was not written by "
                             f"this project.") from None
         return
@@ -2776,12 +2774,15 @@ def _speaks():
         return True
 
 
-def _device_out_of_memory(m):
-    """A CUDA library's own allocation failing where the caching allocator holds the rest of the memory (cuBLAS /
-    cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_
-    FAILED, a bare "CUDA error: out of memory"): a RuntimeError, not torch.OutOfMemoryError, but out of memory all the
-    same."""
-    return "ALLOC_FAILED" in m or "ALLOCATION_FAILED" in m or "CUDA error: out of memory" in m
+def _out_of_memory(e):
+    """torch.OutOfMemoryError, or a CUDA library's own allocation failing where the caching allocator holds the rest of
+    the memory (cuBLAS / cuDNN handles and workspaces: CUBLAS_STATUS_ALLOC_FAILED, cuDNN 9's
+    CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED, a bare "CUDA error: out of memory"), a plain RuntimeError
+    but out of memory all the same: what every `except RuntimeError` that turns a file's fault into a sentence passes
+    through to main_guard's out-of-memory sentence."""
+    m = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        k in m for k in ("ALLOC_FAILED", "ALLOCATION_FAILED", "CUDA error: out of memory"))
 
 
 def _sentence(e):
@@ -2794,8 +2795,8 @@ def _sentence(e):
         return None if e.errno not in (errno.ENOSPC, errno.EDQUOT) else \
             e.strerror + (f" while writing '{e.filename}'." if e.filename else ".")
     m = str(e)
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in m \
-            or "Storage size calculation overflowed" in m or _device_out_of_memory(m):
+    if isinstance(e, MemoryError) or _out_of_memory(e) or "can't allocate memory" in m \
+            or "Storage size calculation overflowed" in m:
         return "out of memory (or a size beyond any memory); lower --batch, --n, --eval_n or the network's size."
     if re.search(r"gloo.*Connection (closed|reset) by peer", m):  # a collective whose peer is gone under torchrun
         # (killed, interrupted, or stopped on an error it reported): a traceback here would say nothing more

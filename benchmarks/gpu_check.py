@@ -718,11 +718,9 @@ def check_resume(ctx, name):
 
 
 def _out_of_memory(e):
-    """The caching allocator's OutOfMemoryError, or what a library's own allocation says when the caching allocator
-    holds the rest (common._device_out_of_memory: cuBLAS / cuDNN handles and workspaces, "CUDA error: out of
-    memory")."""
-    m = str(e)
-    return isinstance(e, torch.cuda.OutOfMemoryError) or common._device_out_of_memory(m) or "out of memory" in m
+    """common._out_of_memory (the caching allocator's OutOfMemoryError, or a cuBLAS / cuDNN allocation failing when
+    the caching allocator holds the rest), or any other message saying "out of memory"."""
+    return common._out_of_memory(e) or "out of memory" in str(e)
 
 
 def check_memory(ctx, method, left):

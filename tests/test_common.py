@@ -2446,22 +2446,27 @@ def test_other_world_size_warning_follows_the_checks(tmp_path, capsys):
 
 def test_out_of_memory_while_loading_optimiser_or_rng_state_is_not_called_malformed(monkeypatch):
     """load_optimizer and restore_rng turn the errors of a malformed state into one sentence; out of memory (a
-    RuntimeError) passes through as itself. Controls: a RuntimeError is the sentence."""
+    RuntimeError) passes through as itself, a CUDA library's own (cuBLAS: a plain RuntimeError) too. Controls: a
+    RuntimeError is the sentence."""
     w = nn.Parameter(torch.ones(2))
     opt = torch.optim.Adam([w])
     state = opt.state_dict()
     ck = {"rng": {"world": 1, "ranks": [{"cpu": torch.get_rng_state(), "cuda": None, "gens": []}]},
           "config": {"seed": 0}, "step": 1}
     for exc, want in ((torch.OutOfMemoryError("out of memory"), torch.OutOfMemoryError),
-                      (RuntimeError("bad state"), C.UserError)):
+                      (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                       RuntimeError), (RuntimeError("bad state"), C.UserError)):
         def fail(*a, exc=exc):
             raise exc
         monkeypatch.setattr(opt, "load_state_dict", fail)
-        with pytest.raises(want, match="out of memory|optimiser state does not fit this run's parameters"):
+        with pytest.raises(want, match="out of memory|ALLOC_FAILED|optimiser state does not fit this run's "
+                                       "parameters") as e:
             C.load_optimizer(opt, state)
+        assert type(e.value) is type(exc) or want is C.UserError
         monkeypatch.setattr(torch, "set_rng_state", fail)
-        with pytest.raises(want, match="out of memory|RNG state is malformed"):
+        with pytest.raises(want, match="out of memory|ALLOC_FAILED|RNG state is malformed") as e:
             C.restore_rng(ck, env1())
+        assert type(e.value) is type(exc) or want is C.UserError
 
 
 # ======================================================================== 17. logger and pictures
