@@ -283,9 +283,7 @@ def test_cli_bad_inputs(tiny, capsys):
     os.chdir(tiny)
     try:
         for argv in cases:
-            with pytest.raises(SystemExit) as e:
-                C.main_guard(lambda: R.main(list(argv)))
-            refusal(e.value.code, capsys.readouterr())
+            guarded(capsys, lambda: R.main(list(argv)))
     finally:
         os.chdir(cwd)
     assert {p: _digest(tiny / "run" / p) for p in before} == before
@@ -314,12 +312,8 @@ def test_damaged_pairs_folders_are_one_sentence(tiny, capsys):
             shutil.copytree(src, tiny / name)
             spoil(tiny / name / f)
             capsys.readouterr()
-            with pytest.raises(SystemExit) as e:
-                C.main_guard(lambda: R.main(["--preset", "tiny", "--data", "imgs.npy", "--stage", "2rf", "--pairs",
-                                             name, "--teacher", "run/ckpt.pt", "--out", f"out_{name}"]))
-            out, err = capsys.readouterr()
-            refusal(e.value.code, err, out=out)
-            assert words in err, (name, err)
+            guarded(capsys, lambda: R.main(["--preset", "tiny", "--data", "imgs.npy", "--stage", "2rf", "--pairs", name,
+                                            "--teacher", "run/ckpt.pt", "--out", f"out_{name}"]), words)
     finally:
         os.chdir(cwd)
 
@@ -337,11 +331,7 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     x0 = _digest(tmp_path / "r" / "pairs" / "x_00000.npy")
     for change, words in ((["--pair_steps", "3"], "steps 2, not 3"), (["--pair_seed", "5"], "pair_seed")):
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small), *change]))
-        out, err = capsys.readouterr()
-        refusal(e.value.code, err, out=out)
-        assert words in err, err
+        guarded(capsys, lambda: R.main(["--stage", "pairs", *for_stage("pairs", small), *change]), words)
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
     C.main_guard(lambda: R.main(["--stage", "pairs", *for_stage("pairs", small)]))  # the same settings: kept
     meta = json.loads((tmp_path / "r" / "pairs" / "meta.json").read_text())  # pairs written before teacher_id:
@@ -354,11 +344,7 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
     shutil.copy(tmp_path / "r" / "ckpt.pt", tmp_path / "moved.pt")
     pairs = ["--stage", "pairs", *for_stage("pairs", other), "--pairs", str(tmp_path / "r" / "pairs"), "--seed", "0"]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: R.main(pairs))
-    out, err = capsys.readouterr()
-    refusal(e.value.code, err, out=out)
-    assert "another teacher" in err and "o/ckpt.pt" in err, err
+    guarded(capsys, lambda: R.main(pairs), "another teacher", "o/ckpt.pt")
     C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
     assert _digest(tmp_path / "r" / "pairs" / "x_00000.npy") == x0
     # a generation stopped part-way (no meta.json yet, started.json written before the first block, block 1 missing):
@@ -369,9 +355,7 @@ def test_pairs_small_blocks_and_changed_settings(tmp_path, capsys):
                                                  "pair_seed", "solver", "steps", "grid", "n", "block", "noise_mode")}))
     os.remove(pf / "meta.json"), os.remove(pf / "x_00001.npy")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: R.main(pairs))
-    refusal(e.value.code, capsys.readouterr())
+    guarded(capsys, lambda: R.main(pairs))
     assert not (pf / "x_00001.npy").exists()
     C.main_guard(lambda: R.main([*pairs, "--teacher", str(tmp_path / "moved.pt")]))
     assert (pf / "x_00001.npy").exists() and (pf / "meta.json").exists() and not (pf / "started.json").exists()
@@ -430,17 +414,11 @@ def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
     meta = json.loads((tmp_path / "p3" / "meta.json").read_text())
     (tmp_path / "p3" / "meta.json").write_text(json.dumps({**meta, "pair_seed": 1}))  # pairs made otherwise
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p3"), "--out", str(tmp_path / "a"),
-                                     "--iters", "6"]))
-    out, err = capsys.readouterr()
-    refusal(e.value.code, err, out=out)
-    assert "p3' are not those" in err and "started from" in err, err
-    with pytest.raises(SystemExit) as e:  # the teacher is not read on resume: none is not a change to make either
-        C.main_guard(lambda: R.main([*common, "--teacher", "none", "--out", str(tmp_path / "a"), "--iters", "6"]))
-    out, err = capsys.readouterr()
-    refusal(e.value.code, err, out=out)
-    assert "does not read --teacher" in err, err
+    guarded(capsys, lambda: R.main([*common, "--pairs", str(tmp_path / "p3"), "--out", str(tmp_path / "a"), "--iters",
+                                    "6"]), "p3' are not those", "started from")
+    # the teacher is not read on resume: none is not a change to make either
+    guarded(capsys, lambda: R.main([*common, "--teacher", "none", "--out", str(tmp_path / "a"), "--iters", "6"]),
+            "does not read --teacher")
     R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "a"), "--iters", "6"])
     R.main([*common, "--pairs", str(tiny / "run" / "pairs"), "--teacher", str(tiny / "run" / "ckpt.pt"), "--out",
             str(tmp_path / "b"), "--iters", "6"])
@@ -450,12 +428,8 @@ def test_resume_tiny_2rf_bitwise(tiny, tmp_path, capsys):
     del ckb["pairs_id"]  # a checkpoint written before pairs_id knows its pairs by their path
     torch.save(ckb, tmp_path / "b" / "2rf" / "ckpt.pt")
     capsys.readouterr()  # (the runs above)
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(lambda: R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "b"),
-                                     "--iters", "7"]))
-    out, err = capsys.readouterr()
-    refusal(e.value.code, err, out=out)
-    assert "was started from the pairs" in err, err
+    guarded(capsys, lambda: R.main([*common, "--pairs", str(tmp_path / "p2"), "--out", str(tmp_path / "b"), "--iters",
+                                    "7"]), "was started from the pairs")
 
 
 def test_sample_independent_of_batch(tiny, tmp_path):
