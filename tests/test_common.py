@@ -1970,7 +1970,7 @@ def _ckpt(net, step=0, **extra):
 
 def test_guard_stops_at_max_skips_in_a_row(tmp_path):
     env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
-    g = C.Guard(env, 3, type("Log", (), {})(), str(tmp_path / "ckpt.pt"))
+    g = C.Guard(env, 3, _log(), str(tmp_path / "ckpt.pt"))
     g.check_run(10, 2)  # two skips in a row of --max_skips 3: the run goes on
     with pytest.raises(C.UserError, match="^3 optimiser steps in a row had non-finite gradients"):
         g.check_run(10, 3)
@@ -1980,7 +1980,7 @@ def test_guard_counts_skips_in_a_row_and_in_all(tmp_path):
     """`run` (what --max_skips stops on) counts skipped steps in a row, a good step resets it; `count` counts them
     all (the log's `skipped`)."""
     env = C.Env(0, 1, 0, torch.device("cpu"), True, "fp32")
-    g = C.Guard(env, 10, type("Log", (), {})(), str(tmp_path / "ckpt.pt"))
+    g = C.Guard(env, 10, _log(), str(tmp_path / "ckpt.pt"))
     w = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.1)
     for ok in (False, False, True, False):
@@ -2134,7 +2134,7 @@ def test_guard_max_skips_in_a_row_stop_the_run_at_a_checkpoint(tmp_path):
 def test_guard_takes_a_step_whose_gradients_are_huge_but_finite(tmp_path):
     """Guard.finite asks whether every gradient is finite, not whether their norm is: gradients of 1e30 (whose 2-norm
     overflows float32) are finite, so their step is taken; one NaN or inf among them is not."""
-    g = C.Guard(env1(), 10, type("Log", (), {})(), str(tmp_path / "c.pt"))
+    g = C.Guard(env1(), 10, _log(), str(tmp_path / "c.pt"))
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.full((3,), 1e30), torch.full((2,), -1e30)
     assert bool(g.finite([a, b]))
@@ -2710,7 +2710,7 @@ def test_agree_reraises_a_failure_as_it_came(monkeypatch):
 def test_guard_step_with_no_gradient_is_no_step(tmp_path, sync_free):
     """An optimiser none of whose parameters has a gradient (a part that took no part in the loss): no step, no
     skip counted, no error (the inf-norm of nothing is one)."""
-    g = C.Guard(env1(), 3, type("Log", (), {})(), str(tmp_path / "ckpt.pt"), sync_free=sync_free)
+    g = C.Guard(env1(), 3, _log(), str(tmp_path / "ckpt.pt"), sync_free=sync_free)
     w = nn.Parameter(torch.ones(2))
     opt = torch.optim.Adam([w], lr=0.1)
     g.step(opt)
