@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import common as C
 import distributional as D
-from cli import assert_ok, refusal, refused, run, sentence, sha
+from cli import assert_ok, guarded, refusal, refused, run, sentence, sha
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -999,11 +999,7 @@ def test_resume_refusals_print_alone(imgs, tmp_path, capsys):
 
     def refuses(*words, argv=()):
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            C.main_guard(lambda: D.main([*args, "--iters", "2", *argv]))
-        out, err = capsys.readouterr()
-        refusal(e.value.code, err, *words)
-        assert out == "" and len(err.splitlines()) == 1, out + err
+        guarded(capsys, lambda: D.main([*args, "--iters", "2", *argv]), *words)
     refuses("was trained with --disc_backbones vgg", "--disc_backbones vgg,effnet",
             argv=["--disc_backbones", "vgg,effnet"])
     refuses("was trained with --disc_weights random", argv=["--disc_weights", "imagenet"])  # the frozen backbones: not
@@ -1074,9 +1070,7 @@ def test_cli_bad_inputs(imgs, tmp_path, capsys):
     ]
     capsys.readouterr()  # (the run above)
     for argv, words in cases:
-        with pytest.raises(SystemExit) as e:
-            C.main_guard(lambda: D.main(list(argv)))
-        refusal(e.value.code, capsys.readouterr(), *words)
+        guarded(capsys, lambda: D.main(list(argv)), *words)
     assert sha(tmp_path / "ok" / "ckpt.pt") == before
     assert not (tmp_path / "m").exists()  # a missing teacher stopped the run before its first file (config.json)
     p = cli("--teacher", "nowhere.pt", "--out", "z", cwd=tmp_path)

@@ -683,9 +683,7 @@ def test_12_bad_inputs(tiny, capsys):
     os.chdir(tiny)
     try:
         for argv, words in cases:
-            with pytest.raises(SystemExit) as e:
-                C.main_guard(lambda: fm.main(list(argv)))
-            refusal(e.value.code, capsys.readouterr(), *words)
+            guarded(capsys, lambda: fm.main(list(argv)), *words)
             out = argv[argv.index("--out") + 1] if "--out" in argv else None
             assert out in (None, "run") or not os.path.exists(os.path.join(out, "ckpt.pt")), argv
     finally:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import common as C
 import imm
-from cli import assert_ok, refusal, refused, run, sentence, sha
+from cli import assert_ok, guarded, refusal, refused, run, sentence, sha
 from standin import standin_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1074,9 +1074,7 @@ def test_cli_bad_inputs(tiny, capsys):
     os.chdir(tiny)
     try:
         for argv, words in cases:
-            with pytest.raises(SystemExit) as e:
-                C.main_guard(lambda: imm.main(list(argv)))
-            refusal(e.value.code, capsys.readouterr(), *words)
+            guarded(capsys, lambda: imm.main(list(argv)), *words)
     finally:
         os.chdir(cwd)
     assert sha(tiny / "run" / "ckpt.pt") == before  # no checkpoint touched by bad input

@@ -75,7 +75,7 @@ import torch
 
 import cli
 import common as C
-from cli import refusal, refused
+from cli import guarded, refusal, refused
 import distributional
 import flow_map
 import imm
@@ -1694,10 +1694,7 @@ def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
     "while writing 'None'". Any other RuntimeError stays a traceback (a bug to report, not bad input)."""
     def boom():
         raise exc
-    with pytest.raises(SystemExit) as e:
-        C.main_guard(boom)
-    assert e.value.code == 2
-    msg = refusal(2, capsys.readouterr(), *words)
+    msg = guarded(capsys, boom, *words)
     assert "None" not in msg
     with pytest.raises(RuntimeError, match="a bug"):
         C.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
