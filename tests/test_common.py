@@ -373,9 +373,10 @@ def test_build_net_refuses_a_choice_an_odd_filter_and_heads_that_do_not_divide()
     """A network config's option outside its choices, a resample filter of odd length, a head count that does not
     divide a level's channels: one sentence each (an edited checkpoint; the command line never sets them)."""
     d = C.net_config("tiny")
-    for k, v, want in (("embedding", "sinusoidal", "network option embedding='sinusoidal' is not one of positional, "
-                        "fourier."), ("resample_filter", [1, 3, 3], "resample_filter [1, 3, 3] needs an even, non-zero "
-                        "length."), ("num_heads", 3, "num_heads 3 does not divide every level's channels.")):
+    for k, v, want in (("embedding", "sinusoidal",
+                        "network option embedding='sinusoidal' is not one of positional, fourier."),
+                       ("resample_filter", [1, 3, 3], "resample_filter [1, 3, 3] needs an even, non-zero length."),
+                       ("num_heads", 3, "num_heads 3 does not divide every level's channels.")):
         with pytest.raises(C.UserError) as e:
             C.build_net({**d, k: v})
         assert sentence(e) == want
