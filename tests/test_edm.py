@@ -270,9 +270,10 @@ def test_unsupported_and_broken_pickles_are_user_errors(tmp_path, monkeypatch):
     with open(tmp_path / "plain.pkl", "wb") as f:
         pickle.dump({"ema": {"weights": torch.zeros(2)}}, f)
     cases["holds no EDM"] = str(tmp_path / "plain.pkl")
-    torch.save({"net": {"w": torch.zeros(2)}}, tmp_path / "ckpt.pkl")  # a run's checkpoint under a .pkl name (was
-    cases[r"\(a torch.save zip file; a checkpoint of this project is read under a .pt name\)\.$"] = str(  # the
-        tmp_path / "ckpt.pkl")  # unpickler's "...encountered,\nbut no persistent_load functio")
+    # a run's checkpoint under a .pkl name (was the unpickler's "...encountered,\nbut no persistent_load functio")
+    torch.save({"net": {"w": torch.zeros(2)}}, tmp_path / "ckpt.pkl")
+    zipped = r"\(a torch.save zip file; a checkpoint of this project is read under a .pt name\)\.$"
+    cases[zipped] = str(tmp_path / "ckpt.pkl")
     edits = {"DhariwalUNet": lambda kw, sd: kw.pop("model_type"),  # EDMPrecond's default network is ADM
              "decoder_type='skip'": lambda kw, sd: kw.update(decoder_type="skip"),
              "is not the filter": lambda kw, sd: sd.update({"enc.8x8_down.conv0.resample_filter": C._fir([1, 1])}),
