@@ -545,7 +545,8 @@ def test_straightness_rotation_field():
 
 def test_straightness_definition(mlp_field):
     z = torch.randn(64, 2, generator=gen(23), dtype=F64)
-    for K in (2, 3, 5):  # straightness (Liu et al. §2) written out on a K-step uniform Euler path of a non-linear field
+    # straightness (Liu et al. §2) written out on a K-step uniform Euler path of a non-linear field
+    for K in (2, 3, 5):
         xs = [z]
         for i in range(K):
             t = 1 - i / K
