@@ -2430,6 +2430,10 @@ def _converter(name, typ):
         try:
             if typ is bool:
                 return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+            if typ in (int, float) and float(s) == 0 and re.search(r"[1-9]", re.split("[eE]", s)[0]):  # 1e-400: not
+                if typ is int:  # an integer; for a float it was refused as "got 0.0"
+                    raise ValueError
+                raise UserError(f"--{name} {s} is too close to 0 for a float (it reads as 0).")
             if typ is int:
                 if not float(s).is_integer():
                     raise ValueError

@@ -1780,6 +1780,13 @@ def test_cli_errors(capsys):
         _cli("--lr", "-1")
     with pytest.raises(C.UserError):
         _cli("stray")
+    for v in ("1e-400", "-2.5E-999", "0.001e-400"):  # below the smallest float: said so, not "got 0.0"
+        with pytest.raises(C.UserError, match=f"--lr {v} is too close to 0 for a float"):
+            _cli("--lr", v)
+    with pytest.raises(C.UserError, match="positive, got 0.0"):  # a zero written as one is a zero
+        _cli("--lr", "0.0e5")
+    with pytest.raises(C.UserError, match="--iters expects int, got '1e-400'"):
+        _cli("--iters", "1e-400")
 
 
 def test_cli_help(capsys):
