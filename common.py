@@ -2541,7 +2541,9 @@ class Given(dict):
 def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
     """-> (cmd, cfg, given). train: cfg is a Config; sample/fid: cfg is a namespace of SAMPLE_OPTS and `given` holds
     the Config fields to apply over the checkpoint's config (merge_config): only `sampler`, the fields the method's
-    sampler reads (and fid's --data); any other field is the checkpoint's and giving it is refused, not ignored.
+    sampler reads (and fid's --data); any other field is the checkpoint's and giving it is refused, not ignored. A dict
+    `sampler` maps a field to (reads(K), "the step counts that read it"), None where every step count reads it: a
+    field that no --steps reads is refused too.
     resumes(cfg): the checkpoint a train command resumes (default --out's ckpt.pt; None: it never resumes a config);
     a run that starts afresh has its rules between fields checked here, a resumed one on its own config with the
     changes (resume_config). Bad input: UserError."""
@@ -2599,19 +2601,7 @@ def parse_cli(Config, presets, method, argv=None, sampler=(), resumes=None):
             raw[k] = os.path.abspath(raw[k])  # from another working directory, still finds it (--pairs: a folder the
             # pairs stage is yet to make; a missing --data or --teacher stays as given, for its refusal)
     if cmd != "train":
-        opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
-        for k, (t, d, _) in SAMPLE_OPTS.items():
-            if opts[k] is not None:
-                check_value(k, t, opts[k], RANGES.get(k) if k != "n" or cmd == "sample" else ">= 2")
-        if not opts["ckpt"]:
-            raise UserError(f"{cmd} needs --ckpt PATH.")
-        if not opts["steps"]:
-            raise UserError("--steps needs at least one step count (such as --steps 1,2).")
-        if (twice := _repeated(opts["steps"])) is not None:
-            raise UserError(f"--steps lists {twice} twice; give each step count once.")
-        check_device(opts["device"], opts["precision"])
-        opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
-        return cmd, types.SimpleNamespace(**opts), Given(raw)
+        return cmd, _sample_options(cmd, raw, sampler), Given(raw)
     given = Given(raw, raw.pop("preset", None))
     preset = given.preset or "toy"
     out = _default_out(Config, presets, preset, given, method)
@@ -3054,6 +3044,28 @@ class EvalSheet:
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(self.metrics) + "\n")
         return self.metrics
+
+
+def _sample_options(cmd, raw, sampler):
+    """parse_cli's sample/fid options (SAMPLE_OPTS), popped from `raw` and checked; a sampler field that none of
+    --steps reads (`sampler` a dict: parse_cli) is refused."""
+    opts = {k: raw.pop(k, d) for k, (t, d, _) in SAMPLE_OPTS.items()}
+    for k, (t, d, _) in SAMPLE_OPTS.items():
+        if opts[k] is not None:
+            check_value(k, t, opts[k], RANGES.get(k) if k != "n" or cmd == "sample" else ">= 2")
+    if not opts["ckpt"]:
+        raise UserError(f"{cmd} needs --ckpt PATH.")
+    if not opts["steps"]:
+        raise UserError("--steps needs at least one step count (such as --steps 1,2).")
+    if (twice := _repeated(opts["steps"])) is not None:
+        raise UserError(f"--steps lists {twice} twice; give each step count once.")
+    at = {k: v for k, v in (sampler.items() if isinstance(sampler, dict) else ()) if v and k in raw}
+    if unread := next((k for k, (reads, _) in at.items() if not any(map(reads, opts["steps"]))), None):
+        raise UserError(f"--{unread} is read only at {at[unread][1]}, and --steps {','.join(map(str, opts['steps']))}"
+                        f" holds none; drop it, or add such a step count.")
+    check_device(opts["device"], opts["precision"])
+    opts["n"] = opts["n"] or (50_000 if cmd == "fid" else 64)
+    return types.SimpleNamespace(**opts)
 
 
 def _sharded(batch_of, n, batch, env, shape, dtype):

@@ -1055,7 +1055,8 @@ def invert_data(cfg, env, net2, folder):
 
 # ============================================================================================================= commands
 # sample and fid change only these Config fields over the checkpoint's (any other is refused)
-SAMPLER_FIELDS = ("solver", "grid", "rule", "t_mid")  # the ODE solver's fields (sampler_for)
+SAMPLER_FIELDS = dict(  # the ODE solver's fields (sampler_for), and the step counts that read them (K = 1: [1, 0])
+    solver=None, grid=(lambda K: K > 1, "2 steps or more"), rule=None, t_mid=(lambda K: K == 2, "2 steps"))
 
 
 def run(cfg, given):

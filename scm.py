@@ -664,7 +664,8 @@ def train(cfg, given, env):
 
 # ============================================================================================================= commands
 # sample and fid change only these Config fields over the checkpoint's (any other is refused)
-SAMPLER_FIELDS = ("sigma_max", "t_mid")  # the samplers' fields (the first time, the CMs' 2-step middle time)
+SAMPLER_FIELDS = dict(  # the samplers' fields (the first time, the CMs' middle times), the step counts that read them
+    sigma_max=None, t_mid=(lambda K: K > 1, "2 steps or more"))
 
 
 def stages(cfg, given):

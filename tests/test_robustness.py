@@ -337,6 +337,14 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     capsys.readouterr()
     code = run("scm", "sample", "--ckpt", files / "scm" / "ckpt.pt", "--t_mid", "0.5", "--out", tmp_path / "s.npy")
     refusal(code, capsys.readouterr(), "--t_mid", "diffusion")
+    for name, flag, value, steps, words in (  # a field that none of --steps reads is refused, not ignored
+            ("imm", "--eta_mid", "1.2", "1,4", "--eta_mid is read only at 2 steps, and --steps 1,4 holds none"),
+            ("imm", "--schedule", "edm", "1,2", "at 3 steps or more"), ("scm", "--t_mid", "1.0", "1", "2 steps or more"),
+            ("rectified_flow", "--grid", "edm", "1", "2 steps or more"), ("rectified_flow", "--t_mid", "0.3", "1,4",
+                                                                          "read only at 2 steps")):
+        code = run(name, "sample", "--ckpt", tmp_path / "sct" / "ckpt.pt" if name == "scm" else
+                   files / name / "ckpt.pt", "--steps", steps, flag, value, "--out", tmp_path / "s.npy")
+        refusal(code, capsys.readouterr(), words)
     code = run("rectified_flow", "sample", "--ckpt", files / "rectified_flow" / "ckpt.pt", "--solver", "rk4", "--rule",
                "new", "--out", tmp_path / "s.npy")  # rk4 never reads the rule
     refusal(code, capsys.readouterr(), "--rule new", "rk4")
