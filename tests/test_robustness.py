@@ -339,9 +339,10 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     refusal(code, capsys.readouterr(), "--t_mid", "diffusion")
     for name, flag, value, steps, words in (  # a field that none of --steps reads is refused, not ignored
             ("imm", "--eta_mid", "1.2", "1,4", "--eta_mid is read only at 2 steps, and --steps 1,4 holds none"),
-            ("imm", "--schedule", "edm", "1,2", "at 3 steps or more"), ("scm", "--t_mid", "1.0", "1", "2 steps or more"),
-            ("rectified_flow", "--grid", "edm", "1", "2 steps or more"), ("rectified_flow", "--t_mid", "0.3", "1,4",
-                                                                          "read only at 2 steps")):
+            ("imm", "--schedule", "edm", "1,2", "at 3 steps or more"),
+            ("scm", "--t_mid", "1.0", "1", "2 steps or more"),
+            ("rectified_flow", "--grid", "edm", "1", "2 steps or more"),
+            ("rectified_flow", "--t_mid", "0.3", "1,4", "read only at 2 steps")):
         code = run(name, "sample", "--ckpt", tmp_path / "sct" / "ckpt.pt" if name == "scm" else
                    files / name / "ckpt.pt", "--steps", steps, flag, value, "--out", tmp_path / "s.npy")
         refusal(code, capsys.readouterr(), words)
