@@ -1,5 +1,5 @@
-"""Shared by every test module: the top-level modules (common.py and the method files) importable, and one intra-op
-thread."""
+"""Shared by every test module: the top-level modules (common.py and the method files) importable, one intra-op
+thread, and the TF32 flags restored at each module's end."""
 import os
 import sys
 
@@ -28,3 +28,13 @@ def _one_thread(_one_thread_per_module):
     setting on to the next."""
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_tf32_flags():
+    """The TF32 flags (torch.backends.cuda.matmul / cudnn.allow_tf32) as found, again at each module's end: training
+    runs call common.setup, which sets them from --precision, and a module's setting must not reach the next module.
+    Module scope, so that a module's module-scoped runs are covered too."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -33,14 +33,6 @@ F64 = torch.float64
 RF = "x_t=(1-t)x+t*z, v=z-x, t=1 noise"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_backend_flags():
-    """The training runs below call C.setup, which sets the TF32 flags; leave them as found for other modules."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def env1(precision="fp32"):
     return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
 

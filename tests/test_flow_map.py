@@ -28,13 +28,6 @@ CPU = torch.device("cpu")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_tf32_flags():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def env1(precision="fp32"):
     return C.Env(rank=0, world=1, local_rank=0, device=CPU, is_main=True, precision=precision, seed=0)
 

@@ -29,13 +29,6 @@ BUDGET = dict(lsd=["--batch", "256"], fm_only=["--batch", "256"],
               meanflow=["--iters", "200", "--lr", "1.5e-3", "--ema", "0.97"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_tf32_flags():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def gaussian_npy(path, n=50_000, seed=0):
     g = torch.Generator().manual_seed(seed)
     np.save(path, (MU + torch.randn(n, 2, generator=g, dtype=F64) @ A.T).float().numpy())

@@ -34,14 +34,6 @@ F64 = torch.float64
 T_MIN, T_MAX, SD = 0.006, 0.994, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_backend_flags():
-    """The training runs below call C.setup, which sets the TF32 flags; leave them as found for other modules."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 @pytest.fixture
 def keep_backend_flags():
     """C.setup toggles the TF32 flags; put them back so other tests see the state they expect."""
