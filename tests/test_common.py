@@ -1917,6 +1917,37 @@ def test_main_guard(capsys):
         C.main_guard(lambda: 1 / 0)
 
 
+@pytest.mark.parametrize("exc, words", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8000000000000 bytes."), ["out of memory", "--batch"]),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"), ["out of memory"]),
+    # a CUDA library's own allocation where the caching allocator holds the rest: RuntimeErrors (were tracebacks)
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), ["out of memory"]),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), ["out of memory"]),
+    (RuntimeError("Storage size calculation overflowed with sizes=[1000000000000000000, 64]"), ["out of memory"]),
+    (MemoryError(), ["out of memory"]),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), [os.strerror(errno.ENOSPC)]),  # no file named: no 'None'
+    (type("InductorError", (RuntimeError,), {})("CppCompileError: C++ compile error\n\nCommand: g++ ..."),
+     ["--compile failed", "C++ compile error", "without --compile"]),  # no working compiler (torch's class name)
+    *[(RuntimeError(f"[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:{m}. This is typically "
+                    f"caused by a remote worker crashing."), ["another process", "torchrun", "stops too"])
+      for m in ("561] Connection closed by peer [127.0.0.1]:30621", "545] Read error [127.0.0.1]:17290: Connection "
+                "reset by peer")],  # gloo, in a collective after another rank was interrupted, killed (SIGTERM, the
+])  # OOM killer) or stopped on its own error: it was a traceback on every rank left waiting
+def test_memory_and_disk_exhaustion_are_one_sentence(exc, words, capsys):
+    """`sample --n 1e12` or `--eval_n 1e18` ran out of memory with a traceback; an ENOSPC without a file name read
+    "while writing 'None'". Any other RuntimeError stays a traceback (a bug to report, not bad input)."""
+    def boom():
+        raise exc
+    msg = guarded(capsys, boom, *words)
+    assert "None" not in msg
+    with pytest.raises(RuntimeError, match="a bug"):
+        C.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+    lowering = type("InductorError", (RuntimeError,), {})("LoweringException: AssertionError: a bug in inductor")
+    with pytest.raises(RuntimeError, match="LoweringException"):  # inductor's own bug: not "this machine"
+        C.main_guard(lambda: (_ for _ in ()).throw(lowering))
+
+
 def test_empty_step_lists_fid_n_below_2_and_sample_fid_outputs_are_refused_before_any_work(tmp_path, capsys,
                                                                                           monkeypatch):
     """imm's command line: an empty --eval_steps or --steps, --fid_n 1 with --fid_every, fid/sample --out naming a
@@ -2149,6 +2180,46 @@ def test_guard_takes_a_step_whose_gradients_are_huge_but_finite(tmp_path):
     for bad in (float("nan"), float("inf")):
         b.grad[0] = bad
         assert not bool(g.finite([a, b]))
+
+
+def test_the_probe_bound_follows_the_datas_scale():
+    """Finite but diverged: the probe refuses network outputs beyond 1e6 x the data's scale and, for 2-D points, samples
+    beyond 1e3 x (a sampler that clamps, as the image samplers do, shows only the outputs); the scale is 1 for images
+    and the toys and the largest |coordinate| of loaded points (at least 1), so that points in km are not 'diverged'."""
+    env = C.setup("cpu", 0, "fp32")
+    net = torch.nn.Linear(2, 2)
+    gen = lambda net: lambda rng, y: net(torch.ones(2, 2))
+    clamped = lambda net: lambda rng, y: net(torch.ones(2, 2)).clamp(-1, 1)
+    points = lambda scale: C.Data("points", "p", x=torch.tensor([[scale, -0.5], [0.1, 0.2]]))
+    images = C.Data("images", "i", x=torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+    for big, data, ok, g in [(2e3, points(1.0), False, gen), (5e2, points(1.0), True, gen),
+                             (2e5, points(1e3), True, gen), (2e6, points(1e3), False, gen),
+                             (1e5, points(1.0), True, clamped), (2e6, points(1.0), False, clamped),
+                             (2e8, points(1e3), True, clamped), (2e3, images, True, gen), (2e6, images, False, gen)]:
+        with torch.no_grad():
+            net.weight.fill_(0), net.bias.fill_(big)
+        assert bool(C.sample_probe(g, (net,), env, data)()) == ok, (big, data.kind, data.scale)
+    assert C.Data("points", "p", x=torch.full((3, 2), 1e-3)).scale == 1.0
+    assert C.load_data("8gaussians", "data", env, 0, False).scale == 1.0
+
+
+def test_the_probe_leaves_no_hook_on_the_nets():
+    """sample_probe's forward hooks (which see the nets' own outputs) are removed after each probe, also when the
+    sampler fails: a hook left behind would keep the output of every later forward (each training step's)."""
+    env = C.setup("cpu", 0, "fp32")
+    net = torch.nn.Linear(2, 2)
+    data = C.Data("points", "p", x=torch.tensor([[1.0, 0.5]]))
+    assert bool(C.sample_probe(lambda n: lambda rng, y: n(torch.ones(2, 2)), (net,), env, data)())
+    assert not net._forward_hooks
+
+    def failing(n):
+        def g(rng, y):
+            n(torch.ones(2, 2))
+            raise RuntimeError("the sampler failed")
+        return g
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        C.sample_probe(failing, (net,), env, data)()
+    assert not net._forward_hooks
 
 
 def test_checkpoint_atomic_and_nan_refused(tmp_path, monkeypatch):
@@ -2518,6 +2589,27 @@ def test_logger_with_a_guard_logs_its_skips_not_its_run(tmp_path, capsys):
     assert "_run" not in capsys.readouterr().out
 
 
+def test_a_deeply_nested_log_row_is_dropped_not_a_traceback(tmp_path):
+    """A log.jsonl / metrics.jsonl row nested 100,000 deep ([[[...]]]) ended the resume in a RecursionError traceback
+    (json's decoder); it is a row that cannot be read, dropped as such."""
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"step": 1}\n' + b"[" * 100000 + b"]" * 100000 + b'\n{"step": 2}\n')
+    C._trim_jsonl(str(p), lambda r: r["step"] <= 2)
+    assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_kept_last_row_without_its_newline_is_ended(tmp_path):
+    """A kill between a row and its newline: the kept row had the resumed run's first row glued onto it (two JSON
+    objects on one line, the log unreadable). Control: a row with its newline is kept byte for byte."""
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"step": 1}\n\xff\xfe torn\n{"step": 2}')
+    C._trim_jsonl(str(p), lambda r: r["step"] <= 2)
+    with open(p, "a") as f:
+        f.write('{"step": 3}\n')
+    assert p.read_bytes() == b'{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert [json.loads(r)["step"] for r in open(p)] == [1, 2, 3]
+
+
 def test_pictures_and_arrays(tmp_path):
     g = torch.Generator().manual_seed(0)
     pts = torch.randn(200, 2, generator=g) * 0.5
@@ -2760,6 +2852,29 @@ def test_toy_metrics():
     cell = 0.5 / math.sqrt(4 / 3)  # one unit square in toy_sample's units
     assert C.in_square(x) == 1.0 and C.in_square(x + torch.tensor([cell, 0.0])) == 0.0  # the empty squares
     assert C.in_square(torch.tensor([[-0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [2.5, 2.5], [-2.5, -2.5]]) * cell) == 0.4
+
+
+def test_an_evaluation_replaces_only_its_own_steps_row(tmp_path):
+    """EvalSheet.write replaces a metrics row of its step (a finished run started again); a row without a step (a
+    note added by hand) and the other steps' rows stay."""
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "a": 1}\n{"note": "fid by hand"}\n{"step": 2, "a": 2}\n')
+    C.EvalSheet(C.Data("toy", "8gaussians", x=torch.empty(0)), (2,), 16, 0, 2).write(str(tmp_path))
+    rows = [json.loads(r) for r in open(p)]
+    assert [r.get("step") for r in rows] == [1, None, 2] and rows[1] == {"note": "fid by hand"} and "a" not in rows[2]
+
+
+def test_every_evaluation_of_a_run_scores_against_the_same_points_and_noise():
+    """EvalSheet: the reference points are drawn by the run's seed, not the step, so that the metrics of its
+    evaluations compare (another seed: other points); the noise streams are each the same at every evaluation and
+    distinct by name (distributional's "eval labels" are not drawn from the seeds of the samples' noise)."""
+    data = C.Data("toy", "8gaussians", x=torch.empty(0))
+    a, b = (C.EvalSheet(data, (2,), 64, 3, step) for step in (2, 4))
+    assert torch.equal(a.ref, b.ref) and not torch.equal(a.ref, C.EvalSheet(data, (2,), 64, 4, 2).ref)
+    noise = a.rng("cpu").randn(64, 2)
+    assert torch.equal(noise, b.rng("cpu").randn(64, 2))
+    assert torch.equal(a.rng("cpu", "eval labels").randn(64, 2), b.rng("cpu", "eval labels").randn(64, 2))
+    assert not torch.equal(a.rng("cpu", "eval labels").randn(64, 2), noise)
 
 
 # ======================================================================== 18. DDP on CPU (torchrun, gloo)
