@@ -16,8 +16,9 @@ section starts at a line "# ==== <section>"):
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
                      require_detector, reference_stats
   runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision),
-                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, agree (work of some ranks: a
-                     failure stops all), autocast, strict_fp32, make_scaler, stopwatch, maybe_compile
+                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, wait_for_main (rank 0's
+                     downloads), agree (work of some ranks: a failure stops all), autocast, strict_fp32, make_scaler,
+                     stopwatch, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
                      teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
                      restore_rng
@@ -36,9 +37,9 @@ section starts at a line "# ==== <section>"):
     commands         sample_or_fid (the `sample` and `fid` commands of every method file, shared out over the ranks)
   toy metrics        swd, mmd2, modes_covered, in_mode, in_square, toy_scores
 """
-import argparse, collections, contextlib, copy, dataclasses, difflib, errno, glob, hashlib, inspect, io, json, math, os
-import functools, operator, pickle, re, shutil, socket, stat, struct, sys, tempfile, time, tokenize, types, typing
-import warnings, zipfile, zlib
+import argparse, collections, contextlib, copy, dataclasses, datetime, difflib, errno, glob, hashlib, inspect, io, json
+import functools, math, operator, os, pickle, re, shutil, socket, stat, struct, sys, tempfile, time, tokenize, types
+import typing, warnings, zipfile, zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -570,10 +571,10 @@ def _image_dataset(name, root, env):
             with held_output():  # its progress bar waits for the command's first line
                 get(download=True)
         except Exception as e:  # offline, bad checksum, ...
-            barrier(env)
+            wait_for_main(env)
             raise UserError(f"could not download {name} into '{root}' ({type(e).__name__}); place {archive} "
                             f"in '{root}' by hand.") from None
-    barrier(env)
+    wait_for_main(env)
     try:
         ds = get(download=False)
     except Exception:
@@ -1044,7 +1045,7 @@ def load_detector(spec, env):
                 torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
             except Exception as e:
                 why = f"download failed: {type(e).__name__}"
-        barrier(env)
+        wait_for_main(env)
     if spec == "inception" and not os.path.exists(path):
         raise UserError(f"FID detector unavailable ({why}); download {INCEPTION_URL} and place it at {path}.")
     if not os.path.isfile(path):
@@ -1241,6 +1242,7 @@ class Env:
     is_main: bool
     precision: str
     seed: int = 0
+    waits: typing.Any = None  # (torchrun) the gloo group of wait_for_main, with a 2-hour timeout
 
 
 def derive_seed(*parts):
@@ -1312,6 +1314,7 @@ def setup(device="auto", seed=0, precision=None):
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         cuda = device.startswith("cuda")  # (NCCL bound to this rank's GPU: barrier() warns on stderr otherwise)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    waits = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if dist.is_initialized() else None
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
@@ -1319,7 +1322,7 @@ def setup(device="auto", seed=0, precision=None):
         # free cores, e.g. beside one other job on a 2-core machine; small CPU models lose little with fewer threads
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * (_env_int("LOCAL_WORLD_SIZE", 1) or 1))))
     torch.manual_seed(seed)  # identical model initialisation on every rank
-    return Env(rank, world, local, torch.device(device), rank == 0, precision, seed)
+    return Env(rank, world, local, torch.device(device), rank == 0, precision, seed, waits)
 
 
 def freeze_unfed_augment(net):
@@ -1369,6 +1372,14 @@ def all_mean(x, env):
 def barrier(env):
     if env.world > 1:
         dist.barrier()
+
+
+def wait_for_main(env):
+    """The other ranks wait here for rank 0's download (CIFAR-10, Inception): on env.waits, a gloo group with a 2-hour
+    timeout, since NCCL's watchdog aborts a collective of the default group after 10 minutes (a slow link's download,
+    started again by every retry)."""
+    if env.world > 1:
+        dist.barrier(group=env.waits)
 
 
 def agree(env, fn, everywhere=False):

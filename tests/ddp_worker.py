@@ -10,12 +10,19 @@ PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with A
               Rank 0 writes OUT/train.json; every rank writes its final state to OUT/final{rank}.pt.
 PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
               OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
-OUT must hold data.npy (uint8 NHWC images), written by the test.
+PHASE waits:  rank 0's downloads (CIFAR-10 through torchvision, Inception through torch hub; both stand-ins that
+              sleep WAIT_S) outlast the default group's timeout (DEFAULT_TIMEOUT_S here, NCCL's 10 minutes on a GPU):
+              the other rank waits for them on common.wait_for_main's group; then, the control, a barrier of the
+              default group that rank 0 does not join times out in less. Each rank writes OUT/waits{rank}.json.
+OUT must hold data.npy (uint8 NHWC images), written by the test (train, resume).
 """
+import datetime
 import gc
 import json
 import os
+import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -32,6 +39,7 @@ from standin import standin_path  # noqa: E402
 B, STEPS, CKPT_STEP = 4, 4, 3  # per-rank batch, optimiser steps, the checkpoint is taken before this step
 FID_N, FID_BATCH, FID_SEED = 37, 5, 3
 EMA_KW = dict(halflife_kimg=0.02, rampup=0.5)
+WAIT_S, DEFAULT_TIMEOUT_S = 4, 2  # phase waits: rank 0's download time, the default group's timeout
 
 
 def fid_generate(seen=None):
@@ -231,13 +239,55 @@ def phase_resume(env, out):
             json.dump(res, f)
 
 
+def phase_waits(env, out):
+    import numpy as np
+    import torchvision
+
+    marker = os.path.join(out, "downloaded")
+
+    class SlowCIFAR10:  # torchvision.datasets.CIFAR10 as _image_dataset calls it; its download takes WAIT_S
+        def __init__(self, root, train=True, download=False):
+            if download:
+                time.sleep(WAIT_S)
+                open(marker, "w").close()
+            if not os.path.exists(marker):
+                raise RuntimeError("Dataset not found")
+            self.data, self.targets = np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 2, 3]
+
+    def slow_download(url, path, progress=False):
+        time.sleep(WAIT_S)
+        shutil.copy(standin_path(), path)
+    torchvision.datasets.CIFAR10, torch.hub.download_url_to_file = SlowCIFAR10, slow_download
+    torch.hub.set_dir(os.path.join(out, "hub"))
+    res = dict(rank=env.rank, images=list(C._image_dataset("cifar10", out, env)[0].shape),
+               detector=C.load_detector("inception", env).dim)
+    if not env.is_main:  # the control: a barrier of the default group that rank 0 does not join times out sooner
+        t = time.time()  # than the downloads took (its group, which held the first barrier, is broken by it)
+        try:
+            dist.barrier()
+            res["control"] = "passed"
+        except RuntimeError as e:
+            res["control"] = f"{type(e).__name__}: {e}"
+        res["control_s"] = time.time() - t
+    with open(os.path.join(out, f"waits{env.rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.barrier(group=env.waits)
+    os._exit(0)  # (main_guard's teardown would use the default group the control broke)
+
+
 if __name__ == "__main__":
     phase, out_dir = sys.argv[1], sys.argv[2]
+    if phase == "waits":  # the default group with a short timeout, as NCCL's 10 minutes against a slow download,
+        ready = [os.path.join(out_dir, f"ready{r}") for r in range(2)]  # formed once both ranks have started (a
+        open(ready[int(os.environ["RANK"])], "w").close()  # rank slower to import torch would outlast it)
+        while not all(map(os.path.exists, ready)):
+            time.sleep(0.02)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
     env = C.setup("cpu", 0, "fp32")
     assert env.world == 2 and dist.is_initialized() and dist.get_backend() == "gloo"
 
     def run():  # progress lines on stderr say where a failed run stopped
-        {"train": phase_train, "resume": phase_resume}[phase](env, out_dir)
+        {"train": phase_train, "resume": phase_resume, "waits": phase_waits}[phase](env, out_dir)
         print(f"rank {env.rank}: {phase} done", file=sys.stderr, flush=True)
     C.main_guard(run)
     print(f"rank {env.rank}: {phase} finished, process group destroyed", file=sys.stderr, flush=True)

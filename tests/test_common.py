@@ -2929,3 +2929,21 @@ def test_ddp_two_processes(tmp_path):
     # 2-process resume from the checkpoint plus one step equals the uninterrupted run, bitwise on each rank
     rs = json.loads((out / "resume.json").read_text())
     assert rs["start"] == W.CKPT_STEP and rs["n_compared"] > 100 and rs["mismatch"] == [[], []], rs
+
+
+def test_the_other_ranks_wait_out_rank_0s_downloads(tmp_path):
+    """Rank 0 downloads CIFAR-10 and Inception while the other ranks wait: on common.wait_for_main's gloo group (2
+    hours), not at a barrier of the default group, whose timeout (NCCL's watchdog: 10 minutes) a slow link's download
+    outlasts, killing the run. The worker's default group times out in 2 s and the stand-in downloads take 4 s: both
+    ranks get the data and the detector; the control, a barrier of that group, times out in ~2 s."""
+    import ddp_worker as W
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                        "waits", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    res = [json.loads((tmp_path / f"waits{k}.json").read_text()) for k in (0, 1)]
+    assert all(x["images"] == [4, 8, 8, 3] and x["detector"] == 32 for x in res), res
+    assert "Timed out" in res[1]["control"] and res[1]["control_s"] < W.WAIT_S, res[1]
