@@ -579,7 +579,7 @@ def _rank0_first(env, fn):
             except Exception as e:  # reported in one sentence by the caller
                 err = e
         if turn:
-            C.barrier(env)
+            C.wait_for_main(env)  # (a download may outlast NCCL's 10-minute timeout)
     return out, err
 
 

@@ -2932,7 +2932,7 @@ def test_ddp_two_processes(tmp_path):
 
 
 def test_the_other_ranks_wait_out_rank_0s_downloads(tmp_path):
-    """Rank 0 downloads CIFAR-10 and Inception while the other ranks wait: on common.wait_for_main's gloo group (2
+    """Rank 0 downloads CIFAR-10, Inception and GDD's backbones while the other ranks wait: on common.wait_for_main's gloo group (2
     hours), not at a barrier of the default group, whose timeout (NCCL's watchdog: 10 minutes) a slow link's download
     outlasts, killing the run. The worker's default group times out in 2 s and the stand-in downloads take 4 s: both
     ranks get the data and the detector; the control, a barrier of that group, times out in ~2 s."""
@@ -2946,4 +2946,5 @@ def test_the_other_ranks_wait_out_rank_0s_downloads(tmp_path):
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     res = [json.loads((tmp_path / f"waits{k}.json").read_text()) for k in (0, 1)]
     assert all(x["images"] == [4, 8, 8, 3] and x["detector"] == 32 for x in res), res
+    assert [x["backbone"] for x in res] == [None, "after"]  # distributional._rank0_first: rank 0, then the others
     assert "Timed out" in res[1]["control"] and res[1]["control_s"] < W.WAIT_S, res[1]
