@@ -16,8 +16,8 @@ section starts at a line "# ==== <section>"):
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
                      require_detector, reference_stats
   runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision),
-                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, wait_for_main (rank 0's
-                     downloads), agree (work of some ranks: a failure stops all), autocast, strict_fp32, make_scaler,
+                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, wait_for_main and
+                     rank0_first (rank 0's downloads), agree (work of some ranks: a failure stops all), autocast, strict_fp32, make_scaler,
                      stopwatch, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
                      teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
@@ -1380,6 +1380,23 @@ def wait_for_main(env):
     started again by every retry)."""
     if env.world > 1:
         dist.barrier(group=env.waits)
+
+
+def rank0_first(env, fn):
+    """fn() on rank 0 first, the other ranks waiting (wait_for_main), then on them: a download (a weights file into
+    torch hub's cache) lands once, not once per rank at a fraction of the link each; its lines held (held_output).
+    env None: fn() alone. -> (value, error): the caller says what failed in one sentence."""
+    out, err = None, None
+    for turn in (True, False):
+        if (env is None or env.is_main) == turn:
+            try:
+                with held_output():
+                    out = fn()
+            except Exception as e:
+                err = e
+        if turn and env is not None:
+            wait_for_main(env)
+    return out, err
 
 
 def agree(env, fn, everywhere=False):

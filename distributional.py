@@ -568,21 +568,6 @@ def _hub_file(url):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def _rank0_first(env, fn):
-    """fn() on rank 0 first (a download lands once in the shared cache), then on the other ranks: (value, error)."""
-    out, err = None, None
-    for turn in (True, False):
-        if env.is_main == turn:
-            try:
-                with C.held_output():  # torch hub's "Downloading: ..." line must not precede the error
-                    out = fn()
-            except Exception as e:  # reported in one sentence by the caller
-                err = e
-        if turn:
-            C.wait_for_main(env)  # (a download may outlast NCCL's 10-minute timeout)
-    return out, err
-
-
 def make_backbone(name, weights, env, seed=0, log=None):
     """One of GDD's frozen backbones with GDD's cut. weights: "imagenet" (torchvision's VGG16_BN_Weights.IMAGENET1K_V1
     from the torch hub cache, downloaded into it when absent; timm's tf_efficientnet_lite0 ImageNet weights), "random"
@@ -596,7 +581,7 @@ def make_backbone(name, weights, env, seed=0, log=None):
             if weights == "imagenet":
                 import torchvision
                 url = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url
-                sd, err = _rank0_first(env, lambda: torch.hub.load_state_dict_from_url(
+                sd, err = C.rank0_first(env, lambda: torch.hub.load_state_dict_from_url(
                     url, progress=False, check_hash=True, map_location="cpu"))
                 if err is not None:
                     raise C.UserError(
@@ -615,7 +600,7 @@ def make_backbone(name, weights, env, seed=0, log=None):
                                   "(pip install timm); install it, or pass --disc_backbones vgg to train with VGG16-BN "
                                   "alone (484 of GDD's 548 logits).") from None
             full, err = (timm.create_model("tf_efficientnet_lite0", pretrained=False), None) if weights != "imagenet" \
-                else _rank0_first(env, lambda: timm.create_model("tf_efficientnet_lite0", pretrained=True))
+                else C.rank0_first(env, lambda: timm.create_model("tf_efficientnet_lite0", pretrained=True))
             if err is not None:
                 raise C.UserError(
                     f"timm could not load tf_efficientnet_lite0's ImageNet weights ({type(err).__name__}); put them in "

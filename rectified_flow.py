@@ -737,26 +737,26 @@ def load_pairs(folder, env, seed, shape=None):
     return data, z.to(env.device), meta
 
 
-def make_lpips(cfg, log):
-    """LPIPS for the lpips-* losses. Offline, a reproduction preset (--fallback false) stops with one sentence naming
-    the files; the others fall back to --loss huber with one warning line."""
+def make_lpips(cfg, log, env=None):
+    """LPIPS for the lpips-* losses (under torchrun rank 0 first: its weights download once). Offline, a reproduction
+    preset (--fallback false) stops with one sentence naming the files; the others fall back to --loss huber with one
+    warning line."""
     if not cfg.loss.startswith("lpips"):
         return None
-    try:
-        with C.held_output():  # torch hub's "Downloading: ..." line must not precede the error or the warning
-            return LPIPS(cfg.lpips_weights, cfg.lpips_res)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e)[:60]}"
-        if not cfg.fallback:
-            hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-            import torchvision
-            vgg = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
-            raise C.UserError(f"LPIPS weights unavailable ({why}); place torchvision's vgg16-397923af.pth ({vgg}) and "
-                              f"LPIPS v0.1 vgg.pth ({LPIPS.LIN_URL}) in {hub}, or pass --loss huber to train without "
-                              f"LPIPS.") from None
-        log.info(f"warning: LPIPS weights unavailable ({why}); training with --loss huber")
-        cfg.loss = "huber"
-        return None
+    lpips, e = C.rank0_first(env, lambda: LPIPS(cfg.lpips_weights, cfg.lpips_res))  # (torch hub's "Downloading: ..."
+    if e is None:  # line must not precede the error or the warning)
+        return lpips
+    why = f"{type(e).__name__}: {str(e)[:60]}"
+    if not cfg.fallback:
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        import torchvision
+        vgg = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+        raise C.UserError(f"LPIPS weights unavailable ({why}); place torchvision's vgg16-397923af.pth ({vgg}) and "
+                          f"LPIPS v0.1 vgg.pth ({LPIPS.LIN_URL}) in {hub}, or pass --loss huber to train without "
+                          f"LPIPS.")
+    log.info(f"warning: LPIPS weights unavailable ({why}); training with --loss huber")
+    cfg.loss = "huber"
+    return None
 
 
 def lpips_on_points(loss):
@@ -943,7 +943,7 @@ def train(cfg, given, env):
     scaler, ddp = C.make_scaler(env, ck), isinstance(model, nn.parallel.DistributedDataParallel)
     # LPIPS before the Logger writes config.json (an offline fallback to huber is the loss this run trains with); its
     # warning waits for the run's first line
-    lpips = make_lpips(cfg, types.SimpleNamespace(info=C.note)) if stage != "1rf" else None
+    lpips = make_lpips(cfg, types.SimpleNamespace(info=C.note), env) if stage != "1rf" else None
     log = C.Logger(out, env, iters, cfg.batch, cfg, start_step=ck and step)
     if lpips is not None:
         lpips = lpips.to(env.device)

@@ -10,8 +10,8 @@ PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with A
               Rank 0 writes OUT/train.json; every rank writes its final state to OUT/final{rank}.pt.
 PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
               OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
-PHASE waits:  rank 0's downloads (CIFAR-10 through torchvision, Inception through torch hub, GDD's backbones;
-              stand-ins that sleep WAIT_S) outlast the default group's timeout (DEFAULT_TIMEOUT_S here, NCCL's 10
+PHASE waits:  rank 0's downloads (CIFAR-10 through torchvision, Inception through torch hub, common.rank0_first's
+              for LPIPS and GDD's backbones; stand-ins that sleep WAIT_S) outlast the default group's timeout (DEFAULT_TIMEOUT_S here, NCCL's 10
               minutes on a GPU): the other rank waits for them on common.wait_for_main's group; then, the control, a
               barrier of the default group that rank 0 does not join times out in less. Each rank writes
               OUT/waits{rank}.json.
@@ -261,8 +261,8 @@ def phase_waits(env, out):
     torchvision.datasets.CIFAR10, torch.hub.download_url_to_file = SlowCIFAR10, slow_download
     torch.hub.set_dir(os.path.join(out, "hub"))
     res = dict(rank=env.rank, images=list(C._image_dataset("cifar10", out, env)[0].shape),
-               detector=C.load_detector("inception", env).dim,  # and GDD's backbones, rank 0 first:
-               backbone=distributional._rank0_first(env, lambda: time.sleep(WAIT_S) if env.is_main else "after")[0])
+               detector=C.load_detector("inception", env).dim,  # and LPIPS's and GDD's weights, rank 0 first:
+               backbone=C.rank0_first(env, lambda: time.sleep(WAIT_S) if env.is_main else "after")[0])
     if not env.is_main:  # the control: a barrier of the default group that rank 0 does not join times out sooner
         t = time.time()  # than the downloads took (its group, which held the first barrier, is broken by it)
         try:
