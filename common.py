@@ -16,9 +16,9 @@ section starts at a line "# ==== <section>"):
   FID                load_detector, IndexRNG (noise per sample index), frechet_distance, compute_fid, FidHook,
                      require_detector, reference_stats
   runtime            Env, derive_seed, check_device, check_launch, setup (DDP, device, precision),
-                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, wait_for_main and
-                     rank0_first (rank 0's downloads), agree (work of some ranks: a failure stops all), autocast, strict_fp32, make_scaler,
-                     stopwatch, maybe_compile
+                     freeze_unfed_augment, distribute, sync_grads, all_mean, barrier, wait_for_main,
+                     rank0_first (rank 0's downloads), agree (work of some ranks: a failure stops all), autocast,
+                     strict_fp32, make_scaler, maybe_compile
   checkpoints        save_checkpoint (atomic), load_checkpoint (weights_only), check_resume_net, fingerprint,
                      teacher_id, no_file, check_teacher_data, same_file, load_state_strict, load_optimizer,
                      restore_rng
@@ -31,7 +31,7 @@ section starts at a line "# ==== <section>"):
                      preset's values)
   resume and entry   saved_config, pipeline_data (a restarted pipeline keeps its data, seed, preset), note,
                      merge_config, resume_config (what a resumed run may change), check_not_beneath, main_guard
-  logging            held_output (a download's lines, held until the first output), Logger
+  logging            stopwatch, held_output (a download's lines, held until the first output), Logger
   pictures           save_panels, save_array
   evaluation and     n_steps ("1 step", "2 steps"), EvalSheet (panels and toy metrics of one evaluation),
     commands         sample_or_fid (the `sample` and `fid` commands of every method file, shared out over the ranks)
@@ -1375,17 +1375,15 @@ def barrier(env):
 
 
 def wait_for_main(env):
-    """The other ranks wait here for rank 0's download (CIFAR-10, Inception): on env.waits, a gloo group with a 2-hour
-    timeout, since NCCL's watchdog aborts a collective of the default group after 10 minutes (a slow link's download,
-    started again by every retry)."""
+    """The other ranks wait for rank 0's download here: on env.waits, a gloo group with a 2-hour timeout (NCCL's
+    watchdog aborts a collective of the default group after 10 minutes: a slow link's download, retried, never ends)."""
     if env.world > 1:
         dist.barrier(group=env.waits)
 
 
 def rank0_first(env, fn):
-    """fn() on rank 0 first, the other ranks waiting (wait_for_main), then on them: a download (a weights file into
-    torch hub's cache) lands once, not once per rank at a fraction of the link each; its lines held (held_output).
-    env None: fn() alone. -> (value, error): the caller says what failed in one sentence."""
+    """fn() on rank 0, then (wait_for_main) on the others: a download lands once in torch hub's cache, not once per
+    rank at a fraction of the link; its lines held (held_output). env None: fn() alone. -> (value, error)."""
     out, err = None, None
     for turn in (True, False):
         if (env is None or env.is_main) == turn:
@@ -1463,13 +1461,6 @@ def make_scaler(env, ck=None):
             raise UserError("the checkpoint's loss-scaler state is malformed; it was not written by this project.")
         scaler.load_state_dict(state)
     return scaler
-
-
-def stopwatch():
-    """A function returning "total <wall> s wall (<CPU> s CPU)" since this call: the run's own times
-    (time.process_time counts from the process start, which in a process running several runs is not the run's)."""
-    w, c = time.time(), time.process_time()
-    return lambda: f"total {time.time() - w:.1f} s wall ({time.process_time() - c:.1f} s CPU)"
 
 
 def maybe_compile(m, on):
@@ -2861,6 +2852,13 @@ def main_guard(fn):
 
 
 # ============================================================================================================== logging
+def stopwatch():
+    """A function returning "total <wall> s wall (<CPU> s CPU)" since this call: the run's own times
+    (time.process_time counts from the process start, which in a process running several runs is not the run's)."""
+    w, c = time.time(), time.process_time()
+    return lambda: f"total {time.time() - w:.1f} s wall ({time.process_time() - c:.1f} s CPU)"
+
+
 @contextlib.contextmanager
 def held_output():
     """What Python code prints inside the block (torch hub's "Downloading: ..." line for a weights file, torchvision's

@@ -11,10 +11,10 @@ PHASE train:  DDP and manual-mode (`sync_grads`) training of a tiny U-Net with A
 PHASE resume: fresh processes rebuild everything from OUT/ckpt.pt, run the remaining step and compare bitwise with
               OUT/final{rank}.pt. Rank 0 writes OUT/resume.json.
 PHASE waits:  rank 0's downloads (CIFAR-10 through torchvision, Inception through torch hub, common.rank0_first's
-              for LPIPS and GDD's backbones; stand-ins that sleep WAIT_S) outlast the default group's timeout (DEFAULT_TIMEOUT_S here, NCCL's 10
-              minutes on a GPU): the other rank waits for them on common.wait_for_main's group; then, the control, a
-              barrier of the default group that rank 0 does not join times out in less. Each rank writes
-              OUT/waits{rank}.json.
+              for LPIPS and GDD's backbones; stand-ins that sleep WAIT_S) outlast the default group's timeout
+              (DEFAULT_TIMEOUT_S here, NCCL's 10 minutes on a GPU): the other rank waits for them on
+              common.wait_for_main's group; then, the control, a barrier of the default group that rank 0 does not
+              join times out in less. Each rank writes OUT/waits{rank}.json.
 OUT must hold data.npy (uint8 NHWC images), written by the test (train, resume).
 """
 import datetime
