@@ -42,12 +42,15 @@ start; time a section leaves unused passes to the next ones, and the last one ru
 
  5 paths       a second call (`--sections paths`; not in the default run, whose 510 s it would overrun): each
                method file's toy run on the device stopped at 2 steps and resumed to 4 against 4 steps unstopped,
-               every checkpoint tensor compared (fp16 with the GradScaler; GDD, which has no loss scaling, bf16); then
-               the peak memory of one training step of every throughput method at its `cifar10` preset batch,
-               halved until it fits (the --accum a one-GPU run needs). Planned 170 s + 10 s start-up: 5 resume
-               checks x 3 toy runs (~4 s each with their evaluation) and 12 methods x 1-3 tries of a set-up (2-3 s)
-               and 3 training steps at up to batch 1024 (IMM: the first tries at 4096 and 2048 are expected to run
-               out of memory at once); not yet run on a GPU.
+               every checkpoint tensor compared (fp16 with the GradScaler; GDD, which has no loss scaling, bf16);
+               imm.py's toy run under `torchrun --nproc_per_node=1` (NCCL bound to the device, common's gloo group
+               for rank 0's downloads beside it, DDP, the teardown; killed after 60 s); then the peak memory of one
+               training step of every throughput method at its `cifar10` preset batch, halved until it fits (the
+               --accum a one-GPU run needs). Planned 170 s + 10 s start-up: 5 resume checks x 3 toy runs (~4 s each
+               with their evaluation), the torchrun run (~15 s: two interpreters' start, CUDA and NCCL set-up) and 12
+               methods x 1-3 tries of a set-up (2-3 s) and 3 training steps at up to batch 1024 (IMM: the first tries
+               at 4096 and 2048 are expected to run out of memory at once; these records take the time that is
+               left); not yet run on a GPU.
 
 Budget (seconds; printed at the start, `--budget` scales it). How it was estimated:
   * start-up 10: CUDA initialisation and device query.
@@ -104,6 +107,7 @@ PLAN_S = dict(throughput=230, sampling=35, precision=20, fashion=215,  # + START
 UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense peak, for the printed estimate only
 COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
 PIPE_WAIT_S = 10  # after a compile child is killed, its output is read for at most this long
+TORCHRUN_S = 60  # paths: the torchrun run is killed after this long (a hang at NCCL's set-up or a collective)
 NO_COMPILE = ("meanflow",)  # its whole loss is one JVP of the raw module (flow_map.per_sample_loss): --compile idle
 COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips", "lsd", "psd", "lmd")  # stretch, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
@@ -717,6 +721,39 @@ def check_resume(ctx, name):
                 bitwise=not differ and not missing and a.get("scaler") == b.get("scaler"), wall_s=time.time() - t0)
 
 
+def check_torchrun(ctx, timeout):
+    """imm.py's toy run under torchrun, one process on this device: NCCL bound to it (gloo on a CPU), common's
+    wait_for_main group (gloo) beside it, DDP, rank 0's checkpoint, the groups' teardown; killed after `timeout` s."""
+    out = os.path.join(ctx.work, "torchrun")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           os.path.join(REPO, "imm.py"), *RESUME_RUNS["imm"], "--iters", "2", "--device", ctx.device, "--out", out]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    t0, rec = time.time(), dict(method="imm", status="error")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True, env={**env, **({"OMP_NUM_THREADS": "1"} if ctx.quick else {})})
+    try:
+        log, err = proc.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:  # (a hang at a collective). SIGTERM: torchrun stops its worker, which runs in a
+        proc.terminate()  # session of its own (a kill of the launcher's group alone left it running, GPU and all)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=PIPE_WAIT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait()
+        return dict(rec, error=f"killed after {timeout:.0f} s (a hang?)", wall_s=time.time() - t0)
+    path = os.path.join(out, "ckpt.pt")
+    step = torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else None
+    lines = [ln for ln in err.strip().splitlines() if "OMP_NUM_THREADS" not in ln and ln.strip("* ")]
+    rec.update(rc=proc.returncode, step=step, wall_s=time.time() - t0, stderr=lines[-5:],
+               world=next((ln.split(" | ")[1] for ln in log.splitlines() if " | world " in ln), None))
+    if proc.returncode == 0 and step == 2:
+        return dict(rec, status="ok")
+    why = next((ln for ln in lines if ln.startswith("error: ")), " | ".join(lines[-3:])[-300:])  # (torchrun's report
+    return dict(rec, error=f"exit {proc.returncode}, checkpoint step {step}: {why}")  # of a failure follows it)
+
+
 def _out_of_memory(e):
     """common._out_of_memory (the caching allocator's OutOfMemoryError, or a cuBLAS / cuDNN allocation failing when
     the caching allocator holds the rest), or any other message saying "out of memory"."""
@@ -778,6 +815,13 @@ def section_paths(ctx):
               flush=True)
         _free()
         ctx.save()
+    left = ctx.clock.left("paths")
+    sec["torchrun"] = dict(method="imm", status="skipped", note="out of section time") if left <= (
+        0 if ctx.quick else 20) else check_torchrun(ctx, min(TORCHRUN_S, left))
+    t = sec["torchrun"]
+    print("  torchrun imm.py, 1 process: " + (f"ok ({t['world']}), {t['wall_s']:.0f} s" if t["status"] == "ok" else
+                                                f"{t['status']}: {_why(t)}"), flush=True)
+    ctx.save()
     for method in MEM_BATCH if not ctx.quick else QUICK_METHODS:
         try:
             rec = check_memory(ctx, method, lambda: ctx.clock.left("paths"))
@@ -931,7 +975,7 @@ def markdown(rep):
         if f4.get("figure"):
             L += ["", f"![samples]({f4['figure']})"]
     p5 = S.get("paths", {})
-    if p5.get("resume") or p5.get("records"):
+    if p5.get("resume") or p5.get("records") or p5.get("torchrun"):
         L += ["", "## 5. CUDA paths", "",
               "Exact resume on the device: each method file's toy run, 4 steps against 2 steps then resumed to 4, "
               "every tensor of the two checkpoints compared (weights, EMA, optimiser, RNG states) and the loss "
@@ -946,6 +990,12 @@ def markdown(rep):
             res = "bitwise" if r["bitwise"] else "DIFFERS: " + ", ".join(r["first_differ"])
             L.append(f"| {r['method']} | {r['precision']} | {r['tensors']} | {r['differ']} | {r['scaler_equal']} "
                      f"({_fmt(r['loss_scale'], '{:g}')}) | {res} | {r['wall_s']:.0f} |")
+        if t := p5.get("torchrun"):
+            L += ["", "`torchrun --standalone --nproc_per_node=1 imm.py` (toy, 2 steps; NCCL bound to the device, "
+                      "common's gloo group for rank 0's downloads, DDP, checkpoint, teardown): " +
+                  (f"ok ({t['world']}, {t['wall_s']:.0f} s" + (f"; stderr: {' | '.join(t['stderr'])}" if t["stderr"]
+                                                               else "") + ")." if t["status"] == "ok"
+                   else f"{t['status']}: {_why(t)}.")]
         L += ["", "Peak memory of one training step at each method's `cifar10` preset batch (throughput.py's step, "
                   "the method's paper precision), halved until it fits on this device; --accum is what a one-GPU run "
                   "of the preset needs.", "",

@@ -313,10 +313,12 @@ def test_paths_section_resumes_bitwise_and_measures_memory(tmp_path):
     assert P["status"] == "done" and rep["meta"]["kept_sections"]["sections"] == ["precision"]
     assert [r["method"] for r in P["resume"]] == list(gc.RESUME_RUNS)
     assert all(r["bitwise"] and r["differ"] == 0 and r["tensors"] > 50 and r["steps"] == [4, 4] for r in P["resume"])
+    t = P["torchrun"]  # imm.py under torchrun, one process (gloo here, NCCL on a GPU): its checkpoint, no stderr line
+    assert t["status"] == "ok" and t["rc"] == 0 and t["step"] == 2 and t["world"] == "world 1" and t["stderr"] == [], t
     assert [r["method"] for r in P["records"]] == list(gc.QUICK_METHODS)
     assert all(r["status"] == "ok" and r["fits_batch"] == gc.sizes(True).batch for r in P["records"])
     md = (res / "gpu_cpu.md").read_text()
-    assert "## 5. CUDA paths" in md and "| imm | fp32 |" in md
+    assert "## 5. CUDA paths" in md and "| imm | fp32 |" in md and "--nproc_per_node=1 imm.py` (toy" in md
     for head in ("| method file |", "| method | preset batch |"):
         table = md[md.index(head):].split("\n\n")[0].splitlines()
         assert len({ln.count("|") for ln in table}) == 1, table
@@ -361,8 +363,31 @@ def test_paths_section_out_of_time_says_why(tmp_path, capsys):
     ctx.sec = ctx.rep["sections"]["paths"] = {}
     gc.section_paths(ctx)
     out = capsys.readouterr().out
-    assert all(r["status"] == "skipped" for r in ctx.sec["resume"] + ctx.sec["records"])
-    assert out.count("skipped: out of section time") == len(gc.RESUME_RUNS) + len(gc.QUICK_METHODS), out
+    assert all(r["status"] == "skipped" for r in ctx.sec["resume"] + ctx.sec["records"] + [ctx.sec["torchrun"]])
+    assert out.count("skipped: out of section time") == len(gc.RESUME_RUNS) + 1 + len(gc.QUICK_METHODS), out
+
+
+def test_torchrun_check_records_a_failure_and_kills_a_hang(tmp_path, monkeypatch):
+    """check_torchrun: a run that exits with an error is a record with its exit status and stderr's last lines; one
+    that hangs (a collective never answered) is killed at the timeout with its worker, not waited for."""
+    ctx = _ctx(tmp_path)
+    monkeypatch.setitem(gc.RESUME_RUNS, "imm", ["--batch", "15"])  # not a multiple of M = 4: refused
+    rec = gc.check_torchrun(ctx, 60)
+    assert rec["status"] == "error" and rec["rc"] != 0 and rec["step"] is None, rec
+    assert "--batch 15 must be a multiple of --M 4" in rec["error"], rec
+    hang = tmp_path / "hang"  # an imm.py that hangs, its pid written first
+    hang.mkdir()
+    (hang / "imm.py").write_text(f"import os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+                                 f"time.sleep(120)\n")
+    monkeypatch.setattr(gc, "REPO", str(hang))
+    t0 = time.time()
+    rec = gc.check_torchrun(ctx, 5)
+    assert rec["status"] == "error" and rec["error"].startswith("killed after 5 s") and time.time() - t0 < 30, rec
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the worker too, not only torchrun's launcher
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
 
 
 def test_memory_check_halves_on_each_kind_of_out_of_memory(tmp_path, monkeypatch):
