@@ -732,7 +732,7 @@ def check_torchrun(ctx, timeout):
                                                              "MASTER_ADDR", "MASTER_PORT")}
     t0, rec = time.time(), dict(method="imm", status="error")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True, env={**env, **({"OMP_NUM_THREADS": "1"} if ctx.quick else {})})
+                            start_new_session=True, env={**env, "OMP_NUM_THREADS": "1"})  # (else torchrun's warning)
     try:
         log, err = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:  # (a hang at a collective). SIGTERM: torchrun stops its worker, which runs in a
@@ -745,7 +745,7 @@ def check_torchrun(ctx, timeout):
         return dict(rec, error=f"killed after {timeout:.0f} s (a hang?)", wall_s=time.time() - t0)
     path = os.path.join(out, "ckpt.pt")
     step = torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else None
-    lines = [ln for ln in err.strip().splitlines() if "OMP_NUM_THREADS" not in ln and ln.strip("* ")]
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     rec.update(rc=proc.returncode, step=step, wall_s=time.time() - t0, stderr=lines[-5:],
                world=next((ln.split(" | ")[1] for ln in log.splitlines() if " | world " in ln), None))
     if proc.returncode == 0 and step == 2:
