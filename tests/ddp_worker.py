@@ -258,11 +258,17 @@ def phase_waits(env, out):
     def slow_download(url, path, progress=False):
         time.sleep(WAIT_S)
         shutil.copy(standin_path(), path)
+
+    def fetched(path):  # rank 0 downloads (WAIT_S), the others find its file, or not had they not waited for it
+        if env.is_main:
+            time.sleep(WAIT_S)
+            open(path, "w").close()
+        return os.path.exists(path)
     torchvision.datasets.CIFAR10, torch.hub.download_url_to_file = SlowCIFAR10, slow_download
     torch.hub.set_dir(os.path.join(out, "hub"))
     res = dict(rank=env.rank, images=list(C._image_dataset("cifar10", out, env)[0].shape),
                detector=C.load_detector("inception", env).dim,  # and LPIPS's and GDD's weights, rank 0 first:
-               backbone=C.rank0_first(env, lambda: time.sleep(WAIT_S) if env.is_main else "after")[0])
+               backbone=C.rank0_first(env, lambda: fetched(os.path.join(out, "backbone")))[0])
     if not env.is_main:  # the control: a barrier of the default group that rank 0 does not join times out sooner
         t = time.time()  # than the downloads took (its group, which held the first barrier, is broken by it)
         try:
