@@ -440,7 +440,8 @@ def train(cfg, given):
 # ============================================================================================================= commands
 # sample and fid change only these Config fields over the checkpoint's (any other is refused)
 SAMPLER_FIELDS = dict(  # the sampler's fields (Alg. 2 / Alg. 5, the grid), and the step counts that read them
-    sampler=None, schedule=(lambda N: N > 2, "3 steps or more"), eta_mid=(lambda N: N == 2, "2 steps"))
+    sampler=(lambda N: N > 1, "2 steps or more"),  # (N = 1: one restart step is the pushforward step)
+    schedule=(lambda N: N > 2, "3 steps or more"), eta_mid=(lambda N: N == 2, "2 steps"))
 
 
 def sample_or_fid(cmd, opts, given):

@@ -620,7 +620,13 @@ def test_15_prior_restart_one_step_and_clipping():
     net = mlp(scale=0.3).eval()
     a = imm.sample(net, C.IndexRNG(range(64), 1, CPU), (2,), 1, imm.Config(sampler="restart"), env1())
     b = imm.sample(net, C.IndexRNG(range(64), 1, CPU), (2,), 1, imm.Config(sampler="pushforward"), env1())
-    assert torch.equal(a, b)  # one restart step is one pushforward step
+    assert torch.equal(a, b)  # one restart step is one pushforward step: --sampler at --steps 1 alone is refused
+    with pytest.raises(C.UserError, match="--sampler is read only at 2 steps or more, and --steps 1 holds none"):
+        C.parse_cli(imm.Config, imm.PRESETS, imm.METHOD, ["sample", "--ckpt", "c.pt", "--steps", "1", "--sampler",
+                                                          "restart"], sampler=imm.SAMPLER_FIELDS)
+    assert C.parse_cli(imm.Config, imm.PRESETS, imm.METHOD, ["sample", "--ckpt", "c.pt", "--steps", "1,2", "--sampler",
+                                                             "restart"], sampler=imm.SAMPLER_FIELDS)[2] == dict(
+        sampler="restart")
     a2 = imm.sample(net, C.IndexRNG(range(64), 1, CPU), (2,), 2, imm.Config(sampler="restart"), env1())
     b2 = imm.sample(net, C.IndexRNG(range(64), 1, CPU), (2,), 2, imm.Config(sampler="pushforward"), env1())
     assert (a2 - b2).abs().max() > 1e-3  # restart differs from pushforward at N > 1
