@@ -1055,8 +1055,10 @@ def invert_data(cfg, env, net2, folder):
 
 # ============================================================================================================= commands
 # sample and fid change only these Config fields over the checkpoint's (any other is refused)
-SAMPLER_FIELDS = dict(  # the ODE solver's fields (sampler_for), and the step counts that read them (K = 1: [1, 0])
-    solver=None, grid=(lambda K: K > 1, "2 steps or more"), rule=None, t_mid=(lambda K: K == 2, "2 steps"))
+SAMPLER_FIELDS = dict(  # the ODE solver's fields (sampler_for), and the step counts that read them (K = 1: [1, 0];
+    # the rules coincide on the first step, from z at t = 1, and on the last, to t = 0: K <= 2, test_new_update_rule)
+    solver=None, grid=(lambda K: K > 1, "2 steps or more"), rule=(lambda K: K > 2, "3 steps or more"),
+    t_mid=(lambda K: K == 2, "2 steps"))
 
 
 def run(cfg, given):

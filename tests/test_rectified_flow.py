@@ -486,6 +486,9 @@ def test_new_update_rule(mlp_field):
                 a = R.solve(mlp_field, z, R.time_grid(K, "uniform"), solver, "default")
                 b = R.solve(mlp_field, z, R.time_grid(K, "uniform"), solver, "new")
                 assert (a - b).abs().max() < 1e-12, (K, solver)
+        with pytest.raises(C.UserError, match="--rule is read only at 3 steps or more, and --steps 1,2 holds none"):
+            C.parse_cli(R.Config, R.PRESETS, R.METHOD, ["sample", "--ckpt", "c.pt", "--rule", "new"],
+                        sampler=R.SAMPLER_FIELDS)  # (the default --steps 1,2: the same samples as without it)
         for solver in ("euler", "heun"):
             a = R.solve(mlp_field, z, R.time_grid(3, "uniform"), solver, "default")
             b = R.solve(mlp_field, z, R.time_grid(3, "uniform"), solver, "new")

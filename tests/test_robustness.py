@@ -342,12 +342,13 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
             ("imm", "--schedule", "edm", "1,2", "at 3 steps or more"),
             ("scm", "--t_mid", "1.0", "1", "2 steps or more"),
             ("rectified_flow", "--grid", "edm", "1", "2 steps or more"),
-            ("rectified_flow", "--t_mid", "0.3", "1,4", "read only at 2 steps")):
+            ("rectified_flow", "--t_mid", "0.3", "1,4", "read only at 2 steps"),
+            ("rectified_flow", "--rule", "new", "1,2", "at 3 steps or more")):
         code = run(name, "sample", "--ckpt", tmp_path / "sct" / "ckpt.pt" if name == "scm" else
                    files / name / "ckpt.pt", "--steps", steps, flag, value, "--out", tmp_path / "s.npy")
         refusal(code, capsys.readouterr(), words)
     code = run("rectified_flow", "sample", "--ckpt", files / "rectified_flow" / "ckpt.pt", "--solver", "rk4", "--rule",
-               "new", "--out", tmp_path / "s.npy")  # rk4 never reads the rule
+               "new", "--steps", "3", "--out", tmp_path / "s.npy")  # rk4 never reads the rule
     refusal(code, capsys.readouterr(), "--rule new", "rk4")
     # control: a diffusion model's Heun takes any sigma_max (the CMs' t_mid < arctan(sigma_max / sigma_d) is not its)
     assert run("scm", "sample", "--ckpt", files / "scm" / "ckpt.pt", "--sigma_max", "0.5", "--steps", "2", "--n", "2",
