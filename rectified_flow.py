@@ -1126,7 +1126,7 @@ def run(cfg, given):
         if cfg.stage == "all" and cfg.net == "mlp" and scfg.loss.startswith("lpips"):  # (the 1-RF's network)
             raise lpips_on_points(scfg.loss)
         if not scfg.fallback and not os.path.exists(ckpt):  # a fresh stage's missing LPIPS weights (--fallback
-            make_lpips(scfg, None)  # false) stop the run before the 1-RF; a resumed one checks its own config's loss
+            make_lpips(scfg, None, env)  # false) stop the run before the 1-RF (a resumed one: its config's loss)
     if cfg.stage == "all":  # pairs already there that its 1-RF would not make (another teacher, other pair options)
         ends = given.get("iters", ck1["config"].get("iters", 0)) if resumes else plan[0][1].iters  # are refused now,
         if resumes and ck1["step"] >= ends:  # not after a stage: all of it for a finished 1-RF, what can be known

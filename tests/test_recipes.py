@@ -87,10 +87,13 @@ def test_a_strict_run_checks_its_weights_before_any_output(name, imgs, tmp_path,
         def offline(*a, **k):
             raise OSError("no network")
         monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+        seen, first = [], C.rank0_first  # under torchrun this check's download is rank 0's, the others waiting: the
+        monkeypatch.setattr(C, "rank0_first", lambda env, fn: (seen.append(env), first(env, fn))[1])  # run's env
         err = guarded(capsys, lambda: RF.main([*base, "--stage", "all", "--fid_every", "0", "--loss",
                                                "lpips-huber-1/t"]))
         assert "LPIPS weights unavailable" in err and "--loss huber" in err
         assert not os.path.exists(out)
+        assert seen and all(isinstance(e, C.Env) for e in seen), seen  # (None: every rank downloaded at once)
 
 
 def test_missing_projected_d_weights_stop_gdd_before_the_in_file_teacher_trains(imgs, tmp_path, monkeypatch, capsys):
