@@ -347,6 +347,9 @@ def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
         code = run(name, "sample", "--ckpt", tmp_path / "sct" / "ckpt.pt" if name == "scm" else
                    files / name / "ckpt.pt", "--steps", steps, flag, value, "--out", tmp_path / "s.npy")
         refusal(code, capsys.readouterr(), words)
+    code = run("rectified_flow", "sample", "--ckpt", files / "rectified_flow" / "ckpt.pt", "--steps", "1,2", "--grid",
+               "edm", "--t_mid", "0.3", "--out", tmp_path / "s.npy")  # the edm grid's 2 steps never read it
+    refusal(code, capsys.readouterr(), "--t_mid", "edm grid", "--grid uniform")
     code = run("rectified_flow", "sample", "--ckpt", files / "rectified_flow" / "ckpt.pt", "--solver", "rk4", "--rule",
                "new", "--steps", "3", "--out", tmp_path / "s.npy")  # rk4 never reads the rule
     refusal(code, capsys.readouterr(), "--rule new", "rk4")
