@@ -740,11 +740,15 @@ def load_pairs(folder, env, seed, shape=None):
 def make_lpips(cfg, log, env=None):
     """LPIPS for the lpips-* losses (under torchrun rank 0 first: its weights download once). Offline, a reproduction
     preset (--fallback false) stops with one sentence naming the files; the others fall back to --loss huber with one
-    warning line."""
+    warning line (every rank, when any rank failed)."""
     if not cfg.loss.startswith("lpips"):
         return None
     lpips, e = C.rank0_first(env, lambda: LPIPS(cfg.lpips_weights, cfg.lpips_res))  # (torch hub's "Downloading: ..."
-    if e is None:  # line must not precede the error or the warning)
+    if env is not None and env.world > 1:  # line must not precede the error or the warning). One rank's failure (the
+        failed = torch.tensor([float(e is not None)])  # others retry rank 0's download) is every rank's: no rank
+        torch.distributed.all_reduce(failed, group=env.waits)  # trains with another loss (gloo: no NCCL watchdog)
+        e = e or (RuntimeError("another rank could not load them") if failed.item() else None)
+    if e is None:
         return lpips
     why = f"{type(e).__name__}: {str(e)[:60]}"
     if not cfg.fallback:

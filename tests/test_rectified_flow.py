@@ -422,6 +422,18 @@ def test_lpips_offline_fallback(monkeypatch):
     assert R.make_lpips(cfg, log) is None
     assert cfg.loss == "huber" and len(msgs) == 1 and "--loss huber" in msgs[0] and "unavailable" in msgs[0]
     assert R.make_lpips(R.Config(loss="huber"), log) is None and len(msgs) == 1
+    # under torchrun a failure on another rank only (rank 0's download failed, this rank's own retry did not) is this
+    # rank's too: every rank falls back to huber, or stops, not some with LPIPS and some without
+    env = C.Env(rank=1, world=2, local_rank=1, device=torch.device("cpu"), is_main=False, precision="fp32")
+    monkeypatch.setattr(R, "LPIPS", type("LPIPS", (), dict(LIN_URL="vgg.pth")))
+    monkeypatch.setattr(C, "rank0_first", lambda env, fn: ("lpips", None))  # this rank's load succeeded
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t.fill_(1.0))  # another rank failed
+    cfg = R.Config(loss="lpips-huber-1/t")
+    assert R.make_lpips(cfg, log, env) is None and cfg.loss == "huber" and "another rank" in msgs[-1]
+    with pytest.raises(C.UserError, match="another rank could not load them"):
+        R.make_lpips(R.Config(loss="lpips-huber-1/t", fallback=False), log, env)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t)  # none failed
+    assert R.make_lpips(R.Config(loss="lpips-huber-1/t"), log, env) == "lpips"
 
 
 # ------------------------------------------------------------------------------- 5. affine oracle (straight)
