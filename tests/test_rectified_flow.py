@@ -425,15 +425,16 @@ def test_lpips_offline_fallback(monkeypatch):
     # under torchrun a failure on another rank only (rank 0's download failed, this rank's own retry did not) is this
     # rank's too: every rank falls back to huber, or stops, not some with LPIPS and some without
     env = C.Env(rank=1, world=2, local_rank=1, device=torch.device("cpu"), is_main=False, precision="fp32")
-    monkeypatch.setattr(R, "LPIPS", type("LPIPS", (), dict(LIN_URL="vgg.pth")))
-    monkeypatch.setattr(C, "rank0_first", lambda env, fn: ("lpips", None))  # this rank's load succeeded
+    stub = type("LPIPS", (), dict(LIN_URL="vgg.pth", __init__=lambda self, *a: None))
+    monkeypatch.setattr(R, "LPIPS", stub)  # this rank's load succeeds (after rank 0's turn, in common.rank0_first)
+    monkeypatch.setattr(C, "wait_for_main", lambda env: None)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t.fill_(1.0))  # another rank failed
     cfg = R.Config(loss="lpips-huber-1/t")
     assert R.make_lpips(cfg, log, env) is None and cfg.loss == "huber" and "another rank" in msgs[-1]
     with pytest.raises(C.UserError, match="another rank could not load them"):
         R.make_lpips(R.Config(loss="lpips-huber-1/t", fallback=False), log, env)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: t)  # none failed
-    assert R.make_lpips(R.Config(loss="lpips-huber-1/t"), log, env) == "lpips"
+    assert isinstance(R.make_lpips(R.Config(loss="lpips-huber-1/t"), log, env), stub)
 
 
 # ------------------------------------------------------------------------------- 5. affine oracle (straight)
