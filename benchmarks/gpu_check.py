@@ -108,6 +108,7 @@ UTIL = dict(bf16=0.30, tf32=0.35, fp32=0.60)  # assumed fractions of the dense p
 COMPILE_S = 70  # assumed child start + inductor compile of the DDPM++ graphs (module docstring)
 PIPE_WAIT_S = 10  # after a compile child is killed, its output is read for at most this long
 TORCHRUN_S = 60  # paths: the torchrun run is killed after this long (a hang at NCCL's set-up or a collective)
+TORCHRUN_STOP_S = 40  # then torchrun is given this long to stop its worker (its own wait before a SIGKILL: 30 s)
 NO_COMPILE = ("meanflow",)  # its whole loss is one JVP of the raw module (flow_map.per_sample_loss): --compile idle
 COMPILE_ORDER = ("imm", "sct", "2rf", "gdd", "scd", "gdd_i", "2rf_lpips", "lsd", "psd", "lmd")  # stretch, in order
 SAMPLERS = ("fm", "imm", "sct", "meanflow")  # one per sampler family: 1-RF Euler, IMM, sCM, flow map
@@ -736,9 +737,9 @@ def check_torchrun(ctx, timeout):
     try:
         log, err = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:  # (a hang at a collective). SIGTERM: torchrun stops its worker, which runs in a
-        proc.terminate()  # session of its own (a kill of the launcher's group alone left it running, GPU and all)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=PIPE_WAIT_S)
+        proc.terminate()  # session of its own (a kill of the launcher's group alone left it running, GPU and all),
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILLs it after 30 s
+            proc.communicate(timeout=TORCHRUN_STOP_S)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         proc.wait()
