@@ -1315,11 +1315,11 @@ def setup(device="auto", seed=0, precision=None):
         cuda = device.startswith("cuda")  # (NCCL bound to this rank's GPU: barrier() warns on stderr otherwise)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
     waits = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if dist.is_initialized() else None
+    dist.barrier(group=waits) if waits is not None else None  # once at any world size: one that fails, fails here
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
-        # half the cores per process: OpenMP spin-waits collapse (measured 20-50x slower) when threads outnumber
-        # free cores, e.g. beside one other job on a 2-core machine; small CPU models lose little with fewer threads
+        # half the cores per process: OpenMP spin-waits collapse (20-50x slower) when threads outnumber free cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * (_env_int("LOCAL_WORLD_SIZE", 1) or 1))))
     torch.manual_seed(seed)  # identical model initialisation on every rank
     return Env(rank, world, local, torch.device(device), rank == 0, precision, seed, waits)

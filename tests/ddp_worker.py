@@ -40,7 +40,7 @@ from standin import standin_path  # noqa: E402
 B, STEPS, CKPT_STEP = 4, 4, 3  # per-rank batch, optimiser steps, the checkpoint is taken before this step
 FID_N, FID_BATCH, FID_SEED = 37, 5, 3
 EMA_KW = dict(halflife_kimg=0.02, rampup=0.5)
-WAIT_S, DEFAULT_TIMEOUT_S = 4, 2  # phase waits: rank 0's download time, the default group's timeout
+WAIT_S, DEFAULT_TIMEOUT_S = 3, 2  # phase waits: rank 0's download time, the default group's timeout
 
 
 def fid_generate(seen=None):

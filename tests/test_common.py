@@ -2935,7 +2935,7 @@ def test_the_other_ranks_wait_out_rank_0s_downloads(tmp_path):
     """Rank 0 downloads CIFAR-10, Inception and GDD's backbones while the other ranks wait: on common.wait_for_main's
     gloo group (2 hours), not at a barrier of the default group, whose timeout (NCCL's watchdog: 10 minutes) a slow
     link's download outlasts, killing the run. The worker's default group times out in 2 s and the stand-in downloads
-    take 4 s: both ranks get the data and the detector; the control, a barrier of that group, times out in ~2 s."""
+    take 3 s: both ranks get the data and the detector; the control, a barrier of that group, times out in ~2 s."""
     import ddp_worker as W
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -415,7 +415,7 @@ def test_memory_check_halves_on_each_kind_of_out_of_memory(tmp_path, monkeypatch
 
 
 
-def test_a_chain_of_reruns_names_each_kept_sections_own_run(tmp_path):
+def test_a_chain_of_reruns_names_each_kept_sections_own_run(tmp_path, monkeypatch):
     """A --sections rerun after another rerun keeps sections of two earlier runs: each is named with the run that
     measured it (the meta held one date and commit, the last JSON's, for all of them)."""
     res, work = tmp_path / "res", str(tmp_path / "work")
@@ -425,6 +425,8 @@ def test_a_chain_of_reruns_names_each_kept_sections_own_run(tmp_path):
     rep["sections"]["precision"]["run_date"], rep["meta"]["date"] = "2000-01-01 00:00 UTC", "2000-01-02 00:00 UTC"
     rep["sections"]["sampling"]["run_date"] = "2000-01-02 00:00 UTC"
     (res / "gpu_cpu.json").write_text(json.dumps(rep))
+    monkeypatch.setattr(gc, "check_torchrun", lambda ctx, timeout: dict(  # (its run: the test above)
+        method="imm", status="ok", rc=0, step=2, wall_s=0.0, stderr=[], world="world 1"))
     gc.main(["--quick", "--results", str(res), "--sections", "paths", "--work", work])
     rep = json.loads((res / "gpu_cpu.json").read_text())
     assert rep["sections"]["precision"]["run_date"] == "2000-01-01 00:00 UTC"
