@@ -2878,20 +2878,26 @@ def test_every_evaluation_of_a_run_scores_against_the_same_points_and_noise():
 
 
 # ======================================================================== 18. DDP on CPU (torchrun, gloo)
+def _ddp_worker(phase, out):
+    """tests/ddp_worker.py PHASE OUT under torchrun, 2 processes on the CPU (fresh processes; a torchrun variable of an
+    enclosing launch removed); fails the test on a non-zero exit, showing both streams' ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                        phase, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{phase} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+
+
 def test_ddp_two_processes(tmp_path):
     import ddp_worker as W
     out = tmp_path / "ddp"
     out.mkdir()
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     np.save(out / "data.npy", images)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
     for phase in ("train", "resume"):  # the resume runs in fresh processes
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            worker, phase, str(out)], env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, f"{phase} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        _ddp_worker(phase, out)
     res = json.loads((out / "train.json").read_text())
     assert res["world"] == 2
     # weights and EMA equal on both ranks before training (rank 1 was skewed) and after every step
@@ -2937,13 +2943,7 @@ def test_the_other_ranks_wait_out_rank_0s_downloads(tmp_path):
     link's download outlasts, killing the run. The worker's default group times out in 2 s and the stand-in downloads
     take 3 s: both ranks get the data and the detector; the control, a barrier of that group, times out in ~2 s."""
     import ddp_worker as W
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-                        "waits", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    _ddp_worker("waits", tmp_path)
     res = [json.loads((tmp_path / f"waits{k}.json").read_text()) for k in (0, 1)]
     assert all(x["images"] == [4, 8, 8, 3] and x["detector"] == 32 for x in res), res
     assert [x["backbone"] for x in res] == [True, True]  # common.rank0_first: rank 0, then the others
