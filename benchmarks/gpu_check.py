@@ -992,11 +992,11 @@ def markdown(rep):
             L.append(f"| {r['method']} | {r['precision']} | {r['tensors']} | {r['differ']} | {r['scaler_equal']} "
                      f"({_fmt(r['loss_scale'], '{:g}')}) | {res} | {r['wall_s']:.0f} |")
         if t := p5.get("torchrun"):
+            said = f"; stderr: {' | '.join(t['stderr'])}" if t.get("stderr") else ""
+            res = f"ok ({t['world']}, {t['wall_s']:.0f} s{said})." if t["status"] == "ok" else \
+                f"{t['status']}: {_why(t)}."
             L += ["", "`torchrun --standalone --nproc_per_node=1 imm.py` (toy, 2 steps; NCCL bound to the device, "
-                      "common's gloo group for rank 0's downloads, DDP, checkpoint, teardown): " +
-                  (f"ok ({t['world']}, {t['wall_s']:.0f} s" + (f"; stderr: {' | '.join(t['stderr'])}" if t["stderr"]
-                                                               else "") + ")." if t["status"] == "ok"
-                   else f"{t['status']}: {_why(t)}.")]
+                      "common's gloo group for rank 0's downloads, DDP, checkpoint, teardown): " + res]
         L += ["", "Peak memory of one training step at each method's `cifar10` preset batch (throughput.py's step, "
                   "the method's paper precision), halved until it fits on this device; --accum is what a one-GPU run "
                   "of the preset needs.", "",
