@@ -1153,9 +1153,9 @@ def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
     cfg = C.merge_config(Config, ck["config"], given)
-    if "t_mid" in given and sampler_for(cfg, 2)[1] != "uniform":  # (--steps holds 2: common._sample_options)
+    if "t_mid" in given and (grid := sampler_for(cfg, 2)[1]) != "uniform":  # (--steps holds 2: _sample_options)
         raise C.UserError(f"--t_mid is the middle time of the 2-step uniform grid, and 2 steps sample on the "
-                          f"{sampler_for(cfg, 2)[1]} grid here (--grid {cfg.grid}, --solver {cfg.solver}); drop it, "
+                          f"{grid} grid here (--grid {cfg.grid}, --solver {cfg.solver}); drop it, "
                           f"or pass --grid uniform.")
     shape, classes = sample_shape(ck["net"]), inner(ck["net"])["label_dim"]
     solver = lambda K: sampler_for(cfg, K)[0]
