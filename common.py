@@ -1555,14 +1555,14 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' could not be read as a checkpoint of this project "
                         f"({type(e).__name__}).") from None
+    bad = lambda what: UserError(f"checkpoint '{path}' {what}; it was not written by this project.")
     if not isinstance(ck, dict):  # (it was said to lack every key)
-        raise UserError(f"checkpoint '{path}' holds a {type(ck).__name__}, not a dict of weights and state; it was not "
-                        f"written by this project.")
+        raise bad(f"holds a {type(ck).__name__}, not a dict of weights and state")
     if missing := [k for k in _LAYOUT if k not in ck]:
-        raise UserError(f"checkpoint '{path}' lacks the keys {missing}; it was not written by this project.")
+        raise bad(f"lacks the keys {missing}")
     if wrong := [f"{k} is a {type(ck[k]).__name__}" for k, t in _LAYOUT.items() if not isinstance(ck[k], t)
                  or (t is int and isinstance(ck[k], bool))]:
-        raise UserError(f"checkpoint '{path}' is malformed ({', '.join(wrong)}); it was not written by this project.")
+        raise bad(f"is malformed ({', '.join(wrong)})")
     wrong = [k for k in ("model", "ema") if not all(isinstance(n, str) and torch.is_tensor(v) and v.layout ==
                                                     torch.strided for n, v in ck[k].items())]  # (sparse: a traceback)
     opt, rng = ck["opt"], ck["rng"]
@@ -1570,17 +1570,15 @@ def load_checkpoint(path):
     wrong += [] if rng is None or isinstance(rng.get("world"), int) and isinstance(rng.get("ranks"), list) and all(
         isinstance(r, dict) and {"cpu", "cuda", "gens"} <= set(r) for r in rng["ranks"]) else ["rng"]
     if ck["step"] < 0 or wrong:
-        raise UserError(f"checkpoint '{path}' is malformed (" + (", ".join(f"its {k} entry" for k in wrong) or
-                        f"step {ck['step']}") + "); it was not written by this project.")
+        raise bad("is malformed (" + (", ".join(f"its {k} entry" for k in wrong) or f"step {ck['step']}") + ")")
     nd = ck["net"]  # (a depth of 10**7 built ten million blocks before the weights were compared: a hang)
     with contextlib.suppress(TypeError):  # (a value of the wrong type: build_net names it)
         blocks = nd.get("depth") if nd.get("kind") == "mlp" else nd.get("nb") * len(nd.get("mult")) \
             if nd.get("kind") == "unet" else 0
         if blocks > len(ck["model"]):
-            raise UserError(f"checkpoint '{path}' holds a network config of {blocks} blocks and {len(ck['model'])} "
-                            f"weight tensors; it was not written by this project.")
+            raise bad(f"holds a network config of {blocks} blocks and {len(ck['model'])} weight tensors")
     if _non_finite_weights(ck):  # save_checkpoint never writes such weights
-        raise UserError(f"checkpoint '{path}' holds non-finite weights; it was not written by this project.")
+        raise bad("holds non-finite weights")
     return ck
 
 
