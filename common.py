@@ -792,12 +792,9 @@ def refuse_other(given, only, flag, value):
 
 
 # ========================================================================================================= augmentation
-# EDM's non-leaky augmentation (Karras et al. 2022, App. F.2; NVlabs/edm training/augment.py, AugmentPipe: the
-# geometric part of ADA, Karras et al. 2020). Each transform is applied to an image with probability p times its
-# multiplier, and the network is told what was done through a label vector (EDM's `augment_labels`, fed to the
-# U-Net's `map_augment`); sampling passes zero labels ("not augmented"), so the augmentations do not leak.
-# EDM's CIFAR-10 setting (train.py): p = --augment 0.12 with the multipliers of EDM_AUGMENT and augment_dim 9;
-# xflip = 1e8 makes the x-flip happen with probability 1/2 whatever p is (the data set's own x-flip stays off).
+# EDM's non-leaky augmentation (Karras et al. 2022, App. F.2; NVlabs/edm training/augment.py, AugmentPipe), what it
+# does and why it does not leak: docs/common.md, "EDM's augmentation". EDM_AUGMENT: EDM's CIFAR-10 multipliers
+# (train.py, with --augment 0.12); xflip = 1e8 makes the x-flip happen with probability 1/2 whatever p is.
 EDM_AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 _AUG_DIMS = dict(xflip=1, yflip=1, scale=1, rotate_frac=2, aniso=2, translate_frac=2)  # label entries, in order
 _AUG_RANGES = dict(scale_std=0.2, rotate_frac_max=1.0, aniso_std=0.2, aniso_rotate_prob=0.5,
@@ -930,17 +927,14 @@ def _aug_warp(x, G, G_all):
 def augment(images, p, generator=None, part=0, parts=1, **probs):
     """EDM's augmentation of float images (N, C, H, W) in [-1, 1] -> (images, labels (N, augment_dim)).
 
-    p: the overall probability (EDM's --augment); p = 0 returns the images unchanged with zero labels (EDM then
-    builds no pipe at all). probs: AugmentPipe's multipliers and ranges, all transforms off by default;
-    EDM_AUGMENT is EDM's CIFAR-10 setting. Labels: per enabled transform in the order xflip (0/1), yflip (0/1),
-    scale (w), rotate_frac (cos - 1, sin), aniso (w cos r, w sin r), translate_frac (wx, wy).
-    Randomness: `generator` (a torch.Generator on the images' device, an int seed, or None: the global RNG) is
-    drawn in AugmentPipe's order, so generator seed s gives EDM's outputs after torch.manual_seed(s) on the same
-    device. A run that must be a pure function of (seed, step) passes the same seed on every rank, e.g.
-    derive_seed(seed, "augment", step), and Data.batch's (part, parts): the draws are made for the step's
-    parts * N images, this call keeps the rows of `part`, and the padding margin is the whole step's, so the
-    result does not depend on how the step's batch is split over ranks and accumulation rounds.
-    Runs on any device with no Python loop over samples and no host sync (p and probs are Python numbers)."""
+    p: the overall probability (EDM's --augment; 0: the images unchanged, zero labels). probs: AugmentPipe's
+    multipliers and ranges, all transforms off by default. Labels: per enabled transform in the order xflip (0/1),
+    yflip (0/1), scale (w), rotate_frac (cos - 1, sin), aniso (w cos r, w sin r), translate_frac (wx, wy).
+    `generator` (a torch.Generator on the images' device, an int seed, or None: the global RNG) is drawn in
+    AugmentPipe's order: seed s gives EDM's outputs after torch.manual_seed(s) on the same device. (part, parts) as
+    in Data.batch, with the same seed on every rank (augment_batch): the draws and the padding margin are the whole
+    step's (parts * N images) and this call keeps the rows of `part`, so the result does not depend on how the step
+    is split over ranks and accumulation rounds. No loop over samples, no host sync (p, probs: Python numbers)."""
     o = _aug_options(probs)
     dim = augment_dim(**probs)
     if images.ndim != 4:
@@ -1327,9 +1321,8 @@ def setup(device="auto", seed=0, precision=None):
 
 def freeze_unfed_augment(net):
     """Freeze each map_augment of a network that the method feeds no augmentation labels (a student or 2-RF started
-    from a teacher trained with EDM's augmentation: EDM's CIFAR-10 pickles, augment_dim 9): it would get no gradient,
-    which DDP refuses at the second step ("Expected to have finished reduction"). Frozen, it keeps its weights (Adam
-    and the EMA skip it)."""
+    from a teacher trained with EDM's augmentation): it would get no gradient, which DDP refuses at the second step
+    ("Expected to have finished reduction"). Frozen, it keeps its weights (Adam and the EMA skip it)."""
     for m in net.modules():
         if getattr(m, "map_augment", None) is not None:
             m.map_augment.requires_grad_(False)
@@ -1403,11 +1396,9 @@ def rank0_first(env, fn):
 
 
 def agree(env, fn, everywhere=False):
-    """fn() on rank 0 alone (`everywhere`: on every rank), then one collective: work that only some ranks do (rank 0's
-    log, samples, metrics, caches and `sample`'s output; each rank's own pair blocks) and that fails (a full disk)
-    stops every rank with the first failing rank's sentence, printed once by rank 0, where it left the others
-    waiting at their next collective (a gloo traceback, an NCCL hang) and a failing rank other than 0 said nothing. A
-    bug keeps its traceback on its rank. -> fn()'s value on the ranks that ran it (None elsewhere)."""
+    """fn() on rank 0 alone (`everywhere`: on every rank), then one collective: a failure on any rank (a full disk)
+    stops every rank with the first failing rank's sentence, printed once by rank 0 (why: docs/common.md, "Distributed
+    training and precision"); a bug keeps its traceback on its rank. -> fn()'s value where it ran (None elsewhere)."""
     out, err = None, None
     try:
         if everywhere or env.is_main:
@@ -1603,10 +1594,9 @@ def fingerprint(sd):
 
 
 def teacher_id(ck, path, tpath, weights):
-    """The fingerprint of the weights of the teacher a run started from, which its checkpoints record (`teacher_id`;
-    a resumed run keeps the one it started from). On resume (`ck`, read from `path`) a teacher file whose
-    weights are not those (retrained or replaced in place, or another file named by --teacher) is refused, not
-    distilled from then on without a word; checkpoints older than the id are not checked."""
+    """The fingerprint of the weights of the teacher a run started from, which its checkpoints record (`teacher_id`).
+    On resume (`ck`, read from `path`) a teacher file whose weights are not those is refused (docs/common.md, "Resume
+    semantics"); checkpoints older than the id are not checked."""
     tid, was = fingerprint(weights), ck.get("teacher_id") if ck else None
     if was is not None and was != tid:
         raise UserError(f"the teacher '{tpath}' holds other weights than those '{path}' started from (retrained or "
@@ -1759,20 +1749,16 @@ def _put_back(ts, ok, old=None):
 
 class Guard:
     """Non-finite gradients and divergence, with no host sync per step: the flags stay on the device and are read
-    where the loop syncs anyway (log lines, checkpoints).
+    where the loop syncs anyway (log lines, checkpoints); the rules and their reasons: docs/common.md, "Non-finite
+    steps" and "No host sync inside a step".
 
     step(opt, scaler, ok): an optimiser step whose gradients are not all finite is skipped (with an fp16 scaler,
-    after the caller's scaler.unscale_(opt), and scaler.update() after it). On CUDA (`sync_free`)
-    parameters, moments and step counts are put back by torch.where on a device flag (Adam's step counts are moved
-    onto the device for this); on the CPU, where reading the flag stalls no queue, the step is simply not taken
-    (the same result, ~5 ms less per step for a toy MLP's ~80 state tensors). Skipped steps are logged (`skipped`,
-    since the last line); `max_skips` in a row stop the run in one sentence, checked at log lines and checkpoints.
-    end_step(*losses), once per iteration: a non-finite loss since the previous checkpoint, or in the step right
-    after it (its loss at the checkpoint's weights), withholds that checkpoint; training goes on and the next clean
-    one is written, but a withheld final checkpoint ends the run. `probe()` (sample_probe: samples of the weights
-    being saved) withholds a checkpoint too when they diverged: the final one has no step after it (a last step
-    that blows the weights up to 1e29 has a finite loss before its update), and a bounded loss (IMM's kernel MMD)
-    stays finite while the weights reach 1e31."""
+    after the caller's scaler.unscale_(opt), and scaler.update() after it): on CUDA (`sync_free`) parameters, moments
+    and step counts are put back by torch.where on a device flag; on the CPU, where reading the flag stalls no queue,
+    the step is simply not taken (the same result, ~5 ms less per step for a toy MLP's ~80 state tensors). Skipped
+    steps are logged (`skipped`); `max_skips` in a row stop the run. end_step(*losses), once per iteration: a
+    non-finite loss since the previous checkpoint, or in the step right after it, withholds that checkpoint, and so
+    does `probe()` (sample_probe) finding the weights being saved diverged; a withheld final checkpoint ends the run."""
 
     def __init__(self, env, max_skips, log, path, start_step=None, sync_free=None, probe=None):
         self.env, self.max_skips, self.log, self.path, self.probe = env, max_skips, log, path, probe
@@ -1877,11 +1863,9 @@ class Guard:
 def sample_probe(generate_of, nets, env, data, num_classes=0, n=2):
     """Guard's probe -> a device flag, False when the weights diverged: n one-step samples of each net (the weights
     and the EMA) by the method's own sampler, generate_of(net) -> generate(rng, labels), with noise of its own
-    (IndexRNG), and every output of the nets themselves (a forward hook: the image samplers clamp to [-1, 1], and
-    clamp(inf) = 1) must be finite and within 1e6 x the data's scale (IMM at lr 1e30 gave finite outputs of 1e31);
-    2-D points, the samples themselves within 1e3 x (a GAN generator at lr_g 1e4 settled at 4e3 to 9e3 x with
-    finite weights). Not so for images: a 2-RF starting from an EDM denoiser converts it to a velocity near t = 1 by
-    sigma = t / (1 - t) ~ 1e5, far past its training range, and samples of its first steps can be large."""
+    (IndexRNG), and every output of the nets themselves (a forward hook: the image samplers clamp, and clamp(inf) = 1)
+    must be finite and within 1e6 x the data's scale, 2-D points' samples within 1e3 x (images': 1e6 x; the bounds'
+    reasons: docs/common.md, "Non-finite steps")."""
     sample_bound = 1e6 if data.kind == "images" else 1e3
 
     def probe():
@@ -1903,9 +1887,8 @@ def sample_probe(generate_of, nets, env, data, num_classes=0, n=2):
 # NVlabs/edm's network pickles (edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl, network-snapshot-*.pkl) are a dict
 # {'ema': network, 'loss_fn', 'augment_pipe', 'dataset_kwargs'} (edm training/training_loop.py). EDM's
 # torch_utils/persistence.py writes every network object as the call _reconstruct_persistent_obj(meta), meta =
-# {type, version, module_src, class_name, state}, and a plain unpickle *executes* module_src. The unpickler here
-# never does: it rebuilds tensors, numbers and containers, keeps each persistent object as a record (class name +
-# its __dict__: _init_kwargs, _parameters, _buffers, _modules), and refuses every other global by name.
+# {type, version, module_src, class_name, state}, and a plain unpickle *executes* module_src; read_edm_pickle never
+# does (docs/common.md, "EDM checkpoints as teachers").
 class _Record:
     """A pickled object kept as data: its class name and its state, never its class."""
 
@@ -2031,12 +2014,8 @@ def _vp_sigma(t, beta_d, beta_min):  # EDM VPPrecond.sigma, in float32 as there
 
 class EDMDenoiser(nn.Module):
     """D(x; sigma, y) of EDM (Karras et al. 2022, Table 1; NVlabs/edm training/networks.py VPPrecond, VEPrecond,
-    EDMPrecond) around a UNet, computed in fp32 as there: D = c_skip x + c_out net(c_in x, c_noise, y[, aug]) with
-        vp:  c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2 + 1), c_noise (M - 1) t_VP(sigma),
-             t_VP(sigma) = (sqrt(beta_min^2 + 2 beta_d log(1 + sigma^2)) - beta_min) / beta_d
-        ve:  c_skip 1, c_out sigma, c_in 1, c_noise log(sigma / 2)
-        edm: c_skip s^2/(sigma^2 + s^2), c_out sigma s/sqrt(sigma^2 + s^2), c_in 1/sqrt(sigma^2 + s^2),
-             c_noise log(sigma) / 4, s = sigma_data.
+    EDMPrecond) around a UNet, computed in fp32 as there: D = c_skip x + c_out net(c_in x, c_noise, y[, aug]), the
+    coefficients of each preconditioning in `coefficients` (the table: docs/common.md, "EDM preconditioning").
     sigma: a number or a (B,) tensor; y: int labels, one-hot rows, or None (= the zero row, as EDM); aug: EDM's
     augmentation labels (None at sampling). sigma_min / sigma_max are the network's supported range (EDM's
     attributes; the Heun sampler clips its grid to them)."""
@@ -2655,12 +2634,10 @@ def saved_config(path):
 
 
 def pipeline_data(Config, presets, cfg, given, first, **select):
-    """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`:
-    without --data, --seed or --preset every stage takes that run's, as a resume does (the stages not begun took the
-    defaults': the toy preset's pairs and 2-RF after a tiny 1-RF); another named data set is refused now, before any
-    stage (check_teacher_data). -> (cfg, given): the pipeline's config resolved again with them (noted) and checked
-    (check_rules), and `given` with them (.preset: the first stage's). A fresh start (--resume false) is left alone
-    (parse_cli checked it)."""
+    """A pipeline (scm --mode all, rectified_flow --stage all) restarted over its first stage's checkpoint `first`
+    takes that run's --data, --seed and --preset where none is given, and refuses another named data set before any
+    stage (docs/common.md, "Resume semantics"). -> (cfg, given): the config resolved again with them (noted) and
+    checked (check_rules), and `given` with them (.preset: the first stage's). --resume false: left alone."""
     if given.get("resume") is False:
         return cfg, given
     saved = saved_config(first)
@@ -2718,15 +2695,12 @@ LOCATIONS = ("data", "root", "teacher", "pairs")  # where files are (a moved fol
 
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
-    compile always this command line's, a changed precision or compile noted); the preset label stays the
-    checkpoint's. A field that cannot change on
-    resume (`fixed`; the seed: the RNG state is the checkpoint's), another explicit --preset, or another data set (a
-    named one, or a name for a file or a file for a name; another file is noted) is refused; `drop`: given
-    fields that are not config changes (the mode/stage selector). A --teacher is compared by same_file, and where the
-    checkpoint records `teacher_id` by its weights: another path to them (a moved folder, another working directory)
-    is taken, and the method checks them (`teacher_id`). `iters`: the field that counts the steps, which must not end
-    before the checkpoint's. A run (or a pipeline's stage) that has trained all its steps applies no change but where
-    its files are (LOCATIONS): each other one is noted as not applied, and config.json stays the checkpoint's."""
+    compile always this command line's), by the rules of docs/common.md, "Resume semantics". `fixed`: the fields that
+    cannot change on resume (the seed always: the RNG state is the checkpoint's); `drop`: given fields that are not
+    config changes (the mode/stage selector); `iters`: the field that counts the steps (not below the checkpoint's
+    step). Another explicit --preset or another data set is refused. A --teacher is compared by same_file, or, where
+    the checkpoint records `teacher_id`, left to the method (`teacher_id`). A run that has trained all its steps
+    applies no change but where its files are (LOCATIONS), and notes each other one as not applied."""
     base, preset, here = ck["config"], getattr(given, "preset", None), ("out", "device", "precision", "compile")
     if preset is not None and base.get("preset", preset) != preset:
         raise UserError(f"'{path}' was trained with --preset {base['preset']}; a resumed run keeps its config (change "
