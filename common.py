@@ -2475,17 +2475,13 @@ def _normalise(argv):
 
 
 @functools.cache
-def _field_notes(Config):
-    """Each field's comment in the class's source (its --help line), read once per class: inspect parses the file."""
-    src = inspect.getsource(Config)
-    notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*(?:\n\s+#  .*)*)$", src, re.M))  # ("#   ...": continued)
-    return {k: re.sub(r"\s*\n\s+#\s+", " ", v) for k, v in notes.items()}
-
-
 def _field_options(Config):
-    hints, notes = typing.get_type_hints(Config), _field_notes(Config)
+    """(name, type, default, note) per field; the note is the field's comment in the class's source (its --help line),
+    read once per class: inspect parses the file."""
+    src, hints = inspect.getsource(Config), typing.get_type_hints(Config)
+    notes = dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*(?:\n\s+#  .*)*)$", src, re.M))  # ("#   ...": continued)
     return [(f.name, hints[f.name], f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
-             notes.get(f.name, "")) for f in dataclasses.fields(Config)]
+             re.sub(r"\s*\n\s+#\s+", " ", notes.get(f.name, ""))) for f in dataclasses.fields(Config)]
 
 
 def _default_out(Config, presets, preset, given, method):
