@@ -1294,14 +1294,13 @@ def setup(device="auto", seed=0, precision=None):
     if device.startswith("cuda"):  # an index always (set_device refuses a bare "cuda": a ValueError)
         d = torch.device(f"cuda:{local}" if "WORLD_SIZE" in os.environ else device)
         n, procs = torch.cuda.device_count(), _env_int("LOCAL_WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 0
+        fix = f"start at most {n} process(es) per node (torchrun --nproc_per_node={n}), each seeing them all."
         if procs > n:  # torchrun: more processes per node than GPUs, refused on every rank of the node, rank 0 too
             # (it alone prints the error line: _speaks; a refusal on the other ranks alone was never printed)
             raise UserError(f"torchrun started {procs} processes on this node, which has {n} CUDA device(s) visible; "
-                            f"start at most {n} process(es) per node (torchrun --nproc_per_node={n}), each seeing "
-                            f"them all.")
+                            f"{fix}")
         if d.index is not None and d.index >= n:  # (LOCAL_RANK past LOCAL_WORLD_SIZE: the variables set by hand)
-            raise UserError(f"LOCAL_RANK {local} has no CUDA device here ({n} CUDA device(s) visible); start at most "
-                            f"{n} process(es) per node (torchrun --nproc_per_node={n}), each seeing them all.")
+            raise UserError(f"LOCAL_RANK {local} has no CUDA device here ({n} CUDA device(s) visible); {fix}")
         device = str(d if d.index is not None else torch.device("cuda", torch.cuda.current_device()))
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True
