@@ -372,11 +372,8 @@ class WeightHead(nn.Module):
             return self.linear(torch.cat(u, 1))[:, 0]
 
 
-# Sizes. ddpmpp / ncsnpp are EDM's CIFAR-10 networks (NVlabs/edm train.py --arch ddpmpp / ncsnpp).
-# UNet options beyond the sizes: encoder 'standard' | 'residual' (NCSN++), resample_filter [1,1] | [1,3,3,1],
-# num_heads, qkv_order 'interleaved' (EDM) | 'blocks' (py-meanflow). Options of both kinds (_NET_COMMON): the
-# time embedding 'positional' | 'fourier' (time_channels = EDM's model_channels x channel_mult_noise),
-# time_combine 'sum' | 'concat' for two times, augment_dim (EDM's map_augment), label_dropout (EDM's).
+# Sizes. ddpmpp / ncsnpp are EDM's CIFAR-10 networks (NVlabs/edm train.py --arch ddpmpp / ncsnpp); what each option
+# means, with its DDPM++ and NCSN++ values: docs/common.md's table under "Networks" (_NET_CHOICES: the named values).
 _UNET = dict(kind="unet", img_resolution=32, in_channels=3, out_channels=3, encoder="standard",
              resample_filter=[1, 1], num_heads=1, qkv_order="interleaved")
 _NETS = {
@@ -610,11 +607,9 @@ def _no_data(spec):  # a --data that names nothing (load_data; resume_config: be
 
 def _read_image(src, f):
     """One image of a folder or a .zip (`src`: a callable that opens it; `f`: its name in messages) -> uint8 (H, W, 3),
-    read with PIL as EDM reads one (dataset_tool.py, training/dataset.py): grey and palette images made RGB, 16-bit
-    channels scaled to 8 bits (their high byte, v >> 8), an alpha channel that is opaque everywhere dropped. Refused
-    in one sentence: a file PIL cannot decode, an image of several frames, transparent pixels (RGBA, grey + alpha, a
-    palette's or a GIF's transparent colour, a PNG's colour key: the colours beneath them are undefined), float pixel
-    values or ones outside 16 bits (32-bit grey beyond 65535)."""
+    read with PIL as EDM reads one (dataset_tool.py, training/dataset.py); what is converted and what is refused in
+    one sentence, and where that differs from EDM: docs/common.md, "Data". Transparent pixels are those of RGBA,
+    grey + alpha, a palette's or a GIF's transparent colour and a PNG's colour key."""
     from PIL import Image
     try:  # (libtiff prints its warnings to fd 2; PIL warns of huge images: nothing may precede an `error:` line;
         # record: Image.open's own warnings, before the filter below, a damaged TIFF's EXIF, are kept here too)
@@ -1174,9 +1169,8 @@ class FidHook:
 
 def require_detector(cfg, env):
     """A run with the in-training FID and --fallback false (every cifar10 preset), or a detector file named by
-    --fid_detector, loads its detector when a training stage starts (on the resumed config), so that a missing or
-    unusable file stops it in one sentence before any output or work, not hours later (toy data has no FID). Only
-    Inception's download is what --fallback true forgives."""
+    --fid_detector, loads its detector when a training stage starts (on the resumed config): a missing or unusable
+    file stops it in one sentence before any work, not hours later. --fallback true forgives Inception's download."""
     named = getattr(cfg, "fid_detector", "inception") != "inception"
     if getattr(cfg, "fid_every", 0) and (named or not getattr(cfg, "fallback", True)) and cfg.data not in _TOY_RMS:
         try:
