@@ -1421,10 +1421,9 @@ _STRICT = [0]  # depth of strict_fp32 blocks: autocast(env) inside one stays off
 
 @contextlib.contextmanager
 def strict_fp32(device, tf32=False):
-    """Autocast off and TF32 off inside the block, also for `autocast(env)` contexts opened inside it (the
-    precision-critical blocks: JVP passes, time embeddings, GDD's discriminator, sampling and FID by default); the
-    previous TF32 flags are restored on exit. tf32=True leaves the TF32 flags as the run set them (autocast off only:
-    a `--precision tf32` run whose reference code ran its JVPs with TF32, e.g. py-meanflow)."""
+    """Autocast off and TF32 off inside the block, also for `autocast(env)` contexts opened inside it (who uses it:
+    docs/common.md, "fp32 blocks"); the previous TF32 flags are restored on exit. tf32=True leaves the TF32 flags as
+    the run set them (autocast off only: py-meanflow ran its JVPs with TF32)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if not tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -1438,9 +1437,8 @@ def strict_fp32(device, tf32=False):
 
 
 def make_scaler(env, ck=None):
-    """A GradScaler for fp16; a disabled pass-through otherwise (same calling code). The loss scale and its growth
-    count are part of the run: checkpoints keep `scaler.state_dict()` ({} when disabled) and a resumed fp16 run takes
-    them back from `ck`, so that it continues exactly (a fresh scale would skip its first steps again)."""
+    """A GradScaler for fp16; a disabled pass-through otherwise (same calling code). Checkpoints keep
+    `scaler.state_dict()` ({} when disabled) and a resumed fp16 run takes the loss scale back from `ck`."""
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16")
     state = (ck or {}).get("scaler")
     if scaler.is_enabled() and state:  # (a run saved in another precision has none)
