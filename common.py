@@ -439,7 +439,7 @@ def build_net(d):
     if kind == "unet":
         if d["img_resolution"] % 2 ** (len(d["mult"]) - 1):
             raise UserError(f"image resolution {d['img_resolution']} is not divisible by 2^{len(d['mult']) - 1}.")
-        if not d["resample_filter"] or len(d["resample_filter"]) % 2:
+        if len(d["resample_filter"]) % 2:  # (an empty one: _net_value_ok above)
             raise UserError(f"resample_filter {d['resample_filter']} needs an even, non-zero length.")
         if any(d["ch"] * m % d["num_heads"] for m in [1, *d["mult"]]):
             raise UserError(f"num_heads {d['num_heads']} does not divide every level's channels.")
