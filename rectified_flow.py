@@ -306,7 +306,8 @@ class LPIPS(nn.Module):
 
 
 def per_sample_loss(v, x, z, x_t, t, loss, c, lpips=None):
-    """2-RF++ §4.2: per-sample 2-RF++ losses; r = v - (z - x), x^ = x_t - t v (the LPIPS term). All in fp32."""
+    """2-RF++ §4.2: per-sample 2-RF++ losses; r = v - (z - x), x^ = x_t - t v (the LPIPS term). lpips-huber-1/t is
+    Config F of 2-RF++ Table 1, lpips-huber Config E (rfpp train.py with and without --lpips_divt). All in fp32."""
     v, t = v.float(), t.float()
     r = v - (z - x)
     if loss == "l2":  # vanilla reflow: squared error per element (rfpp's l2-squared)
