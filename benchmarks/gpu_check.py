@@ -830,8 +830,9 @@ def section_paths(ctx):
             rec = dict(method=method, status="error", error=_err(e))
             _free()
         sec["records"].append(rec)
+        need = "GPUs" if method.startswith("gdd") else "--accum"  # (distributional.py has no --accum)
         print(f"  memory {method:9s} " + (f"batch {rec['fits_batch']} of {rec['preset_batch']}: "
-                                          f"{_fmt(rec['max_mem_gib'], '{:.1f}')} GiB, --accum {rec['accum']}"
+                                          f"{_fmt(rec['max_mem_gib'], '{:.1f}')} GiB, {need} {rec['accum']}"
                                           if "fits_batch" in rec else f"{rec['status']}: {_why(rec)}"),
               flush=True)
         ctx.save()
@@ -999,8 +1000,8 @@ def markdown(rep):
                       "common's gloo group for rank 0's downloads, DDP, checkpoint, teardown): " + res]
         L += ["", "Peak memory of one training step at each method's `cifar10` preset batch (throughput.py's step, "
                   "the method's paper precision), halved until it fits on this device; --accum is what a one-GPU run "
-                  "of the preset needs.", "",
-              "| method | preset batch | fits | peak GiB | --accum | tried |", "|" + "---|" * 6]
+                  "of the preset needs (distributional.py has no --accum: for gdd/gdd_i, the GPUs its batch needs).",
+              "", "| method | preset batch | fits | peak GiB | --accum (gdd: GPUs) | tried |", "|" + "---|" * 6]
         for r in p5.get("records", []):
             tried = ", ".join(f"{t['batch']}: {t['result']}" for t in r.get("tries", []))
             L.append(f"| {r['method']} | {r.get('preset_batch', '–')} | {r.get('fits_batch', '–')} | "
