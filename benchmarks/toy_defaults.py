@@ -80,7 +80,7 @@ def run_all(runs, work, jobs, rounds, made=None, log=print):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     made = made or {}
     todo, done, running = [(rnd, name) for rnd in range(rounds) for name in runs], set(), []
-    out, t0 = {name: dict(wall_s=[], same=True) for name in runs}, time.time()
+    out, first, t0 = {name: dict(wall_s=[], same=True) for name in runs}, {}, time.time()
     while todo or running:
         for rnd, name in list(todo):
             start = runs[name][2]
@@ -105,8 +105,9 @@ def run_all(runs, work, jobs, rounds, made=None, log=print):
             with open(f.name) as g:
                 rows, wall = _read(_folder(work, name, rnd), g.read())
             rec = out[name]
-            rec["same"] &= _seeded(rec.get("rows", rows)) == _seeded(rows)
-            rec.update(command="python " + " ".join(argv).replace(work, "WORK"), rows=rows)
+            rec["same"] &= _seeded(first.setdefault(name, rows)) == _seeded(rows)
+            if rnd == rounds - 1:  # (with --jobs > 1 the rounds may end in any order)
+                rec.update(command="python " + " ".join(argv).replace(work, "WORK"), rows=rows)
             rec["wall_s"].append(wall)
             done.add((rnd, name))
     return out

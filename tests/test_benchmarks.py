@@ -332,3 +332,38 @@ def test_dense_peak_by_device_name(name, bf16):
     """The dense bf16 peak of the names torch.cuda.get_device_name gives (data sheets, without sparsity): the PCIe
     and NVL boards have their own, lower ones; an unknown GPU none (--peak_tflops)."""
     assert tp.default_peak(name, "bf16") == bf16
+
+
+# ======================================================================================== toy_defaults.py
+def test_toy_defaults_runs_each_after_its_start_and_reports_what_the_runs_wrote(tmp_path, capsys):
+    """benchmarks/toy_defaults.py, on a table of its own (tiny runs): each run is its file's command line; a run
+    starts from the run it names of the same round (GDD's teacher: that round's 1-RF checkpoint), the longer runs
+    from the last round's; the scores are the last row of the run's own metrics.jsonl, the wall-clock its `total`
+    line, and two rounds of a seeded run agree (without their timings)."""
+    import toy_defaults as TD
+    q = ["--eval_n", "256"]
+    default = {"rf": ("rectified_flow", ["--stage", "1rf", "--iters", "3", *q], None),
+               "gdd": ("distributional", ["--teacher", "{rf}/ckpt.pt", "--iters", "2", *q], "rf")}
+    longer = {"gdd long": ("distributional", ["--teacher", "{rf}/ckpt.pt", "--iters", "4", *q], "rf")}
+    w, r = tmp_path / "w", tmp_path / "r"
+    res = TD.main(["--repeat", "2", "--jobs", "2", "--results", str(r), "--work", str(w)], runs=(default, longer))
+    for name, rounds in (("rf", 2), ("gdd", 2), ("gdd long", 1)):
+        assert len(res[name]["wall_s"]) == rounds and all(x > 0 for x in res[name]["wall_s"]) and res[name]["same"]
+    teacher = lambda d: json.loads((w / d / "config.json").read_text())["teacher"]
+    assert teacher("r0/gdd") == str(w / "r0/rf/ckpt.pt") and teacher("r1/gdd") == str(w / "r1/rf/ckpt.pt")
+    assert teacher("r0/gdd_long") == str(w / "r1/rf/ckpt.pt")
+    last = json.loads((w / "r1/rf/metrics.jsonl").read_text().splitlines()[-1])
+    assert res["rf"]["rows"]["."][-1] == last and res["gdd long"]["rows"]["."][-1]["step"] == 4
+    md, saved = (r / "toy_defaults.md").read_text(), json.loads((r / "toy_defaults.json").read_text())
+    assert f"| {last['in_mode_1']:.2f} | {last['in_mode_2']:.2f} | {last['in_mode_4']:.2f} | – |" in md
+    assert "| gdd long | DIR (step 4) |" in md and md.count("| yes |") == 3 and "| NO |" not in md
+    assert saved["meta"]["default"] == ["rf", "gdd"] and saved["meta"]["longer"] == ["gdd long"]
+    # the comparison of rounds: timings aside, any other difference counts
+    rows = {".": [dict(step=3, in_mode_1=0.5, eval_s=1.0)]}
+    assert TD._seeded(rows) == TD._seeded({".": [dict(step=3, in_mode_1=0.5, eval_s=2.0)]})
+    assert TD._seeded(rows) != TD._seeded({".": [dict(step=3, in_mode_1=0.6, eval_s=1.0)]})
+    # a run that fails stops the benchmark, naming it and its output
+    with pytest.raises(SystemExit, match=r"'bad' failed \(exit 2\); its output: .*bad\.log"):
+        TD.main(["--results", str(r), "--work", str(w)], runs=({"bad": ("imm", ["--iters", "-1"], None)}, {}))
+    capsys.readouterr()
+    guarded(capsys, lambda: TD.main(["--repeat", "0", "--work", str(w)]), "--repeat and --jobs take a positive count")
