@@ -39,7 +39,7 @@ section starts at a line "# ==== <section>"):
 """
 import argparse, collections, contextlib, copy, dataclasses, datetime, difflib, errno, glob, hashlib, inspect, io, json
 import functools, math, operator, os, pickle, re, shutil, socket, stat, struct, sys, tempfile, time, tokenize, types
-import typing, warnings, zipfile, zlib
+import textwrap, typing, warnings, zipfile, zlib
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -2436,11 +2436,16 @@ def _converter(name, typ):
     return conv
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    def _split_lines(self, text, width):  # never at a hyphen: a file name in a default stays whole to copy
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _parser(prog, options, epilog=None):
     """options: (name, type, default as shown, comment). Every option has default SUPPRESS: the namespace holds what
     was given."""
-    p = Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: argparse.
-                RawDescriptionHelpFormatter(prog, max_help_position=34, width=118))
+    p = Parser(prog=prog, add_help=False, allow_abbrev=False, epilog=epilog, formatter_class=lambda prog: _Help(
+                prog, max_help_position=34, width=118))
     for name, typ, default, note in options:
         bare = typ is bool or typ == typing.Optional[bool]
         spellings = [f"--{name}"] + ([f"--{ALIASES[name]}"] if name in ALIASES else [])

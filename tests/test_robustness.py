@@ -1354,6 +1354,9 @@ def test_help_shows_the_defaults_a_run_uses(capsys):
         with pytest.raises(SystemExit):  # the folder of the --mode given (was the default mode's)
             M.main([*argv, "--help"])
         assert f"run folder (default '{out}')" in " ".join(capsys.readouterr().out.split()), (argv, out)
+    with pytest.raises(SystemExit):  # a line never breaks at a hyphen: a file name shown stays whole to copy
+        rectified_flow.main(["--preset", "cifar10", "--help"])
+    assert capsys.readouterr().out.count("'edm-cifar10-32x32-uncond-ve.pkl'") == 2
 
 
 def test_help_into_a_closed_pipe_is_quiet():
