@@ -81,35 +81,39 @@ def run_all(runs, work, jobs, rounds, made=None, log=print):
     made = made or {}
     todo, done, running = [(rnd, name) for rnd in range(rounds) for name in runs], set(), []
     out, first, t0 = {name: dict(wall_s=[], same=True) for name in runs}, {}, time.time()
-    while todo or running:
-        for rnd, name in list(todo):
-            start = runs[name][2]
-            if len(running) < jobs and (start is None or start in made or (rnd, start) in done):
-                todo.remove((rnd, name))
-                folder = lambda n, rnd=rnd: made.get(n) or _folder(work, n, rnd)
-                shutil.rmtree(folder(name), ignore_errors=True)  # never resume an old run
-                os.makedirs(os.path.dirname(folder(name)), exist_ok=True)
-                argv, f = _command(runs, name, folder), open(folder(name) + ".log", "w")
-                log(f"[{time.time() - t0:5.0f} s] round {rnd + 1}: python {' '.join(argv)}")
-                running.append((rnd, name, argv, f, subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
-                                                                      stdout=f, stderr=subprocess.STDOUT)))
-        time.sleep(0.2)
-        for item in [r for r in running if r[4].poll() is not None]:
-            rnd, name, argv, f, proc = item
-            running.remove(item)
+    try:
+        while todo or running:
+            for rnd, name in list(todo):
+                start = runs[name][2]
+                if len(running) < jobs and (start is None or start in made or (rnd, start) in done):
+                    todo.remove((rnd, name))
+                    folder = lambda n, rnd=rnd: made.get(n) or _folder(work, n, rnd)
+                    shutil.rmtree(folder(name), ignore_errors=True)  # never resume an old run
+                    os.makedirs(os.path.dirname(folder(name)), exist_ok=True)
+                    argv, f = _command(runs, name, folder), open(folder(name) + ".log", "w")
+                    log(f"[{time.time() - t0:5.0f} s] round {rnd + 1}: python {' '.join(argv)}")
+                    running.append((rnd, name, argv, f, subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
+                                                                          stdout=f, stderr=subprocess.STDOUT)))
+            time.sleep(0.2)
+            for item in [r for r in running if r[4].poll() is not None]:
+                rnd, name, argv, f, proc = item
+                running.remove(item)
+                f.close()
+                if proc.returncode:
+                    raise SystemExit(f"toy_defaults: '{name}' failed (exit {proc.returncode}); its output: {f.name}")
+                with open(f.name) as g:
+                    rows, wall = _read(_folder(work, name, rnd), g.read())
+                rec = out[name]
+                rec["same"] &= _seeded(first.setdefault(name, rows)) == _seeded(rows)
+                if rnd == rounds - 1:  # (with --jobs > 1 the rounds may end in any order)
+                    rec.update(command="python " + " ".join(argv).replace(work, "WORK"), rows=rows)
+                rec["wall_s"].append(wall)
+                done.add((rnd, name))
+    finally:  # a failed run, an error here or Ctrl-C: no run goes on alone
+        for *_, f, proc in running:
+            proc.kill()
+            proc.wait()
             f.close()
-            if proc.returncode:
-                for *_, other in running:
-                    other.kill()
-                raise SystemExit(f"toy_defaults: '{name}' failed (exit {proc.returncode}); its output: {f.name}")
-            with open(f.name) as g:
-                rows, wall = _read(_folder(work, name, rnd), g.read())
-            rec = out[name]
-            rec["same"] &= _seeded(first.setdefault(name, rows)) == _seeded(rows)
-            if rnd == rounds - 1:  # (with --jobs > 1 the rounds may end in any order)
-                rec.update(command="python " + " ".join(argv).replace(work, "WORK"), rows=rows)
-            rec["wall_s"].append(wall)
-            done.add((rnd, name))
     return out
 
 

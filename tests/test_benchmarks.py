@@ -367,3 +367,72 @@ def test_toy_defaults_runs_each_after_its_start_and_reports_what_the_runs_wrote(
         TD.main(["--results", str(r), "--work", str(w)], runs=({"bad": ("imm", ["--iters", "-1"], None)}, {}))
     capsys.readouterr()
     guarded(capsys, lambda: TD.main(["--repeat", "0", "--work", str(w)]), "--repeat and --jobs take a positive count")
+
+
+class _FakeRun:
+    """A stand-in for a method file's process in toy_defaults.run_all: it ends after `plan[(round, name)]` polls
+    (round: 'r0', 'r1', ...), then writes its folder's ckpt.pt and one metrics row and its `total` line; a --teacher
+    that does not exist yet makes it fail (exit 2), as the method files do."""
+    plan, value, started = {}, {}, []
+
+    def __init__(self, cmd, cwd=None, env=None, stdout=None, stderr=None):
+        argv = cmd[1:]
+        self.out, self.stdout, self.returncode, self.killed, self.waited = argv[argv.index("--out") + 1], stdout, \
+            None, False, False
+        self.key = (os.path.basename(os.path.dirname(self.out)), os.path.basename(self.out))
+        self.polls = self.plan[self.key]
+        teacher = argv[argv.index("--teacher") + 1] if "--teacher" in argv else None
+        self.code = 2 if teacher and not os.path.exists(teacher) else 1 if self.key[1] == "bad" else 0
+        _FakeRun.started.append(self)
+
+    def poll(self):
+        if self.returncode is None:
+            self.polls -= 1
+            if self.polls <= 0:
+                os.makedirs(self.out, exist_ok=True)
+                open(os.path.join(self.out, "ckpt.pt"), "w").close()
+                with open(os.path.join(self.out, "metrics.jsonl"), "w") as f:
+                    f.write("{" if self.key[1] == "broken" else json.dumps(dict(
+                        step=1, in_mode_1=self.value.get(self.key, 0.5), eval_s=float(self.key[0][1:]) + 1)) + "\n")
+                self.stdout.write("total 2.5 s wall (2.5 s CPU)\n")
+                self.returncode = self.code
+        return self.returncode
+
+    def kill(self):
+        self.killed = True
+        self.returncode = -9
+
+    def wait(self, timeout=None):
+        self.waited = True
+        return self.returncode
+
+
+def test_toy_defaults_schedule_with_rounds_ending_out_of_order(tmp_path, monkeypatch):
+    """run_all with --jobs 2 and a round 0 that ends after round 1 (fake processes, no training): each run starts
+    after its own round's start run has finished (round 1's GDD does not take round 0's teacher, nor start before its
+    own); the rows and command reported are the last round's, not the last to end; a difference between rounds other
+    than a timing is reported; a failure, or an error while reading a run, kills and reaps the runs still going."""
+    import toy_defaults as TD
+    sleeps = []
+
+    def sleep(s):
+        sleeps.append(s)
+        assert len(sleeps) < 500, "run_all never ends"
+    monkeypatch.setattr(TD.subprocess, "Popen", _FakeRun)
+    monkeypatch.setattr(TD.time, "sleep", sleep)
+    runs = {"rf": ("rectified_flow", [], None), "gdd": ("distributional", ["--teacher", "{rf}/ckpt.pt"], "rf")}
+    _FakeRun.plan = {("r0", "rf"): 6, ("r1", "rf"): 1, ("r0", "gdd"): 1, ("r1", "gdd"): 1}
+    _FakeRun.value = {("r1", "gdd"): 0.6}
+    w = str(tmp_path / "w")
+    res = TD.run_all(runs, w, 2, 2, log=lambda s: None)
+    assert res["rf"]["command"] == "python rectified_flow.py --out WORK/r1/rf"
+    assert res["rf"]["rows"] == {".": [dict(step=1, in_mode_1=0.5, eval_s=2.0)]} and res["rf"]["same"]
+    assert res["gdd"]["rows"]["."][0]["in_mode_1"] == 0.6 and not res["gdd"]["same"]
+    assert res["rf"]["wall_s"] == [2.5, 2.5] and res["gdd"]["wall_s"] == [2.5, 2.5]
+    # a failure (exit 1), or a malformed metrics row: the other run is killed and reaped
+    for broken, match in (("bad", r"'bad' failed \(exit 1\)"), ("broken", None)):
+        _FakeRun.plan, _FakeRun.started = {("r0", "slow"): 10 ** 6, ("r0", broken): 1}, []
+        with pytest.raises((SystemExit, ValueError), match=match):
+            TD.run_all({"slow": ("imm", [], None), broken: ("imm", [], None)}, w, 2, 1, log=lambda s: None)
+        slow = next(p for p in _FakeRun.started if p.key[1] == "slow")
+        assert slow.killed and slow.waited
