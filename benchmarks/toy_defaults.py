@@ -94,6 +94,8 @@ def run_all(runs, work, jobs, rounds, made=None, log=print):
                     log(f"[{time.time() - t0:5.0f} s] round {rnd + 1}: python {' '.join(argv)}")
                     running.append((rnd, name, argv, f, subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
                                                                           stdout=f, stderr=subprocess.STDOUT)))
+            if todo and not running:  # (a run that starts from one neither in the table nor made: it never would)
+                raise ValueError(f"toy_defaults: {sorted({n for _, n in todo})} wait for a run that never comes.")
             time.sleep(0.2)
             for item in [r for r in running if r[4].poll() is not None]:
                 rnd, name, argv, f, proc = item

@@ -411,7 +411,8 @@ def test_toy_defaults_schedule_with_rounds_ending_out_of_order(tmp_path, monkeyp
     """run_all with --jobs 2 and a round 0 that ends after round 1 (fake processes, no training): each run starts
     after its own round's start run has finished (round 1's GDD does not take round 0's teacher, nor start before its
     own); the rows and command reported are the last round's, not the last to end; a difference between rounds other
-    than a timing is reported; a failure, or an error while reading a run, kills and reaps the runs still going."""
+    than a timing is reported; a failure, or an error while reading a run, kills and reaps the runs still going; a run
+    that waits for one that never comes is an error, not an endless loop."""
     import toy_defaults as TD
     sleeps = []
 
@@ -436,3 +437,6 @@ def test_toy_defaults_schedule_with_rounds_ending_out_of_order(tmp_path, monkeyp
             TD.run_all({"slow": ("imm", [], None), broken: ("imm", [], None)}, w, 2, 1, log=lambda s: None)
         slow = next(p for p in _FakeRun.started if p.key[1] == "slow")
         assert slow.killed and slow.waited
+    sleeps.clear()
+    with pytest.raises(ValueError, match=r"\['x'\] wait for a run that never comes"):
+        TD.run_all({"x": ("imm", [], "missing")}, w, 1, 1, log=lambda s: None)
