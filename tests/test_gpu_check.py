@@ -496,3 +496,25 @@ def test_prepare_fills_a_carry_the_device_run_reuses(tmp_path, capsys):
     det = common.load_detector(det_path, env)
     data = common.load_data("fashion_mnist", root, env, 0, False)
     assert os.listdir(os.path.join(root, "fid_refs")) == refs == [f"{data.key}-{det.key}.npz"]
+
+
+def test_memory_record_names_gpus_for_gdd_and_accum_elsewhere(tmp_path, capsys, monkeypatch):
+    """The memory record's number is ceil(preset batch / the batch that fits): the --accum a one-GPU run needs, but for
+    gdd/gdd_i (distributional.py has no --accum) the GPUs the preset's batch of 256 needs; the printed line and the
+    Markdown say which."""
+    ctx = _ctx(tmp_path)
+    ctx.quick = False
+    ctx.sec = ctx.rep["sections"]["paths"] = {}
+    monkeypatch.setattr(gc, "RESUME_RUNS", ())
+    monkeypatch.setattr(gc, "check_torchrun", lambda ctx, s: dict(method="imm", status="skipped", note="n"))
+    monkeypatch.setattr(gc, "MEM_BATCH", dict(fm=512, gdd=256))
+    monkeypatch.setattr(tp, "measure", lambda a: dict(max_mem_gib=30.0, precision="bf16") if a.batch <= 64 else
+                        (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(gc, "_free", lambda: None)
+    gc.section_paths(ctx)
+    out = capsys.readouterr().out
+    assert "memory fm        batch 64 of 512: 30.0 GiB, --accum 8" in out, out
+    assert "memory gdd       batch 64 of 256: 30.0 GiB, GPUs 4" in out, out
+    md = gc.markdown(ctx.rep)
+    assert "| --accum (gdd: GPUs) |" in md and "for gdd/gdd_i, the GPUs its batch needs" in md
+    assert "| gdd | 256 | 64 | 30.0 | 4 |" in md and "| fm | 512 | 64 | 30.0 | 8 |" in md, md
