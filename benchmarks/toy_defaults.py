@@ -141,7 +141,8 @@ def markdown(meta, results):
          f"scratch folder), one thread. Wall-clock: the command's own `total` line, median (min–max) over the rounds. "
          f"Scores: the last row of each metrics.jsonl the run wrote (its final evaluation; docs/common.md, "
          f"\"Toy metrics\"): the in-mode fraction on 8 Gaussians, the in-square fraction on the checkerboard, at each "
-         f"step count K (other keys: the sampler named, e.g. heun18 = Heun with 18 steps, 100 = 100 Euler steps).", ""]
+         f"step count K (other keys: the sampler named, e.g. heun18 = Heun with 18 steps; a number: that many steps "
+         f"of the run's many-step sampler, 100 Euler steps for the 1-RF, 18 Heun steps for the TrigFlow teacher).", ""]
     for title, names in (("Default runs (`python M.py`)", meta["default"]), ("Longer runs", meta["longer"])):
         if not names:
             continue

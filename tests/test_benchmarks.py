@@ -357,6 +357,7 @@ def test_toy_defaults_runs_each_after_its_start_and_reports_what_the_runs_wrote(
     md, saved = (r / "toy_defaults.md").read_text(), json.loads((r / "toy_defaults.json").read_text())
     assert f"| {last['in_mode_1']:.2f} | {last['in_mode_2']:.2f} | {last['in_mode_4']:.2f} | – |" in md
     assert "| gdd long | DIR (step 4) |" in md and md.count("| yes |") == 3 and "| NO |" not in md
+    assert "18 Heun steps for the TrigFlow teacher" in md  # (scm's `18` key is Heun's, not Euler's as the 1-RF's 100)
     assert saved["meta"]["default"] == ["rf", "gdd"] and saved["meta"]["longer"] == ["gdd long"]
     # the comparison of rounds: timings aside, any other difference counts
     rows = {".": [dict(step=3, in_mode_1=0.5, eval_s=1.0)]}
