@@ -2687,7 +2687,8 @@ LOCATIONS = ("data", "root", "teacher", "pairs")  # where files are (a moved fol
 
 def resume_config(Config, ck, cfg, given, path, fixed=(), drop=(), log=None, iters="iters"):
     """The config of a resumed run: the checkpoint's with the command line's fields applied (out, device, precision and
-    compile always this command line's), by the rules of docs/common.md, "Resume semantics". `fixed`: the fields that
+    compile always this command line's, a changed precision or compile noted; the preset label stays the
+    checkpoint's), by the rules of docs/common.md, "Resume semantics". `fixed`: the fields that
     cannot change on resume (the seed always: the RNG state is the checkpoint's); `drop`: given fields that are not
     config changes (the mode/stage selector); `iters`: the field that counts the steps (not below the checkpoint's
     step). Another explicit --preset or another data set is refused. A --teacher is compared by same_file, or, where
