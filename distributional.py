@@ -125,8 +125,8 @@ R1_GAMMA_GDD = 1e-4  # Zyriix/GDD train.sh --r1-gamma=1e-4 (every data set)
 PRESETS = {
     # toy: 8 Gaussians, the teacher's 128 x 3 MLP, `mlp` D, gamma 0.1; in-file teacher 2,000 x 512, Adam 1e-3.
     # 1,500 GAN iterations: the first minute (measured on the 2-core CPU machine from `python rectified_flow.py`'s
-    # teacher: 54 s, median of 3, in-mode 0.76 at 1 step; 2,000: 69 s, 0.78; a cosine lr decay over 1,000: 0.44, too
-    # early)
+    # teacher, benchmarks/results/toy_defaults.md: 36 s, median of 3, in-mode 0.76 at 1 step; on 2026-12-03, when
+    # these took 54 s: 2,000 iterations 69 s, 0.78; a cosine lr decay over 1,000: 0.44, too early)
     "toy": dict(data="8gaussians", teacher_net="mlp", teacher_iters=2000, teacher_batch=512, teacher_lr=1e-3,
                 disc="mlp", freeze="none", batch=512, iters=1500, lr_g=1e-4, lr_d=1e-4, r1_interval=16,
                 ema_halflife_img=5e5, ema_rampup=0.05, log_every=200, ckpt_every=1000, eval_n=4000),

@@ -148,9 +148,9 @@ _NO_LEARNED = dict(meanflow=dict(learned_weight=False), emd=dict(learned_weight=
 PRESETS = {  # nested dicts apply to one --mode
     # toy: Boffi's 2-D setting (no weighting, clip 10). A 256x4 MLP at 2048 x 4000 takes ~15 min on one
     # CPU thread here, so the toy preset is the first minute: a 64 x 3 MLP at 512 x 1000 with a cosine learning-rate
-    # decay (measured on the 2-core CPU machine: 52 s, 51-54 over 3 runs; in-square 0.74 / 0.78 / 0.79 / 0.81 at
-    # 1 / 2 / 4 / 8 steps; 128 x 3 with a constant lr: ~70 s and 0.69 / 0.75 / 0.76 / 0.77); the bigger recipe stays
-    # available by flags.
+    # decay (measured on the 2-core CPU machine, benchmarks/results/toy_defaults.md: 38 s, 36-47 over 3 runs; in-square
+    # 0.74 / 0.78 / 0.79 / 0.81 at 1 / 2 / 4 / 8 steps; 128 x 3 with a constant lr, 2026-12-03, when this preset took
+    # 52 s: ~70 s and 0.69 / 0.75 / 0.76 / 0.77); the bigger recipe stays available by flags.
     "toy": dict(data="checkerboard", net="mlp", width=64, depth=3, batch=512, iters=1000, lr=1e-3, clip=10.0,
                 ema=0.99, log_every=100, lr_schedule="cosine"),
     "tiny": dict(data="", net="tiny", dropout=0.1, batch=8, iters=3, lr=1e-3, clip=1.0, ema=0.9, learned_weight=True,

@@ -365,8 +365,9 @@ def nfe(K, solver):
 
 
 def straightness(v, z, K, end=False):
-    """Liu et al. §2, straightness: S = (1/K) sum_i mean ||K (x_{t_{i-1}} - x_{t_i}) - (z - x_{t_K})||^2 on a
-    K-step uniform Euler path; end=True also returns the path's end x_{t_K} (the K-step Euler sample)."""
+    """Liu et al. §2, straightness: S = (1/K) sum_i mean over samples and elements of (K (x_{t_{i-1}} - x_{t_i}) -
+    (z - x_{t_K}))^2 (as rfpp utils.py) on a K-step uniform Euler path; end=True also returns the path's end x_{t_K}
+    (the K-step Euler sample)."""
     xs, x, grid = [z], z, time_grid(K, "uniform")  # K = 2: [1, 0.5, 0] (t_mid default)
     for t, t2 in zip(grid[:-1], grid[1:]):
         x = x + (t2 - t) * v(x, torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype))

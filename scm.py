@@ -134,15 +134,14 @@ PRESETS = {  # flat fields, then per-mode parts
     # large batches. A constant CM lr of 1e-3 collapses after the warm-up (sCD 2-step in-mode 0.76 at r = 1, 0.17 400
     # steps later), hence the decay to 0 and an H over most of the run; width 128 was slower and no sharper (sCD 0.71).
     # t_mid (2-step sampling only): sCT 0.84 at 0.5 against 0.66 at 1.1, sCD flat over 0.7-1.0.
-    # sCD's lr 7e-4 is the best of 3e-4-7e-4 at 280 steps; longer runs want less (1,120 steps: 7e-4 0.85, 3e-4 0.88 at
-    # 2 steps; benchmarks/results/cm_vs_ode.md).
-    # Measured on the 2-core CPU machine (idle, seed 0, 2026-12-03): 53 s wall, median of three runs, 50-55 s ("total"
-    # line, as README and docs/scm.md); in-mode of 4,096 samples: teacher Heun 18 steps 0.956; sCT 1 / 2 / 4
-    # steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not reached in this budget
-    # (sCD with 400 steps: 0.87). The previous preset
-    # (MLP 128 x 3, batch 256, constant lr, diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1)
-    # took two to three and a half minutes (docs/scm.md has its table) for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2
-    # steps.
+    # sCD's lr 7e-4 is the best of 3e-4-7e-4 at 280 steps; longer runs want less (1,120 steps: 7e-4 0.84, 3e-4 0.88 at
+    # 2 steps; benchmarks/results/toy_defaults.md, cm_vs_ode.md).
+    # Measured on the 2-core CPU machine (idle, seed 0, benchmarks/results/toy_defaults.md): 38 s wall, median of
+    # three runs, 36-41 s ("total" line, as README and docs/scm.md); in-mode of 4,096 samples: teacher Heun 18 steps
+    # 0.956; sCT 1 / 2 / 4 steps 0.46 / 0.84 / 0.88; sCD 0.70 / 0.85 / 0.87 (all 8 modes). 0.90 at 2 steps is not
+    # reached in this budget (sCD with 400 steps: 0.87). The previous preset (MLP 128 x 3, batch 256, constant lr,
+    # diffusion 2,000 x Adam 1e-3, CMs 1,500 x RAdam 1e-4, H = 300, t_mid 1.1) took two to three and a half minutes
+    # (docs/scm.md has its table) for teacher 0.94, sCT / sCD 0.79 / 0.82 at 2 steps.
     "toy": dict(mode="all", data="8gaussians", net="mlp", width=64, depth=4, batch=1024, lr_schedule="cosine",
                 ema_halflife_kimg=20.0, eval_n=4096,
                 diffusion=dict(**_DIFF, lr=2e-3, iters=700),
