@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 import torch
 
 import common as C
+from toy import _commit  # the same commit stamp as toy.py and fashion.py
 
 # name -> (method file, arguments, the run it starts from or None); "{NAME}" is that run's folder
 DEFAULT = {
@@ -160,14 +161,6 @@ def markdown(meta, results):
                          + " | ".join(cell) + f" | {other} | {'yes' if r['same'] else 'NO'} |")
         L += [""] + [f"- {name}: `{results[name]['command']}`" for name in names] + [""]
     return "\n".join(L)
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None, runs=None):
