@@ -1099,6 +1099,11 @@ def train(cfg, given):
         cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "disc_backbones", "disc_weights", "teacher_net", "teacher_iters", "teacher_batch",
                                 "teacher_lr"))
+        for k, other in (("r1_gamma", "r1_gamma_gdd"), ("r1_gamma_gdd", "r1_gamma")):  # R1's gamma, given in one
+            if k in given and getattr(cfg, k) == given[k] and getattr(cfg, other) is not None:  # convention, applied:
+                C.note(f"config: {other} = None (checkpoint had {getattr(cfg, other)!r}; --{k} replaces it)")
+                setattr(cfg, other, None)  # the other one goes, else a plain restart (gdd_gamma reads the command
+                # line) took the checkpoint's gamma again while config.json held both
     C.require_detector(cfg, env)  # --fallback false: a missing FID detector stops the run now, in one sentence
     in_file = not (ck or cfg.teacher or os.path.exists(os.path.join(cfg.out, "teacher.pt"))) and cfg.teacher_iters > 0
     for k in ("batch", "teacher_batch") if in_file else ("batch",):  # before the in-file teacher trains

@@ -770,6 +770,25 @@ def test_a_resumed_run_refuses_another_batch(tmp_path, capsys):
     assert "--accum" not in msg
 
 
+def test_a_gdd_gamma_changed_on_resume_stays_on_a_plain_restart(tmp_path, capsys):
+    """A GDD run of --r1_gamma 0.3 resumed with --r1_gamma_gdd 0.5 trained on at GDD's gamma, but its config held both,
+    and gdd_gamma picks the convention by the command line: the next plain restart went back to 0.3 with no word
+    (config.json unchanged). The given convention now replaces the other in the config, noted."""
+    d = tmp_path / "g"
+    argv = [*BASE["distributional"], "--out", d]
+    header = lambda out: next(ln for ln in out.splitlines() if "R1 every" in ln).split("R1 every")[1].split(" | ")[0]
+    assert run("distributional", *argv, "--r1_gamma", "0.3", "--iters", "1") == 0
+    assert "gamma 0.3 (batch-mean)" in header(capsys.readouterr().out)
+    assert run("distributional", *argv, "--r1_gamma_gdd", "0.5", "--iters", "2") == 0
+    out = capsys.readouterr().out
+    assert "config: r1_gamma = None (checkpoint had 0.3; --r1_gamma_gdd replaces it)" in out
+    assert "GDD's 0.5" in (was := header(out))
+    assert run("distributional", *argv, "--iters", "3") == 0
+    assert header(capsys.readouterr().out) == was
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["r1_gamma"], cfg["r1_gamma_gdd"]) == (None, 0.5)
+
+
 def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
     """IMM resumed with --M 6 over a run of --batch 12 was refused as '--batch 512 must be a multiple of --M 6': the
     rules between fields were checked on the preset's values before the merge with the checkpoint. Now they are
