@@ -867,8 +867,9 @@ def check_pairs_id(folder, meta, ck, path):
     return pid or now
 
 
-def train(cfg, given, env):
-    """One training stage (1rf, 2rf or ft): data, optimiser, EMA, logging, checkpoints, periodic samples."""
+def train(cfg, given, env, alone=True):
+    """One training stage (1rf, 2rf or ft): data, optimiser, EMA, logging, checkpoints, periodic samples. `alone`:
+    --stage names this stage (not all, whose pairs stage reads the pair solver's fields)."""
     stage = cfg.stage
     out = stage_dir(cfg, stage)
     path = os.path.join(out, "ckpt.pt")
@@ -877,7 +878,8 @@ def train(cfg, given, env):
     init, pid = {}, None  # weights (and optimiser state) a fresh run starts from; the 2-RF's pairs_id
     if stage == "1rf":
         data = C.load_data(cfg.data, cfg.root, env, cfg.seed, cfg.xflip)
-        C.refuse_unused(given, data.kind, points=("width",), images=("xflip",))
+        C.refuse_unused(given, data.kind, images=("xflip",), points=("width", *(
+            ("pair_solver", "pair_steps", "pair_grid") if alone else ())))  # (read by its 2-D evaluation only)
         nd = net_dict(cfg, data)
     else:
         if stage == "2rf":
@@ -1146,7 +1148,7 @@ def run(cfg, given):
             make_pairs(scfg, env)
         else:  # with `all`, the network flags shape the 1-RF; the 2-RF takes its network from it
             train(scfg, given if s == "1rf" or cfg.stage != "all" else
-                  {k: v for k, v in given.items() if k not in ONE_RF_ONLY}, env)
+                  {k: v for k, v in given.items() if k not in ONE_RF_ONLY}, env, alone=cfg.stage != "all")
     if env.is_main:
         print(clock(), flush=True)
 

@@ -789,6 +789,28 @@ def test_a_gdd_gamma_changed_on_resume_stays_on_a_plain_restart(tmp_path, capsys
     assert (cfg["r1_gamma"], cfg["r1_gamma_gdd"]) == (None, 0.5)
 
 
+def test_a_1rf_on_images_refuses_the_pair_solver_it_never_reads(tmp_path, capsys):
+    """--stage 1rf reads --pair_solver/--pair_steps/--pair_grid in its 2-D evaluation only (the pairs' solver beside
+    its samples): on images a fresh run took them without a word, and a resume noted 'config: pair_steps = 3' and
+    recorded it, unread. Refused now; controls: the same options on points, and --stage all (its pairs read them)."""
+    np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    img = ["--preset", "tiny", "--data", tmp_path / "imgs.npy", "--root", tmp_path / "data", "--eval_n", "8"]
+    i = ["--stage", "1rf", *img, "--out", tmp_path / "i"]
+    for k, v in (("pair_steps", "3"), ("pair_solver", "euler"), ("pair_grid", "uniform")):
+        refusal(run("rectified_flow", *i, "--iters", "1", f"--{k}", v), capsys.readouterr(), f"--{k}",
+                "2-D points only")
+    assert run("rectified_flow", *i, "--iters", "1") == 0
+    before = cli.sha(tmp_path / "i" / "ckpt.pt")
+    capsys.readouterr()
+    refusal(run("rectified_flow", *i, "--iters", "2", "--pair_steps", "3"), capsys.readouterr(), "--pair_steps")
+    assert cli.sha(tmp_path / "i" / "ckpt.pt") == before
+    assert run("rectified_flow", *BASE["rectified_flow"], "--iters", "1", "--pair_steps", "3", "--out",
+               tmp_path / "p") == 0
+    assert run("rectified_flow", "--stage", "all", *img, "--iters", "1", "--pair_steps", "3", "--n_pairs", "8",
+               "--pair_block", "8", "--pair_batch", "8", "--out", tmp_path / "a") == 0
+    assert json.loads((tmp_path / "a" / "pairs" / "meta.json").read_text())["steps"] == 3
+
+
 def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
     """IMM resumed with --M 6 over a run of --batch 12 was refused as '--batch 512 must be a multiple of --M 6': the
     rules between fields were checked on the preset's values before the merge with the checkpoint. Now they are
