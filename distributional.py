@@ -1096,7 +1096,12 @@ def train(cfg, given):
         same = C.same_file(t, ck["teacher"]["path"]) or t is None and ck["config"].get("teacher") is None  # in-file
         if not (same or t and ck.get("teacher_id") is not None):
             raise C.UserError(f"'{path}' was started from the teacher '{ck['teacher']['path']}'; use another --out.")
-        cfg = C.resume_config(Config, ck, cfg, given, path, fixed=("freeze", "disc", "cond", "proj_seed",
+        late = "eval_teacher_steps"  # read by the step-0 evaluation only, which a resumed run is past: not applied
+        if ck["step"] > 0 and late in given and given[late] != ck["config"].get(late):
+            C.note(f"config: --{late} {given[late]} not applied: the teacher's reference sample is drawn at step 0, "
+                   f"and '{path}' is at step {ck['step']}")
+        keep = C.Given({k: v for k, v in given.items() if k != late or not ck["step"]}, given.preset)
+        cfg = C.resume_config(Config, ck, cfg, keep, path, fixed=("freeze", "disc", "cond", "proj_seed",
                                 "disc_backbones", "disc_weights", "teacher_net", "teacher_iters", "teacher_batch",
                                 "teacher_lr"))
         for k, other in (("r1_gamma", "r1_gamma_gdd"), ("r1_gamma_gdd", "r1_gamma")):  # R1's gamma, given in one
@@ -1116,7 +1121,8 @@ def train(cfg, given):
     gens = [data.gen] if data.gen is not None else []  # the generators whose state checkpoints carry
     if cfg.cond and not data.num_classes:
         raise C.UserError(f"--cond needs labelled data; '{cfg.data}' has no labels.")
-    C.refuse_unused(given, data.kind)  # --fid_every etc. on 2-D points
+    C.refuse_unused(given, data.kind, points=("eval_teacher_steps",))  # --fid_every etc. on 2-D points (the
+    # teacher's reference sample: points only)
     check_in_file_teacher(cfg, given, ck)
     check_disc(cfg, data, given)  # before the in-file teacher's training, as the `projected` D's backbones
     if in_file:  # its --teacher_net fits the data (train_teacher met it after the run's config.json, in --out)

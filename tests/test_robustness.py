@@ -811,6 +811,24 @@ def test_a_1rf_on_images_refuses_the_pair_solver_it_never_reads(tmp_path, capsys
     assert json.loads((tmp_path / "a" / "pairs" / "meta.json").read_text())["steps"] == 3
 
 
+def test_gdd_notes_a_teacher_reference_it_will_not_draw(files, tmp_path, capsys):
+    """GDD draws the teacher's reference sample (--eval_teacher_steps) in its step-0 evaluation on points only: a
+    resumed run, past step 0, noted 'config: eval_teacher_steps = 5' and recorded it, never read, and an image run
+    took it without a word. Now the resume notes it as not applied (config.json stays the checkpoint's) and images
+    refuse it."""
+    import shutil
+    shutil.copytree(files / "distributional", tmp_path / "r")
+    assert run("distributional", *BASE["distributional"], "--out", tmp_path / "r", "--iters", "3",
+               "--eval_teacher_steps", "5") == 0
+    out = capsys.readouterr().out
+    assert "config: --eval_teacher_steps 5 not applied: the teacher's reference sample is drawn at step 0" in out
+    assert "config: eval_teacher_steps =" not in out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["eval_teacher_steps"] == 0
+    np.save(tmp_path / "imgs.npy", np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    refusal(run("distributional", "--preset", "tiny", "--data", tmp_path / "imgs.npy", "--eval_teacher_steps", "5",
+                "--out", tmp_path / "i"), capsys.readouterr(), "--eval_teacher_steps", "2-D points only")
+
+
 def test_a_resumed_run_checks_a_change_against_its_own_config(tmp_path, capsys):
     """IMM resumed with --M 6 over a run of --batch 12 was refused as '--batch 512 must be a multiple of --M 6': the
     rules between fields were checked on the preset's values before the merge with the checkpoint. Now they are
