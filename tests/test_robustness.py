@@ -306,6 +306,23 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
     assert run("rectified_flow", *P, "--iters", "2") == 0  # control
 
 
+def test_scm_sigma_max_below_the_checkpoints_t_mid(files, tmp_path, capsys):
+    """A CM's --sigma_max whose t_max = arctan(sigma_max / sigma_d) falls below the checkpoint's t_mid: at --steps 1
+    (which reads no t_mid, and refuses a --t_mid) it samples; at 2 steps it names the checkpoint's t_mid and asks for a
+    --t_mid (it was refused at any --steps, as '--t_mid must lie in (0, t_max)', a flag not given)."""
+    assert run("scm", "--batch", "16", "--lr_schedule", "const", *EVAL, "--mode", "sct",
+               "--teacher", files / "scm" / "ckpt.pt", "--iters", "1", "--out", tmp_path / "sct") == 0
+    ck, out = tmp_path / "sct" / "ckpt.pt", tmp_path / "s.npy"
+    capsys.readouterr()
+    assert run("scm", "sample", "--ckpt", ck, "--sigma_max", "0.1", "--steps", "1", "--n", "3", "--out", out) == 0
+    assert np.load(out).shape == (3, 2) and np.isfinite(np.load(out)).all()
+    capsys.readouterr()
+    code = run("scm", "sample", "--ckpt", ck, "--sigma_max", "0.1", "--steps", "1,2", "--out", out)
+    refusal(code, capsys.readouterr(), "the checkpoint's t_mid", "--sigma_max 0.1", "--t_mid")
+    assert run("scm", "sample", "--ckpt", ck, "--sigma_max", "0.1", "--t_mid", "0.1", "--steps", "1,2", "--n", "3",
+               "--out", out) == 0
+
+
 def test_every_sampler_field_changes_the_samples(files, tmp_path, capsys):
     """SAMPLER_FIELDS, the only Config fields sample/fid accept, are read: each, changed at a step count where it
     applies, changes the samples of the fixture run (a field accepted but never read would be ignored in silence).
