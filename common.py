@@ -2357,6 +2357,9 @@ def preflight(cmd, cfg, layout=None):
         raise UserError(f"fid appends one JSON line per step count: --out must end in .jsonl, got '{out}'.")
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give a file path.")
+    if cmd == "fid" and os.path.exists(out) and not os.path.isfile(out):  # (fid reads, then appends to, the file: a
+        # FIFO hung after the whole FID's work; sample writes a new file and renames it over the path)
+        raise UserError(f"--out '{out}' is not a regular file (a pipe, a device, ...); give a .jsonl file path.")
     check_dir(os.path.dirname(os.path.abspath(out)), "the folder of --out")
     check_names([os.path.basename(out)], os.path.dirname(os.path.abspath(out)), f"--out '{out}'", len("_100000steps"))
     if cfg.fid_ref and not os.path.isfile(cfg.fid_ref):

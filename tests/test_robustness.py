@@ -306,6 +306,16 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
     assert run("rectified_flow", *P, "--iters", "2") == 0  # control
 
 
+def test_fid_out_not_a_regular_file(files, tmp_path, capsys):
+    """fid --out a FIFO (or a device) named .jsonl is refused before any work: fid reads the file, then appends its
+    row to it, and a FIFO hung there after the whole FID (an image model waited for ever; here the 2-D fixture, whose
+    refusal came later and said nothing of --out)."""
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    code = run("imm", "fid", "--ckpt", files / "imm" / "ckpt.pt", "--out", tmp_path / "fifo.jsonl",
+               "--root", tmp_path)
+    refusal(code, capsys.readouterr(), "--out", "fifo.jsonl", "not a regular file")
+
+
 def test_scm_sigma_max_below_the_checkpoints_t_mid(files, tmp_path, capsys):
     """A CM's --sigma_max whose t_max = arctan(sigma_max / sigma_d) falls below the checkpoint's t_mid: at --steps 1
     (which reads no t_mid, and refuses a --t_mid) it samples; at 2 steps it names the checkpoint's t_mid and asks for a
