@@ -1156,6 +1156,10 @@ def run(cfg, given):
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
+    if cmd == "fid" and ck["method"] == "edm" and "data" not in given and not opts.fid_ref:  # (its config is {}:
+        # Config's default data, 8gaussians, was named as the reference, a data set the user never gave)
+        raise C.UserError(f"EDM's network pickle '{opts.ckpt}' records no data set; give fid --data (the images it "
+                          f"was trained on, such as cifar10).")
     cfg = C.merge_config(Config, ck["config"], given)
     if "t_mid" in given and (grid := sampler_for(cfg, 2)[1]) != "uniform":  # (--steps holds 2: _sample_options)
         raise C.UserError(f"--t_mid is the middle time of the 2-step uniform grid, and 2 steps sample on the "

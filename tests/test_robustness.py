@@ -306,6 +306,17 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
     assert run("rectified_flow", *P, "--iters", "2") == 0  # control
 
 
+def test_rectified_flow_fid_of_an_edm_pickle_asks_for_data(files, tmp_path, capsys):
+    """rectified_flow fid of an EDM network pickle (config {}) without --data asks for --data: it named Config's
+    default, '8gaussians are 2-D points', a data set the user never gave."""
+    from standin import edm_pickle, standin_path
+    pkl = edm_pickle(tmp_path)
+    code = run("rectified_flow", "fid", "--ckpt", pkl, "--n", "4", "--steps", "1", "--root", tmp_path,
+               "--fid_detector", standin_path(), "--out", tmp_path / "f.jsonl")
+    msg = refusal(code, capsys.readouterr(), "records no data set", "--data")
+    assert "8gaussians" not in msg
+
+
 def test_fid_out_not_a_regular_file(files, tmp_path, capsys):
     """fid --out a FIFO (or a device) named .jsonl is refused before any work: fid reads the file, then appends its
     row to it, and a FIFO hung there after the whole FID (an image model waited for ever; here the 2-D fixture, whose
