@@ -1160,7 +1160,12 @@ def sample_or_fid(cmd, opts, given):
         # Config's default data, 8gaussians, was named as the reference, a data set the user never gave)
         raise C.UserError(f"EDM's network pickle '{opts.ckpt}' records no data set; give fid --data (the images it "
                           f"was trained on, such as cifar10).")
+    if cmd == "fid" and ck["method"] == "edm" and "data" in given and opts.fid_ref:
+        raise C.UserError("--data and --fid_ref both name the reference: fid reads the statistics of --fid_ref, so "
+                          "give one of them.")
     cfg = C.merge_config(Config, ck["config"], given)
+    if ck["method"] == "edm":  # the pickle's data (common compares it with --data beside --fid_ref): Config's
+        ck = {**ck, "config": {**ck["config"], "data": cfg.data}}  # default was taken for a --data never given
     if "t_mid" in given and (grid := sampler_for(cfg, 2)[1]) != "uniform":  # (--steps holds 2: _sample_options)
         raise C.UserError(f"--t_mid is the middle time of the 2-step uniform grid, and 2 steps sample on the "
                           f"{grid} grid here (--grid {cfg.grid}, --solver {cfg.solver}); drop it, "

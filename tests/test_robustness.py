@@ -306,7 +306,7 @@ def test_fourth_fuzz_findings_are_one_sentence(files, tmp_path, capsys):
     assert run("rectified_flow", *P, "--iters", "2") == 0  # control
 
 
-def test_rectified_flow_fid_of_an_edm_pickle_asks_for_data(files, tmp_path, capsys):
+def test_rectified_flow_fid_of_an_edm_pickle_data_and_fid_ref(files, tmp_path, capsys):
     """rectified_flow fid of an EDM network pickle (config {}) without --data asks for --data: it named Config's
     default, '8gaussians are 2-D points', a data set the user never gave."""
     from standin import edm_pickle, standin_path
@@ -315,6 +315,14 @@ def test_rectified_flow_fid_of_an_edm_pickle_asks_for_data(files, tmp_path, caps
                "--fid_detector", standin_path(), "--out", tmp_path / "f.jsonl")
     msg = refusal(code, capsys.readouterr(), "records no data set", "--data")
     assert "8gaussians" not in msg
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(32), sigma=np.eye(32))  # --fid_ref alone: the reference (it was
+    # refused as '--data and --fid_ref both name the reference', --data never given: no FID of a pickle could run)
+    args = ["fid", "--ckpt", pkl, "--n", "4", "--steps", "1", "--fid_detector", standin_path(),
+            "--out", tmp_path / "f.jsonl"]
+    assert run("rectified_flow", *args, "--fid_ref", tmp_path / "ref.npz") == 0
+    capsys.readouterr()
+    code = run("rectified_flow", *args, "--fid_ref", tmp_path / "ref.npz", "--data", "cifar10")
+    refusal(code, capsys.readouterr(), "--data and --fid_ref both name the reference")
 
 
 def test_fid_out_not_a_regular_file(files, tmp_path, capsys):
