@@ -776,13 +776,14 @@ def sample_or_fid(cmd, opts, given):
         raise C.UserError("--t_mid is the consistency models' middle time; a diffusion checkpoint samples with EDM's "
                           "Heun (--steps, --sigma_max).")
     base, s = ck["config"], given.get("sigma_max")
-    if base.get("mode") != "diffusion" and "t_mid" not in given and isinstance(s, float) and math.isfinite(s) and s > 0:
-        t_max = math.atan(s / base["sigma_d"])  # a --sigma_max whose t_max falls below the checkpoint's t_mid
-        if not base["t_mid"] < t_max and max(opts.steps) > 1:
-            raise C.UserError(f"the checkpoint's t_mid {base['t_mid']:g} does not lie below t_max = arctan(sigma_max "
-                              f"/ sigma_d) = {t_max:.4f} of --sigma_max {s:g}; give a --t_mid in (0, t_max) too.")
-        if not base["t_mid"] < t_max:  # 1 step reads no t_mid (and refuses a --t_mid): the checkpoint's cannot stop it
-            base = {**base, "t_mid": t_max / 2}
+    if base.get("mode") != "diffusion" and "t_mid" not in given and isinstance(s, float) and 0 < s < math.inf:
+        t_max = math.atan(s / base["sigma_d"])
+        if base["t_mid"] >= t_max:  # a --sigma_max whose t_max falls below the checkpoint's t_mid
+            if max(opts.steps) > 1:
+                raise C.UserError(f"the checkpoint's t_mid {base['t_mid']:g} does not lie below t_max = arctan("
+                                  f"sigma_max / sigma_d) = {t_max:.4f} of --sigma_max {s:g}; give a --t_mid in (0, "
+                                  f"t_max) too.")
+            base = {**base, "t_mid": t_max / 2}  # 1 step reads no t_mid (and refuses a --t_mid): a placeholder
     cfg = C.merge_config(Config, base, given)
     net = build(ck["net"])
     C.load_state_strict(net, ck["ema" if opts.ema else "model"])
