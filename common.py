@@ -2432,7 +2432,7 @@ def _converter(name, typ):
             if typ is int:
                 if not float(s).is_integer():
                     raise ValueError
-                return int(s) if s.lstrip("-").isdigit() else int(float(s))
+                return int(s) if s.strip().lstrip("+-").isdigit() else int(float(s))  # (float: "1e4" only)
             return typ(s)
         except (KeyError, ValueError, OverflowError):
             raise UserError(f"--{name} expects {_tname(typ)}, got '{s}'.") from None

@@ -1787,6 +1787,9 @@ def test_cli_errors(capsys):
         _cli("--lr", "0.0e5")
     with pytest.raises(C.UserError, match="--iters expects int, got '1e-400'"):
         _cli("--iters", "1e-400")
+    for v in ("9007199254740993", "+9007199254740993", " 9007199254740993"):  # 2^53 + 1: exact, never via a float
+        assert C._converter("seed", int)(v) == 2 ** 53 + 1, v
+    assert C._converter("seed", int)("-1e4") == -10_000
 
 
 def test_cli_help(capsys):
