@@ -3133,7 +3133,8 @@ def sample_or_fid(cmd, opts, env, cfg, ck, shape, gen, name, num_classes=0, reco
             x = _sharded(batch_of, opts.n, opts.batch, env, stored, dtype)
             _refuse_non_finite(generate, env, opts.n, K)  # (a NaN never replaces a good file)
             flush_notes(env)
-            agree(env, lambda: (save_array(paths[K], x), print(f"wrote {paths[K]} ({opts.n} samples, {name(K)})")))
+            said = f"wrote {paths[K]} ({opts.n} sample{'s' * (opts.n != 1)}, {name(K)})"
+            agree(env, lambda: (save_array(paths[K], x), print(said)))
         return
     if len(shape) == 1:
         raise UserError("FID needs an image model; a 2-D run's metrics.jsonl beside its ckpt.pt holds its SWD and "

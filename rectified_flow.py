@@ -476,7 +476,7 @@ def load_teacher(path, env, weights="ema"):
     ck = C.load_checkpoint(path)
     if ck["method"] != METHOD or ck["convention"] != CONVENTION:
         raise C.UserError(f"'{path}' is a checkpoint of {ck['method']} with convention '{ck['convention']}'; "
-                          f"a {METHOD} teacher with '{CONVENTION}' is needed.")
+                          f"a {METHOD} checkpoint with '{CONVENTION}' (or an EDM network pickle) is needed.")
     net = build(ck["net"])
     C.load_state_strict(net, ck[weights])
     return net.to(env.device).eval().requires_grad_(False), ck
