@@ -1156,16 +1156,13 @@ def run(cfg, given):
 def sample_or_fid(cmd, opts, given):
     env = C.setup(opts.device, opts.seed, opts.precision or "fp32")  # sample/fid: fp32, TF32 off
     net, ck = load_teacher(opts.ckpt, env, "ema" if opts.ema else "model")
-    if cmd == "fid" and ck["method"] == "edm" and "data" not in given and not opts.fid_ref:  # (its config is {}:
-        # Config's default data, 8gaussians, was named as the reference, a data set the user never gave)
-        raise C.UserError(f"EDM's network pickle '{opts.ckpt}' records no data set; give fid --data (the images it "
-                          f"was trained on, such as cifar10).")
-    if cmd == "fid" and ck["method"] == "edm" and "data" in given and opts.fid_ref:
-        raise C.UserError("--data and --fid_ref both name the reference: fid reads the statistics of --fid_ref, so "
-                          "give one of them.")
+    if ck["method"] == "edm" and "data" not in given:  # an EDM pickle records no data set (its config is {})
+        if cmd == "fid" and not opts.fid_ref:  # (Config's default, 8gaussians, was named as the reference)
+            raise C.UserError(f"EDM's network pickle '{opts.ckpt}' records no data set; give fid --data (the images "
+                              f"it was trained on, such as cifar10).")
+        ck = {**ck, "config": {**ck["config"], "data": Config.data}}  # none given: common's --data-beside-
+        # --fid_ref check compares the default with itself (a --data given differs from the pickle's none: refused)
     cfg = C.merge_config(Config, ck["config"], given)
-    if ck["method"] == "edm":  # the pickle's data (common compares it with --data beside --fid_ref): Config's
-        ck = {**ck, "config": {**ck["config"], "data": cfg.data}}  # default was taken for a --data never given
     if "t_mid" in given and (grid := sampler_for(cfg, 2)[1]) != "uniform":  # (--steps holds 2: _sample_options)
         raise C.UserError(f"--t_mid is the middle time of the 2-step uniform grid, and 2 steps sample on the "
                           f"{grid} grid here (--grid {cfg.grid}, --solver {cfg.solver}); drop it, "
